@@ -1,0 +1,41 @@
+//! Command-line flags of `sluice-router`. The launcher sets them; TGI's names are kept.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "sluice-router", version, about = "Sluice's HTTP router")]
+pub struct RouterArgs {
+    #[arg(long, env, default_value = "0.0.0.0")]
+    pub hostname: IpAddr,
+    #[arg(long, env, default_value_t = 3000)]
+    pub port: u16,
+    /// Reported by /info.
+    #[arg(long, env, default_value = "unknown")]
+    pub model_id: String,
+    /// A model directory holding tokenizer.json (and tokenizer_config.json), or the file itself.
+    #[arg(long, env)]
+    pub tokenizer_name: PathBuf,
+    /// One unix socket per rank, rank 0 first.
+    #[arg(long, env, required = true)]
+    pub shard_uds_path: Vec<PathBuf>,
+    #[arg(long, env, default_value_t = 1024)]
+    pub max_input_tokens: usize,
+    #[arg(long, env, default_value_t = 2048)]
+    pub max_total_tokens: usize,
+    /// Requests in flight beyond this get 429 at once.
+    #[arg(long, env, default_value_t = 128)]
+    pub max_concurrent_requests: usize,
+    /// Token budget of one step: decodes plus prompt chunks.
+    #[arg(long, env, default_value_t = 4096)]
+    pub max_batch_prefill_tokens: u32,
+    /// Most requests one step may hold.
+    #[arg(long, env)]
+    pub max_batch_size: Option<usize>,
+    #[arg(long, env, default_value_t = 4)]
+    pub max_stop_sequences: usize,
+    #[arg(long, env, default_value_t = false)]
+    pub json_output: bool,
+}

@@ -1,0 +1,84 @@
+//! gRPC clients for the shards: one `ShardClient` per rank, and `ShardedClient`, which sends the
+//! same call to every rank and returns rank 0's answer.
+
+mod sharded;
+
+pub use sharded::ShardedClient;
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::pb;
+use pb::text_generation_service_client::TextGenerationServiceClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to shard at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+    #[error("shard call failed: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("no shard to talk to")]
+    NoShards,
+}
+
+/// A client for one shard over its unix socket.
+#[derive(Clone, Debug)]
+pub struct ShardClient {
+    inner: TextGenerationServiceClient<Channel>,
+}
+
+impl ShardClient {
+    pub async fn connect(uds_path: &Path) -> Result<Self, ClientError> {
+        let path = uds_path.to_path_buf();
+        // The URI is required by tonic but unused: the connector below always dials the socket.
+        let channel = Endpoint::from_static("http://[::]:50051")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            }))
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: uds_path.to_path_buf(),
+                source,
+            })?;
+        let inner = TextGenerationServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        Ok(Self { inner })
+    }
+
+    pub async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
+        let response = self.inner.clone().info(pb::InfoRequest {}).await?;
+        Ok(response.into_inner())
+    }
+
+    pub async fn health(&self) -> Result<(), ClientError> {
+        self.inner.clone().health(pb::HealthRequest {}).await?;
+        Ok(())
+    }
+
+    pub async fn warmup(
+        &self,
+        request: pb::WarmupRequest,
+    ) -> Result<pb::WarmupResponse, ClientError> {
+        Ok(self.inner.clone().warmup(request).await?.into_inner())
+    }
+
+    pub async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
+        Ok(self.inner.clone().step(request).await?.into_inner())
+    }
+
+    pub async fn clear_cache(&self) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .clear_cache(pb::ClearCacheRequest {})
+            .await?;
+        Ok(())
+    }
+}

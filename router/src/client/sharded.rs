@@ -1,0 +1,60 @@
+//! Fan-out over all ranks: every rank runs the same step, rank 0 answers for all of them.
+
+use std::path::PathBuf;
+
+use futures::future::try_join_all;
+
+use super::{ClientError, ShardClient};
+use crate::pb;
+
+#[derive(Clone, Debug)]
+pub struct ShardedClient {
+    shards: Vec<ShardClient>,
+}
+
+impl ShardedClient {
+    pub async fn connect(uds_paths: &[PathBuf]) -> Result<Self, ClientError> {
+        if uds_paths.is_empty() {
+            return Err(ClientError::NoShards);
+        }
+        let shards = try_join_all(uds_paths.iter().map(|p| ShardClient::connect(p))).await?;
+        Ok(Self { shards })
+    }
+
+    fn master(&self) -> &ShardClient {
+        // `connect` refuses an empty list, so rank 0 always exists.
+        &self.shards[0]
+    }
+
+    pub async fn info(&self) -> Result<pb::InfoResponse, ClientError> {
+        self.master().info().await
+    }
+
+    pub async fn health(&self) -> Result<(), ClientError> {
+        try_join_all(self.shards.iter().map(|s| s.health())).await?;
+        Ok(())
+    }
+
+    pub async fn warmup(
+        &self,
+        request: pb::WarmupRequest,
+    ) -> Result<pb::WarmupResponse, ClientError> {
+        let answers = try_join_all(self.shards.iter().map(|s| s.warmup(request.clone()))).await?;
+        // Every rank sizes its cache the same way; the smallest pool bounds them all.
+        answers
+            .into_iter()
+            .min_by_key(|a| a.num_blocks)
+            .ok_or(ClientError::NoShards)
+    }
+
+    pub async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
+        let mut answers =
+            try_join_all(self.shards.iter().map(|s| s.step(request.clone()))).await?;
+        Ok(answers.swap_remove(0))
+    }
+
+    pub async fn clear_cache(&self) -> Result<(), ClientError> {
+        try_join_all(self.shards.iter().map(|s| s.clear_cache())).await?;
+        Ok(())
+    }
+}

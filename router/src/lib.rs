@@ -1,0 +1,40 @@
+//! sluice-router: the HTTP front of Sluice. It owns text and time: tokenization, validation,
+//! admission, the queue, the batching loop, KV block accounting, detokenization and streaming.
+//! The shards behind it own tensors only and speak token ids over gRPC.
+
+pub mod args;
+pub mod client;
+pub mod generation;
+pub mod http;
+pub mod kv;
+pub mod scheduler;
+mod server;
+pub mod tokenizer;
+pub mod validation;
+
+/// Generated from proto/generate.proto.
+pub mod pb {
+    tonic::include_proto!("sluice.v1");
+}
+
+use clap::Parser;
+
+pub fn main() -> anyhow::Result<()> {
+    let args = args::RouterArgs::parse();
+    init_tracing(args.json_output);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(server::run(args))
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,132 @@
+//! Startup: connect to the shards, learn the model, warm up and size the KV cache, start the
+//! scheduler, then serve HTTP until SIGINT/SIGTERM (in-flight requests drain first).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use tokio::sync::Semaphore;
+
+use crate::args::RouterArgs;
+use crate::client::ShardedClient;
+use crate::http::{self, types::Info, AppState};
+use crate::pb;
+use crate::scheduler::{spawn_scheduler, SchedulerConfig};
+use crate::tokenizer::Tokenizer;
+use crate::validation::{ValidationConfig, Validator};
+
+pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    if args.max_input_tokens >= args.max_total_tokens {
+        bail!(
+            "--max-input-tokens ({}) must be smaller than --max-total-tokens ({})",
+            args.max_input_tokens,
+            args.max_total_tokens
+        );
+    }
+    let tokenizer = Arc::new(Tokenizer::from_path(&args.tokenizer_name)?);
+    let shards = ShardedClient::connect(&args.shard_uds_path).await?;
+    let model = shards.info().await.context("asking the shard for model info")?;
+    if args.max_total_tokens > model.max_position_embeddings as usize {
+        bail!(
+            "--max-total-tokens ({}) exceeds the model's maximum positions ({})",
+            args.max_total_tokens,
+            model.max_position_embeddings
+        );
+    }
+
+    let max_batch_size = args.max_batch_size.unwrap_or(args.max_concurrent_requests);
+    let warmup = shards
+        .warmup(pb::WarmupRequest {
+            max_prefill_tokens: args.max_batch_prefill_tokens,
+            max_batch_size: max_batch_size as u32,
+            max_total_tokens: args.max_total_tokens as u32,
+        })
+        .await
+        .context("warming up the shards")?;
+    let max_batch_total_tokens = warmup.num_blocks * warmup.block_size;
+    if args.max_total_tokens > max_batch_total_tokens as usize {
+        bail!(
+            "--max-total-tokens ({}) does not fit in the KV cache, which holds {} tokens; \
+             lower it or give the cache more memory",
+            args.max_total_tokens,
+            max_batch_total_tokens
+        );
+    }
+    tracing::info!(
+        num_blocks = warmup.num_blocks,
+        block_size = warmup.block_size,
+        max_batch_total_tokens,
+        dtype = %model.dtype,
+        device = %model.device,
+        "shards ready"
+    );
+
+    let scheduler = spawn_scheduler(
+        Arc::new(shards.clone()),
+        SchedulerConfig {
+            max_batch_tokens: args.max_batch_prefill_tokens,
+            max_batch_size,
+            num_blocks: warmup.num_blocks,
+            block_size: warmup.block_size,
+        },
+    );
+    let validator = Validator::new(
+        tokenizer.clone(),
+        ValidationConfig {
+            max_input_tokens: args.max_input_tokens,
+            max_total_tokens: args.max_total_tokens,
+            max_stop_sequences: args.max_stop_sequences,
+        },
+    );
+    let info = Info {
+        model_id: args.model_id.clone(),
+        model_dtype: model.dtype.clone(),
+        model_device_type: model.device.clone(),
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_best_of: 1,
+        max_stop_sequences: args.max_stop_sequences,
+        max_input_tokens: args.max_input_tokens,
+        max_total_tokens: args.max_total_tokens,
+        max_batch_total_tokens,
+        max_batch_size: args.max_batch_size,
+        block_size: warmup.block_size,
+        num_kv_blocks: warmup.num_blocks,
+        version: env!("CARGO_PKG_VERSION"),
+        router: "sluice-router",
+    };
+    let state = AppState {
+        validator: Arc::new(validator),
+        tokenizer,
+        scheduler,
+        admission: Arc::new(Semaphore::new(args.max_concurrent_requests)),
+        shards,
+        info: Arc::new(info),
+    };
+
+    let address = SocketAddr::new(args.hostname, args.port);
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    tracing::info!(%address, "router ready");
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+}

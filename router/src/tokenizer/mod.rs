@@ -1,0 +1,121 @@
+//! The model's tokenizer (Hugging Face `tokenizers`), loaded from tokenizer.json, plus the
+//! incremental detokenizer that turns a stream of token ids back into text.
+
+mod incremental;
+
+pub use incremental::IncrementalDecoder;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot load tokenizer from {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+    #[error("detokenization failed: {0}")]
+    Decode(String),
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    special_ids: HashSet<u32>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` from a model directory, or from the given file.
+    pub fn from_path(path: &Path) -> Result<Self, TokenizerError> {
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError::Load {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Self::new(inner))
+    }
+
+    pub fn new(inner: tokenizers::Tokenizer) -> Self {
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect();
+        Self { inner, special_ids }
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes a whole sequence at once, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+
+    /// The literal text of a token (e.g. `<|im_end|>` for a special token).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_default()
+    }
+
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+#[cfg(test)]
+pub mod test_support;
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{byte_tokenizer, EOS};
+    use super::*;
+
+    #[test]
+    fn round_trips_text() {
+        let tokenizer = byte_tokenizer();
+        let text = "Héllo, wörld! 日本 🦀";
+        let ids = tokenizer.encode(text).unwrap();
+        assert_eq!(ids.len(), text.len(), "one token per byte");
+        assert_eq!(tokenizer.decode(&ids).unwrap(), text);
+    }
+
+    #[test]
+    fn incremental_decoding_waits_for_whole_characters() {
+        let tokenizer = byte_tokenizer();
+        let text = "a🦀é z";
+        let ids = tokenizer.encode(text).unwrap();
+        let mut decoder = IncrementalDecoder::default();
+        let pieces: Vec<String> = ids
+            .iter()
+            .map(|id| decoder.push(&tokenizer, *id).unwrap())
+            .collect();
+        // The crab is four bytes: nothing shows until the last of them arrives.
+        assert_eq!(pieces[1..5], ["", "", "", "🦀"]);
+        assert_eq!(pieces.concat(), text);
+    }
+
+    #[test]
+    fn knows_special_tokens() {
+        let tokenizer = byte_tokenizer();
+        assert!(tokenizer.is_special(EOS));
+        assert!(!tokenizer.is_special(65));
+        assert_eq!(tokenizer.token_text(EOS), "<eos>");
+        let mut ids = tokenizer.encode("ok").unwrap();
+        ids.push(EOS);
+        assert_eq!(tokenizer.decode(&ids).unwrap(), "ok");
+    }
+}

@@ -1,0 +1,257 @@
+//! Turns an HTTP request into a `ValidRequest` the scheduler can run, or says precisely why not.
+
+use std::sync::Arc;
+
+use crate::http::types::GenerateParameters;
+use crate::pb;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ValidationError {
+    #[error("`inputs` cannot be empty")]
+    EmptyInput,
+    #[error("`inputs` must have less than {max} tokens. Given: {given}")]
+    InputTooLong { max: usize, given: usize },
+    #[error("`inputs` tokens + `max_new_tokens` must be <= {max}. Given: {input} `inputs` tokens and {new} `max_new_tokens`")]
+    TotalTooLong { max: usize, input: usize, new: u32 },
+    #[error("`max_new_tokens` must be strictly positive")]
+    MaxNewTokens,
+    #[error("`temperature` must be strictly positive")]
+    Temperature,
+    #[error("`top_p` must be > 0.0 and < 1.0")]
+    TopP,
+    #[error("`top_k` must be strictly positive")]
+    TopK,
+    #[error("`repetition_penalty` must be strictly positive")]
+    RepetitionPenalty,
+    #[error("`stop` supports up to {max} stop sequences. Given: {given}")]
+    TooManyStopSequences { max: usize, given: usize },
+    #[error("`stop` sequences cannot be empty strings")]
+    EmptyStopSequence,
+    #[error("`{0}` is not supported yet")]
+    Unsupported(&'static str),
+    #[error("{0}")]
+    Tokenizer(String),
+}
+
+impl From<TokenizerError> for ValidationError {
+    fn from(e: TokenizerError) -> Self {
+        Self::Tokenizer(e.to_string())
+    }
+}
+
+/// Limits the validator enforces.
+#[derive(Debug, Clone)]
+pub struct ValidationConfig {
+    pub max_input_tokens: usize,
+    pub max_total_tokens: usize,
+    pub max_stop_sequences: usize,
+}
+
+/// A request that passed validation: token ids and shard-ready parameters.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub input_ids: Vec<u32>,
+    pub sampling: pb::SamplingParameters,
+    pub max_new_tokens: u32,
+    pub ignore_eos: bool,
+    pub stop_sequences: Vec<String>,
+    pub seed: Option<u64>,
+}
+
+pub struct Validator {
+    tokenizer: Arc<Tokenizer>,
+    config: ValidationConfig,
+}
+
+impl Validator {
+    pub fn new(tokenizer: Arc<Tokenizer>, config: ValidationConfig) -> Self {
+        Self { tokenizer, config }
+    }
+
+    pub fn validate(
+        &self,
+        inputs: &str,
+        params: &GenerateParameters,
+    ) -> Result<ValidRequest, ValidationError> {
+        refuse_unsupported(params)?;
+        if inputs.is_empty() {
+            return Err(ValidationError::EmptyInput);
+        }
+        let sampling = sampling_parameters(params)?;
+        let stop_sequences = self.stop_sequences(params)?;
+
+        let input_ids = self.tokenizer.encode(inputs)?;
+        if input_ids.is_empty() {
+            return Err(ValidationError::EmptyInput);
+        }
+        let input_len = input_ids.len();
+        if input_len > self.config.max_input_tokens {
+            return Err(ValidationError::InputTooLong {
+                max: self.config.max_input_tokens,
+                given: input_len,
+            });
+        }
+        let room = (self.config.max_total_tokens - input_len.min(self.config.max_total_tokens))
+            .try_into()
+            .unwrap_or(u32::MAX);
+        let max_new_tokens = match params.max_new_tokens {
+            Some(0) => return Err(ValidationError::MaxNewTokens),
+            Some(n) => n,
+            // TGI's default: whatever room the sequence has left.
+            None => room.max(1),
+        };
+        if input_len + max_new_tokens as usize > self.config.max_total_tokens {
+            return Err(ValidationError::TotalTooLong {
+                max: self.config.max_total_tokens,
+                input: input_len,
+                new: max_new_tokens,
+            });
+        }
+        Ok(ValidRequest {
+            input_ids,
+            sampling,
+            max_new_tokens,
+            ignore_eos: false,
+            stop_sequences,
+            seed: params.seed,
+        })
+    }
+
+    fn stop_sequences(&self, params: &GenerateParameters) -> Result<Vec<String>, ValidationError> {
+        if params.stop.len() > self.config.max_stop_sequences {
+            return Err(ValidationError::TooManyStopSequences {
+                max: self.config.max_stop_sequences,
+                given: params.stop.len(),
+            });
+        }
+        if params.stop.iter().any(String::is_empty) {
+            return Err(ValidationError::EmptyStopSequence);
+        }
+        Ok(params.stop.clone())
+    }
+}
+
+fn refuse_unsupported(params: &GenerateParameters) -> Result<(), ValidationError> {
+    let refusals: [(bool, &'static str); 8] = [
+        (params.best_of.is_some_and(|n| n > 1), "best_of"),
+        (params.typical_p.is_some_and(|p| p < 1.0), "typical_p"),
+        (params.frequency_penalty.is_some_and(|p| p != 0.0), "frequency_penalty"),
+        (params.truncate.is_some(), "truncate"),
+        (params.watermark, "watermark"),
+        (params.decoder_input_details, "decoder_input_details"),
+        (params.top_n_tokens.is_some_and(|n| n > 0), "top_n_tokens"),
+        (params.grammar.as_ref().is_some_and(|g| !g.is_null()), "grammar"),
+    ];
+    if params.adapter_id.is_some() {
+        return Err(ValidationError::Unsupported("adapter_id"));
+    }
+    match refusals.into_iter().find(|(refused, _)| *refused) {
+        Some((_, name)) => Err(ValidationError::Unsupported(name)),
+        None => Ok(()),
+    }
+}
+
+fn sampling_parameters(params: &GenerateParameters) -> Result<pb::SamplingParameters, ValidationError> {
+    let temperature = params.temperature.unwrap_or(1.0);
+    if !(temperature > 0.0) {
+        return Err(ValidationError::Temperature);
+    }
+    let top_p = params.top_p.unwrap_or(1.0);
+    if params.top_p.is_some() && !(top_p > 0.0 && top_p < 1.0) {
+        return Err(ValidationError::TopP);
+    }
+    let top_k = match params.top_k {
+        Some(k) if k <= 0 => return Err(ValidationError::TopK),
+        Some(k) => k as u32,
+        None => 0,
+    };
+    let repetition_penalty = params.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0) {
+        return Err(ValidationError::RepetitionPenalty);
+    }
+    // Like TGI, any sampling parameter turns sampling on.
+    let do_sample = params.do_sample
+        || params.temperature.is_some_and(|t| t != 1.0)
+        || params.top_k.is_some()
+        || params.top_p.is_some();
+    Ok(pb::SamplingParameters {
+        temperature,
+        top_k,
+        top_p,
+        do_sample,
+        seed: params.seed.unwrap_or_else(rand::random),
+        repetition_penalty,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::test_support::byte_tokenizer;
+
+    fn validator() -> Validator {
+        Validator::new(
+            Arc::new(byte_tokenizer()),
+            ValidationConfig {
+                max_input_tokens: 8,
+                max_total_tokens: 12,
+                max_stop_sequences: 2,
+            },
+        )
+    }
+
+    fn params() -> GenerateParameters {
+        GenerateParameters::default()
+    }
+
+    #[test]
+    fn accepts_a_plain_request_and_fills_max_new_tokens() {
+        let valid = validator().validate("abc", &params()).unwrap();
+        assert_eq!(valid.input_ids.len(), 3);
+        assert_eq!(valid.max_new_tokens, 9);
+        assert!(!valid.sampling.do_sample);
+    }
+
+    #[test]
+    fn refuses_bad_inputs() {
+        let v = validator();
+        assert_eq!(v.validate("", &params()).unwrap_err(), ValidationError::EmptyInput);
+        assert!(matches!(
+            v.validate("123456789", &params()).unwrap_err(),
+            ValidationError::InputTooLong { max: 8, given: 9 }
+        ));
+        let mut p = params();
+        p.max_new_tokens = Some(10);
+        assert!(matches!(
+            v.validate("abc", &p).unwrap_err(),
+            ValidationError::TotalTooLong { .. }
+        ));
+        let mut p = params();
+        p.temperature = Some(-0.5);
+        assert_eq!(v.validate("abc", &p).unwrap_err(), ValidationError::Temperature);
+        let mut p = params();
+        p.top_p = Some(1.5);
+        assert_eq!(v.validate("abc", &p).unwrap_err(), ValidationError::TopP);
+        let mut p = params();
+        p.stop = vec!["a".into(), "b".into(), "c".into()];
+        assert!(matches!(
+            v.validate("abc", &p).unwrap_err(),
+            ValidationError::TooManyStopSequences { .. }
+        ));
+        let mut p = params();
+        p.best_of = Some(2);
+        assert_eq!(v.validate("abc", &p).unwrap_err(), ValidationError::Unsupported("best_of"));
+    }
+
+    #[test]
+    fn sampling_parameters_turn_sampling_on() {
+        let mut p = params();
+        p.top_k = Some(5);
+        p.seed = Some(7);
+        let valid = validator().validate("abc", &p).unwrap();
+        assert!(valid.sampling.do_sample);
+        assert_eq!(valid.sampling.top_k, 5);
+        assert_eq!(valid.sampling.seed, 7);
+    }
+}
