@@ -1,6 +1,5 @@
 //! Command-line flags of `sluice-router`. The launcher sets them; TGI's names are kept.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -8,8 +7,9 @@ use clap::Parser;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "sluice-router", version, about = "Sluice's HTTP router")]
 pub struct RouterArgs {
+    /// An address or a host name to listen on.
     #[arg(long, env, default_value = "0.0.0.0")]
-    pub hostname: IpAddr,
+    pub hostname: String,
     #[arg(long, env, default_value_t = 3000)]
     pub port: u16,
     /// Reported by /info.

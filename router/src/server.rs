@@ -1,7 +1,6 @@
 //! Startup: connect to the shards, learn the model, warm up and size the KV cache, start the
 //! scheduler, then serve HTTP until SIGINT/SIGTERM (in-flight requests drain first).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -25,7 +24,10 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     }
     let tokenizer = Arc::new(Tokenizer::from_path(&args.tokenizer_name)?);
     let shards = ShardedClient::connect(&args.shard_uds_path).await?;
-    let model = shards.info().await.context("asking the shard for model info")?;
+    let model = shards
+        .info()
+        .await
+        .context("asking the shard for model info")?;
     if args.max_total_tokens > model.max_position_embeddings as usize {
         bail!(
             "--max-total-tokens ({}) exceeds the model's maximum positions ({})",
@@ -103,11 +105,11 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         info: Arc::new(info),
     };
 
-    let address = SocketAddr::new(args.hostname, args.port);
-    let listener = tokio::net::TcpListener::bind(address)
+    let address = format!("{}:{}", args.hostname, args.port);
+    let listener = tokio::net::TcpListener::bind(&address)
         .await
         .with_context(|| format!("binding {address}"))?;
-    tracing::info!(%address, "router ready");
+    tracing::info!(address = %listener.local_addr()?, "router ready");
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;

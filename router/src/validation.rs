@@ -112,7 +112,7 @@ impl Validator {
             input_ids,
             sampling,
             max_new_tokens,
-            ignore_eos: false,
+            ignore_eos: params.ignore_eos,
             stop_sequences,
             seed: params.seed,
         })
@@ -136,12 +136,18 @@ fn refuse_unsupported(params: &GenerateParameters) -> Result<(), ValidationError
     let refusals: [(bool, &'static str); 8] = [
         (params.best_of.is_some_and(|n| n > 1), "best_of"),
         (params.typical_p.is_some_and(|p| p < 1.0), "typical_p"),
-        (params.frequency_penalty.is_some_and(|p| p != 0.0), "frequency_penalty"),
+        (
+            params.frequency_penalty.is_some_and(|p| p != 0.0),
+            "frequency_penalty",
+        ),
         (params.truncate.is_some(), "truncate"),
         (params.watermark, "watermark"),
         (params.decoder_input_details, "decoder_input_details"),
         (params.top_n_tokens.is_some_and(|n| n > 0), "top_n_tokens"),
-        (params.grammar.as_ref().is_some_and(|g| !g.is_null()), "grammar"),
+        (
+            params.grammar.as_ref().is_some_and(|g| !g.is_null()),
+            "grammar",
+        ),
     ];
     if params.adapter_id.is_some() {
         return Err(ValidationError::Unsupported("adapter_id"));
@@ -152,7 +158,9 @@ fn refuse_unsupported(params: &GenerateParameters) -> Result<(), ValidationError
     }
 }
 
-fn sampling_parameters(params: &GenerateParameters) -> Result<pb::SamplingParameters, ValidationError> {
+fn sampling_parameters(
+    params: &GenerateParameters,
+) -> Result<pb::SamplingParameters, ValidationError> {
     let temperature = params.temperature.unwrap_or(1.0);
     if !(temperature > 0.0) {
         return Err(ValidationError::Temperature);
@@ -216,7 +224,10 @@ mod tests {
     #[test]
     fn refuses_bad_inputs() {
         let v = validator();
-        assert_eq!(v.validate("", &params()).unwrap_err(), ValidationError::EmptyInput);
+        assert_eq!(
+            v.validate("", &params()).unwrap_err(),
+            ValidationError::EmptyInput
+        );
         assert!(matches!(
             v.validate("123456789", &params()).unwrap_err(),
             ValidationError::InputTooLong { max: 8, given: 9 }
@@ -229,7 +240,10 @@ mod tests {
         ));
         let mut p = params();
         p.temperature = Some(-0.5);
-        assert_eq!(v.validate("abc", &p).unwrap_err(), ValidationError::Temperature);
+        assert_eq!(
+            v.validate("abc", &p).unwrap_err(),
+            ValidationError::Temperature
+        );
         let mut p = params();
         p.top_p = Some(1.5);
         assert_eq!(v.validate("abc", &p).unwrap_err(), ValidationError::TopP);
@@ -241,7 +255,10 @@ mod tests {
         ));
         let mut p = params();
         p.best_of = Some(2);
-        assert_eq!(v.validate("abc", &p).unwrap_err(), ValidationError::Unsupported("best_of"));
+        assert_eq!(
+            v.validate("abc", &p).unwrap_err(),
+            ValidationError::Unsupported("best_of")
+        );
     }
 
     #[test]

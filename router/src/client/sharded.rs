@@ -48,8 +48,7 @@ impl ShardedClient {
     }
 
     pub async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
-        let mut answers =
-            try_join_all(self.shards.iter().map(|s| s.step(request.clone()))).await?;
+        let mut answers = try_join_all(self.shards.iter().map(|s| s.step(request.clone()))).await?;
         Ok(answers.swap_remove(0))
     }
 

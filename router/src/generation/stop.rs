@@ -42,7 +42,10 @@ mod tests {
         assert_eq!(stops.find(&text, 14), None);
         let before = text.len();
         text.push_str("ris, of course");
-        assert_eq!(stops.find(&text, before), Some("The capital is Paris".len()));
+        assert_eq!(
+            stops.find(&text, before),
+            Some("The capital is Paris".len())
+        );
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct GenerateParameters {
     pub top_n_tokens: Option<u32>,
     pub grammar: Option<serde_json::Value>,
     pub adapter_id: Option<String>,
+    /// Sluice extension (as in vLLM): keep generating past end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -62,7 +62,10 @@ async fn run<S: Shard>(
 fn deliver(state: &mut SchedulerState, response: pb::StepResponse) {
     for generation in response.generations {
         let Some(index) = state.running.iter().position(|e| e.id == generation.id) else {
-            tracing::warn!(id = generation.id, "shard returned a token for an unknown request");
+            tracing::warn!(
+                id = generation.id,
+                "shard returned a token for an unknown request"
+            );
             continue;
         };
         let entry = &mut state.running[index];

@@ -33,7 +33,10 @@ impl Shard for FakeShard {
         let mut state = self.state.lock().unwrap();
         state.steps.push(request.clone());
         for id in &request.free_ids {
-            assert!(state.sequences.remove(id).is_some(), "freed unknown id {id}");
+            assert!(
+                state.sequences.remove(id).is_some(),
+                "freed unknown id {id}"
+            );
         }
         for new in request.new_requests {
             let stopping = new.stopping.unwrap();
@@ -50,10 +53,16 @@ impl Shard for FakeShard {
         }
         let mut generations = Vec::new();
         for scheduled in request.scheduled {
-            let seq = state.sequences.get_mut(&scheduled.id).expect("scheduled unknown id");
+            let seq = state
+                .sequences
+                .get_mut(&scheduled.id)
+                .expect("scheduled unknown id");
             seq.blocks.extend(scheduled.new_blocks);
             seq.computed += scheduled.num_tokens as usize;
-            assert!(seq.computed <= seq.tokens.len(), "ran past the known tokens");
+            assert!(
+                seq.computed <= seq.tokens.len(),
+                "ran past the known tokens"
+            );
             assert!(seq.blocks.len() * 16 >= seq.computed, "not enough blocks");
             if seq.computed == seq.tokens.len() {
                 let token = seq.tokens.last().unwrap() + 1;
@@ -181,7 +190,12 @@ async fn long_prompts_are_chunked_while_others_decode() {
     let steps = shard.state.lock().unwrap().steps.clone();
     let chunks: Vec<u32> = steps
         .iter()
-        .flat_map(|s| s.scheduled.iter().filter(|r| r.id == 1).map(|r| r.num_tokens))
+        .flat_map(|s| {
+            s.scheduled
+                .iter()
+                .filter(|r| r.id == 1)
+                .map(|r| r.num_tokens)
+        })
         .collect();
     // 7 + 7 + 6 prompt tokens next to one decode each, then a decode of its own.
     assert_eq!(chunks[..3].iter().sum::<u32>(), 20);

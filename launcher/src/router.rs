@@ -1,0 +1,151 @@
+//! The `sluice-router` command line.
+
+use std::path::PathBuf;
+
+use tokio::process::Command;
+
+use crate::args::Args;
+use crate::limits::TokenLimits;
+
+pub const NAME: &str = "router";
+
+/// Everything needed to start the router.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub binary: PathBuf,
+    pub port: u16,
+    pub hostname: String,
+    /// The id users asked for, reported by /info and /v1/models.
+    pub model_id: String,
+    /// The resolved model directory, where the tokenizer files are.
+    pub tokenizer_dir: PathBuf,
+    pub shard_uds_path: PathBuf,
+    pub limits: TokenLimits,
+    pub max_concurrent_requests: usize,
+    pub max_batch_size: Option<usize>,
+    pub json_output: bool,
+}
+
+impl RouterConfig {
+    pub fn new(
+        args: &Args,
+        binary: PathBuf,
+        tokenizer_dir: PathBuf,
+        shard_uds_path: PathBuf,
+        limits: TokenLimits,
+    ) -> Self {
+        Self {
+            binary,
+            port: args.port,
+            hostname: args.hostname.clone(),
+            model_id: args.model_id.clone(),
+            tokenizer_dir,
+            shard_uds_path,
+            limits,
+            max_concurrent_requests: args.max_concurrent_requests,
+            max_batch_size: args.max_batch_size,
+            json_output: args.json_output,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--hostname")
+            .arg(&self.hostname)
+            .arg("--model-id")
+            .arg(&self.model_id)
+            .arg("--tokenizer-name")
+            .arg(&self.tokenizer_dir)
+            .arg("--shard-uds-path")
+            .arg(&self.shard_uds_path)
+            .arg("--max-input-tokens")
+            .arg(self.limits.max_input_tokens.to_string())
+            .arg("--max-total-tokens")
+            .arg(self.limits.max_total_tokens.to_string())
+            .arg("--max-concurrent-requests")
+            .arg(self.max_concurrent_requests.to_string())
+            .arg("--max-batch-prefill-tokens")
+            .arg(self.limits.max_batch_prefill_tokens.to_string());
+        if let Some(max_batch_size) = self.max_batch_size {
+            command
+                .arg("--max-batch-size")
+                .arg(max_batch_size.to_string());
+        }
+        if self.json_output {
+            command.arg("--json-output");
+        }
+        command
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn argv(flags: &[&str]) -> Vec<String> {
+        let launcher_argv = std::iter::once("sluice-launcher").chain(flags.iter().copied());
+        let args = Args::try_parse_from(launcher_argv).expect("valid flags");
+        let limits = TokenLimits::new(&args, Some(8192));
+        let config = RouterConfig::new(
+            &args,
+            PathBuf::from("/venv/bin/sluice-router"),
+            PathBuf::from("/models/m"),
+            PathBuf::from("/tmp/sluice-server-0"),
+            limits,
+        );
+        let command = config.command();
+        let std_command = command.as_std();
+        std::iter::once(std_command.get_program())
+            .chain(std_command.get_args())
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn router_command_with_defaults() {
+        assert_eq!(
+            argv(&[
+                "--model-id",
+                "org/model",
+                "--hostname",
+                "0.0.0.0",
+                "--port",
+                "3000"
+            ]),
+            [
+                "/venv/bin/sluice-router",
+                "--port",
+                "3000",
+                "--hostname",
+                "0.0.0.0",
+                "--model-id",
+                "org/model",
+                "--tokenizer-name",
+                "/models/m",
+                "--shard-uds-path",
+                "/tmp/sluice-server-0",
+                "--max-input-tokens",
+                "1024",
+                "--max-total-tokens",
+                "2048",
+                "--max-concurrent-requests",
+                "128",
+                "--max-batch-prefill-tokens",
+                "1074",
+            ]
+        );
+    }
+
+    #[test]
+    fn router_command_with_optional_flags() {
+        let argv = argv(&["--max-batch-size", "32", "--json-output"]);
+        assert_eq!(
+            argv[argv.len() - 3..],
+            ["--max-batch-size", "32", "--json-output"]
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! Starting a model shard (`sluice-server serve`) and waiting until it answers Health.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice_router::client::ShardClient;
+use tokio::process::Command;
+use tokio::time::{timeout, Instant};
+
+use crate::args::{Args, Dtype};
+use crate::error::LauncherError;
+use crate::process::ManagedChild;
+
+/// torch.distributed rendezvous, used once shards run tensor parallel.
+const MASTER_ADDR: &str = "127.0.0.1";
+const MASTER_PORT: u16 = 29500;
+
+const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// One health check must not hang the startup loop on a stuck connection.
+const HEALTH_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Everything needed to start one shard.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub binary: PathBuf,
+    pub model_dir: PathBuf,
+    pub rank: usize,
+    pub world_size: usize,
+    pub uds_path: PathBuf,
+    pub dtype: Option<Dtype>,
+    pub kv_cache_memory: Option<String>,
+    pub startup_timeout: Duration,
+}
+
+impl ShardConfig {
+    pub fn new(
+        args: &Args,
+        binary: PathBuf,
+        model_dir: PathBuf,
+        rank: usize,
+        world_size: usize,
+    ) -> Self {
+        Self {
+            binary,
+            model_dir,
+            rank,
+            world_size,
+            uds_path: uds_path(&args.shard_uds_path, rank),
+            dtype: args.dtype,
+            kv_cache_memory: args.kv_cache_memory.clone(),
+            startup_timeout: Duration::from_secs(args.shard_startup_timeout_s),
+        }
+    }
+
+    /// The name the shard goes by in logs and errors.
+    pub fn name(&self) -> String {
+        format!("shard-{}", self.rank)
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("serve")
+            .arg(&self.model_dir)
+            .arg("--uds-path")
+            .arg(&self.uds_path);
+        if let Some(dtype) = self.dtype {
+            command.arg("--dtype").arg(dtype.to_string());
+        }
+        if let Some(memory) = &self.kv_cache_memory {
+            command.arg("--kv-cache-memory").arg(memory);
+        }
+        command
+            .env("RANK", self.rank.to_string())
+            .env("WORLD_SIZE", self.world_size.to_string())
+            .env("MASTER_ADDR", MASTER_ADDR)
+            .env("MASTER_PORT", MASTER_PORT.to_string());
+        command
+    }
+}
+
+/// Shard `rank` listens on `{prefix}-{rank}`.
+pub fn uds_path(prefix: &str, rank: usize) -> PathBuf {
+    PathBuf::from(format!("{prefix}-{rank}"))
+}
+
+/// Starts the shard, clearing a socket file a previous run may have left behind.
+pub fn spawn(config: &ShardConfig) -> Result<ManagedChild, LauncherError> {
+    match std::fs::remove_file(&config.uds_path) {
+        Ok(()) => tracing::info!("removed stale socket {}", config.uds_path.display()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(LauncherError::Io {
+                context: format!("cannot remove stale socket {}", config.uds_path.display()),
+                source: err,
+            })
+        }
+    }
+    ManagedChild::spawn(&config.name(), config.command())
+}
+
+/// Polls Health until the shard answers, it exits, or the startup timeout passes.
+pub async fn wait_until_healthy(
+    shard: &mut ManagedChild,
+    config: &ShardConfig,
+) -> Result<(), LauncherError> {
+    let started = Instant::now();
+    let mut next_progress_log = PROGRESS_LOG_INTERVAL;
+    loop {
+        if let Some(status) = shard.exit_status()? {
+            return Err(shard.exit_error(status).await);
+        }
+        if is_healthy(&config.uds_path).await {
+            tracing::info!(
+                "{} is ready after {}s",
+                shard.name(),
+                started.elapsed().as_secs()
+            );
+            return Ok(());
+        }
+        let waited = started.elapsed();
+        if waited >= config.startup_timeout {
+            return Err(LauncherError::ShardStartupTimeout {
+                timeout: config.startup_timeout,
+                stderr: shard.stderr_tail().await,
+            });
+        }
+        if waited >= next_progress_log {
+            tracing::info!(
+                "waiting for {} to load the model ({}s)",
+                shard.name(),
+                waited.as_secs()
+            );
+            next_progress_log += PROGRESS_LOG_INTERVAL;
+        }
+        tokio::time::sleep(HEALTH_POLL_INTERVAL).await;
+    }
+}
+
+async fn is_healthy(uds_path: &Path) -> bool {
+    // Until the socket exists there is nothing to connect to.
+    if !uds_path.exists() {
+        return false;
+    }
+    let check = async {
+        let client = ShardClient::connect(uds_path).await?;
+        client.health().await
+    };
+    match timeout(HEALTH_ATTEMPT_TIMEOUT, check).await {
+        Ok(Ok(())) => true,
+        Ok(Err(err)) => {
+            tracing::debug!("shard not healthy yet: {err}");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("shard health check timed out");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(flags: &[&str]) -> ShardConfig {
+        let command_line = std::iter::once("sluice-launcher").chain(flags.iter().copied());
+        let args = Args::try_parse_from(command_line).expect("valid flags");
+        ShardConfig::new(
+            &args,
+            PathBuf::from("/venv/bin/sluice-server"),
+            PathBuf::from("/models/m"),
+            0,
+            1,
+        )
+    }
+
+    fn argv(command: &Command) -> Vec<String> {
+        let std_command = command.as_std();
+        std::iter::once(std_command.get_program())
+            .chain(std_command.get_args())
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn env(command: &Command, name: &str) -> Option<String> {
+        command
+            .as_std()
+            .get_envs()
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| value)
+            .map(|value| value.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn serve_command_with_defaults() {
+        let command = config(&[]).command();
+        assert_eq!(
+            argv(&command),
+            [
+                "/venv/bin/sluice-server",
+                "serve",
+                "/models/m",
+                "--uds-path",
+                "/tmp/sluice-server-0"
+            ]
+        );
+        assert_eq!(env(&command, "RANK").as_deref(), Some("0"));
+        assert_eq!(env(&command, "WORLD_SIZE").as_deref(), Some("1"));
+        assert_eq!(env(&command, "MASTER_ADDR").as_deref(), Some("127.0.0.1"));
+        assert_eq!(env(&command, "MASTER_PORT").as_deref(), Some("29500"));
+    }
+
+    #[test]
+    fn serve_command_passes_dtype_and_kv_cache_memory() {
+        let command = config(&[
+            "--shard-uds-path",
+            "/run/sluice",
+            "--dtype",
+            "float16",
+            "--kv-cache-memory",
+            "4GB",
+        ])
+        .command();
+        assert_eq!(
+            argv(&command),
+            [
+                "/venv/bin/sluice-server",
+                "serve",
+                "/models/m",
+                "--uds-path",
+                "/run/sluice-0",
+                "--dtype",
+                "float16",
+                "--kv-cache-memory",
+                "4GB"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shard_that_dies_during_startup_reports_its_stderr() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config(&[]);
+        config.uds_path = dir.path().join("shard-0");
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo 'CUDA out of memory' >&2; exit 1"]);
+        let mut shard = ManagedChild::spawn("shard-0", command).expect("sh runs");
+        let err = wait_until_healthy(&mut shard, &config)
+            .await
+            .expect_err("it died");
+        let message = err.to_string();
+        assert!(
+            message.starts_with("shard-0 exited with exit status: 1"),
+            "{message}"
+        );
+        assert!(message.contains("CUDA out of memory"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_shard_that_never_answers_times_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config(&[]);
+        config.uds_path = dir.path().join("shard-0");
+        config.startup_timeout = Duration::from_millis(100);
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo 'loading weights' >&2; sleep 30"]);
+        let mut shard = ManagedChild::spawn("shard-0", command).expect("sh runs");
+        let err = wait_until_healthy(&mut shard, &config)
+            .await
+            .expect_err("timed out");
+        shard.kill().await;
+        assert!(
+            matches!(err, LauncherError::ShardStartupTimeout { .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_socket_is_removed_before_spawning() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config(&[]);
+        config.uds_path = dir.path().join("shard-0");
+        config.binary = dir.path().join("no-such-binary");
+        std::fs::write(&config.uds_path, "").expect("stale file");
+        let err = spawn(&config).err().expect("binary missing");
+        assert!(matches!(err, LauncherError::Spawn { .. }), "{err}");
+        assert!(!config.uds_path.exists());
+    }
+}

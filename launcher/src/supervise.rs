@@ -1,0 +1,165 @@
+//! The launcher's life: prepare the model, start the shard, then the router, and stop
+//! them in order on SIGINT/SIGTERM or when either dies.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::args::Args;
+use crate::binaries::Binaries;
+use crate::error::LauncherError;
+use crate::limits::TokenLimits;
+use crate::model::{self, ModelCaches, ModelRequest};
+use crate::process::ManagedChild;
+use crate::router::{self, RouterConfig};
+use crate::shard::{self, ShardConfig};
+
+/// The router drains in-flight requests within this.
+const ROUTER_GRACE: Duration = Duration::from_secs(30);
+const SHARD_GRACE: Duration = Duration::from_secs(10);
+
+/// One shard for now; tensor parallelism will start one per rank.
+const WORLD_SIZE: usize = 1;
+
+/// Runs until a shutdown signal (Ok) or until a child fails (Err).
+pub async fn run(args: Args) -> Result<(), LauncherError> {
+    let mut signals = ShutdownSignals::install()?;
+    let binaries = Binaries::find()?;
+
+    let caches = ModelCaches::from_env(args.huggingface_hub_cache.as_deref())?;
+    let request = ModelRequest {
+        model_id: &args.model_id,
+        revision: args.revision.as_deref(),
+    };
+    // Dropping the resolution on a signal kills a running conversion (kill_on_drop).
+    let model_dir = tokio::select! {
+        resolved = model::resolve(&request, &caches, &binaries.server) => resolved?,
+        signal = signals.recv() => {
+            tracing::info!("received {signal} while preparing the model, exiting");
+            return Ok(());
+        }
+    };
+    let limits = TokenLimits::new(&args, model::max_positions(&model_dir));
+    tracing::info!(
+        max_input_tokens = limits.max_input_tokens,
+        max_total_tokens = limits.max_total_tokens,
+        max_batch_prefill_tokens = limits.max_batch_prefill_tokens,
+        "token limits"
+    );
+
+    let shard_config = ShardConfig::new(&args, binaries.server, model_dir.clone(), 0, WORLD_SIZE);
+    let mut shard = shard::spawn(&shard_config)?;
+    let started = tokio::select! {
+        ready = shard::wait_until_healthy(&mut shard, &shard_config) => ready,
+        signal = signals.recv() => {
+            tracing::info!("received {signal} while the shard was starting, shutting down");
+            stop_in_order(&mut [(&mut shard, SHARD_GRACE)], &mut signals).await;
+            return Ok(());
+        }
+    };
+    if let Err(err) = started {
+        stop_in_order(&mut [(&mut shard, SHARD_GRACE)], &mut signals).await;
+        return Err(err);
+    }
+
+    let router_config = RouterConfig::new(
+        &args,
+        binaries.router,
+        model_dir,
+        shard_config.uds_path.clone(),
+        limits,
+    );
+    let mut router = match ManagedChild::spawn(router::NAME, router_config.command()) {
+        Ok(router) => router,
+        Err(err) => {
+            stop_in_order(&mut [(&mut shard, SHARD_GRACE)], &mut signals).await;
+            return Err(err);
+        }
+    };
+
+    supervise_running(&mut router, &mut shard, &mut signals).await
+}
+
+/// Waits, with both children up, for a shutdown signal or for either child to die.
+async fn supervise_running(
+    router: &mut ManagedChild,
+    shard: &mut ManagedChild,
+    signals: &mut ShutdownSignals,
+) -> Result<(), LauncherError> {
+    tokio::select! {
+        signal = signals.recv() => {
+            tracing::info!("received {signal}, shutting down");
+            stop_in_order(&mut [(router, ROUTER_GRACE), (shard, SHARD_GRACE)], signals).await;
+            Ok(())
+        }
+        status = router.wait() => {
+            tracing::error!("{} exited unexpectedly, stopping the rest", router.name());
+            let err = exit_error(router, status).await;
+            stop_in_order(&mut [(shard, SHARD_GRACE)], signals).await;
+            Err(err)
+        }
+        status = shard.wait() => {
+            tracing::error!("{} exited unexpectedly, stopping the rest", shard.name());
+            let err = exit_error(shard, status).await;
+            stop_in_order(&mut [(router, ROUTER_GRACE)], signals).await;
+            Err(err)
+        }
+    }
+}
+
+/// A child that exits by itself is a failure, whatever its status.
+async fn exit_error(
+    child: &mut ManagedChild,
+    status: Result<std::process::ExitStatus, LauncherError>,
+) -> LauncherError {
+    match status {
+        Ok(status) => child.exit_error(status).await,
+        Err(err) => err,
+    }
+}
+
+/// Stops children one after the other, each within its grace period. A further signal
+/// means the operator is done waiting: everything left is killed at once.
+async fn stop_in_order(
+    children: &mut [(&mut ManagedChild, Duration)],
+    signals: &mut ShutdownSignals,
+) {
+    tokio::select! {
+        () = async {
+            for (child, grace) in children.iter_mut() {
+                child.stop(*grace).await;
+            }
+        } => {}
+        signal = signals.recv() => {
+            tracing::warn!("received {signal} again, killing the remaining processes");
+            for (child, _) in children.iter_mut() {
+                child.kill().await;
+            }
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, either of which starts a graceful shutdown.
+struct ShutdownSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<Self, LauncherError> {
+        let install =
+            |kind| signal(kind).map_err(LauncherError::io("cannot install signal handlers"));
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for the next signal and names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
