@@ -1,0 +1,1 @@
+"""Sluice model shard: weights, KV cache memory, forward passes and sampling, served over gRPC."""

@@ -1,0 +1,218 @@
+"""The `sluice-server` command: serve a model, convert a GGUF file, find the default model's GGUF.
+
+Heavy modules (torch, grpc, transformers) are imported inside the subcommands that need them, so
+`sluice-server default-model-gguf` answers at once.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .service import TextGenerationServicer
+
+logger = logging.getLogger("sluice_server")
+
+# Seconds in-flight calls get to finish after SIGTERM/SIGINT.
+SHUTDOWN_GRACE_S = 2.0
+
+_MEMORY_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_memory_size(text: str) -> int:
+    """Bytes in "2GB", "1.5GiB", "512MB" or "1048576".
+
+    KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _MEMORY_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"not a memory size: {text!r} (examples: 2GB, 512MiB, 1073741824)"
+        )
+    return int(float(match.group(1)) * _MEMORY_UNITS[unit])
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice-server", description="Sluice model shard.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model directory over gRPC on a unix socket")
+    serve.add_argument("model_dir", type=Path, help="directory with config.json and *.safetensors")
+    serve.add_argument("--uds-path", required=True, help="unix socket path to listen on")
+    serve.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: float32 on CPU, bfloat16 on CUDA",
+    )
+    serve.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CUDA when available",
+    )
+    serve.add_argument(
+        "--kv-cache-memory",
+        type=parse_memory_size,
+        default=None,
+        help="memory for the KV cache, e.g. 2GB (default: a share of what is available)",
+    )
+    serve.add_argument(
+        "--block-size", type=_positive_int, default=16, help="tokens per KV cache block"
+    )
+    serve.set_defaults(handler=_serve)
+
+    convert = commands.add_parser(
+        "convert-gguf", help="convert a GGUF file into a safetensors model directory"
+    )
+    convert.add_argument("gguf_file", type=Path)
+    convert.add_argument("out_dir", type=Path)
+    convert.set_defaults(handler=_convert_gguf)
+
+    default_model = commands.add_parser(
+        "default-model-gguf", help="print the path of the default model's GGUF file"
+    )
+    default_model.set_defaults(handler=_default_model_gguf)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.handler(args)
+
+
+def _fail(message: str) -> int:
+    print(f"sluice-server: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _default_model_gguf(args: argparse.Namespace) -> int:
+    from .gguf_files import default_gguf_path
+
+    try:
+        print(default_gguf_path())
+    except FileNotFoundError as error:
+        return _fail(str(error))
+    return 0
+
+
+def _convert_gguf(args: argparse.Namespace) -> int:
+    from .gguf_files import convert_gguf
+
+    try:
+        convert_gguf(args.gguf_file, args.out_dir)
+    except Exception as error:
+        return _fail(f"cannot convert {args.gguf_file}: {error}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine.step import StepExecutor
+    from .layers.attention import TorchAttentionBackend
+    from .models.loader import ModelLoadError, load_model
+    from .service import TextGenerationServicer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != 1:
+        return _fail(
+            f"WORLD_SIZE={world_size}: tensor parallelism is not implemented yet, run one shard"
+        )
+    device_type = args.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda, but CUDA is not available")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if device_type == "cuda"
+        else torch.device("cpu")
+    )
+    dtype_name = args.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    dtype: torch.dtype = getattr(torch, dtype_name)
+
+    logger.info("loading %s on %s in %s", args.model_dir, device, dtype_name)
+    backend = TorchAttentionBackend()
+    try:
+        loaded = load_model(args.model_dir, dtype, device, backend)
+    except ModelLoadError as error:
+        return _fail(str(error))
+    logger.info(
+        "loaded %s: %d layers, vocab %d, eos %s",
+        loaded.config.model_type,
+        loaded.config.num_layers,
+        loaded.config.vocab_size,
+        list(loaded.eos_token_ids),
+    )
+    executor = StepExecutor(loaded, backend, args.block_size, args.kv_cache_memory)
+    servicer = TextGenerationServicer(executor, world_size=world_size)
+    # grpc wants an absolute path after unix://
+    uds_path = os.path.abspath(args.uds_path)
+    try:
+        asyncio.run(_serve_until_signal(servicer, uds_path))
+    except (OSError, RuntimeError) as error:
+        return _fail(f"cannot serve on unix://{uds_path}: {error}")
+    return 0
+
+
+async def _serve_until_signal(servicer: "TextGenerationServicer", uds_path: str) -> None:
+    from .service import create_server
+
+    _remove_stale_socket(uds_path)
+    server = create_server(servicer, uds_path)
+    await server.start()
+    logger.info("Server ready on unix://%s", uds_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await server.stop(grace=SHUTDOWN_GRACE_S)
+    servicer.close()
+    _remove_stale_socket(uds_path)
+    logger.info("stopped")
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a previous run would make binding fail."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

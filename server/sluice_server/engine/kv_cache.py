@@ -1,0 +1,62 @@
+"""Sizing and allocating the paged KV cache."""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..layers.attention import LayerKVCache
+
+# Without --kv-cache-memory: on CPU take this share of the memory the system reports available...
+HOST_MEMORY_FRACTION = 0.25
+# ...and on CUDA this share of the memory free after warmup, less the warmup's peak activations.
+CUDA_MEMORY_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def bytes_per_block(self) -> int:
+        elements = (
+            2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+        )  # K and V
+        return elements * self.dtype.itemsize
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def allocate(self, num_blocks: int) -> list[LayerKVCache]:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # Zeros, not empty: padded slots are masked out of attention but still multiplied by a zero
+        # weight, and uninitialised memory may hold NaN (0 * NaN = NaN).
+        return [
+            LayerKVCache(
+                key=torch.zeros(shape, dtype=self.dtype, device=self.device),
+                value=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.num_layers)
+        ]
+
+
+def default_cache_bytes(device: torch.device, warmup_peak_bytes: int) -> int:
+    """Memory for the KV cache when the user did not set --kv-cache-memory."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_MEMORY_FRACTION) - warmup_peak_bytes
+    return int(available_host_memory() * HOST_MEMORY_FRACTION)
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo: free memory plus what the kernel can reclaim."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")

@@ -1,0 +1,357 @@
+"""Executes the router's steps: keeps the shard's requests and runs one forward pass per step.
+
+A step, in order: forget `free_ids`; register `new_requests`; append each scheduled request's
+`new_blocks` to its block table; run its next `num_tokens` tokens through the model in one flat
+batch; and for every scheduled request whose tokens are now all computed, sample one token and
+report it. A request the shard stops (EOS, max_new_tokens) is forgotten at once.
+
+The whole StepRequest is validated before anything changes, so a rejected step leaves the
+shard's state as it was.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..layers.attention import AttentionBackend, LayerKVCache, SequenceChunk
+from ..models.loader import LoadedModel
+from ..pb import generate_pb2 as pb
+from ..sampling import SamplingParams, SamplingRow, sample
+from .kv_cache import KVCacheSpec, default_cache_bytes
+from .request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """The router asked for something the contract does not allow; the shard's state is unchanged.
+
+    Maps to INVALID_ARGUMENT.
+    """
+
+
+class NotWarmedUpError(RuntimeError):
+    """A Step arrived before Warmup allocated the KV cache."""
+
+
+@dataclass(frozen=True)
+class ForwardChunk:
+    """Tokens of one sequence to run through the model, and whether its last one needs logits."""
+
+    token_ids: Sequence[int]
+    cache_len: int
+    block_table: Sequence[int]
+    needs_logits: bool
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    # [number of chunks that need logits, vocab], in chunk order.
+    logits: torch.Tensor
+    forward_ns: int
+
+
+def run_forward(
+    loaded: LoadedModel,
+    backend: AttentionBackend,
+    kv_cache: Sequence[LayerKVCache],
+    chunks: Sequence[ForwardChunk],
+) -> ForwardResult:
+    """Flattens the chunks into one batch and runs the model once."""
+    block_size = kv_cache[0].block_size
+    device = loaded.device
+    input_ids: list[int] = []
+    positions: list[int] = []
+    logits_rows: list[int] = []
+    for chunk in chunks:
+        input_ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.cache_len, chunk.cache_len + len(chunk.token_ids)))
+        if chunk.needs_logits:
+            logits_rows.append(len(input_ids) - 1)
+    metadata = backend.build_metadata(
+        [
+            SequenceChunk(chunk.cache_len, len(chunk.token_ids), chunk.block_table)
+            for chunk in chunks
+        ],
+        block_size,
+        device,
+    )
+    start = time.perf_counter_ns()
+    with torch.inference_mode():
+        logits = loaded.model(
+            torch.tensor(input_ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            metadata,
+            kv_cache,
+            torch.tensor(logits_rows, dtype=torch.long, device=device),
+        )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # Kernels run asynchronously; time them to completion.
+    return ForwardResult(logits=logits, forward_ns=time.perf_counter_ns() - start)
+
+
+class StepExecutor:
+    """The shard's engine: request state, KV cache, and the execution of Warmup and Step."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        backend: AttentionBackend,
+        block_size: int,
+        kv_cache_bytes: int | None,
+    ) -> None:
+        self.loaded = loaded
+        self.backend = backend
+        self.block_size = block_size
+        # None: size the cache from the memory available at warmup.
+        self.kv_cache_bytes = kv_cache_bytes
+        config = loaded.config
+        self.cache_spec = KVCacheSpec(
+            num_layers=config.num_layers,
+            block_size=block_size,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        self.requests: dict[int, Request] = {}
+        self.kv_cache: list[LayerKVCache] | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.kv_cache is None else self.kv_cache[0].key.shape[0]
+
+    def clear(self) -> None:
+        self.requests.clear()
+
+    def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
+        """Runs a prefill of max_prefill_tokens tokens, then allocates the KV cache.
+
+        Returns the number of blocks allocated.
+        """
+        if max_prefill_tokens == 0 or max_batch_size == 0 or max_total_tokens == 0:
+            raise InvalidRequestError(
+                "max_prefill_tokens, max_batch_size and max_total_tokens must all be > 0"
+            )
+        self.requests.clear()
+        self.kv_cache = None  # A second warmup resizes the cache; free the old one first.
+        device = self.loaded.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+        # The largest step the router may send, on temporary blocks, so that its activation memory
+        # is known (CUDA) and any one-time setup happens now rather than on the first request.
+        temporary_cache = self.cache_spec.allocate(self.cache_spec.blocks_for(max_prefill_tokens))
+        vocab_size = self.loaded.config.vocab_size
+        chunk = ForwardChunk(
+            token_ids=[token % vocab_size for token in range(max_prefill_tokens)],
+            cache_len=0,
+            block_table=range(len(temporary_cache[0].key)),
+            needs_logits=True,
+        )
+        result = run_forward(self.loaded, self.backend, temporary_cache, [chunk])
+        # Every sampling feature on, so that the sampled path is exercised too.
+        warmup_sampling = SamplingParams(
+            do_sample=True, top_k=50, top_p=0.9, repetition_penalty=1.1
+        )
+        sample(result.logits, [SamplingRow(warmup_sampling, chunk.token_ids)])
+        del temporary_cache, result
+
+        warmup_peak_bytes = 0
+        if device.type == "cuda":
+            warmup_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
+            torch.cuda.empty_cache()
+        if self.kv_cache_bytes is not None:
+            cache_bytes = self.kv_cache_bytes
+        else:
+            cache_bytes = default_cache_bytes(device, warmup_peak_bytes)
+            if device.type == "cpu":
+                # Host memory is shared with everything else: take no more than a full batch of
+                # the longest sequences could use.
+                most_useful = max_batch_size * self.cache_spec.blocks_for(max_total_tokens)
+                cache_bytes = min(cache_bytes, most_useful * self.cache_spec.bytes_per_block)
+        num_blocks = max(cache_bytes, 0) // self.cache_spec.bytes_per_block
+        fitting_tokens = num_blocks * self.block_size
+        if fitting_tokens < max_total_tokens:
+            raise InvalidRequestError(
+                f"the KV cache fits {fitting_tokens} tokens ({num_blocks} blocks of "
+                f"{self.block_size}), fewer than one sequence of max_total_tokens="
+                f"{max_total_tokens}; lower --max-total-tokens or give the cache more memory "
+                f"(--kv-cache-memory)"
+            )
+        self.kv_cache = self.cache_spec.allocate(num_blocks)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            num_blocks,
+            self.block_size,
+            num_blocks * self.cache_spec.bytes_per_block / 2**30,
+        )
+        return num_blocks
+
+    def step(self, step_request: pb.StepRequest) -> pb.StepResponse:
+        """Runs one step, as the module docstring describes."""
+        start = time.perf_counter_ns()
+        if self.kv_cache is None:
+            raise NotWarmedUpError("Step before Warmup: the KV cache is not allocated yet")
+        new_requests = self._validate(step_request)
+
+        for request_id in step_request.free_ids:
+            del self.requests[request_id]
+        for request in new_requests:
+            self.requests[request.id] = request
+        scheduled: list[tuple[Request, int]] = []
+        for entry in step_request.scheduled:
+            request = self.requests[entry.id]
+            request.block_table.extend(entry.new_blocks)
+            scheduled.append((request, entry.num_tokens))
+        if not scheduled:
+            return pb.StepResponse(total_ns=time.perf_counter_ns() - start)
+
+        chunks = [
+            ForwardChunk(
+                token_ids=request.token_ids[
+                    request.num_computed : request.num_computed + num_tokens
+                ],
+                cache_len=request.num_computed,
+                block_table=request.block_table,
+                needs_logits=request.num_computed + num_tokens == len(request.token_ids),
+            )
+            for request, num_tokens in scheduled
+        ]
+        result = run_forward(self.loaded, self.backend, self.kv_cache, chunks)
+        for request, num_tokens in scheduled:
+            request.num_computed += num_tokens
+
+        sampling_requests = [
+            request
+            for (request, _), chunk in zip(scheduled, chunks, strict=True)
+            if chunk.needs_logits
+        ]
+        token_ids, logprobs = sample(
+            result.logits,
+            [SamplingRow(request.sampling, request.token_ids) for request in sampling_requests],
+        )
+        generations = []
+        for request, token_id, logprob in zip(sampling_requests, token_ids, logprobs, strict=True):
+            request.token_ids.append(token_id)
+            request.generated += 1
+            finish_reason = self._finish_reason(request, token_id)
+            if finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                del self.requests[request.id]
+            generations.append(
+                pb.Generation(
+                    id=request.id, token_id=token_id, logprob=logprob, finish_reason=finish_reason
+                )
+            )
+        return pb.StepResponse(
+            generations=generations,
+            forward_ns=result.forward_ns,
+            total_ns=time.perf_counter_ns() - start,
+        )
+
+    def _finish_reason(self, request: Request, token_id: int) -> int:
+        if not request.stopping.ignore_eos and token_id in self.loaded.eos_token_ids:
+            return pb.FINISH_REASON_EOS_TOKEN
+        if request.generated >= request.stopping.max_new_tokens:
+            return pb.FINISH_REASON_LENGTH
+        return pb.FINISH_REASON_UNSPECIFIED
+
+    def _validate(self, step_request: pb.StepRequest) -> list[Request]:
+        """Checks the whole step against the state it will meet; returns the parsed new requests."""
+        known = set(self.requests)
+        for request_id in step_request.free_ids:
+            if request_id not in known:
+                raise InvalidRequestError(f"free_ids: unknown request {request_id}")
+            known.remove(request_id)
+
+        new_requests: dict[int, Request] = {}
+        for new in step_request.new_requests:
+            if new.id in known or new.id in new_requests:
+                raise InvalidRequestError(f"new request {new.id}: the id is already in use")
+            new_requests[new.id] = self._parse_new_request(new)
+
+        scheduled_ids: set[int] = set()
+        for entry in step_request.scheduled:
+            if entry.id in scheduled_ids:
+                raise InvalidRequestError(
+                    f"scheduled request {entry.id}: scheduled twice in one step"
+                )
+            scheduled_ids.add(entry.id)
+            if entry.id in new_requests:
+                request = new_requests[entry.id]
+            elif entry.id in known:
+                request = self.requests[entry.id]
+            else:
+                raise InvalidRequestError(f"scheduled request {entry.id}: unknown id")
+            self._validate_scheduled(entry, request)
+        return list(new_requests.values())
+
+    def _parse_new_request(self, new: pb.NewRequest) -> Request:
+        config = self.loaded.config
+        num_tokens = len(new.token_ids)
+        if num_tokens == 0:
+            raise InvalidRequestError(f"new request {new.id}: no token ids")
+        if num_tokens > config.max_position_embeddings:
+            raise InvalidRequestError(
+                f"new request {new.id}: {num_tokens} tokens, more than the model's "
+                f"{config.max_position_embeddings} positions"
+            )
+        out_of_vocab = [token for token in new.token_ids if token >= config.vocab_size]
+        if out_of_vocab:
+            raise InvalidRequestError(
+                f"new request {new.id}: token id {out_of_vocab[0]} is outside the vocabulary "
+                f"of {config.vocab_size}"
+            )
+        if new.cached_tokens >= num_tokens:
+            raise InvalidRequestError(
+                f"new request {new.id}: cached_tokens={new.cached_tokens} must be below the "
+                f"{num_tokens} tokens, since the last token must run to sample the next"
+            )
+        if new.generated_before >= num_tokens:
+            raise InvalidRequestError(
+                f"new request {new.id}: generated_before={new.generated_before} leaves no prompt"
+            )
+        if new.generated_before >= new.stopping.max_new_tokens:
+            raise InvalidRequestError(
+                f"new request {new.id}: max_new_tokens={new.stopping.max_new_tokens} leaves "
+                f"nothing to generate after generated_before={new.generated_before}"
+            )
+        request = Request.from_proto(new)
+        try:
+            request.sampling.validate()
+        except ValueError as error:
+            raise InvalidRequestError(f"new request {new.id}: {error}") from None
+        return request
+
+    def _validate_scheduled(self, entry: pb.ScheduledRequest, request: Request) -> None:
+        if entry.num_tokens == 0:
+            raise InvalidRequestError(f"scheduled request {entry.id}: num_tokens must be > 0")
+        end = request.num_computed + entry.num_tokens
+        if end > len(request.token_ids):
+            raise InvalidRequestError(
+                f"scheduled request {entry.id}: {entry.num_tokens} tokens after the "
+                f"{request.num_computed} computed would run past its "
+                f"{len(request.token_ids)} known tokens"
+            )
+        if end > self.loaded.config.max_position_embeddings:
+            raise InvalidRequestError(
+                f"scheduled request {entry.id}: position {end - 1} is beyond the model's "
+                f"{self.loaded.config.max_position_embeddings} positions"
+            )
+        bad_blocks = [block for block in entry.new_blocks if block >= self.num_blocks]
+        if bad_blocks:
+            raise InvalidRequestError(
+                f"scheduled request {entry.id}: block id {bad_blocks[0]} is out of range "
+                f"(the cache has {self.num_blocks} blocks)"
+            )
+        num_blocks = len(request.block_table) + len(entry.new_blocks)
+        if num_blocks * self.block_size < end:
+            raise InvalidRequestError(
+                f"scheduled request {entry.id}: {end} tokens need "
+                f"{self.cache_spec.blocks_for(end)} blocks, its block table has {num_blocks}"
+            )

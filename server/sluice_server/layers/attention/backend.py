@@ -1,0 +1,75 @@
+"""The interface every attention backend implements, and the paged KV cache it works on.
+
+A flat batch holds the new tokens of several sequences back to back. Each sequence contributes a
+chunk: `query_len` new tokens after `cache_len` tokens whose K/V are already in the cache (a decode
+is a chunk of one token). A layer first writes the new tokens' K/V into their cache slots, then
+attends: each new token sees the whole cached prefix and the new tokens up to itself.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's share of a flat batch."""
+
+    cache_len: int
+    query_len: int
+    # Block ids holding the sequence's tokens in order: token p is in block_table[p // block_size].
+    block_table: Sequence[int]
+
+    @property
+    def context_len(self) -> int:
+        """Tokens the sequence has in the cache once this chunk is written."""
+        return self.cache_len + self.query_len
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's K and V, each [num_blocks, block_size, num_kv_heads, head_dim].
+
+    Slot s is token s % block_size of block s // block_size.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[1]
+
+
+@dataclass
+class AttentionMetadata:
+    """What a backend precomputes once per step and every layer reuses."""
+
+    # Cache slot of each token of the flat batch, [T].
+    slot_mapping: torch.Tensor
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def build_metadata(
+        self, chunks: Sequence[SequenceChunk], block_size: int, device: torch.device
+    ) -> AttentionMetadata:
+        """Precomputes slots, gather indices and masks for the flat batch of `chunks`, in order."""
+
+    @abstractmethod
+    def write(
+        self,
+        cache: LayerKVCache,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Stores the new tokens' key and value ([T, num_kv_heads, head_dim]) at their slots."""
+
+    @abstractmethod
+    def attend(
+        self, query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Attention output [T, num_heads, head_dim] for query [T, num_heads, head_dim]."""

@@ -1,0 +1,80 @@
+"""Builds a model from a Hugging Face style directory (config.json + safetensors)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..layers.attention import AttentionBackend
+from ..weights import CheckpointWeights
+from .llama import LlamaConfig, LlamaForCausalLM
+from .registry import model_class_for
+
+
+class ModelLoadError(Exception):
+    """The directory does not hold a model we can serve; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: LlamaConfig
+    eos_token_ids: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend
+) -> LoadedModel:
+    hf_config = _read_json(model_dir / "config.json", required=True)
+    model_type = hf_config.get("model_type")
+    if not isinstance(model_type, str):
+        raise ModelLoadError(f"{model_dir / 'config.json'} has no model_type")
+    try:
+        model_class = model_class_for(model_type)
+        config = model_class.config_from_hf(hf_config)
+    except (ValueError, KeyError) as error:
+        raise ModelLoadError(f"{model_dir}: {error}") from error
+    model = model_class(config, backend, dtype, device)
+    try:
+        with CheckpointWeights(model_dir) as weights:
+            model.load_weights(weights)
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        raise ModelLoadError(f"{model_dir}: cannot load weights: {error}") from error
+    model.eval()
+    generation_config = _read_json(model_dir / "generation_config.json", required=False)
+    eos_token_ids = _eos_token_ids(generation_config) + _eos_token_ids(hf_config)
+    return LoadedModel(
+        model=model,
+        config=config,
+        eos_token_ids=tuple(dict.fromkeys(eos_token_ids)),
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"not a model directory: {path} does not exist")
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"cannot read {path}: {error}") from error
+    if not isinstance(content, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return content
+
+
+def _eos_token_ids(config: dict[str, Any]) -> list[int]:
+    """eos_token_id may be absent, an int or a list (Llama 3 has several)."""
+    value = config.get("eos_token_id")
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(token) for token in value]

@@ -1,0 +1,104 @@
+"""The gRPC servicer: the router's TextGenerationService, served over a unix socket with grpc.aio.
+
+Model work runs on one worker thread, one call at a time, so the event loop stays free to answer
+Health while a long step runs. Errors are reported per call and never stop the server:
+INVALID_ARGUMENT for a request that breaks the contract (the shard's state is unchanged),
+FAILED_PRECONDITION for a Step before Warmup, INTERNAL for anything else.
+"""
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import grpc
+
+from .engine.step import InvalidRequestError, NotWarmedUpError, StepExecutor
+from .pb import generate_pb2 as pb
+from .pb import generate_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, executor: StepExecutor, world_size: int = 1) -> None:
+        self.executor = executor
+        self.world_size = world_size
+        # One worker: model calls never overlap, and they run in the order they arrived.
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def _run(self, context: grpc.aio.ServicerContext, work: Callable[[], Result]) -> Result:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.model_thread, work)
+        except InvalidRequestError as error:
+            logger.warning("rejected: %s", error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except NotWarmedUpError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except Exception as error:
+            logger.exception("internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        raise AssertionError("context.abort returned")
+
+    def close(self) -> None:
+        """Waits for the model call in progress, if any, to finish."""
+        self.model_thread.shutdown(wait=True)
+
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InfoResponse:
+        loaded = self.executor.loaded
+        return pb.InfoResponse(
+            model_type=loaded.config.model_type,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            vocab_size=loaded.config.vocab_size,
+            eos_token_ids=list(loaded.eos_token_ids),
+            block_size=self.executor.block_size,
+            max_position_embeddings=loaded.config.max_position_embeddings,
+            world_size=self.world_size,
+        )
+
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        return pb.HealthResponse()
+
+    async def Warmup(
+        self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WarmupResponse:
+        logger.info(
+            "warmup: max_prefill_tokens=%d max_batch_size=%d max_total_tokens=%d",
+            request.max_prefill_tokens,
+            request.max_batch_size,
+            request.max_total_tokens,
+        )
+        num_blocks = await self._run(
+            context,
+            lambda: self.executor.warmup(
+                request.max_prefill_tokens, request.max_batch_size, request.max_total_tokens
+            ),
+        )
+        return pb.WarmupResponse(num_blocks=num_blocks, block_size=self.executor.block_size)
+
+    async def Step(
+        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepResponse:
+        return await self._run(context, lambda: self.executor.step(request))
+
+    async def ClearCache(
+        self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearCacheResponse:
+        await self._run(context, self.executor.clear)
+        return pb.ClearCacheResponse()
+
+
+def create_server(servicer: TextGenerationServicer, uds_path: str) -> grpc.aio.Server:
+    """An unstarted server bound to unix://uds_path."""
+    server = grpc.aio.server()
+    pb_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"unix://{uds_path}")
+    return server

