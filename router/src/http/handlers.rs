@@ -61,11 +61,39 @@ fn reported_seed(valid: &ValidRequest) -> Option<u64> {
     valid.sampling.do_sample.then_some(valid.sampling.seed)
 }
 
+/// TGI's `/`: `/generate_stream` when `stream` is set, else `/generate` with its answer in a
+/// one-element list (what TGI's Python client reads).
+pub async fn compat_generate(
+    state: State<AppState>,
+    body: Result<Json<GenerateRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = parse(body)?;
+    if request.stream {
+        stream_response(state, request).await
+    } else {
+        let Json(response) = generate_response(state, request).await?;
+        Ok(Json([response]).into_response())
+    }
+}
+
 pub async fn generate(
-    State(state): State<AppState>,
+    state: State<AppState>,
     body: Result<Json<GenerateRequest>, JsonRejection>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    let request = parse(body)?;
+    generate_response(state, parse(body)?).await
+}
+
+pub async fn generate_stream(
+    state: State<AppState>,
+    body: Result<Json<GenerateRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    stream_response(state, parse(body)?).await
+}
+
+async fn generate_response(
+    State(state): State<AppState>,
+    request: GenerateRequest,
+) -> Result<Json<GenerateResponse>, ApiError> {
     let want_details = request.parameters.details;
     let Started {
         mut stream,
@@ -97,11 +125,10 @@ pub async fn generate(
     Err(crate::scheduler::SchedulerError::Closed.into())
 }
 
-pub async fn generate_stream(
+async fn stream_response(
     State(state): State<AppState>,
-    body: Result<Json<GenerateRequest>, JsonRejection>,
+    request: GenerateRequest,
 ) -> Result<Response, ApiError> {
-    let request = parse(body)?;
     let Started {
         mut stream,
         valid,

@@ -30,6 +30,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", post(handlers::compat_generate))
         .route("/generate", post(handlers::generate))
         .route("/generate_stream", post(handlers::generate_stream))
         .route("/health", get(handlers::health))

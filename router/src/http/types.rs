@@ -7,6 +7,9 @@ pub struct GenerateRequest {
     pub inputs: String,
     #[serde(default)]
     pub parameters: GenerateParameters,
+    /// Read by the compatibility route `/` only: stream the answer or not.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// Every field TGI's clients send. Unsupported ones are accepted at their neutral value and
