@@ -34,6 +34,13 @@ pub struct RouterArgs {
     /// Most requests one step may hold.
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,
+    /// Caps the KV cache at this many tokens (it is otherwise sized by the shards' warmup);
+    /// more than fits is an error at startup.
+    #[arg(long, env)]
+    pub max_batch_total_tokens: Option<u32>,
+    /// Reuse the KV blocks of cached prompt prefixes across requests.
+    #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
     #[arg(long, env, default_value_t = 4)]
     pub max_stop_sequences: usize,
     #[arg(long, env, default_value_t = false)]

@@ -45,7 +45,15 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         })
         .await
         .context("warming up the shards")?;
-    let max_batch_total_tokens = warmup.num_blocks * warmup.block_size;
+    let num_blocks = match args.max_batch_total_tokens {
+        Some(cap) if cap > warmup.num_blocks * warmup.block_size => bail!(
+            "--max-batch-total-tokens ({cap}) does not fit in the KV cache, which holds {} tokens",
+            warmup.num_blocks * warmup.block_size
+        ),
+        Some(cap) => cap / warmup.block_size,
+        None => warmup.num_blocks,
+    };
+    let max_batch_total_tokens = num_blocks * warmup.block_size;
     if args.max_total_tokens > max_batch_total_tokens as usize {
         bail!(
             "--max-total-tokens ({}) does not fit in the KV cache, which holds {} tokens; \
@@ -55,7 +63,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(
-        num_blocks = warmup.num_blocks,
+        num_blocks,
         block_size = warmup.block_size,
         max_batch_total_tokens,
         dtype = %model.dtype,
@@ -68,8 +76,9 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         SchedulerConfig {
             max_batch_tokens: args.max_batch_prefill_tokens,
             max_batch_size,
-            num_blocks: warmup.num_blocks,
+            num_blocks,
             block_size: warmup.block_size,
+            prefix_caching: args.prefix_caching,
         },
     );
     let validator = Validator::new(
@@ -92,11 +101,16 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         max_batch_total_tokens,
         max_batch_size: args.max_batch_size,
         block_size: warmup.block_size,
-        num_kv_blocks: warmup.num_blocks,
+        num_kv_blocks: num_blocks,
+        prefix_caching: args.prefix_caching,
         version: env!("CARGO_PKG_VERSION"),
         router: "sluice-router",
     };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     let state = AppState {
+        metrics,
         validator: Arc::new(validator),
         tokenizer,
         scheduler,

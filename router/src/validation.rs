@@ -162,7 +162,7 @@ fn sampling_parameters(
     params: &GenerateParameters,
 ) -> Result<pb::SamplingParameters, ValidationError> {
     let temperature = params.temperature.unwrap_or(1.0);
-    if !(temperature > 0.0) {
+    if temperature.is_nan() || temperature <= 0.0 {
         return Err(ValidationError::Temperature);
     }
     let top_p = params.top_p.unwrap_or(1.0);
@@ -175,7 +175,7 @@ fn sampling_parameters(
         None => 0,
     };
     let repetition_penalty = params.repetition_penalty.unwrap_or(1.0);
-    if !(repetition_penalty > 0.0) {
+    if repetition_penalty.is_nan() || repetition_penalty <= 0.0 {
         return Err(ValidationError::RepetitionPenalty);
     }
     // Like TGI, any sampling parameter turns sampling on.

@@ -39,7 +39,7 @@ impl ShardedClient {
         &self,
         request: pb::WarmupRequest,
     ) -> Result<pb::WarmupResponse, ClientError> {
-        let answers = try_join_all(self.shards.iter().map(|s| s.warmup(request.clone()))).await?;
+        let answers = try_join_all(self.shards.iter().map(|s| s.warmup(request))).await?;
         // Every rank sizes its cache the same way; the smallest pool bounds them all.
         answers
             .into_iter()

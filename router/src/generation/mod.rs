@@ -28,6 +28,8 @@ pub struct GenerationEnd {
     pub finish_reason: FinishReason,
     pub generated_text: String,
     pub generated_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +111,7 @@ impl GenerationStream {
                 finish_reason,
                 generated_text: std::mem::take(&mut self.text),
                 generated_tokens: self.generated,
+                cached_tokens: event.cached_prompt_tokens,
             }
         });
         let token = Token {

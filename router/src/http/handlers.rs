@@ -113,6 +113,7 @@ async fn generate_response(
                 finish_reason: end.finish_reason,
                 generated_tokens: end.generated_tokens,
                 seed: reported_seed(&valid),
+                cached_tokens: end.cached_tokens,
                 prefill: Vec::new(),
                 tokens,
             });
@@ -153,6 +154,7 @@ async fn stream_response(
                                 generated_tokens: end.generated_tokens,
                                 seed,
                                 input_length,
+                                cached_tokens: end.cached_tokens,
                             };
                             (Some(text), Some(details))
                         }
@@ -188,6 +190,10 @@ async fn stream_response(
 pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
     state.shards.health().await?;
     Ok(())
+}
+
+pub async fn metrics(State(state): State<AppState>) -> String {
+    state.metrics.render()
 }
 
 pub async fn info(State(state): State<AppState>) -> Json<Info> {

@@ -19,6 +19,7 @@ use crate::validation::Validator;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub validator: Arc<Validator>,
     pub tokenizer: Arc<Tokenizer>,
     pub scheduler: SchedulerHandle,
@@ -35,5 +36,6 @@ pub fn router(state: AppState) -> Router {
         .route("/generate_stream", post(handlers::generate_stream))
         .route("/health", get(handlers::health))
         .route("/info", get(handlers::info))
+        .route("/metrics", get(handlers::metrics))
         .with_state(state)
 }

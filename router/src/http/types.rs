@@ -66,6 +66,8 @@ pub struct Details {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
     pub seed: Option<u64>,
+    /// Sluice extension: prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
     /// Prompt tokens with logprobs; filled only with `decoder_input_details`, which is refused
     /// for now, so always empty.
     pub prefill: Vec<Token>,
@@ -85,6 +87,8 @@ pub struct StreamDetails {
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+    /// Sluice extension: prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
 }
 
 /// One server-sent event of `/generate_stream`.
@@ -117,6 +121,7 @@ pub struct Info {
     pub max_batch_size: Option<usize>,
     pub block_size: u32,
     pub num_kv_blocks: u32,
+    pub prefix_caching: bool,
     pub version: &'static str,
     pub router: &'static str,
 }

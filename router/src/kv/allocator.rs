@@ -1,52 +1,78 @@
-//! The block allocator: a free list of KV block ids. It is owned by the scheduler task, the only
-//! place that hands blocks out or takes them back, so it needs no locking.
+//! Reference-counted KV blocks. A block is free, or held by one or more requests (shared prefix
+//! blocks have several holders), or, at count zero, kept by the prefix cache until evicted.
 
 #[derive(Debug)]
-pub struct BlockAllocator {
-    block_size: u32,
-    num_blocks: u32,
-    free: Vec<u32>,
+pub struct BlockPool {
+    ref_counts: Vec<u32>,
+    pub(super) free: Vec<u32>,
+    /// Blocks with at least one holder.
+    held: usize,
 }
 
-impl BlockAllocator {
-    pub fn new(num_blocks: u32, block_size: u32) -> Self {
-        // Reversed so that blocks are handed out from id 0 upward.
-        let free = (0..num_blocks).rev().collect();
+impl BlockPool {
+    pub fn new(num_blocks: u32) -> Self {
         Self {
-            block_size,
-            num_blocks,
-            free,
+            ref_counts: vec![0; num_blocks as usize],
+            // Reversed so that blocks are handed out from id 0 upward.
+            free: (0..num_blocks).rev().collect(),
+            held: 0,
         }
     }
 
-    pub fn block_size(&self) -> u32 {
-        self.block_size
-    }
-
-    pub fn num_blocks(&self) -> u32 {
-        self.num_blocks
+    pub fn num_blocks(&self) -> usize {
+        self.ref_counts.len()
     }
 
     pub fn num_free(&self) -> usize {
         self.free.len()
     }
 
-    /// Blocks needed to hold `tokens` tokens.
-    pub fn blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.block_size as usize)
+    pub fn num_held(&self) -> usize {
+        self.held
     }
 
-    /// Takes `n` blocks, or none at all if fewer are free.
+    pub fn ref_count(&self, block: u32) -> u32 {
+        self.ref_counts[block as usize]
+    }
+
+    /// Takes `n` free blocks with one holder each, or none at all if fewer are free.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
         if n > self.free.len() {
             return None;
         }
-        Some(self.free.split_off(self.free.len() - n))
+        let blocks = self.free.split_off(self.free.len() - n);
+        for block in &blocks {
+            self.ref_counts[*block as usize] = 1;
+        }
+        self.held += n;
+        Some(blocks)
     }
 
-    pub fn release(&mut self, blocks: Vec<u32>) {
-        debug_assert!(blocks.iter().all(|b| *b < self.num_blocks));
-        self.free.extend(blocks);
+    /// Adds a holder to a block that is in use or cached.
+    pub fn retain(&mut self, block: u32) {
+        let count = &mut self.ref_counts[block as usize];
+        if *count == 0 {
+            self.held += 1;
+        }
+        *count += 1;
+    }
+
+    /// Drops a holder; returns true when that was the last one.
+    pub fn release(&mut self, block: u32) -> bool {
+        let count = &mut self.ref_counts[block as usize];
+        debug_assert!(*count > 0, "block {block} released more often than held");
+        *count = count.saturating_sub(1);
+        let last = *count == 0;
+        if last {
+            self.held -= 1;
+        }
+        last
+    }
+
+    /// Returns an unheld block to the free list.
+    pub fn free(&mut self, block: u32) {
+        debug_assert_eq!(self.ref_counts[block as usize], 0);
+        self.free.push(block);
     }
 }
 
@@ -55,14 +81,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allocates_all_or_nothing_and_takes_blocks_back() {
-        let mut allocator = BlockAllocator::new(4, 16);
-        assert_eq!(allocator.blocks_for(17), 2);
-        let a = allocator.allocate(3).unwrap();
+    fn allocates_all_or_nothing_and_counts_holders() {
+        let mut pool = BlockPool::new(4);
+        let a = pool.allocate(3).unwrap();
         assert_eq!(a, vec![2, 1, 0]);
-        assert!(allocator.allocate(2).is_none());
-        assert_eq!(allocator.num_free(), 1);
-        allocator.release(a);
-        assert_eq!(allocator.num_free(), 4);
+        assert!(pool.allocate(2).is_none());
+        pool.retain(a[0]);
+        assert!(!pool.release(a[0]));
+        assert!(pool.release(a[0]));
+        pool.free(a[0]);
+        assert_eq!(pool.num_free(), 2);
+        assert_eq!(pool.num_held(), 2);
     }
 }

@@ -2,10 +2,12 @@
 //! join the batch at the next step; finished and cancelled requests leave it.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use super::entry::{Entry, Submission};
+use super::metrics::{record_occupancy, record_step, StepStats};
 use super::step_builder::SchedulerState;
 use super::{SchedulerConfig, SchedulerError, SchedulerHandle, Shard, ShardFinish, TokenEvent};
 use crate::pb;
@@ -23,38 +25,46 @@ async fn run<S: Shard>(
     mut inbox: mpsc::UnboundedReceiver<Submission>,
 ) {
     let mut next_id: u64 = 0;
+    let mut admit = |state: &mut SchedulerState, submission: Submission| {
+        state.waiting.push_back(Entry::new(next_id, submission));
+        next_id += 1;
+    };
     loop {
         // Sleep until a request arrives when idle; otherwise take whatever has queued up.
         if !state.has_work() {
+            record_occupancy(&state);
             match inbox.recv().await {
-                Some(submission) => {
-                    state.waiting.push_back(Entry::new(next_id, submission));
-                    next_id += 1;
-                }
+                Some(submission) => admit(&mut state, submission),
                 None => return,
             }
         }
         while let Ok(submission) = inbox.try_recv() {
-            state.waiting.push_back(Entry::new(next_id, submission));
-            next_id += 1;
+            admit(&mut state, submission);
         }
 
         state.reap_cancelled();
-        let Some(step) = state.build_step() else {
-            // Waiting requests that cannot be admitted yet only wait for running ones to finish,
-            // and nothing runs: wait for a new arrival instead of spinning.
-            if let Some(submission) = inbox.recv().await {
-                state.waiting.push_back(Entry::new(next_id, submission));
-                next_id += 1;
-            } else {
-                return;
+        let mut stats = StepStats::default();
+        let Some(step) = state.build_step(&mut stats) else {
+            // Nothing can run until a request arrives (the queue head waits for blocks only
+            // while others run, and then there is a step).
+            match inbox.recv().await {
+                Some(submission) => admit(&mut state, submission),
+                None => return,
             }
             continue;
         };
+        let tokens: usize = step.scheduled.iter().map(|s| s.num_tokens as usize).sum();
+        let decodes = step.scheduled.len() - stats.prefill_chunks as usize;
+        let started = Instant::now();
         match shard.step(step).await {
-            Ok(response) => deliver(&mut state, response),
+            Ok(response) => {
+                // Before delivering: finished requests leave the batch there.
+                state.register_computed_blocks();
+                deliver(&mut state, response);
+            }
             Err(e) => fail_running(&*shard, &mut state, e.to_string()).await,
         }
+        record_step(&state, &stats, tokens, decodes, started.elapsed());
     }
 }
 
@@ -69,7 +79,7 @@ fn deliver(state: &mut SchedulerState, response: pb::StepResponse) {
             continue;
         };
         let entry = &mut state.running[index];
-        entry.generated += 1;
+        entry.tokens.push(generation.token_id);
         let finish = match pb::FinishReason::try_from(generation.finish_reason) {
             Ok(pb::FinishReason::EosToken) => Some(ShardFinish::EosToken),
             Ok(pb::FinishReason::Length) => Some(ShardFinish::Length),
@@ -79,11 +89,13 @@ fn deliver(state: &mut SchedulerState, response: pb::StepResponse) {
             id: generation.token_id,
             logprob: generation.logprob,
             finish,
+            cached_prompt_tokens: entry.cached_prompt_tokens.unwrap_or(0),
         };
         // A failed send means the client left; the request is reaped before the next step.
         let _ = entry.events.send(Ok(event));
         if finish.is_some() {
-            let mut entry = state.running.swap_remove(index);
+            // Keep the running order (the youngest is last): preemption relies on it.
+            let mut entry = state.running.remove(index);
             // The shard forgets a request it stopped by itself.
             entry.on_shard = false;
             state.retire(entry);
@@ -95,7 +107,7 @@ fn deliver(state: &mut SchedulerState, response: pb::StepResponse) {
 /// and keep serving the queue.
 async fn fail_running<S: Shard>(shard: &S, state: &mut SchedulerState, message: String) {
     tracing::error!(error = %message, "step failed");
-    for mut entry in state.running.drain(..).collect::<Vec<_>>() {
+    for mut entry in std::mem::take(&mut state.running) {
         let _ = entry
             .events
             .send(Err(SchedulerError::Generation(message.clone())));

@@ -3,6 +3,7 @@
 use tokio::sync::mpsc;
 
 use super::{SchedulerError, TokenEvent};
+use crate::kv::{NodeId, RadixCache};
 use crate::validation::ValidRequest;
 
 pub(super) struct Submission {
@@ -14,53 +15,66 @@ pub(super) struct Entry {
     pub id: u64,
     pub request: ValidRequest,
     pub events: mpsc::UnboundedSender<Result<TokenEvent, SchedulerError>>,
-    /// KV blocks held for this request, in block-table order.
+    /// Prompt followed by every token generated so far.
+    pub tokens: Vec<u32>,
+    /// KV blocks held, in block-table order.
     pub blocks: Vec<u32>,
-    /// Tokens whose K/V are computed or scheduled in an earlier step.
+    /// Tokens whose K/V are computed (or scheduled in the step being built).
     pub num_computed: usize,
-    /// Tokens generated so far.
-    pub generated: u32,
     /// Whether the shards know this request (its `NewRequest` went out).
     pub on_shard: bool,
+    /// Where this request's registered blocks end in the prefix cache, and how many there are.
+    pub prefix_node: NodeId,
+    pub registered_blocks: usize,
+    /// False once a block of this request turned out to be cached elsewhere: the rest of its
+    /// blocks stay private.
+    pub sharing: bool,
+    /// Prompt tokens found in the prefix cache when the request was first admitted.
+    pub cached_prompt_tokens: Option<u32>,
 }
 
 impl Entry {
     pub fn new(id: u64, submission: Submission) -> Self {
         Self {
             id,
+            tokens: submission.request.input_ids.clone(),
             request: submission.request,
             events: submission.events,
             blocks: Vec::new(),
             num_computed: 0,
-            generated: 0,
             on_shard: false,
+            prefix_node: RadixCache::ROOT,
+            registered_blocks: 0,
+            sharing: true,
+            cached_prompt_tokens: None,
         }
     }
 
-    pub fn prompt_len(&self) -> usize {
-        self.request.input_ids.len()
-    }
-
-    /// Every token the request has: prompt plus generated.
-    pub fn known_tokens(&self) -> usize {
-        self.prompt_len() + self.generated as usize
+    pub fn generated(&self) -> u32 {
+        (self.tokens.len() - self.request.input_ids.len()) as u32
     }
 
     /// Tokens the next step must still run before the request can sample again.
     pub fn pending_tokens(&self) -> usize {
-        self.known_tokens() - self.num_computed
+        self.tokens.len() - self.num_computed
     }
 
-    pub fn is_prefilling(&self) -> bool {
-        self.num_computed < self.prompt_len()
-    }
-
-    /// Longest the sequence can grow: the KV room it must hold.
-    pub fn max_len(&self) -> usize {
-        self.prompt_len() + self.request.max_new_tokens as usize
+    /// Running with only its newest token to compute.
+    pub fn is_decoding(&self) -> bool {
+        self.on_shard && self.pending_tokens() == 1
     }
 
     pub fn is_cancelled(&self) -> bool {
         self.events.is_closed()
+    }
+
+    /// Back to the state of a request that was never run, keeping what it generated.
+    pub fn reset_for_recompute(&mut self) {
+        self.blocks.clear();
+        self.num_computed = 0;
+        self.on_shard = false;
+        self.prefix_node = RadixCache::ROOT;
+        self.registered_blocks = 0;
+        self.sharing = true;
     }
 }

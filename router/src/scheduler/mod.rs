@@ -1,9 +1,11 @@
-//! The scheduler: one task that owns the queue, the running batch and the KV blocks, fed by a
-//! channel. Each loop turn it builds one step (decodes first, then prompt chunks under the token
-//! budget), runs it on the shards, and sends every request its new token.
+//! The scheduler: one task (an actor) that owns the queue, the running batch and the KV blocks
+//! with the prefix cache, fed by a channel. Each loop turn it builds one step (decodes first,
+//! then prompt chunks under the token budget, preempting when blocks run out), runs it on the
+//! shards, and sends every request its new token.
 
 mod batcher;
 mod entry;
+mod metrics;
 mod step_builder;
 
 pub use batcher::spawn_scheduler;
@@ -44,6 +46,7 @@ pub struct SchedulerConfig {
     pub max_batch_size: usize,
     pub num_blocks: u32,
     pub block_size: u32,
+    pub prefix_caching: bool,
 }
 
 /// Why a shard stopped a request.
@@ -59,6 +62,8 @@ pub struct TokenEvent {
     pub id: u32,
     pub logprob: f32,
     pub finish: Option<ShardFinish>,
+    /// Prompt tokens the request found in the prefix cache when it was admitted.
+    pub cached_prompt_tokens: u32,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]

@@ -16,7 +16,11 @@ struct FakeShard {
 struct FakeState {
     sequences: HashMap<u64, FakeSequence>,
     steps: Vec<pb::StepRequest>,
+    /// What each KV block holds: the tokens written into its slots.
+    block_contents: HashMap<u32, [Option<u32>; BLOCK]>,
 }
+
+const BLOCK: usize = 16;
 
 struct FakeSequence {
     tokens: Vec<u32>,
@@ -45,7 +49,7 @@ impl Shard for FakeShard {
                 FakeSequence {
                     tokens: new.token_ids,
                     computed: new.cached_tokens as usize,
-                    generated: 0,
+                    generated: new.generated_before,
                     max_new_tokens: stopping.max_new_tokens,
                     blocks: Vec::new(),
                 },
@@ -53,19 +57,39 @@ impl Shard for FakeShard {
         }
         let mut generations = Vec::new();
         for scheduled in request.scheduled {
-            let seq = state
-                .sequences
+            let FakeState {
+                sequences,
+                block_contents,
+                ..
+            } = &mut *state;
+            let seq = sequences
                 .get_mut(&scheduled.id)
                 .expect("scheduled unknown id");
+            let fresh = seq.blocks.is_empty();
             seq.blocks.extend(scheduled.new_blocks);
-            seq.computed += scheduled.num_tokens as usize;
-            assert!(
-                seq.computed <= seq.tokens.len(),
-                "ran past the known tokens"
-            );
-            assert!(seq.blocks.len() * 16 >= seq.computed, "not enough blocks");
+            if fresh {
+                // A cached prefix must hold exactly this request's leading tokens.
+                for position in 0..seq.computed {
+                    let block = seq.blocks[position / BLOCK];
+                    let held = block_contents.get(&block).and_then(|b| b[position % BLOCK]);
+                    assert_eq!(
+                        held,
+                        Some(seq.tokens[position]),
+                        "cached block {block} is stale"
+                    );
+                }
+            }
+            let end = seq.computed + scheduled.num_tokens as usize;
+            assert!(end <= seq.tokens.len(), "ran past the known tokens");
+            assert!(seq.blocks.len() * BLOCK >= end, "not enough blocks");
+            for position in seq.computed..end {
+                let block = seq.blocks[position / BLOCK];
+                block_contents.entry(block).or_insert([None; BLOCK])[position % BLOCK] =
+                    Some(seq.tokens[position]);
+            }
+            seq.computed = end;
             if seq.computed == seq.tokens.len() {
-                let token = seq.tokens.last().unwrap() + 1;
+                let token = (seq.tokens.last().unwrap() + 1) % 250;
                 seq.tokens.push(token);
                 seq.generated += 1;
                 let done = seq.generated == seq.max_new_tokens;
@@ -123,10 +147,15 @@ fn start(max_batch_tokens: u32, num_blocks: u32) -> (Arc<FakeShard>, SchedulerHa
             max_batch_tokens,
             max_batch_size: 64,
             num_blocks,
-            block_size: 16,
+            block_size: BLOCK as u32,
+            prefix_caching: true,
         },
     );
     (shard, handle)
+}
+
+fn ids(events: &[TokenEvent]) -> Vec<u32> {
+    events.iter().map(|e| e.id).collect()
 }
 
 async fn collect(mut events: EventReceiver) -> Vec<TokenEvent> {
@@ -212,9 +241,78 @@ async fn a_dropped_request_is_freed_at_the_next_step() {
     let mut cancelled = scheduler.submit(request(vec![1, 2], 50)).unwrap();
     cancelled.recv().await.unwrap().unwrap();
     drop(cancelled);
-    // The pool holds only one 52-token request; the next one runs only once blocks came back.
     let next = collect(scheduler.submit(request(vec![7], 50)).unwrap()).await;
     assert_eq!(next.len(), 50);
     let steps = shard.state.lock().unwrap().steps.clone();
     assert!(steps.iter().any(|s| s.free_ids == vec![0]));
+}
+
+#[tokio::test]
+async fn preempted_requests_resume_without_losing_or_repeating_tokens() {
+    // Four 16-token blocks; three requests that each grow to 40 tokens (three blocks).
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| vec![i * 50; 5]).collect();
+    let mut solo = Vec::new();
+    for prompt in &prompts {
+        let (_, scheduler) = start(64, 4);
+        solo.push(ids(&collect(
+            scheduler.submit(request(prompt.clone(), 35)).unwrap(),
+        )
+        .await));
+    }
+
+    let (shard, scheduler) = start(64, 4);
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| scheduler.submit(request(p.clone(), 35)).unwrap())
+        .collect();
+    let mut together = Vec::new();
+    for stream in streams {
+        together.push(ids(&collect(stream).await));
+    }
+    assert_eq!(together, solo);
+
+    let steps = shard.state.lock().unwrap().steps.clone();
+    let resumed: Vec<&pb::NewRequest> = steps
+        .iter()
+        .flat_map(|s| &s.new_requests)
+        .filter(|r| r.generated_before > 0)
+        .collect();
+    assert!(
+        !resumed.is_empty(),
+        "the pool is too small for all three: someone was preempted"
+    );
+    for new in resumed {
+        assert_eq!(new.token_ids.len(), 5 + new.generated_before as usize);
+    }
+}
+
+#[tokio::test]
+async fn a_shared_prefix_is_served_from_the_cache() {
+    let (shard, scheduler) = start(256, 32);
+    let system: Vec<u32> = (100..140).collect();
+    let mut first_prompt = system.clone();
+    first_prompt.extend([1, 2, 3]);
+    let first = collect(scheduler.submit(request(first_prompt, 3)).unwrap()).await;
+    assert_eq!(first[0].cached_prompt_tokens, 0);
+
+    let mut second_prompt = system.clone();
+    second_prompt.extend([4, 5]);
+    let second = collect(scheduler.submit(request(second_prompt, 3)).unwrap()).await;
+    // 40 shared tokens: two whole 16-token blocks are reusable.
+    assert_eq!(second[0].cached_prompt_tokens, 32);
+    assert_eq!(ids(&second), vec![6, 7, 8]);
+
+    let steps = shard.state.lock().unwrap().steps.clone();
+    let admitted = steps
+        .iter()
+        .flat_map(|s| &s.new_requests)
+        .find(|r| r.id == 1)
+        .unwrap();
+    assert_eq!(admitted.cached_tokens, 32);
+    let first_chunk = steps
+        .iter()
+        .flat_map(|s| &s.scheduled)
+        .find(|s| s.id == 1)
+        .unwrap();
+    assert_eq!(first_chunk.num_tokens, 10, "only the uncached tokens run");
 }
