@@ -61,6 +61,8 @@ def start_server(*extra_flags: str) -> SluiceServer:
         "--hostname", "127.0.0.1",
         "--port", str(port),
         "--shard-uds-path", str(workdir / "shard"),
+        # Exact-output tests need float32: in bfloat16 the default model has near ties.
+        "--dtype", "float32",
         *extra_flags,
     ]
     with open(log_path, "wb") as log:
@@ -82,13 +84,26 @@ def start_server(*extra_flags: str) -> SluiceServer:
     raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[SluiceServer]:
-    """One server per test module, with the default flags (float32 on CPU)."""
-    running = start_server("--max-input-tokens", "256", "--max-total-tokens", "512")
+def serve(*flags: str) -> Iterator[SluiceServer]:
+    """Runs a server for the length of a fixture and checks that it stops cleanly."""
+    running = start_server(*flags)
     yield running
     code = running.stop()
     assert code == 0, f"launcher exited with {code} on SIGTERM:\n{running.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SluiceServer]:
+    """One server per test module; modules that need other flags override this fixture."""
+    yield from serve("--max-input-tokens", "256", "--max-total-tokens", "512")
+
+
+def metric(server: SluiceServer, name: str) -> float:
+    """The value of an unlabelled counter or gauge on /metrics (0 if not reported yet)."""
+    for line in requests.get(f"{server.url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,33 +10,7 @@ from text_generation import Client
 from text_generation.errors import ValidationError
 
 from conftest import SluiceServer
-
-
-def generate(server: SluiceServer, inputs: str, **parameters) -> dict:
-    response = requests.post(
-        f"{server.url}/generate",
-        json={"inputs": inputs, "parameters": {"details": True, **parameters}},
-        timeout=300,
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def stream(server: SluiceServer, inputs: str, **parameters) -> list[dict]:
-    response = requests.post(
-        f"{server.url}/generate_stream",
-        json={"inputs": inputs, "parameters": parameters},
-        stream=True,
-        timeout=300,
-    )
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/event-stream")
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line:
-            assert line.startswith("data:"), line
-            events.append(json.loads(line[len("data:"):]))
-    return events
+from helpers import generate, stream
 
 
 def test_greedy_answer_names_the_capital(server: SluiceServer, chat_prompt) -> None:
@@ -52,7 +25,7 @@ def test_greedy_answer_names_the_capital(server: SluiceServer, chat_prompt) -> N
 def test_stream_concatenates_to_the_non_streamed_text(server: SluiceServer, chat_prompt) -> None:
     prompt = chat_prompt("Write one sentence about the sea.")
     expected = generate(server, prompt, max_new_tokens=40)
-    events = stream(server, prompt, max_new_tokens=40)
+    events = stream(server, prompt, max_new_tokens=40).events
     text = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
     assert text == expected["generated_text"]
     assert events[-1]["generated_text"] == expected["generated_text"]

@@ -55,6 +55,24 @@ pub struct Args {
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,
 
+    /// Caps the KV cache at this many tokens [default: what the shard's warmup sizes]. More
+    /// than fits is an error at startup.
+    #[arg(long, env)]
+    pub max_batch_total_tokens: Option<u32>,
+
+    /// Reuse the KV cache of shared prompt prefixes across requests.
+    #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
+
+    /// Accepted for TGI compatibility, without effect: with chunked prefill every step admits
+    /// waiting requests within the token budget, so there is no separate prefill batch to delay.
+    #[arg(long, env)]
+    pub max_waiting_tokens: Option<usize>,
+
+    /// Accepted for TGI compatibility, without effect (see --max-waiting-tokens).
+    #[arg(long, env)]
+    pub waiting_served_ratio: Option<f32>,
+
     /// The dtype the shard loads the weights in [default: chosen by the shard].
     #[arg(long, env, value_enum)]
     pub dtype: Option<Dtype>,

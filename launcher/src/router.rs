@@ -23,6 +23,8 @@ pub struct RouterConfig {
     pub limits: TokenLimits,
     pub max_concurrent_requests: usize,
     pub max_batch_size: Option<usize>,
+    pub max_batch_total_tokens: Option<u32>,
+    pub prefix_caching: bool,
     pub json_output: bool,
 }
 
@@ -44,6 +46,8 @@ impl RouterConfig {
             limits,
             max_concurrent_requests: args.max_concurrent_requests,
             max_batch_size: args.max_batch_size,
+            max_batch_total_tokens: args.max_batch_total_tokens,
+            prefix_caching: args.prefix_caching,
             json_output: args.json_output,
         }
     }
@@ -68,7 +72,14 @@ impl RouterConfig {
             .arg("--max-concurrent-requests")
             .arg(self.max_concurrent_requests.to_string())
             .arg("--max-batch-prefill-tokens")
-            .arg(self.limits.max_batch_prefill_tokens.to_string());
+            .arg(self.limits.max_batch_prefill_tokens.to_string())
+            .arg("--prefix-caching")
+            .arg(self.prefix_caching.to_string());
+        if let Some(tokens) = self.max_batch_total_tokens {
+            command
+                .arg("--max-batch-total-tokens")
+                .arg(tokens.to_string());
+        }
         if let Some(max_batch_size) = self.max_batch_size {
             command
                 .arg("--max-batch-size")

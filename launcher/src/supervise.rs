@@ -39,6 +39,12 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
             return Ok(());
         }
     };
+    if args.max_waiting_tokens.is_some() || args.waiting_served_ratio.is_some() {
+        tracing::warn!(
+            "--max-waiting-tokens and --waiting-served-ratio have no effect: with chunked \
+             prefill every step admits waiting requests within --max-batch-prefill-tokens"
+        );
+    }
     let limits = TokenLimits::new(&args, model::max_positions(&model_dir));
     tracing::info!(
         max_input_tokens = limits.max_input_tokens,

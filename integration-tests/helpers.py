@@ -1,0 +1,56 @@
+"""Small HTTP helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+from conftest import SluiceServer
+
+
+def generate(server: SluiceServer, inputs: str, **parameters) -> dict:
+    response = requests.post(
+        f"{server.url}/generate",
+        json={"inputs": inputs, "parameters": {"details": True, **parameters}},
+        timeout=600,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@dataclass
+class StreamedRequest:
+    """One /generate_stream call with the arrival time of every event."""
+
+    events: list[dict] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    started: float = 0.0
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0] - self.started
+
+
+def stream(server: SluiceServer, inputs: str, max_events: int | None = None, **parameters):
+    """Streams a request; stops reading (and closes the connection) after `max_events`."""
+    result = StreamedRequest(started=time.perf_counter())
+    with requests.post(
+        f"{server.url}/generate_stream",
+        json={"inputs": inputs, "parameters": parameters},
+        stream=True,
+        timeout=600,
+    ) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines(decode_unicode=True):
+            if not line:
+                continue
+            assert line.startswith("data:"), line
+            result.events.append(json.loads(line[len("data:"):]))
+            result.arrivals.append(time.perf_counter())
+            if max_events is not None and len(result.events) >= max_events:
+                break
+    return result

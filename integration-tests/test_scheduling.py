@@ -1,0 +1,93 @@
+"""The batching engine end to end: prefix cache, chunked prefill next to decodes, and
+cancellation, through the real launcher, router and shard."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import SluiceServer, metric, serve
+from helpers import StreamedRequest, generate, stream
+
+CHUNK_BUDGET = 256
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SluiceServer]:
+    yield from serve(
+        "--max-input-tokens", "3200",
+        "--max-total-tokens", "3600",
+        "--max-batch-prefill-tokens", str(CHUNK_BUDGET),
+    )
+
+
+def system_prompt(words: int) -> str:
+    facts = ["The archive opens at nine.", "Visitors sign the ledger.", "Maps stay inside.",
+             "Lamps are dimmed at dusk.", "The east wing holds letters."]
+    return " ".join(facts[i % len(facts)] for i in range(words // 5))
+
+
+def test_requests_sharing_a_long_prefix_reuse_its_cache(server: SluiceServer) -> None:
+    shared = f"<|im_start|>system\n{system_prompt(850)}<|im_end|>\n"
+    hits_before = metric(server, "sluice_prefix_cache_hit_tokens_total")
+    questions = [f"Question {i}: when does the archive open?" for i in range(16)]
+    runs: list[StreamedRequest] = []
+    for question in questions:
+        prompt = f"{shared}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        runs.append(stream(server, prompt, max_new_tokens=4))
+    input_length = runs[0].events[-1]["details"]["input_length"]
+    assert input_length > 1000
+    cached = [run.events[-1]["details"]["cached_tokens"] for run in runs]
+    assert cached[0] < 900
+    assert all(c >= 900 for c in cached[1:]), cached
+    assert metric(server, "sluice_prefix_cache_hit_tokens_total") - hits_before >= 15 * 900
+    assert all(run.ttft < runs[0].ttft for run in runs[1:])
+
+
+def test_a_long_prompt_is_chunked_while_others_keep_decoding(
+    server: SluiceServer, chat_prompt
+) -> None:
+    def decode(i: int) -> StreamedRequest:
+        prompt = chat_prompt(f"Count slowly from {i} to {i + 500}.")
+        return stream(server, prompt, max_new_tokens=200, ignore_eos=True)
+
+    long_prompt = "<|im_start|>user\n" + system_prompt(2600) + "<|im_end|>\n"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(decode, i) for i in range(8)]
+        time.sleep(2)  # the eight are decoding by now
+        chunks_before = metric(server, "sluice_prefill_chunks_total")
+        long = stream(server, long_prompt, max_new_tokens=1)
+        chunks = metric(server, "sluice_prefill_chunks_total") - chunks_before
+        decoders = [f.result() for f in futures]
+
+    prompt_tokens = long.events[-1]["details"]["input_length"]
+    assert prompt_tokens >= 3000
+    # The prompt needed many chunks: the budget minus the eight decodes' tokens per step.
+    assert chunks >= math.ceil(prompt_tokens / CHUNK_BUDGET)
+    window_start, window_end = long.started, long.arrivals[0]
+    for run in decoders:
+        in_window = [t for t in run.arrivals if window_start <= t <= window_end]
+        # A token in (nearly) every step that ran a chunk: no decode waited for the prompt.
+        assert len(in_window) >= math.ceil(prompt_tokens / CHUNK_BUDGET) - 2, len(in_window)
+
+
+def test_cancelled_streams_give_their_blocks_back(server: SluiceServer, chat_prompt) -> None:
+    generate(server, chat_prompt("Hello"), max_new_tokens=2)
+    used_before = metric(server, "sluice_kv_blocks_used")
+    prompts = [chat_prompt(f"Tell me about the number {i}.") for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        runs = list(pool.map(
+            lambda p: stream(server, p, max_events=5, max_new_tokens=300, ignore_eos=True),
+            prompts,
+        ))
+    assert all(len(run.events) == 5 for run in runs)
+    deadline = time.monotonic() + 30
+    while metric(server, "sluice_kv_blocks_used") != used_before:
+        assert time.monotonic() < deadline, "blocks of cancelled requests were not freed"
+        time.sleep(0.2)
+    # The server is still serving.
+    assert generate(server, chat_prompt("Hi"), max_new_tokens=3)["details"]["generated_tokens"] == 3
