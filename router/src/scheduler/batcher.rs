@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::entry::{Entry, Submission};
-use super::metrics::{record_occupancy, record_step, StepStats};
+use super::metrics::{record_occupancy, record_shard_timing, record_step, StepStats};
 use super::step_builder::SchedulerState;
 use super::{SchedulerConfig, SchedulerError, SchedulerHandle, Shard, ShardFinish, TokenEvent};
 use crate::pb;
@@ -58,6 +58,7 @@ async fn run<S: Shard>(
         let started = Instant::now();
         match shard.step(step).await {
             Ok(response) => {
+                record_shard_timing(response.forward_ns, response.total_ns);
                 // Before delivering: finished requests leave the batch there.
                 state.register_computed_blocks();
                 deliver(&mut state, response);

@@ -40,3 +40,9 @@ pub(super) fn record_occupancy(state: &SchedulerState) {
     metrics::gauge!("sluice_kv_blocks_cached").set(state.kv.num_cached() as f64);
     metrics::gauge!("sluice_kv_blocks_total").set(state.kv.num_blocks() as f64);
 }
+
+/// The shard's own account of a step: the model forward, and the whole step on the shard.
+pub(super) fn record_shard_timing(forward_ns: u64, total_ns: u64) {
+    metrics::histogram!("sluice_shard_forward_duration").record(forward_ns as f64 / 1e9);
+    metrics::histogram!("sluice_shard_step_duration").record(total_ns as f64 / 1e9);
+}

@@ -34,7 +34,7 @@ class KVCacheSpec:
         return math.ceil(num_tokens / self.block_size)
 
     def allocate(self, num_blocks: int) -> list[LayerKVCache]:
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        shape = (self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
         # Zeros, not empty: padded slots are masked out of attention but still multiplied by a zero
         # weight, and uninitialised memory may hold NaN (0 * NaN = NaN).
         return [

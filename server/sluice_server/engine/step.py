@@ -122,7 +122,7 @@ class StepExecutor:
 
     @property
     def num_blocks(self) -> int:
-        return 0 if self.kv_cache is None else self.kv_cache[0].key.shape[0]
+        return 0 if self.kv_cache is None else self.kv_cache[0].key.shape[1]
 
     def clear(self) -> None:
         self.requests.clear()
@@ -151,7 +151,7 @@ class StepExecutor:
         chunk = ForwardChunk(
             token_ids=[token % vocab_size for token in range(max_prefill_tokens)],
             cache_len=0,
-            block_table=range(len(temporary_cache[0].key)),
+            block_table=range(temporary_cache[0].key.shape[1]),
             needs_logits=True,
         )
         result = run_forward(self.loaded, self.backend, temporary_cache, [chunk])

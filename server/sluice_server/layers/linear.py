@@ -1,5 +1,9 @@
 """Linear layer whose weights are filled from a checkpoint rather than initialised.
 
+On CPU the weight is reordered once into oneDNN's blocked layout (`prepack_for_cpu`): a plain
+`F.linear` repacks it on every call, which dominates the small-batch matmuls of decoding
+(measured 2x faster in bfloat16 and 3x in float32 at 32 rows; see docs/performance.md).
+
 Single-device for now; the column/row tensor-parallel variants will sit beside it.
 """
 
@@ -30,5 +34,21 @@ class Linear(nn.Module):
             else None
         )
 
+        # The oneDNN-packed weight, once `prepack_for_cpu` ran.
+        self.packed_weight: torch.Tensor | None = None
+
+    def prepack_for_cpu(self, release_weight: bool, batch_hint: int = 32) -> None:
+        """Packs the weight for oneDNN; `release_weight` frees the checkpoint layout (unless
+        another module shares it, e.g. tied embeddings)."""
+        if self.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+        if release_weight:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.packed_weight, self.bias, "none", [], ""
+            )
         return F.linear(x, self.weight, self.bias)

@@ -1,6 +1,7 @@
 """RMSNorm, as used by the Llama family."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,8 +16,7 @@ class RMSNorm(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The variance is taken in float32 so that half-precision models keep their accuracy.
-        hidden_f32 = hidden.float()
-        variance = hidden_f32.pow(2).mean(dim=-1, keepdim=True)
-        normalized = hidden_f32 * torch.rsqrt(variance + self.eps)
+        # Normalized in float32 so that half-precision models keep their accuracy; one fused
+        # kernel instead of five elementwise passes.
+        normalized = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.eps)
         return self.weight * normalized.to(hidden.dtype)

@@ -104,11 +104,13 @@ class LlamaAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query, key, value = self.qkv_proj(hidden).split(
-            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        query_key, value = self.qkv_proj(hidden).split(
+            [self.q_size + self.kv_size, self.kv_size], dim=-1
         )
-        query = apply_rotary(query.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        key = apply_rotary(key.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        # Queries and keys rotate by the same angles: one rotation over both.
+        heads = self.num_heads + self.num_kv_heads
+        rotated = apply_rotary(query_key.view(num_tokens, heads, self.head_dim), cos, sin)
+        query, key = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write(cache, key, value, metadata.slot_mapping)
         attended = self.backend.attend(query, cache, metadata, self.scale)
@@ -200,6 +202,13 @@ class LlamaForCausalLM(nn.Module):
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
             hidden = layer(hidden, cos, sin, layer_cache, metadata)
         return self.lm_head(self.norm(hidden[logits_rows])).float()
+
+    def prepack_for_cpu(self) -> None:
+        """Packs every projection for oneDNN once the weights are loaded."""
+        tied = self.lm_head.weight is self.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack_for_cpu(release_weight=not (tied and module is self.lm_head))
 
     @torch.no_grad()
     def load_weights(self, weights: CheckpointWeights) -> None:

@@ -30,9 +30,11 @@ class SequenceChunk:
 
 @dataclass
 class LayerKVCache:
-    """One layer's K and V, each [num_blocks, block_size, num_kv_heads, head_dim].
+    """One layer's K and V, each [num_kv_heads, num_blocks, block_size, head_dim].
 
-    Slot s is token s % block_size of block s // block_size.
+    Slot s is token s % block_size of block s // block_size. Heads come first so that gathering
+    a batch's blocks yields, per head, each sequence's keys back to back: the layout batched
+    matmuls read without a transposing copy.
     """
 
     key: torch.Tensor
@@ -40,7 +42,7 @@ class LayerKVCache:
 
     @property
     def block_size(self) -> int:
-        return self.key.shape[1]
+        return self.key.shape[2]
 
 
 @dataclass

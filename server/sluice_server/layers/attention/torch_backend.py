@@ -2,8 +2,9 @@
 
 K/V are read back by whole blocks (one contiguous copy per block rather than per token). Decodes
 (chunks of one token) are batched: their blocks are gathered into a padded
-[B, max_blocks * block_size, H_kv, D] tensor and attended in one call with a padding mask. Prefill
-chunks are attended one sequence at a time with an explicit mask, causal within the chunk.
+[H_kv, B, max_blocks * block_size, D] tensor and attended with two batched matmuls and a padding
+mask. Prefill chunks are attended one sequence at a time with an explicit mask, causal within
+the chunk.
 """
 
 from collections.abc import Sequence
@@ -23,8 +24,8 @@ class DecodeGroup:
     token_rows: torch.Tensor
     # The blocks of each sequence's context, [B, max_blocks]; padded with block 0, masked out.
     block_tables: torch.Tensor
-    # True where a gathered position is inside the sequence's context, [B, 1, 1, max_blocks * bs].
-    key_mask: torch.Tensor
+    # True where a gathered position is past the sequence's context, [1, B, 1, max_blocks * bs].
+    padding_mask: torch.Tensor
 
 
 @dataclass
@@ -47,10 +48,14 @@ class TorchAttentionMetadata(AttentionMetadata):
 
 
 def _gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, bs, H_kv, D] cache, [B, n] tables -> [B, n * bs, H_kv, D] contiguous copy."""
-    # index_select over the flattened tables is several times faster than advanced indexing on CPU.
-    gathered = layer_cache.index_select(0, block_tables.flatten())
-    return gathered.view(block_tables.shape[0], -1, *layer_cache.shape[2:])
+    """[H_kv, num_blocks, bs, D] cache, [B, n] tables -> [H_kv, B, n * bs, D] contiguous copy."""
+    num_kv_heads, num_blocks, block_size, head_dim = layer_cache.shape
+    # One index_select over dim 0 of a [H_kv * num_blocks, bs, D] view: several times faster on
+    # CPU than selecting along dim 1 or advanced indexing.
+    head_offsets = torch.arange(num_kv_heads, device=block_tables.device)[:, None] * num_blocks
+    rows = (head_offsets + block_tables.flatten()[None, :]).flatten()
+    gathered = layer_cache.view(-1, block_size, head_dim).index_select(0, rows)
+    return gathered.view(num_kv_heads, block_tables.shape[0], -1, head_dim)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -101,7 +106,7 @@ class TorchAttentionBackend(AttentionBackend):
             decodes = DecodeGroup(
                 token_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
                 block_tables=torch.tensor(padded_tables, dtype=torch.long, device=device),
-                key_mask=(key_positions[None, :] < context_lens[:, None])[:, None, None, :],
+                padding_mask=(key_positions[None, :] >= context_lens[:, None])[None, :, None, :],
             )
         return TorchAttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
@@ -117,8 +122,10 @@ class TorchAttentionBackend(AttentionBackend):
         slot_mapping: torch.Tensor,
     ) -> None:
         num_kv_heads, head_dim = key.shape[1:]
-        cache.key.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-        cache.value.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+        cache.key.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, key.transpose(0, 1))
+        cache.value.view(num_kv_heads, -1, head_dim).index_copy_(
+            1, slot_mapping, value.transpose(0, 1)
+        )
 
     def attend(
         self,
@@ -129,26 +136,32 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         assert isinstance(metadata, TorchAttentionMetadata)
         num_heads, head_dim = query.shape[1:]
-        num_kv_heads = cache.key.shape[2]
+        num_kv_heads = cache.key.shape[0]
         output = torch.empty_like(query)
 
         decodes = metadata.decodes
         if decodes is not None:
             batch = decodes.token_rows.shape[0]
             # The query heads that share a KV head (grouped-query attention) stand in for the query
-            # positions of a one-token decode, so one call covers every head without repeating K/V.
-            grouped_query = query[decodes.token_rows].view(batch, num_kv_heads, -1, head_dim)
-            keys = _gather_blocks(cache.key, decodes.block_tables).transpose(1, 2)
-            values = _gather_blocks(cache.value, decodes.block_tables).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                grouped_query, keys, values, attn_mask=decodes.key_mask, scale=scale
+            # positions of a one-token decode, so one matmul covers every head without repeating
+            # K/V: [H_kv, B, group, D] against [H_kv, B, context, D].
+            grouped_query = (
+                query[decodes.token_rows].view(batch, num_kv_heads, -1, head_dim).transpose(0, 1)
             )
+            keys = _gather_blocks(cache.key, decodes.block_tables)
+            values = _gather_blocks(cache.value, decodes.block_tables)
+            # Plain matmuls beat scaled_dot_product_attention on CPU for one-token queries (it
+            # is built for long queries); the softmax runs in float32.
+            scores = torch.matmul(grouped_query, keys.transpose(-1, -2)).float() * scale
+            scores.masked_fill_(decodes.padding_mask, float("-inf"))
+            probabilities = torch.softmax(scores, dim=-1).to(values.dtype)
+            attended = torch.matmul(probabilities, values).transpose(0, 1)
             output[decodes.token_rows] = attended.reshape(batch, num_heads, head_dim)
 
         for prefill in metadata.prefills:
             chunk_query = query[prefill.token_start : prefill.token_end].transpose(0, 1)[None]
-            keys = _gather_blocks(cache.key, prefill.block_table[None]).transpose(1, 2)
-            values = _gather_blocks(cache.value, prefill.block_table[None]).transpose(1, 2)
+            keys = _gather_blocks(cache.key, prefill.block_table[None]).transpose(0, 1)
+            values = _gather_blocks(cache.value, prefill.block_table[None]).transpose(0, 1)
             attended = F.scaled_dot_product_attention(
                 chunk_query, keys, values, attn_mask=prefill.mask, scale=scale, enable_gqa=True
             )
