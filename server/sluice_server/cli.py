@@ -204,7 +204,6 @@ async def _serve_until_signal(servicer: "TextGenerationServicer", uds_path: str)
     await stop.wait()
     logger.info("shutting down")
     await server.stop(grace=SHUTDOWN_GRACE_S)
-    servicer.close()
     _remove_stale_socket(uds_path)
     logger.info("stopped")
 

@@ -98,7 +98,6 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
                 await stub.Health(pb.HealthRequest())
         finally:
             await server.stop(grace=None)
-            servicer.close()
 
     asyncio.run(scenario())
 

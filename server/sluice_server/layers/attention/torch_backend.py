@@ -142,21 +142,25 @@ class TorchAttentionBackend(AttentionBackend):
         decodes = metadata.decodes
         if decodes is not None:
             batch = decodes.token_rows.shape[0]
+            # A step of decodes only (the common case) needs no gather and scatter of rows.
+            decodes_only = not metadata.prefills
+            decode_query = query if decodes_only else query[decodes.token_rows]
             # The query heads that share a KV head (grouped-query attention) stand in for the query
             # positions of a one-token decode, so one matmul covers every head without repeating
             # K/V: [H_kv, B, group, D] against [H_kv, B, context, D].
-            grouped_query = (
-                query[decodes.token_rows].view(batch, num_kv_heads, -1, head_dim).transpose(0, 1)
-            )
+            grouped_query = (decode_query * scale).view(batch, num_kv_heads, -1, head_dim)
             keys = _gather_blocks(cache.key, decodes.block_tables)
             values = _gather_blocks(cache.value, decodes.block_tables)
             # Plain matmuls beat scaled_dot_product_attention on CPU for one-token queries (it
             # is built for long queries); the softmax runs in float32.
-            scores = torch.matmul(grouped_query, keys.transpose(-1, -2)).float() * scale
+            scores = torch.matmul(grouped_query.transpose(0, 1), keys.transpose(-1, -2)).float()
             scores.masked_fill_(decodes.padding_mask, float("-inf"))
             probabilities = torch.softmax(scores, dim=-1).to(values.dtype)
             attended = torch.matmul(probabilities, values).transpose(0, 1)
-            output[decodes.token_rows] = attended.reshape(batch, num_heads, head_dim)
+            attended = attended.reshape(batch, num_heads, head_dim)
+            if decodes_only:
+                return attended
+            output[decodes.token_rows] = attended
 
         for prefill in metadata.prefills:
             chunk_query = query[prefill.token_start : prefill.token_end].transpose(0, 1)[None]
