@@ -133,7 +133,8 @@ def test_serve_command_runs_until_sigterm(tmp_path: Path, tiny_llama) -> None:
     model_dir, _reference = tiny_llama
     socket_path = tmp_path / "shard.sock"
     process = run_cli(
-        "serve", str(model_dir), "--uds-path", str(socket_path), "--kv-cache-memory", "1MB"
+        "serve", str(model_dir), "--uds-path", str(socket_path), "--kv-cache-memory", "1MB",
+        "--dtype", "float32",
     )
     try:
         wait_until_healthy(process, socket_path)

@@ -56,13 +56,15 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int]
     The log-probability is taken from the distribution the token was chosen from: for greedy rows
     the model's (after any repetition penalty), for sampled rows the processed one.
     """
-    logits = logits.float().clone()  # Processed in place below.
+    logits = logits.float()
     penalties = [row.params.repetition_penalty for row in rows]
     if any(penalty != 1.0 for penalty in penalties):
+        logits = logits.clone()  # Penalised in place; the model's output stays as it was.
         _apply_repetition_penalty(logits, [row.token_ids for row in rows], penalties)
 
     token_ids = logits.argmax(dim=-1)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, token_ids[:, None])[:, 0]
+    # log p(token) = logit - logsumexp(logits): no [S, vocab] log-softmax is materialised.
+    logprobs = logits.gather(1, token_ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
     sampled = [index for index, row in enumerate(rows) if not row.params.is_greedy]
     if sampled:
