@@ -1,7 +1,7 @@
 # make install  : a virtual environment with the pinned dependencies and Sluice built into it
 # make run      : install, then serve the default model on port 3000
 # make test     : install, then every test (Rust, Python unit, end-to-end)
-# make bench    : the benchmark (see benchmark/README.md)
+# make bench    : the benchmark (see benchmark/README.md); BENCH_ARGS=--quick for a smoke test
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
@@ -44,4 +44,4 @@ lint:
 	cargo clippy --release --workspace -- -D warnings
 
 bench: install
-	$(PYTHON) benchmark/run_all.py
+	$(PYTHON) benchmark/run_all.py $(BENCH_ARGS)

@@ -65,6 +65,7 @@ class LevelResult:
     itl_p50_s: float
     itl_p95_s: float
     mean_output_tokens: float
+    first_error: str = ""  # the first failed request's error, to tell why `errors` is not 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -167,6 +168,7 @@ async def run_level(target: Target, prompts: list[str], concurrency: int) -> Lev
         itl_p50_s=percentile([x for r in good for x in r.itl_s], 50),
         itl_p95_s=percentile([x for r in good for x in r.itl_s], 95),
         mean_output_tokens=statistics.fmean([r.output_tokens for r in good]) if good else 0.0,
+        first_error=next((r.error for r in results if not r.ok), ""),
     )
 
 

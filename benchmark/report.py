@@ -1,0 +1,344 @@
+"""docs/performance.md and its plot, generated from run_all.py's results JSON only.
+
+Every number in the page comes from the results; the prose only names what was measured.
+
+    python benchmark/report.py benchmark/results/latest.json   # re-render without re-running
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+Results = dict[str, Any]
+SERVER_LABELS = {"sluice": "Sluice", "vllm": "vLLM"}
+CONTENTION_WARNING = 0.05  # above this share of the CPUs used by others, the numbers are suspect
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+def num(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else num(seconds * 1e3, 1)
+
+
+def gib(size: int | None) -> str:
+    return "n/a" if not size else f"{size / 2**30:.2f} GiB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- derived numbers -------------------------------------------------------------------------
+
+def levels(results: Results, server: str) -> list[dict[str, Any]]:
+    return results["servers"].get(server, {}).get("levels", [])
+
+
+def level_at(results: Results, server: str, concurrency: int) -> dict[str, Any] | None:
+    return next((lv for lv in levels(results, server) if lv["concurrency"] == concurrency), None)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def decode_gflop(results: Results, batch: int) -> float | None:
+    """≈ 2 FLOPs per weight per token: the step's matmuls, attention over the context left out."""
+    params = results.get("model", {}).get("decode_params")
+    return 2 * params * batch / 1e9 if params else None
+
+
+def matmul_peak(results: Results) -> float | None:
+    return ((results.get("machine") or {}).get("matmul") or {}).get("gflops")
+
+
+# --- sections --------------------------------------------------------------------------------
+
+def machine_section(results: Results) -> str:
+    m = results.get("machine") or {}
+    if "cpu_model" not in m:
+        return f"Machine description failed: {m.get('error', 'no data')}\n"
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["cpu_flags"].items())
+    peak = m.get("matmul") or {}
+    rows = [
+        ["CPU", m["cpu_model"]],
+        ["cores (usable by this run)", f"{m['logical_cpus']} ({m['usable_cpus']})"],
+        ["memory", f"{m['memory_gib']} GiB"],
+        ["CPU flags", flags],
+        ["torch (threads)", f"{m['torch']} ({m['torch_threads']})"],
+        ["vLLM (peer)", m["vllm"]],
+        ["bf16 matmul peak", f"{num(peak.get('gflops'))} GFLOP/s "
+                             f"({peak.get('size')}² `torch.matmul`, best of {peak.get('runs')})"
+         if peak else "not measured"],
+    ]
+    return table(["", ""], rows) + "\n"
+
+
+def results_section(results: Results) -> str:
+    rows = []
+    for server, label in SERVER_LABELS.items():
+        data = results["servers"].get(server, {})
+        if "error" in data or data.get("skipped"):
+            why = data.get("error", "skipped").splitlines()[0]
+            rows.append([label, "–", *["–"] * 8, f"not run: {why}"])
+            continue
+        for lv in data.get("levels", []):
+            rows.append([label, str(lv["concurrency"]), str(lv["requests"]),
+                         num(lv["output_tokens_per_s"]), num(lv["request_throughput"], 2),
+                         ms(lv["ttft_p50_s"]), ms(lv["ttft_p95_s"]), ms(lv["itl_p50_s"]),
+                         ms(lv["itl_p95_s"]), str(lv["errors"]),
+                         f"{gib(lv['peak_rss_bytes'])} (PSS {gib(lv['peak_pss_bytes'])})"])
+    header = ["server", "concurrency", "requests", "output tok/s", "req/s", "TTFT p50 ms",
+              "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "errors", "peak RSS (PSS)"]
+    return table(header, rows) + "\n"
+
+
+def ratio_section(results: Results) -> str:
+    rows = []
+    for lv in levels(results, "sluice"):
+        other = level_at(results, "vllm", lv["concurrency"])
+        theirs = other["output_tokens_per_s"] if other else None
+        r = ratio(lv["output_tokens_per_s"], theirs)
+        rows.append([str(lv["concurrency"]), num(lv["output_tokens_per_s"]), num(theirs),
+                     "n/a" if r is None else f"{r:.2f}×"])
+    if not rows:
+        return "No Sluice results.\n"
+    return table(["concurrency", "Sluice tok/s", "vLLM tok/s", "Sluice / vLLM"], rows) + "\n"
+
+
+def baseline_section(results: Results) -> str:
+    base = results.get("baseline") or {}
+    if "modes" not in base:
+        return f"Not run: {base.get('error', base.get('skipped', 'no data'))}\n"
+    rows = []
+    for mode in base["modes"]:
+        ours = level_at(results, "sluice", mode["batch"])
+        r = ratio(ours["output_tokens_per_s"] if ours else None, mode["output_tokens_per_s"])
+        rows.append([mode["mode"].replace("_", " "), str(mode["batch"]), str(mode["requests"]),
+                     num(mode["output_tokens_per_s"]),
+                     "n/a" if r is None else f"{r:.1f}×"])
+    intro = (f"`transformers` `generate`, greedy, {base['new_tokens']} new tokens with EOS "
+             f"ignored, {base['dtype']}, {base['threads']} threads, the same prompts; a static "
+             "batch is left-padded and decodes as one.\n\n")
+    header = ["mode", "batch", "requests", "output tok/s", "Sluice at that concurrency ÷ this"]
+    return intro + table(header, rows) + "\n"
+
+
+def compute_section(results: Results) -> str:
+    prof = results.get("profile_step") or {}
+    peak = matmul_peak(results)
+    model = results.get("model") or {}
+    if "step_ms" not in prof or not peak or not model.get("decode_params"):
+        return "Not available (profile_step, the matmul peak or the parameter count is missing).\n"
+    batch = prof["batch"]
+    flop = decode_gflop(results, batch)
+    rows = []
+    for what, step_ms in (("whole engine step", prof["step_ms"]),
+                          ("model forward only", prof["forward_ms"])):
+        achieved = flop / (step_ms / 1e3)
+        rows.append([what, num(step_ms, 2), num(achieved), f"{100 * achieved / peak:.1f} %"])
+    intro = (f"A decode step of batch {batch} costs ≈ 2 × {model['decode_params'] / 1e6:.1f} M "
+             f"weights × {batch} = {flop:.2f} GFLOP (parameters without the embedding table, "
+             f"the {'tied ' if model.get('tied_embeddings') else ''}LM head counted once; "
+             "attention over the context is left out). Against the bf16 matmul peak of "
+             f"{num(peak)} GFLOP/s, measured with `benchmark/profile_step.py` "
+             "(the shard's engine, no gRPC, no router):\n\n")
+    return intro + table(["", "ms", "GFLOP/s", "of peak"], rows) + "\n"
+
+
+def breakdown_section(results: Results) -> str:
+    prof = results.get("profile_step") or {}
+    lines = []
+    if "step_ms" in prof:
+        lines.append(f"Engine only (`profile_step.py`, batch {prof['batch']}, decode steps, "
+                     f"median): step {num(prof['step_ms'], 2)} ms, of which forward "
+                     f"{num(prof['forward_ms'], 2)} ms and outside the forward "
+                     f"{num(prof['outside_forward_ms'], 2)} ms.\n")
+    rows = []
+    for lv in levels(results, "sluice"):
+        s = lv.get("step_means") or {}
+        rows.append([str(lv["concurrency"]), ms(s.get("shard_forward_s")),
+                     ms(s.get("shard_step_s")), ms(s.get("router_step_s")), ms(lv["itl_p50_s"]),
+                     num(s.get("decode_tokens_per_step")), str(s.get("steps", "n/a"))])
+    if rows:
+        lines.append("Under load, means over each level's steps from Sluice's `/metrics` "
+                     "(prefill chunks included), next to the inter-token latency the client "
+                     "saw:\n")
+        header = ["concurrency", "shard forward ms", "shard step ms", "router round trip ms",
+                  "client ITL p50 ms", "decode tokens / step", "steps"]
+        lines.append(table(header, rows) + "\n")
+    return "\n".join(lines) if lines else "Not available.\n"
+
+
+def foreign_cpu(results: Results) -> list[tuple[str, float]]:
+    """(part, share of the CPUs other processes used meanwhile) for every measured part."""
+    parts = [(f"{SERVER_LABELS[server]} c={lv['concurrency']}", lv["foreign_cpu_share"])
+             for server in SERVER_LABELS for lv in levels(results, server)
+             if "foreign_cpu_share" in lv]
+    for key in ("machine", "baseline", "profile_step"):
+        share = (results.get(key) or {}).get("foreign_cpu_share")
+        if share is not None:
+            parts.append((key, share))
+    return parts
+
+
+def contention(results: Results) -> str:
+    parts = foreign_cpu(results)
+    if not parts:
+        return ""
+    worst = max(parts, key=lambda p: p[1])
+    text = (f"Processes outside the benchmark used at most {worst[1]:.0%} of the CPUs during any "
+            f"measured part ({worst[0]}).")
+    if worst[1] > CONTENTION_WARNING:
+        text = f"**Warning: the machine was not idle.** {text} Those numbers are low; rerun."
+    return text
+
+
+def commands(results: Results) -> str:
+    """How each server was started, with this run's paths and ports."""
+    lines = []
+    for server, label in SERVER_LABELS.items():
+        data = results["servers"].get(server, {})
+        if "argv" in data:
+            argv = [Path(a).name if i == 0 else a for i, a in enumerate(data["argv"])]
+            lines.append(f"- {label} (healthy after {num(data['startup_s'], 0)} s): "
+                         f"`{' '.join(argv)}`")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def summary(results: Results) -> str:
+    """One factual sentence per comparison, from the numbers."""
+    out = []
+    top = max(levels(results, "sluice"), key=lambda lv: lv["concurrency"], default=None)
+    if top:
+        other = level_at(results, "vllm", top["concurrency"])
+        text = (f"At concurrency {top['concurrency']} Sluice produced "
+                f"{num(top['output_tokens_per_s'])} output tokens/s")
+        if other:
+            r = ratio(top["output_tokens_per_s"], other["output_tokens_per_s"])
+            text += f", vLLM {num(other['output_tokens_per_s'])} (Sluice/vLLM {r:.2f}×)"
+        out.append(text + ".")
+    out.append(contention(results))
+    errors = results.get("errors") or []
+    if errors:
+        out.append(f"{len(errors)} part(s) of the run failed: " + "; ".join(
+            e.splitlines()[0] for e in errors) + ".")
+    return " ".join(x for x in out if x)
+
+
+def render(results: Results, plot_link: str) -> str:
+    s = results["settings"]
+    quick = ("\n> **Quick smoke run** (`--quick`): tiny request counts and "
+             f"{s['output_tokens']} output tokens; not representative.\n" if results["quick"]
+             else "")
+    return f"""# Performance
+{quick}
+Sluice against vLLM's CPU build on the same machine, model and prompts, one server at a time,
+plus a naive `transformers` baseline. Generated by `benchmark/run_all.py` on
+{results['generated_at']} from `{results['results_file']}`; every number below is measured.
+
+Model: `{Path(results['model'].get('path', '?')).name}`, bfloat16. Each request: a prompt of
+{s['prompt_tokens']} tokens, {s['output_tokens']} output tokens with EOS ignored, streamed; each
+concurrency level sends max({s['requests_factor']} × concurrency, {s['min_requests']}) requests
+after {s['warmup']} warm-up requests. {summary(results)}
+
+Rerun: `{results['command']}`
+
+{commands(results)}
+## Machine
+
+{machine_section(results)}
+## Results
+
+{results_section(results)}
+Peak RSS is sampled every {s['memory_period_s']} s during each level and summed over the
+server's whole process tree (RSS counts shared pages once per process; PSS splits them).
+
+![output tokens/s and TTFT p95 vs concurrency]({plot_link})
+
+## Sluice / vLLM
+
+{ratio_section(results)}
+## Naive baseline
+
+{baseline_section(results)}
+## Compute efficiency
+
+{compute_section(results)}
+## Where a step's time goes
+
+{breakdown_section(results)}"""
+
+
+# --- plot ------------------------------------------------------------------------------------
+
+def plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server
+    import matplotlib.pyplot as plt
+
+    fig, (tps, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs: set[int] = set()
+    for server, label in SERVER_LABELS.items():
+        lvs = levels(results, server)
+        if not lvs:
+            continue
+        x = [lv["concurrency"] for lv in lvs]
+        xs.update(x)
+        tps.plot(x, [lv["output_tokens_per_s"] for lv in lvs], marker="o", label=label)
+        ttft.plot(x, [lv["ttft_p95_s"] * 1e3 for lv in lvs], marker="o", label=label)
+    modes = (results.get("baseline") or {}).get("modes", [])
+    if modes:
+        x = [m["batch"] for m in modes]
+        xs.update(x)
+        tps.plot(x, [m["output_tokens_per_s"] for m in modes], marker="s", linestyle="--",
+                 label="transformers (sequential / static batch)")
+    for ax, title, ylabel in ((tps, "Output throughput", "output tokens/s"),
+                              (ttft, "Time to first token, p95", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
+        ax.set_xlabel("concurrency (batch for the baseline)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    if results["quick"]:
+        fig.suptitle("quick smoke run (--quick): not representative")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: Results, doc: Path, png: Path) -> None:
+    plot(results, png)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(render(results, os.path.relpath(png, doc.parent)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--doc", type=Path, default=Path("docs/performance.md"))
+    parser.add_argument("--plot", type=Path, default=Path("docs/performance.png"))
+    args = parser.parse_args()
+    write(json.loads(args.results.read_text()), args.doc, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Starting, watching and stopping the servers under test, for run_all.py.
+
+Every server runs in its own session (process group), so that stopping it reaches every
+process it spawned; its memory is the sum over its whole process tree, read from /proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAGE_KIB = 1024
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str]
+    log: Path
+    startup_timeout_s: float
+    # Sluice's launcher stops its children in order on SIGTERM; vLLM's tree is stopped as a group.
+    term_group: bool
+    stop_grace_s: float = 60.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    rss_bytes: int
+    pss_bytes: int
+    processes: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process visible in /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited since the listing
+        # The command name may contain spaces and parentheses; the fields after it do not.
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def tree_pids(root: int) -> list[int]:
+    children, pids, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+def _kib_field(path: Path, name: str) -> int:
+    try:
+        match = re.search(rf"^{name}:\s+(\d+) kB", path.read_text(), re.MULTILINE)
+    except OSError:
+        return 0
+    return int(match.group(1)) if match else 0
+
+
+def tree_memory(root: int) -> MemorySample:
+    """RSS and PSS summed over `root` and its descendants.
+
+    RSS counts pages shared between the processes (torch's libraries, forked workers) once per
+    process; PSS splits them, so the PSS sum is the tree's real footprint."""
+    pids = tree_pids(root)
+    rss = sum(_kib_field(Path(f"/proc/{pid}/status"), "VmRSS") for pid in pids)
+    pss = sum(_kib_field(Path(f"/proc/{pid}/smaps_rollup"), "Pss") for pid in pids)
+    return MemorySample(rss * PAGE_KIB, pss * PAGE_KIB, len(pids))
+
+
+def _busy_jiffies() -> int:
+    """CPU time spent by the whole machine (all but idle and iowait), in clock ticks."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+def _tree_jiffies(root: int) -> int:
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        # utime, stime, and those of its children that exited and were waited for
+        total += sum(int(x) for x in fields[11:15])
+    return total
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    """A point in time to measure, later, how busy processes outside a tree kept the CPUs."""
+
+    root: int
+    wall: float
+    busy: int
+    ours: int
+
+    @staticmethod
+    def now(root: int) -> CpuMark:
+        return CpuMark(root, time.monotonic(), _busy_jiffies(), _tree_jiffies(root))
+
+    def foreign_share(self) -> float:
+        """The share of all CPUs used since this mark by processes outside the tree, 0..1."""
+        end = CpuMark.now(self.root)
+        capacity = (end.wall - self.wall) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        foreign = (end.busy - self.busy) - (end.ours - self.ours)
+        return max(0.0, foreign / capacity) if capacity > 0 else 0.0
+
+
+@dataclass
+class MemorySampler:
+    """Samples a process tree's memory every `period_s` in a thread and keeps the peak."""
+
+    root: int
+    period_s: float = 0.5
+    _peak: MemorySample = field(default_factory=lambda: MemorySample(0, 0, 0))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run_until(self, stop: threading.Event) -> None:
+        while not stop.wait(self.period_s):
+            self._record(tree_memory(self.root))
+
+    def _record(self, sample: MemorySample) -> None:
+        with self._lock:
+            self._peak = MemorySample(max(self._peak.rss_bytes, sample.rss_bytes),
+                                      max(self._peak.pss_bytes, sample.pss_bytes),
+                                      max(self._peak.processes, sample.processes))
+
+    def take_peak(self) -> MemorySample:
+        """The peak since the last call (one last sample included), and starts a new window."""
+        self._record(tree_memory(self.root))
+        with self._lock:
+            peak, self._peak = self._peak, MemorySample(0, 0, 0)
+        return peak
+
+
+@contextlib.contextmanager
+def sampling(root: int, period_s: float) -> Iterator[MemorySampler]:
+    """A MemorySampler running in a daemon thread for the duration of the block."""
+    sampler, stop = MemorySampler(root, period_s), threading.Event()
+    thread = threading.Thread(target=sampler.run_until, args=(stop,), name="memory-sampler",
+                              daemon=True)
+    thread.start()
+    try:
+        yield sampler
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_healthy(spec: ServerSpec, process: subprocess.Popen) -> float:
+    """Seconds until GET /health answers 200; raises if the server exits or the time runs out."""
+    start = time.monotonic()
+    while time.monotonic() - start < spec.startup_timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"{spec.name} exited with {process.returncode} before it was "
+                               f"healthy (log: {spec.log}); its end:\n{log_tail(spec.log)}")
+        if http_get(f"{spec.url}/health", timeout_s=5)[0] == 200:
+            return time.monotonic() - start
+        time.sleep(1.0)
+    raise TimeoutError(f"{spec.name} not healthy after {spec.startup_timeout_s:.0f} s "
+                       f"(log: {spec.log}); its end:\n{log_tail(spec.log)}")
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (field 22 of its stat), to tell it from a later one with its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def tree_snapshot(root: int) -> dict[int, str]:
+    """pid -> start time for `root`'s tree, to kill exactly these processes later."""
+    return {pid: _start_time(pid) for pid in tree_pids(root)}
+
+
+def stop(spec: ServerSpec, process: subprocess.Popen, known: dict[int, str]) -> None:
+    """SIGTERM, then SIGKILL after the grace period to the group and to every process of the
+    tree, as it is now or was when `known` was taken (the launcher gives its children their own
+    process groups, and a child whose parent died leaves the tree); never raises."""
+    pgid = process.pid  # start_new_session=True makes the leader's pid the group id
+    stragglers = known | (tree_snapshot(process.pid) if process.poll() is None else {})
+    if spec.term_group:
+        _signal_group(pgid, signal.SIGTERM)
+    elif process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=spec.stop_grace_s)
+    _signal_group(pgid, signal.SIGKILL)
+    for pid, started in stragglers.items():
+        if started and _start_time(pid) == started:  # still that process, not a reused pid
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class Running:
+    spec: ServerSpec
+    process: subprocess.Popen
+    startup_s: float
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec) -> Iterator[Running]:
+    """Starts the server, waits for /health, and stops it on the way out, errors included."""
+    spec.log.parent.mkdir(parents=True, exist_ok=True)
+    with spec.log.open("w") as log:
+        process = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=spec.env,
+                                   start_new_session=True)
+    known: dict[int, str] = {}
+    try:
+        startup_s = wait_healthy(spec, process)
+        known = tree_snapshot(process.pid)
+        yield Running(spec, process, startup_s)
+    finally:
+        stop(spec, process, known)
