@@ -152,10 +152,10 @@ class TorchAttentionBackend(AttentionBackend):
             keys = _gather_blocks(cache.key, decodes.block_tables)
             values = _gather_blocks(cache.value, decodes.block_tables)
             # Plain matmuls beat scaled_dot_product_attention on CPU for one-token queries (it
-            # is built for long queries); the softmax runs in float32.
-            scores = torch.matmul(grouped_query.transpose(0, 1), keys.transpose(-1, -2)).float()
+            # is built for long queries). The softmax accumulates in float32 internally.
+            scores = torch.matmul(grouped_query.transpose(0, 1), keys.transpose(-1, -2))
             scores.masked_fill_(decodes.padding_mask, float("-inf"))
-            probabilities = torch.softmax(scores, dim=-1).to(values.dtype)
+            probabilities = torch.softmax(scores, dim=-1)
             attended = torch.matmul(probabilities, values).transpose(0, 1)
             attended = attended.reshape(batch, num_heads, head_dim)
             if decodes_only:
