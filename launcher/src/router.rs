@@ -147,16 +147,34 @@ mod tests {
                 "128",
                 "--max-batch-prefill-tokens",
                 "1074",
+                "--prefix-caching",
+                "true",
             ]
         );
     }
 
     #[test]
     fn router_command_with_optional_flags() {
-        let argv = argv(&["--max-batch-size", "32", "--json-output"]);
+        let argv = argv(&[
+            "--max-batch-size",
+            "32",
+            "--max-batch-total-tokens",
+            "4096",
+            "--prefix-caching",
+            "false",
+            "--json-output",
+        ]);
         assert_eq!(
-            argv[argv.len() - 3..],
-            ["--max-batch-size", "32", "--json-output"]
+            argv[argv.len() - 7..],
+            [
+                "--prefix-caching",
+                "false",
+                "--max-batch-total-tokens",
+                "4096",
+                "--max-batch-size",
+                "32",
+                "--json-output"
+            ]
         );
     }
 }
