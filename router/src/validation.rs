@@ -56,7 +56,6 @@ pub struct ValidRequest {
     pub max_new_tokens: u32,
     pub ignore_eos: bool,
     pub stop_sequences: Vec<String>,
-    pub seed: Option<u64>,
 }
 
 pub struct Validator {
@@ -114,7 +113,6 @@ impl Validator {
             max_new_tokens,
             ignore_eos: params.ignore_eos,
             stop_sequences,
-            seed: params.seed,
         })
     }
 

@@ -135,7 +135,6 @@ fn request(prompt: Vec<u32>, max_new_tokens: u32) -> ValidRequest {
         max_new_tokens,
         ignore_eos: false,
         stop_sequences: Vec::new(),
-        seed: None,
     }
 }
 
