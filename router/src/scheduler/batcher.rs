@@ -2,7 +2,7 @@
 //! join the batch at the next step; finished and cancelled requests leave it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -11,6 +11,9 @@ use super::metrics::{record_occupancy, record_shard_timing, record_step, StepSta
 use super::step_builder::SchedulerState;
 use super::{SchedulerConfig, SchedulerError, SchedulerHandle, Shard, ShardFinish, TokenEvent};
 use crate::pb;
+
+/// How long an idle scheduler waits after the first arrival before building a step.
+const BURST_WINDOW: Duration = Duration::from_millis(2);
 
 /// Starts the scheduler task and returns the handle to submit requests with.
 pub fn spawn_scheduler<S: Shard>(shard: Arc<S>, config: SchedulerConfig) -> SchedulerHandle {
@@ -37,6 +40,10 @@ async fn run<S: Shard>(
                 Some(submission) => admit(&mut state, submission),
                 None => return,
             }
+            // Requests sent together reach the router a little apart (each is parsed and
+            // tokenized first); waiting briefly lets a burst share one prefill step instead of
+            // the late ones waiting a whole step for the next.
+            tokio::time::sleep(BURST_WINDOW).await;
         }
         while let Ok(submission) = inbox.try_recv() {
             admit(&mut state, submission);

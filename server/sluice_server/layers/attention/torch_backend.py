@@ -37,8 +37,10 @@ class PrefillGroup:
     # The blocks of the sequence's context, [num_blocks].
     block_table: torch.Tensor
     # [query_len, num_blocks * bs]: a new token sees the cached prefix and the new tokens up to
-    # itself, and nothing past the context.
-    mask: torch.Tensor
+    # itself, and nothing past the context. None for a chunk that starts the sequence: then
+    # plain causal attention is exact (the padding past the context lies past every query) and
+    # lets the kernel skip the masked half.
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -85,14 +87,19 @@ class TorchAttentionBackend(AttentionBackend):
                 decode_tables.append(table)
                 decode_context_lens.append(chunk.context_len)
             else:
-                query_positions = torch.arange(chunk.cache_len, chunk.context_len, device=device)
-                key_positions = torch.arange(blocks_needed * block_size, device=device)
+                mask = None
+                if chunk.cache_len > 0:
+                    query_positions = torch.arange(
+                        chunk.cache_len, chunk.context_len, device=device
+                    )
+                    key_positions = torch.arange(blocks_needed * block_size, device=device)
+                    mask = key_positions[None, :] <= query_positions[:, None]
                 prefills.append(
                     PrefillGroup(
                         token_start=row,
                         token_end=row + chunk.query_len,
                         block_table=torch.tensor(table, dtype=torch.long, device=device),
-                        mask=key_positions[None, :] <= query_positions[:, None],
+                        mask=mask,
                     )
                 )
             row += chunk.query_len
@@ -167,7 +174,13 @@ class TorchAttentionBackend(AttentionBackend):
             keys = _gather_blocks(cache.key, prefill.block_table[None]).transpose(0, 1)
             values = _gather_blocks(cache.value, prefill.block_table[None]).transpose(0, 1)
             attended = F.scaled_dot_product_attention(
-                chunk_query, keys, values, attn_mask=prefill.mask, scale=scale, enable_gqa=True
+                chunk_query,
+                keys,
+                values,
+                attn_mask=prefill.mask,
+                is_causal=prefill.mask is None,
+                scale=scale,
+                enable_gqa=True,
             )
             output[prefill.token_start : prefill.token_end] = attended[0].transpose(0, 1)
         return output
