@@ -51,15 +51,7 @@ def models(request: pytest.FixtureRequest, save_tiny_model) -> tuple[LoadedModel
 
 
 def _fresh_cache(loaded: LoadedModel) -> list[LayerKVCache]:
-    config = loaded.config
-    spec = KVCacheSpec(
-        config.num_layers,
-        BLOCK_SIZE,
-        config.num_kv_heads,
-        config.head_dim,
-        torch.float32,
-        torch.device("cpu"),
-    )
+    spec = KVCacheSpec.for_model(loaded, BLOCK_SIZE)
     return spec.allocate(NUM_BLOCKS)
 
 

@@ -18,15 +18,7 @@ PROMPTS = [[5, 17, 99, 42, 8], [120, 3, 64, 77, 31, 90, 12, 50, 6]]
 
 
 def make_executor(loaded: LoadedModel, num_blocks: int = NUM_BLOCKS) -> StepExecutor:
-    config = loaded.config
-    spec = KVCacheSpec(
-        config.num_layers,
-        BLOCK_SIZE,
-        config.num_kv_heads,
-        config.head_dim,
-        loaded.dtype,
-        loaded.device,
-    )
+    spec = KVCacheSpec.for_model(loaded, BLOCK_SIZE)
     executor = StepExecutor(
         loaded, TorchAttentionBackend(), BLOCK_SIZE, num_blocks * spec.bytes_per_block
     )
@@ -322,15 +314,7 @@ def test_step_before_warmup_is_refused(tiny_loaded) -> None:
 
 
 def test_warmup_says_how_many_tokens_fit(tiny_loaded) -> None:
-    config = tiny_loaded.config
-    spec = KVCacheSpec(
-        config.num_layers,
-        BLOCK_SIZE,
-        config.num_kv_heads,
-        config.head_dim,
-        torch.float32,
-        torch.device("cpu"),
-    )
+    spec = KVCacheSpec.for_model(tiny_loaded, BLOCK_SIZE)
     executor = StepExecutor(
         tiny_loaded, TorchAttentionBackend(), BLOCK_SIZE, 3 * spec.bytes_per_block
     )

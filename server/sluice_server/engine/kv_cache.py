@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..layers.attention import LayerKVCache
+from ..models.loader import LoadedModel
 
 # Without --kv-cache-memory: on CPU take this share of the memory the system reports available...
 HOST_MEMORY_FRACTION = 0.25
@@ -22,6 +23,19 @@ class KVCacheSpec:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel, block_size: int) -> "KVCacheSpec":
+        """The cache a loaded model needs, in the model's dtype and on its device."""
+        config = loaded.config
+        return cls(
+            num_layers=config.num_layers,
+            block_size=block_size,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
 
     @property
     def bytes_per_block(self) -> int:

@@ -108,15 +108,7 @@ class StepExecutor:
         self.block_size = block_size
         # None: size the cache from the memory available at warmup.
         self.kv_cache_bytes = kv_cache_bytes
-        config = loaded.config
-        self.cache_spec = KVCacheSpec(
-            num_layers=config.num_layers,
-            block_size=block_size,
-            num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            dtype=loaded.dtype,
-            device=loaded.device,
-        )
+        self.cache_spec = KVCacheSpec.for_model(loaded, block_size)
         self.requests: dict[int, Request] = {}
         self.kv_cache: list[LayerKVCache] | None = None
 
