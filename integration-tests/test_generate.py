@@ -120,3 +120,10 @@ def test_info_and_health(server: SluiceServer) -> None:
     assert info["max_input_tokens"] == 256
     assert info["max_total_tokens"] == 512
     assert info["max_batch_total_tokens"] >= 512
+
+
+def test_return_full_text_prepends_the_prompt(server: SluiceServer, chat_prompt) -> None:
+    prompt = chat_prompt("What is the capital of France?")
+    plain = generate(server, prompt, max_new_tokens=8)["generated_text"]
+    full = generate(server, prompt, max_new_tokens=8, return_full_text=True)["generated_text"]
+    assert full == prompt + plain

@@ -57,6 +57,14 @@ fn parse(body: Result<Json<GenerateRequest>, JsonRejection>) -> Result<GenerateR
         .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
+/// The generated text, after the prompt when `return_full_text` asked for it.
+fn full_text(prefix: Option<&str>, generated: String) -> String {
+    match prefix {
+        Some(prefix) => format!("{prefix}{generated}"),
+        None => generated,
+    }
+}
+
 fn reported_seed(valid: &ValidRequest) -> Option<u64> {
     valid.sampling.do_sample.then_some(valid.sampling.seed)
 }
@@ -105,10 +113,7 @@ async fn generate_response(
         let item = item?;
         tokens.push(item.token);
         if let Some(end) = item.end {
-            let generated_text = match prefix {
-                Some(prefix) => prefix + &end.generated_text,
-                None => end.generated_text,
-            };
+            let generated_text = full_text(prefix.as_deref(), end.generated_text);
             let details = want_details.then(|| Details {
                 finish_reason: end.finish_reason,
                 generated_tokens: end.generated_tokens,
@@ -145,10 +150,7 @@ async fn stream_response(
                 Ok(item) => {
                     let (generated_text, details) = match item.end {
                         Some(end) => {
-                            let text = match &prefix {
-                                Some(prefix) => format!("{prefix}{}", end.generated_text),
-                                None => end.generated_text,
-                            };
+                            let text = full_text(prefix.as_deref(), end.generated_text);
                             let details = StreamDetails {
                                 finish_reason: end.finish_reason,
                                 generated_tokens: end.generated_tokens,
