@@ -18,6 +18,7 @@ $(DEPS_STAMP): requirements/runtime.txt requirements/dev.txt requirements/no-dep
 
 install: $(DEPS_STAMP)
 	$(PIP) install -q --no-deps --no-build-isolation .
+	$(VENV)/bin/sluice-server build-kernels
 
 run: install
 	$(VENV)/bin/sluice-launcher

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
 from sluice_server.engine.step import StepExecutor  # noqa: E402
-from sluice_server.layers.attention import TorchAttentionBackend  # noqa: E402
+from sluice_server.kernels import select_kernels  # noqa: E402
 from sluice_server.models.loader import load_model  # noqa: E402
 from sluice_server.pb import generate_pb2 as pb  # noqa: E402
 
@@ -65,13 +65,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--kernels", choices=["auto", "compiled", "reference"], default="auto")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace here")
     args = parser.parse_args()
 
-    backend = TorchAttentionBackend()
-    loaded = load_model(args.model.expanduser(), getattr(torch, args.dtype), torch.device("cpu"),
-                        backend)
-    executor = StepExecutor(loaded, backend, BLOCK_SIZE, None)
+    device = torch.device("cpu")
+    kernels = select_kernels(args.kernels, device, Path.home() / ".cache" / "sluice" / "kernels")
+    loaded = load_model(args.model.expanduser(), getattr(torch, args.dtype), device, kernels)
+    executor = StepExecutor(loaded, BLOCK_SIZE, None)
     max_new = 2 * args.steps + 8
     blocks_each = -(-(args.prompt_tokens + max_new) // BLOCK_SIZE)
     executor.warmup(args.prompt_tokens, args.batch, args.prompt_tokens + max_new)
@@ -92,6 +93,7 @@ def main() -> None:
     print(json.dumps({
         "batch": args.batch,
         "dtype": args.dtype,
+        "kernels": type(kernels.attention).__name__,
         "threads": torch.get_num_threads(),
         "step_ms": round(total_ms, 2),
         "forward_ms": round(forward_ms, 2),

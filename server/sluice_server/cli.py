@@ -1,4 +1,5 @@
-"""The `sluice-server` command: serve a model, convert a GGUF file, find the default model's GGUF.
+"""The `sluice-server` command: serve a model, build the CPU kernels, convert a GGUF file, find
+the default model's GGUF.
 
 Heavy modules (torch, grpc, transformers) are imported inside the subcommands that need them, so
 `sluice-server default-model-gguf` answers at once.
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="auto: float32 on CPU, bfloat16 on CUDA",
+        help="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), "
+        "float32 on other CPUs",
     )
     serve.add_argument(
         "--device",
@@ -87,7 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--block-size", type=_positive_int, default=16, help="tokens per KV cache block"
     )
+    serve.add_argument(
+        "--kernels",
+        choices=["auto", "compiled", "reference"],
+        default="auto",
+        help="auto: Sluice's compiled C++ kernels on CPU (built on first use), PyTorch's "
+        "operators elsewhere or if they cannot be built; compiled: fail rather than fall back",
+    )
+    _add_kernel_cache_argument(serve)
     serve.set_defaults(handler=_serve)
+
+    build_kernels = commands.add_parser(
+        "build-kernels", help="compile the CPU kernels for this machine ahead of the first serve"
+    )
+    _add_kernel_cache_argument(build_kernels)
+    build_kernels.set_defaults(handler=_build_kernels)
 
     convert = commands.add_parser(
         "convert-gguf", help="convert a GGUF file into a safetensors model directory"
@@ -101,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     default_model.set_defaults(handler=_default_model_gguf)
     return parser
+
+
+def _add_kernel_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kernel-cache-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "sluice" / "kernels",
+        help="where compiled kernels are built and cached",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,11 +163,22 @@ def _convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_kernels(args: argparse.Namespace) -> int:
+    from .kernels import KernelBuildError, load_cpu_kernels
+
+    try:
+        module = load_cpu_kernels(args.kernel_cache_dir)
+    except KernelBuildError as error:
+        return _fail(str(error))
+    print(module.__file__)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import torch
 
     from .engine.step import StepExecutor
-    from .layers.attention import TorchAttentionBackend
+    from .kernels import KernelBuildError, select_kernels
     from .models.loader import ModelLoadError, load_model
     from .service import TextGenerationServicer
 
@@ -167,9 +203,13 @@ def _serve(args: argparse.Namespace) -> int:
     dtype: torch.dtype = getattr(torch, dtype_name)
 
     logger.info("loading %s on %s in %s", args.model_dir, device, dtype_name)
-    backend = TorchAttentionBackend()
     try:
-        loaded = load_model(args.model_dir, dtype, device, backend)
+        kernels = select_kernels(args.kernels, device, args.kernel_cache_dir)
+    except KernelBuildError as error:
+        return _fail(str(error))
+    logger.info("kernels: %s", type(kernels.attention).__name__)
+    try:
+        loaded = load_model(args.model_dir, dtype, device, kernels)
     except ModelLoadError as error:
         return _fail(str(error))
     logger.info(
@@ -179,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
         loaded.config.vocab_size,
         list(loaded.eos_token_ids),
     )
-    executor = StepExecutor(loaded, backend, args.block_size, args.kv_cache_memory)
+    executor = StepExecutor(loaded, args.block_size, args.kv_cache_memory)
     servicer = TextGenerationServicer(executor, world_size=world_size)
     # grpc wants an absolute path after unix://
     uds_path = os.path.abspath(args.uds_path)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from sluice_server.layers.attention import TorchAttentionBackend
+from sluice_server.kernels import Kernels
 from sluice_server.models.loader import LoadedModel, load_model
 
 TINY_CONFIG: dict[str, Any] = {
@@ -57,4 +57,10 @@ def tiny_llama(save_tiny_model: SaveTinyModel) -> tuple[Path, torch.nn.Module]:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_llama: tuple[Path, torch.nn.Module]) -> LoadedModel:
-    return load_model(tiny_llama[0], torch.float32, torch.device("cpu"), TorchAttentionBackend())
+    return load_model(tiny_llama[0], torch.float32, torch.device("cpu"), Kernels.reference())
+
+
+@pytest.fixture(scope="session")
+def compiled_kernels() -> Kernels:
+    """The C++ CPU kernels, built into the same cache `sluice-server build-kernels` uses."""
+    return Kernels.compiled_cpu(Path.home() / ".cache" / "sluice" / "kernels")

@@ -8,7 +8,7 @@ import torch
 from sluice_server.cli import main
 from sluice_server.engine.step import StepExecutor
 from sluice_server.gguf_files import DEFAULT_GGUF_NAME, default_gguf_path
-from sluice_server.layers.attention import TorchAttentionBackend
+from sluice_server.kernels import Kernels
 from sluice_server.models.loader import load_model
 from sluice_server.pb import generate_pb2 as pb
 
@@ -48,7 +48,10 @@ def test_conversion_refuses_to_overwrite(
     assert "already exists" in capsys.readouterr().err
 
 
-def test_greedy_answer_knows_the_capital_of_france(converted_dir: Path) -> None:
+@pytest.mark.parametrize("kernel_choice", ["reference", "compiled"])
+def test_greedy_answer_knows_the_capital_of_france(
+    converted_dir: Path, kernel_choice: str, request: pytest.FixtureRequest
+) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(converted_dir)
@@ -59,8 +62,13 @@ def test_greedy_answer_knows_the_capital_of_france(converted_dir: Path) -> None:
     )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    loaded = load_model(converted_dir, torch.float32, torch.device("cpu"), TorchAttentionBackend())
-    executor = StepExecutor(loaded, TorchAttentionBackend(), BLOCK_SIZE, kv_cache_bytes=2**27)
+    kernels = (
+        request.getfixturevalue("compiled_kernels")
+        if kernel_choice == "compiled"
+        else Kernels.reference()
+    )
+    loaded = load_model(converted_dir, torch.float32, torch.device("cpu"), kernels)
+    executor = StepExecutor(loaded, BLOCK_SIZE, kv_cache_bytes=2**27)
     executor.warmup(max_prefill_tokens=128, max_batch_size=1, max_total_tokens=128)
     max_new_tokens = 20
     blocks = list(range(-(-(len(prompt_ids) + max_new_tokens) // BLOCK_SIZE)))

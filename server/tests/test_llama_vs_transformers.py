@@ -1,7 +1,8 @@
 """Our Llama-family models against transformers' on tiny random checkpoints, in float32.
 
 Covers prefill, decodes through a paged cache with scattered blocks, chunked prefill, and a mixed
-batch, for Llama (tied and untied embeddings, llama3 rope scaling), Qwen2 (qkv bias) and Mistral.
+batch, for Llama (tied and untied embeddings, llama3 rope scaling), Qwen2 (qkv bias) and Mistral,
+each with the PyTorch reference kernels and with the compiled CPU kernels.
 """
 
 from collections.abc import Sequence
@@ -11,14 +12,14 @@ import pytest
 import torch
 from sluice_server.engine.kv_cache import KVCacheSpec
 from sluice_server.engine.step import ForwardChunk, run_forward
-from sluice_server.layers.attention import LayerKVCache, SequenceChunk, TorchAttentionBackend
+from sluice_server.kernels import Kernels
+from sluice_server.layers.attention import AttentionBackend, LayerKVCache, SequenceChunk
 from sluice_server.layers.rotary import RopeConfig, inverse_frequencies
 from sluice_server.models.loader import LoadedModel, ModelLoadError, load_model
 
 TOLERANCE = 1e-4
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16
-BACKEND = TorchAttentionBackend()
 
 MODEL_VARIANTS = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
@@ -42,12 +43,21 @@ MODEL_VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(MODEL_VARIANTS))
-def models(request: pytest.FixtureRequest, save_tiny_model) -> tuple[LoadedModel, torch.nn.Module]:
-    model_type, overrides = MODEL_VARIANTS[request.param]
+@pytest.fixture(
+    scope="module",
+    params=[(variant, kernels) for variant in MODEL_VARIANTS for kernels in ("reference", "compiled")],
+    ids=lambda param: "-".join(param),
+)
+def models(
+    request: pytest.FixtureRequest, save_tiny_model, compiled_kernels: Kernels
+) -> tuple[LoadedModel, torch.nn.Module, AttentionBackend]:
+    """(our model, transformers' model, the attention backend ours runs with)."""
+    variant, kernel_choice = request.param
+    model_type, overrides = MODEL_VARIANTS[variant]
     directory, reference = save_tiny_model(model_type, **overrides)
-    loaded = load_model(directory, torch.float32, torch.device("cpu"), BACKEND)
-    return loaded, reference
+    kernels = compiled_kernels if kernel_choice == "compiled" else Kernels.reference()
+    loaded = load_model(directory, torch.float32, torch.device("cpu"), kernels)
+    return loaded, reference, kernels.attention
 
 
 def _fresh_cache(loaded: LoadedModel) -> list[LayerKVCache]:
@@ -62,13 +72,14 @@ def _reference_logits(reference: torch.nn.Module, token_ids: Sequence[int]) -> t
 
 def _all_row_logits(
     loaded: LoadedModel,
+    backend: AttentionBackend,
     cache: list[LayerKVCache],
     token_ids: Sequence[int],
     cache_len: int,
     table: Sequence[int],
 ) -> torch.Tensor:
     """Logits for every token of one chunk (the engine only asks for the last)."""
-    metadata = BACKEND.build_metadata(
+    metadata = backend.build_metadata(
         [SequenceChunk(cache_len, len(token_ids), table)], BLOCK_SIZE, torch.device("cpu")
     )
     with torch.inference_mode():
@@ -91,44 +102,42 @@ def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_prefill_matches_transformers(models) -> None:
-    loaded, reference = models
+    loaded, reference, backend = models
     tokens = _prompt(11)
-    logits = _all_row_logits(loaded, _fresh_cache(loaded), tokens, 0, [9, 3, 14])
+    logits = _all_row_logits(loaded, backend, _fresh_cache(loaded), tokens, 0, [9, 3, 14])
     assert _max_error(logits, _reference_logits(reference, tokens)) < TOLERANCE
 
 
 def test_decodes_through_scattered_blocks_match_transformers(models) -> None:
-    loaded, reference = models
+    loaded, reference, backend = models
     tokens = _prompt(15)
     expected = _reference_logits(reference, tokens)
     cache = _fresh_cache(loaded)
     table = [11, 2, 7, 0]  # Out of order, so that a slot mix-up shows.
     prompt_len = 6
-    result = run_forward(
-        loaded, BACKEND, cache, [ForwardChunk(tokens[:prompt_len], 0, table, True)]
-    )
+    result = run_forward(loaded, cache, [ForwardChunk(tokens[:prompt_len], 0, table, True)])
     assert _max_error(result.logits[0], expected[prompt_len - 1]) < TOLERANCE
     for position in range(prompt_len, len(tokens)):
         chunk = ForwardChunk(tokens[position : position + 1], position, table, True)
-        result = run_forward(loaded, BACKEND, cache, [chunk])
+        result = run_forward(loaded, cache, [chunk])
         assert _max_error(result.logits[0], expected[position]) < TOLERANCE, f"position {position}"
 
 
 def test_chunked_prefill_matches_one_prefill(models) -> None:
-    loaded, reference = models
+    loaded, reference, backend = models
     tokens = _prompt(13)
     expected = _reference_logits(reference, tokens)
     cache = _fresh_cache(loaded)
     table = [5, 13, 1, 8]
     start = 0
     for end in (5, 6, 13):  # Chunk boundaries inside blocks, and a chunk of one token.
-        logits = _all_row_logits(loaded, cache, tokens[start:end], start, table)
+        logits = _all_row_logits(loaded, backend, cache, tokens[start:end], start, table)
         assert _max_error(logits, expected[start:end]) < TOLERANCE, f"chunk {start}:{end}"
         start = end
 
 
 def test_mixed_batch_matches_each_alone(models) -> None:
-    loaded, _reference = models
+    loaded, _reference, backend = models
     prefill_tokens = _prompt(9, seed=2)
     decode_tokens = _prompt(7, seed=3)
     prefill_table, decode_table = [4, 10, 6], [12, 3]
@@ -136,10 +145,8 @@ def test_mixed_batch_matches_each_alone(models) -> None:
     def run(chunks: list[ForwardChunk], prefix_cache: bool) -> torch.Tensor:
         cache = _fresh_cache(loaded)
         if prefix_cache:  # The decoding sequence's first six tokens are already cached.
-            run_forward(
-                loaded, BACKEND, cache, [ForwardChunk(decode_tokens[:6], 0, decode_table, False)]
-            )
-        return run_forward(loaded, BACKEND, cache, chunks).logits
+            run_forward(loaded, cache, [ForwardChunk(decode_tokens[:6], 0, decode_table, False)])
+        return run_forward(loaded, cache, chunks).logits
 
     prefill_chunk = ForwardChunk(prefill_tokens, 0, prefill_table, True)
     decode_chunk = ForwardChunk(decode_tokens[6:], 6, decode_table, True)
@@ -149,7 +156,7 @@ def test_mixed_batch_matches_each_alone(models) -> None:
 
 
 def test_batched_decodes_of_different_lengths_match_each_alone(models) -> None:
-    loaded, _reference = models
+    loaded, _reference, backend = models
     sequences = [
         (_prompt(3, seed=4), [1]),
         (_prompt(10, seed=5), [7, 2, 15]),
@@ -157,19 +164,19 @@ def test_batched_decodes_of_different_lengths_match_each_alone(models) -> None:
     ]
     cache = _fresh_cache(loaded)
     for tokens, table in sequences:
-        run_forward(loaded, BACKEND, cache, [ForwardChunk(tokens[:-1], 0, table, False)])
+        run_forward(loaded, cache, [ForwardChunk(tokens[:-1], 0, table, False)])
     decodes = [
         ForwardChunk(tokens[-1:], len(tokens) - 1, table, True) for tokens, table in sequences
     ]
-    together = run_forward(loaded, BACKEND, cache, decodes).logits
+    together = run_forward(loaded, cache, decodes).logits
     for index, decode in enumerate(decodes):
-        alone = run_forward(loaded, BACKEND, cache, [decode]).logits[0]
+        alone = run_forward(loaded, cache, [decode]).logits[0]
         assert _max_error(together[index], alone) < TOLERANCE
 
 
 def test_sliding_window_caps_positions(save_tiny_model) -> None:
     directory, _reference = save_tiny_model("mistral", sliding_window=32)
-    loaded = load_model(directory, torch.float32, torch.device("cpu"), BACKEND)
+    loaded = load_model(directory, torch.float32, torch.device("cpu"), Kernels.reference())
     assert loaded.config.max_position_embeddings == 32
 
 
@@ -201,4 +208,4 @@ def test_llama3_scaling_stretches_only_long_wavelengths() -> None:
 def test_unsupported_model_type_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ModelLoadError, match="unsupported model_type 'gpt2'"):
-        load_model(tmp_path, torch.float32, torch.device("cpu"), BACKEND)
+        load_model(tmp_path, torch.float32, torch.device("cpu"), Kernels.reference())

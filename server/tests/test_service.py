@@ -12,7 +12,6 @@ import grpc
 import pytest
 import sluice_server
 from sluice_server.engine.step import StepExecutor
-from sluice_server.layers.attention import TorchAttentionBackend
 from sluice_server.models.loader import LoadedModel
 from sluice_server.pb import generate_pb2 as pb
 from sluice_server.pb import generate_pb2_grpc as pb_grpc
@@ -45,7 +44,7 @@ async def expect_error(call: "asyncio.Future[object]", code: grpc.StatusCode) ->
 
 def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> None:
     executor = StepExecutor(
-        tiny_loaded, TorchAttentionBackend(), block_size=4, kv_cache_bytes=2**20
+        tiny_loaded, block_size=4, kv_cache_bytes=2**20
     )
     servicer = TextGenerationServicer(executor)
     socket_path = tmp_path / "shard.sock"

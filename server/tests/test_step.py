@@ -8,7 +8,6 @@ import pytest
 import torch
 from sluice_server.engine.kv_cache import KVCacheSpec
 from sluice_server.engine.step import InvalidRequestError, NotWarmedUpError, StepExecutor
-from sluice_server.layers.attention import TorchAttentionBackend
 from sluice_server.models.loader import LoadedModel
 from sluice_server.pb import generate_pb2 as pb
 
@@ -20,7 +19,7 @@ PROMPTS = [[5, 17, 99, 42, 8], [120, 3, 64, 77, 31, 90, 12, 50, 6]]
 def make_executor(loaded: LoadedModel, num_blocks: int = NUM_BLOCKS) -> StepExecutor:
     spec = KVCacheSpec.for_model(loaded, BLOCK_SIZE)
     executor = StepExecutor(
-        loaded, TorchAttentionBackend(), BLOCK_SIZE, num_blocks * spec.bytes_per_block
+        loaded, BLOCK_SIZE, num_blocks * spec.bytes_per_block
     )
     assert (
         executor.warmup(max_prefill_tokens=32, max_batch_size=4, max_total_tokens=64) == num_blocks
@@ -308,7 +307,7 @@ def test_invalid_steps_are_rejected_and_change_nothing(tiny_loaded, step_request
 
 
 def test_step_before_warmup_is_refused(tiny_loaded) -> None:
-    executor = StepExecutor(tiny_loaded, TorchAttentionBackend(), BLOCK_SIZE, kv_cache_bytes=None)
+    executor = StepExecutor(tiny_loaded, BLOCK_SIZE, kv_cache_bytes=None)
     with pytest.raises(NotWarmedUpError):
         executor.step(pb.StepRequest())
 
@@ -316,12 +315,12 @@ def test_step_before_warmup_is_refused(tiny_loaded) -> None:
 def test_warmup_says_how_many_tokens_fit(tiny_loaded) -> None:
     spec = KVCacheSpec.for_model(tiny_loaded, BLOCK_SIZE)
     executor = StepExecutor(
-        tiny_loaded, TorchAttentionBackend(), BLOCK_SIZE, 3 * spec.bytes_per_block
+        tiny_loaded, BLOCK_SIZE, 3 * spec.bytes_per_block
     )
     with pytest.raises(InvalidRequestError, match="fits 12 tokens"):
         executor.warmup(max_prefill_tokens=16, max_batch_size=2, max_total_tokens=64)
 
 
 def test_default_cpu_cache_is_capped_by_what_the_batch_can_use(tiny_loaded) -> None:
-    executor = StepExecutor(tiny_loaded, TorchAttentionBackend(), BLOCK_SIZE, kv_cache_bytes=None)
+    executor = StepExecutor(tiny_loaded, BLOCK_SIZE, kv_cache_bytes=None)
     assert executor.warmup(max_prefill_tokens=16, max_batch_size=3, max_total_tokens=10) == 3 * 3

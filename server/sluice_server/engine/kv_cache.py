@@ -23,6 +23,8 @@ class KVCacheSpec:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    # The attention backend's key layout (see LayerKVCache).
+    transposed_keys: bool
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, block_size: int) -> "KVCacheSpec":
@@ -35,6 +37,7 @@ class KVCacheSpec:
             head_dim=config.head_dim,
             dtype=loaded.dtype,
             device=loaded.device,
+            transposed_keys=loaded.kernels.attention.transposed_keys,
         )
 
     @property
@@ -49,11 +52,16 @@ class KVCacheSpec:
 
     def allocate(self, num_blocks: int) -> list[LayerKVCache]:
         shape = (self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
+        key_shape = (
+            (self.num_kv_heads, num_blocks, self.head_dim, self.block_size)
+            if self.transposed_keys
+            else shape
+        )
         # Zeros, not empty: padded slots are masked out of attention but still multiplied by a zero
         # weight, and uninitialised memory may hold NaN (0 * NaN = NaN).
         return [
             LayerKVCache(
-                key=torch.zeros(shape, dtype=self.dtype, device=self.device),
+                key=torch.zeros(key_shape, dtype=self.dtype, device=self.device),
                 value=torch.zeros(shape, dtype=self.dtype, device=self.device),
             )
             for _ in range(self.num_layers)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.attention import AttentionBackend, LayerKVCache, SequenceChunk
+from ..layers.attention import LayerKVCache, SequenceChunk
 from ..models.loader import LoadedModel
 from ..pb import generate_pb2 as pb
 from ..sampling import SamplingParams, SamplingRow, sample
@@ -56,7 +56,6 @@ class ForwardResult:
 
 def run_forward(
     loaded: LoadedModel,
-    backend: AttentionBackend,
     kv_cache: Sequence[LayerKVCache],
     chunks: Sequence[ForwardChunk],
 ) -> ForwardResult:
@@ -71,7 +70,7 @@ def run_forward(
         positions.extend(range(chunk.cache_len, chunk.cache_len + len(chunk.token_ids)))
         if chunk.needs_logits:
             logits_rows.append(len(input_ids) - 1)
-    metadata = backend.build_metadata(
+    metadata = loaded.kernels.attention.build_metadata(
         [
             SequenceChunk(chunk.cache_len, len(chunk.token_ids), chunk.block_table)
             for chunk in chunks
@@ -99,12 +98,10 @@ class StepExecutor:
     def __init__(
         self,
         loaded: LoadedModel,
-        backend: AttentionBackend,
         block_size: int,
         kv_cache_bytes: int | None,
     ) -> None:
         self.loaded = loaded
-        self.backend = backend
         self.block_size = block_size
         # None: size the cache from the memory available at warmup.
         self.kv_cache_bytes = kv_cache_bytes
@@ -146,12 +143,16 @@ class StepExecutor:
             block_table=range(temporary_cache[0].key.shape[1]),
             needs_logits=True,
         )
-        result = run_forward(self.loaded, self.backend, temporary_cache, [chunk])
+        result = run_forward(self.loaded, temporary_cache, [chunk])
         # Every sampling feature on, so that the sampled path is exercised too.
         warmup_sampling = SamplingParams(
             do_sample=True, top_k=50, top_p=0.9, repetition_penalty=1.1
         )
-        sample(result.logits, [SamplingRow(warmup_sampling, chunk.token_ids)])
+        sample(
+            result.logits,
+            [SamplingRow(warmup_sampling, chunk.token_ids)],
+            self.loaded.kernels.ops.argmax_logprob,
+        )
         del temporary_cache, result
 
         warmup_peak_bytes = 0
@@ -215,7 +216,7 @@ class StepExecutor:
             )
             for request, num_tokens in scheduled
         ]
-        result = run_forward(self.loaded, self.backend, self.kv_cache, chunks)
+        result = run_forward(self.loaded, self.kv_cache, chunks)
         for request, num_tokens in scheduled:
             request.num_computed += num_tokens
 
@@ -227,6 +228,7 @@ class StepExecutor:
         token_ids, logprobs = sample(
             result.logits,
             [SamplingRow(request.sampling, request.token_ids) for request in sampling_requests],
+            self.loaded.kernels.ops.argmax_logprob,
         )
         generations = []
         for request, token_id, logprob in zip(sampling_requests, token_ids, logprobs, strict=True):

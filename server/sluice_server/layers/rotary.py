@@ -83,17 +83,8 @@ class RotaryEmbedding(nn.Module):
             "inv_freq", inverse_frequencies(head_dim, rope).to(device), persistent=False
         )
 
-    def cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of every (position, frequency), [T, head_dim / 2]; once per forward."""
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos and sin of every (position, frequency), [T, head_dim / 2]; once per
+        forward, shared by every layer."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x of shape [T, num_heads, head_dim] by the angles of its token's position."""
-    first, second = x.chunk(2, dim=-1)
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return angles.cos(), angles.sin()

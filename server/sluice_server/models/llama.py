@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import AttentionBackend, AttentionMetadata, LayerKVCache
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RopeConfig, RotaryEmbedding, apply_rotary
+from ..layers.ops import Ops
+from ..layers.rotary import RopeConfig, RotaryEmbedding
 from ..weights import CheckpointWeights
 
 
@@ -79,11 +79,13 @@ class LlamaAttention(nn.Module):
         self,
         config: LlamaConfig,
         backend: AttentionBackend,
+        ops: Ops,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         super().__init__()
         self.backend = backend
+        self.ops = ops
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -107,21 +109,24 @@ class LlamaAttention(nn.Module):
         query_key, value = self.qkv_proj(hidden).split(
             [self.q_size + self.kv_size, self.kv_size], dim=-1
         )
-        # Queries and keys rotate by the same angles: one rotation over both.
-        heads = self.num_heads + self.num_kv_heads
-        rotated = apply_rotary(query_key.view(num_tokens, heads, self.head_dim), cos, sin)
-        query, key = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
+        # Queries and keys rotate by the same angles: one rotation over both, in place.
+        heads = query_key.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        self.ops.rotary_(heads, cos, sin)
+        query, key = heads.split([self.num_heads, self.num_kv_heads], dim=1)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write(cache, key, value, metadata.slot_mapping)
-        attended = self.backend.attend(query, cache, metadata, self.scale)
+        attended = self.backend.attend(query, key, value, cache, metadata, self.scale)
         return self.o_proj(attended.view(num_tokens, self.q_size))
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: LlamaConfig, ops: Ops, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
+        self.ops = ops
         self.gate_up_proj = Linear(
             config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, dtype, device
         )
@@ -130,8 +135,7 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(hidden)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -139,27 +143,39 @@ class LlamaDecoderLayer(nn.Module):
         self,
         config: LlamaConfig,
         backend: AttentionBackend,
+        ops: Ops,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(config, backend, dtype, device)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, dtype, device
-        )
-        self.mlp = LlamaMLP(config, dtype, device)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype, device)
+        self.self_attn = LlamaAttention(config, backend, ops, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype, device)
+        self.mlp = LlamaMLP(config, ops, dtype, device)
 
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LayerKVCache,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it).
+
+        The residual add is deferred into the next norm, which fuses the two; the first layer
+        starts the stream from the embeddings.
+        """
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, cache, metadata)
+        hidden = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -167,6 +183,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         config: LlamaConfig,
         backend: AttentionBackend,
+        ops: Ops,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -175,9 +192,10 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope, device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, backend, dtype, device) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, backend, ops, dtype, device)
+            for _ in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
 
     @classmethod
@@ -198,10 +216,13 @@ class LlamaForCausalLM(nn.Module):
         which is the single largest matmul for small models.
         """
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        cos, sin = self.rotary.cos_sin(positions)
+        residual = None
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
-            hidden = layer(hidden, cos, sin, layer_cache, metadata)
-        return self.lm_head(self.norm(hidden[logits_rows])).float()
+            hidden, residual = layer(hidden, residual, cos, sin, layer_cache, metadata)
+        assert residual is not None, "a model has at least one layer"
+        final = self.norm(hidden[logits_rows], residual[logits_rows])
+        return self.lm_head(final).float()
 
     def prepack_for_cpu(self) -> None:
         """Packs every projection for oneDNN once the weights are loaded."""

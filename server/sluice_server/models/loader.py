@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..layers.attention import AttentionBackend
+from ..kernels import Kernels
 from ..weights import CheckpointWeights
 from .llama import LlamaConfig, LlamaForCausalLM
 from .registry import model_class_for
@@ -24,10 +24,12 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    # The attention backend and ops the model runs with; the engine uses them too.
+    kernels: Kernels
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend
+    model_dir: Path, dtype: torch.dtype, device: torch.device, kernels: Kernels
 ) -> LoadedModel:
     hf_config = _read_json(model_dir / "config.json", required=True)
     model_type = hf_config.get("model_type")
@@ -38,7 +40,7 @@ def load_model(
         config = model_class.config_from_hf(hf_config)
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
-    model = model_class(config, backend, dtype, device)
+    model = model_class(config, kernels.attention, kernels.ops, dtype, device)
     try:
         with CheckpointWeights(model_dir) as weights:
             model.load_weights(weights)
@@ -55,6 +57,7 @@ def load_model(
         eos_token_ids=tuple(dict.fromkeys(eos_token_ids)),
         dtype=dtype,
         device=device,
+        kernels=kernels,
     )
 
 

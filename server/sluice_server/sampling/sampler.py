@@ -8,7 +8,7 @@ of the token being drawn, so a seeded request gives the same tokens whatever els
 and also after a preemption replays it from the start.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +50,17 @@ class SamplingRow:
     token_ids: Sequence[int]
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[float]]:
+ArgmaxLogprob = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sample(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], argmax_logprob: ArgmaxLogprob
+) -> tuple[list[int], list[float]]:
     """One token per row of logits [S, vocab], with its log-probability.
 
     The log-probability is taken from the distribution the token was chosen from: for greedy rows
     the model's (after any repetition penalty), for sampled rows the processed one.
+    `argmax_logprob` is the greedy pick (see Ops.argmax_logprob).
     """
     logits = logits.float()
     penalties = [row.params.repetition_penalty for row in rows]
@@ -62,9 +68,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int]
         logits = logits.clone()  # Penalised in place; the model's output stays as it was.
         _apply_repetition_penalty(logits, [row.token_ids for row in rows], penalties)
 
-    token_ids = logits.argmax(dim=-1)
-    # log p(token) = logit - logsumexp(logits): no [S, vocab] log-softmax is materialised.
-    logprobs = logits.gather(1, token_ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    token_ids, logprobs = argmax_logprob(logits)
 
     sampled = [index for index, row in enumerate(rows) if not row.params.is_greedy]
     if sampled:

@@ -1,11 +1,13 @@
 """Paged attention: the backend interface and its implementations."""
 
 from .backend import AttentionBackend, AttentionMetadata, LayerKVCache, SequenceChunk
+from .cpu_backend import CompiledCpuAttentionBackend
 from .torch_backend import TorchAttentionBackend
 
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
+    "CompiledCpuAttentionBackend",
     "LayerKVCache",
     "SequenceChunk",
     "TorchAttentionBackend",

@@ -30,11 +30,12 @@ class SequenceChunk:
 
 @dataclass
 class LayerKVCache:
-    """One layer's K and V, each [num_kv_heads, num_blocks, block_size, head_dim].
+    """One layer's K and V. Values are [num_kv_heads, num_blocks, block_size, head_dim]; keys
+    the same, or [num_kv_heads, num_blocks, head_dim, block_size] (each block transposed) for a
+    backend whose `transposed_keys` is set.
 
-    Slot s is token s % block_size of block s // block_size. Heads come first so that gathering
-    a batch's blocks yields, per head, each sequence's keys back to back: the layout batched
-    matmuls read without a transposing copy.
+    Slot s is token s % block_size of block s // block_size. Heads come first so that a batch's
+    blocks, per head, line up each sequence's tokens back to back.
     """
 
     key: torch.Tensor
@@ -42,7 +43,7 @@ class LayerKVCache:
 
     @property
     def block_size(self) -> int:
-        return self.key.shape[2]
+        return self.value.shape[2]
 
 
 @dataclass
@@ -54,6 +55,9 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
+    # Whether this backend stores each key block transposed (see LayerKVCache).
+    transposed_keys: bool = False
+
     @abstractmethod
     def build_metadata(
         self, chunks: Sequence[SequenceChunk], block_size: int, device: torch.device
@@ -72,6 +76,16 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def attend(
-        self, query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
-        """Attention output [T, num_heads, head_dim] for query [T, num_heads, head_dim]."""
+        """Attention output [T, num_heads, head_dim] for query [T, num_heads, head_dim].
+
+        `key` and `value` are the new tokens' own ([T, num_kv_heads, head_dim]), already written
+        to the cache: a chunk that starts its sequence can attend to them without reading back.
+        """

@@ -1,10 +1,11 @@
-"""Reference attention backend in plain PyTorch; runs on any device and is what CPU serving uses.
+"""Reference attention backend in plain PyTorch; runs on any device.
 
-K/V are read back by whole blocks (one contiguous copy per block rather than per token). Decodes
-(chunks of one token) are batched: their blocks are gathered into a padded
+Decodes (chunks of one token) are batched: their blocks are gathered into a padded
 [H_kv, B, max_blocks * block_size, D] tensor and attended with two batched matmuls and a padding
-mask. Prefill chunks are attended one sequence at a time with an explicit mask, causal within
-the chunk.
+mask. Chunks that start their sequence (no cached prefix) need nothing from the cache: those of
+equal length are stacked and attended in one causal scaled_dot_product_attention call on their
+own keys and values. A chunk that continues a cached prefix reads its context back by whole
+blocks and is attended on its own, with a mask.
 """
 
 from collections.abc import Sequence
@@ -22,42 +23,62 @@ class DecodeGroup:
 
     # Rows of those tokens in the flat batch, [B].
     token_rows: torch.Tensor
-    # The blocks of each sequence's context, [B, max_blocks]; padded with block 0, masked out.
+    # The blocks of each sequence's context, [B, max_blocks] int32; padded with block 0.
     block_tables: torch.Tensor
+    # Tokens of context per sequence, [B] int32.
+    context_lens: torch.Tensor
     # True where a gathered position is past the sequence's context, [1, B, 1, max_blocks * bs].
     padding_mask: torch.Tensor
 
 
 @dataclass
-class PrefillGroup:
-    """One multi-token chunk, attended on its own."""
+class FreshPrefillGroup:
+    """Chunks of equal length that start their sequences, attended together."""
+
+    # Rows of their tokens in the flat batch, sequence after sequence, [num_sequences * length].
+    token_rows: torch.Tensor
+    num_sequences: int
+    length: int
+
+
+@dataclass
+class CachedPrefill:
+    """A multi-token chunk after a cached prefix, attended on its own."""
 
     token_start: int
     token_end: int
     # The blocks of the sequence's context, [num_blocks].
     block_table: torch.Tensor
     # [query_len, num_blocks * bs]: a new token sees the cached prefix and the new tokens up to
-    # itself, and nothing past the context. None for a chunk that starts the sequence: then
-    # plain causal attention is exact (the padding past the context lies past every query) and
-    # lets the kernel skip the masked half.
-    mask: torch.Tensor | None
+    # itself, and nothing past the context.
+    mask: torch.Tensor
 
 
 @dataclass
 class TorchAttentionMetadata(AttentionMetadata):
     decodes: DecodeGroup | None
-    prefills: list[PrefillGroup]
+    fresh_prefills: list[FreshPrefillGroup]
+    cached_prefills: list[CachedPrefill]
+
+    @property
+    def decodes_only(self) -> bool:
+        return not self.fresh_prefills and not self.cached_prefills
 
 
-def _gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[H_kv, num_blocks, bs, D] cache, [B, n] tables -> [H_kv, B, n * bs, D] contiguous copy."""
-    num_kv_heads, num_blocks, block_size, head_dim = layer_cache.shape
-    # One index_select over dim 0 of a [H_kv * num_blocks, bs, D] view: several times faster on
+def _gather_blocks(
+    layer_cache: torch.Tensor, block_tables: torch.Tensor, transposed: bool = False
+) -> torch.Tensor:
+    """Cache [H_kv, num_blocks, bs, D] (or [H_kv, num_blocks, D, bs] if `transposed`), tables
+    [B, n] -> [H_kv, B, n * bs, D] contiguous copy."""
+    num_kv_heads, num_blocks = layer_cache.shape[:2]
+    # One index_select over dim 0 of a [H_kv * num_blocks, ...] view: several times faster on
     # CPU than selecting along dim 1 or advanced indexing.
     head_offsets = torch.arange(num_kv_heads, device=block_tables.device)[:, None] * num_blocks
     rows = (head_offsets + block_tables.flatten()[None, :]).flatten()
-    gathered = layer_cache.view(-1, block_size, head_dim).index_select(0, rows)
-    return gathered.view(num_kv_heads, block_tables.shape[0], -1, head_dim)
+    gathered = layer_cache.view(-1, *layer_cache.shape[2:]).index_select(0, rows)
+    if transposed:
+        gathered = gathered.transpose(1, 2)
+    return gathered.reshape(num_kv_heads, block_tables.shape[0], -1, gathered.shape[-1])
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -68,7 +89,8 @@ class TorchAttentionBackend(AttentionBackend):
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_context_lens: list[int] = []
-        prefills: list[PrefillGroup] = []
+        fresh_rows_by_length: dict[int, list[int]] = {}
+        cached_prefills: list[CachedPrefill] = []
         row = 0
         for chunk in chunks:
             blocks_needed = -(-chunk.context_len // block_size)
@@ -86,20 +108,19 @@ class TorchAttentionBackend(AttentionBackend):
                 decode_rows.append(row)
                 decode_tables.append(table)
                 decode_context_lens.append(chunk.context_len)
+            elif chunk.cache_len == 0:
+                fresh_rows_by_length.setdefault(chunk.query_len, []).extend(
+                    range(row, row + chunk.query_len)
+                )
             else:
-                mask = None
-                if chunk.cache_len > 0:
-                    query_positions = torch.arange(
-                        chunk.cache_len, chunk.context_len, device=device
-                    )
-                    key_positions = torch.arange(blocks_needed * block_size, device=device)
-                    mask = key_positions[None, :] <= query_positions[:, None]
-                prefills.append(
-                    PrefillGroup(
+                query_positions = torch.arange(chunk.cache_len, chunk.context_len, device=device)
+                key_positions = torch.arange(blocks_needed * block_size, device=device)
+                cached_prefills.append(
+                    CachedPrefill(
                         token_start=row,
                         token_end=row + chunk.query_len,
                         block_table=torch.tensor(table, dtype=torch.long, device=device),
-                        mask=mask,
+                        mask=key_positions[None, :] <= query_positions[:, None],
                     )
                 )
             row += chunk.query_len
@@ -108,17 +129,27 @@ class TorchAttentionBackend(AttentionBackend):
         if decode_rows:
             max_blocks = max(len(table) for table in decode_tables)
             padded_tables = [table + [0] * (max_blocks - len(table)) for table in decode_tables]
-            context_lens = torch.tensor(decode_context_lens, device=device)
+            context_lens = torch.tensor(decode_context_lens, dtype=torch.int32, device=device)
             key_positions = torch.arange(max_blocks * block_size, device=device)
             decodes = DecodeGroup(
                 token_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-                block_tables=torch.tensor(padded_tables, dtype=torch.long, device=device),
+                block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device),
+                context_lens=context_lens,
                 padding_mask=(key_positions[None, :] >= context_lens[:, None])[None, :, None, :],
             )
+        fresh_prefills = [
+            FreshPrefillGroup(
+                token_rows=torch.tensor(rows, dtype=torch.long, device=device),
+                num_sequences=len(rows) // length,
+                length=length,
+            )
+            for length, rows in fresh_rows_by_length.items()
+        ]
         return TorchAttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             decodes=decodes,
-            prefills=prefills,
+            fresh_prefills=fresh_prefills,
+            cached_prefills=cached_prefills,
         )
 
     def write(
@@ -134,53 +165,72 @@ class TorchAttentionBackend(AttentionBackend):
             1, slot_mapping, value.transpose(0, 1)
         )
 
+    def gather_keys(self, cache: LayerKVCache, block_tables: torch.Tensor) -> torch.Tensor:
+        """[H_kv, B, n * block_size, D]: the keys of the blocks in tables [B, n]."""
+        return _gather_blocks(cache.key, block_tables, self.transposed_keys)
+
+    def attend_decodes(
+        self, query: torch.Tensor, cache: LayerKVCache, decodes: DecodeGroup, scale: float
+    ) -> torch.Tensor:
+        """[B, num_heads, head_dim] for the decodes' queries [B, num_heads, head_dim]."""
+        batch, num_heads, head_dim = query.shape
+        num_kv_heads = cache.key.shape[0]
+        # The query heads that share a KV head (grouped-query attention) stand in for the query
+        # positions of a one-token decode, so one matmul covers every head without repeating
+        # K/V: [H_kv, B, group, D] against [H_kv, B, context, D].
+        grouped_query = (query * scale).view(batch, num_kv_heads, -1, head_dim)
+        keys = self.gather_keys(cache, decodes.block_tables)
+        values = _gather_blocks(cache.value, decodes.block_tables)
+        # Plain matmuls beat scaled_dot_product_attention on CPU for one-token queries (it is
+        # built for long queries). The softmax accumulates in float32 internally.
+        scores = torch.matmul(grouped_query.transpose(0, 1), keys.transpose(-1, -2))
+        scores.masked_fill_(decodes.padding_mask, float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1)
+        attended = torch.matmul(probabilities, values).transpose(0, 1)
+        return attended.reshape(batch, num_heads, head_dim)
+
     def attend(
         self,
         query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
         cache: LayerKVCache,
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
         assert isinstance(metadata, TorchAttentionMetadata)
-        num_heads, head_dim = query.shape[1:]
-        num_kv_heads = cache.key.shape[0]
-        output = torch.empty_like(query)
-
         decodes = metadata.decodes
-        if decodes is not None:
-            batch = decodes.token_rows.shape[0]
-            # A step of decodes only (the common case) needs no gather and scatter of rows.
-            decodes_only = not metadata.prefills
-            decode_query = query if decodes_only else query[decodes.token_rows]
-            # The query heads that share a KV head (grouped-query attention) stand in for the query
-            # positions of a one-token decode, so one matmul covers every head without repeating
-            # K/V: [H_kv, B, group, D] against [H_kv, B, context, D].
-            grouped_query = (decode_query * scale).view(batch, num_kv_heads, -1, head_dim)
-            keys = _gather_blocks(cache.key, decodes.block_tables)
-            values = _gather_blocks(cache.value, decodes.block_tables)
-            # Plain matmuls beat scaled_dot_product_attention on CPU for one-token queries (it
-            # is built for long queries). The softmax accumulates in float32 internally.
-            scores = torch.matmul(grouped_query.transpose(0, 1), keys.transpose(-1, -2))
-            scores.masked_fill_(decodes.padding_mask, float("-inf"))
-            probabilities = torch.softmax(scores, dim=-1)
-            attended = torch.matmul(probabilities, values).transpose(0, 1)
-            attended = attended.reshape(batch, num_heads, head_dim)
-            if decodes_only:
-                return attended
-            output[decodes.token_rows] = attended
+        if decodes is not None and metadata.decodes_only:
+            # The common step: no gather and scatter of rows.
+            return self.attend_decodes(query, cache, decodes, scale)
 
-        for prefill in metadata.prefills:
-            chunk_query = query[prefill.token_start : prefill.token_end].transpose(0, 1)[None]
-            keys = _gather_blocks(cache.key, prefill.block_table[None]).transpose(0, 1)
-            values = _gather_blocks(cache.value, prefill.block_table[None]).transpose(0, 1)
+        output = torch.empty_like(query)
+        if decodes is not None:
+            output[decodes.token_rows] = self.attend_decodes(
+                query[decodes.token_rows], cache, decodes, scale
+            )
+        for group in metadata.fresh_prefills:
             attended = F.scaled_dot_product_attention(
-                chunk_query,
-                keys,
-                values,
-                attn_mask=prefill.mask,
-                is_causal=prefill.mask is None,
+                _stack_sequences(query, group),
+                _stack_sequences(key, group),
+                _stack_sequences(value, group),
+                is_causal=True,
                 scale=scale,
                 enable_gqa=True,
             )
+            output[group.token_rows] = attended.transpose(1, 2).flatten(0, 1)
+        for prefill in metadata.cached_prefills:
+            chunk_query = query[prefill.token_start : prefill.token_end].transpose(0, 1)[None]
+            keys = self.gather_keys(cache, prefill.block_table[None]).transpose(0, 1)
+            values = _gather_blocks(cache.value, prefill.block_table[None]).transpose(0, 1)
+            attended = F.scaled_dot_product_attention(
+                chunk_query, keys, values, attn_mask=prefill.mask, scale=scale, enable_gqa=True
+            )
             output[prefill.token_start : prefill.token_end] = attended[0].transpose(0, 1)
         return output
+
+
+def _stack_sequences(rows: torch.Tensor, group: FreshPrefillGroup) -> torch.Tensor:
+    """[T, heads, D] flat rows -> [num_sequences, heads, length, D] for the group's chunks."""
+    selected = rows[group.token_rows].view(group.num_sequences, group.length, *rows.shape[1:])
+    return selected.transpose(1, 2)

@@ -1,0 +1,586 @@
+// CPU kernels for the shard's decode path, where PyTorch's generic operators spend more time on
+// dispatch, temporaries and extra passes over memory than on arithmetic:
+//
+//   paged_decode_attention  one-token queries against K/V read in place from the paged cache
+//   write_kv                new tokens' K/V into their cache slots (layout: see below)
+//   rms_norm, add_rms_norm  RMSNorm, optionally fused with the residual add before it
+//   rotary_                 rotary position embedding, in place, "rotate half" layout
+//   silu_and_mul            SwiGLU's activation: silu(gate) * up
+//   argmax_logprob          the greedy token of each row of logits and its log-probability
+//
+// Each kernel accumulates in float32 whatever the storage type, is parallelised with
+// at::parallel_for (PyTorch's own OpenMP pool), and leaves the innermost loops contiguous so the
+// compiler vectorises them (built with the flags in sluice_server.kernels).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float value) { return value; }
+
+inline float to_float(at::BFloat16 value) {
+  // The top half of a float32: widening is a shift, which vectorises (c10's operator doesn't).
+  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+inline float to_float(at::Half value) { return static_cast<float>(value); }
+
+template <typename T>
+inline T from_float(float value) {
+  return static_cast<T>(value);
+}
+
+template <>
+inline at::BFloat16 from_float<at::BFloat16>(float value) {
+  // Round to nearest even without c10's NaN branch, which keeps loops from vectorising. (A NaN
+  // stays a NaN unless only its lowest mantissa bits are set.)
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits += 0x7fff + ((bits >> 16) & 1);
+  return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
+}
+
+template <typename T>
+inline void widen(const T* source, float* destination, int64_t count) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) destination[i] = to_float(source[i]);
+}
+
+// exp for the vectorised loops: std::exp stays a scalar libm call, which made softmax and SiLU
+// the slowest part of their kernels. Range reduction to 2^n * e^r with |r| <= ln2 / 2, then a
+// degree-6 Taylor polynomial: relative error below 2e-7 over the clamped range.
+inline float vector_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &exponent_bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float dot(const float* a, const float* b, int64_t count) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+void check_cpu(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+void check_rows(const at::Tensor& tensor, const char* name) {
+  check_cpu(tensor, name);
+  TORCH_CHECK(tensor.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The paged cache layout these kernels use. Values: [H_kv, num_blocks, block_size, D], a block's
+// tokens as rows. Keys: [H_kv, num_blocks, D, block_size], each block transposed, so that
+// scoring a block against a query is a sum over d of (query[d] * one contiguous row of the
+// block's keys): plain vector FMAs with no horizontal reduction per key.
+
+constexpr int64_t kLanes = 16;  // A 512-bit vector of float32; also fine as 2 x 256-bit.
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// scores[c] = query . keys_t[:, c] for c < num_keys; keys_t is [head_dim][stride] float with
+// stride a multiple of kLanes. Four accumulators over d keep four FMA chains in flight.
+inline void score_keys(const float* __restrict query, const float* __restrict keys_t,
+                       int64_t head_dim, int64_t stride, float* __restrict scores,
+                       int64_t num_keys) {
+  for (int64_t column = 0; column < num_keys; column += kLanes) {
+    float sums[4][kLanes] = {};
+    int64_t d = 0;
+    for (; d + 4 <= head_dim; d += 4) {
+      for (int64_t u = 0; u < 4; ++u) {
+        const float q = query[d + u];
+        const float* keys = keys_t + (d + u) * stride + column;
+#pragma omp simd
+        for (int64_t lane = 0; lane < kLanes; ++lane) sums[u][lane] += q * keys[lane];
+      }
+    }
+    for (; d < head_dim; ++d) {
+      const float* keys = keys_t + d * stride + column;
+#pragma omp simd
+      for (int64_t lane = 0; lane < kLanes; ++lane) sums[0][lane] += query[d] * keys[lane];
+    }
+    const int64_t count = std::min(kLanes, num_keys - column);
+    for (int64_t lane = 0; lane < count; ++lane) {
+      scores[column + lane] = (sums[0][lane] + sums[1][lane]) + (sums[2][lane] + sums[3][lane]);
+    }
+  }
+}
+
+// accumulator[d] += sum over r of weights[r] * rows[r][d].
+template <int64_t kHeadDim>
+inline void accumulate_rows(float* __restrict accumulator, const float* __restrict rows,
+                            const float* __restrict weights, int64_t num_rows,
+                            int64_t runtime_head_dim) {
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const float weight = weights[r];
+    const float* row = rows + r * head_dim;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += weight * row[d];
+  }
+}
+
+// Asks for `count` elements at `data` to be brought into the caches ahead of use. A sequence's
+// blocks lie anywhere in the cache, so the hardware prefetcher, which follows sequential streams,
+// would otherwise leave every block's first lines as full memory-latency misses.
+template <typename T>
+inline void prefetch(const T* data, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(data);
+  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    __builtin_prefetch(bytes + offset, 0, 2);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention.
+//
+// One work item is one (sequence, KV head): the `group` query heads that share the KV head are
+// scored together, so each block is read from memory and widened to float32 once for all of
+// them. Scores live in a per-thread buffer of group x context floats; then softmax, then the
+// weighted sum of value rows. K/V are read where they are, block by block, with no gathered copy.
+
+// kHeadDim > 0 fixes the head size at compile time, so the per-row loops unroll completely;
+// 0 reads it from the tensors.
+template <typename T, int64_t kHeadDim>
+void paged_decode_attention_impl(at::Tensor& output, const at::Tensor& query,
+                                 const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                 double scale) {
+  const int64_t batch = query.size(0);
+  const int64_t num_heads = query.size(1);
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : query.size(2);
+  const int64_t num_kv_heads = value_cache.size(0);
+  const int64_t num_blocks = value_cache.size(1);
+  const int64_t block_size = value_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t padded_block = round_up(block_size, kLanes);
+
+  const T* query_data = query.data_ptr<T>();
+  const T* key_data = key_cache.data_ptr<T>();
+  const T* value_data = value_cache.data_ptr<T>();
+  T* output_data = output.data_ptr<T>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lengths = context_lens.data_ptr<int32_t>();
+  const int64_t query_seq_stride = query.stride(0);
+  const int64_t query_head_stride = query.stride(1);
+  const int64_t block_elements = block_size * head_dim;
+  const float softmax_scale = static_cast<float>(scale);
+
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> queries(group * head_dim);
+    // One block widened to float32: keys as [head_dim][padded_block] (the padding columns are
+    // zero and their scores ignored), values as [block_size][head_dim].
+    std::vector<float> keys(head_dim * padded_block, 0.f);
+    std::vector<float> values(block_elements);
+    std::vector<float> accumulators(group * head_dim);
+    std::vector<float> inverse_sums(group);
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t sequence = item / num_kv_heads;
+      const int64_t kv_head = item % num_kv_heads;
+      const int64_t context = lengths[sequence];
+      const int32_t* table = tables + sequence * max_blocks;
+      scores.resize(group * context);
+
+      for (int64_t g = 0; g < group; ++g) {
+        const T* source =
+            query_data + sequence * query_seq_stride + (kv_head * group + g) * query_head_stride;
+        float* destination = queries.data() + g * head_dim;
+        widen(source, destination, head_dim);
+        for (int64_t d = 0; d < head_dim; ++d) destination[d] *= softmax_scale;
+      }
+
+      const int64_t context_blocks = (context + block_size - 1) / block_size;
+      const int64_t head_base = kv_head * num_blocks;
+      prefetch(key_data + (head_base + table[0]) * block_elements, block_elements);
+      for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
+        // The next block's keys while these are scored, and this block's values for later.
+        if (block + 1 < context_blocks) {
+          prefetch(key_data + (head_base + table[block + 1]) * block_elements, block_elements);
+        }
+        prefetch(value_data + (head_base + table[block]) * block_elements, block_elements);
+        const T* block_keys = key_data + (head_base + table[block]) * block_elements;
+        if (block_size == padded_block) {
+          widen(block_keys, keys.data(), block_elements);  // Same layout: one pass.
+        } else {
+          for (int64_t d = 0; d < head_dim; ++d) {
+            widen(block_keys + d * block_size, keys.data() + d * padded_block, block_size);
+          }
+        }
+        const int64_t rows = std::min(block_size, context - start);
+        for (int64_t g = 0; g < group; ++g) {
+          score_keys(queries.data() + g * head_dim, keys.data(), head_dim, padded_block,
+                     scores.data() + g * context + start, rows);
+        }
+      }
+
+      // Softmax per query head, in place; the 1/sum is folded into the output.
+      for (int64_t g = 0; g < group; ++g) {
+        float* head_scores = scores.data() + g * context;
+        float maximum = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : maximum)
+        for (int64_t t = 0; t < context; ++t) {
+          maximum = head_scores[t] > maximum ? head_scores[t] : maximum;
+        }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < context; ++t) {
+          head_scores[t] = vector_exp(head_scores[t] - maximum);
+          sum += head_scores[t];
+        }
+        inverse_sums[g] = 1.f / sum;
+      }
+
+      std::fill(accumulators.begin(), accumulators.end(), 0.f);
+      for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
+        const int64_t rows = std::min(block_size, context - start);
+        widen(value_data + (head_base + table[block]) * block_elements, values.data(),
+              rows * head_dim);
+        for (int64_t g = 0; g < group; ++g) {
+          accumulate_rows<kHeadDim>(accumulators.data() + g * head_dim, values.data(),
+                                    scores.data() + g * context + start, rows, head_dim);
+        }
+      }
+
+      for (int64_t g = 0; g < group; ++g) {
+        T* destination = output_data + (sequence * num_heads + kv_head * group + g) * head_dim;
+        const float* accumulator = accumulators.data() + g * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          destination[d] = from_float<T>(accumulator[d] * inverse_sums[g]);
+        }
+      }
+    }
+  });
+}
+
+void check_cache_layout(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  check_cpu(key_cache, "key_cache");
+  check_cpu(value_cache, "value_cache");
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "caches must be 4-d");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "cache dtypes differ");
+  TORCH_CHECK(key_cache.size(0) == value_cache.size(0) && key_cache.size(1) == value_cache.size(1) &&
+                  key_cache.size(2) == value_cache.size(3) &&
+                  key_cache.size(3) == value_cache.size(2),
+              "key_cache must be [H_kv, blocks, D, block_size] for value_cache "
+              "[H_kv, blocks, block_size, D]");
+}
+
+// query [B, H, D] (rows may be strided); caches as described above; block_tables
+// [B, max_blocks] int32; context_lens [B] int32. Returns [B, H, D].
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, double scale) {
+  check_rows(query, "query");
+  check_cache_layout(key_cache, value_cache);
+  TORCH_CHECK(query.dim() == 3, "query must be [B, H, D]");
+  TORCH_CHECK(query.scalar_type() == value_cache.scalar_type(), "query and caches differ in dtype");
+  TORCH_CHECK(query.size(2) == value_cache.size(3), "query and cache head_dim differ");
+  TORCH_CHECK(query.size(1) % value_cache.size(0) == 0, "heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "block_tables and context_lens must be int32");
+  TORCH_CHECK(block_tables.is_contiguous() && context_lens.is_contiguous(),
+              "block_tables and context_lens must be contiguous");
+  TORCH_CHECK(block_tables.size(0) == query.size(0) && context_lens.size(0) == query.size(0),
+              "one block table and context length per query");
+
+  auto output = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
+                                  "paged_decode_attention", [&] {
+                                    switch (query.size(2)) {
+                                      case 64:
+                                        paged_decode_attention_impl<scalar_t, 64>(
+                                            output, query, key_cache, value_cache, block_tables,
+                                            context_lens, scale);
+                                        break;
+                                      case 128:
+                                        paged_decode_attention_impl<scalar_t, 128>(
+                                            output, query, key_cache, value_cache, block_tables,
+                                            context_lens, scale);
+                                        break;
+                                      default:
+                                        paged_decode_attention_impl<scalar_t, 0>(
+                                            output, query, key_cache, value_cache, block_tables,
+                                            context_lens, scale);
+                                    }
+                                  });
+  return output;
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV cache write: token t's heads go to slot slot_mapping[t] (block slot / block_size, row
+// slot % block_size); keys into their block's column, values into its row.
+
+template <typename T>
+void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
+                   const at::Tensor& value, const int64_t* slots) {
+  const int64_t num_tokens = key.size(0);
+  const int64_t num_kv_heads = key.size(1);
+  const int64_t head_dim = key.size(2);
+  const int64_t num_blocks = value_cache.size(1);
+  const int64_t block_size = value_cache.size(2);
+  const int64_t block_elements = block_size * head_dim;
+  T* keys = key_cache.data_ptr<T>();
+  T* values = value_cache.data_ptr<T>();
+  const T* key_rows = key.data_ptr<T>();
+  const T* value_rows = value.data_ptr<T>();
+  at::parallel_for(0, num_tokens * num_kv_heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t token = item / num_kv_heads;
+      const int64_t head = item % num_kv_heads;
+      const int64_t block = slots[token] / block_size;
+      const int64_t row = slots[token] % block_size;
+      T* block_keys = keys + (head * num_blocks + block) * block_elements;
+      const T* key_row = key_rows + token * key.stride(0) + head * key.stride(1);
+      for (int64_t d = 0; d < head_dim; ++d) block_keys[d * block_size + row] = key_row[d];
+      std::memcpy(values + (head * num_blocks + block) * block_elements + row * head_dim,
+                  value_rows + token * value.stride(0) + head * value.stride(1),
+                  head_dim * sizeof(T));
+    }
+  });
+}
+
+void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
+              const at::Tensor& value, const at::Tensor& slot_mapping) {
+  check_rows(key, "key");
+  check_rows(value, "value");
+  check_cache_layout(key_cache, value_cache);
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(), "key and value must be [T, H_kv, D]");
+  TORCH_CHECK(key.size(1) == value_cache.size(0) && key.size(2) == value_cache.size(3),
+              "key and value rows do not match the cache's heads and head_dim");
+  TORCH_CHECK(key.scalar_type() == value_cache.scalar_type() &&
+                  value.scalar_type() == value_cache.scalar_type(),
+              "key, value and cache dtypes differ");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "slot_mapping must be contiguous int64");
+  TORCH_CHECK(slot_mapping.size(0) == key.size(0), "one slot per token");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = value_cache.size(1) * value_cache.size(2);
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot ", slots[t], " out of range");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_kv", [&] {
+    write_kv_impl<scalar_t>(key_cache, value_cache, key, value, slots);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm. With a residual: residual += hidden (rounded to the storage type, as an unfused add
+// would), then output = norm(residual) * weight.
+
+template <typename T>
+void rms_norm_impl(T* output, T* residual, const T* input, int64_t input_stride, const T* weight,
+                   int64_t num_rows, int64_t width, float eps) {
+  at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(width);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* source = input + r * input_stride;
+      if (residual != nullptr) {
+        T* sum = residual + r * width;
+        for (int64_t c = 0; c < width; ++c) {
+          sum[c] = from_float<T>(to_float(sum[c]) + to_float(source[c]));
+        }
+        source = sum;
+      }
+      widen(source, row.data(), width);
+      const float mean_square = dot(row.data(), row.data(), width) / static_cast<float>(width);
+      const float inverse_rms = 1.f / std::sqrt(mean_square + eps);
+      T* destination = output + r * width;
+      for (int64_t c = 0; c < width; ++c) {
+        destination[c] = from_float<T>(row[c] * inverse_rms * to_float(weight[c]));
+      }
+    }
+  });
+}
+
+void check_norm_inputs(const at::Tensor& input, const at::Tensor& weight) {
+  check_rows(input, "input");
+  TORCH_CHECK(input.dim() == 2, "input must be [rows, hidden]");
+  TORCH_CHECK(weight.is_contiguous() && weight.size(0) == input.size(1),
+              "weight must be contiguous [hidden]");
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "input and weight dtypes differ");
+}
+
+at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
+  check_norm_inputs(input, weight);
+  auto output = at::empty({input.size(0), input.size(1)}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rms_norm", [&] {
+    rms_norm_impl<scalar_t>(output.data_ptr<scalar_t>(), nullptr, input.data_ptr<scalar_t>(),
+                            input.stride(0), weight.data_ptr<scalar_t>(), input.size(0),
+                            input.size(1), static_cast<float>(eps));
+  });
+  return output;
+}
+
+// Adds `input` into `residual` in place and returns the normalised sum.
+at::Tensor add_rms_norm(const at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
+                        double eps) {
+  check_norm_inputs(input, weight);
+  TORCH_CHECK(residual.is_contiguous() && residual.sizes() == input.sizes() &&
+                  residual.scalar_type() == input.scalar_type(),
+              "residual must be contiguous and match input");
+  auto output = at::empty({input.size(0), input.size(1)}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "add_rms_norm",
+                                  [&] {
+                                    rms_norm_impl<scalar_t>(
+                                        output.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
+                                        input.data_ptr<scalar_t>(), input.stride(0),
+                                        weight.data_ptr<scalar_t>(), input.size(0), input.size(1),
+                                        static_cast<float>(eps));
+                                  });
+  return output;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding in place on x [T, heads, D] (rows may be strided) with float32 cos and sin
+// [T, D / 2]: pairs are (i, i + D / 2).
+
+template <typename T>
+void rotary_impl(at::Tensor& x, const float* cos, const float* sin) {
+  const int64_t num_tokens = x.size(0);
+  const int64_t num_heads = x.size(1);
+  const int64_t half = x.size(2) / 2;
+  T* data = x.data_ptr<T>();
+  const int64_t token_stride = x.stride(0);
+  const int64_t head_stride = x.stride(1);
+  at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* token_cos = cos + t * half;
+      const float* token_sin = sin + t * half;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        T* first = data + t * token_stride + h * head_stride;
+        T* second = first + half;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = to_float(first[i]);
+          const float b = to_float(second[i]);
+          first[i] = from_float<T>(a * token_cos[i] - b * token_sin[i]);
+          second[i] = from_float<T>(b * token_cos[i] + a * token_sin[i]);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 3 && x.size(2) % 2 == 0, "x must be [tokens, heads, even head_dim]");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                  cos.is_contiguous() && sin.is_contiguous(),
+              "cos and sin must be contiguous float32");
+  TORCH_CHECK(cos.size(0) == x.size(0) && cos.size(1) == x.size(2) / 2 &&
+                  sin.sizes() == cos.sizes(),
+              "cos and sin must be [tokens, head_dim / 2]");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
+    rotary_impl<scalar_t>(x, cos.data_ptr<float>(), sin.data_ptr<float>());
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU activation: gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:], [T, I].
+
+template <typename T>
+void silu_and_mul_impl(at::Tensor& output, const at::Tensor& gate_up) {
+  const int64_t num_tokens = gate_up.size(0);
+  const int64_t width = output.size(1);
+  const T* source = gate_up.data_ptr<T>();
+  T* destination = output.data_ptr<T>();
+  const int64_t source_stride = gate_up.stride(0);
+  at::parallel_for(0, num_tokens, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* gate = source + t * source_stride;
+      const T* up = gate + width;
+      T* out = destination + t * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = to_float(gate[i]);
+        out[i] = from_float<T>(g / (1.f + vector_exp(-g)) * to_float(up[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be [tokens, 2 * I]");
+  auto output = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(),
+                                  "silu_and_mul",
+                                  [&] { silu_and_mul_impl<scalar_t>(output, gate_up); });
+  return output;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy pick: per row of float32 logits [S, V], the first index of the maximum (as
+// torch.argmax) and its log-probability, max - logsumexp(row) = -log(sum(exp(row - max))).
+
+std::tuple<at::Tensor, at::Tensor> argmax_logprob(const at::Tensor& logits) {
+  check_rows(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+              "logits must be float32 [rows, vocab]");
+  const int64_t num_rows = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  auto token_ids = at::empty({num_rows}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({num_rows}, logits.options());
+  const float* data = logits.data_ptr<float>();
+  int64_t* ids = token_ids.data_ptr<int64_t>();
+  float* out = logprobs.data_ptr<float>();
+  const int64_t row_stride = logits.stride(0);
+  at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = data + r * row_stride;
+      float maximum = row[0];
+#pragma omp simd reduction(max : maximum)
+      for (int64_t v = 0; v < vocab; ++v) maximum = row[v] > maximum ? row[v] : maximum;
+      int64_t index = 0;
+      while (index < vocab - 1 && !(row[index] == maximum)) ++index;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t v = 0; v < vocab; ++v) sum += vector_exp(row[v] - maximum);
+      ids[r] = index;
+      out[r] = -std::log(sum);
+    }
+  });
+  return {token_ids, logprobs};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("paged_decode_attention", &paged_decode_attention);
+  module.def("write_kv", &write_kv);
+  module.def("rms_norm", &rms_norm);
+  module.def("add_rms_norm", &add_rms_norm);
+  module.def("rotary_", &rotary_);
+  module.def("silu_and_mul", &silu_and_mul);
+  module.def("argmax_logprob", &argmax_logprob);
+}

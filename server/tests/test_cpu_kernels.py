@@ -1,0 +1,146 @@
+"""The compiled CPU kernels against the PyTorch reference, op by op.
+
+The model-level tests (test_llama_vs_transformers, test_gguf) run both kernel sets in float32;
+these also cover bfloat16 and the head sizes the kernels specialise (64, 128) next to a generic
+one, with grouped-query attention and scattered, partly filled blocks.
+"""
+
+import pytest
+import torch
+from sluice_server.kernels import Kernels
+from sluice_server.layers.attention import LayerKVCache, SequenceChunk
+from sluice_server.layers.attention.torch_backend import TorchAttentionMetadata
+
+# Relative to the magnitude (floored at 1). bfloat16 keeps 8 significant bits, a step of 2^-7
+# relative, and the reference rounds its intermediates (e.g. cos and sin) to bfloat16 too.
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+BLOCK_SIZE = 16
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def reference() -> Kernels:
+    return Kernels.reference()
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    error = (actual.float() - expected.float()).abs() / expected.float().abs().clamp(min=1)
+    assert error.max().item() <= TOLERANCES[dtype], f"max relative error {error.max().item()}"
+
+
+def _filled_cache(
+    kernels: Kernels, dtype: torch.dtype, head_dim: int, rows: tuple[torch.Tensor, torch.Tensor]
+) -> LayerKVCache:
+    """A cache of 64 blocks in `kernels`' layout with token rows (K, V) [slots, H_kv, D] written
+    to every slot through the backend's own write."""
+    key_rows, value_rows = rows
+    num_kv_heads, num_blocks = key_rows.shape[1], 64
+    value = torch.zeros(num_kv_heads, num_blocks, BLOCK_SIZE, head_dim, dtype=dtype)
+    key = value.transpose(2, 3).contiguous() if kernels.attention.transposed_keys else value.clone()
+    cache = LayerKVCache(key, value)
+    kernels.attention.write(cache, key_rows, value_rows, torch.arange(num_blocks * BLOCK_SIZE))
+    return cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+def test_paged_decode_attention_matches_reference(
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype, head_dim: int
+) -> None:
+    generator = torch.Generator().manual_seed(head_dim)
+    num_kv_heads, group, num_blocks = 3, 3, 64
+    rows = tuple(
+        torch.randn(num_blocks * BLOCK_SIZE, num_kv_heads, head_dim, generator=generator).to(dtype)
+        for _ in range(2)
+    )
+    # Lengths inside a block, at a block boundary and across several blocks, on scattered blocks.
+    free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
+    chunks = []
+    for length in [1, 16, 17, 70, 200]:
+        blocks = -(-length // BLOCK_SIZE)
+        table, free_blocks = free_blocks[:blocks], free_blocks[blocks:]
+        chunks.append(SequenceChunk(cache_len=length - 1, query_len=1, block_table=table))
+    query = torch.randn(len(chunks), num_kv_heads * group, head_dim, generator=generator).to(dtype)
+    metadata = reference.attention.build_metadata(chunks, BLOCK_SIZE, torch.device("cpu"))
+    assert isinstance(metadata, TorchAttentionMetadata) and metadata.decodes is not None
+
+    scale = head_dim**-0.5
+    results = [
+        kernels.attention.attend_decodes(
+            query, _filled_cache(kernels, dtype, head_dim, rows), metadata.decodes, scale
+        )
+        for kernels in (reference, compiled_kernels)
+    ]
+    _assert_close(results[1], results[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_keys_read_back_as_the_reference_layout(
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype
+) -> None:
+    """What the compiled write stores, the gather for prefill attention reads back unchanged."""
+    generator = torch.Generator().manual_seed(3)
+    rows = tuple(torch.randn(64 * BLOCK_SIZE, 2, 32, generator=generator).to(dtype) for _ in range(2))
+    tables = torch.tensor([[5, 0, 63], [7, 7, 2]])
+    for kernels in (reference, compiled_kernels):
+        cache = _filled_cache(kernels, dtype, 32, rows)
+        slots = (tables[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten(1)
+        expected_keys = rows[0][slots].permute(2, 0, 1, 3)  # [H_kv, B, n * bs, D]
+        assert torch.equal(kernels.attention.gather_keys(cache, tables), expected_keys)
+
+
+def test_write_kv_rejects_an_out_of_range_slot(compiled_kernels: Kernels) -> None:
+    cache = LayerKVCache(torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 4, 8))
+    rows = torch.zeros(1, 1, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        compiled_kernels.attention.write(cache, rows, rows, torch.tensor([8]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_match_reference(
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 576, generator=generator).to(dtype)
+    residual = torch.randn(7, 576, generator=generator).to(dtype)
+    weight = torch.randn(576, generator=generator).to(dtype)
+    _assert_close(
+        compiled_kernels.ops.rms_norm(hidden, weight, 1e-5),
+        reference.ops.rms_norm(hidden, weight, 1e-5),
+        dtype,
+    )
+    residual_reference, residual_compiled = residual.clone(), residual.clone()
+    expected = reference.ops.add_rms_norm(hidden, residual_reference, weight, 1e-5)
+    actual = compiled_kernels.ops.add_rms_norm(hidden, residual_compiled, weight, 1e-5)
+    _assert_close(actual, expected, dtype)
+    assert torch.equal(residual_compiled, residual_reference)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_silu_match_reference(
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype
+) -> None:
+    generator = torch.Generator().manual_seed(1)
+    # Queries and keys as a strided view of a fused qkv row, rotated in place.
+    qkv = torch.randn(6, 5 * 64, generator=generator).to(dtype)
+    angles = torch.rand(6, 32, generator=generator) * 100
+    rotated = [qkv.clone(), qkv.clone()]
+    for ops, buffer in zip((reference.ops, compiled_kernels.ops), rotated, strict=True):
+        ops.rotary_(buffer[:, : 4 * 64].view(6, 4, 64), angles.cos(), angles.sin())
+    _assert_close(rotated[1], rotated[0], dtype)
+    assert torch.equal(rotated[1][:, 4 * 64 :], qkv[:, 4 * 64 :])
+
+    gate_up = (torch.randn(6, 2 * 96, generator=generator) * 4).to(dtype)
+    _assert_close(
+        compiled_kernels.ops.silu_and_mul(gate_up), reference.ops.silu_and_mul(gate_up), dtype
+    )
+
+
+def test_argmax_logprob_matches_reference(compiled_kernels: Kernels, reference: Kernels) -> None:
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 49152, generator=generator) * 8
+    logits[3, 17] = logits[3, 4000] = logits[3].max() + 1  # A tie: the first index wins.
+    expected_ids, expected_logprobs = reference.ops.argmax_logprob(logits)
+    ids, logprobs = compiled_kernels.ops.argmax_logprob(logits)
+    assert torch.equal(ids, expected_ids) and ids[3].item() == 17
+    assert torch.allclose(logprobs, expected_logprobs, atol=1e-5)
