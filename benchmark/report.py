@@ -102,7 +102,7 @@ def results_section(results: Results) -> str:
                          ms(lv["itl_p95_s"]), str(lv["errors"]),
                          f"{gib(lv['peak_rss_bytes'])} (PSS {gib(lv['peak_pss_bytes'])})"])
     header = ["server", "concurrency", "requests", "output tok/s", "req/s", "TTFT p50 ms",
-              "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "errors", "peak RSS (PSS)"]
+              "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "errors", "peak RSS (PSS at end)"]
     return table(header, rows) + "\n"
 
 
@@ -265,7 +265,9 @@ Rerun: `{results['command']}`
 
 {results_section(results)}
 Peak RSS is sampled every {s['memory_period_s']} s during each level and summed over the
-server's whole process tree (RSS counts shared pages once per process; PSS splits them).
+server's whole process tree (RSS counts shared pages once per process). PSS, which splits shared
+pages, is read once at the end of each level: reading it walks every page table (about 70 ms of
+kernel time for a server with a 5 GiB KV cache), which would tax the server under test.
 
 ![output tokens/s and TTFT p95 vs concurrency]({plot_link})
 

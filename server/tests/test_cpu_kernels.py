@@ -9,7 +9,6 @@ import pytest
 import torch
 from sluice_server.kernels import Kernels
 from sluice_server.layers.attention import LayerKVCache, SequenceChunk
-from sluice_server.layers.attention.torch_backend import TorchAttentionMetadata
 
 # Relative to the magnitude (floored at 1). bfloat16 keeps 8 significant bits, a step of 2^-7
 # relative, and the reference rounds its intermediates (e.g. cos and sin) to bfloat16 too.
@@ -44,7 +43,7 @@ def _filled_cache(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 48])
-def test_paged_decode_attention_matches_reference(
+def test_paged_attention_matches_reference(
     compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype, head_dim: int
 ) -> None:
     generator = torch.Generator().manual_seed(head_dim)
@@ -53,40 +52,30 @@ def test_paged_decode_attention_matches_reference(
         torch.randn(num_blocks * BLOCK_SIZE, num_kv_heads, head_dim, generator=generator).to(dtype)
         for _ in range(2)
     )
-    # Lengths inside a block, at a block boundary and across several blocks, on scattered blocks.
+    # (cache_len, query_len) on scattered blocks: decodes with contexts inside a block, at a
+    # block boundary and across blocks; prompts that start their sequence (two of one length,
+    # attended together by the reference, and one longer than a 16-row tile); and a chunk after
+    # a cached prefix.
+    shapes = [(0, 1), (15, 1), (16, 1), (69, 1), (199, 1), (0, 7), (0, 7), (0, 37), (21, 12)]
     free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
     chunks = []
-    for length in [1, 16, 17, 70, 200]:
-        blocks = -(-length // BLOCK_SIZE)
+    for cache_len, query_len in shapes:
+        blocks = -(-(cache_len + query_len) // BLOCK_SIZE)
         table, free_blocks = free_blocks[:blocks], free_blocks[blocks:]
-        chunks.append(SequenceChunk(cache_len=length - 1, query_len=1, block_table=table))
-    query = torch.randn(len(chunks), num_kv_heads * group, head_dim, generator=generator).to(dtype)
+        chunks.append(SequenceChunk(cache_len, query_len, table))
+    num_tokens = sum(query_len for _cache_len, query_len in shapes)
+    query = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=generator).to(dtype)
+    # The new tokens' own K/V, as the model passes them: the rows at their slots.
     metadata = reference.attention.build_metadata(chunks, BLOCK_SIZE, torch.device("cpu"))
-    assert isinstance(metadata, TorchAttentionMetadata) and metadata.decodes is not None
+    new_key, new_value = (rows[0][metadata.slot_mapping], rows[1][metadata.slot_mapping])
 
     scale = head_dim**-0.5
-    results = [
-        kernels.attention.attend_decodes(
-            query, _filled_cache(kernels, dtype, head_dim, rows), metadata.decodes, scale
-        )
-        for kernels in (reference, compiled_kernels)
-    ]
-    _assert_close(results[1], results[0], dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_transposed_keys_read_back_as_the_reference_layout(
-    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype
-) -> None:
-    """What the compiled write stores, the gather for prefill attention reads back unchanged."""
-    generator = torch.Generator().manual_seed(3)
-    rows = tuple(torch.randn(64 * BLOCK_SIZE, 2, 32, generator=generator).to(dtype) for _ in range(2))
-    tables = torch.tensor([[5, 0, 63], [7, 7, 2]])
+    results = []
     for kernels in (reference, compiled_kernels):
-        cache = _filled_cache(kernels, dtype, 32, rows)
-        slots = (tables[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten(1)
-        expected_keys = rows[0][slots].permute(2, 0, 1, 3)  # [H_kv, B, n * bs, D]
-        assert torch.equal(kernels.attention.gather_keys(cache, tables), expected_keys)
+        cache = _filled_cache(kernels, dtype, head_dim, rows)
+        metadata = kernels.attention.build_metadata(chunks, BLOCK_SIZE, torch.device("cpu"))
+        results.append(kernels.attention.attend(query, new_key, new_value, cache, metadata, scale))
+    _assert_close(results[1], results[0], dtype)
 
 
 def test_write_kv_rejects_an_out_of_range_slot(compiled_kernels: Kernels) -> None:

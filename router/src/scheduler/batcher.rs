@@ -12,8 +12,10 @@ use super::step_builder::SchedulerState;
 use super::{SchedulerConfig, SchedulerError, SchedulerHandle, Shard, ShardFinish, TokenEvent};
 use crate::pb;
 
-/// How long an idle scheduler waits after the first arrival before building a step.
-const BURST_WINDOW: Duration = Duration::from_millis(2);
+/// When a request wakes an idle scheduler, it keeps collecting arrivals until none has come for
+/// BURST_GAP, and for at most BURST_WINDOW, before building a step.
+const BURST_GAP: Duration = Duration::from_millis(2);
+const BURST_WINDOW: Duration = Duration::from_millis(10);
 
 /// Starts the scheduler task and returns the handle to submit requests with.
 pub fn spawn_scheduler<S: Shard>(shard: Arc<S>, config: SchedulerConfig) -> SchedulerHandle {
@@ -43,7 +45,15 @@ async fn run<S: Shard>(
             // Requests sent together reach the router a little apart (each is parsed and
             // tokenized first); waiting briefly lets a burst share one prefill step instead of
             // the late ones waiting a whole step for the next.
-            tokio::time::sleep(BURST_WINDOW).await;
+            let deadline = Instant::now() + BURST_WINDOW;
+            loop {
+                let wait = BURST_GAP.min(deadline.saturating_duration_since(Instant::now()));
+                match tokio::time::timeout(wait, inbox.recv()).await {
+                    Ok(Some(submission)) => admit(&mut state, submission),
+                    // Closed or quiet: go on with what has arrived.
+                    Ok(None) | Err(_) => break,
+                }
+            }
         }
         while let Ok(submission) = inbox.try_recv() {
             admit(&mut state, submission);

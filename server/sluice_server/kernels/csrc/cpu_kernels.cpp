@@ -1,7 +1,8 @@
-// CPU kernels for the shard's decode path, where PyTorch's generic operators spend more time on
+// CPU kernels for the shard's forward pass, where PyTorch's generic operators spend more time on
 // dispatch, temporaries and extra passes over memory than on arithmetic:
 //
-//   paged_decode_attention  one-token queries against K/V read in place from the paged cache
+//   paged_attention         queries of decodes and prompt chunks against K/V read in place
+//                           from the paged cache
 //   write_kv                new tokens' K/V into their cache slots (layout: see below)
 //   rms_norm, add_rms_norm  RMSNorm, optionally fused with the residual add before it
 //   rotary_                 rotary position embedding, in place, "rotate half" layout
@@ -100,7 +101,15 @@ void check_rows(const at::Tensor& tensor, const char* name) {
 // scoring a block against a query is a sum over d of (query[d] * one contiguous row of the
 // block's keys): plain vector FMAs with no horizontal reduction per key.
 
-constexpr int64_t kLanes = 16;  // A 512-bit vector of float32; also fine as 2 x 256-bit.
+constexpr int64_t kLanes = 16;
+
+// Elements one thread should handle before splitting work pays for waking the others: decode
+// batches of the elementwise kernels run on one thread, prefill batches on all.
+constexpr int64_t kGrainElements = 32768;
+
+inline int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}  // A 512-bit vector of float32; also fine as 2 x 256-bit.
 
 inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -160,21 +169,31 @@ inline void prefetch(const T* data, int64_t count) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Paged decode attention.
+// Paged attention over a flat batch of chunks (decodes are chunks of one token).
 //
-// One work item is one (sequence, KV head): the `group` query heads that share the KV head are
+// Sequence s owns query rows [query_starts[s], query_starts[s + 1]); its row i sits at position
+// cache_lens[s] + i and sees the positions up to itself, all of which are in the cache (the new
+// tokens' K/V were written first). One work item is one (sequence, KV head, tile of up to
+// kTileRows query rows): the tile's rows and the `group` query heads sharing the KV head are
 // scored together, so each block is read from memory and widened to float32 once for all of
-// them. Scores live in a per-thread buffer of group x context floats; then softmax, then the
-// weighted sum of value rows. K/V are read where they are, block by block, with no gathered copy.
+// them. Then softmax per row and head, then the weighted sum of value rows.
+
+constexpr int64_t kTileRows = 16;
+
+struct AttentionItem {
+  int64_t sequence;
+  int64_t kv_head;
+  int64_t first_row;  // Within the sequence's rows.
+};
 
 // kHeadDim > 0 fixes the head size at compile time, so the per-row loops unroll completely;
 // 0 reads it from the tensors.
 template <typename T, int64_t kHeadDim>
-void paged_decode_attention_impl(at::Tensor& output, const at::Tensor& query,
-                                 const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                 const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                 double scale) {
-  const int64_t batch = query.size(0);
+void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
+                          const at::Tensor& key_cache, const at::Tensor& value_cache,
+                          const at::Tensor& block_tables, const at::Tensor& cache_lens,
+                          const at::Tensor& query_starts, double scale) {
+  const int64_t num_sequences = cache_lens.size(0);
   const int64_t num_heads = query.size(1);
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : query.size(2);
   const int64_t num_kv_heads = value_cache.size(0);
@@ -183,99 +202,129 @@ void paged_decode_attention_impl(at::Tensor& output, const at::Tensor& query,
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_tables.size(1);
   const int64_t padded_block = round_up(block_size, kLanes);
+  const int64_t block_elements = block_size * head_dim;
 
   const T* query_data = query.data_ptr<T>();
   const T* key_data = key_cache.data_ptr<T>();
   const T* value_data = value_cache.data_ptr<T>();
   T* output_data = output.data_ptr<T>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* lengths = context_lens.data_ptr<int32_t>();
-  const int64_t query_seq_stride = query.stride(0);
+  const int32_t* cached = cache_lens.data_ptr<int32_t>();
+  const int32_t* starts = query_starts.data_ptr<int32_t>();
+  const int64_t query_row_stride = query.stride(0);
   const int64_t query_head_stride = query.stride(1);
-  const int64_t block_elements = block_size * head_dim;
   const float softmax_scale = static_cast<float>(scale);
 
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> queries(group * head_dim);
+  std::vector<AttentionItem> items;
+  for (int64_t s = 0; s < num_sequences; ++s) {
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      for (int64_t row = 0; row < starts[s + 1] - starts[s]; row += kTileRows) {
+        items.push_back({s, h, row});
+      }
+    }
+  }
+  // Items differ a lot in cost (a decode against a prefill tile), so each thread takes every
+  // num_threads-th item rather than one contiguous range.
+  const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
+  at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
+    std::vector<float> queries(kTileRows * group * head_dim);
     // One block widened to float32: keys as [head_dim][padded_block] (the padding columns are
     // zero and their scores ignored), values as [block_size][head_dim].
     std::vector<float> keys(head_dim * padded_block, 0.f);
     std::vector<float> values(block_elements);
-    std::vector<float> accumulators(group * head_dim);
-    std::vector<float> inverse_sums(group);
+    std::vector<float> accumulators(kTileRows * group * head_dim);
+    std::vector<float> inverse_sums(kTileRows * group);
     std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t sequence = item / num_kv_heads;
-      const int64_t kv_head = item % num_kv_heads;
-      const int64_t context = lengths[sequence];
-      const int32_t* table = tables + sequence * max_blocks;
-      scores.resize(group * context);
+    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
+      for (size_t index = thread; index < items.size(); index += num_threads) {
+        const AttentionItem item = items[index];
+        const int64_t row_offset = starts[item.sequence] + item.first_row;
+        const int64_t rows =
+            std::min(kTileRows, starts[item.sequence + 1] - starts[item.sequence] - item.first_row);
+        // Row r sees positions [0, first_context + r).
+        const int64_t first_context = cached[item.sequence] + item.first_row + 1;
+        const int64_t context = first_context + rows - 1;
+        const int64_t context_blocks = (context + block_size - 1) / block_size;
+        const int32_t* table = tables + item.sequence * max_blocks;
+        const int64_t head_base = item.kv_head * num_blocks;
+        const int64_t vectors = rows * group;  // (row, head) pairs, row-major.
+        scores.resize(vectors * context);
 
-      for (int64_t g = 0; g < group; ++g) {
-        const T* source =
-            query_data + sequence * query_seq_stride + (kv_head * group + g) * query_head_stride;
-        float* destination = queries.data() + g * head_dim;
-        widen(source, destination, head_dim);
-        for (int64_t d = 0; d < head_dim; ++d) destination[d] *= softmax_scale;
-      }
-
-      const int64_t context_blocks = (context + block_size - 1) / block_size;
-      const int64_t head_base = kv_head * num_blocks;
-      prefetch(key_data + (head_base + table[0]) * block_elements, block_elements);
-      for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
-        // The next block's keys while these are scored, and this block's values for later.
-        if (block + 1 < context_blocks) {
-          prefetch(key_data + (head_base + table[block + 1]) * block_elements, block_elements);
-        }
-        prefetch(value_data + (head_base + table[block]) * block_elements, block_elements);
-        const T* block_keys = key_data + (head_base + table[block]) * block_elements;
-        if (block_size == padded_block) {
-          widen(block_keys, keys.data(), block_elements);  // Same layout: one pass.
-        } else {
-          for (int64_t d = 0; d < head_dim; ++d) {
-            widen(block_keys + d * block_size, keys.data() + d * padded_block, block_size);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t g = 0; g < group; ++g) {
+            const T* source = query_data + (row_offset + r) * query_row_stride +
+                              (item.kv_head * group + g) * query_head_stride;
+            float* destination = queries.data() + (r * group + g) * head_dim;
+            widen(source, destination, head_dim);
+            for (int64_t d = 0; d < head_dim; ++d) destination[d] *= softmax_scale;
           }
         }
-        const int64_t rows = std::min(block_size, context - start);
-        for (int64_t g = 0; g < group; ++g) {
-          score_keys(queries.data() + g * head_dim, keys.data(), head_dim, padded_block,
-                     scores.data() + g * context + start, rows);
-        }
-      }
 
-      // Softmax per query head, in place; the 1/sum is folded into the output.
-      for (int64_t g = 0; g < group; ++g) {
-        float* head_scores = scores.data() + g * context;
-        float maximum = -std::numeric_limits<float>::infinity();
+        prefetch(key_data + (head_base + table[0]) * block_elements, block_elements);
+        for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
+          // The next block's keys while these are scored, and this block's values for later.
+          if (block + 1 < context_blocks) {
+            prefetch(key_data + (head_base + table[block + 1]) * block_elements, block_elements);
+          }
+          prefetch(value_data + (head_base + table[block]) * block_elements, block_elements);
+          const T* block_keys = key_data + (head_base + table[block]) * block_elements;
+          if (block_size == padded_block) {
+            widen(block_keys, keys.data(), block_elements);  // Same layout: one pass.
+          } else {
+            for (int64_t d = 0; d < head_dim; ++d) {
+              widen(block_keys + d * block_size, keys.data() + d * padded_block, block_size);
+            }
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t visible = std::min(block_size, first_context + r - start);
+            for (int64_t g = 0; visible > 0 && g < group; ++g) {
+              const int64_t vector = r * group + g;
+              score_keys(queries.data() + vector * head_dim, keys.data(), head_dim, padded_block,
+                         scores.data() + vector * context + start, visible);
+            }
+          }
+        }
+
+        // Softmax per (row, head) over what the row sees, in place; 1/sum goes to the output.
+        for (int64_t vector = 0; vector < vectors; ++vector) {
+          const int64_t visible = first_context + vector / group;
+          float* row_scores = scores.data() + vector * context;
+          float maximum = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : maximum)
-        for (int64_t t = 0; t < context; ++t) {
-          maximum = head_scores[t] > maximum ? head_scores[t] : maximum;
-        }
-        float sum = 0.f;
+          for (int64_t t = 0; t < visible; ++t) {
+            maximum = row_scores[t] > maximum ? row_scores[t] : maximum;
+          }
+          float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < context; ++t) {
-          head_scores[t] = vector_exp(head_scores[t] - maximum);
-          sum += head_scores[t];
+          for (int64_t t = 0; t < visible; ++t) {
+            row_scores[t] = vector_exp(row_scores[t] - maximum);
+            sum += row_scores[t];
+          }
+          inverse_sums[vector] = 1.f / sum;
         }
-        inverse_sums[g] = 1.f / sum;
-      }
 
-      std::fill(accumulators.begin(), accumulators.end(), 0.f);
-      for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
-        const int64_t rows = std::min(block_size, context - start);
-        widen(value_data + (head_base + table[block]) * block_elements, values.data(),
-              rows * head_dim);
-        for (int64_t g = 0; g < group; ++g) {
-          accumulate_rows<kHeadDim>(accumulators.data() + g * head_dim, values.data(),
-                                    scores.data() + g * context + start, rows, head_dim);
+        std::fill(accumulators.begin(), accumulators.begin() + vectors * head_dim, 0.f);
+        for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
+          const int64_t block_rows = std::min(block_size, context - start);
+          widen(value_data + (head_base + table[block]) * block_elements, values.data(),
+                block_rows * head_dim);
+          for (int64_t vector = 0; vector < vectors; ++vector) {
+            const int64_t visible = std::min(block_rows, first_context + vector / group - start);
+            if (visible <= 0) continue;
+            accumulate_rows<kHeadDim>(accumulators.data() + vector * head_dim, values.data(),
+                                      scores.data() + vector * context + start, visible,
+                                      head_dim);
+          }
         }
-      }
 
-      for (int64_t g = 0; g < group; ++g) {
-        T* destination = output_data + (sequence * num_heads + kv_head * group + g) * head_dim;
-        const float* accumulator = accumulators.data() + g * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) {
-          destination[d] = from_float<T>(accumulator[d] * inverse_sums[g]);
+        for (int64_t vector = 0; vector < vectors; ++vector) {
+          const int64_t r = vector / group;
+          const int64_t head = item.kv_head * group + vector % group;
+          T* destination = output_data + ((row_offset + r) * num_heads + head) * head_dim;
+          const float* accumulator = accumulators.data() + vector * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) {
+            destination[d] = from_float<T>(accumulator[d] * inverse_sums[vector]);
+          }
         }
       }
     }
@@ -286,51 +335,73 @@ void check_cache_layout(const at::Tensor& key_cache, const at::Tensor& value_cac
   check_cpu(key_cache, "key_cache");
   check_cpu(value_cache, "value_cache");
   TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "caches must be 4-d");
-  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(),
+              "caches must be contiguous");
   TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "cache dtypes differ");
-  TORCH_CHECK(key_cache.size(0) == value_cache.size(0) && key_cache.size(1) == value_cache.size(1) &&
+  TORCH_CHECK(key_cache.size(0) == value_cache.size(0) &&
+                  key_cache.size(1) == value_cache.size(1) &&
                   key_cache.size(2) == value_cache.size(3) &&
                   key_cache.size(3) == value_cache.size(2),
               "key_cache must be [H_kv, blocks, D, block_size] for value_cache "
               "[H_kv, blocks, block_size, D]");
 }
 
-// query [B, H, D] (rows may be strided); caches as described above; block_tables
-// [B, max_blocks] int32; context_lens [B] int32. Returns [B, H, D].
-at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                                  const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& context_lens, double scale) {
+// query [T, H, D] (rows may be strided); caches as described above; block_tables
+// [S, max_blocks], cache_lens [S] and query_starts [S + 1], all int32. Returns [T, H, D].
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                           const at::Tensor& cache_lens, const at::Tensor& query_starts,
+                           double scale) {
   check_rows(query, "query");
   check_cache_layout(key_cache, value_cache);
-  TORCH_CHECK(query.dim() == 3, "query must be [B, H, D]");
+  TORCH_CHECK(query.dim() == 3, "query must be [T, H, D]");
   TORCH_CHECK(query.scalar_type() == value_cache.scalar_type(), "query and caches differ in dtype");
   TORCH_CHECK(query.size(2) == value_cache.size(3), "query and cache head_dim differ");
   TORCH_CHECK(query.size(1) % value_cache.size(0) == 0, "heads must be a multiple of KV heads");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
-              "block_tables and context_lens must be int32");
-  TORCH_CHECK(block_tables.is_contiguous() && context_lens.is_contiguous(),
-              "block_tables and context_lens must be contiguous");
-  TORCH_CHECK(block_tables.size(0) == query.size(0) && context_lens.size(0) == query.size(0),
-              "one block table and context length per query");
+  for (const at::Tensor* tensor : {&block_tables, &cache_lens, &query_starts}) {
+    TORCH_CHECK(tensor->scalar_type() == at::kInt && tensor->is_contiguous(),
+                "block_tables, cache_lens and query_starts must be contiguous int32");
+  }
+  const int64_t num_sequences = cache_lens.size(0);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_sequences &&
+                  query_starts.size(0) == num_sequences + 1,
+              "one block table and cache length per sequence, and one more query start");
+  const int32_t* starts = query_starts.data_ptr<int32_t>();
+  const int32_t* cached = cache_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t block_size = value_cache.size(2);
+  TORCH_CHECK(starts[0] == 0 && starts[num_sequences] == query.size(0),
+              "query_starts must run from 0 to the number of query rows");
+  for (int64_t s = 0; s < num_sequences; ++s) {
+    TORCH_CHECK(starts[s + 1] > starts[s] && cached[s] >= 0, "sequence ", s, " has no rows");
+    const int64_t context = cached[s] + starts[s + 1] - starts[s];
+    TORCH_CHECK((context + block_size - 1) / block_size <= block_tables.size(1),
+                "sequence ", s, ": its block table is too short for ", context, " tokens");
+    for (int64_t b = 0; b < (context + block_size - 1) / block_size; ++b) {
+      const int32_t block = tables[s * block_tables.size(1) + b];
+      TORCH_CHECK(block >= 0 && block < value_cache.size(1), "block ", block, " out of range");
+    }
+  }
 
   auto output = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  if (num_sequences == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
-                                  "paged_decode_attention", [&] {
+                                  "paged_attention", [&] {
                                     switch (query.size(2)) {
                                       case 64:
-                                        paged_decode_attention_impl<scalar_t, 64>(
+                                        paged_attention_impl<scalar_t, 64>(
                                             output, query, key_cache, value_cache, block_tables,
-                                            context_lens, scale);
+                                            cache_lens, query_starts, scale);
                                         break;
                                       case 128:
-                                        paged_decode_attention_impl<scalar_t, 128>(
+                                        paged_attention_impl<scalar_t, 128>(
                                             output, query, key_cache, value_cache, block_tables,
-                                            context_lens, scale);
+                                            cache_lens, query_starts, scale);
                                         break;
                                       default:
-                                        paged_decode_attention_impl<scalar_t, 0>(
+                                        paged_attention_impl<scalar_t, 0>(
                                             output, query, key_cache, value_cache, block_tables,
-                                            context_lens, scale);
+                                            cache_lens, query_starts, scale);
                                     }
                                   });
   return output;
@@ -353,7 +424,8 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
   T* values = value_cache.data_ptr<T>();
   const T* key_rows = key.data_ptr<T>();
   const T* value_rows = value.data_ptr<T>();
-  at::parallel_for(0, num_tokens * num_kv_heads, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_tokens * num_kv_heads, grain_for(2 * head_dim),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t token = item / num_kv_heads;
       const int64_t head = item % num_kv_heads;
@@ -400,7 +472,7 @@ void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& 
 template <typename T>
 void rms_norm_impl(T* output, T* residual, const T* input, int64_t input_stride, const T* weight,
                    int64_t num_rows, int64_t width, float eps) {
-  at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_rows, grain_for(width), [&](int64_t begin, int64_t end) {
     std::vector<float> row(width);
     for (int64_t r = begin; r < end; ++r) {
       const T* source = input + r * input_stride;
@@ -472,7 +544,8 @@ void rotary_impl(at::Tensor& x, const float* cos, const float* sin) {
   T* data = x.data_ptr<T>();
   const int64_t token_stride = x.stride(0);
   const int64_t head_stride = x.stride(1);
-  at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(num_heads * half * 2);
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* token_cos = cos + t * half;
       const float* token_sin = sin + t * half;
@@ -515,7 +588,7 @@ void silu_and_mul_impl(at::Tensor& output, const at::Tensor& gate_up) {
   const T* source = gate_up.data_ptr<T>();
   T* destination = output.data_ptr<T>();
   const int64_t source_stride = gate_up.stride(0);
-  at::parallel_for(0, num_tokens, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_tokens, grain_for(2 * width), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* gate = source + t * source_stride;
       const T* up = gate + width;
@@ -576,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor> argmax_logprob(const at::Tensor& logits) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("paged_decode_attention", &paged_decode_attention);
+  module.def("paged_attention", &paged_attention);
   module.def("write_kv", &write_kv);
   module.def("rms_norm", &rms_norm);
   module.def("add_rms_norm", &add_rms_norm);

@@ -1,23 +1,68 @@
-"""Attention on CPU with Sluice's C++ kernels: decodes read K/V in place from the paged cache.
+"""Attention on CPU with Sluice's C++ kernels: one kernel call per layer attends every chunk of
+the step, decodes and prompt chunks alike, reading K/V in place from the paged cache.
 
-Keys are stored with each block transposed ([D, block_size]), which lets the decode kernel score
-a block with plain vector multiply-adds. Prefill chunks use the reference backend's code:
-prefill attention is matmul-bound and PyTorch's scaled_dot_product_attention runs it well.
+Keys are stored with each block transposed ([D, block_size]), which lets the kernel score a
+block with plain vector multiply-adds (see csrc/cpu_kernels.cpp).
 """
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
-from .backend import LayerKVCache
-from .torch_backend import DecodeGroup, TorchAttentionBackend
+from .backend import AttentionBackend, AttentionMetadata, LayerKVCache, SequenceChunk
 
 
-class CompiledCpuAttentionBackend(TorchAttentionBackend):
+@dataclass
+class CompiledCpuAttentionMetadata(AttentionMetadata):
+    # Each chunk's blocks, [S, max_blocks] int32, padded with block 0.
+    block_tables: torch.Tensor
+    # Tokens each chunk's sequence had cached before it, [S] int32.
+    cache_lens: torch.Tensor
+    # Where each chunk's rows start in the flat batch, and the end, [S + 1] int32.
+    query_starts: torch.Tensor
+
+
+class CompiledCpuAttentionBackend(AttentionBackend):
     transposed_keys = True
 
     def __init__(self, kernels: ModuleType) -> None:
         self.kernels = kernels
+
+    def build_metadata(
+        self, chunks: Sequence[SequenceChunk], block_size: int, device: torch.device
+    ) -> CompiledCpuAttentionMetadata:
+        slot_mapping: list[int] = []
+        tables: list[list[int]] = []
+        query_starts = [0]
+        for chunk in chunks:
+            blocks_needed = -(-chunk.context_len // block_size)
+            if len(chunk.block_table) < blocks_needed:
+                raise ValueError(
+                    f"a chunk reaching {chunk.context_len} tokens needs {blocks_needed} blocks, "
+                    f"its block table has {len(chunk.block_table)}"
+                )
+            table = list(chunk.block_table[:blocks_needed])
+            slot_mapping.extend(
+                table[p // block_size] * block_size + p % block_size
+                for p in range(chunk.cache_len, chunk.context_len)
+            )
+            tables.append(table)
+            query_starts.append(query_starts[-1] + chunk.query_len)
+        width = max((len(table) for table in tables), default=0)
+        return CompiledCpuAttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            block_tables=torch.tensor(
+                [table + [0] * (width - len(table)) for table in tables],
+                dtype=torch.int32,
+                device=device,
+            ).view(len(tables), width),
+            cache_lens=torch.tensor(
+                [chunk.cache_len for chunk in chunks], dtype=torch.int32, device=device
+            ),
+            query_starts=torch.tensor(query_starts, dtype=torch.int32, device=device),
+        )
 
     def write(
         self,
@@ -28,9 +73,22 @@ class CompiledCpuAttentionBackend(TorchAttentionBackend):
     ) -> None:
         self.kernels.write_kv(cache.key, cache.value, key, value, slot_mapping)
 
-    def attend_decodes(
-        self, query: torch.Tensor, cache: LayerKVCache, decodes: DecodeGroup, scale: float
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
-        return self.kernels.paged_decode_attention(
-            query, cache.key, cache.value, decodes.block_tables, decodes.context_lens, scale
+        assert isinstance(metadata, CompiledCpuAttentionMetadata)
+        return self.kernels.paged_attention(
+            query,
+            cache.key,
+            cache.value,
+            metadata.block_tables,
+            metadata.cache_lens,
+            metadata.query_starts,
+            scale,
         )

@@ -23,10 +23,8 @@ class DecodeGroup:
 
     # Rows of those tokens in the flat batch, [B].
     token_rows: torch.Tensor
-    # The blocks of each sequence's context, [B, max_blocks] int32; padded with block 0.
+    # The blocks of each sequence's context, [B, max_blocks]; padded with block 0.
     block_tables: torch.Tensor
-    # Tokens of context per sequence, [B] int32.
-    context_lens: torch.Tensor
     # True where a gathered position is past the sequence's context, [1, B, 1, max_blocks * bs].
     padding_mask: torch.Tensor
 
@@ -65,20 +63,15 @@ class TorchAttentionMetadata(AttentionMetadata):
         return not self.fresh_prefills and not self.cached_prefills
 
 
-def _gather_blocks(
-    layer_cache: torch.Tensor, block_tables: torch.Tensor, transposed: bool = False
-) -> torch.Tensor:
-    """Cache [H_kv, num_blocks, bs, D] (or [H_kv, num_blocks, D, bs] if `transposed`), tables
-    [B, n] -> [H_kv, B, n * bs, D] contiguous copy."""
-    num_kv_heads, num_blocks = layer_cache.shape[:2]
-    # One index_select over dim 0 of a [H_kv * num_blocks, ...] view: several times faster on
+def _gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[H_kv, num_blocks, bs, D] cache, [B, n] tables -> [H_kv, B, n * bs, D] contiguous copy."""
+    num_kv_heads, num_blocks, block_size, head_dim = layer_cache.shape
+    # One index_select over dim 0 of a [H_kv * num_blocks, bs, D] view: several times faster on
     # CPU than selecting along dim 1 or advanced indexing.
     head_offsets = torch.arange(num_kv_heads, device=block_tables.device)[:, None] * num_blocks
     rows = (head_offsets + block_tables.flatten()[None, :]).flatten()
-    gathered = layer_cache.view(-1, *layer_cache.shape[2:]).index_select(0, rows)
-    if transposed:
-        gathered = gathered.transpose(1, 2)
-    return gathered.reshape(num_kv_heads, block_tables.shape[0], -1, gathered.shape[-1])
+    gathered = layer_cache.view(-1, block_size, head_dim).index_select(0, rows)
+    return gathered.view(num_kv_heads, block_tables.shape[0], -1, head_dim)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -129,12 +122,11 @@ class TorchAttentionBackend(AttentionBackend):
         if decode_rows:
             max_blocks = max(len(table) for table in decode_tables)
             padded_tables = [table + [0] * (max_blocks - len(table)) for table in decode_tables]
-            context_lens = torch.tensor(decode_context_lens, dtype=torch.int32, device=device)
+            context_lens = torch.tensor(decode_context_lens, device=device)
             key_positions = torch.arange(max_blocks * block_size, device=device)
             decodes = DecodeGroup(
                 token_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-                block_tables=torch.tensor(padded_tables, dtype=torch.int32, device=device),
-                context_lens=context_lens,
+                block_tables=torch.tensor(padded_tables, dtype=torch.long, device=device),
                 padding_mask=(key_positions[None, :] >= context_lens[:, None])[None, :, None, :],
             )
         fresh_prefills = [
@@ -165,11 +157,7 @@ class TorchAttentionBackend(AttentionBackend):
             1, slot_mapping, value.transpose(0, 1)
         )
 
-    def gather_keys(self, cache: LayerKVCache, block_tables: torch.Tensor) -> torch.Tensor:
-        """[H_kv, B, n * block_size, D]: the keys of the blocks in tables [B, n]."""
-        return _gather_blocks(cache.key, block_tables, self.transposed_keys)
-
-    def attend_decodes(
+    def _attend_decodes(
         self, query: torch.Tensor, cache: LayerKVCache, decodes: DecodeGroup, scale: float
     ) -> torch.Tensor:
         """[B, num_heads, head_dim] for the decodes' queries [B, num_heads, head_dim]."""
@@ -179,7 +167,7 @@ class TorchAttentionBackend(AttentionBackend):
         # positions of a one-token decode, so one matmul covers every head without repeating
         # K/V: [H_kv, B, group, D] against [H_kv, B, context, D].
         grouped_query = (query * scale).view(batch, num_kv_heads, -1, head_dim)
-        keys = self.gather_keys(cache, decodes.block_tables)
+        keys = _gather_blocks(cache.key, decodes.block_tables)
         values = _gather_blocks(cache.value, decodes.block_tables)
         # Plain matmuls beat scaled_dot_product_attention on CPU for one-token queries (it is
         # built for long queries). The softmax accumulates in float32 internally.
@@ -202,11 +190,11 @@ class TorchAttentionBackend(AttentionBackend):
         decodes = metadata.decodes
         if decodes is not None and metadata.decodes_only:
             # The common step: no gather and scatter of rows.
-            return self.attend_decodes(query, cache, decodes, scale)
+            return self._attend_decodes(query, cache, decodes, scale)
 
         output = torch.empty_like(query)
         if decodes is not None:
-            output[decodes.token_rows] = self.attend_decodes(
+            output[decodes.token_rows] = self._attend_decodes(
                 query[decodes.token_rows], cache, decodes, scale
             )
         for group in metadata.fresh_prefills:
@@ -221,7 +209,7 @@ class TorchAttentionBackend(AttentionBackend):
             output[group.token_rows] = attended.transpose(1, 2).flatten(0, 1)
         for prefill in metadata.cached_prefills:
             chunk_query = query[prefill.token_start : prefill.token_end].transpose(0, 1)[None]
-            keys = self.gather_keys(cache, prefill.block_table[None]).transpose(0, 1)
+            keys = _gather_blocks(cache.key, prefill.block_table[None]).transpose(0, 1)
             values = _gather_blocks(cache.value, prefill.block_table[None]).transpose(0, 1)
             attended = F.scaled_dot_product_attention(
                 chunk_query, keys, values, attn_mask=prefill.mask, scale=scale, enable_gqa=True
