@@ -40,7 +40,10 @@ impl BlockPool {
         if n > self.free.len() {
             return None;
         }
-        let blocks = self.free.split_off(self.free.len() - n);
+        let mut blocks = self.free.split_off(self.free.len() - n);
+        // The stack's top is its end: reversed, a fresh pool hands out ascending runs, which a
+        // sequence's attention then reads as one forward stream.
+        blocks.reverse();
         for block in &blocks {
             self.ref_counts[*block as usize] = 1;
         }
@@ -84,7 +87,7 @@ mod tests {
     fn allocates_all_or_nothing_and_counts_holders() {
         let mut pool = BlockPool::new(4);
         let a = pool.allocate(3).unwrap();
-        assert_eq!(a, vec![2, 1, 0]);
+        assert_eq!(a, vec![0, 1, 2], "a fresh pool hands out ascending runs");
         assert!(pool.allocate(2).is_none());
         pool.retain(a[0]);
         assert!(!pool.release(a[0]));

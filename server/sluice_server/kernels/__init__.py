@@ -1,4 +1,5 @@
-"""Sluice's compiled CPU kernels (csrc/cpu_kernels.cpp), built once per machine and cached.
+"""Sluice's compiled CPU kernels (csrc/cpu_kernels.cpp), built once per machine and cached, and
+the choice between them and the PyTorch reference (`Kernels`, `select_kernels`).
 
 The kernels are compiled for the CPU they run on (-march=native), so the build directory is keyed
 by the source, the torch version and the CPU's model and flags. `sluice-server build-kernels`

@@ -179,6 +179,8 @@ inline void prefetch(const T* data, int64_t count) {
 // them. Then softmax per row and head, then the weighted sum of value rows.
 
 constexpr int64_t kTileRows = 16;
+// How many blocks ahead of use to fetch K and V (see paged_attention_impl).
+constexpr int64_t kPrefetchBlocks = 1;
 
 struct AttentionItem {
   int64_t sequence;
@@ -260,11 +262,14 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
           }
         }
 
-        prefetch(key_data + (head_base + table[0]) * block_elements, block_elements);
+        for (int64_t block = 0; block < std::min(kPrefetchBlocks, context_blocks); ++block) {
+          prefetch(key_data + (head_base + table[block]) * block_elements, block_elements);
+        }
         for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
-          // The next block's keys while these are scored, and this block's values for later.
-          if (block + 1 < context_blocks) {
-            prefetch(key_data + (head_base + table[block + 1]) * block_elements, block_elements);
+          // Keys kPrefetchBlocks ahead while these are scored, and this block's values for later.
+          if (block + kPrefetchBlocks < context_blocks) {
+            prefetch(key_data + (head_base + table[block + kPrefetchBlocks]) * block_elements,
+                     block_elements);
           }
           prefetch(value_data + (head_base + table[block]) * block_elements, block_elements);
           const T* block_keys = key_data + (head_base + table[block]) * block_elements;
