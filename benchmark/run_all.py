@@ -21,6 +21,7 @@ import math
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ class Settings:
     skip_vllm: bool
     skip_baseline: bool
     skip_profile: bool
+    rounds: int
     quick: bool
     results: Path
     plot: Path
@@ -237,6 +239,46 @@ def benchmark_server(settings: Settings, spec: ServerSpec, api: str,
             "peak_rss_bytes": max((r["peak_rss_bytes"] for r in level_rows), default=0)}
 
 
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's results over the rounds: the median of every measurement, the worst errors and
+    memory."""
+    row: dict[str, Any] = {}
+    for key, first in rows[0].items():
+        values = [r[key] for r in rows if key in r]
+        if key in ("errors",):
+            row[key] = sum(values)
+        elif key.startswith("peak_") or key in ("processes", "foreign_cpu_share"):
+            row[key] = max(values)
+        elif key == "first_error":
+            row[key] = next((v for v in values if v), "")
+        elif isinstance(first, dict):
+            row[key] = _median_row(values)
+        elif isinstance(first, (int, float)) and not isinstance(first, bool) and None not in values:
+            row[key] = statistics.median(values)
+        else:
+            row[key] = first
+    return row
+
+
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A server's results over all rounds: per level the median of each measurement (and every
+    round's throughput, in `rounds_output_tokens_per_s`); the first failure if any round failed."""
+    failed = next((r for r in rounds if "error" in r), None)
+    if failed or not rounds:
+        return failed or {"error": "no round ran"}
+    combined = dict(rounds[0])
+    combined["levels"] = []
+    for index in range(len(rounds[0]["levels"])):
+        rows = [r["levels"][index] for r in rounds]
+        level = _median_row(rows)
+        level["rounds_output_tokens_per_s"] = [r["output_tokens_per_s"] for r in rows]
+        combined["levels"].append(level)
+    combined["startup_s"] = statistics.median(r["startup_s"] for r in rounds)
+    combined["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rounds)
+    combined["rounds"] = len(rounds)
+    return combined
+
+
 def with_venv_path() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
@@ -313,13 +355,19 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         "machine": phase("machine", errors, machine, settings),
         "servers": {},
     }
-    results["servers"]["sluice"] = phase("sluice", errors, benchmark_server, settings,
-                                         sluice_spec(settings), "tgi", True)
-    if settings.skip_vllm:
-        results["servers"]["vllm"] = {"skipped": "--skip-vllm"}
-    else:
-        results["servers"]["vllm"] = phase("vllm", errors, benchmark_server, settings,
-                                           vllm_spec(settings), "openai", False)
+    # The servers take turns, round after round: this machine's speed drifts by 10-20% over
+    # minutes, and alternating spreads that drift over both instead of favouring one.
+    rounds: dict[str, list[dict[str, Any]]] = {"sluice": [], "vllm": []}
+    for number in range(1, settings.rounds + 1):
+        log(f"=== round {number} of {settings.rounds}")
+        rounds["sluice"].append(phase("sluice", errors, benchmark_server, settings,
+                                      sluice_spec(settings), "tgi", True))
+        if not settings.skip_vllm:
+            rounds["vllm"].append(phase("vllm", errors, benchmark_server, settings,
+                                        vllm_spec(settings), "openai", False))
+    results["servers"]["sluice"] = combine_rounds(rounds["sluice"])
+    results["servers"]["vllm"] = ({"skipped": "--skip-vllm"} if settings.skip_vllm
+                                  else combine_rounds(rounds["vllm"]))
     results["baseline"] = ({"skipped": "--skip-baseline"} if settings.skip_baseline
                            else phase("baseline", errors, baseline, settings))
     results["profile_step"] = ({"skipped": "--skip-profile"} if settings.skip_profile
@@ -348,6 +396,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-profile", action="store_true")
+    p.add_argument("--rounds", type=int,
+                   help="times each server is started and measured, taking turns; the report "
+                        "gives the median per level (default 3, 1 with --quick)"),
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, help="default 128, 16 with --quick")
@@ -405,6 +456,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         skip_vllm=a.skip_vllm,
         skip_baseline=a.skip_baseline,
         skip_profile=a.skip_profile,
+        rounds=pick(a.rounds, 3, 1),
         quick=a.quick,
         results=(a.results or (out or BENCH / "results") / "latest.json").resolve(),
         plot=(a.plot or (out / "performance.png" if out else REPO / "docs/performance.png"))
