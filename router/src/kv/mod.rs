@@ -5,7 +5,7 @@
 mod allocator;
 mod radix;
 
-pub use allocator::BlockPool;
+pub use allocator::{BlockPool, Placement};
 pub use radix::{NodeId, RadixCache};
 
 /// A cached prefix a request starts from: blocks it now holds and the tree node they end at.
@@ -76,16 +76,16 @@ impl KvManager {
     }
 
     /// Takes `n` blocks, evicting cached blocks nobody holds if needed; all or nothing.
-    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
+    pub fn allocate(&mut self, n: usize, placement: Placement) -> Option<Vec<u32>> {
         self.make_free(n);
-        self.pool.allocate(n)
+        self.pool.allocate(n, placement)
     }
 
     /// Takes as many of `n` blocks as can be had.
-    pub fn allocate_up_to(&mut self, n: usize) -> Vec<u32> {
+    pub fn allocate_up_to(&mut self, n: usize, placement: Placement) -> Vec<u32> {
         self.make_free(n);
         let available = n.min(self.pool.num_free());
-        self.pool.allocate(available).unwrap_or_default()
+        self.pool.allocate(available, placement).unwrap_or_default()
     }
 
     /// Evicts unheld cached blocks until `n` are free or nothing more can be evicted.

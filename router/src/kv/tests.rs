@@ -10,6 +10,7 @@ use super::*;
 
 const BLOCK: usize = 2;
 const BLOCKS: u32 = 12;
+const ANYWHERE: Placement = Placement::NewRun { headroom: 0 };
 
 /// A request as the scheduler would drive it: its tokens, the blocks it holds, how far its
 /// blocks are registered in the prefix cache.
@@ -101,7 +102,9 @@ proptest! {
                 Op::Admit(tokens) => {
                     let prefix = kv.lookup(&tokens);
                     let needed = kv.blocks_for(tokens.len()) - prefix.blocks.len();
-                    match kv.allocate(needed) {
+                    // Headroom from the tokens, so that runs land all over the pool.
+                    let headroom = tokens.len() as u32 % 5;
+                    match kv.allocate(needed, Placement::NewRun { headroom }) {
                         Some(fresh) => {
                             let registered = prefix.blocks.len();
                             let mut blocks = prefix.blocks;
@@ -118,7 +121,11 @@ proptest! {
                 Op::Grow(i, n) if i < live.len() => {
                     let seq = &mut live[i];
                     let needed = kv.blocks_for(seq.tokens.len() + n) - seq.blocks.len();
-                    if let Some(fresh) = kv.allocate(needed) {
+                    let placement = match seq.blocks.last() {
+                        Some(&last) => Placement::After(last),
+                        None => ANYWHERE,
+                    };
+                    if let Some(fresh) = kv.allocate(needed, placement) {
                         seq.blocks.extend(fresh);
                         seq.tokens.extend(std::iter::repeat_n(1, n));
                         register(&mut kv, seq);
@@ -139,7 +146,7 @@ proptest! {
         prop_assert_eq!(kv.num_used(), 0);
         prop_assert_eq!(kv.pool.num_free() + kv.num_cached(), BLOCKS as usize);
         // Everything cached can be evicted once nobody holds it.
-        prop_assert!(kv.allocate(BLOCKS as usize).is_some());
+        prop_assert!(kv.allocate(BLOCKS as usize, ANYWHERE).is_some());
     }
 
     #[test]
@@ -149,7 +156,7 @@ proptest! {
         let mut kv = KvManager::new(BLOCKS, BLOCK as u32, false);
         let mut held = Vec::new();
         for n in sizes {
-            if let Some(blocks) = kv.allocate(n) {
+            if let Some(blocks) = kv.allocate(n, ANYWHERE) {
                 held.push(blocks);
             }
             prop_assert!(kv.lookup(&[0, 0, 0, 0, 0]).blocks.is_empty());
@@ -165,7 +172,7 @@ proptest! {
 fn a_second_request_reuses_the_cached_prefix() {
     let mut kv = KvManager::new(8, 2, true);
     let tokens = vec![5, 6, 7, 8, 9];
-    let blocks = kv.allocate(3).unwrap();
+    let blocks = kv.allocate(3, ANYWHERE).unwrap();
     let first = kv
         .register(RadixCache::ROOT, &tokens[0..2], blocks[0])
         .unwrap();

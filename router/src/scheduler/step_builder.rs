@@ -16,8 +16,12 @@ use std::collections::VecDeque;
 use super::entry::Entry;
 use super::metrics::StepStats;
 use super::SchedulerConfig;
-use crate::kv::KvManager;
+use crate::kv::{KvManager, Placement};
 use crate::pb;
+
+/// The most blocks left free after a new sequence's run for it to grow into: a request with a
+/// large max_new_tokens should not push every later run far across the pool.
+const MAX_HEADROOM: usize = 256;
 
 pub(super) struct SchedulerState {
     pub config: SchedulerConfig,
@@ -108,7 +112,12 @@ impl SchedulerState {
                 continue;
             }
             let needed = self.kv.blocks_for(entry.num_computed + n) - entry.blocks.len();
-            let Some(fresh) = self.allocate_or_preempt(needed, index, &mut step, stats) else {
+            let placement = match entry.blocks.last() {
+                Some(&last) => Placement::After(last),
+                None => Placement::NewRun { headroom: 0 },
+            };
+            let Some(fresh) = self.allocate_or_preempt(needed, placement, index, &mut step, stats)
+            else {
                 // The request itself was the youngest and is now back in the queue.
                 break;
             };
@@ -130,9 +139,17 @@ impl SchedulerState {
             let prefix = self.kv.lookup(&entry.tokens);
             let cached = prefix.blocks.len() * self.kv.block_size();
             let wanted = (entry.tokens.len() - cached).min(prefill_budget);
-            let fresh = self
-                .kv
-                .allocate_up_to(self.kv.blocks_for(cached + wanted) - prefix.blocks.len());
+            let now = self.kv.blocks_for(cached + wanted);
+            // Room after the run for the rest of the prompt and the output, so the sequence can
+            // grow into contiguous blocks (see kv::Placement).
+            let expected = entry.request.input_ids.len() + entry.request.max_new_tokens as usize;
+            let headroom = self.kv.blocks_for(expected).saturating_sub(now).min(MAX_HEADROOM);
+            let fresh = self.kv.allocate_up_to(
+                now - prefix.blocks.len(),
+                Placement::NewRun {
+                    headroom: headroom as u32,
+                },
+            );
             // With fewer blocks than the chunk wants, a shorter chunk still makes progress.
             let room = (prefix.blocks.len() + fresh.len()) * self.kv.block_size() - cached;
             let n = wanted.min(room);
@@ -169,12 +186,13 @@ impl SchedulerState {
     fn allocate_or_preempt(
         &mut self,
         n: usize,
+        placement: Placement,
         index: usize,
         step: &mut pb::StepRequest,
         stats: &mut StepStats,
     ) -> Option<Vec<u32>> {
         loop {
-            if let Some(blocks) = self.kv.allocate(n) {
+            if let Some(blocks) = self.kv.allocate(n, placement) {
                 return Some(blocks);
             }
             // Requests after `index` are not in this step yet, so the youngest can go.

@@ -27,6 +27,25 @@ class SequenceChunk:
         """Tokens the sequence has in the cache once this chunk is written."""
         return self.cache_len + self.query_len
 
+    def context_blocks(self, block_size: int) -> list[int]:
+        """The blocks holding the context once this chunk is written; ValueError if the block
+        table is too short."""
+        blocks_needed = -(-self.context_len // block_size)
+        if len(self.block_table) < blocks_needed:
+            raise ValueError(
+                f"a chunk reaching {self.context_len} tokens needs {blocks_needed} blocks, "
+                f"its block table has {len(self.block_table)}"
+            )
+        return list(self.block_table[:blocks_needed])
+
+    def new_slots(self, block_size: int) -> list[int]:
+        """The cache slot of each of the chunk's new tokens."""
+        table = self.block_table
+        return [
+            table[p // block_size] * block_size + p % block_size
+            for p in range(self.cache_len, self.context_len)
+        ]
+
 
 @dataclass
 class LayerKVCache:

@@ -37,17 +37,8 @@ class CompiledCpuAttentionBackend(AttentionBackend):
         tables: list[list[int]] = []
         query_starts = [0]
         for chunk in chunks:
-            blocks_needed = -(-chunk.context_len // block_size)
-            if len(chunk.block_table) < blocks_needed:
-                raise ValueError(
-                    f"a chunk reaching {chunk.context_len} tokens needs {blocks_needed} blocks, "
-                    f"its block table has {len(chunk.block_table)}"
-                )
-            table = list(chunk.block_table[:blocks_needed])
-            slot_mapping.extend(
-                table[p // block_size] * block_size + p % block_size
-                for p in range(chunk.cache_len, chunk.context_len)
-            )
+            table = chunk.context_blocks(block_size)
+            slot_mapping.extend(chunk.new_slots(block_size))
             tables.append(table)
             query_starts.append(query_starts[-1] + chunk.query_len)
         width = max((len(table) for table in tables), default=0)

@@ -86,17 +86,8 @@ class TorchAttentionBackend(AttentionBackend):
         cached_prefills: list[CachedPrefill] = []
         row = 0
         for chunk in chunks:
-            blocks_needed = -(-chunk.context_len // block_size)
-            if len(chunk.block_table) < blocks_needed:
-                raise ValueError(
-                    f"a chunk reaching {chunk.context_len} tokens needs {blocks_needed} blocks, "
-                    f"its block table has {len(chunk.block_table)}"
-                )
-            table = list(chunk.block_table[:blocks_needed])
-            slot_mapping.extend(
-                table[p // block_size] * block_size + p % block_size
-                for p in range(chunk.cache_len, chunk.context_len)
-            )
+            table = chunk.context_blocks(block_size)
+            slot_mapping.extend(chunk.new_slots(block_size))
             if chunk.query_len == 1:
                 decode_rows.append(row)
                 decode_tables.append(table)
@@ -107,7 +98,7 @@ class TorchAttentionBackend(AttentionBackend):
                 )
             else:
                 query_positions = torch.arange(chunk.cache_len, chunk.context_len, device=device)
-                key_positions = torch.arange(blocks_needed * block_size, device=device)
+                key_positions = torch.arange(len(table) * block_size, device=device)
                 cached_prefills.append(
                     CachedPrefill(
                         token_start=row,
