@@ -45,7 +45,9 @@ MODEL_VARIANTS = {
 
 @pytest.fixture(
     scope="module",
-    params=[(variant, kernels) for variant in MODEL_VARIANTS for kernels in ("reference", "compiled")],
+    params=[
+        (variant, kernels) for variant in MODEL_VARIANTS for kernels in ("reference", "compiled")
+    ],
     ids=lambda param: "-".join(param),
 )
 def models(
@@ -109,7 +111,7 @@ def test_prefill_matches_transformers(models) -> None:
 
 
 def test_decodes_through_scattered_blocks_match_transformers(models) -> None:
-    loaded, reference, backend = models
+    loaded, reference, _backend = models
     tokens = _prompt(15)
     expected = _reference_logits(reference, tokens)
     cache = _fresh_cache(loaded)
@@ -137,7 +139,7 @@ def test_chunked_prefill_matches_one_prefill(models) -> None:
 
 
 def test_mixed_batch_matches_each_alone(models) -> None:
-    loaded, _reference, backend = models
+    loaded, _reference, _backend = models
     prefill_tokens = _prompt(9, seed=2)
     decode_tokens = _prompt(7, seed=3)
     prefill_table, decode_table = [4, 10, 6], [12, 3]
@@ -156,7 +158,7 @@ def test_mixed_batch_matches_each_alone(models) -> None:
 
 
 def test_batched_decodes_of_different_lengths_match_each_alone(models) -> None:
-    loaded, _reference, backend = models
+    loaded, _reference, _backend = models
     sequences = [
         (_prompt(3, seed=4), [1]),
         (_prompt(10, seed=5), [7, 2, 15]),

@@ -18,9 +18,7 @@ PROMPTS = [[5, 17, 99, 42, 8], [120, 3, 64, 77, 31, 90, 12, 50, 6]]
 
 def make_executor(loaded: LoadedModel, num_blocks: int = NUM_BLOCKS) -> StepExecutor:
     spec = KVCacheSpec.for_model(loaded, BLOCK_SIZE)
-    executor = StepExecutor(
-        loaded, BLOCK_SIZE, num_blocks * spec.bytes_per_block
-    )
+    executor = StepExecutor(loaded, BLOCK_SIZE, num_blocks * spec.bytes_per_block)
     assert (
         executor.warmup(max_prefill_tokens=32, max_batch_size=4, max_total_tokens=64) == num_blocks
     )
@@ -314,9 +312,7 @@ def test_step_before_warmup_is_refused(tiny_loaded) -> None:
 
 def test_warmup_says_how_many_tokens_fit(tiny_loaded) -> None:
     spec = KVCacheSpec.for_model(tiny_loaded, BLOCK_SIZE)
-    executor = StepExecutor(
-        tiny_loaded, BLOCK_SIZE, 3 * spec.bytes_per_block
-    )
+    executor = StepExecutor(tiny_loaded, BLOCK_SIZE, 3 * spec.bytes_per_block)
     with pytest.raises(InvalidRequestError, match="fits 12 tokens"):
         executor.warmup(max_prefill_tokens=16, max_batch_size=2, max_total_tokens=64)
 

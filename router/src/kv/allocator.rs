@@ -69,7 +69,9 @@ impl BlockPool {
             Placement::NewRun { .. } => None,
         };
         while blocks.len() < n {
-            let next = previous.and_then(|b| b.checked_add(1)).filter(|b| self.free.contains(b));
+            let next = previous
+                .and_then(|b| b.checked_add(1))
+                .filter(|b| self.free.contains(b));
             let block = match next {
                 Some(block) => block,
                 None => self.first_free_from_cursor(),
@@ -150,7 +152,10 @@ mod tests {
         let mut ends = [first[1], second[1]];
         for _ in 0..3 {
             for end in &mut ends {
-                assert_eq!(pool.allocate(1, Placement::After(*end)).unwrap(), vec![*end + 1]);
+                assert_eq!(
+                    pool.allocate(1, Placement::After(*end)).unwrap(),
+                    vec![*end + 1]
+                );
                 *end += 1;
             }
         }

@@ -143,7 +143,11 @@ impl SchedulerState {
             // Room after the run for the rest of the prompt and the output, so the sequence can
             // grow into contiguous blocks (see kv::Placement).
             let expected = entry.request.input_ids.len() + entry.request.max_new_tokens as usize;
-            let headroom = self.kv.blocks_for(expected).saturating_sub(now).min(MAX_HEADROOM);
+            let headroom = self
+                .kv
+                .blocks_for(expected)
+                .saturating_sub(now)
+                .min(MAX_HEADROOM);
             let fresh = self.kv.allocate_up_to(
                 now - prefix.blocks.len(),
                 Placement::NewRun {

@@ -48,8 +48,13 @@ def build_directory(cache_dir: Path) -> Path:
     key = hashlib.sha256()
     # The source's path too: torch's builder rebuilds when the path it built from changes, so a
     # source tree and an installed copy sharing one directory would rebuild each other's.
-    for part in (SOURCE.read_bytes(), str(SOURCE).encode(), torch.__version__.encode(),
-                 _cpu_identity().encode(), " ".join(COMPILER_FLAGS).encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        str(SOURCE).encode(),
+        torch.__version__.encode(),
+        _cpu_identity().encode(),
+        " ".join(COMPILER_FLAGS).encode(),
+    ):
         key.update(part)
     return cache_dir / key.hexdigest()[:16]
 
