@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Checks Sluice on a CUDA GPU: the CUDA unit tests, then the real launcher, router and shard end to
+# end with a throughput measurement, then the CPU-side engine tests. See docs/gpu.md.
+#
+# Run from the repository root on the GPU machine:  bash scripts/gpu_check.sh
+# It needs, beside the working tree (paths overridable by environment variables):
+#   SLUICE_WHEELS=.whl             wheels of Python packages the machine lacks or has in other
+#                                  versions (grpcio, protobuf), installed into /tmp/site; empty:
+#                                  use the interpreter's own packages
+#   SLUICE_BINARIES=.devicecarry/bin     sluice-launcher and sluice-router (x86-64 release builds)
+#   SLUICE_MODEL_SRC=.devicecarry/smollm2-shape   SmolLM2-135M's config.json and tokenizer files
+#   PYTHON=python3                 an interpreter with torch and transformers
+# Writes gpu_check.log, junit-cuda.xml, results.json and the launcher logs into $OUT (default
+# ./gpu-check-out); exits non-zero if any phase failed.
+set -uo pipefail
+
+REPO=$(pwd)
+OUT=${OUT:-$REPO/gpu-check-out}
+PYTHON=${PYTHON:-python3}
+SLUICE_WHEELS=${SLUICE_WHEELS-.whl}
+SLUICE_BINARIES=${SLUICE_BINARIES:-.devicecarry/bin}
+SLUICE_MODEL_SRC=${SLUICE_MODEL_SRC:-.devicecarry/smollm2-shape}
+# Each phase stops at its own limit and the whole run by DEADLINE_S seconds, so that it ends
+# inside the GPU machine's time and everything written so far comes back.
+DEADLINE_S=${DEADLINE_S:-400}
+CUDA_TESTS_TIMEOUT_S=${CUDA_TESTS_TIMEOUT_S:-180}
+E2E_TIMEOUT_S=${E2E_TIMEOUT_S:-300}
+CPU_TESTS_TIMEOUT_S=${CPU_TESTS_TIMEOUT_S:-150}
+E2E_ARGS=${E2E_ARGS:-}
+WORK=/tmp/sluice-gpu-check
+
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+declare -A STATUS=()
+PHASES=()
+
+phase() {
+    local name=$1
+    shift
+    local started=$SECONDS
+    echo "=== $name: started at $(date +%T)"
+    "$@"
+    local code=$?
+    echo "=== $name: exit $code after $((SECONDS - started))s"
+    STATUS[$name]=$code
+    PHASES+=("$name")
+}
+
+install_wheels() {
+    [ -n "$SLUICE_WHEELS" ] || return 0
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$SLUICE_WHEELS"/*.whl || return
+    export PYTHONPATH=/tmp/site
+}
+
+# The launcher looks for sluice-server beside itself, then on PATH; this one runs the shard from
+# the working tree's server/ with $PYTHON.
+install_binaries() {
+    local bin=$WORK/bin
+    mkdir -p "$bin"
+    cp "$SLUICE_BINARIES/sluice-launcher" "$SLUICE_BINARIES/sluice-router" "$bin/" || return
+    cat >"$bin/sluice-server" <<EOF
+#!/bin/sh
+PYTHONPATH="$REPO/server\${PYTHONPATH:+:\$PYTHONPATH}" exec "$PYTHON" -m sluice_server "\$@"
+EOF
+    chmod +x "$bin/sluice-server"
+    export PATH="$bin:$PATH"
+}
+
+versions() {
+    nvidia-smi || echo "no nvidia-smi"
+    # The GPU path is bound by the host's kernel launches (docs/gpu.md): record the host CPU too.
+    echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) CPUs"
+    sluice-launcher --version
+    "$PYTHON" - <<'EOF'
+import grpc, google.protobuf, safetensors, tokenizers, torch, transformers
+print("python packages:", {m.__name__: m.__version__ for m in (
+    torch, transformers, grpc, google.protobuf, safetensors, tokenizers)})
+print("cuda available:", torch.cuda.is_available(), "torch cuda:", torch.version.cuda)
+if torch.cuda.is_available():
+    print("gpu:", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+EOF
+}
+
+# The smaller of a phase's own limit and the time left before the deadline; at least 1 (for
+# `timeout`, 0 means no limit).
+limit() {
+    local left=$((DEADLINE_S - SECONDS))
+    left=$((left < $1 ? left : $1))
+    echo $((left < 1 ? 1 : left))
+}
+
+with_server_path() {
+    PYTHONPATH="$REPO/server${PYTHONPATH:+:$PYTHONPATH}" "$@"
+}
+
+cuda_tests() {
+    with_server_path timeout "$(limit "$CUDA_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q -rs --tb=short \
+        -p no:cacheprovider -o junit_family=xunit1 --junitxml="$OUT/junit-cuda.xml" \
+        server/tests/test_cuda.py
+}
+
+end_to_end() {
+    # shellcheck disable=SC2086  # E2E_ARGS is a list of flags.
+    timeout "$(limit "$E2E_TIMEOUT_S")" "$PYTHON" scripts/gpu_e2e.py \
+        --model-src "$SLUICE_MODEL_SRC" --work "$WORK/e2e" --results "$OUT/results.json" $E2E_ARGS
+    local code=$?
+    for log in "$WORK"/e2e/launcher-*.log; do
+        [ -f "$log" ] && tail -c 4000000 "$log" >"$OUT/$(basename "$log")"
+    done
+    return $code
+}
+
+# The engine's CPU tests (test_llama_vs_transformers.py also builds the C++ CPU kernels). The
+# serve-command tests start `python -m sluice_server` with PYTHONPATH set to server/ alone, so
+# they would miss the wheels in /tmp/site and meet the machine's own grpcio.
+cpu_tests() {
+    with_server_path timeout "$(limit "$CPU_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q \
+        --tb=short -p no:cacheprovider server/tests/test_step.py server/tests/test_service.py \
+        server/tests/test_llama_vs_transformers.py -k "not serve_command"
+}
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+phase install_wheels install_wheels
+phase install_binaries install_binaries
+phase versions versions
+phase cuda_tests cuda_tests
+phase end_to_end end_to_end
+phase cpu_tests cpu_tests
+
+echo "=== summary (total ${SECONDS}s)"
+failed=0
+for name in "${PHASES[@]}"; do
+    echo "$name: $([ "${STATUS[$name]}" -eq 0 ] && echo pass || echo "FAIL (exit ${STATUS[$name]})")"
+    [ "${STATUS[$name]}" -eq 0 ] || failed=1
+done
+exit $failed

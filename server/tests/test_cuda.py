@@ -1,0 +1,263 @@
+"""Sluice's engine on a CUDA GPU, against transformers on the same GPU.
+
+The GPU versions of test_llama_vs_transformers.py and test_step.py (on CUDA the model runs with
+the PyTorch reference kernels), plus what only a GPU has: the KV cache sized from free GPU
+memory. Skipped without a GPU; scripts/gpu_check.sh runs them on one (see docs/gpu.md).
+"""
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+from sluice_server.engine.kv_cache import CUDA_MEMORY_FRACTION, KVCacheSpec
+from sluice_server.engine.step import (
+    ForwardChunk,
+    InvalidRequestError,
+    StepExecutor,
+    run_forward,
+)
+from sluice_server.kernels import Kernels
+from sluice_server.models.loader import LoadedModel, load_model
+from sluice_server.pb import generate_pb2 as pb
+from test_llama_vs_transformers import MODEL_VARIANTS
+from test_step import BLOCK_SIZE, PROMPTS, MiniRouter, make_executor, new_request
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: run on the device machine, see docs/gpu.md",
+)
+
+DEVICE = torch.device("cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Largest logit error allowed against transformers, as a share of the largest logit. float32
+# differs only in the order of operations; bfloat16 rounds every layer's output (on CPU the
+# errors were about 1.6 % of the largest logit, a few bfloat16 steps).
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.04}
+# What the caching allocator, lazily loaded CUDA modules and the warmup's activations may take
+# from the free memory the cache is sized from.
+SIZING_SLACK_BYTES = 512 * 2**20
+NEW_TOKENS = 10
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(variant, dtype) for variant in MODEL_VARIANTS for dtype in DTYPES],
+    ids=lambda param: "-".join(param),
+)
+def models(request: pytest.FixtureRequest, save_tiny_model) -> tuple[LoadedModel, torch.nn.Module]:
+    """(our model, transformers' model), both on the GPU in the same dtype."""
+    variant, dtype_name = request.param
+    model_type, overrides = MODEL_VARIANTS[variant]
+    directory, reference = save_tiny_model(model_type, **overrides)
+    dtype = DTYPES[dtype_name]
+    loaded = load_model(directory, dtype, DEVICE, Kernels.reference())
+    return loaded, copy.deepcopy(reference).to(DEVICE, dtype)
+
+
+@pytest.fixture(scope="module")
+def cuda_llama(tiny_llama) -> LoadedModel:
+    return load_model(tiny_llama[0], torch.float32, DEVICE, Kernels.reference())
+
+
+@pytest.fixture
+def release_gpu_memory() -> Iterator[None]:
+    """Returns what a test's caches held to the GPU, so that the next test can size its own."""
+    yield
+    torch.cuda.empty_cache()
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (length,), generator=generator).tolist()
+
+
+def _tolerance(loaded: LoadedModel, expected: torch.Tensor) -> float:
+    return RELATIVE_TOLERANCE[loaded.dtype] * expected.abs().max().item()
+
+
+def _reference_generate(
+    reference: torch.nn.Module, prompt: Sequence[int]
+) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens, EOS ignored, and the logits each was chosen from."""
+    with torch.no_grad():
+        output = reference.generate(
+            torch.tensor([list(prompt)], device=DEVICE),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = output.sequences[0, len(prompt) :].tolist()
+    return tokens, torch.cat(output.logits).float()
+
+
+def _engine_greedy(loaded: LoadedModel, prompts: Sequence[Sequence[int]]) -> dict[int, list[int]]:
+    """Greedy tokens from our engine, the prompts batched and prefilled in chunks of 4."""
+    router = MiniRouter(make_executor(loaded), chunk_size=4)
+    for request_id, prompt in enumerate(prompts):
+        router.add(new_request(request_id, prompt, max_new_tokens=NEW_TOKENS))
+    return router.run()
+
+
+def _first_difference(actual: Sequence[int], expected: Sequence[int]) -> int | None:
+    return next((i for i, (a, e) in enumerate(zip(actual, expected, strict=True)) if a != e), None)
+
+
+def test_prefill_and_decodes_match_transformers(models, record_property) -> None:
+    loaded, reference = models
+    tokens = _prompt(15, seed=1)
+    with torch.no_grad():
+        expected = reference(torch.tensor([tokens], device=DEVICE)).logits[0].float()
+    tolerance = _tolerance(loaded, expected)
+    cache = KVCacheSpec.for_model(loaded, BLOCK_SIZE).allocate(16)
+    table = [11, 2, 7, 0]  # Out of order, so that a slot mix-up shows.
+    prompt_len = 6
+    chunks = [ForwardChunk(tokens[:prompt_len], 0, table, True)] + [
+        ForwardChunk(tokens[position : position + 1], position, table, True)
+        for position in range(prompt_len, len(tokens))
+    ]
+    errors = []
+    for chunk in chunks:
+        logits = run_forward(loaded, cache, [chunk]).logits
+        assert logits.device.type == DEVICE.type
+        position = chunk.cache_len + len(chunk.token_ids) - 1
+        errors.append((logits[0] - expected[position]).abs().max().item())
+    record_property("max_logit_error", max(errors))
+    record_property("tolerance", tolerance)
+    assert max(errors) < tolerance, f"errors by position: {errors}"
+
+
+def test_greedy_matches_transformers_generate(models, record_property) -> None:
+    """float32: the same tokens. bfloat16: the same tokens up to a step where the two choices'
+    logits are within twice the tolerance of each other, where rounding may pick either (a
+    difference at a clear step would be a bug: both sides chose from the same tokens)."""
+    loaded, reference = models
+    generated = _engine_greedy(loaded, PROMPTS)
+    compared_steps = 0
+    for request_id, prompt in enumerate(PROMPTS):
+        expected, logits = _reference_generate(reference, prompt)
+        difference = _first_difference(generated[request_id], expected)
+        if difference is not None and loaded.dtype != torch.float32:
+            top_two = logits[difference].topk(2).values
+            margin = (top_two[0] - top_two[1]).item()
+            assert margin <= 2 * _tolerance(loaded, logits), (
+                f"request {request_id} differs at step {difference} with a clear margin {margin}"
+            )
+        else:
+            assert difference is None, f"request {request_id} differs at step {difference}"
+        compared_steps += len(expected) if difference is None else difference
+    record_property("compared_greedy_steps", compared_steps)
+
+
+def test_mixed_batch_matches_each_request_alone(cuda_llama) -> None:
+    """Decodes, prompt chunks and a request resuming after cached prefix tokens, in one batch.
+
+    float32: in bfloat16, a row's rounding depends on the batch shape the GPU's matmuls see.
+    """
+    short, long = PROMPTS[0], _prompt(14, seed=2)
+    alone = {}
+    for request_id, prompt in ((0, short), (1, long), (2, long)):
+        router = MiniRouter(make_executor(cuda_llama))
+        router.add(new_request(request_id, prompt))
+        alone.update(router.run())
+
+    router = MiniRouter(make_executor(cuda_llama), chunk_size=4)
+    router.add(new_request(0, short))
+    router.add(new_request(1, long))
+    router.step()  # Both prompts in chunks: 4 of 5, 4 of 14.
+    router.step()  # The short prompt ends and samples; the long one reaches 8 tokens.
+    shared_blocks = router.running[1].blocks[:2]  # Its first 8 tokens, two full blocks.
+    router.add(new_request(2, long, cached_tokens=8), blocks=shared_blocks)
+    router.step()  # A decode, a prompt chunk, and the resumed request's first 4 new tokens.
+    assert router.run() == alone
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(cuda_llama) -> None:
+    seeded = pb.SamplingParameters(
+        do_sample=True, temperature=0.9, top_k=40, top_p=0.9, seed=1234, repetition_penalty=1.2
+    )
+    router = MiniRouter(make_executor(cuda_llama))
+    router.add(new_request(0, PROMPTS[0], sampling=seeded))
+    alone = router.run()[0]
+
+    router = MiniRouter(make_executor(cuda_llama), chunk_size=3)
+    router.add(new_request(5, PROMPTS[1]))
+    hot = pb.SamplingParameters(do_sample=True, temperature=1.5, seed=99)
+    router.add(new_request(6, PROMPTS[1], sampling=hot))
+    router.add(new_request(7, PROMPTS[0], sampling=seeded))
+    assert router.run()[7] == alone
+
+
+def _generate_on_blocks(
+    executor: StepExecutor, prompt: Sequence[int], blocks: Sequence[int]
+) -> list[int]:
+    """Greedy tokens of one request whose block table is `blocks`, all given in its first step."""
+    step = pb.StepRequest(
+        new_requests=[new_request(0, prompt)],
+        scheduled=[pb.ScheduledRequest(id=0, num_tokens=len(prompt), new_blocks=blocks)],
+    )
+    tokens = []
+    while True:
+        (generation,) = executor.step(step).generations
+        tokens.append(generation.token_id)
+        if generation.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            return tokens
+        step = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
+
+
+@pytest.mark.usefixtures("release_gpu_memory")
+def test_warmup_sizes_the_cache_from_free_gpu_memory(cuda_llama, record_property) -> None:
+    spec = KVCacheSpec.for_model(cuda_llama, BLOCK_SIZE)
+    executor = StepExecutor(cuda_llama, BLOCK_SIZE, kv_cache_bytes=None)
+    torch.cuda.empty_cache()
+    free_before, _total = torch.cuda.mem_get_info(DEVICE)
+    num_blocks = executor.warmup(max_prefill_tokens=32, max_batch_size=4, max_total_tokens=64)
+    cache_bytes = num_blocks * spec.bytes_per_block
+    budget = free_before * CUDA_MEMORY_FRACTION
+    record_property("free_gib", free_before / 2**30)
+    record_property("cache_gib", cache_bytes / 2**30)
+    assert budget - SIZING_SLACK_BYTES <= cache_bytes <= budget
+    assert executor.kv_cache[0].key.device.type == "cuda"
+    assert torch.cuda.memory_allocated(DEVICE) >= cache_bytes
+    free_after, _total = torch.cuda.mem_get_info(DEVICE)
+    assert free_after >= (1 - CUDA_MEMORY_FRACTION) * free_before - SIZING_SLACK_BYTES
+
+    # On a GPU of tens of GiB, the last blocks lie more than 2**31 elements into each layer's
+    # tensors, where indexing needs 64 bits.
+    prompt = PROMPTS[1]
+    blocks_needed = spec.blocks_for(len(prompt) + 8)
+    last_blocks = list(range(num_blocks - 1, num_blocks - 1 - blocks_needed, -1))
+    far = _generate_on_blocks(executor, prompt, last_blocks)
+    del executor  # Frees the cache before the small one below.
+    torch.cuda.empty_cache()
+    router = MiniRouter(make_executor(cuda_llama))
+    router.add(new_request(0, prompt))
+    assert far == router.run()[0]
+
+
+@pytest.mark.usefixtures("release_gpu_memory")
+def test_impossible_max_total_tokens_is_a_clear_error(cuda_llama) -> None:
+    spec = KVCacheSpec.for_model(cuda_llama, BLOCK_SIZE)
+    executor = StepExecutor(cuda_llama, BLOCK_SIZE, kv_cache_bytes=None)
+    _free, total = torch.cuda.mem_get_info(DEVICE)
+    more_than_the_gpu_holds = (total // spec.bytes_per_block + 1) * BLOCK_SIZE
+    with pytest.raises(
+        InvalidRequestError,
+        match=f"fewer than one sequence of max_total_tokens={more_than_the_gpu_holds}; "
+        "lower --max-total-tokens",
+    ):
+        executor.warmup(
+            max_prefill_tokens=16, max_batch_size=2, max_total_tokens=more_than_the_gpu_holds
+        )
+    assert executor.kv_cache is None
+
+
+@pytest.mark.usefixtures("release_gpu_memory")
+def test_warmup_says_how_many_tokens_fit(cuda_llama) -> None:
+    spec = KVCacheSpec.for_model(cuda_llama, BLOCK_SIZE)
+    executor = StepExecutor(cuda_llama, BLOCK_SIZE, 3 * spec.bytes_per_block)
+    with pytest.raises(InvalidRequestError, match="fits 12 tokens"):
+        executor.warmup(max_prefill_tokens=16, max_batch_size=2, max_total_tokens=64)
