@@ -13,7 +13,6 @@ from sluice_server.layers.attention import LayerKVCache, SequenceChunk
 # Relative to the magnitude (floored at 1). bfloat16 keeps 8 significant bits, a step of 2^-7
 # relative, and the reference rounds its intermediates (e.g. cos and sin) to bfloat16 too.
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-BLOCK_SIZE = 16
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -28,28 +27,42 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
 
 
 def _filled_cache(
-    kernels: Kernels, dtype: torch.dtype, head_dim: int, rows: tuple[torch.Tensor, torch.Tensor]
+    kernels: Kernels,
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int,
+    rows: tuple[torch.Tensor, torch.Tensor],
 ) -> LayerKVCache:
     """A cache of 64 blocks in `kernels`' layout with token rows (K, V) [slots, H_kv, D] written
     to every slot through the backend's own write."""
     key_rows, value_rows = rows
     num_kv_heads, num_blocks = key_rows.shape[1], 64
-    value = torch.zeros(num_kv_heads, num_blocks, BLOCK_SIZE, head_dim, dtype=dtype)
+    value = torch.zeros(num_kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
     key = value.transpose(2, 3).contiguous() if kernels.attention.transposed_keys else value.clone()
     cache = LayerKVCache(key, value)
-    kernels.attention.write(cache, key_rows, value_rows, torch.arange(num_blocks * BLOCK_SIZE))
+    kernels.attention.write(cache, key_rows, value_rows, torch.arange(num_blocks * block_size))
     return cache
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 128, 48])
+@pytest.mark.parametrize(
+    ("head_dim", "group", "block_size"),
+    # SmolLM2's shape, a Llama-3-like one, a head size and a block size off the vector width (the
+    # portable path), and one query head per KV head.
+    [(64, 3, 16), (128, 8, 16), (48, 3, 16), (64, 3, 24), (64, 1, 32)],
+)
 def test_paged_attention_matches_reference(
-    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype, head_dim: int
+    compiled_kernels: Kernels,
+    reference: Kernels,
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    block_size: int,
 ) -> None:
     generator = torch.Generator().manual_seed(head_dim)
-    num_kv_heads, group, num_blocks = 3, 3, 64
+    num_kv_heads, num_blocks = 3, 64
     rows = tuple(
-        torch.randn(num_blocks * BLOCK_SIZE, num_kv_heads, head_dim, generator=generator).to(dtype)
+        torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=generator).to(dtype)
         for _ in range(2)
     )
     # (cache_len, query_len) on scattered blocks: decodes with contexts inside a block, at a
@@ -60,20 +73,20 @@ def test_paged_attention_matches_reference(
     free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
     chunks = []
     for cache_len, query_len in shapes:
-        blocks = -(-(cache_len + query_len) // BLOCK_SIZE)
+        blocks = -(-(cache_len + query_len) // block_size)
         table, free_blocks = free_blocks[:blocks], free_blocks[blocks:]
         chunks.append(SequenceChunk(cache_len, query_len, table))
     num_tokens = sum(query_len for _cache_len, query_len in shapes)
     query = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=generator).to(dtype)
     # The new tokens' own K/V, as the model passes them: the rows at their slots.
-    metadata = reference.attention.build_metadata(chunks, BLOCK_SIZE, torch.device("cpu"))
+    metadata = reference.attention.build_metadata(chunks, block_size, torch.device("cpu"))
     new_key, new_value = (rows[0][metadata.slot_mapping], rows[1][metadata.slot_mapping])
 
     scale = head_dim**-0.5
     results = []
     for kernels in (reference, compiled_kernels):
-        cache = _filled_cache(kernels, dtype, head_dim, rows)
-        metadata = kernels.attention.build_metadata(chunks, BLOCK_SIZE, torch.device("cpu"))
+        cache = _filled_cache(kernels, dtype, head_dim, block_size, rows)
+        metadata = kernels.attention.build_metadata(chunks, block_size, torch.device("cpu"))
         results.append(kernels.attention.attend(query, new_key, new_value, cache, metadata, scale))
     _assert_close(results[1], results[0], dtype)
 
@@ -125,10 +138,14 @@ def test_rotary_and_silu_match_reference(
     )
 
 
-def test_argmax_logprob_matches_reference(compiled_kernels: Kernels, reference: Kernels) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_logprob_matches_reference(
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype
+) -> None:
     generator = torch.Generator().manual_seed(2)
     logits = torch.randn(5, 49152, generator=generator) * 8
     logits[3, 17] = logits[3, 4000] = logits[3].max() + 1  # A tie: the first index wins.
+    logits = logits.to(dtype)  # The model's logits come in its own dtype.
     expected_ids, expected_logprobs = reference.ops.argmax_logprob(logits)
     ids, logprobs = compiled_kernels.ops.argmax_logprob(logits)
     assert torch.equal(ids, expected_ids) and ids[3].item() == 17

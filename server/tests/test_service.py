@@ -43,9 +43,7 @@ async def expect_error(call: "asyncio.Future[object]", code: grpc.StatusCode) ->
 
 
 def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> None:
-    executor = StepExecutor(
-        tiny_loaded, block_size=4, kv_cache_bytes=2**20
-    )
+    executor = StepExecutor(tiny_loaded, block_size=4, kv_cache_bytes=2**20)
     servicer = TextGenerationServicer(executor)
     socket_path = tmp_path / "shard.sock"
 
@@ -132,8 +130,14 @@ def test_serve_command_runs_until_sigterm(tmp_path: Path, tiny_llama) -> None:
     model_dir, _reference = tiny_llama
     socket_path = tmp_path / "shard.sock"
     process = run_cli(
-        "serve", str(model_dir), "--uds-path", str(socket_path), "--kv-cache-memory", "1MB",
-        "--dtype", "float32",
+        "serve",
+        str(model_dir),
+        "--uds-path",
+        str(socket_path),
+        "--kv-cache-memory",
+        "1MB",
+        "--dtype",
+        "float32",
     )
     try:
         wait_until_healthy(process, socket_path)

@@ -41,8 +41,9 @@ class Ops:
         return F.silu(gate) * up
 
     def argmax_logprob(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row of float32 logits [S, vocab]: the most likely token and its log-probability,
+        """Per row of logits [S, vocab]: the most likely token and its float32 log-probability,
         logit - logsumexp(row), without materialising a [S, vocab] log-softmax."""
+        logits = logits.float()
         token_ids = logits.argmax(dim=-1)
         logprobs = logits.gather(1, token_ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
         return token_ids, logprobs

@@ -192,8 +192,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope, device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, backend, ops, dtype, device)
-            for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, backend, ops, dtype, device) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
@@ -210,7 +209,8 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: Sequence[LayerKVCache],
         logits_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """Float32 logits [len(logits_rows), vocab] for the flat batch rows that sample a token.
+        """Logits [len(logits_rows), vocab], in the model's dtype, for the flat batch rows that
+        sample a token (the sampler widens them to float32 where it computes on them).
 
         input_ids and positions are [T]; only the rows in `logits_rows` go through the LM head,
         which is the single largest matmul for small models.
@@ -222,7 +222,7 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, cos, sin, layer_cache, metadata)
         assert residual is not None, "a model has at least one layer"
         final = self.norm(hidden[logits_rows], residual[logits_rows])
-        return self.lm_head(final).float()
+        return self.lm_head(final)
 
     def prepack_for_cpu(self) -> None:
         """Packs every projection for oneDNN once the weights are loaded."""

@@ -56,16 +56,17 @@ ArgmaxLogprob = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 def sample(
     logits: torch.Tensor, rows: Sequence[SamplingRow], argmax_logprob: ArgmaxLogprob
 ) -> tuple[list[int], list[float]]:
-    """One token per row of logits [S, vocab], with its log-probability.
+    """One token per row of logits [S, vocab] (any float dtype), with its log-probability.
 
     The log-probability is taken from the distribution the token was chosen from: for greedy rows
     the model's (after any repetition penalty), for sampled rows the processed one.
-    `argmax_logprob` is the greedy pick (see Ops.argmax_logprob).
+    `argmax_logprob` is the greedy pick (see Ops.argmax_logprob); it reads the model's dtype
+    directly, so an all-greedy batch never widens its logits to float32.
     """
-    logits = logits.float()
     penalties = [row.params.repetition_penalty for row in rows]
     if any(penalty != 1.0 for penalty in penalties):
-        logits = logits.clone()  # Penalised in place; the model's output stays as it was.
+        # Penalised in place, in float32; the model's output stays as it was.
+        logits = logits.to(torch.float32, copy=True)
         _apply_repetition_penalty(logits, [row.token_ids for row in rows], penalties)
 
     token_ids, logprobs = argmax_logprob(logits)
@@ -74,7 +75,9 @@ def sample(
     if sampled:
         sampled_rows = [rows[index] for index in sampled]
         row_index = torch.tensor(sampled, device=logits.device)
-        processed = _process_for_sampling(logits[row_index], [row.params for row in sampled_rows])
+        processed = _process_for_sampling(
+            logits[row_index].float(), [row.params for row in sampled_rows]
+        )
         drawn = _draw(processed.softmax(dim=-1), sampled_rows)
         token_ids[row_index] = drawn
         logprobs[row_index] = torch.log_softmax(processed, dim=-1).gather(1, drawn[:, None])[:, 0]

@@ -22,7 +22,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -115,51 +120,181 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
-// scores[c] = query . keys_t[:, c] for c < num_keys; keys_t is [head_dim][stride] float with
-// stride a multiple of kLanes. Four accumulators over d keep four FMA chains in flight.
-inline void score_keys(const float* __restrict query, const float* __restrict keys_t,
-                       int64_t head_dim, int64_t stride, float* __restrict scores,
-                       int64_t num_keys) {
-  for (int64_t column = 0; column < num_keys; column += kLanes) {
-    float sums[4][kLanes] = {};
-    int64_t d = 0;
-    for (; d + 4 <= head_dim; d += 4) {
-      for (int64_t u = 0; u < 4; ++u) {
-        const float q = query[d + u];
-        const float* keys = keys_t + (d + u) * stride + column;
+// ---------------------------------------------------------------------------------------------
+// Block-level attention arithmetic: scoring one cache block's keys against up to kMaxVectors
+// query vectors, and adding one block's value rows, weighted, into their accumulators. The
+// block is read once per call and widened to float32 in registers; the accumulators stay in
+// registers for the whole block. A generic version serves every type; bfloat16 on AVX-512
+// machines gets an intrinsics version (head_dim and block_size multiples of 16).
+
+constexpr int64_t kMaxVectors = 4;
+
+// scores[v * stride + c] = queries[v] . keys_t[:, c] for every column c of the block (columns
+// past the sequence's context are scored too and ignored by the caller).
+template <typename T>
+inline void score_block_generic(int64_t num_vectors, const float* __restrict queries,
+                                int64_t head_dim, const T* __restrict keys_t, int64_t block_size,
+                                float* __restrict scores, int64_t stride) {
+  for (int64_t column = 0; column < block_size; column += kLanes) {
+    const int64_t count = std::min(kLanes, block_size - column);
+    float sums[kMaxVectors][kLanes] = {};
+    for (int64_t d = 0; d < head_dim; ++d) {
+      float keys[kLanes] = {};
+      for (int64_t lane = 0; lane < count; ++lane) {
+        keys[lane] = to_float(keys_t[d * block_size + column + lane]);
+      }
+      for (int64_t v = 0; v < num_vectors; ++v) {
+        const float q = queries[v * head_dim + d];
 #pragma omp simd
-        for (int64_t lane = 0; lane < kLanes; ++lane) sums[u][lane] += q * keys[lane];
+        for (int64_t lane = 0; lane < kLanes; ++lane) sums[v][lane] += q * keys[lane];
       }
     }
-    for (; d < head_dim; ++d) {
-      const float* keys = keys_t + d * stride + column;
-#pragma omp simd
-      for (int64_t lane = 0; lane < kLanes; ++lane) sums[0][lane] += query[d] * keys[lane];
-    }
-    const int64_t count = std::min(kLanes, num_keys - column);
-    for (int64_t lane = 0; lane < count; ++lane) {
-      scores[column + lane] = (sums[0][lane] + sums[1][lane]) + (sums[2][lane] + sums[3][lane]);
+    for (int64_t v = 0; v < num_vectors; ++v) {
+      for (int64_t lane = 0; lane < count; ++lane) {
+        scores[v * stride + column + lane] = sums[v][lane];
+      }
     }
   }
 }
 
-// accumulator[d] += sum over r of weights[r] * rows[r][d].
-template <int64_t kHeadDim>
-inline void accumulate_rows(float* __restrict accumulator, const float* __restrict rows,
-                            const float* __restrict weights, int64_t num_rows,
-                            int64_t runtime_head_dim) {
-  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+// accumulators[v][:] += sum over r < num_rows of weights[v * stride + r] * rows[r][:].
+template <typename T>
+inline void accumulate_block_generic(int64_t num_vectors, float* __restrict accumulators,
+                                     int64_t head_dim, const T* __restrict rows, int64_t num_rows,
+                                     const float* __restrict weights, int64_t stride) {
   for (int64_t r = 0; r < num_rows; ++r) {
-    const float weight = weights[r];
-    const float* row = rows + r * head_dim;
+    const T* row = rows + r * head_dim;
+    for (int64_t v = 0; v < num_vectors; ++v) {
+      const float weight = weights[v * stride + r];
+      float* accumulator = accumulators + v * head_dim;
 #pragma omp simd
-    for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += weight * row[d];
+      for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += weight * to_float(row[d]);
+    }
   }
 }
 
-// Asks for `count` elements at `data` to be brought into the caches ahead of use. A sequence's
-// blocks lie anywhere in the cache, so the hardware prefetcher, which follows sequential streams,
-// would otherwise leave every block's first lines as full memory-latency misses.
+#if defined(__AVX512F__)
+inline __m512 load_bf16x16(const at::BFloat16* source) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <int64_t kVectors>
+inline void score_block_bf16(const float* __restrict queries, int64_t head_dim,
+                             const at::BFloat16* __restrict keys_t, int64_t block_size,
+                             float* __restrict scores, int64_t stride) {
+  for (int64_t column = 0; column < block_size; column += kLanes) {
+    // Two partial sums per vector (even and odd d): more independent FMA chains in flight.
+    __m512 even[kVectors], odd[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) even[v] = odd[v] = _mm512_setzero_ps();
+    const at::BFloat16* keys = keys_t + column;
+    for (int64_t d = 0; d < head_dim; d += 2) {
+      const __m512 keys_even = load_bf16x16(keys + d * block_size);
+      const __m512 keys_odd = load_bf16x16(keys + (d + 1) * block_size);
+      for (int64_t v = 0; v < kVectors; ++v) {
+        const float* q = queries + v * head_dim + d;
+        even[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[0]), keys_even, even[v]);
+        odd[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[1]), keys_odd, odd[v]);
+      }
+    }
+    for (int64_t v = 0; v < kVectors; ++v) {
+      _mm512_storeu_ps(scores + v * stride + column, _mm512_add_ps(even[v], odd[v]));
+    }
+  }
+}
+
+template <int64_t kVectors, int64_t kChunks>
+inline void accumulate_block_bf16(float* __restrict accumulators,
+                                  const at::BFloat16* __restrict rows, int64_t num_rows,
+                                  const float* __restrict weights, int64_t stride) {
+  constexpr int64_t head_dim = kChunks * kLanes;
+  __m512 sums[kVectors][kChunks];
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t c = 0; c < kChunks; ++c) {
+      sums[v][c] = _mm512_loadu_ps(accumulators + v * head_dim + c * kLanes);
+    }
+  }
+  for (int64_t r = 0; r < num_rows; ++r) {
+    __m512 row[kChunks];
+    for (int64_t c = 0; c < kChunks; ++c) row[c] = load_bf16x16(rows + r * head_dim + c * kLanes);
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const __m512 weight = _mm512_set1_ps(weights[v * stride + r]);
+      for (int64_t c = 0; c < kChunks; ++c) sums[v][c] = _mm512_fmadd_ps(weight, row[c], sums[v][c]);
+    }
+  }
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t c = 0; c < kChunks; ++c) {
+      _mm512_storeu_ps(accumulators + v * head_dim + c * kLanes, sums[v][c]);
+    }
+  }
+}
+
+// Calls body(std::integral_constant<int64_t, n>) for n in 1..kMaxVectors, so that the vector
+// count is a compile-time constant in the intrinsics loops.
+template <typename Body>
+inline void with_vector_count(int64_t n, Body&& body) {
+  switch (n) {
+    case 1: body(std::integral_constant<int64_t, 1>()); break;
+    case 2: body(std::integral_constant<int64_t, 2>()); break;
+    case 3: body(std::integral_constant<int64_t, 3>()); break;
+    default: body(std::integral_constant<int64_t, 4>()); break;
+  }
+}
+#endif
+
+template <typename T>
+inline bool has_fast_path(int64_t head_dim, int64_t block_size) {
+#if defined(__AVX512F__)
+  return std::is_same_v<T, at::BFloat16> && head_dim % kLanes == 0 && block_size % kLanes == 0 &&
+         (head_dim == 64 || head_dim == 128);
+#else
+  (void)head_dim;
+  (void)block_size;
+  return false;
+#endif
+}
+
+template <typename T>
+inline void score_block(bool fast, int64_t num_vectors, const float* queries, int64_t head_dim,
+                        const T* keys_t, int64_t block_size, float* scores, int64_t stride) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (fast) {
+      with_vector_count(num_vectors, [&](auto n) {
+        score_block_bf16<decltype(n)::value>(queries, head_dim, keys_t, block_size, scores, stride);
+      });
+      return;
+    }
+  }
+#endif
+  (void)fast;
+  score_block_generic(num_vectors, queries, head_dim, keys_t, block_size, scores, stride);
+}
+
+template <typename T>
+inline void accumulate_block(bool fast, int64_t num_vectors, float* accumulators, int64_t head_dim,
+                             const T* rows, int64_t num_rows, const float* weights,
+                             int64_t stride) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (fast) {
+      with_vector_count(num_vectors, [&](auto n) {
+        constexpr int64_t kVectors = decltype(n)::value;
+        if (head_dim == 64) {
+          accumulate_block_bf16<kVectors, 4>(accumulators, rows, num_rows, weights, stride);
+        } else {
+          accumulate_block_bf16<kVectors, 8>(accumulators, rows, num_rows, weights, stride);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  (void)fast;
+  accumulate_block_generic(num_vectors, accumulators, head_dim, rows, num_rows, weights, stride);
+}
+
+// Asks for `count` elements at `data` to be brought into the caches ahead of use.
 template <typename T>
 inline void prefetch(const T* data, int64_t count) {
   const char* bytes = reinterpret_cast<const char*>(data);
@@ -179,32 +314,31 @@ inline void prefetch(const T* data, int64_t count) {
 // them. Then softmax per row and head, then the weighted sum of value rows.
 
 constexpr int64_t kTileRows = 16;
-// How many blocks ahead of use to fetch K and V (see paged_attention_impl).
+// How many key blocks ahead of use to fetch (see paged_attention_impl).
 constexpr int64_t kPrefetchBlocks = 1;
 
 struct AttentionItem {
   int64_t sequence;
   int64_t kv_head;
   int64_t first_row;  // Within the sequence's rows.
+  int64_t blocks;     // Cache blocks its rows see.
 };
 
-// kHeadDim > 0 fixes the head size at compile time, so the per-row loops unroll completely;
-// 0 reads it from the tensors.
-template <typename T, int64_t kHeadDim>
+template <typename T>
 void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
                           const at::Tensor& key_cache, const at::Tensor& value_cache,
                           const at::Tensor& block_tables, const at::Tensor& cache_lens,
                           const at::Tensor& query_starts, double scale) {
   const int64_t num_sequences = cache_lens.size(0);
   const int64_t num_heads = query.size(1);
-  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : query.size(2);
+  const int64_t head_dim = query.size(2);
   const int64_t num_kv_heads = value_cache.size(0);
   const int64_t num_blocks = value_cache.size(1);
   const int64_t block_size = value_cache.size(2);
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_tables.size(1);
-  const int64_t padded_block = round_up(block_size, kLanes);
   const int64_t block_elements = block_size * head_dim;
+  const bool fast = has_fast_path<T>(head_dim, block_size);
 
   const T* query_data = query.data_ptr<T>();
   const T* key_data = key_cache.data_ptr<T>();
@@ -220,8 +354,10 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
   std::vector<AttentionItem> items;
   for (int64_t s = 0; s < num_sequences; ++s) {
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      for (int64_t row = 0; row < starts[s + 1] - starts[s]; row += kTileRows) {
-        items.push_back({s, h, row});
+      const int64_t query_len = starts[s + 1] - starts[s];
+      for (int64_t row = 0; row < query_len; row += kTileRows) {
+        const int64_t context = cached[s] + std::min(query_len, row + kTileRows);
+        items.push_back({s, h, row, (context + block_size - 1) / block_size});
       }
     }
   }
@@ -230,14 +366,26 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
   at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     std::vector<float> queries(kTileRows * group * head_dim);
-    // One block widened to float32: keys as [head_dim][padded_block] (the padding columns are
-    // zero and their scores ignored), values as [block_size][head_dim].
-    std::vector<float> keys(head_dim * padded_block, 0.f);
-    std::vector<float> values(block_elements);
     std::vector<float> accumulators(kTileRows * group * head_dim);
     std::vector<float> inverse_sums(kTileRows * group);
     std::vector<float> scores;
     for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
+      // The key blocks this thread will score, fetched kPrefetchBlocks ahead across the ends of
+      // its items: a sequence's blocks lie anywhere in the cache, and without this every item
+      // would start with full memory-latency misses.
+      size_t ahead_index = thread;
+      int64_t ahead_block = 0;
+      auto prefetch_ahead = [&] {
+        while (ahead_index < items.size() && ahead_block == items[ahead_index].blocks) {
+          ahead_index += num_threads;
+          ahead_block = 0;
+        }
+        if (ahead_index >= items.size()) return;
+        const AttentionItem& ahead = items[ahead_index];
+        const int32_t block = tables[ahead.sequence * max_blocks + ahead_block++];
+        prefetch(key_data + (ahead.kv_head * num_blocks + block) * block_elements, block_elements);
+      };
+      for (int64_t i = 0; i < kPrefetchBlocks; ++i) prefetch_ahead();
       for (size_t index = thread; index < items.size(); index += num_threads) {
         const AttentionItem item = items[index];
         const int64_t row_offset = starts[item.sequence] + item.first_row;
@@ -246,11 +394,15 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
         // Row r sees positions [0, first_context + r).
         const int64_t first_context = cached[item.sequence] + item.first_row + 1;
         const int64_t context = first_context + rows - 1;
-        const int64_t context_blocks = (context + block_size - 1) / block_size;
+        const int64_t context_blocks = item.blocks;
+        // Score rows cover whole blocks (the last block's columns past the context are scored
+        // and then ignored), so the block loops need no ragged ends.
+        const int64_t stride = context_blocks * block_size;
         const int32_t* table = tables + item.sequence * max_blocks;
         const int64_t head_base = item.kv_head * num_blocks;
-        const int64_t vectors = rows * group;  // (row, head) pairs, row-major.
-        scores.resize(vectors * context);
+        // (row, head) pairs, row-major: vector v sees first_context + v / group positions.
+        const int64_t vectors = rows * group;
+        scores.resize(vectors * stride);
 
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t g = 0; g < group; ++g) {
@@ -262,38 +414,25 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
           }
         }
 
-        for (int64_t block = 0; block < std::min(kPrefetchBlocks, context_blocks); ++block) {
-          prefetch(key_data + (head_base + table[block]) * block_elements, block_elements);
-        }
         for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
-          // Keys kPrefetchBlocks ahead while these are scored, and this block's values for later.
-          if (block + kPrefetchBlocks < context_blocks) {
-            prefetch(key_data + (head_base + table[block + kPrefetchBlocks]) * block_elements,
-                     block_elements);
-          }
+          // Keys ahead while these are scored, and this block's values for the value pass.
+          prefetch_ahead();
           prefetch(value_data + (head_base + table[block]) * block_elements, block_elements);
           const T* block_keys = key_data + (head_base + table[block]) * block_elements;
-          if (block_size == padded_block) {
-            widen(block_keys, keys.data(), block_elements);  // Same layout: one pass.
-          } else {
-            for (int64_t d = 0; d < head_dim; ++d) {
-              widen(block_keys + d * block_size, keys.data() + d * padded_block, block_size);
-            }
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t visible = std::min(block_size, first_context + r - start);
-            for (int64_t g = 0; visible > 0 && g < group; ++g) {
-              const int64_t vector = r * group + g;
-              score_keys(queries.data() + vector * head_dim, keys.data(), head_dim, padded_block,
-                         scores.data() + vector * context + start, visible);
-            }
+          for (int64_t first = 0; first < vectors; first += kMaxVectors) {
+            const int64_t count = std::min(kMaxVectors, vectors - first);
+            // Vectors see more the later they come: skip a group whose last sees none of this.
+            if (first_context + (first + count - 1) / group <= start) continue;
+            score_block(fast, count, queries.data() + first * head_dim, head_dim, block_keys,
+                        block_size, scores.data() + first * stride + start, stride);
           }
         }
 
-        // Softmax per (row, head) over what the row sees, in place; 1/sum goes to the output.
+        // Softmax per vector over what it sees, in place, zero past that (so the value pass can
+        // weight whole blocks); 1/sum goes to the output.
         for (int64_t vector = 0; vector < vectors; ++vector) {
           const int64_t visible = first_context + vector / group;
-          float* row_scores = scores.data() + vector * context;
+          float* row_scores = scores.data() + vector * stride;
           float maximum = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : maximum)
           for (int64_t t = 0; t < visible; ++t) {
@@ -305,20 +444,21 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
             row_scores[t] = vector_exp(row_scores[t] - maximum);
             sum += row_scores[t];
           }
+          std::fill(row_scores + visible, row_scores + stride, 0.f);
           inverse_sums[vector] = 1.f / sum;
         }
 
         std::fill(accumulators.begin(), accumulators.begin() + vectors * head_dim, 0.f);
         for (int64_t start = 0, block = 0; start < context; start += block_size, ++block) {
+          // Rows past the context may hold anything (even NaN), so they are never read.
           const int64_t block_rows = std::min(block_size, context - start);
-          widen(value_data + (head_base + table[block]) * block_elements, values.data(),
-                block_rows * head_dim);
-          for (int64_t vector = 0; vector < vectors; ++vector) {
-            const int64_t visible = std::min(block_rows, first_context + vector / group - start);
-            if (visible <= 0) continue;
-            accumulate_rows<kHeadDim>(accumulators.data() + vector * head_dim, values.data(),
-                                      scores.data() + vector * context + start, visible,
-                                      head_dim);
+          const T* block_values = value_data + (head_base + table[block]) * block_elements;
+          for (int64_t first = 0; first < vectors; first += kMaxVectors) {
+            const int64_t count = std::min(kMaxVectors, vectors - first);
+            if (first_context + (first + count - 1) / group <= start) continue;
+            accumulate_block(fast, count, accumulators.data() + first * head_dim, head_dim,
+                             block_values, block_rows, scores.data() + first * stride + start,
+                             stride);
           }
         }
 
@@ -390,24 +530,11 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
 
   auto output = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
   if (num_sequences == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(),
-                                  "paged_attention", [&] {
-                                    switch (query.size(2)) {
-                                      case 64:
-                                        paged_attention_impl<scalar_t, 64>(
-                                            output, query, key_cache, value_cache, block_tables,
-                                            cache_lens, query_starts, scale);
-                                        break;
-                                      case 128:
-                                        paged_attention_impl<scalar_t, 128>(
-                                            output, query, key_cache, value_cache, block_tables,
-                                            cache_lens, query_starts, scale);
-                                        break;
-                                      default:
-                                        paged_attention_impl<scalar_t, 0>(
-                                            output, query, key_cache, value_cache, block_tables,
-                                            cache_lens, query_starts, scale);
-                                    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention",
+                                  [&] {
+                                    paged_attention_impl<scalar_t>(output, query, key_cache,
+                                                                   value_cache, block_tables,
+                                                                   cache_lens, query_starts, scale);
                                   });
   return output;
 }
@@ -618,36 +745,49 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Greedy pick: per row of float32 logits [S, V], the first index of the maximum (as
-// torch.argmax) and its log-probability, max - logsumexp(row) = -log(sum(exp(row - max))).
+// Greedy pick: per row of logits [S, V] (float32 or the model's dtype, read as float32), the
+// first index of the maximum (as torch.argmax) and its log-probability,
+// max - logsumexp(row) = -log(sum(exp(row - max))). Reading the model's bfloat16 logits directly
+// saves converting the whole [S, V] block to float32 first, the largest copy of a decode step.
 
-std::tuple<at::Tensor, at::Tensor> argmax_logprob(const at::Tensor& logits) {
-  check_rows(logits, "logits");
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
-              "logits must be float32 [rows, vocab]");
+template <typename T>
+void argmax_logprob_impl(const at::Tensor& logits, int64_t* ids, float* out) {
   const int64_t num_rows = logits.size(0);
   const int64_t vocab = logits.size(1);
-  auto token_ids = at::empty({num_rows}, logits.options().dtype(at::kLong));
-  auto logprobs = at::empty({num_rows}, logits.options());
-  const float* data = logits.data_ptr<float>();
-  int64_t* ids = token_ids.data_ptr<int64_t>();
-  float* out = logprobs.data_ptr<float>();
+  const T* data = logits.data_ptr<T>();
   const int64_t row_stride = logits.stride(0);
   at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = data + r * row_stride;
-      float maximum = row[0];
+      const T* row = data + r * row_stride;
+      float maximum = to_float(row[0]);
 #pragma omp simd reduction(max : maximum)
-      for (int64_t v = 0; v < vocab; ++v) maximum = row[v] > maximum ? row[v] : maximum;
+      for (int64_t v = 0; v < vocab; ++v) {
+        const float value = to_float(row[v]);
+        maximum = value > maximum ? value : maximum;
+      }
       int64_t index = 0;
-      while (index < vocab - 1 && !(row[index] == maximum)) ++index;
+      while (index < vocab - 1 && !(to_float(row[index]) == maximum)) ++index;
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t v = 0; v < vocab; ++v) sum += vector_exp(row[v] - maximum);
+      for (int64_t v = 0; v < vocab; ++v) sum += vector_exp(to_float(row[v]) - maximum);
       ids[r] = index;
       out[r] = -std::log(sum);
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_logprob(const at::Tensor& logits) {
+  check_rows(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "logits must be [rows, vocab]");
+  const int64_t num_rows = logits.size(0);
+  auto token_ids = at::empty({num_rows}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({num_rows}, logits.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "argmax_logprob",
+                                  [&] {
+                                    argmax_logprob_impl<scalar_t>(logits,
+                                                                  token_ids.data_ptr<int64_t>(),
+                                                                  logprobs.data_ptr<float>());
+                                  });
   return {token_ids, logprobs};
 }
 
