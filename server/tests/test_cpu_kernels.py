@@ -119,7 +119,7 @@ def test_norms_match_reference(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_and_silu_match_reference(
+def test_rotary_matches_reference(
     compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype
 ) -> None:
     generator = torch.Generator().manual_seed(1)
@@ -131,11 +131,6 @@ def test_rotary_and_silu_match_reference(
         ops.rotary_(buffer[:, : 4 * 64].view(6, 4, 64), angles.cos(), angles.sin())
     _assert_close(rotated[1], rotated[0], dtype)
     assert torch.equal(rotated[1][:, 4 * 64 :], qkv[:, 4 * 64 :])
-
-    gate_up = (torch.randn(6, 2 * 96, generator=generator) * 4).to(dtype)
-    _assert_close(
-        compiled_kernels.ops.silu_and_mul(gate_up), reference.ops.silu_and_mul(gate_up), dtype
-    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -64,8 +64,5 @@ class CompiledCpuOps(Ops):
     def rotary_(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.kernels.rotary_(heads, cos, sin)
 
-    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return self.kernels.silu_and_mul(gate_up)
-
     def argmax_logprob(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.argmax_logprob(logits)

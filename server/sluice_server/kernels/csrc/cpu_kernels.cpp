@@ -6,7 +6,6 @@
 //   write_kv                new tokens' K/V into their cache slots (layout: see below)
 //   rms_norm, add_rms_norm  RMSNorm, optionally fused with the residual add before it
 //   rotary_                 rotary position embedding, in place, "rotate half" layout
-//   silu_and_mul            SwiGLU's activation: silu(gate) * up
 //   argmax_logprob          the greedy token of each row of logits and its log-probability
 //
 // Each kernel accumulates in float32 whatever the storage type, is parallelised with
@@ -711,39 +710,6 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SwiGLU activation: gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:], [T, I].
-
-template <typename T>
-void silu_and_mul_impl(at::Tensor& output, const at::Tensor& gate_up) {
-  const int64_t num_tokens = gate_up.size(0);
-  const int64_t width = output.size(1);
-  const T* source = gate_up.data_ptr<T>();
-  T* destination = output.data_ptr<T>();
-  const int64_t source_stride = gate_up.stride(0);
-  at::parallel_for(0, num_tokens, grain_for(2 * width), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T* gate = source + t * source_stride;
-      const T* up = gate + width;
-      T* out = destination + t * width;
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) {
-        const float g = to_float(gate[i]);
-        out[i] = from_float<T>(g / (1.f + vector_exp(-g)) * to_float(up[i]));
-      }
-    }
-  });
-}
-
-at::Tensor silu_and_mul(const at::Tensor& gate_up) {
-  check_rows(gate_up, "gate_up");
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be [tokens, 2 * I]");
-  auto output = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(),
-                                  "silu_and_mul",
-                                  [&] { silu_and_mul_impl<scalar_t>(output, gate_up); });
-  return output;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Greedy pick: per row of logits [S, V] (float32 or the model's dtype, read as float32), the
 // first index of the maximum (as torch.argmax) and its log-probability,
@@ -799,6 +765,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("rms_norm", &rms_norm);
   module.def("add_rms_norm", &add_rms_norm);
   module.def("rotary_", &rotary_);
-  module.def("silu_and_mul", &silu_and_mul);
   module.def("argmax_logprob", &argmax_logprob);
 }
