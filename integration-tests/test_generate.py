@@ -6,11 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from text_generation import Client
-from text_generation.errors import ValidationError
-
 from conftest import SluiceServer
 from helpers import generate, stream
+from text_generation import Client
+from text_generation.errors import ValidationError
 
 
 def test_greedy_answer_names_the_capital(server: SluiceServer, chat_prompt) -> None:
@@ -36,8 +35,22 @@ def test_stream_concatenates_to_the_non_streamed_text(server: SluiceServer, chat
 
 def test_concurrent_requests_match_their_solo_runs(server: SluiceServer, chat_prompt) -> None:
     topics = [
-        "the sun", "rivers", "cats", "chess", "bread", "winter", "the moon", "trains",
-        "music", "forests", "honey", "bicycles", "volcanoes", "tea", "owls", "glass",
+        "the sun",
+        "rivers",
+        "cats",
+        "chess",
+        "bread",
+        "winter",
+        "the moon",
+        "trains",
+        "music",
+        "forests",
+        "honey",
+        "bicycles",
+        "volcanoes",
+        "tea",
+        "owls",
+        "glass",
     ]
     prompts = [chat_prompt(f"Tell me a fact about {topic}.") for topic in topics]
     solo = [generate(server, p, max_new_tokens=24)["generated_text"] for p in prompts]
@@ -57,7 +70,13 @@ def test_stop_sequence_ends_generation(server: SluiceServer, chat_prompt) -> Non
 
 def test_seeded_sampling_is_reproducible(server: SluiceServer, chat_prompt) -> None:
     prompt = chat_prompt("Name a colour.")
-    params = dict(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.95, seed=1234)
+    params = {
+        "max_new_tokens": 16,
+        "do_sample": True,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "seed": 1234,
+    }
     first = generate(server, prompt, **params)
     second = generate(server, prompt, **params)
     assert first["generated_text"] == second["generated_text"]
@@ -90,8 +109,15 @@ def test_tgi_python_client(server: SluiceServer, chat_prompt) -> None:
         {"parameters": {"max_new_tokens": 5}},
         {"inputs": "Hello", "parameters": {"best_of": 2}},
     ],
-    ids=["empty", "negative-temperature", "too-long", "zero-new-tokens", "top-p", "no-inputs",
-         "unsupported"],
+    ids=[
+        "empty",
+        "negative-temperature",
+        "too-long",
+        "zero-new-tokens",
+        "top-p",
+        "no-inputs",
+        "unsupported",
+    ],
 )
 @pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
 def test_bad_requests_get_422_and_the_server_keeps_serving(

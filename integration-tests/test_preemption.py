@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import SluiceServer, metric, serve
 from helpers import generate
 
@@ -18,19 +17,30 @@ NEW_TOKENS = 200
 def server() -> Iterator[SluiceServer]:
     # 1,024 tokens of KV cache: four sequences of ~250 tokens.
     yield from serve(
-        "--max-input-tokens", "256",
-        "--max-total-tokens", "512",
-        "--max-batch-total-tokens", "1024",
+        "--max-input-tokens",
+        "256",
+        "--max-total-tokens",
+        "512",
+        "--max-batch-total-tokens",
+        "1024",
     )
 
 
 def test_preempted_requests_complete_with_their_solo_output(
     server: SluiceServer, chat_prompt
 ) -> None:
-    topics = ["the ocean", "a lighthouse", "mountains", "a library", "rain", "an old clock",
-              "the desert", "a garden"]
+    topics = [
+        "the ocean",
+        "a lighthouse",
+        "mountains",
+        "a library",
+        "rain",
+        "an old clock",
+        "the desert",
+        "a garden",
+    ]
     prompts = [chat_prompt(f"Write a long story about {topic}.") for topic in topics]
-    parameters = dict(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    parameters = {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}
     solo = {p: generate(server, p, **parameters)["generated_text"] for p in prompts}
     preemptions_before = metric(server, "sluice_preemptions_total")
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import SluiceServer, metric, serve
 from helpers import StreamedRequest, generate, stream
 
@@ -19,15 +18,23 @@ CHUNK_BUDGET = 256
 @pytest.fixture(scope="module")
 def server() -> Iterator[SluiceServer]:
     yield from serve(
-        "--max-input-tokens", "3200",
-        "--max-total-tokens", "3600",
-        "--max-batch-prefill-tokens", str(CHUNK_BUDGET),
+        "--max-input-tokens",
+        "3200",
+        "--max-total-tokens",
+        "3600",
+        "--max-batch-prefill-tokens",
+        str(CHUNK_BUDGET),
     )
 
 
 def system_prompt(words: int) -> str:
-    facts = ["The archive opens at nine.", "Visitors sign the ledger.", "Maps stay inside.",
-             "Lamps are dimmed at dusk.", "The east wing holds letters."]
+    facts = [
+        "The archive opens at nine.",
+        "Visitors sign the ledger.",
+        "Maps stay inside.",
+        "Lamps are dimmed at dusk.",
+        "The east wing holds letters.",
+    ]
     return " ".join(facts[i % len(facts)] for i in range(words // 5))
 
 
@@ -80,10 +87,12 @@ def test_cancelled_streams_give_their_blocks_back(server: SluiceServer, chat_pro
     used_before = metric(server, "sluice_kv_blocks_used")
     prompts = [chat_prompt(f"Tell me about the number {i}.") for i in range(8)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        runs = list(pool.map(
-            lambda p: stream(server, p, max_events=5, max_new_tokens=300, ignore_eos=True),
-            prompts,
-        ))
+        runs = list(
+            pool.map(
+                lambda p: stream(server, p, max_events=5, max_new_tokens=300, ignore_eos=True),
+                prompts,
+            )
+        )
     assert all(len(run.events) == 5 for run in runs)
     deadline = time.monotonic() + 30
     while metric(server, "sluice_kv_blocks_used") != used_before:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from .service import TextGenerationServicer
 
 logger = logging.getLogger("sluice_server")
@@ -158,7 +160,7 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 
     try:
         convert_gguf(args.gguf_file, args.out_dir)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure of the converter is the user's answer
         return _fail(f"cannot convert {args.gguf_file}: {error}")
     return 0
 

@@ -8,7 +8,7 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors import safe_open
@@ -32,7 +32,7 @@ class CheckpointWeights:
                 name = stored_name.removeprefix(PREFIX)
                 self._locations[name] = (handle, stored_name)
 
-    def __enter__(self) -> "CheckpointWeights":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -22,6 +22,9 @@ from sluice_server.models.loader import LoadedModel, load_model
 from sluice_server.pb import generate_pb2 as pb
 from test_llama_vs_transformers import MODEL_VARIANTS
 from test_step import BLOCK_SIZE, PROMPTS, MiniRouter, make_executor, new_request
+from test_step import (
+    test_seeded_sampling_does_not_depend_on_the_batch as check_seeded_sampling,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -176,19 +179,7 @@ def test_mixed_batch_matches_each_request_alone(cuda_llama) -> None:
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(cuda_llama) -> None:
-    seeded = pb.SamplingParameters(
-        do_sample=True, temperature=0.9, top_k=40, top_p=0.9, seed=1234, repetition_penalty=1.2
-    )
-    router = MiniRouter(make_executor(cuda_llama))
-    router.add(new_request(0, PROMPTS[0], sampling=seeded))
-    alone = router.run()[0]
-
-    router = MiniRouter(make_executor(cuda_llama), chunk_size=3)
-    router.add(new_request(5, PROMPTS[1]))
-    hot = pb.SamplingParameters(do_sample=True, temperature=1.5, seed=99)
-    router.add(new_request(6, PROMPTS[1], sampling=hot))
-    router.add(new_request(7, PROMPTS[0], sampling=seeded))
-    assert router.run()[7] == alone
+    check_seeded_sampling(cuda_llama)  # test_step's test, with the model on the GPU.
 
 
 def _generate_on_blocks(
