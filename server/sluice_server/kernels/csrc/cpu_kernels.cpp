@@ -101,11 +101,19 @@ void check_rows(const at::Tensor& tensor, const char* name) {
 
 // ---------------------------------------------------------------------------------------------
 // The paged cache layout these kernels use. Values: [H_kv, num_blocks, block_size, D], a block's
-// tokens as rows. Keys: [H_kv, num_blocks, D, block_size], each block transposed, so that
-// scoring a block against a query is a sum over d of (query[d] * one contiguous row of the
-// block's keys): plain vector FMAs with no horizontal reduction per key.
+// tokens as rows. Keys: [H_kv, num_blocks, D, block_size] as a tensor, but within a block the
+// elements are stored as [D / 2][block_size][2]: for each pair of dimensions (d, d + 1), every
+// key's two elements side by side. Scoring a block against a query is then a sum over the pairs
+// of (query[d], query[d + 1]) times one contiguous run of keys: vector multiply-adds with no
+// horizontal reduction per key, and on CPUs with AVX512-BF16 one dot-product instruction per
+// pair of dimensions and 16 keys, straight from the stored bfloat16.
 
 constexpr int64_t kLanes = 16;
+
+// Where element d of the key in row `column` of a block sits within the block (see above).
+inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
+  return (d / 2) * block_size * 2 + column * 2 + (d & 1);
+}
 
 // Elements one thread should handle before splitting work pays for waking the others: decode
 // batches of the elementwise kernels run on one thread, prefill batches on all.
@@ -128,8 +136,8 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
 
 constexpr int64_t kMaxVectors = 4;
 
-// scores[v * stride + c] = queries[v] . keys_t[:, c] for every column c of the block (columns
-// past the sequence's context are scored too and ignored by the caller).
+// scores[v * stride + c] = queries[v] . (key c) for every column c of the block (columns past
+// the sequence's context are scored too and ignored by the caller).
 template <typename T>
 inline void score_block_generic(int64_t num_vectors, const float* __restrict queries,
                                 int64_t head_dim, const T* __restrict keys_t, int64_t block_size,
@@ -140,7 +148,7 @@ inline void score_block_generic(int64_t num_vectors, const float* __restrict que
     for (int64_t d = 0; d < head_dim; ++d) {
       float keys[kLanes] = {};
       for (int64_t lane = 0; lane < count; ++lane) {
-        keys[lane] = to_float(keys_t[d * block_size + column + lane]);
+        keys[lane] = to_float(keys_t[key_offset(d, column + lane, block_size)]);
       }
       for (int64_t v = 0; v < num_vectors; ++v) {
         const float q = queries[v * head_dim + d];
@@ -178,26 +186,60 @@ inline __m512 load_bf16x16(const at::BFloat16* source) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// sums[v] += queries[v][d : d + 2] . (16 keys' elements d and d + 1), from one 512-bit load of
+// the pair layout: element d in the low half of each 32-bit lane, d + 1 in the high half.
 template <int64_t kVectors>
-inline void score_block_bf16(const float* __restrict queries, int64_t head_dim,
-                             const at::BFloat16* __restrict keys_t, int64_t block_size,
-                             float* __restrict scores, int64_t stride) {
+inline void accumulate_key_pairs(__m512* __restrict sums, const float* __restrict queries,
+                                 const uint32_t* __restrict query_pairs, int64_t head_dim,
+                                 int64_t d, const at::BFloat16* __restrict keys) {
+  const __m512i pairs = _mm512_loadu_si512(keys);
+#if defined(__AVX512BF16__)
+  (void)queries;
+  for (int64_t v = 0; v < kVectors; ++v) {
+    const __m512i query = _mm512_set1_epi32(static_cast<int>(query_pairs[(v * head_dim + d) / 2]));
+    sums[v] = _mm512_dpbf16_ps(sums[v], reinterpret_cast<__m512bh>(pairs),
+                               reinterpret_cast<__m512bh>(query));
+  }
+#else
+  (void)query_pairs;
+  const __m512 keys_even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  const __m512 keys_odd = _mm512_castsi512_ps(
+      _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  for (int64_t v = 0; v < kVectors; ++v) {
+    const float* q = queries + v * head_dim + d;
+    sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[0]), keys_even, sums[v]);
+    sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[1]), keys_odd, sums[v]);
+  }
+#endif
+}
+
+// The queries' scaling is applied to the sums: with AVX512-BF16 the products come straight from
+// the stored bfloat16 queries (query_pairs: each 32-bit word one pair of dimensions) and keys;
+// without it, from the float32 queries, already scaled.
+template <int64_t kVectors>
+inline void score_block_bf16(const float* __restrict queries,
+                             const uint32_t* __restrict query_pairs, float scale,
+                             int64_t head_dim, const at::BFloat16* __restrict keys_t,
+                             int64_t block_size, float* __restrict scores, int64_t stride) {
+  // Two partial sums per vector (alternate pairs of dimensions): independent chains of
+  // multiply-adds keep more of them in flight. head_dim is a multiple of 16, so of 4.
   for (int64_t column = 0; column < block_size; column += kLanes) {
-    // Two partial sums per vector (even and odd d): more independent FMA chains in flight.
-    __m512 even[kVectors], odd[kVectors];
-    for (int64_t v = 0; v < kVectors; ++v) even[v] = odd[v] = _mm512_setzero_ps();
-    const at::BFloat16* keys = keys_t + column;
-    for (int64_t d = 0; d < head_dim; d += 2) {
-      const __m512 keys_even = load_bf16x16(keys + d * block_size);
-      const __m512 keys_odd = load_bf16x16(keys + (d + 1) * block_size);
-      for (int64_t v = 0; v < kVectors; ++v) {
-        const float* q = queries + v * head_dim + d;
-        even[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[0]), keys_even, even[v]);
-        odd[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[1]), keys_odd, odd[v]);
-      }
+    __m512 first[kVectors], second[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) first[v] = second[v] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d += 4) {
+      accumulate_key_pairs<kVectors>(first, queries, query_pairs, head_dim, d,
+                                     keys_t + key_offset(d, column, block_size));
+      accumulate_key_pairs<kVectors>(second, queries, query_pairs, head_dim, d + 2,
+                                     keys_t + key_offset(d + 2, column, block_size));
     }
     for (int64_t v = 0; v < kVectors; ++v) {
-      _mm512_storeu_ps(scores + v * stride + column, _mm512_add_ps(even[v], odd[v]));
+      __m512 total = _mm512_add_ps(first[v], second[v]);
+#if defined(__AVX512BF16__)
+      total = _mm512_mul_ps(total, _mm512_set1_ps(scale));
+#else
+      (void)scale;
+#endif
+      _mm512_storeu_ps(scores + v * stride + column, total);
     }
   }
 }
@@ -253,20 +295,26 @@ inline bool has_fast_path(int64_t head_dim, int64_t block_size) {
 #endif
 }
 
+// Scores `num_vectors` query vectors against one block. queries: float32, scaled; query_pairs:
+// the same vectors as stored, unscaled (read only by the AVX512-BF16 path).
 template <typename T>
-inline void score_block(bool fast, int64_t num_vectors, const float* queries, int64_t head_dim,
+inline void score_block(bool fast, int64_t num_vectors, const float* queries,
+                        const uint32_t* query_pairs, float scale, int64_t head_dim,
                         const T* keys_t, int64_t block_size, float* scores, int64_t stride) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (fast) {
       with_vector_count(num_vectors, [&](auto n) {
-        score_block_bf16<decltype(n)::value>(queries, head_dim, keys_t, block_size, scores, stride);
+        score_block_bf16<decltype(n)::value>(queries, query_pairs, scale, head_dim, keys_t,
+                                             block_size, scores, stride);
       });
       return;
     }
   }
 #endif
   (void)fast;
+  (void)query_pairs;
+  (void)scale;
   score_block_generic(num_vectors, queries, head_dim, keys_t, block_size, scores, stride);
 }
 
@@ -365,6 +413,7 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
   at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     std::vector<float> queries(kTileRows * group * head_dim);
+    std::vector<uint32_t> query_pairs(kTileRows * group * head_dim / 2);
     std::vector<float> accumulators(kTileRows * group * head_dim);
     std::vector<float> inverse_sums(kTileRows * group);
     std::vector<float> scores;
@@ -410,6 +459,12 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
             float* destination = queries.data() + (r * group + g) * head_dim;
             widen(source, destination, head_dim);
             for (int64_t d = 0; d < head_dim; ++d) destination[d] *= softmax_scale;
+            if constexpr (std::is_same_v<T, at::BFloat16>) {
+              if (fast) {
+                std::memcpy(query_pairs.data() + (r * group + g) * head_dim / 2, source,
+                            head_dim * sizeof(T));
+              }
+            }
           }
         }
 
@@ -422,8 +477,9 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
             const int64_t count = std::min(kMaxVectors, vectors - first);
             // Vectors see more the later they come: skip a group whose last sees none of this.
             if (first_context + (first + count - 1) / group <= start) continue;
-            score_block(fast, count, queries.data() + first * head_dim, head_dim, block_keys,
-                        block_size, scores.data() + first * stride + start, stride);
+            score_block(fast, count, queries.data() + first * head_dim,
+                        query_pairs.data() + first * head_dim / 2, softmax_scale, head_dim,
+                        block_keys, block_size, scores.data() + first * stride + start, stride);
           }
         }
 
@@ -488,6 +544,8 @@ void check_cache_layout(const at::Tensor& key_cache, const at::Tensor& value_cac
                   key_cache.size(3) == value_cache.size(2),
               "key_cache must be [H_kv, blocks, D, block_size] for value_cache "
               "[H_kv, blocks, block_size, D]");
+  TORCH_CHECK(value_cache.size(3) % 2 == 0,
+              "head_dim must be even: keys are stored in pairs of dimensions");
 }
 
 // query [T, H, D] (rows may be strided); caches as described above; block_tables
@@ -564,7 +622,7 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
       const int64_t row = slots[token] % block_size;
       T* block_keys = keys + (head * num_blocks + block) * block_elements;
       const T* key_row = key_rows + token * key.stride(0) + head * key.stride(1);
-      for (int64_t d = 0; d < head_dim; ++d) block_keys[d * block_size + row] = key_row[d];
+      for (int64_t d = 0; d < head_dim; ++d) block_keys[key_offset(d, row, block_size)] = key_row[d];
       std::memcpy(values + (head * num_blocks + block) * block_elements + row * head_dim,
                   value_rows + token * value.stride(0) + head * value.stride(1),
                   head_dim * sizeof(T));

@@ -1,8 +1,9 @@
 """Attention on CPU with Sluice's C++ kernels: one kernel call per layer attends every chunk of
 the step, decodes and prompt chunks alike, reading K/V in place from the paged cache.
 
-Keys are stored with each block transposed ([D, block_size]), which lets the kernel score a
-block with plain vector multiply-adds (see csrc/cpu_kernels.cpp).
+Keys are stored with each block transposed, in pairs of dimensions ([D / 2, block_size, 2]),
+which lets the kernel score a block with vector multiply-adds, or bfloat16 dot-product
+instructions where the CPU has them (see csrc/cpu_kernels.cpp).
 """
 
 from collections.abc import Sequence
