@@ -108,6 +108,7 @@ void check_rows(const at::Tensor& tensor, const char* name) {
 // horizontal reduction per key, and on CPUs with AVX512-BF16 one dot-product instruction per
 // pair of dimensions and 16 keys, straight from the stored bfloat16.
 
+// A 512-bit vector of float32; also fine as 2 x 256-bit.
 constexpr int64_t kLanes = 16;
 
 // Where element d of the key in row `column` of a block sits within the block (see above).
@@ -121,18 +122,14 @@ constexpr int64_t kGrainElements = 32768;
 
 inline int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
-}  // A 512-bit vector of float32; also fine as 2 x 256-bit.
-
-inline int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Block-level attention arithmetic: scoring one cache block's keys against up to kMaxVectors
 // query vectors, and adding one block's value rows, weighted, into their accumulators. The
-// block is read once per call and widened to float32 in registers; the accumulators stay in
-// registers for the whole block. A generic version serves every type; bfloat16 on AVX-512
-// machines gets an intrinsics version (head_dim and block_size multiples of 16).
+// block is read from memory once per call and worked on in registers, where the accumulators
+// also stay for the whole block. A generic version serves every type; bfloat16 on AVX-512
+// machines gets an intrinsics version (head sizes 64 and 128, block sizes multiples of 16).
 
 constexpr int64_t kMaxVectors = 4;
 
@@ -260,7 +257,9 @@ inline void accumulate_block_bf16(float* __restrict accumulators,
     for (int64_t c = 0; c < kChunks; ++c) row[c] = load_bf16x16(rows + r * head_dim + c * kLanes);
     for (int64_t v = 0; v < kVectors; ++v) {
       const __m512 weight = _mm512_set1_ps(weights[v * stride + r]);
-      for (int64_t c = 0; c < kChunks; ++c) sums[v][c] = _mm512_fmadd_ps(weight, row[c], sums[v][c]);
+      for (int64_t c = 0; c < kChunks; ++c) {
+        sums[v][c] = _mm512_fmadd_ps(weight, row[c], sums[v][c]);
+      }
     }
   }
   for (int64_t v = 0; v < kVectors; ++v) {
@@ -622,7 +621,9 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
       const int64_t row = slots[token] % block_size;
       T* block_keys = keys + (head * num_blocks + block) * block_elements;
       const T* key_row = key_rows + token * key.stride(0) + head * key.stride(1);
-      for (int64_t d = 0; d < head_dim; ++d) block_keys[key_offset(d, row, block_size)] = key_row[d];
+      for (int64_t d = 0; d < head_dim; ++d) {
+        block_keys[key_offset(d, row, block_size)] = key_row[d];
+      }
       std::memcpy(values + (head * num_blocks + block) * block_elements + row * head_dim,
                   value_rows + token * value.stride(0) + head * value.stride(1),
                   head_dim * sizeof(T));
@@ -767,7 +768,6 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   });
 }
 
-// ---------------------------------------------------------------------------------------------
 // ---------------------------------------------------------------------------------------------
 // Greedy pick: per row of logits [S, V] (float32 or the model's dtype, read as float32), the
 // first index of the maximum (as torch.argmax) and its log-probability,
