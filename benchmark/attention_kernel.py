@@ -64,8 +64,8 @@ def main() -> None:
     args = parser.parse_args()
 
     kernels = {"current": load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels")}
-    work = Path(tempfile.mkdtemp(prefix="sluice-attention-"))
     if args.against:
+        work = Path(tempfile.mkdtemp(prefix="sluice-attention-"))
         kernels[args.against] = build_at_revision(args.against, work)
 
     batch, block_size = args.batch, args.block_size

@@ -329,19 +329,16 @@ def with_venv_path() -> dict[str, str]:
 def sluice_spec(settings: Settings) -> ServerSpec:
     launcher = venv_bin() / "sluice-launcher"
     port = free_port()
+    # fmt: off
     argv = [
         str(launcher if launcher.exists() else "sluice-launcher"),
-        "--model-id",
-        str(settings.model_dir),
-        "--port",
-        str(port),
-        "--hostname",
-        "127.0.0.1",
-        "--dtype",
-        "bfloat16",
-        "--shard-uds-path",
-        f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}",
+        "--model-id", str(settings.model_dir),
+        "--port", str(port),
+        "--hostname", "127.0.0.1",
+        "--dtype", "bfloat16",
+        "--shard-uds-path", f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}",
     ]
+    # fmt: on
     return ServerSpec(
         "sluice",
         argv,
@@ -355,16 +352,16 @@ def sluice_spec(settings: Settings) -> ServerSpec:
 
 def vllm_spec(settings: Settings) -> ServerSpec:
     port = free_port()
+    # fmt: off
     argv = [
         "bash",
         str(settings.vllm_script),
         "serve",
         str(settings.model_dir),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
+        "--port", str(port),
+        "--host", "127.0.0.1",
     ]
+    # fmt: on
     return ServerSpec(
         "vllm",
         argv,
@@ -385,40 +382,33 @@ def machine(settings: Settings) -> dict[str, Any]:
 
 
 def baseline(settings: Settings) -> dict[str, Any]:
+    # fmt: off
     argv = [
         sys.executable,
         str(BENCH / "baseline_transformers.py"),
-        "--model",
-        str(settings.model_dir),
-        "--prompt-tokens",
-        str(settings.prompt_tokens),
-        "--new-tokens",
-        str(settings.output_tokens),
-        "--sequential",
-        str(settings.baseline_sequential),
-        "--batch-sizes",
-        *map(str, settings.baseline_batches),
-        "--seed",
-        str(settings.seed),
+        "--model", str(settings.model_dir),
+        "--prompt-tokens", str(settings.prompt_tokens),
+        "--new-tokens", str(settings.output_tokens),
+        "--sequential", str(settings.baseline_sequential),
+        "--batch-sizes", *map(str, settings.baseline_batches),
+        "--seed", str(settings.seed),
     ]
+    # fmt: on
     return run_json(argv, settings.phase_timeout_s, settings.logs / "baseline.log")
 
 
 def profile(settings: Settings) -> dict[str, Any]:
+    # fmt: off
     argv = [
         sys.executable,
         str(BENCH / "profile_step.py"),
-        "--model",
-        str(settings.model_dir),
-        "--dtype",
-        "bfloat16",
-        "--batch",
-        str(settings.profile_batch),
-        "--prompt-tokens",
-        str(settings.prompt_tokens),
-        "--steps",
-        str(settings.profile_steps),
+        "--model", str(settings.model_dir),
+        "--dtype", "bfloat16",
+        "--batch", str(settings.profile_batch),
+        "--prompt-tokens", str(settings.prompt_tokens),
+        "--steps", str(settings.profile_steps),
     ]
+    # fmt: on
     return run_json(argv, settings.phase_timeout_s, settings.logs / "profile_step.log")
 
 

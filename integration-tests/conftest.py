@@ -56,20 +56,17 @@ def start_server(*extra_flags: str) -> SluiceServer:
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="sluice-it-"))
     log_path = workdir / "launcher.log"
+    # fmt: off
     flags = [
-        "--model-id",
-        DEFAULT_MODEL,
-        "--hostname",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--shard-uds-path",
-        str(workdir / "shard"),
+        "--model-id", DEFAULT_MODEL,
+        "--hostname", "127.0.0.1",
+        "--port", str(port),
+        "--shard-uds-path", str(workdir / "shard"),
         # Exact-output tests need float32: in bfloat16 the default model has near ties.
-        "--dtype",
-        "float32",
+        "--dtype", "float32",
         *extra_flags,
     ]
+    # fmt: on
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [launcher, *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True

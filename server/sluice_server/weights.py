@@ -8,7 +8,7 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,7 +32,8 @@ class CheckpointWeights:
                 name = stored_name.removeprefix(PREFIX)
                 self._locations[name] = (handle, stored_name)
 
-    def __enter__(self) -> Self:
+    # typing.Self needs Python 3.11; Sluice supports 3.10.
+    def __enter__(self) -> "CheckpointWeights":  # noqa: PYI034
         return self
 
     def __exit__(

@@ -282,6 +282,14 @@ inline void with_vector_count(int64_t n, Body&& body) {
 }
 #endif
 
+// Whether the fast path scores keys against the stored bfloat16 queries (AVX512-BF16 dot
+// products) rather than against float32 copies of them, scaled.
+#if defined(__AVX512BF16__)
+constexpr bool kScoresFromBf16 = true;
+#else
+constexpr bool kScoresFromBf16 = false;
+#endif
+
 template <typename T>
 inline bool has_fast_path(int64_t head_dim, int64_t block_size) {
 #if defined(__AVX512F__)
@@ -295,7 +303,8 @@ inline bool has_fast_path(int64_t head_dim, int64_t block_size) {
 }
 
 // Scores `num_vectors` query vectors against one block. queries: float32, scaled; query_pairs:
-// the same vectors as stored, unscaled (read only by the AVX512-BF16 path).
+// the same vectors as stored, unscaled. The fast path reads one or the other (kScoresFromBf16),
+// the generic path the float32 ones.
 template <typename T>
 inline void score_block(bool fast, int64_t num_vectors, const float* queries,
                         const uint32_t* query_pairs, float scale, int64_t head_dim,
@@ -455,15 +464,17 @@ void paged_attention_impl(at::Tensor& output, const at::Tensor& query,
           for (int64_t g = 0; g < group; ++g) {
             const T* source = query_data + (row_offset + r) * query_row_stride +
                               (item.kv_head * group + g) * query_head_stride;
-            float* destination = queries.data() + (r * group + g) * head_dim;
-            widen(source, destination, head_dim);
-            for (int64_t d = 0; d < head_dim; ++d) destination[d] *= softmax_scale;
-            if constexpr (std::is_same_v<T, at::BFloat16>) {
-              if (fast) {
-                std::memcpy(query_pairs.data() + (r * group + g) * head_dim / 2, source,
+            const int64_t vector = r * group + g;
+            if constexpr (std::is_same_v<T, at::BFloat16> && kScoresFromBf16) {
+              if (fast) {  // Scored straight from the stored bfloat16 (see score_block).
+                std::memcpy(query_pairs.data() + vector * head_dim / 2, source,
                             head_dim * sizeof(T));
+                continue;
               }
             }
+            float* destination = queries.data() + vector * head_dim;
+            widen(source, destination, head_dim);
+            for (int64_t d = 0; d < head_dim; ++d) destination[d] *= softmax_scale;
           }
         }
 
