@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks Sluice on a CUDA GPU: the CUDA unit tests, then the real launcher, router and shard end to
-# end with a throughput measurement, then the CPU-side engine tests. See docs/gpu.md.
+# end with a throughput measurement, then the CPU-side engine and kernel tests. See docs/gpu.md.
 #
 # Run from the repository root on the GPU machine:  bash scripts/gpu_check.sh
 # It needs, beside the working tree (paths overridable by environment variables):
@@ -121,6 +121,14 @@ cpu_tests() {
         server/tests/test_llama_vs_transformers.py -k "not serve_command"
 }
 
+# The compiled CPU kernels against the reference on the host CPU, in a phase of their own: on the
+# H200 machine's Intel host one of them crashed the process (docs/gpu.md), which must not take the
+# other CPU tests down with it.
+cpu_kernel_tests() {
+    with_server_path timeout "$(limit "$CPU_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q \
+        --tb=short -p no:cacheprovider server/tests/test_cpu_kernels.py
+}
+
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 phase install_wheels install_wheels
 phase install_binaries install_binaries
@@ -128,6 +136,7 @@ phase versions versions
 phase cuda_tests cuda_tests
 phase end_to_end end_to_end
 phase cpu_tests cpu_tests
+phase cpu_kernel_tests cpu_kernel_tests
 
 echo "=== summary (total ${SECONDS}s)"
 failed=0
