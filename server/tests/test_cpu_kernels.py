@@ -7,6 +7,7 @@ one, with grouped-query attention and scattered, partly filled blocks.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sluice_server.kernels import Kernels
 from sluice_server.layers.attention import LayerKVCache, SequenceChunk
 
@@ -131,6 +132,57 @@ def test_rotary_matches_reference(
         ops.rotary_(buffer[:, : 4 * 64].view(6, 4, 64), angles.cos(), angles.sin())
     _assert_close(rotated[1], rotated[0], dtype)
     assert torch.equal(rotated[1][:, 4 * 64 :], qkv[:, 4 * 64 :])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [1536, 40])  # SmolLM2's, and one with a tail past 16 lanes
+def test_silu_and_mul_matches_reference(
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype, width: int
+) -> None:
+    generator = torch.Generator().manual_seed(3)
+    # Large magnitudes reach exp's clamped range; a column slice gives rows a longer stride.
+    gate_up = (torch.randn(9, 2 * width + 8, generator=generator) * 30).to(dtype)[:, 8:]
+    _assert_close(
+        compiled_kernels.ops.silu_and_mul(gate_up), reference.ops.silu_and_mul(gate_up), dtype
+    )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features"),
+    # Decode-sized row counts around the 8-row blocks, one past the 256-row block, and output
+    # widths that leave part of a 32-column tile.
+    [(1, 576, 960), (7, 64, 40), (9, 576, 576), (32, 1536, 100), (300, 96, 64)],
+)
+def test_linear_bf16_matches_torch(
+    compiled_kernels: Kernels, rows: int, in_features: int, out_features: int, bias: bool
+) -> None:
+    ops = compiled_kernels.ops
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    bias_values = torch.randn(out_features, generator=generator).to(torch.bfloat16)
+    packed = ops.pack_linear(weight, bias_values if bias else None)
+    if packed is None:
+        pytest.skip("this CPU has no AVX512-BF16; linear layers use oneDNN here")
+    # Rows with a longer stride than their width, as a column slice of a wider tensor gives.
+    wide = torch.randn(rows, in_features + 6, generator=generator).to(torch.bfloat16)
+    x = wide[:, 6:]
+    expected = F.linear(x.float(), weight.float(), bias_values.float() if bias else None)
+    actual = ops.packed_linear(x, packed)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, out_features)
+    # float32 sums of exact bfloat16 products, rounded once: only the order of the sums and the
+    # final rounding differ from a float32 reference.
+    scale = expected.abs().max().item()
+    assert (actual.float() - expected).abs().max().item() <= 1e-2 * scale
+
+
+def test_linear_bf16_rejects_a_mismatched_input(compiled_kernels: Kernels) -> None:
+    weight = torch.randn(64, 32).to(torch.bfloat16)
+    packed = compiled_kernels.ops.pack_linear(weight, None)
+    if packed is None:
+        pytest.skip("this CPU has no AVX512-BF16; linear layers use oneDNN here")
+    with pytest.raises(RuntimeError, match="columns"):
+        compiled_kernels.ops.packed_linear(torch.randn(4, 30).to(torch.bfloat16), packed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

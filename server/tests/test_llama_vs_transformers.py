@@ -1,4 +1,5 @@
-"""Our Llama-family models against transformers' on tiny random checkpoints, in float32.
+"""Our Llama-family models against transformers' on tiny random checkpoints, in float32 (and in
+bfloat16 with the compiled kernels, to a looser tolerance).
 
 Covers prefill, decodes through a paged cache with scattered blocks, chunked prefill, and a mixed
 batch, for Llama (tied and untied embeddings, llama3 rope scaling), Qwen2 (qkv bias) and Mistral,
@@ -174,6 +175,31 @@ def test_batched_decodes_of_different_lengths_match_each_alone(models) -> None:
     for index, decode in enumerate(decodes):
         alone = run_forward(loaded, cache, [decode]).logits[0]
         assert _max_error(together[index], alone) < TOLERANCE
+
+
+@pytest.mark.parametrize("variant", ["llama-tied", "qwen2"])  # qwen2: projections with a bias
+def test_bfloat16_compiled_kernels_match_transformers(
+    variant: str, save_tiny_model, compiled_kernels: Kernels
+) -> None:
+    """bfloat16, the default dtype on CPU, through the compiled kernels, which include a matmul
+    of their own where the CPU has AVX512-BF16, against transformers' float32 logits. Each layer
+    rounds its output to bfloat16, so the tolerance is a few bfloat16 steps of the largest
+    logit."""
+    model_type, overrides = MODEL_VARIANTS[variant]
+    directory, reference = save_tiny_model(model_type, **overrides)
+    loaded = load_model(directory, torch.bfloat16, torch.device("cpu"), compiled_kernels)
+    tokens = _prompt(15)
+    expected = _reference_logits(reference, tokens)
+    tolerance = 0.04 * expected.abs().max().item()
+    cache = _fresh_cache(loaded)
+    table = [11, 2, 7, 0]
+    prompt_len = 6
+    logits = _all_row_logits(loaded, loaded.kernels.attention, cache, tokens[:prompt_len], 0, table)
+    assert _max_error(logits.float(), expected[:prompt_len]) < tolerance
+    for position in range(prompt_len, len(tokens)):
+        chunk = ForwardChunk(tokens[position : position + 1], position, table, True)
+        result = run_forward(loaded, cache, [chunk])
+        assert _max_error(result.logits[0].float(), expected[position]) < tolerance, position
 
 
 def test_sliding_window_caps_positions(save_tiny_model) -> None:

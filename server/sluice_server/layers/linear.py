@@ -1,8 +1,9 @@
 """Linear layer whose weights are filled from a checkpoint rather than initialised.
 
-On CPU the weight is reordered once into oneDNN's blocked layout (`prepack_for_cpu`): a plain
-`F.linear` repacks it on every call, which dominates the small-batch matmuls of decoding
-(measured 2x faster in bfloat16 and 3x in float32 at 32 rows; see docs/performance.md).
+On CPU the weight is packed once after loading (`prepack_for_cpu`): for Sluice's own bfloat16
+matmul where the ops have one (CPUs with AVX512-BF16), otherwise into oneDNN's blocked layout. A
+plain `F.linear` repacks it on every call, which dominates the small-batch matmuls of decoding
+(measured 2x slower in bfloat16 and 3x in float32 at 32 rows than the oneDNN-packed weight).
 
 Single-device for now; the column/row tensor-parallel variants will sit beside it.
 """
@@ -10,6 +11,8 @@ Single-device for now; the column/row tensor-parallel variants will sit beside i
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ops import Ops, PackedLinear
 
 
 class Linear(nn.Module):
@@ -34,19 +37,31 @@ class Linear(nn.Module):
             else None
         )
 
-        # The oneDNN-packed weight, once `prepack_for_cpu` ran.
+        # Once `prepack_for_cpu` ran: the weight packed for the ops' own matmul, and those ops;
+        # or else the oneDNN-packed weight.
+        self.packed: tuple[Ops, PackedLinear] | None = None
         self.packed_weight: torch.Tensor | None = None
 
-    def prepack_for_cpu(self, release_weight: bool, batch_hint: int = 32) -> None:
-        """Packs the weight for oneDNN; `release_weight` frees the checkpoint layout (unless
-        another module shares it, e.g. tied embeddings)."""
-        if self.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    def prepack_for_cpu(self, ops: Ops, release_weight: bool, batch_hint: int = 32) -> None:
+        """Packs the weight for `ops`' matmul, or for oneDNN where they have none for it;
+        `release_weight` frees the checkpoint layout (unless another module shares it, e.g. tied
+        embeddings)."""
+        if self.weight.device.type != "cpu":
             return
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+        packed = ops.pack_linear(self.weight, self.bias)
+        if packed is not None:
+            self.packed = (ops, packed)
+        elif torch.backends.mkldnn.is_available():
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+        else:
+            return
         if release_weight:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            ops, packed = self.packed
+            return ops.packed_linear(x, packed)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.packed_weight, self.bias, "none", [], ""

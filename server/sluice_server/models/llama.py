@@ -224,12 +224,12 @@ class LlamaForCausalLM(nn.Module):
         final = self.norm(hidden[logits_rows], residual[logits_rows])
         return self.lm_head(final)
 
-    def prepack_for_cpu(self) -> None:
-        """Packs every projection for oneDNN once the weights are loaded."""
+    def prepack_for_cpu(self, ops: Ops) -> None:
+        """Packs every projection for its matmul once the weights are loaded."""
         tied = self.lm_head.weight is self.embed_tokens.weight
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepack_for_cpu(release_weight=not (tied and module is self.lm_head))
+                module.prepack_for_cpu(ops, release_weight=not (tied and module is self.lm_head))
 
     @torch.no_grad()
     def load_weights(self, weights: CheckpointWeights) -> None:

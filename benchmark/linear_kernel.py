@@ -1,0 +1,101 @@
+"""Sluice's bfloat16 matmul (`linear_bf16` in the compiled CPU kernels) against oneDNN's, which
+PyTorch runs for a prepacked `mkldnn::_linear_pointwise`, on the projections of a model.
+
+For each row count: every projection shape of the model (SmolLM2-135M's by default), each timed
+over as many distinct weights as the model has layers, so that weights stream from memory as in
+a real step; the two implementations alternate shape by shape in this one process. Prints one
+JSON line per shape and a summary per row count: the time of one step's projections (the layers'
+four and the LM head once) with each.
+
+    python benchmark/linear_kernel.py --rows 1 8 32 64 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "server"))
+
+from sluice_server.kernels import load_cpu_kernels
+
+# (in_features, out_features, uses per step): SmolLM2-135M's fused qkv, o, fused gate/up, down,
+# and the LM head.
+SMOLLM2_SHAPES = [(576, 960, 30), (576, 576, 30), (576, 3072, 30), (1536, 576, 30), (576, 49152, 1)]
+
+
+def time_us(function: Callable[[], object], calls: int) -> float:
+    for _ in range(3):
+        function()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def time_shape(
+    kernels: ModuleType, rows: int, in_features: int, out_features: int, count: int
+) -> dict[str, float]:
+    """Microseconds per call of each implementation, cycling through `count` distinct weights."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [
+        torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+        for _ in range(count)
+    ]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
+    sluice = [kernels.pack_linear_bf16(w) for w in weights]
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    turn = iter(range(1 << 62))
+
+    def run_onednn() -> object:
+        weight = onednn[next(turn) % count]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+    def run_sluice() -> object:
+        return kernels.linear_bf16(x, sluice[next(turn) % count], None, out_features)
+
+    calls = max(5, min(200, int(2e9 / (rows * in_features * out_features))))
+    return {"onednn": time_us(run_onednn, calls), "sluice": time_us(run_sluice, calls)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 512])
+    parser.add_argument("--weights", type=int, default=30, help="distinct weights per shape")
+    args = parser.parse_args()
+
+    kernels = load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels")
+    if not kernels.has_linear_bf16():
+        raise SystemExit("this CPU has no AVX512-BF16: Sluice uses oneDNN's matmul here")
+    for rows in args.rows:
+        step_us = {"onednn": 0.0, "sluice": 0.0}
+        for in_features, out_features, uses in SMOLLM2_SHAPES:
+            # The LM head is used once a step; two copies keep it from staying in cache.
+            count = min(args.weights, uses) if uses > 1 else 2
+            timings = time_shape(kernels, rows, in_features, out_features, count)
+            flop = 2 * rows * in_features * out_features
+            for name, micros in timings.items():
+                step_us[name] += micros * uses
+            record = {"rows": rows, "shape": [in_features, out_features]}
+            for name, micros in timings.items():
+                record[f"{name}_us"] = round(micros, 1)
+                record[f"{name}_gflops"] = round(flop / micros / 1e3)
+            print(json.dumps(record))
+        summary = {
+            "rows": rows,
+            "step_projections_ms": {k: round(v / 1e3, 2) for k, v in step_us.items()},
+            "speedup": round(step_us["onednn"] / step_us["sluice"], 2),
+        }
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
