@@ -271,19 +271,20 @@ inline void accumulate_block_bf16(float* __restrict accumulators,
     }
   }
 }
+#endif
 
-// Calls body(std::integral_constant<int64_t, n>) for n in 1..kMaxVectors, so that the vector
-// count is a compile-time constant in the intrinsics loops.
-template <typename Body>
-inline void with_vector_count(int64_t n, Body&& body) {
-  switch (n) {
-    case 1: body(std::integral_constant<int64_t, 1>()); break;
-    case 2: body(std::integral_constant<int64_t, 2>()); break;
-    case 3: body(std::integral_constant<int64_t, 3>()); break;
-    default: body(std::integral_constant<int64_t, 4>()); break;
+// Calls body(std::integral_constant<int64_t, n>) for n in 1..kMax (larger n as kMax), so that a
+// count (query vectors, rows) is a compile-time constant in the intrinsics loops.
+template <int64_t kMax, int64_t kCount = 1, typename Body>
+inline void with_count(int64_t n, Body&& body) {
+  if constexpr (kCount == kMax) {
+    body(std::integral_constant<int64_t, kMax>());
+  } else if (n == kCount) {
+    body(std::integral_constant<int64_t, kCount>());
+  } else {
+    with_count<kMax, kCount + 1>(n, std::forward<Body>(body));
   }
 }
-#endif
 
 // Whether the fast path scores keys against the stored bfloat16 queries (AVX512-BF16 dot
 // products) rather than against float32 copies of them, scaled.
@@ -315,7 +316,7 @@ inline void score_block(bool fast, int64_t num_vectors, const float* queries,
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (fast) {
-      with_vector_count(num_vectors, [&](auto n) {
+      with_count<kMaxVectors>(num_vectors, [&](auto n) {
         score_block_bf16<decltype(n)::value>(queries, query_pairs, scale, head_dim, keys_t,
                                              block_size, scores, stride);
       });
@@ -336,7 +337,7 @@ inline void accumulate_block(bool fast, int64_t num_vectors, float* accumulators
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (fast) {
-      with_vector_count(num_vectors, [&](auto n) {
+      with_count<kMaxVectors>(num_vectors, [&](auto n) {
         constexpr int64_t kVectors = decltype(n)::value;
         if (head_dim == 64) {
           accumulate_block_bf16<kVectors, 4>(accumulators, rows, num_rows, weights, stride);
@@ -906,7 +907,7 @@ inline __m512bh broadcast_pair(const at::BFloat16* pair) {
 // One block of `kRows` rows of y and one tile's 32 columns (`columns` of them kept). `prefetch`,
 // if set, is the next tile, of which this call fetches the 64-byte line `prefetch_lane` (0 or
 // 1) of every pair of input dimensions, or both lines when `prefetch_lane` is 2.
-template <int kRows>
+template <int64_t kRows>
 inline void linear_block(const at::BFloat16* __restrict x, int64_t x_stride,
                          const __m512bh* __restrict tile, int64_t pairs,
                          const float* __restrict bias, at::BFloat16* __restrict y,
@@ -943,20 +944,6 @@ inline void linear_block(const at::BFloat16* __restrict x, int64_t x_stride,
       _mm256_mask_storeu_epi16(row + 16 * half, half == 0 ? low_mask : high_mask,
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sums[r][half])));
     }
-  }
-}
-
-template <typename Body>
-inline void with_row_count(int64_t rows, Body&& body) {
-  switch (rows) {
-    case 1: body(std::integral_constant<int, 1>()); break;
-    case 2: body(std::integral_constant<int, 2>()); break;
-    case 3: body(std::integral_constant<int, 3>()); break;
-    case 4: body(std::integral_constant<int, 4>()); break;
-    case 5: body(std::integral_constant<int, 5>()); break;
-    case 6: body(std::integral_constant<int, 6>()); break;
-    case 7: body(std::integral_constant<int, 7>()); break;
-    default: body(std::integral_constant<int, 8>()); break;
   }
 }
 #endif
@@ -1012,7 +999,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
           // The first two passes fetch the next tile, a line of each pair each.
           const char* prefetch = pass < 2 ? next : nullptr;
           const int prefetch_lane = passes == 1 ? 2 : static_cast<int>(pass);
-          with_row_count(std::min(kLinearRows, rows - r), [&](auto count) {
+          with_count<kLinearRows>(std::min(kLinearRows, rows - r), [&](auto count) {
             at::BFloat16* y_block = y_data + r * out_features + t * kLinearColumns;
             linear_block<decltype(count)::value>(x_data + r * x_stride, x_stride, tile, pairs,
                                                  tile_bias, y_block, out_features, columns,
