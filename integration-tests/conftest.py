@@ -49,7 +49,7 @@ class SluiceServer:
         return self.process.wait(timeout=timeout)
 
 
-def start_server(*extra_flags: str) -> SluiceServer:
+def start_server(*extra_flags: str, dtype: str = "float32") -> SluiceServer:
     launcher = shutil.which("sluice-launcher")
     if launcher is None:
         raise RuntimeError("sluice-launcher is not on PATH: run `make install` first")
@@ -63,7 +63,7 @@ def start_server(*extra_flags: str) -> SluiceServer:
         "--port", str(port),
         "--shard-uds-path", str(workdir / "shard"),
         # Exact-output tests need float32: in bfloat16 the default model has near ties.
-        "--dtype", "float32",
+        "--dtype", dtype,
         *extra_flags,
     ]
     # fmt: on
@@ -86,9 +86,9 @@ def start_server(*extra_flags: str) -> SluiceServer:
     raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
 
 
-def serve(*flags: str) -> Iterator[SluiceServer]:
+def serve(*flags: str, dtype: str = "float32") -> Iterator[SluiceServer]:
     """Runs a server for the length of a fixture and checks that it stops cleanly."""
-    running = start_server(*flags)
+    running = start_server(*flags, dtype=dtype)
     yield running
     code = running.stop()
     assert code == 0, f"launcher exited with {code} on SIGTERM:\n{running.log_tail()}"
