@@ -220,9 +220,11 @@ def compute_section(results: Results) -> str:
         f"A decode step of batch {batch} costs ≈ 2 × {model['decode_params'] / 1e6:.1f} M "
         f"weights × {batch} = {flop:.2f} GFLOP (parameters without the embedding table, "
         f"the {'tied ' if model.get('tied_embeddings') else ''}LM head counted once; "
-        "attention over the context is left out). Against the bf16 matmul peak of "
-        f"{num(peak)} GFLOP/s, measured with `benchmark/profile_step.py` "
-        "(the shard's engine, no gRPC, no router):\n\n"
+        "attention over the context is left out). The step is timed with "
+        "`benchmark/profile_step.py` (the shard's engine, no gRPC, no router) and set against "
+        f"the bf16 matmul peak of {num(peak)} GFLOP/s above. That peak is `torch.matmul`'s, a "
+        "lower bound on the machine's: Sluice's own matmul runs large inputs faster "
+        "(`benchmark/linear_kernel.py`, docs/architecture.md).\n\n"
     )
     return intro + table(["", "ms", "GFLOP/s", "of peak"], rows) + "\n"
 

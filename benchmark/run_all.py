@@ -499,13 +499,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-profile", action="store_true")
-    (
-        p.add_argument(
-            "--rounds",
-            type=int,
-            help="times each server is started and measured, taking turns; the report "
-            "gives the median per level (default 3, 1 with --quick)",
-        ),
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="times each server is started and measured, taking turns; the report "
+        "gives the median per level (default 3, 1 with --quick)",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
