@@ -23,10 +23,12 @@ class Linear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool,
+        ops: Ops,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         super().__init__()
+        self.ops = ops
         # torch.empty: random initialisation would be wasted work, the checkpoint overwrites it.
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
@@ -37,31 +39,28 @@ class Linear(nn.Module):
             else None
         )
 
-        # Once `prepack_for_cpu` ran: the weight packed for the ops' own matmul, and those ops;
-        # or else the oneDNN-packed weight.
-        self.packed: tuple[Ops, PackedLinear] | None = None
+        # Once `prepack_for_cpu` ran: the weight packed for the ops' own matmul, or else the
+        # oneDNN-packed weight.
+        self.packed: PackedLinear | None = None
         self.packed_weight: torch.Tensor | None = None
 
-    def prepack_for_cpu(self, ops: Ops, release_weight: bool, batch_hint: int = 32) -> None:
-        """Packs the weight for `ops`' matmul, or for oneDNN where they have none for it;
+    def prepack_for_cpu(self, release_weight: bool, batch_hint: int = 32) -> None:
+        """Packs the weight for the ops' matmul, or for oneDNN where they have none for it;
         `release_weight` frees the checkpoint layout (unless another module shares it, e.g. tied
         embeddings)."""
         if self.weight.device.type != "cpu":
             return
-        packed = ops.pack_linear(self.weight, self.bias)
-        if packed is not None:
-            self.packed = (ops, packed)
-        elif torch.backends.mkldnn.is_available():
+        self.packed = self.ops.pack_linear(self.weight, self.bias)
+        if self.packed is None:
+            if not torch.backends.mkldnn.is_available():
+                return  # F.linear on the checkpoint's layout
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
-        else:
-            return
         if release_weight:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            ops, packed = self.packed
-            return ops.packed_linear(x, packed)
+            return self.ops.packed_linear(x, self.packed)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.packed_weight, self.bias, "none", [], ""

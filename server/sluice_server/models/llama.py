@@ -93,9 +93,11 @@ class LlamaAttention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias, dtype, device
+            config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias, ops, dtype, device
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype, device)
+        self.o_proj = Linear(
+            self.q_size, config.hidden_size, config.o_proj_bias, ops, dtype, device
+        )
 
     def forward(
         self,
@@ -128,10 +130,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.ops = ops
         self.gate_up_proj = Linear(
-            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, dtype, device
+            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, ops, dtype, device
         )
         self.down_proj = Linear(
-            config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, device
+            config.intermediate_size, config.hidden_size, config.mlp_bias, ops, dtype, device
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(config, backend, ops, dtype, device) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, ops, dtype, device)
 
     @classmethod
     def config_from_hf(cls, hf_config: dict[str, Any]) -> LlamaConfig:
@@ -224,12 +226,12 @@ class LlamaForCausalLM(nn.Module):
         final = self.norm(hidden[logits_rows], residual[logits_rows])
         return self.lm_head(final)
 
-    def prepack_for_cpu(self, ops: Ops) -> None:
+    def prepack_for_cpu(self) -> None:
         """Packs every projection for its matmul once the weights are loaded."""
         tied = self.lm_head.weight is self.embed_tokens.weight
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepack_for_cpu(ops, release_weight=not (tied and module is self.lm_head))
+                module.prepack_for_cpu(release_weight=not (tied and module is self.lm_head))
 
     @torch.no_grad()
     def load_weights(self, weights: CheckpointWeights) -> None:

@@ -48,7 +48,7 @@ def load_model(
         raise ModelLoadError(f"{model_dir}: cannot load weights: {error}") from error
     model.eval()
     if device.type == "cpu":
-        model.prepack_for_cpu(kernels.ops)
+        model.prepack_for_cpu()
     generation_config = _read_json(model_dir / "generation_config.json", required=False)
     eos_token_ids = _eos_token_ids(generation_config) + _eos_token_ids(hf_config)
     return LoadedModel(
