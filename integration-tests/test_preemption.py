@@ -16,14 +16,13 @@ NEW_TOKENS = 200
 @pytest.fixture(scope="module")
 def server() -> Iterator[SluiceServer]:
     # 1,024 tokens of KV cache: four sequences of ~250 tokens.
+    # fmt: off
     yield from serve(
-        "--max-input-tokens",
-        "256",
-        "--max-total-tokens",
-        "512",
-        "--max-batch-total-tokens",
-        "1024",
+        "--max-input-tokens", "256",
+        "--max-total-tokens", "512",
+        "--max-batch-total-tokens", "1024",
     )
+    # fmt: on
 
 
 def test_preempted_requests_complete_with_their_solo_output(

@@ -17,14 +17,13 @@ CHUNK_BUDGET = 256
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[SluiceServer]:
+    # fmt: off
     yield from serve(
-        "--max-input-tokens",
-        "3200",
-        "--max-total-tokens",
-        "3600",
-        "--max-batch-prefill-tokens",
-        str(CHUNK_BUDGET),
+        "--max-input-tokens", "3200",
+        "--max-total-tokens", "3600",
+        "--max-batch-prefill-tokens", str(CHUNK_BUDGET),
     )
+    # fmt: on
 
 
 def system_prompt(words: int) -> str:

@@ -129,16 +129,14 @@ def wait_until_healthy(
 def test_serve_command_runs_until_sigterm(tmp_path: Path, tiny_llama) -> None:
     model_dir, _reference = tiny_llama
     socket_path = tmp_path / "shard.sock"
+    # fmt: off
     process = run_cli(
-        "serve",
-        str(model_dir),
-        "--uds-path",
-        str(socket_path),
-        "--kv-cache-memory",
-        "1MB",
-        "--dtype",
-        "float32",
+        "serve", str(model_dir),
+        "--uds-path", str(socket_path),
+        "--kv-cache-memory", "1MB",
+        "--dtype", "float32",
     )
+    # fmt: on
     try:
         wait_until_healthy(process, socket_path)
         with grpc.insecure_channel(f"unix://{socket_path}") as channel:
