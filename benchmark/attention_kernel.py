@@ -4,7 +4,9 @@ Three block layouts: `hot` (every sequence reads the same blocks, so they stay i
 the arithmetic alone), `contiguous` (each sequence's blocks in a run, a fresh region per call)
 and `scattered` (random blocks). With `--against REV`, the kernel source at that git revision is
 built too and both are timed interleaved in this process, which is the only comparison a noisy
-machine allows (memory-bound timings drift by tens of percent from minute to minute).
+machine allows (memory-bound timings drift by tens of percent from minute to minute). `--isa
+avx2` builds both without AVX-512, as on CPUs that lack it; `--dtype float32` times the cache
+dtype of such CPUs.
 
     python benchmark/attention_kernel.py --against HEAD~1
 """
@@ -27,25 +29,34 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
-from sluice_server.kernels import COMPILER_FLAGS, SOURCE, load_cpu_kernels
+from sluice_server.kernels import KernelBuild, load_cpu_kernels
+from sluice_server.kernels.build import SOURCE_DIRECTORY
 
 
-def build_at_revision(revision: str, work: Path) -> ModuleType:
+def build_at_revision(revision: str, work: Path, build: KernelBuild) -> ModuleType:
+    """The kernel sources as they were at `revision` (one file or several), built like `build`."""
     from torch.utils.cpp_extension import load
 
-    source = SOURCE.relative_to(REPO).as_posix()
-    text = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{revision}:{source}"],
+    directory = SOURCE_DIRECTORY.relative_to(REPO).as_posix()
+    names = subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "--name-only", f"{revision}:{directory}"],
         check=True,
         capture_output=True,
         text=True,
-    ).stdout
-    (work / "kernels.cpp").write_text(text)
+    ).stdout.split()
+    for name in names:
+        text = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{revision}:{directory}/{name}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (work / name).write_text(text)
     return load(
         name="sluice_cpu_kernels_baseline",
-        sources=[str(work / "kernels.cpp")],
-        extra_cflags=COMPILER_FLAGS,
-        extra_ldflags=["-fopenmp"],
+        sources=[str(work / name) for name in names if name.endswith(".cpp")],
+        extra_cflags=build.compiler_flags,
+        extra_ldflags=build.linker_flags,
         build_directory=str(work),
     )
 
@@ -61,19 +72,28 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=60, help="kernel calls per timing")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--against", help="also time the kernel source at this git revision")
+    parser.add_argument(
+        "--isa",
+        choices=["native", "avx2", "portable"],
+        default="native",
+        help="the instruction sets both builds may use (avx2: as on CPUs without AVX-512)",
+    )
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args()
 
-    kernels = {"current": load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels")}
+    build = KernelBuild(args.isa)
+    kernels = {"current": load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels", build)}
     if args.against:
         work = Path(tempfile.mkdtemp(prefix="sluice-attention-"))
-        kernels[args.against] = build_at_revision(args.against, work)
+        kernels[args.against] = build_at_revision(args.against, work, build)
 
     batch, block_size = args.batch, args.block_size
     blocks_each = -(-args.context // block_size)
     num_blocks = 16000  # About 100 MB per cache tensor: far more than the last-level cache.
-    keys = torch.randn(args.kv_heads, num_blocks, args.head_dim, block_size).bfloat16()
-    values = torch.randn(args.kv_heads, num_blocks, block_size, args.head_dim).bfloat16()
-    query = torch.randn(batch, args.heads, args.head_dim).bfloat16()
+    dtype = getattr(torch, args.dtype)
+    keys = torch.randn(args.kv_heads, num_blocks, args.head_dim, block_size).to(dtype)
+    values = torch.randn(args.kv_heads, num_blocks, block_size, args.head_dim).to(dtype)
+    query = torch.randn(batch, args.heads, args.head_dim).to(dtype)
     cache_lens = torch.full((batch,), args.context - 1, dtype=torch.int32)
     query_starts = torch.arange(batch + 1, dtype=torch.int32)
     rng = random.Random(0)
@@ -107,7 +127,7 @@ def main() -> None:
                     )
                 elapsed_ms = (time.perf_counter() - start) / len(calls) * 1e3
                 timings.setdefault((name, layout), []).append(elapsed_ms)
-    kv_megabytes = batch * args.kv_heads * args.context * args.head_dim * 2 * 2 / 1e6
+    kv_megabytes = batch * args.kv_heads * args.context * args.head_dim * 2 * dtype.itemsize / 1e6
     print(
         json.dumps(
             {

@@ -74,7 +74,10 @@ def main() -> None:
 
     kernels = load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels")
     if not kernels.has_linear_bf16():
-        raise SystemExit("this CPU has no AVX512-BF16: Sluice uses oneDNN's matmul here")
+        raise SystemExit(
+            "this CPU has no AVX512-BF16, so Sluice has no bfloat16 matmul of its own here "
+            "(projections use oneDNN's, or F.linear where oneDNN has no bfloat16 for the CPU)"
+        )
     for rows in args.rows:
         step_us = {"onednn": 0.0, "sluice": 0.0}
         for in_features, out_features, uses in SMOLLM2_SHAPES:

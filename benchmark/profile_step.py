@@ -39,7 +39,6 @@ def admit(executor: StepExecutor, batch: int, prompt_tokens: int, max_new: int) 
                 id=i,
                 token_ids=[(i * 7 + t) % 1000 + 10 for t in range(prompt_tokens)],
                 sampling=pb.SamplingParameters(),
-                stopping=pb.StoppingParameters(max_new_tokens=max_new, ignore_eos=True),
             )
         )
         step.scheduled.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
@@ -33,8 +34,15 @@ class StreamedRequest:
         return self.arrivals[0] - self.started
 
 
-def stream(server: SluiceServer, inputs: str, max_events: int | None = None, **parameters):
-    """Streams a request; stops reading (and closes the connection) after `max_events`."""
+def stream(
+    server: SluiceServer,
+    inputs: str,
+    max_events: int | None = None,
+    on_event: Callable[[], None] | None = None,
+    **parameters,
+) -> StreamedRequest:
+    """Streams a request; stops reading (and closes the connection) after `max_events`.
+    `on_event` runs after each event is read."""
     result = StreamedRequest(started=time.perf_counter())
     with requests.post(
         f"{server.url}/generate_stream",
@@ -50,6 +58,8 @@ def stream(server: SluiceServer, inputs: str, max_events: int | None = None, **p
             assert line.startswith("data:"), line
             result.events.append(json.loads(line[len("data:") :]))
             result.arrivals.append(time.perf_counter())
+            if on_event is not None:
+                on_event()
             if max_events is not None and len(result.events) >= max_events:
                 break
     return result

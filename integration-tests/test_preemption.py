@@ -1,5 +1,10 @@
 """Preemption end to end: a KV pool with room for about four long sequences serves 32
-concurrent long requests, each of which must give exactly the output it gives alone."""
+concurrent long requests, each of which must give exactly the output it gives alone.
+
+A preempted request resumes by recomputing its prompt and generated tokens as one prefill, while
+its solo run computed those tokens one decode at a time; the outputs are equal only if the
+prefill path gives every row the same result as decoding did. Both dtypes are checked, since
+bfloat16 rounds every intermediate and so shows any difference between the two paths first."""
 
 from __future__ import annotations
 
@@ -13,14 +18,15 @@ from helpers import generate
 NEW_TOKENS = 200
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[SluiceServer]:
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def server(request: pytest.FixtureRequest) -> Iterator[SluiceServer]:
     # 1,024 tokens of KV cache: four sequences of ~250 tokens.
     # fmt: off
     yield from serve(
         "--max-input-tokens", "256",
         "--max-total-tokens", "512",
         "--max-batch-total-tokens", "1024",
+        dtype=request.param,
     )
     # fmt: on
 

@@ -13,14 +13,21 @@ from conftest import SluiceServer, metric, serve
 from helpers import StreamedRequest, generate, stream
 
 CHUNK_BUDGET = 256
+MAX_INPUT_TOKENS = 3200
+MAX_TOTAL_TOKENS = 3600
+# Any prompt within --max-input-tokens may ask for this many.
+MAX_NEW_TOKENS = MAX_TOTAL_TOKENS - MAX_INPUT_TOKENS
+# A closed connection shows when the router next writes to it: a step or two, plus the step in
+# flight when the scheduler is told.
+MAX_STEPS_TO_NOTICE_A_DISCONNECT = 10
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[SluiceServer]:
     # fmt: off
     yield from serve(
-        "--max-input-tokens", "3200",
-        "--max-total-tokens", "3600",
+        "--max-input-tokens", str(MAX_INPUT_TOKENS),
+        "--max-total-tokens", str(MAX_TOTAL_TOKENS),
         "--max-batch-prefill-tokens", str(CHUNK_BUDGET),
     )
     # fmt: on
@@ -81,21 +88,32 @@ def test_a_long_prompt_is_chunked_while_others_keep_decoding(
         assert len(in_window) >= math.ceil(prompt_tokens / CHUNK_BUDGET) - 2, len(in_window)
 
 
-def test_cancelled_streams_give_their_blocks_back(server: SluiceServer, chat_prompt) -> None:
+def test_disconnected_streams_are_cancelled_within_a_few_steps(
+    server: SluiceServer, chat_prompt
+) -> None:
+    """Each request could run for hundreds more steps (ignore_eos, the most new tokens the
+    limits allow), so only cancellation can give its blocks back within a few steps."""
     generate(server, chat_prompt("Hello"), max_new_tokens=2)
     used_before = metric(server, "sluice_kv_blocks_used")
+    cancelled_before = metric(server, "sluice_requests_cancelled_total")
     prompts = [chat_prompt(f"Tell me about the number {i}.") for i in range(8)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         runs = list(
             pool.map(
-                lambda p: stream(server, p, max_events=5, max_new_tokens=300, ignore_eos=True),
+                lambda p: stream(
+                    server, p, max_events=5, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True
+                ),
                 prompts,
             )
         )
     assert all(len(run.events) == 5 for run in runs)
-    deadline = time.monotonic() + 30
+    steps_at_disconnect = metric(server, "sluice_steps_total")
+    deadline = time.monotonic() + 120
     while metric(server, "sluice_kv_blocks_used") != used_before:
         assert time.monotonic() < deadline, "blocks of cancelled requests were not freed"
-        time.sleep(0.2)
+        time.sleep(0.1)
+    steps_to_free = metric(server, "sluice_steps_total") - steps_at_disconnect
+    assert steps_to_free <= MAX_STEPS_TO_NOTICE_A_DISCONNECT, steps_to_free
+    assert metric(server, "sluice_requests_cancelled_total") - cancelled_before == len(prompts)
     # The server is still serving.
     assert generate(server, chat_prompt("Hi"), max_new_tokens=3)["details"]["generated_tokens"] == 3

@@ -2,26 +2,27 @@
 # Checks Sluice on a CUDA GPU: the CUDA unit tests, then the real launcher, router and shard end to
 # end with a throughput measurement, then the CPU-side engine and kernel tests. See docs/gpu.md.
 #
-# Run from the repository root on the GPU machine:  bash scripts/gpu_check.sh
-# It needs, beside the working tree (paths overridable by environment variables):
-#   SLUICE_WHEELS=.whl             wheels of Python packages the machine lacks or has in other
-#                                  versions (grpcio, protobuf), installed into /tmp/site; empty:
-#                                  use the interpreter's own packages
-#   SLUICE_BINARIES=.devicecarry/bin     sluice-launcher and sluice-router (x86-64 release builds)
-#   SLUICE_MODEL_SRC=.devicecarry/smollm2-shape   SmolLM2-135M's config.json and tokenizer files
-#   PYTHON=python3                 an interpreter with torch and transformers
+# Run from the repository root of a checkout where `make install` ran:  bash scripts/gpu_check.sh
+# Each input is an environment variable with a default for such a checkout:
+#   PYTHON=.venv/bin/python        an interpreter with Sluice's Python dependencies (torch with CUDA)
+#   SLUICE_BINARIES=.venv/bin      where sluice-launcher and sluice-router are
+#   SLUICE_MODEL_SRC=~/.cache/sluice/models/SmolLM2-135M-Instruct
+#                                  a directory with SmolLM2-135M's config.json and tokenizer files
+#                                  (weights are not needed: the end-to-end model is random)
+#   SLUICE_WHEELS=                 a folder of wheels to install into /tmp/site first, for a
+#                                  machine whose packages differ from requirements/runtime.txt
 # Writes gpu_check.log, junit-cuda.xml, results.json and the launcher logs into $OUT (default
 # ./gpu-check-out); exits non-zero if any phase failed.
 set -uo pipefail
 
 REPO=$(pwd)
 OUT=${OUT:-$REPO/gpu-check-out}
-PYTHON=${PYTHON:-python3}
-SLUICE_WHEELS=${SLUICE_WHEELS-.whl}
-SLUICE_BINARIES=${SLUICE_BINARIES:-.devicecarry/bin}
-SLUICE_MODEL_SRC=${SLUICE_MODEL_SRC:-.devicecarry/smollm2-shape}
-# Each phase stops at its own limit and the whole run by DEADLINE_S seconds, so that it ends
-# inside the GPU machine's time and everything written so far comes back.
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+SLUICE_WHEELS=${SLUICE_WHEELS:-}
+SLUICE_BINARIES=${SLUICE_BINARIES:-$REPO/.venv/bin}
+SLUICE_MODEL_SRC=${SLUICE_MODEL_SRC:-$HOME/.cache/sluice/models/SmolLM2-135M-Instruct}
+# Each phase stops at its own limit and the whole run by DEADLINE_S seconds, so that a hung phase
+# cannot stall the check and everything written so far is kept.
 DEADLINE_S=${DEADLINE_S:-400}
 CUDA_TESTS_TIMEOUT_S=${CUDA_TESTS_TIMEOUT_S:-180}
 E2E_TIMEOUT_S=${E2E_TIMEOUT_S:-300}
@@ -121,12 +122,12 @@ cpu_tests() {
         server/tests/test_llama_vs_transformers.py -k "not serve_command"
 }
 
-# The compiled CPU kernels against the reference on the host CPU, in a phase of their own: on the
-# H200 machine's Intel host one of them crashed the process (docs/gpu.md), which must not take the
-# other CPU tests down with it.
+# The compiled CPU kernels against the reference on the host CPU, in a phase of their own, so
+# that a crash in native code cannot take the other CPU tests' results down with it.
 cpu_kernel_tests() {
     with_server_path timeout "$(limit "$CPU_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q \
-        --tb=short -p no:cacheprovider server/tests/test_cpu_kernels.py
+        --tb=short -p no:cacheprovider server/tests/test_cpu_kernels.py \
+        server/tests/test_kernel_builds.py
 }
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1

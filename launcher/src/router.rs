@@ -15,7 +15,7 @@ pub struct RouterConfig {
     pub binary: PathBuf,
     pub port: u16,
     pub hostname: String,
-    /// The id users asked for, reported by /info and /v1/models.
+    /// The id users asked for, reported by /info.
     pub model_id: String,
     /// The resolved model directory, where the tokenizer files are.
     pub tokenizer_dir: PathBuf,

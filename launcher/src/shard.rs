@@ -3,17 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice_router::client::ShardClient;
+use sluice_client::ShardClient;
 use tokio::process::Command;
 use tokio::time::{timeout, Instant};
 
 use crate::args::{Args, Dtype};
 use crate::error::LauncherError;
 use crate::process::ManagedChild;
-
-/// torch.distributed rendezvous, used once shards run tensor parallel.
-const MASTER_ADDR: &str = "127.0.0.1";
-const MASTER_PORT: u16 = 29500;
 
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// One health check must not hang the startup loop on a stuck connection.
@@ -73,9 +69,7 @@ impl ShardConfig {
         }
         command
             .env("RANK", self.rank.to_string())
-            .env("WORLD_SIZE", self.world_size.to_string())
-            .env("MASTER_ADDR", MASTER_ADDR)
-            .env("MASTER_PORT", MASTER_PORT.to_string());
+            .env("WORLD_SIZE", self.world_size.to_string());
         command
     }
 }
@@ -209,8 +203,6 @@ mod tests {
         );
         assert_eq!(env(&command, "RANK").as_deref(), Some("0"));
         assert_eq!(env(&command, "WORLD_SIZE").as_deref(), Some("1"));
-        assert_eq!(env(&command, "MASTER_ADDR").as_deref(), Some("127.0.0.1"));
-        assert_eq!(env(&command, "MASTER_PORT").as_deref(), Some("29500"));
     }
 
     #[test]

@@ -1,21 +1,18 @@
 //! sluice-router: the HTTP front of Sluice. It owns text and time: tokenization, validation,
-//! admission, the queue, the batching loop, KV block accounting, detokenization and streaming.
-//! The shards behind it own tensors only and speak token ids over gRPC.
+//! admission, the queue, the batching loop, KV block accounting, detokenization, the decision
+//! when each request stops, and streaming. The shards behind it own tensors only and speak
+//! token ids over gRPC (the `sluice-client` crate).
 
 pub mod args;
-pub mod client;
 pub mod generation;
 pub mod http;
 pub mod kv;
+pub mod request;
 pub mod scheduler;
 mod server;
+pub mod shard;
 pub mod tokenizer;
 pub mod validation;
-
-/// Generated from proto/generate.proto.
-pub mod pb {
-    tonic::include_proto!("sluice.v1");
-}
 
 use clap::Parser;
 

@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use sluice_client::{pb, ShardedClient};
 use tokio::sync::Semaphore;
 
 use crate::args::RouterArgs;
-use crate::client::ShardedClient;
 use crate::http::{self, types::Info, AppState};
-use crate::pb;
 use crate::scheduler::{spawn_scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 use crate::validation::{ValidationConfig, Validator};
@@ -63,22 +62,30 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(
+        model_type = %model.model_type,
         num_blocks,
         block_size = warmup.block_size,
         max_batch_total_tokens,
         dtype = %model.dtype,
         device = %model.device,
+        eos_token_ids = ?model.eos_token_ids,
         "shards ready"
     );
 
+    // Before the scheduler starts, which registers its metrics.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     let scheduler = spawn_scheduler(
         Arc::new(shards.clone()),
+        tokenizer.clone(),
         SchedulerConfig {
             max_batch_tokens: args.max_batch_prefill_tokens,
             max_batch_size,
             num_blocks,
             block_size: warmup.block_size,
             prefix_caching: args.prefix_caching,
+            eos_token_ids: model.eos_token_ids.clone(),
         },
     );
     let validator = Validator::new(
@@ -87,6 +94,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             max_input_tokens: args.max_input_tokens,
             max_total_tokens: args.max_total_tokens,
             max_stop_sequences: args.max_stop_sequences,
+            vocab_size: model.vocab_size,
         },
     );
     let info = Info {
@@ -106,13 +114,9 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION"),
         router: "sluice-router",
     };
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
     let state = AppState {
         metrics,
         validator: Arc::new(validator),
-        tokenizer,
         scheduler,
         admission: Arc::new(Semaphore::new(args.max_concurrent_requests)),
         shards,

@@ -1,9 +1,12 @@
-//! Turns an HTTP request into a `ValidRequest` the scheduler can run, or says precisely why not.
+//! Turns a front-end's prompt and parameters into a `GenerationRequest` the scheduler can run,
+//! or says precisely why not. It knows nothing of HTTP: each front-end maps its own body onto
+//! `RequestedParameters` first.
 
 use std::sync::Arc;
 
-use crate::http::types::GenerateParameters;
-use crate::pb;
+use crate::request::{
+    GenerationRequest, RequestedParameters, SamplingParameters, StoppingParameters,
+};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -30,6 +33,8 @@ pub enum ValidationError {
     EmptyStopSequence,
     #[error("`{0}` is not supported yet")]
     Unsupported(&'static str),
+    #[error("token id {id} is outside the model's vocabulary of {vocab_size}")]
+    OutOfVocabulary { id: u32, vocab_size: u32 },
     #[error("{0}")]
     Tokenizer(String),
 }
@@ -46,16 +51,8 @@ pub struct ValidationConfig {
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
     pub max_stop_sequences: usize,
-}
-
-/// A request that passed validation: token ids and shard-ready parameters.
-#[derive(Debug, Clone)]
-pub struct ValidRequest {
-    pub input_ids: Vec<u32>,
-    pub sampling: pb::SamplingParameters,
-    pub max_new_tokens: u32,
-    pub ignore_eos: bool,
-    pub stop_sequences: Vec<String>,
+    /// The model's vocabulary: a tokenizer with more tokens than the model must not reach it.
+    pub vocab_size: u32,
 }
 
 pub struct Validator {
@@ -71,9 +68,8 @@ impl Validator {
     pub fn validate(
         &self,
         inputs: &str,
-        params: &GenerateParameters,
-    ) -> Result<ValidRequest, ValidationError> {
-        refuse_unsupported(params)?;
+        params: &RequestedParameters,
+    ) -> Result<GenerationRequest, ValidationError> {
         if inputs.is_empty() {
             return Err(ValidationError::EmptyInput);
         }
@@ -83,6 +79,12 @@ impl Validator {
         let input_ids = self.tokenizer.encode(inputs)?;
         if input_ids.is_empty() {
             return Err(ValidationError::EmptyInput);
+        }
+        if let Some(&id) = input_ids.iter().find(|&&id| id >= self.config.vocab_size) {
+            return Err(ValidationError::OutOfVocabulary {
+                id,
+                vocab_size: self.config.vocab_size,
+            });
         }
         let input_len = input_ids.len();
         if input_len > self.config.max_input_tokens {
@@ -107,16 +109,18 @@ impl Validator {
                 new: max_new_tokens,
             });
         }
-        Ok(ValidRequest {
+        Ok(GenerationRequest {
             input_ids,
             sampling,
-            max_new_tokens,
-            ignore_eos: params.ignore_eos,
-            stop_sequences,
+            stopping: StoppingParameters {
+                max_new_tokens,
+                ignore_eos: params.ignore_eos,
+                stop_sequences,
+            },
         })
     }
 
-    fn stop_sequences(&self, params: &GenerateParameters) -> Result<Vec<String>, ValidationError> {
+    fn stop_sequences(&self, params: &RequestedParameters) -> Result<Vec<String>, ValidationError> {
         if params.stop.len() > self.config.max_stop_sequences {
             return Err(ValidationError::TooManyStopSequences {
                 max: self.config.max_stop_sequences,
@@ -130,35 +134,9 @@ impl Validator {
     }
 }
 
-fn refuse_unsupported(params: &GenerateParameters) -> Result<(), ValidationError> {
-    let refusals: [(bool, &'static str); 8] = [
-        (params.best_of.is_some_and(|n| n > 1), "best_of"),
-        (params.typical_p.is_some_and(|p| p < 1.0), "typical_p"),
-        (
-            params.frequency_penalty.is_some_and(|p| p != 0.0),
-            "frequency_penalty",
-        ),
-        (params.truncate.is_some(), "truncate"),
-        (params.watermark, "watermark"),
-        (params.decoder_input_details, "decoder_input_details"),
-        (params.top_n_tokens.is_some_and(|n| n > 0), "top_n_tokens"),
-        (
-            params.grammar.as_ref().is_some_and(|g| !g.is_null()),
-            "grammar",
-        ),
-    ];
-    if params.adapter_id.is_some() {
-        return Err(ValidationError::Unsupported("adapter_id"));
-    }
-    match refusals.into_iter().find(|(refused, _)| *refused) {
-        Some((_, name)) => Err(ValidationError::Unsupported(name)),
-        None => Ok(()),
-    }
-}
-
 fn sampling_parameters(
-    params: &GenerateParameters,
-) -> Result<pb::SamplingParameters, ValidationError> {
+    params: &RequestedParameters,
+) -> Result<SamplingParameters, ValidationError> {
     let temperature = params.temperature.unwrap_or(1.0);
     if temperature.is_nan() || temperature <= 0.0 {
         return Err(ValidationError::Temperature);
@@ -181,7 +159,7 @@ fn sampling_parameters(
         || params.temperature.is_some_and(|t| t != 1.0)
         || params.top_k.is_some()
         || params.top_p.is_some();
-    Ok(pb::SamplingParameters {
+    Ok(SamplingParameters {
         temperature,
         top_k,
         top_p,
@@ -203,19 +181,20 @@ mod tests {
                 max_input_tokens: 8,
                 max_total_tokens: 12,
                 max_stop_sequences: 2,
+                vocab_size: 256,
             },
         )
     }
 
-    fn params() -> GenerateParameters {
-        GenerateParameters::default()
+    fn params() -> RequestedParameters {
+        RequestedParameters::default()
     }
 
     #[test]
     fn accepts_a_plain_request_and_fills_max_new_tokens() {
         let valid = validator().validate("abc", &params()).unwrap();
         assert_eq!(valid.input_ids.len(), 3);
-        assert_eq!(valid.max_new_tokens, 9);
+        assert_eq!(valid.stopping.max_new_tokens, 9);
         assert!(!valid.sampling.do_sample);
     }
 
@@ -251,12 +230,25 @@ mod tests {
             v.validate("abc", &p).unwrap_err(),
             ValidationError::TooManyStopSequences { .. }
         ));
-        let mut p = params();
-        p.best_of = Some(2);
-        assert_eq!(
-            v.validate("abc", &p).unwrap_err(),
-            ValidationError::Unsupported("best_of")
+    }
+
+    #[test]
+    fn refuses_a_prompt_the_model_has_no_embedding_for() {
+        let v = Validator::new(
+            Arc::new(byte_tokenizer()),
+            ValidationConfig {
+                max_input_tokens: 8,
+                max_total_tokens: 12,
+                max_stop_sequences: 2,
+                // The byte tokenizer's `a`, `b` and `c` are ids 64, 65 and 66.
+                vocab_size: 66,
+            },
         );
+        assert!(v.validate("ab", &params()).is_ok());
+        assert!(matches!(
+            v.validate("abc", &params()).unwrap_err(),
+            ValidationError::OutOfVocabulary { vocab_size: 66, .. }
+        ));
     }
 
     #[test]

@@ -203,6 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
     if dtype_name == "auto":
         dtype_name = default_dtype_name(device)
     dtype: torch.dtype = getattr(torch, dtype_name)
+    _warn_if_bf16_is_emulated(device, dtype_name)
 
     logger.info("loading %s on %s in %s", args.model_dir, device, dtype_name)
     try:
@@ -222,7 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
         list(loaded.eos_token_ids),
     )
     executor = StepExecutor(loaded, args.block_size, args.kv_cache_memory)
-    servicer = TextGenerationServicer(executor, world_size=world_size)
+    servicer = TextGenerationServicer(executor)
     # grpc wants an absolute path after unix://
     uds_path = os.path.abspath(args.uds_path)
     try:
@@ -253,19 +254,22 @@ async def _serve_until_signal(servicer: "TextGenerationServicer", uds_path: str)
 def default_dtype_name(device: "torch.device") -> str:
     """bfloat16 on GPUs and on CPUs with native bfloat16 arithmetic (AVX512-BF16, AMX), where it
     decodes about twice as fast as float32 (docs/performance.md); float32 on other CPUs, where
-    bfloat16 matmuls are emulated and slower."""
+    bfloat16 is emulated and slower."""
     if device.type == "cuda":
         return "bfloat16"
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    from .kernels.cpu_features import CpuFeatures
+
+    return CpuFeatures.detect().default_dtype_name()
+
+
+def _warn_if_bf16_is_emulated(device: "torch.device", dtype_name: str) -> None:
+    if device.type != "cpu" or dtype_name != "bfloat16":
+        return
+    from .kernels.cpu_features import CpuFeatures
+
+    note = CpuFeatures.detect().bf16_slow_path_note()
+    if note is not None:
+        logger.warning("%s", note)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -15,7 +15,8 @@ from typing import TypeVar
 
 import grpc
 
-from .engine.step import InvalidRequestError, NotWarmedUpError, StepExecutor
+from .engine.contract import InvalidRequestError
+from .engine.step import NotWarmedUpError, StepExecutor
 from .pb import generate_pb2 as pb
 from .pb import generate_pb2_grpc as pb_grpc
 
@@ -25,9 +26,8 @@ Result = TypeVar("Result")
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, executor: StepExecutor, world_size: int = 1) -> None:
+    def __init__(self, executor: StepExecutor) -> None:
         self.executor = executor
-        self.world_size = world_size
 
     async def _run(self, context: grpc.aio.ServicerContext, work: Callable[[], Result]) -> Result:
         try:
@@ -53,9 +53,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             device=str(loaded.device),
             vocab_size=loaded.config.vocab_size,
             eos_token_ids=list(loaded.eos_token_ids),
-            block_size=self.executor.block_size,
             max_position_embeddings=loaded.config.max_position_embeddings,
-            world_size=self.world_size,
         )
 
     async def Health(

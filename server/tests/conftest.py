@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny random Hugging Face models saved to disk, and Sluice loaded from them."""
+"""Shared fixtures: tiny random Hugging Face models saved to disk, Sluice loaded from them, and
+the compiled CPU kernels.
+
+`--kernel-builds` chooses the kernel builds test_cpu_kernels.py runs against (default: native,
+avx2 and portable, see sluice_server.kernels.build); test_kernel_builds.py reruns those tests
+with `--kernel-builds native-sanitized` under AddressSanitizer.
+"""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -6,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from sluice_server.kernels import Kernels
+from sluice_server.kernels import CpuFeatures, KernelBuild, Kernels
 from sluice_server.models.loader import LoadedModel, load_model
 
 TINY_CONFIG: dict[str, Any] = {
@@ -25,6 +31,34 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 SaveTinyModel = Callable[..., tuple[Path, torch.nn.Module]]
+
+# The cache `sluice-server build-kernels` and the shard use.
+KERNEL_CACHE_DIR = Path.home() / ".cache" / "sluice" / "kernels"
+DEFAULT_KERNEL_BUILDS = "native,avx2,portable"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kernel-builds",
+        default=DEFAULT_KERNEL_BUILDS,
+        help="comma-separated kernel builds for test_cpu_kernels.py: native, avx2, portable, "
+        "each optionally with -sanitized (AddressSanitizer and UBSan; libasan must be preloaded)",
+    )
+
+
+def parse_kernel_build(name: str) -> KernelBuild:
+    isa, _, suffix = name.partition("-")
+    if suffix not in ("", "sanitized"):
+        raise pytest.UsageError(f"unknown kernel build {name!r}")
+    return KernelBuild(isa, sanitize=suffix == "sanitized")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "kernel_build" in metafunc.fixturenames:
+        names = metafunc.config.getoption("--kernel-builds").split(",")
+        metafunc.parametrize(
+            "kernel_build", [parse_kernel_build(n) for n in names], ids=names, scope="session"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +95,20 @@ def tiny_loaded(tiny_llama: tuple[Path, torch.nn.Module]) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def cpu() -> CpuFeatures:
+    return CpuFeatures.detect()
+
+
+@pytest.fixture(scope="session")
 def compiled_kernels() -> Kernels:
-    """The C++ CPU kernels, built into the same cache `sluice-server build-kernels` uses."""
-    return Kernels.compiled_cpu(Path.home() / ".cache" / "sluice" / "kernels")
+    """The C++ CPU kernels as the shard serves with them (built for this CPU)."""
+    return Kernels.compiled_cpu(KERNEL_CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def built_kernels(kernel_build: KernelBuild, cpu: CpuFeatures) -> Kernels:
+    """The kernels of one of the `--kernel-builds`; skipped, saying why, where it cannot run."""
+    reason = kernel_build.unrunnable_reason(cpu)
+    if reason is not None:
+        pytest.skip(reason)
+    return Kernels.compiled_cpu(KERNEL_CACHE_DIR, kernel_build)

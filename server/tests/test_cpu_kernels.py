@@ -1,4 +1,6 @@
-"""The compiled CPU kernels against the PyTorch reference, op by op.
+"""The compiled CPU kernels against the PyTorch reference, op by op, for each kernel build
+(`--kernel-builds`, see conftest.py): the native one, and the AVX2 and portable paths whatever
+the CPU has.
 
 The model-level tests (test_llama_vs_transformers, test_gguf) run both kernel sets in float32;
 these also cover bfloat16 and the head sizes the kernels specialise (64, 128) next to a generic
@@ -8,8 +10,10 @@ one, with grouped-query attention and scattered, partly filled blocks.
 import pytest
 import torch
 import torch.nn.functional as F
-from sluice_server.kernels import Kernels
+from sluice_server.kernels import CpuFeatures, KernelBuild, Kernels
+from sluice_server.kernels.cpu_features import lacks
 from sluice_server.layers.attention import LayerKVCache, SequenceChunk
+from sluice_server.layers.ops import LinearMatmul
 
 # Relative to the magnitude (floored at 1). bfloat16 keeps 8 significant bits, a step of 2^-7
 # relative, and the reference rounds its intermediates (e.g. cos and sin) to bfloat16 too.
@@ -20,6 +24,19 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.fixture(scope="module")
 def reference() -> Kernels:
     return Kernels.reference()
+
+
+@pytest.fixture
+def compiled_kernels(built_kernels: Kernels) -> Kernels:
+    """Every test here runs against each kernel build."""
+    return built_kernels
+
+
+def _skip_without_linear_bf16(kernels: Kernels, cpu: CpuFeatures, build: KernelBuild) -> None:
+    if not cpu.avx512_bf16:
+        pytest.skip(lacks("AVX512-BF16"))
+    if not kernels.ops.kernels.has_linear_bf16():
+        pytest.skip(f"the {build.isa} kernel build is compiled without AVX512-BF16")
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -155,15 +172,21 @@ def test_silu_and_mul_matches_reference(
     [(1, 576, 960), (7, 64, 40), (9, 576, 576), (32, 1536, 100), (300, 96, 64)],
 )
 def test_linear_bf16_matches_torch(
-    compiled_kernels: Kernels, rows: int, in_features: int, out_features: int, bias: bool
+    compiled_kernels: Kernels,
+    cpu: CpuFeatures,
+    kernel_build: KernelBuild,
+    rows: int,
+    in_features: int,
+    out_features: int,
+    bias: bool,
 ) -> None:
+    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
     ops = compiled_kernels.ops
     generator = torch.Generator().manual_seed(4)
     weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
     bias_values = torch.randn(out_features, generator=generator).to(torch.bfloat16)
     packed = ops.pack_linear(weight, bias_values if bias else None)
-    if packed is None:
-        pytest.skip("this CPU has no AVX512-BF16; linear layers use oneDNN here")
+    assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
     # Rows with a longer stride than their width, as a column slice of a wider tensor gives.
     wide = torch.randn(rows, in_features + 6, generator=generator).to(torch.bfloat16)
     x = wide[:, 6:]
@@ -176,11 +199,13 @@ def test_linear_bf16_matches_torch(
     assert (actual.float() - expected).abs().max().item() <= 1e-2 * scale
 
 
-def test_linear_bf16_rejects_a_mismatched_input(compiled_kernels: Kernels) -> None:
+def test_linear_bf16_rejects_a_mismatched_input(
+    compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild
+) -> None:
+    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
     weight = torch.randn(64, 32).to(torch.bfloat16)
     packed = compiled_kernels.ops.pack_linear(weight, None)
-    if packed is None:
-        pytest.skip("this CPU has no AVX512-BF16; linear layers use oneDNN here")
+    assert packed is not None
     with pytest.raises(RuntimeError, match="columns"):
         compiled_kernels.ops.packed_linear(torch.randn(4, 30).to(torch.bfloat16), packed)
 

@@ -10,13 +10,9 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
+from sluice_server.engine.contract import InvalidRequestError
 from sluice_server.engine.kv_cache import CUDA_MEMORY_FRACTION, KVCacheSpec
-from sluice_server.engine.step import (
-    ForwardChunk,
-    InvalidRequestError,
-    StepExecutor,
-    run_forward,
-)
+from sluice_server.engine.step import ForwardChunk, StepExecutor, run_forward
 from sluice_server.kernels import Kernels
 from sluice_server.models.loader import LoadedModel, load_model
 from sluice_server.pb import generate_pb2 as pb
@@ -101,7 +97,7 @@ def _engine_greedy(loaded: LoadedModel, prompts: Sequence[Sequence[int]]) -> dic
     """Greedy tokens from our engine, the prompts batched and prefilled in chunks of 4."""
     router = MiniRouter(make_executor(loaded), chunk_size=4)
     for request_id, prompt in enumerate(prompts):
-        router.add(new_request(request_id, prompt, max_new_tokens=NEW_TOKENS))
+        router.add(new_request(request_id, prompt), max_new_tokens=NEW_TOKENS)
     return router.run()
 
 
@@ -194,7 +190,7 @@ def _generate_on_blocks(
     while True:
         (generation,) = executor.step(step).generations
         tokens.append(generation.token_id)
-        if generation.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+        if len(tokens) == NEW_TOKENS:
             return tokens
         step = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
 

@@ -78,7 +78,6 @@ def test_greedy_answer_knows_the_capital_of_france(
                 id=0,
                 token_ids=prompt_ids,
                 sampling=pb.SamplingParameters(),
-                stopping=pb.StoppingParameters(max_new_tokens=max_new_tokens),
             )
         ],
         scheduled=[pb.ScheduledRequest(id=0, num_tokens=len(prompt_ids), new_blocks=blocks)],
@@ -87,7 +86,8 @@ def test_greedy_answer_knows_the_capital_of_france(
     while True:
         (generation,) = executor.step(step).generations
         generated.append(generation.token_id)
-        if generation.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+        # The router's stopping rule: end of sequence or max_new_tokens.
+        if generation.token_id in loaded.eos_token_ids or len(generated) == max_new_tokens:
             break
         step = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
     answer = tokenizer.decode(generated, skip_special_tokens=True)

@@ -28,7 +28,6 @@ def first_step(request_id: int) -> pb.StepRequest:
                 id=request_id,
                 token_ids=[5, 17, 99, 42, 8],
                 sampling=pb.SamplingParameters(),
-                stopping=pb.StoppingParameters(max_new_tokens=4),
             )
         ],
         scheduled=[pb.ScheduledRequest(id=request_id, num_tokens=5, new_blocks=[0, 1])],
@@ -55,8 +54,8 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
                 stub = pb_grpc.TextGenerationServiceStub(channel)
                 info = await stub.Info(pb.InfoRequest())
                 assert (info.model_type, info.dtype, info.device) == ("llama", "float32", "cpu")
-                assert (info.vocab_size, list(info.eos_token_ids), info.block_size) == (128, [2], 4)
-                assert (info.max_position_embeddings, info.world_size) == (256, 1)
+                assert (info.vocab_size, list(info.eos_token_ids)) == (128, [2])
+                assert info.max_position_embeddings == 256
                 await stub.Health(pb.HealthRequest())
 
                 await expect_error(stub.Step(first_step(0)), grpc.StatusCode.FAILED_PRECONDITION)

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from sluice_server.engine.contract import InvalidRequestError
 from sluice_server.engine.kv_cache import KVCacheSpec
-from sluice_server.engine.step import InvalidRequestError, NotWarmedUpError, StepExecutor
+from sluice_server.engine.step import NotWarmedUpError, StepExecutor
 from sluice_server.models.loader import LoadedModel
 from sluice_server.pb import generate_pb2 as pb
 
@@ -28,19 +29,14 @@ def make_executor(loaded: LoadedModel, num_blocks: int = NUM_BLOCKS) -> StepExec
 def new_request(
     request_id: int,
     token_ids: Sequence[int],
-    max_new_tokens: int = 8,
     sampling: pb.SamplingParameters | None = None,
-    ignore_eos: bool = True,
     cached_tokens: int = 0,
-    generated_before: int = 0,
 ) -> pb.NewRequest:
     return pb.NewRequest(
         id=request_id,
         token_ids=token_ids,
         cached_tokens=cached_tokens,
-        generated_before=generated_before,
         sampling=sampling or pb.SamplingParameters(),
-        stopping=pb.StoppingParameters(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos),
     )
 
 
@@ -48,6 +44,8 @@ def new_request(
 class RouterSequence:
     known_tokens: int
     computed: int
+    max_new_tokens: int
+    stop_at_eos: bool
     blocks: list[int] = field(default_factory=list)
     # Blocks in `blocks` the shard has not been told about yet (a prefix-cache hit's).
     unsent_blocks: list[int] = field(default_factory=list)
@@ -56,25 +54,43 @@ class RouterSequence:
 
 class MiniRouter:
     """The router's side of the contract, reduced to what these tests need: blocks on demand,
-    prompts in chunks of at most `chunk_size` tokens, one decode per running request per step."""
+    prompts in chunks of at most `chunk_size` tokens, one decode per running request per step,
+    and the decision when a request stops, freed through the next step's free_ids."""
 
-    def __init__(self, executor: StepExecutor, chunk_size: int = 1000) -> None:
+    def __init__(
+        self, executor: StepExecutor, chunk_size: int = 1000, eos_token_ids: Sequence[int] = ()
+    ) -> None:
         self.executor = executor
         self.chunk_size = chunk_size
+        self.eos_token_ids = set(eos_token_ids)
         self.free_blocks = list(range(executor.num_blocks))[
             ::-1
         ]  # Handed out from the high ids down.
         self.waiting: list[pb.NewRequest] = []
         self.running: dict[int, RouterSequence] = {}
         self.finished: dict[int, RouterSequence] = {}
+        self.to_free: list[int] = []
 
-    def add(self, new: pb.NewRequest, blocks: Sequence[int] = ()) -> None:
+    def add(
+        self,
+        new: pb.NewRequest,
+        blocks: Sequence[int] = (),
+        max_new_tokens: int = 8,
+        ignore_eos: bool = True,
+    ) -> None:
         self.waiting.append(new)
         self.running[new.id] = RouterSequence(
-            len(new.token_ids), new.cached_tokens, list(blocks), list(blocks)
+            len(new.token_ids),
+            new.cached_tokens,
+            max_new_tokens,
+            not ignore_eos,
+            list(blocks),
+            list(blocks),
         )
 
     def step(self, free_ids: Sequence[int] = ()) -> pb.StepResponse:
+        free_ids = [*self.to_free, *free_ids]
+        self.to_free = []
         scheduled = []
         for request_id, sequence in self.running.items():
             num_tokens = min(sequence.known_tokens - sequence.computed, self.chunk_size)
@@ -97,13 +113,16 @@ class MiniRouter:
             sequence = self.running[generation.id]
             sequence.generations.append(generation)
             sequence.known_tokens += 1
-            if generation.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            eos = sequence.stop_at_eos and generation.token_id in self.eos_token_ids
+            if eos or len(sequence.generations) == sequence.max_new_tokens:
                 self.finished[generation.id] = self.running.pop(generation.id)
+                self.to_free.append(generation.id)
         return response
 
     def run(self) -> dict[int, list[int]]:
-        """Steps until every request finished; returns each request's generated tokens."""
-        while self.running:
+        """Steps until every request finished and the shard forgot it; returns each request's
+        generated tokens."""
+        while self.running or self.to_free:
             self.step()
         return {
             request_id: [generation.token_id for generation in sequence.generations]
@@ -129,32 +148,50 @@ def test_greedy_matches_transformers_generate(tiny_llama, tiny_loaded) -> None:
     _directory, reference = tiny_llama
     router = MiniRouter(make_executor(tiny_loaded), chunk_size=4)  # Chunked prefill as well.
     for request_id, prompt in enumerate(PROMPTS):
-        router.add(new_request(request_id, prompt, max_new_tokens=10))
+        router.add(new_request(request_id, prompt), max_new_tokens=10)
     generated = router.run()
     for request_id, prompt in enumerate(PROMPTS):
         assert generated[request_id] == reference_greedy(reference, prompt, 10)
 
 
-def test_finish_reasons_and_forgetting(tiny_loaded) -> None:
+def test_only_free_ids_make_the_shard_forget_a_request(tiny_loaded) -> None:
     router = MiniRouter(make_executor(tiny_loaded))
-    router.add(new_request(0, PROMPTS[0], max_new_tokens=6))
+    router.add(new_request(0, PROMPTS[0]), max_new_tokens=6)
     greedy = router.run()[0]
-    reasons = [generation.finish_reason for generation in router.finished[0].generations]
-    assert reasons == [pb.FINISH_REASON_UNSPECIFIED] * 5 + [pb.FINISH_REASON_LENGTH]
+    assert len(greedy) == 6
     assert router.executor.requests == {}
 
+    # The shard does not stop at the model's end-of-sequence token nor at any length: it keeps
+    # the request, ready for the next decode, until the router frees it.
     eos = greedy[2]
-    with_eos = dataclasses.replace(tiny_loaded, eos_token_ids=(eos,))
-    router = MiniRouter(make_executor(with_eos))
-    router.add(new_request(0, PROMPTS[0], max_new_tokens=6, ignore_eos=False))
-    router.add(new_request(1, PROMPTS[0], max_new_tokens=6, ignore_eos=True))
-    generated = router.run()
-    first_eos = greedy.index(eos)
-    assert generated[0] == greedy[: first_eos + 1]
-    assert router.finished[0].generations[-1].finish_reason == pb.FINISH_REASON_EOS_TOKEN
-    assert generated[1] == greedy
+    executor = make_executor(dataclasses.replace(tiny_loaded, eos_token_ids=(eos,)))
+    router = MiniRouter(executor)
+    router.add(new_request(0, PROMPTS[0]), max_new_tokens=6)
+    for _ in range(6):
+        router.step()
+    assert [generation.token_id for generation in router.finished[0].generations] == greedy
+    assert list(executor.requests) == [0]
+    response = executor.step(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)]))
+    assert [generation.id for generation in response.generations] == [0]
+    router.step()  # Sends free_ids=[0].
+    assert executor.requests == {}
     with pytest.raises(InvalidRequestError, match="unknown id"):
-        router.executor.step(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)]))
+        executor.step(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)]))
+
+
+def test_the_router_stops_at_end_of_sequence_unless_told_to_ignore_it(tiny_loaded) -> None:
+    router = MiniRouter(make_executor(tiny_loaded))
+    router.add(new_request(0, PROMPTS[0]), max_new_tokens=6)
+    greedy = router.run()[0]
+
+    eos = greedy[2]
+    router = MiniRouter(make_executor(tiny_loaded), eos_token_ids=[eos])
+    router.add(new_request(0, PROMPTS[0]), max_new_tokens=6, ignore_eos=False)
+    router.add(new_request(1, PROMPTS[0]), max_new_tokens=6, ignore_eos=True)
+    generated = router.run()
+    assert generated[0] == greedy[: greedy.index(eos) + 1]
+    assert generated[1] == greedy
+    assert router.executor.requests == {}
 
 
 def test_prompt_chunks_generate_only_at_the_end(tiny_loaded) -> None:
@@ -180,10 +217,10 @@ def test_free_ids_forget_requests(tiny_loaded) -> None:
 def test_prefix_cached_request_matches_full_prefill(tiny_loaded) -> None:
     prompt = PROMPTS[1]
     router = MiniRouter(make_executor(tiny_loaded))
-    router.add(new_request(0, prompt, max_new_tokens=5))
+    router.add(new_request(0, prompt), max_new_tokens=5)
     router.step()
     shared_blocks = router.running[0].blocks[:2]  # The first 8 prompt tokens, full blocks.
-    router.add(new_request(1, prompt, max_new_tokens=5, cached_tokens=8), blocks=shared_blocks)
+    router.add(new_request(1, prompt, cached_tokens=8), blocks=shared_blocks, max_new_tokens=5)
     generated = router.run()
     assert generated[1] == generated[0]
 
@@ -191,21 +228,21 @@ def test_prefix_cached_request_matches_full_prefill(tiny_loaded) -> None:
 def test_preempted_request_resumes_where_it_stopped(tiny_loaded) -> None:
     sampling = pb.SamplingParameters(do_sample=True, temperature=0.8, seed=7)
     router = MiniRouter(make_executor(tiny_loaded))
-    router.add(new_request(0, PROMPTS[0], max_new_tokens=8, sampling=sampling))
+    router.add(new_request(0, PROMPTS[0], sampling=sampling), max_new_tokens=8)
     uninterrupted = router.run()[0]
 
     router = MiniRouter(make_executor(tiny_loaded))
-    router.add(new_request(0, PROMPTS[0], max_new_tokens=8, sampling=sampling))
+    router.add(new_request(0, PROMPTS[0], sampling=sampling), max_new_tokens=8)
     for _ in range(3):
         router.step()
     preempted = router.running.pop(0)
     router.free_blocks.extend(preempted.blocks)
     before = [generation.token_id for generation in preempted.generations]
-    resumed = new_request(
-        0, PROMPTS[0] + before, max_new_tokens=8, sampling=sampling, generated_before=len(before)
-    )
+    # Resumed: the prompt and what it generated run again as one prompt.
     router.step(free_ids=[0])
-    router.add(resumed)
+    router.add(
+        new_request(0, PROMPTS[0] + before, sampling=sampling), max_new_tokens=8 - len(before)
+    )
     assert before + router.run()[0] == uninterrupted
 
 
@@ -247,7 +284,6 @@ def valid_request() -> pb.NewRequest:
         (pb.StepRequest(new_requests=[new_request(1, [])]), "no token ids"),
         (pb.StepRequest(new_requests=[new_request(1, [5, 128])]), "outside the vocabulary"),
         (pb.StepRequest(new_requests=[new_request(1, [5, 6], cached_tokens=2)]), "cached_tokens"),
-        (pb.StepRequest(new_requests=[new_request(1, [5, 6], max_new_tokens=0)]), "max_new_tokens"),
         (
             pb.StepRequest(
                 new_requests=[new_request(1, [5], sampling=pb.SamplingParameters(temperature=-1))]

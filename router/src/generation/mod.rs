@@ -1,136 +1,189 @@
-//! The text side of one request: turns the token events the scheduler sends into tokens with
-//! text, applies stop sequences, and ends the stream. Dropping a `GenerationStream` (a client
-//! that went away, a stop sequence) cancels the request on the scheduler.
+//! The output side of a request. The scheduler feeds each request's `RequestOutput` the tokens
+//! the shards sample: it turns them into text and asks `StopCriteria` whether the request is
+//! done, so that every stop (end of sequence, length, stop sequence) is decided in one place,
+//! before the next step is built. A route handler reads the result through `GenerationStream`;
+//! dropping it (a client that went away) cancels the request on the scheduler.
 
 mod stop;
 
-pub use stop::StopSequences;
+pub use stop::{Stop, StopCriteria, StopSequences};
 
 use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::http::types::{FinishReason, Token};
-use crate::scheduler::{EventReceiver, SchedulerError, ShardFinish};
+use crate::request::{StoppingParameters, Token};
+use crate::scheduler::{EventReceiver, SchedulerError, TokenEvent};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum GenerationError {
-    #[error(transparent)]
-    Scheduler(#[from] SchedulerError),
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-}
-
-/// How a finished request ended.
-#[derive(Debug, Clone)]
-pub struct GenerationEnd {
-    pub finish_reason: FinishReason,
-    pub generated_text: String,
-    pub generated_tokens: u32,
-    /// Prompt tokens served from the prefix cache.
-    pub cached_tokens: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct StreamItem {
-    pub token: Token,
-    /// Set on the last item.
-    pub end: Option<GenerationEnd>,
-}
-
-pub struct GenerationStream {
-    events: EventReceiver,
-    tokenizer: Arc<Tokenizer>,
+/// The text of one request so far and the rule that ends it.
+pub struct RequestOutput {
+    criteria: StopCriteria,
     decoder: IncrementalDecoder,
-    stops: StopSequences,
+    /// The generated text, special tokens left out.
     text: String,
     generated: u32,
+}
+
+impl RequestOutput {
+    pub fn new(stopping: &StoppingParameters, eos_token_ids: &Arc<[u32]>) -> Self {
+        Self {
+            criteria: StopCriteria::new(stopping, eos_token_ids),
+            decoder: IncrementalDecoder::default(),
+            text: String::new(),
+            generated: 0,
+        }
+    }
+
+    pub fn generated(&self) -> u32 {
+        self.generated
+    }
+
+    /// Adds a sampled token; returns it with its text, and the stop it caused if any.
+    pub fn push(
+        &mut self,
+        tokenizer: &Tokenizer,
+        id: u32,
+        logprob: f32,
+    ) -> Result<(Token, Option<Stop>), TokenizerError> {
+        self.generated += 1;
+        let special = tokenizer.is_special(id);
+        let before = self.text.len();
+        let text = if special {
+            tokenizer.token_text(id)
+        } else {
+            let text = self.decoder.push(tokenizer, id)?;
+            self.text.push_str(&text);
+            text
+        };
+        let stop = self.criteria.check(id, self.generated, &self.text, before);
+        if let Some(end) = stop.and_then(|s| s.text_end) {
+            self.text.truncate(end);
+        }
+        let token = Token {
+            id,
+            text,
+            logprob,
+            special,
+        };
+        Ok((token, stop))
+    }
+
+    /// The generated text, taken once the request has ended.
+    pub fn take_text(&mut self) -> String {
+        std::mem::take(&mut self.text)
+    }
+}
+
+/// A request's tokens as the scheduler delivers them, ending after the last one.
+pub struct GenerationStream {
+    events: EventReceiver,
     done: bool,
     /// Held for the request's lifetime: its slot under --max-concurrent-requests.
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl GenerationStream {
-    pub fn new(
-        events: EventReceiver,
-        tokenizer: Arc<Tokenizer>,
-        stop_sequences: Vec<String>,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Self {
+    pub fn new(events: EventReceiver, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             events,
-            tokenizer,
-            decoder: IncrementalDecoder::default(),
-            stops: StopSequences::new(stop_sequences),
-            text: String::new(),
-            generated: 0,
             done: false,
             _permit: permit,
         }
     }
 
     /// The next token, `None` once the request has ended.
-    pub async fn next(&mut self) -> Option<Result<StreamItem, GenerationError>> {
+    pub async fn next(&mut self) -> Option<Result<TokenEvent, SchedulerError>> {
         if self.done {
             return None;
         }
-        let event = match self.events.recv().await {
-            Some(Ok(event)) => event,
-            Some(Err(e)) => return Some(Err(self.end_with(e))),
-            None => return Some(Err(self.end_with(SchedulerError::Closed))),
-        };
-        self.generated += 1;
-        let special = self.tokenizer.is_special(event.id);
-        let before = self.text.len();
-        let text = if special {
-            self.tokenizer.token_text(event.id)
-        } else {
-            match self.decoder.push(&self.tokenizer, event.id) {
-                Ok(text) => text,
-                Err(e) => return Some(Err(self.end_with(e))),
+        let item = match self.events.recv().await {
+            Some(Ok(event)) => {
+                if event.end.is_some() {
+                    self.finish();
+                }
+                Ok(event)
+            }
+            Some(Err(e)) => {
+                self.finish();
+                Err(e)
+            }
+            None => {
+                self.finish();
+                Err(SchedulerError::Closed)
             }
         };
-        if !special {
-            self.text.push_str(&text);
-        }
-
-        let mut finish_reason = match event.finish {
-            Some(ShardFinish::EosToken) => Some(FinishReason::EosToken),
-            Some(ShardFinish::Length) => Some(FinishReason::Length),
-            None => None,
-        };
-        if let Some(end) = self.stops.find(&self.text, before) {
-            self.text.truncate(end);
-            finish_reason = Some(FinishReason::StopSequence);
-        }
-
-        let end = finish_reason.map(|finish_reason| {
-            self.finish();
-            GenerationEnd {
-                finish_reason,
-                generated_text: std::mem::take(&mut self.text),
-                generated_tokens: self.generated,
-                cached_tokens: event.cached_prompt_tokens,
-            }
-        });
-        let token = Token {
-            id: event.id,
-            text,
-            logprob: event.logprob,
-            special,
-        };
-        Some(Ok(StreamItem { token, end }))
+        Some(item)
     }
 
-    fn end_with(&mut self, error: impl Into<GenerationError>) -> GenerationError {
-        self.finish();
-        error.into()
-    }
-
-    /// Ends the stream and tells the scheduler (via the closed channel) to free the request.
     fn finish(&mut self) {
         self.done = true;
         self.events.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::FinishReason;
+    use crate::tokenizer::test_support::{byte_tokenizer, EOS};
+
+    fn output(max_new_tokens: u32, ignore_eos: bool, stop: &[&str]) -> RequestOutput {
+        let stopping = StoppingParameters {
+            max_new_tokens,
+            ignore_eos,
+            stop_sequences: stop.iter().map(|s| s.to_string()).collect(),
+        };
+        RequestOutput::new(&stopping, &Arc::from([EOS]))
+    }
+
+    fn feed(output: &mut RequestOutput, text: &str) -> Vec<(Token, Option<Stop>)> {
+        let tokenizer = byte_tokenizer();
+        let mut ids = tokenizer.encode(text).unwrap();
+        ids.push(EOS);
+        let mut results = Vec::new();
+        for id in ids {
+            let result = output.push(&tokenizer, id, -0.5).unwrap();
+            let stopped = result.1.is_some();
+            results.push(result);
+            if stopped {
+                break;
+            }
+        }
+        results
+    }
+
+    #[test]
+    fn a_stop_sequence_across_tokens_cuts_the_text() {
+        let mut out = output(100, false, &["is P"]);
+        let results = feed(&mut out, "The capital is Paris");
+        assert_eq!(results.len(), "The capital is P".len());
+        let stop = results.last().unwrap().1.unwrap();
+        assert_eq!(stop.reason, FinishReason::StopSequence);
+        assert_eq!(out.take_text(), "The capital is P");
+    }
+
+    #[test]
+    fn end_of_sequence_is_special_and_stays_out_of_the_text() {
+        let mut out = output(100, false, &[]);
+        let results = feed(&mut out, "ok");
+        let (token, stop) = results.last().unwrap();
+        assert!(token.special);
+        assert_eq!(token.text, "<eos>");
+        assert_eq!(stop.unwrap().reason, FinishReason::EosToken);
+        assert_eq!(out.generated(), 3);
+        assert_eq!(out.take_text(), "ok");
+    }
+
+    #[test]
+    fn ignored_end_of_sequence_runs_to_the_length() {
+        let mut out = output(3, true, &[]);
+        let results = feed(&mut out, "ab");
+        assert_eq!(results.len(), 3);
+        assert_eq!(
+            results.last().unwrap().1.unwrap().reason,
+            FinishReason::Length
+        );
+        assert_eq!(out.take_text(), "ab");
     }
 }

@@ -1,4 +1,63 @@
-//! Stop sequences: found in the generated text, also when they span several tokens.
+//! The one place that decides when a request stops: an end-of-sequence token (unless the request
+//! ignores them), `max_new_tokens`, or a stop sequence in the generated text. The shards never
+//! stop a request; the scheduler asks `StopCriteria` after every token and frees what it ends.
+
+use std::sync::Arc;
+
+use crate::request::{FinishReason, StoppingParameters};
+
+/// Why and where a request stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    pub reason: FinishReason,
+    /// For a stop sequence: the byte offset just past it, where the generated text ends.
+    pub text_end: Option<usize>,
+}
+
+pub struct StopCriteria {
+    max_new_tokens: u32,
+    /// Empty when the request ignores end-of-sequence tokens.
+    eos_token_ids: Arc<[u32]>,
+    sequences: StopSequences,
+}
+
+impl StopCriteria {
+    /// `eos_token_ids` are the model's (from the shards' Info).
+    pub fn new(stopping: &StoppingParameters, eos_token_ids: &Arc<[u32]>) -> Self {
+        Self {
+            max_new_tokens: stopping.max_new_tokens,
+            eos_token_ids: if stopping.ignore_eos {
+                Arc::from([])
+            } else {
+                eos_token_ids.clone()
+            },
+            sequences: StopSequences::new(stopping.stop_sequences.clone()),
+        }
+    }
+
+    /// Whether the request stops after `token`, its `generated`-th token, which extended the
+    /// generated `text` from byte `new_from` on. A stop sequence wins over the other reasons,
+    /// since it also cuts the text.
+    pub fn check(&self, token: u32, generated: u32, text: &str, new_from: usize) -> Option<Stop> {
+        if let Some(end) = self.sequences.find(text, new_from) {
+            return Some(Stop {
+                reason: FinishReason::StopSequence,
+                text_end: Some(end),
+            });
+        }
+        let reason = if self.eos_token_ids.contains(&token) {
+            FinishReason::EosToken
+        } else if generated >= self.max_new_tokens {
+            FinishReason::Length
+        } else {
+            return None;
+        };
+        Some(Stop {
+            reason,
+            text_end: None,
+        })
+    }
+}
 
 pub struct StopSequences {
     sequences: Vec<String>,
@@ -53,6 +112,47 @@ mod tests {
         let stops = StopSequences::new(vec!["ab".into()]);
         let text = "ab then more";
         assert_eq!(stops.find(text, 5), None);
+    }
+
+    fn criteria(max_new_tokens: u32, ignore_eos: bool, stop: &[&str]) -> StopCriteria {
+        let stopping = StoppingParameters {
+            max_new_tokens,
+            ignore_eos,
+            stop_sequences: stop.iter().map(|s| s.to_string()).collect(),
+        };
+        StopCriteria::new(&stopping, &Arc::from([2u32, 3]))
+    }
+
+    #[test]
+    fn stops_at_end_of_sequence_unless_ignored_and_at_the_length() {
+        let stops = criteria(4, false, &[]);
+        assert_eq!(stops.check(7, 1, "a", 0), None);
+        assert_eq!(
+            stops.check(3, 1, "a", 0).map(|s| s.reason),
+            Some(FinishReason::EosToken)
+        );
+        assert_eq!(
+            stops.check(7, 4, "abcd", 3).map(|s| s.reason),
+            Some(FinishReason::Length)
+        );
+        let ignoring = criteria(4, true, &[]);
+        assert_eq!(ignoring.check(3, 1, "a", 0), None);
+        assert_eq!(
+            ignoring.check(3, 4, "abcd", 3).map(|s| s.reason),
+            Some(FinishReason::Length)
+        );
+    }
+
+    #[test]
+    fn a_stop_sequence_wins_and_says_where_the_text_ends() {
+        let stops = criteria(2, false, &["cd"]);
+        assert_eq!(
+            stops.check(3, 2, "abcdef", 3),
+            Some(Stop {
+                reason: FinishReason::StopSequence,
+                text_end: Some(4)
+            })
+        );
     }
 
     #[test]

@@ -3,10 +3,9 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use sluice_client::ClientError;
 
 use super::types::ErrorResponse;
-use crate::client::ClientError;
-use crate::generation::GenerationError;
 use crate::scheduler::SchedulerError;
 use crate::validation::ValidationError;
 
@@ -17,17 +16,11 @@ pub enum ApiError {
     #[error("Model is overloaded")]
     Overloaded,
     #[error(transparent)]
-    Generation(#[from] GenerationError),
+    Generation(#[from] SchedulerError),
     #[error("unhealthy: {0}")]
     Unhealthy(#[from] ClientError),
     #[error("Request failed: {0}")]
     BadRequest(String),
-}
-
-impl From<SchedulerError> for ApiError {
-    fn from(e: SchedulerError) -> Self {
-        Self::Generation(GenerationError::Scheduler(e))
-    }
 }
 
 impl ApiError {

@@ -14,31 +14,25 @@ use super::types::{
 };
 use super::AppState;
 use crate::generation::GenerationStream;
-use crate::validation::ValidRequest;
+use crate::request::GenerationRequest;
 
 /// A request that passed validation and admission and is queued on the scheduler.
 struct Started {
     stream: GenerationStream,
-    valid: ValidRequest,
+    valid: GenerationRequest,
     prefix: Option<String>,
 }
 
 fn start(state: &AppState, request: GenerateRequest) -> Result<Started, ApiError> {
-    let valid = state
-        .validator
-        .validate(&request.inputs, &request.parameters)?;
+    let requested = request.parameters.to_requested()?;
+    let valid = state.validator.validate(&request.inputs, &requested)?;
     let permit = state
         .admission
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded)?;
     let events = state.scheduler.submit(valid.clone())?;
-    let stream = GenerationStream::new(
-        events,
-        state.tokenizer.clone(),
-        valid.stop_sequences.clone(),
-        Some(permit),
-    );
+    let stream = GenerationStream::new(events, Some(permit));
     let prefix = request
         .parameters
         .return_full_text
@@ -65,7 +59,7 @@ fn full_text(prefix: Option<&str>, generated: String) -> String {
     }
 }
 
-fn reported_seed(valid: &ValidRequest) -> Option<u64> {
+fn reported_seed(valid: &GenerationRequest) -> Option<u64> {
     valid.sampling.do_sample.then_some(valid.sampling.seed)
 }
 

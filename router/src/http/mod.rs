@@ -9,11 +9,10 @@ use std::sync::Arc;
 
 use axum::routing::{get, post};
 use axum::Router;
+use sluice_client::ShardedClient;
 use tokio::sync::Semaphore;
 
-use crate::client::ShardedClient;
 use crate::scheduler::SchedulerHandle;
-use crate::tokenizer::Tokenizer;
 use crate::validation::Validator;
 
 /// What every handler can reach.
@@ -21,7 +20,6 @@ use crate::validation::Validator;
 pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub validator: Arc<Validator>,
-    pub tokenizer: Arc<Tokenizer>,
     pub scheduler: SchedulerHandle,
     /// One permit per request in flight; none left means 429.
     pub admission: Arc<Semaphore>,

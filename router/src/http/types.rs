@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::request::RequestedParameters;
+pub use crate::request::{FinishReason, Token};
+use crate::validation::ValidationError;
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct GenerateRequest {
     pub inputs: String,
@@ -45,20 +49,41 @@ pub struct GenerateParameters {
     pub ignore_eos: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    Length,
-    EosToken,
-    StopSequence,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Token {
-    pub id: u32,
-    pub text: String,
-    pub logprob: f32,
-    pub special: bool,
+impl GenerateParameters {
+    /// The parameters Sluice supports, or the first one given that it does not.
+    pub fn to_requested(&self) -> Result<RequestedParameters, ValidationError> {
+        let refusals: [(bool, &'static str); 9] = [
+            (self.adapter_id.is_some(), "adapter_id"),
+            (self.best_of.is_some_and(|n| n > 1), "best_of"),
+            (self.typical_p.is_some_and(|p| p < 1.0), "typical_p"),
+            (
+                self.frequency_penalty.is_some_and(|p| p != 0.0),
+                "frequency_penalty",
+            ),
+            (self.truncate.is_some(), "truncate"),
+            (self.watermark, "watermark"),
+            (self.decoder_input_details, "decoder_input_details"),
+            (self.top_n_tokens.is_some_and(|n| n > 0), "top_n_tokens"),
+            (
+                self.grammar.as_ref().is_some_and(|g| !g.is_null()),
+                "grammar",
+            ),
+        ];
+        if let Some((_, name)) = refusals.into_iter().find(|(refused, _)| *refused) {
+            return Err(ValidationError::Unsupported(name));
+        }
+        Ok(RequestedParameters {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            do_sample: self.do_sample,
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,4 +149,34 @@ pub struct Info {
     pub prefix_caching: bool,
     pub version: &'static str,
     pub router: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_parameters_are_refused_by_name_and_neutral_ones_accepted() {
+        let mut params = GenerateParameters {
+            best_of: Some(1),
+            typical_p: Some(1.0),
+            frequency_penalty: Some(0.0),
+            temperature: Some(0.5),
+            ..Default::default()
+        };
+        assert_eq!(params.to_requested().unwrap().temperature, Some(0.5));
+        params.best_of = Some(2);
+        assert_eq!(
+            params.to_requested().unwrap_err(),
+            ValidationError::Unsupported("best_of")
+        );
+        let params = GenerateParameters {
+            adapter_id: Some("lora".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            params.to_requested().unwrap_err(),
+            ValidationError::Unsupported("adapter_id")
+        );
+    }
 }

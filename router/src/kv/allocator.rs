@@ -96,13 +96,15 @@ impl BlockPool {
             .expect("the caller checked that enough blocks are free")
     }
 
-    /// Adds a holder to a block that is in use or cached.
-    pub fn retain(&mut self, block: u32) {
+    /// Adds a holder to a block that is in use or cached; returns true when it is the first.
+    pub fn retain(&mut self, block: u32) -> bool {
         let count = &mut self.ref_counts[block as usize];
-        if *count == 0 {
+        let first = *count == 0;
+        if first {
             self.held += 1;
         }
         *count += 1;
+        first
     }
 
     /// Drops a holder; returns true when that was the last one.
@@ -134,7 +136,7 @@ mod tests {
         let a = pool.allocate(3, Placement::NewRun { headroom: 0 }).unwrap();
         assert_eq!(a, vec![0, 1, 2], "a fresh pool hands out ascending runs");
         assert!(pool.allocate(2, Placement::After(2)).is_none());
-        pool.retain(a[0]);
+        assert!(!pool.retain(a[0]), "the block already had a holder");
         assert!(!pool.release(a[0]));
         assert!(pool.release(a[0]));
         pool.free(a[0]);

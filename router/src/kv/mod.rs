@@ -50,10 +50,6 @@ impl KvManager {
         self.cache.as_ref().map_or(0, RadixCache::len)
     }
 
-    fn is_cached(&self, block: u32) -> bool {
-        self.cache.as_ref().is_some_and(|c| c.contains_block(block))
-    }
-
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_size)
     }
@@ -69,8 +65,10 @@ impl KvManager {
         };
         let max_blocks = tokens.len().saturating_sub(1) / self.block_size;
         let (blocks, node) = cache.match_prefix(tokens, self.block_size, max_blocks);
-        for block in &blocks {
-            self.pool.retain(*block);
+        for &block in &blocks {
+            if self.pool.retain(block) {
+                cache.set_held(block, true);
+            }
         }
         CachedPrefix { blocks, node }
     }
@@ -94,8 +92,7 @@ impl KvManager {
             return;
         };
         while self.pool.num_free() < n {
-            let pool = &self.pool;
-            match cache.evict_one(|b| pool.ref_count(b) > 0) {
+            match cache.evict_one() {
                 Some(block) => self.pool.free(block),
                 None => break,
             }
@@ -106,8 +103,12 @@ impl KvManager {
     /// free again.
     pub fn release(&mut self, blocks: &[u32]) {
         for &block in blocks {
-            if self.pool.release(block) && !self.is_cached(block) {
-                self.pool.free(block);
+            if !self.pool.release(block) {
+                continue;
+            }
+            match self.cache.as_mut() {
+                Some(cache) if cache.contains_block(block) => cache.set_held(block, false),
+                _ => self.pool.free(block),
             }
         }
     }
@@ -117,6 +118,10 @@ impl KvManager {
     /// cached elsewhere or caching is off.
     pub fn register(&mut self, parent: NodeId, key: &[u32], block: u32) -> Option<NodeId> {
         debug_assert_eq!(key.len(), self.block_size);
+        debug_assert!(
+            self.pool.ref_count(block) > 0,
+            "block {block} registered unheld"
+        );
         self.cache.as_mut()?.insert(parent, key, block)
     }
 }

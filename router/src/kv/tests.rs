@@ -1,6 +1,6 @@
 //! Property tests: under random admits, growth, finishes, cancels and preemptions, no block is
-//! leaked or owned twice, reference counts match the holders, and eviction never frees a block
-//! somebody holds.
+//! leaked or owned twice, reference counts match the holders, eviction never frees a block
+//! somebody holds, and the prefix cache's eviction order matches a walk of the whole tree.
 
 use std::collections::{HashMap, HashSet};
 
@@ -81,7 +81,7 @@ fn check_invariants(kv: &KvManager, live: &[Sequence]) {
             held,
             "block {block} count != holders"
         );
-        let cached = kv.is_cached(block);
+        let cached = kv.cache.as_ref().is_some_and(|c| c.contains_block(block));
         let is_free = free.contains(&block);
         // Every block is in exactly one state: held, cached without holders, or free.
         match (held > 0, cached, is_free) {
@@ -90,6 +90,9 @@ fn check_invariants(kv: &KvManager, live: &[Sequence]) {
         }
     }
     assert_eq!(kv.num_used(), holders.len());
+    if let Some(cache) = &kv.cache {
+        cache.assert_eviction_order_in_step(|block| kv.pool.ref_count(block));
+    }
 }
 
 proptest! {

@@ -1,20 +1,27 @@
 //! A request's state inside the scheduler.
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
 use super::{SchedulerError, TokenEvent};
+use crate::generation::RequestOutput;
 use crate::kv::{NodeId, RadixCache};
-use crate::validation::ValidRequest;
+use crate::request::GenerationRequest;
+
+pub(super) type EventSender = mpsc::UnboundedSender<Result<TokenEvent, SchedulerError>>;
 
 pub(super) struct Submission {
-    pub request: ValidRequest,
-    pub events: mpsc::UnboundedSender<Result<TokenEvent, SchedulerError>>,
+    pub request: GenerationRequest,
+    pub events: EventSender,
 }
 
 pub(super) struct Entry {
     pub id: u64,
-    pub request: ValidRequest,
-    pub events: mpsc::UnboundedSender<Result<TokenEvent, SchedulerError>>,
+    pub request: GenerationRequest,
+    pub events: EventSender,
+    /// Text so far, and the decision when the request stops.
+    pub output: RequestOutput,
     /// Prompt followed by every token generated so far.
     pub tokens: Vec<u32>,
     /// KV blocks held, in block-table order.
@@ -34,10 +41,11 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    pub fn new(id: u64, submission: Submission) -> Self {
+    pub fn new(id: u64, submission: Submission, eos_token_ids: &Arc<[u32]>) -> Self {
         Self {
             id,
             tokens: submission.request.input_ids.clone(),
+            output: RequestOutput::new(&submission.request.stopping, eos_token_ids),
             request: submission.request,
             events: submission.events,
             blocks: Vec::new(),
@@ -48,10 +56,6 @@ impl Entry {
             sharing: true,
             cached_prompt_tokens: None,
         }
-    }
-
-    pub fn generated(&self) -> u32 {
-        (self.tokens.len() - self.request.input_ids.len()) as u32
     }
 
     /// Tokens the next step must still run before the request can sample again.

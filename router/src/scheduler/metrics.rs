@@ -1,9 +1,8 @@
 //! What the scheduler reports on `/metrics`: TGI's metric names where TGI has one, `sluice_*`
-//! for what only Sluice does (preemption, prefix cache, chunked prefill).
+//! for what only Sluice does (preemption, prefix cache, chunked prefill, cancellations). It
+//! reads plain counts, so it depends on no other part of the scheduler.
 
 use std::time::Duration;
-
-use super::step_builder::SchedulerState;
 
 /// Counts gathered while one step is built.
 #[derive(Debug, Default)]
@@ -14,12 +13,22 @@ pub(super) struct StepStats {
     pub cached_prompt_tokens: u64,
 }
 
+/// The queue, the batch and the KV pool at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Occupancy {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_cached: usize,
+    pub kv_blocks_total: usize,
+}
+
 pub(super) fn record_step(
-    state: &SchedulerState,
     stats: &StepStats,
     tokens: usize,
     decodes: usize,
     duration: Duration,
+    occupancy: Occupancy,
 ) {
     metrics::counter!("sluice_steps_total").increment(1);
     metrics::counter!("sluice_prefill_chunks_total").increment(stats.prefill_chunks);
@@ -29,16 +38,20 @@ pub(super) fn record_step(
     metrics::counter!("sluice_prefix_cache_hit_tokens_total").increment(stats.cached_prompt_tokens);
     metrics::histogram!("sluice_step_tokens").record(tokens as f64);
     metrics::histogram!("tgi_batch_inference_duration").record(duration.as_secs_f64());
-    record_occupancy(state);
+    record_occupancy(occupancy);
 }
 
-/// Gauges of the queue, the batch and the KV pool.
-pub(super) fn record_occupancy(state: &SchedulerState) {
-    metrics::gauge!("tgi_queue_size").set(state.waiting.len() as f64);
-    metrics::gauge!("tgi_batch_current_size").set(state.running.len() as f64);
-    metrics::gauge!("sluice_kv_blocks_used").set(state.kv.num_used() as f64);
-    metrics::gauge!("sluice_kv_blocks_cached").set(state.kv.num_cached() as f64);
-    metrics::gauge!("sluice_kv_blocks_total").set(state.kv.num_blocks() as f64);
+pub(super) fn record_occupancy(occupancy: Occupancy) {
+    metrics::gauge!("tgi_queue_size").set(occupancy.waiting as f64);
+    metrics::gauge!("tgi_batch_current_size").set(occupancy.running as f64);
+    metrics::gauge!("sluice_kv_blocks_used").set(occupancy.kv_blocks_used as f64);
+    metrics::gauge!("sluice_kv_blocks_cached").set(occupancy.kv_blocks_cached as f64);
+    metrics::gauge!("sluice_kv_blocks_total").set(occupancy.kv_blocks_total as f64);
+}
+
+/// Requests dropped because their client went away (not those that ended by themselves).
+pub(super) fn record_cancelled(requests: usize) {
+    metrics::counter!("sluice_requests_cancelled_total").increment(requests as u64);
 }
 
 /// The shard's own account of a step: the model forward, and the whole step on the shard.

@@ -1,43 +1,29 @@
 //! The scheduler: one task (an actor) that owns the queue, the running batch and the KV blocks
-//! with the prefix cache, fed by a channel. Each loop turn it builds one step (decodes first,
-//! then prompt chunks under the token budget, preempting when blocks run out), runs it on the
-//! shards, and sends every request its new token.
+//! with the prefix cache, fed by a channel. Each loop turn it builds one step (the running
+//! requests first, then admissions from the queue under the token budget, preempting when
+//! blocks run out), runs it on the shards, hands every request its new token, and ends the
+//! requests that are done (see `generation::StopCriteria`): the shards forget them through the
+//! next step's `free_ids`.
+//!
+//! - `task`: the loop.
+//! - `state`: the queue, the running batch, the KV blocks, and what a step's answer does to them.
+//! - `step_builder`: building one step.
+//! - `entry`: one request's state.
+//! - `metrics`: what the scheduler reports on `/metrics`.
 
-mod batcher;
 mod entry;
 mod metrics;
+mod state;
 mod step_builder;
+mod task;
 
-pub use batcher::spawn_scheduler;
-
-use std::future::Future;
+pub use task::spawn_scheduler;
 
 use tokio::sync::mpsc;
 
-use crate::client::{ClientError, ShardedClient};
-use crate::pb;
-use crate::validation::ValidRequest;
+use crate::request::{GenerationEnd, GenerationRequest, Token};
 
-/// What the scheduler needs from the shards; `ShardedClient` in production, a fake in tests.
-pub trait Shard: Send + Sync + 'static {
-    fn step(
-        &self,
-        request: pb::StepRequest,
-    ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send;
-    fn clear_cache(&self) -> impl Future<Output = Result<(), ClientError>> + Send;
-}
-
-impl Shard for ShardedClient {
-    async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
-        ShardedClient::step(self, request).await
-    }
-
-    async fn clear_cache(&self) -> Result<(), ClientError> {
-        ShardedClient::clear_cache(self).await
-    }
-}
-
-/// Budgets one step is built under.
+/// Budgets one step is built under, and the model facts the scheduler stops requests by.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Tokens processed in one step: one per decode plus prompt chunks.
@@ -47,23 +33,16 @@ pub struct SchedulerConfig {
     pub num_blocks: u32,
     pub block_size: u32,
     pub prefix_caching: bool,
-}
-
-/// Why a shard stopped a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShardFinish {
-    EosToken,
-    Length,
+    /// The model's end-of-sequence tokens.
+    pub eos_token_ids: Vec<u32>,
 }
 
 /// One generated token, as the scheduler hands it to the request's task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenEvent {
-    pub id: u32,
-    pub logprob: f32,
-    pub finish: Option<ShardFinish>,
-    /// Prompt tokens the request found in the prefix cache when it was admitted.
-    pub cached_prompt_tokens: u32,
+    pub token: Token,
+    /// Set on the request's last token.
+    pub end: Option<GenerationEnd>,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -85,7 +64,7 @@ pub struct SchedulerHandle {
 impl SchedulerHandle {
     /// Queues a request. Dropping the returned receiver cancels it: the scheduler frees it
     /// at its next step.
-    pub fn submit(&self, request: ValidRequest) -> Result<EventReceiver, SchedulerError> {
+    pub fn submit(&self, request: GenerationRequest) -> Result<EventReceiver, SchedulerError> {
         let (events, receiver) = mpsc::unbounded_channel();
         self.submissions
             .send(entry::Submission { request, events })
@@ -94,5 +73,9 @@ impl SchedulerHandle {
     }
 }
 
+#[cfg(test)]
+mod fake_shard;
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

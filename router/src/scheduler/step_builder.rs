@@ -1,148 +1,120 @@
-//! Building one step.
+//! Building one step, in two phases.
 //!
-//! Running requests go first, oldest first: each decode takes one token of the budget, and
-//! prompts being chunked take what the decodes leave. Then waiting requests are admitted in
-//! arrival order, each starting from its longest cached prefix, while the budget and the batch
-//! size allow. A prompt longer than what is left of the budget is split across steps (chunked
-//! prefill), so a long prompt never stalls the requests that decode.
+//! Schedule the running: oldest first, each decode takes one token of the budget, and prompts
+//! being chunked take what the decodes leave. Admit the waiting: in arrival order, each starting
+//! from its longest cached prefix, while the budget and the batch size allow. A prompt longer
+//! than what is left of the budget is split across steps (chunked prefill), so a long prompt
+//! never stalls the requests that decode.
 //!
 //! KV blocks are taken as sequences grow. When a running request needs a block and none is
 //! left, the youngest running request is preempted: its blocks go back (its computed blocks
 //! stay in the prefix cache), it returns to the front of the queue, and it resumes later by
-//! recomputing its prompt and the tokens it generated so far.
+//! recomputing its prompt and the tokens it generated so far. A prompt chunk that is itself the
+//! youngest runs shorter, on the blocks that are free, instead of preempting itself. A step that
+//! preempted admits nobody: the queue's head is then a request that just lost its blocks, and
+//! admitting it would only preempt it again.
 
-use std::collections::VecDeque;
+use sluice_client::pb;
 
 use super::entry::Entry;
 use super::metrics::StepStats;
-use super::SchedulerConfig;
-use crate::kv::{KvManager, Placement};
-use crate::pb;
+use super::state::SchedulerState;
+use crate::kv::Placement;
 
 /// The most blocks left free after a new sequence's run for it to grow into: a request with a
 /// large max_new_tokens should not push every later run far across the pool.
 const MAX_HEADROOM: usize = 256;
 
-pub(super) struct SchedulerState {
-    pub config: SchedulerConfig,
-    pub waiting: VecDeque<Entry>,
-    /// In admission order: the last one is the youngest.
-    pub running: Vec<Entry>,
-    pub kv: KvManager,
-    /// Ids the shards still hold state for but must forget at the next step.
-    pub to_free: Vec<u64>,
+/// What is left of one step's token budget.
+struct Budget {
+    /// One token for each decode.
+    decode: usize,
+    /// For prompt chunks, running or newly admitted.
+    prefill: usize,
 }
 
 impl SchedulerState {
-    pub fn new(config: SchedulerConfig) -> Self {
-        let kv = KvManager::new(config.num_blocks, config.block_size, config.prefix_caching);
-        Self {
-            config,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            kv,
-            to_free: Vec::new(),
-        }
-    }
-
-    pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty() || !self.to_free.is_empty()
-    }
-
-    /// Drops requests whose client went away and gives their blocks back.
-    pub fn reap_cancelled(&mut self) {
-        self.waiting.retain(|e| !e.is_cancelled());
-        let (cancelled, kept): (Vec<Entry>, Vec<Entry>) =
-            self.running.drain(..).partition(Entry::is_cancelled);
-        self.running = kept;
-        for entry in cancelled {
-            self.retire(entry);
-        }
-    }
-
-    /// Forgets a running request and schedules its release on the shards.
-    pub fn retire(&mut self, entry: Entry) {
-        if entry.on_shard {
-            self.to_free.push(entry.id);
-        }
-        self.kv.release(&entry.blocks);
-    }
-
-    /// Records the newly completed full blocks of every running request in the prefix cache.
-    pub fn register_computed_blocks(&mut self) {
-        let block_size = self.kv.block_size();
-        for entry in &mut self.running {
-            let full_blocks = entry.num_computed / block_size;
-            while entry.sharing && entry.registered_blocks < full_blocks {
-                let i = entry.registered_blocks;
-                let key = &entry.tokens[i * block_size..(i + 1) * block_size];
-                match self.kv.register(entry.prefix_node, key, entry.blocks[i]) {
-                    Some(node) => {
-                        entry.prefix_node = node;
-                        entry.registered_blocks += 1;
-                    }
-                    None => entry.sharing = false,
-                }
-            }
-        }
-    }
-
     /// Builds the next step, or `None` if there is nothing to send.
     pub fn build_step(&mut self, stats: &mut StepStats) -> Option<pb::StepRequest> {
         let mut step = pb::StepRequest {
             free_ids: std::mem::take(&mut self.to_free),
             ..Default::default()
         };
-        let budget = self.config.max_batch_tokens as usize;
+        let total = self.config.max_batch_tokens as usize;
         let decodes = self.running.iter().filter(|e| e.is_decoding()).count();
-        let mut decode_budget = decodes.min(budget);
-        let mut prefill_budget = budget - decode_budget;
+        let mut budget = Budget {
+            decode: decodes.min(total),
+            prefill: total - decodes.min(total),
+        };
+        let preempted = self.schedule_running(&mut step, &mut budget, stats);
+        if !preempted {
+            self.admit_waiting(&mut step, &mut budget, stats);
+        }
+        let empty = step.scheduled.is_empty() && step.free_ids.is_empty();
+        (!empty).then_some(step)
+    }
 
+    /// Gives each running request its next tokens: a decode, or the next chunk of its prompt.
+    /// Returns whether it preempted any.
+    fn schedule_running(
+        &mut self,
+        step: &mut pb::StepRequest,
+        budget: &mut Budget,
+        stats: &mut StepStats,
+    ) -> bool {
+        let preemptions_before = stats.preemptions;
         let mut index = 0;
         while index < self.running.len() {
             let entry = &self.running[index];
-            let decoding = entry.is_decoding();
-            let n = if decoding {
-                decode_budget.min(1)
+            if entry.is_decoding() {
+                if budget.decode == 0 {
+                    index += 1;
+                    continue;
+                }
+                let needed = self.kv.blocks_for(entry.num_computed + 1) - entry.blocks.len();
+                let Some(fresh) = self.allocate_or_preempt(needed, index, step, stats) else {
+                    // The request itself was the youngest and is now back in the queue.
+                    break;
+                };
+                budget.decode -= 1;
+                step.scheduled
+                    .push(schedule(&mut self.running[index], 1, fresh));
             } else {
-                entry.pending_tokens().min(prefill_budget)
-            };
-            if n == 0 {
-                index += 1;
-                continue;
+                let wanted = entry.pending_tokens().min(budget.prefill);
+                if wanted > 0 {
+                    if let Some((n, fresh)) = self.allocate_chunk(wanted, index, step, stats) {
+                        budget.prefill -= n;
+                        stats.prefill_chunks += 1;
+                        step.scheduled
+                            .push(schedule(&mut self.running[index], n, fresh));
+                    }
+                }
             }
-            let needed = self.kv.blocks_for(entry.num_computed + n) - entry.blocks.len();
-            let placement = match entry.blocks.last() {
-                Some(&last) => Placement::After(last),
-                None => Placement::NewRun { headroom: 0 },
-            };
-            let Some(fresh) = self.allocate_or_preempt(needed, placement, index, &mut step, stats)
-            else {
-                // The request itself was the youngest and is now back in the queue.
-                break;
-            };
-            if decoding {
-                decode_budget -= 1;
-            } else {
-                prefill_budget -= n;
-                stats.prefill_chunks += 1;
-            }
-            let entry = &mut self.running[index];
-            step.scheduled.push(schedule(entry, n, fresh));
             index += 1;
         }
+        stats.preemptions > preemptions_before
+    }
 
-        while prefill_budget > 0 && self.running.len() < self.config.max_batch_size {
+    /// Admits queued requests in arrival order while the budget, the batch size and the blocks
+    /// allow.
+    fn admit_waiting(
+        &mut self,
+        step: &mut pb::StepRequest,
+        budget: &mut Budget,
+        stats: &mut StepStats,
+    ) {
+        while budget.prefill > 0 && self.running.len() < self.config.max_batch_size {
             let Some(mut entry) = self.waiting.pop_front() else {
                 break;
             };
             let prefix = self.kv.lookup(&entry.tokens);
             let cached = prefix.blocks.len() * self.kv.block_size();
-            let wanted = (entry.tokens.len() - cached).min(prefill_budget);
+            let wanted = (entry.tokens.len() - cached).min(budget.prefill);
             let now = self.kv.blocks_for(cached + wanted);
             // Room after the run for the rest of the prompt and the output, so the sequence can
             // grow into contiguous blocks (see kv::Placement).
-            let expected = entry.request.input_ids.len() + entry.request.max_new_tokens as usize;
+            let expected =
+                entry.request.input_ids.len() + entry.request.stopping.max_new_tokens as usize;
             let headroom = self
                 .kv
                 .blocks_for(expected)
@@ -173,47 +145,97 @@ impl SchedulerState {
             entry.num_computed = cached;
             entry.on_shard = true;
             step.new_requests.push(new_request(&entry, cached));
-            prefill_budget -= n;
+            budget.prefill -= n;
             stats.prefill_chunks += 1;
             let mut blocks = prefix.blocks;
             blocks.extend(fresh);
             step.scheduled.push(schedule(&mut entry, n, blocks));
             self.running.push(entry);
         }
-
-        let empty = step.scheduled.is_empty() && step.free_ids.is_empty();
-        (!empty).then_some(step)
     }
 
-    /// Takes `n` blocks for the running request at `index`, preempting the youngest running
-    /// requests until they fit. `None` if the request at `index` had to be preempted itself.
+    /// Takes `n` blocks for the decode of the running request at `index`, preempting the
+    /// youngest running requests until they fit. `None` if that request had to be preempted
+    /// itself.
     fn allocate_or_preempt(
         &mut self,
         n: usize,
-        placement: Placement,
         index: usize,
         step: &mut pb::StepRequest,
         stats: &mut StepStats,
     ) -> Option<Vec<u32>> {
+        let placement = growth_placement(&self.running[index]);
         loop {
             if let Some(blocks) = self.kv.allocate(n, placement) {
                 return Some(blocks);
             }
+            let was_self = self.running.len() == index + 1;
             // Requests after `index` are not in this step yet, so the youngest can go.
-            let mut victim = self.running.pop()?;
-            let was_self = self.running.len() == index;
-            tracing::debug!(id = victim.id, "preempting");
-            stats.preemptions += 1;
-            if victim.on_shard {
-                step.free_ids.push(victim.id);
-            }
-            self.kv.release(&victim.blocks);
-            victim.reset_for_recompute();
-            self.waiting.push_front(victim);
+            self.preempt_youngest(step, stats)?;
             if was_self {
                 return None;
             }
         }
+    }
+
+    /// Blocks for a prompt chunk of up to `wanted` tokens of the running request at `index`:
+    /// younger requests are preempted for them, and when none is left, the chunk shrinks to the
+    /// blocks that are free. Returns the chunk's length and its new blocks, `None` if no token
+    /// fits.
+    fn allocate_chunk(
+        &mut self,
+        wanted: usize,
+        index: usize,
+        step: &mut pb::StepRequest,
+        stats: &mut StepStats,
+    ) -> Option<(usize, Vec<u32>)> {
+        let placement = growth_placement(&self.running[index]);
+        let entry = &self.running[index];
+        let (computed, held) = (entry.num_computed, entry.blocks.len());
+        let needed = self.kv.blocks_for(computed + wanted) - held;
+        loop {
+            if let Some(blocks) = self.kv.allocate(needed, placement) {
+                return Some((wanted, blocks));
+            }
+            if self.running.len() == index + 1 {
+                break;
+            }
+            self.preempt_youngest(step, stats);
+        }
+        let fresh = self.kv.allocate_up_to(needed, placement);
+        let room = (held + fresh.len()) * self.kv.block_size() - computed;
+        let n = wanted.min(room);
+        if n == 0 {
+            self.kv.release(&fresh);
+            return None;
+        }
+        Some((n, fresh))
+    }
+
+    /// Sends the youngest running request back to the front of the queue, to be recomputed.
+    fn preempt_youngest(
+        &mut self,
+        step: &mut pb::StepRequest,
+        stats: &mut StepStats,
+    ) -> Option<()> {
+        let mut victim = self.running.pop()?;
+        tracing::debug!(id = victim.id, "preempting");
+        stats.preemptions += 1;
+        if victim.on_shard {
+            step.free_ids.push(victim.id);
+        }
+        self.kv.release(&victim.blocks);
+        victim.reset_for_recompute();
+        self.waiting.push_front(victim);
+        Some(())
+    }
+}
+
+/// Where a running sequence's next blocks should go: right after its last one.
+fn growth_placement(entry: &Entry) -> Placement {
+    match entry.blocks.last() {
+        Some(&last) => Placement::After(last),
+        None => Placement::NewRun { headroom: 0 },
     }
 }
 
@@ -227,18 +249,14 @@ fn schedule(entry: &mut Entry, num_tokens: usize, new_blocks: Vec<u32>) -> pb::S
     }
 }
 
-/// The shard's view of a request being (re)admitted. Its block table starts empty on the
+/// The shard's view of a request being (re)admitted: after a preemption its tokens are the
+/// prompt and everything generated so far, all recomputed. Its block table starts empty on the
 /// shard, so the first `ScheduledRequest` carries the cached blocks too.
 fn new_request(entry: &Entry, cached_tokens: usize) -> pb::NewRequest {
     pb::NewRequest {
         id: entry.id,
         token_ids: entry.tokens.clone(),
         cached_tokens: cached_tokens as u32,
-        generated_before: entry.generated(),
-        sampling: Some(entry.request.sampling),
-        stopping: Some(pb::StoppingParameters {
-            max_new_tokens: entry.request.max_new_tokens,
-            ignore_eos: entry.request.ignore_eos,
-        }),
+        sampling: Some((&entry.request.sampling).into()),
     }
 }

@@ -1,167 +1,76 @@
 //! The batching loop against a fake shard that keeps per-request state like a real one.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use sluice_client::pb;
+
+use super::fake_shard::FakeShard;
 use super::*;
-use crate::validation::ValidRequest;
-
-/// Generates `last token + 1`, stops at max_new_tokens, and checks what it is sent.
-#[derive(Default)]
-struct FakeShard {
-    state: Mutex<FakeState>,
-}
-
-#[derive(Default)]
-struct FakeState {
-    sequences: HashMap<u64, FakeSequence>,
-    steps: Vec<pb::StepRequest>,
-    /// What each KV block holds: the tokens written into its slots.
-    block_contents: HashMap<u32, [Option<u32>; BLOCK]>,
-}
+use crate::request::{FinishReason, SamplingParameters, StoppingParameters};
+use crate::tokenizer::test_support::byte_tokenizer;
 
 const BLOCK: usize = 16;
 
-struct FakeSequence {
-    tokens: Vec<u32>,
-    computed: usize,
-    generated: u32,
-    max_new_tokens: u32,
-    blocks: Vec<u32>,
-}
-
-impl Shard for FakeShard {
-    async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
-        // A real step takes time; yielding lets requests arrive between steps.
-        tokio::task::yield_now().await;
-        let mut state = self.state.lock().unwrap();
-        state.steps.push(request.clone());
-        for id in &request.free_ids {
-            assert!(
-                state.sequences.remove(id).is_some(),
-                "freed unknown id {id}"
-            );
-        }
-        for new in request.new_requests {
-            let stopping = new.stopping.unwrap();
-            state.sequences.insert(
-                new.id,
-                FakeSequence {
-                    tokens: new.token_ids,
-                    computed: new.cached_tokens as usize,
-                    generated: new.generated_before,
-                    max_new_tokens: stopping.max_new_tokens,
-                    blocks: Vec::new(),
-                },
-            );
-        }
-        let mut generations = Vec::new();
-        for scheduled in request.scheduled {
-            let FakeState {
-                sequences,
-                block_contents,
-                ..
-            } = &mut *state;
-            let seq = sequences
-                .get_mut(&scheduled.id)
-                .expect("scheduled unknown id");
-            let fresh = seq.blocks.is_empty();
-            seq.blocks.extend(scheduled.new_blocks);
-            if fresh {
-                // A cached prefix must hold exactly this request's leading tokens.
-                for position in 0..seq.computed {
-                    let block = seq.blocks[position / BLOCK];
-                    let held = block_contents.get(&block).and_then(|b| b[position % BLOCK]);
-                    assert_eq!(
-                        held,
-                        Some(seq.tokens[position]),
-                        "cached block {block} is stale"
-                    );
-                }
-            }
-            let end = seq.computed + scheduled.num_tokens as usize;
-            assert!(end <= seq.tokens.len(), "ran past the known tokens");
-            assert!(seq.blocks.len() * BLOCK >= end, "not enough blocks");
-            for position in seq.computed..end {
-                let block = seq.blocks[position / BLOCK];
-                block_contents.entry(block).or_insert([None; BLOCK])[position % BLOCK] =
-                    Some(seq.tokens[position]);
-            }
-            seq.computed = end;
-            if seq.computed == seq.tokens.len() {
-                let token = (seq.tokens.last().unwrap() + 1) % 250;
-                seq.tokens.push(token);
-                seq.generated += 1;
-                let done = seq.generated == seq.max_new_tokens;
-                generations.push(pb::Generation {
-                    id: scheduled.id,
-                    token_id: token,
-                    logprob: -1.0,
-                    finish_reason: if done {
-                        pb::FinishReason::Length as i32
-                    } else {
-                        pb::FinishReason::Unspecified as i32
-                    },
-                });
-                if done {
-                    state.sequences.remove(&scheduled.id);
-                }
-            }
-        }
-        // No block may belong to two live requests.
-        let mut owned = HashSet::new();
-        for seq in state.sequences.values() {
-            for block in &seq.blocks {
-                assert!(owned.insert(*block), "block {block} is owned twice");
-            }
-        }
-        Ok(pb::StepResponse {
-            generations,
-            forward_ns: 0,
-            total_ns: 0,
-        })
-    }
-
-    async fn clear_cache(&self) -> Result<(), ClientError> {
-        self.state.lock().unwrap().sequences.clear();
-        Ok(())
+pub(super) fn sampling() -> SamplingParameters {
+    SamplingParameters {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        do_sample: false,
+        seed: 0,
+        repetition_penalty: 1.0,
     }
 }
 
-fn request(prompt: Vec<u32>, max_new_tokens: u32) -> ValidRequest {
-    ValidRequest {
+fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerationRequest {
+    GenerationRequest {
         input_ids: prompt,
-        sampling: pb::SamplingParameters::default(),
-        max_new_tokens,
-        ignore_eos: false,
-        stop_sequences: Vec::new(),
+        sampling: sampling(),
+        stopping: StoppingParameters {
+            max_new_tokens,
+            ignore_eos: false,
+            stop_sequences: Vec::new(),
+        },
     }
 }
+
+/// The fake's end-of-sequence token in these tests.
+const EOS: u32 = 200;
 
 fn start(max_batch_tokens: u32, num_blocks: u32) -> (Arc<FakeShard>, SchedulerHandle) {
-    let shard = Arc::new(FakeShard::default());
+    let shard = Arc::new(FakeShard::new(BLOCK, num_blocks));
     let handle = spawn_scheduler(
         shard.clone(),
+        Arc::new(byte_tokenizer()),
         SchedulerConfig {
             max_batch_tokens,
             max_batch_size: 64,
             num_blocks,
             block_size: BLOCK as u32,
             prefix_caching: true,
+            eos_token_ids: vec![EOS],
         },
     );
     (shard, handle)
 }
 
+fn steps(shard: &FakeShard) -> Vec<pb::StepRequest> {
+    shard.state.lock().unwrap().steps.clone()
+}
+
 fn ids(events: &[TokenEvent]) -> Vec<u32> {
-    events.iter().map(|e| e.id).collect()
+    events.iter().map(|e| e.token.id).collect()
+}
+
+fn finish_reason(events: &[TokenEvent]) -> Option<FinishReason> {
+    events.last()?.end.as_ref().map(|end| end.finish_reason)
 }
 
 async fn collect(mut events: EventReceiver) -> Vec<TokenEvent> {
     let mut tokens = Vec::new();
     while let Some(event) = events.recv().await {
         let event = event.unwrap();
-        let done = event.finish.is_some();
+        let done = event.end.is_some();
         tokens.push(event);
         if done {
             break;
@@ -174,9 +83,51 @@ async fn collect(mut events: EventReceiver) -> Vec<TokenEvent> {
 async fn a_request_runs_to_its_length() {
     let (_shard, scheduler) = start(64, 8);
     let tokens = collect(scheduler.submit(request(vec![10, 11, 12], 4)).unwrap()).await;
-    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-    assert_eq!(ids, vec![13, 14, 15, 16]);
-    assert_eq!(tokens[3].finish, Some(ShardFinish::Length));
+    assert_eq!(ids(&tokens), vec![13, 14, 15, 16]);
+    assert_eq!(finish_reason(&tokens), Some(FinishReason::Length));
+    assert!(tokens[..3].iter().all(|t| t.end.is_none()));
+}
+
+#[tokio::test]
+async fn the_router_stops_at_end_of_sequence_and_frees_the_request_on_the_shard() {
+    let (shard, scheduler) = start(64, 8);
+    let tokens = collect(scheduler.submit(request(vec![196], 10)).unwrap()).await;
+    assert_eq!(ids(&tokens), vec![197, 198, 199, EOS]);
+    assert_eq!(finish_reason(&tokens), Some(FinishReason::EosToken));
+
+    let mut ignoring = request(vec![196], 6);
+    ignoring.stopping.ignore_eos = true;
+    let tokens = collect(scheduler.submit(ignoring).unwrap()).await;
+    assert_eq!(ids(&tokens), vec![197, 198, 199, EOS, 201, 202]);
+    assert_eq!(finish_reason(&tokens), Some(FinishReason::Length));
+
+    // Both were freed on the shard, in the order they ended.
+    let _ = collect(scheduler.submit(request(vec![1], 1)).unwrap()).await;
+    let steps = steps(&shard);
+    let freed: Vec<u64> = steps.iter().flat_map(|s| s.free_ids.clone()).collect();
+    assert!(freed.starts_with(&[0, 1]));
+    // The prompt and three decodes: none after the end-of-sequence token.
+    let runs_of_first = steps
+        .iter()
+        .filter(|s| s.scheduled.iter().any(|r| r.id == 0))
+        .count();
+    assert_eq!(runs_of_first, 4);
+}
+
+#[tokio::test]
+async fn a_stop_sequence_ends_the_request_and_cuts_the_text() {
+    let (shard, scheduler) = start(64, 8);
+    let mut stopped = request(vec![63], 20);
+    // The byte tokenizer's ids 64, 65, 66 are `a`, `b`, `c`.
+    stopped.stopping.stop_sequences = vec!["bc".into()];
+    let tokens = collect(scheduler.submit(stopped).unwrap()).await;
+    assert_eq!(ids(&tokens), vec![64, 65, 66]);
+    let end = tokens.last().unwrap().end.clone().unwrap();
+    assert_eq!(end.finish_reason, FinishReason::StopSequence);
+    assert_eq!(end.generated_text, "abc");
+    assert_eq!(end.generated_tokens, 3);
+    let _ = collect(scheduler.submit(request(vec![1], 1)).unwrap()).await;
+    assert!(steps(&shard).iter().any(|s| s.free_ids == vec![0]));
 }
 
 #[tokio::test]
@@ -192,7 +143,7 @@ async fn a_request_arriving_mid_generation_joins_the_running_batch() {
     let first_tokens = collect(first).await;
     assert_eq!(first_tokens.len(), 27);
 
-    let steps = shard.state.lock().unwrap().steps.clone();
+    let steps = steps(&shard);
     let joined = steps
         .iter()
         .position(|s| s.new_requests.iter().any(|r| r.id == 1))
@@ -215,7 +166,7 @@ async fn long_prompts_are_chunked_while_others_decode() {
     assert_eq!(long.len(), 2);
     collect(decoding).await;
 
-    let steps = shard.state.lock().unwrap().steps.clone();
+    let steps = steps(&shard);
     let chunks: Vec<u32> = steps
         .iter()
         .flat_map(|s| {
@@ -242,7 +193,7 @@ async fn a_dropped_request_is_freed_at_the_next_step() {
     drop(cancelled);
     let next = collect(scheduler.submit(request(vec![7], 50)).unwrap()).await;
     assert_eq!(next.len(), 50);
-    let steps = shard.state.lock().unwrap().steps.clone();
+    let steps = steps(&shard);
     assert!(steps.iter().any(|s| s.free_ids == vec![0]));
 }
 
@@ -270,18 +221,21 @@ async fn preempted_requests_resume_without_losing_or_repeating_tokens() {
     }
     assert_eq!(together, solo);
 
-    let steps = shard.state.lock().unwrap().steps.clone();
+    let steps = steps(&shard);
     let resumed: Vec<&pb::NewRequest> = steps
         .iter()
         .flat_map(|s| &s.new_requests)
-        .filter(|r| r.generated_before > 0)
+        .filter(|r| r.token_ids.len() > 5)
         .collect();
     assert!(
         !resumed.is_empty(),
         "the pool is too small for all three: someone was preempted"
     );
     for new in resumed {
-        assert_eq!(new.token_ids.len(), 5 + new.generated_before as usize);
+        // The prompt, then what it generated before, to be recomputed.
+        let generated = &new.token_ids[5..];
+        let prompt_last = new.token_ids[4];
+        assert_eq!(generated[0], fake_shard::next_token(prompt_last));
     }
 }
 
@@ -292,16 +246,19 @@ async fn a_shared_prefix_is_served_from_the_cache() {
     let mut first_prompt = system.clone();
     first_prompt.extend([1, 2, 3]);
     let first = collect(scheduler.submit(request(first_prompt, 3)).unwrap()).await;
-    assert_eq!(first[0].cached_prompt_tokens, 0);
+    assert_eq!(first.last().unwrap().end.as_ref().unwrap().cached_tokens, 0);
 
     let mut second_prompt = system.clone();
     second_prompt.extend([4, 5]);
     let second = collect(scheduler.submit(request(second_prompt, 3)).unwrap()).await;
     // 40 shared tokens: two whole 16-token blocks are reusable.
-    assert_eq!(second[0].cached_prompt_tokens, 32);
+    assert_eq!(
+        second.last().unwrap().end.as_ref().unwrap().cached_tokens,
+        32
+    );
     assert_eq!(ids(&second), vec![6, 7, 8]);
 
-    let steps = shard.state.lock().unwrap().steps.clone();
+    let steps = steps(&shard);
     let admitted = steps
         .iter()
         .flat_map(|s| &s.new_requests)

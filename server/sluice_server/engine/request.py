@@ -6,24 +6,14 @@ from ..pb import generate_pb2 as pb
 from ..sampling import SamplingParams
 
 
-@dataclass(frozen=True)
-class StoppingParams:
-    max_new_tokens: int
-    ignore_eos: bool = False
-
-
 @dataclass
 class Request:
     id: int
     # Every token so far: the prompt, then each generated token as soon as it is sampled.
     token_ids: list[int]
-    prompt_len: int
     # Leading tokens whose K/V are in the cache; the next step processes the ones after them.
     num_computed: int
-    # Tokens generated so far, counting those generated before a preemption.
-    generated: int
     sampling: SamplingParams
-    stopping: StoppingParams
     # Block ids in sequence order; grows by the new_blocks of each ScheduledRequest.
     block_table: list[int] = field(default_factory=list)
 
@@ -41,11 +31,6 @@ class Request:
         return cls(
             id=new.id,
             token_ids=list(new.token_ids),
-            prompt_len=len(new.token_ids) - new.generated_before,
             num_computed=new.cached_tokens,
-            generated=new.generated_before,
             sampling=sampling,
-            stopping=StoppingParams(
-                max_new_tokens=new.stopping.max_new_tokens, ignore_eos=new.stopping.ignore_eos
-            ),
         )

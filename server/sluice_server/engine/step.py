@@ -3,9 +3,10 @@
 A step, in order: forget `free_ids`; register `new_requests`; append each scheduled request's
 `new_blocks` to its block table; run its next `num_tokens` tokens through the model in one flat
 batch; and for every scheduled request whose tokens are now all computed, sample one token and
-report it. A request the shard stops (EOS, max_new_tokens) is forgotten at once.
+report it. Whether a request is done is the router's decision alone: the shard keeps every
+request until `free_ids` names it.
 
-The whole StepRequest is validated before anything changes, so a rejected step leaves the
+The whole StepRequest is validated first (engine/contract.py), so a rejected step leaves the
 shard's state as it was.
 """
 
@@ -20,17 +21,11 @@ from ..layers.attention import LayerKVCache, SequenceChunk
 from ..models.loader import LoadedModel
 from ..pb import generate_pb2 as pb
 from ..sampling import SamplingParams, SamplingRow, sample
+from .contract import InvalidRequestError, StepLimits, validate_step
 from .kv_cache import KVCacheSpec, default_cache_bytes
 from .request import Request
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidRequestError(ValueError):
-    """The router asked for something the contract does not allow; the shard's state is unchanged.
-
-    Maps to INVALID_ARGUMENT.
-    """
 
 
 class NotWarmedUpError(RuntimeError):
@@ -191,7 +186,13 @@ class StepExecutor:
         start = time.perf_counter_ns()
         if self.kv_cache is None:
             raise NotWarmedUpError("Step before Warmup: the KV cache is not allocated yet")
-        new_requests = self._validate(step_request)
+        limits = StepLimits(
+            vocab_size=self.loaded.config.vocab_size,
+            max_position_embeddings=self.loaded.config.max_position_embeddings,
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+        )
+        new_requests = validate_step(step_request, self.requests, limits)
 
         for request_id in step_request.free_ids:
             del self.requests[request_id]
@@ -233,119 +234,9 @@ class StepExecutor:
         generations = []
         for request, token_id, logprob in zip(sampling_requests, token_ids, logprobs, strict=True):
             request.token_ids.append(token_id)
-            request.generated += 1
-            finish_reason = self._finish_reason(request, token_id)
-            if finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                del self.requests[request.id]
-            generations.append(
-                pb.Generation(
-                    id=request.id, token_id=token_id, logprob=logprob, finish_reason=finish_reason
-                )
-            )
+            generations.append(pb.Generation(id=request.id, token_id=token_id, logprob=logprob))
         return pb.StepResponse(
             generations=generations,
             forward_ns=result.forward_ns,
             total_ns=time.perf_counter_ns() - start,
         )
-
-    def _finish_reason(self, request: Request, token_id: int) -> int:
-        if not request.stopping.ignore_eos and token_id in self.loaded.eos_token_ids:
-            return pb.FINISH_REASON_EOS_TOKEN
-        if request.generated >= request.stopping.max_new_tokens:
-            return pb.FINISH_REASON_LENGTH
-        return pb.FINISH_REASON_UNSPECIFIED
-
-    def _validate(self, step_request: pb.StepRequest) -> list[Request]:
-        """Checks the whole step against the state it will meet; returns the parsed new requests."""
-        known = set(self.requests)
-        for request_id in step_request.free_ids:
-            if request_id not in known:
-                raise InvalidRequestError(f"free_ids: unknown request {request_id}")
-            known.remove(request_id)
-
-        new_requests: dict[int, Request] = {}
-        for new in step_request.new_requests:
-            if new.id in known or new.id in new_requests:
-                raise InvalidRequestError(f"new request {new.id}: the id is already in use")
-            new_requests[new.id] = self._parse_new_request(new)
-
-        scheduled_ids: set[int] = set()
-        for entry in step_request.scheduled:
-            if entry.id in scheduled_ids:
-                raise InvalidRequestError(
-                    f"scheduled request {entry.id}: scheduled twice in one step"
-                )
-            scheduled_ids.add(entry.id)
-            if entry.id in new_requests:
-                request = new_requests[entry.id]
-            elif entry.id in known:
-                request = self.requests[entry.id]
-            else:
-                raise InvalidRequestError(f"scheduled request {entry.id}: unknown id")
-            self._validate_scheduled(entry, request)
-        return list(new_requests.values())
-
-    def _parse_new_request(self, new: pb.NewRequest) -> Request:
-        config = self.loaded.config
-        num_tokens = len(new.token_ids)
-        if num_tokens == 0:
-            raise InvalidRequestError(f"new request {new.id}: no token ids")
-        if num_tokens > config.max_position_embeddings:
-            raise InvalidRequestError(
-                f"new request {new.id}: {num_tokens} tokens, more than the model's "
-                f"{config.max_position_embeddings} positions"
-            )
-        out_of_vocab = [token for token in new.token_ids if token >= config.vocab_size]
-        if out_of_vocab:
-            raise InvalidRequestError(
-                f"new request {new.id}: token id {out_of_vocab[0]} is outside the vocabulary "
-                f"of {config.vocab_size}"
-            )
-        if new.cached_tokens >= num_tokens:
-            raise InvalidRequestError(
-                f"new request {new.id}: cached_tokens={new.cached_tokens} must be below the "
-                f"{num_tokens} tokens, since the last token must run to sample the next"
-            )
-        if new.generated_before >= num_tokens:
-            raise InvalidRequestError(
-                f"new request {new.id}: generated_before={new.generated_before} leaves no prompt"
-            )
-        if new.generated_before >= new.stopping.max_new_tokens:
-            raise InvalidRequestError(
-                f"new request {new.id}: max_new_tokens={new.stopping.max_new_tokens} leaves "
-                f"nothing to generate after generated_before={new.generated_before}"
-            )
-        request = Request.from_proto(new)
-        try:
-            request.sampling.validate()
-        except ValueError as error:
-            raise InvalidRequestError(f"new request {new.id}: {error}") from None
-        return request
-
-    def _validate_scheduled(self, entry: pb.ScheduledRequest, request: Request) -> None:
-        if entry.num_tokens == 0:
-            raise InvalidRequestError(f"scheduled request {entry.id}: num_tokens must be > 0")
-        end = request.num_computed + entry.num_tokens
-        if end > len(request.token_ids):
-            raise InvalidRequestError(
-                f"scheduled request {entry.id}: {entry.num_tokens} tokens after the "
-                f"{request.num_computed} computed would run past its "
-                f"{len(request.token_ids)} known tokens"
-            )
-        if end > self.loaded.config.max_position_embeddings:
-            raise InvalidRequestError(
-                f"scheduled request {entry.id}: position {end - 1} is beyond the model's "
-                f"{self.loaded.config.max_position_embeddings} positions"
-            )
-        bad_blocks = [block for block in entry.new_blocks if block >= self.num_blocks]
-        if bad_blocks:
-            raise InvalidRequestError(
-                f"scheduled request {entry.id}: block id {bad_blocks[0]} is out of range "
-                f"(the cache has {self.num_blocks} blocks)"
-            )
-        num_blocks = len(request.block_table) + len(entry.new_blocks)
-        if num_blocks * self.block_size < end:
-            raise InvalidRequestError(
-                f"scheduled request {entry.id}: {end} tokens need "
-                f"{self.cache_spec.blocks_for(end)} blocks, its block table has {num_blocks}"
-            )

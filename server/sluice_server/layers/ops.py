@@ -1,38 +1,75 @@
-"""The elementwise work between a decoder layer's matmuls, the matmuls where Sluice has its own,
-and the sampler's greedy pick, behind one interface.
+"""The elementwise work between a decoder layer's matmuls, the projections' matmul on CPU, and
+the sampler's greedy pick, behind one interface.
 
 `Ops` is the plain PyTorch version, which runs on any device and is the reference.
 `CompiledCpuOps` runs the same operations as single fused passes from Sluice's C++ kernels
 (sluice_server.kernels): on CPU, PyTorch spends most of these operators' time on dispatch,
-dtype round trips and temporaries rather than on the arithmetic. It also has a bfloat16 matmul
-for CPUs with AVX512-BF16, faster than oneDNN's at every row count a step has.
+dtype round trips and temporaries rather than on the arithmetic.
+
+The projections' weights are packed once at load time (`pack_linear`) for the fastest matmul the
+CPU has (`CpuFeatures`): Sluice's own bfloat16 matmul on CPUs with AVX512-BF16 (compiled ops
+only, faster than oneDNN's at every row count a step has), else oneDNN's blocked layout where
+oneDNN supports the dtype here. A weight left unpacked runs through `F.linear`, which repacks it
+on every call (bfloat16 on CPUs that oneDNN has no bfloat16 for: AVX2-only ones).
 """
 
 from dataclasses import dataclass
+from enum import Enum
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from ..kernels.cpu_features import CpuFeatures
+
+
+class LinearMatmul(Enum):
+    """The matmul a packed weight is laid out for."""
+
+    ONEDNN = "oneDNN"
+    SLUICE_BF16 = "Sluice's bfloat16 matmul"
+
 
 @dataclass(frozen=True)
 class PackedLinear:
-    """A projection's weight in the layout of `Ops.packed_linear`, packed once at load time."""
+    """A projection's weight in the layout of `matmul`, packed once at load time."""
 
+    matmul: LinearMatmul
     weight: torch.Tensor
-    # float32, padded like the weight's output columns; None without a bias.
+    # SLUICE_BF16: float32, padded like the weight's output columns. ONEDNN: the checkpoint's.
+    # None without a bias.
     bias: torch.Tensor | None
     out_features: int
 
 
 class Ops:
+    def __init__(self, cpu: "CpuFeatures") -> None:
+        self.cpu = cpu
+
     def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | None:
-        """`weight` [out, in] packed for `packed_linear`, or None where these ops have no matmul
-        of their own for it (the layer then uses PyTorch's)."""
-        return None
+        """A CPU `weight` [out, in] packed for `packed_linear`: oneDNN's layout where oneDNN has
+        the dtype on this CPU, else None (the layer then calls F.linear on the weight as is)."""
+        if weight.device.type != "cpu" or not self._onednn_packs(weight.dtype):
+            return None
+        # The row count oneDNN tunes the layout for: a decode batch.
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+        return PackedLinear(LinearMatmul.ONEDNN, packed, bias, weight.shape[0])
+
+    def _onednn_packs(self, dtype: torch.dtype) -> bool:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        return (
+            dtype == torch.float32
+            or (dtype == torch.bfloat16 and self.cpu.onednn_bf16)
+            or (dtype == torch.float16 and self.cpu.onednn_fp16)
+        )
 
     def packed_linear(self, x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
-        raise NotImplementedError("these ops pack no weights")
+        if packed.matmul is not LinearMatmul.ONEDNN:
+            raise ValueError(f"these ops cannot run a weight packed for {packed.matmul.value}")
+        return torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
 
     def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
@@ -70,25 +107,35 @@ class Ops:
 
 
 class CompiledCpuOps(Ops):
-    def __init__(self, kernels: ModuleType) -> None:
+    def __init__(self, kernels: ModuleType, cpu: "CpuFeatures") -> None:
+        super().__init__(cpu)
         self.kernels = kernels
 
     def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | None:
-        if not (
-            self.kernels.has_linear_bf16()
-            and weight.dtype == torch.bfloat16
-            and weight.shape[1] % 2 == 0
-        ):
-            return None
+        if not self._own_matmul_packs(weight):
+            return super().pack_linear(weight, bias)
         packed = self.kernels.pack_linear_bf16(weight)
         padded_bias = None
         if bias is not None:
             padded_bias = torch.zeros(packed.shape[0] * packed.shape[2], dtype=torch.float32)
             padded_bias[: bias.shape[0]] = bias.float()
-        return PackedLinear(packed, padded_bias, weight.shape[0])
+        return PackedLinear(LinearMatmul.SLUICE_BF16, packed, padded_bias, weight.shape[0])
+
+    def _own_matmul_packs(self, weight: torch.Tensor) -> bool:
+        # The build has the matmul only where it was compiled with AVX512-BF16; the CPU check
+        # keeps a caller's narrower CpuFeatures (as tests give) in charge.
+        return (
+            self.cpu.avx512_bf16
+            and self.kernels.has_linear_bf16()
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16
+            and weight.shape[1] % 2 == 0
+        )
 
     def packed_linear(self, x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
-        return self.kernels.linear_bf16(x, packed.weight, packed.bias, packed.out_features)
+        if packed.matmul is LinearMatmul.SLUICE_BF16:
+            return self.kernels.linear_bf16(x, packed.weight, packed.bias, packed.out_features)
+        return super().packed_linear(x, packed)
 
     def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.rms_norm(hidden, weight, eps)

@@ -93,7 +93,8 @@ class TextGenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearCache(self, request, context):
-        """Forgets every request (used when the router restarts its scheduler).
+        """Forgets every request (the router sends it after a failed Step, whose effect on the shards'
+        state is unknown).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,7 +52,7 @@ class LayerKVCache:
     """One layer's K and V. Values are [num_kv_heads, num_blocks, block_size, head_dim]; keys
     the same, or [num_kv_heads, num_blocks, head_dim, block_size] for a backend whose
     `transposed_keys` is set, which then owns the layout within each block (the compiled CPU
-    backend: pairs of dimensions, every key's two side by side, see csrc/cpu_kernels.cpp).
+    backend: pairs of dimensions, every key's two side by side, see kernels/csrc/attention.cpp).
 
     Slot s is token s % block_size of block s // block_size. Heads come first so that a batch's
     blocks, per head, line up each sequence's tokens back to back.

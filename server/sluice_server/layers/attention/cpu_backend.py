@@ -3,7 +3,7 @@ the step, decodes and prompt chunks alike, reading K/V in place from the paged c
 
 Keys are stored with each block transposed, in pairs of dimensions ([D / 2, block_size, 2]),
 which lets the kernel score a block with vector multiply-adds, or bfloat16 dot-product
-instructions where the CPU has them (see csrc/cpu_kernels.cpp).
+instructions where the CPU has them (see kernels/csrc/attention.cpp).
 """
 
 from collections.abc import Sequence

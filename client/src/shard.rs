@@ -1,33 +1,14 @@
-//! gRPC clients for the shards: one `ShardClient` per rank, and `ShardedClient`, which sends the
-//! same call to every rank and returns rank 0's answer.
+//! A client for one shard over its unix socket.
 
-mod sharded;
-
-pub use sharded::ShardedClient;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::pb;
-use pb::text_generation_service_client::TextGenerationServiceClient;
+use crate::pb::{self, text_generation_service_client::TextGenerationServiceClient};
+use crate::ClientError;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot connect to shard at {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: tonic::transport::Error,
-    },
-    #[error("shard call failed: {0}")]
-    Rpc(#[from] tonic::Status),
-    #[error("no shard to talk to")]
-    NoShards,
-}
-
-/// A client for one shard over its unix socket.
 #[derive(Clone, Debug)]
 pub struct ShardClient {
     inner: TextGenerationServiceClient<Channel>,

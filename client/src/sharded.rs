@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use futures::future::try_join_all;
 
-use super::{ClientError, ShardClient};
 use crate::pb;
+use crate::{ClientError, ShardClient};
 
 #[derive(Clone, Debug)]
 pub struct ShardedClient {

@@ -1,0 +1,26 @@
+//! sluice-client: the router-shard contract and the clients that speak it. `pb` holds the
+//! messages generated from proto/generate.proto; `ShardClient` talks to one shard over its unix
+//! socket and `ShardedClient` sends the same call to every rank and returns rank 0's answer.
+//! The router schedules through it and the launcher health-checks shards with it.
+
+pub mod pb;
+mod shard;
+mod sharded;
+
+pub use shard::ShardClient;
+pub use sharded::ShardedClient;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to shard at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+    #[error("shard call failed: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("no shard to talk to")]
+    NoShards,
+}

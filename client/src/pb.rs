@@ -1,0 +1,3 @@
+//! The messages and the client stub generated from proto/generate.proto.
+
+tonic::include_proto!("sluice.v1");

@@ -1,0 +1,84 @@
+//! The domain of a generation request, below any HTTP API: what a front-end asks for, what
+//! validation makes of it, and what comes back. TGI's routes (`http/`) map their JSON onto these
+//! types; another API can be a second front-end on the same ones. The scheduler runs them, and
+//! only the shard-client edge (`shard.rs`) turns them into protobuf.
+
+use serde::Serialize;
+
+/// Generation parameters as a front-end received them, before validation. `None` means "not
+/// given": validation applies the defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestedParameters {
+    pub temperature: Option<f32>,
+    pub top_k: Option<i32>,
+    pub top_p: Option<f32>,
+    pub do_sample: bool,
+    pub seed: Option<u64>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+/// How the next token is chosen. Greedy unless `do_sample`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParameters {
+    pub temperature: f32,
+    /// 0: no top-k cut.
+    pub top_k: u32,
+    pub top_p: f32,
+    pub do_sample: bool,
+    pub seed: u64,
+    pub repetition_penalty: f32,
+}
+
+/// When a request stops; the scheduler applies them (see `generation::StopCriteria`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoppingParameters {
+    pub max_new_tokens: u32,
+    pub ignore_eos: bool,
+    pub stop_sequences: Vec<String>,
+}
+
+/// A request that passed validation: the prompt's token ids and its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub input_ids: Vec<u32>,
+    pub sampling: SamplingParameters,
+    pub stopping: StoppingParameters,
+}
+
+/// Why a request ended. Serialized under TGI's names, which the TGI routes return as is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    /// The model produced one of its end-of-sequence tokens.
+    EosToken,
+    /// The text produced one of the request's stop sequences.
+    StopSequence,
+}
+
+/// One generated token with its text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Token {
+    pub id: u32,
+    /// What the token adds to the text (a special token's own text, which the generated text
+    /// leaves out).
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
+}
+
+/// How a finished request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationEnd {
+    pub finish_reason: FinishReason,
+    /// The generated text, cut just after a stop sequence when one ended it.
+    pub generated_text: String,
+    pub generated_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+}

@@ -1,0 +1,165 @@
+//! A fake shard for the scheduler's tests: it keeps per-request state like a real one, generates
+//! `last token + 1` (mod 250), never stops a request by itself, and checks everything it is sent
+//! against the contract.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use sluice_client::{pb, ClientError};
+
+use crate::shard::Shard;
+
+/// The fake's token rule: the token after `last`.
+pub fn next_token(last: u32) -> u32 {
+    (last + 1) % 250
+}
+
+pub struct FakeSequence {
+    pub tokens: Vec<u32>,
+    pub computed: usize,
+    pub blocks: Vec<u32>,
+}
+
+pub struct FakeShardState {
+    block_size: usize,
+    num_blocks: u32,
+    pub sequences: HashMap<u64, FakeSequence>,
+    pub steps: Vec<pb::StepRequest>,
+    /// What each KV block holds: the token written into each of its slots.
+    block_contents: HashMap<u32, Vec<Option<u32>>>,
+}
+
+impl FakeShardState {
+    pub fn new(block_size: usize, num_blocks: u32) -> Self {
+        Self {
+            block_size,
+            num_blocks,
+            sequences: HashMap::new(),
+            steps: Vec::new(),
+            block_contents: HashMap::new(),
+        }
+    }
+
+    /// Runs one step, panicking on anything the contract forbids.
+    pub fn step(&mut self, request: pb::StepRequest) -> pb::StepResponse {
+        self.steps.push(request.clone());
+        for id in &request.free_ids {
+            assert!(self.sequences.remove(id).is_some(), "freed unknown id {id}");
+        }
+        for new in request.new_requests {
+            assert!(!new.token_ids.is_empty(), "a new request without tokens");
+            assert!((new.cached_tokens as usize) < new.token_ids.len());
+            let previous = self.sequences.insert(
+                new.id,
+                FakeSequence {
+                    tokens: new.token_ids,
+                    computed: new.cached_tokens as usize,
+                    blocks: Vec::new(),
+                },
+            );
+            assert!(previous.is_none(), "id {} admitted twice", new.id);
+        }
+        let mut generations = Vec::new();
+        let mut scheduled_ids = HashSet::new();
+        for scheduled in request.scheduled {
+            assert!(scheduled_ids.insert(scheduled.id), "scheduled twice");
+            assert!(scheduled.num_tokens > 0, "an empty chunk");
+            let block_size = self.block_size;
+            let seq = self
+                .sequences
+                .get_mut(&scheduled.id)
+                .expect("scheduled unknown id");
+            let fresh = seq.blocks.is_empty();
+            for block in &scheduled.new_blocks {
+                assert!(*block < self.num_blocks, "block {block} out of range");
+            }
+            seq.blocks.extend(scheduled.new_blocks);
+            if fresh {
+                // A cached prefix must hold exactly this request's leading tokens.
+                for position in 0..seq.computed {
+                    let block = seq.blocks[position / block_size];
+                    let held = self
+                        .block_contents
+                        .get(&block)
+                        .and_then(|b| b[position % block_size]);
+                    assert_eq!(
+                        held,
+                        Some(seq.tokens[position]),
+                        "cached block {block} is stale"
+                    );
+                }
+            }
+            let end = seq.computed + scheduled.num_tokens as usize;
+            assert!(end <= seq.tokens.len(), "ran past the known tokens");
+            assert!(seq.blocks.len() * block_size >= end, "not enough blocks");
+            for position in seq.computed..end {
+                let block = seq.blocks[position / block_size];
+                self.block_contents
+                    .entry(block)
+                    .or_insert_with(|| vec![None; block_size])[position % block_size] =
+                    Some(seq.tokens[position]);
+            }
+            seq.computed = end;
+            if seq.computed == seq.tokens.len() {
+                let token = next_token(*seq.tokens.last().expect("tokens are never empty"));
+                seq.tokens.push(token);
+                generations.push(pb::Generation {
+                    id: scheduled.id,
+                    token_id: token,
+                    logprob: -1.0,
+                });
+            }
+        }
+        // A block a request is still writing is its own: no other live request holds it. Only
+        // full, computed blocks are shared (through the prefix cache).
+        let mut shared = HashSet::new();
+        let mut writers: HashMap<u32, u64> = HashMap::new();
+        for (id, seq) in &self.sequences {
+            let full = seq.computed / self.block_size;
+            for (i, block) in seq.blocks.iter().enumerate() {
+                if i < full {
+                    shared.insert(*block);
+                } else if let Some(other) = writers.insert(*block, *id) {
+                    panic!("block {block} is written by requests {id} and {other}");
+                }
+            }
+        }
+        for (block, id) in &writers {
+            assert!(
+                !shared.contains(block),
+                "block {block} of request {id} is also another's computed block"
+            );
+        }
+        pb::StepResponse {
+            generations,
+            forward_ns: 0,
+            total_ns: 0,
+        }
+    }
+}
+
+/// The fake behind the `Shard` trait, for the scheduler task.
+pub struct FakeShard {
+    pub state: Mutex<FakeShardState>,
+}
+
+impl FakeShard {
+    pub fn new(block_size: usize, num_blocks: u32) -> Self {
+        Self {
+            state: Mutex::new(FakeShardState::new(block_size, num_blocks)),
+        }
+    }
+}
+
+impl Shard for FakeShard {
+    async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
+        // A real step takes time; yielding lets requests arrive between steps.
+        tokio::task::yield_now().await;
+        Ok(self.state.lock().unwrap().step(request))
+    }
+
+    async fn clear_cache(&self) -> Result<(), ClientError> {
+        self.state.lock().unwrap().sequences.clear();
+        Ok(())
+    }
+}

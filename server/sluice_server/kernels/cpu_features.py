@@ -1,0 +1,99 @@
+"""What the CPU this process runs on can do, read once at run time, from which every CPU path is
+chosen: the default dtype, which matmul a projection uses, which compiled kernel builds can run
+here, and which tests apply.
+
+The instruction sets come from the flags the kernel reports (/proc/cpuinfo). oneDNN's bfloat16
+support is asked of oneDNN itself, since it can also be capped below the CPU's
+(`ONEDNN_MAX_CPU_ISA`).
+"""
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def _cpuinfo_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _onednn_supports(dtype: str) -> bool:
+    """Whether oneDNN runs `dtype` ("bf16", "fp16") matmuls here (bfloat16: AVX512BW/VL/DQ or
+    AVX-NE-CONVERT; float16: AVX512-FP16 or AVX-NE-CONVERT); its weight prepack raises on other
+    CPUs."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    check = getattr(torch.ops.mkldnn, f"_is_mkldnn_{dtype}_supported", None)
+    return bool(check()) if check is not None else False
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU's feature flags (as Linux names them) and oneDNN's half-precision support."""
+
+    flags: frozenset[str]
+    machine: str
+    onednn_bf16: bool
+    onednn_fp16: bool = False
+
+    @classmethod
+    def detect(cls) -> "CpuFeatures":
+        return cls(
+            _cpuinfo_flags(),
+            platform.machine().lower(),
+            _onednn_supports("bf16"),
+            _onednn_supports("fp16"),
+        )
+
+    @property
+    def x86_64(self) -> bool:
+        return self.machine in ("x86_64", "amd64")
+
+    @property
+    def avx2(self) -> bool:
+        """AVX2 with FMA: the x86-64-v3 level the `avx2` kernel build targets."""
+        return {"avx2", "fma", "f16c", "bmi2"} <= self.flags
+
+    @property
+    def avx512(self) -> bool:
+        return "avx512f" in self.flags
+
+    @property
+    def avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.flags
+
+    @property
+    def native_bf16(self) -> bool:
+        """bfloat16 arithmetic in hardware (AVX512-BF16 or AMX): where bfloat16 serves faster
+        than float32. Elsewhere bfloat16 works but is emulated, slower than float32."""
+        return bool(self.flags & {"avx512_bf16", "amx_bf16"})
+
+    def default_dtype_name(self) -> str:
+        """bfloat16 where the CPU computes in it natively, float32 elsewhere."""
+        return "bfloat16" if self.native_bf16 else "float32"
+
+    def bf16_slow_path_note(self) -> str | None:
+        """What a user choosing bfloat16 on this CPU should know, or None where it is native."""
+        if self.native_bf16:
+            return None
+        matmul = (
+            "oneDNN's bfloat16 matmul (emulated)"
+            if self.onednn_bf16
+            else "PyTorch's generic bfloat16 matmul (oneDNN has none for this CPU)"
+        )
+        return (
+            "bfloat16 on this CPU (no AVX512-BF16 or AMX) is emulated: projections run through "
+            f"{matmul}, slower than float32, which is the default here (--dtype auto)"
+        )
+
+
+def lacks(feature: str) -> str:
+    """The skip reason of a test that needs `feature`, which this CPU lacks."""
+    return f"needs {feature} (this CPU lacks it)"

@@ -1,0 +1,787 @@
+// The paged KV cache: paged_attention (queries of decodes and prompt chunks against K/V read in
+// place from the cache) and write_kv (new tokens' K/V into their slots).
+//
+// Layout. Values: [H_kv, num_blocks, block_size, D], a block's tokens as rows. Keys:
+// [H_kv, num_blocks, D, block_size] as a tensor, but within a block the elements are stored as
+// [D / 2][block_size][2]: for each pair of dimensions (d, d + 1), every key's two elements side
+// by side. Scoring a block against a query is then a sum over the pairs of (query[d],
+// query[d + 1]) times one contiguous run of keys: vector multiply-adds with no horizontal
+// reduction per key, and on CPUs with AVX512-BF16 one dot-product instruction per pair of
+// dimensions and 16 keys, straight from the stored bfloat16.
+
+#include <limits>
+#include <vector>
+
+#include <ATen/ops/empty.h>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace sluice {
+namespace {
+
+// Where element d of the key in row `column` of a block sits within the block (see above).
+inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
+  return (d / 2) * block_size * 2 + column * 2 + (d & 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block-level arithmetic: scoring one cache block's keys against up to kMaxVectors query
+// vectors, and adding one block's value rows, weighted, into their accumulators. The block is
+// read from memory once per call and worked on in registers, where the accumulators also stay
+// for the whole block. A generic version serves every type; bfloat16 on AVX-512 machines gets an
+// intrinsics version (head sizes 64 and 128, block sizes multiples of 16), and elsewhere keys of
+// float32 and bfloat16 are scored with AVX2 where the CPU has it (block sizes multiples of 8).
+
+constexpr int64_t kMaxVectors = 4;
+
+// What the block arithmetic needs to know of the cache and the call.
+struct BlockShape {
+  int64_t head_dim;
+  int64_t block_size;
+  bool fast;          // Whether the AVX-512 version applies (has_fast_path).
+  bool avx2_scores;   // Whether keys are scored with AVX2 (has_avx2_scores).
+  float scale;        // The softmax scale, which the bfloat16 dot products apply to their sums.
+};
+
+// Up to kMaxVectors query vectors, [count][head_dim], in the two forms the scoring reads:
+// float32 multiplied by the scale, and as stored (bfloat16, each 32-bit word one pair of
+// dimensions), unscaled. The fast path reads one or the other (kScoresFromBf16), the generic
+// path the float32 one.
+struct QueryVectors {
+  const float* scaled;
+  const uint32_t* pairs;
+  int64_t count;
+};
+
+// One row of floats per query vector, `stride` apart, from a block's first column: scores, then
+// softmax weights.
+struct ScoreRows {
+  float* data;
+  int64_t stride;
+};
+
+// scores[v][c] = queries[v] . (key c) for every column c of the block (columns past the
+// sequence's context are scored too and ignored by the caller).
+template <typename T>
+inline void score_block_generic(BlockShape shape, QueryVectors queries,
+                                const T* __restrict keys_t, ScoreRows scores) {
+  const int64_t head_dim = shape.head_dim;
+  const int64_t block_size = shape.block_size;
+  const float* __restrict query_data = queries.scaled;
+  for (int64_t column = 0; column < block_size; column += kLanes) {
+    const int64_t count = std::min(kLanes, block_size - column);
+    float sums[kMaxVectors][kLanes] = {};
+    for (int64_t d = 0; d < head_dim; ++d) {
+      float keys[kLanes] = {};
+      for (int64_t lane = 0; lane < count; ++lane) {
+        keys[lane] = to_float(keys_t[key_offset(d, column + lane, block_size)]);
+      }
+      for (int64_t v = 0; v < queries.count; ++v) {
+        const float q = query_data[v * head_dim + d];
+#pragma omp simd
+        for (int64_t lane = 0; lane < kLanes; ++lane) sums[v][lane] += q * keys[lane];
+      }
+    }
+    for (int64_t v = 0; v < queries.count; ++v) {
+      for (int64_t lane = 0; lane < count; ++lane) {
+        scores.data[v * scores.stride + column + lane] = sums[v][lane];
+      }
+    }
+  }
+}
+
+// accumulators[v][:] += sum over r < num_rows of weights[v][r] * rows[r][:].
+template <typename T>
+inline void accumulate_block_generic(int64_t head_dim, int64_t num_vectors,
+                                     float* __restrict accumulators, const T* __restrict rows,
+                                     int64_t num_rows, ScoreRows weights) {
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const T* row = rows + r * head_dim;
+    for (int64_t v = 0; v < num_vectors; ++v) {
+      const float weight = weights.data[v * weights.stride + r];
+      float* accumulator = accumulators + v * head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += weight * to_float(row[d]);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// sums[v] += queries[v][d : d + 2] . (16 keys' elements d and d + 1), from one 512-bit load of
+// the pair layout: element d in the low half of each 32-bit lane, d + 1 in the high half.
+template <int64_t kVectors>
+inline void accumulate_key_pairs(__m512* __restrict sums, QueryVectors queries, int64_t head_dim,
+                                 int64_t d, const at::BFloat16* __restrict keys) {
+  const __m512i pairs = _mm512_loadu_si512(keys);
+#if defined(__AVX512BF16__)
+  for (int64_t v = 0; v < kVectors; ++v) {
+    const __m512i query =
+        _mm512_set1_epi32(static_cast<int>(queries.pairs[(v * head_dim + d) / 2]));
+    sums[v] = _mm512_dpbf16_ps(sums[v], reinterpret_cast<__m512bh>(pairs),
+                               reinterpret_cast<__m512bh>(query));
+  }
+#else
+  const __m512 keys_even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  const __m512 keys_odd = _mm512_castsi512_ps(
+      _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  for (int64_t v = 0; v < kVectors; ++v) {
+    const float* q = queries.scaled + v * head_dim + d;
+    sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[0]), keys_even, sums[v]);
+    sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[1]), keys_odd, sums[v]);
+  }
+#endif
+}
+
+// The queries' scaling is applied to the sums: with AVX512-BF16 the products come straight from
+// the stored bfloat16 queries and keys; without it, from the float32 queries, already scaled.
+template <int64_t kVectors>
+inline void score_block_bf16(BlockShape shape, QueryVectors queries,
+                             const at::BFloat16* __restrict keys_t, ScoreRows scores) {
+  const int64_t head_dim = shape.head_dim;
+  const int64_t block_size = shape.block_size;
+  // Two partial sums per vector (alternate pairs of dimensions): independent chains of
+  // multiply-adds keep more of them in flight. head_dim is a multiple of 16, so of 4.
+  for (int64_t column = 0; column < block_size; column += kLanes) {
+    __m512 first[kVectors], second[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) first[v] = second[v] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d += 4) {
+      accumulate_key_pairs<kVectors>(first, queries, head_dim, d,
+                                     keys_t + key_offset(d, column, block_size));
+      accumulate_key_pairs<kVectors>(second, queries, head_dim, d + 2,
+                                     keys_t + key_offset(d + 2, column, block_size));
+    }
+    for (int64_t v = 0; v < kVectors; ++v) {
+      __m512 total = _mm512_add_ps(first[v], second[v]);
+#if defined(__AVX512BF16__)
+      total = _mm512_mul_ps(total, _mm512_set1_ps(shape.scale));
+#endif
+      _mm512_storeu_ps(scores.data + v * scores.stride + column, total);
+    }
+  }
+}
+
+template <int64_t kVectors, int64_t kChunks>
+inline void accumulate_block_bf16(float* __restrict accumulators,
+                                  const at::BFloat16* __restrict rows, int64_t num_rows,
+                                  ScoreRows weights) {
+  constexpr int64_t head_dim = kChunks * kLanes;
+  __m512 sums[kVectors][kChunks];
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t c = 0; c < kChunks; ++c) {
+      sums[v][c] = _mm512_loadu_ps(accumulators + v * head_dim + c * kLanes);
+    }
+  }
+  for (int64_t r = 0; r < num_rows; ++r) {
+    __m512 row[kChunks];
+    for (int64_t c = 0; c < kChunks; ++c) row[c] = load_bf16x16(rows + r * head_dim + c * kLanes);
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const __m512 weight = _mm512_set1_ps(weights.data[v * weights.stride + r]);
+      for (int64_t c = 0; c < kChunks; ++c) {
+        sums[v][c] = _mm512_fmadd_ps(weight, row[c], sums[v][c]);
+      }
+    }
+  }
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t c = 0; c < kChunks; ++c) {
+      _mm512_storeu_ps(accumulators + v * head_dim + c * kLanes, sums[v][c]);
+    }
+  }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Scoring with AVX2, 8 columns of a block at a time, for float32 and bfloat16 keys: in the pair
+// layout, the 8 columns' elements d and d + 1 are one contiguous run, so a pair of dimensions
+// costs one or two loads and a multiply-add per query vector, with no gather.
+constexpr int64_t kAvx2Columns = 8;
+
+inline __m256 broadcast_query_pair(const float* pair) {
+  double bits;
+  std::memcpy(&bits, pair, sizeof(bits));
+  return _mm256_castpd_ps(_mm256_set1_pd(bits));
+}
+
+// float32: the run is 16 floats, (d, d + 1) of columns 0-3, then of 4-7. Multiplied by the
+// query's (d, d + 1) repeated, each column's two products sit side by side, added once at the
+// end.
+template <int64_t kVectors>
+inline void score_columns_avx2(BlockShape shape, QueryVectors queries,
+                               const float* __restrict keys_t, int64_t column, ScoreRows scores) {
+  const int64_t head_dim = shape.head_dim;
+  __m256 low[kVectors], high[kVectors];
+  for (int64_t v = 0; v < kVectors; ++v) low[v] = high[v] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < head_dim; d += 2) {
+    const float* pairs = keys_t + key_offset(d, column, shape.block_size);
+    const __m256 first = _mm256_loadu_ps(pairs);
+    const __m256 second = _mm256_loadu_ps(pairs + kAvx2Columns);
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const __m256 query = broadcast_query_pair(queries.scaled + v * head_dim + d);
+      low[v] = _mm256_fmadd_ps(query, first, low[v]);
+      high[v] = _mm256_fmadd_ps(query, second, high[v]);
+    }
+  }
+  for (int64_t v = 0; v < kVectors; ++v) {
+    // Adjacent sums come out as columns [0 1 4 5 2 3 6 7]; the 64-bit permute orders them.
+    const __m256 sums = _mm256_hadd_ps(low[v], high[v]);
+    _mm256_storeu_ps(scores.data + v * scores.stride + column,
+                     _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8)));
+  }
+}
+
+// bfloat16: the run is 8 32-bit words, element d in the low half of each, d + 1 in the high.
+template <int64_t kVectors>
+inline void score_columns_avx2(BlockShape shape, QueryVectors queries,
+                               const at::BFloat16* __restrict keys_t, int64_t column,
+                               ScoreRows scores) {
+  const int64_t head_dim = shape.head_dim;
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 even[kVectors], odd[kVectors];
+  for (int64_t v = 0; v < kVectors; ++v) even[v] = odd[v] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < head_dim; d += 2) {
+    const __m256i pairs = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(keys_t + key_offset(d, column, shape.block_size)));
+    const __m256 keys_even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    const __m256 keys_odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, high_half));
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const float* q = queries.scaled + v * head_dim + d;
+      even[v] = _mm256_fmadd_ps(_mm256_set1_ps(q[0]), keys_even, even[v]);
+      odd[v] = _mm256_fmadd_ps(_mm256_set1_ps(q[1]), keys_odd, odd[v]);
+    }
+  }
+  for (int64_t v = 0; v < kVectors; ++v) {
+    _mm256_storeu_ps(scores.data + v * scores.stride + column, _mm256_add_ps(even[v], odd[v]));
+  }
+}
+
+template <int64_t kVectors, typename T>
+inline void score_block_avx2(BlockShape shape, QueryVectors queries, const T* __restrict keys_t,
+                             ScoreRows scores) {
+  for (int64_t column = 0; column < shape.block_size; column += kAvx2Columns) {
+    score_columns_avx2<kVectors>(shape, queries, keys_t, column, scores);
+  }
+}
+#endif
+
+// Whether keys are scored with AVX2 (where the AVX-512 path does not apply): float32 and
+// bfloat16 keys, blocks of a multiple of 8 tokens.
+template <typename T>
+inline bool has_avx2_scores(int64_t block_size) {
+#if defined(__AVX2__) && defined(__FMA__)
+  return (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) &&
+         block_size % kAvx2Columns == 0;
+#else
+  (void)block_size;
+  return false;
+#endif
+}
+
+// Whether the fast path scores keys against the stored bfloat16 queries (AVX512-BF16 dot
+// products) rather than against float32 copies of them, scaled.
+#if defined(__AVX512BF16__)
+constexpr bool kScoresFromBf16 = true;
+#else
+constexpr bool kScoresFromBf16 = false;
+#endif
+
+template <typename T>
+inline bool has_fast_path(int64_t head_dim, int64_t block_size) {
+#if defined(__AVX512F__)
+  return std::is_same_v<T, at::BFloat16> && head_dim % kLanes == 0 && block_size % kLanes == 0 &&
+         (head_dim == 64 || head_dim == 128);
+#else
+  (void)head_dim;
+  (void)block_size;
+  return false;
+#endif
+}
+
+template <typename T>
+inline void score_block(BlockShape shape, QueryVectors queries, const T* keys_t,
+                        ScoreRows scores) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (shape.fast) {
+      with_count<kMaxVectors>(queries.count, [&](auto n) {
+        score_block_bf16<decltype(n)::value>(shape, queries, keys_t, scores);
+      });
+      return;
+    }
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+    if (shape.avx2_scores) {
+      with_count<kMaxVectors>(queries.count, [&](auto n) {
+        score_block_avx2<decltype(n)::value>(shape, queries, keys_t, scores);
+      });
+      return;
+    }
+  }
+#endif
+  score_block_generic(shape, queries, keys_t, scores);
+}
+
+template <typename T>
+inline void accumulate_block(BlockShape shape, int64_t num_vectors, float* accumulators,
+                             const T* rows, int64_t num_rows, ScoreRows weights) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (shape.fast) {
+      with_count<kMaxVectors>(num_vectors, [&](auto n) {
+        constexpr int64_t kVectors = decltype(n)::value;
+        if (shape.head_dim == 64) {
+          accumulate_block_bf16<kVectors, 4>(accumulators, rows, num_rows, weights);
+        } else {
+          accumulate_block_bf16<kVectors, 8>(accumulators, rows, num_rows, weights);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  accumulate_block_generic(shape.head_dim, num_vectors, accumulators, rows, num_rows, weights);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged attention over a flat batch of chunks (decodes are chunks of one token).
+//
+// Sequence s owns query rows [query_starts[s], query_starts[s + 1]); its row i sits at position
+// cache_lens[s] + i and sees the positions up to itself, all of which are in the cache (the new
+// tokens' K/V were written first). One work item is one (sequence, KV head, tile of up to
+// kTileRows query rows): the tile's rows and the `group` query heads sharing the KV head are
+// scored together, so each block is read from memory and widened to float32 once for all of
+// them. Per item, in phases: gather its queries, score every block it sees, softmax per row and
+// head, add up the weighted value rows, write the output.
+
+constexpr int64_t kTileRows = 16;
+// How many key blocks ahead of use to fetch (see KeyPrefetcher).
+constexpr int64_t kPrefetchBlocks = 1;
+
+// The shapes and strides of one paged_attention call.
+struct AttentionGeometry {
+  int64_t num_heads;
+  int64_t num_kv_heads;
+  int64_t group;  // Query heads per KV head.
+  int64_t head_dim;
+  int64_t num_blocks;
+  int64_t block_size;
+  int64_t max_blocks;  // Width of the block tables.
+  int64_t query_row_stride;
+  int64_t query_head_stride;
+
+  int64_t block_elements() const { return block_size * head_dim; }
+  // Offset of a KV head's block in either cache.
+  int64_t block_offset(int64_t kv_head, int64_t block) const {
+    return (kv_head * num_blocks + block) * block_elements();
+  }
+};
+
+// The tensors of one call, as pointers.
+template <typename T>
+struct AttentionData {
+  const T* query;
+  const T* keys;
+  const T* values;
+  T* output;
+  const int32_t* block_tables;  // [S, max_blocks]
+  const int32_t* cache_lens;    // [S]
+  const int32_t* query_starts;  // [S + 1]
+};
+
+struct AttentionItem {
+  int64_t sequence;
+  int64_t kv_head;
+  int64_t first_row;  // Within the sequence's rows.
+  int64_t blocks;     // Cache blocks its rows see.
+};
+
+// An item's query rows and what they see.
+struct ItemSpan {
+  int64_t row_offset;     // Its first row in the flat batch.
+  int64_t rows;
+  int64_t first_context;  // Positions its first row sees; row r sees first_context + r.
+  int64_t context;        // Positions its last row sees.
+  // (row, head) pairs, row-major: vector v sees first_context + v / group positions.
+  int64_t vectors;
+  // Score rows cover whole blocks (the last block's columns past the context are scored and
+  // then ignored), so the block loops need no ragged ends.
+  int64_t stride;
+  const int32_t* table;   // The sequence's blocks.
+
+  // Whether none of vectors [first, first + count) sees the block starting at `start`: vectors
+  // see more the later they come, so the group's last decides.
+  bool skips(int64_t first, int64_t count, int64_t start, int64_t group) const {
+    return first_context + (first + count - 1) / group <= start;
+  }
+};
+
+template <typename T>
+std::vector<AttentionItem> plan_items(const AttentionGeometry& geometry,
+                                      const AttentionData<T>& data, int64_t num_sequences) {
+  std::vector<AttentionItem> items;
+  for (int64_t s = 0; s < num_sequences; ++s) {
+    for (int64_t h = 0; h < geometry.num_kv_heads; ++h) {
+      const int64_t query_len = data.query_starts[s + 1] - data.query_starts[s];
+      for (int64_t row = 0; row < query_len; row += kTileRows) {
+        const int64_t context = data.cache_lens[s] + std::min(query_len, row + kTileRows);
+        items.push_back({s, h, row, (context + geometry.block_size - 1) / geometry.block_size});
+      }
+    }
+  }
+  return items;
+}
+
+template <typename T>
+ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data,
+                 const AttentionItem& item) {
+  const int64_t sequence_start = data.query_starts[item.sequence];
+  const int64_t rows = std::min(
+      kTileRows, data.query_starts[item.sequence + 1] - sequence_start - item.first_row);
+  const int64_t first_context = data.cache_lens[item.sequence] + item.first_row + 1;
+  return {sequence_start + item.first_row,
+          rows,
+          first_context,
+          first_context + rows - 1,
+          rows * geometry.group,
+          item.blocks * geometry.block_size,
+          data.block_tables + item.sequence * geometry.max_blocks};
+}
+
+// The key blocks one thread will score, fetched kPrefetchBlocks ahead across the ends of its
+// items (every num_threads-th, from its first): a sequence's blocks lie anywhere in the cache,
+// and without this every item would start with full memory-latency misses.
+template <typename T>
+class KeyPrefetcher {
+ public:
+  KeyPrefetcher(const AttentionGeometry& geometry, const AttentionData<T>& data,
+                const std::vector<AttentionItem>& items, size_t first_item, size_t item_step)
+      : geometry_(geometry), data_(data), items_(items), index_(first_item), step_(item_step) {
+    for (int64_t i = 0; i < kPrefetchBlocks; ++i) advance();
+  }
+
+  // Fetches the next key block in this thread's order.
+  void advance() {
+    while (index_ < items_.size() && block_ == items_[index_].blocks) {
+      index_ += step_;
+      block_ = 0;
+    }
+    if (index_ >= items_.size()) return;
+    const AttentionItem& ahead = items_[index_];
+    const int32_t block = data_.block_tables[ahead.sequence * geometry_.max_blocks + block_++];
+    prefetch(data_.keys + geometry_.block_offset(ahead.kv_head, block),
+             geometry_.block_elements());
+  }
+
+ private:
+  const AttentionGeometry& geometry_;
+  const AttentionData<T>& data_;
+  const std::vector<AttentionItem>& items_;
+  size_t index_;
+  size_t step_;
+  int64_t block_ = 0;
+};
+
+// One thread's buffers, sized for the largest item.
+struct ItemScratch {
+  std::vector<float> queries;        // [vectors][head_dim], float32, scaled
+  std::vector<uint32_t> query_pairs; // [vectors][head_dim / 2], as stored, unscaled
+  std::vector<float> accumulators;   // [vectors][head_dim]
+  std::vector<float> inverse_sums;   // [vectors]
+  std::vector<float> scores;         // [vectors][stride]
+
+  explicit ItemScratch(const AttentionGeometry& geometry)
+      : queries(kTileRows * geometry.group * geometry.head_dim),
+        query_pairs(kTileRows * geometry.group * geometry.head_dim / 2),
+        accumulators(kTileRows * geometry.group * geometry.head_dim),
+        inverse_sums(kTileRows * geometry.group) {}
+
+  QueryVectors vectors_from(int64_t first, int64_t count, int64_t head_dim) const {
+    return {queries.data() + first * head_dim, query_pairs.data() + first * head_dim / 2, count};
+  }
+};
+
+// Copies the item's query vectors into the scratch, in the form the scoring reads.
+template <typename T>
+void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
+                    const AttentionData<T>& data, const AttentionItem& item, const ItemSpan& span,
+                    ItemScratch& scratch) {
+  const int64_t head_dim = geometry.head_dim;
+  for (int64_t r = 0; r < span.rows; ++r) {
+    for (int64_t g = 0; g < geometry.group; ++g) {
+      const T* source = data.query + (span.row_offset + r) * geometry.query_row_stride +
+                        (item.kv_head * geometry.group + g) * geometry.query_head_stride;
+      const int64_t vector = r * geometry.group + g;
+      if constexpr (std::is_same_v<T, at::BFloat16> && kScoresFromBf16) {
+        if (shape.fast) {  // Scored straight from the stored bfloat16 (see score_block).
+          std::memcpy(scratch.query_pairs.data() + vector * head_dim / 2, source,
+                      head_dim * sizeof(T));
+          continue;
+        }
+      }
+      float* destination = scratch.queries.data() + vector * head_dim;
+      widen(source, destination, head_dim);
+      for (int64_t d = 0; d < head_dim; ++d) destination[d] *= shape.scale;
+    }
+  }
+}
+
+// Scores every block the item sees into scratch.scores, keeping the prefetcher one block ahead
+// and fetching each block's values for the value pass.
+template <typename T>
+void score_keys(const AttentionGeometry& geometry, BlockShape shape, const AttentionData<T>& data,
+                const AttentionItem& item, const ItemSpan& span, ItemScratch& scratch,
+                KeyPrefetcher<T>& prefetcher) {
+  for (int64_t start = 0, block = 0; start < span.context; start += geometry.block_size, ++block) {
+    prefetcher.advance();
+    const int64_t offset = geometry.block_offset(item.kv_head, span.table[block]);
+    prefetch(data.values + offset, geometry.block_elements());
+    const T* block_keys = data.keys + offset;
+    for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
+      const int64_t count = std::min(kMaxVectors, span.vectors - first);
+      if (span.skips(first, count, start, geometry.group)) continue;
+      score_block(shape, scratch.vectors_from(first, count, geometry.head_dim), block_keys,
+                  ScoreRows{scratch.scores.data() + first * span.stride + start, span.stride});
+    }
+  }
+}
+
+// Softmax per vector over what it sees, in place, zero past that (so the value pass can weight
+// whole blocks); 1/sum goes to scratch.inverse_sums, applied at the output.
+inline void softmax_rows(const ItemSpan& span, int64_t group, ItemScratch& scratch) {
+  for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    const int64_t visible = span.first_context + vector / group;
+    float* row_scores = scratch.scores.data() + vector * span.stride;
+    float maximum = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : maximum)
+    for (int64_t t = 0; t < visible; ++t) {
+      maximum = row_scores[t] > maximum ? row_scores[t] : maximum;
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < visible; ++t) {
+      row_scores[t] = vector_exp(row_scores[t] - maximum);
+      sum += row_scores[t];
+    }
+    std::fill(row_scores + visible, row_scores + span.stride, 0.f);
+    scratch.inverse_sums[vector] = 1.f / sum;
+  }
+}
+
+// scratch.accumulators = the softmax weights times the value rows the item sees.
+template <typename T>
+void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
+                       const AttentionData<T>& data, const AttentionItem& item,
+                       const ItemSpan& span, ItemScratch& scratch) {
+  std::fill(scratch.accumulators.begin(),
+            scratch.accumulators.begin() + span.vectors * geometry.head_dim, 0.f);
+  for (int64_t start = 0, block = 0; start < span.context; start += geometry.block_size, ++block) {
+    // Rows past the context may hold anything (even NaN), so they are never read.
+    const int64_t block_rows = std::min(geometry.block_size, span.context - start);
+    const T* block_values = data.values + geometry.block_offset(item.kv_head, span.table[block]);
+    for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
+      const int64_t count = std::min(kMaxVectors, span.vectors - first);
+      if (span.skips(first, count, start, geometry.group)) continue;
+      accumulate_block(shape, count, scratch.accumulators.data() + first * geometry.head_dim,
+                       block_values, block_rows,
+                       ScoreRows{scratch.scores.data() + first * span.stride + start, span.stride});
+    }
+  }
+}
+
+template <typename T>
+void store_output(const AttentionGeometry& geometry, const AttentionData<T>& data,
+                  const AttentionItem& item, const ItemSpan& span, const ItemScratch& scratch) {
+  const int64_t head_dim = geometry.head_dim;
+  for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    const int64_t r = vector / geometry.group;
+    const int64_t head = item.kv_head * geometry.group + vector % geometry.group;
+    T* destination = data.output + ((span.row_offset + r) * geometry.num_heads + head) * head_dim;
+    const float* accumulator = scratch.accumulators.data() + vector * head_dim;
+    const float inverse_sum = scratch.inverse_sums[vector];
+    for (int64_t d = 0; d < head_dim; ++d) {
+      destination[d] = from_float<T>(accumulator[d] * inverse_sum);
+    }
+  }
+}
+
+template <typename T>
+void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
+                          const AttentionData<T>& data, int64_t num_sequences) {
+  const std::vector<AttentionItem> items = plan_items(geometry, data, num_sequences);
+  // Items differ a lot in cost (a decode against a prefill tile), so each thread takes every
+  // num_threads-th item rather than one contiguous range.
+  const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
+  at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
+    ItemScratch scratch(geometry);
+    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
+      KeyPrefetcher<T> prefetcher(geometry, data, items, thread, num_threads);
+      for (size_t index = thread; index < items.size(); index += num_threads) {
+        const AttentionItem& item = items[index];
+        const ItemSpan span = span_of(geometry, data, item);
+        scratch.scores.resize(span.vectors * span.stride);
+        gather_queries(geometry, shape, data, item, span, scratch);
+        score_keys(geometry, shape, data, item, span, scratch, prefetcher);
+        softmax_rows(span, geometry.group, scratch);
+        accumulate_values(geometry, shape, data, item, span, scratch);
+        store_output(geometry, data, item, span, scratch);
+      }
+    }
+  });
+}
+
+void check_cache_layout(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  check_cpu(key_cache, "key_cache");
+  check_cpu(value_cache, "value_cache");
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "caches must be 4-d");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(),
+              "caches must be contiguous");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "cache dtypes differ");
+  TORCH_CHECK(key_cache.size(0) == value_cache.size(0) &&
+                  key_cache.size(1) == value_cache.size(1) &&
+                  key_cache.size(2) == value_cache.size(3) &&
+                  key_cache.size(3) == value_cache.size(2),
+              "key_cache must be [H_kv, blocks, D, block_size] for value_cache "
+              "[H_kv, blocks, block_size, D]");
+  TORCH_CHECK(value_cache.size(3) % 2 == 0,
+              "head_dim must be even: keys are stored in pairs of dimensions");
+}
+
+// Every sequence has rows, a block table long enough for its context, and blocks in the cache.
+void check_sequences(const at::Tensor& query, const at::Tensor& value_cache,
+                     const at::Tensor& block_tables, const at::Tensor& cache_lens,
+                     const at::Tensor& query_starts) {
+  for (const at::Tensor* tensor : {&block_tables, &cache_lens, &query_starts}) {
+    check_cpu(*tensor, "block_tables, cache_lens and query_starts");
+    TORCH_CHECK(tensor->scalar_type() == at::kInt && tensor->is_contiguous(),
+                "block_tables, cache_lens and query_starts must be contiguous int32");
+  }
+  const int64_t num_sequences = cache_lens.dim() == 1 ? cache_lens.size(0) : -1;
+  TORCH_CHECK(num_sequences >= 0 && block_tables.dim() == 2 &&
+                  block_tables.size(0) == num_sequences && query_starts.dim() == 1 &&
+                  query_starts.size(0) == num_sequences + 1,
+              "one block table and cache length per sequence, and one more query start");
+  const int32_t* starts = query_starts.data_ptr<int32_t>();
+  const int32_t* cached = cache_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t block_size = value_cache.size(2);
+  const int64_t table_width = block_tables.size(1);
+  TORCH_CHECK(starts[0] == 0 && starts[num_sequences] == query.size(0),
+              "query_starts must run from 0 to the number of query rows");
+  for (int64_t s = 0; s < num_sequences; ++s) {
+    TORCH_CHECK(starts[s + 1] > starts[s] && cached[s] >= 0, "sequence ", s, " has no rows");
+    const int64_t context = cached[s] + starts[s + 1] - starts[s];
+    const int64_t blocks = (context + block_size - 1) / block_size;
+    TORCH_CHECK(blocks <= table_width, "sequence ", s, ": its block table is too short for ",
+                context, " tokens");
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int32_t block = tables[s * table_width + b];
+      TORCH_CHECK(block >= 0 && block < value_cache.size(1), "block ", block, " out of range");
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV cache write: token t's heads go to slot slot_mapping[t] (block slot / block_size, row
+// slot % block_size); keys into their block's column, values into its row.
+
+template <typename T>
+void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
+                   const at::Tensor& value, const int64_t* slots) {
+  const int64_t num_tokens = key.size(0);
+  const int64_t num_kv_heads = key.size(1);
+  const int64_t head_dim = key.size(2);
+  const int64_t num_blocks = value_cache.size(1);
+  const int64_t block_size = value_cache.size(2);
+  const int64_t block_elements = block_size * head_dim;
+  T* keys = key_cache.data_ptr<T>();
+  T* values = value_cache.data_ptr<T>();
+  const T* key_rows = key.data_ptr<T>();
+  const T* value_rows = value.data_ptr<T>();
+  const int64_t key_stride[2] = {key.stride(0), key.stride(1)};
+  const int64_t value_stride[2] = {value.stride(0), value.stride(1)};
+  at::parallel_for(0, num_tokens * num_kv_heads, grain_for(2 * head_dim),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t token = item / num_kv_heads;
+      const int64_t head = item % num_kv_heads;
+      const int64_t block = slots[token] / block_size;
+      const int64_t row = slots[token] % block_size;
+      T* block_keys = keys + (head * num_blocks + block) * block_elements;
+      const T* key_row = key_rows + token * key_stride[0] + head * key_stride[1];
+      for (int64_t d = 0; d < head_dim; ++d) {
+        block_keys[key_offset(d, row, block_size)] = key_row[d];
+      }
+      std::memcpy(values + (head * num_blocks + block) * block_elements + row * head_dim,
+                  value_rows + token * value_stride[0] + head * value_stride[1],
+                  head_dim * sizeof(T));
+    }
+  });
+}
+
+}  // namespace
+
+// query [T, H, D] (rows may be strided); caches as described above; block_tables
+// [S, max_blocks], cache_lens [S] and query_starts [S + 1], all int32. Returns [T, H, D].
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                           const at::Tensor& cache_lens, const at::Tensor& query_starts,
+                           double scale) {
+  check_rows(query, "query");
+  check_cache_layout(key_cache, value_cache);
+  TORCH_CHECK(query.dim() == 3, "query must be [T, H, D]");
+  TORCH_CHECK(query.scalar_type() == value_cache.scalar_type(), "query and caches differ in dtype");
+  TORCH_CHECK(query.size(2) == value_cache.size(3), "query and cache head_dim differ");
+  TORCH_CHECK(query.size(1) % value_cache.size(0) == 0, "heads must be a multiple of KV heads");
+  check_sequences(query, value_cache, block_tables, cache_lens, query_starts);
+
+  auto output = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  const int64_t num_sequences = cache_lens.size(0);
+  if (num_sequences == 0) return output;
+  const AttentionGeometry geometry{
+      query.size(1),       value_cache.size(0), query.size(1) / value_cache.size(0),
+      query.size(2),       value_cache.size(1), value_cache.size(2),
+      block_tables.size(1), query.stride(0),    query.stride(1)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
+        const bool fast = has_fast_path<scalar_t>(geometry.head_dim, geometry.block_size);
+        const BlockShape shape{geometry.head_dim, geometry.block_size, fast,
+                               !fast && has_avx2_scores<scalar_t>(geometry.block_size),
+                               static_cast<float>(scale)};
+        const AttentionData<scalar_t> data{
+            query.data_ptr<scalar_t>(),      key_cache.data_ptr<scalar_t>(),
+            value_cache.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
+            block_tables.data_ptr<int32_t>(), cache_lens.data_ptr<int32_t>(),
+            query_starts.data_ptr<int32_t>()};
+        paged_attention_impl<scalar_t>(geometry, shape, data, num_sequences);
+      });
+  return output;
+}
+
+void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
+              const at::Tensor& value, const at::Tensor& slot_mapping) {
+  check_rows(key, "key");
+  check_rows(value, "value");
+  check_cache_layout(key_cache, value_cache);
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(), "key and value must be [T, H_kv, D]");
+  TORCH_CHECK(key.size(1) == value_cache.size(0) && key.size(2) == value_cache.size(3),
+              "key and value rows do not match the cache's heads and head_dim");
+  TORCH_CHECK(key.scalar_type() == value_cache.scalar_type() &&
+                  value.scalar_type() == value_cache.scalar_type(),
+              "key, value and cache dtypes differ");
+  check_cpu(slot_mapping, "slot_mapping");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.is_contiguous(),
+              "slot_mapping must be contiguous int64 [T]");
+  TORCH_CHECK(slot_mapping.size(0) == key.size(0), "one slot per token");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = value_cache.size(1) * value_cache.size(2);
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot ", slots[t], " out of range");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_kv", [&] {
+    write_kv_impl<scalar_t>(key_cache, value_cache, key, value, slots);
+  });
+}
+
+}  // namespace sluice

@@ -1,0 +1,167 @@
+// What every kernel family shares: float32 widening and rounding of the storage types, the
+// vectorisable exp, argument checks, the parallel grain, and the AVX-512 helpers of the
+// bfloat16 fast paths.
+//
+// Each kernel accumulates in float32 whatever the storage type, is parallelised with
+// at::parallel_for (PyTorch's own OpenMP pool, which carries an exception thrown inside a
+// worker back to the caller), and leaves the innermost loops contiguous so the compiler
+// vectorises them. Argument checks (TORCH_CHECK) run before any parallel region.
+
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace sluice {
+
+inline float to_float(float value) { return value; }
+
+inline float to_float(at::BFloat16 value) {
+  // The top half of a float32: widening is a shift, which vectorises (c10's operator doesn't).
+  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+inline float to_float(at::Half value) { return static_cast<float>(value); }
+
+template <typename T>
+inline T from_float(float value) {
+  return static_cast<T>(value);
+}
+
+template <>
+inline at::BFloat16 from_float<at::BFloat16>(float value) {
+  // Round to nearest even without c10's NaN branch, which keeps loops from vectorising. (A NaN
+  // stays a NaN unless only its lowest mantissa bits are set.)
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits += 0x7fff + ((bits >> 16) & 1);
+  return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
+}
+
+template <typename T>
+inline void widen(const T* source, float* destination, int64_t count) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) destination[i] = to_float(source[i]);
+}
+
+// exp for the vectorised loops: std::exp stays a scalar libm call, which made softmax and SiLU
+// the slowest part of their kernels. Range reduction to 2^n * e^r with |r| <= ln2 / 2, then a
+// degree-6 Taylor polynomial: relative error below 2e-7 over the clamped range.
+inline float vector_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &exponent_bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float dot(const float* a, const float* b, int64_t count) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline void check_cpu(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+inline void check_rows(const at::Tensor& tensor, const char* name) {
+  check_cpu(tensor, name);
+  TORCH_CHECK(tensor.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+// A 512-bit vector of float32; also fine as 2 x 256-bit.
+constexpr int64_t kLanes = 16;
+
+// Elements one thread should handle before splitting work pays for waking the others: decode
+// batches of the elementwise kernels run on one thread, prefill batches on all.
+constexpr int64_t kGrainElements = 32768;
+
+inline int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+// Calls body(std::integral_constant<int64_t, n>) for n in 1..kMax (larger n as kMax), so that a
+// count (query vectors, rows) is a compile-time constant in the intrinsics loops.
+template <int64_t kMax, int64_t kCount = 1, typename Body>
+inline void with_count(int64_t n, Body&& body) {
+  if constexpr (kCount == kMax) {
+    body(std::integral_constant<int64_t, kMax>());
+  } else if (n == kCount) {
+    body(std::integral_constant<int64_t, kCount>());
+  } else {
+    with_count<kMax, kCount + 1>(n, std::forward<Body>(body));
+  }
+}
+
+// Asks for `count` elements at `data` to be brought into the caches ahead of use. A prefetch
+// never faults, but `data` must still point into (or one past) the tensor it names.
+template <typename T>
+inline void prefetch(const T* data, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(data);
+  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    __builtin_prefetch(bytes + offset, 0, 2);
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 load_bf16x16(const at::BFloat16* source) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// from_float<BFloat16>, 16 lanes at a time: round to nearest even, keep the top halves.
+inline void store_bf16x16(at::BFloat16* destination, __m512 values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(destination),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// vector_exp, 16 lanes at a time.
+inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512i exponent =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(exponent));
+}
+#endif
+
+}  // namespace sluice

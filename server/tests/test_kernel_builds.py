@@ -1,0 +1,121 @@
+"""Choosing and building the CPU kernels: the paths each CPU gets, the fallback when there is no
+C++ compiler, and the kernel tests under AddressSanitizer and UndefinedBehaviorSanitizer."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sluice_server.kernels import (
+    CpuFeatures,
+    KernelBuild,
+    KernelBuildError,
+    Kernels,
+    select_kernels,
+)
+from sluice_server.kernels.build import compiler, sanitizer_preloads
+from sluice_server.layers.attention import TorchAttentionBackend
+from sluice_server.layers.ops import CompiledCpuOps, LinearMatmul
+
+AVX2_ONLY = CpuFeatures(
+    flags=frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}),
+    machine="x86_64",
+    onednn_bf16=False,
+)
+AVX512_BF16 = CpuFeatures(
+    flags=AVX2_ONLY.flags | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
+    machine="x86_64",
+    onednn_bf16=True,
+)
+
+
+def test_dtype_and_bfloat16_note_follow_the_cpu() -> None:
+    assert AVX512_BF16.default_dtype_name() == "bfloat16"
+    assert AVX512_BF16.bf16_slow_path_note() is None
+    assert AVX2_ONLY.default_dtype_name() == "float32"
+    note = AVX2_ONLY.bf16_slow_path_note()
+    assert note is not None and "emulated" in note and "float32" in note
+
+
+def test_builds_say_where_they_cannot_run() -> None:
+    no_avx2 = CpuFeatures(frozenset({"sse4_2"}), "x86_64", onednn_bf16=False)
+    arm = CpuFeatures(frozenset({"asimd"}), "aarch64", onednn_bf16=False)
+    assert KernelBuild("avx2").unrunnable_reason(AVX2_ONLY) is None
+    assert KernelBuild("avx2").unrunnable_reason(no_avx2) == (
+        "needs AVX2 and FMA (this CPU lacks them)"
+    )
+    assert "x86-64" in (KernelBuild("portable").unrunnable_reason(arm) or "")
+    assert KernelBuild("native").unrunnable_reason(arm) is None
+    with pytest.raises(ValueError, match="unknown kernel ISA 'avx9'"):
+        KernelBuild("avx9")
+
+
+def test_bfloat16_projections_take_the_matmul_the_cpu_has(compiled_kernels: Kernels) -> None:
+    assert isinstance(compiled_kernels.ops, CompiledCpuOps)
+    module = compiled_kernels.ops.kernels
+    weight = torch.randn(64, 32).to(torch.bfloat16)
+    float_weight = weight.float()
+    # AVX2 only: no oneDNN bfloat16, so bfloat16 stays unpacked (F.linear); float32 is oneDNN's.
+    avx2_ops = CompiledCpuOps(module, AVX2_ONLY)
+    assert avx2_ops.pack_linear(weight, None) is None
+    packed = avx2_ops.pack_linear(float_weight, None)
+    if torch.backends.mkldnn.is_available():
+        assert packed is not None and packed.matmul is LinearMatmul.ONEDNN
+        x = torch.randn(3, 32)
+        assert torch.allclose(avx2_ops.packed_linear(x, packed), x @ float_weight.T, atol=1e-5)
+
+
+def test_without_a_compiler_the_shard_serves_with_the_reference_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = str(tmp_path / "no-such-c++")
+    monkeypatch.setenv("CXX", missing)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="sluice_server.kernels"):
+        kernels = select_kernels("auto", cpu, tmp_path / "cache")
+    assert isinstance(kernels.attention, TorchAttentionBackend)
+    assert not isinstance(kernels.ops, CompiledCpuOps)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "PyTorch reference kernels" in warnings[0]
+    assert missing in warnings[0]
+    with pytest.raises(KernelBuildError, match=re.escape(f"no C++ compiler: '{missing}' was not")):
+        select_kernels("compiled", cpu, tmp_path / "cache")
+
+
+# The sanitized build compiles for minutes on a small machine the first time.
+@pytest.mark.timeout(2400)
+def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers() -> None:
+    """test_cpu_kernels.py against the native build instrumented with ASan and UBSan, in a
+    process that preloads the sanitizer runtime: any out-of-bounds access, use after free or
+    undefined behaviour in a kernel, its argument checks included, fails the run with a
+    report."""
+    preloads = sanitizer_preloads()
+    if preloads is None:
+        pytest.skip(f"the C++ compiler ({compiler()}) has no AddressSanitizer runtime")
+    environment = {
+        **os.environ,
+        "LD_PRELOAD": " ".join(str(path) for path in preloads),
+        # Python and torch keep allocations alive at exit by design; leaks are not the question.
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1",
+        # sluice_server itself, however this process found it.
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
+    tests = Path(__file__).parent / "test_cpu_kernels.py"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=2200"]
+    result = subprocess.run(
+        [*command, str(tests), "--kernel-builds", "native-sanitized"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=2300,
+    )
+    output = result.stdout[-6000:] + result.stderr[-6000:]
+    assert result.returncode == 0, output
+    assert " passed" in result.stdout and "ERROR: AddressSanitizer" not in output, output
