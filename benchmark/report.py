@@ -360,7 +360,8 @@ after {s["warmup"]} warm-up requests. The servers take turns for {s.get("rounds"
 each round starting each server afresh; every figure is the median over the rounds (the
 per-round throughputs are listed under "Sluice / vLLM"). {summary(results)}
 
-Rerun: `{results["command"]}`
+Rerun: `{results["command"]}`. Single parts (kernels, prefix-cache eviction) are measured in
+[microbenchmarks.md](microbenchmarks.md).
 
 {commands(results)}
 ## Machine
