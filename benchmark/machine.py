@@ -113,7 +113,7 @@ def matmul_peak(size: int, runs: int, dtype_name: str = "bfloat16") -> MatmulPea
     return MatmulPeak(dtype_name, size, runs, round(best, 4), round(2 * size**3 / best / 1e9, 1))
 
 
-def describe(size: int, runs: int) -> Machine:
+def describe(size: int, runs: int, dtype_name: str) -> Machine:
     import torch
 
     model, flags = cpuinfo()
@@ -128,7 +128,7 @@ def describe(size: int, runs: int) -> Machine:
         torch=torch.__version__,
         torch_threads=torch.get_num_threads(),
         vllm=vllm_version(),
-        matmul=matmul_peak(size, runs) if size > 0 else None,
+        matmul=matmul_peak(size, runs, dtype_name) if size > 0 else None,
     )
 
 
@@ -136,8 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--matmul-size", type=int, default=4096, help="0 skips the matmul")
     parser.add_argument("--matmul-runs", type=int, default=5)
+    parser.add_argument("--dtype", default="bfloat16", help="the matmul's dtype")
     args = parser.parse_args()
-    print(json.dumps(asdict(describe(args.matmul_size, args.matmul_runs))))
+    print(json.dumps(asdict(describe(args.matmul_size, args.matmul_runs, args.dtype))))
 
 
 if __name__ == "__main__":

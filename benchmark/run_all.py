@@ -87,6 +87,9 @@ class Settings:
     skip_baseline: bool
     skip_profile: bool
     rounds: int
+    # Every server and the baseline run in this dtype: the CPU's fastest (bfloat16 only where
+    # the CPU computes in it natively; emulated bfloat16 would handicap every server).
+    dtype: str
     quick: bool
     results: Path
     plot: Path
@@ -335,7 +338,7 @@ def sluice_spec(settings: Settings) -> ServerSpec:
         "--model-id", str(settings.model_dir),
         "--port", str(port),
         "--hostname", "127.0.0.1",
-        "--dtype", "bfloat16",
+        "--dtype", settings.dtype,
         "--shard-uds-path", f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}",
     ]
     # fmt: on
@@ -366,7 +369,7 @@ def vllm_spec(settings: Settings) -> ServerSpec:
         "vllm",
         argv,
         port,
-        dict(os.environ),
+        {**os.environ, "VLLM_DTYPE": settings.dtype},
         settings.logs / "vllm.log",
         settings.vllm_startup_timeout_s,
         term_group=True,
@@ -377,7 +380,13 @@ def vllm_spec(settings: Settings) -> ServerSpec:
 
 
 def machine(settings: Settings) -> dict[str, Any]:
-    argv = [sys.executable, str(BENCH / "machine.py"), "--matmul-size", str(settings.matmul_size)]
+    # fmt: off
+    argv = [
+        sys.executable, str(BENCH / "machine.py"),
+        "--matmul-size", str(settings.matmul_size),
+        "--dtype", settings.dtype,
+    ]
+    # fmt: on
     return run_json(argv, settings.phase_timeout_s, settings.logs / "machine.log")
 
 
@@ -392,6 +401,7 @@ def baseline(settings: Settings) -> dict[str, Any]:
         "--sequential", str(settings.baseline_sequential),
         "--batch-sizes", *map(str, settings.baseline_batches),
         "--seed", str(settings.seed),
+        "--dtype", settings.dtype,
     ]
     # fmt: on
     return run_json(argv, settings.phase_timeout_s, settings.logs / "baseline.log")
@@ -403,7 +413,7 @@ def profile(settings: Settings) -> dict[str, Any]:
         sys.executable,
         str(BENCH / "profile_step.py"),
         "--model", str(settings.model_dir),
-        "--dtype", "bfloat16",
+        "--dtype", settings.dtype,
         "--batch", str(settings.profile_batch),
         "--prompt-tokens", str(settings.prompt_tokens),
         "--steps", str(settings.profile_steps),
@@ -505,6 +515,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="times each server is started and measured, taking turns; the report "
         "gives the median per level (default 3, 1 with --quick)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        help="default: bfloat16 on CPUs with native bfloat16 (AVX512-BF16, AMX), else float32",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, help="default 128, 16 with --quick")
@@ -571,6 +586,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         skip_baseline=a.skip_baseline,
         skip_profile=a.skip_profile,
         rounds=pick(a.rounds, 3, 1),
+        dtype=a.dtype or default_dtype(),
         quick=a.quick,
         results=(a.results or (out or BENCH / "results") / "latest.json").resolve(),
         plot=(
@@ -578,6 +594,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ).resolve(),
         doc=(a.doc or (out / "performance.md" if out else REPO / "docs/performance.md")).resolve(),
     )
+
+
+def default_dtype() -> str:
+    from sluice_server.kernels.cpu_features import CpuFeatures
+
+    return CpuFeatures.detect().default_dtype_name()
 
 
 def exit_on_sigterm(signum: int, _frame: object) -> None:
