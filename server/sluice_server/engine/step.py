@@ -103,6 +103,8 @@ class StepExecutor:
         self.cache_spec = KVCacheSpec.for_model(loaded, block_size)
         self.requests: dict[int, Request] = {}
         self.kv_cache: list[LayerKVCache] | None = None
+        # What a step is checked against; fixed by each warmup.
+        self.step_limits: StepLimits | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -173,6 +175,12 @@ class StepExecutor:
                 f"(--kv-cache-memory)"
             )
         self.kv_cache = self.cache_spec.allocate(num_blocks)
+        self.step_limits = StepLimits(
+            vocab_size=self.loaded.config.vocab_size,
+            max_position_embeddings=self.loaded.config.max_position_embeddings,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+        )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB)",
             num_blocks,
@@ -184,15 +192,9 @@ class StepExecutor:
     def step(self, step_request: pb.StepRequest) -> pb.StepResponse:
         """Runs one step, as the module docstring describes."""
         start = time.perf_counter_ns()
-        if self.kv_cache is None:
+        if self.kv_cache is None or self.step_limits is None:
             raise NotWarmedUpError("Step before Warmup: the KV cache is not allocated yet")
-        limits = StepLimits(
-            vocab_size=self.loaded.config.vocab_size,
-            max_position_embeddings=self.loaded.config.max_position_embeddings,
-            num_blocks=self.num_blocks,
-            block_size=self.block_size,
-        )
-        new_requests = validate_step(step_request, self.requests, limits)
+        new_requests = validate_step(step_request, self.requests, self.step_limits)
 
         for request_id in step_request.free_ids:
             del self.requests[request_id]
