@@ -1,5 +1,7 @@
 """Sluice's bfloat16 matmul (`linear_bf16` in the compiled CPU kernels) against oneDNN's, which
-PyTorch runs for a prepacked `mkldnn::_linear_pointwise`, on the projections of a model.
+PyTorch runs for a prepacked `mkldnn::_linear_pointwise`, on the projections of a model. oneDNN
+runs in bfloat16 where it has bfloat16 on this CPU, else in float32 (the dtype Sluice would
+otherwise serve with there: CPUs without AVX-512).
 
 For each row count: every projection shape of the model (SmolLM2-135M's by default), each timed
 over as many distinct weights as the model has layers, so that weights stream from memory as in
@@ -26,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
 from sluice_server.kernels import load_cpu_kernels
+from sluice_server.kernels.cpu_features import CpuFeatures
 
 # (in_features, out_features, uses per step): SmolLM2-135M's fused qkv, o, fused gate/up, down,
 # and the LM head.
@@ -42,22 +45,28 @@ def time_us(function: Callable[[], object], calls: int) -> float:
 
 
 def time_shape(
-    kernels: ModuleType, rows: int, in_features: int, out_features: int, count: int
+    kernels: ModuleType,
+    onednn_dtype: torch.dtype,
+    shape: tuple[int, int, int],
+    count: int,
 ) -> dict[str, float]:
-    """Microseconds per call of each implementation, cycling through `count` distinct weights."""
+    """Microseconds per call of each implementation on x [rows, in] and weights [out, in],
+    cycling through `count` distinct weights."""
+    rows, in_features, out_features = shape
     generator = torch.Generator().manual_seed(0)
-    weights = [
-        torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
-        for _ in range(count)
+    weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
+    onednn = [
+        torch.ops.mkldnn._reorder_linear_weight(w.to(onednn_dtype), 32) for w in weights
     ]
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
-    sluice = [kernels.pack_linear_bf16(w) for w in weights]
-    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    sluice = [kernels.pack_linear_bf16(w.to(torch.bfloat16)) for w in weights]
+    x_full = torch.randn(rows, in_features, generator=generator)
+    x_onednn = x_full.to(onednn_dtype)
+    x = x_full.to(torch.bfloat16)
     turn = iter(range(1 << 62))
 
     def run_onednn() -> object:
         weight = onednn[next(turn) % count]
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x_onednn, weight, None, "none", [], "")
 
     def run_sluice() -> object:
         return kernels.linear_bf16(x, sluice[next(turn) % count], None, out_features)
@@ -74,16 +83,17 @@ def main() -> None:
 
     kernels = load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels")
     if not kernels.has_linear_bf16():
-        raise SystemExit(
-            "this CPU has no AVX512-BF16, so Sluice has no bfloat16 matmul of its own here "
-            "(projections use oneDNN's, or F.linear where oneDNN has no bfloat16 for the CPU)"
-        )
+        raise SystemExit("this CPU has neither AVX512-BF16 nor AVX2: no Sluice matmul here")
+    onednn_dtype = torch.bfloat16 if CpuFeatures.detect().onednn_bf16 else torch.float32
+    print(json.dumps({"onednn_dtype": str(onednn_dtype).removeprefix("torch.")}))
     for rows in args.rows:
         step_us = {"onednn": 0.0, "sluice": 0.0}
         for in_features, out_features, uses in SMOLLM2_SHAPES:
             # The LM head is used once a step; two copies keep it from staying in cache.
             count = min(args.weights, uses) if uses > 1 else 2
-            timings = time_shape(kernels, rows, in_features, out_features, count)
+            timings = time_shape(
+                kernels, onednn_dtype, (rows, in_features, out_features), count
+            )
             flop = 2 * rows * in_features * out_features
             for name, micros in timings.items():
                 step_us[name] += micros * uses

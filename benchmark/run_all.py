@@ -87,9 +87,11 @@ class Settings:
     skip_baseline: bool
     skip_profile: bool
     rounds: int
-    # Every server and the baseline run in this dtype: the CPU's fastest (bfloat16 only where
-    # the CPU computes in it natively; emulated bfloat16 would handicap every server).
-    dtype: str
+    # Each server at its fastest dtype on this CPU. Sluice: bfloat16 where the CPU computes in it
+    # natively or Sluice's compiled matmul runs it (AVX2 without AVX-512). vLLM, the transformers baseline and the
+    # matmul peak: bfloat16 only where native (emulated bfloat16 would handicap them).
+    sluice_dtype: str
+    peer_dtype: str
     quick: bool
     results: Path
     plot: Path
@@ -338,7 +340,7 @@ def sluice_spec(settings: Settings) -> ServerSpec:
         "--model-id", str(settings.model_dir),
         "--port", str(port),
         "--hostname", "127.0.0.1",
-        "--dtype", settings.dtype,
+        "--dtype", settings.sluice_dtype,
         "--shard-uds-path", f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}",
     ]
     # fmt: on
@@ -369,7 +371,7 @@ def vllm_spec(settings: Settings) -> ServerSpec:
         "vllm",
         argv,
         port,
-        {**os.environ, "VLLM_DTYPE": settings.dtype},
+        {**os.environ, "VLLM_DTYPE": settings.peer_dtype},
         settings.logs / "vllm.log",
         settings.vllm_startup_timeout_s,
         term_group=True,
@@ -384,7 +386,8 @@ def machine(settings: Settings) -> dict[str, Any]:
     argv = [
         sys.executable, str(BENCH / "machine.py"),
         "--matmul-size", str(settings.matmul_size),
-        "--dtype", settings.dtype,
+        # The dtype torch.matmul is fastest in: what the CPU's FMA units peak at.
+        "--dtype", settings.peer_dtype,
     ]
     # fmt: on
     return run_json(argv, settings.phase_timeout_s, settings.logs / "machine.log")
@@ -401,7 +404,7 @@ def baseline(settings: Settings) -> dict[str, Any]:
         "--sequential", str(settings.baseline_sequential),
         "--batch-sizes", *map(str, settings.baseline_batches),
         "--seed", str(settings.seed),
-        "--dtype", settings.dtype,
+        "--dtype", settings.peer_dtype,
     ]
     # fmt: on
     return run_json(argv, settings.phase_timeout_s, settings.logs / "baseline.log")
@@ -413,7 +416,7 @@ def profile(settings: Settings) -> dict[str, Any]:
         sys.executable,
         str(BENCH / "profile_step.py"),
         "--model", str(settings.model_dir),
-        "--dtype", settings.dtype,
+        "--dtype", settings.sluice_dtype,
         "--batch", str(settings.profile_batch),
         "--prompt-tokens", str(settings.prompt_tokens),
         "--steps", str(settings.profile_steps),
@@ -518,7 +521,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float32"],
-        help="default: bfloat16 on CPUs with native bfloat16 (AVX512-BF16, AMX), else float32",
+        help="every server in this dtype; default: each at its fastest on this CPU (Sluice: "
+        "bfloat16 with AVX512-BF16, AMX, or AVX2 without AVX-512; the others: bfloat16 with "
+        "AVX512-BF16 or AMX; else float32)",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -586,7 +591,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         skip_baseline=a.skip_baseline,
         skip_profile=a.skip_profile,
         rounds=pick(a.rounds, 3, 1),
-        dtype=a.dtype or default_dtype(),
+        sluice_dtype=a.dtype or fastest_dtype(sluice=True),
+        peer_dtype=a.dtype or fastest_dtype(sluice=False),
         quick=a.quick,
         results=(a.results or (out or BENCH / "results") / "latest.json").resolve(),
         plot=(
@@ -596,10 +602,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
 
 
-def default_dtype() -> str:
+def fastest_dtype(sluice: bool) -> str:
     from sluice_server.kernels.cpu_features import CpuFeatures
 
-    return CpuFeatures.detect().default_dtype_name()
+    # `make bench` installs Sluice with its compiled kernels; the peers have no such matmul.
+    return CpuFeatures.detect().default_dtype_name(compiled_kernels=sluice)
 
 
 def exit_on_sigterm(signum: int, _frame: object) -> None:

@@ -1,5 +1,5 @@
-"""bfloat16, the dtype `--dtype auto` picks on CPUs with native bfloat16, end to end: the path
-with Sluice's own bfloat16 matmul, which the float32 modules do not take."""
+"""bfloat16, the dtype `--dtype auto` picks on CPUs with native bfloat16 or AVX2, end to end: the
+path with Sluice's own bfloat16 matmul, which the float32 modules do not take."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ from conftest import SluiceServer, serve
 from helpers import generate
 
 
-def _cpu_has_native_bfloat16() -> bool:
+def _cpu_runs_sluice_bfloat16_matmul() -> bool:
+    """AVX512-BF16, or AVX2 with FMA (the flags as Linux names them)."""
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
+    return "avx512_bf16" in flags or {"avx2", "fma"} <= flags
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[SluiceServer]:
-    if not _cpu_has_native_bfloat16():
-        # The path under test is Sluice's own bfloat16 matmul, which needs it.
-        pytest.skip("needs AVX512-BF16 (this CPU lacks it)")
+    if not _cpu_runs_sluice_bfloat16_matmul():
+        # The path under test is Sluice's own bfloat16 matmul, which needs one of them.
+        pytest.skip("needs AVX512-BF16 or AVX2 with FMA (this CPU lacks them)")
     yield from serve("--max-input-tokens", "256", "--max-total-tokens", "512", dtype="bfloat16")
 
 

@@ -199,18 +199,18 @@ def _serve(args: argparse.Namespace) -> int:
         if device_type == "cuda"
         else torch.device("cpu")
     )
-    dtype_name = args.dtype
-    if dtype_name == "auto":
-        dtype_name = default_dtype_name(device)
-    dtype: torch.dtype = getattr(torch, dtype_name)
-    _warn_if_bf16_is_emulated(device, dtype_name)
-
-    logger.info("loading %s on %s in %s", args.model_dir, device, dtype_name)
     try:
         kernels = select_kernels(args.kernels, device, args.kernel_cache_dir)
     except KernelBuildError as error:
         return _fail(str(error))
     logger.info("kernels: %s", type(kernels.attention).__name__)
+    dtype_name = args.dtype
+    if dtype_name == "auto":
+        dtype_name = default_dtype_name(device, kernels.compiled)
+    dtype: torch.dtype = getattr(torch, dtype_name)
+    _warn_if_bf16_is_emulated(device, dtype_name, kernels.compiled)
+
+    logger.info("loading %s on %s in %s", args.model_dir, device, dtype_name)
     try:
         loaded = load_model(args.model_dir, dtype, device, kernels)
     except ModelLoadError as error:
@@ -251,23 +251,26 @@ async def _serve_until_signal(servicer: "TextGenerationServicer", uds_path: str)
     logger.info("stopped")
 
 
-def default_dtype_name(device: "torch.device") -> str:
-    """bfloat16 on GPUs and on CPUs with native bfloat16 arithmetic (AVX512-BF16, AMX), where it
-    decodes about twice as fast as float32 (docs/performance.md); float32 on other CPUs, where
-    bfloat16 is emulated and slower."""
+def default_dtype_name(device: "torch.device", compiled_kernels: bool) -> str:
+    """bfloat16 on GPUs and on CPUs where it serves faster than float32 (native bfloat16, or
+    Sluice's compiled matmul on AVX2 CPUs without AVX-512: a decode step 1.3x faster at 32
+    sequences and 1.7x at one, docs/microbenchmarks.md); float32 on other CPUs, where bfloat16
+    is emulated and slower."""
     if device.type == "cuda":
         return "bfloat16"
     from .kernels.cpu_features import CpuFeatures
 
-    return CpuFeatures.detect().default_dtype_name()
+    return CpuFeatures.detect().default_dtype_name(compiled_kernels)
 
 
-def _warn_if_bf16_is_emulated(device: "torch.device", dtype_name: str) -> None:
+def _warn_if_bf16_is_emulated(
+    device: "torch.device", dtype_name: str, compiled_kernels: bool
+) -> None:
     if device.type != "cpu" or dtype_name != "bfloat16":
         return
     from .kernels.cpu_features import CpuFeatures
 
-    note = CpuFeatures.detect().bf16_slow_path_note()
+    note = CpuFeatures.detect().bf16_slow_path_note(compiled_kernels)
     if note is not None:
         logger.warning("%s", note)
 

@@ -33,10 +33,11 @@ def compiled_kernels(built_kernels: Kernels) -> Kernels:
 
 
 def _skip_without_linear_bf16(kernels: Kernels, cpu: CpuFeatures, build: KernelBuild) -> None:
-    if not cpu.avx512_bf16:
-        pytest.skip(lacks("AVX512-BF16"))
+    if not cpu.sluice_bf16_matmul:
+        # (AVX-512 without BF16 keeps oneDNN's bfloat16 matmul.)
+        pytest.skip(lacks("AVX512-BF16, or AVX2 without AVX-512"))
     if not kernels.ops.kernels.has_linear_bf16():
-        pytest.skip(f"the {build.isa} kernel build is compiled without AVX512-BF16")
+        pytest.skip(f"the {build.isa} kernel build is compiled without AVX512-BF16 or AVX2")
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -152,7 +153,7 @@ def test_rotary_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", [1536, 40])  # SmolLM2's, and one with a tail past 16 lanes
+@pytest.mark.parametrize("width", [1536, 43])  # SmolLM2's, and one with a tail past 8 and 16 lanes
 def test_silu_and_mul_matches_reference(
     compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype, width: int
 ) -> None:
@@ -167,9 +168,17 @@ def test_silu_and_mul_matches_reference(
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
-    # Decode-sized row counts around the 8-row blocks, one past the 256-row block, and output
-    # widths that leave part of a 32-column tile.
-    [(1, 576, 960), (7, 64, 40), (9, 576, 576), (32, 1536, 100), (300, 96, 64)],
+    # Decode-sized row counts around the AVX-512 8-row blocks and the AVX2 4-row direct and
+    # 6-row widened blocks, one past the 256-row block, and output widths that leave part of a
+    # 32-column tile or of its 16-column half.
+    [
+        (1, 576, 960),
+        (4, 128, 40),
+        (7, 64, 40),
+        (9, 576, 576),
+        (32, 1536, 100),
+        (300, 96, 72),
+    ],
 )
 def test_linear_bf16_matches_torch(
     compiled_kernels: Kernels,

@@ -26,6 +26,7 @@ AVX2_ONLY = CpuFeatures(
     machine="x86_64",
     onednn_bf16=False,
 )
+NO_AVX2 = CpuFeatures(frozenset({"sse4_2"}), "x86_64", onednn_bf16=False)
 AVX512_BF16 = CpuFeatures(
     flags=AVX2_ONLY.flags | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     machine="x86_64",
@@ -33,19 +34,29 @@ AVX512_BF16 = CpuFeatures(
 )
 
 
-def test_dtype_and_bfloat16_note_follow_the_cpu() -> None:
-    assert AVX512_BF16.default_dtype_name() == "bfloat16"
-    assert AVX512_BF16.bf16_slow_path_note() is None
-    assert AVX2_ONLY.default_dtype_name() == "float32"
-    note = AVX2_ONLY.bf16_slow_path_note()
-    assert note is not None and "emulated" in note and "float32" in note
+def test_dtype_and_bfloat16_note_follow_the_cpu_and_kernels() -> None:
+    for compiled in (True, False):
+        assert AVX512_BF16.default_dtype_name(compiled) == "bfloat16"
+        assert AVX512_BF16.bf16_slow_path_note(compiled) is None
+    # AVX2: bfloat16 only through the compiled matmul.
+    assert AVX2_ONLY.default_dtype_name(compiled_kernels=True) == "bfloat16"
+    assert AVX2_ONLY.bf16_slow_path_note(compiled_kernels=True) is None
+    assert AVX2_ONLY.default_dtype_name(compiled_kernels=False) == "float32"
+    note = AVX2_ONLY.bf16_slow_path_note(compiled_kernels=False)
+    assert note is not None and "compiled kernels" in note and "emulated" in note
+    # AVX-512 without BF16: oneDNN's bfloat16 (emulated), so float32.
+    avx512 = CpuFeatures(AVX2_ONLY.flags | {"avx512f", "avx512bw"}, "x86_64", onednn_bf16=True)
+    assert not avx512.sluice_bf16_matmul
+    assert avx512.default_dtype_name(compiled_kernels=True) == "float32"
+    assert NO_AVX2.default_dtype_name(compiled_kernels=True) == "float32"
+    note = NO_AVX2.bf16_slow_path_note(compiled_kernels=True)
+    assert note is not None and "AVX2" in note and "float32" in note
 
 
 def test_builds_say_where_they_cannot_run() -> None:
-    no_avx2 = CpuFeatures(frozenset({"sse4_2"}), "x86_64", onednn_bf16=False)
     arm = CpuFeatures(frozenset({"asimd"}), "aarch64", onednn_bf16=False)
     assert KernelBuild("avx2").unrunnable_reason(AVX2_ONLY) is None
-    assert KernelBuild("avx2").unrunnable_reason(no_avx2) == (
+    assert KernelBuild("avx2").unrunnable_reason(NO_AVX2) == (
         "needs AVX2 and FMA (this CPU lacks them)"
     )
     assert "x86-64" in (KernelBuild("portable").unrunnable_reason(arm) or "")
@@ -59,14 +70,19 @@ def test_bfloat16_projections_take_the_matmul_the_cpu_has(compiled_kernels: Kern
     module = compiled_kernels.ops.kernels
     weight = torch.randn(64, 32).to(torch.bfloat16)
     float_weight = weight.float()
-    # AVX2 only: no oneDNN bfloat16, so bfloat16 stays unpacked (F.linear); float32 is oneDNN's.
+    # AVX2 only: Sluice's matmul for bfloat16 (the native build of any AVX2 CPU has one), and
+    # oneDNN's for float32.
     avx2_ops = CompiledCpuOps(module, AVX2_ONLY)
-    assert avx2_ops.pack_linear(weight, None) is None
+    packed = avx2_ops.pack_linear(weight, None)
+    assert module.has_linear_bf16()
+    assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
     packed = avx2_ops.pack_linear(float_weight, None)
     if torch.backends.mkldnn.is_available():
         assert packed is not None and packed.matmul is LinearMatmul.ONEDNN
         x = torch.randn(3, 32)
         assert torch.allclose(avx2_ops.packed_linear(x, packed), x @ float_weight.T, atol=1e-5)
+    # Neither AVX2 nor oneDNN bfloat16: the weight stays as it is, for F.linear.
+    assert CompiledCpuOps(module, NO_AVX2).pack_linear(weight, None) is None
 
 
 def test_without_a_compiler_the_shard_serves_with_the_reference_kernels(

@@ -15,7 +15,7 @@ from sluice_server.engine.kv_cache import KVCacheSpec
 from sluice_server.engine.step import ForwardChunk, run_forward
 from sluice_server.kernels import CpuFeatures, Kernels
 from sluice_server.layers.attention import AttentionBackend, LayerKVCache, SequenceChunk
-from sluice_server.layers.ops import CompiledCpuOps
+from sluice_server.layers.ops import CompiledCpuOps, LinearMatmul
 from sluice_server.layers.rotary import RopeConfig, inverse_frequencies
 from sluice_server.models.loader import LoadedModel, ModelLoadError, load_model
 
@@ -179,34 +179,39 @@ def test_batched_decodes_of_different_lengths_match_each_alone(models) -> None:
 
 
 # An AVX2-only CPU as CpuFeatures reports it (e.g. AMD Zen 3): no AVX-512, so no bfloat16 in
-# oneDNN and no matmul of Sluice's own; the projections run through F.linear in bfloat16.
+# oneDNN; the projections run through Sluice's AVX2 matmul. And an x86 CPU without AVX2, where
+# they run through F.linear in bfloat16.
 AVX2_ONLY = CpuFeatures(
     flags=frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}),
     machine="x86_64",
     onednn_bf16=False,
 )
+NO_AVX2 = CpuFeatures(flags=frozenset({"sse4_2"}), machine="x86_64", onednn_bf16=False)
 
 
-@pytest.mark.parametrize("cpu_paths", ["this-cpu", "avx2-only"])
+@pytest.mark.parametrize("cpu_paths", ["this-cpu", "avx2-only", "no-avx2"])
 @pytest.mark.parametrize("variant", ["llama-tied", "qwen2"])  # qwen2: projections with a bias
 def test_bfloat16_compiled_kernels_match_transformers(
     variant: str, cpu_paths: str, save_tiny_model, compiled_kernels: Kernels
 ) -> None:
     """bfloat16 through the compiled kernels, with the matmuls this CPU chooses (Sluice's own
-    with AVX512-BF16, oneDNN's with AVX-512, else F.linear) and with those of an AVX2-only CPU,
-    against transformers' float32 logits. Each layer rounds its output to bfloat16, so the
-    tolerance is a few bfloat16 steps of the largest logit."""
+    with AVX512-BF16 or AVX2, else oneDNN's or F.linear) and with those of an AVX2-only CPU and
+    of one without AVX2, against transformers' float32 logits. Each layer rounds its output to
+    bfloat16, so the tolerance is a few bfloat16 steps of the largest logit."""
     kernels = compiled_kernels
-    if cpu_paths == "avx2-only":
-        assert isinstance(compiled_kernels.ops, CompiledCpuOps)
-        kernels = Kernels(
-            compiled_kernels.attention, CompiledCpuOps(compiled_kernels.ops.kernels, AVX2_ONLY)
-        )
+    assert isinstance(compiled_kernels.ops, CompiledCpuOps)
+    module = compiled_kernels.ops.kernels
+    if cpu_paths != "this-cpu":
+        cpu = AVX2_ONLY if cpu_paths == "avx2-only" else NO_AVX2
+        kernels = Kernels(compiled_kernels.attention, CompiledCpuOps(module, cpu))
     model_type, overrides = MODEL_VARIANTS[variant]
     directory, reference = save_tiny_model(model_type, **overrides)
     loaded = load_model(directory, torch.bfloat16, torch.device("cpu"), kernels)
-    if cpu_paths == "avx2-only":
-        assert loaded.model.lm_head.packed is None
+    lm_head = loaded.model.lm_head.packed
+    if cpu_paths == "avx2-only" and module.has_linear_bf16():
+        assert lm_head is not None and lm_head.matmul is LinearMatmul.SLUICE_BF16
+    if cpu_paths == "no-avx2":
+        assert lm_head is None
     tokens = _prompt(15)
     expected = _reference_logits(reference, tokens)
     tolerance = 0.04 * expected.abs().max().item()

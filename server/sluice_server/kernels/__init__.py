@@ -39,6 +39,11 @@ class Kernels:
     attention: AttentionBackend
     ops: Ops
 
+    @property
+    def compiled(self) -> bool:
+        """Whether these are Sluice's compiled CPU kernels (else the PyTorch reference)."""
+        return isinstance(self.ops, CompiledCpuOps)
+
     @classmethod
     def reference(cls, cpu: CpuFeatures | None = None) -> "Kernels":
         """Plain PyTorch: any device, and the reference the compiled kernels are tested against."""

@@ -71,26 +71,45 @@ class CpuFeatures:
 
     @property
     def native_bf16(self) -> bool:
-        """bfloat16 arithmetic in hardware (AVX512-BF16 or AMX): where bfloat16 serves faster
-        than float32. Elsewhere bfloat16 works but is emulated, slower than float32."""
+        """bfloat16 arithmetic in hardware (AVX512-BF16 or AMX)."""
         return bool(self.flags & {"avx512_bf16", "amx_bf16"})
 
-    def default_dtype_name(self) -> str:
-        """bfloat16 where the CPU computes in it natively, float32 elsewhere."""
-        return "bfloat16" if self.native_bf16 else "float32"
+    @property
+    def sluice_bf16_matmul(self) -> bool:
+        """Whether bfloat16 projections take Sluice's own matmul (in the compiled kernels): with
+        AVX512-BF16, and on AVX2 CPUs without AVX-512, where oneDNN has no bfloat16 and Sluice's
+        (bfloat16 weights widened in registers, float32 FMAs, half the bytes of float32 weights
+        to read per step) is measured faster than oneDNN's float32. On AVX-512 CPUs without
+        BF16, oneDNN's bfloat16 stays in charge: the two were not compared there."""
+        return self.avx512_bf16 or (self.avx2 and not self.avx512)
 
-    def bf16_slow_path_note(self) -> str | None:
-        """What a user choosing bfloat16 on this CPU should know, or None where it is native."""
-        if self.native_bf16:
+    def fast_bf16(self, compiled_kernels: bool) -> bool:
+        """Whether bfloat16 serves faster than float32 here: where the CPU computes in it
+        natively, and where the compiled kernels bring Sluice's bfloat16 matmul. Elsewhere
+        bfloat16 is emulated, slower than float32."""
+        return self.native_bf16 or (compiled_kernels and self.sluice_bf16_matmul)
+
+    def default_dtype_name(self, compiled_kernels: bool) -> str:
+        """bfloat16 where it is the faster (`fast_bf16`), float32 elsewhere."""
+        return "bfloat16" if self.fast_bf16(compiled_kernels) else "float32"
+
+    def bf16_slow_path_note(self, compiled_kernels: bool) -> str | None:
+        """What a user choosing bfloat16 here should know, or None where it is the faster."""
+        if self.fast_bf16(compiled_kernels):
             return None
+        lacking = (
+            "Sluice's compiled kernels"
+            if self.sluice_bf16_matmul
+            else "AVX512-BF16, AMX, or AVX2 on a CPU without AVX-512"
+        )
         matmul = (
             "oneDNN's bfloat16 matmul (emulated)"
             if self.onednn_bf16
             else "PyTorch's generic bfloat16 matmul (oneDNN has none for this CPU)"
         )
         return (
-            "bfloat16 on this CPU (no AVX512-BF16 or AMX) is emulated: projections run through "
-            f"{matmul}, slower than float32, which is the default here (--dtype auto)"
+            f"bfloat16 without {lacking} is emulated: projections run through {matmul}, "
+            "slower than float32, which is the default here (--dtype auto)"
         )
 
 

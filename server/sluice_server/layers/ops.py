@@ -7,10 +7,11 @@ the sampler's greedy pick, behind one interface.
 dtype round trips and temporaries rather than on the arithmetic.
 
 The projections' weights are packed once at load time (`pack_linear`) for the fastest matmul the
-CPU has (`CpuFeatures`): Sluice's own bfloat16 matmul on CPUs with AVX512-BF16 (compiled ops
-only, faster than oneDNN's at every row count a step has), else oneDNN's blocked layout where
-oneDNN supports the dtype here. A weight left unpacked runs through `F.linear`, which repacks it
-on every call (bfloat16 on CPUs that oneDNN has no bfloat16 for: AVX2-only ones).
+CPU has (`CpuFeatures.sluice_bf16_matmul`): Sluice's own bfloat16 matmul on CPUs with
+AVX512-BF16 and on AVX2 CPUs without AVX-512 (compiled ops only; faster than oneDNN's at every
+row count a step has), else oneDNN's blocked layout where oneDNN supports the dtype here. A
+weight left unpacked runs through `F.linear`, which repacks it on every call (bfloat16 without
+the compiled kernels on CPUs that oneDNN has no bfloat16 for).
 """
 
 from dataclasses import dataclass
@@ -122,10 +123,10 @@ class CompiledCpuOps(Ops):
         return PackedLinear(LinearMatmul.SLUICE_BF16, packed, padded_bias, weight.shape[0])
 
     def _own_matmul_packs(self, weight: torch.Tensor) -> bool:
-        # The build has the matmul only where it was compiled with AVX512-BF16; the CPU check
-        # keeps a caller's narrower CpuFeatures (as tests give) in charge.
+        # The build has the matmul where it was compiled with AVX512-BF16 or AVX2; the CPU
+        # check keeps a caller's narrower CpuFeatures (as tests give) in charge.
         return (
-            self.cpu.avx512_bf16
+            self.cpu.sluice_bf16_matmul
             and self.kernels.has_linear_bf16()
             and weight.device.type == "cpu"
             and weight.dtype == torch.bfloat16

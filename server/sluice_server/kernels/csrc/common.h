@@ -1,6 +1,6 @@
 // What every kernel family shares: float32 widening and rounding of the storage types, the
-// vectorisable exp, argument checks, the parallel grain, and the AVX-512 helpers of the
-// bfloat16 fast paths.
+// vectorisable exp, argument checks, the parallel grain, and the AVX2 and AVX-512 helpers of
+// the bfloat16 fast paths.
 //
 // Each kernel accumulates in float32 whatever the storage type, is parallelised with
 // at::parallel_for (PyTorch's own OpenMP pool, which carries an exception thrown inside a
@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -128,6 +128,47 @@ inline void prefetch(const T* data, int64_t count) {
     __builtin_prefetch(bytes + offset, 0, 2);
   }
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+// from_float<BFloat16> for 8 lanes: round to nearest even, the 16 bits in each 32-bit lane.
+inline __m256i bf16_bits_x8(__m256 values) {
+  const __m256i bits = _mm256_castps_si256(values);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+  return _mm256_srli_epi32(rounded, 16);
+}
+
+inline __m256 load_bf16x8(const at::BFloat16* source) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline void store_bf16x8(at::BFloat16* destination, __m256 values) {
+  const __m256i bits = bf16_bits_x8(values);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(destination),
+                   _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                    _mm256_extracti128_si256(bits, 1)));
+}
+
+// vector_exp, 8 lanes at a time.
+inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i exponent =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+#endif
 
 #if defined(__AVX512F__)
 inline __m512 load_bf16x16(const at::BFloat16* source) {

@@ -110,7 +110,7 @@ void rotary_impl(at::Tensor& x, const float* cos, const float* sin) {
 // ---------------------------------------------------------------------------------------------
 // SwiGLU activation: gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:], [T, I], computed
 // in float32 and rounded once. PyTorch runs it as two operators with a bfloat16 temporary in
-// between; for bfloat16 on AVX-512 this is one pass of intrinsics (the compiler does not
+// between; for bfloat16 on AVX-512 and AVX2 this is one pass of intrinsics (the compiler does not
 // vectorise the bfloat16 conversions and exp of the portable loop well).
 
 template <typename T>
@@ -125,6 +125,16 @@ inline void silu_and_mul_row(const T* __restrict gate, const T* __restrict up,
       const __m512 exp_minus_g = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
       const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_minus_g));
       store_bf16x16(out + i, _mm512_mul_ps(silu, load_bf16x16(up + i)));
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= width; i += 8) {
+      const __m256 g = load_bf16x8(gate + i);
+      const __m256 exp_minus_g = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp_minus_g));
+      store_bf16x8(out + i, _mm256_mul_ps(silu, load_bf16x8(up + i)));
     }
   }
 #endif

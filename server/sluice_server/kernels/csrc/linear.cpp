@@ -1,18 +1,29 @@
-// bfloat16 matmul for the model's projections, y [M, N] = x [M, K] W^T + b, on CPUs with
-// AVX512-BF16. On the row counts of decoding (1 to a few dozen) oneDNN runs at about 60 % of its
-// own large-matrix throughput; this is 1.3 to 2 times faster there, and no slower on prompt
-// chunks (benchmark/linear_kernel.py).
+// bfloat16 matmul for the model's projections, y [M, N] = x [M, K] W^T + b, with two paths:
+//
+// - AVX512-BF16: on the row counts of decoding (1 to a few dozen) oneDNN runs at about 60 % of
+//   its own large-matrix throughput; this is 1.3 to 2 times faster there, and no slower on
+//   prompt chunks (benchmark/linear_kernel.py).
+// - AVX2 with FMA (CPUs without AVX-512, where oneDNN has no bfloat16 at all): weights stay
+//   bfloat16 in memory, half the bytes of float32, and are widened in registers for float32
+//   FMAs. Decoding reads every weight once per step, so this beats oneDNN's float32 matmul.
 //
 // The weight is packed once into tiles of 32 output columns, [ceil(N / 32)][K / 2][32][2]: for
 // each pair of input dimensions, the 32 columns' two weights side by side, 128 bytes, which is
-// the pair layout `vdpbf16ps` multiplies (columns past N are zero). A micro-kernel holds an
-// 8-row by 32-column block of y in 16 registers and walks K a pair at a time: two loads of the
-// tile, eight broadcasts of x's pairs, sixteen dot-product instructions. Threads split the
-// tiles; each streams its tiles from memory once per block of rows, prefetching the next tile
-// while the current one is reused from cache for each group of 8 rows.
+// the pair layout `vdpbf16ps` multiplies (columns past N are zero). The AVX-512 micro-kernel
+// holds an 8-row by 32-column block of y in 16 registers and walks K a pair at a time: two loads
+// of the tile, eight broadcasts of x's pairs, sixteen dot-product instructions. The AVX2 path
+// works on one half of a tile (16 columns) at a time: a 256-bit load of a pair row is 8 columns'
+// two weights, and a shift and a mask widen it to those columns' float32 weights of the pair's
+// first and second dimension. Up to 4 rows multiply straight from the bfloat16 tile; more rows
+// widen the half tile once into a float32 panel and run a 6-row by 16-column kernel (12 sums in
+// registers) over it. Threads split the tiles; each streams its tiles from memory once per
+// block of rows, prefetching the next tile while the current one is reused from cache for each
+// group of rows.
 //
-// A build without AVX512-BF16 has the packing but not the matmul (has_linear_bf16 says which);
-// the Python side then leaves the projections to PyTorch.
+// A build with neither has the packing but not the matmul (has_linear_bf16 says which); the
+// Python side then leaves the projections to PyTorch.
+
+#include <vector>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -24,11 +35,13 @@ namespace sluice {
 namespace {
 
 constexpr int64_t kLinearColumns = 32;
-constexpr int64_t kLinearRows = 8;
 // Rows of x worked on together, so that x's block stays in cache while the tiles stream past.
 constexpr int64_t kLinearRowBlock = 256;
 
 #if defined(__AVX512BF16__)
+#define SLUICE_HAS_LINEAR_BF16 1
+constexpr int64_t kLinearRows = 8;
+
 // Up to kLinearRows rows of x and the matching rows of y's 32-column tile.
 struct RowBlock {
   const at::BFloat16* x;
@@ -131,12 +144,193 @@ void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bi
     }
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SLUICE_HAS_LINEAR_BF16 1
+// Rows up to which a block is multiplied straight from the bfloat16 tile (decoding's few rows,
+// where the weights' bytes bound the time); more rows widen each half tile to float32 once and
+// run the 6-row kernel over it for every group of rows.
+constexpr int64_t kDirectRows = 4;
+constexpr int64_t kWidenedRows = 6;
+constexpr int64_t kHalfColumns = 16;
+// One pair of input dimensions of a packed tile: 32 columns x 2 bfloat16.
+constexpr int64_t kPairRowBytes = kLinearColumns * 2 * sizeof(at::BFloat16);
+
+// Up to kWidenedRows rows of x (widened to float32) and the matching rows of y's 16 columns.
+struct RowBlock {
+  const float* x;
+  int64_t x_stride;
+  at::BFloat16* y;
+  int64_t y_stride;
+};
+
+// One half (16 columns) of a packed tile: its first pair row's 64 bytes, then every
+// kPairRowBytes; its 16 biases (or null) and how many of its columns are real.
+struct WeightHalf {
+  const char* data;
+  int64_t pairs;
+  const float* bias;
+  int64_t columns;
+};
+
+// 8 columns' weights of a pair, [w(c, k) w(c, k + 1)] per 32-bit lane, as float32 vectors of
+// the first dimension (the low halves shifted up) and of the second (the high halves as they are).
+inline __m256 first_of_pairs(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+}
+
+inline __m256 second_of_pairs(__m256i pairs) {
+  return _mm256_castsi256_ps(
+      _mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+template <int64_t kRows>
+inline void start_sums(__m256 (&sums)[kRows][2], const float* bias) {
+  for (int r = 0; r < kRows; ++r) {
+    sums[r][0] = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    sums[r][1] = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  }
+}
+
+// Row r's 16 sums into y, the first `columns` of them.
+template <int64_t kRows>
+inline void store_sums(const __m256 (&sums)[kRows][2], RowBlock block, int64_t columns) {
+  for (int r = 0; r < kRows; ++r) {
+    // packus interleaves the 128-bit lanes (low 0-3, high 0-3, low 4-7, high 4-7); the
+    // permute puts them back in order.
+    const __m256i packed = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(bf16_bits_x8(sums[r][0]), bf16_bits_x8(sums[r][1])), 0xd8);
+    at::BFloat16* row = block.y + r * block.y_stride;
+    if (columns >= kHalfColumns) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), packed);
+    } else {
+      alignas(32) at::BFloat16 values[kHalfColumns];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(values), packed);
+      std::memcpy(row, values, columns * sizeof(at::BFloat16));
+    }
+  }
+}
+
+// The 16 columns' weights of one input dimension, as float32.
+struct WeightRow {
+  __m256 low;
+  __m256 high;
+};
+
+// sums[r] += x[r][k] * w for kRows rows.
+template <int64_t kRows>
+inline void accumulate(__m256 (&sums)[kRows][2], const float* x, int64_t x_stride, WeightRow w) {
+#pragma GCC unroll 6
+  for (int r = 0; r < kRows; ++r) {
+    const __m256 value = _mm256_broadcast_ss(x + r * x_stride);
+    sums[r][0] = _mm256_fmadd_ps(value, w.low, sums[r][0]);
+    sums[r][1] = _mm256_fmadd_ps(value, w.high, sums[r][1]);
+  }
+}
+
+// Up to kDirectRows rows straight from the bfloat16 half tile. `next`: the next tile's same
+// half, fetched a line per pair row while this one is multiplied; null for none.
+template <int64_t kRows>
+inline void linear_block_direct(RowBlock block, WeightHalf half, const char* next) {
+  __m256 sums[kRows][2];
+  start_sums(sums, half.bias);
+  for (int64_t k = 0; k < half.pairs; ++k) {
+    const auto* pair_row = reinterpret_cast<const __m256i*>(half.data + k * kPairRowBytes);
+    if (next != nullptr) _mm_prefetch(next + k * kPairRowBytes, _MM_HINT_T1);
+    const __m256i columns_0_7 = _mm256_loadu_si256(pair_row);
+    const __m256i columns_8_15 = _mm256_loadu_si256(pair_row + 1);
+    accumulate(sums, block.x + 2 * k, block.x_stride,
+               {first_of_pairs(columns_0_7), first_of_pairs(columns_8_15)});
+    accumulate(sums, block.x + 2 * k + 1, block.x_stride,
+               {second_of_pairs(columns_0_7), second_of_pairs(columns_8_15)});
+  }
+  store_sums(sums, block, half.columns);
+}
+
+// The half tile as float32 rows of 16, [2 * pairs][16], into `widened`.
+inline void widen_half(WeightHalf half, const char* next, float* widened) {
+  for (int64_t k = 0; k < half.pairs; ++k) {
+    const auto* pair_row = reinterpret_cast<const __m256i*>(half.data + k * kPairRowBytes);
+    if (next != nullptr) _mm_prefetch(next + k * kPairRowBytes, _MM_HINT_T1);
+    const __m256i columns_0_7 = _mm256_loadu_si256(pair_row);
+    const __m256i columns_8_15 = _mm256_loadu_si256(pair_row + 1);
+    float* rows = widened + 4 * k * 8;
+    _mm256_store_ps(rows, first_of_pairs(columns_0_7));
+    _mm256_store_ps(rows + 8, first_of_pairs(columns_8_15));
+    _mm256_store_ps(rows + 16, second_of_pairs(columns_0_7));
+    _mm256_store_ps(rows + 24, second_of_pairs(columns_8_15));
+  }
+}
+
+// Up to kWidenedRows rows against a widened half tile: 12 sums, 2 weights and a broadcast in
+// the 16 registers.
+template <int64_t kRows>
+inline void linear_block_widened(RowBlock block, const float* widened, int64_t in_features,
+                                 const float* bias, int64_t columns) {
+  __m256 sums[kRows][2];
+  start_sums(sums, bias);
+  for (int64_t k = 0; k < in_features; ++k) {
+    const float* w = widened + k * kHalfColumns;
+    accumulate(sums, block.x + k, block.x_stride, {_mm256_load_ps(w), _mm256_load_ps(w + 8)});
+  }
+  store_sums(sums, block, columns);
+}
+
+// y for tiles [begin, end) of the packed weight, every row of x (float32).
+void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bias,
+                  at::Tensor& y, int64_t begin, int64_t end) {
+  const int64_t rows = x.size(0);
+  const int64_t pairs = packed.size(1);
+  const int64_t out_features = y.size(1);
+  const int64_t tile_bytes = pairs * kPairRowBytes;
+  const char* weight = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
+  const float* x_data = x.data_ptr<float>();
+  const int64_t x_stride = x.stride(0);
+  at::BFloat16* y_data = y.data_ptr<at::BFloat16>();
+  // A half tile widened to float32: 2 * pairs rows of 16 (two vectors); __m256 elements keep
+  // it aligned for the vector loads.
+  std::vector<__m256> widened_rows(rows > kDirectRows ? 4 * pairs : 0);
+  float* widened = reinterpret_cast<float*>(widened_rows.data());
+  for (int64_t row_start = 0; row_start < rows; row_start += kLinearRowBlock) {
+    const int64_t block_rows = std::min(kLinearRowBlock, rows - row_start);
+    for (int64_t t = begin; t < end; ++t) {
+      const char* tile = weight + t * tile_bytes;
+      const char* next_tile = t + 1 < end ? tile + tile_bytes : nullptr;
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t first_column = t * kLinearColumns + h * kHalfColumns;
+        const WeightHalf half{tile + h * kPairRowBytes / 2, pairs,
+                              bias ? bias + first_column : nullptr,
+                              std::min(kHalfColumns, out_features - first_column)};
+        if (half.columns <= 0) break;
+        // Whichever pass reads the bfloat16 half also fetches the next tile's line of it.
+        const char* next = next_tile != nullptr ? next_tile + h * kPairRowBytes / 2 : nullptr;
+        const auto block_at = [&](int64_t r) {
+          return RowBlock{x_data + r * x_stride, x_stride,
+                          y_data + r * out_features + first_column, out_features};
+        };
+        if (block_rows <= kDirectRows) {
+          with_count<kDirectRows>(block_rows, [&](auto count) {
+            linear_block_direct<decltype(count)::value>(block_at(row_start), half, next);
+          });
+          continue;
+        }
+        widen_half(half, next, widened);
+        for (int64_t done = 0; done < block_rows; done += kWidenedRows) {
+          with_count<kWidenedRows>(std::min(kWidenedRows, block_rows - done), [&](auto count) {
+            linear_block_widened<decltype(count)::value>(block_at(row_start + done),
+                                                         widened, 2 * pairs, half.bias,
+                                                         half.columns);
+          });
+        }
+      }
+    }
+  }
+}
 #endif
 
 }  // namespace
 
 bool has_linear_bf16() {
-#if defined(__AVX512BF16__)
+#if defined(SLUICE_HAS_LINEAR_BF16)
   return true;
 #else
   return false;
@@ -161,7 +355,7 @@ at::Tensor pack_linear_bf16(const at::Tensor& weight) {
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                        const c10::optional<at::Tensor>& bias, int64_t out_features) {
-#if defined(__AVX512BF16__)
+#if defined(SLUICE_HAS_LINEAR_BF16)
   check_rows(x, "x");
   check_cpu(packed, "packed");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be bfloat16 [rows, K]");
@@ -182,8 +376,14 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
     bias_data = bias->data_ptr<float>();
   }
   auto y = at::empty({x.size(0), out_features}, x.options());
+#if defined(__AVX512BF16__)
+  const at::Tensor& rows = x;
+#else
+  // The AVX2 micro-kernel broadcasts x's values as float32.
+  const at::Tensor rows = x.to(at::kFloat);
+#endif
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    linear_tiles(x, packed, bias_data, y, begin, end);
+    linear_tiles(rows, packed, bias_data, y, begin, end);
   });
   return y;
 #else
@@ -191,7 +391,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
   (void)packed;
   (void)bias;
   (void)out_features;
-  TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "linear_bf16 needs a build for AVX512-BF16 or AVX2 with FMA");
 #endif
 }
 
