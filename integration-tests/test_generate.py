@@ -83,6 +83,30 @@ def test_seeded_sampling_is_reproducible(server: SluiceServer, chat_prompt) -> N
     assert first["details"]["seed"] == 1234
 
 
+def test_typical_p_samples_reproducibly(server: SluiceServer, chat_prompt) -> None:
+    prompt = chat_prompt("Name a colour.")
+    params = {"max_new_tokens": 16, "typical_p": 0.5, "seed": 99}
+    first = generate(server, prompt, **params)
+    assert first == generate(server, prompt, **params)
+    # typical_p alone turns sampling on, as in TGI: the seed is reported.
+    assert first["details"]["seed"] == 99
+
+
+def test_frequency_penalty_discourages_repeated_tokens(server: SluiceServer, chat_prompt) -> None:
+    """Greedy, so only the penalty differs: the most repeated output token of a list-making
+    answer is repeated less once each repetition costs 2 logits."""
+    prompt = chat_prompt("Count from 1 to 30, separated by commas.")
+
+    def most_repeats(body: dict) -> int:
+        ids = [token["id"] for token in body["details"]["tokens"]]
+        return max(ids.count(token_id) for token_id in set(ids))
+
+    plain = generate(server, prompt, max_new_tokens=40, ignore_eos=True)
+    penalised = generate(server, prompt, max_new_tokens=40, ignore_eos=True, frequency_penalty=2.0)
+    assert most_repeats(plain) >= 10, plain["generated_text"]
+    assert most_repeats(penalised) < most_repeats(plain), penalised["generated_text"]
+
+
 def test_tgi_python_client(server: SluiceServer, chat_prompt) -> None:
     client = Client(server.url, timeout=300)
     prompt = chat_prompt("What is the capital of France?")
@@ -107,6 +131,8 @@ def test_tgi_python_client(server: SluiceServer, chat_prompt) -> None:
         {"inputs": "Hello", "parameters": {"max_new_tokens": 0}},
         {"inputs": "Hello", "parameters": {"top_p": 1.5}},
         {"parameters": {"max_new_tokens": 5}},
+        {"inputs": "Hello", "parameters": {"typical_p": 1.5}},
+        {"inputs": "Hello", "parameters": {"frequency_penalty": 3.0}},
         {"inputs": "Hello", "parameters": {"best_of": 2}},
     ],
     ids=[
@@ -116,6 +142,8 @@ def test_tgi_python_client(server: SluiceServer, chat_prompt) -> None:
         "zero-new-tokens",
         "top-p",
         "no-inputs",
+        "typical-p",
+        "frequency-penalty",
         "unsupported",
     ],
 )

@@ -15,6 +15,10 @@ pub struct RequestedParameters {
     pub do_sample: bool,
     pub seed: Option<u64>,
     pub repetition_penalty: Option<f32>,
+    pub typical_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
     pub max_new_tokens: Option<u32>,
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (benchmarks).
@@ -30,7 +34,15 @@ pub struct SamplingParameters {
     pub top_p: f32,
     pub do_sample: bool,
     pub seed: u64,
+    /// Over prompt and output (transformers' rule); 1: off.
     pub repetition_penalty: f32,
+    /// 1: off.
+    pub typical_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// OpenAI's, over the output only; 0: off.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
 }
 
 /// When a request stops; the scheduler applies them (see `generation::StopCriteria`).

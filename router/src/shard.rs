@@ -36,6 +36,10 @@ impl From<&SamplingParameters> for pb::SamplingParameters {
             do_sample: sampling.do_sample,
             seed: sampling.seed,
             repetition_penalty: sampling.repetition_penalty,
+            typical_p: sampling.typical_p,
+            min_p: sampling.min_p,
+            frequency_penalty: sampling.frequency_penalty,
+            presence_penalty: sampling.presence_penalty,
         }
     }
 }

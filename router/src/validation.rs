@@ -27,6 +27,12 @@ pub enum ValidationError {
     TopK,
     #[error("`repetition_penalty` must be strictly positive")]
     RepetitionPenalty,
+    #[error("`typical_p` must be > 0.0 and <= 1.0")]
+    TypicalP,
+    #[error("`min_p` must be >= 0.0 and <= 1.0")]
+    MinP,
+    #[error("`{0}` must be >= -2.0 and <= 2.0")]
+    Penalty(&'static str),
     #[error("`stop` supports up to {max} stop sequences. Given: {given}")]
     TooManyStopSequences { max: usize, given: usize },
     #[error("`stop` sequences cannot be empty strings")]
@@ -154,11 +160,28 @@ fn sampling_parameters(
     if repetition_penalty.is_nan() || repetition_penalty <= 0.0 {
         return Err(ValidationError::RepetitionPenalty);
     }
-    // Like TGI, any sampling parameter turns sampling on.
+    let typical_p = params.typical_p.unwrap_or(1.0);
+    if !(typical_p > 0.0 && typical_p <= 1.0) {
+        return Err(ValidationError::TypicalP);
+    }
+    let min_p = params.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ValidationError::MinP);
+    }
+    let penalty = |value: Option<f32>, name| match value.unwrap_or(0.0) {
+        p if (-2.0..=2.0).contains(&p) => Ok(p),
+        _ => Err(ValidationError::Penalty(name)),
+    };
+    let frequency_penalty = penalty(params.frequency_penalty, "frequency_penalty")?;
+    let presence_penalty = penalty(params.presence_penalty, "presence_penalty")?;
+    // Like TGI, any sampling parameter turns sampling on; the penalties apply to greedy
+    // requests too.
     let do_sample = params.do_sample
         || params.temperature.is_some_and(|t| t != 1.0)
         || params.top_k.is_some()
-        || params.top_p.is_some();
+        || params.top_p.is_some()
+        || typical_p < 1.0
+        || min_p > 0.0;
     Ok(SamplingParameters {
         temperature,
         top_k,
@@ -166,6 +189,10 @@ fn sampling_parameters(
         do_sample,
         seed: params.seed.unwrap_or_else(rand::random),
         repetition_penalty,
+        typical_p,
+        min_p,
+        frequency_penalty,
+        presence_penalty,
     })
 }
 
@@ -249,6 +276,48 @@ mod tests {
             v.validate("abc", &params()).unwrap_err(),
             ValidationError::OutOfVocabulary { vocab_size: 66, .. }
         ));
+    }
+
+    #[test]
+    fn refuses_filters_and_penalties_out_of_range() {
+        let v = validator();
+        let cases: [(fn(&mut RequestedParameters), ValidationError); 5] = [
+            (|p| p.typical_p = Some(0.0), ValidationError::TypicalP),
+            (|p| p.typical_p = Some(1.5), ValidationError::TypicalP),
+            (|p| p.min_p = Some(-0.1), ValidationError::MinP),
+            (
+                |p| p.frequency_penalty = Some(2.5),
+                ValidationError::Penalty("frequency_penalty"),
+            ),
+            (
+                |p| p.presence_penalty = Some(f32::NAN),
+                ValidationError::Penalty("presence_penalty"),
+            ),
+        ];
+        for (set, error) in cases {
+            let mut p = params();
+            set(&mut p);
+            assert_eq!(v.validate("abc", &p).unwrap_err(), error);
+        }
+    }
+
+    #[test]
+    fn typical_p_and_min_p_turn_sampling_on_and_penalties_do_not() {
+        let mut p = params();
+        p.frequency_penalty = Some(0.5);
+        p.presence_penalty = Some(-0.5);
+        let valid = validator().validate("abc", &p).unwrap();
+        assert!(!valid.sampling.do_sample);
+        assert_eq!(valid.sampling.frequency_penalty, 0.5);
+        assert_eq!(valid.sampling.presence_penalty, -0.5);
+        for set in [
+            |p: &mut RequestedParameters| p.typical_p = Some(0.9),
+            |p: &mut RequestedParameters| p.min_p = Some(0.1),
+        ] {
+            let mut p = params();
+            set(&mut p);
+            assert!(validator().validate("abc", &p).unwrap().sampling.do_sample);
+        }
     }
 
     #[test]

@@ -31,12 +31,14 @@ def new_request(
     token_ids: Sequence[int],
     sampling: pb.SamplingParameters | None = None,
     cached_tokens: int = 0,
+    prompt_len: int = 0,
 ) -> pb.NewRequest:
     return pb.NewRequest(
         id=request_id,
         token_ids=token_ids,
         cached_tokens=cached_tokens,
         sampling=sampling or pb.SamplingParameters(),
+        prompt_len=prompt_len,
     )
 
 
@@ -225,14 +227,25 @@ def test_prefix_cached_request_matches_full_prefill(tiny_loaded) -> None:
     assert generated[1] == generated[0]
 
 
-def test_preempted_request_resumes_where_it_stopped(tiny_loaded) -> None:
-    sampling = pb.SamplingParameters(do_sample=True, temperature=0.8, seed=7)
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        pb.SamplingParameters(do_sample=True, temperature=0.8, seed=7),
+        # Greedy, so the penalties decide: the tiny model repeats its third token at the tenth
+        # unless that token counts as output, which the resumed request's prompt_len keeps so.
+        pb.SamplingParameters(frequency_penalty=2.0, presence_penalty=2.0),
+    ],
+    ids=["sampled", "output-penalties"],
+)
+def test_preempted_request_resumes_where_it_stopped(
+    tiny_loaded, sampling: pb.SamplingParameters
+) -> None:
     router = MiniRouter(make_executor(tiny_loaded))
-    router.add(new_request(0, PROMPTS[0], sampling=sampling), max_new_tokens=8)
+    router.add(new_request(0, PROMPTS[0], sampling=sampling), max_new_tokens=12)
     uninterrupted = router.run()[0]
 
     router = MiniRouter(make_executor(tiny_loaded))
-    router.add(new_request(0, PROMPTS[0], sampling=sampling), max_new_tokens=8)
+    router.add(new_request(0, PROMPTS[0], sampling=sampling), max_new_tokens=12)
     for _ in range(3):
         router.step()
     preempted = router.running.pop(0)
@@ -241,7 +254,8 @@ def test_preempted_request_resumes_where_it_stopped(tiny_loaded) -> None:
     # Resumed: the prompt and what it generated run again as one prompt.
     router.step(free_ids=[0])
     router.add(
-        new_request(0, PROMPTS[0] + before, sampling=sampling), max_new_tokens=8 - len(before)
+        new_request(0, PROMPTS[0] + before, sampling=sampling, prompt_len=len(PROMPTS[0])),
+        max_new_tokens=12 - len(before),
     )
     assert before + router.run()[0] == uninterrupted
 

@@ -52,14 +52,9 @@ pub struct GenerateParameters {
 impl GenerateParameters {
     /// The parameters Sluice supports, or the first one given that it does not.
     pub fn to_requested(&self) -> Result<RequestedParameters, ValidationError> {
-        let refusals: [(bool, &'static str); 9] = [
+        let refusals: [(bool, &'static str); 7] = [
             (self.adapter_id.is_some(), "adapter_id"),
             (self.best_of.is_some_and(|n| n > 1), "best_of"),
-            (self.typical_p.is_some_and(|p| p < 1.0), "typical_p"),
-            (
-                self.frequency_penalty.is_some_and(|p| p != 0.0),
-                "frequency_penalty",
-            ),
             (self.truncate.is_some(), "truncate"),
             (self.watermark, "watermark"),
             (self.decoder_input_details, "decoder_input_details"),
@@ -79,6 +74,10 @@ impl GenerateParameters {
             do_sample: self.do_sample,
             seed: self.seed,
             repetition_penalty: self.repetition_penalty,
+            typical_p: self.typical_p,
+            min_p: None,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: None,
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,

@@ -258,5 +258,6 @@ fn new_request(entry: &Entry, cached_tokens: usize) -> pb::NewRequest {
         token_ids: entry.tokens.clone(),
         cached_tokens: cached_tokens as u32,
         sampling: Some((&entry.request.sampling).into()),
+        prompt_len: entry.request.input_ids.len() as u32,
     }
 }

@@ -19,6 +19,10 @@ pub(super) fn sampling() -> SamplingParameters {
         do_sample: false,
         seed: 0,
         repetition_penalty: 1.0,
+        typical_p: 1.0,
+        min_p: 0.0,
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
     }
 }
 

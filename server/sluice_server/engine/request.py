@@ -11,6 +11,9 @@ class Request:
     id: int
     # Every token so far: the prompt, then each generated token as soon as it is sampled.
     token_ids: list[int]
+    # The prompt's share of token_ids (after a preemption, the router resends the generated
+    # tokens with the prompt).
+    prompt_len: int
     # Leading tokens whose K/V are in the cache; the next step processes the ones after them.
     num_computed: int
     sampling: SamplingParams
@@ -22,15 +25,21 @@ class Request:
         sampling = SamplingParams(
             temperature=new.sampling.temperature,
             top_k=new.sampling.top_k,
-            # Proto3 zero means "not set" for these two.
+            # Proto3 zero means "not set" for these three.
             top_p=new.sampling.top_p or 1.0,
             do_sample=new.sampling.do_sample,
             seed=new.sampling.seed,
             repetition_penalty=new.sampling.repetition_penalty or 1.0,
+            typical_p=new.sampling.typical_p or 1.0,
+            min_p=new.sampling.min_p,
+            frequency_penalty=new.sampling.frequency_penalty,
+            presence_penalty=new.sampling.presence_penalty,
         )
         return cls(
             id=new.id,
             token_ids=list(new.token_ids),
+            # Zero (unset): all of token_ids is the prompt.
+            prompt_len=new.prompt_len or len(new.token_ids),
             num_computed=new.cached_tokens,
             sampling=sampling,
         )

@@ -143,11 +143,20 @@ class StepExecutor:
         result = run_forward(self.loaded, temporary_cache, [chunk])
         # Every sampling feature on, so that the sampled path is exercised too.
         warmup_sampling = SamplingParams(
-            do_sample=True, top_k=50, top_p=0.9, repetition_penalty=1.1
+            do_sample=True,
+            top_k=50,
+            top_p=0.9,
+            repetition_penalty=1.1,
+            typical_p=0.95,
+            min_p=0.05,
+            frequency_penalty=0.1,
+            presence_penalty=0.1,
         )
+        # Half of the tokens as output, for the output penalties to count.
+        prompt_len = len(chunk.token_ids) // 2
         sample(
             result.logits,
-            [SamplingRow(warmup_sampling, chunk.token_ids)],
+            [SamplingRow(warmup_sampling, chunk.token_ids, prompt_len)],
             self.loaded.kernels.ops.argmax_logprob,
         )
         del temporary_cache, result
@@ -230,7 +239,10 @@ class StepExecutor:
         ]
         token_ids, logprobs = sample(
             result.logits,
-            [SamplingRow(request.sampling, request.token_ids) for request in sampling_requests],
+            [
+                SamplingRow(request.sampling, request.token_ids, request.prompt_len)
+                for request in sampling_requests
+            ],
             self.loaded.kernels.ops.argmax_logprob,
         )
         generations = []

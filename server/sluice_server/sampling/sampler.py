@@ -1,13 +1,17 @@
 """Batched logits processing and token selection.
 
-Every row of a batch has its own parameters. The processing order follows Hugging Face's:
-repetition penalty, then (for sampled rows) temperature, top-k, top-p, then a draw.
+Every row of a batch has its own parameters. The processing order follows Hugging Face's, with
+OpenAI's penalties next to the repetition penalty (as vLLM places them): repetition penalty
+(over prompt and output, transformers' rule), frequency and presence penalties (over the output
+only, OpenAI's rule); then, for sampled rows, temperature, top-k, top-p, min-p, typical-p, and a
+draw. Each filter keeps at least the most likely token.
 
 Draws are reproducible: the random generator is seeded from the request's seed and the position
 of the token being drawn, so a seeded request gives the same tokens whatever else is in the batch,
 and also after a preemption replays it from the start.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,18 +30,40 @@ class SamplingParams:
     do_sample: bool = False
     seed: int = 0
     repetition_penalty: float = 1.0  # 1: off
+    typical_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    frequency_penalty: float = 0.0  # 0: off
+    presence_penalty: float = 0.0  # 0: off
 
     @property
     def is_greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
 
+    @property
+    def filters(self) -> bool:
+        """Whether any filter after the temperature applies."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0 or self.typical_p < 1.0
+
+    @property
+    def penalises_output(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def validate(self) -> None:
+        """Raises ValueError for a value no filter can apply (the router's validation keeps
+        users' values within narrower, documented ranges)."""
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,9 @@ class SamplingRow:
     # Every token of the request so far: penalised by repetition_penalty, and its length is the
     # position of the token being drawn.
     token_ids: Sequence[int]
+    # How many of token_ids are the prompt; the rest is the output the frequency and presence
+    # penalties count.
+    prompt_len: int
 
 
 ArgmaxLogprob = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -64,10 +93,14 @@ def sample(
     directly, so an all-greedy batch never widens its logits to float32.
     """
     penalties = [row.params.repetition_penalty for row in rows]
-    if any(penalty != 1.0 for penalty in penalties):
+    penalise_output = any(row.params.penalises_output for row in rows)
+    if penalise_output or any(penalty != 1.0 for penalty in penalties):
         # Penalised in place, in float32; the model's output stays as it was.
         logits = logits.to(torch.float32, copy=True)
-        _apply_repetition_penalty(logits, [row.token_ids for row in rows], penalties)
+        if any(penalty != 1.0 for penalty in penalties):
+            _apply_repetition_penalty(logits, [row.token_ids for row in rows], penalties)
+        if penalise_output:
+            _apply_output_penalties(logits, rows)
 
     token_ids, logprobs = argmax_logprob(logits)
 
@@ -75,7 +108,7 @@ def sample(
     if sampled:
         sampled_rows = [rows[index] for index in sampled]
         row_index = torch.tensor(sampled, device=logits.device)
-        processed = _process_for_sampling(
+        processed = process_for_sampling(
             logits[row_index].float(), [row.params for row in sampled_rows]
         )
         drawn = _draw(processed.softmax(dim=-1), sampled_rows)
@@ -98,14 +131,46 @@ def _apply_repetition_penalty(
     logits.scatter_(1, token_ids, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
-def _process_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p; filtered-out tokens get -inf."""
+def _apply_output_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    # OpenAI's rule: logit -= frequency_penalty * count + presence_penalty * (count > 0), with
+    # each token's count in the output so far.
+    vocab_size = logits.shape[-1]
+    outputs = [list(row.token_ids[row.prompt_len :]) for row in rows]
+    width = max(1, max(len(output) for output in outputs))
+    # Padding counts into an extra column, dropped after.
+    padded = [output + [vocab_size] * (width - len(output)) for output in outputs]
+    token_ids = torch.tensor(padded, dtype=torch.long, device=logits.device)
+    counts = torch.zeros(len(rows), vocab_size + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab_size]
+    frequency = torch.tensor(
+        [row.params.frequency_penalty for row in rows], dtype=logits.dtype, device=logits.device
+    )
+    presence = torch.tensor(
+        [row.params.presence_penalty for row in rows], dtype=logits.dtype, device=logits.device
+    )
+    logits -= frequency[:, None] * counts + presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def process_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p, min-p and typical-p (transformers' order); filtered-out
+    tokens get -inf. Rows whose parameter is off pass through each filter unchanged."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
     logits = logits / temperature[:, None]
-    if all(p.top_k == 0 and p.top_p >= 1.0 for p in params):
+    if not any(p.filters for p in params):
         return logits
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        logits = _top_k_top_p(logits, params)
+    if any(p.min_p > 0.0 for p in params):
+        logits = _min_p(logits, params)
+    if any(p.typical_p < 1.0 for p in params):
+        logits = _typical_p(logits, params)
+    return logits
 
+
+def _top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    device = logits.device
     vocab_size = logits.shape[-1]
     top_k = torch.tensor([p.top_k or vocab_size for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
@@ -115,10 +180,41 @@ def _process_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]
     sorted_logits = sorted_logits.masked_fill(removed, float("-inf"))
     # Keep the smallest set of most likely tokens whose mass reaches top_p: a token goes when the
     # tokens before it already reach it. The most likely token always stays.
+    # Rows without top_p are left out: their float32 mass can round up to 1 before the tail.
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    cut = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    # A token goes when its probability is below min_p times the most likely token's; the most
+    # likely one never does (min_p <= 1).
+    min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=logits.device)
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    # Locally typical sampling: keep the tokens whose information (-log p) is closest to the
+    # distribution's entropy, in that order, until their mass reaches typical_p.
+    mass = torch.tensor([p.typical_p for p in params], dtype=logits.dtype, device=logits.device)
+    log_probs = logits.log_softmax(dim=-1)
+    probs = log_probs.exp()
+    entropy = -(log_probs * probs).nansum(dim=-1, keepdim=True)
+    distance = (-log_probs - entropy).abs()
+    sorted_distance, order = distance.sort(dim=-1)
+    sorted_probs = probs.gather(1, order)
+    # Tokens whose predecessors (closer to the entropy) already reach the mass go; the closest
+    # one always stays.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    removed_sorted = (mass_before >= mass[:, None]) & (mass[:, None] < 1.0)
+    removed_sorted[:, 0] = False
+    removed = torch.empty_like(removed_sorted).scatter_(1, order, removed_sorted)
+    # A filtered-out token (-inf, probability 0) is never brought back.
+    return logits.masked_fill(removed, float("-inf"))
 
 
 def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""The sampler against transformers' logits processors: each filter and penalty on batched rows
+with different parameters, and the distribution of drawn tokens against the processed softmax."""
+
+import math
+
+import pytest
+import torch
+from sluice_server.sampling import SamplingParams, SamplingRow, sample
+from sluice_server.sampling.sampler import process_for_sampling
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+VOCAB = 64
+
+
+def _logits(rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _greedy_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    ids = logits.argmax(dim=-1)
+    return ids, logits.log_softmax(dim=-1).gather(1, ids[:, None])[:, 0]
+
+
+def _transformers_warpers(params: SamplingParams) -> LogitsProcessorList:
+    """transformers' warpers for `params`, in the order `generate` applies them."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    if params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    if params.min_p > 0.0:
+        warpers.append(MinPLogitsWarper(params.min_p))
+    if params.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(params.typical_p))
+    return warpers
+
+
+ROW_PARAMS = [
+    SamplingParams(do_sample=True, temperature=0.7),
+    SamplingParams(do_sample=True, top_k=5),
+    SamplingParams(do_sample=True, top_p=0.8),
+    SamplingParams(do_sample=True, min_p=0.1),
+    SamplingParams(do_sample=True, typical_p=0.7),
+    SamplingParams(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.8),
+]
+
+
+def test_filters_match_transformers_row_by_row_in_one_batch() -> None:
+    logits = _logits(len(ROW_PARAMS))
+    processed = process_for_sampling(logits.clone(), ROW_PARAMS)
+    for index, params in enumerate(ROW_PARAMS):
+        expected = _transformers_warpers(params)(None, logits[index : index + 1].clone())[0]
+        kept = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(processed[index]), kept), params
+        assert torch.allclose(processed[index][kept], expected[kept], atol=1e-6), params
+        # Each filter removed something, so the comparison is not vacuous.
+        if params.filters:
+            assert 0 < kept.sum() < VOCAB, params
+
+
+def test_repetition_penalty_matches_transformers_over_prompt_and_output() -> None:
+    logits = _logits(2, seed=1)
+    history = [[3, 9, 9, 40], [0, 63]]
+    rows = [
+        SamplingRow(SamplingParams(repetition_penalty=1.3), history[0], prompt_len=2),
+        SamplingRow(SamplingParams(repetition_penalty=0.8), history[1], prompt_len=1),
+    ]
+    seen = []
+    sample(logits.clone(), rows, lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1])
+    for index, (row, tokens) in enumerate(zip(rows, history, strict=True)):
+        processor = RepetitionPenaltyLogitsProcessor(row.params.repetition_penalty)
+        expected = processor(torch.tensor([tokens]), logits[index : index + 1].clone())[0]
+        assert torch.allclose(seen[0][index], expected, atol=1e-6)
+
+
+def test_frequency_and_presence_penalties_count_the_output_only() -> None:
+    logits = _logits(2, seed=2)
+    # Token 7 is in both prompts; row 0 generated 7, 7 and 12.
+    rows = [
+        SamplingRow(
+            SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), [7, 1, 7, 7, 12], 2
+        ),
+        SamplingRow(SamplingParams(presence_penalty=-1.0), [7, 5], 2),
+    ]
+    seen = []
+    sample(logits.clone(), rows, lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1])
+    expected = logits.clone()
+    expected[0, 7] -= 0.5 * 2 + 0.25
+    expected[0, 12] -= 0.5 * 1 + 0.25
+    # Row 1 generated nothing yet: its prompt's 7 is not penalised.
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def _chi_square_critical(degrees: int) -> float:
+    """The 0.1 % upper quantile of chi-square with `degrees` degrees of freedom
+    (Wilson-Hilferty), high enough that a correct sampler fails once in a thousand seeds."""
+    z = 3.09
+    return degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
+
+
+@pytest.mark.parametrize("params", ROW_PARAMS[1:], ids=["top_k", "top_p", "min_p", "typical_p", "all"])
+def test_drawn_tokens_follow_the_processed_distribution(params: SamplingParams) -> None:
+    """4,000 rows with the same logits and parameters and seeds 0..3999, drawn in one batch: the
+    counts of each token match the softmax of transformers' processed logits (chi-square), and
+    no filtered-out token is ever drawn. Fixed seeds make the test deterministic."""
+    draws = 4000
+    logits = _logits(1, seed=3).expand(draws, VOCAB).contiguous()
+    rows = [
+        SamplingRow(
+            SamplingParams(**{**params.__dict__, "seed": seed}), token_ids=[1, 2], prompt_len=2
+        )
+        for seed in range(draws)
+    ]
+    token_ids, _ = sample(logits, rows, _greedy_argmax)
+    expected_probs = _transformers_warpers(params)(None, logits[:1].clone())[0].softmax(dim=-1)
+    counts = torch.bincount(torch.tensor(token_ids), minlength=VOCAB).double()
+    assert counts[expected_probs == 0].sum() == 0
+    support = expected_probs > 0
+    expected_counts = expected_probs[support].double() * draws
+    statistic = ((counts[support] - expected_counts) ** 2 / expected_counts).sum().item()
+    degrees = max(1, int(support.sum()) - 1)
+    assert statistic < _chi_square_critical(degrees), (statistic, degrees)
+
+
+def test_logprobs_of_sampled_tokens_come_from_the_processed_distribution() -> None:
+    params = SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=5)
+    logits = _logits(1, seed=4)
+    token_ids, logprobs = sample(logits.clone(), [SamplingRow(params, [1], 1)], _greedy_argmax)
+    reference = _transformers_warpers(params)(None, logits.clone())[0].log_softmax(dim=-1)
+    assert math.isclose(logprobs[0], reference[token_ids[0]].item(), abs_tol=1e-5)
