@@ -38,17 +38,22 @@ constexpr int64_t kLinearColumns = 32;
 // Rows of x worked on together, so that x's block stays in cache while the tiles stream past.
 constexpr int64_t kLinearRowBlock = 256;
 
+// A micro-kernel's rows of x (bfloat16 for AVX512-BF16, widened to float32 for AVX2) and the
+// matching rows of y's columns.
+template <typename Input>
+struct Rows {
+  const Input* x;
+  int64_t x_stride;
+  at::BFloat16* y;
+  int64_t y_stride;
+};
+
 #if defined(__AVX512BF16__)
 #define SLUICE_HAS_LINEAR_BF16 1
 constexpr int64_t kLinearRows = 8;
 
 // Up to kLinearRows rows of x and the matching rows of y's 32-column tile.
-struct RowBlock {
-  const at::BFloat16* x;
-  int64_t x_stride;
-  at::BFloat16* y;
-  int64_t y_stride;
-};
+using RowBlock = Rows<at::BFloat16>;
 
 // One packed tile: `pairs` pairs of input dimensions, two 512-bit vectors each; its 32 biases
 // (padded, or null) and how many of its columns are real.
@@ -156,12 +161,7 @@ constexpr int64_t kHalfColumns = 16;
 constexpr int64_t kPairRowBytes = kLinearColumns * 2 * sizeof(at::BFloat16);
 
 // Up to kWidenedRows rows of x (widened to float32) and the matching rows of y's 16 columns.
-struct RowBlock {
-  const float* x;
-  int64_t x_stride;
-  at::BFloat16* y;
-  int64_t y_stride;
-};
+using RowBlock = Rows<float>;
 
 // One half (16 columns) of a packed tile: its first pair row's 64 bytes, then every
 // kPairRowBytes; its 16 biases (or null) and how many of its columns are real.
