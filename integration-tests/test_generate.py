@@ -103,7 +103,7 @@ def test_frequency_penalty_discourages_repeated_tokens(server: SluiceServer, cha
 
     plain = generate(server, prompt, max_new_tokens=40, ignore_eos=True)
     penalised = generate(server, prompt, max_new_tokens=40, ignore_eos=True, frequency_penalty=2.0)
-    assert most_repeats(plain) >= 10, plain["generated_text"]
+    assert most_repeats(plain) >= 5, plain["generated_text"]
     assert most_repeats(penalised) < most_repeats(plain), penalised["generated_text"]
 
 
