@@ -15,7 +15,8 @@ pub struct RouterArgs {
     /// Reported by /info.
     #[arg(long, env, default_value = "unknown")]
     pub model_id: String,
-    /// A model directory holding tokenizer.json (and tokenizer_config.json), or the file itself.
+    /// A model directory holding tokenizer.json, or the file itself. The chat template is read
+    /// from tokenizer_config.json or chat_template.jinja next to it.
     #[arg(long, env)]
     pub tokenizer_name: PathBuf,
     /// One unix socket per rank, rank 0 first.

@@ -5,6 +5,30 @@
 
 use serde::Serialize;
 
+/// A prompt's text and where it came from, which decides whether the tokenizer adds the model's
+/// special tokens (such as a beginning-of-sequence token) around it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompt<'a> {
+    /// Text as a client sent it (TGI's `inputs`, OpenAI's `prompt`): tokenized with the special
+    /// tokens the tokenizer adds to any input.
+    Text(&'a str),
+    /// Rendered by the model's chat template, which already wrote the special tokens it wants;
+    /// adding them again would, for example, start a Llama 3 prompt with two BOS tokens.
+    ChatTemplate(&'a str),
+}
+
+impl<'a> Prompt<'a> {
+    pub fn text(&self) -> &'a str {
+        match self {
+            Self::Text(text) | Self::ChatTemplate(text) => text,
+        }
+    }
+
+    pub fn adds_special_tokens(&self) -> bool {
+        matches!(self, Self::Text(_))
+    }
+}
+
 /// Generation parameters as a front-end received them, before validation. `None` means "not
 /// given": validation applies the defaults.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use crate::args::RouterArgs;
 use crate::http::{self, types::Info, AppState};
 use crate::scheduler::{spawn_scheduler, SchedulerConfig};
+use crate::tokenizer::chat_template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
 use crate::validation::{ValidationConfig, Validator};
 
@@ -22,6 +23,11 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         );
     }
     let tokenizer = Arc::new(Tokenizer::from_path(&args.tokenizer_name)?);
+    // Before connecting to the shards: a template that does not compile stops the router here.
+    let chat_template = ChatTemplate::from_model_dir(&args.tokenizer_name)?.map(Arc::new);
+    if chat_template.is_none() {
+        tracing::warn!("the model has no chat template: /v1/chat/completions will answer 422");
+    }
     let shards = ShardedClient::connect(&args.shard_uds_path).await?;
     let model = shards
         .info()
@@ -121,6 +127,8 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         admission: Arc::new(Semaphore::new(args.max_concurrent_requests)),
         shards,
         info: Arc::new(info),
+        chat_template,
+        started_at: http::openai::unix_seconds(),
     };
 
     let address = format!("{}:{}", args.hostname, args.port);

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::request::{
-    GenerationRequest, RequestedParameters, SamplingParameters, StoppingParameters,
+    GenerationRequest, Prompt, RequestedParameters, SamplingParameters, StoppingParameters,
 };
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -39,6 +39,9 @@ pub enum ValidationError {
     EmptyStopSequence,
     #[error("`{0}` is not supported yet")]
     Unsupported(&'static str),
+    /// A parameter Sluice supports, given in a form it does not support yet.
+    #[error("`{param}`: {what} is not supported yet")]
+    UnsupportedForm { param: &'static str, what: String },
     #[error("token id {id} is outside the model's vocabulary of {vocab_size}")]
     OutOfVocabulary { id: u32, vocab_size: u32 },
     #[error("{0}")]
@@ -73,16 +76,18 @@ impl Validator {
 
     pub fn validate(
         &self,
-        inputs: &str,
+        prompt: Prompt<'_>,
         params: &RequestedParameters,
     ) -> Result<GenerationRequest, ValidationError> {
-        if inputs.is_empty() {
+        if prompt.text().is_empty() {
             return Err(ValidationError::EmptyInput);
         }
         let sampling = sampling_parameters(params)?;
         let stop_sequences = self.stop_sequences(params)?;
 
-        let input_ids = self.tokenizer.encode(inputs)?;
+        let input_ids = self
+            .tokenizer
+            .encode(prompt.text(), prompt.adds_special_tokens())?;
         if input_ids.is_empty() {
             return Err(ValidationError::EmptyInput);
         }
@@ -199,7 +204,7 @@ fn sampling_parameters(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::test_support::byte_tokenizer;
+    use crate::tokenizer::test_support::{byte_tokenizer, byte_tokenizer_adding_bos, EOS};
 
     fn validator() -> Validator {
         Validator::new(
@@ -219,7 +224,9 @@ mod tests {
 
     #[test]
     fn accepts_a_plain_request_and_fills_max_new_tokens() {
-        let valid = validator().validate("abc", &params()).unwrap();
+        let valid = validator()
+            .validate(Prompt::Text("abc"), &params())
+            .unwrap();
         assert_eq!(valid.input_ids.len(), 3);
         assert_eq!(valid.stopping.max_new_tokens, 9);
         assert!(!valid.sampling.do_sample);
@@ -229,32 +236,36 @@ mod tests {
     fn refuses_bad_inputs() {
         let v = validator();
         assert_eq!(
-            v.validate("", &params()).unwrap_err(),
+            v.validate(Prompt::Text(""), &params()).unwrap_err(),
             ValidationError::EmptyInput
         );
         assert!(matches!(
-            v.validate("123456789", &params()).unwrap_err(),
+            v.validate(Prompt::Text("123456789"), &params())
+                .unwrap_err(),
             ValidationError::InputTooLong { max: 8, given: 9 }
         ));
         let mut p = params();
         p.max_new_tokens = Some(10);
         assert!(matches!(
-            v.validate("abc", &p).unwrap_err(),
+            v.validate(Prompt::Text("abc"), &p).unwrap_err(),
             ValidationError::TotalTooLong { .. }
         ));
         let mut p = params();
         p.temperature = Some(-0.5);
         assert_eq!(
-            v.validate("abc", &p).unwrap_err(),
+            v.validate(Prompt::Text("abc"), &p).unwrap_err(),
             ValidationError::Temperature
         );
         let mut p = params();
         p.top_p = Some(1.5);
-        assert_eq!(v.validate("abc", &p).unwrap_err(), ValidationError::TopP);
+        assert_eq!(
+            v.validate(Prompt::Text("abc"), &p).unwrap_err(),
+            ValidationError::TopP
+        );
         let mut p = params();
         p.stop = vec!["a".into(), "b".into(), "c".into()];
         assert!(matches!(
-            v.validate("abc", &p).unwrap_err(),
+            v.validate(Prompt::Text("abc"), &p).unwrap_err(),
             ValidationError::TooManyStopSequences { .. }
         ));
     }
@@ -271,9 +282,9 @@ mod tests {
                 vocab_size: 66,
             },
         );
-        assert!(v.validate("ab", &params()).is_ok());
+        assert!(v.validate(Prompt::Text("ab"), &params()).is_ok());
         assert!(matches!(
-            v.validate("abc", &params()).unwrap_err(),
+            v.validate(Prompt::Text("abc"), &params()).unwrap_err(),
             ValidationError::OutOfVocabulary { vocab_size: 66, .. }
         ));
     }
@@ -281,7 +292,8 @@ mod tests {
     #[test]
     fn refuses_filters_and_penalties_out_of_range() {
         let v = validator();
-        let cases: [(fn(&mut RequestedParameters), ValidationError); 5] = [
+        type Setter = fn(&mut RequestedParameters);
+        let cases: [(Setter, ValidationError); 5] = [
             (|p| p.typical_p = Some(0.0), ValidationError::TypicalP),
             (|p| p.typical_p = Some(1.5), ValidationError::TypicalP),
             (|p| p.min_p = Some(-0.1), ValidationError::MinP),
@@ -297,7 +309,7 @@ mod tests {
         for (set, error) in cases {
             let mut p = params();
             set(&mut p);
-            assert_eq!(v.validate("abc", &p).unwrap_err(), error);
+            assert_eq!(v.validate(Prompt::Text("abc"), &p).unwrap_err(), error);
         }
     }
 
@@ -306,7 +318,7 @@ mod tests {
         let mut p = params();
         p.frequency_penalty = Some(0.5);
         p.presence_penalty = Some(-0.5);
-        let valid = validator().validate("abc", &p).unwrap();
+        let valid = validator().validate(Prompt::Text("abc"), &p).unwrap();
         assert!(!valid.sampling.do_sample);
         assert_eq!(valid.sampling.frequency_penalty, 0.5);
         assert_eq!(valid.sampling.presence_penalty, -0.5);
@@ -316,8 +328,34 @@ mod tests {
         ] {
             let mut p = params();
             set(&mut p);
-            assert!(validator().validate("abc", &p).unwrap().sampling.do_sample);
+            assert!(
+                validator()
+                    .validate(Prompt::Text("abc"), &p)
+                    .unwrap()
+                    .sampling
+                    .do_sample
+            );
         }
+    }
+
+    #[test]
+    fn a_chat_template_prompt_gets_no_second_bos() {
+        let v = Validator::new(
+            Arc::new(byte_tokenizer_adding_bos()),
+            ValidationConfig {
+                max_input_tokens: 8,
+                max_total_tokens: 12,
+                max_stop_sequences: 2,
+                vocab_size: EOS + 1,
+            },
+        );
+        let text = v.validate(Prompt::Text("ab"), &params()).unwrap();
+        assert_eq!(text.input_ids, [EOS, 64, 65]);
+        // The template wrote the BOS itself.
+        let templated = v
+            .validate(Prompt::ChatTemplate("<eos>ab"), &params())
+            .unwrap();
+        assert_eq!(templated.input_ids, [EOS, 64, 65]);
     }
 
     #[test]
@@ -325,7 +363,7 @@ mod tests {
         let mut p = params();
         p.top_k = Some(5);
         p.seed = Some(7);
-        let valid = validator().validate("abc", &p).unwrap();
+        let valid = validator().validate(Prompt::Text("abc"), &p).unwrap();
         assert!(valid.sampling.do_sample);
         assert_eq!(valid.sampling.top_k, 5);
         assert_eq!(valid.sampling.seed, 7);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::request::{StoppingParameters, Token};
+use crate::request::{GenerationEnd, StoppingParameters, Token};
 use crate::scheduler::{EventReceiver, SchedulerError, TokenEvent};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 
@@ -116,6 +116,20 @@ impl GenerationStream {
         Some(item)
     }
 
+    /// Reads the request to its end: every token, and how it ended. For answers that are not
+    /// streamed.
+    pub async fn collect(mut self) -> Result<(Vec<Token>, GenerationEnd), SchedulerError> {
+        let mut tokens = Vec::new();
+        while let Some(item) = self.next().await {
+            let event = item?;
+            tokens.push(event.token);
+            if let Some(end) = event.end {
+                return Ok((tokens, end));
+            }
+        }
+        Err(SchedulerError::Closed)
+    }
+
     fn finish(&mut self) {
         self.done = true;
         self.events.close();
@@ -139,7 +153,7 @@ mod tests {
 
     fn feed(output: &mut RequestOutput, text: &str) -> Vec<(Token, Option<Stop>)> {
         let tokenizer = byte_tokenizer();
-        let mut ids = tokenizer.encode(text).unwrap();
+        let mut ids = tokenizer.encode(text, true).unwrap();
         ids.push(EOS);
         let mut results = Vec::new();
         for id in ids {

@@ -1,12 +1,15 @@
-//! The one place where errors become HTTP statuses, in TGI's `{error, error_type}` shape.
+//! The one place where errors become HTTP statuses, with the two bodies they are answered in:
+//! TGI's `{error, error_type}` and, on the OpenAI routes, `{error: {message, type, param, code}}`.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sluice_client::ClientError;
 
+use super::openai::types::{OpenAiError, OpenAiErrorResponse};
 use super::types::ErrorResponse;
 use crate::scheduler::SchedulerError;
+use crate::tokenizer::chat_template::ChatTemplateError;
 use crate::validation::ValidationError;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,14 +22,24 @@ pub enum ApiError {
     Generation(#[from] SchedulerError),
     #[error("unhealthy: {0}")]
     Unhealthy(#[from] ClientError),
+    /// A body that parsed as JSON but does not fit the route's request.
     #[error("Request failed: {0}")]
     BadRequest(String),
+    /// A body that is not JSON at all. TGI's routes answer it like `BadRequest` (as TGI does);
+    /// OpenAI's answer 400, as OpenAI does.
+    #[error("Malformed request: {0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    ChatTemplate(#[from] ChatTemplateError),
 }
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Validation(_) | Self::BadRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Validation(_) | Self::BadRequest(_) | Self::ChatTemplate(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Generation(_) => StatusCode::FAILED_DEPENDENCY,
             Self::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -35,7 +48,10 @@ impl ApiError {
 
     pub fn error_type(&self) -> &'static str {
         match self {
-            Self::Validation(_) | Self::BadRequest(_) => "validation",
+            Self::Validation(_)
+            | Self::BadRequest(_)
+            | Self::MalformedJson(_)
+            | Self::ChatTemplate(_) => "validation",
             Self::Overloaded => "overloaded",
             Self::Generation(_) => "generation",
             Self::Unhealthy(_) => "healthcheck",
@@ -48,13 +64,114 @@ impl ApiError {
             error_type: self.error_type().to_string(),
         }
     }
+
+    /// The request parameter at fault, when there is one.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::Validation(ValidationError::Unsupported(param))
+            | Self::Validation(ValidationError::UnsupportedForm { param, .. })
+            | Self::Validation(ValidationError::Penalty(param)) => Some(*param),
+            Self::Validation(ValidationError::Temperature) => Some("temperature"),
+            Self::Validation(ValidationError::TopP) => Some("top_p"),
+            Self::Validation(ValidationError::TypicalP) => Some("typical_p"),
+            Self::Validation(ValidationError::MinP) => Some("min_p"),
+            Self::ChatTemplate(_) => Some("messages"),
+            _ => None,
+        }
+    }
+
+    /// The body on OpenAI's routes: OpenAI's error `type` is read off the status, and `code`
+    /// carries TGI's `error_type`.
+    pub fn openai_body(&self) -> OpenAiErrorResponse {
+        let status = self.status();
+        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+            "rate_limit_error"
+        } else if status.is_server_error() || status == StatusCode::FAILED_DEPENDENCY {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        OpenAiErrorResponse {
+            error: OpenAiError {
+                message: self.to_string(),
+                kind,
+                param: self.param(),
+                code: Some(self.error_type()),
+            },
+        }
+    }
+
+    /// Answers in OpenAI's body, with the same status as anywhere else.
+    pub fn into_openai_response(self) -> Response {
+        self.log();
+        (self.status(), Json(self.openai_body())).into_response()
+    }
+
+    fn log(&self) {
+        if matches!(self, Self::Generation(_)) {
+            tracing::error!(error = %self, "request failed");
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if matches!(self, Self::Generation(_)) {
-            tracing::error!(error = %self, "request failed");
-        }
+        self.log();
         (self.status(), Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsupported_parameter_is_a_422_naming_it_in_both_shapes() {
+        let error = ApiError::from(ValidationError::Unsupported("n"));
+        assert_eq!(error.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let openai = serde_json::to_value(error.openai_body()).unwrap();
+        assert_eq!(
+            openai,
+            serde_json::json!({"error": {
+                "message": "Input validation error: `n` is not supported yet",
+                "type": "invalid_request_error",
+                "param": "n",
+                "code": "validation",
+            }})
+        );
+        let tgi = serde_json::to_value(error.body()).unwrap();
+        assert_eq!(tgi["error_type"], "validation");
+    }
+
+    #[test]
+    fn statuses_and_openai_types_follow_the_one_mapping() {
+        let cases = [
+            (
+                ApiError::MalformedJson("x".into()),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::ChatTemplate(ChatTemplateError::Missing),
+                422,
+                "invalid_request_error",
+            ),
+            (ApiError::Overloaded, 429, "rate_limit_error"),
+            (
+                ApiError::Generation(SchedulerError::Closed),
+                424,
+                "server_error",
+            ),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error}");
+            let body = serde_json::to_value(error.openai_body()).unwrap();
+            assert_eq!(body["error"]["type"], kind, "{error}");
+            assert_eq!(body["error"]["code"], error.error_type());
+            assert_eq!(body["error"]["message"], error.to_string());
+        }
+        let missing = ApiError::ChatTemplate(ChatTemplateError::Missing);
+        assert_eq!(missing.to_string(), "the model has no chat template");
+        assert_eq!(missing.openai_body().error.param, Some("messages"));
     }
 }

@@ -1,48 +1,37 @@
-//! Route handlers: parse, validate, admit, submit, then collect or stream the tokens.
+//! TGI's route handlers: parse TGI's body, submit it (`submission`), then collect or stream the
+//! tokens in TGI's shapes.
 
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
 use super::sse;
+use super::submission::{submit, Submitted};
 use super::types::{
     Details, GenerateRequest, GenerateResponse, Info, StreamDetails, StreamResponse,
 };
 use super::AppState;
-use crate::generation::GenerationStream;
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, Prompt};
 
-/// A request that passed validation and admission and is queued on the scheduler.
+/// A TGI request on the scheduler, and the prompt to put before its text when
+/// `return_full_text` asked for it.
 struct Started {
-    stream: GenerationStream,
-    valid: GenerationRequest,
+    submitted: Submitted,
     prefix: Option<String>,
 }
 
 fn start(state: &AppState, request: GenerateRequest) -> Result<Started, ApiError> {
     let requested = request.parameters.to_requested()?;
-    let valid = state.validator.validate(&request.inputs, &requested)?;
-    let permit = state
-        .admission
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded)?;
-    let events = state.scheduler.submit(valid.clone())?;
-    let stream = GenerationStream::new(events, Some(permit));
+    let submitted = submit(state, Prompt::Text(&request.inputs), &requested)?;
     let prefix = request
         .parameters
         .return_full_text
         .unwrap_or(false)
         .then_some(request.inputs);
-    Ok(Started {
-        stream,
-        valid,
-        prefix,
-    })
+    Ok(Started { submitted, prefix })
 }
 
 /// Turns axum's JSON rejection into TGI's 422 error body.
@@ -97,43 +86,30 @@ async fn generate_response(
     request: GenerateRequest,
 ) -> Result<Json<GenerateResponse>, ApiError> {
     let want_details = request.parameters.details;
-    let Started {
-        mut stream,
-        valid,
-        prefix,
-    } = start(&state, request)?;
-    let mut tokens = Vec::new();
-    while let Some(item) = stream.next().await {
-        let item = item?;
-        tokens.push(item.token);
-        if let Some(end) = item.end {
-            let generated_text = full_text(prefix.as_deref(), end.generated_text);
-            let details = want_details.then(|| Details {
-                finish_reason: end.finish_reason,
-                generated_tokens: end.generated_tokens,
-                seed: reported_seed(&valid),
-                cached_tokens: end.cached_tokens,
-                prefill: Vec::new(),
-                tokens,
-            });
-            return Ok(Json(GenerateResponse {
-                generated_text,
-                details,
-            }));
-        }
-    }
-    Err(crate::scheduler::SchedulerError::Closed.into())
+    let Started { submitted, prefix } = start(&state, request)?;
+    let Submitted { stream, valid } = submitted;
+    let (tokens, end) = stream.collect().await?;
+    let generated_text = full_text(prefix.as_deref(), end.generated_text);
+    let details = want_details.then(|| Details {
+        finish_reason: end.finish_reason,
+        generated_tokens: end.generated_tokens,
+        seed: reported_seed(&valid),
+        cached_tokens: end.cached_tokens,
+        prefill: Vec::new(),
+        tokens,
+    });
+    Ok(Json(GenerateResponse {
+        generated_text,
+        details,
+    }))
 }
 
 async fn stream_response(
     State(state): State<AppState>,
     request: GenerateRequest,
 ) -> Result<Response, ApiError> {
-    let Started {
-        mut stream,
-        valid,
-        prefix,
-    } = start(&state, request)?;
+    let Started { submitted, prefix } = start(&state, request)?;
+    let Submitted { mut stream, valid } = submitted;
     let input_length = valid.input_ids.len() as u32;
     let seed = reported_seed(&valid);
     let events = async_stream::stream! {
@@ -173,14 +149,7 @@ async fn stream_response(
             }
         }
     };
-    Ok((
-        [
-            (header::CONTENT_TYPE, sse::CONTENT_TYPE),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(events),
-    )
-        .into_response())
+    Ok(sse::response(Body::from_stream(events)))
 }
 
 pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {

@@ -1,8 +1,13 @@
-//! The HTTP API: TGI's routes over the scheduler.
+//! The HTTP API: two front-ends over the same domain types and scheduler. TGI's routes
+//! (`handlers`, `types`) and OpenAI's (`openai/`) each map their bodies onto
+//! `RequestedParameters`; `submission` validates, admits and queues for both, `sse` encodes
+//! their streams, and `error` is the one mapping from errors to statuses.
 
 pub mod error;
 mod handlers;
+pub mod openai;
 pub mod sse;
+mod submission;
 pub mod types;
 
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use sluice_client::ShardedClient;
 use tokio::sync::Semaphore;
 
 use crate::scheduler::SchedulerHandle;
+use crate::tokenizer::chat_template::ChatTemplate;
 use crate::validation::Validator;
 
 /// What every handler can reach.
@@ -25,6 +31,10 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
     pub shards: ShardedClient,
     pub info: Arc<types::Info>,
+    /// The model's chat template; without one, chat requests get 422.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// When the server started, in Unix seconds (OpenAI's `created` of the model).
+    pub started_at: u64,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -35,5 +45,6 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(handlers::health))
         .route("/info", get(handlers::info))
         .route("/metrics", get(handlers::metrics))
+        .merge(openai::routes())
         .with_state(state)
 }

@@ -1,16 +1,52 @@
-//! Server-sent events in TGI's format: `data:<json>\n\n` per event.
+//! Server-sent events: one `data:` line of JSON per event, in TGI's spelling (`data:<json>`) or
+//! OpenAI's (`data: <json>`, ended by `data: [DONE]`), and the response that carries them.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 pub const CONTENT_TYPE: &str = "text/event-stream";
 
-/// Encodes one event. JSON never holds a raw newline, so one `data:` line always suffices.
+/// OpenAI's last event, after which the client stops reading.
+pub const OPENAI_DONE: Bytes = Bytes::from_static(b"data: [DONE]\n\n");
+
+/// Encodes one event in TGI's spelling.
 pub fn event<T: Serialize>(payload: &T) -> Bytes {
-    let json = serde_json::to_string(payload).unwrap_or_else(|e| {
+    encode("data:", payload, |e| {
         format!(r#"{{"error":"cannot encode event: {e}","error_type":"internal"}}"#)
-    });
-    Bytes::from(format!("data:{json}\n\n"))
+    })
+}
+
+/// Encodes one event in OpenAI's spelling.
+pub fn openai_event<T: Serialize>(payload: &T) -> Bytes {
+    encode("data: ", payload, |e| {
+        format!(
+            r#"{{"error":{{"message":"cannot encode event: {e}","type":"server_error","param":null,"code":"internal"}}}}"#
+        )
+    })
+}
+
+/// JSON never holds a raw newline, so one `data:` line always suffices.
+fn encode<T: Serialize>(
+    prefix: &str,
+    payload: &T,
+    on_error: impl FnOnce(serde_json::Error) -> String,
+) -> Bytes {
+    let json = serde_json::to_string(payload).unwrap_or_else(on_error);
+    Bytes::from(format!("{prefix}{json}\n\n"))
+}
+
+/// A streamed response over a body of encoded events.
+pub fn response(events: Body) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        events,
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -40,6 +76,13 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&text[5..text.len() - 2]).unwrap();
         assert_eq!(parsed["token"]["text"], "a\nb\"");
         assert_eq!(parsed["generated_text"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn encodes_openai_events_with_a_space() {
+        let bytes = openai_event(&serde_json::json!({"a": 1}));
+        assert_eq!(&bytes[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(&OPENAI_DONE[..], b"data: [DONE]\n\n");
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The model's tokenizer (Hugging Face `tokenizers`), loaded from tokenizer.json, plus the
-//! incremental detokenizer that turns a stream of token ids back into text.
+//! The model's tokenizer (Hugging Face `tokenizers`), loaded from tokenizer.json, the
+//! incremental detokenizer that turns a stream of token ids back into text, and the model's chat
+//! template (`chat_template`), which turns a conversation into a prompt.
 
+pub mod chat_template;
 mod incremental;
 
 pub use incremental::IncrementalDecoder;
@@ -48,10 +50,13 @@ impl Tokenizer {
         Self { inner, special_ids }
     }
 
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+    /// Token ids of `text`; `add_special_tokens` runs the tokenizer's post-processor (which may
+    /// add a beginning-of-sequence token). Special tokens written in the text are recognised
+    /// either way.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self
             .inner
-            .encode_fast(text, true)
+            .encode_fast(text, add_special_tokens)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -88,7 +93,7 @@ mod tests {
     fn round_trips_text() {
         let tokenizer = byte_tokenizer();
         let text = "Héllo, wörld! 日本 🦀";
-        let ids = tokenizer.encode(text).unwrap();
+        let ids = tokenizer.encode(text, true).unwrap();
         assert_eq!(ids.len(), text.len(), "one token per byte");
         assert_eq!(tokenizer.decode(&ids).unwrap(), text);
     }
@@ -97,7 +102,7 @@ mod tests {
     fn incremental_decoding_waits_for_whole_characters() {
         let tokenizer = byte_tokenizer();
         let text = "a🦀é z";
-        let ids = tokenizer.encode(text).unwrap();
+        let ids = tokenizer.encode(text, true).unwrap();
         let mut decoder = IncrementalDecoder::default();
         let pieces: Vec<String> = ids
             .iter()
@@ -114,7 +119,7 @@ mod tests {
         assert!(tokenizer.is_special(EOS));
         assert!(!tokenizer.is_special(65));
         assert_eq!(tokenizer.token_text(EOS), "<eos>");
-        let mut ids = tokenizer.encode("ok").unwrap();
+        let mut ids = tokenizer.encode("ok", true).unwrap();
         ids.push(EOS);
         assert_eq!(tokenizer.decode(&ids).unwrap(), "ok");
     }

@@ -12,6 +12,22 @@ use super::Tokenizer;
 pub const EOS: u32 = 256;
 
 pub fn byte_tokenizer() -> Tokenizer {
+    build(serde_json::Value::Null)
+}
+
+/// `byte_tokenizer()` whose post-processor starts every input with `<eos>`, as a Llama
+/// tokenizer starts it with its BOS token.
+pub fn byte_tokenizer_adding_bos() -> Tokenizer {
+    let sequence = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+    build(json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<eos>", "type_id": 0}}, sequence("A", 0)],
+        "pair": [sequence("A", 0), sequence("B", 1)],
+        "special_tokens": {"<eos>": {"id": "<eos>", "ids": [EOS], "tokens": ["<eos>"]}}
+    }))
+}
+
+fn build(post_processor: serde_json::Value) -> Tokenizer {
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort();
     let vocab: serde_json::Map<String, serde_json::Value> = alphabet
@@ -30,7 +46,7 @@ pub fn byte_tokenizer() -> Tokenizer {
         }],
         "normalizer": null,
         "pre_tokenizer": byte_level,
-        "post_processor": null,
+        "post_processor": post_processor,
         "decoder": byte_level,
         "model": { "type": "BPE", "vocab": vocab, "merges": [] }
     });
