@@ -114,6 +114,9 @@ pub struct GenerationEnd {
     pub finish_reason: FinishReason,
     /// The generated text, cut just after a stop sequence when one ended it.
     pub generated_text: String,
+    /// Where in `generated_text` the stop sequence that ended it starts (OpenAI's answers end
+    /// there).
+    pub stop_sequence_start: Option<usize>,
     pub generated_tokens: u32,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,

@@ -57,8 +57,8 @@ impl RequestOutput {
             text
         };
         let stop = self.criteria.check(id, self.generated, &self.text, before);
-        if let Some(end) = stop.and_then(|s| s.text_end) {
-            self.text.truncate(end);
+        if let Some(sequence) = stop.as_ref().and_then(|s| s.sequence.as_ref()) {
+            self.text.truncate(sequence.end);
         }
         let token = Token {
             id,
@@ -172,7 +172,7 @@ mod tests {
         let mut out = output(100, false, &["is P"]);
         let results = feed(&mut out, "The capital is Paris");
         assert_eq!(results.len(), "The capital is P".len());
-        let stop = results.last().unwrap().1.unwrap();
+        let stop = results.last().unwrap().1.clone().unwrap();
         assert_eq!(stop.reason, FinishReason::StopSequence);
         assert_eq!(out.take_text(), "The capital is P");
     }
@@ -184,7 +184,7 @@ mod tests {
         let (token, stop) = results.last().unwrap();
         assert!(token.special);
         assert_eq!(token.text, "<eos>");
-        assert_eq!(stop.unwrap().reason, FinishReason::EosToken);
+        assert_eq!(stop.as_ref().unwrap().reason, FinishReason::EosToken);
         assert_eq!(out.generated(), 3);
         assert_eq!(out.take_text(), "ok");
     }
@@ -195,7 +195,7 @@ mod tests {
         let results = feed(&mut out, "ab");
         assert_eq!(results.len(), 3);
         assert_eq!(
-            results.last().unwrap().1.unwrap().reason,
+            results.last().unwrap().1.as_ref().unwrap().reason,
             FinishReason::Length
         );
         assert_eq!(out.take_text(), "ab");

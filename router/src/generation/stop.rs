@@ -2,16 +2,17 @@
 //! ignores them), `max_new_tokens`, or a stop sequence in the generated text. The shards never
 //! stop a request; the scheduler asks `StopCriteria` after every token and frees what it ends.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::request::{FinishReason, StoppingParameters};
 
 /// Why and where a request stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stop {
     pub reason: FinishReason,
-    /// For a stop sequence: the byte offset just past it, where the generated text ends.
-    pub text_end: Option<usize>,
+    /// For a stop sequence: its bytes in the generated text, which ends with it.
+    pub sequence: Option<Range<usize>>,
 }
 
 pub struct StopCriteria {
@@ -39,10 +40,10 @@ impl StopCriteria {
     /// generated `text` from byte `new_from` on. A stop sequence wins over the other reasons,
     /// since it also cuts the text.
     pub fn check(&self, token: u32, generated: u32, text: &str, new_from: usize) -> Option<Stop> {
-        if let Some(end) = self.sequences.find(text, new_from) {
+        if let Some(sequence) = self.sequences.find(text, new_from) {
             return Some(Stop {
                 reason: FinishReason::StopSequence,
-                text_end: Some(end),
+                sequence: Some(sequence),
             });
         }
         let reason = if self.eos_token_ids.contains(&token) {
@@ -54,7 +55,7 @@ impl StopCriteria {
         };
         Some(Stop {
             reason,
-            text_end: None,
+            sequence: None,
         })
     }
 }
@@ -71,8 +72,8 @@ impl StopSequences {
     }
 
     /// Looks for a stop sequence that ends in the text added since byte `new_from`, and
-    /// returns the byte offset just past the earliest one.
-    pub fn find(&self, text: &str, new_from: usize) -> Option<usize> {
+    /// returns the bytes of the one that ends first (of those ending together, the longest).
+    pub fn find(&self, text: &str, new_from: usize) -> Option<Range<usize>> {
         if self.longest == 0 || new_from >= text.len() {
             return None;
         }
@@ -84,9 +85,13 @@ impl StopSequences {
         let window = &text[start..];
         self.sequences
             .iter()
-            .filter_map(|s| window.find(s.as_str()).map(|at| start + at + s.len()))
-            .filter(|end| *end > new_from)
-            .min()
+            .filter_map(|s| {
+                window
+                    .find(s.as_str())
+                    .map(|at| start + at..start + at + s.len())
+            })
+            .filter(|found| found.end > new_from)
+            .min_by_key(|found| (found.end, found.start))
     }
 }
 
@@ -103,7 +108,7 @@ mod tests {
         text.push_str("ris, of course");
         assert_eq!(
             stops.find(&text, before),
-            Some("The capital is Paris".len())
+            Some("The capital is ".len().."The capital is Paris".len())
         );
     }
 
@@ -144,13 +149,13 @@ mod tests {
     }
 
     #[test]
-    fn a_stop_sequence_wins_and_says_where_the_text_ends() {
+    fn a_stop_sequence_wins_and_says_where_it_is() {
         let stops = criteria(2, false, &["cd"]);
         assert_eq!(
             stops.check(3, 2, "abcdef", 3),
             Some(Stop {
                 reason: FinishReason::StopSequence,
-                text_end: Some(4)
+                sequence: Some(2..4)
             })
         );
     }
@@ -159,7 +164,10 @@ mod tests {
     fn picks_the_earliest_of_several_and_respects_char_boundaries() {
         let stops = StopSequences::new(vec!["été".into(), "x".into()]);
         let text = "un été x";
-        assert_eq!(stops.find(text, 3), Some("un été".len()));
+        assert_eq!(stops.find(text, 3), Some("un ".len().."un été".len()));
+        // Ending together, the longest wins: the answer ends where it starts.
+        let together = StopSequences::new(vec!["a".into(), "ba".into()]);
+        assert_eq!(together.find("xyzba", 4), Some(3..5));
         assert_eq!(StopSequences::new(vec![]).find(text, 0), None);
     }
 }

@@ -125,6 +125,7 @@ impl SchedulerState {
                 Ok((token, stop)) => {
                     let end = stop.map(|stop| GenerationEnd {
                         finish_reason: stop.reason,
+                        stop_sequence_start: stop.sequence.map(|sequence| sequence.start),
                         generated_text: entry.output.take_text(),
                         generated_tokens: entry.output.generated(),
                         cached_tokens: entry.cached_prompt_tokens.unwrap_or(0),

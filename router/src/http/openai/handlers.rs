@@ -84,7 +84,7 @@ async fn completion(
 
     let Submitted { stream, valid } = submitted;
     let (_, end) = stream.collect().await?;
-    let answer = answer_text(&end, &valid.stopping.stop_sequences);
+    let answer = answer_text(&end).to_string();
     let choice = CompletionChoice {
         index: 0,
         text: match echo {
@@ -128,7 +128,7 @@ async fn chat_completion(
         index: 0,
         message: AssistantMessage {
             role: "assistant",
-            content: answer_text(&end, &valid.stopping.stop_sequences),
+            content: answer_text(&end).to_string(),
         },
         finish_reason: finish_reason(end.finish_reason),
         logprobs: (),

@@ -15,23 +15,12 @@ use super::AnswerHead;
 use crate::http::error::ApiError;
 use crate::http::sse;
 use crate::http::submission::Submitted;
-use crate::request::{FinishReason, GenerationEnd};
+use crate::request::GenerationEnd;
 
 /// The generated text without the stop sequence that ended it, if one did.
-pub fn answer_text(end: &GenerationEnd, stop_sequences: &[String]) -> String {
+pub fn answer_text(end: &GenerationEnd) -> &str {
     let text = &end.generated_text;
-    if end.finish_reason != FinishReason::StopSequence {
-        return text.clone();
-    }
-    // The text ends just past the stop sequence. Several may end there; the longest started
-    // first, and the answer ends where the first stop sequence starts.
-    let cut = stop_sequences
-        .iter()
-        .filter(|stop| text.ends_with(stop.as_str()))
-        .map(String::len)
-        .max()
-        .unwrap_or(0);
-    text[..text.len() - cut].to_string()
+    &text[..end.stop_sequence_start.unwrap_or(text.len())]
 }
 
 /// The text of a streamed answer: what was generated, and how much of it was sent.
@@ -170,7 +159,7 @@ pub fn stream_answer(
                     }
                     // The last token's text is in the final answer.
                     Some(end) => {
-                        let rest = text.finish(&answer_text(&end, &stop_sequences));
+                        let rest = text.finish(answer_text(&end));
                         let reason = finish_reason(end.finish_reason);
                         yield Ok(kind.text(&head, rest, Some(reason)));
                         if include_usage {
@@ -195,11 +184,18 @@ pub fn stream_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::FinishReason;
 
-    fn end(text: &str, finish_reason: FinishReason) -> GenerationEnd {
+    /// How a request ended: with the stop sequence `stop` at the end of `text`, or (`None`)
+    /// at an end-of-sequence token.
+    fn end(text: &str, stop: Option<&str>) -> GenerationEnd {
         GenerationEnd {
-            finish_reason,
+            finish_reason: match stop {
+                Some(_) => FinishReason::StopSequence,
+                None => FinishReason::EosToken,
+            },
             generated_text: text.into(),
+            stop_sequence_start: stop.map(|stop| text.len() - stop.len()),
             generated_tokens: 1,
             cached_tokens: 0,
         }
@@ -211,20 +207,10 @@ mod tests {
 
     #[test]
     fn the_answer_leaves_out_the_stop_sequence_that_ended_it() {
-        let stop = stops(&["a", "ba", "Paris"]);
-        assert_eq!(
-            answer_text(&end("It is Paris", FinishReason::StopSequence), &stop),
-            "It is "
-        );
-        assert_eq!(
-            answer_text(&end("xyzba", FinishReason::StopSequence), &stop),
-            "xyz"
-        );
+        assert_eq!(answer_text(&end("It is Paris", Some("Paris"))), "It is ");
+        assert_eq!(answer_text(&end("xyzba", Some("ba"))), "xyz");
         // Other endings keep the whole text, even one that happens to end like a stop sequence.
-        assert_eq!(
-            answer_text(&end("Paris", FinishReason::EosToken), &stop),
-            "Paris"
-        );
+        assert_eq!(answer_text(&end("Paris", None)), "Paris");
     }
 
     /// Streams `pieces` as tokens, then the final answer; returns each chunk sent.
@@ -249,11 +235,8 @@ mod tests {
     fn the_start_of_a_stop_sequence_is_held_back_and_never_sent() {
         let stop = ["Paris"];
         let pieces = ["The capital", " is Pa", "ris"];
-        let answer = answer_text(
-            &end(&pieces.concat(), FinishReason::StopSequence),
-            &stops(&stop),
-        );
-        let chunks = stream(&pieces, &stop, &answer);
+        let ended = end(&pieces.concat(), Some("Paris"));
+        let chunks = stream(&pieces, &stop, answer_text(&ended));
         assert_eq!(chunks.concat(), "The capital is ");
         assert!(chunks.iter().all(|chunk| !chunk.contains('P')));
     }
