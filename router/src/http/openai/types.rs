@@ -48,6 +48,13 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub logit_bias: Option<Value>,
+    /// Extensions beyond OpenAI's API, spelled as vLLM spells them.
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl SamplingFields {
@@ -73,6 +80,11 @@ impl SamplingFields {
         RequestedParameters {
             temperature: self.temperature.filter(|_| !greedy),
             top_p: self.top_p.filter(|&p| !greedy && p != 1.0),
+            // vLLM's "no cut" values, which validation spells as absent.
+            top_k: self.top_k.filter(|&k| !greedy && k > 0),
+            min_p: self.min_p.filter(|&p| !greedy && p > 0.0),
+            repetition_penalty: self.repetition_penalty,
+            ignore_eos: self.ignore_eos,
             do_sample: !greedy,
             seed: self.seed,
             frequency_penalty: self.frequency_penalty,
