@@ -47,6 +47,9 @@ pub struct Args {
     #[arg(long, env, default_value_t = 128)]
     pub max_concurrent_requests: usize,
 
+    #[command(flatten)]
+    pub request_limits: RequestLimits,
+
     /// The token budget of one scheduling step [default: max input tokens + 50].
     #[arg(long, env)]
     pub max_batch_prefill_tokens: Option<usize>,
@@ -213,5 +216,39 @@ mod tests {
     #[test]
     fn unknown_dtype_is_refused() {
         assert!(Args::try_parse_from(["sluice-launcher", "--dtype", "int3"]).is_err());
+    }
+}
+
+/// What one request may ask for; the router refuses more with 422 (TGI's flags and defaults).
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RequestLimits {
+    #[arg(long, env, default_value_t = 4)]
+    pub max_stop_sequences: usize,
+    /// Alternatives per generated token (`top_n_tokens`, OpenAI's `top_logprobs`).
+    #[arg(long, env, default_value_t = 5)]
+    pub max_top_n_tokens: u32,
+    /// Sequences per request (`best_of`, OpenAI's `n`).
+    #[arg(long, env, default_value_t = 2)]
+    pub max_best_of: u32,
+    /// Prompts in one OpenAI completions request.
+    #[arg(long, env, default_value_t = 4)]
+    pub max_client_batch_size: usize,
+}
+
+impl RequestLimits {
+    /// The router's flags for these limits.
+    pub fn to_flags(&self) -> Vec<String> {
+        [
+            ("--max-stop-sequences", self.max_stop_sequences.to_string()),
+            ("--max-top-n-tokens", self.max_top_n_tokens.to_string()),
+            ("--max-best-of", self.max_best_of.to_string()),
+            (
+                "--max-client-batch-size",
+                self.max_client_batch_size.to_string(),
+            ),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
     }
 }

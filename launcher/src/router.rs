@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use tokio::process::Command;
 
-use crate::args::Args;
+use crate::args::{Args, RequestLimits};
 use crate::limits::TokenLimits;
 
 pub const NAME: &str = "router";
@@ -22,6 +22,7 @@ pub struct RouterConfig {
     pub shard_uds_path: PathBuf,
     pub limits: TokenLimits,
     pub max_concurrent_requests: usize,
+    pub request_limits: RequestLimits,
     pub max_batch_size: Option<usize>,
     pub max_batch_total_tokens: Option<u32>,
     pub prefix_caching: bool,
@@ -45,6 +46,7 @@ impl RouterConfig {
             shard_uds_path,
             limits,
             max_concurrent_requests: args.max_concurrent_requests,
+            request_limits: args.request_limits.clone(),
             max_batch_size: args.max_batch_size,
             max_batch_total_tokens: args.max_batch_total_tokens,
             prefix_caching: args.prefix_caching,
@@ -74,7 +76,8 @@ impl RouterConfig {
             .arg("--max-batch-prefill-tokens")
             .arg(self.limits.max_batch_prefill_tokens.to_string())
             .arg("--prefix-caching")
-            .arg(self.prefix_caching.to_string());
+            .arg(self.prefix_caching.to_string())
+            .args(self.request_limits.to_flags());
         if let Some(tokens) = self.max_batch_total_tokens {
             command
                 .arg("--max-batch-total-tokens")

@@ -44,6 +44,15 @@ pub struct RouterArgs {
     pub prefix_caching: bool,
     #[arg(long, env, default_value_t = 4)]
     pub max_stop_sequences: usize,
+    /// Alternatives per generated token (`top_n_tokens`, OpenAI's `top_logprobs`).
+    #[arg(long, env, default_value_t = 5)]
+    pub max_top_n_tokens: u32,
+    /// Sequences per request (`best_of`, OpenAI's `n`).
+    #[arg(long, env, default_value_t = 2)]
+    pub max_best_of: u32,
+    /// Prompts in one OpenAI completions request.
+    #[arg(long, env, default_value_t = 4)]
+    pub max_client_batch_size: usize,
     #[arg(long, env, default_value_t = false)]
     pub json_output: bool,
 }

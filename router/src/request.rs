@@ -47,6 +47,14 @@ pub struct RequestedParameters {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Keep only the prompt's last `truncate` tokens.
+    pub truncate: Option<usize>,
+    /// Alternatives to report with each generated token.
+    pub top_n_tokens: Option<u32>,
+    /// Report each prompt token's log-probability.
+    pub prompt_logprobs: bool,
+    /// Sequences to generate from the one prompt (TGI's `best_of`, OpenAI's `n`).
+    pub sequences: Option<u32>,
 }
 
 /// How the next token is chosen. Greedy unless `do_sample`.
@@ -77,12 +85,25 @@ pub struct StoppingParameters {
     pub stop_sequences: Vec<String>,
 }
 
+/// What a request reports beyond its tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportedLogprobs {
+    /// Alternatives with each generated token (0: none).
+    pub top_n_tokens: u32,
+    /// Each prompt token's log-probability (computed, so never from the prefix cache).
+    pub prompt: bool,
+}
+
 /// A request that passed validation: the prompt's token ids and its parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationRequest {
     pub input_ids: Vec<u32>,
     pub sampling: SamplingParameters,
     pub stopping: StoppingParameters,
+    pub logprobs: ReportedLogprobs,
+    /// Sequences generated from the prompt, each with its own stream. The prompt is computed
+    /// once: the others start from its blocks in the prefix cache.
+    pub sequences: u32,
 }
 
 /// Why a request ended. Serialized under TGI's names, which the TGI routes return as is.
@@ -108,6 +129,14 @@ pub struct Token {
     pub special: bool,
 }
 
+/// One prompt token with its log-probability given the tokens before it (none for the first).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptToken {
+    pub id: u32,
+    pub text: String,
+    pub logprob: Option<f32>,
+}
+
 /// How a finished request ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationEnd {
@@ -120,4 +149,6 @@ pub struct GenerationEnd {
     pub generated_tokens: u32,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
+    /// The prompt's tokens with their log-probabilities, when the request asked for them.
+    pub prompt_tokens: Vec<PromptToken>,
 }

@@ -100,6 +100,8 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             max_input_tokens: args.max_input_tokens,
             max_total_tokens: args.max_total_tokens,
             max_stop_sequences: args.max_stop_sequences,
+            max_top_n_tokens: args.max_top_n_tokens,
+            max_best_of: args.max_best_of,
             vocab_size: model.vocab_size,
         },
     );
@@ -108,7 +110,8 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         model_dtype: model.dtype.clone(),
         model_device_type: model.device.clone(),
         max_concurrent_requests: args.max_concurrent_requests,
-        max_best_of: 1,
+        max_best_of: args.max_best_of as usize,
+        max_client_batch_size: args.max_client_batch_size,
         max_stop_sequences: args.max_stop_sequences,
         max_input_tokens: args.max_input_tokens,
         max_total_tokens: args.max_total_tokens,

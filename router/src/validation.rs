@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use crate::request::{
-    GenerationRequest, Prompt, RequestedParameters, SamplingParameters, StoppingParameters,
+    GenerationRequest, Prompt, ReportedLogprobs, RequestedParameters, SamplingParameters,
+    StoppingParameters,
 };
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -37,6 +38,28 @@ pub enum ValidationError {
     TooManyStopSequences { max: usize, given: usize },
     #[error("`stop` sequences cannot be empty strings")]
     EmptyStopSequence,
+    #[error("`top_n_tokens` must be >= 0 and <= {max}. Given: {given}")]
+    TopNTokens { max: u32, given: u32 },
+    #[error("`best_of` must be > 0 and <= {max}. Given: {given}")]
+    BestOf { max: u32, given: u32 },
+    #[error("you must use sampling when `best_of` is > 1")]
+    BestOfSampling,
+    #[error("`seed` must not be set when `best_of` > 1")]
+    BestOfSeed,
+    #[error("`best_of` != 1 is not supported when streaming tokens")]
+    BestOfStream,
+    #[error("`decoder_input_details` == true is not supported when streaming tokens")]
+    PrefillDetailsStream,
+    #[error("`best_of` must be >= `n`. Given: best_of={best_of}, n={n}")]
+    BestOfBelowN { n: u32, best_of: u32 },
+    #[error("`best_of` must equal `n` when streaming")]
+    BestOfStreamed,
+    #[error("`top_logprobs` requires `logprobs` to be true")]
+    TopLogprobsWithoutLogprobs,
+    #[error("`prompt` holds at most {max} prompts. Given: {given}")]
+    ClientBatchSize { max: usize, given: usize },
+    #[error("`truncate` must be strictly positive and less than {max}. Given: {given}")]
+    Truncate { max: usize, given: usize },
     #[error("`{0}` is not supported yet")]
     Unsupported(&'static str),
     /// A parameter Sluice supports, given in a form it does not support yet.
@@ -60,6 +83,9 @@ pub struct ValidationConfig {
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
     pub max_stop_sequences: usize,
+    pub max_top_n_tokens: u32,
+    /// The most sequences one request may ask for.
+    pub max_best_of: u32,
     /// The model's vocabulary: a tokenizer with more tokens than the model must not reach it.
     pub vocab_size: u32,
 }
@@ -84,10 +110,31 @@ impl Validator {
         }
         let sampling = sampling_parameters(params)?;
         let stop_sequences = self.stop_sequences(params)?;
+        let logprobs = self.reported_logprobs(params)?;
+        let sequences = match params.sequences.unwrap_or(1) {
+            n if n == 0 || n > self.config.max_best_of => {
+                return Err(ValidationError::BestOf {
+                    max: self.config.max_best_of,
+                    given: n,
+                })
+            }
+            n => n,
+        };
 
-        let input_ids = self
+        let mut input_ids = self
             .tokenizer
             .encode(prompt.text(), prompt.adds_special_tokens())?;
+        if let Some(truncate) = params.truncate {
+            if truncate == 0 || truncate > self.config.max_input_tokens {
+                return Err(ValidationError::Truncate {
+                    max: self.config.max_input_tokens,
+                    given: truncate,
+                });
+            }
+            // The prompt's end is what the next token continues: keep that.
+            let excess = input_ids.len().saturating_sub(truncate);
+            input_ids.drain(..excess);
+        }
         if input_ids.is_empty() {
             return Err(ValidationError::EmptyInput);
         }
@@ -128,6 +175,25 @@ impl Validator {
                 ignore_eos: params.ignore_eos,
                 stop_sequences,
             },
+            logprobs,
+            sequences,
+        })
+    }
+
+    fn reported_logprobs(
+        &self,
+        params: &RequestedParameters,
+    ) -> Result<ReportedLogprobs, ValidationError> {
+        let top_n_tokens = params.top_n_tokens.unwrap_or(0);
+        if top_n_tokens > self.config.max_top_n_tokens {
+            return Err(ValidationError::TopNTokens {
+                max: self.config.max_top_n_tokens,
+                given: top_n_tokens,
+            });
+        }
+        Ok(ReportedLogprobs {
+            top_n_tokens,
+            prompt: params.prompt_logprobs,
         })
     }
 
@@ -206,16 +272,19 @@ mod tests {
     use super::*;
     use crate::tokenizer::test_support::{byte_tokenizer, byte_tokenizer_adding_bos, EOS};
 
+    fn config() -> ValidationConfig {
+        ValidationConfig {
+            max_input_tokens: 8,
+            max_total_tokens: 12,
+            max_stop_sequences: 2,
+            max_top_n_tokens: 5,
+            max_best_of: 2,
+            vocab_size: 256,
+        }
+    }
+
     fn validator() -> Validator {
-        Validator::new(
-            Arc::new(byte_tokenizer()),
-            ValidationConfig {
-                max_input_tokens: 8,
-                max_total_tokens: 12,
-                max_stop_sequences: 2,
-                vocab_size: 256,
-            },
-        )
+        Validator::new(Arc::new(byte_tokenizer()), config())
     }
 
     fn params() -> RequestedParameters {
@@ -275,11 +344,9 @@ mod tests {
         let v = Validator::new(
             Arc::new(byte_tokenizer()),
             ValidationConfig {
-                max_input_tokens: 8,
-                max_total_tokens: 12,
-                max_stop_sequences: 2,
                 // The byte tokenizer's `a`, `b` and `c` are ids 64, 65 and 66.
                 vocab_size: 66,
+                ..config()
             },
         );
         assert!(v.validate(Prompt::Text("ab"), &params()).is_ok());
@@ -343,10 +410,8 @@ mod tests {
         let v = Validator::new(
             Arc::new(byte_tokenizer_adding_bos()),
             ValidationConfig {
-                max_input_tokens: 8,
-                max_total_tokens: 12,
-                max_stop_sequences: 2,
                 vocab_size: EOS + 1,
+                ..config()
             },
         );
         let text = v.validate(Prompt::Text("ab"), &params()).unwrap();
@@ -367,5 +432,58 @@ mod tests {
         assert!(valid.sampling.do_sample);
         assert_eq!(valid.sampling.top_k, 5);
         assert_eq!(valid.sampling.seed, 7);
+    }
+
+    #[test]
+    fn truncate_keeps_the_prompts_end_within_the_input_limit() {
+        let mut p = params();
+        p.truncate = Some(3);
+        let valid = validator()
+            .validate(Prompt::Text("123456789abc"), &p)
+            .unwrap();
+        assert_eq!(
+            valid.input_ids,
+            byte_tokenizer().encode("abc", true).unwrap()
+        );
+        for truncate in [0, 9] {
+            p.truncate = Some(truncate);
+            assert_eq!(
+                validator().validate(Prompt::Text("abc"), &p).unwrap_err(),
+                ValidationError::Truncate {
+                    max: 8,
+                    given: truncate
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn top_n_tokens_and_sequences_stay_within_their_limits() {
+        let mut p = params();
+        p.top_n_tokens = Some(5);
+        p.prompt_logprobs = true;
+        p.sequences = Some(2);
+        let valid = validator().validate(Prompt::Text("abc"), &p).unwrap();
+        assert_eq!(
+            valid.logprobs,
+            ReportedLogprobs {
+                top_n_tokens: 5,
+                prompt: true
+            }
+        );
+        assert_eq!(valid.sequences, 2);
+        p.top_n_tokens = Some(6);
+        assert_eq!(
+            validator().validate(Prompt::Text("abc"), &p).unwrap_err(),
+            ValidationError::TopNTokens { max: 5, given: 6 }
+        );
+        p.top_n_tokens = None;
+        for given in [0, 3] {
+            p.sequences = Some(given);
+            assert_eq!(
+                validator().validate(Prompt::Text("abc"), &p).unwrap_err(),
+                ValidationError::BestOf { max: 2, given }
+            );
+        }
     }
 }

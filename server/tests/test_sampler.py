@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from sluice_server.sampling import SamplingParams, SamplingRow, sample
+from sluice_server.sampling import SamplingParams, SamplingRow, sample, token_logprobs
 from sluice_server.sampling.sampler import process_for_sampling
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -120,7 +120,7 @@ def test_drawn_tokens_follow_the_processed_distribution(params: SamplingParams) 
         )
         for seed in range(draws)
     ]
-    token_ids, _ = sample(logits, rows, _greedy_argmax)
+    token_ids = sample(logits, rows, _greedy_argmax).token_ids
     expected_probs = _transformers_warpers(params)(None, logits[:1].clone())[0].softmax(dim=-1)
     counts = torch.bincount(torch.tensor(token_ids), minlength=VOCAB).double()
     assert counts[expected_probs == 0].sum() == 0
@@ -134,6 +134,44 @@ def test_drawn_tokens_follow_the_processed_distribution(params: SamplingParams) 
 def test_logprobs_of_sampled_tokens_come_from_the_processed_distribution() -> None:
     params = SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=5)
     logits = _logits(1, seed=4)
-    token_ids, logprobs = sample(logits.clone(), [SamplingRow(params, [1], 1)], _greedy_argmax)
+    sampled = sample(logits.clone(), [SamplingRow(params, [1], 1, top_n=3)], _greedy_argmax)
     reference = _transformers_warpers(params)(None, logits.clone())[0].log_softmax(dim=-1)
-    assert math.isclose(logprobs[0], reference[token_ids[0]].item(), abs_tol=1e-5)
+    assert math.isclose(sampled.logprobs[0], reference[sampled.token_ids[0]].item(), abs_tol=1e-5)
+    # The alternatives come from the same distribution; top-p's cut leaves out the rest.
+    kept = int(torch.isfinite(reference).sum())
+    expected = reference.topk(min(3, kept))
+    assert [token for token, _ in sampled.top_tokens[0]] == expected.indices.tolist()
+    assert torch.allclose(
+        torch.tensor([value for _, value in sampled.top_tokens[0]]), expected.values, atol=1e-5
+    )
+
+
+def test_greedy_top_tokens_are_the_models_log_softmax_and_other_rows_get_none() -> None:
+    logits = _logits(3, seed=6)
+    rows = [
+        SamplingRow(SamplingParams(), [1], 1, top_n=4),
+        SamplingRow(SamplingParams(), [1], 1),
+        SamplingRow(SamplingParams(repetition_penalty=1.5), [2, 7], 2, top_n=2),
+    ]
+    sampled = sample(logits.clone(), rows, _greedy_argmax)
+    assert sampled.top_tokens[1] == []
+    model = logits[0].log_softmax(dim=-1)
+    assert [token for token, _ in sampled.top_tokens[0]] == model.topk(4).indices.tolist()
+    assert sampled.top_tokens[0][0] == (sampled.token_ids[0], sampled.logprobs[0])
+    assert torch.allclose(
+        torch.tensor([value for _, value in sampled.top_tokens[0]]), model.topk(4).values
+    )
+    # With a penalty, the distribution the token was chosen from is the penalised one.
+    penalised = logits[2].clone()
+    seen = penalised[[2, 7]]
+    penalised[[2, 7]] = torch.where(seen > 0, seen / 1.5, seen * 1.5)
+    assert [token for token, _ in sampled.top_tokens[2]] == (
+        penalised.log_softmax(dim=-1).topk(2).indices.tolist()
+    )
+
+
+def test_token_logprobs_score_each_row_against_its_token() -> None:
+    logits = _logits(3, seed=8).to(torch.bfloat16)
+    targets = [4, 0, 9]
+    expected = logits.float().log_softmax(dim=-1)[torch.arange(3), torch.tensor(targets)]
+    assert torch.allclose(torch.tensor(token_logprobs(logits, targets)), expected, atol=1e-6)

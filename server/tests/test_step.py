@@ -205,6 +205,38 @@ def test_prompt_chunks_generate_only_at_the_end(tiny_loaded) -> None:
     assert generation.id == 0 and generation.logprob <= 0.0
 
 
+def test_prompt_logprobs_and_top_tokens_equal_the_reference_log_softmax(
+    tiny_llama, tiny_loaded
+) -> None:
+    """Prompt tokens scored chunk by chunk (4, 4, 1) and the first token's alternatives match
+    log_softmax of transformers' logits over the whole prompt."""
+    _directory, reference = tiny_llama
+    prompt = PROMPTS[1]
+    router = MiniRouter(make_executor(tiny_loaded), chunk_size=4)
+    request = new_request(0, prompt)
+    request.prompt_logprobs = True
+    request.top_n_tokens = 3
+    router.add(request, max_new_tokens=1)
+    scored: dict[int, float] = {}
+    while router.running or router.to_free:
+        for chunk in router.step().prompt_logprobs:
+            assert chunk.id == 0
+            for offset, logprob in enumerate(chunk.logprobs):
+                assert chunk.start + offset not in scored
+                scored[chunk.start + offset] = logprob
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0].float().log_softmax(dim=-1)
+    assert sorted(scored) == list(range(1, len(prompt)))
+    for position, logprob in scored.items():
+        assert abs(logprob - expected[position - 1, prompt[position]].item()) < 1e-4
+    (generation,) = router.finished[0].generations
+    top = expected[-1].topk(3)
+    assert [t.token_id for t in generation.top_tokens] == top.indices.tolist()
+    for alternative, value in zip(generation.top_tokens, top.values.tolist(), strict=True):
+        assert abs(alternative.logprob - value) < 1e-4
+    assert generation.top_tokens[0].token_id == generation.token_id
+
+
 def test_free_ids_forget_requests(tiny_loaded) -> None:
     router = MiniRouter(make_executor(tiny_loaded))
     router.add(new_request(0, PROMPTS[0]))
@@ -298,6 +330,18 @@ def valid_request() -> pb.NewRequest:
         (pb.StepRequest(new_requests=[new_request(1, [])]), "no token ids"),
         (pb.StepRequest(new_requests=[new_request(1, [5, 128])]), "outside the vocabulary"),
         (pb.StepRequest(new_requests=[new_request(1, [5, 6], cached_tokens=2)]), "cached_tokens"),
+        (
+            pb.StepRequest(
+                new_requests=[
+                    pb.NewRequest(id=1, token_ids=[5, 6], cached_tokens=1, prompt_logprobs=True)
+                ]
+            ),
+            "prompt_logprobs needs the whole prompt",
+        ),
+        (
+            pb.StepRequest(new_requests=[pb.NewRequest(id=1, token_ids=[5], top_n_tokens=129)]),
+            "top_n_tokens",
+        ),
         (
             pb.StepRequest(
                 new_requests=[new_request(1, [5], sampling=pb.SamplingParameters(temperature=-1))]

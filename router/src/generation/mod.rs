@@ -10,6 +10,7 @@ pub use stop::{Stop, StopCriteria, StopSequences};
 
 use std::sync::Arc;
 
+use futures_util::Stream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::request::{GenerationEnd, StoppingParameters, Token};
@@ -75,16 +76,35 @@ impl RequestOutput {
     }
 }
 
+/// One sequence read to its end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    pub tokens: Vec<Token>,
+    /// Each token's alternatives (empty lists unless the request asked for them).
+    pub top_tokens: Vec<Vec<Token>>,
+    pub end: GenerationEnd,
+}
+
+impl Generated {
+    /// The mean log-probability of its tokens: how `best_of` ranks sequences (per token, so a
+    /// longer answer is not ranked lower for its length).
+    pub fn mean_logprob(&self) -> f32 {
+        let total: f32 = self.tokens.iter().map(|token| token.logprob).sum();
+        total / self.tokens.len().max(1) as f32
+    }
+}
+
 /// A request's tokens as the scheduler delivers them, ending after the last one.
 pub struct GenerationStream {
     events: EventReceiver,
     done: bool,
-    /// Held for the request's lifetime: its slot under --max-concurrent-requests.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// Held for the request's lifetime (shared by its sequences): its slot under
+    /// --max-concurrent-requests.
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl GenerationStream {
-    pub fn new(events: EventReceiver, permit: Option<OwnedSemaphorePermit>) -> Self {
+    pub fn new(events: EventReceiver, permit: Option<Arc<OwnedSemaphorePermit>>) -> Self {
         Self {
             events,
             done: false,
@@ -116,18 +136,36 @@ impl GenerationStream {
         Some(item)
     }
 
+    /// The tokens as a `Stream`, to read several requests' together.
+    pub fn into_events(self) -> impl Stream<Item = Result<TokenEvent, SchedulerError>> + Send {
+        futures_util::stream::unfold(self, |mut stream| async move {
+            stream.next().await.map(|item| (item, stream))
+        })
+    }
+
     /// Reads the request to its end: every token, and how it ended. For answers that are not
     /// streamed.
-    pub async fn collect(mut self) -> Result<(Vec<Token>, GenerationEnd), SchedulerError> {
+    pub async fn collect(mut self) -> Result<Generated, SchedulerError> {
         let mut tokens = Vec::new();
+        let mut top_tokens = Vec::new();
         while let Some(item) = self.next().await {
             let event = item?;
             tokens.push(event.token);
+            top_tokens.push(event.top_tokens);
             if let Some(end) = event.end {
-                return Ok((tokens, end));
+                return Ok(Generated {
+                    tokens,
+                    top_tokens,
+                    end,
+                });
             }
         }
         Err(SchedulerError::Closed)
+    }
+
+    /// Reads every stream to its end, together.
+    pub async fn collect_all(streams: Vec<Self>) -> Result<Vec<Generated>, SchedulerError> {
+        futures_util::future::try_join_all(streams.into_iter().map(Self::collect)).await
     }
 
     fn finish(&mut self) {

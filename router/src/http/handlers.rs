@@ -11,10 +11,13 @@ use super::error::ApiError;
 use super::sse;
 use super::submission::{submit, Submitted};
 use super::types::{
-    Details, GenerateRequest, GenerateResponse, Info, StreamDetails, StreamResponse,
+    BestOfSequence, Details, GenerateRequest, GenerateResponse, Info, StreamDetails,
+    StreamResponse, Token,
 };
 use super::AppState;
+use crate::generation::GenerationStream;
 use crate::request::{GenerationRequest, Prompt};
+use crate::scheduler::SchedulerError;
 
 /// A TGI request on the scheduler, and the prompt to put before its text when
 /// `return_full_text` asked for it.
@@ -23,8 +26,8 @@ struct Started {
     prefix: Option<String>,
 }
 
-fn start(state: &AppState, request: GenerateRequest) -> Result<Started, ApiError> {
-    let requested = request.parameters.to_requested()?;
+fn start(state: &AppState, request: GenerateRequest, stream: bool) -> Result<Started, ApiError> {
+    let requested = request.parameters.to_requested(stream)?;
     let submitted = submit(state, Prompt::Text(&request.inputs), &requested)?;
     let prefix = request
         .parameters
@@ -48,8 +51,10 @@ fn full_text(prefix: Option<&str>, generated: String) -> String {
     }
 }
 
-fn reported_seed(valid: &GenerationRequest) -> Option<u64> {
-    valid.sampling.do_sample.then_some(valid.sampling.seed)
+/// The seed of sequence `index` (each sibling draws with its own), when it was sampled.
+fn reported_seed(valid: &GenerationRequest, index: usize) -> Option<u64> {
+    let seed = valid.sampling.seed.wrapping_add(index as u64);
+    valid.sampling.do_sample.then_some(seed)
 }
 
 /// TGI's `/`: `/generate_stream` when `stream` is set, else `/generate` with its answer in a
@@ -86,17 +91,50 @@ async fn generate_response(
     request: GenerateRequest,
 ) -> Result<Json<GenerateResponse>, ApiError> {
     let want_details = request.parameters.details;
-    let Started { submitted, prefix } = start(&state, request)?;
-    let Submitted { stream, valid } = submitted;
-    let (tokens, end) = stream.collect().await?;
-    let generated_text = full_text(prefix.as_deref(), end.generated_text);
+    let Started { submitted, prefix } = start(&state, request, false)?;
+    let Submitted { streams, valid } = submitted;
+    let sequences = GenerationStream::collect_all(streams).await?;
+    // Only the first sequence scored the prompt; every sequence shares it.
+    let prefill = sequences
+        .first()
+        .map(|first| first.end.prompt_tokens.clone())
+        .unwrap_or_default();
+    // With best_of, the answer is the most likely sequence (mean log-probability per token).
+    let best = (0..sequences.len())
+        .max_by(|&a, &b| {
+            let (a, b) = (sequences[a].mean_logprob(), sequences[b].mean_logprob());
+            a.total_cmp(&b)
+        })
+        .ok_or(SchedulerError::Closed)?;
+    let mut others = Vec::new();
+    let mut answer = None;
+    for (index, generated) in sequences.into_iter().enumerate() {
+        let seed = reported_seed(&valid, index);
+        if index == best {
+            answer = Some((generated, seed));
+        } else {
+            others.push(BestOfSequence {
+                generated_text: full_text(prefix.as_deref(), generated.end.generated_text),
+                finish_reason: generated.end.finish_reason,
+                generated_tokens: generated.end.generated_tokens,
+                seed,
+                prefill: prefill.clone(),
+                tokens: generated.tokens,
+                top_tokens: without_empty(generated.top_tokens),
+            });
+        }
+    }
+    let (generated, seed) = answer.ok_or(SchedulerError::Closed)?;
+    let generated_text = full_text(prefix.as_deref(), generated.end.generated_text);
     let details = want_details.then(|| Details {
-        finish_reason: end.finish_reason,
-        generated_tokens: end.generated_tokens,
-        seed: reported_seed(&valid),
-        cached_tokens: end.cached_tokens,
-        prefill: Vec::new(),
-        tokens,
+        finish_reason: generated.end.finish_reason,
+        generated_tokens: generated.end.generated_tokens,
+        seed,
+        cached_tokens: generated.end.cached_tokens,
+        prefill,
+        tokens: generated.tokens,
+        top_tokens: without_empty(generated.top_tokens),
+        best_of_sequences: (valid.sequences > 1).then_some(others),
     });
     Ok(Json(GenerateResponse {
         generated_text,
@@ -104,14 +142,23 @@ async fn generate_response(
     }))
 }
 
+/// Per-token alternatives, or nothing when none were asked for.
+fn without_empty(top_tokens: Vec<Vec<Token>>) -> Vec<Vec<Token>> {
+    if top_tokens.iter().all(Vec::is_empty) {
+        Vec::new()
+    } else {
+        top_tokens
+    }
+}
+
 async fn stream_response(
     State(state): State<AppState>,
     request: GenerateRequest,
 ) -> Result<Response, ApiError> {
-    let Started { submitted, prefix } = start(&state, request)?;
-    let Submitted { mut stream, valid } = submitted;
+    let Started { submitted, prefix } = start(&state, request, true)?;
+    let (mut stream, valid) = submitted.into_single()?;
     let input_length = valid.input_ids.len() as u32;
-    let seed = reported_seed(&valid);
+    let seed = reported_seed(&valid, 0);
     let events = async_stream::stream! {
         let mut index = 0;
         while let Some(item) = stream.next().await {
@@ -135,7 +182,7 @@ async fn stream_response(
                     let response = StreamResponse {
                         index,
                         token: item.token,
-                        top_tokens: Vec::new(),
+                        top_tokens: item.top_tokens,
                         generated_text,
                         details,
                     };

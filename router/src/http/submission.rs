@@ -1,16 +1,30 @@
 //! What every generation route does first, whichever API it speaks: validate the prompt and
 //! parameters, take an admission slot (none left: 429), and queue the request on the scheduler.
 
+use std::sync::Arc;
+
 use super::error::ApiError;
 use super::AppState;
 use crate::generation::GenerationStream;
 use crate::request::{GenerationRequest, Prompt, RequestedParameters};
+use crate::scheduler::SchedulerError;
 
 /// A request that passed validation and admission and is queued on the scheduler.
 pub struct Submitted {
-    /// Its tokens as they come; dropping it cancels the request.
-    pub stream: GenerationStream,
+    /// Each sequence's tokens as they come (one unless `sequences` asked for more); dropping a
+    /// stream cancels its sequence.
+    pub streams: Vec<GenerationStream>,
     pub valid: GenerationRequest,
+}
+
+impl Submitted {
+    /// The first sequence's stream, for answers that have one sequence.
+    pub fn into_single(self) -> Result<(GenerationStream, GenerationRequest), ApiError> {
+        match self.streams.into_iter().next() {
+            Some(stream) => Ok((stream, self.valid)),
+            None => Err(SchedulerError::Closed.into()),
+        }
+    }
 }
 
 pub fn submit(
@@ -24,9 +38,13 @@ pub fn submit(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded)?;
-    let events = state.scheduler.submit(valid.clone())?;
-    Ok(Submitted {
-        stream: GenerationStream::new(events, Some(permit)),
-        valid,
-    })
+    // One slot under --max-concurrent-requests for all of the request's sequences.
+    let permit = Arc::new(permit);
+    let streams = state
+        .scheduler
+        .submit(valid.clone())?
+        .into_iter()
+        .map(|events| GenerationStream::new(events, Some(permit.clone())))
+        .collect();
+    Ok(Submitted { streams, valid })
 }

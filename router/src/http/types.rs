@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::request::RequestedParameters;
-pub use crate::request::{FinishReason, Token};
+pub use crate::request::{FinishReason, PromptToken, Token};
 use crate::validation::ValidationError;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,15 +50,12 @@ pub struct GenerateParameters {
 }
 
 impl GenerateParameters {
-    /// The parameters Sluice supports, or the first one given that it does not.
-    pub fn to_requested(&self) -> Result<RequestedParameters, ValidationError> {
-        let refusals: [(bool, &'static str); 7] = [
+    /// The parameters as the domain spells them, or the first one given that Sluice does not
+    /// support or that TGI's rules refuse (`stream`: whether the answer is streamed).
+    pub fn to_requested(&self, stream: bool) -> Result<RequestedParameters, ValidationError> {
+        let refusals: [(bool, &'static str); 3] = [
             (self.adapter_id.is_some(), "adapter_id"),
-            (self.best_of.is_some_and(|n| n > 1), "best_of"),
-            (self.truncate.is_some(), "truncate"),
             (self.watermark, "watermark"),
-            (self.decoder_input_details, "decoder_input_details"),
-            (self.top_n_tokens.is_some_and(|n| n > 0), "top_n_tokens"),
             (
                 self.grammar.as_ref().is_some_and(|g| !g.is_null()),
                 "grammar",
@@ -66,6 +63,26 @@ impl GenerateParameters {
         ];
         if let Some((_, name)) = refusals.into_iter().find(|(refused, _)| *refused) {
             return Err(ValidationError::Unsupported(name));
+        }
+        let best_of = self.best_of.unwrap_or(1);
+        if best_of > 1 {
+            let sampling = self.do_sample
+                || self.temperature.is_some()
+                || self.top_k.is_some()
+                || self.top_p.is_some()
+                || self.typical_p.is_some();
+            if !sampling {
+                return Err(ValidationError::BestOfSampling);
+            }
+            if self.seed.is_some() {
+                return Err(ValidationError::BestOfSeed);
+            }
+            if stream {
+                return Err(ValidationError::BestOfStream);
+            }
+        }
+        if stream && self.decoder_input_details {
+            return Err(ValidationError::PrefillDetailsStream);
         }
         Ok(RequestedParameters {
             temperature: self.temperature,
@@ -81,8 +98,25 @@ impl GenerateParameters {
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            truncate: self.truncate,
+            top_n_tokens: self.top_n_tokens,
+            prompt_logprobs: self.decoder_input_details,
+            sequences: Some(u32::try_from(best_of).unwrap_or(u32::MAX)),
         })
     }
+}
+
+/// One of the sequences `best_of` generated besides the answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct BestOfSequence {
+    pub generated_text: String,
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PromptToken>,
+    pub tokens: Vec<Token>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -92,10 +126,15 @@ pub struct Details {
     pub seed: Option<u64>,
     /// Sluice extension: prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
-    /// Prompt tokens with logprobs; filled only with `decoder_input_details`, which is refused
-    /// for now, so always empty.
-    pub prefill: Vec<Token>,
+    /// Prompt tokens with their logprobs, with `decoder_input_details`.
+    pub prefill: Vec<PromptToken>,
     pub tokens: Vec<Token>,
+    /// Each token's alternatives, with `top_n_tokens`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+    /// The other sequences, with `best_of`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_of_sequences: Option<Vec<BestOfSequence>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +159,7 @@ pub struct StreamDetails {
 pub struct StreamResponse {
     pub index: u32,
     pub token: Token,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_tokens: Vec<Token>,
     pub generated_text: Option<String>,
     pub details: Option<StreamDetails>,
@@ -138,6 +178,7 @@ pub struct Info {
     pub model_device_type: String,
     pub max_concurrent_requests: usize,
     pub max_best_of: usize,
+    pub max_client_batch_size: usize,
     pub max_stop_sequences: usize,
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
@@ -156,26 +197,61 @@ mod tests {
 
     #[test]
     fn unsupported_parameters_are_refused_by_name_and_neutral_ones_accepted() {
-        let mut params = GenerateParameters {
+        let params = GenerateParameters {
             best_of: Some(1),
             typical_p: Some(1.0),
-            frequency_penalty: Some(0.0),
+            watermark: false,
             temperature: Some(0.5),
             ..Default::default()
         };
-        assert_eq!(params.to_requested().unwrap().temperature, Some(0.5));
-        params.best_of = Some(2);
-        assert_eq!(
-            params.to_requested().unwrap_err(),
-            ValidationError::Unsupported("best_of")
-        );
+        assert_eq!(params.to_requested(false).unwrap().temperature, Some(0.5));
         let params = GenerateParameters {
             adapter_id: Some("lora".into()),
             ..Default::default()
         };
         assert_eq!(
-            params.to_requested().unwrap_err(),
+            params.to_requested(false).unwrap_err(),
             ValidationError::Unsupported("adapter_id")
         );
+    }
+
+    #[test]
+    fn best_of_follows_tgis_rules() {
+        let sampled = GenerateParameters {
+            best_of: Some(2),
+            do_sample: true,
+            ..Default::default()
+        };
+        assert_eq!(sampled.to_requested(false).unwrap().sequences, Some(2));
+        let cases = [
+            (
+                GenerateParameters {
+                    do_sample: false,
+                    ..sampled.clone()
+                },
+                false,
+                ValidationError::BestOfSampling,
+            ),
+            (
+                GenerateParameters {
+                    seed: Some(1),
+                    ..sampled.clone()
+                },
+                false,
+                ValidationError::BestOfSeed,
+            ),
+            (sampled.clone(), true, ValidationError::BestOfStream),
+            (
+                GenerateParameters {
+                    decoder_input_details: true,
+                    ..Default::default()
+                },
+                true,
+                ValidationError::PrefillDetailsStream,
+            ),
+        ];
+        for (params, stream, error) in cases {
+            assert_eq!(params.to_requested(stream).unwrap_err(), error);
+        }
     }
 }

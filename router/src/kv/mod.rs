@@ -15,6 +15,16 @@ pub struct CachedPrefix {
     pub node: NodeId,
 }
 
+impl CachedPrefix {
+    /// Nothing cached: start from the first token.
+    pub fn none() -> Self {
+        Self {
+            blocks: Vec::new(),
+            node: RadixCache::ROOT,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct KvManager {
     pool: BlockPool,
@@ -58,10 +68,7 @@ impl KvManager {
     /// out: the shard must run the last token to sample the next one.
     pub fn lookup(&mut self, tokens: &[u32]) -> CachedPrefix {
         let Some(cache) = self.cache.as_mut() else {
-            return CachedPrefix {
-                blocks: Vec::new(),
-                node: RadixCache::ROOT,
-            };
+            return CachedPrefix::none();
         };
         let max_blocks = tokens.len().saturating_sub(1) / self.block_size;
         let (blocks, node) = cache.match_prefix(tokens, self.block_size, max_blocks);

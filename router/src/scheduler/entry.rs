@@ -13,7 +13,8 @@ pub(super) type EventSender = mpsc::UnboundedSender<Result<TokenEvent, Scheduler
 
 pub(super) struct Submission {
     pub request: GenerationRequest,
-    pub events: EventSender,
+    /// One per sequence.
+    pub events: Vec<EventSender>,
 }
 
 pub(super) struct Entry {
@@ -38,16 +39,25 @@ pub(super) struct Entry {
     pub sharing: bool,
     /// Prompt tokens found in the prefix cache when the request was first admitted.
     pub cached_prompt_tokens: Option<u32>,
+    /// The log-probabilities of prompt tokens 1, 2, ... received so far (`logprobs.prompt`).
+    pub prompt_logprobs: Vec<f32>,
+    /// For a sibling sequence: the entry that computes the shared prompt first.
+    pub parent: Option<u64>,
 }
 
 impl Entry {
-    pub fn new(id: u64, submission: Submission, eos_token_ids: &Arc<[u32]>) -> Self {
+    pub fn new(
+        id: u64,
+        request: GenerationRequest,
+        events: EventSender,
+        eos_token_ids: &Arc<[u32]>,
+    ) -> Self {
         Self {
             id,
-            tokens: submission.request.input_ids.clone(),
-            output: RequestOutput::new(&submission.request.stopping, eos_token_ids),
-            request: submission.request,
-            events: submission.events,
+            tokens: request.input_ids.clone(),
+            output: RequestOutput::new(&request.stopping, eos_token_ids),
+            request,
+            events,
             blocks: Vec::new(),
             num_computed: 0,
             on_shard: false,
@@ -55,6 +65,24 @@ impl Entry {
             registered_blocks: 0,
             sharing: true,
             cached_prompt_tokens: None,
+            prompt_logprobs: Vec::new(),
+            parent: None,
+        }
+    }
+
+    /// Whether prompt tokens are still to be scored, which the prefix cache would skip.
+    pub fn needs_prompt_logprobs(&self) -> bool {
+        self.request.logprobs.prompt
+            && self.prompt_logprobs.len() + 1 < self.request.input_ids.len()
+    }
+
+    /// Takes the scores of prompt tokens `start`, `start + 1`, ...; those already known (sent
+    /// again after a preemption) are skipped.
+    pub fn add_prompt_logprobs(&mut self, start: usize, logprobs: &[f32]) {
+        for (position, &logprob) in (start..).zip(logprobs) {
+            if position == self.prompt_logprobs.len() + 1 {
+                self.prompt_logprobs.push(logprob);
+            }
         }
     }
 

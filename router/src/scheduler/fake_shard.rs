@@ -1,5 +1,6 @@
 //! A fake shard for the scheduler's tests: it keeps per-request state like a real one, generates
-//! `last token + 1` (mod 250), never stops a request by itself, and checks everything it is sent
+//! `last token + 1` (mod 250) with `top_n_tokens` alternatives, scores prompt token `p` with
+//! log-probability `-p`, never stops a request by itself, and checks everything it is sent
 //! against the contract.
 
 use std::collections::{HashMap, HashSet};
@@ -18,6 +19,9 @@ pub struct FakeSequence {
     pub tokens: Vec<u32>,
     pub computed: usize,
     pub blocks: Vec<u32>,
+    prompt_len: usize,
+    top_n_tokens: u32,
+    prompt_logprobs: bool,
 }
 
 pub struct FakeShardState {
@@ -49,17 +53,22 @@ impl FakeShardState {
         for new in request.new_requests {
             assert!(!new.token_ids.is_empty(), "a new request without tokens");
             assert!((new.cached_tokens as usize) < new.token_ids.len());
+            assert!(!new.prompt_logprobs || new.cached_tokens == 0);
             let previous = self.sequences.insert(
                 new.id,
                 FakeSequence {
+                    prompt_len: new.prompt_len as usize,
                     tokens: new.token_ids,
                     computed: new.cached_tokens as usize,
                     blocks: Vec::new(),
+                    top_n_tokens: new.top_n_tokens,
+                    prompt_logprobs: new.prompt_logprobs,
                 },
             );
             assert!(previous.is_none(), "id {} admitted twice", new.id);
         }
         let mut generations = Vec::new();
+        let mut prompt_logprobs = Vec::new();
         let mut scheduled_ids = HashSet::new();
         for scheduled in request.scheduled {
             assert!(scheduled_ids.insert(scheduled.id), "scheduled twice");
@@ -99,6 +108,15 @@ impl FakeShardState {
                     .or_insert_with(|| vec![None; block_size])[position % block_size] =
                     Some(seq.tokens[position]);
             }
+            // Position p predicts token p + 1.
+            let scored = (seq.computed + 1)..(end + 1).min(seq.prompt_len);
+            if seq.prompt_logprobs && !scored.is_empty() {
+                prompt_logprobs.push(pb::PromptLogprobs {
+                    id: scheduled.id,
+                    start: scored.start as u32,
+                    logprobs: scored.map(|position| -(position as f32)).collect(),
+                });
+            }
             seq.computed = end;
             if seq.computed == seq.tokens.len() {
                 let token = next_token(*seq.tokens.last().expect("tokens are never empty"));
@@ -107,6 +125,12 @@ impl FakeShardState {
                     id: scheduled.id,
                     token_id: token,
                     logprob: -1.0,
+                    top_tokens: (0..seq.top_n_tokens)
+                        .map(|rank| pb::TokenLogprob {
+                            token_id: next_token(token + rank),
+                            logprob: -1.0 - rank as f32,
+                        })
+                        .collect(),
                 });
             }
         }
@@ -132,6 +156,7 @@ impl FakeShardState {
         }
         pb::StepResponse {
             generations,
+            prompt_logprobs,
             forward_ns: 0,
             total_ns: 0,
         }

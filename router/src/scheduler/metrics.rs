@@ -8,6 +8,8 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 pub(super) struct StepStats {
     pub prefill_chunks: u64,
+    /// Prompt tokens computed (not served from the prefix cache), recomputations included.
+    pub prefill_tokens: u64,
     pub preemptions: u64,
     pub prompt_tokens: u64,
     pub cached_prompt_tokens: u64,
@@ -32,6 +34,7 @@ pub(super) fn record_step(
 ) {
     metrics::counter!("sluice_steps_total").increment(1);
     metrics::counter!("sluice_prefill_chunks_total").increment(stats.prefill_chunks);
+    metrics::counter!("sluice_prefill_tokens_total").increment(stats.prefill_tokens);
     metrics::counter!("sluice_decode_tokens_total").increment(decodes as u64);
     metrics::counter!("sluice_preemptions_total").increment(stats.preemptions);
     metrics::counter!("sluice_prompt_tokens_total").increment(stats.prompt_tokens);

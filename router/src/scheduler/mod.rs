@@ -5,6 +5,10 @@
 //! requests that are done (see `generation::StopCriteria`): the shards forget them through the
 //! next step's `free_ids`.
 //!
+//! A request for several sequences (`best_of`, `n`) becomes one entry per sequence. The first is
+//! queued; its siblings wait as forks until it has computed its prompt, then start from the
+//! prompt's blocks in the prefix cache, so the prompt is computed once.
+//!
 //! - `task`: the loop.
 //! - `state`: the queue, the running batch, the KV blocks, and what a step's answer does to them.
 //! - `step_builder`: building one step.
@@ -41,6 +45,8 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenEvent {
     pub token: Token,
+    /// The most likely tokens at this position, most likely first (`top_n_tokens` of them).
+    pub top_tokens: Vec<Token>,
     /// Set on the request's last token.
     pub end: Option<GenerationEnd>,
 }
@@ -62,14 +68,19 @@ pub struct SchedulerHandle {
 }
 
 impl SchedulerHandle {
-    /// Queues a request. Dropping the returned receiver cancels it: the scheduler frees it
-    /// at its next step.
-    pub fn submit(&self, request: GenerationRequest) -> Result<EventReceiver, SchedulerError> {
-        let (events, receiver) = mpsc::unbounded_channel();
+    /// Queues a request: one receiver per sequence it asked for. Dropping a receiver cancels
+    /// its sequence: the scheduler frees it at its next step.
+    pub fn submit(&self, request: GenerationRequest) -> Result<Vec<EventReceiver>, SchedulerError> {
+        let (senders, receivers) = (0..request.sequences.max(1))
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
         self.submissions
-            .send(entry::Submission { request, events })
+            .send(entry::Submission {
+                request,
+                events: senders,
+            })
             .map_err(|_| SchedulerError::Closed)?;
-        Ok(receiver)
+        Ok(receivers)
     }
 }
 

@@ -160,8 +160,10 @@ fn run(
                         ignore_eos: arrival.ignore_eos,
                         stop_sequences: Vec::new(),
                     },
+                    logprobs: Default::default(),
+                    sequences: 1,
                 },
-                events,
+                events: vec![events],
             });
             clients.push(Client {
                 events: Some(receiver),
@@ -290,8 +292,10 @@ fn submit(
                 ignore_eos: true,
                 stop_sequences: Vec::new(),
             },
+            logprobs: Default::default(),
+            sequences: 1,
         },
-        events,
+        events: vec![events],
     });
     receiver
 }

@@ -10,7 +10,7 @@ use super::entry::{Entry, Submission};
 use super::metrics::Occupancy;
 use super::{SchedulerConfig, SchedulerError, TokenEvent};
 use crate::kv::KvManager;
-use crate::request::GenerationEnd;
+use crate::request::{GenerationEnd, PromptToken, Token};
 use crate::tokenizer::Tokenizer;
 
 pub(super) struct SchedulerState {
@@ -18,6 +18,8 @@ pub(super) struct SchedulerState {
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Arc<[u32]>,
     pub waiting: VecDeque<Entry>,
+    /// Sibling sequences waiting for their first sequence to compute the shared prompt.
+    forks: Vec<Entry>,
     /// In admission order: the last one is the youngest.
     pub running: Vec<Entry>,
     pub kv: KvManager,
@@ -34,6 +36,7 @@ impl SchedulerState {
             config,
             tokenizer,
             waiting: VecDeque::new(),
+            forks: Vec::new(),
             running: Vec::new(),
             kv,
             to_free: Vec::new(),
@@ -41,20 +44,55 @@ impl SchedulerState {
         }
     }
 
-    /// Queues a new request behind the others.
+    /// Queues a new request behind the others; its sibling sequences wait as forks.
     pub fn enqueue(&mut self, submission: Submission) {
-        let entry = Entry::new(self.next_id, submission, &self.eos_token_ids);
-        self.next_id += 1;
-        self.waiting.push_back(entry);
+        let Submission { request, events } = submission;
+        let first = self.next_id;
+        for (index, events) in events.into_iter().enumerate() {
+            let mut request = request.clone();
+            let mut parent = None;
+            if index > 0 {
+                // Each sibling draws its own tokens, and only the first scores the prompt.
+                request.sampling.seed = request.sampling.seed.wrapping_add(index as u64);
+                request.logprobs.prompt = false;
+                parent = Some(first);
+            }
+            let mut entry = Entry::new(self.next_id, request, events, &self.eos_token_ids);
+            self.next_id += 1;
+            entry.parent = parent;
+            match parent {
+                None => self.waiting.push_back(entry),
+                Some(_) => self.forks.push(entry),
+            }
+        }
     }
 
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty() || !self.to_free.is_empty()
+        !self.waiting.is_empty()
+            || !self.forks.is_empty()
+            || !self.running.is_empty()
+            || !self.to_free.is_empty()
+    }
+
+    /// Queues, at the front, the forks whose first sequence has computed the prompt (it has
+    /// sampled a token) or has left.
+    pub fn release_forks(&mut self) {
+        let started = |parent: u64| match self.running.iter().find(|e| e.id == parent) {
+            Some(entry) => entry.output.generated() > 0,
+            None => !self.waiting.iter().any(|e| e.id == parent),
+        };
+        let (ready, held): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.forks)
+            .into_iter()
+            .partition(|fork| fork.parent.is_none_or(started));
+        self.forks = held;
+        for entry in ready.into_iter().rev() {
+            self.waiting.push_front(entry);
+        }
     }
 
     pub fn occupancy(&self) -> Occupancy {
         Occupancy {
-            waiting: self.waiting.len(),
+            waiting: self.waiting.len() + self.forks.len(),
             running: self.running.len(),
             kv_blocks_used: self.kv.num_used(),
             kv_blocks_cached: self.kv.num_cached(),
@@ -64,9 +102,10 @@ impl SchedulerState {
 
     /// Drops requests whose client went away and gives their blocks back; returns how many.
     pub fn reap_cancelled(&mut self) -> usize {
-        let queued = self.waiting.len();
+        let queued = self.waiting.len() + self.forks.len();
         self.waiting.retain(|e| !e.is_cancelled());
-        let mut reaped = queued - self.waiting.len();
+        self.forks.retain(|e| !e.is_cancelled());
+        let mut reaped = queued - self.waiting.len() - self.forks.len();
         let (cancelled, kept): (Vec<Entry>, Vec<Entry>) =
             self.running.drain(..).partition(Entry::is_cancelled);
         self.running = kept;
@@ -104,6 +143,15 @@ impl SchedulerState {
         }
     }
 
+    /// Keeps the prompt tokens' log-probabilities a step computed.
+    pub fn record_prompt_logprobs(&mut self, scores: Vec<pb::PromptLogprobs>) {
+        for score in scores {
+            if let Some(entry) = self.running.iter_mut().find(|e| e.id == score.id) {
+                entry.add_prompt_logprobs(score.start as usize, &score.logprobs);
+            }
+        }
+    }
+
     /// Hands every sampled token to its request, and ends the requests it stops: they leave the
     /// batch now and the shards forget them at the next step.
     pub fn deliver(&mut self, generations: Vec<pb::Generation>) {
@@ -129,9 +177,25 @@ impl SchedulerState {
                         generated_text: entry.output.take_text(),
                         generated_tokens: entry.output.generated(),
                         cached_tokens: entry.cached_prompt_tokens.unwrap_or(0),
+                        prompt_tokens: prompt_tokens(entry, &self.tokenizer),
                     });
                     let finished = end.is_some();
-                    (Ok(TokenEvent { token, end }), finished)
+                    let top_tokens = generation
+                        .top_tokens
+                        .iter()
+                        .map(|top| Token {
+                            id: top.token_id,
+                            text: self.tokenizer.text_alone(top.token_id),
+                            logprob: top.logprob,
+                            special: self.tokenizer.is_special(top.token_id),
+                        })
+                        .collect();
+                    let event = TokenEvent {
+                        token,
+                        top_tokens,
+                        end,
+                    };
+                    (Ok(event), finished)
                 }
                 Err(e) => (Err(SchedulerError::Generation(e.to_string())), true),
             };
@@ -157,4 +221,24 @@ impl SchedulerState {
         }
         self.to_free.clear();
     }
+}
+
+/// The prompt's tokens with their scores, for a request that asked for them (the first token
+/// has none: nothing comes before it).
+fn prompt_tokens(entry: &Entry, tokenizer: &Tokenizer) -> Vec<PromptToken> {
+    if !entry.request.logprobs.prompt {
+        return Vec::new();
+    }
+    let logprobs = std::iter::once(None).chain(entry.prompt_logprobs.iter().copied().map(Some));
+    entry
+        .request
+        .input_ids
+        .iter()
+        .zip(logprobs)
+        .map(|(&id, logprob)| PromptToken {
+            id,
+            text: tokenizer.text_alone(id),
+            logprob,
+        })
+        .collect()
 }

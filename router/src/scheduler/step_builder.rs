@@ -19,7 +19,7 @@ use sluice_client::pb;
 use super::entry::Entry;
 use super::metrics::StepStats;
 use super::state::SchedulerState;
-use crate::kv::Placement;
+use crate::kv::{CachedPrefix, Placement};
 
 /// The most blocks left free after a new sequence's run for it to grow into: a request with a
 /// large max_new_tokens should not push every later run far across the pool.
@@ -36,6 +36,7 @@ struct Budget {
 impl SchedulerState {
     /// Builds the next step, or `None` if there is nothing to send.
     pub fn build_step(&mut self, stats: &mut StepStats) -> Option<pb::StepRequest> {
+        self.release_forks();
         let mut step = pb::StepRequest {
             free_ids: std::mem::take(&mut self.to_free),
             ..Default::default()
@@ -85,6 +86,7 @@ impl SchedulerState {
                     if let Some((n, fresh)) = self.allocate_chunk(wanted, index, step, stats) {
                         budget.prefill -= n;
                         stats.prefill_chunks += 1;
+                        stats.prefill_tokens += n as u64;
                         step.scheduled
                             .push(schedule(&mut self.running[index], n, fresh));
                     }
@@ -107,7 +109,11 @@ impl SchedulerState {
             let Some(mut entry) = self.waiting.pop_front() else {
                 break;
             };
-            let prefix = self.kv.lookup(&entry.tokens);
+            let prefix = if entry.needs_prompt_logprobs() {
+                CachedPrefix::none()
+            } else {
+                self.kv.lookup(&entry.tokens)
+            };
             let cached = prefix.blocks.len() * self.kv.block_size();
             let wanted = (entry.tokens.len() - cached).min(budget.prefill);
             let now = self.kv.blocks_for(cached + wanted);
@@ -147,6 +153,7 @@ impl SchedulerState {
             step.new_requests.push(new_request(&entry, cached));
             budget.prefill -= n;
             stats.prefill_chunks += 1;
+            stats.prefill_tokens += n as u64;
             let mut blocks = prefix.blocks;
             blocks.extend(fresh);
             step.scheduled.push(schedule(&mut entry, n, blocks));
@@ -259,5 +266,7 @@ fn new_request(entry: &Entry, cached_tokens: usize) -> pb::NewRequest {
         cached_tokens: cached_tokens as u32,
         sampling: Some((&entry.request.sampling).into()),
         prompt_len: entry.request.input_ids.len() as u32,
+        top_n_tokens: entry.request.logprobs.top_n_tokens,
+        prompt_logprobs: entry.needs_prompt_logprobs(),
     }
 }

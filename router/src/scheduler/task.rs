@@ -83,6 +83,7 @@ async fn run<S: Shard>(
                 record_shard_timing(response.forward_ns, response.total_ns);
                 // Before delivering: finished requests leave the batch there.
                 state.register_computed_blocks();
+                state.record_prompt_logprobs(response.prompt_logprobs);
                 state.deliver(response.generations);
             }
             Err(e) => {

@@ -6,7 +6,7 @@ use sluice_client::pb;
 
 use super::fake_shard::FakeShard;
 use super::*;
-use crate::request::{FinishReason, SamplingParameters, StoppingParameters};
+use crate::request::{FinishReason, ReportedLogprobs, SamplingParameters, StoppingParameters};
 use crate::tokenizer::test_support::byte_tokenizer;
 
 const BLOCK: usize = 16;
@@ -35,7 +35,16 @@ fn request(prompt: Vec<u32>, max_new_tokens: u32) -> GenerationRequest {
             ignore_eos: false,
             stop_sequences: Vec::new(),
         },
+        logprobs: Default::default(),
+        sequences: 1,
     }
+}
+
+/// Submits a request for one sequence.
+fn submit(scheduler: &SchedulerHandle, request: GenerationRequest) -> EventReceiver {
+    let mut receivers = scheduler.submit(request).unwrap();
+    assert_eq!(receivers.len(), 1);
+    receivers.remove(0)
 }
 
 /// The fake's end-of-sequence token in these tests.
@@ -86,7 +95,7 @@ async fn collect(mut events: EventReceiver) -> Vec<TokenEvent> {
 #[tokio::test]
 async fn a_request_runs_to_its_length() {
     let (_shard, scheduler) = start(64, 8);
-    let tokens = collect(scheduler.submit(request(vec![10, 11, 12], 4)).unwrap()).await;
+    let tokens = collect(submit(&scheduler, request(vec![10, 11, 12], 4))).await;
     assert_eq!(ids(&tokens), vec![13, 14, 15, 16]);
     assert_eq!(finish_reason(&tokens), Some(FinishReason::Length));
     assert!(tokens[..3].iter().all(|t| t.end.is_none()));
@@ -95,18 +104,18 @@ async fn a_request_runs_to_its_length() {
 #[tokio::test]
 async fn the_router_stops_at_end_of_sequence_and_frees_the_request_on_the_shard() {
     let (shard, scheduler) = start(64, 8);
-    let tokens = collect(scheduler.submit(request(vec![196], 10)).unwrap()).await;
+    let tokens = collect(submit(&scheduler, request(vec![196], 10))).await;
     assert_eq!(ids(&tokens), vec![197, 198, 199, EOS]);
     assert_eq!(finish_reason(&tokens), Some(FinishReason::EosToken));
 
     let mut ignoring = request(vec![196], 6);
     ignoring.stopping.ignore_eos = true;
-    let tokens = collect(scheduler.submit(ignoring).unwrap()).await;
+    let tokens = collect(submit(&scheduler, ignoring)).await;
     assert_eq!(ids(&tokens), vec![197, 198, 199, EOS, 201, 202]);
     assert_eq!(finish_reason(&tokens), Some(FinishReason::Length));
 
     // Both were freed on the shard, in the order they ended.
-    let _ = collect(scheduler.submit(request(vec![1], 1)).unwrap()).await;
+    let _ = collect(submit(&scheduler, request(vec![1], 1))).await;
     let steps = steps(&shard);
     let freed: Vec<u64> = steps.iter().flat_map(|s| s.free_ids.clone()).collect();
     assert!(freed.starts_with(&[0, 1]));
@@ -124,24 +133,24 @@ async fn a_stop_sequence_ends_the_request_and_cuts_the_text() {
     let mut stopped = request(vec![63], 20);
     // The byte tokenizer's ids 64, 65, 66 are `a`, `b`, `c`.
     stopped.stopping.stop_sequences = vec!["bc".into()];
-    let tokens = collect(scheduler.submit(stopped).unwrap()).await;
+    let tokens = collect(submit(&scheduler, stopped)).await;
     assert_eq!(ids(&tokens), vec![64, 65, 66]);
     let end = tokens.last().unwrap().end.clone().unwrap();
     assert_eq!(end.finish_reason, FinishReason::StopSequence);
     assert_eq!(end.generated_text, "abc");
     assert_eq!(end.generated_tokens, 3);
-    let _ = collect(scheduler.submit(request(vec![1], 1)).unwrap()).await;
+    let _ = collect(submit(&scheduler, request(vec![1], 1))).await;
     assert!(steps(&shard).iter().any(|s| s.free_ids == vec![0]));
 }
 
 #[tokio::test]
 async fn a_request_arriving_mid_generation_joins_the_running_batch() {
     let (shard, scheduler) = start(64, 8);
-    let mut first = scheduler.submit(request(vec![1, 2, 3], 30)).unwrap();
+    let mut first = submit(&scheduler, request(vec![1, 2, 3], 30));
     for _ in 0..3 {
         first.recv().await.unwrap().unwrap();
     }
-    let second = scheduler.submit(request(vec![100, 101], 5)).unwrap();
+    let second = submit(&scheduler, request(vec![100, 101], 5));
     let second_tokens = collect(second).await;
     assert_eq!(second_tokens.len(), 5);
     let first_tokens = collect(first).await;
@@ -163,10 +172,10 @@ async fn a_request_arriving_mid_generation_joins_the_running_batch() {
 #[tokio::test]
 async fn long_prompts_are_chunked_while_others_decode() {
     let (shard, scheduler) = start(8, 16);
-    let mut decoding = scheduler.submit(request(vec![1], 40)).unwrap();
+    let mut decoding = submit(&scheduler, request(vec![1], 40));
     decoding.recv().await.unwrap().unwrap();
     let long_prompt: Vec<u32> = (0..20).collect();
-    let long = collect(scheduler.submit(request(long_prompt, 2)).unwrap()).await;
+    let long = collect(submit(&scheduler, request(long_prompt, 2))).await;
     assert_eq!(long.len(), 2);
     collect(decoding).await;
 
@@ -192,10 +201,10 @@ async fn long_prompts_are_chunked_while_others_decode() {
 #[tokio::test]
 async fn a_dropped_request_is_freed_at_the_next_step() {
     let (shard, scheduler) = start(64, 4);
-    let mut cancelled = scheduler.submit(request(vec![1, 2], 50)).unwrap();
+    let mut cancelled = submit(&scheduler, request(vec![1, 2], 50));
     cancelled.recv().await.unwrap().unwrap();
     drop(cancelled);
-    let next = collect(scheduler.submit(request(vec![7], 50)).unwrap()).await;
+    let next = collect(submit(&scheduler, request(vec![7], 50))).await;
     assert_eq!(next.len(), 50);
     let steps = steps(&shard);
     assert!(steps.iter().any(|s| s.free_ids == vec![0]));
@@ -208,16 +217,17 @@ async fn preempted_requests_resume_without_losing_or_repeating_tokens() {
     let mut solo = Vec::new();
     for prompt in &prompts {
         let (_, scheduler) = start(64, 4);
-        solo.push(ids(&collect(
-            scheduler.submit(request(prompt.clone(), 35)).unwrap(),
-        )
+        solo.push(ids(&collect(submit(
+            &scheduler,
+            request(prompt.clone(), 35),
+        ))
         .await));
     }
 
     let (shard, scheduler) = start(64, 4);
     let streams: Vec<_> = prompts
         .iter()
-        .map(|p| scheduler.submit(request(p.clone(), 35)).unwrap())
+        .map(|p| submit(&scheduler, request(p.clone(), 35)))
         .collect();
     let mut together = Vec::new();
     for stream in streams {
@@ -249,12 +259,12 @@ async fn a_shared_prefix_is_served_from_the_cache() {
     let system: Vec<u32> = (100..140).collect();
     let mut first_prompt = system.clone();
     first_prompt.extend([1, 2, 3]);
-    let first = collect(scheduler.submit(request(first_prompt, 3)).unwrap()).await;
+    let first = collect(submit(&scheduler, request(first_prompt, 3))).await;
     assert_eq!(first.last().unwrap().end.as_ref().unwrap().cached_tokens, 0);
 
     let mut second_prompt = system.clone();
     second_prompt.extend([4, 5]);
-    let second = collect(scheduler.submit(request(second_prompt, 3)).unwrap()).await;
+    let second = collect(submit(&scheduler, request(second_prompt, 3))).await;
     // 40 shared tokens: two whole 16-token blocks are reusable.
     assert_eq!(
         second.last().unwrap().end.as_ref().unwrap().cached_tokens,
@@ -275,4 +285,69 @@ async fn a_shared_prefix_is_served_from_the_cache() {
         .find(|s| s.id == 1)
         .unwrap();
     assert_eq!(first_chunk.num_tokens, 10, "only the uncached tokens run");
+}
+
+#[tokio::test]
+async fn sibling_sequences_share_the_prompt_computed_once() {
+    let (shard, scheduler) = start(256, 32);
+    let prompt: Vec<u32> = (100..140).collect();
+    let mut sampled = request(prompt.clone(), 3);
+    sampled.sampling.do_sample = true;
+    sampled.sampling.seed = 7;
+    sampled.sequences = 4;
+    let receivers = scheduler.submit(sampled).unwrap();
+    assert_eq!(receivers.len(), 4);
+    for events in receivers {
+        let tokens = collect(events).await;
+        assert_eq!(ids(&tokens), vec![140, 141, 142]);
+    }
+
+    let steps = steps(&shard);
+    let new_requests: Vec<&pb::NewRequest> = steps.iter().flat_map(|s| &s.new_requests).collect();
+    assert_eq!(new_requests.len(), 4);
+    // The first computes the prompt; its siblings start from its two full blocks, each with
+    // its own seed.
+    assert_eq!(new_requests[0].cached_tokens, 0);
+    for (index, sibling) in new_requests.iter().enumerate().skip(1) {
+        assert_eq!(sibling.cached_tokens, 32);
+        let seed = sibling.sampling.as_ref().unwrap().seed;
+        assert_eq!(seed, 7 + index as u64);
+    }
+    let prompt_tokens_computed: u32 = steps
+        .iter()
+        .flat_map(|s| &s.scheduled)
+        .filter(|s| s.num_tokens > 1)
+        .map(|s| s.num_tokens)
+        .sum();
+    assert_eq!(prompt_tokens_computed, 40 + 3 * 8);
+}
+
+#[tokio::test]
+async fn prompt_logprobs_skip_the_prefix_cache_and_cover_every_chunk() {
+    // A budget of 16 tokens splits the 40-token prompt into three chunks.
+    let (shard, scheduler) = start(16, 32);
+    let prompt: Vec<u32> = (100..140).collect();
+    let _ = collect(submit(&scheduler, request(prompt.clone(), 1))).await;
+    let mut scored = request(prompt.clone(), 2);
+    scored.logprobs = ReportedLogprobs {
+        top_n_tokens: 2,
+        prompt: true,
+    };
+    let tokens = collect(submit(&scheduler, scored)).await;
+    let end = tokens.last().unwrap().end.as_ref().unwrap();
+    assert_eq!(end.cached_tokens, 0, "the cached prompt is computed again");
+    let ids: Vec<u32> = end.prompt_tokens.iter().map(|t| t.id).collect();
+    assert_eq!(ids, prompt);
+    assert_eq!(end.prompt_tokens[0].logprob, None);
+    for (position, token) in end.prompt_tokens.iter().enumerate().skip(1) {
+        assert_eq!(token.logprob, Some(-(position as f32)));
+    }
+    let top: Vec<u32> = tokens[0].top_tokens.iter().map(|t| t.id).collect();
+    assert_eq!(top, vec![141, 142]);
+    let admitted = steps(&shard)
+        .iter()
+        .flat_map(|s| s.new_requests.clone())
+        .find(|r| r.id == 1)
+        .unwrap();
+    assert!(admitted.prompt_logprobs && admitted.top_n_tokens == 2);
 }

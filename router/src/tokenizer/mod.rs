@@ -77,6 +77,14 @@ impl Tokenizer {
         self.inner.id_to_token(id).unwrap_or_default()
     }
 
+    /// A token's text decoded on its own, special tokens included: how a token is shown among
+    /// alternatives and prompt tokens (a piece of a multi-byte character shows as U+FFFD).
+    pub fn text_alone(&self, id: u32) -> String {
+        self.inner
+            .decode(&[id], false)
+            .unwrap_or_else(|_| self.token_text(id))
+    }
+
     pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

@@ -78,6 +78,16 @@ def parse_new_request(new: pb.NewRequest, limits: StepLimits) -> Request:
             f"new request {new.id}: cached_tokens={new.cached_tokens} must be below the "
             f"{num_tokens} tokens, since the last token must run to sample the next"
         )
+    if new.top_n_tokens > limits.vocab_size:
+        raise InvalidRequestError(
+            f"new request {new.id}: top_n_tokens={new.top_n_tokens} exceeds the vocabulary "
+            f"of {limits.vocab_size}"
+        )
+    if new.prompt_logprobs and new.cached_tokens > 0:
+        raise InvalidRequestError(
+            f"new request {new.id}: prompt_logprobs needs the whole prompt computed, but "
+            f"cached_tokens={new.cached_tokens}"
+        )
     request = Request.from_proto(new)
     try:
         request.sampling.validate()

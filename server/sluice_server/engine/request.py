@@ -17,6 +17,10 @@ class Request:
     # Leading tokens whose K/V are in the cache; the next step processes the ones after them.
     num_computed: int
     sampling: SamplingParams
+    # Alternatives to report with each sampled token.
+    top_n_tokens: int = 0
+    # Whether to score the prompt's tokens as they are computed.
+    prompt_logprobs: bool = False
     # Block ids in sequence order; grows by the new_blocks of each ScheduledRequest.
     block_table: list[int] = field(default_factory=list)
 
@@ -42,4 +46,13 @@ class Request:
             prompt_len=new.prompt_len or len(new.token_ids),
             num_computed=new.cached_tokens,
             sampling=sampling,
+            top_n_tokens=new.top_n_tokens,
+            prompt_logprobs=new.prompt_logprobs,
         )
+
+    def prompt_tokens_scored_by(self, num_tokens: int) -> int:
+        """How many prompt tokens the next `num_tokens` computed positions score: position p
+        predicts token p + 1, and only tokens inside the prompt are scored."""
+        if not self.prompt_logprobs:
+            return 0
+        return max(0, min(self.num_computed + num_tokens, self.prompt_len - 1) - self.num_computed)

@@ -3,7 +3,8 @@
 A step, in order: forget `free_ids`; register `new_requests`; append each scheduled request's
 `new_blocks` to its block table; run its next `num_tokens` tokens through the model in one flat
 batch; and for every scheduled request whose tokens are now all computed, sample one token and
-report it. Whether a request is done is the router's decision alone: the shard keeps every
+report it (with its top alternatives when asked). A request that asked for prompt log-probabilities
+also has each prompt token its chunk predicts scored. Whether a request is done is the router's decision alone: the shard keeps every
 request until `free_ids` names it.
 
 The whole StepRequest is validated first (engine/contract.py), so a rejected step leaves the
@@ -20,7 +21,7 @@ import torch
 from ..layers.attention import LayerKVCache, SequenceChunk
 from ..models.loader import LoadedModel
 from ..pb import generate_pb2 as pb
-from ..sampling import SamplingParams, SamplingRow, sample
+from ..sampling import SamplingParams, SamplingRow, sample, token_logprobs
 from .contract import InvalidRequestError, StepLimits, validate_step
 from .kv_cache import KVCacheSpec, default_cache_bytes
 from .request import Request
@@ -34,18 +35,23 @@ class NotWarmedUpError(RuntimeError):
 
 @dataclass(frozen=True)
 class ForwardChunk:
-    """Tokens of one sequence to run through the model, and whether its last one needs logits."""
+    """Tokens of one sequence to run through the model, and which of them need logits: the last
+    one to sample from (`needs_logits`), and the first `scored` ones to score the prompt tokens
+    after them."""
 
     token_ids: Sequence[int]
     cache_len: int
     block_table: Sequence[int]
     needs_logits: bool
+    scored: int = 0
 
 
 @dataclass(frozen=True)
 class ForwardResult:
     # [number of chunks that need logits, vocab], in chunk order.
     logits: torch.Tensor
+    # Per chunk, in order: its rows of `scored` logits in `scoring_logits`.
+    scoring_logits: torch.Tensor | None
     forward_ns: int
 
 
@@ -60,7 +66,9 @@ def run_forward(
     input_ids: list[int] = []
     positions: list[int] = []
     logits_rows: list[int] = []
+    scoring_rows: list[int] = []
     for chunk in chunks:
+        scoring_rows.extend(range(len(input_ids), len(input_ids) + chunk.scored))
         input_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.cache_len, chunk.cache_len + len(chunk.token_ids)))
         if chunk.needs_logits:
@@ -80,11 +88,16 @@ def run_forward(
             torch.tensor(positions, dtype=torch.long, device=device),
             metadata,
             kv_cache,
-            torch.tensor(logits_rows, dtype=torch.long, device=device),
+            torch.tensor(logits_rows + scoring_rows, dtype=torch.long, device=device),
         )
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # Kernels run asynchronously; time them to completion.
-    return ForwardResult(logits=logits, forward_ns=time.perf_counter_ns() - start)
+    # One LM head pass for both kinds of rows; the scoring ones come after the sampling ones.
+    return ForwardResult(
+        logits=logits[: len(logits_rows)],
+        scoring_logits=logits[len(logits_rows) :] if scoring_rows else None,
+        forward_ns=time.perf_counter_ns() - start,
+    )
 
 
 class StepExecutor:
@@ -139,6 +152,9 @@ class StepExecutor:
             cache_len=0,
             block_table=range(temporary_cache[0].key.shape[1]),
             needs_logits=True,
+            # Every position scored too: a prompt_logprobs request's LM head covers its whole
+            # chunk, the most logits one step can produce.
+            scored=max_prefill_tokens - 1,
         )
         result = run_forward(self.loaded, temporary_cache, [chunk])
         # Every sampling feature on, so that the sampled path is exercised too.
@@ -156,7 +172,7 @@ class StepExecutor:
         prompt_len = len(chunk.token_ids) // 2
         sample(
             result.logits,
-            [SamplingRow(warmup_sampling, chunk.token_ids, prompt_len)],
+            [SamplingRow(warmup_sampling, chunk.token_ids, prompt_len, top_n=5)],
             self.loaded.kernels.ops.argmax_logprob,
         )
         del temporary_cache, result
@@ -225,10 +241,12 @@ class StepExecutor:
                 cache_len=request.num_computed,
                 block_table=request.block_table,
                 needs_logits=request.num_computed + num_tokens == len(request.token_ids),
+                scored=request.prompt_tokens_scored_by(num_tokens),
             )
             for request, num_tokens in scheduled
         ]
         result = run_forward(self.loaded, self.kv_cache, chunks)
+        prompt_logprobs = _score_prompts(scheduled, chunks, result.scoring_logits)
         for request, num_tokens in scheduled:
             request.num_computed += num_tokens
 
@@ -237,20 +255,57 @@ class StepExecutor:
             for (request, _), chunk in zip(scheduled, chunks, strict=True)
             if chunk.needs_logits
         ]
-        token_ids, logprobs = sample(
+        sampled = sample(
             result.logits,
             [
-                SamplingRow(request.sampling, request.token_ids, request.prompt_len)
+                SamplingRow(
+                    request.sampling, request.token_ids, request.prompt_len, request.top_n_tokens
+                )
                 for request in sampling_requests
             ],
             self.loaded.kernels.ops.argmax_logprob,
         )
         generations = []
-        for request, token_id, logprob in zip(sampling_requests, token_ids, logprobs, strict=True):
+        for request, token_id, logprob, top_tokens in zip(
+            sampling_requests, sampled.token_ids, sampled.logprobs, sampled.top_tokens, strict=True
+        ):
             request.token_ids.append(token_id)
-            generations.append(pb.Generation(id=request.id, token_id=token_id, logprob=logprob))
+            generations.append(
+                pb.Generation(
+                    id=request.id,
+                    token_id=token_id,
+                    logprob=logprob,
+                    top_tokens=[
+                        pb.TokenLogprob(token_id=top_id, logprob=top_logprob)
+                        for top_id, top_logprob in top_tokens
+                    ],
+                )
+            )
         return pb.StepResponse(
             generations=generations,
+            prompt_logprobs=prompt_logprobs,
             forward_ns=result.forward_ns,
             total_ns=time.perf_counter_ns() - start,
         )
+
+
+def _score_prompts(
+    scheduled: Sequence[tuple[Request, int]],
+    chunks: Sequence[ForwardChunk],
+    scoring_logits: torch.Tensor | None,
+) -> list[pb.PromptLogprobs]:
+    """The prompt tokens each chunk predicts, scored by the logits of the positions before them
+    (called before the chunk's tokens count as computed)."""
+    if scoring_logits is None:
+        return []
+    scores = []
+    row = 0
+    for (request, _), chunk in zip(scheduled, chunks, strict=True):
+        if chunk.scored == 0:
+            continue
+        first = request.num_computed + 1
+        targets = request.token_ids[first : first + chunk.scored]
+        logprobs = token_logprobs(scoring_logits[row : row + chunk.scored], targets)
+        scores.append(pb.PromptLogprobs(id=request.id, start=first, logprobs=logprobs))
+        row += chunk.scored
+    return scores

@@ -1,5 +1,5 @@
 """Turns logits into tokens: greedy or sampled, per request parameters, batched."""
 
-from .sampler import SamplingParams, SamplingRow, sample
+from .sampler import Sampled, SamplingParams, SamplingRow, sample, token_logprobs
 
-__all__ = ["SamplingParams", "SamplingRow", "sample"]
+__all__ = ["Sampled", "SamplingParams", "SamplingRow", "sample", "token_logprobs"]

@@ -6,6 +6,9 @@ OpenAI's penalties next to the repetition penalty (as vLLM places them): repetit
 only, OpenAI's rule); then, for sampled rows, temperature, top-k, top-p, min-p, typical-p, and a
 draw. Each filter keeps at least the most likely token.
 
+With each token comes its log-probability and, when the request asks for them, the most likely
+alternatives (`top_n`), both read off the distribution the token was chosen from.
+
 Draws are reproducible: the random generator is seeded from the request's seed and the position
 of the token being drawn, so a seeded request gives the same tokens whatever else is in the batch,
 and also after a preemption replays it from the start.
@@ -77,6 +80,18 @@ class SamplingRow:
     # How many of token_ids are the prompt; the rest is the output the frequency and presence
     # penalties count.
     prompt_len: int
+    # How many of the most likely tokens to report with the chosen one.
+    top_n: int = 0
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One token per row, its log-probability, and the row's top_n alternatives as
+    (token id, log-probability), most likely first."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_tokens: list[list[tuple[int, float]]]
 
 
 ArgmaxLogprob = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -84,11 +99,11 @@ ArgmaxLogprob = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 def sample(
     logits: torch.Tensor, rows: Sequence[SamplingRow], argmax_logprob: ArgmaxLogprob
-) -> tuple[list[int], list[float]]:
+) -> Sampled:
     """One token per row of logits [S, vocab] (any float dtype), with its log-probability.
 
-    The log-probability is taken from the distribution the token was chosen from: for greedy rows
-    the model's (after any repetition penalty), for sampled rows the processed one.
+    The log-probabilities are taken from the distribution the token was chosen from: for greedy
+    rows the model's (after any penalty), for sampled rows the processed one.
     `argmax_logprob` is the greedy pick (see Ops.argmax_logprob); it reads the model's dtype
     directly, so an all-greedy batch never widens its logits to float32.
     """
@@ -103,6 +118,7 @@ def sample(
             _apply_output_penalties(logits, rows)
 
     token_ids, logprobs = argmax_logprob(logits)
+    top_tokens: list[list[tuple[int, float]]] = [[] for _ in rows]
 
     sampled = [index for index, row in enumerate(rows) if not row.params.is_greedy]
     if sampled:
@@ -113,8 +129,44 @@ def sample(
         )
         drawn = _draw(processed.softmax(dim=-1), sampled_rows)
         token_ids[row_index] = drawn
-        logprobs[row_index] = torch.log_softmax(processed, dim=-1).gather(1, drawn[:, None])[:, 0]
-    return token_ids.tolist(), logprobs.tolist()
+        processed_logprobs = torch.log_softmax(processed, dim=-1)
+        logprobs[row_index] = processed_logprobs.gather(1, drawn[:, None])[:, 0]
+        _fill_top_tokens(top_tokens, sampled, sampled_rows, processed_logprobs)
+
+    greedy = [i for i, row in enumerate(rows) if row.params.is_greedy and row.top_n > 0]
+    if greedy:
+        row_index = torch.tensor(greedy, device=logits.device)
+        greedy_logprobs = torch.log_softmax(logits[row_index].float(), dim=-1)
+        _fill_top_tokens(top_tokens, greedy, [rows[i] for i in greedy], greedy_logprobs)
+    return Sampled(token_ids.tolist(), logprobs.tolist(), top_tokens)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int]) -> list[float]:
+    """The model's log-probability of each given token, one per row of logits (the prompt's
+    tokens, scored by the positions before them)."""
+    targets = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+
+
+def _fill_top_tokens(
+    top_tokens: list[list[tuple[int, float]]],
+    indices: Sequence[int],
+    rows: Sequence[SamplingRow],
+    logprobs: torch.Tensor,
+) -> None:
+    """The top_n most likely tokens of each row; a token a filter removed (-inf) is left out."""
+    most = max(row.top_n for row in rows)
+    if most == 0:
+        return
+    values, ids = logprobs.topk(min(most, logprobs.shape[-1]), dim=-1)
+    for index, row, row_values, row_ids in zip(
+        indices, rows, values.tolist(), ids.tolist(), strict=True
+    ):
+        top_tokens[index] = [
+            (token_id, value)
+            for token_id, value in zip(row_ids[: row.top_n], row_values[: row.top_n], strict=True)
+            if value != float("-inf")
+        ]
 
 
 def _apply_repetition_penalty(

@@ -6,8 +6,10 @@
 //! - `types`: the bodies, the refusals, the mapping onto the domain.
 //! - `handlers`: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 //! - `stream`: a streamed answer's chunks, and the answer text OpenAI's clients expect.
+//! - `logprobs`: tokens and their log-probabilities in OpenAI's shapes.
 
 mod handlers;
+mod logprobs;
 mod stream;
 pub mod types;
 
@@ -35,7 +37,7 @@ pub fn unix_seconds() -> u64 {
 
 /// What every chunk of one answer repeats: its id, creation time and model.
 #[derive(Debug, Clone)]
-struct AnswerHead {
+pub struct AnswerHead {
     id: String,
     created: u64,
     model: String,

@@ -10,12 +10,16 @@ use std::convert::Infallible;
 use axum::body::{Body, Bytes};
 use axum::response::Response;
 
-use super::types::{finish_reason, ChatChunkChoice, CompletionChoice, Delta, Usage};
+use futures_util::StreamExt;
+
+use super::logprobs::{chat_logprobs, CompletionLogprobsBuilder};
+use super::types::{finish_reason, ChatChunkChoice, ChatLogprobs, CompletionChoice, Delta, Usage};
 use super::AnswerHead;
+use crate::generation::GenerationStream;
 use crate::http::error::ApiError;
 use crate::http::sse;
-use crate::http::submission::Submitted;
 use crate::request::GenerationEnd;
+use crate::scheduler::TokenEvent;
 
 /// The generated text without the stop sequence that ended it, if one did.
 pub fn answer_text(end: &GenerationEnd) -> &str {
@@ -41,6 +45,11 @@ impl StreamedText {
         }
     }
 
+    /// Bytes of text generated so far.
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
     /// Adds a token's text; returns what can be sent now (possibly nothing).
     pub fn push(&mut self, piece: &str) -> String {
         self.text.push_str(piece);
@@ -63,9 +72,10 @@ impl StreamedText {
 }
 
 /// The route a stream answers, which decides its chunks' shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkKind {
-    /// `/v1/completions`; the prompt comes first when `echo` asked for it.
-    Completion { echo: Option<String> },
+    /// `/v1/completions`.
+    Completion,
     /// `/v1/chat/completions`.
     Chat,
 }
@@ -74,107 +84,191 @@ impl ChunkKind {
     const COMPLETION_OBJECT: &'static str = "text_completion";
     const CHAT_OBJECT: &'static str = "chat.completion.chunk";
 
-    /// The chunk before any token: the echoed prompt, or the assistant's role.
-    fn opening(&self, head: &AnswerHead) -> Option<Bytes> {
+    fn object(self) -> &'static str {
         match self {
-            Self::Completion { echo: None } => None,
-            Self::Completion { echo: Some(prompt) } => Some(self.text(head, prompt.clone(), None)),
-            Self::Chat => {
+            Self::Completion => Self::COMPLETION_OBJECT,
+            Self::Chat => Self::CHAT_OBJECT,
+        }
+    }
+}
+
+/// One choice of a streamed answer.
+pub struct StreamedChoice {
+    pub index: u32,
+    pub stream: GenerationStream,
+    /// `/v1/completions`' `echo`: the prompt, sent first.
+    pub echo: Option<String>,
+    /// Whether this is its prompt's first sequence, whose cached prompt tokens `usage` counts.
+    pub counts_prompt: bool,
+}
+
+/// What a streamed answer is made of, besides its choices.
+pub struct StreamedAnswer {
+    pub kind: ChunkKind,
+    pub head: AnswerHead,
+    pub include_usage: bool,
+    /// Whether chunks carry their tokens' log-probabilities.
+    pub logprobs: bool,
+    pub stop_sequences: Vec<String>,
+    /// The prompts' tokens, counted once per prompt, for `usage`.
+    pub prompt_tokens: u32,
+}
+
+impl StreamedAnswer {
+    /// The chunk before any token: the echoed prompt, or the assistant's role.
+    fn opening(&self, choice: &StreamedChoice) -> Option<Bytes> {
+        match (self.kind, &choice.echo) {
+            (ChunkKind::Completion, None) => None,
+            (ChunkKind::Completion, Some(prompt)) => {
+                Some(self.chunk(choice.index, prompt.clone(), None, None))
+            }
+            (ChunkKind::Chat, _) => {
                 let delta = Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
                 };
-                Some(chat_chunk(head, delta, None))
+                Some(self.chat_chunk(choice.index, delta, None, None))
             }
         }
     }
 
-    /// A chunk of text; `finish_reason` on the last.
-    fn text(&self, head: &AnswerHead, text: String, finish_reason: Option<&'static str>) -> Bytes {
-        match self {
-            Self::Completion { .. } => {
+    /// A chunk of one choice's text, with the tokens it came from when `logprobs` asked for
+    /// them (`offset`: where the text starts in the choice's), and `finish_reason` on the last.
+    fn chunk(
+        &self,
+        index: u32,
+        text: String,
+        tokens: Option<(&TokenEvent, usize)>,
+        finish_reason: Option<&'static str>,
+    ) -> Bytes {
+        match self.kind {
+            ChunkKind::Completion => {
+                let logprobs = tokens.map(|(event, offset)| {
+                    let mut builder = CompletionLogprobsBuilder::starting_at(offset);
+                    builder.push(&event.token, &event.top_tokens);
+                    builder.finish()
+                });
                 let choice = CompletionChoice {
-                    index: 0,
+                    index,
                     text,
                     finish_reason,
-                    logprobs: (),
+                    logprobs,
                 };
-                sse::openai_event(&head.envelope(Self::COMPLETION_OBJECT, vec![choice], None))
+                let chunk = self.head.envelope(self.kind.object(), vec![choice], None);
+                sse::openai_event(&chunk)
             }
-            Self::Chat => {
+            ChunkKind::Chat => {
                 let delta = Delta {
                     role: None,
                     content: Some(text),
                 };
-                chat_chunk(head, delta, finish_reason)
+                let logprobs = tokens.map(|(event, _)| {
+                    chat_logprobs(
+                        std::slice::from_ref(&event.token),
+                        std::slice::from_ref(&event.top_tokens),
+                    )
+                });
+                self.chat_chunk(index, delta, logprobs, finish_reason)
             }
         }
     }
 
-    /// The chunk after the last one when `stream_options.include_usage` asked for it.
-    fn usage(&self, head: &AnswerHead, usage: Usage) -> Bytes {
-        let object = match self {
-            Self::Completion { .. } => Self::COMPLETION_OBJECT,
-            Self::Chat => Self::CHAT_OBJECT,
+    fn chat_chunk(
+        &self,
+        index: u32,
+        delta: Delta,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: Option<&'static str>,
+    ) -> Bytes {
+        let choice = ChatChunkChoice {
+            index,
+            delta,
+            finish_reason,
+            logprobs,
         };
-        sse::openai_event(&head.envelope::<()>(object, Vec::new(), Some(usage)))
+        sse::openai_event(
+            &self
+                .head
+                .envelope(ChunkKind::CHAT_OBJECT, vec![choice], None),
+        )
+    }
+
+    /// The chunk after the last one when `stream_options.include_usage` asked for it.
+    fn usage(&self, usage: Usage) -> Bytes {
+        let chunk = self
+            .head
+            .envelope::<()>(self.kind.object(), Vec::new(), Some(usage));
+        sse::openai_event(&chunk)
     }
 }
 
-fn chat_chunk(head: &AnswerHead, delta: Delta, finish_reason: Option<&'static str>) -> Bytes {
-    let choice = ChatChunkChoice {
-        index: 0,
-        delta,
-        finish_reason,
-        logprobs: (),
-    };
-    sse::openai_event(&head.envelope(ChunkKind::CHAT_OBJECT, vec![choice], None))
+/// A choice's progress through its stream.
+struct ChoiceProgress {
+    index: u32,
+    text: StreamedText,
+    /// The echoed prompt's length: where the generated text starts in the choice's text.
+    echo_len: usize,
+    counts_prompt: bool,
 }
 
-/// Streams a submitted request as OpenAI's server-sent events, ending with `data: [DONE]`, also
-/// after an error.
-pub fn stream_answer(
-    submitted: Submitted,
-    kind: ChunkKind,
-    head: AnswerHead,
-    include_usage: bool,
-) -> Response {
-    let Submitted { mut stream, valid } = submitted;
-    let prompt_tokens = valid.input_ids.len() as u32;
-    let stop_sequences = valid.stopping.stop_sequences;
+/// Streams the choices as OpenAI's server-sent events, interleaved as their tokens come, ending
+/// with `data: [DONE]`, also after an error.
+pub fn stream_answer(choices: Vec<StreamedChoice>, answer: StreamedAnswer) -> Response {
     let events = async_stream::stream! {
-        if let Some(opening) = kind.opening(&head) {
-            yield Ok::<_, Infallible>(opening);
+        let mut progress = Vec::new();
+        let mut streams = Vec::new();
+        for (slot, choice) in choices.into_iter().enumerate() {
+            if let Some(opening) = answer.opening(&choice) {
+                yield Ok::<_, Infallible>(opening);
+            }
+            progress.push(ChoiceProgress {
+                index: choice.index,
+                text: StreamedText::new(&answer.stop_sequences),
+                echo_len: choice.echo.as_ref().map_or(0, String::len),
+                counts_prompt: choice.counts_prompt,
+            });
+            streams.push(choice.stream.into_events().map(move |item| (slot, item)).boxed());
         }
-        let mut text = StreamedText::new(&stop_sequences);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(event) => match event.end {
-                    None if event.token.special => {}
-                    None => {
-                        let ready = text.push(&event.token.text);
-                        if !ready.is_empty() {
-                            yield Ok(kind.text(&head, ready, None));
-                        }
-                    }
-                    // The last token's text is in the final answer.
-                    Some(end) => {
-                        let rest = text.finish(answer_text(&end));
-                        let reason = finish_reason(end.finish_reason);
-                        yield Ok(kind.text(&head, rest, Some(reason)));
-                        if include_usage {
-                            let usage =
-                                Usage::new(prompt_tokens, end.generated_tokens, end.cached_tokens);
-                            yield Ok(kind.usage(&head, usage));
-                        }
-                    }
-                },
+        let mut merged = futures_util::stream::select_all(streams);
+        let mut usage = Usage::new(answer.prompt_tokens, 0, 0);
+        while let Some((slot, item)) = merged.next().await {
+            let choice = &mut progress[slot];
+            let event = match item {
+                Ok(event) => event,
                 Err(e) => {
                     let error = ApiError::from(e);
                     tracing::error!(error = %error, "stream failed");
                     yield Ok(sse::openai_event(&error.openai_body()));
+                    break;
+                }
+            };
+            let offset = choice.echo_len + choice.text.len();
+            let tokens = (answer.logprobs && !event.token.special).then_some((&event, offset));
+            match &event.end {
+                None => {
+                    let ready = if event.token.special {
+                        String::new()
+                    } else {
+                        choice.text.push(&event.token.text)
+                    };
+                    if !ready.is_empty() || tokens.is_some() {
+                        yield Ok(answer.chunk(choice.index, ready, tokens, None));
+                    }
+                }
+                // The last token's text is in the final answer.
+                Some(end) => {
+                    let rest = choice.text.finish(answer_text(end));
+                    let reason = finish_reason(end.finish_reason);
+                    yield Ok(answer.chunk(choice.index, rest, tokens, Some(reason)));
+                    usage.add_completion(end.generated_tokens);
+                    if choice.counts_prompt {
+                        usage.add_cached(end.cached_tokens);
+                    }
                 }
             }
+        }
+        if answer.include_usage {
+            yield Ok(answer.usage(usage));
         }
         yield Ok(sse::OPENAI_DONE);
     };
@@ -198,6 +292,7 @@ mod tests {
             stop_sequence_start: stop.map(|stop| text.len() - stop.len()),
             generated_tokens: 1,
             cached_tokens: 0,
+            prompt_tokens: Vec::new(),
         }
     }
 

@@ -4,6 +4,8 @@
 //! silently ignored; fields that change nothing about the answer (`user`, `metadata`, ...) are
 //! ignored, as OpenAI-compatible servers do.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -66,11 +68,13 @@ impl SamplingFields {
     }
 
     /// The refusals both routes share.
-    fn refusals(&self) -> [(bool, &'static str); 2] {
-        [
-            (self.n.is_some_and(|n| n != 1), "n"),
-            (is_given(&self.logit_bias), "logit_bias"),
-        ]
+    fn refusals(&self) -> [(bool, &'static str); 1] {
+        [(is_given(&self.logit_bias), "logit_bias")]
+    }
+
+    /// The choices asked for.
+    pub fn choices(&self) -> u32 {
+        self.n.unwrap_or(1)
     }
 
     /// OpenAI's sampling onto the domain's: sampling at temperature 1 unless told otherwise,
@@ -131,25 +135,26 @@ pub enum CompletionPrompt {
 }
 
 impl CompletionPrompt {
-    /// The one text prompt Sluice answers.
-    pub fn into_text(self) -> Result<String, ValidationError> {
-        let unsupported = |what: &str| ValidationError::UnsupportedForm {
-            param: "prompt",
-            what: what.to_string(),
-        };
-        match self {
-            Self::Text(text) => Ok(text),
-            Self::Texts(texts) => {
-                let count = texts.len();
-                let mut texts = texts.into_iter();
-                match (texts.next(), count) {
-                    (Some(text), 1) => Ok(text),
-                    (None, _) => Err(ValidationError::EmptyInput),
-                    _ => Err(unsupported(&format!("a list of {count} prompts"))),
-                }
+    /// The text prompts, at most `max` of them (`--max-client-batch-size`).
+    pub fn into_texts(self, max: usize) -> Result<Vec<String>, ValidationError> {
+        let texts = match self {
+            Self::Text(text) => vec![text],
+            Self::Texts(texts) if texts.is_empty() => return Err(ValidationError::EmptyInput),
+            Self::Texts(texts) => texts,
+            Self::TokenIds(_) | Self::TokenIdLists(_) => {
+                return Err(ValidationError::UnsupportedForm {
+                    param: "prompt",
+                    what: "token ids".to_string(),
+                })
             }
-            Self::TokenIds(_) | Self::TokenIdLists(_) => Err(unsupported("token ids")),
+        };
+        if texts.len() > max {
+            return Err(ValidationError::ClientBatchSize {
+                max,
+                given: texts.len(),
+            });
         }
+        Ok(texts)
     }
 }
 
@@ -169,15 +174,25 @@ pub struct CompletionRequest {
 impl CompletionRequest {
     pub fn to_requested(&self) -> Result<RequestedParameters, ValidationError> {
         first_refused(self.sampling.refusals())?;
-        first_refused([
-            (
-                self.suffix.as_ref().is_some_and(|s| !s.is_empty()),
-                "suffix",
-            ),
-            (self.best_of.is_some_and(|n| n != 1), "best_of"),
-            (self.logprobs.is_some(), "logprobs"),
-        ])?;
-        Ok(self.sampling.to_requested(self.max_tokens))
+        first_refused([(
+            self.suffix.as_ref().is_some_and(|s| !s.is_empty()),
+            "suffix",
+        )])?;
+        let n = self.sampling.choices();
+        let best_of = self.best_of.unwrap_or(n);
+        if best_of < n {
+            return Err(ValidationError::BestOfBelowN { n, best_of });
+        }
+        if self.sampling.stream && best_of > n {
+            return Err(ValidationError::BestOfStreamed);
+        }
+        Ok(RequestedParameters {
+            top_n_tokens: self.logprobs,
+            // Echoed prompt tokens come with their log-probabilities too.
+            prompt_logprobs: self.echo && self.logprobs.is_some(),
+            sequences: Some(best_of),
+            ..self.sampling.to_requested(self.max_tokens)
+        })
     }
 }
 
@@ -299,16 +314,22 @@ impl ChatCompletionRequest {
             .as_ref()
             .is_some_and(|choice| !(choice.is_null() || choice == "none" || choice == "auto"));
         first_refused([
-            (self.logprobs == Some(true), "logprobs"),
-            (self.top_logprobs.is_some_and(|n| n > 0), "top_logprobs"),
             (is_given(&self.tools), "tools"),
             (tool_choice_asks_for_tools, "tool_choice"),
             (is_given(&self.functions), "functions"),
             (is_given(&self.function_call), "function_call"),
             (!plain_text_format, "response_format"),
         ])?;
+        let logprobs = self.logprobs == Some(true);
+        if !logprobs && self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ValidationError::TopLogprobsWithoutLogprobs);
+        }
         let max_new_tokens = self.max_completion_tokens.or(self.max_tokens);
-        Ok(self.sampling.to_requested(max_new_tokens))
+        Ok(RequestedParameters {
+            top_n_tokens: logprobs.then(|| self.top_logprobs.unwrap_or(0)),
+            sequences: Some(self.sampling.choices()),
+            ..self.sampling.to_requested(max_new_tokens)
+        })
     }
 
     /// The conversation as the chat template sees it.
@@ -357,6 +378,16 @@ impl Usage {
             prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
     }
+
+    /// Counts one more sequence's generated tokens.
+    pub fn add_completion(&mut self, tokens: u32) {
+        self.completion_tokens += tokens;
+        self.total_tokens += tokens;
+    }
+
+    pub fn add_cached(&mut self, tokens: u32) {
+        self.prompt_tokens_details.cached_tokens += tokens;
+    }
 }
 
 /// Every answer's envelope: a whole completion, or one chunk of a streamed one (whose last may
@@ -379,8 +410,42 @@ pub struct CompletionChoice {
     pub text: String,
     /// `None` on the chunks before the last.
     pub finish_reason: Option<&'static str>,
-    /// Always null: `logprobs` are refused.
-    pub logprobs: (),
+    /// Null unless `logprobs` asked for them.
+    pub logprobs: Option<CompletionLogprobs>,
+}
+
+/// `logprobs` of a completion choice, token by token (OpenAI's legacy shape); with `echo` the
+/// prompt's tokens come first, without alternatives.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    /// Null for the prompt's first token, which nothing predicts.
+    pub token_logprobs: Vec<Option<f32>>,
+    /// Each token's alternatives by text; null where none were computed.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// Where each token starts in the choice's text, in bytes.
+    pub text_offset: Vec<u32>,
+}
+
+/// `logprobs` of a chat choice: one entry per generated token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -395,8 +460,8 @@ pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
     pub finish_reason: &'static str,
-    /// Always null: `logprobs` are refused.
-    pub logprobs: (),
+    /// Null unless `logprobs` asked for them.
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 /// What a chat chunk adds to the message: the role once, first, then content.
@@ -414,8 +479,8 @@ pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<&'static str>,
-    /// Always null: `logprobs` are refused.
-    pub logprobs: (),
+    /// The tokens of this chunk, when `logprobs` asked for them.
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -463,7 +528,7 @@ mod tests {
     fn a_completion_maps_onto_the_domain_parameters() {
         let request = completion(json!({
             "model": "anything", "prompt": ["Once upon"], "max_tokens": 7, "temperature": 0.5,
-            "top_p": 0.9, "stop": "\n", "seed": 3, "stream": true,
+            "top_p": 0.9, "stop": "\n", "seed": 3, "stream": true, "logprobs": 2,
             "stream_options": {"include_usage": true}, "echo": true, "n": 1, "best_of": 1,
             "frequency_penalty": 0.5, "presence_penalty": -0.25, "logit_bias": {}, "suffix": "",
             "user": "ignored",
@@ -480,11 +545,14 @@ mod tests {
                 presence_penalty: Some(-0.25),
                 max_new_tokens: Some(7),
                 stop: vec!["\n".into()],
+                top_n_tokens: Some(2),
+                prompt_logprobs: true,
+                sequences: Some(1),
                 ..Default::default()
             }
         );
         assert!(request.sampling.stream && request.sampling.include_usage() && request.echo);
-        assert_eq!(request.prompt.into_text().unwrap(), "Once upon");
+        assert_eq!(request.prompt.into_texts(4).unwrap(), ["Once upon"]);
     }
 
     #[test]
@@ -503,12 +571,35 @@ mod tests {
     }
 
     #[test]
+    fn n_and_best_of_ask_for_sequences() {
+        let request = completion(json!({"prompt": "x", "n": 2, "best_of": 3}));
+        assert_eq!(request.to_requested().unwrap().sequences, Some(3));
+        assert_eq!(request.sampling.choices(), 2);
+        let below = completion(json!({"prompt": "x", "n": 3, "best_of": 2}));
+        assert_eq!(
+            below.to_requested().unwrap_err(),
+            ValidationError::BestOfBelowN { n: 3, best_of: 2 }
+        );
+        let streamed = completion(json!({"prompt": "x", "best_of": 2, "stream": true}));
+        assert_eq!(
+            streamed.to_requested().unwrap_err(),
+            ValidationError::BestOfStreamed
+        );
+        let chat = chat(
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 4,
+                               "logprobs": true, "top_logprobs": 3}),
+        );
+        let requested = chat.to_requested().unwrap();
+        assert_eq!(
+            (requested.sequences, requested.top_n_tokens),
+            (Some(4), Some(3))
+        );
+    }
+
+    #[test]
     fn unsupported_completion_parameters_are_refused_by_name() {
         let cases = [
-            (json!({"n": 2}), "n"),
-            (json!({"best_of": 3}), "best_of"),
             (json!({"suffix": "end"}), "suffix"),
-            (json!({"logprobs": 0}), "logprobs"),
             (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
         ];
         for (fields, name) in cases {
@@ -524,23 +615,27 @@ mod tests {
     }
 
     #[test]
-    fn only_one_text_prompt_is_answered() {
-        let several = completion(json!({"prompt": ["a", "b"]})).prompt;
+    fn text_prompts_are_answered_up_to_the_client_batch_size() {
+        let several = completion(json!({"prompt": ["a", "b", "c"]})).prompt;
+        assert_eq!(several.clone().into_texts(3).unwrap(), ["a", "b", "c"]);
         assert_eq!(
-            several.into_text().unwrap_err().to_string(),
-            "`prompt`: a list of 2 prompts is not supported yet"
+            several.into_texts(2).unwrap_err(),
+            ValidationError::ClientBatchSize { max: 2, given: 3 }
         );
         let ids = completion(json!({"prompt": [1, 2, 3]})).prompt;
         assert_eq!(ids, CompletionPrompt::TokenIds(vec![1, 2, 3]));
         assert!(matches!(
-            ids.into_text().unwrap_err(),
+            ids.into_texts(4).unwrap_err(),
             ValidationError::UnsupportedForm {
                 param: "prompt",
                 ..
             }
         ));
         let empty = completion(json!({"prompt": []})).prompt;
-        assert_eq!(empty.into_text().unwrap_err(), ValidationError::EmptyInput);
+        assert_eq!(
+            empty.into_texts(4).unwrap_err(),
+            ValidationError::EmptyInput
+        );
     }
 
     #[test]
@@ -571,10 +666,13 @@ mod tests {
 
     #[test]
     fn unsupported_chat_parameters_and_contents_are_refused() {
+        let without = chat(json!({"messages": [{"role": "user", "content": "x"}],
+                                  "top_logprobs": 2}));
+        assert_eq!(
+            without.to_requested().unwrap_err(),
+            ValidationError::TopLogprobsWithoutLogprobs
+        );
         let cases = [
-            (json!({"n": 2}), "n"),
-            (json!({"logprobs": true}), "logprobs"),
-            (json!({"top_logprobs": 2}), "top_logprobs"),
             (json!({"tools": [{"type": "function"}]}), "tools"),
             (json!({"tool_choice": "required"}), "tool_choice"),
             (
@@ -620,7 +718,7 @@ mod tests {
                     content: Some(String::new()),
                 },
                 finish_reason: None,
-                logprobs: (),
+                logprobs: None,
             }],
             usage: None,
         };
