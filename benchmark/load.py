@@ -1,10 +1,25 @@
 """Load generator for any TGI or OpenAI-compatible server.
 
 A fixed prompt set (seeded) of exactly `--prompt-tokens` tokens each is sent at each concurrency
-level, streamed; per level it reports request throughput, output tokens/s, time to first token
-(TTFT) and inter-token latency (ITL) percentiles, and errors, as JSON.
+level, streamed, through one route (`--route`):
 
-    python benchmark/load.py --url http://127.0.0.1:3000 --api tgi \
+    generate_stream  TGI's POST /generate_stream (`inputs`, `parameters.max_new_tokens`,
+                     `details` for the server's token count)
+    completions      OpenAI's POST /v1/completions (`prompt`, `max_tokens`)
+    chat             OpenAI's POST /v1/chat/completions (the prompt as one user message, which the
+                     server's chat template wraps: the model sees more than --prompt-tokens)
+
+Every request is greedy and, with --ignore-eos, asks the server (`ignore_eos`, vLLM's and
+Sluice's extension on the OpenAI routes) to produce exactly --output-tokens tokens. The OpenAI
+routes ask for `stream_options.include_usage`.
+
+Per level it reports request throughput, output tokens/s, time to first token (TTFT: to the first
+chunk carrying text), inter-token latency (ITL: between consecutive chunks carrying text) and
+errors, as JSON. Output tokens are the server's own count (the usage chunk on the OpenAI routes,
+`details.generated_tokens` on generate_stream); a server that sends neither gets its chunks
+carrying text counted instead, and `tokens_counted_from` says which.
+
+    python benchmark/load.py --url http://127.0.0.1:3000 --route completions --ignore-eos \
         --tokenizer ~/.cache/sluice/models/SmolLM2-135M-Instruct --concurrency 1 16 \
         --requests 16 --prompt-tokens 128 --output-tokens 128
 """
@@ -47,10 +62,16 @@ def make_prompts(tokenizer: Tokenizer, count: int, prompt_tokens: int, seed: int
     return prompts
 
 
+ROUTES = ("generate_stream", "completions", "chat")
+OPENAI_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
 @dataclass
 class RequestResult:
     ok: bool
     output_tokens: int = 0
+    # "server" (usage chunk or details) or "chunks" (the chunks carrying text, counted here)
+    tokens_counted_from: str = ""
     ttft_s: float = 0.0
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
@@ -70,6 +91,7 @@ class LevelResult:
     itl_p50_s: float
     itl_p95_s: float
     mean_output_tokens: float
+    tokens_counted_from: str  # "server", "chunks", or both joined by "+" when requests differed
     first_error: str = ""  # the first failed request's error, to tell why `errors` is not 0
 
 
@@ -82,41 +104,58 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Target:
-    """How to ask one kind of server for a streamed completion."""
+    """How to ask one server for a streamed answer on one route, and how to read its chunks."""
 
-    def __init__(self, url: str, api: str, model: str, output_tokens: int, ignore_eos: bool):
-        self.url, self.api, self.model = url.rstrip("/"), api, model
+    def __init__(self, url: str, route: str, model: str, output_tokens: int, ignore_eos: bool):
+        self.url, self.route, self.model = url.rstrip("/"), route, model
         self.output_tokens, self.ignore_eos = output_tokens, ignore_eos
 
     def request(self, prompt: str) -> tuple[str, dict]:
-        if self.api == "tgi":
-            parameters = {"max_new_tokens": self.output_tokens}
+        if self.route == "generate_stream":
+            parameters = {"max_new_tokens": self.output_tokens, "details": True}
             if self.ignore_eos:
                 parameters["ignore_eos"] = True
             return f"{self.url}/generate_stream", {"inputs": prompt, "parameters": parameters}
-        body = {
+        body: dict = {
             "model": self.model,
-            "prompt": prompt,
             "max_tokens": self.output_tokens,
             "temperature": 0.0,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
+        if self.route == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
         if self.ignore_eos:
             body["ignore_eos"] = True
-        return f"{self.url}/v1/completions", body
+        return f"{self.url}{OPENAI_PATHS[self.route]}", body
 
-    def tokens_in(self, event: dict) -> int:
-        """Output tokens one streamed event carries."""
-        if self.api == "tgi":
-            return 1 if "token" in event else 0
+    def text_in(self, event: dict) -> str:
+        """The text one streamed event carries ("" for none: a role-only or usage chunk)."""
+        if self.route == "generate_stream":
+            token = event.get("token") or {}
+            return "" if token.get("special") else token.get("text") or ""
         choices = event.get("choices") or []
-        return 1 if choices and choices[0].get("text") is not None else 0
+        if not choices:
+            return ""
+        if self.route == "chat":
+            return (choices[0].get("delta") or {}).get("content") or ""
+        return choices[0].get("text") or ""
+
+    def server_count(self, event: dict) -> int | None:
+        """The server's count of output tokens, on the event that carries it."""
+        if self.route == "generate_stream":
+            details = event.get("details") or {}
+            return details.get("generated_tokens")
+        return (event.get("usage") or {}).get("completion_tokens")
 
 
 async def run_one(session: aiohttp.ClientSession, target: Target, prompt: str) -> RequestResult:
     url, body = target.request(prompt)
     start = time.perf_counter()
-    stamps: list[float] = []
+    stamps: list[float] = []  # when each chunk carrying text arrived
+    counted: int | None = None
     try:
         async with session.post(url, json=body) as response:
             if response.status != 200:
@@ -125,18 +164,23 @@ async def run_one(session: aiohttp.ClientSession, target: Target, prompt: str) -
                 line = raw.decode().strip()
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
+                now = time.perf_counter()
                 event = json.loads(line[len("data:") :])
                 if "error" in event:
                     return RequestResult(ok=False, error=str(event["error"]))
-                now = time.perf_counter()
-                stamps.extend([now] * target.tokens_in(event))
+                if target.text_in(event):
+                    stamps.append(now)
+                count = target.server_count(event)
+                if count is not None:
+                    counted = count
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         return RequestResult(ok=False, error=repr(e))
     if not stamps:
-        return RequestResult(ok=False, error="no tokens")
+        return RequestResult(ok=False, error="no text")
     return RequestResult(
         ok=True,
-        output_tokens=len(stamps),
+        output_tokens=counted if counted is not None else len(stamps),
+        tokens_counted_from="server" if counted is not None else "chunks",
         ttft_s=stamps[0] - start,
         latency_s=stamps[-1] - start,
         itl_s=[b - a for a, b in itertools.pairwise(stamps)],
@@ -173,13 +217,14 @@ async def run_level(target: Target, prompts: list[str], concurrency: int) -> Lev
         itl_p50_s=percentile([x for r in good for x in r.itl_s], 50),
         itl_p95_s=percentile([x for r in good for x in r.itl_s], 95),
         mean_output_tokens=statistics.fmean([r.output_tokens for r in good]) if good else 0.0,
+        tokens_counted_from="+".join(sorted({r.tokens_counted_from for r in good})),
         first_error=next((r.error for r in results if not r.ok), ""),
     )
 
 
 async def benchmark(args: argparse.Namespace) -> list[LevelResult]:
     tokenizer = Tokenizer.from_file(str(Path(args.tokenizer).expanduser() / "tokenizer.json"))
-    target = Target(args.url, args.api, args.model, args.output_tokens, args.ignore_eos)
+    target = Target(args.url, args.route, args.model, args.output_tokens, args.ignore_eos)
     warmup = make_prompts(tokenizer, args.warmup, args.prompt_tokens, seed=args.seed + 1)
     await run_level(target, warmup, max(1, len(warmup)))
     levels = []
@@ -195,8 +240,10 @@ async def benchmark(args: argparse.Namespace) -> list[LevelResult]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True)
-    parser.add_argument("--api", choices=["tgi", "openai"], default="openai")
-    parser.add_argument("--model", default="", help="model name for the OpenAI API")
+    parser.add_argument(
+        "--route", choices=ROUTES, default="completions", help="the route every request takes"
+    )
+    parser.add_argument("--model", default="", help="`model` on the OpenAI routes")
     parser.add_argument("--tokenizer", required=True, help="model directory with tokenizer.json")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=0, help="per level; 0 = 2x concurrency")

@@ -1,14 +1,16 @@
 """The whole benchmark in one command: Sluice, then vLLM, then the naive baseline, then a profile.
 
 One after another, never two servers at once: describes the machine and measures the bf16
-matmul peak; starts Sluice (bf16) and runs load.py's levels against it while sampling its process
+matmul peak; starts Sluice and runs load.py's levels against it while sampling its process
 tree's memory and reading its /metrics around each level; stops it; does the same with vLLM's CPU
 build (the peer script in ../shared/peers); runs baseline_transformers.py and profile_step.py;
-writes benchmark/results/latest.json, docs/performance.png and docs/performance.md.
+writes benchmark/results/latest.json, docs/performance.png and docs/performance.md. Both servers
+answer through the same route, by default OpenAI's /v1/completions (--route).
 
     make bench                                   # = .venv/bin/python benchmark/run_all.py
     python benchmark/run_all.py --quick          # a smoke test: tiny counts, short outputs
     python benchmark/run_all.py --skip-vllm
+    python benchmark/run_all.py --route chat     # both servers through /v1/chat/completions
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
-from load import Target, make_prompts, run_level
+from load import ROUTES, Target, make_prompts, run_level
 from servers import (
     CpuMark,
     MemorySampler,
@@ -87,6 +89,7 @@ class Settings:
     skip_baseline: bool
     skip_profile: bool
     rounds: int
+    route: str  # load.py's route, the same for every server
     # Each server at its fastest dtype on this CPU. Sluice: bfloat16 where the CPU computes in it
     # natively or Sluice's compiled matmul runs it (AVX2 without AVX-512). vLLM, the transformers baseline and the
     # matmul peak: bfloat16 only where native (emulated bfloat16 would handicap them).
@@ -254,6 +257,8 @@ async def measure_levels(
         log(
             f"{server.spec.name} c={concurrency}: {level.output_tokens_per_s:.1f} tok/s, "
             f"TTFT p95 {level.ttft_p95_s * 1e3:.0f} ms, ITL p50 {level.itl_p50_s * 1e3:.1f} ms, "
+            f"{level.mean_output_tokens:.1f} tokens per answer (counted by: "
+            f"{level.tokens_counted_from or '-'}), "
             f"errors {level.errors} {level.first_error[:200]}, "
             f"peak RSS {peak.rss_bytes / 2**30:.2f} GiB, other processes' CPU {foreign:.0%}"
         )
@@ -261,11 +266,12 @@ async def measure_levels(
     return results
 
 
-def benchmark_server(
-    settings: Settings, spec: ServerSpec, api: str, scrape_metrics: bool
-) -> dict[str, Any]:
+def benchmark_server(settings: Settings, spec: ServerSpec, scrape_metrics: bool) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(settings.model_dir / "tokenizer.json"))
-    target = Target(spec.url, api, str(settings.model_dir), settings.output_tokens, ignore_eos=True)
+    # vLLM wants the path it serves as `model`; Sluice ignores the field.
+    target = Target(
+        spec.url, settings.route, str(settings.model_dir), settings.output_tokens, ignore_eos=True
+    )
     log(f"starting {spec.name} (log: {spec.log})")
     with running(spec) as server:
         log(f"{spec.name} healthy after {server.startup_s:.0f} s")
@@ -277,6 +283,7 @@ def benchmark_server(
     log(f"{spec.name} stopped")
     return {
         "argv": spec.argv,
+        "route": settings.route,
         "startup_s": round(server.startup_s, 1),
         "idle_rss_bytes": idle.rss_bytes,
         "idle_pss_bytes": idle.pss_bytes,
@@ -462,13 +469,11 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     for number in range(1, settings.rounds + 1):
         log(f"=== round {number} of {settings.rounds}")
         rounds["sluice"].append(
-            phase("sluice", errors, benchmark_server, settings, sluice_spec(settings), "tgi", True)
+            phase("sluice", errors, benchmark_server, settings, sluice_spec(settings), True)
         )
         if not settings.skip_vllm:
             rounds["vllm"].append(
-                phase(
-                    "vllm", errors, benchmark_server, settings, vllm_spec(settings), "openai", False
-                )
+                phase("vllm", errors, benchmark_server, settings, vllm_spec(settings), False)
             )
     results["servers"]["sluice"] = combine_rounds(rounds["sluice"])
     results["servers"]["vllm"] = (
@@ -525,6 +530,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "bfloat16 with AVX512-BF16, AMX, or AVX2 without AVX-512; the others: bfloat16 with "
         "AVX512-BF16 or AMX; else float32)",
     )
+    p.add_argument(
+        "--route",
+        choices=ROUTES,
+        default="completions",
+        help="the route every server is measured through: OpenAI's /v1/completions or "
+        "/v1/chat/completions, or TGI's /generate_stream (Sluice only: vLLM lacks it)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, help="default 128, 16 with --quick")
@@ -566,6 +578,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if a.profile_steps is not None and a.profile_steps < 10:
         # profile_step.py's requests run out of tokens after 5 + steps + 10 profiled steps.
         p.error("--profile-steps must be at least 10")
+    if a.route == "generate_stream" and not a.skip_vllm:
+        p.error("vLLM has no /generate_stream: add --skip-vllm, or pick an OpenAI route")
     out = BENCH / "results" / "quick" if a.quick else None
     return Settings(
         model_dir=a.model.expanduser().resolve(),
@@ -591,6 +605,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         skip_baseline=a.skip_baseline,
         skip_profile=a.skip_profile,
         rounds=pick(a.rounds, 3, 1),
+        route=a.route,
         sluice_dtype=a.dtype or fastest_dtype(sluice=True),
         peer_dtype=a.dtype or fastest_dtype(sluice=False),
         quick=a.quick,

@@ -267,7 +267,7 @@ def bench(url: str, model_dir: Path, work: Path, args: argparse.Namespace) -> li
         subprocess.run(
             [
                 sys.executable, str(REPO / "benchmark" / "load.py"),
-                "--url", url, "--api", "tgi", "--tokenizer", str(model_dir),
+                "--url", url, "--route", "generate_stream", "--tokenizer", str(model_dir),
                 "--concurrency", str(concurrency),
                 "--prompt-tokens", str(args.prompt_tokens),
                 "--output-tokens", str(args.output_tokens),
