@@ -134,6 +134,9 @@ def test_tgi_python_client(server: SluiceServer, chat_prompt) -> None:
         {"inputs": "Hello", "parameters": {"typical_p": 1.5}},
         {"inputs": "Hello", "parameters": {"frequency_penalty": 3.0}},
         {"inputs": "Hello", "parameters": {"best_of": 2}},
+        {"inputs": "Hello", "parameters": {"watermark": True}},
+        {"inputs": "Hello", "parameters": {"top_n_tokens": 50}},
+        {"inputs": "Hello", "parameters": {"truncate": 0}},
     ],
     ids=[
         "empty",
@@ -144,7 +147,10 @@ def test_tgi_python_client(server: SluiceServer, chat_prompt) -> None:
         "no-inputs",
         "typical-p",
         "frequency-penalty",
+        "greedy-best-of",
         "unsupported",
+        "top-n-tokens",
+        "truncate",
     ],
 )
 @pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
