@@ -3,6 +3,8 @@
 //! types; another API can be a second front-end on the same ones. The scheduler runs them, and
 //! only the shard-client edge (`shard.rs`) turns them into protobuf.
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 /// A prompt's text and where it came from, which decides whether the tokenizer adds the model's
@@ -120,4 +122,8 @@ pub struct GenerationEnd {
     pub generated_tokens: u32,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
+    /// When the scheduler was handed the request, and when a step first ran it (TGI's queue
+    /// and inference times).
+    pub queued: Instant,
+    pub started: Instant,
 }

@@ -1,6 +1,7 @@
 //! A request's state inside the scheduler.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -14,6 +15,8 @@ pub(super) type EventSender = mpsc::UnboundedSender<Result<TokenEvent, Scheduler
 pub(super) struct Submission {
     pub request: GenerationRequest,
     pub events: EventSender,
+    /// When the request was handed to the scheduler.
+    pub queued: Instant,
 }
 
 pub(super) struct Entry {
@@ -38,6 +41,10 @@ pub(super) struct Entry {
     pub sharing: bool,
     /// Prompt tokens found in the prefix cache when the request was first admitted.
     pub cached_prompt_tokens: Option<u32>,
+    /// When the request was handed to the scheduler.
+    pub queued: Instant,
+    /// When a step first ran the request.
+    pub started: Option<Instant>,
 }
 
 impl Entry {
@@ -55,6 +62,8 @@ impl Entry {
             registered_blocks: 0,
             sharing: true,
             cached_prompt_tokens: None,
+            queued: submission.queued,
+            started: None,
         }
     }
 

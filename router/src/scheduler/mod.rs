@@ -19,6 +19,8 @@ mod task;
 
 pub use task::spawn_scheduler;
 
+use std::time::Instant;
+
 use tokio::sync::mpsc;
 
 use crate::request::{GenerationEnd, GenerationRequest, Token};
@@ -67,7 +69,11 @@ impl SchedulerHandle {
     pub fn submit(&self, request: GenerationRequest) -> Result<EventReceiver, SchedulerError> {
         let (events, receiver) = mpsc::unbounded_channel();
         self.submissions
-            .send(entry::Submission { request, events })
+            .send(entry::Submission {
+                request,
+                events,
+                queued: Instant::now(),
+            })
             .map_err(|_| SchedulerError::Closed)?;
         Ok(receiver)
     }

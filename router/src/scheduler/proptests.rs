@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use proptest::prelude::*;
 use tokio::sync::mpsc;
@@ -162,6 +163,7 @@ fn run(
                     },
                 },
                 events,
+                queued: Instant::now(),
             });
             clients.push(Client {
                 events: Some(receiver),
@@ -292,6 +294,7 @@ fn submit(
             },
         },
         events,
+        queued: Instant::now(),
     });
     receiver
 }

@@ -129,6 +129,9 @@ impl SchedulerState {
                         generated_text: entry.output.take_text(),
                         generated_tokens: entry.output.generated(),
                         cached_tokens: entry.cached_prompt_tokens.unwrap_or(0),
+                        queued: entry.queued,
+                        // A token comes from a step that ran the request, so this is set.
+                        started: entry.started.unwrap_or(entry.queued),
                     });
                     let finished = end.is_some();
                     (Ok(TokenEvent { token, end }), finished)

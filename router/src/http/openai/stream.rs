@@ -198,6 +198,8 @@ mod tests {
             stop_sequence_start: stop.map(|stop| text.len() - stop.len()),
             generated_tokens: 1,
             cached_tokens: 0,
+            queued: std::time::Instant::now(),
+            started: std::time::Instant::now(),
         }
     }
 
