@@ -169,7 +169,7 @@ def test_malformed_json_is_refused(server: SluiceServer) -> None:
     response = requests.post(
         f"{server.url}/generate", data=b"{not json", headers={"content-type": "application/json"}
     )
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["error_type"] == "validation"
 
 

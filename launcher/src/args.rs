@@ -99,6 +99,20 @@ pub struct Args {
     /// Log as JSON lines (the launcher and the router).
     #[arg(long, env)]
     pub json_output: bool,
+
+    /// Requests to every route but /health, /info, /metrics and the API documentation must
+    /// carry `Authorization: Bearer <key>`; others get 401.
+    #[arg(long, env, hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// The largest request body the router accepts, in bytes; a larger one gets 413.
+    #[arg(long, env, default_value_t = 2_000_000)]
+    pub payload_limit: usize,
+
+    /// An origin browsers may call the API from (CORS); repeat the flag, or separate origins
+    /// with commas, for several [default: none, no CORS headers].
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -174,6 +188,9 @@ mod tests {
             ),
             ("huggingface-hub-cache", None, "HUGGINGFACE_HUB_CACHE"),
             ("json-output", None, "JSON_OUTPUT"),
+            ("api-key", None, "API_KEY"),
+            ("payload-limit", Some("2000000"), "PAYLOAD_LIMIT"),
+            ("cors-allow-origin", None, "CORS_ALLOW_ORIGIN"),
         ];
         for (flag, default, env) in expected {
             assert_eq!(

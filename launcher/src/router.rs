@@ -27,6 +27,9 @@ pub struct RouterConfig {
     pub max_batch_total_tokens: Option<u32>,
     pub prefix_caching: bool,
     pub json_output: bool,
+    pub api_key: Option<String>,
+    pub payload_limit: usize,
+    pub cors_allow_origin: Vec<String>,
 }
 
 impl RouterConfig {
@@ -51,6 +54,9 @@ impl RouterConfig {
             max_batch_total_tokens: args.max_batch_total_tokens,
             prefix_caching: args.prefix_caching,
             json_output: args.json_output,
+            api_key: args.api_key.clone(),
+            payload_limit: args.payload_limit,
+            cors_allow_origin: args.cors_allow_origin.clone(),
         }
     }
 
@@ -77,7 +83,9 @@ impl RouterConfig {
             .arg(self.limits.max_batch_prefill_tokens.to_string())
             .arg("--prefix-caching")
             .arg(self.prefix_caching.to_string())
-            .args(self.request_limits.to_flags());
+            .args(self.request_limits.to_flags())
+            .arg("--payload-limit")
+            .arg(self.payload_limit.to_string());
         if let Some(tokens) = self.max_batch_total_tokens {
             command
                 .arg("--max-batch-total-tokens")
@@ -88,9 +96,17 @@ impl RouterConfig {
                 .arg("--max-batch-size")
                 .arg(max_batch_size.to_string());
         }
+        for origin in &self.cors_allow_origin {
+            command.arg("--cors-allow-origin").arg(origin);
+        }
         if self.json_output {
             command.arg("--json-output");
         }
+        // In the environment, where other users cannot read it (unlike the command line).
+        match &self.api_key {
+            Some(key) => command.env("API_KEY", key),
+            None => command.env_remove("API_KEY"),
+        };
         command
     }
 }
@@ -152,8 +168,40 @@ mod tests {
                 "1074",
                 "--prefix-caching",
                 "true",
+                "--max-stop-sequences",
+                "4",
+                "--max-top-n-tokens",
+                "5",
+                "--max-best-of",
+                "2",
+                "--max-client-batch-size",
+                "4",
+                "--payload-limit",
+                "2000000",
             ]
         );
+    }
+
+    #[test]
+    fn the_api_key_goes_through_the_environment() {
+        let command = |flags: &[&str]| {
+            let args = Args::try_parse_from(
+                std::iter::once("sluice-launcher").chain(flags.iter().copied()),
+            )
+            .expect("valid flags");
+            let limits = TokenLimits::new(&args, Some(8192));
+            RouterConfig::new(&args, "r".into(), "m".into(), "s".into(), limits).command()
+        };
+        let with_key = command(&["--api-key", "s3cret"]);
+        let std_command = with_key.as_std();
+        assert!(std_command.get_args().all(|arg| arg != "s3cret"));
+        let env: Vec<_> = std_command.get_envs().collect();
+        let os = std::ffi::OsStr::new;
+        assert_eq!(env, [(os("API_KEY"), Some(os("s3cret")))]);
+        // Without a key, none reaches the router from the launcher's own environment.
+        let without = command(&[]);
+        let env: Vec<_> = without.as_std().get_envs().collect();
+        assert_eq!(env, [(os("API_KEY"), None)]);
     }
 
     #[test]
@@ -165,17 +213,39 @@ mod tests {
             "4096",
             "--prefix-caching",
             "false",
+            "--payload-limit",
+            "1000",
+            "--cors-allow-origin",
+            "https://a.example",
+            "--cors-allow-origin",
+            "https://b.example",
+            "--max-best-of",
+            "4",
             "--json-output",
         ]);
         assert_eq!(
-            argv[argv.len() - 7..],
+            argv[argv.len() - 21..],
             [
                 "--prefix-caching",
                 "false",
+                "--max-stop-sequences",
+                "4",
+                "--max-top-n-tokens",
+                "5",
+                "--max-best-of",
+                "4",
+                "--max-client-batch-size",
+                "4",
+                "--payload-limit",
+                "1000",
                 "--max-batch-total-tokens",
                 "4096",
                 "--max-batch-size",
                 "32",
+                "--cors-allow-origin",
+                "https://a.example",
+                "--cors-allow-origin",
+                "https://b.example",
                 "--json-output"
             ]
         );

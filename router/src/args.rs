@@ -55,4 +55,15 @@ pub struct RouterArgs {
     pub max_client_batch_size: usize,
     #[arg(long, env, default_value_t = false)]
     pub json_output: bool,
+    /// Requests to every route but /health, /info, /metrics and the API documentation must
+    /// carry `Authorization: Bearer <key>`; others get 401.
+    #[arg(long, env, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The largest request body accepted, in bytes; a larger one gets 413.
+    #[arg(long, env, default_value_t = 2_000_000)]
+    pub payload_limit: usize,
+    /// An origin browsers may call the API from (CORS); repeat the flag, or separate origins
+    /// with commas, for several. Unset: no CORS headers.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
 }

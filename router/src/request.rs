@@ -3,6 +3,8 @@
 //! types; another API can be a second front-end on the same ones. The scheduler runs them, and
 //! only the shard-client edge (`shard.rs`) turns them into protobuf.
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 /// A prompt's text and where it came from, which decides whether the tokenizer adds the model's
@@ -151,4 +153,8 @@ pub struct GenerationEnd {
     pub cached_tokens: u32,
     /// The prompt's tokens with their log-probabilities, when the request asked for them.
     pub prompt_tokens: Vec<PromptToken>,
+    /// When the scheduler was handed the request, and when a step first ran it (TGI's queue
+    /// and inference times).
+    pub queued: Instant,
+    pub started: Instant,
 }

@@ -22,6 +22,9 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             args.max_total_tokens
         );
     }
+    if args.api_key.as_deref() == Some("") {
+        bail!("--api-key is empty: give a key, or leave it unset to serve without one");
+    }
     let tokenizer = Arc::new(Tokenizer::from_path(&args.tokenizer_name)?);
     // Before connecting to the shards: a template that does not compile stops the router here.
     let chat_template = ChatTemplate::from_model_dir(&args.tokenizer_name)?.map(Arc::new);
@@ -123,9 +126,16 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION"),
         router: "sluice-router",
     };
+    let edges = http::Edges {
+        api_key: args.api_key.as_deref().map(http::auth::ApiKey::new),
+        payload_limit: args.payload_limit,
+        cors: http::cors::cors_layer(&args.cors_allow_origin)
+            .context("--cors-allow-origin: not a valid origin")?,
+    };
     let state = AppState {
         metrics,
         validator: Arc::new(validator),
+        tokenizer,
         scheduler,
         admission: Arc::new(Semaphore::new(args.max_concurrent_requests)),
         shards,
@@ -139,7 +149,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {address}"))?;
     tracing::info!(address = %listener.local_addr()?, "router ready");
-    axum::serve(listener, http::router(state))
+    axum::serve(listener, http::router(state, edges))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("router stopped");

@@ -25,10 +25,18 @@ pub enum ApiError {
     /// A body that parsed as JSON but does not fit the route's request.
     #[error("Request failed: {0}")]
     BadRequest(String),
-    /// A body that is not JSON at all. TGI's routes answer it like `BadRequest` (as TGI does);
-    /// OpenAI's answer 400, as OpenAI does.
+    /// A body that is not JSON at all.
     #[error("Malformed request: {0}")]
     MalformedJson(String),
+    /// A body not declared as JSON (`Content-Type`).
+    #[error("Unsupported media type: {0}")]
+    UnsupportedMediaType(String),
+    /// A body over `--payload-limit`.
+    #[error("Payload too large: the request body is over this server's size limit")]
+    PayloadTooLarge,
+    /// `--api-key` is set and the request does not carry it.
+    #[error("Unauthorized: this server requires `Authorization: Bearer <api key>`")]
+    Unauthorized,
     #[error("{0}")]
     ChatTemplate(#[from] ChatTemplateError),
 }
@@ -40,6 +48,9 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Generation(_) => StatusCode::FAILED_DEPENDENCY,
             Self::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -51,7 +62,10 @@ impl ApiError {
             Self::Validation(_)
             | Self::BadRequest(_)
             | Self::MalformedJson(_)
+            | Self::UnsupportedMediaType(_)
+            | Self::PayloadTooLarge
             | Self::ChatTemplate(_) => "validation",
+            Self::Unauthorized => "unauthorized",
             Self::Overloaded => "overloaded",
             Self::Generation(_) => "generation",
             Self::Unhealthy(_) => "healthcheck",
@@ -80,8 +94,16 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's `code`: TGI's `error_type`, except where OpenAI has its own.
+    fn openai_code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "invalid_api_key",
+            _ => self.error_type(),
+        }
+    }
+
     /// The body on OpenAI's routes: OpenAI's error `type` is read off the status, and `code`
-    /// carries TGI's `error_type`.
+    /// carries TGI's `error_type` (`openai_code`).
     pub fn openai_body(&self) -> OpenAiErrorResponse {
         let status = self.status();
         let kind = if status == StatusCode::TOO_MANY_REQUESTS {
@@ -96,7 +118,7 @@ impl ApiError {
                 message: self.to_string(),
                 kind,
                 param: self.param(),
-                code: Some(self.error_type()),
+                code: Some(self.openai_code()),
             },
         }
     }
@@ -156,6 +178,13 @@ mod tests {
                 422,
                 "invalid_request_error",
             ),
+            (
+                ApiError::UnsupportedMediaType("x".into()),
+                415,
+                "invalid_request_error",
+            ),
+            (ApiError::PayloadTooLarge, 413, "invalid_request_error"),
+            (ApiError::Unauthorized, 401, "invalid_request_error"),
             (ApiError::Overloaded, 429, "rate_limit_error"),
             (
                 ApiError::Generation(SchedulerError::Closed),
@@ -167,9 +196,15 @@ mod tests {
             assert_eq!(error.status().as_u16(), status, "{error}");
             let body = serde_json::to_value(error.openai_body()).unwrap();
             assert_eq!(body["error"]["type"], kind, "{error}");
-            assert_eq!(body["error"]["code"], error.error_type());
+            assert_eq!(body["error"]["code"], error.openai_code());
             assert_eq!(body["error"]["message"], error.to_string());
         }
+        let unauthorized = ApiError::Unauthorized.openai_body().error;
+        assert_eq!(
+            (unauthorized.kind, unauthorized.code),
+            ("invalid_request_error", Some("invalid_api_key"))
+        );
+        assert_eq!(ApiError::Unauthorized.body().error_type, "unauthorized");
         let missing = ApiError::ChatTemplate(ChatTemplateError::Missing);
         assert_eq!(missing.to_string(), "the model has no chat template");
         assert_eq!(missing.openai_body().error.param, Some("messages"));

@@ -1,13 +1,18 @@
 //! TGI's route handlers: parse TGI's body, submit it (`submission`), then collect or stream the
 //! tokens in TGI's shapes.
 
+use std::time::Instant;
+
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::compute_headers::ComputeHeaders;
 use super::error::ApiError;
+use super::json::parse;
 use super::sse;
 use super::submission::{submit, Submitted};
 use super::types::{
@@ -19,28 +24,39 @@ use crate::generation::GenerationStream;
 use crate::request::{GenerationRequest, Prompt};
 use crate::scheduler::SchedulerError;
 
-/// A TGI request on the scheduler, and the prompt to put before its text when
-/// `return_full_text` asked for it.
+/// A TGI request on the scheduler, the prompt to put before its text when
+/// `return_full_text` asked for it, and what its response headers report.
 struct Started {
     submitted: Submitted,
     prefix: Option<String>,
+    headers: ComputeHeaders,
 }
 
-fn start(state: &AppState, request: GenerateRequest, stream: bool) -> Result<Started, ApiError> {
+/// `received`: when the route got the request; `stream`: whether the answer is streamed.
+fn start(
+    state: &AppState,
+    request: GenerateRequest,
+    received: Instant,
+    stream: bool,
+) -> Result<Started, ApiError> {
     let requested = request.parameters.to_requested(stream)?;
     let submitted = submit(state, Prompt::Text(&request.inputs), &requested)?;
+    let headers = ComputeHeaders::new(
+        &state.info.model_device_type,
+        &request.inputs,
+        submitted.valid.input_ids.len(),
+        received,
+    );
     let prefix = request
         .parameters
         .return_full_text
         .unwrap_or(false)
         .then_some(request.inputs);
-    Ok(Started { submitted, prefix })
-}
-
-/// Turns axum's JSON rejection into TGI's 422 error body.
-fn parse(body: Result<Json<GenerateRequest>, JsonRejection>) -> Result<GenerateRequest, ApiError> {
-    body.map(|Json(r)| r)
-        .map_err(|e| ApiError::BadRequest(e.body_text()))
+    Ok(Started {
+        submitted,
+        prefix,
+        headers,
+    })
 }
 
 /// The generated text, after the prompt when `return_full_text` asked for it.
@@ -67,15 +83,15 @@ pub async fn compat_generate(
     if request.stream {
         stream_response(state, request).await
     } else {
-        let Json(response) = generate_response(state, request).await?;
-        Ok(Json([response]).into_response())
+        let (headers, Json(response)) = generate_response(state, request).await?;
+        Ok((headers, Json([response])).into_response())
     }
 }
 
 pub async fn generate(
     state: State<AppState>,
     body: Result<Json<GenerateRequest>, JsonRejection>,
-) -> Result<Json<GenerateResponse>, ApiError> {
+) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
     generate_response(state, parse(body)?).await
 }
 
@@ -89,9 +105,14 @@ pub async fn generate_stream(
 async fn generate_response(
     State(state): State<AppState>,
     request: GenerateRequest,
-) -> Result<Json<GenerateResponse>, ApiError> {
+) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
+    let received = Instant::now();
     let want_details = request.parameters.details;
-    let Started { submitted, prefix } = start(&state, request, false)?;
+    let Started {
+        submitted,
+        prefix,
+        headers,
+    } = start(&state, request, received, false)?;
     let Submitted { streams, valid } = submitted;
     let sequences = GenerationStream::collect_all(streams).await?;
     // Only the first sequence scored the prompt; every sequence shares it.
@@ -125,6 +146,7 @@ async fn generate_response(
         }
     }
     let (generated, seed) = answer.ok_or(SchedulerError::Closed)?;
+    let headers = headers.at_end(&generated.end);
     let generated_text = full_text(prefix.as_deref(), generated.end.generated_text);
     let details = want_details.then(|| Details {
         finish_reason: generated.end.finish_reason,
@@ -136,10 +158,13 @@ async fn generate_response(
         top_tokens: without_empty(generated.top_tokens),
         best_of_sequences: (valid.sequences > 1).then_some(others),
     });
-    Ok(Json(GenerateResponse {
-        generated_text,
-        details,
-    }))
+    Ok((
+        headers,
+        Json(GenerateResponse {
+            generated_text,
+            details,
+        }),
+    ))
 }
 
 /// Per-token alternatives, or nothing when none were asked for.
@@ -155,7 +180,12 @@ async fn stream_response(
     State(state): State<AppState>,
     request: GenerateRequest,
 ) -> Result<Response, ApiError> {
-    let Started { submitted, prefix } = start(&state, request, true)?;
+    let received = Instant::now();
+    let Started {
+        submitted,
+        prefix,
+        headers,
+    } = start(&state, request, received, true)?;
     let (mut stream, valid) = submitted.into_single()?;
     let input_length = valid.input_ids.len() as u32;
     let seed = reported_seed(&valid, 0);
@@ -196,7 +226,9 @@ async fn stream_response(
             }
         }
     };
-    Ok(sse::response(Body::from_stream(events)))
+    let mut response = sse::response(Body::from_stream(events));
+    response.headers_mut().extend(headers.at_stream_start());
+    Ok(response)
 }
 
 pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {

@@ -2,23 +2,38 @@
 //! (`handlers`, `types`) and OpenAI's (`openai/`) each map their bodies onto
 //! `RequestedParameters`; `submission` validates, admits and queues for both, `sse` encodes
 //! their streams, and `error` is the one mapping from errors to statuses.
+//!
+//! Around them: `json` (reading a body, the same way everywhere), `tokenize` (`/tokenize`,
+//! `/chat_tokenize`), `invocations` (SageMaker's one route for every body), `compute_headers`
+//! (TGI's `x-*` headers), and the layers in front of every route: `auth` (`--api-key`), the
+//! body size limit (`--payload-limit`) and `cors` (`--cors-allow-origin`).
 
+pub mod auth;
+mod compute_headers;
+pub mod cors;
 pub mod error;
 mod handlers;
+mod invocations;
+pub mod json;
 pub mod openai;
 pub mod sse;
 mod submission;
+mod tokenize;
 pub mod types;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use sluice_client::ShardedClient;
 use tokio::sync::Semaphore;
+use tower_http::cors::CorsLayer;
 
 use crate::scheduler::SchedulerHandle;
 use crate::tokenizer::chat_template::ChatTemplate;
+use crate::tokenizer::Tokenizer;
 use crate::validation::Validator;
 
 /// What every handler can reach.
@@ -26,6 +41,8 @@ use crate::validation::Validator;
 pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub validator: Arc<Validator>,
+    /// The validator's tokenizer, for `/tokenize`.
+    pub tokenizer: Arc<Tokenizer>,
     pub scheduler: SchedulerHandle,
     /// One permit per request in flight; none left means 429.
     pub admission: Arc<Semaphore>,
@@ -37,14 +54,40 @@ pub struct AppState {
     pub started_at: u64,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// What stands in front of every route.
+pub struct Edges {
+    /// Requests must carry it, except on `auth::is_open` routes.
+    pub api_key: Option<auth::ApiKey>,
+    /// The largest body read, in bytes; a larger one is a 413.
+    pub payload_limit: usize,
+    /// None: no CORS headers.
+    pub cors: Option<CorsLayer>,
+}
+
+pub fn router(state: AppState, edges: Edges) -> Router {
+    let mut app = Router::new()
         .route("/", post(handlers::compat_generate))
         .route("/generate", post(handlers::generate))
         .route("/generate_stream", post(handlers::generate_stream))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/chat_tokenize", post(tokenize::chat_tokenize))
+        .route("/invocations", post(invocations::invocations))
         .route("/health", get(handlers::health))
         .route("/info", get(handlers::info))
         .route("/metrics", get(handlers::metrics))
         .merge(openai::routes())
         .with_state(state)
+        .layer(DefaultBodyLimit::max(edges.payload_limit));
+    // Each layer wraps those before it: CORS answers preflights before authentication, and
+    // a 401 still carries CORS headers, so a browser can read it.
+    if let Some(key) = edges.api_key {
+        app = app.layer(middleware::from_fn_with_state(
+            Arc::new(key),
+            auth::require_api_key,
+        ));
+    }
+    if let Some(cors) = edges.cors {
+        app = app.layer(cors);
+    }
+    app
 }

@@ -1,6 +1,7 @@
 //! A request's state inside the scheduler.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -15,6 +16,8 @@ pub(super) struct Submission {
     pub request: GenerationRequest,
     /// One per sequence.
     pub events: Vec<EventSender>,
+    /// When the request was handed to the scheduler.
+    pub queued: Instant,
 }
 
 pub(super) struct Entry {
@@ -43,6 +46,10 @@ pub(super) struct Entry {
     pub prompt_logprobs: Vec<f32>,
     /// For a sibling sequence: the entry that computes the shared prompt first.
     pub parent: Option<u64>,
+    /// When the request was handed to the scheduler.
+    pub queued: Instant,
+    /// When a step first ran the request.
+    pub started: Option<Instant>,
 }
 
 impl Entry {
@@ -50,6 +57,7 @@ impl Entry {
         id: u64,
         request: GenerationRequest,
         events: EventSender,
+        queued: Instant,
         eos_token_ids: &Arc<[u32]>,
     ) -> Self {
         Self {
@@ -67,6 +75,8 @@ impl Entry {
             cached_prompt_tokens: None,
             prompt_logprobs: Vec::new(),
             parent: None,
+            queued,
+            started: None,
         }
     }
 

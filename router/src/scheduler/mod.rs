@@ -23,6 +23,8 @@ mod task;
 
 pub use task::spawn_scheduler;
 
+use std::time::Instant;
+
 use tokio::sync::mpsc;
 
 use crate::request::{GenerationEnd, GenerationRequest, Token};
@@ -78,6 +80,7 @@ impl SchedulerHandle {
             .send(entry::Submission {
                 request,
                 events: senders,
+                queued: Instant::now(),
             })
             .map_err(|_| SchedulerError::Closed)?;
         Ok(receivers)

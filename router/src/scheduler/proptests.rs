@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use proptest::prelude::*;
 use tokio::sync::mpsc;
@@ -164,6 +165,7 @@ fn run(
                     sequences: 1,
                 },
                 events: vec![events],
+                queued: Instant::now(),
             });
             clients.push(Client {
                 events: Some(receiver),
@@ -296,6 +298,7 @@ fn submit(
             sequences: 1,
         },
         events: vec![events],
+        queued: Instant::now(),
     });
     receiver
 }

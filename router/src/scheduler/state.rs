@@ -46,7 +46,11 @@ impl SchedulerState {
 
     /// Queues a new request behind the others; its sibling sequences wait as forks.
     pub fn enqueue(&mut self, submission: Submission) {
-        let Submission { request, events } = submission;
+        let Submission {
+            request,
+            events,
+            queued,
+        } = submission;
         let first = self.next_id;
         for (index, events) in events.into_iter().enumerate() {
             let mut request = request.clone();
@@ -57,7 +61,7 @@ impl SchedulerState {
                 request.logprobs.prompt = false;
                 parent = Some(first);
             }
-            let mut entry = Entry::new(self.next_id, request, events, &self.eos_token_ids);
+            let mut entry = Entry::new(self.next_id, request, events, queued, &self.eos_token_ids);
             self.next_id += 1;
             entry.parent = parent;
             match parent {
@@ -178,6 +182,9 @@ impl SchedulerState {
                         generated_tokens: entry.output.generated(),
                         cached_tokens: entry.cached_prompt_tokens.unwrap_or(0),
                         prompt_tokens: prompt_tokens(entry, &self.tokenizer),
+                        queued: entry.queued,
+                        // A token comes from a step that ran the request, so this is set.
+                        started: entry.started.unwrap_or(entry.queued),
                     });
                     let finished = end.is_some();
                     let top_tokens = generation

@@ -14,6 +14,8 @@
 //! preempted admits nobody: the queue's head is then a request that just lost its blocks, and
 //! admitting it would only preempt it again.
 
+use std::time::Instant;
+
 use sluice_client::pb;
 
 use super::entry::Entry;
@@ -143,6 +145,7 @@ impl SchedulerState {
             }
             if entry.cached_prompt_tokens.is_none() {
                 entry.cached_prompt_tokens = Some(cached as u32);
+                entry.started = Some(Instant::now());
                 stats.prompt_tokens += entry.request.input_ids.len() as u64;
                 stats.cached_prompt_tokens += cached as u64;
             }

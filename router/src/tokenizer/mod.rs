@@ -20,6 +20,14 @@ pub enum TokenizerError {
     Decode(String),
 }
 
+/// A token of an input and the bytes of the input it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSpan {
+    pub id: u32,
+    pub start: usize,
+    pub stop: usize,
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     special_ids: HashSet<u32>,
@@ -59,6 +67,27 @@ impl Tokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Like `encode`, with each token's span in `text` as byte offsets (`start..stop`). A token
+    /// the tokenizer added (a beginning-of-sequence token) spans nothing; several tokens of one
+    /// character share its span.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenSpan>, TokenizerError> {
+        // `encode` (unlike `encode_fast`) tracks offsets, in bytes by default.
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(|(&id, &(start, stop))| TokenSpan { id, start, stop })
+            .collect())
     }
 
     /// Decodes a whole sequence at once, dropping special tokens.
@@ -119,6 +148,19 @@ mod tests {
         // The crab is four bytes: nothing shows until the last of them arrives.
         assert_eq!(pieces[1..5], ["", "", "", "🦀"]);
         assert_eq!(pieces.concat(), text);
+    }
+
+    #[test]
+    fn offsets_are_bytes_of_the_input() {
+        let tokenizer = byte_tokenizer();
+        let text = "aé🦀";
+        let spans = tokenizer.encode_with_offsets(text, true).unwrap();
+        let ids = tokenizer.encode(text, true).unwrap();
+        assert_eq!(spans.iter().map(|s| s.id).collect::<Vec<_>>(), ids);
+        // One token per byte, each spanning the whole character its byte belongs to.
+        let spans: Vec<(usize, usize)> = spans.iter().map(|s| (s.start, s.stop)).collect();
+        let crab = (3, 7);
+        assert_eq!(spans, [(0, 1), (1, 3), (1, 3), crab, crab, crab, crab]);
     }
 
     #[test]

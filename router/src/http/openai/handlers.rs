@@ -15,21 +15,12 @@ use super::types::{
 use super::AnswerHead;
 use crate::generation::{Generated, GenerationStream};
 use crate::http::error::ApiError;
+use crate::http::json::parse;
 use crate::http::submission::{submit, Submitted};
 use crate::http::AppState;
 use crate::request::Prompt;
 use crate::tokenizer::chat_template::ChatTemplateError;
 use crate::validation::ValidationError;
-
-/// A body that is not JSON is a 400, as on OpenAI; JSON that does not fit the request is a 422,
-/// like any other invalid request here.
-fn parse<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(request)| request)
-        .map_err(|rejection| match rejection {
-            JsonRejection::JsonDataError(e) => ApiError::BadRequest(e.body_text()),
-            other => ApiError::MalformedJson(other.body_text()),
-        })
-}
 
 /// `usage` of sequences read to their end: each prompt counted once (with what its first
 /// sequence found cached), every sequence's tokens counted.
@@ -185,18 +176,23 @@ async fn completion(
     Ok(Json(head.envelope("text_completion", choices, Some(usage))).into_response())
 }
 
+/// The prompt a chat runs as: its conversation through the model's chat template.
+pub fn render_chat(state: &AppState, request: &ChatCompletionRequest) -> Result<String, ApiError> {
+    let messages = request.template_messages()?;
+    let template = state
+        .chat_template
+        .as_deref()
+        .ok_or(ChatTemplateError::Missing)?;
+    Ok(template.render(&messages)?)
+}
+
 async fn chat_completion(
     state: AppState,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse(body)?;
     let requested = request.to_requested()?;
-    let messages = request.template_messages()?;
-    let template = state
-        .chat_template
-        .as_deref()
-        .ok_or(ChatTemplateError::Missing)?;
-    let prompt = template.render(&messages)?;
+    let prompt = render_chat(&state, &request)?;
     let submitted = submit(&state, Prompt::ChatTemplate(&prompt), &requested)?;
     let prompt_tokens = submitted.valid.input_ids.len() as u32;
     let logprobs = request.logprobs == Some(true);

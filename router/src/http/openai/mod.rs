@@ -8,7 +8,7 @@
 //! - `stream`: a streamed answer's chunks, and the answer text OpenAI's clients expect.
 //! - `logprobs`: tokens and their log-probabilities in OpenAI's shapes.
 
-mod handlers;
+pub mod handlers;
 mod logprobs;
 mod stream;
 pub mod types;

@@ -293,6 +293,8 @@ mod tests {
             generated_tokens: 1,
             cached_tokens: 0,
             prompt_tokens: Vec::new(),
+            queued: std::time::Instant::now(),
+            started: std::time::Instant::now(),
         }
     }
 
