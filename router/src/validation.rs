@@ -71,6 +71,41 @@ pub enum ValidationError {
     Tokenizer(String),
 }
 
+impl ValidationError {
+    /// The request parameter at fault, under TGI's name.
+    pub fn parameter(&self) -> Option<&'static str> {
+        let name = match self {
+            Self::EmptyInput
+            | Self::InputTooLong { .. }
+            | Self::OutOfVocabulary { .. }
+            | Self::Tokenizer(_) => "inputs",
+            Self::TotalTooLong { .. } | Self::MaxNewTokens => "max_new_tokens",
+            Self::Temperature => "temperature",
+            Self::TopP => "top_p",
+            Self::TopK => "top_k",
+            Self::RepetitionPenalty => "repetition_penalty",
+            Self::TypicalP => "typical_p",
+            Self::MinP => "min_p",
+            Self::Penalty(name)
+            | Self::Unsupported(name)
+            | Self::UnsupportedForm { param: name, .. } => name,
+            Self::TooManyStopSequences { .. } | Self::EmptyStopSequence => "stop",
+            Self::TopNTokens { .. } => "top_n_tokens",
+            Self::BestOf { .. }
+            | Self::BestOfSampling
+            | Self::BestOfStream
+            | Self::BestOfBelowN { .. }
+            | Self::BestOfStreamed => "best_of",
+            Self::BestOfSeed => "seed",
+            Self::PrefillDetailsStream => "decoder_input_details",
+            Self::Truncate { .. } => "truncate",
+            Self::TopLogprobsWithoutLogprobs => "top_logprobs",
+            Self::ClientBatchSize { .. } => "prompt",
+        };
+        Some(name)
+    }
+}
+
 impl From<TokenizerError> for ValidationError {
     fn from(e: TokenizerError) -> Self {
         Self::Tokenizer(e.to_string())

@@ -79,16 +79,10 @@ impl ApiError {
         }
     }
 
-    /// The request parameter at fault, when there is one.
+    /// The request parameter at fault, when there is one, as OpenAI spells it.
     fn param(&self) -> Option<&'static str> {
         match self {
-            Self::Validation(ValidationError::Unsupported(param))
-            | Self::Validation(ValidationError::UnsupportedForm { param, .. })
-            | Self::Validation(ValidationError::Penalty(param)) => Some(*param),
-            Self::Validation(ValidationError::Temperature) => Some("temperature"),
-            Self::Validation(ValidationError::TopP) => Some("top_p"),
-            Self::Validation(ValidationError::TypicalP) => Some("typical_p"),
-            Self::Validation(ValidationError::MinP) => Some("min_p"),
+            Self::Validation(error) => error.parameter().map(openai_name),
             Self::ChatTemplate(_) => Some("messages"),
             _ => None,
         }
@@ -115,7 +109,7 @@ impl ApiError {
         };
         OpenAiErrorResponse {
             error: OpenAiError {
-                message: self.to_string(),
+                message: openai_spelling(self.to_string()),
                 kind,
                 param: self.param(),
                 code: Some(self.openai_code()),
@@ -134,6 +128,23 @@ impl ApiError {
             tracing::error!(error = %self, "request failed");
         }
     }
+}
+
+/// TGI's names of the parameters that OpenAI's API spells otherwise.
+const OPENAI_NAMES: [(&str, &str); 2] = [("inputs", "prompt"), ("max_new_tokens", "max_tokens")];
+
+fn openai_name(tgi_name: &'static str) -> &'static str {
+    OPENAI_NAMES
+        .iter()
+        .find(|(tgi, _)| *tgi == tgi_name)
+        .map_or(tgi_name, |(_, openai)| openai)
+}
+
+/// A message with the parameters it names in backticks spelled as OpenAI's API spells them.
+fn openai_spelling(message: String) -> String {
+    OPENAI_NAMES.iter().fold(message, |message, (tgi, openai)| {
+        message.replace(&format!("`{tgi}`"), &format!("`{openai}`"))
+    })
 }
 
 impl IntoResponse for ApiError {
@@ -205,6 +216,19 @@ mod tests {
             ("invalid_request_error", Some("invalid_api_key"))
         );
         assert_eq!(ApiError::Unauthorized.body().error_type, "unauthorized");
+        let too_long = ApiError::from(ValidationError::TotalTooLong {
+            max: 10,
+            input: 8,
+            new: 5,
+        });
+        let body = too_long.openai_body().error;
+        assert_eq!(body.param, Some("max_tokens"));
+        assert_eq!(
+            body.message,
+            "Input validation error: `prompt` tokens + `max_tokens` must be <= 10. \
+             Given: 8 `prompt` tokens and 5 `max_tokens`"
+        );
+        assert!(too_long.body().error.contains("`max_new_tokens`"));
         let missing = ApiError::ChatTemplate(ChatTemplateError::Missing);
         assert_eq!(missing.to_string(), "the model has no chat template");
         assert_eq!(missing.openai_body().error.param, Some("messages"));

@@ -6,7 +6,9 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-pub const CONTENT_TYPE: &str = "text/event-stream";
+/// Event streams are UTF-8; saying so keeps clients that fall back to Latin-1 for `text/*`
+/// (Python's `requests`) from garbling multi-byte characters.
+pub const CONTENT_TYPE: &str = "text/event-stream; charset=utf-8";
 
 /// OpenAI's last event, after which the client stops reading.
 pub const OPENAI_DONE: Bytes = Bytes::from_static(b"data: [DONE]\n\n");

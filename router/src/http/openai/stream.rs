@@ -355,4 +355,59 @@ mod tests {
         assert_eq!(text.push("b"), "é");
         assert_eq!(text.finish("aéb"), "b");
     }
+
+    #[tokio::test]
+    async fn a_stream_that_fails_after_it_started_ends_with_an_error_event_and_done() {
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let token = crate::request::Token {
+            id: 1,
+            text: "Hi".into(),
+            logprob: -0.5,
+            special: false,
+        };
+        events
+            .send(Ok(TokenEvent {
+                token,
+                top_tokens: Vec::new(),
+                end: None,
+            }))
+            .unwrap();
+        events
+            .send(Err(crate::scheduler::SchedulerError::Generation(
+                "the shard is gone".into(),
+            )))
+            .unwrap();
+        let choice = StreamedChoice {
+            index: 0,
+            stream: GenerationStream::new(receiver, None),
+            echo: None,
+            counts_prompt: true,
+        };
+        let answer = StreamedAnswer {
+            kind: ChunkKind::Chat,
+            head: AnswerHead::new("chatcmpl", "m"),
+            include_usage: true,
+            logprobs: false,
+            stop_sequences: Vec::new(),
+            prompt_tokens: 3,
+        };
+        let body = stream_answer(vec![choice], answer).into_body();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .filter(|event| !event.is_empty())
+            .collect();
+        // The role, the token, the error, the usage so far, and the end.
+        assert_eq!(events.len(), 5, "{text}");
+        assert!(events[1].contains(r#""content":"Hi""#));
+        let error: serde_json::Value =
+            serde_json::from_str(events[2].trim_start_matches("data: ")).unwrap();
+        assert_eq!(error["error"]["type"], "server_error");
+        assert!(error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the shard is gone"));
+        assert_eq!(events[4], "data: [DONE]");
+    }
 }
