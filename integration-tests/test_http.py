@@ -132,9 +132,9 @@ def test_invocations_answers_each_kind_of_body_like_its_own_route(server: Sluice
     assert invoked.json()["choices"] == direct["choices"]
 
     # Errors come in the shape of the route the body belongs to.
-    refused = post(server, "/invocations", {**chat_body, "n": 2})
+    refused = post(server, "/invocations", {**chat_body, "logit_bias": {"5": -100}})
     assert refused.status_code == 422
-    assert refused.json()["error"]["param"] == "n"
+    assert refused.json()["error"]["param"] == "logit_bias"
     assert post(server, "/invocations", {"text": "?"}).status_code == 422
 
 
