@@ -4,6 +4,7 @@
 //! only the shard-client edge (`shard.rs`) turns them into protobuf.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// A prompt's text and where it came from, which decides whether the tokenizer adds the model's
 /// special tokens (such as a beginning-of-sequence token) around it.
@@ -86,7 +87,7 @@ pub struct GenerationRequest {
 }
 
 /// Why a request ended. Serialized under TGI's names, which the TGI routes return as is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// `max_new_tokens` reached.
@@ -98,7 +99,7 @@ pub enum FinishReason {
 }
 
 /// One generated token with its text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Token {
     pub id: u32,
     /// What the token adds to the text (a special token's own text, which the generated text

@@ -1,11 +1,13 @@
 //! The HTTP API: two front-ends over the same domain types and scheduler. TGI's routes
 //! (`handlers`, `types`) and OpenAI's (`openai/`) each map their bodies onto
 //! `RequestedParameters`; `submission` validates, admits and queues for both, `sse` encodes
-//! their streams, and `error` is the one mapping from errors to statuses.
+//! their streams, `error` is the one mapping from errors to statuses, and `openapi` describes
+//! both in one OpenAPI document.
 
 pub mod error;
 mod handlers;
 pub mod openai;
+pub mod openapi;
 pub mod sse;
 mod submission;
 pub mod types;
@@ -37,8 +39,8 @@ pub struct AppState {
     pub started_at: u64,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+pub fn router(state: AppState) -> Result<Router, serde_json::Error> {
+    Ok(Router::new()
         .route("/", post(handlers::compat_generate))
         .route("/generate", post(handlers::generate))
         .route("/generate_stream", post(handlers::generate_stream))
@@ -46,5 +48,6 @@ pub fn router(state: AppState) -> Router {
         .route("/info", get(handlers::info))
         .route("/metrics", get(handlers::metrics))
         .merge(openai::routes())
-        .with_state(state)
+        .merge(openapi::routes()?)
+        .with_state(state))
 }

@@ -8,11 +8,12 @@ use axum::Json;
 
 use super::stream::{answer_text, stream_answer, ChunkKind};
 use super::types::{
-    finish_reason, AssistantMessage, ChatChoice, ChatCompletionRequest, CompletionChoice,
-    CompletionRequest, Model, ModelList, Usage,
+    finish_reason, AssistantMessage, ChatChoice, ChatCompletionRequest, Completion,
+    CompletionChoice, CompletionRequest, Model, ModelList, Usage,
 };
 use super::AnswerHead;
 use crate::http::error::ApiError;
+use crate::http::openapi::{ChatEvents, CompletionEvents, OpenAiErrors};
 use crate::http::submission::{submit, Submitted};
 use crate::http::AppState;
 use crate::request::{GenerationEnd, Prompt};
@@ -36,6 +37,13 @@ fn usage_of(prompt_tokens: usize, end: &GenerationEnd) -> Usage {
     )
 }
 
+/// The one model served.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "OpenAI",
+    responses((status = 200, description = "The model served", body = ModelList))
+)]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
@@ -48,6 +56,21 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
+/// Completes a prompt; streamed as server-sent events ending with `data: [DONE]` when `stream`
+/// is set.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "OpenAI",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its chunks", content(
+            (Completion<CompletionChoice> = "application/json"),
+            (inline(CompletionEvents) = "text/event-stream"),
+        )),
+        OpenAiErrors,
+    )
+)]
 pub async fn completions(
     State(state): State<AppState>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
@@ -57,6 +80,21 @@ pub async fn completions(
         .unwrap_or_else(ApiError::into_openai_response)
 }
 
+/// Answers a conversation, rendered by the model's chat template; streamed as server-sent events
+/// ending with `data: [DONE]` when `stream` is set.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "OpenAI",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The answer, or its chunks", content(
+            (Completion<ChatChoice> = "application/json"),
+            (inline(ChatEvents) = "text/event-stream"),
+        )),
+        OpenAiErrors,
+    )
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
@@ -129,6 +167,7 @@ async fn chat_completion(
         message: AssistantMessage {
             role: "assistant",
             content: answer_text(&end).to_string(),
+            refusal: None,
         },
         finish_reason: finish_reason(end.finish_reason),
         logprobs: (),

@@ -7,7 +7,7 @@
 //! - `handlers`: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 //! - `stream`: a streamed answer's chunks, and the answer text OpenAI's clients expect.
 
-mod handlers;
+pub(super) mod handlers;
 mod stream;
 pub mod types;
 

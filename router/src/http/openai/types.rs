@@ -6,13 +6,15 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
+use crate::http::openapi::{always_null, AssistantRole, OpenAiFinishReason};
 use crate::request::{FinishReason, RequestedParameters};
 use crate::tokenizer::chat_template::ChatMessage;
 use crate::validation::ValidationError;
 
 /// `stop`: one sequence or a list.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum StopSequences {
     One(String),
@@ -28,14 +30,14 @@ impl StopSequences {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// The parameters both routes share, as OpenAI spells them.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -121,7 +123,7 @@ fn first_refused<const N: usize>(
 }
 
 /// `prompt` of `/v1/completions`: OpenAI also allows several prompts and token ids.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum CompletionPrompt {
     Text(String),
@@ -153,7 +155,7 @@ impl CompletionPrompt {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: CompletionPrompt,
     pub max_tokens: Option<u32>,
@@ -181,7 +183,7 @@ impl CompletionRequest {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -202,21 +204,21 @@ impl Role {
 }
 
 /// A message's `content`: text, or a list of parts of which Sluice reads the text ones.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct RequestMessage {
     pub role: Role,
     /// May be null on an assistant message that only called tools.
@@ -269,7 +271,7 @@ impl RequestMessage {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub messages: Vec<RequestMessage>,
     /// OpenAI's newer name for `max_tokens`; wins when both are given.
@@ -334,13 +336,13 @@ pub fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -361,64 +363,80 @@ impl Usage {
 
 /// Every answer's envelope: a whole completion, or one chunk of a streamed one (whose last may
 /// hold no choice, only `usage`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Completion<C> {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
     pub choices: Vec<C>,
+    /// On a whole answer, and on the last chunk when `stream_options.include_usage` asks.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub usage: Option<Usage>,
 }
 
 /// A choice of `/v1/completions`, whole or streamed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
     /// `None` on the chunks before the last.
+    #[schema(required, value_type = Option<OpenAiFinishReason>)]
     pub finish_reason: Option<&'static str>,
     /// Always null: `logprobs` are refused.
+    #[schema(schema_with = always_null)]
     pub logprobs: (),
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
+    #[schema(value_type = AssistantRole)]
     pub role: &'static str,
     pub content: String,
+    /// Always null: Sluice's models do not refuse apart from their text, and OpenAI's clients
+    /// read the field.
+    #[schema(required)]
+    pub refusal: Option<String>,
 }
 
 /// A choice of a whole `/v1/chat/completions` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
+    #[schema(value_type = OpenAiFinishReason)]
     pub finish_reason: &'static str,
     /// Always null: `logprobs` are refused.
+    #[schema(schema_with = always_null)]
     pub logprobs: (),
 }
 
 /// What a chat chunk adds to the message: the role once, first, then content.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, value_type = Option<AssistantRole>)]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub content: Option<String>,
 }
 
 /// A choice of a streamed `/v1/chat/completions` chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
+    /// `None` on the chunks before the last.
+    #[schema(required, value_type = Option<OpenAiFinishReason>)]
     pub finish_reason: Option<&'static str>,
     /// Always null: `logprobs` are refused.
+    #[schema(schema_with = always_null)]
     pub logprobs: (),
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Model {
     pub id: String,
     pub object: &'static str,
@@ -426,22 +444,24 @@ pub struct Model {
     pub owned_by: &'static str,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<Model>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct OpenAiError {
     pub message: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
+    #[schema(required)]
     pub param: Option<&'static str>,
+    #[schema(required)]
     pub code: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct OpenAiErrorResponse {
     pub error: OpenAiError,
 }
