@@ -2,12 +2,13 @@
 # make run      : install, then serve the default model on port 3000
 # make test     : install, then every test (Rust, Python unit, end-to-end)
 # make bench    : the benchmark (see benchmark/README.md); BENCH_ARGS=--quick for a smoke test
+# make openapi  : regenerate docs/openapi.json from the router's code
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements/*.txt | sha256sum | cut -c1-16)
 
-.PHONY: install run test test-rust test-python test-integration fmt lint proto bench
+.PHONY: install run test test-rust test-python test-integration fmt lint proto bench openapi
 
 $(DEPS_STAMP): requirements/runtime.txt requirements/dev.txt requirements/no-deps.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -41,6 +42,11 @@ proto: $(DEPS_STAMP)
 
 fmt:
 	cargo fmt --all
+
+# Through a temporary file, so a failed build leaves the committed document as it was.
+openapi:
+	cargo run -q --release --bin sluice-router -- print-schema > docs/openapi.json.tmp
+	mv docs/openapi.json.tmp docs/openapi.json
 
 lint:
 	cargo fmt --all -- --check

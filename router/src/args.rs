@@ -1,8 +1,48 @@
-//! Command-line flags of `sluice-router`. The launcher sets them; TGI's names are kept.
+//! The `sluice-router` command line: serve with the flags the launcher sets (TGI's names are
+//! kept), or run one of the subcommands.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// What one invocation does.
+#[derive(Debug, Clone)]
+pub enum Invocation {
+    Serve(RouterArgs),
+    Run(Subcommands),
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Subcommands {
+    /// Print the HTTP API's OpenAPI document (JSON) and exit.
+    PrintSchema,
+}
+
+impl Invocation {
+    /// Flags alone serve; a subcommand runs instead, and needs none of the serving flags.
+    pub fn try_parse_from<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let command = Subcommands::augment_subcommands(RouterArgs::command())
+            .subcommand_negates_reqs(true)
+            .args_conflicts_with_subcommands(true);
+        let matches = command.try_get_matches_from(argv)?;
+        // The serving flags' required values are absent under a subcommand, so only one side
+        // is read from the matches.
+        if matches.subcommand().is_some() {
+            Subcommands::from_arg_matches(&matches).map(Self::Run)
+        } else {
+            RouterArgs::from_arg_matches(&matches).map(Self::Serve)
+        }
+    }
+
+    pub fn parse() -> Self {
+        Self::try_parse_from(std::env::args_os()).unwrap_or_else(|error| error.exit())
+    }
+}
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "sluice-router", version, about = "Sluice's HTTP router")]
@@ -66,4 +106,38 @@ pub struct RouterArgs {
     /// with commas, for several. Unset: no CORS headers.
     #[arg(long, env, value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_serve_and_print_schema_needs_none_of_them() {
+        let serve = Invocation::try_parse_from([
+            "sluice-router",
+            "--tokenizer-name",
+            "/models/m",
+            "--shard-uds-path",
+            "/tmp/s-0",
+            "--port",
+            "8080",
+        ])
+        .unwrap();
+        match serve {
+            Invocation::Serve(args) => assert_eq!(args.port, 8080),
+            other => panic!("expected to serve, got {other:?}"),
+        }
+        let print = Invocation::try_parse_from(["sluice-router", "print-schema"]).unwrap();
+        assert!(matches!(print, Invocation::Run(Subcommands::PrintSchema)));
+    }
+
+    #[test]
+    fn serving_still_requires_its_flags_and_they_do_not_mix_with_a_subcommand() {
+        assert!(Invocation::try_parse_from(["sluice-router"]).is_err());
+        assert!(
+            Invocation::try_parse_from(["sluice-router", "--port", "8080", "print-schema"])
+                .is_err()
+        );
+    }
 }

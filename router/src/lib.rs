@@ -14,10 +14,23 @@ pub mod shard;
 pub mod tokenizer;
 pub mod validation;
 
-use clap::Parser;
+use std::io::Write;
+
+use args::{Invocation, RouterArgs, Subcommands};
 
 pub fn main() -> anyhow::Result<()> {
-    let args = args::RouterArgs::parse();
+    match Invocation::parse() {
+        Invocation::Serve(args) => serve(args),
+        Invocation::Run(Subcommands::PrintSchema) => {
+            let document = http::openapi::document_json()?;
+            // Not println!, which panics when the reader has gone (`| head`).
+            writeln!(std::io::stdout().lock(), "{document}")?;
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: RouterArgs) -> anyhow::Result<()> {
     init_tracing(args.json_output);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// A prompt's text and where it came from, which decides whether the tokenizer adds the model's
 /// special tokens (such as a beginning-of-sequence token) around it.
@@ -109,7 +110,7 @@ pub struct GenerationRequest {
 }
 
 /// Why a request ended. Serialized under TGI's names, which the TGI routes return as is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// `max_new_tokens` reached.
@@ -121,7 +122,7 @@ pub enum FinishReason {
 }
 
 /// One generated token with its text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Token {
     pub id: u32,
     /// What the token adds to the text (a special token's own text, which the generated text
@@ -132,10 +133,11 @@ pub struct Token {
 }
 
 /// One prompt token with its log-probability given the tokens before it (none for the first).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct PromptToken {
     pub id: u32,
     pub text: String,
+    #[schema(required)]
     pub logprob: Option<f32>,
 }
 

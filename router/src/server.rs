@@ -114,10 +114,11 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         model_device_type: model.device.clone(),
         max_concurrent_requests: args.max_concurrent_requests,
         max_best_of: args.max_best_of as usize,
-        max_client_batch_size: args.max_client_batch_size,
         max_stop_sequences: args.max_stop_sequences,
         max_input_tokens: args.max_input_tokens,
         max_total_tokens: args.max_total_tokens,
+        validation_workers: tokio::runtime::Handle::current().metrics().num_workers(),
+        max_client_batch_size: args.max_client_batch_size,
         max_batch_total_tokens,
         max_batch_size: args.max_batch_size,
         block_size: warmup.block_size,
@@ -144,12 +145,13 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         started_at: http::openai::unix_seconds(),
     };
 
+    let app = http::router(state, edges)?;
     let address = format!("{}:{}", args.hostname, args.port);
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .with_context(|| format!("binding {address}"))?;
     tracing::info!(address = %listener.local_addr()?, "router ready");
-    axum::serve(listener, http::router(state, edges))
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("router stopped");

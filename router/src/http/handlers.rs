@@ -13,10 +13,11 @@ use axum::Json;
 use super::compute_headers::ComputeHeaders;
 use super::error::ApiError;
 use super::json::parse;
+use super::openapi::{TgiErrors, TgiEvents};
 use super::sse;
 use super::submission::{submit, Submitted};
 use super::types::{
-    BestOfSequence, Details, GenerateRequest, GenerateResponse, Info, StreamDetails,
+    BestOfSequence, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info, StreamDetails,
     StreamResponse, Token,
 };
 use super::AppState;
@@ -75,6 +76,20 @@ fn reported_seed(valid: &GenerationRequest, index: usize) -> Option<u64> {
 
 /// TGI's `/`: `/generate_stream` when `stream` is set, else `/generate` with its answer in a
 /// one-element list (what TGI's Python client reads).
+#[utoipa::path(
+    post,
+    path = "/",
+    tag = "TGI",
+    summary = "Generate, or stream when `stream` is set",
+    request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "The answer in a one-element list, or its stream", content(
+            (Vec<GenerateResponse> = "application/json"),
+            (inline(TgiEvents) = "text/event-stream"),
+        )),
+        TgiErrors,
+    )
+)]
 pub async fn compat_generate(
     state: State<AppState>,
     body: Result<Json<GenerateRequest>, JsonRejection>,
@@ -88,6 +103,14 @@ pub async fn compat_generate(
     }
 }
 
+/// Generates a whole answer.
+#[utoipa::path(
+    post,
+    path = "/generate",
+    tag = "TGI",
+    request_body = GenerateRequest,
+    responses((status = 200, description = "The answer", body = GenerateResponse), TgiErrors)
+)]
 pub async fn generate(
     state: State<AppState>,
     body: Result<Json<GenerateRequest>, JsonRejection>,
@@ -95,6 +118,23 @@ pub async fn generate(
     generate_response(state, parse(body)?).await
 }
 
+/// Streams the answer as server-sent events, one per token; the last holds the whole text and
+/// the details.
+#[utoipa::path(
+    post,
+    path = "/generate_stream",
+    tag = "TGI",
+    request_body = GenerateRequest,
+    responses(
+        (
+            status = 200,
+            description = "One event per token",
+            body = inline(TgiEvents),
+            content_type = "text/event-stream",
+        ),
+        TgiErrors,
+    )
+)]
 pub async fn generate_stream(
     state: State<AppState>,
     body: Result<Json<GenerateRequest>, JsonRejection>,
@@ -231,15 +271,39 @@ async fn stream_response(
     Ok(response)
 }
 
+/// Whether the shards answer.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "TGI",
+    responses(
+        (status = 200, description = "The shards answer"),
+        (status = 503, description = "A shard does not answer", body = ErrorResponse),
+    )
+)]
 pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
     state.shards.health().await?;
     Ok(())
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "TGI",
+    responses((status = 200, description = "Prometheus' text format", body = String))
+)]
 pub async fn metrics(State(state): State<AppState>) -> String {
     state.metrics.render()
 }
 
+/// The model served and the server's limits.
+#[utoipa::path(
+    get,
+    path = "/info",
+    tag = "TGI",
+    responses((status = 200, description = "The model and the limits", body = Info))
+)]
 pub async fn info(State(state): State<AppState>) -> Json<Info> {
     Json((*state.info).clone())
 }

@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::handlers::compat_generate;
 use super::json::{from_value, parse};
 use super::openai::handlers::{chat_completions, completions};
+use super::openapi::{EitherErrors, InvocationRequest};
 use super::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,21 @@ impl BodyKind {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/invocations",
+    tag = "TGI",
+    summary = "SageMaker's route: each body answered by the route it belongs to",
+    request_body = InvocationRequest,
+    responses(
+        (status = 200, description = "The answer of `/`, `/v1/chat/completions` or \
+                                      `/v1/completions`, whole or streamed", content(
+            (serde_json::Value = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        EitherErrors,
+    )
+)]
 pub async fn invocations(
     state: State<AppState>,
     body: Result<Json<Value>, JsonRejection>,

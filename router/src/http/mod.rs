@@ -1,7 +1,8 @@
 //! The HTTP API: two front-ends over the same domain types and scheduler. TGI's routes
 //! (`handlers`, `types`) and OpenAI's (`openai/`) each map their bodies onto
 //! `RequestedParameters`; `submission` validates, admits and queues for both, `sse` encodes
-//! their streams, and `error` is the one mapping from errors to statuses.
+//! their streams, `error` is the one mapping from errors to statuses, and `openapi` describes
+//! both in one OpenAPI document.
 //!
 //! Around them: `json` (reading a body, the same way everywhere), `tokenize` (`/tokenize`,
 //! `/chat_tokenize`), `invocations` (SageMaker's one route for every body), `compute_headers`
@@ -16,6 +17,7 @@ mod handlers;
 mod invocations;
 pub mod json;
 pub mod openai;
+pub mod openapi;
 pub mod sse;
 mod submission;
 mod tokenize;
@@ -64,7 +66,7 @@ pub struct Edges {
     pub cors: Option<CorsLayer>,
 }
 
-pub fn router(state: AppState, edges: Edges) -> Router {
+pub fn router(state: AppState, edges: Edges) -> Result<Router, serde_json::Error> {
     let mut app = Router::new()
         .route("/", post(handlers::compat_generate))
         .route("/generate", post(handlers::generate))
@@ -76,6 +78,7 @@ pub fn router(state: AppState, edges: Edges) -> Router {
         .route("/info", get(handlers::info))
         .route("/metrics", get(handlers::metrics))
         .merge(openai::routes())
+        .merge(openapi::routes()?)
         .with_state(state)
         .layer(DefaultBodyLimit::max(edges.payload_limit));
     // Each layer wraps those before it: CORS answers preflights before authentication, and
@@ -89,5 +92,5 @@ pub fn router(state: AppState, edges: Edges) -> Router {
     if let Some(cors) = edges.cors {
         app = app.layer(cors);
     }
-    app
+    Ok(app)
 }

@@ -6,11 +6,13 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::json::parse;
 use super::openai::handlers::render_chat;
 use super::openai::types::ChatCompletionRequest;
+use super::openapi::TgiErrors;
 use super::types::GenerateRequest;
 use super::AppState;
 use crate::request::Prompt;
@@ -18,7 +20,7 @@ use crate::tokenizer::TokenSpan;
 use crate::validation::ValidationError;
 
 /// One token of the prompt; `text` is `prompt[start..stop]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct SimpleToken {
     pub id: u32,
     pub text: String,
@@ -26,13 +28,21 @@ pub struct SimpleToken {
     pub stop: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatTokenizeResponse {
     pub tokenize_response: Vec<SimpleToken>,
     pub templated_text: String,
 }
 
 /// `/tokenize`: TGI's generate body, whose parameters are read but play no part.
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    tag = "TGI",
+    summary = "The prompt's tokens, without generating",
+    request_body = GenerateRequest,
+    responses((status = 200, description = "One entry per token", body = Vec<SimpleToken>), TgiErrors)
+)]
 pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<Json<GenerateRequest>, JsonRejection>,
@@ -42,6 +52,14 @@ pub async fn tokenize(
 }
 
 /// `/chat_tokenize`: an OpenAI chat body; the answer adds the rendered prompt.
+#[utoipa::path(
+    post,
+    path = "/chat_tokenize",
+    tag = "TGI",
+    summary = "A chat's prompt as the chat template renders it, and its tokens",
+    request_body = ChatCompletionRequest,
+    responses((status = 200, description = "The prompt and its tokens", body = ChatTokenizeResponse), TgiErrors)
+)]
 pub async fn chat_tokenize(
     State(state): State<AppState>,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,

@@ -1,12 +1,13 @@
 //! TGI's request and response bodies, field for field, so TGI clients work unchanged.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::request::RequestedParameters;
 pub use crate::request::{FinishReason, PromptToken, Token};
 use crate::validation::ValidationError;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct GenerateRequest {
     pub inputs: String,
     #[serde(default)]
@@ -18,7 +19,7 @@ pub struct GenerateRequest {
 
 /// Every field TGI's clients send. Unsupported ones are accepted at their neutral value and
 /// refused with a validation error otherwise, never silently ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct GenerateParameters {
     pub best_of: Option<usize>,
     pub temperature: Option<f32>,
@@ -107,7 +108,7 @@ impl GenerateParameters {
 }
 
 /// One of the sequences `best_of` generated besides the answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct BestOfSequence {
     pub generated_text: String,
     pub finish_reason: FinishReason,
@@ -119,10 +120,11 @@ pub struct BestOfSequence {
     pub top_tokens: Vec<Vec<Token>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Details {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
+    #[schema(required)]
     pub seed: Option<u64>,
     /// Sluice extension: prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
@@ -137,17 +139,19 @@ pub struct Details {
     pub best_of_sequences: Option<Vec<BestOfSequence>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct GenerateResponse {
     pub generated_text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub details: Option<Details>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StreamDetails {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
+    #[schema(required)]
     pub seed: Option<u64>,
     pub input_length: u32,
     /// Sluice extension: prompt tokens served from the prefix cache.
@@ -155,34 +159,43 @@ pub struct StreamDetails {
 }
 
 /// One server-sent event of `/generate_stream`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StreamResponse {
     pub index: u32,
     pub token: Token,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_tokens: Vec<Token>,
+    /// On the last event only.
+    #[schema(required)]
     pub generated_text: Option<String>,
+    /// On the last event only.
+    #[schema(required)]
     pub details: Option<StreamDetails>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ErrorResponse {
     pub error: String,
     pub error_type: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Info {
     pub model_id: String,
     pub model_dtype: String,
     pub model_device_type: String,
     pub max_concurrent_requests: usize,
     pub max_best_of: usize,
-    pub max_client_batch_size: usize,
     pub max_stop_sequences: usize,
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
+    /// TGI's tokenizing threads. Sluice tokenizes on each request's own task, so this is the
+    /// runtime's worker threads, which run those tasks.
+    pub validation_workers: usize,
+    /// Prompts one `/v1/completions` request may carry.
+    pub max_client_batch_size: usize,
     pub max_batch_total_tokens: u32,
+    #[schema(required)]
     pub max_batch_size: Option<usize>,
     pub block_size: u32,
     pub num_kv_blocks: u32,

@@ -9,13 +9,14 @@ use axum::Json;
 use super::logprobs::{chat_logprobs, CompletionLogprobsBuilder};
 use super::stream::{answer_text, stream_answer, ChunkKind, StreamedAnswer, StreamedChoice};
 use super::types::{
-    finish_reason, AssistantMessage, ChatChoice, ChatCompletionRequest, CompletionChoice,
-    CompletionRequest, Model, ModelList, Usage,
+    finish_reason, AssistantMessage, ChatChoice, ChatCompletionRequest, Completion,
+    CompletionChoice, CompletionRequest, Model, ModelList, Usage,
 };
 use super::AnswerHead;
 use crate::generation::{Generated, GenerationStream};
 use crate::http::error::ApiError;
 use crate::http::json::parse;
+use crate::http::openapi::{ChatEvents, CompletionEvents, OpenAiErrors};
 use crate::http::submission::{submit, Submitted};
 use crate::http::AppState;
 use crate::request::Prompt;
@@ -69,6 +70,13 @@ fn streamed_choices(
     choices
 }
 
+/// The one model served.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "OpenAI",
+    responses((status = 200, description = "The model served", body = ModelList))
+)]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
@@ -81,6 +89,21 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     })
 }
 
+/// Completes a prompt; streamed as server-sent events ending with `data: [DONE]` when `stream`
+/// is set.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "OpenAI",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its chunks", content(
+            (Completion<CompletionChoice> = "application/json"),
+            (inline(CompletionEvents) = "text/event-stream"),
+        )),
+        OpenAiErrors,
+    )
+)]
 pub async fn completions(
     State(state): State<AppState>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
@@ -90,6 +113,21 @@ pub async fn completions(
         .unwrap_or_else(ApiError::into_openai_response)
 }
 
+/// Answers a conversation, rendered by the model's chat template; streamed as server-sent events
+/// ending with `data: [DONE]` when `stream` is set.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "OpenAI",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The answer, or its chunks", content(
+            (Completion<ChatChoice> = "application/json"),
+            (inline(ChatEvents) = "text/event-stream"),
+        )),
+        OpenAiErrors,
+    )
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
@@ -219,6 +257,7 @@ async fn chat_completion(
             message: AssistantMessage {
                 role: "assistant",
                 content: answer_text(&sequence.end).to_string(),
+                refusal: None,
             },
             finish_reason: finish_reason(sequence.end.finish_reason),
             logprobs: logprobs.then(|| chat_logprobs(&sequence.tokens, &sequence.top_tokens)),

@@ -8,13 +8,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
+use crate::http::openapi::{AssistantRole, OpenAiFinishReason};
 use crate::request::{FinishReason, RequestedParameters};
 use crate::tokenizer::chat_template::ChatMessage;
 use crate::validation::ValidationError;
 
 /// `stop`: one sequence or a list.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum StopSequences {
     One(String),
@@ -30,14 +32,14 @@ impl StopSequences {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// The parameters both routes share, as OpenAI spells them.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -125,7 +127,7 @@ fn first_refused<const N: usize>(
 }
 
 /// `prompt` of `/v1/completions`: OpenAI also allows several prompts and token ids.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum CompletionPrompt {
     Text(String),
@@ -158,7 +160,7 @@ impl CompletionPrompt {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: CompletionPrompt,
     pub max_tokens: Option<u32>,
@@ -196,7 +198,7 @@ impl CompletionRequest {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -217,21 +219,21 @@ impl Role {
 }
 
 /// A message's `content`: text, or a list of parts of which Sluice reads the text ones.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct RequestMessage {
     pub role: Role,
     /// May be null on an assistant message that only called tools.
@@ -284,7 +286,7 @@ impl RequestMessage {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub messages: Vec<RequestMessage>,
     /// OpenAI's newer name for `max_tokens`; wins when both are given.
@@ -355,13 +357,13 @@ pub fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -392,31 +394,35 @@ impl Usage {
 
 /// Every answer's envelope: a whole completion, or one chunk of a streamed one (whose last may
 /// hold no choice, only `usage`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Completion<C> {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
     pub choices: Vec<C>,
+    /// On a whole answer, and on the last chunk when `stream_options.include_usage` asks.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub usage: Option<Usage>,
 }
 
 /// A choice of `/v1/completions`, whole or streamed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
     /// `None` on the chunks before the last.
+    #[schema(required, value_type = Option<OpenAiFinishReason>)]
     pub finish_reason: Option<&'static str>,
     /// Null unless `logprobs` asked for them.
+    #[schema(required)]
     pub logprobs: Option<CompletionLogprobs>,
 }
 
 /// `logprobs` of a completion choice, token by token (OpenAI's legacy shape); with `echo` the
 /// prompt's tokens come first, without alternatives.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     /// Null for the prompt's first token, which nothing predicts.
@@ -428,12 +434,12 @@ pub struct CompletionLogprobs {
 }
 
 /// `logprobs` of a chat choice: one entry per generated token.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChatTokenLogprob {
     pub token: String,
     pub logprob: f32,
@@ -441,49 +447,61 @@ pub struct ChatTokenLogprob {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
+    #[schema(value_type = AssistantRole)]
     pub role: &'static str,
     pub content: String,
+    /// Always null: Sluice's models do not refuse apart from their text, and OpenAI's clients
+    /// read the field.
+    #[schema(required)]
+    pub refusal: Option<String>,
 }
 
 /// A choice of a whole `/v1/chat/completions` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
+    #[schema(value_type = OpenAiFinishReason)]
     pub finish_reason: &'static str,
     /// Null unless `logprobs` asked for them.
+    #[schema(required)]
     pub logprobs: Option<ChatLogprobs>,
 }
 
 /// What a chat chunk adds to the message: the role once, first, then content.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, value_type = Option<AssistantRole>)]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub content: Option<String>,
 }
 
 /// A choice of a streamed `/v1/chat/completions` chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
+    /// `None` on the chunks before the last.
+    #[schema(required, value_type = Option<OpenAiFinishReason>)]
     pub finish_reason: Option<&'static str>,
     /// The tokens of this chunk, when `logprobs` asked for them.
+    #[schema(required)]
     pub logprobs: Option<ChatLogprobs>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Model {
     pub id: String,
     pub object: &'static str,
@@ -491,22 +509,24 @@ pub struct Model {
     pub owned_by: &'static str,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<Model>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct OpenAiError {
     pub message: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
+    #[schema(required)]
     pub param: Option<&'static str>,
+    #[schema(required)]
     pub code: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct OpenAiErrorResponse {
     pub error: OpenAiError,
 }
