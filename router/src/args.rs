@@ -9,7 +9,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 /// What one invocation does.
 #[derive(Debug, Clone)]
 pub enum Invocation {
-    Serve(RouterArgs),
+    /// Boxed: the flags are far larger than a subcommand.
+    Serve(Box<RouterArgs>),
     Run(Subcommands),
 }
 
@@ -35,7 +36,7 @@ impl Invocation {
         if matches.subcommand().is_some() {
             Subcommands::from_arg_matches(&matches).map(Self::Run)
         } else {
-            RouterArgs::from_arg_matches(&matches).map(Self::Serve)
+            RouterArgs::from_arg_matches(&matches).map(|args| Self::Serve(Box::new(args)))
         }
     }
 

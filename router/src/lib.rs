@@ -20,7 +20,7 @@ use args::{Invocation, RouterArgs, Subcommands};
 
 pub fn main() -> anyhow::Result<()> {
     match Invocation::parse() {
-        Invocation::Serve(args) => serve(args),
+        Invocation::Serve(args) => serve(*args),
         Invocation::Run(Subcommands::PrintSchema) => {
             let document = http::openapi::document_json()?;
             // Not println!, which panics when the reader has gone (`| head`).
