@@ -25,7 +25,10 @@ pub fn chat_logprobs(tokens: &[Token], top: &[Vec<Token>]) -> ChatLogprobs {
                 .collect(),
         })
         .collect();
-    ChatLogprobs { content }
+    ChatLogprobs {
+        content,
+        refusal: None,
+    }
 }
 
 /// Builds a completion's `logprobs`, token by token, keeping each token's offset in the text.

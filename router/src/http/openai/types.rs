@@ -437,6 +437,9 @@ pub struct CompletionLogprobs {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
+    /// Always null: a refusal would be text of its own, which Sluice's answers never hold.
+    #[schema(required)]
+    pub refusal: Option<Vec<ChatTokenLogprob>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
