@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::handlers::compat_generate;
 use super::json::{from_value, parse};
 use super::openai::handlers::{chat_completions, completions};
-use super::openapi::{EitherErrors, InvocationRequest};
+use super::openapi::{EitherErrors, InvocationEvents, InvocationRequest};
 use super::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,7 @@ impl BodyKind {
         (status = 200, description = "The answer of `/`, `/v1/chat/completions` or \
                                       `/v1/completions`, whole or streamed", content(
             (serde_json::Value = "application/json"),
-            (String = "text/event-stream"),
+            (inline(InvocationEvents) = "text/event-stream"),
         )),
         EitherErrors,
     )

@@ -62,6 +62,7 @@ pub const SWAGGER_UI_PATH: &str = "/docs";
         tokenize::ChatTokenizeResponse,
         InvocationRequest,
         InvocationError,
+        InvocationStreamEvent,
         openai::CompletionRequest,
         openai::ChatCompletionRequest,
         openai::Completion<openai::CompletionChoice>,
@@ -181,6 +182,17 @@ pub enum InvocationRequest {
     Completion(openai::CompletionRequest),
 }
 
+/// One server-sent event of a streamed `/invocations`, as the route its body belongs to sends
+/// it.
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Describes the events; each is encoded from its own type.
+pub enum InvocationStreamEvent {
+    Tgi(TgiStreamEvent),
+    Completion(CompletionStreamEvent),
+    Chat(ChatStreamEvent),
+}
+
 /// An error of `/invocations`, in the body of the API its request belongs to.
 #[derive(ToSchema)]
 #[serde(untagged)]
@@ -271,6 +283,10 @@ event_stream!(
 event_stream!(
     /// The events of a streamed `/v1/chat/completions`.
     ChatEvents, ChatStreamEvent, ends_with_done: true
+);
+event_stream!(
+    /// The events of a streamed `/invocations`: those of the route its body belongs to.
+    InvocationEvents, InvocationStreamEvent, ends_with_done: true
 );
 
 /// Why an OpenAI answer ended: at an end-of-sequence token or a stop sequence (`stop`), or at
