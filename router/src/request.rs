@@ -80,6 +80,13 @@ pub struct SamplingParameters {
     pub presence_penalty: f32,
 }
 
+impl SamplingParameters {
+    /// The seed sequence `index` of a request draws with: each of its sequences has its own.
+    pub fn sequence_seed(&self, index: usize) -> u64 {
+        self.seed.wrapping_add(index as u64)
+    }
+}
+
 /// When a request stops; the scheduler applies them (see `generation::StopCriteria`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoppingParameters {

@@ -70,8 +70,10 @@ fn full_text(prefix: Option<&str>, generated: String) -> String {
 
 /// The seed of sequence `index` (each sibling draws with its own), when it was sampled.
 fn reported_seed(valid: &GenerationRequest, index: usize) -> Option<u64> {
-    let seed = valid.sampling.seed.wrapping_add(index as u64);
-    valid.sampling.do_sample.then_some(seed)
+    valid
+        .sampling
+        .do_sample
+        .then(|| valid.sampling.sequence_seed(index))
 }
 
 /// TGI's `/`: `/generate_stream` when `stream` is set, else `/generate` with its answer in a

@@ -57,7 +57,7 @@ impl SchedulerState {
             let mut parent = None;
             if index > 0 {
                 // Each sibling draws its own tokens, and only the first scores the prompt.
-                request.sampling.seed = request.sampling.seed.wrapping_add(index as u64);
+                request.sampling.seed = request.sampling.sequence_seed(index);
                 request.logprobs.prompt = false;
                 parent = Some(first);
             }
