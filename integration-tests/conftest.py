@@ -49,7 +49,9 @@ class SluiceServer:
         return self.process.wait(timeout=timeout)
 
 
-def start_server(*extra_flags: str, dtype: str = "float32") -> SluiceServer:
+def start_server(
+    *extra_flags: str, dtype: str = "float32", model_id: str = DEFAULT_MODEL
+) -> SluiceServer:
     launcher = shutil.which("sluice-launcher")
     if launcher is None:
         raise RuntimeError("sluice-launcher is not on PATH: run `make install` first")
@@ -58,7 +60,7 @@ def start_server(*extra_flags: str, dtype: str = "float32") -> SluiceServer:
     log_path = workdir / "launcher.log"
     # fmt: off
     flags = [
-        "--model-id", DEFAULT_MODEL,
+        "--model-id", model_id,
         "--hostname", "127.0.0.1",
         "--port", str(port),
         "--shard-uds-path", str(workdir / "shard"),
@@ -86,9 +88,11 @@ def start_server(*extra_flags: str, dtype: str = "float32") -> SluiceServer:
     raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
 
 
-def serve(*flags: str, dtype: str = "float32") -> Iterator[SluiceServer]:
+def serve(
+    *flags: str, dtype: str = "float32", model_id: str = DEFAULT_MODEL
+) -> Iterator[SluiceServer]:
     """Runs a server for the length of a fixture and checks that it stops cleanly."""
-    running = start_server(*flags, dtype=dtype)
+    running = start_server(*flags, dtype=dtype, model_id=model_id)
     yield running
     code = running.stop()
     assert code == 0, f"launcher exited with {code} on SIGTERM:\n{running.log_tail()}"
@@ -106,6 +110,20 @@ def metric(server: SluiceServer, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The default model as a safetensors directory, converted from its GGUF file as the
+    launcher converts it, into the same cache, if no launcher has yet."""
+    cache = Path(os.environ.get("SLUICE_CACHE", Path.home() / ".cache" / "sluice"))
+    directory = cache / "models" / "SmolLM2-135M-Instruct"
+    if not (directory / "config.json").is_file():
+        gguf = subprocess.run(
+            ["sluice-server", "default-model-gguf"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        subprocess.run(["sluice-server", "convert-gguf", gguf, str(directory)], check=True)
+    return directory
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,13 @@ class CheckpointWeights:
             raise KeyError(f"checkpoint has no tensor {name!r}") from None
         return handle.get_tensor(stored_name)
 
+    def concatenated(self, names: list[str]) -> torch.Tensor:
+        """The named tensors stacked along dim 0, the output dim of a projection: how a fused
+        projection (q/k/v, gate/up) is filled from a checkpoint that stores them apart."""
+        if len(names) == 1:
+            return self.get(names[0])
+        return torch.cat([self.get(name) for name in names], dim=0)
+
     def lm_head_is_tied(self, tie_word_embeddings: bool) -> bool:
         """Whether the LM head reuses the embedding matrix.
 
@@ -73,3 +80,15 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     return files
+
+
+def copy_checked(parameter: torch.Tensor | None, tensor: torch.Tensor, name: str) -> None:
+    """Copies a checkpoint tensor into a model parameter, refusing a shape mismatch by name."""
+    if parameter is None:
+        raise ValueError(f"{name}: the model has no parameter for it")
+    if parameter.shape != tensor.shape:
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+            f"model expects {tuple(parameter.shape)}"
+        )
+    parameter.copy_(tensor)

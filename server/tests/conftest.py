@@ -32,6 +32,20 @@ TINY_CONFIG: dict[str, Any] = {
 
 SaveTinyModel = Callable[..., tuple[Path, torch.nn.Module]]
 
+# model_type -> (transformers module -> (its config class, its causal-LM class)).
+MODEL_CLASSES: dict[str, Callable[[Any], tuple[type, type]]] = {
+    "llama": lambda t: (t.LlamaConfig, t.LlamaForCausalLM),
+    "mistral": lambda t: (t.MistralConfig, t.MistralForCausalLM),
+    "qwen2": lambda t: (t.Qwen2Config, t.Qwen2ForCausalLM),
+    "qwen3": lambda t: (t.Qwen3Config, t.Qwen3ForCausalLM),
+    "phi3": lambda t: (t.Phi3Config, t.Phi3ForCausalLM),
+    "gemma2": lambda t: (t.Gemma2Config, t.Gemma2ForCausalLM),
+    "gemma3_text": lambda t: (t.Gemma3TextConfig, t.Gemma3ForCausalLM),
+    "mixtral": lambda t: (t.MixtralConfig, t.MixtralForCausalLM),
+    "qwen2_moe": lambda t: (t.Qwen2MoeConfig, t.Qwen2MoeForCausalLM),
+    "qwen3_moe": lambda t: (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM),
+}
+
 # The cache `sluice-server build-kernels` and the shard use.
 KERNEL_CACHE_DIR = Path.home() / ".cache" / "sluice" / "kernels"
 DEFAULT_KERNEL_BUILDS = "native,avx2,portable"
@@ -68,15 +82,19 @@ def save_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> SaveTinyModel:
     def save(model_type: str = "llama", **overrides: Any) -> tuple[Path, torch.nn.Module]:
         import transformers
 
-        classes = {
-            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        }
-        config_class, model_class = classes[model_type]
+        config_class, model_class = MODEL_CLASSES[model_type](transformers)
         torch.manual_seed(0)
         config = config_class(**{**TINY_CONFIG, **overrides})
+        # The eager implementation is transformers' plain reference: its others may leave out
+        # what one of them does not support (soft-capping, say).
+        config._attn_implementation = "eager"
         model = model_class(config).eval()
+        with torch.no_grad():
+            # Norms start at 1 (or, for Gemma, at the stored 0 of 1 + w): spread them, so that a
+            # norm loaded wrongly shows.
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.2)
         directory = tmp_path_factory.mktemp(f"tiny-{model_type}")
         model.save_pretrained(directory)
         return directory, model

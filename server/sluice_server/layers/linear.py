@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import Ops, PackedLinear
+from ..weights import CheckpointWeights, copy_checked
+from .ops import PackedLinear
+from .runtime import LayerRuntime
 
 
 class Linear(nn.Module):
@@ -25,12 +27,11 @@ class Linear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool,
-        ops: Ops,
-        dtype: torch.dtype,
-        device: torch.device,
+        runtime: LayerRuntime,
     ) -> None:
         super().__init__()
-        self.ops = ops
+        self.ops = runtime.ops
+        dtype, device = runtime.dtype, runtime.device
         # torch.empty: random initialisation would be wasted work, the checkpoint overwrites it.
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
@@ -44,6 +45,21 @@ class Linear(nn.Module):
         # The weight (and bias) as the ops packed them, once `prepack_for_cpu` ran; None: the
         # checkpoint's layout through F.linear.
         self.packed: PackedLinear | None = None
+
+    def load(self, weights: CheckpointWeights, names: list[str]) -> None:
+        """Fills the weight (and bias) from the checkpoint's projections `names` (without their
+        `.weight`), stacked along the output dim when there are several."""
+        copy_checked(
+            self.weight,
+            weights.concatenated([f"{name}.weight" for name in names]),
+            " + ".join(names),
+        )
+        if self.bias is not None:
+            copy_checked(
+                self.bias,
+                weights.concatenated([f"{name}.bias" for name in names]),
+                " + ".join(f"{name}.bias" for name in names),
+            )
 
     def prepack_for_cpu(self, release_weight: bool) -> None:
         """Packs the weight for the CPU's matmul where the ops have one for its dtype;

@@ -98,6 +98,11 @@ class Ops:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """GeGLU's activation (Gemma): gelu(gate), tanh approximation, times up."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def argmax_logprob(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of logits [S, vocab]: the most likely token and its float32 log-probability,
         logit - logsumexp(row), without materialising a [S, vocab] log-softmax."""

@@ -9,8 +9,9 @@ import torch
 
 from ..kernels import Kernels
 from ..weights import CheckpointWeights
-from .llama import LlamaConfig, LlamaForCausalLM
-from .registry import model_class_for
+from ..layers.runtime import LayerRuntime
+from .decoder import CausalLM, ModelConfig
+from .registry import model_builder_for
 
 
 class ModelLoadError(Exception):
@@ -19,8 +20,8 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: LlamaForCausalLM
-    config: LlamaConfig
+    model: CausalLM
+    config: ModelConfig
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
@@ -35,12 +36,11 @@ def load_model(
     model_type = hf_config.get("model_type")
     if not isinstance(model_type, str):
         raise ModelLoadError(f"{model_dir / 'config.json'} has no model_type")
+    runtime = LayerRuntime(kernels.attention, kernels.ops, dtype, device)
     try:
-        model_class = model_class_for(model_type)
-        config = model_class.config_from_hf(hf_config)
+        model = model_builder_for(model_type)(hf_config, runtime)
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
-    model = model_class(config, kernels.attention, kernels.ops, dtype, device)
     try:
         with CheckpointWeights(model_dir) as weights:
             model.load_weights(weights)
@@ -53,7 +53,7 @@ def load_model(
     eos_token_ids = _eos_token_ids(generation_config) + _eos_token_ids(hf_config)
     return LoadedModel(
         model=model,
-        config=config,
+        config=model.config,
         eos_token_ids=tuple(dict.fromkeys(eos_token_ids)),
         dtype=dtype,
         device=device,

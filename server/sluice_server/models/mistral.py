@@ -1,11 +1,13 @@
-"""Mistral: a Llama decoder whose configs may declare a sliding attention window."""
+"""Mistral (and Mistral-Nemo, whose head_dim is not hidden_size / heads): Llama's structure with
+an optional sliding attention window on every layer."""
 
 from typing import Any
 
-from .llama import LlamaConfig, LlamaForCausalLM
+from ..layers.runtime import LayerRuntime
+from .decoder import CausalLM
+from .hf_config import sliding_windows
+from .llama import build_pre_norm_model
 
 
-class MistralForCausalLM(LlamaForCausalLM):
-    @classmethod
-    def config_from_hf(cls, hf_config: dict[str, Any]) -> LlamaConfig:
-        return LlamaConfig.from_hf_config(hf_config, sliding_window=hf_config.get("sliding_window"))
+def build_mistral(hf_config: dict[str, Any], runtime: LayerRuntime) -> CausalLM:
+    return build_pre_norm_model(hf_config, runtime, sliding_windows(hf_config, lambda _: True))

@@ -66,6 +66,18 @@ class LayerKVCache:
         return self.value.shape[2]
 
 
+@dataclass(frozen=True)
+class AttentionParams:
+    """How one layer attends; the same for every step."""
+
+    scale: float
+    # A query at position q sees keys at positions k with q - window < k <= q (the window counts the
+    # query itself, as transformers' sliding_window does); None: the whole context.
+    sliding_window: int | None = None
+    # Scores become cap * tanh(scores / cap) before the softmax (Gemma 2); None: no capping.
+    logit_softcap: float | None = None
+
+
 @dataclass
 class AttentionMetadata:
     """What a backend precomputes once per step and every layer reuses."""
@@ -102,7 +114,7 @@ class AttentionBackend(ABC):
         value: torch.Tensor,
         cache: LayerKVCache,
         metadata: AttentionMetadata,
-        scale: float,
+        params: AttentionParams,
     ) -> torch.Tensor:
         """Attention output [T, num_heads, head_dim] for query [T, num_heads, head_dim].
 

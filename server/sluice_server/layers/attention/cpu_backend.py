@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from .backend import AttentionBackend, AttentionMetadata, LayerKVCache, SequenceChunk
+from .backend import AttentionBackend, AttentionMetadata, AttentionParams, LayerKVCache, SequenceChunk
 
 
 @dataclass
@@ -72,8 +72,9 @@ class CompiledCpuAttentionBackend(AttentionBackend):
         value: torch.Tensor,
         cache: LayerKVCache,
         metadata: AttentionMetadata,
-        scale: float,
+        params: AttentionParams,
     ) -> torch.Tensor:
+        scale = params.scale
         assert isinstance(metadata, CompiledCpuAttentionMetadata)
         return self.kernels.paged_attention(
             query,

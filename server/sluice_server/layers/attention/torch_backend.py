@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, AttentionMetadata, LayerKVCache, SequenceChunk
+from .backend import AttentionBackend, AttentionMetadata, AttentionParams, LayerKVCache, SequenceChunk
 
 
 @dataclass
@@ -175,8 +175,9 @@ class TorchAttentionBackend(AttentionBackend):
         value: torch.Tensor,
         cache: LayerKVCache,
         metadata: AttentionMetadata,
-        scale: float,
+        params: AttentionParams,
     ) -> torch.Tensor:
+        scale = params.scale
         assert isinstance(metadata, TorchAttentionMetadata)
         decodes = metadata.decodes
         if decodes is not None and metadata.decodes_only:

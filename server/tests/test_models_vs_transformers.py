@@ -1,11 +1,15 @@
-"""Our Llama-family models against transformers' on tiny random checkpoints, in float32 (and in
+"""Every architecture against transformers' on tiny random checkpoints, in float32 (and in
 bfloat16 with the compiled kernels, to a looser tolerance).
 
 Covers prefill, decodes through a paged cache with scattered blocks, chunked prefill, and a mixed
-batch, for Llama (tied and untied embeddings, llama3 rope scaling), Qwen2 (qkv bias) and Mistral,
-each with the PyTorch reference kernels and with the compiled CPU kernels.
+batch, for every registered model_type and the rope scalings (Llama tied and untied, llama3,
+linear, dynamic, YaRN, LongRoPE; Qwen2's biases, Qwen3's q/k norms, Mistral's and Phi-3's sliding
+windows with prompts longer than the window, Gemma 2's soft-capping and Gemma 3's local layers,
+three mixture-of-experts models), each with the PyTorch reference kernels and with the compiled
+CPU kernels.
 """
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,12 +20,24 @@ from sluice_server.engine.step import ForwardChunk, run_forward
 from sluice_server.kernels import CpuFeatures, Kernels
 from sluice_server.layers.attention import AttentionBackend, LayerKVCache, SequenceChunk
 from sluice_server.layers.ops import CompiledCpuOps, LinearMatmul
-from sluice_server.layers.rotary import RopeConfig, inverse_frequencies
+from sluice_server.layers.rotary import RopeConfig, RotaryEmbedding, inverse_frequencies
 from sluice_server.models.loader import LoadedModel, ModelLoadError, load_model
+from sluice_server.models.registry import MODEL_BUILDERS
 
 TOLERANCE = 1e-4
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16
+
+# A window shorter than the tests' prompts and not a multiple of the block size, so that keys
+# leave it mid-block.
+WINDOW = 5
+LONGROPE_FACTORS = {
+    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "long_factor": [2.0 + 0.5 * i for i in range(8)],
+}
+# Tiny mixture-of-experts: 4 experts, 2 per token.
+MOE = {"num_experts_per_tok": 2, "tie_word_embeddings": False}
+QWEN_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32}
 
 MODEL_VARIANTS = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
@@ -40,8 +56,70 @@ MODEL_VARIANTS = {
             },
         },
     ),
+    "linear-rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
+    ),
+    # Within max_position_embeddings dynamic NTK is the default rotation; past it, see
+    # test_dynamic_rope_grows_the_base_per_position.
+    "dynamic-rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+    ),
+    "yarn-rope": (
+        "llama",
+        {
+            "max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
     "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "qwen3": ("qwen3", {"tie_word_embeddings": False, "head_dim": 32}),
     "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
+    "mistral-window": ("mistral", {"tie_word_embeddings": False, "sliding_window": WINDOW}),
+    # Mistral-Nemo style: head_dim is not hidden_size / heads.
+    "mistral-head-dim": ("mistral", {"sliding_window": None, "head_dim": 24}),
+    "phi3-longrope": (
+        "phi3",
+        {
+            "pad_token_id": 0,
+            "sliding_window": WINDOW,
+            "max_position_embeddings": 64,
+            "original_max_position_embeddings": 32,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, **LONGROPE_FACTORS},
+        },
+    ),
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": WINDOW,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "gemma3": (
+        "gemma3_text",
+        {
+            "num_hidden_layers": 3,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": WINDOW,
+            "sliding_window_pattern": 3,
+        },
+    ),
+    "mixtral": ("mixtral", {**MOE, "num_local_experts": 4}),
+    "qwen2-moe": (
+        "qwen2_moe",
+        {**QWEN_MOE, "shared_expert_intermediate_size": 48, "mlp_only_layers": [1]},
+    ),
+    "qwen3-moe": ("qwen3_moe", {**QWEN_MOE, "norm_topk_prob": True}),
 }
 
 
@@ -226,19 +304,63 @@ def test_bfloat16_compiled_kernels_match_transformers(
         assert _max_error(result.logits[0].float(), expected[position]) < tolerance, position
 
 
-def test_sliding_window_caps_positions(save_tiny_model) -> None:
+def test_every_registered_architecture_is_compared() -> None:
+    assert {model_type for model_type, _ in MODEL_VARIANTS.values()} == set(MODEL_BUILDERS)
+
+
+def test_sliding_window_does_not_cap_the_context(save_tiny_model) -> None:
     directory, _reference = save_tiny_model("mistral", sliding_window=32)
     loaded = load_model(directory, torch.float32, torch.device("cpu"), Kernels.reference())
-    assert loaded.config.max_position_embeddings == 32
+    assert loaded.config.max_position_embeddings == 256
+    windows = {layer.self_attn.config.params.sliding_window for layer in loaded.model.layers}
+    assert windows == {32}
+
+
+def test_dynamic_rope_grows_the_base_per_position() -> None:
+    """Up to max_position_embeddings the rotation is the default one; past it, each position's
+    base grows as transformers grows it for a sequence of that length."""
+    rope = RopeConfig(theta=10000.0, scaling_type="dynamic", factor=2.0, max_position_embeddings=8)
+    rotary = RotaryEmbedding(16, rope, torch.device("cpu"))
+    default = RotaryEmbedding(16, RopeConfig(theta=10000.0), torch.device("cpu"))
+    positions = torch.arange(12)
+    cos, _sin = rotary.cos_sin(positions)
+    default_cos, _ = default.cos_sin(positions)
+    assert torch.equal(cos[:8], default_cos[:8])
+    for position in (8, 11):
+        seq_len = position + 1
+        base = 10000.0 * (2.0 * seq_len / 8 - 1.0) ** (16 / 14)
+        inv_freq = 1.0 / base ** (torch.arange(0, 16, 2).float() / 16)
+        assert torch.allclose(cos[position], (position * inv_freq).cos(), atol=1e-6)
+
+
+def test_longrope_switches_factors_past_the_original_context() -> None:
+    rope = RopeConfig.from_hf_config(
+        {
+            "max_position_embeddings": 64,
+            "original_max_position_embeddings": 32,
+            "rope_scaling": {"type": "su", **LONGROPE_FACTORS},
+        }
+    )
+    rotary = RotaryEmbedding(16, rope, torch.device("cpu"))
+    # Both sets are scaled by sqrt(1 + ln(64 / 32) / ln(32)).
+    assert rotary.scale == pytest.approx((1 + math.log(2) / math.log(32)) ** 0.5)
+    cos, _sin = rotary.cos_sin(torch.tensor([31, 32]))
+    exponents = torch.arange(0, 16, 2).float() / 16
+    for row, position, factors in ((0, 31, "short_factor"), (1, 32, "long_factor")):
+        inv_freq = 1.0 / (torch.tensor(LONGROPE_FACTORS[factors]) * 10000.0**exponents)
+        expected = (position * inv_freq).cos() * rotary.scale
+        assert torch.allclose(cos[row], expected, atol=1e-6), factors
 
 
 def test_rope_config_reads_legacy_keys_and_rejects_unknown_scaling() -> None:
     legacy = {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
     assert RopeConfig.from_hf_config(legacy) == RopeConfig(
-        theta=500000.0, scaling_type="linear", factor=2.0, original_max_position_embeddings=8192
+        theta=500000.0, scaling_type="linear", factor=2.0
     )
-    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
-        RopeConfig.from_hf_config({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="unsupported rope scaling type 'mrope'"):
+        RopeConfig.from_hf_config({"rope_scaling": {"rope_type": "mrope", "factor": 4.0}})
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5"):
+        RopeConfig.from_hf_config({"partial_rotary_factor": 0.5})
 
 
 def test_llama3_scaling_stretches_only_long_wavelengths() -> None:
