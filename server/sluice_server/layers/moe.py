@@ -66,7 +66,7 @@ class SparseMoE(nn.Module):
         weights, experts = probabilities.topk(config.experts_per_token, dim=-1)
         if config.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(hidden.dtype).flatten()
+        weights = weights.flatten()
 
         # Pair p is token p // k's choice p % k; sorted by expert, each expert's pairs are a run.
         pairs = experts.flatten().argsort(stable=True)
@@ -78,8 +78,9 @@ class SparseMoE(nn.Module):
                 continue
             expert_pairs = pairs[start : start + count]
             tokens = expert_pairs // config.experts_per_token
+            # Weighted in float32, then rounded once, as transformers does.
             expert_output = expert(hidden[tokens]) * weights[expert_pairs, None]
-            output.index_add_(0, tokens, expert_output)
+            output.index_add_(0, tokens, expert_output.to(hidden.dtype))
             start += count
 
         if self.shared_expert is not None and self.shared_expert_gate is not None:
