@@ -27,7 +27,8 @@ def _feed_forwards(hf_config: dict[str, Any], runtime: LayerRuntime, moe: MoECon
 def _moe_config(hf_config: dict[str, Any], shared_expert: bool) -> MoEConfig:
     return MoEConfig(
         hidden_size=int(hf_config["hidden_size"]),
-        num_experts=int(hf_config["num_experts"]),
+        # Hub configs say num_experts; transformers v5 writes num_local_experts.
+        num_experts=int(hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0),
         experts_per_token=int(hf_config["num_experts_per_tok"]),
         expert_intermediate_size=int(hf_config["moe_intermediate_size"]),
         activation=activation(hf_config),
