@@ -10,7 +10,7 @@ import torch
 from ..kernels import Kernels
 from ..weights import CheckpointWeights
 from .llama import LlamaConfig, LlamaForCausalLM
-from .registry import model_class_for
+from .registry import UnsupportedModelError, model_class_for
 
 
 class ModelLoadError(Exception):
@@ -38,6 +38,10 @@ def load_model(
     try:
         model_class = model_class_for(model_type)
         config = model_class.config_from_hf(hf_config)
+    except UnsupportedModelError as error:
+        remote_code = "auto_map" in hf_config  # modeling code shipped inside the repository
+        note = "; it needs remote code, which Sluice does not run" if remote_code else ""
+        raise ModelLoadError(f"{model_dir}: {error}{note}") from error
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
     model = model_class(config, kernels.attention, kernels.ops, dtype, device)
