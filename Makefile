@@ -2,13 +2,14 @@
 # make run      : install, then serve the default model on port 3000
 # make test     : install, then every test (Rust, Python unit, end-to-end)
 # make bench    : the benchmark (see benchmark/README.md); BENCH_ARGS=--quick for a smoke test
+# make perplexity: perplexity against transformers and load-time memory, then docs/performance.md
 # make openapi  : regenerate docs/openapi.json from the router's code
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 DEPS_STAMP := $(VENV)/.deps-$(shell cat requirements/*.txt | sha256sum | cut -c1-16)
 
-.PHONY: install run test test-rust test-python test-integration fmt lint proto bench openapi
+.PHONY: install run test test-rust test-python test-integration fmt lint proto bench perplexity openapi
 
 $(DEPS_STAMP): requirements/runtime.txt requirements/dev.txt requirements/no-deps.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -54,3 +55,9 @@ lint:
 
 bench: install
 	$(PYTHON) benchmark/run_all.py $(BENCH_ARGS)
+
+# The page is re-rendered even when the perplexity check fails, so it shows the failure.
+perplexity: install
+	$(PYTHON) benchmark/load_memory.py
+	$(PYTHON) benchmark/perplexity.py; status=$$?; \
+		$(PYTHON) benchmark/report.py benchmark/results/latest.json && exit $$status

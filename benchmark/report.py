@@ -3,6 +3,9 @@
 Every number in the page comes from the results; the prose only names what was measured.
 
     python benchmark/report.py benchmark/results/latest.json   # re-render without re-running
+
+perplexity.py's and load_memory.py's results, where they lie next to the results file, add a
+section each.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ TOKEN_COUNTS = {
 # Results from before the route was recorded: Sluice took TGI's route, vLLM OpenAI's.
 UNRECORDED_ROUTES = {"sluice": "generate_stream", "vllm": "completions"}
 CONTENTION_WARNING = 0.05  # above this share of the CPUs used by others, the numbers are suspect
+# Results of the scripts run apart from run_all.py (perplexity.py, load_memory.py), rendered when
+# their file lies next to the throughput results.
+PERPLEXITY_FILE = "perplexity.json"
+LOAD_MEMORY_FILE = "load_memory.json"
 
 
 # --- formatting ------------------------------------------------------------------------------
@@ -54,6 +61,17 @@ def ms(seconds: float | None) -> str:
 
 def gib(size: int | None) -> str:
     return "n/a" if not size else f"{size / 2**30:.2f} GiB"
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
+def relative(difference: float) -> str:
+    """A relative difference in percent, in exponent notation where 3 decimals would show 0."""
+    if abs(difference) < 5e-6:
+        return f"{difference * 100:+.1e} %"
+    return f"{difference:+.3%}".replace("%", " %")
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -421,7 +439,110 @@ def routes(results: Results) -> str:
     )
 
 
-def render(results: Results, plot_link: str) -> str:
+def perplexity_section(ppl: Results) -> str:
+    rows = [
+        [
+            row["dtype"],
+            num(row["sluice"], 4),
+            num(row["transformers"], 4),
+            relative(row["relative_difference"]),
+            f"{row['mean_abs_logprob_difference']:.2g}",
+            f"{row['max_abs_logprob_difference']:.2g}",
+        ]
+        for row in ppl["dtypes"]
+    ]
+    scored = ppl["dtypes"][0]["scored_tokens"] if ppl["dtypes"] else 0
+    verdict = "within" if ppl["passed"] else "**not** within"
+    intro = (
+        f"`{ppl['command']}` on {ppl['generated_at']}, from `benchmark/results/{PERPLEXITY_FILE}`: "
+        f"the model's perplexity on `{ppl['text']['path']}` ({ppl['text']['tokens']} tokens of "
+        f"public-domain English) in {ppl['windows']} windows of {ppl['window']} tokens without "
+        f"overlap, as Sluice serves it and as `transformers` {ppl['transformers']} computes it "
+        "from the same directory. Sluice scores each window through `POST /generate` with "
+        "`decoder_input_details` (the logprobs in `details.prefill`, whose token ids are checked "
+        "against the window's); `transformers` runs one forward pass per window and takes "
+        "`log_softmax` of its logits in float32. A window's first token is scored on neither "
+        f"side; perplexity = exp(−mean logprob) over the {scored} scored tokens. Sluice is "
+        f"{verdict} {ppl['tolerance']:.1%} of `transformers` at every dtype.\n\n"
+    )
+    header = [
+        "dtype",
+        "Sluice",
+        "transformers",
+        "Sluice / transformers − 1",
+        "mean abs Δ logprob",
+        "max abs Δ logprob",
+    ]
+    return intro + table(header, rows) + "\n"
+
+
+def anon_and_file(row: Results) -> str:
+    """Anonymous / file-backed RSS before loading, at their sampled peaks, and after."""
+    moments = ("before_loading", "peak", "after_loading")
+    pairs = [
+        f"{row[f'anon_{m}_bytes'] / 2**20:,.0f} / {row[f'file_{m}_bytes'] / 2**20:,.0f}"
+        for m in moments
+    ]
+    return " → ".join(pairs) + " MiB"
+
+
+def load_memory_section(memory: Results) -> str:
+    rows = [
+        [
+            row["dtype"],
+            mib(row["weights_bytes"]),
+            mib(row["rss_before_loading_bytes"]),
+            mib(row["peak_rss_bytes"]),
+            mib(row["rss_after_loading_bytes"]),
+            f"{mib(row['loading_cost_bytes'])} "
+            f"({row['loading_cost_bytes'] / row['weights_bytes']:.1f}× the weights)",
+            anon_and_file(row),
+        ]
+        for row in memory["dtypes"]
+    ]
+    intro = (
+        f"`{memory['command']}` on {memory['generated_at']}, from "
+        f"`benchmark/results/{LOAD_MEMORY_FILE}`: the shard process of the real launcher, from "
+        "its start until it serves (the KV cache is allocated after that, at the router's "
+        f"warm-up). The checkpoint is {mib(memory['checkpoint_bytes'])} of "
+        f"{', '.join(memory['checkpoint_dtypes'])} safetensors; \"weights\" is its "
+        f"{memory['parameters'] / 1e6:.1f} M parameters in the dtype served. \"Before loading\" "
+        "is the process's RSS when the shard starts reading the weights (Python, torch and the "
+        "kernels); the peak is the kernel's own high-water mark (VmHWM) when the shard serves; "
+        f"anonymous and file-backed RSS are sampled every {memory['period_s'] * 1e3:.0f} ms "
+        "(file-backed pages include the memory-mapped checkpoint).\n\n"
+    )
+    header = [
+        "dtype",
+        "weights",
+        "RSS before loading",
+        "peak RSS while loading",
+        "RSS after loading",
+        "peak − before",
+        "anonymous / file-backed RSS: before → sampled peak → after",
+    ]
+    return intro + table(header, rows) + "\n"
+
+
+def extra_sections(perplexity: Results | None, load_memory: Results | None) -> str:
+    sections = []
+    if perplexity:
+        sections.append(
+            "\n## Quality: perplexity against transformers\n\n" + perplexity_section(perplexity)
+        )
+    if load_memory:
+        sections.append(
+            "\n## Memory while loading the model\n\n" + load_memory_section(load_memory)
+        )
+    return "".join(sections)
+
+
+def render(
+    results: Results,
+    plot_link: str,
+    perplexity: Results | None = None,
+    load_memory: Results | None = None,
+) -> str:
     s = results["settings"]
     quick = (
         "\n> **Quick smoke run** (`--quick`): tiny request counts and "
@@ -469,7 +590,7 @@ kernel time for a server with a 5 GiB KV cache), which would tax the server unde
 {compute_section(results)}
 ## Where a step's time goes
 
-{breakdown_section(results)}"""
+{breakdown_section(results)}{extra_sections(perplexity, load_memory)}"""
 
 
 # --- plot ------------------------------------------------------------------------------------
@@ -522,10 +643,18 @@ def plot(results: Results, path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: Results, doc: Path, png: Path) -> None:
+def read_if_present(path: Path) -> Results | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(results: Results, doc: Path, png: Path, extras: Path | None = None) -> None:
+    """The page and its plot; `extras`: the folder where perplexity.py's and load_memory.py's
+    results are looked for."""
     plot(results, png)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(render(results, os.path.relpath(png, doc.parent)))
+    perplexity = read_if_present(extras / PERPLEXITY_FILE) if extras else None
+    load_memory = read_if_present(extras / LOAD_MEMORY_FILE) if extras else None
+    doc.write_text(render(results, os.path.relpath(png, doc.parent), perplexity, load_memory))
 
 
 def main() -> None:
@@ -534,7 +663,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/performance.md"))
     parser.add_argument("--plot", type=Path, default=Path("docs/performance.png"))
     args = parser.parse_args()
-    write(json.loads(args.results.read_text()), args.doc, args.plot)
+    write(json.loads(args.results.read_text()), args.doc, args.plot, extras=args.results.parent)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
+import servers
 from load import ROUTES, Target, make_prompts, run_level
 from servers import (
     CpuMark,
@@ -113,11 +113,6 @@ class Settings:
 
 def log(message: str) -> None:
     print(f"[run_all {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def venv_bin() -> Path:
-    """The bin/ of the Python running this script, where `make install` puts Sluice."""
-    return Path(sys.executable).parent
 
 
 def run_json(argv: list[str], timeout_s: float, log_path: Path) -> dict[str, Any]:
@@ -332,33 +327,12 @@ def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
-def with_venv_path() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def sluice_spec(settings: Settings) -> ServerSpec:
-    launcher = venv_bin() / "sluice-launcher"
-    port = free_port()
-    # fmt: off
-    argv = [
-        str(launcher if launcher.exists() else "sluice-launcher"),
-        "--model-id", str(settings.model_dir),
-        "--port", str(port),
-        "--hostname", "127.0.0.1",
-        "--dtype", settings.sluice_dtype,
-        "--shard-uds-path", f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}",
-    ]
-    # fmt: on
-    return ServerSpec(
-        "sluice",
-        argv,
-        port,
-        with_venv_path(),
+    return servers.sluice_spec(
+        settings.model_dir,
+        settings.sluice_dtype,
         settings.logs / "sluice.log",
         settings.sluice_startup_timeout_s,
-        term_group=False,
     )
 
 
@@ -493,13 +467,17 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     return results
 
 
-def write_outputs(settings: Settings, results: dict[str, Any]) -> None:
-    settings.results.parent.mkdir(parents=True, exist_ok=True)
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Written through a temporary file so that an interrupted run leaves the old results whole.
-    with tempfile.NamedTemporaryFile("w", dir=settings.results.parent, delete=False) as tmp:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
         json.dump(results, tmp, indent=2)
-    Path(tmp.name).replace(settings.results)
-    report.write(results, settings.doc, settings.plot)
+    Path(tmp.name).replace(path)
+
+
+def write_outputs(settings: Settings, results: dict[str, Any]) -> None:
+    write_results(settings.results, results)
+    report.write(results, settings.doc, settings.plot, extras=settings.results.parent)
     log(f"wrote {settings.results}, {settings.doc}, {settings.plot}")
 
 

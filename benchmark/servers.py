@@ -12,10 +12,12 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def venv_bin() -> Path:
+    """The bin/ of the Python running this script, where `make install` puts Sluice."""
+    return Path(sys.executable).parent
+
+
+def sluice_spec(model_dir: Path, dtype: str, log: Path, startup_timeout_s: float) -> ServerSpec:
+    """The real launcher on `model_dir` in `dtype`, on a free port and its own shard socket."""
+    launcher = venv_bin() / "sluice-launcher"
+    port = free_port()
+    # fmt: off
+    argv = [
+        str(launcher if launcher.exists() else "sluice-launcher"),
+        "--model-id", str(model_dir),
+        "--port", str(port),
+        "--hostname", "127.0.0.1",
+        "--dtype", dtype,
+        "--shard-uds-path", f"/tmp/bench-sluice-{uuid.uuid4().hex[:8]}",
+    ]
+    # fmt: on
+    # The launcher finds sluice-server and sluice-router on PATH.
+    env = dict(os.environ)
+    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+    return ServerSpec("sluice", argv, port, env, log, startup_timeout_s, term_group=False)
 
 
 def _children() -> dict[int, list[int]]:

@@ -50,8 +50,12 @@ class SluiceServer:
 
 
 def start_server(
-    *extra_flags: str, dtype: str = "float32", model_id: str = DEFAULT_MODEL
+    *extra_flags: str,
+    dtype: str = "float32",
+    model_id: str = DEFAULT_MODEL,
+    env: dict[str, str] | None = None,
 ) -> SluiceServer:
+    """Starts the launcher; `env` replaces its environment when given."""
     launcher = shutil.which("sluice-launcher")
     if launcher is None:
         raise RuntimeError("sluice-launcher is not on PATH: run `make install` first")
@@ -71,7 +75,11 @@ def start_server(
     # fmt: on
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [launcher, *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [launcher, *flags],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
         )
     server = SluiceServer(f"http://127.0.0.1:{port}", process, log_path, flags)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -89,10 +97,13 @@ def start_server(
 
 
 def serve(
-    *flags: str, dtype: str = "float32", model_id: str = DEFAULT_MODEL
+    *flags: str,
+    dtype: str = "float32",
+    model_id: str = DEFAULT_MODEL,
+    env: dict[str, str] | None = None,
 ) -> Iterator[SluiceServer]:
     """Runs a server for the length of a fixture and checks that it stops cleanly."""
-    running = start_server(*flags, dtype=dtype, model_id=model_id)
+    running = start_server(*flags, dtype=dtype, model_id=model_id, env=env)
     yield running
     code = running.stop()
     assert code == 0, f"launcher exited with {code} on SIGTERM:\n{running.log_tail()}"

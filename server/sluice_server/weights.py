@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-INDEX_FILE = "model.safetensors.index.json"
+from .model_files import SAFETENSORS_INDEX, bin_weight_files, convert_weights_hint
+
 PREFIX = "model."
 
 
@@ -72,11 +73,13 @@ class CheckpointWeights:
 def _checkpoint_files(model_dir: Path) -> list[Path]:
     # With an index, only the files it names: some repositories also ship a consolidated copy
     # of the same weights under other names.
-    index = model_dir / INDEX_FILE
+    index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
+    if not files and bin_weight_files(model_dir):
+        raise FileNotFoundError(convert_weights_hint(model_dir))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     return files

@@ -11,7 +11,7 @@ from ..kernels import Kernels
 from ..weights import CheckpointWeights
 from ..layers.runtime import LayerRuntime
 from .decoder import CausalLM, ModelConfig
-from .registry import model_builder_for
+from .registry import UnsupportedModelError, model_builder_for
 
 
 class ModelLoadError(Exception):
@@ -36,9 +36,15 @@ def load_model(
     model_type = hf_config.get("model_type")
     if not isinstance(model_type, str):
         raise ModelLoadError(f"{model_dir / 'config.json'} has no model_type")
+    try:
+        build = model_builder_for(model_type)
+    except UnsupportedModelError as error:
+        remote_code = "auto_map" in hf_config  # modeling code shipped inside the repository
+        note = "; it needs remote code, which Sluice does not run" if remote_code else ""
+        raise ModelLoadError(f"{model_dir}: {error}{note}") from error
     runtime = LayerRuntime(kernels.attention, kernels.ops, dtype, device)
     try:
-        model = model_builder_for(model_type)(hf_config, runtime)
+        model = build(hf_config, runtime)
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
     try:
