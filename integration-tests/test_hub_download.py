@@ -42,27 +42,14 @@ NEW_TOKENS = 8
 HUB_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def default_model_dir() -> Path:
-    """The default model converted from its GGUF, as the launcher keeps it (converted here
-    the way the launcher does when no server has done it yet)."""
-    cache = Path(os.environ.get("SLUICE_CACHE", Path.home() / ".cache" / "sluice"))
-    model_dir = cache / "models" / "SmolLM2-135M-Instruct"
-    if not (model_dir / "config.json").is_file():
-        server = shutil.which("sluice-server")
-        assert server is not None, "sluice-server is not on PATH: run `make install` first"
-        gguf = subprocess.run(
-            [server, "default-model-gguf"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        subprocess.run([server, "convert-gguf", gguf, str(model_dir)], check=True)
-    return model_dir
-
-
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+def tiny_model(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path
+) -> tuple[Path, torch.nn.Module]:
     """A random tiny Llama saved as safetensors, with the default model's tokenizer files."""
     import transformers
 
-    tokenizer_dir = default_model_dir()
+    tokenizer_dir = default_model_dir
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=64,

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from ..kernels import Kernels
-from ..weights import CheckpointWeights
 from ..layers.runtime import LayerRuntime
+from ..weights import CheckpointWeights
 from .decoder import CausalLM, ModelConfig
 from .registry import UnsupportedModelError, model_builder_for
 
