@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.attention import AttentionBackend, AttentionMetadata, LayerKVCache
+from ..layers.attention import AttentionBackend, AttentionMetadata, AttentionParams, LayerKVCache
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
@@ -117,7 +117,9 @@ class LlamaAttention(nn.Module):
         query, key = heads.split([self.num_heads, self.num_kv_heads], dim=1)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write(cache, key, value, metadata.slot_mapping)
-        attended = self.backend.attend(query, key, value, cache, metadata, self.scale)
+        attended = self.backend.attend(
+            query, key, value, cache, metadata, AttentionParams(scale=self.scale)
+        )
         return self.o_proj(attended.view(num_tokens, self.q_size))
 
 
