@@ -6,7 +6,8 @@ and `scattered` (random blocks). With `--against REV`, the kernel source at that
 built too and both are timed interleaved in this process, which is the only comparison a noisy
 machine allows (memory-bound timings drift by tens of percent from minute to minute). `--isa
 avx2` builds both without AVX-512, as on CPUs that lack it; `--dtype float32` times the cache
-dtype of such CPUs.
+dtype of such CPUs. `--sliding-window` and `--softcap` attend as a layer with those does (a build
+from before the kernel had them attends the whole context, uncapped).
 
     python benchmark/attention_kernel.py --against HEAD~1
 """
@@ -79,6 +80,12 @@ def main() -> None:
         help="the instruction sets both builds may use (avx2: as on CPUs without AVX-512)",
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument(
+        "--sliding-window", type=int, default=0, help="positions each query sees (0: all)"
+    )
+    parser.add_argument(
+        "--softcap", type=float, default=0.0, help="the attention logit soft cap (0: none)"
+    )
     args = parser.parse_args()
 
     build = KernelBuild(args.isa)
@@ -109,11 +116,17 @@ def main() -> None:
             ]
         return [[rng.randrange(num_blocks) for _ in range(blocks_each)] for _ in range(batch)]
 
+    def window_and_cap(module: ModuleType) -> dict[str, float]:
+        if "sliding_window" not in (module.paged_attention.__doc__ or ""):
+            return {}  # A build from before the kernel had them.
+        return {"sliding_window": args.sliding_window, "logit_softcap": args.softcap}
+
     timings: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
         for layout in ("hot", "contiguous", "scattered"):
             calls = [torch.tensor(tables(layout, c), dtype=torch.int32) for c in range(args.calls)]
             for name, module in kernels.items():
+                options = window_and_cap(module)
                 start = time.perf_counter()
                 for block_tables in calls:
                     module.paged_attention(
@@ -124,6 +137,7 @@ def main() -> None:
                         cache_lens,
                         query_starts,
                         args.head_dim**-0.5,
+                        **options,
                     )
                 elapsed_ms = (time.perf_counter() - start) / len(calls) * 1e3
                 timings.setdefault((name, layout), []).append(elapsed_ms)

@@ -4,15 +4,23 @@ the CPU has.
 
 The model-level tests (test_llama_vs_transformers, test_gguf) run both kernel sets in float32;
 these also cover bfloat16 and the head sizes the kernels specialise (64, 128) next to a generic
-one, with grouped-query attention and scattered, partly filled blocks.
+one, with grouped-query attention and scattered, partly filled blocks. Attention with sliding
+windows and soft-capped scores is checked against a dense reference (attention_cases.py), as
+test_attention.py checks the PyTorch backend.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_cases import (
+    CHUNK_SHAPES,
+    WINDOW_AND_CAP_VARIANTS,
+    AttentionStep,
+    check_window_and_cap,
+)
 from sluice_server.kernels import CpuFeatures, KernelBuild, Kernels
 from sluice_server.kernels.cpu_features import lacks
-from sluice_server.layers.attention import LayerKVCache, SequenceChunk
+from sluice_server.layers.attention import AttentionParams, LayerKVCache
 from sluice_server.layers.ops import LinearMatmul
 
 # Relative to the magnitude (floored at 1). bfloat16 keeps 8 significant bits, a step of 2^-7
@@ -45,24 +53,6 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     assert error.max().item() <= TOLERANCES[dtype], f"max relative error {error.max().item()}"
 
 
-def _filled_cache(
-    kernels: Kernels,
-    dtype: torch.dtype,
-    head_dim: int,
-    block_size: int,
-    rows: tuple[torch.Tensor, torch.Tensor],
-) -> LayerKVCache:
-    """A cache of 64 blocks in `kernels`' layout with token rows (K, V) [slots, H_kv, D] written
-    to every slot through the backend's own write."""
-    key_rows, value_rows = rows
-    num_kv_heads, num_blocks = key_rows.shape[1], 64
-    value = torch.zeros(num_kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
-    key = value.transpose(2, 3).contiguous() if kernels.attention.transposed_keys else value.clone()
-    cache = LayerKVCache(key, value)
-    kernels.attention.write(cache, key_rows, value_rows, torch.arange(num_blocks * block_size))
-    return cache
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("head_dim", "group", "block_size"),
@@ -78,36 +68,58 @@ def test_paged_attention_matches_reference(
     group: int,
     block_size: int,
 ) -> None:
-    generator = torch.Generator().manual_seed(head_dim)
-    num_kv_heads, num_blocks = 3, 64
-    rows = tuple(
-        torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=generator).to(dtype)
-        for _ in range(2)
+    step = AttentionStep.random(CHUNK_SHAPES, 3, group, head_dim, block_size, dtype, head_dim)
+    params = AttentionParams(scale=head_dim**-0.5)
+    _assert_close(
+        step.attend(compiled_kernels.attention, params),
+        step.attend(reference.attention, params),
+        dtype,
     )
-    # (cache_len, query_len) on scattered blocks: decodes with contexts inside a block, at a
-    # block boundary and across blocks; prompts that start their sequence (two of one length,
-    # attended together by the reference, and one longer than a 16-row tile); and a chunk after
-    # a cached prefix.
-    shapes = [(0, 1), (15, 1), (16, 1), (69, 1), (199, 1), (0, 7), (0, 7), (0, 37), (21, 12)]
-    free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
-    chunks = []
-    for cache_len, query_len in shapes:
-        blocks = -(-(cache_len + query_len) // block_size)
-        table, free_blocks = free_blocks[:blocks], free_blocks[blocks:]
-        chunks.append(SequenceChunk(cache_len, query_len, table))
-    num_tokens = sum(query_len for _cache_len, query_len in shapes)
-    query = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=generator).to(dtype)
-    # The new tokens' own K/V, as the model passes them: the rows at their slots.
-    metadata = reference.attention.build_metadata(chunks, block_size, torch.device("cpu"))
-    new_key, new_value = (rows[0][metadata.slot_mapping], rows[1][metadata.slot_mapping])
 
-    scale = head_dim**-0.5
-    results = []
-    for kernels in (reference, compiled_kernels):
-        cache = _filled_cache(kernels, dtype, head_dim, block_size, rows)
-        metadata = kernels.attention.build_metadata(chunks, block_size, torch.device("cpu"))
-        results.append(kernels.attention.attend(query, new_key, new_value, cache, metadata, scale))
-    _assert_close(results[1], results[0], dtype)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("head_dim", "group", "block_size"),
+    # The fast paths' shape, and a generic one.
+    [(64, 3, 16), (48, 2, 24)],
+)
+@pytest.mark.parametrize(("sliding_window", "logit_softcap", "score_gain"), WINDOW_AND_CAP_VARIANTS)
+def test_paged_attention_windows_and_softcap_match_dense_reference(
+    compiled_kernels: Kernels,
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    block_size: int,
+    sliding_window: int | None,
+    logit_softcap: float | None,
+    score_gain: float,
+) -> None:
+    check_window_and_cap(
+        compiled_kernels.attention,
+        dtype,
+        head_dim,
+        group,
+        block_size,
+        sliding_window,
+        logit_softcap,
+        score_gain,
+    )
+
+
+def test_paged_attention_rejects_a_negative_window_or_cap(compiled_kernels: Kernels) -> None:
+    kernels = compiled_kernels.ops.kernels
+    query, cache = torch.zeros(2, 1, 8), torch.zeros(1, 1, 8, 8)
+    sequence = (
+        torch.zeros(1, 1, dtype=torch.int32),
+        torch.zeros(1, dtype=torch.int32),
+        torch.tensor([0, 2], dtype=torch.int32),
+    )
+    with pytest.raises(RuntimeError, match="sliding_window must be at least 1"):
+        kernels.paged_attention(query, cache, cache, *sequence, 1.0, -1, 0.0)
+    with pytest.raises(RuntimeError, match="logit_softcap must be positive"):
+        kernels.paged_attention(query, cache, cache, *sequence, 1.0, 0, -5.0)
+    # Both 0: plain attention.
+    kernels.paged_attention(query, cache, cache, *sequence, 1.0, 0, 0.0)
 
 
 def test_write_kv_rejects_an_out_of_range_slot(compiled_kernels: Kernels) -> None:

@@ -347,12 +347,14 @@ inline void accumulate_block(BlockShape shape, int64_t num_vectors, float* accum
 // Paged attention over a flat batch of chunks (decodes are chunks of one token).
 //
 // Sequence s owns query rows [query_starts[s], query_starts[s + 1]); its row i sits at position
-// cache_lens[s] + i and sees the positions up to itself, all of which are in the cache (the new
-// tokens' K/V were written first). One work item is one (sequence, KV head, tile of up to
-// kTileRows query rows): the tile's rows and the `group` query heads sharing the KV head are
-// scored together, so each block is read from memory and widened to float32 once for all of
-// them. Per item, in phases: gather its queries, score every block it sees, softmax per row and
-// head, add up the weighted value rows, write the output.
+// p = cache_lens[s] + i and sees the positions up to itself, all of which are in the cache (the
+// new tokens' K/V were written first), or with a sliding window W those in (p - W, p]. One work
+// item is one (sequence, KV head, tile of up to kTileRows query rows): the tile's rows and the
+// `group` query heads sharing the KV head are scored together, so each block is read from memory
+// and widened to float32 once for all of them. Per item, in phases: gather its queries, score
+// every block it sees (with a window, from the block holding its first row's first position:
+// blocks wholly before the window are never read), softmax per row and head (soft-capping the
+// scores first where asked), add up the weighted value rows, write the output.
 
 constexpr int64_t kTileRows = 16;
 // How many key blocks ahead of use to fetch (see KeyPrefetcher).
@@ -369,6 +371,8 @@ struct AttentionGeometry {
   int64_t max_blocks;  // Width of the block tables.
   int64_t query_row_stride;
   int64_t query_head_stride;
+  // Positions a query row sees at most, itself included: the sliding window; 0: all.
+  int64_t window;
 
   int64_t block_elements() const { return block_size * head_dim; }
   // Offset of a KV head's block in either cache.
@@ -392,27 +396,39 @@ struct AttentionData {
 struct AttentionItem {
   int64_t sequence;
   int64_t kv_head;
-  int64_t first_row;  // Within the sequence's rows.
-  int64_t blocks;     // Cache blocks its rows see.
+  int64_t first_row;    // Within the sequence's rows.
+  int64_t first_block;  // The first cache block its rows see (its first row's window's).
+  int64_t blocks;       // Cache blocks up to the last its rows see.
 };
 
 // An item's query rows and what they see.
 struct ItemSpan {
   int64_t row_offset;     // Its first row in the flat batch.
   int64_t rows;
-  int64_t first_context;  // Positions its first row sees; row r sees first_context + r.
-  int64_t context;        // Positions its last row sees.
-  // (row, head) pairs, row-major: vector v sees first_context + v / group positions.
+  int64_t first_context;  // Positions up to its first row's, itself included; row r: + r.
+  int64_t context;        // Positions up to its last row's.
+  // (row, head) pairs, row-major: vector v sees positions [begin(v), end(v)).
   int64_t vectors;
-  // Score rows cover whole blocks (the last block's columns past the context are scored and
-  // then ignored), so the block loops need no ragged ends.
+  int64_t group;
+  int64_t window;         // 0: none
+  // The position of the first block the item reads, where its score rows start. They cover
+  // whole blocks (columns before a vector's window or past its position are scored and then
+  // ignored), so the block loops need no ragged ends.
+  int64_t first_position;
   int64_t stride;
   const int32_t* table;   // The sequence's blocks.
 
-  // Whether none of vectors [first, first + count) sees the block starting at `start`: vectors
-  // see more the later they come, so the group's last decides.
-  bool skips(int64_t first, int64_t count, int64_t start, int64_t group) const {
-    return first_context + (first + count - 1) / group <= start;
+  int64_t end(int64_t vector) const { return first_context + vector / group; }
+  // Without a window, 0 at no cost: this runs for every block and group of vectors.
+  int64_t begin(int64_t vector) const {
+    return window == 0 ? 0 : std::max<int64_t>(0, end(vector) - window);
+  }
+
+  // Whether none of vectors [first, first + count) sees the block at [start, start + length):
+  // vectors see later positions the later they come, so the group's last decides whether they
+  // all end before the block and its first whether they all begin after it.
+  bool skips(int64_t first, int64_t count, int64_t start, int64_t length) const {
+    return end(first + count - 1) <= start || begin(first) >= start + length;
   }
 };
 
@@ -425,7 +441,12 @@ std::vector<AttentionItem> plan_items(const AttentionGeometry& geometry,
       const int64_t query_len = data.query_starts[s + 1] - data.query_starts[s];
       for (int64_t row = 0; row < query_len; row += kTileRows) {
         const int64_t context = data.cache_lens[s] + std::min(query_len, row + kTileRows);
-        items.push_back({s, h, row, (context + geometry.block_size - 1) / geometry.block_size});
+        const int64_t first_seen =
+            geometry.window == 0
+                ? 0
+                : std::max<int64_t>(0, data.cache_lens[s] + row + 1 - geometry.window);
+        items.push_back({s, h, row, first_seen / geometry.block_size,
+                         (context + geometry.block_size - 1) / geometry.block_size});
       }
     }
   }
@@ -444,7 +465,10 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data
           first_context,
           first_context + rows - 1,
           rows * geometry.group,
-          item.blocks * geometry.block_size,
+          geometry.group,
+          geometry.window,
+          item.first_block * geometry.block_size,
+          (item.blocks - item.first_block) * geometry.block_size,
           data.block_tables + item.sequence * geometry.max_blocks};
 }
 
@@ -457,6 +481,7 @@ class KeyPrefetcher {
   KeyPrefetcher(const AttentionGeometry& geometry, const AttentionData<T>& data,
                 const std::vector<AttentionItem>& items, size_t first_item, size_t item_step)
       : geometry_(geometry), data_(data), items_(items), index_(first_item), step_(item_step) {
+    if (index_ < items_.size()) block_ = items_[index_].first_block;
     for (int64_t i = 0; i < kPrefetchBlocks; ++i) advance();
   }
 
@@ -464,7 +489,7 @@ class KeyPrefetcher {
   void advance() {
     while (index_ < items_.size() && block_ == items_[index_].blocks) {
       index_ += step_;
-      block_ = 0;
+      if (index_ < items_.size()) block_ = items_[index_].first_block;
     }
     if (index_ >= items_.size()) return;
     const AttentionItem& ahead = items_[index_];
@@ -479,7 +504,7 @@ class KeyPrefetcher {
   const std::vector<AttentionItem>& items_;
   size_t index_;
   size_t step_;
-  int64_t block_ = 0;
+  int64_t block_ = 0;  // Of the item at index_.
 };
 
 // One thread's buffers, sized for the largest item.
@@ -532,38 +557,52 @@ template <typename T>
 void score_keys(const AttentionGeometry& geometry, BlockShape shape, const AttentionData<T>& data,
                 const AttentionItem& item, const ItemSpan& span, ItemScratch& scratch,
                 KeyPrefetcher<T>& prefetcher) {
-  for (int64_t start = 0, block = 0; start < span.context; start += geometry.block_size, ++block) {
+  const int64_t block_size = geometry.block_size;
+  for (int64_t block = item.first_block, start = span.first_position; start < span.context;
+       start += block_size, ++block) {
     prefetcher.advance();
     const int64_t offset = geometry.block_offset(item.kv_head, span.table[block]);
     prefetch(data.values + offset, geometry.block_elements());
     const T* block_keys = data.keys + offset;
+    float* block_scores = scratch.scores.data() + (start - span.first_position);
     for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
       const int64_t count = std::min(kMaxVectors, span.vectors - first);
-      if (span.skips(first, count, start, geometry.group)) continue;
+      if (span.skips(first, count, start, block_size)) continue;
       score_block(shape, scratch.vectors_from(first, count, geometry.head_dim), block_keys,
-                  ScoreRows{scratch.scores.data() + first * span.stride + start, span.stride});
+                  ScoreRows{block_scores + first * span.stride, span.stride});
     }
   }
 }
 
-// Softmax per vector over what it sees, in place, zero past that (so the value pass can weight
-// whole blocks); 1/sum goes to scratch.inverse_sums, applied at the output.
-inline void softmax_rows(const ItemSpan& span, int64_t group, ItemScratch& scratch) {
+// scores[t] = cap * tanh(scores[t] / cap) for t < count.
+inline void soft_cap(float* scores, int64_t count, float cap) {
+  const float inverse_cap = 1.f / cap;
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) scores[t] = cap * vector_tanh(scores[t] * inverse_cap);
+}
+
+// Softmax per vector over what it sees, in place, zero elsewhere (so the value pass can weight
+// whole blocks); 1/sum goes to scratch.inverse_sums, applied at the output. A `logit_softcap`
+// above 0 caps the scores first.
+inline void softmax_rows(const ItemSpan& span, float logit_softcap, ItemScratch& scratch) {
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
-    const int64_t visible = span.first_context + vector / group;
+    const int64_t begin = span.begin(vector) - span.first_position;
+    const int64_t end = span.end(vector) - span.first_position;
     float* row_scores = scratch.scores.data() + vector * span.stride;
+    if (logit_softcap > 0.f) soft_cap(row_scores + begin, end - begin, logit_softcap);
     float maximum = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : maximum)
-    for (int64_t t = 0; t < visible; ++t) {
+    for (int64_t t = begin; t < end; ++t) {
       maximum = row_scores[t] > maximum ? row_scores[t] : maximum;
     }
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < visible; ++t) {
+    for (int64_t t = begin; t < end; ++t) {
       row_scores[t] = vector_exp(row_scores[t] - maximum);
       sum += row_scores[t];
     }
-    std::fill(row_scores + visible, row_scores + span.stride, 0.f);
+    std::fill(row_scores, row_scores + begin, 0.f);
+    std::fill(row_scores + end, row_scores + span.stride, 0.f);
     scratch.inverse_sums[vector] = 1.f / sum;
   }
 }
@@ -575,16 +614,22 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
                        const ItemSpan& span, ItemScratch& scratch) {
   std::fill(scratch.accumulators.begin(),
             scratch.accumulators.begin() + span.vectors * geometry.head_dim, 0.f);
-  for (int64_t start = 0, block = 0; start < span.context; start += geometry.block_size, ++block) {
-    // Rows past the context may hold anything (even NaN), so they are never read.
-    const int64_t block_rows = std::min(geometry.block_size, span.context - start);
+  const int64_t block_size = geometry.block_size;
+  for (int64_t block = item.first_block, start = span.first_position; start < span.context;
+       start += block_size, ++block) {
+    // Rows past the context may hold anything (even NaN), so they are never read; nor are those
+    // before the vectors' window.
+    const int64_t block_end = std::min(start + block_size, span.context);
     const T* block_values = data.values + geometry.block_offset(item.kv_head, span.table[block]);
     for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
       const int64_t count = std::min(kMaxVectors, span.vectors - first);
-      if (span.skips(first, count, start, geometry.group)) continue;
-      accumulate_block(shape, count, scratch.accumulators.data() + first * geometry.head_dim,
-                       block_values, block_rows,
-                       ScoreRows{scratch.scores.data() + first * span.stride + start, span.stride});
+      if (span.skips(first, count, start, block_size)) continue;
+      const int64_t row_begin = std::max(start, span.begin(first));
+      accumulate_block(
+          shape, count, scratch.accumulators.data() + first * geometry.head_dim,
+          block_values + (row_begin - start) * geometry.head_dim, block_end - row_begin,
+          ScoreRows{scratch.scores.data() + first * span.stride + (row_begin - span.first_position),
+                    span.stride});
     }
   }
 }
@@ -607,7 +652,8 @@ void store_output(const AttentionGeometry& geometry, const AttentionData<T>& dat
 
 template <typename T>
 void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
-                          const AttentionData<T>& data, int64_t num_sequences) {
+                          const AttentionData<T>& data, int64_t num_sequences,
+                          float logit_softcap) {
   const std::vector<AttentionItem> items = plan_items(geometry, data, num_sequences);
   // Items differ a lot in cost (a decode against a prefill tile), so each thread takes every
   // num_threads-th item rather than one contiguous range.
@@ -622,7 +668,7 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
         scratch.scores.resize(span.vectors * span.stride);
         gather_queries(geometry, shape, data, item, span, scratch);
         score_keys(geometry, shape, data, item, span, scratch, prefetcher);
-        softmax_rows(span, geometry.group, scratch);
+        softmax_rows(span, logit_softcap, scratch);
         accumulate_values(geometry, shape, data, item, span, scratch);
         store_output(geometry, data, item, span, scratch);
       }
@@ -722,11 +768,13 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
 }  // namespace
 
 // query [T, H, D] (rows may be strided); caches as described above; block_tables
-// [S, max_blocks], cache_lens [S] and query_starts [S + 1], all int32. Returns [T, H, D].
+// [S, max_blocks], cache_lens [S] and query_starts [S + 1], all int32. sliding_window: positions
+// a query sees at most, itself included (0: all); logit_softcap: scores become
+// cap * tanh(score / cap) before the softmax (0: as they are). Returns [T, H, D].
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& cache_lens, const at::Tensor& query_starts,
-                           double scale) {
+                           double scale, int64_t sliding_window, double logit_softcap) {
   check_rows(query, "query");
   check_cache_layout(key_cache, value_cache);
   TORCH_CHECK(query.dim() == 3, "query must be [T, H, D]");
@@ -734,6 +782,9 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   TORCH_CHECK(query.size(2) == value_cache.size(3), "query and cache head_dim differ");
   TORCH_CHECK(query.size(1) % value_cache.size(0) == 0, "heads must be a multiple of KV heads");
   check_sequences(query, value_cache, block_tables, cache_lens, query_starts);
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be at least 1, or 0 for none");
+  TORCH_CHECK(logit_softcap >= 0 && std::isfinite(logit_softcap),
+              "logit_softcap must be positive, or 0 for none");
 
   auto output = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
   const int64_t num_sequences = cache_lens.size(0);
@@ -741,7 +792,8 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const AttentionGeometry geometry{
       query.size(1),       value_cache.size(0), query.size(1) / value_cache.size(0),
       query.size(2),       value_cache.size(1), value_cache.size(2),
-      block_tables.size(1), query.stride(0),    query.stride(1)};
+      block_tables.size(1), query.stride(0),    query.stride(1),
+      sliding_window};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
         const bool fast = has_fast_path<scalar_t>(geometry.head_dim, geometry.block_size);
@@ -753,7 +805,8 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
             value_cache.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
             block_tables.data_ptr<int32_t>(), cache_lens.data_ptr<int32_t>(),
             query_starts.data_ptr<int32_t>()};
-        paged_attention_impl<scalar_t>(geometry, shape, data, num_sequences);
+        paged_attention_impl<scalar_t>(geometry, shape, data, num_sequences,
+                                       static_cast<float>(logit_softcap));
       });
   return output;
 }

@@ -32,7 +32,10 @@ std::vector<std::string> compiled_isa() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("paged_attention", &sluice::paged_attention);
+  module.def("paged_attention", &sluice::paged_attention, py::arg("query"), py::arg("key_cache"),
+             py::arg("value_cache"), py::arg("block_tables"), py::arg("cache_lens"),
+             py::arg("query_starts"), py::arg("scale"), py::arg("sliding_window") = 0,
+             py::arg("logit_softcap") = 0.0);
   module.def("write_kv", &sluice::write_kv);
   module.def("rms_norm", &sluice::rms_norm);
   module.def("add_rms_norm", &sluice::add_rms_norm);

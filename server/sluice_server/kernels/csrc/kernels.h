@@ -13,7 +13,7 @@ namespace sluice {
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& cache_lens, const at::Tensor& query_starts,
-                           double scale);
+                           double scale, int64_t sliding_window, double logit_softcap);
 void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
               const at::Tensor& value, const at::Tensor& slot_mapping);
 

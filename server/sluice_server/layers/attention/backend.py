@@ -3,7 +3,8 @@
 A flat batch holds the new tokens of several sequences back to back. Each sequence contributes a
 chunk: `query_len` new tokens after `cache_len` tokens whose K/V are already in the cache (a decode
 is a chunk of one token). A layer first writes the new tokens' K/V into their cache slots, then
-attends: each new token sees the whole cached prefix and the new tokens up to itself.
+attends: each new token sees the whole cached prefix and the new tokens up to itself (in a layer
+with a sliding window, only the last `sliding_window` of those positions, itself included).
 """
 
 from abc import ABC, abstractmethod
@@ -77,6 +78,12 @@ class AttentionParams:
     # Scores become cap * tanh(scores / cap) before the softmax (Gemma 2); None: no capping.
     logit_softcap: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"a sliding window must be at least 1, not {self.sliding_window}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"a logit soft cap must be positive, not {self.logit_softcap}")
+
 
 @dataclass
 class AttentionMetadata:
@@ -116,7 +123,8 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         params: AttentionParams,
     ) -> torch.Tensor:
-        """Attention output [T, num_heads, head_dim] for query [T, num_heads, head_dim].
+        """Attention output [T, num_heads, head_dim] for query [T, num_heads, head_dim], as the
+        layer's `params` say.
 
         `key` and `value` are the new tokens' own ([T, num_kv_heads, head_dim]), already written
         to the cache: a chunk that starts its sequence can attend to them without reading back.

@@ -1,5 +1,6 @@
 """Attention on CPU with Sluice's C++ kernels: one kernel call per layer attends every chunk of
-the step, decodes and prompt chunks alike, reading K/V in place from the paged cache.
+the step, decodes and prompt chunks alike, reading K/V in place from the paged cache (with a
+sliding window, only the blocks in the window).
 
 Keys are stored with each block transposed, in pairs of dimensions ([D / 2, block_size, 2]),
 which lets the kernel score a block with vector multiply-adds, or bfloat16 dot-product
@@ -12,7 +13,13 @@ from types import ModuleType
 
 import torch
 
-from .backend import AttentionBackend, AttentionMetadata, AttentionParams, LayerKVCache, SequenceChunk
+from .backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    AttentionParams,
+    LayerKVCache,
+    SequenceChunk,
+)
 
 
 @dataclass
@@ -74,7 +81,6 @@ class CompiledCpuAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         params: AttentionParams,
     ) -> torch.Tensor:
-        scale = params.scale
         assert isinstance(metadata, CompiledCpuAttentionMetadata)
         return self.kernels.paged_attention(
             query,
@@ -83,5 +89,8 @@ class CompiledCpuAttentionBackend(AttentionBackend):
             metadata.block_tables,
             metadata.cache_lens,
             metadata.query_starts,
-            scale,
+            params.scale,
+            # The kernel's 0: no window, no cap.
+            params.sliding_window or 0,
+            params.logit_softcap or 0.0,
         )

@@ -1,0 +1,165 @@
+"""Steps for the attention backends' tests: chunks of several sequences on scattered cache blocks,
+attended by a backend through its own cache layout, and a dense reference that attends each
+query on its own from explicit positions."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+import torch
+from sluice_server.layers.attention import (
+    AttentionBackend,
+    AttentionParams,
+    LayerKVCache,
+    SequenceChunk,
+)
+
+# (cache_len, query_len) of a step's chunks: decodes with contexts inside a block, at a block
+# boundary and across many blocks; prompts that start their sequence (two of one length, which
+# the reference backend attends together, and one longer than the compiled kernel's 16-row tile);
+# and chunks after a cached prefix (the later chunks of a chunked prefill), one of them tiles
+# long.
+CHUNK_SHAPES = [(0, 1), (15, 1), (16, 1), (69, 1), (199, 1), (0, 7), (0, 7), (0, 37), (21, 12)]
+# For windows, also decodes and a prefill chunk whose contexts reach many blocks past it.
+WINDOW_CHUNK_SHAPES = [*CHUNK_SHAPES, (250, 1), (100, 40)]
+
+# (sliding_window, logit_softcap, score_gain): windows of a block (16), of more than a block but
+# not a multiple of one, of the query alone, and past every context (the same as none); the cap
+# alone, and with a window, the scores (scaled up by score_gain) reaching well past it.
+WINDOW_AND_CAP_VARIANTS = [
+    pytest.param(16, None, 1.0, id="window-16"),
+    pytest.param(20, None, 1.0, id="window-20"),
+    pytest.param(1, None, 1.0, id="window-1"),
+    pytest.param(1000, None, 1.0, id="window-past-context"),
+    pytest.param(None, 2.0, 1.0, id="softcap"),
+    pytest.param(20, 30.0, 10.0, id="window-20-softcap"),
+]
+
+# Of the largest magnitude (floored at 1), against the float64 reference computed from the same
+# stored inputs. bfloat16 rounds the output, and the reference backend's uncapped paths round
+# their scores and weights too.
+TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class AttentionStep:
+    chunks: list[SequenceChunk]
+    block_size: int
+    # The flat batch's queries, [T, num_heads, head_dim].
+    query: torch.Tensor
+    # Every cache slot's key and value, [num_blocks * block_size, num_kv_heads, head_dim].
+    key_rows: torch.Tensor
+    value_rows: torch.Tensor
+
+    @classmethod
+    def random(
+        cls,
+        shapes: Sequence[tuple[int, int]],
+        num_kv_heads: int,
+        group: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> "AttentionStep":
+        generator = torch.Generator().manual_seed(seed)
+        blocks_each = [-(-(cache_len + query_len) // block_size) for cache_len, query_len in shapes]
+        # Spare blocks too, so that the sequences' blocks are scattered among unused ones.
+        num_blocks = sum(blocks_each) + 8
+        free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
+        chunks = []
+        for (cache_len, query_len), blocks in zip(shapes, blocks_each, strict=True):
+            table, free_blocks = free_blocks[:blocks], free_blocks[blocks:]
+            chunks.append(SequenceChunk(cache_len, query_len, table))
+        key_rows, value_rows = (
+            torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=generator)
+            for _ in range(2)
+        )
+        num_tokens = sum(query_len for _cache_len, query_len in shapes)
+        query = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=generator)
+        return cls(chunks, block_size, query.to(dtype), key_rows.to(dtype), value_rows.to(dtype))
+
+    def slot(self, chunk: SequenceChunk, position: int) -> int:
+        return chunk.block_table[position // self.block_size] * self.block_size + (
+            position % self.block_size
+        )
+
+    def poison_blocks_before(self, window: int) -> None:
+        """Sets to NaN the K/V of every block that lies wholly before the window of its chunk's
+        first query (and so of all its queries): a backend that reads any of them, rather than
+        skipping them, returns NaN."""
+        for chunk in self.chunks:
+            first_seen = max(0, chunk.cache_len - window + 1)
+            for position in range(first_seen // self.block_size * self.block_size):
+                self.key_rows[self.slot(chunk, position)] = float("nan")
+                self.value_rows[self.slot(chunk, position)] = float("nan")
+
+    def attend(self, backend: AttentionBackend, params: AttentionParams) -> torch.Tensor:
+        """The step attended by `backend`, every slot's K/V written through its own write (and
+        layout) first, the new tokens' also passed as the model passes them."""
+        num_kv_heads, head_dim = self.key_rows.shape[1:]
+        num_blocks = self.key_rows.shape[0] // self.block_size
+        value = torch.zeros(
+            num_kv_heads, num_blocks, self.block_size, head_dim, dtype=self.value_rows.dtype
+        )
+        key = value.transpose(2, 3).contiguous() if backend.transposed_keys else value.clone()
+        cache = LayerKVCache(key, value)
+        all_slots = torch.arange(num_blocks * self.block_size)
+        backend.write(cache, self.key_rows, self.value_rows, all_slots)
+        metadata = backend.build_metadata(self.chunks, self.block_size, torch.device("cpu"))
+        new_key = self.key_rows[metadata.slot_mapping]
+        new_value = self.value_rows[metadata.slot_mapping]
+        return backend.attend(self.query, new_key, new_value, cache, metadata, params)
+
+    def dense_reference(self, params: AttentionParams) -> torch.Tensor:
+        """[T, num_heads, head_dim] in float64: each query row attends the keys at the positions
+        its window holds, read from their slots, with the scores soft-capped where asked."""
+        num_heads = self.query.shape[1]
+        group = num_heads // self.key_rows.shape[1]
+        window = params.sliding_window
+        outputs = []
+        row = 0
+        for chunk in self.chunks:
+            for position in range(chunk.cache_len, chunk.context_len):
+                first_seen = 0 if window is None else max(0, position - window + 1)
+                slots = [self.slot(chunk, p) for p in range(first_seen, position + 1)]
+                # [seen, num_heads, head_dim]: query head h reads KV head h // group.
+                keys = self.key_rows[slots].double().repeat_interleave(group, dim=1)
+                values = self.value_rows[slots].double().repeat_interleave(group, dim=1)
+                scores = torch.einsum("hd,khd->hk", self.query[row].double(), keys) * params.scale
+                if params.logit_softcap is not None:
+                    scores = params.logit_softcap * torch.tanh(scores / params.logit_softcap)
+                outputs.append(torch.einsum("hk,khd->hd", torch.softmax(scores, dim=-1), values))
+                row += 1
+        return torch.stack(outputs)
+
+
+def check_window_and_cap(
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    block_size: int,
+    sliding_window: int | None,
+    logit_softcap: float | None,
+    score_gain: float,
+) -> None:
+    """`backend` attends WINDOW_CHUNK_SHAPES as the dense reference does, never reading a block
+    before a window; a window past every context changes nothing, and every other variant
+    changes the answer (so the check would see it ignored)."""
+    step = AttentionStep.random(WINDOW_CHUNK_SHAPES, 2, group, head_dim, block_size, dtype, seed=7)
+    scale = score_gain * head_dim**-0.5
+    params = AttentionParams(scale, sliding_window, logit_softcap)
+    plain = AttentionParams(scale)
+    longest = max(chunk.context_len for chunk in step.chunks)
+    if sliding_window is not None and sliding_window >= longest:
+        assert torch.equal(step.attend(backend, params), step.attend(backend, plain))
+    else:
+        difference = step.dense_reference(params) - step.dense_reference(plain)
+        assert difference.abs().max().item() > 0.1
+    if sliding_window is not None:
+        step.poison_blocks_before(sliding_window)
+    actual = step.attend(backend, params)
+    expected = step.dense_reference(params)
+    error = (actual.double() - expected).abs() / expected.abs().clamp(min=1)
+    assert error.max().item() <= TOLERANCES[dtype], f"max relative error {error.max().item()}"
