@@ -113,13 +113,13 @@ end_to_end() {
     return $code
 }
 
-# The engine's CPU tests (test_llama_vs_transformers.py also builds the C++ CPU kernels). The
+# The engine's CPU tests (test_models_vs_transformers.py also builds the C++ CPU kernels). The
 # serve-command tests start `python -m sluice_server` with PYTHONPATH set to server/ alone, so
 # they would miss the wheels in /tmp/site and meet the machine's own grpcio.
 cpu_tests() {
     with_server_path timeout "$(limit "$CPU_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q \
         --tb=short -p no:cacheprovider server/tests/test_step.py server/tests/test_service.py \
-        server/tests/test_llama_vs_transformers.py -k "not serve_command"
+        server/tests/test_models_vs_transformers.py -k "not serve_command"
 }
 
 # The compiled CPU kernels against the reference on the host CPU, in a phase of their own, so

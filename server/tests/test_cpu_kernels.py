@@ -2,7 +2,7 @@
 (`--kernel-builds`, see conftest.py): the native one, and the AVX2 and portable paths whatever
 the CPU has.
 
-The model-level tests (test_llama_vs_transformers, test_gguf) run both kernel sets in float32;
+The model-level tests (test_models_vs_transformers, test_gguf) run both kernel sets in float32;
 these also cover bfloat16 and the head sizes the kernels specialise (64, 128) next to a generic
 one, with grouped-query attention and scattered, partly filled blocks. Attention with sliding
 windows and soft-capped scores is checked against a dense reference (attention_cases.py), as

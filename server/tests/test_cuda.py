@@ -1,6 +1,6 @@
 """Sluice's engine on a CUDA GPU, against transformers on the same GPU.
 
-The GPU versions of test_llama_vs_transformers.py and test_step.py (on CUDA the model runs with
+The GPU versions of test_models_vs_transformers.py and test_step.py (on CUDA the model runs with
 the PyTorch reference kernels), plus what only a GPU has: the KV cache sized from free GPU
 memory. Skipped without a GPU; scripts/gpu_check.sh runs them on one (see docs/gpu.md).
 """
@@ -16,7 +16,7 @@ from sluice_server.engine.step import ForwardChunk, StepExecutor, run_forward
 from sluice_server.kernels import Kernels
 from sluice_server.models.loader import LoadedModel, load_model
 from sluice_server.pb import generate_pb2 as pb
-from test_llama_vs_transformers import MODEL_VARIANTS
+from test_models_vs_transformers import MODEL_VARIANTS
 from test_step import BLOCK_SIZE, PROMPTS, MiniRouter, make_executor, new_request
 from test_step import (
     test_seeded_sampling_does_not_depend_on_the_batch as check_seeded_sampling,

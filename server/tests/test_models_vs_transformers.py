@@ -268,7 +268,9 @@ NO_AVX2 = CpuFeatures(flags=frozenset({"sse4_2"}), machine="x86_64", onednn_bf16
 
 
 @pytest.mark.parametrize("cpu_paths", ["this-cpu", "avx2-only", "no-avx2"])
-@pytest.mark.parametrize("variant", ["llama-tied", "qwen2"])  # qwen2: projections with a bias
+# qwen2: projections with a bias; gemma2: GeGLU, soft-capping, windows, Gemma's norms; qwen3-moe:
+# q/k norms and experts.
+@pytest.mark.parametrize("variant", ["llama-tied", "qwen2", "gemma2", "qwen3-moe"])
 def test_bfloat16_compiled_kernels_match_transformers(
     variant: str, cpu_paths: str, save_tiny_model, compiled_kernels: Kernels
 ) -> None:
