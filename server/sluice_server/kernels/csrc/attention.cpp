@@ -574,22 +574,29 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape, const Atten
   }
 }
 
-// scores[t] = cap * tanh(scores[t] / cap) for t < count.
-inline void soft_cap(float* scores, int64_t count, float cap) {
+// Each vector's scores of what it sees become cap * tanh(score / cap). Out of line: inlined into
+// the item loop, its vectorised tanh made attention without a cap a tenth slower.
+__attribute__((noinline)) void soft_cap_rows(const ItemSpan& span, float cap,
+                                             ItemScratch& scratch) {
   const float inverse_cap = 1.f / cap;
-#pragma omp simd
-  for (int64_t t = 0; t < count; ++t) scores[t] = cap * vector_tanh(scores[t] * inverse_cap);
-}
-
-// Softmax per vector over what it sees, in place, zero elsewhere (so the value pass can weight
-// whole blocks); 1/sum goes to scratch.inverse_sums, applied at the output. A `logit_softcap`
-// above 0 caps the scores first.
-inline void softmax_rows(const ItemSpan& span, float logit_softcap, ItemScratch& scratch) {
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
     const int64_t begin = span.begin(vector) - span.first_position;
     const int64_t end = span.end(vector) - span.first_position;
     float* row_scores = scratch.scores.data() + vector * span.stride;
-    if (logit_softcap > 0.f) soft_cap(row_scores + begin, end - begin, logit_softcap);
+#pragma omp simd
+    for (int64_t t = begin; t < end; ++t) {
+      row_scores[t] = cap * vector_tanh(row_scores[t] * inverse_cap);
+    }
+  }
+}
+
+// Softmax per vector over what it sees, in place, zero elsewhere (so the value pass can weight
+// whole blocks); 1/sum goes to scratch.inverse_sums, applied at the output.
+inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
+  for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    const int64_t begin = span.begin(vector) - span.first_position;
+    const int64_t end = span.end(vector) - span.first_position;
+    float* row_scores = scratch.scores.data() + vector * span.stride;
     float maximum = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : maximum)
     for (int64_t t = begin; t < end; ++t) {
@@ -668,7 +675,8 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
         scratch.scores.resize(span.vectors * span.stride);
         gather_queries(geometry, shape, data, item, span, scratch);
         score_keys(geometry, shape, data, item, span, scratch, prefetcher);
-        softmax_rows(span, logit_softcap, scratch);
+        if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
+        softmax_rows(span, scratch);
         accumulate_values(geometry, shape, data, item, span, scratch);
         store_output(geometry, data, item, span, scratch);
       }
