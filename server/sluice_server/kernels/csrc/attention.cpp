@@ -574,8 +574,8 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape, const Atten
   }
 }
 
-// Each vector's scores of what it sees become cap * tanh(score / cap). Out of line: inlined into
-// the item loop, its vectorised tanh made attention without a cap a tenth slower.
+// Each vector's scores of what it sees become cap * tanh(score / cap). A pass of its own, out of
+// line, so that the item loop of attention without a cap keeps the code it had.
 __attribute__((noinline)) void soft_cap_rows(const ItemSpan& span, float cap,
                                              ItemScratch& scratch) {
   const float inverse_cap = 1.f / cap;
