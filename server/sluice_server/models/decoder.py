@@ -71,6 +71,8 @@ class DecoderLayer(nn.Module):
     first layer starts the stream from the embeddings (residual None)."""
 
     rope: str
+    input_layernorm: RMSNorm
+    self_attn: SelfAttention
 
     def forward(
         self,
@@ -84,6 +86,23 @@ class DecoderLayer(nn.Module):
 
     def load(self, weights: CheckpointWeights, prefix: str) -> None:
         raise NotImplementedError
+
+    def attend(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope_tables: RopeTables,
+        cache: LayerKVCache,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention block on norm(stream): (its output, the stream), the stream started
+        from `hidden` in the first layer and added into otherwise."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden = self.input_layernorm(hidden, residual)
+        return self.self_attn(hidden, *rope_tables[self.rope], cache, metadata), residual
 
 
 class PreNormLayer(DecoderLayer):
@@ -115,12 +134,7 @@ class PreNormLayer(DecoderLayer):
         cache: LayerKVCache,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, *rope_tables[self.rope], cache, metadata)
+        hidden, residual = self.attend(hidden, residual, rope_tables, cache, metadata)
         hidden = self.post_attention_layernorm(hidden, residual)
         return self.feed_forward(hidden), residual
 
@@ -165,12 +179,7 @@ class SandwichNormLayer(DecoderLayer):
         cache: LayerKVCache,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, *rope_tables[self.rope], cache, metadata)
+        hidden, residual = self.attend(hidden, residual, rope_tables, cache, metadata)
         hidden = self.post_attention_layernorm(hidden)
         hidden = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.feed_forward(hidden)), residual
