@@ -85,6 +85,23 @@ pub struct Args {
     #[arg(long, env)]
     pub kv_cache_memory: Option<String>,
 
+    /// How many shards (processes, one per GPU on GPUs) the model is split across with tensor
+    /// parallelism [default: 1, or with --sharded true the number of CUDA_VISIBLE_DEVICES].
+    #[arg(long, env)]
+    pub num_shard: Option<usize>,
+
+    /// Whether to split the model across shards; false with --num-shard above 1 is an error.
+    #[arg(long, env)]
+    pub sharded: Option<bool>,
+
+    /// The address of rank 0, where the shards meet to form their process group.
+    #[arg(long, env, default_value = "localhost")]
+    pub master_addr: String,
+
+    /// The port of rank 0's rendezvous.
+    #[arg(long, env, default_value_t = 29500)]
+    pub master_port: u16,
+
     /// The prefix of the shards' unix socket paths; shard N listens on `{path}-N`.
     #[arg(long, env, default_value = "/tmp/sluice-server")]
     pub shard_uds_path: String,
@@ -120,6 +137,35 @@ pub struct Args {
     /// with commas, for several [default: none, no CORS headers].
     #[arg(long, env, value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
+}
+
+impl Args {
+    /// How many shards to start, from --num-shard and --sharded as TGI reads them.
+    pub fn world_size(&self) -> Result<usize, String> {
+        match (self.sharded, self.num_shard) {
+            (_, Some(0)) => Err("--num-shard must be at least 1".to_owned()),
+            (Some(false), Some(count)) if count > 1 => Err(format!(
+                "--sharded false contradicts --num-shard {count}; drop one of them"
+            )),
+            (Some(true), Some(1)) => Err(
+                "--sharded true needs more than one shard; --num-shard is 1".to_owned(),
+            ),
+            (_, Some(count)) => Ok(count),
+            (Some(true), None) => visible_gpus()
+                .filter(|&count| count > 1)
+                .ok_or_else(|| {
+                    "--sharded true without --num-shard needs CUDA_VISIBLE_DEVICES to name                      several GPUs; set --num-shard"
+                        .to_owned()
+                }),
+            (_, None) => Ok(1),
+        }
+    }
+}
+
+/// The GPUs CUDA_VISIBLE_DEVICES names, if it is set.
+fn visible_gpus() -> Option<usize> {
+    let devices = std::env::var("CUDA_VISIBLE_DEVICES").ok()?;
+    Some(devices.split(',').filter(|d| !d.trim().is_empty()).count())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -193,6 +239,10 @@ mod tests {
                 Some("600"),
                 "SHARD_STARTUP_TIMEOUT_S",
             ),
+            ("num-shard", None, "NUM_SHARD"),
+            ("sharded", None, "SHARDED"),
+            ("master-addr", Some("localhost"), "MASTER_ADDR"),
+            ("master-port", Some("29500"), "MASTER_PORT"),
             ("huggingface-hub-cache", None, "HUGGINGFACE_HUB_CACHE"),
             ("trust-remote-code", None, "TRUST_REMOTE_CODE"),
             ("json-output", None, "JSON_OUTPUT"),
@@ -236,6 +286,31 @@ mod tests {
         assert_eq!(args.kv_cache_memory.as_deref(), Some("4GB"));
         assert_eq!(args.max_batch_size, Some(16));
         assert!(args.json_output);
+    }
+
+    #[test]
+    fn shard_count_follows_num_shard_and_sharded() {
+        let world_size = |flags: &[&str]| {
+            let mut argv = vec!["sluice-launcher"];
+            argv.extend_from_slice(flags);
+            Args::try_parse_from(argv)
+                .expect("valid flags")
+                .world_size()
+        };
+        assert_eq!(world_size(&[]), Ok(1));
+        assert_eq!(world_size(&["--num-shard", "3"]), Ok(3));
+        assert_eq!(
+            world_size(&["--sharded", "true", "--num-shard", "2"]),
+            Ok(2)
+        );
+        assert_eq!(world_size(&["--sharded", "false"]), Ok(1));
+        for contradiction in [
+            &["--sharded", "false", "--num-shard", "2"][..],
+            &["--sharded", "true", "--num-shard", "1"],
+            &["--num-shard", "0"],
+        ] {
+            assert!(world_size(contradiction).is_err(), "{contradiction:?}");
+        }
     }
 
     #[test]

@@ -41,14 +41,19 @@ pub enum LauncherError {
         stderr: StderrTail,
     },
 
-    #[error("the shard did not answer health checks within {}s{stderr}", .timeout.as_secs())]
+    #[error("{name} did not answer health checks within {}s{stderr}", .timeout.as_secs())]
     ShardStartupTimeout {
+        name: String,
         timeout: Duration,
         stderr: StderrTail,
     },
 
     #[error("`sluice-server default-model-gguf` gave no usable path: {0}")]
     DefaultModelGguf(String),
+
+    /// Flags that contradict each other, or ask for what cannot be done.
+    #[error("{0}")]
+    InvalidFlags(String),
 
     #[error("{context}: {source}")]
     Io {

@@ -1,5 +1,6 @@
 //! The `sluice-router` command line.
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
 
 use tokio::process::Command;
@@ -19,7 +20,8 @@ pub struct RouterConfig {
     pub model_id: String,
     /// The resolved model directory, where the tokenizer files are.
     pub tokenizer_dir: PathBuf,
-    pub shard_uds_path: PathBuf,
+    /// One socket per rank, rank 0 first.
+    pub shard_uds_paths: Vec<PathBuf>,
     pub limits: TokenLimits,
     pub max_concurrent_requests: usize,
     pub request_limits: RequestLimits,
@@ -37,7 +39,7 @@ impl RouterConfig {
         args: &Args,
         binary: PathBuf,
         tokenizer_dir: PathBuf,
-        shard_uds_path: PathBuf,
+        shard_uds_paths: Vec<PathBuf>,
         limits: TokenLimits,
     ) -> Self {
         Self {
@@ -46,7 +48,7 @@ impl RouterConfig {
             hostname: args.hostname.clone(),
             model_id: args.model_id.clone(),
             tokenizer_dir,
-            shard_uds_path,
+            shard_uds_paths,
             limits,
             max_concurrent_requests: args.max_concurrent_requests,
             request_limits: args.request_limits.clone(),
@@ -71,8 +73,11 @@ impl RouterConfig {
             .arg(&self.model_id)
             .arg("--tokenizer-name")
             .arg(&self.tokenizer_dir)
-            .arg("--shard-uds-path")
-            .arg(&self.shard_uds_path)
+            .args(
+                self.shard_uds_paths
+                    .iter()
+                    .flat_map(|path| [OsStr::new("--shard-uds-path"), path.as_os_str()]),
+            )
             .arg("--max-input-tokens")
             .arg(self.limits.max_input_tokens.to_string())
             .arg("--max-total-tokens")
@@ -124,7 +129,7 @@ mod tests {
             &args,
             PathBuf::from("/venv/bin/sluice-router"),
             PathBuf::from("/models/m"),
-            PathBuf::from("/tmp/sluice-server-0"),
+            vec!["/tmp/sluice-server-0".into(), "/tmp/sluice-server-1".into()],
             limits,
         );
         let command = config.command();
@@ -136,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn router_command_with_defaults() {
+    fn router_command_with_defaults_and_two_ranks() {
         assert_eq!(
             argv(&[
                 "--model-id",
@@ -158,6 +163,8 @@ mod tests {
                 "/models/m",
                 "--shard-uds-path",
                 "/tmp/sluice-server-0",
+                "--shard-uds-path",
+                "/tmp/sluice-server-1",
                 "--max-input-tokens",
                 "1024",
                 "--max-total-tokens",
@@ -190,7 +197,7 @@ mod tests {
             )
             .expect("valid flags");
             let limits = TokenLimits::new(&args, Some(8192));
-            RouterConfig::new(&args, "r".into(), "m".into(), "s".into(), limits).command()
+            RouterConfig::new(&args, "r".into(), "m".into(), vec!["s".into()], limits).command()
         };
         let with_key = command(&["--api-key", "s3cret"]);
         let std_command = with_key.as_std();

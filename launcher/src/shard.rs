@@ -24,6 +24,9 @@ pub struct ShardConfig {
     pub rank: usize,
     pub world_size: usize,
     pub uds_path: PathBuf,
+    /// Where the ranks meet to form their process group.
+    pub master_addr: String,
+    pub master_port: u16,
     pub dtype: Option<Dtype>,
     pub kv_cache_memory: Option<String>,
     pub startup_timeout: Duration,
@@ -43,6 +46,8 @@ impl ShardConfig {
             rank,
             world_size,
             uds_path: uds_path(&args.shard_uds_path, rank),
+            master_addr: args.master_addr.clone(),
+            master_port: args.master_port,
             dtype: args.dtype,
             kv_cache_memory: args.kv_cache_memory.clone(),
             startup_timeout: Duration::from_secs(args.shard_startup_timeout_s),
@@ -69,7 +74,9 @@ impl ShardConfig {
         }
         command
             .env("RANK", self.rank.to_string())
-            .env("WORLD_SIZE", self.world_size.to_string());
+            .env("WORLD_SIZE", self.world_size.to_string())
+            .env("MASTER_ADDR", &self.master_addr)
+            .env("MASTER_PORT", self.master_port.to_string());
         command
     }
 }
@@ -116,6 +123,7 @@ pub async fn wait_until_healthy(
         let waited = started.elapsed();
         if waited >= config.startup_timeout {
             return Err(LauncherError::ShardStartupTimeout {
+                name: shard.name().to_owned(),
                 timeout: config.startup_timeout,
                 stderr: shard.stderr_tail().await,
             });

@@ -1,8 +1,9 @@
-//! The launcher's life: prepare the model, start the shard, then the router, and stop
-//! them in order on SIGINT/SIGTERM or when either dies.
+//! The launcher's life: prepare the model, start the shards (one per tensor-parallel rank),
+//! then the router, and stop them in order on SIGINT/SIGTERM or when any of them dies.
 
 use std::time::Duration;
 
+use futures::future::{select_all, try_join_all, FutureExt};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::args::Args;
@@ -18,12 +19,10 @@ use crate::shard::{self, ShardConfig};
 const ROUTER_GRACE: Duration = Duration::from_secs(30);
 const SHARD_GRACE: Duration = Duration::from_secs(10);
 
-/// One shard for now; tensor parallelism will start one per rank.
-const WORLD_SIZE: usize = 1;
-
 /// Runs until a shutdown signal (Ok) or until a child fails (Err).
 pub async fn run(args: Args) -> Result<(), LauncherError> {
     let mut signals = ShutdownSignals::install()?;
+    let world_size = args.world_size().map_err(LauncherError::InvalidFlags)?;
     let binaries = Binaries::find()?;
 
     let caches = ModelCaches::from_env(args.huggingface_hub_cache.as_deref())?;
@@ -60,18 +59,41 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         "token limits"
     );
 
-    let shard_config = ShardConfig::new(&args, binaries.server, model_dir.clone(), 0, WORLD_SIZE);
-    let mut shard = shard::spawn(&shard_config)?;
+    let shard_configs: Vec<ShardConfig> = (0..world_size)
+        .map(|rank| {
+            ShardConfig::new(
+                &args,
+                binaries.server.clone(),
+                model_dir.clone(),
+                rank,
+                world_size,
+            )
+        })
+        .collect();
+    let mut shards = Vec::with_capacity(world_size);
+    for config in &shard_configs {
+        match shard::spawn(config) {
+            Ok(child) => shards.push(child),
+            Err(err) => {
+                stop_in_order(&mut with_grace(&mut shards, SHARD_GRACE), &mut signals).await;
+                return Err(err);
+            }
+        }
+    }
     let started = tokio::select! {
-        ready = shard::wait_until_healthy(&mut shard, &shard_config) => ready,
+        ready = try_join_all(
+            shards.iter_mut().zip(&shard_configs).map(|(child, config)| {
+                shard::wait_until_healthy(child, config)
+            }),
+        ) => ready.map(|_| ()),
         signal = signals.recv() => {
-            tracing::info!("received {signal} while the shard was starting, shutting down");
-            stop_in_order(&mut [(&mut shard, SHARD_GRACE)], &mut signals).await;
+            tracing::info!("received {signal} while the shards were starting, shutting down");
+            stop_in_order(&mut with_grace(&mut shards, SHARD_GRACE), &mut signals).await;
             return Ok(());
         }
     };
     if let Err(err) = started {
-        stop_in_order(&mut [(&mut shard, SHARD_GRACE)], &mut signals).await;
+        stop_in_order(&mut with_grace(&mut shards, SHARD_GRACE), &mut signals).await;
         return Err(err);
     }
 
@@ -79,45 +101,76 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         &args,
         binaries.router,
         model_dir,
-        shard_config.uds_path.clone(),
+        shard_configs
+            .iter()
+            .map(|config| config.uds_path.clone())
+            .collect(),
         limits,
     );
     let mut router = match ManagedChild::spawn(router::NAME, router_config.command()) {
         Ok(router) => router,
         Err(err) => {
-            stop_in_order(&mut [(&mut shard, SHARD_GRACE)], &mut signals).await;
+            stop_in_order(&mut with_grace(&mut shards, SHARD_GRACE), &mut signals).await;
             return Err(err);
         }
     };
 
-    supervise_running(&mut router, &mut shard, &mut signals).await
+    supervise_running(&mut router, &mut shards, &mut signals).await
 }
 
-/// Waits, with both children up, for a shutdown signal or for either child to die.
+/// Waits, with every child up, for a shutdown signal or for any child to die.
 async fn supervise_running(
     router: &mut ManagedChild,
-    shard: &mut ManagedChild,
+    shards: &mut [ManagedChild],
     signals: &mut ShutdownSignals,
 ) -> Result<(), LauncherError> {
-    tokio::select! {
-        signal = signals.recv() => {
+    enum Event {
+        Signal(&'static str),
+        RouterExited(Result<std::process::ExitStatus, LauncherError>),
+        // Which shard, and how it exited.
+        ShardExited(usize, Result<std::process::ExitStatus, LauncherError>),
+    }
+    let event = {
+        let shard_exits = select_all(shards.iter_mut().map(|shard| shard.wait().boxed()));
+        tokio::select! {
+            signal = signals.recv() => Event::Signal(signal),
+            status = router.wait() => Event::RouterExited(status),
+            (status, index, _) = shard_exits => Event::ShardExited(index, status),
+        }
+    };
+    match event {
+        Event::Signal(signal) => {
             tracing::info!("received {signal}, shutting down");
-            stop_in_order(&mut [(router, ROUTER_GRACE), (shard, SHARD_GRACE)], signals).await;
+            let mut children = vec![(router, ROUTER_GRACE)];
+            children.extend(with_grace(shards, SHARD_GRACE));
+            stop_in_order(&mut children, signals).await;
             Ok(())
         }
-        status = router.wait() => {
+        Event::RouterExited(status) => {
             tracing::error!("{} exited unexpectedly, stopping the rest", router.name());
             let err = exit_error(router, status).await;
-            stop_in_order(&mut [(shard, SHARD_GRACE)], signals).await;
+            stop_in_order(&mut with_grace(shards, SHARD_GRACE), signals).await;
             Err(err)
         }
-        status = shard.wait() => {
-            tracing::error!("{} exited unexpectedly, stopping the rest", shard.name());
-            let err = exit_error(shard, status).await;
-            stop_in_order(&mut [(router, ROUTER_GRACE)], signals).await;
+        Event::ShardExited(index, status) => {
+            let dead = &mut shards[index];
+            tracing::error!("{} exited unexpectedly, stopping the rest", dead.name());
+            let err = exit_error(dead, status).await;
+            // The router first, so that it stops taking requests the other ranks cannot serve;
+            // stopping the shard that already exited does nothing.
+            let mut children = vec![(router, ROUTER_GRACE)];
+            children.extend(with_grace(shards, SHARD_GRACE));
+            stop_in_order(&mut children, signals).await;
             Err(err)
         }
     }
+}
+
+fn with_grace(
+    children: &mut [ManagedChild],
+    grace: Duration,
+) -> Vec<(&mut ManagedChild, Duration)> {
+    children.iter_mut().map(|child| (child, grace)).collect()
 }
 
 /// A child that exits by itself is a failure, whatever its status.

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from .layers.tensor_parallel import Rendezvous
     from .service import TextGenerationServicer
 
 logger = logging.getLogger("sluice_server")
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: Sluice's compiled C++ kernels on CPU (built on first use), PyTorch's "
         "operators elsewhere or if they cannot be built; compiled: fail rather than fall back",
+    )
+    serve.add_argument(
+        "--collective-timeout",
+        type=_positive_int,
+        default=120,
+        help="seconds after which a tensor-parallel collective that cannot complete (a rank "
+        "died or hangs) fails the step",
     )
     _add_kernel_cache_argument(serve)
     serve.set_defaults(handler=_serve)
@@ -232,24 +240,35 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .engine.step import StepExecutor
     from .kernels import KernelBuildError, select_kernels
+    from .layers.tensor_parallel import join_group
     from .models.loader import ModelLoadError, load_model
     from .service import TextGenerationServicer
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != 1:
-        return _fail(
-            f"WORLD_SIZE={world_size}: tensor parallelism is not implemented yet, run one shard"
-        )
+    try:
+        rendezvous = _rendezvous_from_env(args.collective_timeout)
+    except ValueError as error:
+        return _fail(str(error))
     device_type = args.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda, but CUDA is not available")
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if device_type == "cuda"
-        else torch.device("cpu")
-    )
+    if device_type == "cuda":
+        # One GPU per rank on its node.
+        local_rank = int(os.environ.get("LOCAL_RANK", rendezvous.rank))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if rendezvous.world_size > 1:
+            # The ranks share the host's cores rather than each claiming them all.
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // rendezvous.world_size))
+    logger.info("rank %d of %d on %s", rendezvous.rank, rendezvous.world_size, device)
+    try:
+        shards = join_group(rendezvous, device)
+    except (RuntimeError, ValueError) as error:
+        address = f"{rendezvous.master_addr}:{rendezvous.master_port}"
+        return _fail(f"cannot join the other ranks at {address}: {error}")
     try:
         kernels = select_kernels(args.kernels, device, args.kernel_cache_dir)
     except KernelBuildError as error:
@@ -263,7 +282,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logger.info("loading %s on %s in %s", args.model_dir, device, dtype_name)
     try:
-        loaded = load_model(args.model_dir, dtype, device, kernels)
+        loaded = load_model(args.model_dir, dtype, device, kernels, shards)
     except ModelLoadError as error:
         return _fail(str(error))
     logger.info(
@@ -282,6 +301,30 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as error:
         return _fail(f"cannot serve on unix://{uds_path}: {error}")
     return 0
+
+
+def _rendezvous_from_env(timeout_s: int) -> "Rendezvous":
+    """The rank's place in the group from torch.distributed's variables (the launcher sets
+    them); without them, a single shard."""
+    from datetime import timedelta
+
+    from .layers.tensor_parallel import Rendezvous
+
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        master_port = int(os.environ.get("MASTER_PORT", "29500"))
+    except ValueError as error:
+        raise ValueError(f"RANK, WORLD_SIZE and MASTER_PORT must be integers: {error}") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is not a rank of WORLD_SIZE={world_size}")
+    return Rendezvous(
+        rank=rank,
+        world_size=world_size,
+        master_addr=os.environ.get("MASTER_ADDR", "localhost"),
+        master_port=master_port,
+        timeout=timedelta(seconds=timeout_s),
+    )
 
 
 async def _serve_until_signal(servicer: "TextGenerationServicer", uds_path: str) -> None:

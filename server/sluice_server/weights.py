@@ -49,18 +49,36 @@ class CheckpointWeights:
         return name in self._locations
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            handle, stored_name = self._locations[name]
-        except KeyError:
-            raise KeyError(f"checkpoint has no tensor {name!r}") from None
+        handle, stored_name = self._location(name)
         return handle.get_tensor(stored_name)
 
-    def concatenated(self, names: list[str]) -> torch.Tensor:
-        """The named tensors stacked along dim 0, the output dim of a projection: how a fused
-        projection (q/k/v, gate/up) is filled from a checkpoint that stores them apart."""
-        if len(names) == 1:
-            return self.get(names[0])
-        return torch.cat([self.get(name) for name in names], dim=0)
+    def _location(self, name: str) -> tuple[Any, str]:
+        try:
+            return self._locations[name]
+        except KeyError:
+            raise KeyError(f"checkpoint has no tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle, stored_name = self._location(name)
+        return tuple(handle.get_slice(stored_name).get_shape())
+
+    def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
+        """Refuses, by name, a tensor whose shape is not what the model expects."""
+        if self.shape(name) != expected:
+            raise ValueError(
+                f"{name}: checkpoint shape {self.shape(name)}, model expects {expected}"
+            )
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (entries, for a vector); only those are read from the
+        memory-mapped file."""
+        handle, stored_name = self._location(name)
+        return handle.get_slice(stored_name)[start:stop]
+
+    def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Columns [start, stop) of a matrix."""
+        handle, stored_name = self._location(name)
+        return handle.get_slice(stored_name)[:, start:stop]
 
     def lm_head_is_tied(self, tie_word_embeddings: bool) -> bool:
         """Whether the LM head reuses the embedding matrix.

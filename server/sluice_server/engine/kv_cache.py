@@ -30,12 +30,13 @@ class KVCacheSpec:
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, block_size: int) -> "KVCacheSpec":
-        """The cache a loaded model needs, in the model's dtype and on its device."""
+        """The cache a loaded model needs, in the model's dtype and on its device: this rank's
+        share of the KV heads."""
         config = loaded.config
         return cls(
             num_layers=config.num_layers,
             block_size=block_size,
-            num_kv_heads=config.num_kv_heads,
+            num_kv_heads=loaded.shards.local_kv_heads(config.num_kv_heads),
             head_dim=config.head_dim,
             dtype=loaded.dtype,
             device=loaded.device,
@@ -73,12 +74,13 @@ class KVCacheSpec:
         return tensor.zero_()  # Touching the pages after the advice gives them huge pages.
 
 
-def default_cache_bytes(device: torch.device, warmup_peak_bytes: int) -> int:
-    """Memory for the KV cache when the user did not set --kv-cache-memory."""
+def default_cache_bytes(device: torch.device, warmup_peak_bytes: int, world_size: int) -> int:
+    """Memory for one rank's KV cache when the user did not set --kv-cache-memory. Ranks on the
+    CPU share the host's memory, so each takes its part of the host's share."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * CUDA_MEMORY_FRACTION) - warmup_peak_bytes
-    return int(available_host_memory() * HOST_MEMORY_FRACTION)
+    return int(available_host_memory() * HOST_MEMORY_FRACTION) // world_size
 
 
 def available_host_memory() -> int:

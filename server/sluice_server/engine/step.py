@@ -184,7 +184,9 @@ class StepExecutor:
         if self.kv_cache_bytes is not None:
             cache_bytes = self.kv_cache_bytes
         else:
-            cache_bytes = default_cache_bytes(device, warmup_peak_bytes)
+            cache_bytes = default_cache_bytes(
+                device, warmup_peak_bytes, self.loaded.shards.world_size
+            )
             if device.type == "cpu":
                 # Host memory is shared with everything else: take no more than a full batch of
                 # the longest sequences could use.
@@ -265,9 +267,11 @@ class StepExecutor:
             ],
             self.loaded.kernels.ops.argmax_logprob,
         )
+        # Every rank continues each sequence with rank 0's token (the one the router is told).
+        token_ids = self.loaded.shards.broadcast_from_first(sampled.token_ids, self.loaded.device)
         generations = []
         for request, token_id, logprob, top_tokens in zip(
-            sampling_requests, sampled.token_ids, sampled.logprobs, sampled.top_tokens, strict=True
+            sampling_requests, token_ids, sampled.logprobs, sampled.top_tokens, strict=True
         ):
             request.token_ids.append(token_id)
             generations.append(

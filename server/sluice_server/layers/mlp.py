@@ -2,6 +2,8 @@
 
 gate and up read the same input, so they run as one fused projection; checkpoints that store them
 apart are concatenated at load, those that store them fused (Phi-3's `gate_up_proj`) load as is.
+Across tensor-parallel ranks each holds a share of the intermediate features: gate/up are
+column-parallel, down row-parallel.
 """
 
 from collections.abc import Callable
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from ..weights import CheckpointWeights
-from .linear import Linear
+from .linear import ColumnParallelLinear, RowParallelLinear
 from .ops import Ops
 from .runtime import LayerRuntime
 
@@ -51,12 +53,18 @@ class GatedMLP(nn.Module):
         bias: bool,
         runtime: LayerRuntime,
         names: GatedMLPNames = GatedMLPNames(),
+        reduce: bool = True,
     ) -> None:
+        """`reduce=False` leaves the ranks' partial outputs for the caller to sum (a mixture of
+        experts sums all its experts' at once)."""
         super().__init__()
         self.names = names
         self.activation = ACTIVATIONS[check_activation(activation)](runtime.ops)
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias, runtime)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias, runtime)
+        intermediate = runtime.shards.even(intermediate_size, "intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden_size, [intermediate, intermediate], bias, runtime
+        )
+        self.down_proj = RowParallelLinear(intermediate, hidden_size, bias, runtime, reduce)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation(self.gate_up_proj(hidden)))

@@ -3,7 +3,8 @@
 A router scores every expert per token; each token runs through its top-k experts and sums their
 outputs weighted by the router's probabilities. Dispatch is grouped: the (token, expert) pairs are
 sorted by expert so that each expert runs once per step on all of its tokens, as one matmul per
-projection, instead of once per token.
+projection, instead of once per token. Across tensor-parallel ranks every expert is split like a
+dense MLP, and the block sums its experts' partial outputs across ranks once.
 """
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ..weights import CheckpointWeights
-from .linear import Linear
+from .linear import ReplicatedLinear
 from .mlp import GatedMLP, GatedMLPNames
 from .runtime import LayerRuntime
 
@@ -36,7 +37,8 @@ class SparseMoE(nn.Module):
     def __init__(self, config: MoEConfig, runtime: LayerRuntime) -> None:
         super().__init__()
         self.config = config
-        self.gate = Linear(config.hidden_size, config.num_experts, False, runtime)
+        self.shards = runtime.shards
+        self.gate = ReplicatedLinear(config.hidden_size, config.num_experts, False, runtime)
         self.experts = nn.ModuleList(
             GatedMLP(
                 config.hidden_size,
@@ -45,11 +47,12 @@ class SparseMoE(nn.Module):
                 False,
                 runtime,
                 config.expert_names,
+                reduce=False,
             )
             for _ in range(config.num_experts)
         )
         self.shared_expert: GatedMLP | None = None
-        self.shared_expert_gate: Linear | None = None
+        self.shared_expert_gate: ReplicatedLinear | None = None
         if config.shared_expert_intermediate_size is not None:
             self.shared_expert = GatedMLP(
                 config.hidden_size,
@@ -57,8 +60,9 @@ class SparseMoE(nn.Module):
                 config.activation,
                 False,
                 runtime,
+                reduce=False,
             )
-            self.shared_expert_gate = Linear(config.hidden_size, 1, False, runtime)
+            self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, False, runtime)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         config = self.config
@@ -86,7 +90,7 @@ class SparseMoE(nn.Module):
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             shared_scale = torch.sigmoid(self.shared_expert_gate(hidden))
             output += shared_scale * self.shared_expert(hidden)
-        return output
+        return self.shards.all_reduce_(output)
 
     def load(self, weights: CheckpointWeights, prefix: str) -> None:
         self.gate.load(weights, [f"{prefix}.gate"])

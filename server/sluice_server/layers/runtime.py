@@ -1,5 +1,5 @@
-"""What every layer of one model shares: the attention backend and ops it runs with, its dtype
-and its device."""
+"""What every layer of one model shares: the attention backend and ops it runs with, its dtype,
+its device, and the tensor-parallel group it is split across."""
 
 from dataclasses import dataclass
 
@@ -7,6 +7,7 @@ import torch
 
 from .attention import AttentionBackend
 from .ops import Ops
+from .tensor_parallel import SINGLE_SHARD, ShardGroup
 
 
 @dataclass(frozen=True)
@@ -15,3 +16,4 @@ class LayerRuntime:
     ops: Ops
     dtype: torch.dtype
     device: torch.device
+    shards: ShardGroup = SINGLE_SHARD

@@ -2,6 +2,8 @@
 
 q, k and v read the same input, so they run as one fused projection; checkpoints that store them
 apart are concatenated at load, those that store them fused (Phi-3's `qkv_proj`) load as is.
+Across tensor-parallel ranks each holds a share of the query heads and the KV heads they read
+(see tensor_parallel.py): the projection in is column-parallel, the one out row-parallel.
 """
 
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from torch import nn
 
 from ..weights import CheckpointWeights
 from .attention import AttentionMetadata, AttentionParams, LayerKVCache
-from .linear import Linear
+from .linear import ColumnParallelLinear, RowParallelLinear
 from .norm import RMSNorm
 from .runtime import LayerRuntime
 
@@ -38,12 +40,17 @@ class SelfAttention(nn.Module):
         self.config = config
         self.backend = runtime.attention
         self.ops = runtime.ops
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
-        self.qkv_proj = Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias, runtime
+        query = runtime.shards.heads(config.num_heads, config.head_dim)
+        key_value = runtime.shards.kv_heads(config.num_kv_heads, config.head_dim)
+        # This rank's heads and their sizes in features.
+        self.num_heads = query.size // config.head_dim
+        self.num_kv_heads = key_value.size // config.head_dim
+        self.q_size = query.size
+        self.kv_size = key_value.size
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [query, key_value, key_value], config.qkv_bias, runtime
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_bias, runtime)
+        self.o_proj = RowParallelLinear(query, config.hidden_size, config.o_bias, runtime)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if config.qk_norm_eps is not None:
@@ -67,8 +74,8 @@ class SelfAttention(nn.Module):
         heads = self._query_key_heads(query_key)
         # Queries and keys rotate by the same angles: one rotation over both, in place.
         self.ops.rotary_(heads, cos, sin)
-        query, key = heads.split([config.num_heads, config.num_kv_heads], dim=1)
-        value = value.view(num_tokens, config.num_kv_heads, config.head_dim)
+        query, key = heads.split([self.num_heads, self.num_kv_heads], dim=1)
+        value = value.view(num_tokens, self.num_kv_heads, config.head_dim)
         self.backend.write(cache, key, value, metadata.slot_mapping)
         attended = self.backend.attend(query, key, value, cache, metadata, config.params)
         return self.o_proj(attended.view(num_tokens, self.q_size))
@@ -78,14 +85,14 @@ class SelfAttention(nn.Module):
         config = self.config
         num_tokens = query_key.shape[0]
         if self.q_norm is None or self.k_norm is None:
-            return query_key.view(num_tokens, config.num_heads + config.num_kv_heads, -1)
+            return query_key.view(num_tokens, self.num_heads + self.num_kv_heads, -1)
         query, key = query_key.split([self.q_size, self.kv_size], dim=-1)
         normed_query = self.q_norm(query.reshape(-1, config.head_dim))
         normed_key = self.k_norm(key.reshape(-1, config.head_dim))
         return torch.cat(
             (
-                normed_query.view(num_tokens, config.num_heads, -1),
-                normed_key.view(num_tokens, config.num_kv_heads, -1),
+                normed_query.view(num_tokens, self.num_heads, -1),
+                normed_key.view(num_tokens, self.num_kv_heads, -1),
             ),
             dim=1,
         )

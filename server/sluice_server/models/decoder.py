@@ -13,12 +13,12 @@ from torch import nn
 
 from ..layers.attention import AttentionMetadata, LayerKVCache
 from ..layers.embedding import Embedding
-from ..layers.linear import Linear
+from ..layers.linear import ColumnParallelLinear, Linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RopeConfig, RotaryEmbedding
 from ..layers.runtime import LayerRuntime
 from ..layers.self_attention import SelfAttention
-from ..weights import CheckpointWeights, copy_checked
+from ..weights import CheckpointWeights
 
 # cos and sin of a step's positions, per rotation a model uses (most use one, "default").
 RopeTables = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -221,7 +221,11 @@ class CausalLM(nn.Module):
         )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime, norm_weight_offset)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, runtime)
+        # Each rank's share of the vocabulary's logits, gathered into the whole in `forward`.
+        self.lm_head = ColumnParallelLinear(
+            config.hidden_size, [runtime.shards.padded(config.vocab_size)], False, runtime
+        )
+        self.shards = runtime.shards
         self.final_logit_softcap = final_logit_softcap
 
     def forward(
@@ -245,6 +249,9 @@ class CausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, rope_tables, layer_cache, metadata)
         assert residual is not None, "a model has at least one layer"
         logits = self.lm_head(self.norm(hidden[logits_rows], residual[logits_rows]))
+        logits = self.shards.all_gather_last_dim(logits)
+        if logits.shape[-1] != self.config.vocab_size:  # the last rank's padding
+            logits = logits[:, : self.config.vocab_size].contiguous()
         if self.final_logit_softcap is not None:
             cap = self.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
@@ -259,9 +266,7 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: CheckpointWeights) -> None:
-        copy_checked(
-            self.embed_tokens.weight, weights.get("embed_tokens.weight"), "embed_tokens.weight"
-        )
+        self.embed_tokens.load(weights, "embed_tokens.weight")
         for index, layer in enumerate(self.layers):
             layer.load(weights, f"layers.{index}")
         self.norm.load(weights.get("norm.weight"))

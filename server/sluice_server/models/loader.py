@@ -9,6 +9,7 @@ import torch
 
 from ..kernels import Kernels
 from ..layers.runtime import LayerRuntime
+from ..layers.tensor_parallel import SINGLE_SHARD, ShardGroup, ShardingError
 from ..weights import CheckpointWeights
 from .decoder import CausalLM, ModelConfig
 from .registry import UnsupportedModelError, model_builder_for
@@ -27,11 +28,19 @@ class LoadedModel:
     device: torch.device
     # The attention backend and ops the model runs with; the engine uses them too.
     kernels: Kernels
+    # The tensor-parallel group the model is split across.
+    shards: ShardGroup
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, kernels: Kernels
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    kernels: Kernels,
+    shards: ShardGroup = SINGLE_SHARD,
 ) -> LoadedModel:
+    """Builds the model's layers (this rank's slice of them, under tensor parallelism) and fills
+    them from the checkpoint."""
     hf_config = _read_json(model_dir / "config.json", required=True)
     model_type = hf_config.get("model_type")
     if not isinstance(model_type, str):
@@ -42,9 +51,12 @@ def load_model(
         remote_code = "auto_map" in hf_config  # modeling code shipped inside the repository
         note = "; it needs remote code, which Sluice does not run" if remote_code else ""
         raise ModelLoadError(f"{model_dir}: {error}{note}") from error
-    runtime = LayerRuntime(kernels.attention, kernels.ops, dtype, device)
+    runtime = LayerRuntime(kernels.attention, kernels.ops, dtype, device, shards)
     try:
         model = build(hf_config, runtime)
+    except ShardingError as error:
+        counts = ", ".join(str(count) for count in supported_shard_counts(hf_config))
+        raise ModelLoadError(f"{model_dir}: {error}; it splits across {counts} shards") from error
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
     try:
@@ -64,7 +76,26 @@ def load_model(
         dtype=dtype,
         device=device,
         kernels=kernels,
+        shards=shards,
     )
+
+
+def supported_shard_counts(hf_config: dict[str, Any]) -> list[int]:
+    """The tensor-parallel sizes a model splits across: its query heads and every MLP's
+    intermediate features divide evenly, and its KV heads divide or are divided evenly."""
+    num_heads = int(hf_config["num_attention_heads"])
+    num_kv_heads = int(hf_config.get("num_key_value_heads") or num_heads)
+    even_dims = [num_heads] + [
+        int(hf_config[key])
+        for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+        if hf_config.get(key)
+    ]
+    return [
+        count
+        for count in range(1, num_heads + 1)
+        if all(dim % count == 0 for dim in even_dims)
+        and (num_kv_heads % count == 0 or count % num_kv_heads == 0)
+    ]
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Tensor parallelism end to end: the real launcher splitting the default model (9 query heads,
+3 KV heads) across three shard processes, compared with one shard; and a rank that dies takes the
+whole server down with an error naming it, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import SluiceServer, free_port, serve, start_server
+from helpers import generate
+
+PROMPTS = [
+    f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    for question in [
+        "What is the capital of France?",
+        "Name three primary colours.",
+        "Write a haiku about rain.",
+        "How many legs does a spider have?",
+        "What is 12 times 12?",
+        "Give me a synonym for happy.",
+        "Why is the sky blue?",
+        "What does a bee make?",
+        "List the days of the week.",
+        "Translate 'good morning' into Spanish.",
+        "What is the boiling point of water?",
+        "Who wrote Romeo and Juliet?",
+        "Describe a cat in one sentence.",
+        "What is the largest planet?",
+        "Suggest a name for a dog.",
+        "How do plants make food?",
+    ]
+]
+MAX_NEW_TOKENS = 24
+# A dead rank fails the collective the others are in, or is seen exiting, within this.
+SHUTDOWN_AFTER_A_DEATH_S = 30
+
+
+def greedy_outputs(server: SluiceServer) -> list[str]:
+    """The 16 prompts sent at once, greedy."""
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        answers = pool.map(
+            lambda prompt: generate(server, prompt, max_new_tokens=MAX_NEW_TOKENS), PROMPTS
+        )
+        return [answer["generated_text"] for answer in answers]
+
+
+@pytest.fixture(scope="module")
+def one_shard_outputs() -> list[str]:
+    single = serve()
+    server = next(single)
+    outputs = greedy_outputs(server)
+    next(single, None)  # Stops it, checking that it stops cleanly.
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def three_shards() -> Iterator[SluiceServer]:
+    """Three ranks; the last test kills one, otherwise it must stop cleanly."""
+    server = start_server("--num-shard", "3", "--master-port", str(free_port()))
+    yield server
+    if server.process.poll() is None:
+        code = server.stop()
+        assert code == 0, f"launcher exited with {code} on SIGTERM:\n{server.log_tail()}"
+
+
+def shard_pids(server: SluiceServer) -> dict[int, int]:
+    """rank -> pid of the server's running shard processes (found by their socket paths)."""
+    prefix = server.flags[server.flags.index("--shard-uds-path") + 1]
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # Exited while we looked.
+        for arg in argv:
+            if arg.decode(errors="replace").startswith(f"{prefix}-"):
+                pids[int(arg.decode().rsplit("-", 1)[1])] = int(entry.name)
+    return pids
+
+
+def test_three_shards_answer_as_one(
+    three_shards: SluiceServer, one_shard_outputs: list[str]
+) -> None:
+    assert sorted(shard_pids(three_shards)) == [0, 1, 2]
+    assert greedy_outputs(three_shards) == one_shard_outputs
+
+
+def test_a_shard_count_that_does_not_split_the_heads_is_refused() -> None:
+    with pytest.raises(RuntimeError, match=r"does not split across 2 shards.*1, 3 shards"):
+        start_server("--num-shard", "2", "--master-port", str(free_port()))
+
+
+def test_a_dead_rank_stops_the_server_naming_it(three_shards: SluiceServer) -> None:
+    os.kill(shard_pids(three_shards)[1], signal.SIGKILL)
+    code = three_shards.process.wait(timeout=SHUTDOWN_AFTER_A_DEATH_S)
+    log = three_shards.log_tail(200)
+    assert code != 0, log
+    assert "shard-1 exited" in log, log
+    assert shard_pids(three_shards) == {}
