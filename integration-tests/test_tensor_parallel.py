@@ -1,17 +1,20 @@
 """Tensor parallelism end to end: the real launcher splitting the default model (9 query heads,
-3 KV heads) across three shard processes, compared with one shard; and a rank that dies takes the
-whole server down with an error naming it, leaving no process behind."""
+3 KV heads) across three shard processes, and across three launchers as on three machines,
+compared with one shard; and a rank that dies takes the whole server down with an error naming
+it, leaving no process behind."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SluiceServer, free_port, serve, start_server
+from conftest import DEFAULT_MODEL, SluiceServer, free_port, serve, start_server
 from helpers import generate
 
 PROMPTS = [
@@ -104,3 +107,39 @@ def test_a_dead_rank_stops_the_server_naming_it(three_shards: SluiceServer) -> N
     assert code != 0, log
     assert "shard-1 exited" in log, log
     assert shard_pids(three_shards) == {}
+
+
+def test_three_nodes_answer_as_one(one_shard_outputs: list[str], tmp_path: Path) -> None:
+    """Three launchers, one rank each, standing in for three machines: they bind distinct
+    loopback addresses, so that each "node" has its own address as on a network."""
+    launcher = shutil.which("sluice-launcher")
+    assert launcher is not None, "run `make install` first"
+    master_port, shard_port = free_port(), free_port()
+    # fmt: off
+    common = [
+        "--model-id", DEFAULT_MODEL, "--dtype", "float32", "--num-shard", "1", "--nnodes", "3",
+        "--master-addr", "127.0.0.1", "--master-port", str(master_port),
+        "--shard-port", str(shard_port), "--shard-startup-timeout-s", "180",
+    ]
+    workers = []
+    for node in (1, 2):
+        log = (tmp_path / f"node-{node}.log").open("wb")
+        workers.append(subprocess.Popen(
+            [launcher, *common, "--node-rank", str(node), "--hostname", f"127.0.0.{node + 1}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+    try:
+        first = start_server(*common[4:], "--worker-addresses", "127.0.0.2,127.0.0.3")
+        # fmt: on
+        try:
+            assert greedy_outputs(first) == one_shard_outputs
+        finally:
+            assert first.stop() == 0, first.log_tail()
+        for node, worker in enumerate(workers, start=1):
+            worker.send_signal(signal.SIGTERM)
+            code = worker.wait(timeout=60)
+            assert code == 0, (tmp_path / f"node-{node}.log").read_text(errors="replace")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()

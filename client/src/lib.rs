@@ -1,22 +1,23 @@
 //! sluice-client: the router-shard contract and the clients that speak it. `pb` holds the
-//! messages generated from proto/generate.proto; `ShardClient` talks to one shard over its unix
-//! socket and `ShardedClient` sends the same call to every rank and returns rank 0's answer.
+//! messages generated from proto/generate.proto; `ShardClient` talks to one shard at its
+//! `ShardAddress` (a unix socket, or TCP for a rank on another machine) and `ShardedClient`
+//! sends the same call to every rank and returns rank 0's answer.
 //! The router schedules through it and the launcher health-checks shards with it.
 
+mod address;
 pub mod pb;
 mod shard;
 mod sharded;
 
+pub use address::ShardAddress;
 pub use shard::ShardClient;
 pub use sharded::ShardedClient;
 
-use std::path::PathBuf;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to shard at {path}: {source}")]
+    #[error("cannot connect to shard at {address}: {source}")]
     Connect {
-        path: PathBuf,
+        address: ShardAddress,
         source: tonic::transport::Error,
     },
     #[error("shard call failed: {0}")]

@@ -1,13 +1,11 @@
-//! A client for one shard over its unix socket.
-
-use std::path::Path;
+//! A client for one shard, over its unix socket or TCP.
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::pb::{self, text_generation_service_client::TextGenerationServiceClient};
-use crate::ClientError;
+use crate::{ClientError, ShardAddress};
 
 #[derive(Clone, Debug)]
 pub struct ShardClient {
@@ -15,19 +13,27 @@ pub struct ShardClient {
 }
 
 impl ShardClient {
-    pub async fn connect(uds_path: &Path) -> Result<Self, ClientError> {
-        let path = uds_path.to_path_buf();
-        // The URI is required by tonic but unused: the connector below always dials the socket.
-        let channel = Endpoint::from_static("http://[::]:50051")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
+    pub async fn connect(address: &ShardAddress) -> Result<Self, ClientError> {
+        let connected = match address {
+            ShardAddress::Unix(path) => {
                 let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
-            }))
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: uds_path.to_path_buf(),
-                source,
-            })?;
+                // The URI is required by tonic but unused: the connector always dials the socket.
+                Endpoint::from_static("http://[::]:50051")
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move { UnixStream::connect(path).await.map(TokioIo::new) }
+                    }))
+                    .await
+            }
+            ShardAddress::Tcp(uri) => match Endpoint::from_shared(uri.clone()) {
+                Ok(endpoint) => endpoint.tcp_nodelay(true).connect().await,
+                Err(err) => Err(err),
+            },
+        };
+        let channel = connected.map_err(|source| ClientError::Connect {
+            address: address.clone(),
+            source,
+        })?;
         let inner = TextGenerationServiceClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);

@@ -1,11 +1,9 @@
 //! Fan-out over all ranks: every rank runs the same step, rank 0 answers for all of them.
 
-use std::path::PathBuf;
-
 use futures::future::try_join_all;
 
 use crate::pb;
-use crate::{ClientError, ShardClient};
+use crate::{ClientError, ShardAddress, ShardClient};
 
 #[derive(Clone, Debug)]
 pub struct ShardedClient {
@@ -13,11 +11,12 @@ pub struct ShardedClient {
 }
 
 impl ShardedClient {
-    pub async fn connect(uds_paths: &[PathBuf]) -> Result<Self, ClientError> {
-        if uds_paths.is_empty() {
+    /// Connects to every rank, rank 0 first.
+    pub async fn connect(addresses: &[ShardAddress]) -> Result<Self, ClientError> {
+        if addresses.is_empty() {
             return Err(ClientError::NoShards);
         }
-        let shards = try_join_all(uds_paths.iter().map(|p| ShardClient::connect(p))).await?;
+        let shards = try_join_all(addresses.iter().map(ShardClient::connect)).await?;
         Ok(Self { shards })
     }
 

@@ -85,14 +85,34 @@ pub struct Args {
     #[arg(long, env)]
     pub kv_cache_memory: Option<String>,
 
-    /// How many shards (processes, one per GPU on GPUs) the model is split across with tensor
-    /// parallelism [default: 1, or with --sharded true the number of CUDA_VISIBLE_DEVICES].
+    /// How many shards (processes, one per GPU on GPUs) this machine splits the model across
+    /// with tensor parallelism [default: 1, or with --sharded true the number of
+    /// CUDA_VISIBLE_DEVICES].
     #[arg(long, env)]
     pub num_shard: Option<usize>,
 
     /// Whether to split the model across shards; false with --num-shard above 1 is an error.
     #[arg(long, env)]
     pub sharded: Option<bool>,
+
+    /// How many machines the model is split across: each runs a launcher with its
+    /// --node-rank and --num-shard shards; the first also runs the router.
+    #[arg(long, env, default_value_t = 1)]
+    pub nnodes: usize,
+
+    /// This machine's place among --nnodes (0: the first, which runs the router).
+    #[arg(long, env, default_value_t = 0)]
+    pub node_rank: usize,
+
+    /// On the first node: the other nodes' addresses, in --node-rank order, where its router
+    /// reaches their shards.
+    #[arg(long, env, value_delimiter = ',')]
+    pub worker_addresses: Vec<String>,
+
+    /// On the other nodes: shard i listens for the router on TCP port --shard-port + i, bound to
+    /// --hostname. The router's calls are not authenticated: a private network only.
+    #[arg(long, env, default_value_t = 29600)]
+    pub shard_port: u16,
 
     /// The address of rank 0, where the shards meet to form their process group.
     #[arg(long, env, default_value = "localhost")]
@@ -140,8 +160,8 @@ pub struct Args {
 }
 
 impl Args {
-    /// How many shards to start, from --num-shard and --sharded as TGI reads them.
-    pub fn world_size(&self) -> Result<usize, String> {
+    /// How many shards this machine starts, from --num-shard and --sharded as TGI reads them.
+    pub fn shards_per_node(&self) -> Result<usize, String> {
         match (self.sharded, self.num_shard) {
             (_, Some(0)) => Err("--num-shard must be at least 1".to_owned()),
             (Some(false), Some(count)) if count > 1 => Err(format!(
@@ -241,6 +261,10 @@ mod tests {
             ),
             ("num-shard", None, "NUM_SHARD"),
             ("sharded", None, "SHARDED"),
+            ("nnodes", Some("1"), "NNODES"),
+            ("node-rank", Some("0"), "NODE_RANK"),
+            ("worker-addresses", None, "WORKER_ADDRESSES"),
+            ("shard-port", Some("29600"), "SHARD_PORT"),
             ("master-addr", Some("localhost"), "MASTER_ADDR"),
             ("master-port", Some("29500"), "MASTER_PORT"),
             ("huggingface-hub-cache", None, "HUGGINGFACE_HUB_CACHE"),
@@ -295,7 +319,7 @@ mod tests {
             argv.extend_from_slice(flags);
             Args::try_parse_from(argv)
                 .expect("valid flags")
-                .world_size()
+                .shards_per_node()
         };
         assert_eq!(world_size(&[]), Ok(1));
         assert_eq!(world_size(&["--num-shard", "3"]), Ok(3));

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use sluice_client::ShardAddress;
+
 use crate::process::StderrTail;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,16 @@ pub enum LauncherError {
         name: String,
         timeout: Duration,
         stderr: StderrTail,
+    },
+
+    #[error(
+        "the shard at {address} did not answer health checks within {}s; is its node's \
+         launcher running?",
+        .timeout.as_secs()
+    )]
+    RemoteShardTimeout {
+        address: ShardAddress,
+        timeout: Duration,
     },
 
     #[error("`sluice-server default-model-gguf` gave no usable path: {0}")]

@@ -1,5 +1,6 @@
-//! `sluice-launcher`: resolves the model, starts the shard and the router, supervises them
-//! and stops them in order. See `supervise.rs` for the life cycle.
+//! `sluice-launcher`: resolves the model, starts the shards and the router, supervises them
+//! and stops them in order. See `supervise.rs` for the life cycle and `topology.rs` for which
+//! ranks a launcher starts.
 
 mod args;
 mod binaries;
@@ -10,6 +11,7 @@ mod process;
 mod router;
 mod shard;
 mod supervise;
+mod topology;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

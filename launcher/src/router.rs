@@ -1,8 +1,9 @@
 //! The `sluice-router` command line.
 
-use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::path::PathBuf;
 
+use sluice_client::ShardAddress;
 use tokio::process::Command;
 
 use crate::args::{Args, RequestLimits};
@@ -20,8 +21,8 @@ pub struct RouterConfig {
     pub model_id: String,
     /// The resolved model directory, where the tokenizer files are.
     pub tokenizer_dir: PathBuf,
-    /// One socket per rank, rank 0 first.
-    pub shard_uds_paths: Vec<PathBuf>,
+    /// Every rank's address, rank 0 first.
+    pub shard_addresses: Vec<ShardAddress>,
     pub limits: TokenLimits,
     pub max_concurrent_requests: usize,
     pub request_limits: RequestLimits,
@@ -39,7 +40,7 @@ impl RouterConfig {
         args: &Args,
         binary: PathBuf,
         tokenizer_dir: PathBuf,
-        shard_uds_paths: Vec<PathBuf>,
+        shard_addresses: Vec<ShardAddress>,
         limits: TokenLimits,
     ) -> Self {
         Self {
@@ -48,7 +49,7 @@ impl RouterConfig {
             hostname: args.hostname.clone(),
             model_id: args.model_id.clone(),
             tokenizer_dir,
-            shard_uds_paths,
+            shard_addresses,
             limits,
             max_concurrent_requests: args.max_concurrent_requests,
             request_limits: args.request_limits.clone(),
@@ -73,11 +74,13 @@ impl RouterConfig {
             .arg(&self.model_id)
             .arg("--tokenizer-name")
             .arg(&self.tokenizer_dir)
-            .args(
-                self.shard_uds_paths
-                    .iter()
-                    .flat_map(|path| [OsStr::new("--shard-uds-path"), path.as_os_str()]),
-            )
+            .args(self.shard_addresses.iter().flat_map(|address| {
+                let flag_value = match address {
+                    ShardAddress::Unix(path) => path.as_os_str().to_owned(),
+                    ShardAddress::Tcp(uri) => uri.into(),
+                };
+                [OsString::from("--shard-address"), flag_value]
+            }))
             .arg("--max-input-tokens")
             .arg(self.limits.max_input_tokens.to_string())
             .arg("--max-total-tokens")
@@ -129,7 +132,10 @@ mod tests {
             &args,
             PathBuf::from("/venv/bin/sluice-router"),
             PathBuf::from("/models/m"),
-            vec!["/tmp/sluice-server-0".into(), "/tmp/sluice-server-1".into()],
+            vec![
+                ShardAddress::Unix("/tmp/sluice-server-0".into()),
+                ShardAddress::Tcp("http://10.0.0.2:29600".into()),
+            ],
             limits,
         );
         let command = config.command();
@@ -161,10 +167,10 @@ mod tests {
                 "org/model",
                 "--tokenizer-name",
                 "/models/m",
-                "--shard-uds-path",
+                "--shard-address",
                 "/tmp/sluice-server-0",
-                "--shard-uds-path",
-                "/tmp/sluice-server-1",
+                "--shard-address",
+                "http://10.0.0.2:29600",
                 "--max-input-tokens",
                 "1024",
                 "--max-total-tokens",
@@ -197,7 +203,14 @@ mod tests {
             )
             .expect("valid flags");
             let limits = TokenLimits::new(&args, Some(8192));
-            RouterConfig::new(&args, "r".into(), "m".into(), vec!["s".into()], limits).command()
+            RouterConfig::new(
+                &args,
+                "r".into(),
+                "m".into(),
+                vec![ShardAddress::Unix("s".into())],
+                limits,
+            )
+            .command()
         };
         let with_key = command(&["--api-key", "s3cret"]);
         let std_command = with_key.as_std();

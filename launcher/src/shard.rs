@@ -1,15 +1,16 @@
 //! Starting a model shard (`sluice-server serve`) and waiting until it answers Health.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use sluice_client::ShardClient;
+use sluice_client::{ShardAddress, ShardClient};
 use tokio::process::Command;
 use tokio::time::{timeout, Instant};
 
 use crate::args::{Args, Dtype};
 use crate::error::LauncherError;
 use crate::process::ManagedChild;
+use crate::topology::{ShardListen, Topology};
 
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// One health check must not hang the startup loop on a stuck connection.
@@ -23,7 +24,7 @@ pub struct ShardConfig {
     pub model_dir: PathBuf,
     pub rank: usize,
     pub world_size: usize,
-    pub uds_path: PathBuf,
+    pub listen: ShardListen,
     /// Where the ranks meet to form their process group.
     pub master_addr: String,
     pub master_port: u16,
@@ -35,17 +36,17 @@ pub struct ShardConfig {
 impl ShardConfig {
     pub fn new(
         args: &Args,
+        topology: &Topology,
         binary: PathBuf,
         model_dir: PathBuf,
         rank: usize,
-        world_size: usize,
     ) -> Self {
         Self {
             binary,
             model_dir,
             rank,
-            world_size,
-            uds_path: uds_path(&args.shard_uds_path, rank),
+            world_size: topology.world_size(),
+            listen: topology.listen(rank),
             master_addr: args.master_addr.clone(),
             master_port: args.master_port,
             dtype: args.dtype,
@@ -64,8 +65,7 @@ impl ShardConfig {
         command
             .arg("serve")
             .arg(&self.model_dir)
-            .arg("--uds-path")
-            .arg(&self.uds_path);
+            .args(self.listen.serve_flags());
         if let Some(dtype) = self.dtype {
             command.arg("--dtype").arg(dtype.to_string());
         }
@@ -81,21 +81,18 @@ impl ShardConfig {
     }
 }
 
-/// Shard `rank` listens on `{prefix}-{rank}`.
-pub fn uds_path(prefix: &str, rank: usize) -> PathBuf {
-    PathBuf::from(format!("{prefix}-{rank}"))
-}
-
 /// Starts the shard, clearing a socket file a previous run may have left behind.
 pub fn spawn(config: &ShardConfig) -> Result<ManagedChild, LauncherError> {
-    match std::fs::remove_file(&config.uds_path) {
-        Ok(()) => tracing::info!("removed stale socket {}", config.uds_path.display()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => {
-            return Err(LauncherError::Io {
-                context: format!("cannot remove stale socket {}", config.uds_path.display()),
-                source: err,
-            })
+    if let ShardListen::Unix(path) = &config.listen {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!("removed stale socket {}", path.display()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(LauncherError::Io {
+                    context: format!("cannot remove stale socket {}", path.display()),
+                    source: err,
+                })
+            }
         }
     }
     ManagedChild::spawn(&config.name(), config.command())
@@ -112,7 +109,7 @@ pub async fn wait_until_healthy(
         if let Some(status) = shard.exit_status()? {
             return Err(shard.exit_error(status).await);
         }
-        if is_healthy(&config.uds_path).await {
+        if is_healthy(&config.listen.local_address()).await {
             tracing::info!(
                 "{} is ready after {}s",
                 shard.name(),
@@ -140,13 +137,40 @@ pub async fn wait_until_healthy(
     }
 }
 
-async fn is_healthy(uds_path: &Path) -> bool {
+/// Polls Health of a rank another node's launcher started, until it answers or the startup
+/// timeout passes.
+pub async fn wait_for_remote(
+    address: ShardAddress,
+    startup_timeout: Duration,
+) -> Result<(), LauncherError> {
+    let started = Instant::now();
+    let mut next_progress_log = PROGRESS_LOG_INTERVAL;
+    while !is_healthy(&address).await {
+        let waited = started.elapsed();
+        if waited >= startup_timeout {
+            return Err(LauncherError::RemoteShardTimeout {
+                address,
+                timeout: startup_timeout,
+            });
+        }
+        if waited >= next_progress_log {
+            tracing::info!("waiting for the shard at {address} ({}s)", waited.as_secs());
+            next_progress_log += PROGRESS_LOG_INTERVAL;
+        }
+        tokio::time::sleep(HEALTH_POLL_INTERVAL).await;
+    }
+    tracing::info!("the shard at {address} is ready");
+    Ok(())
+}
+
+/// Whether the shard at `address` answers Health: one attempt.
+pub async fn is_healthy(address: &ShardAddress) -> bool {
     // Until the socket exists there is nothing to connect to.
-    if !uds_path.exists() {
+    if matches!(address, ShardAddress::Unix(path) if !path.exists()) {
         return false;
     }
     let check = async {
-        let client = ShardClient::connect(uds_path).await?;
+        let client = ShardClient::connect(address).await?;
         client.health().await
     };
     match timeout(HEALTH_ATTEMPT_TIMEOUT, check).await {
@@ -170,12 +194,14 @@ mod tests {
     fn config(flags: &[&str]) -> ShardConfig {
         let command_line = std::iter::once("sluice-launcher").chain(flags.iter().copied());
         let args = Args::try_parse_from(command_line).expect("valid flags");
+        let topology = Topology::from_args(&args).expect("valid topology");
+        let rank = topology.local_ranks().start;
         ShardConfig::new(
             &args,
+            &topology,
             PathBuf::from("/venv/bin/sluice-server"),
             PathBuf::from("/models/m"),
-            0,
-            1,
+            rank,
         )
     }
 
@@ -214,6 +240,27 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_nodes_shard_listens_on_tcp_with_its_global_rank() {
+        let command = config(&[
+            "--num-shard",
+            "2",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--hostname",
+            "10.0.0.2",
+            "--master-addr",
+            "10.0.0.1",
+        ])
+        .command();
+        assert_eq!(argv(&command)[3..], ["--listen", "10.0.0.2:29600"]);
+        assert_eq!(env(&command, "RANK").as_deref(), Some("2"));
+        assert_eq!(env(&command, "WORLD_SIZE").as_deref(), Some("4"));
+        assert_eq!(env(&command, "MASTER_ADDR").as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
     fn serve_command_passes_dtype_and_kv_cache_memory() {
         let command = config(&[
             "--shard-uds-path",
@@ -244,7 +291,7 @@ mod tests {
     async fn a_shard_that_dies_during_startup_reports_its_stderr() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = config(&[]);
-        config.uds_path = dir.path().join("shard-0");
+        config.listen = ShardListen::Unix(dir.path().join("shard-0"));
         let mut command = Command::new("sh");
         command.args(["-c", "echo 'CUDA out of memory' >&2; exit 1"]);
         let mut shard = ManagedChild::spawn("shard-0", command).expect("sh runs");
@@ -263,7 +310,7 @@ mod tests {
     async fn a_shard_that_never_answers_times_out() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = config(&[]);
-        config.uds_path = dir.path().join("shard-0");
+        config.listen = ShardListen::Unix(dir.path().join("shard-0"));
         config.startup_timeout = Duration::from_millis(100);
         let mut command = Command::new("sh");
         command.args(["-c", "echo 'loading weights' >&2; sleep 30"]);
@@ -282,11 +329,11 @@ mod tests {
     async fn stale_socket_is_removed_before_spawning() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = config(&[]);
-        config.uds_path = dir.path().join("shard-0");
+        config.listen = ShardListen::Unix(dir.path().join("shard-0"));
         config.binary = dir.path().join("no-such-binary");
-        std::fs::write(&config.uds_path, "").expect("stale file");
+        std::fs::write(dir.path().join("shard-0"), "").expect("stale file");
         let err = spawn(&config).err().expect("binary missing");
         assert!(matches!(err, LauncherError::Spawn { .. }), "{err}");
-        assert!(!config.uds_path.exists());
+        assert!(!dir.path().join("shard-0").exists());
     }
 }

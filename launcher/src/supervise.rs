@@ -14,6 +14,7 @@ use crate::model::{self, HubAccess, ModelCaches, ModelRequest};
 use crate::process::ManagedChild;
 use crate::router::{self, RouterConfig};
 use crate::shard::{self, ShardConfig};
+use crate::topology::Topology;
 
 /// The router drains in-flight requests within this.
 const ROUTER_GRACE: Duration = Duration::from_secs(30);
@@ -22,7 +23,7 @@ const SHARD_GRACE: Duration = Duration::from_secs(10);
 /// Runs until a shutdown signal (Ok) or until a child fails (Err).
 pub async fn run(args: Args) -> Result<(), LauncherError> {
     let mut signals = ShutdownSignals::install()?;
-    let world_size = args.world_size().map_err(LauncherError::InvalidFlags)?;
+    let topology = Topology::from_args(&args).map_err(LauncherError::InvalidFlags)?;
     let binaries = Binaries::find()?;
 
     let caches = ModelCaches::from_env(args.huggingface_hub_cache.as_deref())?;
@@ -59,18 +60,19 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         "token limits"
     );
 
-    let shard_configs: Vec<ShardConfig> = (0..world_size)
+    let shard_configs: Vec<ShardConfig> = topology
+        .local_ranks()
         .map(|rank| {
             ShardConfig::new(
                 &args,
+                &topology,
                 binaries.server.clone(),
                 model_dir.clone(),
                 rank,
-                world_size,
             )
         })
         .collect();
-    let mut shards = Vec::with_capacity(world_size);
+    let mut shards = Vec::with_capacity(shard_configs.len());
     for config in &shard_configs {
         match shard::spawn(config) {
             Ok(child) => shards.push(child),
@@ -81,11 +83,21 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         }
     }
     let started = tokio::select! {
-        ready = try_join_all(
-            shards.iter_mut().zip(&shard_configs).map(|(child, config)| {
+        ready = async {
+            try_join_all(shards.iter_mut().zip(&shard_configs).map(|(child, config)| {
                 shard::wait_until_healthy(child, config)
-            }),
-        ) => ready.map(|_| ()),
+            }))
+            .await?;
+            // The first node's router needs the other nodes' ranks too.
+            let startup_timeout = Duration::from_secs(args.shard_startup_timeout_s);
+            try_join_all(
+                topology
+                    .remote_addresses()
+                    .into_iter()
+                    .map(|address| shard::wait_for_remote(address, startup_timeout)),
+            )
+            .await
+        } => ready.map(|_| ()),
         signal = signals.recv() => {
             tracing::info!("received {signal} while the shards were starting, shutting down");
             stop_in_order(&mut with_grace(&mut shards, SHARD_GRACE), &mut signals).await;
@@ -96,15 +108,21 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         stop_in_order(&mut with_grace(&mut shards, SHARD_GRACE), &mut signals).await;
         return Err(err);
     }
+    if !topology.is_first_node() {
+        tracing::info!(
+            "node {} of {} serves ranks {:?}; the first node's router calls them",
+            topology.node_rank,
+            topology.nnodes,
+            topology.local_ranks()
+        );
+        return supervise_running(None, &mut shards, &mut signals).await;
+    }
 
     let router_config = RouterConfig::new(
         &args,
         binaries.router,
         model_dir,
-        shard_configs
-            .iter()
-            .map(|config| config.uds_path.clone())
-            .collect(),
+        topology.router_addresses(),
         limits,
     );
     let mut router = match ManagedChild::spawn(router::NAME, router_config.command()) {
@@ -115,12 +133,13 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         }
     };
 
-    supervise_running(&mut router, &mut shards, &mut signals).await
+    supervise_running(Some(&mut router), &mut shards, &mut signals).await
 }
 
-/// Waits, with every child up, for a shutdown signal or for any child to die.
+/// Waits, with every child up, for a shutdown signal or for any child to die. Only the first
+/// node has a router.
 async fn supervise_running(
-    router: &mut ManagedChild,
+    mut router: Option<&mut ManagedChild>,
     shards: &mut [ManagedChild],
     signals: &mut ShutdownSignals,
 ) -> Result<(), LauncherError> {
@@ -131,39 +150,46 @@ async fn supervise_running(
         ShardExited(usize, Result<std::process::ExitStatus, LauncherError>),
     }
     let event = {
+        let router_exit = async {
+            match router.as_deref_mut() {
+                Some(router) => router.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         let shard_exits = select_all(shards.iter_mut().map(|shard| shard.wait().boxed()));
         tokio::select! {
             signal = signals.recv() => Event::Signal(signal),
-            status = router.wait() => Event::RouterExited(status),
+            status = router_exit => Event::RouterExited(status),
             (status, index, _) = shard_exits => Event::ShardExited(index, status),
         }
     };
-    match event {
+    let result = match event {
         Event::Signal(signal) => {
             tracing::info!("received {signal}, shutting down");
-            let mut children = vec![(router, ROUTER_GRACE)];
-            children.extend(with_grace(shards, SHARD_GRACE));
-            stop_in_order(&mut children, signals).await;
             Ok(())
         }
-        Event::RouterExited(status) => {
-            tracing::error!("{} exited unexpectedly, stopping the rest", router.name());
-            let err = exit_error(router, status).await;
-            stop_in_order(&mut with_grace(shards, SHARD_GRACE), signals).await;
-            Err(err)
-        }
+        Event::RouterExited(status) => match router.as_deref_mut() {
+            Some(router) => {
+                tracing::error!("{} exited unexpectedly, stopping the rest", router.name());
+                Err(exit_error(router, status).await)
+            }
+            None => Ok(()), // A pending future never completes.
+        },
         Event::ShardExited(index, status) => {
             let dead = &mut shards[index];
             tracing::error!("{} exited unexpectedly, stopping the rest", dead.name());
-            let err = exit_error(dead, status).await;
-            // The router first, so that it stops taking requests the other ranks cannot serve;
-            // stopping the shard that already exited does nothing.
-            let mut children = vec![(router, ROUTER_GRACE)];
-            children.extend(with_grace(shards, SHARD_GRACE));
-            stop_in_order(&mut children, signals).await;
-            Err(err)
+            Err(exit_error(dead, status).await)
         }
-    }
+    };
+    // The router first, so that it stops taking requests the shards cannot serve; stopping a
+    // child that already exited does nothing.
+    let mut children: Vec<_> = router
+        .map(|router| (router, ROUTER_GRACE))
+        .into_iter()
+        .collect();
+    children.extend(with_grace(shards, SHARD_GRACE));
+    stop_in_order(&mut children, signals).await;
+    result
 }
 
 fn with_grace(

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use sluice_client::ShardAddress;
 
 /// What one invocation does.
 #[derive(Debug, Clone)]
@@ -60,9 +61,10 @@ pub struct RouterArgs {
     /// from tokenizer_config.json or chat_template.jinja next to it.
     #[arg(long, env)]
     pub tokenizer_name: PathBuf,
-    /// One unix socket per rank, rank 0 first.
+    /// Where each rank listens, rank 0 first: a unix socket path, or `http://host:port` for a
+    /// rank on another machine. Repeat the flag once per rank.
     #[arg(long, env, required = true)]
-    pub shard_uds_path: Vec<PathBuf>,
+    pub shard_address: Vec<ShardAddress>,
     #[arg(long, env, default_value_t = 1024)]
     pub max_input_tokens: usize,
     #[arg(long, env, default_value_t = 2048)]
@@ -119,7 +121,7 @@ mod tests {
             "sluice-router",
             "--tokenizer-name",
             "/models/m",
-            "--shard-uds-path",
+            "--shard-address",
             "/tmp/s-0",
             "--port",
             "8080",

@@ -31,7 +31,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     if chat_template.is_none() {
         tracing::warn!("the model has no chat template: /v1/chat/completions will answer 422");
     }
-    let shards = ShardedClient::connect(&args.shard_uds_path).await?;
+    let shards = ShardedClient::connect(&args.shard_address).await?;
     let model = shards
         .info()
         .await

@@ -69,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a model directory over gRPC on a unix socket")
     serve.add_argument("model_dir", type=Path, help="directory with config.json and *.safetensors")
-    serve.add_argument("--uds-path", required=True, help="unix socket path to listen on")
+    listen = serve.add_mutually_exclusive_group(required=True)
+    listen.add_argument("--uds-path", help="unix socket path to listen on")
+    listen.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="TCP address to listen on instead, for a router on another machine (no "
+        "authentication: a private network only)",
+    )
     serve.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -286,20 +293,23 @@ def _serve(args: argparse.Namespace) -> int:
     except ModelLoadError as error:
         return _fail(str(error))
     logger.info(
-        "loaded %s: %d layers, vocab %d, eos %s",
+        "loaded %s: %d layers, vocab %d, eos %s; rank %d holds %.1f MiB of weights",
         loaded.config.model_type,
         loaded.config.num_layers,
         loaded.config.vocab_size,
         list(loaded.eos_token_ids),
+        rendezvous.rank,
+        loaded.weight_bytes / 2**20,
     )
     executor = StepExecutor(loaded, args.block_size, args.kv_cache_memory)
     servicer = TextGenerationServicer(executor)
     # grpc wants an absolute path after unix://
-    uds_path = os.path.abspath(args.uds_path)
+    uds_path = os.path.abspath(args.uds_path) if args.uds_path else None
+    address = f"unix://{uds_path}" if uds_path else args.listen
     try:
-        asyncio.run(_serve_until_signal(servicer, uds_path))
+        asyncio.run(_serve_until_signal(servicer, address, uds_path))
     except (OSError, RuntimeError) as error:
-        return _fail(f"cannot serve on unix://{uds_path}: {error}")
+        return _fail(f"cannot serve on {address}: {error}")
     return 0
 
 
@@ -327,13 +337,17 @@ def _rendezvous_from_env(timeout_s: int) -> "Rendezvous":
     )
 
 
-async def _serve_until_signal(servicer: "TextGenerationServicer", uds_path: str) -> None:
+async def _serve_until_signal(
+    servicer: "TextGenerationServicer", address: str, uds_path: str | None
+) -> None:
+    """Serves on `address` until SIGTERM/SIGINT; `uds_path`: the socket file to clear."""
     from .service import create_server
 
-    _remove_stale_socket(uds_path)
-    server = create_server(servicer, uds_path)
+    if uds_path:
+        _remove_stale_socket(uds_path)
+    server = create_server(servicer, address)
     await server.start()
-    logger.info("Server ready on unix://%s", uds_path)
+    logger.info("Server ready on %s", address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
@@ -341,7 +355,8 @@ async def _serve_until_signal(servicer: "TextGenerationServicer", uds_path: str)
     await stop.wait()
     logger.info("shutting down")
     await server.stop(grace=SHUTDOWN_GRACE_S)
-    _remove_stale_socket(uds_path)
+    if uds_path:
+        _remove_stale_socket(uds_path)
     logger.info("stopped")
 
 

@@ -95,9 +95,10 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         return pb.ClearCacheResponse()
 
 
-def create_server(servicer: TextGenerationServicer, uds_path: str) -> grpc.aio.Server:
-    """An unstarted server bound to unix://uds_path."""
+def create_server(servicer: TextGenerationServicer, address: str) -> grpc.aio.Server:
+    """An unstarted server bound to `address`: `unix:///path`, or `host:port` (a rank that a
+    router on another machine calls)."""
     server = grpc.aio.server()
     pb_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"unix://{uds_path}")
+    server.add_insecure_port(address)
     return server

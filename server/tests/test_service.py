@@ -47,7 +47,7 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
     socket_path = tmp_path / "shard.sock"
 
     async def scenario() -> None:
-        server = create_server(servicer, str(socket_path))
+        server = create_server(servicer, f"unix://{socket_path}")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:

@@ -30,6 +30,8 @@ class LoadedModel:
     kernels: Kernels
     # The tensor-parallel group the model is split across.
     shards: ShardGroup
+    # The weights this rank holds, as loaded (before any packing for the CPU's matmul).
+    weight_bytes: int
 
 
 def load_model(
@@ -65,6 +67,7 @@ def load_model(
     except (FileNotFoundError, KeyError, ValueError) as error:
         raise ModelLoadError(f"{model_dir}: cannot load weights: {error}") from error
     model.eval()
+    weight_bytes = _tensor_bytes(model)
     if device.type == "cpu":
         model.prepack_for_cpu()
     generation_config = _read_json(model_dir / "generation_config.json", required=False)
@@ -77,7 +80,15 @@ def load_model(
         device=device,
         kernels=kernels,
         shards=shards,
+        weight_bytes=weight_bytes,
     )
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    """Memory the model's weights take on this rank, a tensor shared by two modules (tied
+    embeddings) counted once."""
+    tensors = {tensor.data_ptr(): tensor for tensor in model.state_dict().values()}
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
 
 
 def supported_shard_counts(hf_config: dict[str, Any]) -> list[int]:
