@@ -157,6 +157,94 @@ pub struct Args {
     /// with commas, for several [default: none, no CORS headers].
     #[arg(long, env, value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
+
+    /// On SIGTERM the router refuses new requests (503) and gives those in flight this many
+    /// seconds to finish before it stops them.
+    #[arg(long, env, default_value_t = 90)]
+    pub graceful_termination_timeout: u64,
+
+    /// Serve with PyTorch's operators instead of Sluice's compiled CPU kernels.
+    #[arg(long, env)]
+    pub disable_custom_kernels: bool,
+
+    /// TGI's flags for features Sluice has not built: accepted when they ask for the default,
+    /// refused at startup otherwise (see `unbuilt.rs` and docs/launcher.md).
+    #[command(flatten)]
+    pub unbuilt: UnbuiltFeatures,
+}
+
+/// TGI flags whose features Sluice does not have yet. Each is accepted at its default (what
+/// Sluice does anyway) and refused otherwise, never silently ignored.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq)]
+pub struct UnbuiltFeatures {
+    /// Quantization method [not built: serve unquantized weights].
+    #[arg(long, env)]
+    pub quantize: Option<String>,
+
+    /// Tokens to speculate per step [not built: 0].
+    #[arg(long, env)]
+    pub speculate: Option<usize>,
+
+    /// KV cache dtype [not built: the model's dtype].
+    #[arg(long, env)]
+    pub kv_cache_dtype: Option<String>,
+
+    /// Batch sizes to capture CUDA graphs for [not built: "0", none].
+    #[arg(long, env, value_delimiter = ',')]
+    pub cuda_graphs: Vec<usize>,
+
+    /// Share of GPU memory to use [not built: 1.0].
+    #[arg(long, env)]
+    pub cuda_memory_fraction: Option<f32>,
+
+    /// LoRA adapters to load [not built: none].
+    #[arg(long, env)]
+    pub lora_adapters: Option<String>,
+
+    /// OTLP collector to export traces to [not built: none].
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+
+    /// Service name of exported traces [not built: text-generation-inference.router].
+    #[arg(long, env)]
+    pub otlp_service_name: Option<String>,
+
+    /// Rope scaling forced on the model [not built: the model's config.json].
+    #[arg(long, env)]
+    pub rope_scaling: Option<String>,
+
+    /// Rope scaling factor [not built: the model's config.json].
+    #[arg(long, env)]
+    pub rope_factor: Option<f32>,
+
+    /// Watermarking gamma [not built: none].
+    #[arg(long, env)]
+    pub watermark_gamma: Option<f32>,
+
+    /// Watermarking delta [not built: none].
+    #[arg(long, env)]
+    pub watermark_delta: Option<f32>,
+
+    /// Another directory for converted weights [not built: the Hugging Face cache].
+    #[arg(long, env)]
+    pub weights_cache_override: Option<String>,
+
+    /// A tokenizer_config.json to read the chat template from [not built: the model's].
+    #[arg(long, env)]
+    pub tokenizer_config_path: Option<String>,
+
+    /// Tokenizer workers in the router [not built: 2].
+    #[arg(long, env)]
+    pub validation_workers: Option<usize>,
+
+    /// Port of a separate metrics server [not built: /metrics is served on --port].
+    #[arg(long, env)]
+    pub prometheus_port: Option<u16>,
+
+    /// Disables grammar-constrained generation [grammars are not built: generation is never
+    /// constrained, so true and false both hold].
+    #[arg(long, env)]
+    pub disable_grammar_support: bool,
 }
 
 impl Args {
@@ -335,6 +423,42 @@ mod tests {
         ] {
             assert!(world_size(contradiction).is_err(), "{contradiction:?}");
         }
+    }
+
+    /// docs/launcher.md has one row per flag, naming its environment variable, and no row for a
+    /// flag that does not exist.
+    #[test]
+    fn the_flag_page_lists_every_flag() {
+        let page = include_str!("../../docs/launcher.md");
+        let rows: Vec<&str> = page
+            .lines()
+            .filter(|line| line.starts_with("| `--"))
+            .collect();
+        let command = Args::command();
+        let flags: Vec<_> = command
+            .get_arguments()
+            .filter_map(|arg| Some((arg.get_long()?, arg.get_env())))
+            .filter(|(long, _)| !matches!(*long, "help" | "version"))
+            .collect();
+        for (long, env) in &flags {
+            let cell = format!("| `--{long}");
+            let row = rows
+                .iter()
+                .find(|row| row.starts_with(&cell) && row[cell.len()..].starts_with(['`', ',']))
+                .unwrap_or_else(|| panic!("docs/launcher.md has no row for --{long}"));
+            if let Some(env) = env {
+                let env = env.to_string_lossy();
+                assert!(
+                    row.contains(&format!("| `{env}` |")),
+                    "--{long}: {env} not in {row}"
+                );
+            }
+        }
+        assert_eq!(
+            rows.len(),
+            flags.len(),
+            "docs/launcher.md lists flags that do not exist"
+        );
     }
 
     #[test]

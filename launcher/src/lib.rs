@@ -12,6 +12,7 @@ mod router;
 mod shard;
 mod supervise;
 mod topology;
+mod unbuilt;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

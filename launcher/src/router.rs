@@ -33,6 +33,7 @@ pub struct RouterConfig {
     pub api_key: Option<String>,
     pub payload_limit: usize,
     pub cors_allow_origin: Vec<String>,
+    pub graceful_termination_timeout: u64,
 }
 
 impl RouterConfig {
@@ -60,6 +61,7 @@ impl RouterConfig {
             api_key: args.api_key.clone(),
             payload_limit: args.payload_limit,
             cors_allow_origin: args.cors_allow_origin.clone(),
+            graceful_termination_timeout: args.graceful_termination_timeout,
         }
     }
 
@@ -93,7 +95,9 @@ impl RouterConfig {
             .arg(self.prefix_caching.to_string())
             .args(self.request_limits.to_flags())
             .arg("--payload-limit")
-            .arg(self.payload_limit.to_string());
+            .arg(self.payload_limit.to_string())
+            .arg("--graceful-termination-timeout")
+            .arg(self.graceful_termination_timeout.to_string());
         if let Some(tokens) = self.max_batch_total_tokens {
             command
                 .arg("--max-batch-total-tokens")
@@ -191,6 +195,8 @@ mod tests {
                 "4",
                 "--payload-limit",
                 "2000000",
+                "--graceful-termination-timeout",
+                "90",
             ]
         );
     }
@@ -244,7 +250,7 @@ mod tests {
             "--json-output",
         ]);
         assert_eq!(
-            argv[argv.len() - 21..],
+            argv[argv.len() - 23..],
             [
                 "--prefix-caching",
                 "false",
@@ -258,6 +264,8 @@ mod tests {
                 "4",
                 "--payload-limit",
                 "1000",
+                "--graceful-termination-timeout",
+                "90",
                 "--max-batch-total-tokens",
                 "4096",
                 "--max-batch-size",

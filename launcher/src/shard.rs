@@ -30,6 +30,8 @@ pub struct ShardConfig {
     pub master_port: u16,
     pub dtype: Option<Dtype>,
     pub kv_cache_memory: Option<String>,
+    /// PyTorch's operators instead of the compiled CPU kernels.
+    pub disable_custom_kernels: bool,
     pub startup_timeout: Duration,
 }
 
@@ -51,6 +53,7 @@ impl ShardConfig {
             master_port: args.master_port,
             dtype: args.dtype,
             kv_cache_memory: args.kv_cache_memory.clone(),
+            disable_custom_kernels: args.disable_custom_kernels,
             startup_timeout: Duration::from_secs(args.shard_startup_timeout_s),
         }
     }
@@ -71,6 +74,9 @@ impl ShardConfig {
         }
         if let Some(memory) = &self.kv_cache_memory {
             command.arg("--kv-cache-memory").arg(memory);
+        }
+        if self.disable_custom_kernels {
+            command.arg("--kernels").arg("reference");
         }
         command
             .env("RANK", self.rank.to_string())
@@ -261,7 +267,7 @@ mod tests {
     }
 
     #[test]
-    fn serve_command_passes_dtype_and_kv_cache_memory() {
+    fn serve_command_passes_dtype_kv_cache_memory_and_kernels() {
         let command = config(&[
             "--shard-uds-path",
             "/run/sluice",
@@ -269,6 +275,7 @@ mod tests {
             "float16",
             "--kv-cache-memory",
             "4GB",
+            "--disable-custom-kernels",
         ])
         .command();
         assert_eq!(
@@ -282,7 +289,9 @@ mod tests {
                 "--dtype",
                 "float16",
                 "--kv-cache-memory",
-                "4GB"
+                "4GB",
+                "--kernels",
+                "reference"
             ]
         );
     }

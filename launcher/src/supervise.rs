@@ -15,15 +15,19 @@ use crate::process::ManagedChild;
 use crate::router::{self, RouterConfig};
 use crate::shard::{self, ShardConfig};
 use crate::topology::Topology;
+use crate::unbuilt;
 
-/// The router drains in-flight requests within this.
-const ROUTER_GRACE: Duration = Duration::from_secs(30);
+/// The router gets this long beyond --graceful-termination-timeout to stop what is left.
+const ROUTER_GRACE_MARGIN: Duration = Duration::from_secs(10);
 const SHARD_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs until a shutdown signal (Ok) or until a child fails (Err).
 pub async fn run(args: Args) -> Result<(), LauncherError> {
     let mut signals = ShutdownSignals::install()?;
     let topology = Topology::from_args(&args).map_err(LauncherError::InvalidFlags)?;
+    if let Some(refusal) = unbuilt::refusal(&args.unbuilt) {
+        return Err(LauncherError::InvalidFlags(refusal));
+    }
     let binaries = Binaries::find()?;
 
     let caches = ModelCaches::from_env(args.huggingface_hub_cache.as_deref())?;
@@ -133,13 +137,14 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         }
     };
 
-    supervise_running(Some(&mut router), &mut shards, &mut signals).await
+    let router_grace = Duration::from_secs(args.graceful_termination_timeout) + ROUTER_GRACE_MARGIN;
+    supervise_running(Some((&mut router, router_grace)), &mut shards, &mut signals).await
 }
 
 /// Waits, with every child up, for a shutdown signal or for any child to die. Only the first
-/// node has a router.
+/// node has a router (with the time it gets to drain).
 async fn supervise_running(
-    mut router: Option<&mut ManagedChild>,
+    mut router: Option<(&mut ManagedChild, Duration)>,
     shards: &mut [ManagedChild],
     signals: &mut ShutdownSignals,
 ) -> Result<(), LauncherError> {
@@ -151,8 +156,8 @@ async fn supervise_running(
     }
     let event = {
         let router_exit = async {
-            match router.as_deref_mut() {
-                Some(router) => router.wait().await,
+            match router.as_mut() {
+                Some((router, _)) => router.wait().await,
                 None => std::future::pending().await,
             }
         };
@@ -168,8 +173,8 @@ async fn supervise_running(
             tracing::info!("received {signal}, shutting down");
             Ok(())
         }
-        Event::RouterExited(status) => match router.as_deref_mut() {
-            Some(router) => {
+        Event::RouterExited(status) => match router.as_mut() {
+            Some((router, _)) => {
                 tracing::error!("{} exited unexpectedly, stopping the rest", router.name());
                 Err(exit_error(router, status).await)
             }
@@ -183,10 +188,7 @@ async fn supervise_running(
     };
     // The router first, so that it stops taking requests the shards cannot serve; stopping a
     // child that already exited does nothing.
-    let mut children: Vec<_> = router
-        .map(|router| (router, ROUTER_GRACE))
-        .into_iter()
-        .collect();
+    let mut children: Vec<_> = router.into_iter().collect();
     children.extend(with_grace(shards, SHARD_GRACE));
     stop_in_order(&mut children, signals).await;
     result

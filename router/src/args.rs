@@ -105,6 +105,9 @@ pub struct RouterArgs {
     /// The largest request body accepted, in bytes; a larger one gets 413.
     #[arg(long, env, default_value_t = 2_000_000)]
     pub payload_limit: usize,
+    /// On SIGTERM, new requests get 503 while those in flight get this many seconds to finish.
+    #[arg(long, env, default_value_t = 90)]
+    pub graceful_termination_timeout: u64,
     /// An origin browsers may call the API from (CORS); repeat the flag, or separate origins
     /// with commas, for several. Unset: no CORS headers.
     #[arg(long, env, value_delimiter = ',')]

@@ -4,6 +4,7 @@
 //! token ids over gRPC (the `sluice-client` crate).
 
 pub mod args;
+mod drain;
 pub mod generation;
 pub mod http;
 pub mod kv;

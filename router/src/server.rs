@@ -1,13 +1,17 @@
 //! Startup: connect to the shards, learn the model, warm up and size the KV cache, start the
-//! scheduler, then serve HTTP until SIGINT/SIGTERM (in-flight requests drain first).
+//! scheduler, then serve HTTP until SIGINT/SIGTERM (in-flight requests drain first, see
+//! `drain.rs`).
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use sluice_client::{pb, ShardedClient};
-use tokio::sync::Semaphore;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
 
 use crate::args::RouterArgs;
+use crate::drain::{Drain, Draining};
 use crate::http::{self, types::Info, AppState};
 use crate::scheduler::{spawn_scheduler, SchedulerConfig};
 use crate::tokenizer::chat_template::ChatTemplate;
@@ -133,12 +137,15 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         cors: http::cors::cors_layer(&args.cors_allow_origin)
             .context("--cors-allow-origin: not a valid origin")?,
     };
+    let draining = Draining::default();
+    let admission = Arc::new(Semaphore::new(args.max_concurrent_requests));
     let state = AppState {
         metrics,
         validator: Arc::new(validator),
         tokenizer,
         scheduler,
-        admission: Arc::new(Semaphore::new(args.max_concurrent_requests)),
+        admission: admission.clone(),
+        draining: draining.clone(),
         shards,
         info: Arc::new(info),
         chat_template,
@@ -151,25 +158,18 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {address}"))?;
     tracing::info!(address = %listener.local_addr()?, "router ready");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    tracing::info!("router stopped");
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
-        }
+    let overdue = Arc::new(Notify::new());
+    let drain = Drain {
+        draining,
+        admission,
+        max_concurrent_requests: args.max_concurrent_requests,
+        timeout: Duration::from_secs(args.graceful_termination_timeout),
+        overdue: overdue.clone(),
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+        served = axum::serve(listener, app).with_graceful_shutdown(drain.on_signal()) => served?,
+        () = overdue.notified() => {}
     }
-    tracing::info!("shutting down: draining in-flight requests");
+    tracing::info!("router stopped");
+    Ok(())
 }

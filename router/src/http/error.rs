@@ -22,6 +22,9 @@ pub enum ApiError {
     Generation(#[from] SchedulerError),
     #[error("unhealthy: {0}")]
     Unhealthy(#[from] ClientError),
+    /// The router is draining after SIGTERM.
+    #[error("Server is shutting down")]
+    ShuttingDown,
     /// A body that parsed as JSON but does not fit the route's request.
     #[error("Request failed: {0}")]
     BadRequest(String),
@@ -53,7 +56,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Generation(_) => StatusCode::FAILED_DEPENDENCY,
-            Self::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unhealthy(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -69,6 +72,7 @@ impl ApiError {
             Self::Overloaded => "overloaded",
             Self::Generation(_) => "generation",
             Self::Unhealthy(_) => "healthcheck",
+            Self::ShuttingDown => "unavailable",
         }
     }
 

@@ -284,6 +284,10 @@ async fn stream_response(
     )
 )]
 pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
+    // A draining router asks load balancers to send its traffic elsewhere.
+    if state.draining.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
     state.shards.health().await?;
     Ok(())
 }

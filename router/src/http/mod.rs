@@ -33,6 +33,7 @@ use sluice_client::ShardedClient;
 use tokio::sync::Semaphore;
 use tower_http::cors::CorsLayer;
 
+use crate::drain::Draining;
 use crate::scheduler::SchedulerHandle;
 use crate::tokenizer::chat_template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub scheduler: SchedulerHandle,
     /// One permit per request in flight; none left means 429.
     pub admission: Arc<Semaphore>,
+    /// Set on SIGTERM: new requests get 503 and /health fails.
+    pub draining: Draining,
     pub shards: ShardedClient,
     pub info: Arc<types::Info>,
     /// The model's chat template; without one, chat requests get 422.

@@ -1,5 +1,6 @@
-//! What every generation route does first, whichever API it speaks: validate the prompt and
-//! parameters, take an admission slot (none left: 429), and queue the request on the scheduler.
+//! What every generation route does first, whichever API it speaks: refuse it while the router
+//! drains (503), validate the prompt and parameters, take an admission slot (none left: 429),
+//! and queue the request on the scheduler.
 
 use std::sync::Arc;
 
@@ -32,6 +33,9 @@ pub fn submit(
     prompt: Prompt<'_>,
     requested: &RequestedParameters,
 ) -> Result<Submitted, ApiError> {
+    if state.draining.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
     let valid = state.validator.validate(prompt, requested)?;
     let permit = state
         .admission
