@@ -12,6 +12,7 @@ pub mod request;
 pub mod scheduler;
 mod server;
 pub mod shard;
+pub mod telemetry;
 pub mod tokenizer;
 pub mod validation;
 

@@ -14,6 +14,7 @@ use crate::args::RouterArgs;
 use crate::drain::{Drain, Draining};
 use crate::http::{self, types::Info, AppState};
 use crate::scheduler::{spawn_scheduler, SchedulerConfig};
+use crate::telemetry;
 use crate::tokenizer::chat_template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
 use crate::validation::{ValidationConfig, Validator};
@@ -86,7 +87,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     );
 
     // Before the scheduler starts, which registers its metrics.
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let metrics = telemetry::prometheus_builder(args.max_input_tokens, args.max_total_tokens)?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let scheduler = spawn_scheduler(
@@ -146,6 +147,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         scheduler,
         admission: admission.clone(),
         draining: draining.clone(),
+        request_ids: Arc::default(),
         shards,
         info: Arc::new(info),
         chat_template,

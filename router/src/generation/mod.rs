@@ -15,6 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::request::{GenerationEnd, StoppingParameters, Token};
 use crate::scheduler::{EventReceiver, SchedulerError, TokenEvent};
+use crate::telemetry::RequestTelemetry;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 
 /// The text of one request so far and the rule that ends it.
@@ -101,14 +102,21 @@ pub struct GenerationStream {
     /// Held for the request's lifetime (shared by its sequences): its slot under
     /// --max-concurrent-requests.
     _permit: Option<Arc<OwnedSemaphorePermit>>,
+    /// Reports how the request ended; on one stream per request.
+    telemetry: Option<RequestTelemetry>,
 }
 
 impl GenerationStream {
-    pub fn new(events: EventReceiver, permit: Option<Arc<OwnedSemaphorePermit>>) -> Self {
+    pub fn new(
+        events: EventReceiver,
+        permit: Option<Arc<OwnedSemaphorePermit>>,
+        telemetry: Option<RequestTelemetry>,
+    ) -> Self {
         Self {
             events,
             done: false,
             _permit: permit,
+            telemetry,
         }
     }
 
@@ -119,17 +127,23 @@ impl GenerationStream {
         }
         let item = match self.events.recv().await {
             Some(Ok(event)) => {
+                if let Some(telemetry) = &mut self.telemetry {
+                    telemetry.token();
+                    if let Some(end) = &event.end {
+                        telemetry.succeeded(end);
+                    }
+                }
                 if event.end.is_some() {
                     self.finish();
                 }
                 Ok(event)
             }
             Some(Err(e)) => {
-                self.finish();
+                self.failed(&e);
                 Err(e)
             }
             None => {
-                self.finish();
+                self.failed(&SchedulerError::Closed);
                 Err(SchedulerError::Closed)
             }
         };
@@ -166,6 +180,13 @@ impl GenerationStream {
     /// Reads every stream to its end, together.
     pub async fn collect_all(streams: Vec<Self>) -> Result<Vec<Generated>, SchedulerError> {
         futures_util::future::try_join_all(streams.into_iter().map(Self::collect)).await
+    }
+
+    fn failed(&mut self, error: &SchedulerError) {
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.failed(error);
+        }
+        self.finish();
     }
 
     fn finish(&mut self) {

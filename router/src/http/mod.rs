@@ -23,6 +23,7 @@ mod submission;
 mod tokenize;
 pub mod types;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
     /// Set on SIGTERM: new requests get 503 and /health fails.
     pub draining: Draining,
+    /// The next request's id, for the logs.
+    pub request_ids: Arc<AtomicU64>,
     pub shards: ShardedClient,
     pub info: Arc<types::Info>,
     /// The model's chat template; without one, chat requests get 422.

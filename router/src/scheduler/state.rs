@@ -101,6 +101,7 @@ impl SchedulerState {
             kv_blocks_used: self.kv.num_used(),
             kv_blocks_cached: self.kv.num_cached(),
             kv_blocks_total: self.kv.num_blocks(),
+            block_size: self.kv.block_size(),
         }
     }
 

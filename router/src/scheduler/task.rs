@@ -78,13 +78,14 @@ async fn run<S: Shard>(
         let tokens: usize = step.scheduled.iter().map(|s| s.num_tokens as usize).sum();
         let decodes = step.scheduled.len() - stats.prefill_chunks as usize;
         let started = Instant::now();
-        match shard.step(step).await {
+        let succeeded = match shard.step(step).await {
             Ok(response) => {
-                record_shard_timing(response.forward_ns, response.total_ns);
+                record_shard_timing(stats.method(), response.forward_ns, response.total_ns);
                 // Before delivering: finished requests leave the batch there.
                 state.register_computed_blocks();
                 state.record_prompt_logprobs(response.prompt_logprobs);
                 state.deliver(response.generations);
+                true
             }
             Err(e) => {
                 let message = e.to_string();
@@ -93,13 +94,15 @@ async fn run<S: Shard>(
                 if let Err(e) = shard.clear_cache().await {
                     tracing::error!(error = %e, "clearing the shards' cache failed");
                 }
+                false
             }
-        }
+        };
         record_step(
             &stats,
             tokens,
             decodes,
             started.elapsed(),
+            succeeded,
             state.occupancy(),
         );
     }

@@ -379,7 +379,7 @@ mod tests {
             .unwrap();
         let choice = StreamedChoice {
             index: 0,
-            stream: GenerationStream::new(receiver, None),
+            stream: GenerationStream::new(receiver, None, None),
             echo: None,
             counts_prompt: true,
         };
