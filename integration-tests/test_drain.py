@@ -13,7 +13,10 @@ import requests
 from conftest import start_server
 from helpers import generate, stream
 
-PROMPTS = [f"<|im_start|>user\nTell me a story about the number {n}.<|im_end|>\n" for n in range(16)]
+PROMPTS = [
+    f"<|im_start|>user\nTell me a story about the number {number}.<|im_end|>\n"
+    for number in range(16)
+]
 MAX_NEW_TOKENS = 40
 
 

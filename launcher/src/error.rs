@@ -63,6 +63,10 @@ pub enum LauncherError {
     #[error("`sluice-server default-model-gguf` gave no usable path: {0}")]
     DefaultModelGguf(String),
 
+    /// Found before anything starts, so that it does not wait for a model load.
+    #[error("{0}")]
+    Preflight(String),
+
     /// Flags that contradict each other, or ask for what cannot be done.
     #[error("{0}")]
     InvalidFlags(String),

@@ -7,6 +7,7 @@ mod binaries;
 mod error;
 mod limits;
 mod model;
+mod preflight;
 mod process;
 mod router;
 mod shard;

@@ -11,6 +11,7 @@ use crate::binaries::Binaries;
 use crate::error::LauncherError;
 use crate::limits::TokenLimits;
 use crate::model::{self, HubAccess, ModelCaches, ModelRequest};
+use crate::preflight;
 use crate::process::ManagedChild;
 use crate::router::{self, RouterConfig};
 use crate::shard::{self, ShardConfig};
@@ -27,6 +28,10 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
     let topology = Topology::from_args(&args).map_err(LauncherError::InvalidFlags)?;
     if let Some(refusal) = unbuilt::refusal(&args.unbuilt) {
         return Err(LauncherError::InvalidFlags(refusal));
+    }
+    if topology.is_first_node() {
+        preflight::check_port(&args.hostname, args.port)?;
+        preflight::check_socket_prefix(&args.shard_uds_path)?;
     }
     let binaries = Binaries::find()?;
 

@@ -6,6 +6,10 @@ PyTorch's CPU thread pool ran decode steps at half speed when driven from a seco
 Errors are reported per call and never stop the server:
 INVALID_ARGUMENT for a request that breaks the contract (the shard's state is unchanged),
 FAILED_PRECONDITION for a Step before Warmup, INTERNAL for anything else.
+
+Health is real: it fails (UNAVAILABLE) while the last step failed with an internal error (a lost
+device, a broken tensor-parallel group), until a step succeeds again, and on a GPU it checks that
+the device still runs work. A wedged step shows as a Health call that does not return.
 """
 
 import gc
@@ -28,6 +32,8 @@ Result = TypeVar("Result")
 class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     def __init__(self, executor: StepExecutor) -> None:
         self.executor = executor
+        # Why the last step failed, when it failed with an internal error.
+        self.step_failure: str | None = None
 
     async def _run(self, context: grpc.aio.ServicerContext, work: Callable[[], Result]) -> Result:
         try:
@@ -59,6 +65,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     async def Health(
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:
+        if self.step_failure is not None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"the last step failed: {self.step_failure}"
+            )
+        await self._run(context, self.executor.check_device)
         return pb.HealthResponse()
 
     async def Warmup(
@@ -86,7 +97,18 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     async def Step(
         self, request: pb.StepRequest, context: grpc.aio.ServicerContext
     ) -> pb.StepResponse:
-        return await self._run(context, lambda: self.executor.step(request))
+        return await self._run(context, lambda: self._step(request))
+
+    def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+        try:
+            response = self.executor.step(request)
+        except (InvalidRequestError, NotWarmedUpError):
+            raise  # The request's fault: the shard is as healthy as before.
+        except Exception as error:
+            self.step_failure = f"{type(error).__name__}: {error}"
+            raise
+        self.step_failure = None
+        return response
 
     async def ClearCache(
         self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext

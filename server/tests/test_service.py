@@ -88,9 +88,17 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
                 def broken_step(request: pb.StepRequest) -> pb.StepResponse:
                     raise RuntimeError("device lost")
 
+                working_step = executor.step
                 executor.step = broken_step  # type: ignore[method-assign]
                 details = await expect_error(stub.Step(pb.StepRequest()), grpc.StatusCode.INTERNAL)
                 assert "device lost" in details
+                # Unhealthy until a step succeeds again.
+                details = await expect_error(
+                    stub.Health(pb.HealthRequest()), grpc.StatusCode.UNAVAILABLE
+                )
+                assert details == "the last step failed: RuntimeError: device lost"
+                executor.step = working_step  # type: ignore[method-assign]
+                await stub.Step(pb.StepRequest())
                 await stub.Health(pb.HealthRequest())
         finally:
             await server.stop(grace=None)

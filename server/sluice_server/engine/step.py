@@ -126,6 +126,13 @@ class StepExecutor:
     def clear(self) -> None:
         self.requests.clear()
 
+    def check_device(self) -> None:
+        """Raises if the device can no longer run work (a GPU lost or in an error state)."""
+        device = self.loaded.device
+        if device.type == "cuda":
+            torch.ones(1, device=device).add_(1).cpu()
+            torch.cuda.synchronize(device)
+
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
         """Runs a prefill of max_prefill_tokens tokens, then allocates the KV cache.
 

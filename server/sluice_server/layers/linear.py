@@ -128,27 +128,27 @@ class ReplicatedLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(Linear):
-    """Holds this rank's `input` slice of the input features: its output is this rank's partial
+    """Holds this rank's `in_section` of the input features: its output is this rank's partial
     sum of the full output, and the ranks' partials are summed with an all-reduce (`reduce`),
     or left for the caller to sum once over several such layers (a mixture of experts). The bias
     joins on rank 0 only, so that it is counted once in the sum."""
 
     def __init__(
         self,
-        input: Section,
+        in_section: Section,
         out_features: int,
         bias: bool,
         runtime: LayerRuntime,
         reduce: bool = True,
     ) -> None:
-        super().__init__(input.size, out_features, bias and runtime.shards.is_first, runtime)
-        self.input = input
+        super().__init__(in_section.size, out_features, bias and runtime.shards.is_first, runtime)
+        self.in_section = in_section
         self.reduce = reduce
 
     def load(self, weights: CheckpointWeights, names: list[str]) -> None:
         (name,) = names
-        weights.check_shape(f"{name}.weight", (self.weight.shape[0], self.input.full))
-        columns = weights.columns(f"{name}.weight", self.input.start, self.input.stop)
+        weights.check_shape(f"{name}.weight", (self.weight.shape[0], self.in_section.full))
+        columns = weights.columns(f"{name}.weight", self.in_section.start, self.in_section.stop)
         copy_checked(self.weight, columns, f"{name}.weight")
         if self.bias is not None:
             copy_checked(self.bias, weights.get(f"{name}.bias"), f"{name}.bias")
