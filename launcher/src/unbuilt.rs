@@ -6,74 +6,79 @@ use crate::args::UnbuiltFeatures;
 
 /// The first flag that asks for something not built, as the message to refuse it with.
 pub fn refusal(features: &UnbuiltFeatures) -> Option<String> {
-    let asked = |flag: &str, value: String| Some(format!("{flag} {value}"));
-    let requested = [
-        features
-            .quantize
-            .as_ref()
-            .and_then(|method| asked("--quantize", method.clone())),
-        features
-            .speculate
-            .filter(|&tokens| tokens > 0)
-            .and_then(|tokens| asked("--speculate", tokens.to_string())),
-        features
-            .kv_cache_dtype
-            .as_ref()
-            .and_then(|dtype| asked("--kv-cache-dtype", dtype.clone())),
-        (!features.cuda_graphs.iter().all(|&size| size == 0))
-            .then(|| format!("--cuda-graphs {:?}", features.cuda_graphs)),
-        features
-            .cuda_memory_fraction
-            .filter(|&fraction| fraction != 1.0)
-            .and_then(|fraction| asked("--cuda-memory-fraction", fraction.to_string())),
-        features
-            .lora_adapters
-            .as_ref()
-            .and_then(|adapters| asked("--lora-adapters", adapters.clone())),
-        features
-            .otlp_endpoint
-            .as_ref()
-            .and_then(|endpoint| asked("--otlp-endpoint", endpoint.clone())),
-        features
-            .otlp_service_name
-            .as_ref()
-            .filter(|name| name.as_str() != "text-generation-inference.router")
-            .and_then(|name| asked("--otlp-service-name", name.clone())),
-        features
-            .rope_scaling
-            .as_ref()
-            .and_then(|scaling| asked("--rope-scaling", scaling.clone())),
-        features
-            .rope_factor
-            .and_then(|factor| asked("--rope-factor", factor.to_string())),
-        features
-            .watermark_gamma
-            .and_then(|gamma| asked("--watermark-gamma", gamma.to_string())),
-        features
-            .watermark_delta
-            .and_then(|delta| asked("--watermark-delta", delta.to_string())),
-        features
-            .weights_cache_override
-            .as_ref()
-            .and_then(|path| asked("--weights-cache-override", path.clone())),
-        features
-            .tokenizer_config_path
-            .as_ref()
-            .and_then(|path| asked("--tokenizer-config-path", path.clone())),
-        features
-            .validation_workers
-            .filter(|&workers| workers != 2)
-            .and_then(|workers| asked("--validation-workers", workers.to_string())),
-        features
-            .prometheus_port
-            .filter(|&port| port != 9000)
-            .and_then(|port| asked("--prometheus-port", port.to_string())),
+    let text = |value: &dyn ToString| value.to_string();
+    // Each flag with the value it asks for, None where it asks for the default.
+    let requested: [(&str, Option<String>); 16] = [
+        ("--quantize", features.quantize.clone()),
+        (
+            "--speculate",
+            features
+                .speculate
+                .filter(|&tokens| tokens > 0)
+                .map(|t| text(&t)),
+        ),
+        ("--kv-cache-dtype", features.kv_cache_dtype.clone()),
+        (
+            "--cuda-graphs",
+            (!features.cuda_graphs.iter().all(|&size| size == 0))
+                .then(|| format!("{:?}", features.cuda_graphs)),
+        ),
+        (
+            "--cuda-memory-fraction",
+            features
+                .cuda_memory_fraction
+                .filter(|&f| f != 1.0)
+                .map(|f| text(&f)),
+        ),
+        ("--lora-adapters", features.lora_adapters.clone()),
+        ("--otlp-endpoint", features.otlp_endpoint.clone()),
+        (
+            "--otlp-service-name",
+            features
+                .otlp_service_name
+                .clone()
+                .filter(|name| name != "text-generation-inference.router"),
+        ),
+        ("--rope-scaling", features.rope_scaling.clone()),
+        ("--rope-factor", features.rope_factor.map(|f| text(&f))),
+        (
+            "--watermark-gamma",
+            features.watermark_gamma.map(|g| text(&g)),
+        ),
+        (
+            "--watermark-delta",
+            features.watermark_delta.map(|d| text(&d)),
+        ),
+        (
+            "--weights-cache-override",
+            features.weights_cache_override.clone(),
+        ),
+        (
+            "--tokenizer-config-path",
+            features.tokenizer_config_path.clone(),
+        ),
+        (
+            "--validation-workers",
+            features
+                .validation_workers
+                .filter(|&w| w != 2)
+                .map(|w| text(&w)),
+        ),
+        (
+            "--prometheus-port",
+            features
+                .prometheus_port
+                .filter(|&port| port != 9000)
+                .map(|p| text(&p)),
+        ),
     ];
-    requested.into_iter().flatten().next().map(|flag| {
-        format!(
-            "{flag}: Sluice does not have this feature yet; leave the flag at its default \
-             (docs/launcher.md lists each flag's status)"
-        )
+    requested.into_iter().find_map(|(flag, value)| {
+        value.map(|value| {
+            format!(
+                "{flag} {value}: Sluice does not have this feature yet; leave the flag at its \
+                 default (docs/launcher.md lists each flag's status)"
+            )
+        })
     })
 }
 
