@@ -34,13 +34,12 @@ pub struct Args {
     #[arg(long, env, default_value = "0.0.0.0")]
     pub hostname: String,
 
-    /// The longest prompt accepted, in tokens [default: 1024, capped below the model's
-    /// maximum positions and below --max-total-tokens].
+    /// The longest prompt accepted, in tokens [default: one less than --max-total-tokens].
     #[arg(long, env)]
     pub max_input_tokens: Option<usize>,
 
-    /// The longest prompt plus generation, in tokens [default: 2048, capped at the model's
-    /// maximum positions].
+    /// The longest prompt plus generation, in tokens [default: the model's context length
+    /// (max_position_embeddings), capped at what the KV cache holds].
     #[arg(long, env)]
     pub max_total_tokens: Option<usize>,
 
@@ -51,7 +50,8 @@ pub struct Args {
     #[command(flatten)]
     pub request_limits: RequestLimits,
 
-    /// The token budget of one scheduling step [default: max input tokens + 50].
+    /// The token budget of one scheduling step: decodes plus prompt chunks; longer prompts
+    /// are prefilled over several steps [default: 1074].
     #[arg(long, env)]
     pub max_batch_prefill_tokens: Option<usize>,
 

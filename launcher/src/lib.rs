@@ -5,7 +5,6 @@
 mod args;
 mod binaries;
 mod error;
-mod limits;
 mod model;
 mod preflight;
 mod process;

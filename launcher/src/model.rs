@@ -240,16 +240,6 @@ fn is_hub_repo_id(model_id: &str) -> bool {
     }
 }
 
-/// The largest position the model supports, from its config.json, if it says.
-pub fn max_positions(model_dir: &Path) -> Option<usize> {
-    let text = fs::read_to_string(model_dir.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    ["max_position_embeddings", "n_positions"]
-        .iter()
-        .find_map(|key| config.get(key)?.as_u64())
-        .and_then(|positions| usize::try_from(positions).ok())
-}
-
 fn has_config(dir: &Path) -> bool {
     dir.join("config.json").is_file()
 }
@@ -786,17 +776,6 @@ mod tests {
         fs::write(&gguf, b"GGUF, but longer").expect("rewrite gguf");
         let changed = fixture.locate(path_str(&gguf), None).expect("gguf");
         assert!(matches!(changed, ModelSource::Gguf { out_dir: other, .. } if other != out_dir));
-    }
-
-    #[test]
-    fn max_positions_reads_config() {
-        let fixture = Fixture::new();
-        let dir = fixture.model_dir("m");
-        assert_eq!(max_positions(&dir), Some(8192));
-        fs::write(dir.join("config.json"), r#"{"n_positions": 1024}"#).expect("write");
-        assert_eq!(max_positions(&dir), Some(1024));
-        fs::write(dir.join("config.json"), "{}").expect("write");
-        assert_eq!(max_positions(&dir), None);
     }
 
     #[test]

@@ -7,7 +7,6 @@ use sluice_client::ShardAddress;
 use tokio::process::Command;
 
 use crate::args::{Args, RequestLimits};
-use crate::limits::TokenLimits;
 
 pub const NAME: &str = "router";
 
@@ -23,7 +22,10 @@ pub struct RouterConfig {
     pub tokenizer_dir: PathBuf,
     /// Every rank's address, rank 0 first.
     pub shard_addresses: Vec<ShardAddress>,
-    pub limits: TokenLimits,
+    /// Unset limits are left to the router, which knows the KV cache's size after warmup.
+    pub max_input_tokens: Option<usize>,
+    pub max_total_tokens: Option<usize>,
+    pub max_batch_prefill_tokens: Option<usize>,
     pub max_concurrent_requests: usize,
     pub request_limits: RequestLimits,
     pub max_batch_size: Option<usize>,
@@ -42,7 +44,6 @@ impl RouterConfig {
         binary: PathBuf,
         tokenizer_dir: PathBuf,
         shard_addresses: Vec<ShardAddress>,
-        limits: TokenLimits,
     ) -> Self {
         Self {
             binary,
@@ -51,7 +52,9 @@ impl RouterConfig {
             model_id: args.model_id.clone(),
             tokenizer_dir,
             shard_addresses,
-            limits,
+            max_input_tokens: args.max_input_tokens,
+            max_total_tokens: args.max_total_tokens,
+            max_batch_prefill_tokens: args.max_batch_prefill_tokens,
             max_concurrent_requests: args.max_concurrent_requests,
             request_limits: args.request_limits.clone(),
             max_batch_size: args.max_batch_size,
@@ -83,14 +86,8 @@ impl RouterConfig {
                 };
                 [OsString::from("--shard-address"), flag_value]
             }))
-            .arg("--max-input-tokens")
-            .arg(self.limits.max_input_tokens.to_string())
-            .arg("--max-total-tokens")
-            .arg(self.limits.max_total_tokens.to_string())
             .arg("--max-concurrent-requests")
             .arg(self.max_concurrent_requests.to_string())
-            .arg("--max-batch-prefill-tokens")
-            .arg(self.limits.max_batch_prefill_tokens.to_string())
             .arg("--prefix-caching")
             .arg(self.prefix_caching.to_string())
             .args(self.request_limits.to_flags())
@@ -98,6 +95,16 @@ impl RouterConfig {
             .arg(self.payload_limit.to_string())
             .arg("--graceful-termination-timeout")
             .arg(self.graceful_termination_timeout.to_string());
+        let token_limits = [
+            ("--max-input-tokens", self.max_input_tokens),
+            ("--max-total-tokens", self.max_total_tokens),
+            ("--max-batch-prefill-tokens", self.max_batch_prefill_tokens),
+        ];
+        for (flag, value) in token_limits {
+            if let Some(value) = value {
+                command.arg(flag).arg(value.to_string());
+            }
+        }
         if let Some(tokens) = self.max_batch_total_tokens {
             command
                 .arg("--max-batch-total-tokens")
@@ -131,7 +138,6 @@ mod tests {
     fn argv(flags: &[&str]) -> Vec<String> {
         let launcher_argv = std::iter::once("sluice-launcher").chain(flags.iter().copied());
         let args = Args::try_parse_from(launcher_argv).expect("valid flags");
-        let limits = TokenLimits::new(&args, Some(8192));
         let config = RouterConfig::new(
             &args,
             PathBuf::from("/venv/bin/sluice-router"),
@@ -140,7 +146,6 @@ mod tests {
                 ShardAddress::Unix("/tmp/sluice-server-0".into()),
                 ShardAddress::Tcp("http://10.0.0.2:29600".into()),
             ],
-            limits,
         );
         let command = config.command();
         let std_command = command.as_std();
@@ -175,14 +180,8 @@ mod tests {
                 "/tmp/sluice-server-0",
                 "--shard-address",
                 "http://10.0.0.2:29600",
-                "--max-input-tokens",
-                "1024",
-                "--max-total-tokens",
-                "2048",
                 "--max-concurrent-requests",
                 "128",
-                "--max-batch-prefill-tokens",
-                "1074",
                 "--prefix-caching",
                 "true",
                 "--max-stop-sequences",
@@ -208,13 +207,11 @@ mod tests {
                 std::iter::once("sluice-launcher").chain(flags.iter().copied()),
             )
             .expect("valid flags");
-            let limits = TokenLimits::new(&args, Some(8192));
             RouterConfig::new(
                 &args,
                 "r".into(),
                 "m".into(),
                 vec![ShardAddress::Unix("s".into())],
-                limits,
             )
             .command()
         };
@@ -233,6 +230,12 @@ mod tests {
     #[test]
     fn router_command_with_optional_flags() {
         let argv = argv(&[
+            "--max-input-tokens",
+            "4000",
+            "--max-total-tokens",
+            "5000",
+            "--max-batch-prefill-tokens",
+            "8192",
             "--max-batch-size",
             "32",
             "--max-batch-total-tokens",
@@ -250,7 +253,7 @@ mod tests {
             "--json-output",
         ]);
         assert_eq!(
-            argv[argv.len() - 23..],
+            argv[argv.len() - 29..],
             [
                 "--prefix-caching",
                 "false",
@@ -266,6 +269,12 @@ mod tests {
                 "1000",
                 "--graceful-termination-timeout",
                 "90",
+                "--max-input-tokens",
+                "4000",
+                "--max-total-tokens",
+                "5000",
+                "--max-batch-prefill-tokens",
+                "8192",
                 "--max-batch-total-tokens",
                 "4096",
                 "--max-batch-size",

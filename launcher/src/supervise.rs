@@ -9,7 +9,6 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::args::Args;
 use crate::binaries::Binaries;
 use crate::error::LauncherError;
-use crate::limits::TokenLimits;
 use crate::model::{self, HubAccess, ModelCaches, ModelRequest};
 use crate::preflight;
 use crate::process::ManagedChild;
@@ -61,13 +60,6 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
              prefill every step admits waiting requests within --max-batch-prefill-tokens"
         );
     }
-    let limits = TokenLimits::new(&args, model::max_positions(&model_dir));
-    tracing::info!(
-        max_input_tokens = limits.max_input_tokens,
-        max_total_tokens = limits.max_total_tokens,
-        max_batch_prefill_tokens = limits.max_batch_prefill_tokens,
-        "token limits"
-    );
 
     let shard_configs: Vec<ShardConfig> = topology
         .local_ranks()
@@ -132,7 +124,6 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
         binaries.router,
         model_dir,
         topology.router_addresses(),
-        limits,
     );
     let mut router = match ManagedChild::spawn(router::NAME, router_config.command()) {
         Ok(router) => router,

@@ -65,15 +65,18 @@ pub struct RouterArgs {
     /// rank on another machine. Repeat the flag once per rank.
     #[arg(long, env, required = true)]
     pub shard_address: Vec<ShardAddress>,
-    #[arg(long, env, default_value_t = 1024)]
-    pub max_input_tokens: usize,
-    #[arg(long, env, default_value_t = 2048)]
-    pub max_total_tokens: usize,
+    /// The longest prompt [default: one less than --max-total-tokens].
+    #[arg(long, env)]
+    pub max_input_tokens: Option<usize>,
+    /// The longest prompt plus generation [default: the model's context length, capped at
+    /// what the KV cache holds after warmup].
+    #[arg(long, env)]
+    pub max_total_tokens: Option<usize>,
     /// Requests in flight beyond this get 429 at once.
     #[arg(long, env, default_value_t = 128)]
     pub max_concurrent_requests: usize,
     /// Token budget of one step: decodes plus prompt chunks.
-    #[arg(long, env, default_value_t = 4096)]
+    #[arg(long, env, default_value_t = crate::limits::DEFAULT_MAX_BATCH_PREFILL_TOKENS)]
     pub max_batch_prefill_tokens: u32,
     /// Most requests one step may hold.
     #[arg(long, env)]

@@ -8,6 +8,7 @@ mod drain;
 pub mod generation;
 pub mod http;
 pub mod kv;
+pub mod limits;
 pub mod request;
 pub mod scheduler;
 mod server;

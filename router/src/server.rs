@@ -13,6 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::args::RouterArgs;
 use crate::drain::{Drain, Draining};
 use crate::http::{self, types::Info, AppState};
+use crate::limits::RequestedLimits;
 use crate::scheduler::{spawn_scheduler, SchedulerConfig};
 use crate::telemetry;
 use crate::tokenizer::chat_template::ChatTemplate;
@@ -20,13 +21,6 @@ use crate::tokenizer::Tokenizer;
 use crate::validation::{ValidationConfig, Validator};
 
 pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
-    if args.max_input_tokens >= args.max_total_tokens {
-        bail!(
-            "--max-input-tokens ({}) must be smaller than --max-total-tokens ({})",
-            args.max_input_tokens,
-            args.max_total_tokens
-        );
-    }
     if args.api_key.as_deref() == Some("") {
         bail!("--api-key is empty: give a key, or leave it unset to serve without one");
     }
@@ -41,20 +35,19 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         .info()
         .await
         .context("asking the shard for model info")?;
-    if args.max_total_tokens > model.max_position_embeddings as usize {
-        bail!(
-            "--max-total-tokens ({}) exceeds the model's maximum positions ({})",
-            args.max_total_tokens,
-            model.max_position_embeddings
-        );
-    }
+    let requested_limits = RequestedLimits {
+        max_input_tokens: args.max_input_tokens,
+        max_total_tokens: args.max_total_tokens,
+    };
+    let context = model.max_position_embeddings as usize;
+    let longest_sequence = requested_limits.sequence_to_size_for(context)?;
 
     let max_batch_size = args.max_batch_size.unwrap_or(args.max_concurrent_requests);
     let warmup = shards
         .warmup(pb::WarmupRequest {
             max_prefill_tokens: args.max_batch_prefill_tokens,
             max_batch_size: max_batch_size as u32,
-            max_total_tokens: args.max_total_tokens as u32,
+            max_total_tokens: longest_sequence as u32,
         })
         .await
         .context("warming up the shards")?;
@@ -67,19 +60,15 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         None => warmup.num_blocks,
     };
     let max_batch_total_tokens = num_blocks * warmup.block_size;
-    if args.max_total_tokens > max_batch_total_tokens as usize {
-        bail!(
-            "--max-total-tokens ({}) does not fit in the KV cache, which holds {} tokens; \
-             lower it or give the cache more memory",
-            args.max_total_tokens,
-            max_batch_total_tokens
-        );
-    }
+    let limits = requested_limits.resolve(context, max_batch_total_tokens as usize)?;
     tracing::info!(
         model_type = %model.model_type,
         num_blocks,
         block_size = warmup.block_size,
         max_batch_total_tokens,
+        max_input_tokens = limits.max_input_tokens,
+        max_total_tokens = limits.max_total_tokens,
+        max_batch_prefill_tokens = args.max_batch_prefill_tokens,
         dtype = %model.dtype,
         device = %model.device,
         eos_token_ids = ?model.eos_token_ids,
@@ -87,7 +76,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     );
 
     // Before the scheduler starts, which registers its metrics.
-    let metrics = telemetry::prometheus_builder(args.max_input_tokens, args.max_total_tokens)?
+    let metrics = telemetry::prometheus_builder(limits.max_input_tokens, limits.max_total_tokens)?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let scheduler = spawn_scheduler(
@@ -105,8 +94,8 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let validator = Validator::new(
         tokenizer.clone(),
         ValidationConfig {
-            max_input_tokens: args.max_input_tokens,
-            max_total_tokens: args.max_total_tokens,
+            max_input_tokens: limits.max_input_tokens,
+            max_total_tokens: limits.max_total_tokens,
             max_stop_sequences: args.max_stop_sequences,
             max_top_n_tokens: args.max_top_n_tokens,
             max_best_of: args.max_best_of,
@@ -120,8 +109,8 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         max_concurrent_requests: args.max_concurrent_requests,
         max_best_of: args.max_best_of as usize,
         max_stop_sequences: args.max_stop_sequences,
-        max_input_tokens: args.max_input_tokens,
-        max_total_tokens: args.max_total_tokens,
+        max_input_tokens: limits.max_input_tokens,
+        max_total_tokens: limits.max_total_tokens,
         validation_workers: tokio::runtime::Handle::current().metrics().num_workers(),
         max_client_batch_size: args.max_client_batch_size,
         max_batch_total_tokens,

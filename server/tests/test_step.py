@@ -404,11 +404,19 @@ def test_step_before_warmup_is_refused(tiny_loaded) -> None:
         executor.step(pb.StepRequest())
 
 
-def test_warmup_says_how_many_tokens_fit(tiny_loaded) -> None:
+def test_warmup_returns_what_fits_even_below_one_longest_sequence(tiny_loaded) -> None:
+    # The router settles its limits from the returned size, so warmup does not refuse here.
     spec = KVCacheSpec.for_model(tiny_loaded, BLOCK_SIZE)
     executor = StepExecutor(tiny_loaded, BLOCK_SIZE, 3 * spec.bytes_per_block)
-    with pytest.raises(InvalidRequestError, match="fits 12 tokens"):
+    assert executor.warmup(max_prefill_tokens=16, max_batch_size=2, max_total_tokens=64) == 3
+
+
+def test_warmup_without_memory_for_one_block_is_a_clear_error(tiny_loaded) -> None:
+    spec = KVCacheSpec.for_model(tiny_loaded, BLOCK_SIZE)
+    executor = StepExecutor(tiny_loaded, BLOCK_SIZE, spec.bytes_per_block - 1)
+    with pytest.raises(InvalidRequestError, match="holds no block of 4 tokens"):
         executor.warmup(max_prefill_tokens=16, max_batch_size=2, max_total_tokens=64)
+    assert executor.kv_cache is None
 
 
 def test_default_cpu_cache_is_capped_by_what_the_batch_can_use(tiny_loaded) -> None:

@@ -134,7 +134,9 @@ class StepExecutor:
             torch.cuda.synchronize(device)
 
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
-        """Runs a prefill of max_prefill_tokens tokens, then allocates the KV cache.
+        """Runs a prefill of max_prefill_tokens tokens, then allocates the KV cache: on a GPU
+        what memory allows, on a CPU no more than max_batch_size sequences of max_total_tokens
+        can use.
 
         Returns the number of blocks allocated.
         """
@@ -200,13 +202,13 @@ class StepExecutor:
                 most_useful = max_batch_size * self.cache_spec.blocks_for(max_total_tokens)
                 cache_bytes = min(cache_bytes, most_useful * self.cache_spec.bytes_per_block)
         num_blocks = max(cache_bytes, 0) // self.cache_spec.bytes_per_block
-        fitting_tokens = num_blocks * self.block_size
-        if fitting_tokens < max_total_tokens:
+        # Whether a sequence of max_total_tokens fits is the router's to check: it settles its
+        # limits from the size returned here.
+        if num_blocks == 0:
             raise InvalidRequestError(
-                f"the KV cache fits {fitting_tokens} tokens ({num_blocks} blocks of "
-                f"{self.block_size}), fewer than one sequence of max_total_tokens="
-                f"{max_total_tokens}; lower --max-total-tokens or give the cache more memory "
-                f"(--kv-cache-memory)"
+                f"the memory for the KV cache ({max(cache_bytes, 0)} bytes) holds no block of "
+                f"{self.block_size} tokens ({self.cache_spec.bytes_per_block} bytes); give the "
+                f"cache more memory (--kv-cache-memory)"
             )
         self.kv_cache = self.cache_spec.allocate(num_blocks)
         self.step_limits = StepLimits(
