@@ -13,6 +13,10 @@ pub use address::ShardAddress;
 pub use shard::ShardClient;
 pub use sharded::ShardedClient;
 
+/// W3C trace context (`traceparent`, `tracestate`) for a call's gRPC metadata, so that the
+/// shard's spans join the router's trace. Empty when nothing is traced.
+pub type TraceHeaders = std::collections::HashMap<String, String>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to shard at {address}: {source}")]

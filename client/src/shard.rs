@@ -2,10 +2,11 @@
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::pb::{self, text_generation_service_client::TextGenerationServiceClient};
-use crate::{ClientError, ShardAddress};
+use crate::{ClientError, ShardAddress, TraceHeaders};
 
 #[derive(Clone, Debug)]
 pub struct ShardClient {
@@ -57,7 +58,22 @@ impl ShardClient {
         Ok(self.inner.clone().warmup(request).await?.into_inner())
     }
 
-    pub async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
+    pub async fn step(
+        &self,
+        request: pb::StepRequest,
+        trace: &TraceHeaders,
+    ) -> Result<pb::StepResponse, ClientError> {
+        let mut request = tonic::Request::new(request);
+        for (key, value) in trace {
+            // The propagator writes valid header names and values; anything else is dropped
+            // rather than failing the step.
+            if let (Ok(key), Ok(value)) = (
+                MetadataKey::from_bytes(key.as_bytes()),
+                MetadataValue::try_from(value.as_str()),
+            ) {
+                request.metadata_mut().insert(key, value);
+            }
+        }
         Ok(self.inner.clone().step(request).await?.into_inner())
     }
 

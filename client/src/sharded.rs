@@ -3,7 +3,7 @@
 use futures::future::try_join_all;
 
 use crate::pb;
-use crate::{ClientError, ShardAddress, ShardClient};
+use crate::{ClientError, ShardAddress, ShardClient, TraceHeaders};
 
 #[derive(Clone, Debug)]
 pub struct ShardedClient {
@@ -46,8 +46,13 @@ impl ShardedClient {
             .ok_or(ClientError::NoShards)
     }
 
-    pub async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
-        let mut answers = try_join_all(self.shards.iter().map(|s| s.step(request.clone()))).await?;
+    pub async fn step(
+        &self,
+        request: pb::StepRequest,
+        trace: &TraceHeaders,
+    ) -> Result<pb::StepResponse, ClientError> {
+        let steps = self.shards.iter().map(|s| s.step(request.clone(), trace));
+        let mut answers = try_join_all(steps).await?;
         Ok(answers.swap_remove(0))
     }
 

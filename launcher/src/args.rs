@@ -167,6 +167,16 @@ pub struct Args {
     #[arg(long, env)]
     pub disable_custom_kernels: bool,
 
+    /// An OTLP/gRPC collector (e.g. `http://collector:4317`) the router and the shards export
+    /// their traces to [default: none, no export].
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` of the router's spans; the shards' is the same with `.server` in
+    /// place of a `.router` suffix.
+    #[arg(long, env, default_value = "text-generation-inference.router")]
+    pub otlp_service_name: String,
+
     /// TGI's flags for features Sluice has not built: accepted when they ask for the default,
     /// refused at startup otherwise (see `unbuilt.rs` and docs/launcher.md).
     #[command(flatten)]
@@ -200,14 +210,6 @@ pub struct UnbuiltFeatures {
     /// LoRA adapters to load [not built: none].
     #[arg(long, env)]
     pub lora_adapters: Option<String>,
-
-    /// OTLP collector to export traces to [not built: none].
-    #[arg(long, env)]
-    pub otlp_endpoint: Option<String>,
-
-    /// Service name of exported traces [not built: text-generation-inference.router].
-    #[arg(long, env)]
-    pub otlp_service_name: Option<String>,
 
     /// Rope scaling forced on the model [not built: the model's config.json].
     #[arg(long, env)]

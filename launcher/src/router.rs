@@ -36,6 +36,8 @@ pub struct RouterConfig {
     pub payload_limit: usize,
     pub cors_allow_origin: Vec<String>,
     pub graceful_termination_timeout: u64,
+    pub otlp_endpoint: Option<String>,
+    pub otlp_service_name: String,
 }
 
 impl RouterConfig {
@@ -65,6 +67,8 @@ impl RouterConfig {
             payload_limit: args.payload_limit,
             cors_allow_origin: args.cors_allow_origin.clone(),
             graceful_termination_timeout: args.graceful_termination_timeout,
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            otlp_service_name: args.otlp_service_name.clone(),
         }
     }
 
@@ -120,6 +124,13 @@ impl RouterConfig {
         }
         if self.json_output {
             command.arg("--json-output");
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            command
+                .arg("--otlp-endpoint")
+                .arg(endpoint)
+                .arg("--otlp-service-name")
+                .arg(&self.otlp_service_name);
         }
         // In the environment, where other users cannot read it (unlike the command line).
         match &self.api_key {

@@ -32,6 +32,8 @@ pub struct ShardConfig {
     pub kv_cache_memory: Option<String>,
     /// PyTorch's operators instead of the compiled CPU kernels.
     pub disable_custom_kernels: bool,
+    pub otlp_endpoint: Option<String>,
+    pub otlp_service_name: String,
     pub startup_timeout: Duration,
 }
 
@@ -54,6 +56,8 @@ impl ShardConfig {
             dtype: args.dtype,
             kv_cache_memory: args.kv_cache_memory.clone(),
             disable_custom_kernels: args.disable_custom_kernels,
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            otlp_service_name: shard_service_name(&args.otlp_service_name),
             startup_timeout: Duration::from_secs(args.shard_startup_timeout_s),
         }
     }
@@ -78,6 +82,13 @@ impl ShardConfig {
         if self.disable_custom_kernels {
             command.arg("--kernels").arg("reference");
         }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            command
+                .arg("--otlp-endpoint")
+                .arg(endpoint)
+                .arg("--otlp-service-name")
+                .arg(&self.otlp_service_name);
+        }
         command
             .env("RANK", self.rank.to_string())
             .env("WORLD_SIZE", self.world_size.to_string())
@@ -85,6 +96,15 @@ impl ShardConfig {
             .env("MASTER_PORT", self.master_port.to_string());
         command
     }
+}
+
+/// The shards' `service.name`: TGI's pair is `text-generation-inference.router` and
+/// `text-generation-inference.server`.
+fn shard_service_name(router_service_name: &str) -> String {
+    let stem = router_service_name
+        .strip_suffix(".router")
+        .unwrap_or(router_service_name);
+    format!("{stem}.server")
 }
 
 /// Starts the shard, clearing a socket file a previous run may have left behind.
@@ -294,6 +314,28 @@ mod tests {
                 "reference"
             ]
         );
+    }
+
+    #[test]
+    fn traces_go_to_the_collector_under_the_shards_service_name() {
+        let traced = |flags: &[&str]| argv(&config(flags).command())[5..].to_vec();
+        assert_eq!(
+            traced(&["--otlp-endpoint", "http://collector:4317"]),
+            [
+                "--otlp-endpoint",
+                "http://collector:4317",
+                "--otlp-service-name",
+                "text-generation-inference.server"
+            ]
+        );
+        let named = traced(&[
+            "--otlp-endpoint",
+            "http://c:4317",
+            "--otlp-service-name",
+            "chat",
+        ]);
+        assert_eq!(named[3], "chat.server");
+        assert!(traced(&["--otlp-service-name", "chat"]).is_empty());
     }
 
     #[tokio::test]

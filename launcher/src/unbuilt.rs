@@ -8,7 +8,7 @@ use crate::args::UnbuiltFeatures;
 pub fn refusal(features: &UnbuiltFeatures) -> Option<String> {
     let text = |value: &dyn ToString| value.to_string();
     // Each flag with the value it asks for, None where it asks for the default.
-    let requested: [(&str, Option<String>); 16] = [
+    let requested: [(&str, Option<String>); 14] = [
         ("--quantize", features.quantize.clone()),
         (
             "--speculate",
@@ -31,14 +31,6 @@ pub fn refusal(features: &UnbuiltFeatures) -> Option<String> {
                 .map(|f| text(&f)),
         ),
         ("--lora-adapters", features.lora_adapters.clone()),
-        ("--otlp-endpoint", features.otlp_endpoint.clone()),
-        (
-            "--otlp-service-name",
-            features
-                .otlp_service_name
-                .clone()
-                .filter(|name| name != "text-generation-inference.router"),
-        ),
         ("--rope-scaling", features.rope_scaling.clone()),
         ("--rope-factor", features.rope_factor.map(|f| text(&f))),
         (
@@ -100,7 +92,6 @@ mod tests {
             &["--speculate", "0"],
             &["--cuda-graphs", "0"],
             &["--cuda-memory-fraction", "1.0"],
-            &["--otlp-service-name", "text-generation-inference.router"],
             &["--validation-workers", "2"],
             &["--prometheus-port", "9000"],
             &["--disable-grammar-support"],
@@ -116,10 +107,6 @@ mod tests {
             (&["--speculate", "2"], "--speculate 2"),
             (&["--cuda-graphs", "1,2,4"], "--cuda-graphs"),
             (&["--lora-adapters", "org/adapter"], "--lora-adapters"),
-            (
-                &["--otlp-endpoint", "http://collector:4317"],
-                "--otlp-endpoint",
-            ),
             (&["--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype"),
             (&["--validation-workers", "8"], "--validation-workers 8"),
         ] {

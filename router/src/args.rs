@@ -101,6 +101,12 @@ pub struct RouterArgs {
     pub max_client_batch_size: usize,
     #[arg(long, env, default_value_t = false)]
     pub json_output: bool,
+    /// An OTLP/gRPC collector to export traces to, e.g. `http://collector:4317`.
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the router's spans.
+    #[arg(long, env, default_value = "text-generation-inference.router")]
+    pub otlp_service_name: String,
     /// Requests to every route but /health, /info, /metrics and the API documentation must
     /// carry `Authorization: Bearer <key>`; others get 401.
     #[arg(long, env, hide_env_values = true)]

@@ -15,6 +15,7 @@ mod server;
 pub mod shard;
 pub mod telemetry;
 pub mod tokenizer;
+pub mod trace;
 pub mod validation;
 
 use std::io::Write;
@@ -34,22 +35,20 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: RouterArgs) -> anyhow::Result<()> {
-    init_tracing(args.json_output);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(server::run(args))
-}
-
-fn init_tracing(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    runtime.block_on(async {
+        let otlp = args
+            .otlp_endpoint
+            .clone()
+            .map(|endpoint| trace::OtlpConfig {
+                endpoint,
+                service_name: args.otlp_service_name.clone(),
+            });
+        let span_export = trace::init(args.json_output, otlp.as_ref())?;
+        let served = server::run(args).await;
+        span_export.shutdown().await;
+        served
+    })
 }

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use sluice_client::{pb, ClientError, ShardedClient};
+use sluice_client::{pb, ClientError, ShardedClient, TraceHeaders};
 
 use crate::request::SamplingParameters;
 
@@ -13,13 +13,18 @@ pub trait Shard: Send + Sync + 'static {
     fn step(
         &self,
         request: pb::StepRequest,
+        trace: &TraceHeaders,
     ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send;
     fn clear_cache(&self) -> impl Future<Output = Result<(), ClientError>> + Send;
 }
 
 impl Shard for ShardedClient {
-    async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
-        ShardedClient::step(self, request).await
+    async fn step(
+        &self,
+        request: pb::StepRequest,
+        trace: &TraceHeaders,
+    ) -> Result<pb::StepResponse, ClientError> {
+        ShardedClient::step(self, request, trace).await
     }
 
     async fn clear_cache(&self) -> Result<(), ClientError> {

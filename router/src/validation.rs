@@ -135,6 +135,7 @@ impl Validator {
         Self { tokenizer, config }
     }
 
+    #[tracing::instrument(name = "validation", skip_all)]
     pub fn validate(
         &self,
         prompt: Prompt<'_>,

@@ -98,5 +98,7 @@ pub fn router(state: AppState, edges: Edges) -> Result<Router, serde_json::Error
     if let Some(cors) = edges.cors {
         app = app.layer(cors);
     }
+    // Outermost: the span covers the whole request.
+    app = app.layer(middleware::from_fn(crate::trace::http_request_span));
     Ok(app)
 }

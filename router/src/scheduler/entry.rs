@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tracing::Span;
 
 use super::{SchedulerError, TokenEvent};
 use crate::generation::RequestOutput;
@@ -18,6 +19,8 @@ pub(super) struct Submission {
     pub events: Vec<EventSender>,
     /// When the request was handed to the scheduler.
     pub queued: Instant,
+    /// The span of the HTTP request that submitted it.
+    pub span: Span,
 }
 
 pub(super) struct Entry {
@@ -50,6 +53,10 @@ pub(super) struct Entry {
     pub queued: Instant,
     /// When a step first ran the request.
     pub started: Option<Instant>,
+    /// The request's span: the spans of its wait and of its steps are its children.
+    pub span: Span,
+    /// Open until a step first runs the request.
+    pub queue_span: Option<Span>,
 }
 
 impl Entry {
@@ -58,6 +65,7 @@ impl Entry {
         request: GenerationRequest,
         events: EventSender,
         queued: Instant,
+        span: Span,
         eos_token_ids: &Arc<[u32]>,
     ) -> Self {
         Self {
@@ -77,6 +85,8 @@ impl Entry {
             parent: None,
             queued,
             started: None,
+            queue_span: Some(tracing::info_span!(parent: &span, "queue")),
+            span,
         }
     }
 

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use sluice_client::{pb, ClientError};
+use sluice_client::{pb, ClientError, TraceHeaders};
 
 use crate::shard::Shard;
 
@@ -177,7 +177,11 @@ impl FakeShard {
 }
 
 impl Shard for FakeShard {
-    async fn step(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
+    async fn step(
+        &self,
+        request: pb::StepRequest,
+        _trace: &TraceHeaders,
+    ) -> Result<pb::StepResponse, ClientError> {
         // A real step takes time; yielding lets requests arrive between steps.
         tokio::task::yield_now().await;
         Ok(self.state.lock().unwrap().step(request))

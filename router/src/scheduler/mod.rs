@@ -81,6 +81,7 @@ impl SchedulerHandle {
                 request,
                 events: senders,
                 queued: Instant::now(),
+                span: tracing::Span::current(),
             })
             .map_err(|_| SchedulerError::Closed)?;
         Ok(receivers)

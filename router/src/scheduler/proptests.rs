@@ -166,6 +166,7 @@ fn run(
                 },
                 events: vec![events],
                 queued: Instant::now(),
+                span: tracing::Span::none(),
             });
             clients.push(Client {
                 events: Some(receiver),
@@ -299,6 +300,7 @@ fn submit(
         },
         events: vec![events],
         queued: Instant::now(),
+        span: tracing::Span::none(),
     });
     receiver
 }

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use sluice_client::pb;
+use tracing::Span;
 
 use super::entry::{Entry, Submission};
 use super::metrics::Occupancy;
@@ -50,6 +51,7 @@ impl SchedulerState {
             request,
             events,
             queued,
+            span,
         } = submission;
         let first = self.next_id;
         for (index, events) in events.into_iter().enumerate() {
@@ -61,7 +63,14 @@ impl SchedulerState {
                 request.logprobs.prompt = false;
                 parent = Some(first);
             }
-            let mut entry = Entry::new(self.next_id, request, events, queued, &self.eos_token_ids);
+            let mut entry = Entry::new(
+                self.next_id,
+                request,
+                events,
+                queued,
+                span.clone(),
+                &self.eos_token_ids,
+            );
             self.next_id += 1;
             entry.parent = parent;
             match parent {
@@ -69,6 +78,24 @@ impl SchedulerState {
                 Some(_) => self.forks.push(entry),
             }
         }
+    }
+
+    /// A `step` span for each request in the step, a child of the request's span, open while
+    /// the step runs.
+    pub fn step_spans(&self, step: &pb::StepRequest) -> Vec<Span> {
+        let batch_size = step.scheduled.len();
+        step.scheduled
+            .iter()
+            .filter_map(|scheduled| {
+                let entry = self.running.iter().find(|e| e.id == scheduled.id)?;
+                Some(tracing::info_span!(
+                    parent: &entry.span,
+                    "step",
+                    tokens = scheduled.num_tokens,
+                    batch_size
+                ))
+            })
+            .collect()
     }
 
     pub fn has_work(&self) -> bool {

@@ -146,6 +146,7 @@ impl SchedulerState {
             if entry.cached_prompt_tokens.is_none() {
                 entry.cached_prompt_tokens = Some(cached as u32);
                 entry.started = Some(Instant::now());
+                entry.queue_span = None;
                 stats.prompt_tokens += entry.request.input_ids.len() as u64;
                 stats.cached_prompt_tokens += cached as u64;
             }

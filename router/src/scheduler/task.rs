@@ -14,6 +14,7 @@ use super::state::SchedulerState;
 use super::{SchedulerConfig, SchedulerHandle};
 use crate::shard::Shard;
 use crate::tokenizer::Tokenizer;
+use crate::trace;
 
 /// When a request wakes an idle scheduler, it keeps collecting arrivals until none has come for
 /// BURST_GAP, and for at most BURST_WINDOW, before building a step.
@@ -77,8 +78,14 @@ async fn run<S: Shard>(
         };
         let tokens: usize = step.scheduled.iter().map(|s| s.num_tokens as usize).sum();
         let decodes = step.scheduled.len() - stats.prefill_chunks as usize;
+        // The shards' spans of the step join the trace of its first request.
+        let step_spans = state.step_spans(&step);
+        let trace = step_spans
+            .first()
+            .map(trace::headers_for)
+            .unwrap_or_default();
         let started = Instant::now();
-        let succeeded = match shard.step(step).await {
+        let succeeded = match shard.step(step, &trace).await {
             Ok(response) => {
                 record_shard_timing(stats.method(), response.forward_ns, response.total_ns);
                 // Before delivering: finished requests leave the batch there.
@@ -105,5 +112,6 @@ async fn run<S: Shard>(
             succeeded,
             state.occupancy(),
         );
+        drop(step_spans);
     }
 }
