@@ -53,14 +53,14 @@ def test_one_requests_spans_form_one_tree_across_router_and_shard(
     response = client.generate("The capital of France is", max_new_tokens=NEW_TOKENS)
     assert response.details.generated_tokens == NEW_TOKENS
 
-    def in_trace() -> list[ReceivedSpan]:
-        return [s for s in receiver.spans() if s.trace_id == trace_id]
+    def in_trace(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in spans if s.trace_id == trace_id]
 
     def complete(spans: list[ReceivedSpan]) -> bool:
-        names = [(s.service_name, s.name) for s in spans]
+        names = [(s.service_name, s.name) for s in in_trace(spans)]
         return names.count((SHARD, "sample")) >= NEW_TOKENS and (ROUTER, "http_request") in names
 
-    spans = receiver.wait_for(lambda: complete(in_trace()) and in_trace(), EXPORT_TIMEOUT_S)
+    spans = in_trace(receiver.wait_for(complete, EXPORT_TIMEOUT_S))
     tree = "\n".join(render(spans, caller_span_id))
     by_id = {s.span_id: s for s in spans}
 
@@ -98,8 +98,9 @@ def test_a_request_without_traceparent_starts_its_own_trace(
 ) -> None:
     Client(server.url).generate("Hello", max_new_tokens=1)
 
-    def roots() -> list[ReceivedSpan]:
-        return [s for s in receiver.spans() if s.name == "http_request" and not s.parent_span_id]
+    def roots(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in spans if s.name == "http_request" and not s.parent_span_id]
 
-    (root, *_) = receiver.wait_for(roots, EXPORT_TIMEOUT_S)
+    (root,) = roots(receiver.wait_for(lambda spans: bool(roots(spans)), EXPORT_TIMEOUT_S))
     assert root.service_name == ROUTER
+    assert root.kind == "SERVER"
