@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a tensor-parallel collective that cannot complete (a rank "
         "died or hangs) fails the step",
     )
+    serve.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export OpenTelemetry traces of each step to this OTLP/gRPC collector, e.g. "
+        "http://127.0.0.1:4317 (default: no tracing)",
+    )
+    serve.add_argument(
+        "--otlp-service-name",
+        default=None,
+        help="the service name of the exported spans (default: text-generation-inference.server)",
+    )
     _add_kernel_cache_argument(serve)
     serve.set_defaults(handler=_serve)
 
@@ -250,6 +261,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .layers.tensor_parallel import join_group
     from .models.loader import ModelLoadError, load_model
     from .service import TextGenerationServicer
+    from .tracing import DEFAULT_SERVICE_NAME, setup_tracing
 
     try:
         rendezvous = _rendezvous_from_env(args.collective_timeout)
@@ -301,7 +313,13 @@ def _serve(args: argparse.Namespace) -> int:
         rendezvous.rank,
         loaded.weight_bytes / 2**20,
     )
-    executor = StepExecutor(loaded, args.block_size, args.kv_cache_memory)
+    otlp_endpoint = args.otlp_endpoint or None
+    tracing = setup_tracing(
+        otlp_endpoint, args.otlp_service_name or DEFAULT_SERVICE_NAME, rendezvous.rank
+    )
+    if otlp_endpoint is not None:
+        logger.info("exporting traces to %s", args.otlp_endpoint)
+    executor = StepExecutor(loaded, args.block_size, args.kv_cache_memory, tracing.tracer)
     servicer = TextGenerationServicer(executor)
     # grpc wants an absolute path after unix://
     uds_path = os.path.abspath(args.uds_path) if args.uds_path else None
@@ -310,6 +328,9 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(_serve_until_signal(servicer, address, uds_path))
     except (OSError, RuntimeError) as error:
         return _fail(f"cannot serve on {address}: {error}")
+    finally:
+        # The spans still buffered, exported before the process exits.
+        tracing.shutdown()
     return 0
 
 

@@ -10,6 +10,9 @@ FAILED_PRECONDITION for a Step before Warmup, INTERNAL for anything else.
 Health is real: it fails (UNAVAILABLE) while the last step failed with an internal error (a lost
 device, a broken tensor-parallel group), until a step succeeds again, and on a GPU it checks that
 the device still runs work. A wedged step shows as a Health call that does not return.
+
+Each Step (and Warmup) is traced as a span whose parent is the router's, from the call's
+metadata (tracing.py); the executor's `forward` and `sample` spans nest under it.
 """
 
 import gc
@@ -18,11 +21,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 
 from .engine.contract import InvalidRequestError
 from .engine.step import NotWarmedUpError, StepExecutor
 from .pb import generate_pb2 as pb
 from .pb import generate_pb2_grpc as pb_grpc
+from .tracing import RANK_ATTRIBUTE, parent_context
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,10 @@ Result = TypeVar("Result")
 class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     def __init__(self, executor: StepExecutor) -> None:
         self.executor = executor
+        # The executor's: one tracer for the step and the spans under it.
+        self.tracer = executor.tracer
+        # Without an exporter the call's trace context is not even parsed.
+        self.traced = not isinstance(self.tracer, trace.NoOpTracer)
         # Why the last step failed, when it failed with an internal error.
         self.step_failure: str | None = None
 
@@ -81,12 +92,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
             request.max_batch_size,
             request.max_total_tokens,
         )
-        num_blocks = await self._run(
-            context,
-            lambda: self.executor.warmup(
-                request.max_prefill_tokens, request.max_batch_size, request.max_total_tokens
-            ),
-        )
+        num_blocks = await self._run(context, lambda: self._warmup(request, self._parent(context)))
         # Everything allocated so far (the model, the cache, grpc and torch internals) lives for
         # the whole process: moved out of the collector's view, the periodic collections that
         # each step's short-lived objects trigger no longer walk it (a pause of milliseconds).
@@ -97,16 +103,58 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     async def Step(
         self, request: pb.StepRequest, context: grpc.aio.ServicerContext
     ) -> pb.StepResponse:
-        return await self._run(context, lambda: self._step(request))
+        parent = self._parent(context)
+        return await self._run(context, lambda: self._step(request, parent))
 
-    def _step(self, request: pb.StepRequest) -> pb.StepResponse:
-        try:
-            response = self.executor.step(request)
-        except (InvalidRequestError, NotWarmedUpError):
-            raise  # The request's fault: the shard is as healthy as before.
-        except Exception as error:
-            self.step_failure = f"{type(error).__name__}: {error}"
-            raise
+    def _parent(self, context: grpc.aio.ServicerContext) -> Context:
+        """The router's span, from the call's metadata, when tracing."""
+        return parent_context(context.invocation_metadata()) if self.traced else Context()
+
+    def _warmup(self, request: pb.WarmupRequest, parent: Context) -> int:
+        with self.tracer.start_as_current_span(
+            "warmup", context=parent, kind=SpanKind.SERVER
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        RANK_ATTRIBUTE: self.executor.loaded.shards.rank,
+                        "sluice.max_prefill_tokens": request.max_prefill_tokens,
+                        "sluice.max_batch_size": request.max_batch_size,
+                        "sluice.max_total_tokens": request.max_total_tokens,
+                    }
+                )
+            num_blocks = self.executor.warmup(
+                request.max_prefill_tokens, request.max_batch_size, request.max_total_tokens
+            )
+            span.set_attribute("sluice.num_blocks", num_blocks)
+            return num_blocks
+
+    def _step(self, request: pb.StepRequest, parent: Context) -> pb.StepResponse:
+        # Started here rather than in Step so that a failure is recorded as the executor's
+        # exception, not as the abort that reports it.
+        with self.tracer.start_as_current_span(
+            "step", context=parent, kind=SpanKind.SERVER
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        RANK_ATTRIBUTE: self.executor.loaded.shards.rank,
+                        "sluice.new_requests": len(request.new_requests),
+                        "sluice.scheduled_requests": len(request.scheduled),
+                        "sluice.freed_requests": len(request.free_ids),
+                        "sluice.tokens": sum(entry.num_tokens for entry in request.scheduled),
+                    }
+                )
+            try:
+                # Explicitly, so the executor's spans nest under this one whatever thread or
+                # context it runs in.
+                response = self.executor.step(request, trace.set_span_in_context(span))
+            except (InvalidRequestError, NotWarmedUpError):
+                raise  # The request's fault: the shard is as healthy as before.
+            except Exception as error:
+                self.step_failure = f"{type(error).__name__}: {error}"
+                raise
+            span.set_attribute("sluice.generations", len(response.generations))
         self.step_failure = None
         return response
 

@@ -85,7 +85,7 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
                     grpc.StatusCode.INVALID_ARGUMENT,
                 )
 
-                def broken_step(request: pb.StepRequest) -> pb.StepResponse:
+                def broken_step(request: pb.StepRequest, trace_context: object) -> pb.StepResponse:
                     raise RuntimeError("device lost")
 
                 working_step = executor.step

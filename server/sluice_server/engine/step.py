@@ -4,8 +4,8 @@ A step, in order: forget `free_ids`; register `new_requests`; append each schedu
 `new_blocks` to its block table; run its next `num_tokens` tokens through the model in one flat
 batch; and for every scheduled request whose tokens are now all computed, sample one token and
 report it (with its top alternatives when asked). A request that asked for prompt log-probabilities
-also has each prompt token its chunk predicts scored. Whether a request is done is the router's decision alone: the shard keeps every
-request until `free_ids` names it.
+also has each prompt token its chunk predicts scored. Whether a request is done is the router's
+decision alone: the shard keeps every request until `free_ids` names it.
 
 The whole StepRequest is validated first (engine/contract.py), so a rejected step leaves the
 shard's state as it was.
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from ..layers.attention import LayerKVCache, SequenceChunk
 from ..models.loader import LoadedModel
@@ -108,8 +110,11 @@ class StepExecutor:
         loaded: LoadedModel,
         block_size: int,
         kv_cache_bytes: int | None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.loaded = loaded
+        # Spans around the forward pass and the sampling of each step (no-op by default).
+        self.tracer = tracer if tracer is not None else trace.NoOpTracer()
         self.block_size = block_size
         # None: size the cache from the memory available at warmup.
         self.kv_cache_bytes = kv_cache_bytes
@@ -225,8 +230,11 @@ class StepExecutor:
         )
         return num_blocks
 
-    def step(self, step_request: pb.StepRequest) -> pb.StepResponse:
-        """Runs one step, as the module docstring describes."""
+    def step(
+        self, step_request: pb.StepRequest, trace_context: Context | None = None
+    ) -> pb.StepResponse:
+        """Runs one step, as the module docstring describes; its `forward` and `sample` spans
+        are children of the span in `trace_context` (default: the current context)."""
         start = time.perf_counter_ns()
         if self.kv_cache is None or self.step_limits is None:
             raise NotWarmedUpError("Step before Warmup: the KV cache is not allocated yet")
@@ -256,7 +264,15 @@ class StepExecutor:
             )
             for request, num_tokens in scheduled
         ]
-        result = run_forward(self.loaded, self.kv_cache, chunks)
+        with self.tracer.start_as_current_span("forward", context=trace_context) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "sluice.sequences": len(chunks),
+                        "sluice.tokens": sum(len(chunk.token_ids) for chunk in chunks),
+                    }
+                )
+            result = run_forward(self.loaded, self.kv_cache, chunks)
         prompt_logprobs = _score_prompts(scheduled, chunks, result.scoring_logits)
         for request, num_tokens in scheduled:
             request.num_computed += num_tokens
@@ -266,16 +282,22 @@ class StepExecutor:
             for (request, _), chunk in zip(scheduled, chunks, strict=True)
             if chunk.needs_logits
         ]
-        sampled = sample(
-            result.logits,
-            [
-                SamplingRow(
-                    request.sampling, request.token_ids, request.prompt_len, request.top_n_tokens
-                )
-                for request in sampling_requests
-            ],
-            self.loaded.kernels.ops.argmax_logprob,
-        )
+        with self.tracer.start_as_current_span("sample", context=trace_context) as span:
+            if span.is_recording():
+                span.set_attribute("sluice.sequences", len(sampling_requests))
+            sampled = sample(
+                result.logits,
+                [
+                    SamplingRow(
+                        request.sampling,
+                        request.token_ids,
+                        request.prompt_len,
+                        request.top_n_tokens,
+                    )
+                    for request in sampling_requests
+                ],
+                self.loaded.kernels.ops.argmax_logprob,
+            )
         # Every rank continues each sequence with rank 0's token (the one the router is told).
         token_ids = self.loaded.shards.broadcast_from_first(sampled.token_ids, self.loaded.device)
         generations = []
