@@ -116,7 +116,11 @@ pub async fn http_request_span(request: Request, next: Next) -> Response {
     // Fails only without the OpenTelemetry layer, when there is no trace to join.
     let _ = span.set_parent(caller);
     let response = next.run(request).instrument(span.clone()).await;
-    span.record("http.response.status_code", response.status().as_u16());
+    // As an integer attribute, as OpenTelemetry's HTTP conventions have it.
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
     response
 }
 
