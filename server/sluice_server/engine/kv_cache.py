@@ -4,11 +4,11 @@ import ctypes
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..layers.attention import LayerKVCache
+from ..memory import available_host_memory
 from ..models.loader import LoadedModel
 
 # Without --kv-cache-memory: on CPU take this share of the memory the system reports available...
@@ -81,14 +81,6 @@ def default_cache_bytes(device: torch.device, warmup_peak_bytes: int, world_size
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * CUDA_MEMORY_FRACTION) - warmup_peak_bytes
     return int(available_host_memory() * HOST_MEMORY_FRACTION) // world_size
-
-
-def available_host_memory() -> int:
-    """MemAvailable from /proc/meminfo: free memory plus what the kernel can reclaim."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable line")
 
 
 HUGE_PAGE_BYTES = 2 * 2**20

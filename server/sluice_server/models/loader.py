@@ -10,6 +10,7 @@ import torch
 from ..kernels import Kernels
 from ..layers.runtime import LayerRuntime
 from ..layers.tensor_parallel import SINGLE_SHARD, ShardGroup, ShardingError
+from ..memory import available_memory
 from ..weights import CheckpointWeights
 from .decoder import CausalLM, ModelConfig
 from .registry import UnsupportedModelError, model_builder_for
@@ -56,11 +57,20 @@ def load_model(
     runtime = LayerRuntime(kernels.attention, kernels.ops, dtype, device, shards)
     try:
         model = build(hf_config, runtime)
+    except torch.cuda.OutOfMemoryError as error:
+        raise ModelLoadError(
+            f"{model_dir}: the weights do not fit in {device}'s memory in {dtype}; use a smaller "
+            f"--dtype or more shards (--num-shard)"
+        ) from error
     except ShardingError as error:
         counts = ", ".join(str(count) for count in supported_shard_counts(hf_config))
         raise ModelLoadError(f"{model_dir}: {error}; it splits across {counts} shards") from error
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
+    if device.type == "cpu":
+        # The parameters are allocated but not yet touched: checked now, a model too large
+        # fails with a message instead of the kernel's out-of-memory kill midway through.
+        _check_weights_fit(model_dir, _tensor_bytes(model), available_memory(device), dtype)
     try:
         with CheckpointWeights(model_dir) as weights:
             model.load_weights(weights)
@@ -82,6 +92,17 @@ def load_model(
         shards=shards,
         weight_bytes=weight_bytes,
     )
+
+
+def _check_weights_fit(
+    model_dir: Path, weight_bytes: int, available_bytes: int, dtype: torch.dtype
+) -> None:
+    if weight_bytes > available_bytes:
+        raise ModelLoadError(
+            f"{model_dir}: the weights need {weight_bytes / 2**30:.2f} GiB in {dtype} on this rank, "
+            f"but only {available_bytes / 2**30:.2f} GiB of memory is available; use a smaller "
+            f"--dtype, more shards (--num-shard) or a machine with more memory"
+        )
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
