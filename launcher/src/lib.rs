@@ -12,6 +12,7 @@ mod router;
 mod shard;
 mod supervise;
 mod topology;
+mod trace_export;
 mod unbuilt;
 
 use std::io::IsTerminal;

@@ -7,6 +7,7 @@ use sluice_client::ShardAddress;
 use tokio::process::Command;
 
 use crate::args::{Args, RequestLimits};
+use crate::trace_export::TraceExport;
 
 pub const NAME: &str = "router";
 
@@ -36,8 +37,7 @@ pub struct RouterConfig {
     pub payload_limit: usize,
     pub cors_allow_origin: Vec<String>,
     pub graceful_termination_timeout: u64,
-    pub otlp_endpoint: Option<String>,
-    pub otlp_service_name: String,
+    pub trace_export: Option<TraceExport>,
 }
 
 impl RouterConfig {
@@ -67,8 +67,7 @@ impl RouterConfig {
             payload_limit: args.payload_limit,
             cors_allow_origin: args.cors_allow_origin.clone(),
             graceful_termination_timeout: args.graceful_termination_timeout,
-            otlp_endpoint: args.otlp_endpoint.clone(),
-            otlp_service_name: args.otlp_service_name.clone(),
+            trace_export: TraceExport::for_router(args),
         }
     }
 
@@ -125,12 +124,8 @@ impl RouterConfig {
         if self.json_output {
             command.arg("--json-output");
         }
-        if let Some(endpoint) = &self.otlp_endpoint {
-            command
-                .arg("--otlp-endpoint")
-                .arg(endpoint)
-                .arg("--otlp-service-name")
-                .arg(&self.otlp_service_name);
+        if let Some(trace_export) = &self.trace_export {
+            command.args(trace_export.flags());
         }
         // In the environment, where other users cannot read it (unlike the command line).
         match &self.api_key {

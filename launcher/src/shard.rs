@@ -11,6 +11,7 @@ use crate::args::{Args, Dtype};
 use crate::error::LauncherError;
 use crate::process::ManagedChild;
 use crate::topology::{ShardListen, Topology};
+use crate::trace_export::TraceExport;
 
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// One health check must not hang the startup loop on a stuck connection.
@@ -32,8 +33,7 @@ pub struct ShardConfig {
     pub kv_cache_memory: Option<String>,
     /// PyTorch's operators instead of the compiled CPU kernels.
     pub disable_custom_kernels: bool,
-    pub otlp_endpoint: Option<String>,
-    pub otlp_service_name: String,
+    pub trace_export: Option<TraceExport>,
     pub startup_timeout: Duration,
 }
 
@@ -56,8 +56,7 @@ impl ShardConfig {
             dtype: args.dtype,
             kv_cache_memory: args.kv_cache_memory.clone(),
             disable_custom_kernels: args.disable_custom_kernels,
-            otlp_endpoint: args.otlp_endpoint.clone(),
-            otlp_service_name: shard_service_name(&args.otlp_service_name),
+            trace_export: TraceExport::for_shards(args),
             startup_timeout: Duration::from_secs(args.shard_startup_timeout_s),
         }
     }
@@ -82,12 +81,8 @@ impl ShardConfig {
         if self.disable_custom_kernels {
             command.arg("--kernels").arg("reference");
         }
-        if let Some(endpoint) = &self.otlp_endpoint {
-            command
-                .arg("--otlp-endpoint")
-                .arg(endpoint)
-                .arg("--otlp-service-name")
-                .arg(&self.otlp_service_name);
+        if let Some(trace_export) = &self.trace_export {
+            command.args(trace_export.flags());
         }
         command
             .env("RANK", self.rank.to_string())
@@ -96,15 +91,6 @@ impl ShardConfig {
             .env("MASTER_PORT", self.master_port.to_string());
         command
     }
-}
-
-/// The shards' `service.name`: TGI's pair is `text-generation-inference.router` and
-/// `text-generation-inference.server`.
-fn shard_service_name(router_service_name: &str) -> String {
-    let stem = router_service_name
-        .strip_suffix(".router")
-        .unwrap_or(router_service_name);
-    format!("{stem}.server")
 }
 
 /// Starts the shard, clearing a socket file a previous run may have left behind.

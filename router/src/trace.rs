@@ -64,7 +64,6 @@ pub fn init(json_logs: bool, otlp: Option<&OtlpConfig>) -> anyhow::Result<SpanEx
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer().with_tracer(provider.tracer("sluice-router"))
     });
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     tracing_subscriber::registry()
         .with(filter)
         .with(logs)
