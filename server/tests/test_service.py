@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -19,6 +21,20 @@ from sluice_server.service import TextGenerationServicer, create_server
 
 SERVER_SOURCE_DIR = Path(sluice_server.__file__).resolve().parent.parent
 WARMUP = pb.WarmupRequest(max_prefill_tokens=32, max_batch_size=4, max_total_tokens=64)
+
+
+@asynccontextmanager
+async def serving(
+    servicer: TextGenerationServicer, socket_path: Path
+) -> AsyncIterator[pb_grpc.TextGenerationServiceStub]:
+    """The servicer on a real gRPC server at `socket_path`, and a client for it."""
+    server = create_server(servicer, f"unix://{socket_path}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+            yield pb_grpc.TextGenerationServiceStub(channel)
+    finally:
+        await server.stop(grace=None)
 
 
 def first_step(request_id: int) -> pb.StepRequest:
@@ -47,61 +63,55 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
     socket_path = tmp_path / "shard.sock"
 
     async def scenario() -> None:
-        server = create_server(servicer, f"unix://{socket_path}")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
-                stub = pb_grpc.TextGenerationServiceStub(channel)
-                info = await stub.Info(pb.InfoRequest())
-                assert (info.model_type, info.dtype, info.device) == ("llama", "float32", "cpu")
-                assert (info.vocab_size, list(info.eos_token_ids)) == (128, [2])
-                assert info.max_position_embeddings == 256
-                await stub.Health(pb.HealthRequest())
+        async with serving(servicer, socket_path) as stub:
+            info = await stub.Info(pb.InfoRequest())
+            assert (info.model_type, info.dtype, info.device) == ("llama", "float32", "cpu")
+            assert (info.vocab_size, list(info.eos_token_ids)) == (128, [2])
+            assert info.max_position_embeddings == 256
+            await stub.Health(pb.HealthRequest())
 
-                await expect_error(stub.Step(first_step(0)), grpc.StatusCode.FAILED_PRECONDITION)
-                warmup = await stub.Warmup(WARMUP)
-                assert warmup.num_blocks > 0 and warmup.block_size == 4
+            await expect_error(stub.Step(first_step(0)), grpc.StatusCode.FAILED_PRECONDITION)
+            warmup = await stub.Warmup(WARMUP)
+            assert warmup.num_blocks > 0 and warmup.block_size == 4
 
-                response = await stub.Step(first_step(0))
-                assert [generation.id for generation in response.generations] == [0]
-                assert response.total_ns >= response.forward_ns > 0
+            response = await stub.Step(first_step(0))
+            assert [generation.id for generation in response.generations] == [0]
+            assert response.total_ns >= response.forward_ns > 0
 
-                bad = pb.StepRequest(
-                    scheduled=[pb.ScheduledRequest(id=0, num_tokens=1, new_blocks=[10**6])]
-                )
-                details = await expect_error(stub.Step(bad), grpc.StatusCode.INVALID_ARGUMENT)
-                assert "out of range" in details
+            bad = pb.StepRequest(
+                scheduled=[pb.ScheduledRequest(id=0, num_tokens=1, new_blocks=[10**6])]
+            )
+            details = await expect_error(stub.Step(bad), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "out of range" in details
 
-                # Still serving, and the rejected step changed nothing.
-                await stub.Health(pb.HealthRequest())
-                response = await stub.Step(
-                    pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
-                )
-                assert len(response.generations) == 1
+            # Still serving, and the rejected step changed nothing.
+            await stub.Health(pb.HealthRequest())
+            response = await stub.Step(
+                pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
+            )
+            assert len(response.generations) == 1
 
-                await stub.ClearCache(pb.ClearCacheRequest())
-                await expect_error(
-                    stub.Step(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])),
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                )
+            await stub.ClearCache(pb.ClearCacheRequest())
+            await expect_error(
+                stub.Step(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
 
-                def broken_step(request: pb.StepRequest, trace_context: object) -> pb.StepResponse:
-                    raise RuntimeError("device lost")
+            def broken_step(request: pb.StepRequest, trace_context: object) -> pb.StepResponse:
+                raise RuntimeError("device lost")
 
-                working_step = executor.step
-                executor.step = broken_step  # type: ignore[method-assign]
-                details = await expect_error(stub.Step(pb.StepRequest()), grpc.StatusCode.INTERNAL)
-                assert "device lost" in details
-                # Unhealthy until a step succeeds again.
-                details = await expect_error(
-                    stub.Health(pb.HealthRequest()), grpc.StatusCode.UNAVAILABLE
-                )
-                assert details == "the last step failed: RuntimeError: device lost"
-                executor.step = working_step  # type: ignore[method-assign]
-                await stub.Step(pb.StepRequest())
-                await stub.Health(pb.HealthRequest())
-        finally:
-            await server.stop(grace=None)
+            working_step = executor.step
+            executor.step = broken_step  # type: ignore[method-assign]
+            details = await expect_error(stub.Step(pb.StepRequest()), grpc.StatusCode.INTERNAL)
+            assert "device lost" in details
+            # Unhealthy until a step succeeds again.
+            details = await expect_error(
+                stub.Health(pb.HealthRequest()), grpc.StatusCode.UNAVAILABLE
+            )
+            assert details == "the last step failed: RuntimeError: device lost"
+            executor.step = working_step  # type: ignore[method-assign]
+            await stub.Step(pb.StepRequest())
+            await stub.Health(pb.HealthRequest())
 
     asyncio.run(scenario())
 

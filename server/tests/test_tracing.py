@@ -16,9 +16,9 @@ from opentelemetry.trace import SpanKind
 from sluice_server.engine.step import StepExecutor
 from sluice_server.models.loader import LoadedModel
 from sluice_server.pb import generate_pb2_grpc as pb_grpc
-from sluice_server.service import TextGenerationServicer, create_server
+from sluice_server.service import TextGenerationServicer
 from sluice_server.tracing import setup_tracing
-from test_service import SERVER_SOURCE_DIR, WARMUP, first_step, wait_until_healthy
+from test_service import SERVER_SOURCE_DIR, WARMUP, first_step, serving, wait_until_healthy
 
 # What the router's span would send: its trace, its span, sampled.
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -80,17 +80,11 @@ def test_a_step_continues_the_trace_in_its_metadata(tmp_path: Path, tiny_loaded:
         servicer = TextGenerationServicer(executor)
 
         async def scenario() -> None:
-            server = create_server(servicer, f"unix://{socket_path}")
-            await server.start()
-            try:
-                async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
-                    stub = pb_grpc.TextGenerationServiceStub(channel)
-                    await stub.Warmup(WARMUP)
-                    await stub.Step(first_step(0), metadata=TRACE_METADATA)
-                    # Without trace context: a trace of the shard's own.
-                    await stub.Step(first_step(1))
-            finally:
-                await server.stop(grace=None)
+            async with serving(servicer, socket_path) as stub:
+                await stub.Warmup(WARMUP)
+                await stub.Step(first_step(0), metadata=TRACE_METADATA)
+                # Without trace context: a trace of the shard's own.
+                await stub.Step(first_step(1))
 
         asyncio.run(scenario())
         # Exported now rather than on the batch processor's timer.
@@ -174,16 +168,10 @@ def test_a_failed_step_is_recorded_on_its_span(tmp_path: Path, tiny_loaded: Load
         servicer = TextGenerationServicer(StepExecutor(tiny_loaded, 4, 2**20, tracing.tracer))
 
         async def scenario() -> None:
-            server = create_server(servicer, f"unix://{socket_path}")
-            await server.start()
-            try:
-                async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
-                    stub = pb_grpc.TextGenerationServiceStub(channel)
-                    with pytest.raises(grpc.aio.AioRpcError):
-                        # Before Warmup.
-                        await stub.Step(first_step(0), metadata=TRACE_METADATA)
-            finally:
-                await server.stop(grace=None)
+            async with serving(servicer, socket_path) as stub:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    # Before Warmup.
+                    await stub.Step(first_step(0), metadata=TRACE_METADATA)
 
         asyncio.run(scenario())
         tracing.shutdown()
