@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 from conftest import SluiceServer
@@ -63,3 +64,31 @@ def stream(
             if max_events is not None and len(result.events) >= max_events:
                 break
     return result
+
+
+def shard_pids(server: SluiceServer) -> dict[int, int]:
+    """rank -> pid of the server's running shard processes (`sluice-server serve --uds-path
+    {prefix}-{rank}`; the router names the same paths, as its shards' addresses)."""
+    prefix = server.flags[server.flags.index("--shard-uds-path") + 1]
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # Exited while we looked.
+        if "serve" not in argv or "--uds-path" not in argv:
+            continue
+        path = argv[argv.index("--uds-path") + 1]
+        if path.startswith(f"{prefix}-"):
+            pids[int(path.rsplit("-", 1)[1])] = int(entry.name)
+    return pids
+
+
+def wait_for_health(server: SluiceServer, status: int, timeout_s: float = 300) -> None:
+    """Polls /health until it answers `status`."""
+    deadline = time.monotonic() + timeout_s
+    while requests.get(f"{server.url}/health", timeout=30).status_code != status:
+        assert time.monotonic() < deadline, f"/health never answered {status}"
+        time.sleep(0.1)

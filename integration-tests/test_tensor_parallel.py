@@ -1,7 +1,8 @@
 """Tensor parallelism end to end: the real launcher splitting the default model (9 query heads,
 3 KV heads) across three shard processes, and across three launchers as on three machines,
-compared with one shard; and a rank that dies takes the whole server down with an error naming
-it, leaving no process behind."""
+compared with one shard; a rank that dies has every rank restarted, and one death more than
+--max-shard-restarts allows takes the whole server down with an error naming it, leaving no
+process behind."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEFAULT_MODEL, SluiceServer, free_port, serve, start_server
-from helpers import generate
+from helpers import generate, shard_pids, wait_for_health
 
 PROMPTS = [
     f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -63,32 +64,15 @@ def one_shard_outputs() -> list[str]:
 
 @pytest.fixture(scope="module")
 def three_shards() -> Iterator[SluiceServer]:
-    """Three ranks; the last test kills one, otherwise it must stop cleanly."""
-    server = start_server("--num-shard", "3", "--master-port", str(free_port()))
+    """Three ranks, restarted once; the last test kills one twice, otherwise it must stop
+    cleanly."""
+    server = start_server(
+        "--num-shard", "3", "--master-port", str(free_port()), "--max-shard-restarts", "1"
+    )
     yield server
     if server.process.poll() is None:
         code = server.stop()
         assert code == 0, f"launcher exited with {code} on SIGTERM:\n{server.log_tail()}"
-
-
-def shard_pids(server: SluiceServer) -> dict[int, int]:
-    """rank -> pid of the server's running shard processes (`sluice-server serve --uds-path
-    {prefix}-{rank}`; the router names the same paths, as its shards' addresses)."""
-    prefix = server.flags[server.flags.index("--shard-uds-path") + 1]
-    pids = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue  # Exited while we looked.
-        if "serve" not in argv or "--uds-path" not in argv:
-            continue
-        path = argv[argv.index("--uds-path") + 1]
-        if path.startswith(f"{prefix}-"):
-            pids[int(path.rsplit("-", 1)[1])] = int(entry.name)
-    return pids
 
 
 def test_three_shards_answer_as_one(
@@ -103,11 +87,25 @@ def test_a_shard_count_that_does_not_split_the_heads_is_refused() -> None:
         start_server("--num-shard", "2", "--master-port", str(free_port()))
 
 
-def test_a_dead_rank_stops_the_server_naming_it(three_shards: SluiceServer) -> None:
-    os.kill(shard_pids(three_shards)[1], signal.SIGKILL)
+def test_a_dead_rank_restarts_every_rank_and_past_the_limit_stops_the_server(
+    three_shards: SluiceServer, one_shard_outputs: list[str]
+) -> None:
+    before = shard_pids(three_shards)
+    os.kill(before[1], signal.SIGKILL)
+    # The group cannot go on without one of its ranks: all three start again, and the router
+    # warms them up by itself.
+    wait_for_health(three_shards, 503)
+    wait_for_health(three_shards, 200)
+    after = shard_pids(three_shards)
+    assert sorted(after) == [0, 1, 2]
+    assert not set(after.values()) & set(before.values())
+    assert greedy_outputs(three_shards) == one_shard_outputs
+
+    os.kill(after[1], signal.SIGKILL)
     code = three_shards.process.wait(timeout=SHUTDOWN_AFTER_A_DEATH_S)
     log = three_shards.log_tail(200)
     assert code != 0, log
+    assert "giving up after 1 shard restarts (--max-shard-restarts 1)" in log, log
     assert "shard-1 exited with signal: 9 (SIGKILL)" in log, log
     assert shard_pids(three_shards) == {}
 

@@ -24,8 +24,16 @@ pub enum ClientError {
         address: ShardAddress,
         source: tonic::transport::Error,
     },
-    #[error("shard call failed: {0}")]
+    #[error("shard call failed ({:?}): {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
     #[error("no shard to talk to")]
     NoShards,
+}
+
+impl ClientError {
+    /// The shard answered that it has not been warmed up: it restarted since the router's
+    /// warmup.
+    pub fn is_not_warmed_up(&self) -> bool {
+        matches!(self, Self::Rpc(status) if status.code() == tonic::Code::FailedPrecondition)
+    }
 }

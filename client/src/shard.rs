@@ -46,9 +46,13 @@ impl ShardClient {
         Ok(response.into_inner())
     }
 
-    pub async fn health(&self) -> Result<(), ClientError> {
-        self.inner.clone().health(pb::HealthRequest {}).await?;
-        Ok(())
+    pub async fn health(&self) -> Result<pb::HealthResponse, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .health(pb::HealthRequest {})
+            .await?
+            .into_inner())
     }
 
     pub async fn warmup(

@@ -29,9 +29,12 @@ impl ShardedClient {
         self.master().info().await
     }
 
-    pub async fn health(&self) -> Result<(), ClientError> {
-        try_join_all(self.shards.iter().map(|s| s.health())).await?;
-        Ok(())
+    /// Healthy when every rank is; warmed up when every rank is.
+    pub async fn health(&self) -> Result<pb::HealthResponse, ClientError> {
+        let answers = try_join_all(self.shards.iter().map(|s| s.health())).await?;
+        Ok(pb::HealthResponse {
+            warmed_up: answers.iter().all(|a| a.warmed_up),
+        })
     }
 
     pub async fn warmup(

@@ -130,6 +130,12 @@ pub struct Args {
     #[arg(long, env, default_value_t = 600)]
     pub shard_startup_timeout_s: u64,
 
+    /// How many times a shard that dies is restarted (all ranks of this machine together)
+    /// before the launcher gives up and exits; 0 stops everything at the first death. The
+    /// router fails the requests of the step that was lost and holds the queue meanwhile.
+    #[arg(long, env, default_value_t = 3)]
+    pub max_shard_restarts: u32,
+
     /// The Hugging Face hub cache models are looked up in and downloaded into [default:
     /// HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub].
     #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]

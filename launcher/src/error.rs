@@ -43,6 +43,15 @@ pub enum LauncherError {
         stderr: StderrTail,
     },
 
+    /// A shard died after the last restart --max-shard-restarts allows.
+    #[error(
+        "giving up after {restarts} shard restarts (--max-shard-restarts {restarts}): {death}"
+    )]
+    ShardRestartsExhausted {
+        death: Box<LauncherError>,
+        restarts: u32,
+    },
+
     #[error("{name} did not answer health checks within {}s{stderr}", .timeout.as_secs())]
     ShardStartupTimeout {
         name: String,

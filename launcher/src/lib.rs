@@ -4,6 +4,7 @@
 
 mod args;
 mod binaries;
+mod child_log;
 mod error;
 mod model;
 mod preflight;

@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
+use crate::child_log::ChildLine;
 use crate::error::LauncherError;
 
 /// How many stderr lines an error report shows.
@@ -260,7 +261,8 @@ impl ManagedChild {
     }
 }
 
-/// Logs each line of a child's output stream, keeping a copy of the last ones if asked.
+/// Logs each line of a child's output stream (see `child_log`), keeping a copy of the last
+/// ones if asked.
 fn forward_lines(
     name: String,
     stream: impl AsyncRead + Unpin + Send + 'static,
@@ -280,11 +282,12 @@ fn forward_lines(
                     if line.is_empty() {
                         continue;
                     }
-                    tracing::info!(child = name, "{line}");
+                    let line = ChildLine::parse(line);
+                    line.log(&name);
                     if let Some(last) = &keep_last {
                         last.lock()
                             .unwrap_or_else(PoisonError::into_inner)
-                            .push(line.to_owned());
+                            .push(line.render());
                     }
                 }
                 Err(err) => {

@@ -32,7 +32,6 @@ pub struct RouterConfig {
     pub max_batch_size: Option<usize>,
     pub max_batch_total_tokens: Option<u32>,
     pub prefix_caching: bool,
-    pub json_output: bool,
     pub api_key: Option<String>,
     pub payload_limit: usize,
     pub cors_allow_origin: Vec<String>,
@@ -62,7 +61,6 @@ impl RouterConfig {
             max_batch_size: args.max_batch_size,
             max_batch_total_tokens: args.max_batch_total_tokens,
             prefix_caching: args.prefix_caching,
-            json_output: args.json_output,
             api_key: args.api_key.clone(),
             payload_limit: args.payload_limit,
             cors_allow_origin: args.cors_allow_origin.clone(),
@@ -97,7 +95,9 @@ impl RouterConfig {
             .arg("--payload-limit")
             .arg(self.payload_limit.to_string())
             .arg("--graceful-termination-timeout")
-            .arg(self.graceful_termination_timeout.to_string());
+            .arg(self.graceful_termination_timeout.to_string())
+            // Read back and logged in the launcher's own format (`child_log`).
+            .arg("--json-output");
         let token_limits = [
             ("--max-input-tokens", self.max_input_tokens),
             ("--max-total-tokens", self.max_total_tokens),
@@ -120,9 +120,6 @@ impl RouterConfig {
         }
         for origin in &self.cors_allow_origin {
             command.arg("--cors-allow-origin").arg(origin);
-        }
-        if self.json_output {
-            command.arg("--json-output");
         }
         if let Some(trace_export) = &self.trace_export {
             command.args(trace_export.flags());
@@ -202,6 +199,7 @@ mod tests {
                 "2000000",
                 "--graceful-termination-timeout",
                 "90",
+                "--json-output",
             ]
         );
     }
@@ -256,7 +254,6 @@ mod tests {
             "https://b.example",
             "--max-best-of",
             "4",
-            "--json-output",
         ]);
         assert_eq!(
             argv[argv.len() - 29..],
@@ -275,6 +272,7 @@ mod tests {
                 "1000",
                 "--graceful-termination-timeout",
                 "90",
+                "--json-output",
                 "--max-input-tokens",
                 "4000",
                 "--max-total-tokens",
@@ -289,7 +287,6 @@ mod tests {
                 "https://a.example",
                 "--cors-allow-origin",
                 "https://b.example",
-                "--json-output"
             ]
         );
     }

@@ -71,7 +71,9 @@ impl ShardConfig {
         command
             .arg("serve")
             .arg(&self.model_dir)
-            .args(self.listen.serve_flags());
+            .args(self.listen.serve_flags())
+            // Read back and logged in the launcher's own format (`child_log`).
+            .args(["--log-format", "json"]);
         if let Some(dtype) = self.dtype {
             command.arg("--dtype").arg(dtype.to_string());
         }
@@ -186,7 +188,7 @@ pub async fn is_healthy(address: &ShardAddress) -> bool {
         client.health().await
     };
     match timeout(HEALTH_ATTEMPT_TIMEOUT, check).await {
-        Ok(Ok(())) => true,
+        Ok(Ok(_)) => true,
         Ok(Err(err)) => {
             tracing::debug!("shard not healthy yet: {err}");
             false
@@ -244,7 +246,9 @@ mod tests {
                 "serve",
                 "/models/m",
                 "--uds-path",
-                "/tmp/sluice-server-0"
+                "/tmp/sluice-server-0",
+                "--log-format",
+                "json"
             ]
         );
         assert_eq!(env(&command, "RANK").as_deref(), Some("0"));
@@ -266,7 +270,7 @@ mod tests {
             "10.0.0.1",
         ])
         .command();
-        assert_eq!(argv(&command)[3..], ["--listen", "10.0.0.2:29600"]);
+        assert_eq!(argv(&command)[3..5], ["--listen", "10.0.0.2:29600"]);
         assert_eq!(env(&command, "RANK").as_deref(), Some("2"));
         assert_eq!(env(&command, "WORLD_SIZE").as_deref(), Some("4"));
         assert_eq!(env(&command, "MASTER_ADDR").as_deref(), Some("10.0.0.1"));
@@ -292,6 +296,8 @@ mod tests {
                 "/models/m",
                 "--uds-path",
                 "/run/sluice-0",
+                "--log-format",
+                "json",
                 "--dtype",
                 "float16",
                 "--kv-cache-memory",
@@ -304,7 +310,7 @@ mod tests {
 
     #[test]
     fn traces_go_to_the_collector_under_the_shards_service_name() {
-        let traced = |flags: &[&str]| argv(&config(flags).command())[5..].to_vec();
+        let traced = |flags: &[&str]| argv(&config(flags).command())[7..].to_vec();
         assert_eq!(
             traced(&["--otlp-endpoint", "http://collector:4317"]),
             [

@@ -1,5 +1,6 @@
 //! The launcher's life: prepare the model, start the shards (one per tensor-parallel rank),
-//! then the router, and stop them in order on SIGINT/SIGTERM or when any of them dies.
+//! then the router, and stop them in order on SIGINT/SIGTERM or when the router dies. Shards
+//! that die are restarted (`--max-shard-restarts`) while the router waits for them.
 
 use std::time::Duration;
 
@@ -116,7 +117,8 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
             topology.nnodes,
             topology.local_ranks()
         );
-        return supervise_running(None, &mut shards, &mut signals).await;
+        // The other nodes' ranks cannot join a process group formed again without them.
+        return supervise_running(None, &mut shards, &shard_configs, 0, &mut signals).await;
     }
 
     let router_config = RouterConfig::new(
@@ -134,23 +136,41 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
     };
 
     let router_grace = Duration::from_secs(args.graceful_termination_timeout) + ROUTER_GRACE_MARGIN;
-    supervise_running(Some((&mut router, router_grace)), &mut shards, &mut signals).await
+    let max_restarts = if topology.nnodes == 1 {
+        args.max_shard_restarts
+    } else {
+        0
+    };
+    supervise_running(
+        Some((&mut router, router_grace)),
+        &mut shards,
+        &shard_configs,
+        max_restarts,
+        &mut signals,
+    )
+    .await
 }
 
-/// Waits, with every child up, for a shutdown signal or for any child to die. Only the first
-/// node has a router (with the time it gets to drain).
+/// What ends a phase of the launcher's life early.
+enum Interruption {
+    /// A shutdown signal: stop everything, exit 0.
+    Signal(&'static str),
+    Failed(LauncherError),
+}
+
+/// Waits, with every child up, for a shutdown signal or for any child to die. A shard that dies
+/// is restarted, with the others of this machine, up to `max_restarts` times; past that, or
+/// when the router dies, everything stops with the cause. Only the first node has a router
+/// (with the time it gets to drain).
 async fn supervise_running(
     mut router: Option<(&mut ManagedChild, Duration)>,
     shards: &mut [ManagedChild],
+    shard_configs: &[ShardConfig],
+    max_restarts: u32,
     signals: &mut ShutdownSignals,
 ) -> Result<(), LauncherError> {
-    enum Event {
-        Signal(&'static str),
-        RouterExited(Result<std::process::ExitStatus, LauncherError>),
-        // Which shard, and how it exited.
-        ShardExited(usize, Result<std::process::ExitStatus, LauncherError>),
-    }
-    let event = {
+    let mut restarts = 0;
+    let interruption = loop {
         let router_exit = async {
             match router.as_mut() {
                 Some((router, _)) => router.wait().await,
@@ -158,28 +178,45 @@ async fn supervise_running(
             }
         };
         let shard_exits = select_all(shards.iter_mut().map(|shard| shard.wait().boxed()));
-        tokio::select! {
-            signal = signals.recv() => Event::Signal(signal),
-            status = router_exit => Event::RouterExited(status),
-            (status, index, _) = shard_exits => Event::ShardExited(index, status),
+        let (index, status) = tokio::select! {
+            signal = signals.recv() => break Interruption::Signal(signal),
+            status = router_exit => match router.as_mut() {
+                Some((router, _)) => {
+                    break Interruption::Failed(exit_error(router, status).await);
+                }
+                None => unreachable!("a pending future never completes"),
+            },
+            (status, index, _) = shard_exits => (index, status),
+        };
+        let death = exit_error(&mut shards[index], status).await;
+        if restarts == max_restarts {
+            break Interruption::Failed(if max_restarts == 0 {
+                death
+            } else {
+                LauncherError::ShardRestartsExhausted {
+                    death: Box::new(death),
+                    restarts,
+                }
+            });
+        }
+        restarts += 1;
+        tracing::error!("{death}");
+        tracing::warn!(
+            "restarting the shards ({restarts} of {max_restarts} restarts); the router holds \
+             queued requests meanwhile"
+        );
+        if let Err(interruption) = restart_shards(shards, shard_configs, signals).await {
+            break interruption;
         }
     };
-    let result = match event {
-        Event::Signal(signal) => {
+    let result = match interruption {
+        Interruption::Signal(signal) => {
             tracing::info!("received {signal}, shutting down");
             Ok(())
         }
-        Event::RouterExited(status) => match router.as_mut() {
-            Some((router, _)) => {
-                tracing::error!("{} exited unexpectedly, stopping the rest", router.name());
-                Err(exit_error(router, status).await)
-            }
-            None => Ok(()), // A pending future never completes.
-        },
-        Event::ShardExited(index, status) => {
-            let dead = &mut shards[index];
-            tracing::error!("{} exited unexpectedly, stopping the rest", dead.name());
-            Err(exit_error(dead, status).await)
+        Interruption::Failed(err) => {
+            tracing::error!("a child exited unexpectedly, stopping the rest");
+            Err(err)
         }
     };
     // The router first, so that it stops taking requests the shards cannot serve; stopping a
@@ -188,6 +225,35 @@ async fn supervise_running(
     children.extend(with_grace(shards, SHARD_GRACE));
     stop_in_order(&mut children, signals).await;
     result
+}
+
+/// Stops every shard of this machine (the ranks of a tensor-parallel group cannot go on
+/// without the one that died) and starts them again, until they answer Health.
+async fn restart_shards(
+    shards: &mut [ManagedChild],
+    configs: &[ShardConfig],
+    signals: &mut ShutdownSignals,
+) -> Result<(), Interruption> {
+    let restart = async {
+        for shard in shards.iter_mut() {
+            shard.stop(SHARD_GRACE).await;
+        }
+        for (shard, config) in shards.iter_mut().zip(configs) {
+            *shard = shard::spawn(config)?;
+        }
+        try_join_all(
+            shards
+                .iter_mut()
+                .zip(configs)
+                .map(|(shard, config)| shard::wait_until_healthy(shard, config)),
+        )
+        .await
+        .map(|_| ())
+    };
+    tokio::select! {
+        restarted = restart => restarted.map_err(Interruption::Failed),
+        signal = signals.recv() => Err(Interruption::Signal(signal)),
+    }
 }
 
 fn with_grace(

@@ -1,6 +1,6 @@
 //! Startup: connect to the shards, learn the model, warm up and size the KV cache, start the
 //! scheduler, then serve HTTP until SIGINT/SIGTERM (in-flight requests drain first, see
-//! `drain.rs`).
+//! `drain.rs`), or until the scheduler finds restarted shards it cannot use.
 
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use crate::drain::{Drain, Draining};
 use crate::http::{self, types::Info, AppState};
 use crate::limits::RequestedLimits;
 use crate::scheduler::{spawn_scheduler, SchedulerConfig};
+use crate::shard::Shards;
 use crate::telemetry;
 use crate::tokenizer::chat_template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
@@ -43,12 +44,14 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let longest_sequence = requested_limits.sequence_to_size_for(context)?;
 
     let max_batch_size = args.max_batch_size.unwrap_or(args.max_concurrent_requests);
+    let warmup_request = pb::WarmupRequest {
+        max_prefill_tokens: args.max_batch_prefill_tokens,
+        max_batch_size: max_batch_size as u32,
+        max_total_tokens: longest_sequence as u32,
+        num_blocks: 0,
+    };
     let warmup = shards
-        .warmup(pb::WarmupRequest {
-            max_prefill_tokens: args.max_batch_prefill_tokens,
-            max_batch_size: max_batch_size as u32,
-            max_total_tokens: longest_sequence as u32,
-        })
+        .warmup(warmup_request)
         .await
         .context("warming up the shards")?;
     let num_blocks = match args.max_batch_total_tokens {
@@ -79,8 +82,13 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let metrics = telemetry::prometheus_builder(limits.max_input_tokens, limits.max_total_tokens)?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let scheduler = spawn_scheduler(
-        Arc::new(shards.clone()),
+    let (scheduler, scheduler_task) = spawn_scheduler(
+        Arc::new(Shards::new(
+            shards.clone(),
+            warmup_request,
+            num_blocks,
+            warmup.block_size,
+        )),
         tokenizer.clone(),
         SchedulerConfig {
             max_batch_tokens: args.max_batch_prefill_tokens,
@@ -160,6 +168,11 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     tokio::select! {
         served = axum::serve(listener, app).with_graceful_shutdown(drain.on_signal()) => served?,
         () = overdue.notified() => {}
+        ended = scheduler_task => match ended {
+            Ok(Err(lost)) => return Err(lost).context("the shards cannot serve any more"),
+            Ok(Ok(())) => bail!("the scheduler stopped"),
+            Err(panicked) => bail!("the scheduler failed: {panicked}"),
+        },
     }
     tracing::info!("router stopped");
     Ok(())

@@ -1,12 +1,20 @@
 //! The shard-client edge: the `Shard` trait the scheduler runs its steps through, implemented by
-//! `ShardedClient` (a fake in tests), and the conversion of domain parameters into the wire's.
+//! `Shards` (a fake in tests), and the conversion of domain parameters into the wire's.
 //! Protobuf appears in the router only here and in the steps the scheduler builds.
 
 use std::future::Future;
+use std::time::Duration;
 
 use sluice_client::{pb, ClientError, ShardedClient, TraceHeaders};
+use tokio::time::{timeout, Instant};
 
 use crate::request::SamplingParameters;
+
+/// How often the shards are asked whether they are back, and how long one answer may take.
+const RECOVERY_POLL_INTERVAL: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// While the shards stay away, a line in the log this often.
+const RECOVERY_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What the scheduler needs from the shards.
 pub trait Shard: Send + Sync + 'static {
@@ -15,20 +23,123 @@ pub trait Shard: Send + Sync + 'static {
         request: pb::StepRequest,
         trace: &TraceHeaders,
     ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send;
-    fn clear_cache(&self) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// Whether the shards can run a step: they answer and are warmed up.
+    fn is_ready(&self) -> impl Future<Output = bool> + Send;
+    /// After a failed step, or with shards found not ready: waits until the shards answer
+    /// again, has them forget every request, and warms up shards that restarted.
+    fn recover(&self) -> impl Future<Output = Result<Recovery, ShardsLost>> + Send;
 }
 
-impl Shard for ShardedClient {
+/// What the shards were found in by `Shard::recover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// The same processes, which kept their KV cache: the failure was the step's own.
+    Kept,
+    /// Restarted processes, warmed up again to the same number of KV blocks: every request
+    /// and cached block they held is gone.
+    Restarted,
+}
+
+/// Shards that came back but cannot serve as before; the router cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardsLost {
+    #[error("warming up the restarted shards failed: {0}")]
+    Warmup(ClientError),
+    #[error("the restarted shards hold {got} KV blocks of {block_size} tokens, not {expected}")]
+    CacheChanged {
+        got: u32,
+        expected: u32,
+        block_size: u32,
+    },
+}
+
+/// The shards as the scheduler uses them: the client, and the warmup that restarted shards
+/// get, fixed to the KV cache's size at startup so that block ids keep their meaning.
+pub struct Shards {
+    client: ShardedClient,
+    rewarm: pb::WarmupRequest,
+    block_size: u32,
+}
+
+impl Shards {
+    /// `warmup` is the startup's request and `num_blocks` what the router settled on.
+    pub fn new(
+        client: ShardedClient,
+        warmup: pb::WarmupRequest,
+        num_blocks: u32,
+        block_size: u32,
+    ) -> Self {
+        Self {
+            client,
+            rewarm: pb::WarmupRequest {
+                num_blocks,
+                ..warmup
+            },
+            block_size,
+        }
+    }
+
+    async fn rewarm(&self) -> Result<(), ShardsLost> {
+        let warmed = self
+            .client
+            .warmup(self.rewarm)
+            .await
+            .map_err(ShardsLost::Warmup)?;
+        if warmed.num_blocks != self.rewarm.num_blocks || warmed.block_size != self.block_size {
+            return Err(ShardsLost::CacheChanged {
+                got: warmed.num_blocks,
+                expected: self.rewarm.num_blocks,
+                block_size: warmed.block_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Shard for Shards {
     async fn step(
         &self,
         request: pb::StepRequest,
         trace: &TraceHeaders,
     ) -> Result<pb::StepResponse, ClientError> {
-        ShardedClient::step(self, request, trace).await
+        self.client.step(request, trace).await
     }
 
-    async fn clear_cache(&self) -> Result<(), ClientError> {
-        ShardedClient::clear_cache(self).await
+    async fn is_ready(&self) -> bool {
+        matches!(
+            timeout(PROBE_TIMEOUT, self.client.health()).await,
+            Ok(Ok(health)) if health.warmed_up
+        )
+    }
+
+    async fn recover(&self) -> Result<Recovery, ShardsLost> {
+        let started = Instant::now();
+        let mut next_log = started;
+        loop {
+            // Forgetting every request is needed either way, and its answer tells a shard that
+            // kept its state from one that restarted.
+            let why = match timeout(PROBE_TIMEOUT, self.client.clear_cache()).await {
+                Ok(Ok(())) => return Ok(Recovery::Kept),
+                Ok(Err(err)) if err.is_not_warmed_up() => {
+                    tracing::warn!(
+                        waited_s = started.elapsed().as_secs(),
+                        "the shards restarted: warming them up again"
+                    );
+                    self.rewarm().await?;
+                    return Ok(Recovery::Restarted);
+                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            };
+            if Instant::now() >= next_log {
+                tracing::warn!(
+                    waited_s = started.elapsed().as_secs(),
+                    "waiting for the shards to come back, holding queued requests: {why}"
+                );
+                next_log += RECOVERY_LOG_INTERVAL;
+            }
+            tokio::time::sleep(RECOVERY_POLL_INTERVAL).await;
+        }
     }
 }
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .logs import setup_logging
+
 if TYPE_CHECKING:
     import torch
 
@@ -124,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the service name of the exported spans (default: text-generation-inference.server)",
     )
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line (level, logger, message), for a launcher to read",
+    )
     _add_kernel_cache_argument(serve)
     serve.set_defaults(handler=_serve)
 
@@ -185,11 +193,7 @@ def _add_kernel_cache_argument(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(getattr(args, "log_format", "text"))
     return args.handler(args)
 
 

@@ -5,11 +5,13 @@ PyTorch's CPU thread pool ran decode steps at half speed when driven from a seco
 (measured: 28 ms against 14 ms per step), so a Health call waits for the step in progress.
 Errors are reported per call and never stop the server:
 INVALID_ARGUMENT for a request that breaks the contract (the shard's state is unchanged),
-FAILED_PRECONDITION for a Step before Warmup, INTERNAL for anything else.
+FAILED_PRECONDITION for a Step or ClearCache before Warmup (how the router learns that a shard
+restarted), INTERNAL for anything else.
 
 Health is real: it fails (UNAVAILABLE) while the last step failed with an internal error (a lost
 device, a broken tensor-parallel group), until a step succeeds again, and on a GPU it checks that
-the device still runs work. A wedged step shows as a Health call that does not return.
+the device still runs work. A wedged step shows as a Health call that does not return. Its
+`warmed_up` stays false until the first Warmup.
 
 Each Step (and Warmup) is traced as a span whose parent is the router's, from the call's
 metadata (tracing.py); the executor's `forward` and `sample` spans nest under it.
@@ -81,7 +83,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, f"the last step failed: {self.step_failure}"
             )
         await self._run(context, self.executor.check_device)
-        return pb.HealthResponse()
+        return pb.HealthResponse(warmed_up=self.executor.warmed_up)
 
     async def Warmup(
         self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext
@@ -124,7 +126,10 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
                     }
                 )
             num_blocks = self.executor.warmup(
-                request.max_prefill_tokens, request.max_batch_size, request.max_total_tokens
+                request.max_prefill_tokens,
+                request.max_batch_size,
+                request.max_total_tokens,
+                num_blocks=request.num_blocks or None,
             )
             span.set_attribute("sluice.num_blocks", num_blocks)
             return num_blocks

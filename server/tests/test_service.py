@@ -1,6 +1,7 @@
 """The gRPC service over a real unix socket: in-process, and through the `serve` command."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -68,11 +69,15 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
             assert (info.model_type, info.dtype, info.device) == ("llama", "float32", "cpu")
             assert (info.vocab_size, list(info.eos_token_ids)) == (128, [2])
             assert info.max_position_embeddings == 256
-            await stub.Health(pb.HealthRequest())
+            assert not (await stub.Health(pb.HealthRequest())).warmed_up
 
             await expect_error(stub.Step(first_step(0)), grpc.StatusCode.FAILED_PRECONDITION)
+            await expect_error(
+                stub.ClearCache(pb.ClearCacheRequest()), grpc.StatusCode.FAILED_PRECONDITION
+            )
             warmup = await stub.Warmup(WARMUP)
             assert warmup.num_blocks > 0 and warmup.block_size == 4
+            assert (await stub.Health(pb.HealthRequest())).warmed_up
 
             response = await stub.Step(first_step(0))
             assert [generation.id for generation in response.generations] == [0]
@@ -152,6 +157,7 @@ def test_serve_command_runs_until_sigterm(tmp_path: Path, tiny_llama) -> None:
         "--uds-path", str(socket_path),
         "--kv-cache-memory", "1MB",
         "--dtype", "float32",
+        "--log-format", "json",
     )
     # fmt: on
     try:
@@ -166,7 +172,13 @@ def test_serve_command_runs_until_sigterm(tmp_path: Path, tiny_llama) -> None:
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    assert f"Server ready on unix://{socket_path}" in stderr
+    # Every line a JSON object, as the launcher reads them.
+    logged = [json.loads(line) for line in stderr.splitlines()]
+    assert {
+        "level": "INFO",
+        "logger": "sluice_server",
+        "message": f"Server ready on unix://{socket_path}",
+    } in logged
     assert not socket_path.exists()
 
 

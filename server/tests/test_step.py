@@ -398,10 +398,23 @@ def test_invalid_steps_are_rejected_and_change_nothing(tiny_loaded, step_request
     assert len(response.generations) == 1
 
 
-def test_step_before_warmup_is_refused(tiny_loaded) -> None:
+def test_step_and_clear_before_warmup_are_refused(tiny_loaded) -> None:
     executor = StepExecutor(tiny_loaded, BLOCK_SIZE, kv_cache_bytes=None)
+    assert not executor.warmed_up
     with pytest.raises(NotWarmedUpError):
         executor.step(pb.StepRequest())
+    # How a router learns that the shard it warmed up has restarted.
+    with pytest.raises(NotWarmedUpError):
+        executor.clear()
+
+
+def test_warmup_to_a_given_number_of_blocks(tiny_loaded) -> None:
+    # A restarted shard gets the size the router settled its block ids by, whatever the
+    # memory available or --kv-cache-memory say.
+    spec = KVCacheSpec.for_model(tiny_loaded, BLOCK_SIZE)
+    executor = StepExecutor(tiny_loaded, BLOCK_SIZE, 3 * spec.bytes_per_block)
+    assert executor.warmup(16, 2, 64, num_blocks=7) == 7
+    assert executor.num_blocks == 7 and executor.warmed_up
 
 
 def test_warmup_returns_what_fits_even_below_one_longest_sequence(tiny_loaded) -> None:

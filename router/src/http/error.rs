@@ -22,6 +22,9 @@ pub enum ApiError {
     Generation(#[from] SchedulerError),
     #[error("unhealthy: {0}")]
     Unhealthy(#[from] ClientError),
+    /// The shards restarted and are being warmed up again.
+    #[error("unhealthy: the shards restarted and are not warmed up again yet")]
+    ShardsRestarting,
     /// The router is draining after SIGTERM.
     #[error("Server is shutting down")]
     ShuttingDown,
@@ -56,7 +59,9 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Generation(_) => StatusCode::FAILED_DEPENDENCY,
-            Self::Unhealthy(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unhealthy(_) | Self::ShardsRestarting | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -71,7 +76,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::Overloaded => "overloaded",
             Self::Generation(_) => "generation",
-            Self::Unhealthy(_) => "healthcheck",
+            Self::Unhealthy(_) | Self::ShardsRestarting => "healthcheck",
             Self::ShuttingDown => "unavailable",
         }
     }
@@ -201,6 +206,7 @@ mod tests {
             (ApiError::PayloadTooLarge, 413, "invalid_request_error"),
             (ApiError::Unauthorized, 401, "invalid_request_error"),
             (ApiError::Overloaded, 429, "rate_limit_error"),
+            (ApiError::ShardsRestarting, 503, "server_error"),
             (
                 ApiError::Generation(SchedulerError::Closed),
                 424,

@@ -273,14 +273,14 @@ async fn stream_response(
     Ok(response)
 }
 
-/// Whether the shards answer.
+/// Whether the shards answer and are ready to serve (not restarting).
 #[utoipa::path(
     get,
     path = "/health",
     tag = "TGI",
     responses(
         (status = 200, description = "The shards answer"),
-        (status = 503, description = "A shard does not answer", body = ErrorResponse),
+        (status = 503, description = "A shard does not answer, or restarted and is not warmed up again yet", body = ErrorResponse),
     )
 )]
 pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
@@ -288,7 +288,9 @@ pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
     if state.draining.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    state.shards.health().await?;
+    if !state.shards.health().await?.warmed_up {
+        return Err(ApiError::ShardsRestarting);
+    }
     Ok(())
 }
 

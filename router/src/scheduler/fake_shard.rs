@@ -4,11 +4,12 @@
 //! against the contract.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use sluice_client::{pb, ClientError, TraceHeaders};
 
-use crate::shard::Shard;
+use crate::shard::{Recovery, Shard, ShardsLost};
 
 /// The fake's token rule: the token after `last`.
 pub fn next_token(last: u32) -> u32 {
@@ -166,12 +167,19 @@ impl FakeShardState {
 /// The fake behind the `Shard` trait, for the scheduler task.
 pub struct FakeShard {
     pub state: Mutex<FakeShardState>,
+    /// Set by a test: the next step fails as if the shards died, and they come back restarted,
+    /// with no request and no block content.
+    pub crash_next_step: AtomicBool,
+    /// Restarted, and not yet warmed up again by `recover`.
+    cold: AtomicBool,
 }
 
 impl FakeShard {
     pub fn new(block_size: usize, num_blocks: u32) -> Self {
         Self {
             state: Mutex::new(FakeShardState::new(block_size, num_blocks)),
+            crash_next_step: AtomicBool::new(false),
+            cold: AtomicBool::new(false),
         }
     }
 }
@@ -184,11 +192,32 @@ impl Shard for FakeShard {
     ) -> Result<pb::StepResponse, ClientError> {
         // A real step takes time; yielding lets requests arrive between steps.
         tokio::task::yield_now().await;
-        Ok(self.state.lock().unwrap().step(request))
+        let mut state = self.state.lock().unwrap();
+        if self.crash_next_step.swap(false, Ordering::SeqCst) {
+            let steps = std::mem::take(&mut state.steps);
+            *state = FakeShardState::new(state.block_size, state.num_blocks);
+            state.steps = steps;
+            self.cold.store(true, Ordering::SeqCst);
+            // Any error: the scheduler does not tell them apart.
+            return Err(ClientError::NoShards);
+        }
+        assert!(
+            !self.cold.load(Ordering::SeqCst),
+            "a step before the warmup"
+        );
+        Ok(state.step(request))
     }
 
-    async fn clear_cache(&self) -> Result<(), ClientError> {
+    async fn is_ready(&self) -> bool {
+        !self.cold.load(Ordering::SeqCst)
+    }
+
+    async fn recover(&self) -> Result<Recovery, ShardsLost> {
         self.state.lock().unwrap().sequences.clear();
-        Ok(())
+        Ok(if self.cold.swap(false, Ordering::SeqCst) {
+            Recovery::Restarted
+        } else {
+            Recovery::Kept
+        })
     }
 }

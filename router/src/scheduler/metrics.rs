@@ -1,5 +1,6 @@
 //! What the scheduler reports on `/metrics`: TGI's metric names where TGI has one, `sluice_*`
-//! for what only Sluice does (preemption, prefix cache, chunked prefill, cancellations). It
+//! for what only Sluice does (preemption, prefix cache, chunked prefill, cancellations, shard
+//! restarts). It
 //! reads plain counts, so it depends on no other part of the scheduler.
 
 use std::time::Duration;
@@ -80,6 +81,11 @@ pub(super) fn record_occupancy(occupancy: Occupancy) {
 /// Requests dropped because their client went away (not those that ended by themselves).
 pub(super) fn record_cancelled(requests: usize) {
     metrics::counter!("sluice_requests_cancelled_total").increment(requests as u64);
+}
+
+/// Times the router found the shards restarted and warmed them up again.
+pub(super) fn record_shard_restarts(restarts: u64) {
+    metrics::counter!("sluice_shard_restarts_total").increment(restarts);
 }
 
 /// The shard's own account of a step: the model forward, and the whole step on the shard.

@@ -256,6 +256,27 @@ impl SchedulerState {
         }
         self.to_free.clear();
     }
+
+    /// After the shards restarted (with nothing running): the blocks the prefix cache points at
+    /// no longer hold what it says, so the cache starts empty.
+    pub fn forget_cached_blocks(&mut self) {
+        debug_assert!(self.running.is_empty());
+        self.kv = KvManager::new(
+            self.config.num_blocks,
+            self.config.block_size,
+            self.config.prefix_caching,
+        );
+    }
+
+    /// Fails every request, queued or running: the shards are gone for good.
+    pub fn fail_all(&mut self, message: &str) {
+        self.fail_running(message);
+        for entry in self.waiting.drain(..).chain(self.forks.drain(..)) {
+            let _ = entry
+                .events
+                .send(Err(SchedulerError::Generation(message.to_string())));
+        }
+    }
 }
 
 /// The prompt's tokens with their scores, for a request that asked for them (the first token

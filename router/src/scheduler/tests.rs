@@ -52,7 +52,7 @@ const EOS: u32 = 200;
 
 fn start(max_batch_tokens: u32, num_blocks: u32) -> (Arc<FakeShard>, SchedulerHandle) {
     let shard = Arc::new(FakeShard::new(BLOCK, num_blocks));
-    let handle = spawn_scheduler(
+    let (handle, _task) = spawn_scheduler(
         shard.clone(),
         Arc::new(byte_tokenizer()),
         SchedulerConfig {
@@ -350,4 +350,41 @@ async fn prompt_logprobs_skip_the_prefix_cache_and_cover_every_chunk() {
         .find(|r| r.id == 1)
         .unwrap();
     assert!(admitted.prompt_logprobs && admitted.top_n_tokens == 2);
+}
+
+#[tokio::test]
+async fn shards_that_restart_fail_the_running_requests_then_serve_from_a_cold_cache() {
+    let (shard, scheduler) = start(64, 16);
+    // Two full blocks of this prompt land in the prefix cache.
+    let prompt: Vec<u32> = (1..=33).collect();
+    let first = collect(submit(&scheduler, request(prompt.clone(), 2))).await;
+    let cached = |tokens: &[TokenEvent]| {
+        tokens
+            .last()
+            .and_then(|t| t.end.as_ref())
+            .map(|e| e.cached_tokens)
+    };
+    assert_eq!(cached(&first), Some(0));
+    let hit = collect(submit(&scheduler, request(prompt.clone(), 2))).await;
+    assert_eq!(cached(&hit), Some(32));
+
+    let mut running = submit(&scheduler, request(vec![5], 50));
+    assert!(running.recv().await.unwrap().is_ok());
+    shard
+        .crash_next_step
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut failed = false;
+    while let Some(event) = running.recv().await {
+        if let Err(error) = event {
+            assert!(matches!(error, SchedulerError::Generation(_)));
+            failed = true;
+        }
+    }
+    assert!(failed, "the request of the lost step fails");
+
+    // The restarted shard holds none of the cached blocks: the same prompt is computed again
+    // (the fake asserts that no stale block is reused) and gives the same tokens.
+    let again = collect(submit(&scheduler, request(prompt, 2))).await;
+    assert_eq!(ids(&again), ids(&first));
+    assert_eq!(cached(&again), Some(0));
 }

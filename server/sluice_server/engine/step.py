@@ -128,7 +128,15 @@ class StepExecutor:
     def num_blocks(self) -> int:
         return 0 if self.kv_cache is None else self.kv_cache[0].key.shape[1]
 
+    @property
+    def warmed_up(self) -> bool:
+        return self.kv_cache is not None
+
     def clear(self) -> None:
+        """Forgets every request; before warmup it raises, so that a router that had warmed this
+        shard up learns it restarted."""
+        if not self.warmed_up:
+            raise NotWarmedUpError("ClearCache before Warmup: this shard has not been warmed up")
         self.requests.clear()
 
     def check_device(self) -> None:
@@ -138,10 +146,17 @@ class StepExecutor:
             torch.ones(1, device=device).add_(1).cpu()
             torch.cuda.synchronize(device)
 
-    def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int) -> int:
-        """Runs a prefill of max_prefill_tokens tokens, then allocates the KV cache: on a GPU
-        what memory allows, on a CPU no more than max_batch_size sequences of max_total_tokens
-        can use.
+    def warmup(
+        self,
+        max_prefill_tokens: int,
+        max_batch_size: int,
+        max_total_tokens: int,
+        num_blocks: int | None = None,
+    ) -> int:
+        """Runs a prefill of max_prefill_tokens tokens, then allocates the KV cache: `num_blocks`
+        blocks when given (a restarted shard keeps the size the router settled on), otherwise on
+        a GPU what memory allows, on a CPU no more than max_batch_size sequences of
+        max_total_tokens can use.
 
         Returns the number of blocks allocated.
         """
@@ -195,7 +210,9 @@ class StepExecutor:
         if device.type == "cuda":
             warmup_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
             torch.cuda.empty_cache()
-        if self.kv_cache_bytes is not None:
+        if num_blocks is not None:
+            cache_bytes = num_blocks * self.cache_spec.bytes_per_block
+        elif self.kv_cache_bytes is not None:
             cache_bytes = self.kv_cache_bytes
         else:
             cache_bytes = default_cache_bytes(

@@ -31,18 +31,22 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("warmed_up",)
+    WARMED_UP_FIELD_NUMBER: _ClassVar[int]
+    warmed_up: bool
+    def __init__(self, warmed_up: _Optional[bool] = ...) -> None: ...
 
 class WarmupRequest(_message.Message):
-    __slots__ = ("max_prefill_tokens", "max_batch_size", "max_total_tokens")
+    __slots__ = ("max_prefill_tokens", "max_batch_size", "max_total_tokens", "num_blocks")
     MAX_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     max_prefill_tokens: int
     max_batch_size: int
     max_total_tokens: int
-    def __init__(self, max_prefill_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_total_tokens: _Optional[int] = ...) -> None: ...
+    num_blocks: int
+    def __init__(self, max_prefill_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
     __slots__ = ("num_blocks", "block_size")

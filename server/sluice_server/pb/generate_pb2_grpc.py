@@ -94,7 +94,8 @@ class TextGenerationServiceServicer:
 
     def ClearCache(self, request, context):
         """Forgets every request (the router sends it after a failed Step, whose effect on the shards'
-        state is unknown).
+        state is unknown). Fails with FAILED_PRECONDITION before Warmup, which tells the router that
+        the shard restarted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
