@@ -173,19 +173,17 @@ async fn supervise_running(
     let interruption = loop {
         let router_exit = async {
             match router.as_mut() {
-                Some((router, _)) => router.wait().await,
+                Some((router, _)) => {
+                    let status = router.wait().await;
+                    exit_error(router, status).await
+                }
                 None => std::future::pending().await,
             }
         };
         let shard_exits = select_all(shards.iter_mut().map(|shard| shard.wait().boxed()));
         let (index, status) = tokio::select! {
             signal = signals.recv() => break Interruption::Signal(signal),
-            status = router_exit => match router.as_mut() {
-                Some((router, _)) => {
-                    break Interruption::Failed(exit_error(router, status).await);
-                }
-                None => unreachable!("a pending future never completes"),
-            },
+            error = router_exit => break Interruption::Failed(error),
             (status, index, _) = shard_exits => (index, status),
         };
         let death = exit_error(&mut shards[index], status).await;
@@ -220,8 +218,15 @@ async fn supervise_running(
         }
     };
     // The router first, so that it stops taking requests the shards cannot serve; stopping a
-    // child that already exited does nothing.
-    let mut children: Vec<_> = router.into_iter().collect();
+    // child that already exited does nothing. Without shards, what the router holds cannot
+    // finish: it gets no time to drain.
+    let mut children: Vec<_> = router
+        .into_iter()
+        .map(|(router, grace)| {
+            let grace = if result.is_ok() { grace } else { SHARD_GRACE };
+            (router, grace)
+        })
+        .collect();
     children.extend(with_grace(shards, SHARD_GRACE));
     stop_in_order(&mut children, signals).await;
     result
