@@ -4,6 +4,8 @@
 //! --json-output). Any other line (a traceback printed before logging starts, a compiler's
 //! output) is logged as it is, at info.
 
+use std::fmt::Write;
+
 use serde_json::{Map, Value};
 use tracing::Level;
 
@@ -45,7 +47,8 @@ impl ChildLine {
             .to_owned();
         for (key, value) in fields.into_iter().flatten() {
             if key != "message" {
-                message.push_str(&format!(" {key}={value}"));
+                // Writing to a String cannot fail.
+                let _ = write!(message, " {key}={value}");
             }
         }
         Some(Self {

@@ -116,11 +116,9 @@ impl Shard for Shards {
         let started = Instant::now();
         let mut next_log = started;
         loop {
-            // Forgetting every request is needed either way, and its answer tells a shard that
-            // kept its state from one that restarted.
-            let why = match timeout(PROBE_TIMEOUT, self.client.clear_cache()).await {
-                Ok(Ok(())) => return Ok(Recovery::Kept),
-                Ok(Err(err)) if err.is_not_warmed_up() => {
+            let why = match self.probe().await {
+                Probe::Kept => return Ok(Recovery::Kept),
+                Probe::Restarted => {
                     tracing::warn!(
                         waited_s = started.elapsed().as_secs(),
                         "the shards restarted: warming them up again"
@@ -128,8 +126,7 @@ impl Shard for Shards {
                     self.rewarm().await?;
                     return Ok(Recovery::Restarted);
                 }
-                Ok(Err(err)) => err.to_string(),
-                Err(_) => format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
+                Probe::Away(why) => why,
             };
             if Instant::now() >= next_log {
                 tracing::warn!(
@@ -139,6 +136,36 @@ impl Shard for Shards {
                 next_log += RECOVERY_LOG_INTERVAL;
             }
             tokio::time::sleep(RECOVERY_POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// What one look at the shards during a recovery found.
+enum Probe {
+    Kept,
+    /// Every rank answers, and at least one has not been warmed up.
+    Restarted,
+    /// Not every rank answers, for this reason.
+    Away(String),
+}
+
+impl Shards {
+    /// Forgetting every request is needed either way, and its answer tells shards that kept
+    /// their state from restarted ones. A restarted rank may answer before the others are up:
+    /// the warmup waits until Health shows every rank answering.
+    async fn probe(&self) -> Probe {
+        let no_answer = || Probe::Away(format!("no answer within {}s", PROBE_TIMEOUT.as_secs()));
+        match timeout(PROBE_TIMEOUT, self.client.clear_cache()).await {
+            Ok(Ok(())) => Probe::Kept,
+            Ok(Err(err)) if err.is_not_warmed_up() => {
+                match timeout(PROBE_TIMEOUT, self.client.health()).await {
+                    Ok(Ok(_)) => Probe::Restarted,
+                    Ok(Err(err)) => Probe::Away(err.to_string()),
+                    Err(_) => no_answer(),
+                }
+            }
+            Ok(Err(err)) => Probe::Away(err.to_string()),
+            Err(_) => no_answer(),
         }
     }
 }
