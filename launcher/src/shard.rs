@@ -23,6 +23,8 @@ const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct ShardConfig {
     pub binary: PathBuf,
     pub model_dir: PathBuf,
+    /// The GGUF file whose quantized projections the shard serves (`--quantize gguf`).
+    pub gguf_file: Option<PathBuf>,
     pub rank: usize,
     pub world_size: usize,
     pub listen: ShardListen,
@@ -43,11 +45,13 @@ impl ShardConfig {
         topology: &Topology,
         binary: PathBuf,
         model_dir: PathBuf,
+        gguf_file: Option<PathBuf>,
         rank: usize,
     ) -> Self {
         Self {
             binary,
             model_dir,
+            gguf_file,
             rank,
             world_size: topology.world_size(),
             listen: topology.listen(rank),
@@ -76,6 +80,9 @@ impl ShardConfig {
             .args(["--log-format", "json"]);
         if let Some(dtype) = self.dtype {
             command.arg("--dtype").arg(dtype.to_string());
+        }
+        if let Some(gguf_file) = &self.gguf_file {
+            command.arg("--gguf-file").arg(gguf_file);
         }
         if let Some(memory) = &self.kv_cache_memory {
             command.arg("--kv-cache-memory").arg(memory);
@@ -215,6 +222,7 @@ mod tests {
             &topology,
             PathBuf::from("/venv/bin/sluice-server"),
             PathBuf::from("/models/m"),
+            None,
             rank,
         )
     }
@@ -274,6 +282,18 @@ mod tests {
         assert_eq!(env(&command, "RANK").as_deref(), Some("2"));
         assert_eq!(env(&command, "WORLD_SIZE").as_deref(), Some("4"));
         assert_eq!(env(&command, "MASTER_ADDR").as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_gguf_files_quantized_weights_are_passed_to_the_shard() {
+        let mut config = config(&["--quantize", "gguf"]);
+        config.gguf_file = Some(PathBuf::from("/models/m.Q4_1.gguf"));
+        let argv = argv(&config.command());
+        let flag = argv.iter().position(|arg| arg == "--gguf-file");
+        assert_eq!(
+            flag.map(|at| argv[at + 1].as_str()),
+            Some("/models/m.Q4_1.gguf")
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::{select_all, try_join_all, FutureExt};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::args::Args;
+use crate::args::{Args, Quantize};
 use crate::binaries::Binaries;
 use crate::error::LauncherError;
 use crate::model::{self, HubAccess, ModelCaches, ModelRequest};
@@ -26,7 +26,7 @@ const SHARD_GRACE: Duration = Duration::from_secs(10);
 pub async fn run(args: Args) -> Result<(), LauncherError> {
     let mut signals = ShutdownSignals::install()?;
     let topology = Topology::from_args(&args).map_err(LauncherError::InvalidFlags)?;
-    if let Some(refusal) = unbuilt::refusal(&args.unbuilt) {
+    if let Some(refusal) = unbuilt::refusal(&args) {
         return Err(LauncherError::InvalidFlags(refusal));
     }
     if topology.is_first_node() {
@@ -48,13 +48,25 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
     }
     // Dropping the resolution on a signal kills a running download or conversion
     // (kill_on_drop).
-    let model_dir = tokio::select! {
+    let model = tokio::select! {
         resolved = model::resolve(&request, &caches, HubAccess::from_env(), &binaries.server) => resolved?,
         signal = signals.recv() => {
             tracing::info!("received {signal} while preparing the model, exiting");
             return Ok(());
         }
     };
+    let gguf_file = match (args.quantize, model.gguf_file) {
+        (Some(Quantize::Gguf), None) => {
+            return Err(LauncherError::InvalidFlags(format!(
+                "--quantize gguf serves a GGUF file's quantized weights, but {} is not a .gguf \
+                 file (nor the default model)",
+                args.model_id
+            )))
+        }
+        (Some(Quantize::Gguf), file) => file,
+        _ => None,
+    };
+    let model_dir = model.dir;
     if args.max_waiting_tokens.is_some() || args.waiting_served_ratio.is_some() {
         tracing::warn!(
             "--max-waiting-tokens and --waiting-served-ratio have no effect: with chunked \
@@ -70,6 +82,7 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
                 &topology,
                 binaries.server.clone(),
                 model_dir.clone(),
+                gguf_file.clone(),
                 rank,
             )
         })

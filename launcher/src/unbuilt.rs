@@ -2,14 +2,18 @@
 //! at their defaults starts unchanged, and one that asks for more is refused at startup with a
 //! message naming the flag, rather than served without what it asked for.
 
-use crate::args::UnbuiltFeatures;
+use crate::args::Args;
 
 /// The first flag that asks for something not built, as the message to refuse it with.
-pub fn refusal(features: &UnbuiltFeatures) -> Option<String> {
+pub fn refusal(args: &Args) -> Option<String> {
+    let features = &args.unbuilt;
     let text = |value: &dyn ToString| value.to_string();
     // Each flag with the value it asks for, None where it asks for the default.
     let requested: [(&str, Option<String>); 14] = [
-        ("--quantize", features.quantize.clone()),
+        (
+            "--quantize",
+            args.quantize.filter(|q| !q.is_built()).map(|q| text(&q)),
+        ),
         (
             "--speculate",
             features
@@ -82,7 +86,7 @@ mod tests {
 
     fn refusal_for(flags: &[&str]) -> Option<String> {
         let argv = std::iter::once("sluice-launcher").chain(flags.iter().copied());
-        refusal(&Args::try_parse_from(argv).expect("valid flags").unbuilt)
+        refusal(&Args::try_parse_from(argv).expect("valid flags"))
     }
 
     #[test]
@@ -95,6 +99,7 @@ mod tests {
             &["--validation-workers", "2"],
             &["--prometheus-port", "9000"],
             &["--disable-grammar-support"],
+            &["--quantize", "gguf"],
         ] {
             assert_eq!(refusal_for(flags), None, "{flags:?}");
         }
@@ -104,6 +109,10 @@ mod tests {
     fn anything_else_is_refused_naming_the_flag() {
         for (flags, named) in [
             (&["--quantize", "awq"][..], "--quantize awq"),
+            (
+                &["--quantize", "bitsandbytes-nf4"],
+                "--quantize bitsandbytes-nf4",
+            ),
             (&["--speculate", "2"], "--speculate 2"),
             (&["--cuda-graphs", "1,2,4"], "--cuda-graphs"),
             (&["--lora-adapters", "org/adapter"], "--lora-adapters"),

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         "float32 on other CPUs",
     )
     serve.add_argument(
+        "--gguf-file",
+        type=Path,
+        default=None,
+        help="the GGUF file model_dir was converted from: serve the projections it holds in "
+        "Q4_0, Q4_1, Q8_0 or Q4_K as stored, multiplied by the quantized kernel, instead of "
+        "model_dir's dequantized copies (the launcher's --quantize gguf)",
+    )
+    serve.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
@@ -304,8 +312,10 @@ def _serve(args: argparse.Namespace) -> int:
     _warn_if_bf16_is_emulated(device, dtype_name, kernels.compiled)
 
     logger.info("loading %s on %s in %s", args.model_dir, device, dtype_name)
+    if args.gguf_file is not None:
+        logger.info("serving the projections of %s quantized as stored", args.gguf_file)
     try:
-        loaded = load_model(args.model_dir, dtype, device, kernels, shards)
+        loaded = load_model(args.model_dir, dtype, device, kernels, shards, args.gguf_file)
     except ModelLoadError as error:
         return _fail(str(error))
     logger.info(

@@ -8,21 +8,29 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 
 from .model_files import SAFETENSORS_INDEX, bin_weight_files, convert_weights_hint
+from .quant import QuantizedWeight
 
 PREFIX = "model."
+
+
+class QuantizedTensors(Protocol):
+    """Where a checkpoint's quantized projections come from (quant.gguf), by full tensor name."""
+
+    def get(self, name: str) -> QuantizedWeight | None: ...
 
 
 class CheckpointWeights:
     """Lazy access to the tensors of a checkpoint directory; use as a context manager."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, quantized: QuantizedTensors | None = None) -> None:
         files = _checkpoint_files(model_dir)
+        self._quantized = quantized
         self._exit_stack = ExitStack()
         # name without prefix -> (open file, name in that file)
         self._locations: dict[str, tuple[Any, str]] = {}
@@ -79,6 +87,13 @@ class CheckpointWeights:
         """Columns [start, stop) of a matrix."""
         handle, stored_name = self._location(name)
         return handle.get_slice(stored_name)[:, start:stop]
+
+    def quantized(self, name: str) -> QuantizedWeight | None:
+        """The projection weight `name` as the checkpoint quantized it, or None where it is held
+        unquantized (read it with `rows`/`columns`)."""
+        if self._quantized is None:
+            return None
+        return self._quantized.get(name if name.startswith("lm_head.") else PREFIX + name)
 
     def lm_head_is_tied(self, tie_word_embeddings: bool) -> bool:
         """Whether the LM head reuses the embedding matrix.

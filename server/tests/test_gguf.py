@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -9,8 +10,12 @@ from sluice_server.cli import main
 from sluice_server.engine.step import StepExecutor
 from sluice_server.gguf_files import DEFAULT_GGUF_NAME, default_gguf_path
 from sluice_server.kernels import Kernels
-from sluice_server.models.loader import load_model
+from sluice_server.layers.linear import Linear
+from sluice_server.models.loader import LoadedModel, load_model
 from sluice_server.pb import generate_pb2 as pb
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BLOCK_SIZE = 16
 
@@ -48,10 +53,27 @@ def test_conversion_refuses_to_overwrite(
     assert "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kernel_choice", ["reference", "compiled"])
-def test_greedy_answer_knows_the_capital_of_france(
-    converted_dir: Path, kernel_choice: str, request: pytest.FixtureRequest
-) -> None:
+def greedy_answer(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The model's greedy tokens for the prompt, through the engine, stopping as the router
+    would: end of sequence or max_new_tokens."""
+    executor = StepExecutor(loaded, BLOCK_SIZE, kv_cache_bytes=2**27)
+    executor.warmup(max_prefill_tokens=128, max_batch_size=1, max_total_tokens=128)
+    blocks = list(range(-(-(len(prompt_ids) + max_new_tokens) // BLOCK_SIZE)))
+    step = pb.StepRequest(
+        new_requests=[pb.NewRequest(id=0, token_ids=prompt_ids, sampling=pb.SamplingParameters())],
+        scheduled=[pb.ScheduledRequest(id=0, num_tokens=len(prompt_ids), new_blocks=blocks)],
+    )
+    generated: list[int] = []
+    while True:
+        (generation,) = executor.step(step).generations
+        generated.append(generation.token_id)
+        if generation.token_id in loaded.eos_token_ids or len(generated) == max_new_tokens:
+            return generated
+        step = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
+
+
+@pytest.fixture(scope="module")
+def france_prompt(converted_dir: Path) -> tuple[list[int], "PreTrainedTokenizerBase"]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(converted_dir)
@@ -60,36 +82,51 @@ def test_greedy_answer_knows_the_capital_of_france(
         add_generation_prompt=True,
         tokenize=False,
     )
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"], tokenizer
 
+
+@pytest.mark.parametrize("kernel_choice", ["reference", "compiled"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["dequantized", "gguf-quantized"])
+def test_greedy_answer_knows_the_capital_of_france(
+    converted_dir: Path,
+    france_prompt: tuple[list[int], "PreTrainedTokenizerBase"],
+    kernel_choice: str,
+    quantized: bool,
+    request: pytest.FixtureRequest,
+) -> None:
+    prompt_ids, tokenizer = france_prompt
     kernels = (
         request.getfixturevalue("compiled_kernels")
         if kernel_choice == "compiled"
         else Kernels.reference()
     )
-    loaded = load_model(converted_dir, torch.float32, torch.device("cpu"), kernels)
-    executor = StepExecutor(loaded, BLOCK_SIZE, kv_cache_bytes=2**27)
-    executor.warmup(max_prefill_tokens=128, max_batch_size=1, max_total_tokens=128)
-    max_new_tokens = 20
-    blocks = list(range(-(-(len(prompt_ids) + max_new_tokens) // BLOCK_SIZE)))
-    step = pb.StepRequest(
-        new_requests=[
-            pb.NewRequest(
-                id=0,
-                token_ids=prompt_ids,
-                sampling=pb.SamplingParameters(),
-            )
-        ],
-        scheduled=[pb.ScheduledRequest(id=0, num_tokens=len(prompt_ids), new_blocks=blocks)],
+    gguf_file = default_gguf_path() if quantized else None
+    loaded = load_model(
+        converted_dir, torch.float32, torch.device("cpu"), kernels, gguf_file=gguf_file
     )
-    generated: list[int] = []
-    while True:
-        (generation,) = executor.step(step).generations
-        generated.append(generation.token_id)
-        # The router's stopping rule: end of sequence or max_new_tokens.
-        if generation.token_id in loaded.eos_token_ids or len(generated) == max_new_tokens:
-            break
-        step = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
-    answer = tokenizer.decode(generated, skip_special_tokens=True)
+    answer = tokenizer.decode(greedy_answer(loaded, prompt_ids, 20), skip_special_tokens=True)
     print(f"greedy answer: {answer!r}")
     assert "Paris" in answer
+
+
+def test_quantized_serving_holds_the_files_blocks_and_answers_alike(
+    converted_dir: Path,
+    france_prompt: tuple[list[int], "PreTrainedTokenizerBase"],
+    compiled_kernels: Kernels,
+) -> None:
+    # The Q4_1 and Q8_0 blocks hold the very weights the conversion expanded: the quantized
+    # model computes the same function, in a different order of float32 sums.
+    prompt_ids, _ = france_prompt
+    dense = load_model(converted_dir, torch.float32, torch.device("cpu"), compiled_kernels)
+    quantized = load_model(
+        converted_dir,
+        torch.float32,
+        torch.device("cpu"),
+        compiled_kernels,
+        gguf_file=default_gguf_path(),
+    )
+    projections = [m for m in quantized.model.modules() if isinstance(m, Linear)]
+    assert all(m.quantized is not None for m in projections)
+    assert {m.quantized.bits for m in projections} == {4, 8}  # Q4_1 layers, Q8_0 LM head
+    assert quantized.weight_bytes < dense.weight_bytes / 2
+    assert greedy_answer(quantized, prompt_ids, 30) == greedy_answer(dense, prompt_ids, 30)

@@ -8,6 +8,9 @@ or oneDNN's blocked layout. A plain `F.linear` repacks the weight on every call,
 the small-batch matmuls of decoding (measured 2x slower in bfloat16 and 3x in float32 at 32 rows
 than the oneDNN-packed weight); it remains for weights nothing packs: on GPUs, and bfloat16 on
 CPUs oneDNN has no bfloat16 for.
+
+A checkpoint that holds a projection quantized (see sluice_server.quant) loads it as it is
+(`quantized`) instead of the weight, and the ops multiply by it directly.
 """
 
 from collections.abc import Sequence
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant import QuantizedWeight, concat_rows
 from ..weights import CheckpointWeights, copy_checked
 from .ops import PackedLinear
 from .runtime import LayerRuntime
@@ -50,19 +54,41 @@ class Linear(nn.Module):
         # The weight (and bias) as the ops packed them, once `prepack_for_cpu` ran; None: the
         # checkpoint's layout through F.linear.
         self.packed: PackedLinear | None = None
+        # The weight as the checkpoint quantized it, in place of `weight`; None: not quantized.
+        self.quantized: QuantizedWeight | None = None
 
     def load(self, weights: CheckpointWeights, names: list[str]) -> None:
         raise NotImplementedError
 
+    def _hold_quantized(self, weight: QuantizedWeight) -> None:
+        """Serves `weight` in place of the (never filled) unquantized one. Its tensors are
+        registered as buffers, so that the model's memory counts them."""
+        expected = (self.weight.shape[0], self.weight.shape[1])
+        if (weight.out_features, weight.in_features) != expected:
+            raise ValueError(
+                f"quantized weight [{weight.out_features}, {weight.in_features}], model expects "
+                f"{list(expected)}"
+            )
+        self.quantized = weight.contiguous().to(self.weight.device)
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        self.register_buffer("quantized_codes", self.quantized.codes)
+        self.register_buffer("quantized_scales", self.quantized.scales)
+        if self.quantized.offsets is not None:
+            self.register_buffer("quantized_offsets", self.quantized.offsets)
+
     def prepack_for_cpu(self, release_weight: bool) -> None:
         """Packs the weight for the CPU's matmul where the ops have one for its dtype;
         `release_weight` then frees the checkpoint layout (unless another module shares it, e.g.
-        tied embeddings)."""
+        tied embeddings). A quantized weight is already in its kernel's layout."""
+        if self.quantized is not None:
+            return
         self.packed = self.ops.pack_linear(self.weight, self.bias)
         if self.packed is not None and release_weight:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.ops.quantized_linear(x, self.quantized, self.bias)
         if self.packed is not None:
             return self.ops.packed_linear(x, self.packed)
         return F.linear(x, self.weight, self.bias)
@@ -86,9 +112,45 @@ class ColumnParallelLinear(Linear):
     def load(self, weights: CheckpointWeights, names: list[str]) -> None:
         """Fills the weight (and bias) from the checkpoint's projections `names` (without their
         `.weight`): one per section, or one fused tensor holding all the sections in order."""
-        self._fill(self.weight, weights, names, "weight")
+        quantized = self._quantized_rows(weights, names)
+        if quantized is not None:
+            self._hold_quantized(quantized)
+        else:
+            self._fill(self.weight, weights, names, "weight")
         if self.bias is not None:
             self._fill(self.bias, weights, names, "bias")
+
+    def _quantized_rows(
+        self, weights: CheckpointWeights, names: list[str]
+    ) -> QuantizedWeight | None:
+        """This rank's sections of the checkpoint's quantized projections, or None where they
+        are not all quantized alike (those load unquantized)."""
+        parts = [weights.quantized(f"{name}.weight") for name in names]
+        if any(part is None for part in parts):
+            return None
+        sources = self._section_sources(names)
+        fulls = [section.full for section in self.sections]
+        expected = [sum(fulls)] if len(parts) == 1 else fulls
+        if [part.out_features for part in parts] != expected:  # type: ignore[union-attr]
+            raise ValueError(f"{' + '.join(names)}: quantized shape does not match the model")
+        slices = []
+        for (index, offset), section in zip(sources, self.sections, strict=True):
+            start = offset + section.start
+            stored = parts[index].rows(start, start + section.stored_size)  # type: ignore[union-attr]
+            slices.append(stored.padded_rows(section.size - section.stored_size))
+        try:
+            return concat_rows(slices)
+        except ValueError:
+            return None
+
+    def _section_sources(self, names: list[str]) -> list[tuple[int, int]]:
+        """Per section: which of `names` holds it, and the row where it starts there."""
+        fulls = [section.full for section in self.sections]
+        if len(names) == len(self.sections):
+            return [(index, 0) for index in range(len(names))]
+        if len(names) == 1:
+            return [(0, sum(fulls[:index])) for index in range(len(fulls))]
+        raise ValueError(f"{' + '.join(names)}: {len(self.sections)} parts expected")
 
     def _fill(
         self, parameter: torch.Tensor, weights: CheckpointWeights, names: list[str], suffix: str
@@ -96,17 +158,10 @@ class ColumnParallelLinear(Linear):
         tensor_names = [f"{name}.{suffix}" for name in names]
         features = parameter.shape[1:]
         fulls = [section.full for section in self.sections]
-        # Per section: the tensor it is in, and the row where it starts there.
-        if len(names) == len(self.sections):
-            for name, full in zip(tensor_names, fulls, strict=True):
-                weights.check_shape(name, (full, *features))
-            sources = list(zip(tensor_names, [0] * len(fulls), strict=True))
-        elif len(names) == 1:
-            weights.check_shape(tensor_names[0], (sum(fulls), *features))
-            offsets = [sum(fulls[:index]) for index in range(len(fulls))]
-            sources = [(tensor_names[0], offset) for offset in offsets]
-        else:
-            raise ValueError(f"{' + '.join(tensor_names)}: {len(self.sections)} parts expected")
+        expected = [sum(fulls)] if len(names) == 1 else fulls
+        sources = [(tensor_names[index], offset) for index, offset in self._section_sources(names)]
+        for name, full in zip(tensor_names, expected, strict=True):
+            weights.check_shape(name, (full, *features))
         row = 0
         for (name, offset), section in zip(sources, self.sections, strict=True):
             start, stored = offset + section.start, section.stored_size
@@ -147,6 +202,14 @@ class RowParallelLinear(Linear):
 
     def load(self, weights: CheckpointWeights, names: list[str]) -> None:
         (name,) = names
+        quantized = weights.quantized(f"{name}.weight")
+        if quantized is not None:
+            if quantized.in_features != self.in_section.full:
+                raise ValueError(f"{name}.weight: quantized shape does not match the model")
+            self._hold_quantized(quantized.columns(self.in_section.start, self.in_section.stop))
+            if self.bias is not None:
+                copy_checked(self.bias, weights.get(f"{name}.bias"), f"{name}.bias")
+            return
         weights.check_shape(f"{name}.weight", (self.weight.shape[0], self.in_section.full))
         columns = weights.columns(f"{name}.weight", self.in_section.start, self.in_section.stop)
         copy_checked(self.weight, columns, f"{name}.weight")
@@ -156,4 +219,3 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = super().forward(x)
         return self.shards.all_reduce_(partial) if self.reduce else partial
-

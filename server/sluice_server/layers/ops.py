@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..quant import QuantizedWeight
+
 if TYPE_CHECKING:
     from ..kernels.cpu_features import CpuFeatures
 
@@ -71,6 +73,13 @@ class Ops:
         if packed.matmul is not LinearMatmul.ONEDNN:
             raise ValueError(f"these ops cannot run a weight packed for {packed.matmul.value}")
         return torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
+
+    def quantized_linear(
+        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x W^T + b for a quantized W: here by dequantizing W on every call, which is correct
+        on any device but slow; the compiled ops multiply by the codes directly."""
+        return F.linear(x, weight.dequantize(x.dtype), bias)
 
     def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
@@ -142,6 +151,15 @@ class CompiledCpuOps(Ops):
         if packed.matmul is LinearMatmul.SLUICE_BF16:
             return self.kernels.linear_bf16(x, packed.weight, packed.bias, packed.out_features)
         return super().packed_linear(x, packed)
+
+    def quantized_linear(
+        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().quantized_linear(x, weight, bias)
+        return self.kernels.linear_quantized(
+            x, weight.codes, weight.scales, weight.offsets, bias, weight.bits, weight.group_size
+        )
 
     def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.kernels.rms_norm(hidden, weight, eps)

@@ -270,7 +270,8 @@ class CausalLM(nn.Module):
         for index, layer in enumerate(self.layers):
             layer.load(weights, f"layers.{index}")
         self.norm.load(weights.get("norm.weight"))
-        if weights.lm_head_is_tied(self.config.tie_word_embeddings):
+        tied = weights.lm_head_is_tied(self.config.tie_word_embeddings)
+        if tied and weights.quantized("lm_head.weight") is None:
             self.lm_head.weight = self.embed_tokens.weight
         else:
             self.lm_head.load(weights, ["lm_head"])

@@ -11,6 +11,7 @@ from ..kernels import Kernels
 from ..layers.runtime import LayerRuntime
 from ..layers.tensor_parallel import SINGLE_SHARD, ShardGroup, ShardingError
 from ..memory import available_memory
+from ..quant.gguf import GgufQuantizedTensors
 from ..weights import CheckpointWeights
 from .decoder import CausalLM, ModelConfig
 from .registry import UnsupportedModelError, model_builder_for
@@ -41,9 +42,11 @@ def load_model(
     device: torch.device,
     kernels: Kernels,
     shards: ShardGroup = SINGLE_SHARD,
+    gguf_file: Path | None = None,
 ) -> LoadedModel:
     """Builds the model's layers (this rank's slice of them, under tensor parallelism) and fills
-    them from the checkpoint."""
+    them from the checkpoint. With `gguf_file` (the file `model_dir` was converted from), the
+    projections it holds quantized are served quantized (`--quantize gguf`)."""
     hf_config = _read_json(model_dir / "config.json", required=True)
     model_type = hf_config.get("model_type")
     if not isinstance(model_type, str):
@@ -67,12 +70,13 @@ def load_model(
         raise ModelLoadError(f"{model_dir}: {error}; it splits across {counts} shards") from error
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
-    if device.type == "cpu":
+    if device.type == "cpu" and gguf_file is None:
         # The parameters are allocated but not yet touched: checked now, a model too large
         # fails with a message instead of the kernel's out-of-memory kill midway through.
         _check_weights_fit(model_dir, _tensor_bytes(model), available_memory(device), dtype)
     try:
-        with CheckpointWeights(model_dir) as weights:
+        quantized = None if gguf_file is None else GgufQuantizedTensors(gguf_file, hf_config)
+        with CheckpointWeights(model_dir, quantized) as weights:
             model.load_weights(weights)
     except (FileNotFoundError, KeyError, ValueError) as error:
         raise ModelLoadError(f"{model_dir}: cannot load weights: {error}") from error

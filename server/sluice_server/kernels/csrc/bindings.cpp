@@ -1,5 +1,6 @@
-// The Python module: every kernel of attention.cpp, linear.cpp and elementwise.cpp, and which
-// instruction sets this build was compiled for (the build chooses them, see
+// The Python module: every kernel of attention.cpp, linear.cpp, linear_quantized.cpp and
+// elementwise.cpp, and which instruction sets this build was compiled for (the build chooses
+// them, see
 // sluice_server.kernels.build).
 
 #include <torch/extension.h>
@@ -44,6 +45,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("has_linear_bf16", &sluice::has_linear_bf16);
   module.def("pack_linear_bf16", &sluice::pack_linear_bf16);
   module.def("linear_bf16", &sluice::linear_bf16);
+  module.def("linear_quantized", &sluice::linear_quantized, py::arg("x"), py::arg("codes"),
+             py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("bits"),
+             py::arg("group_size"));
+  module.def("dequantize_weight", &sluice::dequantize_weight, py::arg("codes"), py::arg("scales"),
+             py::arg("offsets"), py::arg("bits"), py::arg("group_size"));
   module.def("argmax_logprob", &sluice::argmax_logprob);
   module.def("compiled_isa", &compiled_isa);
 }

@@ -17,11 +17,20 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
 void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
               const at::Tensor& value, const at::Tensor& slot_mapping);
 
-// linear.cpp: the bfloat16 matmul of CPUs with AVX512-BF16.
+// linear.cpp: the bfloat16 matmul of CPUs with AVX512-BF16 or AVX2.
 bool has_linear_bf16();
 at::Tensor pack_linear_bf16(const at::Tensor& weight);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                        const c10::optional<at::Tensor>& bias, int64_t out_features);
+
+// linear_quantized.cpp: the matmul against 4- and 8-bit group-quantized weights.
+at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& offsets,
+                            const c10::optional<at::Tensor>& bias, int64_t bits,
+                            int64_t group_size);
+at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& offsets, int64_t bits,
+                             int64_t group_size);
 
 // elementwise.cpp: the work between the matmuls, and the greedy pick.
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);

@@ -1,0 +1,6 @@
+"""Quantized weights: one representation (`QuantizedWeight`, the layout Sluice's CPU kernel
+reads) and a reader per checkpoint format that fills it (`gguf`)."""
+
+from .weight import QuantizedWeight, concat_rows, pack_4bit
+
+__all__ = ["QuantizedWeight", "concat_rows", "pack_4bit"]

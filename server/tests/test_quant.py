@@ -1,0 +1,122 @@
+"""Quantized weights: the block formats read against the reference library's own dequantization
+(`gguf`, llama.cpp's Python package), the quantized matmul of every kernel build against the
+dequantized weight, and the default model's GGUF served quantized."""
+
+import numpy as np
+import pytest
+import torch
+from sluice_server.kernels import Kernels
+from sluice_server.quant import QuantizedWeight, pack_4bit
+from sluice_server.quant.gguf import _read_blocks
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+
+def random_weight(
+    rows: int, in_features: int, bits: int, group_size: int, offsets: bool
+) -> QuantizedWeight:
+    generator = torch.Generator().manual_seed(rows * in_features + bits + group_size)
+    high = 16 if bits == 4 else 128
+    low = 0 if bits == 4 else -128
+    codes = torch.randint(low, high, (rows, in_features), generator=generator)
+    groups = in_features // group_size
+    return QuantizedWeight(
+        codes=pack_4bit(codes) if bits == 4 else codes.to(torch.int8),
+        scales=torch.rand(rows, groups, generator=generator) / 8,
+        offsets=torch.randn(rows, groups, generator=generator) / 4 if offsets else None,
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def test_4bit_packing_round_trips() -> None:
+    codes = torch.randint(0, 16, (5, 96))
+    weight = QuantizedWeight(pack_4bit(codes), torch.ones(5, 3), None, bits=4, group_size=32)
+    assert torch.equal(weight.unpacked_codes(), codes)
+    assert weight.codes.shape == (5, 48)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_gguf_blocks_match_gguf_dequantization(qtype: "gguf.GGMLQuantizationType") -> None:
+    values = np.random.default_rng(0).standard_normal((6, 256)).astype(np.float32)
+    blocks = gguf.quants.quantize(values, qtype)
+    weight = _read_blocks(qtype.name, blocks)
+    assert weight is not None
+    expected = gguf.quants.dequantize(blocks, qtype)
+    np.testing.assert_array_equal(weight.dequantize().numpy(), expected)
+
+
+def test_q4_k_blocks_match_gguf_dequantization() -> None:
+    # gguf has no Q4_K quantizer in Python: random blocks with finite float16 scales instead.
+    rng = np.random.default_rng(1)
+    rows, superblocks = 4, 3
+    blocks = rng.integers(0, 256, (rows, superblocks, 144), dtype=np.uint8)
+    halves = rng.uniform(0.001, 0.1, (rows, superblocks, 2)).astype(np.float16)
+    blocks[..., :4] = halves.view(np.uint8)
+    data = blocks.reshape(rows, -1)
+    weight = _read_blocks("Q4_K", data)
+    assert weight is not None
+    expected = gguf.quants.dequantize(data, Q.Q4_K)
+    np.testing.assert_allclose(weight.dequantize().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unread_formats_are_left_unquantized() -> None:
+    assert _read_blocks("Q6_K", np.zeros((2, 210), dtype=np.uint8)) is None
+
+
+def test_slices_hold_whole_groups() -> None:
+    weight = random_weight(8, 128, bits=4, group_size=32, offsets=True)
+    dense = weight.dequantize()
+    assert torch.equal(weight.rows(2, 5).dequantize(), dense[2:5])
+    assert torch.equal(weight.columns(32, 96).dequantize(), dense[:, 32:96])
+    padded = weight.padded_rows(3).dequantize()
+    assert torch.equal(padded[:8], dense) and not padded[8:].any()
+    with pytest.raises(ValueError, match="split a quantization group"):
+        weight.columns(16, 64)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "offsets"),
+    [(4, 32, True), (4, 128, True), (4, 64, False), (8, 32, False), (8, 128, True)],
+)
+def test_quantized_matmul_matches_the_dequantized_weight(
+    built_kernels: Kernels, rows: int, bits: int, group_size: int, offsets: bool
+) -> None:
+    weight = random_weight(37, 256, bits, group_size, offsets)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(37)
+    expected = x.double() @ weight.dequantize(torch.float64).T + bias.double()
+    y = built_kernels.ops.quantized_linear(x, weight, bias)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    reference = Kernels.reference().ops.quantized_linear(x, weight, bias)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-4)
+    # bfloat16 activations: computed in float32, rounded once at the end.
+    y_bf16 = built_kernels.ops.quantized_linear(x.bfloat16(), weight, None)
+    assert y_bf16.dtype == torch.bfloat16
+    expected_bf16 = x.bfloat16().double() @ weight.dequantize(torch.float64).T
+    torch.testing.assert_close(y_bf16.double(), expected_bf16, rtol=0.01, atol=1e-3)
+
+
+def test_quantized_matmul_rows_do_not_depend_on_the_batch(built_kernels: Kernels) -> None:
+    # A request's output must not change with what it is batched with.
+    weight = random_weight(50, 192, bits=4, group_size=32, offsets=True)
+    x = torch.randn(19, 192)
+    batched = built_kernels.ops.quantized_linear(x, weight, None)
+    for row in range(x.shape[0]):
+        alone = built_kernels.ops.quantized_linear(x[row : row + 1], weight, None)
+        assert torch.equal(alone[0], batched[row]), row
+
+
+def test_quantized_matmul_refuses_mismatched_inputs(built_kernels: Kernels) -> None:
+    weight = random_weight(8, 64, bits=4, group_size=32, offsets=True)
+    kernels = built_kernels.ops.kernels
+    with pytest.raises(RuntimeError, match="x must be"):
+        kernels.linear_quantized(torch.randn(2, 96), weight.codes, weight.scales, None, None, 4, 32)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        kernels.linear_quantized(
+            torch.randn(2, 64), weight.codes, weight.scales[:, :1], None, None, 4, 32
+        )
+    with pytest.raises(RuntimeError, match="bits must be"):
+        kernels.linear_quantized(torch.randn(2, 64), weight.codes, weight.scales, None, None, 3, 32)
