@@ -22,6 +22,11 @@ their published wording.
 
     python benchmark/perplexity.py
     python benchmark/perplexity.py --dtypes float32 --window 256
+    python benchmark/perplexity.py --quantize gguf --results benchmark/results/perplexity-gguf.json
+
+With `--quantize gguf` Sluice serves the default model from its GGUF file's quantized blocks
+(the model is then named by its id, so that the launcher finds the file) while transformers
+runs the directory the same file was expanded into: the two compute the same weights.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import shlex
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ from run_all import BENCH, DEFAULT_MODEL, REPO, check_model, write_results
 from servers import running, sluice_spec
 
 DTYPES = ("float32", "bfloat16")
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REQUEST_TIMEOUT_S = 600.0
 
 
@@ -96,11 +102,19 @@ def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def sluice_logprobs(
-    model_dir: Path, dtype: str, windows: list[Window], logs: Path, startup_timeout_s: float
+    model_dir: Path,
+    dtype: str,
+    windows: list[Window],
+    logs: Path,
+    startup_timeout_s: float,
+    quantize: str | None = None,
 ) -> tuple[list[list[float]], float]:
     """Each window's prompt logprobs (its first token left out) from the running server, and the
     server's startup time."""
-    spec = sluice_spec(model_dir, dtype, logs / f"perplexity-sluice-{dtype}.log", startup_timeout_s)
+    model = model_dir if quantize is None else Path(DEFAULT_MODEL_ID)
+    spec = sluice_spec(model, dtype, logs / f"perplexity-sluice-{dtype}.log", startup_timeout_s)
+    if quantize is not None:
+        spec = replace(spec, argv=[*spec.argv, "--quantize", quantize])
     log(f"starting Sluice in {dtype} (log: {spec.log})")
     scores = []
     with running(spec) as server:
@@ -200,6 +214,11 @@ def main() -> None:
         default=0.005,
         help="the largest relative difference between the two perplexities that passes",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["gguf"],
+        help="serve the default model quantized from its GGUF file (see above)",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server start")
     p.add_argument("--results", type=Path, default=BENCH / "results" / "perplexity.json")
     a = p.parse_args()
@@ -216,7 +235,7 @@ def main() -> None:
     rows = []
     for dtype in a.dtypes:
         served, startup_s = sluice_logprobs(
-            model_dir, dtype, windows, a.results.parent / "logs", a.startup_timeout
+            model_dir, dtype, windows, a.results.parent / "logs", a.startup_timeout, a.quantize
         )
         row = compare(dtype, served, transformers_logprobs(model_dir, dtype, windows), startup_s)
         log(
@@ -231,6 +250,7 @@ def main() -> None:
         "command": shlex.join(["python", "benchmark/perplexity.py", *sys.argv[1:]]),
         "machine": asdict(machine.describe(0, 0, "float32")),
         "model": str(model_dir),
+        "quantize": a.quantize,
         "transformers": package_version("transformers"),
         "text": {
             "path": str(a.text.resolve().relative_to(REPO))

@@ -10,7 +10,8 @@ from sluice_server.cli import main
 from sluice_server.engine.step import StepExecutor
 from sluice_server.gguf_files import DEFAULT_GGUF_NAME, default_gguf_path
 from sluice_server.kernels import Kernels
-from sluice_server.layers.linear import Linear
+from sluice_server.layers.linear import Linear, RowParallelLinear
+from sluice_server.layers.tensor_parallel import SINGLE_SHARD, ShardGroup
 from sluice_server.models.loader import LoadedModel, load_model
 from sluice_server.pb import generate_pb2 as pb
 
@@ -130,3 +131,50 @@ def test_quantized_serving_holds_the_files_blocks_and_answers_alike(
     assert {m.quantized.bits for m in projections} == {4, 8}  # Q4_1 layers, Q8_0 LM head
     assert quantized.weight_bytes < dense.weight_bytes / 2
     assert greedy_answer(quantized, prompt_ids, 30) == greedy_answer(dense, prompt_ids, 30)
+
+
+def test_quantized_projections_split_across_ranks_like_the_whole(
+    converted_dir: Path, compiled_kernels: Kernels
+) -> None:
+    """Three ranks (the heads split no other way): each column-parallel rank holds its rows of
+    every fused part, and the row-parallel ranks' partial outputs add up to the whole layer's.
+    (Whole-model logits are not compared: the 8-bit rounding of activations turns the ranks'
+    different order of float sums into different codes now and then.)"""
+    gguf_file = default_gguf_path()
+
+    def projections(shards: ShardGroup) -> dict[str, Linear]:
+        loaded = load_model(
+            converted_dir, torch.float32, torch.device("cpu"), compiled_kernels, shards, gguf_file
+        )
+        return {n: m for n, m in loaded.model.named_modules() if isinstance(m, Linear)}
+
+    whole = projections(SINGLE_SHARD)
+    ranks = [projections(ShardGroup(rank, 3, None)) for rank in range(3)]
+    ops = compiled_kernels.ops
+    x = torch.randn(5, 1536, generator=torch.Generator().manual_seed(0))
+    for name, layer in whole.items():
+        assert layer.quantized is not None, name
+        if isinstance(layer, RowParallelLinear):
+            width = layer.quantized.in_features // 3
+            inputs = x[:, : layer.quantized.in_features]
+            expected = ops.quantized_linear(inputs, layer.quantized, None)
+            partials = [
+                ops.quantized_linear(
+                    inputs[:, rank * width : (rank + 1) * width].contiguous(),
+                    ranks[rank][name].quantized,
+                    None,
+                )
+                for rank in range(3)
+            ]
+            torch.testing.assert_close(sum(partials), expected, rtol=1e-5, atol=1e-4)
+        else:
+            dense = layer.quantized.dequantize()
+            for rank in range(3):
+                held = ranks[rank][name]
+                rows = []
+                start = 0
+                for section in held.sections:
+                    part = dense[start : start + section.full]
+                    rows.append(part[section.start : section.start + section.size])
+                    start += section.full
+                assert torch.equal(held.quantized.dequantize(), torch.cat(rows)), (name, rank)

@@ -1,0 +1,160 @@
+"""Output tok/s and weight memory of the default model served quantized from its GGUF file
+(`--quantize gguf`: Q4_1 projections, a Q8_0 LM head) against the same model expanded to
+bfloat16, one request at a time and 32 at a time, the two servers taking turns round after round
+in one run (this machine's speed drifts over minutes; alternating spreads the drift over both).
+
+Both run bfloat16 activations; 128 prompt tokens, 128 output tokens, streamed, ignore_eos.
+
+    python benchmark/quantized.py    # benchmark/results/quantized.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import machine
+from run_all import BENCH, DEFAULT_MODEL, check_model, run_json, write_results
+from servers import running, sluice_spec
+
+# Llama 3 8B: the projections' shapes (out, in) per layer, and the untied embeddings and LM head.
+LLAMA3_8B = {
+    "layers": 32,
+    "projections": [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)]
+    + [(14336, 4096), (14336, 4096), (4096, 14336)],
+    "vocab": 128256,
+    "hidden": 4096,
+}
+# Bits per weight as Sluice holds each format in memory: codes plus a float32 scale (and, with
+# offsets, a float32 offset) per group of 32 (GGUF) or 128 (AWQ/GPTQ).
+BITS_PER_WEIGHT = {
+    "bfloat16": 16.0,
+    "GGUF Q8_0": 8 + 32 / 32,
+    "GGUF Q4_0, Q4_1, Q4_K": 4 + 64 / 32,
+}
+WEIGHTS_LINE = re.compile(r"rank 0 holds ([\d.]+) MiB of weights")
+VARIANTS = {"bfloat16": [], "gguf-quantized": ["--quantize", "gguf"]}
+
+
+def log(message: str) -> None:
+    print(f"[quantized {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[str, Any]:
+    logs = args.results.parent / "logs"
+    # The default model by name, so that the launcher knows its GGUF file.
+    spec = sluice_spec(Path(args.model_id), "bfloat16", logs / f"quantized-{variant}.log", 600)
+    spec = replace(spec, argv=[*spec.argv, *VARIANTS[variant]])
+    log(f"round {round_number}: {variant} (log: {spec.log})")
+    levels = {}
+    with running(spec) as server:
+        for concurrency in args.concurrency:
+            # fmt: off
+            levels[concurrency] = run_json(
+                [
+                    sys.executable, str(BENCH / "load.py"),
+                    "--url", server.spec.url,
+                    "--route", "completions", "--ignore-eos",
+                    "--tokenizer", str(args.model),
+                    "--concurrency", str(concurrency),
+                    "--requests", str(max(args.min_requests, concurrency)),
+                    "--prompt-tokens", str(args.prompt_tokens),
+                    "--output-tokens", str(args.output_tokens),
+                ],
+                1800,
+                logs / f"quantized-{variant}-load.log",
+            )
+            # fmt: on
+    weights = WEIGHTS_LINE.findall(spec.log.read_text())
+    row = {
+        "variant": variant,
+        "round": round_number,
+        "weights_mib": float(weights[-1]) if weights else None,
+        "levels": {
+            str(c): {
+                k: level[k] for k in ("output_tokens_per_s", "ttft_p50_s", "itl_p50_s", "errors")
+            }
+            for c, level in levels.items()
+        },
+    }
+    log(json.dumps(row))
+    return row
+
+
+def summarize(rows: list[dict[str, Any]], concurrency: list[int]) -> dict[str, Any]:
+    """Per variant: the median over rounds of each level's output tok/s."""
+    summary: dict[str, Any] = {}
+    for variant in VARIANTS:
+        mine = [row for row in rows if row["variant"] == variant]
+        summary[variant] = {
+            "weights_mib": mine[-1]["weights_mib"] if mine else None,
+            "output_tokens_per_s": {
+                str(c): statistics.median(r["levels"][str(c)]["output_tokens_per_s"] for r in mine)
+                for c in concurrency
+            },
+        }
+    return summary
+
+
+def weight_memory_8b() -> dict[str, float]:
+    """GiB of weights of a Llama 3 8B per format: the projections and the LM head in the format,
+    the embedding table in bfloat16 (a lookup reads one row per token)."""
+    config = LLAMA3_8B
+    projections = config["layers"] * sum(o * i for o, i in config["projections"])
+    head = config["vocab"] * config["hidden"]
+    return {
+        name: ((projections + head) * bits / 8 + head * 2) / 2**30
+        for name, bits in BITS_PER_WEIGHT.items()
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--model-id", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="its tokenizer's directory")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--min-requests", type=int, default=6)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--results", type=Path, default=BENCH / "results" / "quantized.json")
+    a = p.parse_args()
+    a.model = a.model.expanduser().resolve()
+    check_model(a.model)
+    rows = [
+        measure(a, variant, number) for number in range(1, a.rounds + 1) for variant in VARIANTS
+    ]
+    results = {
+        "generated_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmark/quantized.py", *sys.argv[1:]]),
+        "machine": asdict(machine.describe(0, 0, "bfloat16")),
+        "workload": {
+            "prompt_tokens": a.prompt_tokens,
+            "output_tokens": a.output_tokens,
+            "concurrency": a.concurrency,
+            "rounds": a.rounds,
+        },
+        "summary": summarize(rows, a.concurrency),
+        "llama3_8b_weight_gib": weight_memory_8b(),
+        "rounds": rows,
+    }
+    write_results(a.results, results)
+    log(f"wrote {a.results}")
+    print(json.dumps(results["summary"]))
+
+
+if __name__ == "__main__":
+    main()
