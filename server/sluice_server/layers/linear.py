@@ -125,18 +125,19 @@ class ColumnParallelLinear(Linear):
     ) -> QuantizedWeight | None:
         """This rank's sections of the checkpoint's quantized projections, or None where they
         are not all quantized alike (those load unquantized)."""
-        parts = [weights.quantized(f"{name}.weight") for name in names]
-        if any(part is None for part in parts):
+        found = [weights.quantized(f"{name}.weight") for name in names]
+        parts = [part for part in found if part is not None]
+        if len(parts) < len(names):
             return None
         sources = self._section_sources(names)
         fulls = [section.full for section in self.sections]
         expected = [sum(fulls)] if len(parts) == 1 else fulls
-        if [part.out_features for part in parts] != expected:  # type: ignore[union-attr]
+        if [part.out_features for part in parts] != expected:
             raise ValueError(f"{' + '.join(names)}: quantized shape does not match the model")
         slices = []
         for (index, offset), section in zip(sources, self.sections, strict=True):
             start = offset + section.start
-            stored = parts[index].rows(start, start + section.stored_size)  # type: ignore[union-attr]
+            stored = parts[index].rows(start, start + section.stored_size)
             slices.append(stored.padded_rows(section.size - section.stored_size))
         try:
             return concat_rows(slices)

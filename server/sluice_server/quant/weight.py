@@ -137,7 +137,9 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         first,
         codes=torch.cat([p.codes for p in parts]),
         scales=torch.cat([p.scales for p in parts]),
-        offsets=None if first.offsets is None else torch.cat([p.offsets for p in parts]),  # type: ignore[misc]
+        offsets=None
+        if first.offsets is None
+        else torch.cat([p.offsets for p in parts if p.offsets is not None]),
     )
 
 

@@ -1,7 +1,6 @@
-// Matmul against group-quantized weights, y [M, N] = x [M, K] W^T + b, in integer arithmetic:
+// Matmul against group-quantized weights, y [M, N] = x [M, K] W^T + b, dequantizing in registers:
 // decoding reads every weight once per step, so 4-bit codes (a quarter of bfloat16's bytes, plus
-// the groups' scales) make a step that much less memory to stream, and multiplying the codes as
-// bytes keeps the arithmetic from becoming the bottleneck instead.
+// the groups' scales) make a step that much less memory to stream.
 //
 // The weight (`QuantizedMatrix`): per output column n and group g of `group_size` consecutive
 // input dimensions, W[n][k] = scale[n][g] * code[n][k] + offset[n][g] (no offset: symmetric
@@ -14,16 +13,14 @@
 //
 // Scales and offsets are float32 [N][K / group_size]; group_size is a multiple of 32.
 //
-// Each row of x is quantized once per call to signed 8 bits per block of 32 dimensions
-// (x[k] ~= x_scale[b] * x_code[k], x_scale = max |x| / 127, as llama.cpp's Q8 activations), so
-// that a block's dot product is 32 byte products summed exactly in integers:
-//   sum_k W x = sum_b scale * x_scale[b] * sum(code * x_code) + sum_g offset * sum_{k in g} x,
-// the offsets' term taken with x's exact float sums. The AVX2 path multiplies 32 codes by 32
-// x codes in one `vpmaddubsw` (unsigned by signed bytes into pairs of int16; signed 8-bit codes
-// go through their absolute value and x's codes with the codes' signs) and one `vpmaddwd`, for
-// up to 4 rows of x per column's codes loaded. Each row's result does not depend on the other
-// rows of the call: a request's output is the same whatever it is batched with. The portable
-// path runs the same arithmetic in scalar loops. Threads split the columns.
+// The activations stay float32: sum_k W x = sum_b scale * sum(code * x) + sum_g offset * sum(x),
+// each block's 32 codes widened to float32 and scaled once, the offsets joining through x's sums
+// per group. (Rounding the activations to 8-bit codes, as llama.cpp does, multiplies faster but
+// raised the default model's perplexity by 3.5 %; see docs/quantization.md.) The AVX2 path
+// multiplies a block's four vectors against up to 4 rows of x, so that a column's codes are
+// unpacked once per 4 rows; the portable path scales a block into a buffer and takes dot
+// products. Each row's sums run in the same order whatever rows it is computed with, so a
+// request's output does not depend on its batch. Threads split the columns.
 
 #include <vector>
 
@@ -49,67 +46,58 @@ struct QuantizedMatrix {
   int64_t in_features;
 
   int64_t groups() const { return in_features / group_size; }
-  int64_t blocks() const { return in_features / kCodeBlock; }
-  int64_t block_bytes() const { return kCodeBlock * bits / 8; }
-  const uint8_t* column_codes(int64_t n) const { return codes + n * blocks() * block_bytes(); }
+  int64_t code_bytes_per_column() const { return in_features * bits / 8; }
+  const uint8_t* column_codes(int64_t n) const { return codes + n * code_bytes_per_column(); }
 };
 
-// The rows of x as 8-bit codes with a scale per block of 32, their float sums per group (for
-// the offsets), and y (float32).
-struct QuantizedRows {
-  const int8_t* codes;       // [rows][K]
-  const float* scales;       // [rows][K / 32]
-  const float* group_sums;   // [rows][groups]; null without offsets.
-  float* y;                  // [rows][N]
+// Rows of x (float32, contiguous) with their per-group sums, and y (float32).
+struct RowBlock {
+  const float* x;
+  const float* group_sums;  // [rows][groups]; null without offsets.
+  float* y;
   int64_t in_features;
   int64_t groups;
   int64_t out_features;
-
-  int64_t blocks() const { return in_features / kCodeBlock; }
 };
 
-// One row's block of 32: codes and scale such that x ~= scale * code, |code| <= 127.
-void quantize_block(const float* x, int8_t* codes, float* scale) {
-  float largest = 0.f;
-  for (int64_t i = 0; i < kCodeBlock; ++i) largest = std::max(largest, std::abs(x[i]));
-  *scale = largest / 127.f;
-  const float inverse = largest > 0.f ? 127.f / largest : 0.f;
-  for (int64_t i = 0; i < kCodeBlock; ++i) {
-    codes[i] = static_cast<int8_t>(std::nearbyint(x[i] * inverse));
-  }
-}
-
-// The portable path's codes of one block of 32 dimensions, as integers in dimension order.
-inline void unpack_block(const uint8_t* codes, int64_t bits, int32_t* values) {
+// The portable path's codes of one block of 32 dimensions, as floats.
+inline void unpack_block(const uint8_t* codes, int64_t bits, float* values) {
   if (bits == 4) {
     for (int64_t i = 0; i < kCodeBlock / 2; ++i) {
-      values[i] = codes[i] & 0x0f;
-      values[i + kCodeBlock / 2] = codes[i] >> 4;
+      values[i] = static_cast<float>(codes[i] & 0x0f);
+      values[i + kCodeBlock / 2] = static_cast<float>(codes[i] >> 4);
     }
   } else {
-    for (int64_t i = 0; i < kCodeBlock; ++i) values[i] = static_cast<int8_t>(codes[i]);
+    for (int64_t i = 0; i < kCodeBlock; ++i) {
+      values[i] = static_cast<float>(static_cast<int8_t>(codes[i]));
+    }
   }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// A block's 32 weight codes as the unsigned operand of vpmaddubsw, and what to multiply x's
-// codes by first: for 8-bit codes their signs (which vpsignb applies), none for 4-bit ones.
-struct ByteCodes {
-  __m256i magnitudes;
-  __m256i signs;
-  bool signed_codes;
+// 32 codes as four vectors of 8 float32, in dimension order.
+struct UnpackedBlock {
+  __m256 values[4];
 };
 
-inline ByteCodes load_block(const uint8_t* codes, int64_t bits) {
+inline UnpackedBlock unpack_block_avx2(const uint8_t* codes, int64_t bits) {
+  UnpackedBlock block;
   if (bits == 4) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
     const __m128i mask = _mm_set1_epi8(0x0f);
-    const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
-                                             _mm_and_si128(bytes, mask));
-    return {nibbles, _mm256_setzero_si256(), false};
+    const __m128i low = _mm_and_si128(bytes, mask);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    block.values[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
+    block.values[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
+    block.values[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
+    block.values[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
+  } else {
+    for (int i = 0; i < 4; ++i) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * i));
+      block.values[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    }
   }
-  const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
-  return {_mm256_sign_epi8(values, values), values, true};
+  return block;
 }
 
 inline float horizontal_sum(__m256 v) {
@@ -118,53 +106,58 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
 }
 
-// kRows rows (starting at `row`) against column n: sum_b scale * x_scale * sum(code * x_code).
-// Each row sums into two chains (even and odd blocks), which keeps two FMAs in flight even for
-// one row; the chains are the same whatever kRows is, so a row's sum is too.
+// kRows rows of the block (starting at `row`) against column n: sum_g scale * sum(code * x),
+// the codes scaled once per block of 32 and shared by the rows. Each row sums into two chains
+// (a block's first and second half), so that FMAs overlap even for one row; the chains are the
+// same whatever kRows is, so a row's sum is too.
 template <int64_t kRows>
-inline void scaled_dots(const QuantizedMatrix& w, const QuantizedRows& x, int64_t row, int64_t n,
+inline void scaled_dots(const QuantizedMatrix& w, const RowBlock& block, int64_t row, int64_t n,
                         float (&dots)[kRows]) {
   __m256 totals[kRows][2];
-  for (int r = 0; r < kRows; ++r) totals[r][0] = totals[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < kRows; ++r) {
+    for (auto& total : totals[r]) total = _mm256_setzero_ps();
+  }
   const uint8_t* codes = w.column_codes(n);
   const float* scales = w.scales + n * w.groups();
+  const int64_t block_bytes = kCodeBlock * w.bits / 8;
   const int64_t blocks_per_group = w.group_size / kCodeBlock;
-  const __m256i ones = _mm256_set1_epi16(1);
+  const float* x = block.x + row * block.in_features;
   // Blocks in group order, so that a block's group is a counter, not a division.
-  for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.blocks(); ++b, --left) {
+  for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.in_features / kCodeBlock; ++b, --left) {
     if (left == 0) left = blocks_per_group, ++g;
-    const ByteCodes block = load_block(codes + b * w.block_bytes(), w.bits);
-    const float scale = scales[g];
+    UnpackedBlock weights = unpack_block_avx2(codes + b * block_bytes, w.bits);
+    const __m256 scale = _mm256_set1_ps(scales[g]);
+    for (auto& values : weights.values) values = _mm256_mul_ps(values, scale);
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
-      const int64_t at = (row + r) * x.in_features + b * kCodeBlock;
-      __m256i x_codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.codes + at));
-      if (block.signed_codes) x_codes = _mm256_sign_epi8(x_codes, block.signs);
-      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(block.magnitudes, x_codes), ones);
-      const __m256 weight = _mm256_set1_ps(scale * x.scales[(row + r) * x.blocks() + b]);
-      totals[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), weight, totals[r][b & 1]);
+      const float* xr = x + r * block.in_features + b * kCodeBlock;
+      for (int i = 0; i < 4; ++i) {
+        __m256& total = totals[r][i / 2];
+        total = _mm256_fmadd_ps(weights.values[i], _mm256_loadu_ps(xr + 8 * i), total);
+      }
     }
   }
-  for (int r = 0; r < kRows; ++r) dots[r] = horizontal_sum(_mm256_add_ps(totals[r][0], totals[r][1]));
+  for (int r = 0; r < kRows; ++r) {
+    dots[r] = horizontal_sum(_mm256_add_ps(totals[r][0], totals[r][1]));
+  }
 }
 #else
 template <int64_t kRows>
-inline void scaled_dots(const QuantizedMatrix& w, const QuantizedRows& x, int64_t row, int64_t n,
+inline void scaled_dots(const QuantizedMatrix& w, const RowBlock& block, int64_t row, int64_t n,
                         float (&dots)[kRows]) {
-  int32_t values[kCodeBlock];
+  float values[kCodeBlock];
   for (int r = 0; r < kRows; ++r) dots[r] = 0.f;
   const uint8_t* codes = w.column_codes(n);
   const float* scales = w.scales + n * w.groups();
+  const int64_t block_bytes = kCodeBlock * w.bits / 8;
   const int64_t blocks_per_group = w.group_size / kCodeBlock;
-  for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.blocks(); ++b, --left) {
+  const float* x = block.x + row * block.in_features;
+  for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.in_features / kCodeBlock; ++b, --left) {
     if (left == 0) left = blocks_per_group, ++g;
-    unpack_block(codes + b * w.block_bytes(), w.bits, values);
-    const float scale = scales[g];
+    unpack_block(codes + b * block_bytes, w.bits, values);
+    for (float& value : values) value *= scales[g];
     for (int r = 0; r < kRows; ++r) {
-      const int8_t* x_codes = x.codes + (row + r) * x.in_features + b * kCodeBlock;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kCodeBlock; ++i) sum += values[i] * x_codes[i];
-      dots[r] += static_cast<float>(sum) * (scale * x.scales[(row + r) * x.blocks() + b]);
+      dots[r] += dot(values, x + r * block.in_features + b * kCodeBlock, kCodeBlock);
     }
   }
 }
@@ -172,17 +165,18 @@ inline void scaled_dots(const QuantizedMatrix& w, const QuantizedRows& x, int64_
 
 // y[row .. row + kRows][n] for columns [begin, end), plus the offsets' and bias's terms.
 template <int64_t kRows>
-void quantized_columns(const QuantizedMatrix& w, const QuantizedRows& x, const float* bias,
+void quantized_columns(const QuantizedMatrix& w, const RowBlock& block, const float* bias,
                        int64_t row, int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; ++n) {
     float dots[kRows];
-    scaled_dots<kRows>(w, x, row, n, dots);
+    scaled_dots<kRows>(w, block, row, n, dots);
     for (int r = 0; r < kRows; ++r) {
       float value = dots[r] + (bias ? bias[n] : 0.f);
       if (w.offsets != nullptr) {
-        value += dot(w.offsets + n * w.groups(), x.group_sums + (row + r) * x.groups, x.groups);
+        const float* offsets = w.offsets + n * w.groups();
+        value += dot(offsets, block.group_sums + (row + r) * block.groups, block.groups);
       }
-      x.y[(row + r) * x.out_features + n] = value;
+      block.y[(row + r) * block.out_features + n] = value;
     }
   }
 }
@@ -243,33 +237,21 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
   }
   const at::Tensor rows = x.to(at::kFloat).contiguous();
   const int64_t row_count = rows.size(0);
-  const int64_t blocks = w.in_features / kCodeBlock;
-  auto x_codes = at::empty({row_count, w.in_features}, rows.options().dtype(at::kChar));
-  auto x_scales = at::empty({row_count, blocks}, rows.options());
-  const float* x_data = rows.data_ptr<float>();
-  int8_t* codes_data = x_codes.data_ptr<int8_t>();
-  float* scales_data = x_scales.data_ptr<float>();
-  at::parallel_for(0, row_count * blocks, grain_for(kCodeBlock), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      quantize_block(x_data + i * kCodeBlock, codes_data + i * kCodeBlock, scales_data + i);
-    }
-  });
   at::Tensor group_sums;
   if (w.offsets != nullptr) {
     group_sums = rows.view({row_count, w.groups(), group_size}).sum(-1).contiguous();
   }
   auto y = at::empty({row_count, out_features}, rows.options());
-  const QuantizedRows quantized{codes_data,
-                                scales_data,
-                                w.offsets != nullptr ? group_sums.data_ptr<float>() : nullptr,
-                                y.data_ptr<float>(),
-                                w.in_features,
-                                w.groups(),
-                                out_features};
+  const RowBlock block{rows.data_ptr<float>(),
+                       w.offsets != nullptr ? group_sums.data_ptr<float>() : nullptr,
+                       y.data_ptr<float>(),
+                       w.in_features,
+                       w.groups(),
+                       out_features};
   at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = 0; row < row_count; row += kRowsPerPass) {
       with_count<kRowsPerPass>(std::min(kRowsPerPass, row_count - row), [&](auto count) {
-        quantized_columns<decltype(count)::value>(w, quantized, bias_data, row, begin, end);
+        quantized_columns<decltype(count)::value>(w, block, bias_data, row, begin, end);
       });
     }
   });
@@ -284,15 +266,16 @@ at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& scales,
   auto weight = at::empty({out_features, w.in_features}, scales.options());
   float* data = weight.data_ptr<float>();
   at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
-    int32_t values[kCodeBlock];
+    const int64_t block_bytes = kCodeBlock * w.bits / 8;
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t b = 0; b < w.blocks(); ++b) {
-        unpack_block(w.column_codes(n) + b * w.block_bytes(), w.bits, values);
-        const int64_t g = n * w.groups() + b * kCodeBlock / w.group_size;
+      float* column = data + n * w.in_features;
+      for (int64_t k = 0; k < w.in_features; k += kCodeBlock) {
+        unpack_block(w.column_codes(n) + k / kCodeBlock * block_bytes, w.bits, column + k);
+        const int64_t g = n * w.groups() + k / w.group_size;
         const float scale = w.scales[g];
         const float offset = w.offsets != nullptr ? w.offsets[g] : 0.f;
-        float* out = data + n * w.in_features + b * kCodeBlock;
-        for (int64_t i = 0; i < kCodeBlock; ++i) out[i] = scale * values[i] + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < kCodeBlock; ++i) column[k + i] = scale * column[k + i] + offset;
       }
     }
   });
