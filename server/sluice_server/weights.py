@@ -24,6 +24,8 @@ class QuantizedTensors(Protocol):
 
     def get(self, name: str) -> QuantizedWeight | None: ...
 
+    def holds(self, name: str) -> bool: ...
+
 
 class CheckpointWeights:
     """Lazy access to the tensors of a checkpoint directory; use as a context manager."""
@@ -93,7 +95,11 @@ class CheckpointWeights:
         unquantized (read it with `rows`/`columns`)."""
         if self._quantized is None:
             return None
-        return self._quantized.get(name if name.startswith("lm_head.") else PREFIX + name)
+        return self._quantized.get(_full_name(name))
+
+    def holds_quantized(self, name: str) -> bool:
+        """Whether `quantized(name)` gives a weight, without reading it."""
+        return self._quantized is not None and self._quantized.holds(_full_name(name))
 
     def lm_head_is_tied(self, tie_word_embeddings: bool) -> bool:
         """Whether the LM head reuses the embedding matrix.
@@ -101,6 +107,10 @@ class CheckpointWeights:
         Tied checkpoints usually omit `lm_head.weight`; treat a missing one as tied too.
         """
         return tie_word_embeddings or "lm_head.weight" not in self
+
+
+def _full_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else PREFIX + name
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:

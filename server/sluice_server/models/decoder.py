@@ -271,7 +271,7 @@ class CausalLM(nn.Module):
             layer.load(weights, f"layers.{index}")
         self.norm.load(weights.get("norm.weight"))
         tied = weights.lm_head_is_tied(self.config.tie_word_embeddings)
-        if tied and weights.quantized("lm_head.weight") is None:
+        if tied and not weights.holds_quantized("lm_head.weight"):
             self.lm_head.weight = self.embed_tokens.weight
         else:
             self.lm_head.load(weights, ["lm_head"])

@@ -63,6 +63,11 @@ class GgufQuantizedTensors:
             weight = _unpermute_rows(weight, self._num_kv_heads)
         return weight
 
+    def holds(self, name: str) -> bool:
+        """Whether `get(name)` gives a quantized weight, without reading it."""
+        tensor = self._tensor(name)
+        return tensor is not None and tensor.tensor_type.name in _BLOCK_READERS
+
     def _tensor(self, name: str) -> Any:
         stem, _, suffix = name.rpartition(".")
         if stem == "lm_head":

@@ -50,6 +50,20 @@ struct QuantizedMatrix {
   const uint8_t* column_codes(int64_t n) const { return codes + n * code_bytes_per_column(); }
 };
 
+// Column n's blocks of 32 codes in order, each with its group's scale (the group a counter
+// rather than a division per block): body(block index, block's codes, scale).
+template <typename Body>
+inline void for_each_block(const QuantizedMatrix& w, int64_t n, Body&& body) {
+  const uint8_t* codes = w.column_codes(n);
+  const float* scales = w.scales + n * w.groups();
+  const int64_t block_bytes = kCodeBlock * w.bits / 8;
+  const int64_t blocks_per_group = w.group_size / kCodeBlock;
+  for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.in_features / kCodeBlock; ++b, --left) {
+    if (left == 0) left = blocks_per_group, ++g;
+    body(b, codes + b * block_bytes, scales[g]);
+  }
+}
+
 // Rows of x (float32, contiguous) with their per-group sums, and y (float32).
 struct RowBlock {
   const float* x;
@@ -117,16 +131,10 @@ inline void scaled_dots(const QuantizedMatrix& w, const RowBlock& block, int64_t
   for (int r = 0; r < kRows; ++r) {
     for (auto& total : totals[r]) total = _mm256_setzero_ps();
   }
-  const uint8_t* codes = w.column_codes(n);
-  const float* scales = w.scales + n * w.groups();
-  const int64_t block_bytes = kCodeBlock * w.bits / 8;
-  const int64_t blocks_per_group = w.group_size / kCodeBlock;
   const float* x = block.x + row * block.in_features;
-  // Blocks in group order, so that a block's group is a counter, not a division.
-  for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.in_features / kCodeBlock; ++b, --left) {
-    if (left == 0) left = blocks_per_group, ++g;
-    UnpackedBlock weights = unpack_block_avx2(codes + b * block_bytes, w.bits);
-    const __m256 scale = _mm256_set1_ps(scales[g]);
+  for_each_block(w, n, [&](int64_t b, const uint8_t* codes, float scale_value) {
+    UnpackedBlock weights = unpack_block_avx2(codes, w.bits);
+    const __m256 scale = _mm256_set1_ps(scale_value);
     for (auto& values : weights.values) values = _mm256_mul_ps(values, scale);
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
@@ -136,7 +144,7 @@ inline void scaled_dots(const QuantizedMatrix& w, const RowBlock& block, int64_t
         total = _mm256_fmadd_ps(weights.values[i], _mm256_loadu_ps(xr + 8 * i), total);
       }
     }
-  }
+  });
   for (int r = 0; r < kRows; ++r) {
     dots[r] = horizontal_sum(_mm256_add_ps(totals[r][0], totals[r][1]));
   }
@@ -147,19 +155,14 @@ inline void scaled_dots(const QuantizedMatrix& w, const RowBlock& block, int64_t
                         float (&dots)[kRows]) {
   float values[kCodeBlock];
   for (int r = 0; r < kRows; ++r) dots[r] = 0.f;
-  const uint8_t* codes = w.column_codes(n);
-  const float* scales = w.scales + n * w.groups();
-  const int64_t block_bytes = kCodeBlock * w.bits / 8;
-  const int64_t blocks_per_group = w.group_size / kCodeBlock;
   const float* x = block.x + row * block.in_features;
-  for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.in_features / kCodeBlock; ++b, --left) {
-    if (left == 0) left = blocks_per_group, ++g;
-    unpack_block(codes + b * block_bytes, w.bits, values);
-    for (float& value : values) value *= scales[g];
+  for_each_block(w, n, [&](int64_t b, const uint8_t* codes, float scale) {
+    unpack_block(codes, w.bits, values);
+    for (float& value : values) value *= scale;
     for (int r = 0; r < kRows; ++r) {
       dots[r] += dot(values, x + r * block.in_features + b * kCodeBlock, kCodeBlock);
     }
-  }
+  });
 }
 #endif
 
