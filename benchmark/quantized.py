@@ -1,9 +1,13 @@
-"""Output tok/s and weight memory of the default model served quantized from its GGUF file
-(`--quantize gguf`: Q4_1 projections, a Q8_0 LM head) against the same model expanded to
-bfloat16, one request at a time and 32 at a time, the two servers taking turns round after round
-in one run (this machine's speed drifts over minutes; alternating spreads the drift over both).
+"""Output tok/s and weight memory of the default model served quantized against the same model
+in bfloat16, one request at a time and 32 at a time, the servers taking turns round after round
+in one run (this machine's speed drifts over minutes; alternating spreads the drift over all).
 
-Both run bfloat16 activations; 128 prompt tokens, 128 output tokens, streamed, ignore_eos.
+- bfloat16: the weights expanded from the default model's GGUF file;
+- gguf: `--quantize gguf`, the file's Q4_1 projections and Q8_0 LM head as stored;
+- awq, gptq, gptq-8bit: the expanded weights quantized by round-to-nearest into AWQ's and GPTQ's
+  checkpoint layouts (server/tests/packed_checkpoints.py; GPTQ in act-order), per group of 64.
+
+All run bfloat16 activations; 128 prompt tokens, 128 output tokens, streamed, ignore_eos.
 
     python benchmark/quantized.py    # benchmark/results/quantized.json
 """
@@ -18,7 +22,8 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+import subprocess
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +42,45 @@ LLAMA3_8B = {
     "hidden": 4096,
 }
 # Bits per weight as Sluice holds each format in memory: codes plus a float32 scale (and, with
-# offsets, a float32 offset) per group of 32 (GGUF) or 128 (AWQ/GPTQ).
+# offsets, a float32 offset) per group of 32 (GGUF) or 128 (AWQ and GPTQ as usually published).
 BITS_PER_WEIGHT = {
     "bfloat16": 16.0,
     "GGUF Q8_0": 8 + 32 / 32,
     "GGUF Q4_0, Q4_1, Q4_K": 4 + 64 / 32,
+    "AWQ / GPTQ 4-bit, groups of 128": 4 + 64 / 128,
+    "GPTQ 8-bit, groups of 128": 8 + 64 / 128,
 }
 WEIGHTS_LINE = re.compile(r"rank 0 holds ([\d.]+) MiB of weights")
-VARIANTS = {"bfloat16": [], "gguf-quantized": ["--quantize", "gguf"]}
+PACKED_CHECKPOINTS = BENCH.parent / "server" / "tests" / "packed_checkpoints.py"
+
+
+@dataclass(frozen=True)
+class Variant:
+    flags: tuple[str, ...] = ()
+    # packed_checkpoints.py's arguments for a checkpoint quantized from the default model; None:
+    # the default model itself.
+    checkpoint: tuple[str, ...] | None = None
+
+
+VARIANTS = {
+    "bfloat16": Variant(),
+    "gguf": Variant(flags=("--quantize", "gguf")),
+    "awq": Variant(checkpoint=("awq", "--group-size", "64")),
+    "gptq": Variant(checkpoint=("gptq", "--group-size", "64", "--act-order")),
+    "gptq-8bit": Variant(checkpoint=("gptq", "--bits", "8", "--group-size", "64")),
+}
+
+
+def model_id(args: argparse.Namespace, variant: Variant) -> str:
+    """The default model by name (so that the launcher knows its GGUF file), or a checkpoint
+    quantized from it, written on first use."""
+    if variant.checkpoint is None:
+        return args.model_id
+    out = args.checkpoints / "-".join(variant.checkpoint).replace("--", "")
+    if not (out / "config.json").is_file():
+        command = [sys.executable, str(PACKED_CHECKPOINTS), variant.checkpoint[0], str(args.model)]
+        subprocess.run([*command, str(out), *variant.checkpoint[1:]], check=True)
+    return str(out)
 
 
 def log(message: str) -> None:
@@ -53,9 +89,10 @@ def log(message: str) -> None:
 
 def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[str, Any]:
     logs = args.results.parent / "logs"
-    # The default model by name, so that the launcher knows its GGUF file.
-    spec = sluice_spec(Path(args.model_id), "bfloat16", logs / f"quantized-{variant}.log", 600)
-    spec = replace(spec, argv=[*spec.argv, *VARIANTS[variant]])
+    chosen = VARIANTS[variant]
+    model = Path(model_id(args, chosen))
+    spec = sluice_spec(model, "bfloat16", logs / f"quantized-{variant}.log", 600)
+    spec = replace(spec, argv=[*spec.argv, *chosen.flags])
     log(f"round {round_number}: {variant} (log: {spec.log})")
     levels = {}
     with running(spec) as server:
@@ -92,10 +129,12 @@ def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[s
     return row
 
 
-def summarize(rows: list[dict[str, Any]], concurrency: list[int]) -> dict[str, Any]:
+def summarize(
+    rows: list[dict[str, Any]], variants: list[str], concurrency: list[int]
+) -> dict[str, Any]:
     """Per variant: the median over rounds of each level's output tok/s."""
     summary: dict[str, Any] = {}
-    for variant in VARIANTS:
+    for variant in variants:
         mine = [row for row in rows if row["variant"] == variant]
         summary[variant] = {
             "weights_mib": mine[-1]["weights_mib"] if mine else None,
@@ -131,11 +170,20 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--results", type=Path, default=BENCH / "results" / "quantized.json")
+    p.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="to serve"
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=Path.home() / ".cache" / "sluice" / "quantized-checkpoints",
+        help="where the AWQ and GPTQ checkpoints are written",
+    )
     a = p.parse_args()
     a.model = a.model.expanduser().resolve()
     check_model(a.model)
     rows = [
-        measure(a, variant, number) for number in range(1, a.rounds + 1) for variant in VARIANTS
+        measure(a, variant, number) for number in range(1, a.rounds + 1) for variant in a.variants
     ]
     results = {
         "generated_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -147,7 +195,7 @@ def main() -> None:
             "concurrency": a.concurrency,
             "rounds": a.rounds,
         },
-        "summary": summarize(rows, a.concurrency),
+        "summary": summarize(rows, a.variants, a.concurrency),
         "llama3_8b_weight_gib": weight_memory_8b(),
         "rounds": rows,
     }

@@ -1,12 +1,16 @@
-"""`--quantize gguf`: the default model's GGUF file served as stored (Q4_1 projections, a Q8_0
-LM head) through the quantized CPU kernel, end to end with the real launcher, router and shard,
-and TGI's client."""
+"""Quantized serving end to end with the real launcher, router and shard, and TGI's client: the
+default model's GGUF file served as stored (`--quantize gguf`: Q4_1 projections, a Q8_0 LM
+head), and the default model quantized into AWQ's (4 bits per group of 32) and GPTQ's (8 bits
+per group of 64, act-order) checkpoint layouts, all through the quantized CPU kernel. (GPTQ's
+4-bit codes take AWQ's path through the kernel; rounded to the nearest in random act-order
+groups, as here, they leave the small model too few good answers to compare.)"""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,17 +20,46 @@ from conftest import SluiceServer, free_port, serve
 from helpers import generate
 from text_generation import Client
 
+# Writes AWQ and GPTQ checkpoints by round-to-nearest quantization (see its docstring).
+PACKED_CHECKPOINTS = Path(__file__).parents[1] / "server" / "tests" / "packed_checkpoints.py"
+
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[SluiceServer]:
-    yield from serve("--quantize", "gguf", "--max-input-tokens", "256", "--max-total-tokens", "512")
+def packed_checkpoint(
+    default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> callable:
+    """The default model quantized with a method, written once per module."""
+    written: dict[str, Path] = {}
+
+    def write(method: str) -> Path:
+        if method not in written:
+            out = tmp_path_factory.mktemp(method)
+            flags = ["--bits", "8", "--group-size", "64", "--act-order"] if method == "gptq" else []
+            command = [sys.executable, PACKED_CHECKPOINTS, method, default_model_dir, out, *flags]
+            subprocess.run(command, check=True)
+            written[method] = out
+        return written[method]
+
+    return write
+
+
+@pytest.fixture(scope="module", params=["gguf", "awq", "gptq"])
+def server(request: pytest.FixtureRequest, packed_checkpoint: callable) -> Iterator[SluiceServer]:
+    limits = ("--max-input-tokens", "256", "--max-total-tokens", "512")
+    if request.param == "gguf":
+        yield from serve("--quantize", "gguf", *limits)
+    elif request.param == "awq":
+        # Served quantized because its config.json says so.
+        yield from serve(*limits, model_id=str(packed_checkpoint("awq")))
+    else:
+        yield from serve("--quantize", "gptq", *limits, model_id=str(packed_checkpoint("gptq")))
 
 
 def test_the_shard_holds_the_quantized_weights(server: SluiceServer) -> None:
     log = server.log_path.read_text(errors="replace")
-    assert "quantized as stored" in log
-    # float32 holds 513 MiB of weights; Q4_1 and Q8_0 blocks about 100 MiB of it, the rest
-    # being the float32 embedding the lookup reads.
+    assert "as stored" in log
+    # float32 holds 513 MiB of weights; 4-bit projections (and GGUF's Q8_0 LM head) about
+    # 100 MiB of it, the rest being the float32 embedding the lookup reads.
     held = re.search(r"holds ([0-9.]+) MiB of weights", log)
     assert held is not None, log
     assert float(held.group(1)) < 256
@@ -57,17 +90,25 @@ def test_batched_requests_match_each_alone(server: SluiceServer, chat_prompt) ->
     ("quantize", "model", "message"),
     [
         ("gguf", "directory", "is not a .gguf file"),
-        ("awq", "default", "--quantize awq: Sluice does not have this feature yet"),
+        ("fp8", "default", "--quantize fp8: Sluice does not have this feature yet"),
+        ("awq", "directory", "is not quantized"),
+        ("gptq", "awq", "--quantize gptq conflicts with the checkpoint"),
     ],
 )
 def test_quantization_the_model_cannot_take_is_refused_at_startup(
-    default_model_dir: Path, quantize: str, model: str, message: str, tmp_path: Path
+    default_model_dir: Path,
+    packed_checkpoint: callable,
+    quantize: str,
+    model: str,
+    message: str,
+    tmp_path: Path,
 ) -> None:
     launcher = shutil.which("sluice-launcher")
     assert launcher is not None
-    model_id = (
-        str(default_model_dir) if model == "directory" else "HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
+    model_id = {
+        "directory": str(default_model_dir),
+        "default": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }.get(model) or str(packed_checkpoint(model))
     result = subprocess.run(
         [
             launcher,

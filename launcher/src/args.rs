@@ -183,9 +183,11 @@ pub struct Args {
     #[arg(long, env, default_value = "text-generation-inference.router")]
     pub otlp_service_name: String,
 
-    /// Quantization: `gguf` serves a GGUF model's Q4_0, Q4_1, Q8_0 and Q4_K projections as they
-    /// are stored; TGI's other methods are not built yet and are refused [default: the
-    /// checkpoint's weights in --dtype].
+    /// Quantization: `awq` and `gptq` serve a checkpoint quantized with that method (one whose
+    /// config.json names it is served quantized without the flag too); `gguf` serves a GGUF
+    /// model's Q4_0, Q4_1, Q8_0 and Q4_K projections as they are stored; TGI's other methods are
+    /// not built yet and are refused [default: the checkpoint's weights in --dtype, or as it is
+    /// quantized].
     #[arg(long, env, value_enum)]
     pub quantize: Option<Quantize>,
 
@@ -303,7 +305,13 @@ pub enum Quantize {
 
 impl Quantize {
     pub fn is_built(self) -> bool {
-        self == Quantize::Gguf
+        matches!(self, Quantize::Awq | Quantize::Gptq | Quantize::Gguf)
+    }
+
+    /// Whether the method is that of a pre-quantized checkpoint, which the shard checks against
+    /// the checkpoint's configuration.
+    pub fn is_checkpoint_method(self) -> bool {
+        matches!(self, Quantize::Awq | Quantize::Gptq)
     }
 }
 

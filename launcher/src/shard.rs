@@ -7,7 +7,7 @@ use sluice_client::{ShardAddress, ShardClient};
 use tokio::process::Command;
 use tokio::time::{timeout, Instant};
 
-use crate::args::{Args, Dtype};
+use crate::args::{Args, Dtype, Quantize};
 use crate::error::LauncherError;
 use crate::process::ManagedChild;
 use crate::topology::{ShardListen, Topology};
@@ -25,6 +25,8 @@ pub struct ShardConfig {
     pub model_dir: PathBuf,
     /// The GGUF file whose quantized projections the shard serves (`--quantize gguf`).
     pub gguf_file: Option<PathBuf>,
+    /// The method the checkpoint must be quantized with (`--quantize awq|gptq`).
+    pub checkpoint_quantization: Option<Quantize>,
     pub rank: usize,
     pub world_size: usize,
     pub listen: ShardListen,
@@ -52,6 +54,7 @@ impl ShardConfig {
             binary,
             model_dir,
             gguf_file,
+            checkpoint_quantization: args.quantize.filter(|q| q.is_checkpoint_method()),
             rank,
             world_size: topology.world_size(),
             listen: topology.listen(rank),
@@ -83,6 +86,9 @@ impl ShardConfig {
         }
         if let Some(gguf_file) = &self.gguf_file {
             command.arg("--gguf-file").arg(gguf_file);
+        }
+        if let Some(method) = self.checkpoint_quantization {
+            command.arg("--quantize").arg(method.to_string());
         }
         if let Some(memory) = &self.kv_cache_memory {
             command.arg("--kv-cache-memory").arg(memory);
@@ -294,6 +300,17 @@ mod tests {
             flag.map(|at| argv[at + 1].as_str()),
             Some("/models/m.Q4_1.gguf")
         );
+    }
+
+    #[test]
+    fn a_checkpoint_method_is_passed_for_the_shard_to_check_and_gguf_is_not() {
+        for method in ["awq", "gptq"] {
+            let argv = argv(&config(&["--quantize", method]).command());
+            let flag = argv.iter().position(|arg| arg == "--quantize");
+            assert_eq!(flag.map(|at| argv[at + 1].as_str()), Some(method));
+        }
+        let argv = argv(&config(&["--quantize", "gguf"]).command());
+        assert!(!argv.iter().any(|arg| arg == "--quantize"), "{argv:?}");
     }
 
     #[test]

@@ -100,6 +100,8 @@ mod tests {
             &["--prometheus-port", "9000"],
             &["--disable-grammar-support"],
             &["--quantize", "gguf"],
+            &["--quantize", "awq"],
+            &["--quantize", "gptq"],
         ] {
             assert_eq!(refusal_for(flags), None, "{flags:?}");
         }
@@ -108,7 +110,7 @@ mod tests {
     #[test]
     fn anything_else_is_refused_naming_the_flag() {
         for (flags, named) in [
-            (&["--quantize", "awq"][..], "--quantize awq"),
+            (&["--quantize", "fp8"][..], "--quantize fp8"),
             (
                 &["--quantize", "bitsandbytes-nf4"],
                 "--quantize bitsandbytes-nf4",

@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model_dir's dequantized copies (the launcher's --quantize gguf)",
     )
     serve.add_argument(
+        "--quantize",
+        default=None,
+        metavar="{awq,gptq}",
+        help="the method the checkpoint must be quantized with; without it, a checkpoint whose "
+        "config.json names awq or gptq is served quantized all the same",
+    )
+    serve.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
@@ -315,7 +322,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.gguf_file is not None:
         logger.info("serving the projections of %s quantized as stored", args.gguf_file)
     try:
-        loaded = load_model(args.model_dir, dtype, device, kernels, shards, args.gguf_file)
+        loaded = load_model(
+            args.model_dir, dtype, device, kernels, shards, args.gguf_file, args.quantize
+        )
     except ModelLoadError as error:
         return _fail(str(error))
     logger.info(

@@ -2,6 +2,10 @@
 
 Names are looked up without the `model.` prefix that Hugging Face causal-LM checkpoints put on
 everything but the LM head: `layers.0.mlp.up_proj.weight` finds `model.layers.0.mlp.up_proj.weight`.
+
+A projection a checkpoint holds only quantized (AWQ, GPTQ) is read as it is with `quantized`;
+read as a tensor (`get`, `rows`, `columns`), it is dequantized, for the layers that cannot hold
+it quantized.
 """
 
 import json
@@ -15,6 +19,7 @@ from safetensors import safe_open
 
 from .model_files import SAFETENSORS_INDEX, bin_weight_files, convert_weights_hint
 from .quant import QuantizedWeight
+from .quant.checkpoint import CheckpointQuantization, PackedQuantizedTensors
 
 PREFIX = "model."
 
@@ -28,11 +33,19 @@ class QuantizedTensors(Protocol):
 
 
 class CheckpointWeights:
-    """Lazy access to the tensors of a checkpoint directory; use as a context manager."""
+    """Lazy access to the tensors of a checkpoint directory; use as a context manager.
 
-    def __init__(self, model_dir: Path, quantized: QuantizedTensors | None = None) -> None:
+    Its quantized projections come from `quantized` (a GGUF file beside the directory) or, for a
+    checkpoint quantized with `packing`, from its own files."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        quantized: QuantizedTensors | None = None,
+        packing: CheckpointQuantization | None = None,
+    ) -> None:
         files = _checkpoint_files(model_dir)
-        self._quantized = quantized
+        self._quantized = PackedQuantizedTensors(packing, self) if packing else quantized
         self._exit_stack = ExitStack()
         # name without prefix -> (open file, name in that file)
         self._locations: dict[str, tuple[Any, str]] = {}
@@ -56,19 +69,32 @@ class CheckpointWeights:
         self._exit_stack.close()
 
     def __contains__(self, name: str) -> bool:
-        return name in self._locations
+        return name.removeprefix(PREFIX) in self._locations
 
     def get(self, name: str) -> torch.Tensor:
+        if self._only_quantized(name):
+            return self._dequantized(name)
         handle, stored_name = self._location(name)
         return handle.get_tensor(stored_name)
 
     def _location(self, name: str) -> tuple[Any, str]:
         try:
-            return self._locations[name]
+            return self._locations[name.removeprefix(PREFIX)]
         except KeyError:
             raise KeyError(f"checkpoint has no tensor {name!r}") from None
 
+    def _only_quantized(self, name: str) -> bool:
+        return name not in self and self.holds_quantized(name)
+
+    def _dequantized(self, name: str) -> torch.Tensor:
+        weight = self.quantized(name)
+        assert weight is not None  # _only_quantized checked it
+        return weight.dequantize()
+
     def shape(self, name: str) -> tuple[int, ...]:
+        weight = self.quantized(name) if self._only_quantized(name) else None
+        if weight is not None:
+            return (weight.out_features, weight.in_features)
         handle, stored_name = self._location(name)
         return tuple(handle.get_slice(stored_name).get_shape())
 
@@ -82,11 +108,15 @@ class CheckpointWeights:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor (entries, for a vector); only those are read from the
         memory-mapped file."""
+        if self._only_quantized(name):
+            return self._dequantized(name)[start:stop]
         handle, stored_name = self._location(name)
         return handle.get_slice(stored_name)[start:stop]
 
     def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Columns [start, stop) of a matrix."""
+        if self._only_quantized(name):
+            return self._dequantized(name)[:, start:stop]
         handle, stored_name = self._location(name)
         return handle.get_slice(stored_name)[:, start:stop]
 
@@ -106,7 +136,8 @@ class CheckpointWeights:
 
         Tied checkpoints usually omit `lm_head.weight`; treat a missing one as tied too.
         """
-        return tie_word_embeddings or "lm_head.weight" not in self
+        head = "lm_head.weight"
+        return tie_word_embeddings or (head not in self and not self.holds_quantized(head))
 
 
 def _full_name(name: str) -> str:

@@ -142,7 +142,7 @@ def models(
     return loaded, reference, kernels.attention
 
 
-def _fresh_cache(loaded: LoadedModel) -> list[LayerKVCache]:
+def fresh_cache(loaded: LoadedModel) -> list[LayerKVCache]:
     spec = KVCacheSpec.for_model(loaded, BLOCK_SIZE)
     return spec.allocate(NUM_BLOCKS)
 
@@ -152,7 +152,7 @@ def _reference_logits(reference: torch.nn.Module, token_ids: Sequence[int]) -> t
         return reference(torch.tensor([list(token_ids)])).logits[0]
 
 
-def _all_row_logits(
+def all_row_logits(
     loaded: LoadedModel,
     backend: AttentionBackend,
     cache: list[LayerKVCache],
@@ -186,7 +186,7 @@ def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_prefill_matches_transformers(models) -> None:
     loaded, reference, backend = models
     tokens = _prompt(11)
-    logits = _all_row_logits(loaded, backend, _fresh_cache(loaded), tokens, 0, [9, 3, 14])
+    logits = all_row_logits(loaded, backend, fresh_cache(loaded), tokens, 0, [9, 3, 14])
     assert _max_error(logits, _reference_logits(reference, tokens)) < TOLERANCE
 
 
@@ -194,7 +194,7 @@ def test_decodes_through_scattered_blocks_match_transformers(models) -> None:
     loaded, reference, _backend = models
     tokens = _prompt(15)
     expected = _reference_logits(reference, tokens)
-    cache = _fresh_cache(loaded)
+    cache = fresh_cache(loaded)
     table = [11, 2, 7, 0]  # Out of order, so that a slot mix-up shows.
     prompt_len = 6
     result = run_forward(loaded, cache, [ForwardChunk(tokens[:prompt_len], 0, table, True)])
@@ -209,11 +209,11 @@ def test_chunked_prefill_matches_one_prefill(models) -> None:
     loaded, reference, backend = models
     tokens = _prompt(13)
     expected = _reference_logits(reference, tokens)
-    cache = _fresh_cache(loaded)
+    cache = fresh_cache(loaded)
     table = [5, 13, 1, 8]
     start = 0
     for end in (5, 6, 13):  # Chunk boundaries inside blocks, and a chunk of one token.
-        logits = _all_row_logits(loaded, backend, cache, tokens[start:end], start, table)
+        logits = all_row_logits(loaded, backend, cache, tokens[start:end], start, table)
         assert _max_error(logits, expected[start:end]) < TOLERANCE, f"chunk {start}:{end}"
         start = end
 
@@ -225,7 +225,7 @@ def test_mixed_batch_matches_each_alone(models) -> None:
     prefill_table, decode_table = [4, 10, 6], [12, 3]
 
     def run(chunks: list[ForwardChunk], prefix_cache: bool) -> torch.Tensor:
-        cache = _fresh_cache(loaded)
+        cache = fresh_cache(loaded)
         if prefix_cache:  # The decoding sequence's first six tokens are already cached.
             run_forward(loaded, cache, [ForwardChunk(decode_tokens[:6], 0, decode_table, False)])
         return run_forward(loaded, cache, chunks).logits
@@ -244,7 +244,7 @@ def test_batched_decodes_of_different_lengths_match_each_alone(models) -> None:
         (_prompt(10, seed=5), [7, 2, 15]),
         (_prompt(6, seed=6), [9, 14]),
     ]
-    cache = _fresh_cache(loaded)
+    cache = fresh_cache(loaded)
     for tokens, table in sequences:
         run_forward(loaded, cache, [ForwardChunk(tokens[:-1], 0, table, False)])
     decodes = [
@@ -295,10 +295,10 @@ def test_bfloat16_compiled_kernels_match_transformers(
     tokens = _prompt(15)
     expected = _reference_logits(reference, tokens)
     tolerance = 0.04 * expected.abs().max().item()
-    cache = _fresh_cache(loaded)
+    cache = fresh_cache(loaded)
     table = [11, 2, 7, 0]
     prompt_len = 6
-    logits = _all_row_logits(loaded, loaded.kernels.attention, cache, tokens[:prompt_len], 0, table)
+    logits = all_row_logits(loaded, loaded.kernels.attention, cache, tokens[:prompt_len], 0, table)
     assert _max_error(logits.float(), expected[:prompt_len]) < tolerance
     for position in range(prompt_len, len(tokens)):
         chunk = ForwardChunk(tokens[position : position + 1], position, table, True)

@@ -75,6 +75,8 @@ class Linear(nn.Module):
         self.register_buffer("quantized_scales", self.quantized.scales)
         if self.quantized.offsets is not None:
             self.register_buffer("quantized_offsets", self.quantized.offsets)
+        if self.quantized.input_order is not None:
+            self.register_buffer("quantized_input_order", self.quantized.input_order)
 
     def prepack_for_cpu(self, release_weight: bool) -> None:
         """Packs the weight for the CPU's matmul where the ops have one for its dtype;
@@ -204,13 +206,17 @@ class RowParallelLinear(Linear):
     def load(self, weights: CheckpointWeights, names: list[str]) -> None:
         (name,) = names
         quantized = weights.quantized(f"{name}.weight")
-        if quantized is not None:
+        if quantized is not None and (quantized.splits_by_columns or self.in_section.is_whole):
             if quantized.in_features != self.in_section.full:
                 raise ValueError(f"{name}.weight: quantized shape does not match the model")
-            self._hold_quantized(quantized.columns(self.in_section.start, self.in_section.stop))
+            if not self.in_section.is_whole:
+                quantized = quantized.columns(self.in_section.start, self.in_section.stop)
+            self._hold_quantized(quantized)
             if self.bias is not None:
                 copy_checked(self.bias, weights.get(f"{name}.bias"), f"{name}.bias")
             return
+        # Unquantized, or quantized in groups a rank's slice of the input features would cut
+        # (GPTQ's act-order): `columns` gives it dequantized.
         weights.check_shape(f"{name}.weight", (self.weight.shape[0], self.in_section.full))
         columns = weights.columns(f"{name}.weight", self.in_section.start, self.in_section.stop)
         copy_checked(self.weight, columns, f"{name}.weight")

@@ -157,6 +157,8 @@ class CompiledCpuOps(Ops):
     ) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().quantized_linear(x, weight, bias)
+        if weight.input_order is not None:
+            x = x.index_select(-1, weight.input_order)
         return self.kernels.linear_quantized(
             x, weight.codes, weight.scales, weight.offsets, bias, weight.bits, weight.group_size
         )

@@ -37,6 +37,10 @@ class Section:
         return self.start + self.size
 
     @property
+    def is_whole(self) -> bool:
+        return (self.start, self.size) == (0, self.full)
+
+    @property
     def stored_size(self) -> int:
         """How many of the rank's entries exist in the checkpoint (the rest is padding)."""
         return max(0, min(self.stop, self.full) - self.start)

@@ -1,6 +1,7 @@
 """Builds a model from a Hugging Face style directory (config.json + safetensors)."""
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,13 @@ from ..kernels import Kernels
 from ..layers.runtime import LayerRuntime
 from ..layers.tensor_parallel import SINGLE_SHARD, ShardGroup, ShardingError
 from ..memory import available_memory
+from ..quant.checkpoint import CheckpointQuantizationError, checkpoint_quantization
 from ..quant.gguf import GgufQuantizedTensors
 from ..weights import CheckpointWeights
 from .decoder import CausalLM, ModelConfig
 from .registry import UnsupportedModelError, model_builder_for
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(Exception):
@@ -43,11 +47,21 @@ def load_model(
     kernels: Kernels,
     shards: ShardGroup = SINGLE_SHARD,
     gguf_file: Path | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Builds the model's layers (this rank's slice of them, under tensor parallelism) and fills
     them from the checkpoint. With `gguf_file` (the file `model_dir` was converted from), the
-    projections it holds quantized are served quantized (`--quantize gguf`)."""
+    projections it holds quantized are served quantized (`--quantize gguf`); so are those of a
+    checkpoint quantized with AWQ or GPTQ, which `quantize` (`--quantize`) may insist on."""
     hf_config = _read_json(model_dir / "config.json", required=True)
+    try:
+        packing = checkpoint_quantization(model_dir, hf_config, quantize)
+    except CheckpointQuantizationError as error:
+        raise ModelLoadError(f"{model_dir}: {error}") from error
+    if packing is not None:
+        logger.info(
+            "serving %s's %d-bit %s weights as stored", model_dir, packing.bits, packing.method
+        )
     model_type = hf_config.get("model_type")
     if not isinstance(model_type, str):
         raise ModelLoadError(f"{model_dir / 'config.json'} has no model_type")
@@ -70,13 +84,13 @@ def load_model(
         raise ModelLoadError(f"{model_dir}: {error}; it splits across {counts} shards") from error
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
-    if device.type == "cpu" and gguf_file is None:
+    if device.type == "cpu" and gguf_file is None and packing is None:
         # The parameters are allocated but not yet touched: checked now, a model too large
         # fails with a message instead of the kernel's out-of-memory kill midway through.
         _check_weights_fit(model_dir, _tensor_bytes(model), available_memory(device), dtype)
     try:
         quantized = None if gguf_file is None else GgufQuantizedTensors(gguf_file, hf_config)
-        with CheckpointWeights(model_dir, quantized) as weights:
+        with CheckpointWeights(model_dir, quantized, packing) as weights:
             model.load_weights(weights)
     except (FileNotFoundError, KeyError, ValueError) as error:
         raise ModelLoadError(f"{model_dir}: cannot load weights: {error}") from error

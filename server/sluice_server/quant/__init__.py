@@ -1,5 +1,6 @@
 """Quantized weights: one representation (`QuantizedWeight`, the layout Sluice's CPU kernel
-reads) and a reader per checkpoint format that fills it (`gguf`)."""
+reads) and a reader per checkpoint format that fills it (`gguf`, and `checkpoint` for AWQ and
+GPTQ)."""
 
 from .weight import QuantizedWeight, concat_rows, pack_4bit
 

@@ -2,6 +2,10 @@
 consecutive input features, W[n, k] = scales[n, g] * code[n, k] + offsets[n, g] (no offsets:
 symmetric codes).
 
+GPTQ's act-order groups input features that are not consecutive; such a weight holds its columns
+sorted by group, and `input_order` says which input feature each column multiplies (the kernel's
+input is gathered in that order first).
+
 The codes' layout is the one Sluice's CPU kernel reads (csrc/linear_quantized.cpp):
 
 - 4 bits, unsigned 0..15: uint8 [N, K / 2], each 32 input features as 16 bytes whose low nibbles
@@ -27,6 +31,8 @@ class QuantizedWeight:
     offsets: torch.Tensor | None
     bits: int
     group_size: int
+    # Column j multiplies input feature input_order[j] (int64 [K]); None: column j, feature j.
+    input_order: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -37,6 +43,8 @@ class QuantizedWeight:
         for name, tensor in (("scales", self.scales), ("offsets", self.offsets)):
             if tensor is not None and tuple(tensor.shape) != expected:
                 raise ValueError(f"{name} {tuple(tensor.shape)} do not match codes {expected}")
+        if self.input_order is not None and tuple(self.input_order.shape) != (self.in_features,):
+            raise ValueError(f"input order {tuple(self.input_order.shape)} does not match codes")
 
     @property
     def out_features(self) -> int:
@@ -48,7 +56,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.codes, self.scales, self.offsets)
+        tensors = (self.codes, self.scales, self.offsets, self.input_order)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
@@ -62,7 +70,9 @@ class QuantizedWeight:
 
     def columns(self, start: int, stop: int) -> "QuantizedWeight":
         """Input features [start, stop): a row-parallel rank's slice, which must hold whole
-        groups."""
+        groups (of consecutive features: see `splits_by_columns`)."""
+        if self.input_order is not None:
+            raise ValueError("act-order groups do not split by input features")
         if start % self.group_size or stop % self.group_size:
             raise ValueError(
                 f"input features [{start}, {stop}) split a quantization group of "
@@ -75,6 +85,11 @@ class QuantizedWeight:
             scales=self.scales[:, groups],
             offsets=None if self.offsets is None else self.offsets[:, groups],
         )
+
+    @property
+    def splits_by_columns(self) -> bool:
+        """Whether `columns` can slice it: its groups are runs of consecutive input features."""
+        return self.input_order is None
 
     def padded_rows(self, count: int) -> "QuantizedWeight":
         """`count` more output features of zeros (a padded vocabulary's last rank)."""
@@ -97,6 +112,7 @@ class QuantizedWeight:
             codes=self.codes.contiguous(),
             scales=self.scales.float().contiguous(),
             offsets=None if self.offsets is None else self.offsets.float().contiguous(),
+            input_order=None if self.input_order is None else self.input_order.contiguous(),
         )
 
     def to(self, device: torch.device) -> "QuantizedWeight":
@@ -105,6 +121,7 @@ class QuantizedWeight:
             codes=self.codes.to(device),
             scales=self.scales.to(device),
             offsets=None if self.offsets is None else self.offsets.to(device),
+            input_order=None if self.input_order is None else self.input_order.to(device),
         )
 
     def unpacked_codes(self) -> torch.Tensor:
@@ -121,7 +138,10 @@ class QuantizedWeight:
         weight = groups * self.scales.float()[..., None]
         if self.offsets is not None:
             weight = weight + self.offsets.float()[..., None]
-        return weight.reshape(self.out_features, self.in_features).to(dtype)
+        weight = weight.reshape(self.out_features, self.in_features)
+        if self.input_order is not None:
+            weight = torch.empty_like(weight).index_copy_(1, self.input_order, weight)
+        return weight.to(dtype)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -130,6 +150,7 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     if any(
         (p.bits, p.group_size, p.offsets is None)
         != (first.bits, first.group_size, first.offsets is None)
+        or not _same_order(p.input_order, first.input_order)
         for p in parts
     ):
         raise ValueError("the parts of a fused projection are quantized differently")
@@ -141,6 +162,10 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         if first.offsets is None
         else torch.cat([p.offsets for p in parts if p.offsets is not None]),
     )
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""AWQ and GPTQ checkpoints: the packed projections read against the dequantization the formats'
+libraries publish, the quantized matmul (act-order included) against the dequantized weight,
+whole tiny models against transformers running the dequantized weights, tensor-parallel splits,
+and the configurations Sluice refuses."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from packed_checkpoints import (
+    act_order_groups,
+    pack_awq,
+    pack_gptq,
+    quantize_checkpoint,
+    reference_weight,
+    round_to_nearest,
+)
+from safetensors.torch import load_file
+from sluice_server.kernels import Kernels
+from sluice_server.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from sluice_server.layers.tensor_parallel import ShardGroup
+from sluice_server.models.loader import LoadedModel, ModelLoadError, load_model
+from sluice_server.quant.awq import read_awq
+from sluice_server.quant.checkpoint import (
+    CheckpointQuantizationError,
+    checkpoint_quantization,
+)
+from sluice_server.quant.gptq import read_gptq
+from test_models_vs_transformers import NUM_BLOCKS, all_row_logits, fresh_cache
+
+CPU = torch.device("cpu")
+
+
+def random_weight(out_features: int = 48, in_features: int = 256) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    return torch.randn(out_features, in_features, generator=generator) / 8
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_awq_projection_matches_autoawq_dequantization(group_size: int) -> None:
+    packed = pack_awq(round_to_nearest(random_weight(), 4, group_size, symmetric=False))
+    weight = read_awq(packed["qweight"], packed["qzeros"], packed["scales"], group_size)
+    assert torch.equal(weight.dequantize(), reference_weight("awq", packed, 4))
+
+
+@pytest.mark.parametrize(
+    ("bits", "act_order", "zeros_minus_one"),
+    [(4, False, True), (4, False, False), (4, True, True), (8, False, True), (8, True, False)],
+)
+def test_gptq_projection_matches_autogptq_dequantization(
+    bits: int, act_order: bool, zeros_minus_one: bool
+) -> None:
+    original = random_weight()
+    g_idx = act_order_groups(original.shape[1], 64, seed=0) if act_order else None
+    packed = pack_gptq(
+        round_to_nearest(original, bits, 64, symmetric=True, g_idx=g_idx), zeros_minus_one
+    )
+    parts = (packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"])
+    weight = read_gptq(*parts, bits, zeros_minus_one)
+    expected = reference_weight("gptq", packed, bits, zeros_minus_one)
+    assert (weight.input_order is not None) == act_order
+    assert torch.equal(weight.dequantize(), expected)
+    # Rounded to the nearest step, but for the symmetric range's top, clipped by half a step.
+    step = packed["scales"].float().amax()
+    assert (expected - original).abs().max() <= step
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_quantized_matmul_multiplies_the_dequantized_weight(
+    compiled_kernels: Kernels, act_order: bool
+) -> None:
+    original = random_weight(40, 256)
+    g_idx = act_order_groups(256, 32, seed=1) if act_order else None
+    packed = pack_gptq(round_to_nearest(original, 4, 32, True, g_idx), zeros_minus_one=True)
+    weight = read_gptq(
+        packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4, True
+    ).contiguous()
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(2))
+    expected = x @ weight.dequantize().t()
+    for kernels in (compiled_kernels, Kernels.reference()):
+        got = kernels.ops.quantized_linear(x, weight, None)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def dequantized_model(packed_dir: Path, method: str, bits: int) -> dict[str, torch.Tensor]:
+    """The packed checkpoint's state dict with every projection dequantized by the reference."""
+    config = json.loads((packed_dir / "config.json").read_text())["quantization_config"]
+    zeros_minus_one = config.get("checkpoint_format") == "gptq"
+    tensors = load_file(packed_dir / "model.safetensors")
+    state = {}
+    for name, tensor in tensors.items():
+        projection, _, suffix = name.rpartition(".")
+        if suffix == "qweight":
+            parts = {
+                key: tensors[f"{projection}.{key}"]
+                for key in ("qweight", "qzeros", "scales", "g_idx")
+                if f"{projection}.{key}" in tensors
+            }
+            state[f"{projection}.weight"] = reference_weight(method, parts, bits, zeros_minus_one)
+        elif suffix not in ("qzeros", "scales", "g_idx"):
+            state[name] = tensor
+    return state
+
+
+@pytest.mark.parametrize(
+    ("method", "bits", "act_order"),
+    [("awq", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("gptq", 8, False)],
+)
+def test_quantized_model_matches_transformers_on_the_dequantized_weights(
+    save_tiny_model,
+    compiled_kernels: Kernels,
+    tmp_path: Path,
+    method: str,
+    bits: int,
+    act_order: bool,
+) -> None:
+    source, model = save_tiny_model("llama", tie_word_embeddings=False)
+    quantize_checkpoint(source, tmp_path, method, bits, group_size=32, act_order=act_order)
+    model.load_state_dict(dequantized_model(tmp_path, method, bits))
+    loaded = load_model(tmp_path, torch.float32, CPU, compiled_kernels)
+    projections = [m for m in loaded.model.modules() if isinstance(m, Linear)]
+    assert sum(m.quantized is not None for m in projections) == len(projections) - 1  # LM head
+    tokens = torch.tensor([[1, 17, 42, 99, 5, 64, 23, 7]])
+    with torch.no_grad():
+        expected = model(tokens).logits[0]
+    got = forward_logits(loaded, tokens[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def forward_logits(loaded: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Every position's logits of one prompt through Sluice's forward."""
+    cache = fresh_cache(loaded)
+    return all_row_logits(
+        loaded, loaded.kernels.attention, cache, tokens.tolist(), 0, list(range(NUM_BLOCKS))
+    )
+
+
+def test_act_order_row_parallel_ranks_hold_their_columns_dequantized(
+    save_tiny_model,
+    compiled_kernels: Kernels,
+    tmp_path: Path,
+) -> None:
+    """Act-order groups cut across a rank's slice of the input features: a row-parallel rank
+    serves its columns dequantized, a column-parallel rank its rows quantized."""
+    source, _ = save_tiny_model("llama", tie_word_embeddings=False)
+    quantize_checkpoint(source, tmp_path, "gptq", 4, group_size=32, act_order=True)
+    whole = load_model(tmp_path, torch.float32, CPU, compiled_kernels).model
+    ranks = [
+        load_model(tmp_path, torch.float32, CPU, compiled_kernels, ShardGroup(r, 2, None)).model
+        for r in range(2)
+    ]
+    for (name, layer), *parts in zip(
+        whole.named_modules(), *(rank.modules() for rank in ranks), strict=True
+    ):
+        if not isinstance(layer, Linear) or layer.quantized is None:
+            continue
+        dense = layer.quantized.dequantize()
+        if isinstance(layer, RowParallelLinear):
+            assert all(part.quantized is None for part in parts), name
+            x = torch.randn(3, dense.shape[1], generator=torch.Generator().manual_seed(0))
+            # Each rank's partial output (Linear.forward: before the sum across ranks).
+            width = dense.shape[1] // 2
+            partials = [
+                Linear.forward(part, x[:, r * width : (r + 1) * width].contiguous())
+                for r, part in enumerate(parts)
+            ]
+            torch.testing.assert_close(sum(partials), x @ dense.t(), rtol=1e-5, atol=1e-5)
+        else:
+            assert isinstance(layer, ColumnParallelLinear)
+            assert all(part.quantized is not None for part in parts), name
+            held = [part.quantized.dequantize() for part in parts]
+            assert sum(h.shape[0] for h in held) == dense.shape[0]
+
+
+def write_config(directory: Path, quantization: dict | None, **files: dict) -> dict:
+    config = {"model_type": "llama"}
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    for name, content in files.items():
+        (directory / f"{name}.json").write_text(json.dumps(content))
+    return config
+
+
+@pytest.mark.parametrize(
+    ("quantization", "requested", "message"),
+    [
+        ({"quant_method": "awq"}, "gptq", "--quantize gptq conflicts with the checkpoint"),
+        (None, "awq", "is not quantized"),
+        ({"quant_method": "fp8"}, None, "quantized with fp8, which Sluice does not serve yet"),
+        ({"quant_method": "awq", "version": "gemv"}, None, "AWQ's gemv layout"),
+        ({"quant_method": "gptq", "bits": 3}, None, "3-bit GPTQ is not supported"),
+        ({"quant_method": "gptq", "checkpoint_format": "marlin"}, None, "marlin format"),
+        (None, "bitsandbytes", "Sluice serves awq, gptq checkpoints"),
+    ],
+)
+def test_quantization_the_checkpoint_cannot_serve_is_refused(
+    tmp_path: Path, quantization: dict | None, requested: str | None, message: str
+) -> None:
+    config = write_config(tmp_path, quantization)
+    with pytest.raises(CheckpointQuantizationError, match=message):
+        checkpoint_quantization(tmp_path, config, requested)
+
+
+def test_settings_are_read_from_transformers_and_legacy_files(tmp_path: Path) -> None:
+    awq = checkpoint_quantization(
+        tmp_path, write_config(tmp_path, {"quant_method": "awq", "group_size": 64}), None
+    )
+    assert (awq.method, awq.bits, awq.group_size) == ("awq", 4, 64)
+    gptq = checkpoint_quantization(
+        tmp_path, write_config(tmp_path, None, quantize_config={"bits": 8}), "gptq"
+    )
+    assert (gptq.method, gptq.bits, gptq.zeros_minus_one) == ("gptq", 8, True)
+    assert checkpoint_quantization(tmp_path / "missing", {"model_type": "llama"}, None) is None
+
+
+def test_the_loader_names_the_checkpoint_it_refuses(
+    save_tiny_model,
+    tmp_path: Path,
+) -> None:
+    source, _ = save_tiny_model("llama")
+    quantize_checkpoint(source, tmp_path, "awq")
+    with pytest.raises(ModelLoadError, match=f"{tmp_path}: --quantize gptq conflicts"):
+        load_model(tmp_path, torch.float32, CPU, Kernels.reference(), quantize="gptq")
