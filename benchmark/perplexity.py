@@ -27,6 +27,14 @@ their published wording.
 With `--quantize gguf` Sluice serves the default model from its GGUF file's quantized blocks
 (the model is then named by its id, so that the launcher finds the file) while transformers
 runs the directory the same file was expanded into: the two compute the same weights.
+
+With `--serve DIR` Sluice serves another directory than `--model`, which transformers runs: an
+AWQ or GPTQ checkpoint against its weights dequantized, made with
+server/tests/packed_checkpoints.py (transformers' own AWQ and GPTQ support needs GPU packages):
+
+    python server/tests/packed_checkpoints.py awq ~/.cache/sluice/models/SmolLM2-135M-Instruct /tmp/awq
+    python server/tests/packed_checkpoints.py dequantize /tmp/awq /tmp/awq-dequantized
+    python benchmark/perplexity.py --serve /tmp/awq --model /tmp/awq-dequantized
 """
 
 from __future__ import annotations
@@ -219,11 +227,15 @@ def main() -> None:
         choices=["gguf"],
         help="serve the default model quantized from its GGUF file (see above)",
     )
+    p.add_argument(
+        "--serve", type=Path, help="the directory Sluice serves, if not --model (see above)"
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server start")
     p.add_argument("--results", type=Path, default=BENCH / "results" / "perplexity.json")
     a = p.parse_args()
     model_dir = a.model.expanduser().resolve()
     check_model(model_dir)
+    served_dir = a.serve.expanduser().resolve() if a.serve else model_dir
     if a.window < 2:
         p.error("--window must be at least 2: a window's first token is not scored")
 
@@ -235,7 +247,12 @@ def main() -> None:
     rows = []
     for dtype in a.dtypes:
         served, startup_s = sluice_logprobs(
-            model_dir, dtype, windows, a.results.parent / "logs", a.startup_timeout, a.quantize
+            served_dir,
+            dtype,
+            windows,
+            a.results.parent / "logs",
+            a.startup_timeout,
+            a.quantize,
         )
         row = compare(dtype, served, transformers_logprobs(model_dir, dtype, windows), startup_s)
         log(
@@ -250,6 +267,7 @@ def main() -> None:
         "command": shlex.join(["python", "benchmark/perplexity.py", *sys.argv[1:]]),
         "machine": asdict(machine.describe(0, 0, "float32")),
         "model": str(model_dir),
+        "served": str(served_dir),
         "quantize": a.quantize,
         "transformers": package_version("transformers"),
         "text": {

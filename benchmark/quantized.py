@@ -20,9 +20,9 @@ import json
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
-import subprocess
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any

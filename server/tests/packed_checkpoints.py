@@ -206,18 +206,60 @@ def quantization_config(
     }
 
 
+def dequantized_state_dict(packed_dir: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint written by `quantize_checkpoint` with every projection dequantized by the
+    reference (`reference_weight`), in float32."""
+    config = json.loads((packed_dir / "config.json").read_text())["quantization_config"]
+    method, bits = config["quant_method"], config["bits"]
+    zeros_minus_one = config.get("checkpoint_format") == "gptq"
+    tensors = load_file(packed_dir / "model.safetensors")
+    state = {}
+    for name, tensor in tensors.items():
+        projection, _, suffix = name.rpartition(".")
+        if suffix == "qweight":
+            parts = {
+                key: tensors[f"{projection}.{key}"]
+                for key in ("qweight", "qzeros", "scales", "g_idx")
+                if f"{projection}.{key}" in tensors
+            }
+            state[f"{projection}.weight"] = reference_weight(method, parts, bits, zeros_minus_one)
+        elif suffix not in ("qzeros", "scales", "g_idx"):
+            state[name] = tensor.float()
+    return state
+
+
+def dequantize_checkpoint(packed_dir: Path, out: Path) -> None:
+    """Writes the unquantized model `packed_dir` holds (for transformers to run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dequantized_state_dict(packed_dir), out / "model.safetensors", {"format": "pt"})
+    for file in packed_dir.iterdir():
+        if file.is_file() and file.suffix != ".safetensors" and file.name != "config.json":
+            shutil.copy(file, out / file.name)
+    config = json.loads((packed_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("method", choices=["awq", "gptq"])
-    parser.add_argument("source", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--act-order", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for method in ("awq", "gptq"):
+        quantize = commands.add_parser(method, help=f"write SOURCE quantized with {method}")
+        quantize.add_argument("source", type=Path)
+        quantize.add_argument("out", type=Path)
+        quantize.add_argument("--bits", type=int, default=4)
+        quantize.add_argument("--group-size", type=int, default=32)
+        quantize.add_argument("--act-order", action="store_true")
+    dequantize = commands.add_parser("dequantize", help="write a quantized checkpoint unquantized")
+    dequantize.add_argument("source", type=Path)
+    dequantize.add_argument("out", type=Path)
     args = parser.parse_args()
-    quantize_checkpoint(
-        args.source, args.out, args.method, args.bits, args.group_size, args.act_order
-    )
+    if args.command == "dequantize":
+        dequantize_checkpoint(args.source, args.out)
+    else:
+        quantize_checkpoint(
+            args.source, args.out, args.command, args.bits, args.group_size, args.act_order
+        )
 
 
 if __name__ == "__main__":
