@@ -30,14 +30,6 @@ def random_weight(
     )
 
 
-def activation_rounding_bound(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """The most the kernel's rounding of x to 16-bit integers per block of 32 can move x W^T:
-    each x by at most half a step, max |x| over its block / 32767, times |W| [rows, N]."""
-    blocks = x.double().abs().view(x.shape[0], -1, 32).amax(dim=-1)
-    half_steps = (blocks / 32767 / 2).repeat_interleave(32, dim=1)  # [rows, K]
-    return half_steps @ dense.abs().T
-
-
 def test_4bit_packing_round_trips() -> None:
     codes = torch.randint(0, 16, (5, 96))
     weight = QuantizedWeight(pack_4bit(codes), torch.ones(5, 3), None, bits=4, group_size=32)
@@ -95,19 +87,14 @@ def test_quantized_matmul_matches_the_dequantized_weight(
     weight = random_weight(37, 256, bits, group_size, offsets)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(37)
-    dense = weight.dequantize(torch.float64)
-    expected = x.double() @ dense.T + bias.double()
+    expected = x.double() @ weight.dequantize(torch.float64).T + bias.double()
     y = built_kernels.ops.quantized_linear(x, weight, bias)
-    error = (y.double() - expected).abs()
-    assert (error <= activation_rounding_bound(x, dense) + 1e-5 * expected.abs() + 1e-5).all()
-    # bfloat16 activations: computed as float32's, rounded once at the end.
-    x_bf16 = x.bfloat16()
-    y_bf16 = built_kernels.ops.quantized_linear(x_bf16, weight, None)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    # bfloat16 activations: computed in float32, rounded once at the end.
+    y_bf16 = built_kernels.ops.quantized_linear(x.bfloat16(), weight, None)
     assert y_bf16.dtype == torch.bfloat16
-    expected_bf16 = x_bf16.double() @ dense.T
-    error = (y_bf16.double() - expected_bf16).abs()
-    bound = activation_rounding_bound(x_bf16, dense) + 2**-8 * expected_bf16.abs() + 1e-5
-    assert (error <= bound).all()
+    expected_bf16 = x.bfloat16().double() @ weight.dequantize(torch.float64).T
+    torch.testing.assert_close(y_bf16.double(), expected_bf16, rtol=0.01, atol=1e-3)
 
 
 def test_reference_ops_multiply_by_the_dequantized_weight() -> None:

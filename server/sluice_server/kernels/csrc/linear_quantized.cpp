@@ -13,19 +13,19 @@
 //
 // Scales and offsets are float32 [N][K / group_size]; group_size is a multiple of 32.
 //
-// The activations are rounded to 16-bit integers per block of 32 (x ~= x_scale * q, |q| <= 32767:
-// 2^-16 of the block's largest magnitude, far below bfloat16's own rounding), so that a block's
-// 32 products are two integer multiply-adds (vpmaddwd) on codes widened to 16 bits, summed exactly,
-// then scaled: sum_k W x = sum_g w_scale * sum_b x_scale * sum(code * q) + sum_g offset * sum(x),
-// the offsets joining through x's float sums per group. (8-bit activations, as llama.cpp rounds
-// them, multiply faster still but raised the default model's perplexity by 3.5 %; see
-// docs/quantization.md.) The AVX2 path unpacks a column's block once for up to 4 rows of x, and
-// with fewer rows works on up to 4 columns at once, so that independent sums hide the latency;
-// the portable path runs the same arithmetic in loops. Each row's sums run in the same order
-// whatever rows and columns it is computed with, so a request's output does not depend on its
-// batch. Threads split the columns; x is read in its own dtype and y written in it.
+// The activations stay float32: sum_k W x = sum_b scale * sum(code * x) + sum_g offset * sum(x),
+// each block's 32 codes widened to float32 and scaled once, the offsets joining through x's sums
+// per group. (Rounding the activations to integers, 8-bit as llama.cpp does or 16-bit, multiplies
+// one row faster, but the 8-bit rounding raised the default model's perplexity by 3.5 % and the
+// 16-bit one made many rows slower; see docs/quantization.md.) The AVX2 path
+// multiplies a block's four vectors against up to 4 rows of x, so that a column's codes are
+// unpacked once per 4 rows, and with fewer rows works on up to 4 columns at once, so that
+// independent sums hide the FMAs' latency; the portable path scales a block into a buffer and
+// takes dot products. Each row's sums run in the same order whatever rows and columns it is
+// computed with, so a request's output does not depend on its batch. Threads split the
+// columns. x is widened to float32 and y written in x's dtype here, rather than by separate
+// PyTorch conversions around the call (which took a sixth of a one-request decode step).
 
-#include <cmath>
 #include <vector>
 
 #include <ATen/ops/empty.h>
@@ -68,120 +68,62 @@ inline void for_each_block(const QuantizedMatrix& w, Body&& body) {
   }
 }
 
-// Rows of x rounded to 16-bit integers per block of 32 (x ~= scale * value), with their float
-// sums per group (for weights with offsets).
-struct QuantizedRows {
-  std::vector<int16_t> values;    // [rows][in_features]
-  std::vector<float> scales;      // [rows][blocks]
-  std::vector<float> group_sums;  // [rows][groups]; empty without offsets.
-  int64_t in_features;
-  int64_t blocks;
-  int64_t groups;
-
-  const int16_t* block_values(int64_t row, int64_t b) const {
-    return values.data() + row * in_features + b * kCodeBlock;
-  }
-  float block_scale(int64_t row, int64_t b) const { return scales[row * blocks + b]; }
-};
-
-constexpr float kActivationLevels = 32767.f;
-
-// values = round(block * inverse), to nearest even (|block * inverse| <= 32767).
-inline void round_block(const float* block, float inverse, int16_t* values) {
-#if defined(__AVX2__)
-  const __m256 scale = _mm256_set1_ps(inverse);
-  for (int64_t i = 0; i < kCodeBlock; i += 16) {
-    const __m256i first = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(block + i), scale));
-    const __m256i second =
-        _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(block + i + 8), scale));
-    // packs works within 128-bit lanes; the permutation puts the 16 values back in order.
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(first, second), 0xd8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + i), packed);
-  }
-#else
-  for (int64_t i = 0; i < kCodeBlock; ++i) {
-    values[i] = static_cast<int16_t>(std::nearbyint(block[i] * inverse));
-  }
-#endif
-}
-
-template <typename T>
-QuantizedRows quantize_rows(const T* x, int64_t rows, const QuantizedMatrix& w) {
-  QuantizedRows out{std::vector<int16_t>(rows * w.in_features),
-                    std::vector<float>(rows * w.blocks()),
-                    std::vector<float>(w.offsets != nullptr ? rows * w.groups() : 0),
-                    w.in_features,
-                    w.blocks(),
-                    w.groups()};
-  const int64_t blocks_per_group = w.group_size / kCodeBlock;
-  at::parallel_for(0, rows, grain_for(w.in_features), [&](int64_t begin, int64_t end) {
-    float block[kCodeBlock];
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t b = 0; b < w.blocks(); ++b) {
-        widen(x + r * w.in_features + b * kCodeBlock, block, kCodeBlock);
-        float largest = 0.f, sum = 0.f;
-#pragma omp simd reduction(max : largest) reduction(+ : sum)
-        for (int64_t i = 0; i < kCodeBlock; ++i) {
-          largest = std::max(largest, std::abs(block[i]));
-          sum += block[i];
-        }
-        const float inverse = largest > 0.f ? kActivationLevels / largest : 0.f;
-        round_block(block, inverse, out.values.data() + r * w.in_features + b * kCodeBlock);
-        out.scales[r * w.blocks() + b] = largest / kActivationLevels;
-        if (w.offsets != nullptr) out.group_sums[r * w.groups() + b / blocks_per_group] += sum;
-      }
-    }
-  });
-  return out;
-}
-
-// Rows of x as the kernel reads them, and y in x's dtype.
+// Rows of x as float32 with their per-group sums, and y in x's dtype.
 template <typename Out>
 struct RowBlock {
-  const QuantizedRows& x;
+  const float* x;
+  const float* group_sums;  // [rows][groups]; null without offsets.
   Out* y;
+  int64_t in_features;
+  int64_t groups;
   int64_t out_features;
 };
 
-// Columns computed together for a pass of kRows rows: enough independent sums to keep the units
-// busy when there are few rows, without running out of registers when there are more.
+// Columns computed together for a pass of kRows rows: enough independent sums to keep the FMA
+// units busy when there are few rows, without running out of registers when there are more.
 template <int64_t kRows>
 constexpr int64_t columns_per_pass() {
   return kRows == 1 ? 4 : kRows == 2 ? 2 : 1;
 }
 
-// The portable path's codes of one block of 32 dimensions, as integers.
-template <typename T>
-inline void unpack_block(const uint8_t* codes, int64_t bits, T* values) {
+// The portable path's codes of one block of 32 dimensions, as floats.
+inline void unpack_block(const uint8_t* codes, int64_t bits, float* values) {
   if (bits == 4) {
     for (int64_t i = 0; i < kCodeBlock / 2; ++i) {
-      values[i] = static_cast<T>(codes[i] & 0x0f);
-      values[i + kCodeBlock / 2] = static_cast<T>(codes[i] >> 4);
+      values[i] = static_cast<float>(codes[i] & 0x0f);
+      values[i + kCodeBlock / 2] = static_cast<float>(codes[i] >> 4);
     }
   } else {
     for (int64_t i = 0; i < kCodeBlock; ++i) {
-      values[i] = static_cast<T>(static_cast<int8_t>(codes[i]));
+      values[i] = static_cast<float>(static_cast<int8_t>(codes[i]));
     }
   }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// 32 codes as two vectors of 16 int16: dimensions 0..15 and 16..31.
-struct WidenedBlock {
-  __m256i first;
-  __m256i second;
+// 32 codes as four vectors of 8 float32, in dimension order.
+struct UnpackedBlock {
+  __m256 values[4];
 };
 
-inline WidenedBlock widen_block_avx2(const uint8_t* codes, int64_t bits) {
+inline UnpackedBlock unpack_block_avx2(const uint8_t* codes, int64_t bits) {
+  UnpackedBlock block;
   if (bits == 4) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
     const __m128i mask = _mm_set1_epi8(0x0f);
-    return {_mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask)),
-            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask))};
+    const __m128i low = _mm_and_si128(bytes, mask);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    block.values[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
+    block.values[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
+    block.values[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
+    block.values[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
+  } else {
+    for (int i = 0; i < 4; ++i) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * i));
+      block.values[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    }
   }
-  const auto* half = reinterpret_cast<const __m128i*>(codes);
-  return {_mm256_cvtepi8_epi16(_mm_loadu_si128(half)),
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(half + 1))};
+  return block;
 }
 
 inline float horizontal_sum(__m256 v) {
@@ -190,77 +132,61 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
 }
 
-// kRows rows of x (from `row`) against kCols columns (from n). Per (row, column): a block's 32
-// products summed exactly in 8 int32 lanes, scaled by the block's x scale into the group's 8
-// float lanes, which are scaled by the group's weight scale into the total's. The order is the
-// same whatever kRows and kCols are; the kRows * kCols sums are independent, which hides the
-// latency of their multiply-adds.
+// kRows rows of x (from `x`) against kCols columns (from n): sum_g scale * sum(code * x), the
+// codes scaled once per block of 32 and shared by the rows. Each (row, column) sums into two
+// chains (a block's first and second half) in the same order whatever kRows and kCols are, so
+// that a row's output does not depend on its batch; the kRows * kCols pairs' chains are
+// independent, which hides the FMAs' latency.
 template <int64_t kRows, int64_t kCols>
-inline void scaled_dots(const QuantizedMatrix& w, const QuantizedRows& x, int64_t row, int64_t n,
+inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_features, int64_t n,
                         float (&dots)[kRows][kCols]) {
-  __m256 totals[kRows][kCols];
-  __m256 group_totals[kRows][kCols];
-  for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < kCols; ++c) totals[r][c] = _mm256_setzero_ps();
+  __m256 totals[kRows][kCols][2];
+  for (auto& row : totals) {
+    for (auto& column : row) {
+      for (auto& total : column) total = _mm256_setzero_ps();
+    }
   }
   const uint8_t* codes = w.column_codes(n);
   const float* scales = w.column_scales(n);
-  const int64_t blocks_per_group = w.group_size / kCodeBlock;
-  for (int64_t g = 0; g < w.groups(); ++g) {
-    for (int r = 0; r < kRows; ++r) {
-      for (int c = 0; c < kCols; ++c) group_totals[r][c] = _mm256_setzero_ps();
-    }
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+  for_each_block(w, [&](int64_t b, int64_t g) {
 #pragma GCC unroll 4
-      for (int c = 0; c < kCols; ++c) {
-        const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
-        const WidenedBlock weights = widen_block_avx2(block_codes, w.bits);
+    for (int c = 0; c < kCols; ++c) {
+      const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
+      UnpackedBlock weights = unpack_block_avx2(block_codes, w.bits);
+      const __m256 scale = _mm256_set1_ps(scales[c * w.groups() + g]);
+      for (auto& values : weights.values) values = _mm256_mul_ps(values, scale);
 #pragma GCC unroll 4
-        for (int r = 0; r < kRows; ++r) {
-          const auto* values = reinterpret_cast<const __m256i*>(x.block_values(row + r, b));
-          const __m256i products =
-              _mm256_add_epi32(_mm256_madd_epi16(weights.first, _mm256_loadu_si256(values)),
-                               _mm256_madd_epi16(weights.second, _mm256_loadu_si256(values + 1)));
-          group_totals[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products),
-                                               _mm256_set1_ps(x.block_scale(row + r, b)),
-                                               group_totals[r][c]);
+      for (int r = 0; r < kRows; ++r) {
+        const float* xr = x + r * in_features + b * kCodeBlock;
+        for (int i = 0; i < 4; ++i) {
+          __m256& total = totals[r][c][i / 2];
+          total = _mm256_fmadd_ps(weights.values[i], _mm256_loadu_ps(xr + 8 * i), total);
         }
       }
     }
-    for (int r = 0; r < kRows; ++r) {
-      for (int c = 0; c < kCols; ++c) {
-        const __m256 scale = _mm256_set1_ps(scales[c * w.groups() + g]);
-        totals[r][c] = _mm256_fmadd_ps(group_totals[r][c], scale, totals[r][c]);
-      }
-    }
-  }
+  });
   for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < kCols; ++c) dots[r][c] = horizontal_sum(totals[r][c]);
+    for (int c = 0; c < kCols; ++c) {
+      dots[r][c] = horizontal_sum(_mm256_add_ps(totals[r][c][0], totals[r][c][1]));
+    }
   }
 }
 #else
 template <int64_t kRows, int64_t kCols>
-inline void scaled_dots(const QuantizedMatrix& w, const QuantizedRows& x, int64_t row, int64_t n,
+inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_features, int64_t n,
                         float (&dots)[kRows][kCols]) {
-  int32_t codes[kCodeBlock];
-  const int64_t blocks_per_group = w.group_size / kCodeBlock;
+  float values[kCodeBlock];
   for (int c = 0; c < kCols; ++c) {
+    const uint8_t* codes = w.column_codes(n + c);
     const float* scales = w.column_scales(n + c);
-    for (int r = 0; r < kRows; ++r) {
-      float total = 0.f;
-      for (int64_t g = 0; g < w.groups(); ++g) {
-        float group_total = 0.f;
-        for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-          unpack_block(w.column_codes(n + c) + b * w.block_bytes(), w.bits, codes);
-          const int16_t* values = x.block_values(row + r, b);
-          int32_t products = 0;
-          for (int64_t i = 0; i < kCodeBlock; ++i) products += codes[i] * values[i];
-          group_total += static_cast<float>(products) * x.block_scale(row + r, b);
-        }
-        total += group_total * scales[g];
+    for (int r = 0; r < kRows; ++r) dots[r][c] = 0.f;
+    for_each_block(w, [&](int64_t b, int64_t g) {
+      unpack_block(codes + b * w.block_bytes(), w.bits, values);
+      for (float& value : values) value *= scales[g];
+      for (int r = 0; r < kRows; ++r) {
+        dots[r][c] += dot(values, x + r * in_features + b * kCodeBlock, kCodeBlock);
       }
-      dots[r][c] = total;
-    }
+    });
   }
 }
 #endif
@@ -270,13 +196,13 @@ template <int64_t kRows, int64_t kCols, typename Out>
 inline void quantized_tile(const QuantizedMatrix& w, const RowBlock<Out>& block,
                            const float* bias, int64_t row, int64_t n) {
   float dots[kRows][kCols];
-  scaled_dots<kRows, kCols>(w, block.x, row, n, dots);
+  scaled_dots<kRows, kCols>(w, block.x + row * block.in_features, block.in_features, n, dots);
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kCols; ++c) {
       float value = dots[r][c] + (bias ? bias[n + c] : 0.f);
       if (w.offsets != nullptr) {
         const float* offsets = w.offsets + (n + c) * w.groups();
-        value += dot(offsets, block.x.group_sums.data() + (row + r) * w.groups(), w.groups());
+        value += dot(offsets, block.group_sums + (row + r) * block.groups, block.groups);
       }
       block.y[(row + r) * block.out_features + n + c] = from_float<Out>(value);
     }
@@ -291,6 +217,41 @@ void quantized_columns(const QuantizedMatrix& w, const RowBlock<Out>& block, con
   int64_t n = begin;
   for (; n + kCols <= end; n += kCols) quantized_tile<kRows, kCols>(w, block, bias, row, n);
   for (; n < end; ++n) quantized_tile<kRows, 1>(w, block, bias, row, n);
+}
+
+// x's rows as float32 (x itself where it is float32) and, for weights with offsets, each row's
+// sums per group.
+struct FloatRows {
+  const float* data;
+  std::vector<float> widened;
+  std::vector<float> group_sums;
+};
+
+template <typename T>
+void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMatrix& w,
+                FloatRows& out) {
+  if constexpr (!std::is_same_v<T, float>) {
+    out.widened.resize(rows * in_features);
+    out.data = out.widened.data();
+  } else {
+    out.data = x;
+  }
+  if (w.offsets != nullptr) out.group_sums.resize(rows * w.groups());
+  at::parallel_for(0, rows, grain_for(in_features), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (!std::is_same_v<T, float>) {
+        widen(x + r * in_features, out.widened.data() + r * in_features, in_features);
+      }
+      if (w.offsets == nullptr) continue;
+      const float* row = out.data + r * in_features;
+      for (int64_t g = 0; g < w.groups(); ++g) {
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < w.group_size; ++i) sum += row[g * w.group_size + i];
+        out.group_sums[r * w.groups() + g] = sum;
+      }
+    }
+  });
 }
 
 QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales,
@@ -329,8 +290,14 @@ QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales
 template <typename T>
 void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const float* bias,
               int64_t out_features, T* y) {
-  const QuantizedRows rows = quantize_rows(x, row_count, w);
-  const RowBlock<T> block{rows, y, out_features};
+  FloatRows rows;
+  widen_rows(x, row_count, w.in_features, w, rows);
+  const RowBlock<T> block{rows.data,
+                          w.offsets != nullptr ? rows.group_sums.data() : nullptr,
+                          y,
+                          w.in_features,
+                          w.groups(),
+                          out_features};
   at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = 0; row < row_count; row += kRowsPerPass) {
       with_count<kRowsPerPass>(std::min(kRowsPerPass, row_count - row), [&](auto count) {
