@@ -41,14 +41,15 @@ LLAMA3_8B = {
     "vocab": 128256,
     "hidden": 4096,
 }
-# Bits per weight as Sluice holds each format in memory: codes plus a float32 scale (and, with
-# offsets, a float32 offset) per group of 32 (GGUF) or 128 (AWQ and GPTQ as usually published).
+# Per format: bits per weight as Sluice holds it in memory (codes plus a float32 scale and, with
+# offsets, a float32 offset per group of 32 for GGUF, 128 as AWQ and GPTQ are usually published),
+# and whether the LM head is quantized too (GGUF files quantize it; AWQ and GPTQ leave it).
 BITS_PER_WEIGHT = {
-    "bfloat16": 16.0,
-    "GGUF Q8_0": 8 + 32 / 32,
-    "GGUF Q4_0, Q4_1, Q4_K": 4 + 64 / 32,
-    "AWQ / GPTQ 4-bit, groups of 128": 4 + 64 / 128,
-    "GPTQ 8-bit, groups of 128": 8 + 64 / 128,
+    "bfloat16": (16.0, True),
+    "GGUF Q8_0": (8 + 32 / 32, True),
+    "GGUF Q4_0, Q4_1, Q4_K": (4 + 64 / 32, True),
+    "AWQ / GPTQ 4-bit, groups of 128": (4 + 64 / 128, False),
+    "GPTQ 8-bit, groups of 128": (8 + 64 / 128, False),
 }
 WEIGHTS_LINE = re.compile(r"rank 0 holds ([\d.]+) MiB of weights")
 PACKED_CHECKPOINTS = BENCH.parent / "server" / "tests" / "packed_checkpoints.py"
@@ -147,14 +148,15 @@ def summarize(
 
 
 def weight_memory_8b() -> dict[str, float]:
-    """GiB of weights of a Llama 3 8B per format: the projections and the LM head in the format,
-    the embedding table in bfloat16 (a lookup reads one row per token)."""
+    """GiB of weights of a Llama 3 8B per format: the projections in the format, the LM head in
+    it or in bfloat16, the embedding table in bfloat16 (a lookup reads one row per token)."""
     config = LLAMA3_8B
     projections = config["layers"] * sum(o * i for o, i in config["projections"])
     head = config["vocab"] * config["hidden"]
     return {
-        name: ((projections + head) * bits / 8 + head * 2) / 2**30
-        for name, bits in BITS_PER_WEIGHT.items()
+        name: (projections * bits / 8 + head * (bits if head_quantized else 16) / 8 + head * 2)
+        / 2**30
+        for name, (bits, head_quantized) in BITS_PER_WEIGHT.items()
     }
 
 

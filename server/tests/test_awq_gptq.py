@@ -17,6 +17,7 @@ from packed_checkpoints import (
     reference_weight,
     round_to_nearest,
 )
+from safetensors.torch import load_file, save_file
 from sluice_server.kernels import Kernels
 from sluice_server.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from sluice_server.layers.tensor_parallel import ShardGroup
@@ -173,6 +174,7 @@ def write_config(directory: Path, quantization: dict | None, **files: dict) -> d
         ({"quant_method": "gptq", "bits": 3}, None, "3-bit GPTQ is not supported"),
         ({"quant_method": "gptq", "checkpoint_format": "marlin"}, None, "marlin format"),
         (None, "bitsandbytes", "Sluice serves awq, gptq checkpoints"),
+        ({"quant_method": "gptq", "bits": "four"}, None, "unreadable gptq settings"),
     ],
 )
 def test_quantization_the_checkpoint_cannot_serve_is_refused(
@@ -203,3 +205,17 @@ def test_the_loader_names_the_checkpoint_it_refuses(
     quantize_checkpoint(source, tmp_path, "awq")
     with pytest.raises(ModelLoadError, match=f"{tmp_path}: --quantize gptq conflicts"):
         load_model(tmp_path, torch.float32, CPU, Kernels.reference(), quantize="gptq")
+
+
+def test_a_malformed_packed_projection_is_refused_by_name(
+    save_tiny_model,
+    tmp_path: Path,
+) -> None:
+    source, _ = save_tiny_model("llama")
+    quantize_checkpoint(source, tmp_path, "awq")
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.qweight"
+    tensors[name] = tensors[name][:, :-1].contiguous()  # one word of 8 output features short
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="layers.0.mlp.down_proj"):
+        load_model(tmp_path, torch.float32, CPU, Kernels.reference())

@@ -90,7 +90,12 @@ def checkpoint_quantization(
             f"the checkpoint is quantized with {method}, which Sluice does not serve yet "
             f"(it serves {', '.join(SERVED_METHODS)} checkpoints and GGUF files)"
         )
-    return CheckpointQuantization.parse(method, config)
+    try:
+        return CheckpointQuantization.parse(method, config)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, CheckpointQuantizationError):
+            raise
+        raise CheckpointQuantizationError(f"unreadable {method} settings: {error}") from error
 
 
 def _declared(model_dir: Path, hf_config: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -100,7 +105,10 @@ def _declared(model_dir: Path, hf_config: dict[str, Any]) -> tuple[str | None, d
     for name, method in _LEGACY_CONFIG_FILES.items():
         path = model_dir / name
         if path.is_file():
-            return method, json.loads(path.read_text())
+            try:
+                return method, json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise CheckpointQuantizationError(f"cannot read {path}: {error}") from error
     return None, {}
 
 
@@ -143,7 +151,8 @@ class PackedQuantizedTensors:
                 quantization.bits,
                 quantization.zeros_minus_one,
             )
-        except ValueError as error:
+        except (ValueError, RuntimeError) as error:
+            # RuntimeError: torch refusing a tensor of the wrong shape for its packing.
             raise ValueError(f"{projection}: {error}") from error
 
 
