@@ -222,7 +222,8 @@ def dequantized_state_dict(packed_dir: Path) -> dict[str, torch.Tensor]:
                 for key in ("qweight", "qzeros", "scales", "g_idx")
                 if f"{projection}.{key}" in tensors
             }
-            state[f"{projection}.weight"] = reference_weight(method, parts, bits, zeros_minus_one)
+            weight = reference_weight(method, parts, bits, zeros_minus_one)
+            state[f"{projection}.weight"] = weight.contiguous()
         elif suffix not in ("qzeros", "scales", "g_idx"):
             state[name] = tensor.float()
     return state
