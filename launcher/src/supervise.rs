@@ -226,7 +226,9 @@ async fn supervise_running(
             Ok(())
         }
         Interruption::Failed(err) => {
-            tracing::error!("a child exited unexpectedly, stopping the rest");
+            // The cause now, not only once everything has stopped: stopping can take minutes,
+            // and a launcher killed meanwhile would never say why it was stopping.
+            tracing::error!("stopping every child: {err}");
             Err(err)
         }
     };
