@@ -46,6 +46,9 @@ class CheckpointWeights:
     ) -> None:
         files = _checkpoint_files(model_dir)
         self._quantized = PackedQuantizedTensors(packing, self) if packing else quantized
+        # The projection last read dequantized: a layer reads one's shape, then its rows or
+        # columns, which would otherwise read and unpack it each time.
+        self._last_dequantized: tuple[str, torch.Tensor] | None = None
         self._exit_stack = ExitStack()
         # name without prefix -> (open file, name in that file)
         self._locations: dict[str, tuple[Any, str]] = {}
@@ -66,6 +69,7 @@ class CheckpointWeights:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._last_dequantized = None
         self._exit_stack.close()
 
     def __contains__(self, name: str) -> bool:
@@ -87,14 +91,15 @@ class CheckpointWeights:
         return name not in self and self.holds_quantized(name)
 
     def _dequantized(self, name: str) -> torch.Tensor:
-        weight = self.quantized(name)
-        assert weight is not None  # _only_quantized checked it
-        return weight.dequantize()
+        if self._last_dequantized is None or self._last_dequantized[0] != name:
+            weight = self.quantized(name)
+            assert weight is not None  # _only_quantized checked it
+            self._last_dequantized = (name, weight.dequantize())
+        return self._last_dequantized[1]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        weight = self.quantized(name) if self._only_quantized(name) else None
-        if weight is not None:
-            return (weight.out_features, weight.in_features)
+        if self._only_quantized(name):
+            return tuple(self._dequantized(name).shape)
         handle, stored_name = self._location(name)
         return tuple(handle.get_slice(stored_name).get_shape())
 

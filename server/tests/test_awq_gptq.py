@@ -197,25 +197,22 @@ def test_settings_are_read_from_transformers_and_legacy_files(tmp_path: Path) ->
     assert checkpoint_quantization(tmp_path / "missing", {"model_type": "llama"}, None) is None
 
 
-def test_the_loader_names_the_checkpoint_it_refuses(
-    save_tiny_model,
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def awq_checkpoint(save_tiny_model, tmp_path: Path) -> Path:
     source, _ = save_tiny_model("llama")
     quantize_checkpoint(source, tmp_path, "awq")
-    with pytest.raises(ModelLoadError, match=f"{tmp_path}: --quantize gptq conflicts"):
-        load_model(tmp_path, torch.float32, CPU, Kernels.reference(), quantize="gptq")
+    return tmp_path
 
 
-def test_a_malformed_packed_projection_is_refused_by_name(
-    save_tiny_model,
-    tmp_path: Path,
-) -> None:
-    source, _ = save_tiny_model("llama")
-    quantize_checkpoint(source, tmp_path, "awq")
-    tensors = load_file(tmp_path / "model.safetensors")
+def test_the_loader_names_the_checkpoint_it_refuses(awq_checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match=f"{awq_checkpoint}: --quantize gptq conflicts"):
+        load_model(awq_checkpoint, torch.float32, CPU, Kernels.reference(), quantize="gptq")
+
+
+def test_a_malformed_packed_projection_is_refused_by_name(awq_checkpoint: Path) -> None:
+    tensors = load_file(awq_checkpoint / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.qweight"
     tensors[name] = tensors[name][:, :-1].contiguous()  # one word of 8 output features short
-    save_file(tensors, tmp_path / "model.safetensors")
+    save_file(tensors, awq_checkpoint / "model.safetensors")
     with pytest.raises(ModelLoadError, match="layers.0.mlp.down_proj"):
-        load_model(tmp_path, torch.float32, CPU, Kernels.reference())
+        load_model(awq_checkpoint, torch.float32, CPU, Kernels.reference())

@@ -327,22 +327,11 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
   }
   const at::Tensor rows = x.contiguous();
   auto y = at::empty({rows.size(0), out_features}, rows.options());
-  switch (rows.scalar_type()) {
-    case at::kFloat:
-      multiply(rows.data_ptr<float>(), rows.size(0), w, bias_data, out_features,
-               y.data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      multiply(rows.data_ptr<at::BFloat16>(), rows.size(0), w, bias_data, out_features,
-               y.data_ptr<at::BFloat16>());
-      break;
-    case at::kHalf:
-      multiply(rows.data_ptr<at::Half>(), rows.size(0), w, bias_data, out_features,
-               y.data_ptr<at::Half>());
-      break;
-    default:
-      TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "linear_quantized",
+                                  [&] {
+                                    multiply(rows.data_ptr<scalar_t>(), rows.size(0), w, bias_data,
+                                             out_features, y.data_ptr<scalar_t>());
+                                  });
   return y;
 }
 
