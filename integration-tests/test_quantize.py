@@ -1,9 +1,15 @@
-"""Quantized serving end to end with the real launcher, router and shard, and TGI's client: the
-default model's GGUF file served as stored (`--quantize gguf`: Q4_1 projections, a Q8_0 LM
-head), and the default model quantized into AWQ's (4 bits per group of 32) and GPTQ's (8 bits
-per group of 64, act-order) checkpoint layouts, all through the quantized CPU kernel. (GPTQ's
-4-bit codes take AWQ's path through the kernel; rounded to the nearest in random act-order
-groups, as here, they leave the small model too few good answers to compare.)"""
+"""Quantized serving end to end with the real launcher, router and shard, and TGI's client, all
+through the quantized CPU kernel:
+
+- the default model's GGUF file served as stored (`--quantize gguf`: Q4_1 projections, a Q8_0
+  LM head);
+- the default model written as checkpoints in AWQ's (4 bits per group of 32), GPTQ's (8 bits per
+  group of 64, act-order) and compressed-tensors' FP8 (scales per block of 32 x 32) formats;
+- the default model quantized at load: `--quantize fp8`, `bitsandbytes`, `bitsandbytes-nf4`,
+  `bitsandbytes-fp4`.
+
+(GPTQ's 4-bit codes take AWQ's path through the kernel; rounded to the nearest in random
+act-order groups, as here, they leave the small model too few good answers to compare.)"""
 
 from __future__ import annotations
 
@@ -20,8 +26,12 @@ from conftest import SluiceServer, free_port, serve
 from helpers import generate
 from text_generation import Client
 
-# Writes AWQ and GPTQ checkpoints by round-to-nearest quantization (see its docstring).
-PACKED_CHECKPOINTS = Path(__file__).parents[1] / "server" / "tests" / "packed_checkpoints.py"
+SERVER_TESTS = Path(__file__).parents[1] / "server" / "tests"
+# Write AWQ and GPTQ checkpoints by round-to-nearest quantization, and FP8 ones with
+# compressed-tensors (see their docstrings).
+PACKED_CHECKPOINTS = SERVER_TESTS / "packed_checkpoints.py"
+FP8_CHECKPOINTS = SERVER_TESTS / "fp8_checkpoints.py"
+AT_LOAD = ["fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +44,19 @@ def packed_checkpoint(
     def write(method: str) -> Path:
         if method not in written:
             out = tmp_path_factory.mktemp(method)
-            flags = ["--bits", "8", "--group-size", "64", "--act-order"] if method == "gptq" else []
-            command = [sys.executable, PACKED_CHECKPOINTS, method, default_model_dir, out, *flags]
+            if method == "fp8":
+                command = [sys.executable, FP8_CHECKPOINTS, default_model_dir, out, "block"]
+            else:
+                gptq = ["--bits", "8", "--group-size", "64", "--act-order"]
+                flags = gptq if method == "gptq" else []
+                command = [
+                    sys.executable,
+                    PACKED_CHECKPOINTS,
+                    method,
+                    default_model_dir,
+                    out,
+                    *flags,
+                ]
             subprocess.run(command, check=True)
             written[method] = out
         return written[method]
@@ -43,23 +64,25 @@ def packed_checkpoint(
     return write
 
 
-@pytest.fixture(scope="module", params=["gguf", "awq", "gptq"])
+@pytest.fixture(scope="module", params=["gguf", "awq", "gptq", "fp8-checkpoint", *AT_LOAD])
 def server(request: pytest.FixtureRequest, packed_checkpoint: callable) -> Iterator[SluiceServer]:
     limits = ("--max-input-tokens", "256", "--max-total-tokens", "512")
-    if request.param == "gguf":
-        yield from serve("--quantize", "gguf", *limits)
-    elif request.param == "awq":
-        # Served quantized because its config.json says so.
-        yield from serve(*limits, model_id=str(packed_checkpoint("awq")))
-    else:
+    if request.param in ("gguf", *AT_LOAD):
+        yield from serve("--quantize", request.param, *limits)
+    elif request.param == "gptq":
         yield from serve("--quantize", "gptq", *limits, model_id=str(packed_checkpoint("gptq")))
+    else:
+        # Served quantized because its config.json says so.
+        method = request.param.removesuffix("-checkpoint")
+        yield from serve(*limits, model_id=str(packed_checkpoint(method)))
 
 
 def test_the_shard_holds_the_quantized_weights(server: SluiceServer) -> None:
     log = server.log_path.read_text(errors="replace")
-    assert "as stored" in log
+    assert "as stored" in log or "as they load" in log
     # float32 holds 513 MiB of weights; 4-bit projections (and GGUF's Q8_0 LM head) about
-    # 100 MiB of it, the rest being the float32 embedding the lookup reads.
+    # 100 MiB of it and 8-bit ones about 200, the rest being the float32 embedding the lookup
+    # reads.
     held = re.search(r"holds ([0-9.]+) MiB of weights", log)
     assert held is not None, log
     assert float(held.group(1)) < 256
@@ -90,9 +113,10 @@ def test_batched_requests_match_each_alone(server: SluiceServer, chat_prompt) ->
     ("quantize", "model", "message"),
     [
         ("gguf", "directory", "is not a .gguf file"),
-        ("fp8", "default", "--quantize fp8: Sluice does not have this feature yet"),
+        ("eetq", "default", "--quantize eetq: Sluice does not have this feature yet"),
         ("awq", "directory", "is not quantized"),
         ("gptq", "awq", "--quantize gptq conflicts with the checkpoint"),
+        ("bitsandbytes-nf4", "fp8", "--quantize bitsandbytes-nf4 conflicts with the checkpoint"),
     ],
 )
 def test_quantization_the_model_cannot_take_is_refused_at_startup(

@@ -305,13 +305,22 @@ pub enum Quantize {
 
 impl Quantize {
     pub fn is_built(self) -> bool {
-        matches!(self, Quantize::Awq | Quantize::Gptq | Quantize::Gguf)
+        self == Quantize::Gguf || self.is_applied_by_shard()
     }
 
-    /// Whether the method is that of a pre-quantized checkpoint, which the shard checks against
-    /// the checkpoint's configuration.
-    pub fn is_checkpoint_method(self) -> bool {
-        matches!(self, Quantize::Awq | Quantize::Gptq)
+    /// Whether the shard applies the method (`sluice-server serve --quantize`): it checks a
+    /// pre-quantized checkpoint's method against it, or quantizes an unquantized one at load
+    /// (fp8, bitsandbytes'). `gguf` is the launcher's: it names the GGUF file instead.
+    pub fn is_applied_by_shard(self) -> bool {
+        matches!(
+            self,
+            Quantize::Awq
+                | Quantize::Gptq
+                | Quantize::Fp8
+                | Quantize::Bitsandbytes
+                | Quantize::BitsandbytesNf4
+                | Quantize::BitsandbytesFp4
+        )
     }
 }
 

@@ -25,8 +25,9 @@ pub struct ShardConfig {
     pub model_dir: PathBuf,
     /// The GGUF file whose quantized projections the shard serves (`--quantize gguf`).
     pub gguf_file: Option<PathBuf>,
-    /// The method the checkpoint must be quantized with (`--quantize awq|gptq`).
-    pub checkpoint_quantization: Option<Quantize>,
+    /// The method the checkpoint must be quantized with (awq, gptq, fp8) or the shard quantizes
+    /// it with at load (fp8, bitsandbytes').
+    pub quantize: Option<Quantize>,
     pub rank: usize,
     pub world_size: usize,
     pub listen: ShardListen,
@@ -54,7 +55,7 @@ impl ShardConfig {
             binary,
             model_dir,
             gguf_file,
-            checkpoint_quantization: args.quantize.filter(|q| q.is_checkpoint_method()),
+            quantize: args.quantize.filter(|q| q.is_applied_by_shard()),
             rank,
             world_size: topology.world_size(),
             listen: topology.listen(rank),
@@ -87,7 +88,7 @@ impl ShardConfig {
         if let Some(gguf_file) = &self.gguf_file {
             command.arg("--gguf-file").arg(gguf_file);
         }
-        if let Some(method) = self.checkpoint_quantization {
+        if let Some(method) = self.quantize {
             command.arg("--quantize").arg(method.to_string());
         }
         if let Some(memory) = &self.kv_cache_memory {

@@ -102,6 +102,10 @@ mod tests {
             &["--quantize", "gguf"],
             &["--quantize", "awq"],
             &["--quantize", "gptq"],
+            &["--quantize", "fp8"],
+            &["--quantize", "bitsandbytes"],
+            &["--quantize", "bitsandbytes-nf4"],
+            &["--quantize", "bitsandbytes-fp4"],
         ] {
             assert_eq!(refusal_for(flags), None, "{flags:?}");
         }
@@ -110,11 +114,8 @@ mod tests {
     #[test]
     fn anything_else_is_refused_naming_the_flag() {
         for (flags, named) in [
-            (&["--quantize", "fp8"][..], "--quantize fp8"),
-            (
-                &["--quantize", "bitsandbytes-nf4"],
-                "--quantize bitsandbytes-nf4",
-            ),
+            (&["--quantize", "eetq"][..], "--quantize eetq"),
+            (&["--quantize", "marlin"], "--quantize marlin"),
             (&["--speculate", "2"], "--speculate 2"),
             (&["--cuda-graphs", "1,2,4"], "--cuda-graphs"),
             (&["--lora-adapters", "org/adapter"], "--lora-adapters"),

@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--quantize",
         default=None,
-        metavar="{awq,gptq}",
-        help="the method the checkpoint must be quantized with; without it, a checkpoint whose "
-        "config.json names awq or gptq is served quantized all the same",
+        metavar="{awq,gptq,fp8,bitsandbytes,bitsandbytes-nf4,bitsandbytes-fp4}",
+        help="awq, gptq: the method the checkpoint must be quantized with (without it, a "
+        "checkpoint whose config.json names awq, gptq or fp8 is served quantized all the same); "
+        "fp8 and bitsandbytes': quantize an unquantized checkpoint's projections at load (an FP8 "
+        "checkpoint is served as stored)",
     )
     serve.add_argument(
         "--device",

@@ -3,9 +3,10 @@
 Names are looked up without the `model.` prefix that Hugging Face causal-LM checkpoints put on
 everything but the LM head: `layers.0.mlp.up_proj.weight` finds `model.layers.0.mlp.up_proj.weight`.
 
-A projection a checkpoint holds only quantized (AWQ, GPTQ) is read as it is with `quantized`;
+A projection a checkpoint holds quantized (AWQ, GPTQ, FP8) is read as it is with `quantized`;
 read as a tensor (`get`, `rows`, `columns`), it is dequantized, for the layers that cannot hold
-it quantized.
+it quantized. With a method that quantizes at load (`--quantize fp8`, bitsandbytes'), `quantized`
+gives the projections quantized and the tensors read as stored.
 """
 
 import json
@@ -19,9 +20,12 @@ from safetensors import safe_open
 
 from .model_files import SAFETENSORS_INDEX, bin_weight_files, convert_weights_hint
 from .quant import QuantizedWeight
+from .quant.at_load import LoadTimeQuantizer
 from .quant.checkpoint import CheckpointQuantization, PackedQuantizedTensors
 
 PREFIX = "model."
+# safetensors' names of the dtypes a checkpoint stores quantized codes in (FP8 checkpoints).
+_CODE_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 
 class QuantizedTensors(Protocol):
@@ -35,17 +39,23 @@ class QuantizedTensors(Protocol):
 class CheckpointWeights:
     """Lazy access to the tensors of a checkpoint directory; use as a context manager.
 
-    Its quantized projections come from `quantized` (a GGUF file beside the directory) or, for a
-    checkpoint quantized with `packing`, from its own files."""
+    Its quantized projections come from `quantized` (a GGUF file beside the directory), from its
+    own files for a checkpoint quantized with `packing`, or from quantizing them with `at_load`
+    (a `--quantize` method)."""
 
     def __init__(
         self,
         model_dir: Path,
         quantized: QuantizedTensors | None = None,
         packing: CheckpointQuantization | None = None,
+        at_load: str | None = None,
     ) -> None:
         files = _checkpoint_files(model_dir)
-        self._quantized = PackedQuantizedTensors(packing, self) if packing else quantized
+        if packing is not None:
+            quantized = PackedQuantizedTensors(packing, self)
+        elif at_load is not None:
+            quantized = LoadTimeQuantizer(at_load, self)
+        self._quantized = quantized
         # The projection last read dequantized: a layer reads one's shape, then its rows or
         # columns, which would otherwise read and unpack it each time.
         self._last_dequantized: tuple[str, torch.Tensor] | None = None
@@ -78,6 +88,10 @@ class CheckpointWeights:
     def get(self, name: str) -> torch.Tensor:
         if self._only_quantized(name):
             return self._dequantized(name)
+        return self.stored(name)
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor as the checkpoint stores it (a quantized projection's codes too)."""
         handle, stored_name = self._location(name)
         return handle.get_tensor(stored_name)
 
@@ -88,7 +102,14 @@ class CheckpointWeights:
             raise KeyError(f"checkpoint has no tensor {name!r}") from None
 
     def _only_quantized(self, name: str) -> bool:
-        return name not in self and self.holds_quantized(name)
+        """Whether the checkpoint holds `name` quantized only: packed under other names (AWQ,
+        GPTQ) or as FP8 codes."""
+        if not self.holds_quantized(name):
+            return False
+        if name not in self:
+            return True
+        handle, stored_name = self._location(name)
+        return handle.get_slice(stored_name).get_dtype() in _CODE_DTYPES
 
     def _dequantized(self, name: str) -> torch.Tensor:
         if self._last_dequantized is None or self._last_dequantized[0] != name:

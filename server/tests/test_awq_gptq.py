@@ -169,11 +169,11 @@ def write_config(directory: Path, quantization: dict | None, **files: dict) -> d
     [
         ({"quant_method": "awq"}, "gptq", "--quantize gptq conflicts with the checkpoint"),
         (None, "awq", "is not quantized"),
-        ({"quant_method": "fp8"}, None, "quantized with fp8, which Sluice does not serve yet"),
+        ({"quant_method": "hqq"}, None, "quantized with hqq, which Sluice does not serve yet"),
         ({"quant_method": "awq", "version": "gemv"}, None, "AWQ's gemv layout"),
         ({"quant_method": "gptq", "bits": 3}, None, "3-bit GPTQ is not supported"),
         ({"quant_method": "gptq", "checkpoint_format": "marlin"}, None, "marlin format"),
-        (None, "bitsandbytes", "Sluice serves awq, gptq checkpoints"),
+        (None, "marlin", "--quantize marlin: Sluice serves awq, gptq, fp8"),
         ({"quant_method": "gptq", "bits": "four"}, None, "unreadable gptq settings"),
     ],
 )

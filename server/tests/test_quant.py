@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sluice_server.kernels import Kernels
-from sluice_server.quant import QuantizedWeight, pack_4bit
+from sluice_server.quant import CodeFormat, QuantizedWeight, pack_4bit
 from sluice_server.quant.gguf import _read_blocks
 
 gguf = pytest.importorskip("gguf")
@@ -14,25 +14,35 @@ Q = gguf.GGMLQuantizationType
 
 
 def random_weight(
-    rows: int, in_features: int, bits: int, group_size: int, offsets: bool
+    rows: int, in_features: int, code_format: CodeFormat, group_size: int, offsets: bool
 ) -> QuantizedWeight:
-    generator = torch.Generator().manual_seed(rows * in_features + bits + group_size)
-    high = 16 if bits == 4 else 128
-    low = 0 if bits == 4 else -128
-    codes = torch.randint(low, high, (rows, in_features), generator=generator)
+    generator = torch.Generator().manual_seed(rows * in_features + code_format + group_size)
+    shape = (rows, in_features)
+    if code_format.bits == 4:
+        codes = pack_4bit(torch.randint(0, 16, shape, generator=generator))
+    elif code_format is CodeFormat.INT8:
+        codes = torch.randint(-128, 128, shape, generator=generator).to(torch.int8)
+    else:
+        # Every FP8 e4m3 byte but the two NaNs (0x7f, 0xff): subnormals, zeros, both signs.
+        codes = torch.randint(0, 127, shape, generator=generator).to(torch.uint8)
+        codes |= torch.randint(0, 2, shape, generator=generator).to(torch.uint8) << 7
+    levels = None
+    if code_format is CodeFormat.LEVELS4:
+        levels = torch.randn(16, generator=generator).sort().values
     groups = in_features // group_size
     return QuantizedWeight(
-        codes=pack_4bit(codes) if bits == 4 else codes.to(torch.int8),
+        codes=codes,
         scales=torch.rand(rows, groups, generator=generator) / 8,
         offsets=torch.randn(rows, groups, generator=generator) / 4 if offsets else None,
-        bits=bits,
+        code_format=code_format,
         group_size=group_size,
+        levels=levels,
     )
 
 
 def test_4bit_packing_round_trips() -> None:
     codes = torch.randint(0, 16, (5, 96))
-    weight = QuantizedWeight(pack_4bit(codes), torch.ones(5, 3), None, bits=4, group_size=32)
+    weight = QuantizedWeight(pack_4bit(codes), torch.ones(5, 3), None, CodeFormat.UINT4, 32)
     assert torch.equal(weight.unpacked_codes(), codes)
     assert weight.codes.shape == (5, 48)
 
@@ -66,7 +76,7 @@ def test_unread_formats_are_left_unquantized() -> None:
 
 
 def test_slices_hold_whole_groups() -> None:
-    weight = random_weight(8, 128, bits=4, group_size=32, offsets=True)
+    weight = random_weight(8, 128, CodeFormat.UINT4, group_size=32, offsets=True)
     dense = weight.dequantize()
     assert torch.equal(weight.rows(2, 5).dequantize(), dense[2:5])
     assert torch.equal(weight.columns(32, 96).dequantize(), dense[:, 32:96])
@@ -76,15 +86,32 @@ def test_slices_hold_whole_groups() -> None:
         weight.columns(16, 64)
 
 
+def test_per_channel_scales_slice_at_any_block() -> None:
+    weight = random_weight(8, 128, CodeFormat.FLOAT8_E4M3, group_size=128, offsets=False)
+    part = weight.columns(32, 96)
+    assert part.group_size == 64
+    assert torch.equal(part.dequantize(), weight.dequantize()[:, 32:96])
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
 @pytest.mark.parametrize(
-    ("bits", "group_size", "offsets"),
-    [(4, 32, True), (4, 128, True), (4, 64, False), (8, 32, False), (8, 128, True)],
+    ("code_format", "group_size", "offsets"),
+    [
+        (CodeFormat.UINT4, 32, True),
+        (CodeFormat.UINT4, 128, True),
+        (CodeFormat.UINT4, 64, False),
+        (CodeFormat.INT8, 32, False),
+        (CodeFormat.INT8, 128, True),
+        (CodeFormat.FLOAT8_E4M3, 256, False),
+        (CodeFormat.FLOAT8_E4M3, 64, False),
+        (CodeFormat.LEVELS4, 64, False),
+        (CodeFormat.LEVELS4, 32, True),
+    ],
 )
 def test_quantized_matmul_matches_the_dequantized_weight(
-    built_kernels: Kernels, rows: int, bits: int, group_size: int, offsets: bool
+    built_kernels: Kernels, rows: int, code_format: CodeFormat, group_size: int, offsets: bool
 ) -> None:
-    weight = random_weight(37, 256, bits, group_size, offsets)
+    weight = random_weight(37, 256, code_format, group_size, offsets)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(37)
     expected = x.double() @ weight.dequantize(torch.float64).T + bias.double()
@@ -98,15 +125,18 @@ def test_quantized_matmul_matches_the_dequantized_weight(
 
 
 def test_reference_ops_multiply_by_the_dequantized_weight() -> None:
-    weight = random_weight(9, 64, bits=4, group_size=32, offsets=True)
+    weight = random_weight(9, 64, CodeFormat.UINT4, group_size=32, offsets=True)
     x = torch.randn(3, 64)
     y = Kernels.reference().ops.quantized_linear(x, weight, None)
     torch.testing.assert_close(y, x @ weight.dequantize().T)
 
 
-def test_quantized_matmul_rows_do_not_depend_on_the_batch(built_kernels: Kernels) -> None:
+@pytest.mark.parametrize("code_format", list(CodeFormat))
+def test_quantized_matmul_rows_do_not_depend_on_the_batch(
+    built_kernels: Kernels, code_format: CodeFormat
+) -> None:
     # A request's output must not change with what it is batched with.
-    weight = random_weight(50, 192, bits=4, group_size=32, offsets=True)
+    weight = random_weight(50, 192, code_format, group_size=32, offsets=True)
     x = torch.randn(19, 192)
     batched = built_kernels.ops.quantized_linear(x, weight, None)
     for row in range(x.shape[0]):
@@ -115,13 +145,19 @@ def test_quantized_matmul_rows_do_not_depend_on_the_batch(built_kernels: Kernels
 
 
 def test_quantized_matmul_refuses_mismatched_inputs(built_kernels: Kernels) -> None:
-    weight = random_weight(8, 64, bits=4, group_size=32, offsets=True)
+    weight = random_weight(8, 64, CodeFormat.UINT4, group_size=32, offsets=True)
     kernels = built_kernels.ops.kernels
     with pytest.raises(RuntimeError, match="x must be"):
-        kernels.linear_quantized(torch.randn(2, 96), weight.codes, weight.scales, None, None, 4, 32)
+        kernels.linear_quantized(torch.randn(2, 96), weight.codes, weight.scales, None, None, 0, 32)
     with pytest.raises(RuntimeError, match="scales must be"):
         kernels.linear_quantized(
-            torch.randn(2, 64), weight.codes, weight.scales[:, :1], None, None, 4, 32
+            torch.randn(2, 64), weight.codes, weight.scales[:, :1], None, None, 0, 32
         )
-    with pytest.raises(RuntimeError, match="bits must be"):
+    with pytest.raises(RuntimeError, match="unknown code format"):
+        kernels.linear_quantized(torch.randn(2, 64), weight.codes, weight.scales, None, None, 7, 32)
+    with pytest.raises(RuntimeError, match="levels are given with"):
         kernels.linear_quantized(torch.randn(2, 64), weight.codes, weight.scales, None, None, 3, 32)
+    with pytest.raises(RuntimeError, match="levels must be"):
+        kernels.linear_quantized(
+            torch.randn(2, 64), weight.codes, weight.scales, None, None, 3, 32, torch.ones(8)
+        )

@@ -71,12 +71,16 @@ class Linear(nn.Module):
             )
         self.quantized = weight.contiguous().to(self.weight.device)
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
-        self.register_buffer("quantized_codes", self.quantized.codes)
-        self.register_buffer("quantized_scales", self.quantized.scales)
-        if self.quantized.offsets is not None:
-            self.register_buffer("quantized_offsets", self.quantized.offsets)
-        if self.quantized.input_order is not None:
-            self.register_buffer("quantized_input_order", self.quantized.input_order)
+        held = {
+            "codes": self.quantized.codes,
+            "scales": self.quantized.scales,
+            "offsets": self.quantized.offsets,
+            "input_order": self.quantized.input_order,
+            "levels": self.quantized.levels,
+        }
+        for name, tensor in held.items():
+            if tensor is not None:
+                self.register_buffer(f"quantized_{name}", tensor)
 
     def prepack_for_cpu(self, release_weight: bool) -> None:
         """Packs the weight for the CPU's matmul where the ops have one for its dtype;
@@ -206,19 +210,21 @@ class RowParallelLinear(Linear):
     def load(self, weights: CheckpointWeights, names: list[str]) -> None:
         (name,) = names
         quantized = weights.quantized(f"{name}.weight")
-        if quantized is not None and (quantized.splits_by_columns or self.in_section.is_whole):
-            if quantized.in_features != self.in_section.full:
-                raise ValueError(f"{name}.weight: quantized shape does not match the model")
+        start, stop = self.in_section.start, self.in_section.stop
+        if quantized is not None and quantized.in_features != self.in_section.full:
+            raise ValueError(f"{name}.weight: quantized shape does not match the model")
+        if quantized is not None and (self.in_section.is_whole or quantized.splits_at(start, stop)):
             if not self.in_section.is_whole:
-                quantized = quantized.columns(self.in_section.start, self.in_section.stop)
+                quantized = quantized.columns(start, stop)
             self._hold_quantized(quantized)
             if self.bias is not None:
                 copy_checked(self.bias, weights.get(f"{name}.bias"), f"{name}.bias")
             return
         # Unquantized, or quantized in groups a rank's slice of the input features would cut
-        # (GPTQ's act-order): `columns` gives it dequantized.
+        # (GPTQ's act-order, or groups wider than the slice's share): `columns` gives it
+        # dequantized (or as stored, where the quantization is done at load).
         weights.check_shape(f"{name}.weight", (self.weight.shape[0], self.in_section.full))
-        columns = weights.columns(f"{name}.weight", self.in_section.start, self.in_section.stop)
+        columns = weights.columns(f"{name}.weight", start, stop)
         copy_checked(self.weight, columns, f"{name}.weight")
         if self.bias is not None:
             copy_checked(self.bias, weights.get(f"{name}.bias"), f"{name}.bias")

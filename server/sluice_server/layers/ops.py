@@ -160,7 +160,14 @@ class CompiledCpuOps(Ops):
         if weight.input_order is not None:
             x = x.index_select(-1, weight.input_order)
         return self.kernels.linear_quantized(
-            x, weight.codes, weight.scales, weight.offsets, bias, weight.bits, weight.group_size
+            x,
+            weight.codes,
+            weight.scales,
+            weight.offsets,
+            bias,
+            int(weight.code_format),
+            weight.group_size,
+            weight.levels,
         )
 
     def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -52,16 +52,21 @@ def load_model(
     """Builds the model's layers (this rank's slice of them, under tensor parallelism) and fills
     them from the checkpoint. With `gguf_file` (the file `model_dir` was converted from), the
     projections it holds quantized are served quantized (`--quantize gguf`); so are those of a
-    checkpoint quantized with AWQ or GPTQ, which `quantize` (`--quantize`) may insist on."""
+    checkpoint quantized with AWQ, GPTQ or FP8, which `quantize` (`--quantize`) may insist on.
+    An unquantized checkpoint's projections are quantized at load with `quantize` fp8 or
+    bitsandbytes'."""
     hf_config = _read_json(model_dir / "config.json", required=True)
     try:
         packing = checkpoint_quantization(model_dir, hf_config, quantize)
     except CheckpointQuantizationError as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
+    at_load = quantize if packing is None and gguf_file is None else None
     if packing is not None:
         logger.info(
             "serving %s's %d-bit %s weights as stored", model_dir, packing.bits, packing.method
         )
+    elif at_load is not None:
+        logger.info("quantizing %s's projections with %s as they load", model_dir, at_load)
     model_type = hf_config.get("model_type")
     if not isinstance(model_type, str):
         raise ModelLoadError(f"{model_dir / 'config.json'} has no model_type")
@@ -84,13 +89,13 @@ def load_model(
         raise ModelLoadError(f"{model_dir}: {error}; it splits across {counts} shards") from error
     except (ValueError, KeyError) as error:
         raise ModelLoadError(f"{model_dir}: {error}") from error
-    if device.type == "cpu" and gguf_file is None and packing is None:
+    if device.type == "cpu" and gguf_file is None and packing is None and at_load is None:
         # The parameters are allocated but not yet touched: checked now, a model too large
         # fails with a message instead of the kernel's out-of-memory kill midway through.
         _check_weights_fit(model_dir, _tensor_bytes(model), available_memory(device), dtype)
     try:
         quantized = None if gguf_file is None else GgufQuantizedTensors(gguf_file, hf_config)
-        with CheckpointWeights(model_dir, quantized, packing) as weights:
+        with CheckpointWeights(model_dir, quantized, packing, at_load) as weights:
             model.load_weights(weights)
     except (FileNotFoundError, KeyError, ValueError) as error:
         raise ModelLoadError(f"{model_dir}: cannot load weights: {error}") from error

@@ -2,6 +2,6 @@
 reads) and a reader per checkpoint format that fills it (`gguf`, and `checkpoint` for AWQ and
 GPTQ)."""
 
-from .weight import QuantizedWeight, concat_rows, pack_4bit
+from .weight import CodeFormat, QuantizedWeight, concat_rows, pack_4bit
 
-__all__ = ["QuantizedWeight", "concat_rows", "pack_4bit"]
+__all__ = ["CodeFormat", "QuantizedWeight", "concat_rows", "pack_4bit"]

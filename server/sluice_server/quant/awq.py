@@ -13,7 +13,7 @@ field i (lowest first) holds output feature `PACK_ORDER[i]` of the word's 8.
 import torch
 
 from .packed import unpack_int32
-from .weight import QuantizedWeight, pack_4bit
+from .weight import CodeFormat, QuantizedWeight, pack_4bit
 
 PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Field holding output feature j of a word: PACK_ORDER's inverse.
@@ -36,7 +36,7 @@ def read_awq(
         codes=pack_4bit(codes.t()),
         scales=scales.t(),
         offsets=(-scales * zeros).t(),
-        bits=4,
+        code_format=CodeFormat.UINT4,
         group_size=group_size,
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .weight import CODE_BLOCK, QuantizedWeight, pack_4bit
+from .weight import CODE_BLOCK, CodeFormat, QuantizedWeight, pack_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _weight4(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> Quan
         codes=torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, -1)),
         scales=torch.from_numpy(scales),
         offsets=torch.from_numpy(offsets),
-        bits=4,
+        code_format=CodeFormat.UINT4,
         group_size=CODE_BLOCK,
     )
 
@@ -135,7 +135,7 @@ def _q8_0(data: np.ndarray) -> QuantizedWeight:
         codes=torch.from_numpy(codes),
         scales=torch.from_numpy(_halves(blocks, 0)),
         offsets=None,
-        bits=8,
+        code_format=CodeFormat.INT8,
         group_size=CODE_BLOCK,
     )
 
@@ -160,7 +160,7 @@ def _q4_k(data: np.ndarray) -> QuantizedWeight:
         offsets=torch.from_numpy(
             (-dmin[..., None] * sub_mins).reshape(rows, -1).astype(np.float32)
         ),
-        bits=4,
+        code_format=CodeFormat.UINT4,
         group_size=CODE_BLOCK,
     )
 
@@ -176,6 +176,6 @@ def _unpermute_rows(weight: QuantizedWeight, num_heads: int) -> QuantizedWeight:
         codes=weight.codes[order],
         scales=weight.scales[order],
         offsets=None if weight.offsets is None else weight.offsets[order],
-        bits=weight.bits,
+        code_format=weight.code_format,
         group_size=weight.group_size,
     )

@@ -16,7 +16,7 @@ stores each zero point minus one (`gptq`); GPTQModel's `gptq_v2` stores it as it
 import torch
 
 from .packed import unpack_int32
-from .weight import QuantizedWeight, pack_4bit
+from .weight import CodeFormat, QuantizedWeight, pack_4bit
 
 
 def read_gptq(
@@ -54,7 +54,7 @@ def read_gptq(
         codes=packed,
         scales=scales.t(),
         offsets=offsets.t(),
-        bits=bits,
+        code_format=CodeFormat.UINT4 if bits == 4 else CodeFormat.INT8,
         group_size=group_size,
         input_order=input_order,
     )

@@ -1,6 +1,7 @@
 """A projection's weight held quantized: per output feature n and group g of `group_size`
-consecutive input features, W[n, k] = scales[n, g] * code[n, k] + offsets[n, g] (no offsets:
-symmetric codes).
+consecutive input features, W[n, k] = scales[n, g] * value(code[n, k]) + offsets[n, g] (no
+offsets: symmetric codes), where a code's value is the integer it holds, the FP8 number its bits
+make, or its entry in a table of 16 `levels` (bitsandbytes' NF4 and FP4).
 
 GPTQ's act-order groups input features that are not consecutive; such a weight holds its columns
 sorted by group, and `input_order` says which input feature each column multiplies (the kernel's
@@ -8,17 +9,32 @@ input is gathered in that order first).
 
 The codes' layout is the one Sluice's CPU kernel reads (csrc/linear_quantized.cpp):
 
-- 4 bits, unsigned 0..15: uint8 [N, K / 2], each 32 input features as 16 bytes whose low nibbles
-  hold the first 16 and high nibbles the next 16 (GGUF's Q4 block layout);
-- 8 bits, signed: int8 [N, K].
+- 4 bits (`UINT4`, 0..15, and `LEVELS4`): uint8 [N, K / 2], each 32 input features as 16 bytes
+  whose low nibbles hold the first 16 and high nibbles the next 16 (GGUF's Q4 block layout);
+- 8 bits (`INT8`, -128..127, and `FLOAT8_E4M3`): one byte per feature, [N, K].
 
-Every format Sluice loads (GGUF blocks, AWQ and GPTQ packing) is repacked into this one at load
-time, so that one kernel serves them all.
+Every format Sluice loads (GGUF blocks, AWQ, GPTQ and FP8 checkpoints, weights quantized at load)
+is repacked into this one, so that one kernel serves them all.
 """
 
 from dataclasses import dataclass, replace
+from enum import IntEnum
 
 import torch
+
+
+class CodeFormat(IntEnum):
+    """What a code holds; the values are the kernel's (csrc/linear_quantized.cpp)."""
+
+    UINT4 = 0
+    INT8 = 1
+    FLOAT8_E4M3 = 2
+    LEVELS4 = 3
+
+    @property
+    def bits(self) -> int:
+        return 4 if self in (CodeFormat.UINT4, CodeFormat.LEVELS4) else 8
+
 
 # Input features one block of codes covers; groups are whole blocks.
 CODE_BLOCK = 32
@@ -29,14 +45,18 @@ class QuantizedWeight:
     codes: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor | None
-    bits: int
+    code_format: CodeFormat
     group_size: int
     # Column j multiplies input feature input_order[j] (int64 [K]); None: column j, feature j.
     input_order: torch.Tensor | None = None
+    # LEVELS4's 16 values, float32; None for the other formats.
+    levels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"{self.bits}-bit codes are not supported (4 or 8)")
+        if (self.levels is not None) != (self.code_format is CodeFormat.LEVELS4):
+            raise ValueError("levels go with, and only with, 4-bit level codes")
+        if self.levels is not None and tuple(self.levels.shape) != (16,):
+            raise ValueError(f"levels {tuple(self.levels.shape)} are not 16 values")
         if self.group_size <= 0 or self.group_size % CODE_BLOCK:
             raise ValueError(f"group size {self.group_size} is not a multiple of {CODE_BLOCK}")
         expected = (self.out_features, self.in_features // self.group_size)
@@ -45,6 +65,10 @@ class QuantizedWeight:
                 raise ValueError(f"{name} {tuple(tensor.shape)} do not match codes {expected}")
         if self.input_order is not None and tuple(self.input_order.shape) != (self.in_features,):
             raise ValueError(f"input order {tuple(self.input_order.shape)} does not match codes")
+
+    @property
+    def bits(self) -> int:
+        return self.code_format.bits
 
     @property
     def out_features(self) -> int:
@@ -56,7 +80,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.codes, self.scales, self.offsets, self.input_order)
+        tensors = (self.codes, self.scales, self.offsets, self.input_order, self.levels)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
@@ -69,27 +93,35 @@ class QuantizedWeight:
         )
 
     def columns(self, start: int, stop: int) -> "QuantizedWeight":
-        """Input features [start, stop): a row-parallel rank's slice, which must hold whole
-        groups (of consecutive features: see `splits_by_columns`)."""
-        if self.input_order is not None:
-            raise ValueError("act-order groups do not split by input features")
-        if start % self.group_size or stop % self.group_size:
+        """Input features [start, stop): a row-parallel rank's slice, which must keep whole
+        groups (see `splits_at`)."""
+        if not self.splits_at(start, stop):
             raise ValueError(
                 f"input features [{start}, {stop}) split a quantization group of "
-                f"{self.group_size}; use a shard count that splits at group boundaries"
+                f"{self.group_size} consecutive features (or act-order groups)"
             )
-        groups = slice(start // self.group_size, stop // self.group_size)
+        if self.group_size == self.in_features:
+            # One group per output feature (per-channel scales): the slice keeps it.
+            groups, group_size = slice(0, 1), stop - start
+        else:
+            groups, group_size = slice(start // self.group_size, stop // self.group_size), None
         return replace(
             self,
             codes=self.codes[:, start * self.bits // 8 : stop * self.bits // 8],
             scales=self.scales[:, groups],
             offsets=None if self.offsets is None else self.offsets[:, groups],
+            group_size=group_size or self.group_size,
         )
 
-    @property
-    def splits_by_columns(self) -> bool:
-        """Whether `columns` can slice it: its groups are runs of consecutive input features."""
-        return self.input_order is None
+    def splits_at(self, start: int, stop: int) -> bool:
+        """Whether `columns(start, stop)` can slice it: its groups are runs of consecutive input
+        features (not act-order's) and the slice cuts none, or one group spans every feature
+        and the slice is whole code blocks."""
+        if self.input_order is not None:
+            return False
+        if self.group_size == self.in_features:
+            return start % CODE_BLOCK == 0 and stop % CODE_BLOCK == 0
+        return start % self.group_size == 0 and stop % self.group_size == 0
 
     def padded_rows(self, count: int) -> "QuantizedWeight":
         """`count` more output features of zeros (a padded vocabulary's last rank)."""
@@ -113,6 +145,7 @@ class QuantizedWeight:
             scales=self.scales.float().contiguous(),
             offsets=None if self.offsets is None else self.offsets.float().contiguous(),
             input_order=None if self.input_order is None else self.input_order.contiguous(),
+            levels=None if self.levels is None else self.levels.float().contiguous(),
         )
 
     def to(self, device: torch.device) -> "QuantizedWeight":
@@ -122,19 +155,32 @@ class QuantizedWeight:
             scales=self.scales.to(device),
             offsets=None if self.offsets is None else self.offsets.to(device),
             input_order=None if self.input_order is None else self.input_order.to(device),
+            levels=None if self.levels is None else self.levels.to(device),
         )
 
     def unpacked_codes(self) -> torch.Tensor:
-        """The codes as integers [N, K] (0..15 for 4 bits, -128..127 for 8)."""
-        if self.bits == 8:
+        """The codes as integers [N, K]: 0..15 for 4 bits, -128..127 for INT8, the bytes 0..255
+        for FP8."""
+        if self.code_format is CodeFormat.INT8:
             return self.codes.view(torch.int8).to(torch.int32)
+        if self.bits == 8:
+            return self.codes.view(torch.uint8).to(torch.int32)
         blocks = self.codes.view(self.out_features, -1, CODE_BLOCK // 2).to(torch.int32)
         return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(self.out_features, -1)
+
+    def code_values(self) -> torch.Tensor:
+        """What each code stands for, float32 [N, K] (before its group's scale and offset)."""
+        if self.code_format is CodeFormat.FLOAT8_E4M3:
+            return self.codes.view(torch.float8_e4m3fn).float()
+        codes = self.unpacked_codes()
+        if self.levels is not None:
+            return self.levels.float()[codes]
+        return codes.float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K], computed in float32: the reference the kernel is tested against,
         and the matmul of devices the kernel does not run on."""
-        groups = self.unpacked_codes().view(self.out_features, -1, self.group_size).float()
+        groups = self.code_values().view(self.out_features, -1, self.group_size)
         weight = groups * self.scales.float()[..., None]
         if self.offsets is not None:
             weight = weight + self.offsets.float()[..., None]
@@ -148,9 +194,10 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Parts stacked along the output features (a fused q/k/v or gate/up projection)."""
     first = parts[0]
     if any(
-        (p.bits, p.group_size, p.offsets is None)
-        != (first.bits, first.group_size, first.offsets is None)
-        or not _same_order(p.input_order, first.input_order)
+        (p.code_format, p.group_size, p.offsets is None)
+        != (first.code_format, first.group_size, first.offsets is None)
+        or not _same_tensor(p.input_order, first.input_order)
+        or not _same_tensor(p.levels, first.levels)
         for p in parts
     ):
         raise ValueError("the parts of a fused projection are quantized differently")
@@ -164,7 +211,7 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     )
 
 
-def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
 
 

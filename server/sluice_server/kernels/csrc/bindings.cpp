@@ -46,10 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pack_linear_bf16", &sluice::pack_linear_bf16);
   module.def("linear_bf16", &sluice::linear_bf16);
   module.def("linear_quantized", &sluice::linear_quantized, py::arg("x"), py::arg("codes"),
-             py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("bits"),
-             py::arg("group_size"));
-  module.def("dequantize_weight", &sluice::dequantize_weight, py::arg("codes"), py::arg("scales"),
-             py::arg("offsets"), py::arg("bits"), py::arg("group_size"));
+             py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("code_format"),
+             py::arg("group_size"), py::arg("levels") = py::none());
   module.def("argmax_logprob", &sluice::argmax_logprob);
   module.def("compiled_isa", &compiled_isa);
 }

@@ -26,11 +26,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
 // linear_quantized.cpp: the matmul against 4- and 8-bit group-quantized weights.
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                             const c10::optional<at::Tensor>& offsets,
-                            const c10::optional<at::Tensor>& bias, int64_t bits,
-                            int64_t group_size);
-at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& scales,
-                             const c10::optional<at::Tensor>& offsets, int64_t bits,
-                             int64_t group_size);
+                            const c10::optional<at::Tensor>& bias, int64_t code_format,
+                            int64_t group_size, const c10::optional<at::Tensor>& levels);
 
 // elementwise.cpp: the work between the matmuls, and the greedy pick.
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);

@@ -1,19 +1,23 @@
 // Matmul against group-quantized weights, y [M, N] = x [M, K] W^T + b, dequantizing in registers:
-// decoding reads every weight once per step, so 4-bit codes (a quarter of bfloat16's bytes, plus
-// the groups' scales) make a step that much less memory to stream.
+// decoding reads every weight once per step, so 4- and 8-bit codes (a quarter and a half of
+// bfloat16's bytes, plus the groups' scales) make a step that much less memory to stream.
 //
 // The weight (`QuantizedMatrix`): per output column n and group g of `group_size` consecutive
-// input dimensions, W[n][k] = scale[n][g] * code[n][k] + offset[n][g] (no offset: symmetric
-// codes). Codes are
+// input dimensions, W[n][k] = scale[n][g] * value(code[n][k]) + offset[n][g] (no offset:
+// symmetric codes). Codes (`CodeFormat`) are
 //
-// - 4 bits, unsigned (0..15): [N][K / 2] bytes, each 32 dimensions as 16 bytes, the low nibbles
+// - 4-bit integers (0..15): [N][K / 2] bytes, each 32 dimensions as 16 bytes, the low nibbles
 //   holding the first 16 and the high nibbles the next 16 (GGUF's Q4 block layout, which unpacks
 //   with one mask and one shift);
-// - 8 bits, signed: [N][K] bytes.
+// - 4-bit indexes into 16 levels (bitsandbytes' NF4 and FP4), packed the same way;
+// - 8-bit integers (-128..127): [N][K] bytes;
+// - FP8 e4m3 (OCP's "fn" variant): [N][K] bytes. Its exponent and mantissa bits, moved into a
+//   half's, make a half worth the value / 2^8 (subnormals included), which F16C widens in one
+//   instruction; the 2^8 joins the scale.
 //
 // Scales and offsets are float32 [N][K / group_size]; group_size is a multiple of 32.
 //
-// The activations stay float32: sum_k W x = sum_b scale * sum(code * x) + sum_g offset * sum(x),
+// The activations stay float32: sum_k W x = sum_b scale * sum(value * x) + sum_g offset * sum(x),
 // each block's 32 codes widened to float32 and scaled once, the offsets joining through x's sums
 // per group. (Rounding the activations to integers, 8-bit as llama.cpp does or 16-bit, multiplies
 // one row faster, but the 8-bit rounding raised the default model's perplexity by 3.5 % and the
@@ -29,6 +33,7 @@
 #include <vector>
 
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -41,18 +46,31 @@ constexpr int64_t kRowsPerPass = 4;
 // Columns per thread at least: a decode step's smallest projections still split across threads.
 constexpr int64_t kColumnGrain = 16;
 
+// How a weight's codes are stored; the values match the Python side's CodeFormat.
+enum class CodeFormat : int64_t { kUnsigned4 = 0, kSigned8 = 1, kFloat8 = 2, kLevels4 = 3 };
+
+constexpr int64_t kLevelCount = 16;
+// What an FP8 code's value is, times the half its bits make.
+constexpr float kFloat8HalfScale = 256.f;
+
 struct QuantizedMatrix {
   const uint8_t* codes;
   const float* scales;
   const float* offsets;  // Null: symmetric codes.
-  int64_t bits;
+  const float* levels;   // kLevels4's 16 values; null for the other formats.
+  CodeFormat format;
   int64_t group_size;
   int64_t in_features;
 
+  int64_t bits() const {
+    return format == CodeFormat::kUnsigned4 || format == CodeFormat::kLevels4 ? 4 : 8;
+  }
+  // The factor between a code's unpacked value and its value: folded into each group's scale.
+  float code_scale() const { return format == CodeFormat::kFloat8 ? kFloat8HalfScale : 1.f; }
   int64_t groups() const { return in_features / group_size; }
   int64_t blocks() const { return in_features / kCodeBlock; }
-  int64_t block_bytes() const { return kCodeBlock * bits / 8; }
-  int64_t code_bytes_per_column() const { return in_features * bits / 8; }
+  int64_t block_bytes() const { return kCodeBlock * bits() / 8; }
+  int64_t code_bytes_per_column() const { return in_features * bits() / 8; }
   const uint8_t* column_codes(int64_t n) const { return codes + n * code_bytes_per_column(); }
   const float* column_scales(int64_t n) const { return scales + n * groups(); }
 };
@@ -86,42 +104,99 @@ constexpr int64_t columns_per_pass() {
   return kRows == 1 ? 4 : kRows == 2 ? 2 : 1;
 }
 
-// The portable path's codes of one block of 32 dimensions, as floats.
-inline void unpack_block(const uint8_t* codes, int64_t bits, float* values) {
-  if (bits == 4) {
-    for (int64_t i = 0; i < kCodeBlock / 2; ++i) {
-      values[i] = static_cast<float>(codes[i] & 0x0f);
-      values[i + kCodeBlock / 2] = static_cast<float>(codes[i] >> 4);
-    }
-  } else {
-    for (int64_t i = 0; i < kCodeBlock; ++i) {
-      values[i] = static_cast<float>(static_cast<int8_t>(codes[i]));
-    }
+// An FP8 e4m3 code's sign, exponent and mantissa as a half's bits (its value / 2^8).
+inline uint16_t float8_as_half(uint8_t code) {
+  return static_cast<uint16_t>(((code & 0x7f) << 7) | ((code & 0x80) << 8));
+}
+
+// The portable path's unpacked values of one block of 32 codes (times the format's code_scale).
+inline void unpack_block(const QuantizedMatrix& w, const uint8_t* codes, float* values) {
+  switch (w.format) {
+    case CodeFormat::kUnsigned4:
+    case CodeFormat::kLevels4:
+      for (int64_t i = 0; i < kCodeBlock / 2; ++i) {
+        const int low = codes[i] & 0x0f, high = codes[i] >> 4;
+        const bool levels = w.format == CodeFormat::kLevels4;
+        values[i] = levels ? w.levels[low] : static_cast<float>(low);
+        values[i + kCodeBlock / 2] = levels ? w.levels[high] : static_cast<float>(high);
+      }
+      break;
+    case CodeFormat::kSigned8:
+      for (int64_t i = 0; i < kCodeBlock; ++i) {
+        values[i] = static_cast<float>(static_cast<int8_t>(codes[i]));
+      }
+      break;
+    case CodeFormat::kFloat8:
+      for (int64_t i = 0; i < kCodeBlock; ++i) {
+        values[i] = static_cast<float>(c10::Half(float8_as_half(codes[i]), c10::Half::from_bits()));
+      }
+      break;
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // 32 codes as four vectors of 8 float32, in dimension order.
 struct UnpackedBlock {
   __m256 values[4];
 };
 
-inline UnpackedBlock unpack_block_avx2(const uint8_t* codes, int64_t bits) {
+// kLevels4's table as two vectors of 8 levels.
+struct LevelTable {
+  __m256 low, high;
+};
+
+// Index bit 3 chooses the table's half: shifted to the sign bit, which blendv reads.
+inline __m256 look_up(__m256i indexes, const LevelTable& table) {
+  const __m256 low = _mm256_permutevar8x32_ps(table.low, indexes);
+  const __m256 high = _mm256_permutevar8x32_ps(table.high, indexes);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(indexes, 28)));
+}
+
+inline UnpackedBlock unpack_nibbles_avx2(const uint8_t* codes, const LevelTable* table) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  const __m128i low = _mm_and_si128(bytes, mask);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m128i quarters[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
   UnpackedBlock block;
-  if (bits == 4) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    const __m128i low = _mm_and_si128(bytes, mask);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    block.values[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
-    block.values[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
-    block.values[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
-    block.values[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
-  } else {
-    for (int i = 0; i < 4; ++i) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * i));
-      block.values[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  for (int i = 0; i < 4; ++i) {
+    const __m256i indexes = _mm256_cvtepu8_epi32(quarters[i]);
+    block.values[i] = table ? look_up(indexes, *table) : _mm256_cvtepi32_ps(indexes);
+  }
+  return block;
+}
+
+inline UnpackedBlock unpack_float8_avx2(const uint8_t* codes) {
+  UnpackedBlock block;
+  for (int h = 0; h < 2; ++h) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * h));
+    const __m256i wide = _mm256_cvtepu8_epi16(bytes);
+    const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x7f)), 7);
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(wide, _mm256_set1_epi16(0x80)), 8);
+    const __m256i halves = _mm256_or_si256(magnitude, sign);
+    block.values[2 * h] = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+    block.values[2 * h + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+  }
+  return block;
+}
+
+inline UnpackedBlock unpack_block_avx2(const QuantizedMatrix& w, const uint8_t* codes) {
+  switch (w.format) {
+    case CodeFormat::kUnsigned4:
+      return unpack_nibbles_avx2(codes, nullptr);
+    case CodeFormat::kLevels4: {
+      const LevelTable table{_mm256_loadu_ps(w.levels), _mm256_loadu_ps(w.levels + 8)};
+      return unpack_nibbles_avx2(codes, &table);
     }
+    case CodeFormat::kFloat8:
+      return unpack_float8_avx2(codes);
+    case CodeFormat::kSigned8:
+      break;
+  }
+  UnpackedBlock block;
+  for (int i = 0; i < 4; ++i) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * i));
+    block.values[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
   }
   return block;
 }
@@ -152,8 +227,8 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
 #pragma GCC unroll 4
     for (int c = 0; c < kCols; ++c) {
       const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
-      UnpackedBlock weights = unpack_block_avx2(block_codes, w.bits);
-      const __m256 scale = _mm256_set1_ps(scales[c * w.groups() + g]);
+      UnpackedBlock weights = unpack_block_avx2(w, block_codes);
+      const __m256 scale = _mm256_set1_ps(scales[c * w.groups() + g] * w.code_scale());
       for (auto& values : weights.values) values = _mm256_mul_ps(values, scale);
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
@@ -181,8 +256,9 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
     const float* scales = w.column_scales(n + c);
     for (int r = 0; r < kRows; ++r) dots[r][c] = 0.f;
     for_each_block(w, [&](int64_t b, int64_t g) {
-      unpack_block(codes + b * w.block_bytes(), w.bits, values);
-      for (float& value : values) value *= scales[g];
+      unpack_block(w, codes + b * w.block_bytes(), values);
+      const float scale = scales[g] * w.code_scale();
+      for (float& value : values) value *= scale;
       for (int r = 0; r < kRows; ++r) {
         dots[r][c] += dot(values, x + r * in_features + b * kCodeBlock, kCodeBlock);
       }
@@ -255,36 +331,52 @@ void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMa
 }
 
 QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales,
-                               const c10::optional<at::Tensor>& offsets, int64_t bits,
-                               int64_t group_size) {
+                               const c10::optional<at::Tensor>& offsets, int64_t code_format,
+                               int64_t group_size, const c10::optional<at::Tensor>& levels) {
   check_cpu(codes, "codes");
   check_cpu(scales, "scales");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(code_format >= 0 && code_format <= static_cast<int64_t>(CodeFormat::kLevels4),
+              "unknown code format ", code_format);
+  const auto format = static_cast<CodeFormat>(code_format);
+  TORCH_CHECK(levels.has_value() == (format == CodeFormat::kLevels4),
+              "levels are given with, and only with, 4-bit level codes");
+  const float* level_data = nullptr;
+  if (levels.has_value()) {
+    check_cpu(*levels, "levels");
+    TORCH_CHECK(levels->scalar_type() == at::kFloat && levels->is_contiguous() &&
+                    levels->dim() == 1 && levels->size(0) == kLevelCount,
+                "levels must be contiguous float32 [", kLevelCount, "]");
+    level_data = levels->data_ptr<float>();
+  }
   TORCH_CHECK(group_size > 0 && group_size % kCodeBlock == 0, "group_size must be a multiple of ",
               kCodeBlock);
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() &&
                   (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kChar),
               "codes must be contiguous uint8 or int8 [out_features, in_features * bits / 8]");
+  QuantizedMatrix w{static_cast<const uint8_t*>(codes.data_ptr()),
+                    scales.data_ptr<float>(),
+                    nullptr,
+                    level_data,
+                    format,
+                    group_size,
+                    0};
   const int64_t out_features = codes.size(0);
-  const int64_t in_features = codes.size(1) * 8 / bits;
-  TORCH_CHECK(in_features % group_size == 0, "in_features (", in_features,
+  w.in_features = codes.size(1) * 8 / w.bits();
+  TORCH_CHECK(w.in_features % group_size == 0, "in_features (", w.in_features,
               ") must be a multiple of group_size (", group_size, ")");
-  const int64_t groups = in_features / group_size;
   const auto check_groups = [&](const at::Tensor& tensor, const char* name) {
     TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() &&
                     tensor.dim() == 2 && tensor.size(0) == out_features &&
-                    tensor.size(1) == groups,
+                    tensor.size(1) == w.groups(),
                 name, " must be contiguous float32 [out_features, in_features / group_size]");
   };
   check_groups(scales, "scales");
-  const float* offset_data = nullptr;
   if (offsets.has_value()) {
     check_cpu(*offsets, "offsets");
     check_groups(*offsets, "offsets");
-    offset_data = offsets->data_ptr<float>();
+    w.offsets = offsets->data_ptr<float>();
   }
-  return QuantizedMatrix{static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(),
-                         offset_data, bits, group_size, in_features};
+  return w;
 }
 
 template <typename T>
@@ -311,10 +403,10 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
 
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                             const c10::optional<at::Tensor>& offsets,
-                            const c10::optional<at::Tensor>& bias, int64_t bits,
-                            int64_t group_size) {
+                            const c10::optional<at::Tensor>& bias, int64_t code_format,
+                            int64_t group_size, const c10::optional<at::Tensor>& levels) {
   check_rows(x, "x");
-  const QuantizedMatrix w = checked_matrix(codes, scales, offsets, bits, group_size);
+  const QuantizedMatrix w = checked_matrix(codes, scales, offsets, code_format, group_size, levels);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.in_features, "x must be [rows, ", w.in_features, "]");
   const int64_t out_features = codes.size(0);
   const float* bias_data = nullptr;
@@ -333,29 +425,6 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
                                              out_features, y.data_ptr<scalar_t>());
                                   });
   return y;
-}
-
-at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& scales,
-                             const c10::optional<at::Tensor>& offsets, int64_t bits,
-                             int64_t group_size) {
-  const QuantizedMatrix w = checked_matrix(codes, scales, offsets, bits, group_size);
-  const int64_t out_features = codes.size(0);
-  auto weight = at::empty({out_features, w.in_features}, scales.options());
-  float* data = weight.data_ptr<float>();
-  at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      float* column = data + n * w.in_features;
-      for_each_block(w, [&](int64_t b, int64_t g) {
-        float* values = column + b * kCodeBlock;
-        unpack_block(w.column_codes(n) + b * w.block_bytes(), w.bits, values);
-        const float scale = w.column_scales(n)[g];
-        const float offset = w.offsets != nullptr ? w.offsets[n * w.groups() + g] : 0.f;
-#pragma omp simd
-        for (int64_t i = 0; i < kCodeBlock; ++i) values[i] = scale * values[i] + offset;
-      });
-    }
-  });
-  return weight;
 }
 
 }  // namespace sluice
