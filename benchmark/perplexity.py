@@ -28,6 +28,10 @@ With `--quantize gguf` Sluice serves the default model from its GGUF file's quan
 (the model is then named by its id, so that the launcher finds the file) while transformers
 runs the directory the same file was expanded into: the two compute the same weights.
 
+With `--quantize fp8|bitsandbytes|bitsandbytes-nf4|bitsandbytes-fp4` Sluice quantizes the
+projections at load, and transformers runs a copy of the directory whose projections went through
+the same quantizer and back (written under `--dequantized`): again the same weights.
+
 With `--serve DIR` Sluice serves another directory than `--model`, which transformers runs: an
 AWQ or GPTQ checkpoint against its weights dequantized, made with
 server/tests/packed_checkpoints.py (transformers' own AWQ and GPTQ support needs GPU packages):
@@ -62,6 +66,8 @@ from servers import running, sluice_spec
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# --quantize methods Sluice applies at load, to the projections of --model.
+AT_LOAD_METHODS = ("fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
 REQUEST_TIMEOUT_S = 600.0
 
 
@@ -119,7 +125,7 @@ def sluice_logprobs(
 ) -> tuple[list[list[float]], float]:
     """Each window's prompt logprobs (its first token left out) from the running server, and the
     server's startup time."""
-    model = model_dir if quantize is None else Path(DEFAULT_MODEL_ID)
+    model = Path(DEFAULT_MODEL_ID) if quantize == "gguf" else model_dir
     spec = sluice_spec(model, dtype, logs / f"perplexity-sluice-{dtype}.log", startup_timeout_s)
     if quantize is not None:
         spec = replace(spec, argv=[*spec.argv, "--quantize", quantize])
@@ -168,6 +174,32 @@ def transformers_logprobs(model_dir: Path, dtype: str, windows: list[Window]) ->
             # Position p predicts token p + 1.
             scores.append(logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist())
     return scores
+
+
+def write_dequantized(model_dir: Path, method: str, out: Path) -> Path:
+    """A copy of `model_dir` whose projections (the decoder layers' `*proj.weight`, those Sluice
+    quantizes at load) are quantized with `method` and dequantized again."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from sluice_server.quant.at_load import QUANTIZERS
+
+    quantize, multiple = QUANTIZERS[method]
+    out.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        if path.suffix != ".safetensors" and path.is_file():
+            shutil.copy2(path, out / path.name)
+    for path in model_dir.glob("*.safetensors"):
+        tensors = load_file(path)
+        for name, tensor in tensors.items():
+            if (
+                ".layers." in name
+                and name.endswith("proj.weight")
+                and tensor.shape[1] % multiple == 0
+            ):
+                tensors[name] = quantize(tensor).dequantize(tensor.dtype)
+        save_file(tensors, out / path.name, metadata={"format": "pt"})
+    return out
 
 
 # --- comparison ------------------------------------------------------------------------------
@@ -224,8 +256,15 @@ def main() -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["gguf"],
-        help="serve the default model quantized from its GGUF file (see above)",
+        choices=["gguf", *AT_LOAD_METHODS],
+        help="serve the default model quantized from its GGUF file, or quantized at load (see "
+        "above)",
+    )
+    p.add_argument(
+        "--dequantized",
+        type=Path,
+        default=Path.home() / ".cache" / "sluice" / "dequantized",
+        help="where the copies transformers runs for --quantize's load-time methods are written",
     )
     p.add_argument(
         "--serve", type=Path, help="the directory Sluice serves, if not --model (see above)"
@@ -236,6 +275,9 @@ def main() -> None:
     model_dir = a.model.expanduser().resolve()
     check_model(model_dir)
     served_dir = a.serve.expanduser().resolve() if a.serve else model_dir
+    reference_dir = model_dir
+    if a.quantize in AT_LOAD_METHODS:
+        reference_dir = write_dequantized(model_dir, a.quantize, a.dequantized / a.quantize)
     if a.window < 2:
         p.error("--window must be at least 2: a window's first token is not scored")
 
@@ -254,7 +296,8 @@ def main() -> None:
             a.startup_timeout,
             a.quantize,
         )
-        row = compare(dtype, served, transformers_logprobs(model_dir, dtype, windows), startup_s)
+        reference = transformers_logprobs(reference_dir, dtype, windows)
+        row = compare(dtype, served, reference, startup_s)
         log(
             f"{dtype}: Sluice {row['sluice']:.4f}, transformers {row['transformers']:.4f} "
             f"({row['relative_difference']:+.3%})"
@@ -268,6 +311,7 @@ def main() -> None:
         "machine": asdict(machine.describe(0, 0, "float32")),
         "model": str(model_dir),
         "served": str(served_dir),
+        "reference": str(reference_dir),
         "quantize": a.quantize,
         "transformers": package_version("transformers"),
         "text": {

@@ -5,7 +5,11 @@ in one run (this machine's speed drifts over minutes; alternating spreads the dr
 - bfloat16: the weights expanded from the default model's GGUF file;
 - gguf: `--quantize gguf`, the file's Q4_1 projections and Q8_0 LM head as stored;
 - awq, gptq, gptq-8bit: the expanded weights quantized by round-to-nearest into AWQ's and GPTQ's
-  checkpoint layouts (server/tests/packed_checkpoints.py; GPTQ in act-order), per group of 64.
+  checkpoint layouts (server/tests/packed_checkpoints.py; GPTQ in act-order), per group of 64;
+- fp8-checkpoint: the expanded weights in compressed-tensors' FP8 format, scales per block of
+  32 x 32 (server/tests/fp8_checkpoints.py);
+- fp8, bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4: the expanded weights quantized at load
+  (`--quantize`).
 
 All run bfloat16 activations; 128 prompt tokens, 128 output tokens, streamed, ignore_eos.
 
@@ -50,25 +54,38 @@ BITS_PER_WEIGHT = {
     "GGUF Q4_0, Q4_1, Q4_K": (4 + 64 / 32, True),
     "AWQ / GPTQ 4-bit, groups of 128": (4 + 64 / 128, False),
     "GPTQ 8-bit, groups of 128": (8 + 64 / 128, False),
+    # A float32 scale per output feature: 32 / 4096 bits per weight, at most.
+    "FP8 per output feature, bitsandbytes int8": (8 + 32 / 4096, False),
+    "FP8 blocks of 128 x 128 (held as groups of 128)": (8 + 32 / 128, False),
+    "bitsandbytes NF4 / FP4, blocks of 64": (4 + 32 / 64, False),
 }
 WEIGHTS_LINE = re.compile(r"rank 0 holds ([\d.]+) MiB of weights")
-PACKED_CHECKPOINTS = BENCH.parent / "server" / "tests" / "packed_checkpoints.py"
+SERVER_TESTS = BENCH.parent / "server" / "tests"
 
 
 @dataclass(frozen=True)
 class Variant:
     flags: tuple[str, ...] = ()
-    # packed_checkpoints.py's arguments for a checkpoint quantized from the default model; None:
-    # the default model itself.
+    # The script (in server/tests) and its arguments that write a checkpoint quantized from the
+    # default model; None: the default model itself.
     checkpoint: tuple[str, ...] | None = None
+
+
+def packed(*args: str) -> tuple[str, ...]:
+    return ("packed_checkpoints.py", *args)
 
 
 VARIANTS = {
     "bfloat16": Variant(),
     "gguf": Variant(flags=("--quantize", "gguf")),
-    "awq": Variant(checkpoint=("awq", "--group-size", "64")),
-    "gptq": Variant(checkpoint=("gptq", "--group-size", "64", "--act-order")),
-    "gptq-8bit": Variant(checkpoint=("gptq", "--bits", "8", "--group-size", "64")),
+    "awq": Variant(checkpoint=packed("awq", "--group-size", "64")),
+    "gptq": Variant(checkpoint=packed("gptq", "--group-size", "64", "--act-order")),
+    "gptq-8bit": Variant(checkpoint=packed("gptq", "--bits", "8", "--group-size", "64")),
+    "fp8-checkpoint": Variant(checkpoint=("fp8_checkpoints.py", "block")),
+    **{
+        method: Variant(flags=("--quantize", method))
+        for method in ("fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
+    },
 }
 
 
@@ -77,10 +94,17 @@ def model_id(args: argparse.Namespace, variant: Variant) -> str:
     quantized from it, written on first use."""
     if variant.checkpoint is None:
         return args.model_id
-    out = args.checkpoints / "-".join(variant.checkpoint).replace("--", "")
+    script, *script_args = variant.checkpoint
+    # packed_checkpoints.py's arguments start with the method.
+    named_by = script_args if script == "packed_checkpoints.py" else ["fp8", *script_args]
+    out = args.checkpoints / "-".join(named_by).replace("--", "")
     if not (out / "config.json").is_file():
-        command = [sys.executable, str(PACKED_CHECKPOINTS), variant.checkpoint[0], str(args.model)]
-        subprocess.run([*command, str(out), *variant.checkpoint[1:]], check=True)
+        if script == "packed_checkpoints.py":  # its method comes before the directories
+            method, *script_args = script_args
+            script_args = [method, str(args.model), str(out), *script_args]
+        else:
+            script_args = [str(args.model), str(out), *script_args]
+        subprocess.run([sys.executable, str(SERVER_TESTS / script), *script_args], check=True)
     return str(out)
 
 

@@ -121,6 +121,9 @@ class CheckpointWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         if self._only_quantized(name):
             return tuple(self._dequantized(name).shape)
+        return self.stored_shape(name)
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
         handle, stored_name = self._location(name)
         return tuple(handle.get_slice(stored_name).get_shape())
 

@@ -26,9 +26,11 @@ BITSANDBYTES_4BIT_BLOCK = 64
 
 
 class StoredTensors(Protocol):
-    def get(self, name: str) -> torch.Tensor: ...
+    """A checkpoint's tensors as stored."""
 
-    def shape(self, name: str) -> tuple[int, ...]: ...
+    def stored(self, name: str) -> torch.Tensor: ...
+
+    def stored_shape(self, name: str) -> tuple[int, ...]: ...
 
     def __contains__(self, name: str) -> bool: ...
 
@@ -99,10 +101,10 @@ class LoadTimeQuantizer:
     def holds(self, name: str) -> bool:
         if name.startswith("lm_head.") or not name.endswith(".weight") or name not in self._tensors:
             return False
-        shape = self._tensors.shape(name)
+        shape = self._tensors.stored_shape(name)
         return len(shape) == 2 and shape[1] % self._multiple == 0
 
     def get(self, name: str) -> QuantizedWeight | None:
         if not self.holds(name):
             return None
-        return self._quantize(self._tensors.get(name))
+        return self._quantize(self._tensors.stored(name))

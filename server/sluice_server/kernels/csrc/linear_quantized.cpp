@@ -201,6 +201,11 @@ inline UnpackedBlock unpack_block_avx2(const QuantizedMatrix& w, const uint8_t* 
   return block;
 }
 
+// The order a block's four vectors are multiplied in: the two chains' first vectors, then their
+// second, so that consecutive FMAs do not wait on each other. (Each chain's own order, and so
+// the result, is the same in any order of the chains.)
+constexpr int kVectorOrder[4] = {0, 2, 1, 3};
+
 inline float horizontal_sum(__m256 v) {
   const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
@@ -233,13 +238,80 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
         const float* xr = x + r * in_features + b * kCodeBlock;
-        for (int i = 0; i < 4; ++i) {
+#pragma GCC unroll 4
+        for (const int i : kVectorOrder) {
           __m256& total = totals[r][c][i / 2];
           total = _mm256_fmadd_ps(weights.values[i], _mm256_loadu_ps(xr + 8 * i), total);
         }
       }
     }
   });
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < kCols; ++c) {
+      dots[r][c] = horizontal_sum(_mm256_add_ps(totals[r][c][0], totals[r][c][1]));
+    }
+  }
+}
+
+// The panel path, for many rows of table codes (NF4, FP4), whose lookups cost the most to
+// unpack: a few columns' codes unpacked and scaled once into a buffer (the panel, [columns][K]
+// float32) that every row then reads, instead of once per pass of 4 rows. The panel holds the
+// very vectors scaled_dots computes in registers, and panel_dots sums them in scaled_dots'
+// order, so a row's output has the same bits on either path: choosing the path by the number
+// of rows keeps a request's output independent of its batch. (For the other formats, whose
+// codes unpack in a few instructions, the panel measured no faster: reading it back from the
+// caches costs about what unpacking does.)
+constexpr int64_t kPanelColumns = 2;
+constexpr int64_t kPanelRows = 3;
+// Rows from which filling a panel costs less than unpacking table codes once per 4 rows.
+constexpr int64_t kPanelMinRows = 8;
+
+inline bool takes_panel_path(const QuantizedMatrix& w, int64_t row_count) {
+  return w.format == CodeFormat::kLevels4 && row_count >= kPanelMinRows;
+}
+
+inline void fill_panel(const QuantizedMatrix& w, int64_t n, int64_t columns, float* panel) {
+  for (int64_t c = 0; c < columns; ++c) {
+    const uint8_t* codes = w.column_codes(n + c);
+    const float* scales = w.column_scales(n + c);
+    float* column = panel + c * w.in_features;
+    for_each_block(w, [&](int64_t b, int64_t g) {
+      const UnpackedBlock weights = unpack_block_avx2(w, codes + b * w.block_bytes());
+      const __m256 scale = _mm256_set1_ps(scales[g] * w.code_scale());
+      for (int i = 0; i < 4; ++i) {
+        const __m256 scaled = _mm256_mul_ps(weights.values[i], scale);
+        _mm256_storeu_ps(column + b * kCodeBlock + 8 * i, scaled);
+      }
+    });
+  }
+}
+
+// kRows rows of x against the panel's kCols columns: scaled_dots' sums, read from the panel.
+// Each weight vector loaded serves kRows rows and each x vector kCols columns.
+template <int64_t kRows, int64_t kCols>
+inline void panel_dots(const float* panel, const float* x, int64_t in_features,
+                       float (&dots)[kRows][kCols]) {
+  __m256 totals[kRows][kCols][2];
+  for (auto& row : totals) {
+    for (auto& column : row) {
+      for (auto& total : column) total = _mm256_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < in_features; k += kCodeBlock) {
+#pragma GCC unroll 4
+    for (const int i : kVectorOrder) {
+      __m256 weights[kCols];
+      for (int c = 0; c < kCols; ++c) {
+        weights[c] = _mm256_loadu_ps(panel + c * in_features + k + 8 * i);
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 xr = _mm256_loadu_ps(x + r * in_features + k + 8 * i);
+        for (int c = 0; c < kCols; ++c) {
+          totals[r][c][i / 2] = _mm256_fmadd_ps(weights[c], xr, totals[r][c][i / 2]);
+        }
+      }
+    }
+  }
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kCols; ++c) {
       dots[r][c] = horizontal_sum(_mm256_add_ps(totals[r][c][0], totals[r][c][1]));
@@ -267,12 +339,10 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
 }
 #endif
 
-// y[row .. row + kRows][n .. n + kCols]: the scaled dots plus the offsets' and bias's terms.
+// y[row .. row + kRows][n .. n + kCols] from the scaled dots: plus the offsets' and bias's terms.
 template <int64_t kRows, int64_t kCols, typename Out>
-inline void quantized_tile(const QuantizedMatrix& w, const RowBlock<Out>& block,
-                           const float* bias, int64_t row, int64_t n) {
-  float dots[kRows][kCols];
-  scaled_dots<kRows, kCols>(w, block.x + row * block.in_features, block.in_features, n, dots);
+inline void store_tile(const QuantizedMatrix& w, const RowBlock<Out>& block, const float* bias,
+                       int64_t row, int64_t n, const float (&dots)[kRows][kCols]) {
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kCols; ++c) {
       float value = dots[r][c] + (bias ? bias[n + c] : 0.f);
@@ -283,6 +353,14 @@ inline void quantized_tile(const QuantizedMatrix& w, const RowBlock<Out>& block,
       block.y[(row + r) * block.out_features + n + c] = from_float<Out>(value);
     }
   }
+}
+
+template <int64_t kRows, int64_t kCols, typename Out>
+inline void quantized_tile(const QuantizedMatrix& w, const RowBlock<Out>& block,
+                           const float* bias, int64_t row, int64_t n) {
+  float dots[kRows][kCols];
+  scaled_dots<kRows, kCols>(w, block.x + row * block.in_features, block.in_features, n, dots);
+  store_tile<kRows, kCols>(w, block, bias, row, n, dots);
 }
 
 // y[row .. row + kRows] for columns [begin, end).
@@ -379,6 +457,31 @@ QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales
   return w;
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// Every row against columns [begin, end), a panel of kPanelColumns at a time.
+template <typename Out>
+void panel_columns(const QuantizedMatrix& w, const RowBlock<Out>& block, const float* bias,
+                   int64_t row_count, int64_t begin, int64_t end) {
+  std::vector<float> panel(kPanelColumns * w.in_features);
+  for (int64_t n = begin; n < end; n += kPanelColumns) {
+    const int64_t columns = std::min(kPanelColumns, end - n);
+    fill_panel(w, n, columns, panel.data());
+    with_count<kPanelColumns>(columns, [&](auto column_count) {
+      constexpr int64_t kCols = decltype(column_count)::value;
+      for (int64_t row = 0; row < row_count; row += kPanelRows) {
+        with_count<kPanelRows>(std::min(kPanelRows, row_count - row), [&](auto row_count_) {
+          constexpr int64_t kRows = decltype(row_count_)::value;
+          float dots[kRows][kCols];
+          const float* x = block.x + row * block.in_features;
+          panel_dots<kRows, kCols>(panel.data(), x, block.in_features, dots);
+          store_tile<kRows, kCols>(w, block, bias, row, n, dots);
+        });
+      }
+    });
+  }
+}
+#endif
+
 template <typename T>
 void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const float* bias,
               int64_t out_features, T* y) {
@@ -391,6 +494,11 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
                           w.groups(),
                           out_features};
   at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    if (takes_panel_path(w, row_count)) {
+      return panel_columns(w, block, bias, row_count, begin, end);
+    }
+#endif
     for (int64_t row = 0; row < row_count; row += kRowsPerPass) {
       with_count<kRowsPerPass>(std::min(kRowsPerPass, row_count - row), [&](auto count) {
         quantized_columns<decltype(count)::value>(w, block, bias, row, begin, end);
