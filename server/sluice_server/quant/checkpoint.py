@@ -136,11 +136,12 @@ def checkpoint_quantization(
             f"{method}; leave --quantize out to serve it as it is"
         )
     if method not in SERVED_METHODS:
-        hint = "; serve the unquantized model with --quantize " + method
+        hint = ""
+        if method == "bitsandbytes":
+            hint = "; serve its unquantized original with --quantize bitsandbytes-nf4 instead"
         raise CheckpointQuantizationError(
             f"the checkpoint is quantized with {method}, which Sluice does not serve yet "
-            f"(it serves {', '.join(SERVED_METHODS)} checkpoints and GGUF files)"
-            + (hint + "-nf4" if method == "bitsandbytes" else "")
+            f"(it serves {', '.join(SERVED_METHODS)} checkpoints and GGUF files){hint}"
         )
     try:
         return CheckpointQuantization.parse(method, config)

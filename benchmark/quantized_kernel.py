@@ -1,0 +1,114 @@
+"""The quantized matmul (`linear_quantized` in the compiled CPU kernels) per code format against
+Sluice's bfloat16 matmul (`linear_bf16`), on the projections of SmolLM2-135M.
+
+For each row count and format: every projection shape (the fused qkv, o, fused gate/up, down),
+each timed over as many distinct weights as the model has layers, so that weights stream from
+memory as in a real step; the implementations alternate shape by shape in this one process.
+Prints one JSON line per row count: the time of one step's projections with each, and each
+format's speed relative to bfloat16 (above 1: faster). The weights are random, quantized with
+Sluice's own quantizers (`--quantize fp8`, bitsandbytes', and 4-bit integers with offsets as
+AWQ, GPTQ and GGUF's Q4_1 hold them); activations are bfloat16.
+
+    python benchmark/quantized_kernel.py --rows 1 4 32 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "server"))
+sys.path.insert(0, str(REPO / "benchmark"))
+
+from linear_kernel import time_us
+from sluice_server.kernels import Kernels
+from sluice_server.quant import CodeFormat, QuantizedWeight
+from sluice_server.quant.at_load import quantize_4bit, quantize_int8
+from sluice_server.quant.fp8 import quantize_fp8
+
+# (in_features, out_features): SmolLM2-135M's projections, each used by its 30 layers.
+SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+LAYERS = 30
+
+
+def uint4_with_offsets(weight: torch.Tensor) -> QuantizedWeight:
+    """4-bit integer codes with a scale and offset per group of 32 (Q4_1's, and AWQ's and
+    GPTQ's with a zero point): the NF4 codes reinterpreted, which times the same."""
+    codes = quantize_4bit(weight, "nf4")
+    groups = weight.shape[1] // 32
+    return QuantizedWeight(
+        codes.codes,
+        torch.rand(weight.shape[0], groups),
+        torch.rand(weight.shape[0], groups),
+        CodeFormat.UINT4,
+        32,
+    )
+
+
+FORMATS = {
+    "uint4": uint4_with_offsets,
+    "int8": quantize_int8,
+    "fp8": quantize_fp8,
+    "nf4": lambda w: quantize_4bit(w, "nf4"),
+}
+
+
+def multiply(ops: object, x: torch.Tensor, weights: list) -> Callable[[], object]:
+    """A call of x against the next of `weights` (bfloat16 packed, or quantized)."""
+    turn = iter(range(1 << 62))
+
+    def call() -> object:
+        weight = weights[next(turn) % len(weights)]
+        if isinstance(weight, QuantizedWeight):
+            return ops.quantized_linear(x, weight, None)
+        return ops.packed_linear(x, weight)
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32, 128])
+    args = parser.parse_args()
+    kernels = Kernels.compiled_cpu(Path.home() / ".cache" / "sluice" / "kernels")
+    ops = kernels.ops
+    generator = torch.Generator().manual_seed(0)
+    layers = {
+        shape: [torch.randn(shape[1], shape[0], generator=generator) / 16 for _ in range(LAYERS)]
+        for shape in SHAPES
+    }
+    held = {
+        shape: {
+            "bfloat16": [ops.pack_linear(w.bfloat16(), None) for w in weights],
+            **{name: [quantize(w) for w in weights] for name, quantize in FORMATS.items()},
+        }
+        for shape, weights in layers.items()
+    }
+    for rows in args.rows:
+        step_us = dict.fromkeys(["bfloat16", *FORMATS], 0.0)
+        for shape in SHAPES:
+            x = torch.randn(rows, shape[0], generator=generator).bfloat16()
+            calls = max(LAYERS, min(300, int(3e9 / (rows * shape[0] * shape[1]))))
+            for name, weights in held[shape].items():
+                step_us[name] += time_us(multiply(ops, x, weights), calls) * LAYERS
+        bf16 = step_us["bfloat16"]
+        print(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "step_projections_ms": {k: round(v / 1e3, 2) for k, v in step_us.items()},
+                    "speed_vs_bfloat16": {k: round(bf16 / v, 2) for k, v in step_us.items()},
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
