@@ -186,9 +186,9 @@ pub struct Args {
     /// Quantization: `awq`, `gptq` and `fp8` serve a checkpoint quantized with that method (one
     /// whose config.json names it is served quantized without the flag too); `fp8`,
     /// `bitsandbytes`, `bitsandbytes-nf4` and `bitsandbytes-fp4` quantize an unquantized
-    /// checkpoint at load; `gguf` serves a GGUF model's Q4_0, Q4_1, Q8_0 and Q4_K projections as
-    /// they are stored; `eetq`, `exl2` and `marlin` are not built yet and are refused [default:
-    /// the checkpoint's weights in --dtype, or as it is quantized].
+    /// checkpoint at load; `gguf` serves a GGUF model's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K
+    /// projections as they are stored; `eetq`, `exl2` and `marlin` are not built yet and are
+    /// refused [default: the checkpoint's weights in --dtype, or as it is quantized].
     #[arg(long, env, value_enum)]
     pub quantize: Option<Quantize>,
 

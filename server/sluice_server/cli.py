@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="the GGUF file model_dir was converted from: serve the projections it holds in "
-        "Q4_0, Q4_1, Q8_0 or Q4_K as stored, multiplied by the quantized kernel, instead of "
+        "Q4_0, Q4_1, Q8_0, Q4_K or Q6_K as stored, multiplied by the quantized kernel, instead of "
         "model_dir's dequantized copies (the launcher's --quantize gguf)",
     )
     serve.add_argument(

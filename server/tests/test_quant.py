@@ -71,8 +71,22 @@ def test_q4_k_blocks_match_gguf_dequantization() -> None:
     np.testing.assert_allclose(weight.dequantize().numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_q6_k_blocks_match_gguf_dequantization() -> None:
+    # gguf has no Q6_K quantizer in Python: random blocks with a finite float16 d instead.
+    rng = np.random.default_rng(2)
+    rows, superblocks = 3, 2
+    blocks = rng.integers(0, 256, (rows, superblocks, 210), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.1, (rows, superblocks, 1)).astype(np.float16)
+    blocks[..., 208:] = d.view(np.uint8)
+    data = blocks.reshape(rows, -1)
+    weight = _read_blocks("Q6_K", data)
+    assert weight is not None and weight.group_size == 16
+    expected = gguf.quants.dequantize(data, Q.Q6_K)
+    np.testing.assert_allclose(weight.dequantize().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_unread_formats_are_left_unquantized() -> None:
-    assert _read_blocks("Q6_K", np.zeros((2, 210), dtype=np.uint8)) is None
+    assert _read_blocks("Q5_K", np.zeros((2, 176), dtype=np.uint8)) is None
 
 
 def test_slices_hold_whole_groups() -> None:
@@ -100,6 +114,8 @@ def test_per_channel_scales_slice_at_any_block() -> None:
         (CodeFormat.UINT4, 32, True),
         (CodeFormat.UINT4, 128, True),
         (CodeFormat.UINT4, 64, False),
+        (CodeFormat.UINT4, 16, True),
+        (CodeFormat.INT8, 16, False),
         (CodeFormat.INT8, 32, False),
         (CodeFormat.INT8, 128, True),
         (CodeFormat.FLOAT8_E4M3, 256, False),

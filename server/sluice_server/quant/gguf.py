@@ -4,8 +4,8 @@ than expanded to the model's dtype.
 The model directory converted from the same file (gguf_files.convert_gguf) still gives the
 configuration, the tokenizer and every tensor that is not a projection (embeddings, norms); this
 supplies the projections' weights, by their Hugging Face names, in the kernel's layout
-(weight.py). Block formats read: Q4_0, Q4_1, Q8_0 and Q4_K. A projection stored in any other
-format (Q6_K, F16, ...) is taken from the converted directory in the model's dtype.
+(weight.py). Block formats read: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K. A projection stored in any
+other format (Q5_K, F16, ...) is taken from the converted directory in the model's dtype.
 """
 
 import logging
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .weight import CODE_BLOCK, CodeFormat, QuantizedWeight, pack_4bit
+from .weight import CODE_BLOCK, HALF_BLOCK, CodeFormat, QuantizedWeight, pack_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,32 @@ def _q4_k(data: np.ndarray) -> QuantizedWeight:
     )
 
 
-_BLOCK_READERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k}
+def _q6_k(data: np.ndarray) -> QuantizedWeight:
+    # 210 bytes per 256 weights: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 signed
+    # sub-scales, d. Sub-block j (16 weights): w = d * sc[j] * (q - 32), q the 6-bit code.
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, 210)
+    low = blocks[..., :128].reshape(rows, -1, 2, 2, 32).astype(np.int16)  # [half, 32-byte run]
+    high = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32).astype(np.int16)
+    sub_scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+    d = _halves(blocks, 208)
+    # In each half of 128 weights, quarter k (32 weights) is: the low nibbles (k = 0, 1) or the
+    # high nibbles (k = 2, 3) of run k % 2, with bits 2k and 2k + 1 of the high-bit bytes.
+    quarters = [
+        ((low[..., k % 2, :] >> (4 * (k // 2))) & 0x0F) | (((high[..., 0, :] >> (2 * k)) & 3) << 4)
+        for k in range(4)
+    ]
+    codes = (np.stack(quarters, axis=3) - 32).astype(np.int8).reshape(rows, -1)
+    return QuantizedWeight(
+        codes=torch.from_numpy(codes),
+        scales=torch.from_numpy((d[..., None] * sub_scales).reshape(rows, -1)),
+        offsets=None,
+        code_format=CodeFormat.INT8,
+        group_size=HALF_BLOCK,
+    )
+
+
+_BLOCK_READERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
 
 
 def _unpermute_rows(weight: QuantizedWeight, num_heads: int) -> QuantizedWeight:

@@ -36,8 +36,10 @@ class CodeFormat(IntEnum):
         return 4 if self in (CodeFormat.UINT4, CodeFormat.LEVELS4) else 8
 
 
-# Input features one block of codes covers; groups are whole blocks.
+# Input features one block of codes covers; groups are whole blocks, or half a block (GGUF's
+# Q6_K scales every 16).
 CODE_BLOCK = 32
+HALF_BLOCK = CODE_BLOCK // 2
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,11 @@ class QuantizedWeight:
             raise ValueError("levels go with, and only with, 4-bit level codes")
         if self.levels is not None and tuple(self.levels.shape) != (16,):
             raise ValueError(f"levels {tuple(self.levels.shape)} are not 16 values")
-        if self.group_size <= 0 or self.group_size % CODE_BLOCK:
-            raise ValueError(f"group size {self.group_size} is not a multiple of {CODE_BLOCK}")
+        if self.group_size != HALF_BLOCK and (self.group_size <= 0 or self.group_size % CODE_BLOCK):
+            raise ValueError(
+                f"group size {self.group_size} is neither {HALF_BLOCK} nor a multiple of "
+                f"{CODE_BLOCK}"
+            )
         expected = (self.out_features, self.in_features // self.group_size)
         for name, tensor in (("scales", self.scales), ("offsets", self.offsets)):
             if tensor is not None and tuple(tensor.shape) != expected:
@@ -116,11 +121,11 @@ class QuantizedWeight:
     def splits_at(self, start: int, stop: int) -> bool:
         """Whether `columns(start, stop)` can slice it: its groups are runs of consecutive input
         features (not act-order's) and the slice cuts none, or one group spans every feature
-        and the slice is whole code blocks."""
-        if self.input_order is not None:
+        (either way, the slice is whole code blocks)."""
+        if self.input_order is not None or start % CODE_BLOCK or stop % CODE_BLOCK:
             return False
         if self.group_size == self.in_features:
-            return start % CODE_BLOCK == 0 and stop % CODE_BLOCK == 0
+            return True
         return start % self.group_size == 0 and stop % self.group_size == 0
 
     def padded_rows(self, count: int) -> "QuantizedWeight":

@@ -15,7 +15,7 @@
 //   half's, make a half worth the value / 2^8 (subnormals included), which F16C widens in one
 //   instruction; the 2^8 joins the scale.
 //
-// Scales and offsets are float32 [N][K / group_size]; group_size is a multiple of 32.
+// Scales and offsets are float32 [N][K / group_size]; group_size is a multiple of 32, or 16.
 //
 // The activations stay float32: sum_k W x = sum_b scale * sum(value * x) + sum_g offset * sum(x),
 // each block's 32 codes widened to float32 and scaled once, the offsets joining through x's sums
@@ -42,6 +42,8 @@ namespace sluice {
 namespace {
 
 constexpr int64_t kCodeBlock = 32;
+// The one group size that is not whole blocks: half a block (GGUF's Q6_K scales per 16).
+constexpr int64_t kHalfBlock = kCodeBlock / 2;
 constexpr int64_t kRowsPerPass = 4;
 // Columns per thread at least: a decode step's smallest projections still split across threads.
 constexpr int64_t kColumnGrain = 16;
@@ -75,15 +77,30 @@ struct QuantizedMatrix {
   const float* column_scales(int64_t n) const { return scales + n * groups(); }
 };
 
-// The blocks of 32 codes in order, each with its group (a counter rather than a division per
-// block): body(block index, group index).
+// The blocks of 32 codes in order, each with the group of its first half (a counter rather than a
+// division per block): body(block index, group index).
 template <typename Body>
 inline void for_each_block(const QuantizedMatrix& w, Body&& body) {
+  if (w.group_size == kHalfBlock) {
+    for (int64_t b = 0; b < w.blocks(); ++b) body(b, 2 * b);
+    return;
+  }
   const int64_t blocks_per_group = w.group_size / kCodeBlock;
   for (int64_t b = 0, g = 0, left = blocks_per_group; b < w.blocks(); ++b, --left) {
     if (left == 0) left = blocks_per_group, ++g;
     body(b, g);
   }
+}
+
+// A block's two halves' scales (times the format's code_scale): its group's twice, or with
+// groups of 16 (GGUF's Q6_K) each half's own.
+struct HalfScales {
+  float first, second;
+};
+
+inline HalfScales half_scales(const QuantizedMatrix& w, const float* column_scales, int64_t g) {
+  const int64_t second = w.group_size == kHalfBlock ? g + 1 : g;
+  return {column_scales[g] * w.code_scale(), column_scales[second] * w.code_scale()};
 }
 
 // Rows of x as float32 with their per-group sums, and y in x's dtype.
@@ -201,6 +218,15 @@ inline UnpackedBlock unpack_block_avx2(const QuantizedMatrix& w, const uint8_t* 
   return block;
 }
 
+// The block's values times their halves' scales (vectors 0-1 the first half, 2-3 the second).
+inline void scale_block(const HalfScales& scale, UnpackedBlock& block) {
+  const __m256 first = _mm256_set1_ps(scale.first), second = _mm256_set1_ps(scale.second);
+  block.values[0] = _mm256_mul_ps(block.values[0], first);
+  block.values[1] = _mm256_mul_ps(block.values[1], first);
+  block.values[2] = _mm256_mul_ps(block.values[2], second);
+  block.values[3] = _mm256_mul_ps(block.values[3], second);
+}
+
 // The order a block's four vectors are multiplied in: the two chains' first vectors, then their
 // second, so that consecutive FMAs do not wait on each other. (Each chain's own order, and so
 // the result, is the same in any order of the chains.)
@@ -233,8 +259,7 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
     for (int c = 0; c < kCols; ++c) {
       const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
       UnpackedBlock weights = unpack_block_avx2(w, block_codes);
-      const __m256 scale = _mm256_set1_ps(scales[c * w.groups() + g] * w.code_scale());
-      for (auto& values : weights.values) values = _mm256_mul_ps(values, scale);
+      scale_block(half_scales(w, scales + c * w.groups(), g), weights);
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
         const float* xr = x + r * in_features + b * kCodeBlock;
@@ -276,11 +301,10 @@ inline void fill_panel(const QuantizedMatrix& w, int64_t n, int64_t columns, flo
     const float* scales = w.column_scales(n + c);
     float* column = panel + c * w.in_features;
     for_each_block(w, [&](int64_t b, int64_t g) {
-      const UnpackedBlock weights = unpack_block_avx2(w, codes + b * w.block_bytes());
-      const __m256 scale = _mm256_set1_ps(scales[g] * w.code_scale());
+      UnpackedBlock weights = unpack_block_avx2(w, codes + b * w.block_bytes());
+      scale_block(half_scales(w, scales, g), weights);
       for (int i = 0; i < 4; ++i) {
-        const __m256 scaled = _mm256_mul_ps(weights.values[i], scale);
-        _mm256_storeu_ps(column + b * kCodeBlock + 8 * i, scaled);
+        _mm256_storeu_ps(column + b * kCodeBlock + 8 * i, weights.values[i]);
       }
     });
   }
@@ -329,8 +353,10 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
     for (int r = 0; r < kRows; ++r) dots[r][c] = 0.f;
     for_each_block(w, [&](int64_t b, int64_t g) {
       unpack_block(w, codes + b * w.block_bytes(), values);
-      const float scale = scales[g] * w.code_scale();
-      for (float& value : values) value *= scale;
+      const HalfScales scale = half_scales(w, scales, g);
+      for (int64_t i = 0; i < kCodeBlock; ++i) {
+        values[i] *= i < kHalfBlock ? scale.first : scale.second;
+      }
       for (int r = 0; r < kRows; ++r) {
         dots[r][c] += dot(values, x + r * in_features + b * kCodeBlock, kCodeBlock);
       }
@@ -426,8 +452,8 @@ QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales
                 "levels must be contiguous float32 [", kLevelCount, "]");
     level_data = levels->data_ptr<float>();
   }
-  TORCH_CHECK(group_size > 0 && group_size % kCodeBlock == 0, "group_size must be a multiple of ",
-              kCodeBlock);
+  TORCH_CHECK(group_size == kHalfBlock || (group_size > 0 && group_size % kCodeBlock == 0),
+              "group_size must be ", kHalfBlock, " or a multiple of ", kCodeBlock);
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() &&
                   (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kChar),
               "codes must be contiguous uint8 or int8 [out_features, in_features * bits / 8]");
@@ -440,6 +466,8 @@ QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales
                     0};
   const int64_t out_features = codes.size(0);
   w.in_features = codes.size(1) * 8 / w.bits();
+  TORCH_CHECK(w.in_features % kCodeBlock == 0, "in_features (", w.in_features,
+              ") must be a multiple of ", kCodeBlock);
   TORCH_CHECK(w.in_features % group_size == 0, "in_features (", w.in_features,
               ") must be a multiple of group_size (", group_size, ")");
   const auto check_groups = [&](const at::Tensor& tensor, const char* name) {
