@@ -36,6 +36,13 @@ def random_weight(out_features: int = 48, in_features: int = 256) -> torch.Tenso
     return torch.randn(out_features, in_features, generator=generator) / 8
 
 
+def assert_logits_match(loaded: LoadedModel, reference: torch.nn.Module) -> None:
+    """Sluice's logits for every position of TOKENS equal the transformers model's."""
+    with torch.no_grad():
+        expected = reference(TOKENS).logits[0]
+    torch.testing.assert_close(forward_logits(loaded, TOKENS[0]), expected, rtol=1e-4, atol=1e-4)
+
+
 def quantized_projections(loaded: LoadedModel) -> list[Linear]:
     return [m for m in loaded.model.modules() if isinstance(m, Linear) and m.quantized is not None]
 
@@ -54,9 +61,7 @@ def test_compressed_tensors_checkpoint_matches_transformers(
     projections = quantized_projections(loaded)
     assert len(projections) == 4 * 2  # qkv, o, gate_up and down of both layers; not the LM head
     assert {m.quantized.code_format for m in projections} == {CodeFormat.FLOAT8_E4M3}
-    with torch.no_grad():
-        expected = reference(TOKENS).logits[0]
-    torch.testing.assert_close(forward_logits(loaded, TOKENS[0]), expected, rtol=1e-4, atol=1e-4)
+    assert_logits_match(loaded, reference)
 
 
 def test_static_input_scales_are_read_and_left_unused(
@@ -101,9 +106,7 @@ def test_fine_grained_fp8_checkpoint_matches_its_dequantized_weights(
     loaded = load_model(tmp_path, torch.float32, CPU, compiled_kernels)
     assert len(quantized_projections(loaded)) == 4 * 2  # q/k/v and gate/up fused
     model.load_state_dict(dense, strict=False)
-    with torch.no_grad():
-        expected = model(TOKENS).logits[0]
-    torch.testing.assert_close(forward_logits(loaded, TOKENS[0]), expected, rtol=1e-4, atol=1e-4)
+    assert_logits_match(loaded, model)
 
 
 def test_fp8_at_load_matches_compressed_tensors_per_channel_quantization(
@@ -195,9 +198,7 @@ def test_quantized_at_load_matches_transformers_on_the_dequantized_weights(
             assert not torch.equal(state[f"{prefix}.{part}.weight"], tensor)  # rounded
             state[f"{prefix}.{part}.weight"] = tensor
     model.load_state_dict(state)
-    with torch.no_grad():
-        expected = model(TOKENS).logits[0]
-    torch.testing.assert_close(forward_logits(loaded, TOKENS[0]), expected, rtol=1e-4, atol=1e-4)
+    assert_logits_match(loaded, model)
 
 
 @pytest.mark.parametrize("method", ["fp8", "bitsandbytes-nf4"])

@@ -164,12 +164,10 @@ class QuantizedWeight:
         )
 
     def unpacked_codes(self) -> torch.Tensor:
-        """The codes as integers [N, K]: 0..15 for 4 bits, -128..127 for INT8, the bytes 0..255
-        for FP8."""
-        if self.code_format is CodeFormat.INT8:
-            return self.codes.view(torch.int8).to(torch.int32)
+        """The integer codes [N, K]: 0..15 for 4 bits (LEVELS4's indexes too), -128..127 for
+        INT8. (FP8 codes are floats: see `code_values`.)"""
         if self.bits == 8:
-            return self.codes.view(torch.uint8).to(torch.int32)
+            return self.codes.view(torch.int8).to(torch.int32)
         blocks = self.codes.view(self.out_features, -1, CODE_BLOCK // 2).to(torch.int32)
         return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(self.out_features, -1)
 
