@@ -19,6 +19,10 @@ errors, as JSON. Output tokens are the server's own count (the usage chunk on th
 `details.generated_tokens` on generate_stream); a server that sends neither gets its chunks
 carrying text counted instead, and `tokens_counted_from` says which.
 
+A chat replay (`run_chat`, run_all.py's chat workload) holds conversations instead: each turn
+sends the whole conversation so far plus a new user message, so that every prompt begins with
+the previous one and a server's prefix cache can skip it; it reports TTFT per turn.
+
     python benchmark/load.py --url http://127.0.0.1:3000 --route completions --ignore-eos \
         --tokenizer ~/.cache/sluice/models/SmolLM2-135M-Instruct --concurrency 1 16 \
         --requests 16 --prompt-tokens 128 --output-tokens 128
@@ -64,6 +68,8 @@ def make_prompts(tokenizer: Tokenizer, count: int, prompt_tokens: int, seed: int
 
 ROUTES = ("generate_stream", "completions", "chat")
 OPENAI_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+# A conversation so far: [{"role": "user" | "assistant", "content": text}, ...]
+Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -75,6 +81,7 @@ class RequestResult:
     ttft_s: float = 0.0
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
+    text: str = ""
     error: str = ""
 
 
@@ -93,6 +100,8 @@ class LevelResult:
     mean_output_tokens: float
     tokens_counted_from: str  # "server", "chunks", or both joined by "+" when requests differed
     first_error: str = ""  # the first failed request's error, to tell why `errors` is not 0
+    # A chat replay's TTFT per turn: the median over its conversations.
+    ttft_p50_s_by_turn: list[float] = field(default_factory=list)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -110,7 +119,11 @@ class Target:
         self.url, self.route, self.model = url.rstrip("/"), route, model
         self.output_tokens, self.ignore_eos = output_tokens, ignore_eos
 
-    def request(self, prompt: str) -> tuple[str, dict]:
+    def request(self, prompt: str | Messages) -> tuple[str, dict]:
+        """The URL and body asking for an answer to `prompt`: a text, or a conversation, which
+        the chat route sends as messages and the other routes as its texts, one per line."""
+        if not isinstance(prompt, str) and self.route != "chat":
+            prompt = "\n".join(message["content"] for message in prompt)
         if self.route == "generate_stream":
             parameters = {"max_new_tokens": self.output_tokens, "details": True}
             if self.ignore_eos:
@@ -124,7 +137,9 @@ class Target:
             "stream_options": {"include_usage": True},
         }
         if self.route == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
+            body["messages"] = (
+                [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            )
         else:
             body["prompt"] = prompt
         if self.ignore_eos:
@@ -151,10 +166,13 @@ class Target:
         return (event.get("usage") or {}).get("completion_tokens")
 
 
-async def run_one(session: aiohttp.ClientSession, target: Target, prompt: str) -> RequestResult:
+async def run_one(
+    session: aiohttp.ClientSession, target: Target, prompt: str | Messages
+) -> RequestResult:
     url, body = target.request(prompt)
     start = time.perf_counter()
     stamps: list[float] = []  # when each chunk carrying text arrived
+    pieces: list[str] = []
     counted: int | None = None
     try:
         async with session.post(url, json=body) as response:
@@ -168,8 +186,9 @@ async def run_one(session: aiohttp.ClientSession, target: Target, prompt: str) -
                 event = json.loads(line[len("data:") :])
                 if "error" in event:
                     return RequestResult(ok=False, error=str(event["error"]))
-                if target.text_in(event):
+                if text := target.text_in(event):
                     stamps.append(now)
+                    pieces.append(text)
                 count = target.server_count(event)
                 if count is not None:
                     counted = count
@@ -184,6 +203,7 @@ async def run_one(session: aiohttp.ClientSession, target: Target, prompt: str) -
         ttft_s=stamps[0] - start,
         latency_s=stamps[-1] - start,
         itl_s=[b - a for a, b in itertools.pairwise(stamps)],
+        text="".join(pieces),
     )
 
 
@@ -192,9 +212,7 @@ async def run_level(target: Target, prompts: list[str], concurrency: int) -> Lev
     for prompt in prompts:
         queue.put_nowait(prompt)
     results: list[RequestResult] = []
-    timeout = aiohttp.ClientTimeout(total=3600)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    async with session_for(concurrency) as session:
 
         async def worker() -> None:
             while not queue.empty():
@@ -203,6 +221,54 @@ async def run_level(target: Target, prompts: list[str], concurrency: int) -> Lev
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         duration = time.perf_counter() - start
+    return summarize(results, concurrency, duration)
+
+
+async def run_chat(target: Target, conversations: list[list[str]], concurrency: int) -> LevelResult:
+    """Replays `conversations` (each a list of user messages), `concurrency` at a time. Each turn
+    sends the conversation so far (earlier messages and answers) plus its new message; a
+    conversation whose request fails stops there."""
+    queue: asyncio.Queue[list[str]] = asyncio.Queue()
+    for conversation in conversations:
+        queue.put_nowait(conversation)
+    turns = max(len(c) for c in conversations)
+    by_turn: list[list[RequestResult]] = [[] for _ in range(turns)]
+    async with session_for(concurrency) as session:
+
+        async def converse(user_messages: list[str]) -> None:
+            messages: Messages = []
+            for turn, content in enumerate(user_messages):
+                messages.append({"role": "user", "content": content})
+                result = await run_one(session, target, messages)
+                by_turn[turn].append(result)
+                if not result.ok:
+                    return
+                messages.append({"role": "assistant", "content": result.text})
+
+        async def worker() -> None:
+            while not queue.empty():
+                await converse(queue.get_nowait())
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        duration = time.perf_counter() - start
+    level = summarize([r for results in by_turn for r in results], concurrency, duration)
+    level.ttft_p50_s_by_turn = [
+        percentile([r.ttft_s for r in results if r.ok], 50) for results in by_turn
+    ]
+    return level
+
+
+def session_for(concurrency: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=3600),
+        # A connection per request: some servers close a kept-alive connection after a few
+        # requests, which a pooled connection would meet as an error.
+        connector=aiohttp.TCPConnector(limit=concurrency, force_close=True),
+    )
+
+
+def summarize(results: list[RequestResult], concurrency: int, duration: float) -> LevelResult:
     good = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in good)
     return LevelResult(

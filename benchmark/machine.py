@@ -1,10 +1,14 @@
-"""The machine a benchmark ran on, and the bf16 matmul peak it reaches with torch.
+"""The machine a benchmark ran on: its matmul peak and its memory bandwidth, measured with torch.
 
 Prints one JSON object: CPU model, cores, memory, the CPU flags that decide bf16 speed,
 torch's version and thread count, vLLM's version (from the peer venv, without importing it),
-and the best GFLOP/s of a large square `torch.matmul` in bfloat16.
+the best GFLOP/s of a large square `torch.matmul` in bfloat16, and the memory bandwidth in the
+manner of STREAM: the best of several passes over float32 arrays far larger than the caches,
+with every thread, for four kernels: read (a sum: what decoding one request does to the
+weights), copy (a = b), scale (a = s b) and triad (a = b + s c). Bytes are counted as STREAM
+counts them: each array read or written once per pass.
 
-    python benchmark/machine.py --matmul-size 4096
+    python benchmark/machine.py --matmul-size 4096 --bandwidth-mib 512
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ class MatmulPeak:
 
 
 @dataclass
+class Bandwidth:
+    array_mib: int
+    runs: int
+    read_gb_s: float
+    copy_gb_s: float
+    scale_gb_s: float
+    triad_gb_s: float
+
+
+@dataclass
 class Machine:
     cpu_model: str
     logical_cpus: int
@@ -47,6 +61,7 @@ class Machine:
     torch_threads: int
     vllm: str
     matmul: MatmulPeak | None
+    bandwidth: Bandwidth | None
 
 
 def cpuinfo() -> tuple[str, set[str]]:
@@ -113,7 +128,32 @@ def matmul_peak(size: int, runs: int, dtype_name: str = "bfloat16") -> MatmulPea
     return MatmulPeak(dtype_name, size, runs, round(best, 4), round(2 * size**3 / best / 1e9, 1))
 
 
-def describe(size: int, runs: int, dtype_name: str) -> Machine:
+def bandwidth(array_mib: int, runs: int) -> Bandwidth:
+    import torch
+
+    n = array_mib * 2**20 // 4
+    a, b, c = (torch.ones(n, dtype=torch.float32) for _ in range(3))
+    scalar = 3.0
+    # (name, arrays touched per pass, the pass)
+    kernels = {
+        "read": (1, lambda: b.sum()),
+        "copy": (2, lambda: a.copy_(b)),
+        "scale": (2, lambda: torch.mul(b, scalar, out=a)),
+        "triad": (3, lambda: torch.add(b, c, alpha=scalar, out=a)),
+    }
+    rates = {}
+    for name, (arrays, kernel) in kernels.items():
+        kernel()  # the first pass faults the pages in
+        best = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            kernel()
+            best = min(best, time.perf_counter() - start)
+        rates[f"{name}_gb_s"] = round(arrays * n * 4 / best / 1e9, 1)
+    return Bandwidth(array_mib, runs, **rates)
+
+
+def describe(size: int, runs: int, dtype_name: str, array_mib: int) -> Machine:
     import torch
 
     model, flags = cpuinfo()
@@ -129,6 +169,7 @@ def describe(size: int, runs: int, dtype_name: str) -> Machine:
         torch_threads=torch.get_num_threads(),
         vllm=vllm_version(),
         matmul=matmul_peak(size, runs, dtype_name) if size > 0 else None,
+        bandwidth=bandwidth(array_mib, 10) if array_mib > 0 else None,
     )
 
 
@@ -137,8 +178,15 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=4096, help="0 skips the matmul")
     parser.add_argument("--matmul-runs", type=int, default=5)
     parser.add_argument("--dtype", default="bfloat16", help="the matmul's dtype")
+    parser.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=512,
+        help="MiB per array of the bandwidth passes (far above the caches); 0 skips them",
+    )
     args = parser.parse_args()
-    print(json.dumps(asdict(describe(args.matmul_size, args.matmul_runs, args.dtype))))
+    machine = describe(args.matmul_size, args.matmul_runs, args.dtype, args.bandwidth_mib)
+    print(json.dumps(asdict(machine)))
 
 
 if __name__ == "__main__":

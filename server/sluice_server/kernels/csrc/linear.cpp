@@ -14,9 +14,10 @@
 // of the tile, eight broadcasts of x's pairs, sixteen dot-product instructions. The AVX2 path
 // works on one half of a tile (16 columns) at a time: a 256-bit load of a pair row is 8 columns'
 // two weights, and a shift and a mask widen it to those columns' float32 weights of the pair's
-// first and second dimension. Up to 4 rows multiply straight from the bfloat16 tile; more rows
-// widen the half tile once into a float32 panel and run a 6-row by 16-column kernel (12 sums in
-// registers) over it. Threads split the tiles; each streams its tiles from memory once per
+// first and second dimension. Up to 4 rows multiply straight from the bfloat16 tile (1 or 2 rows
+// take the whole tile in one pass, so that a row has four independent sums); more rows widen the
+// half tile once into a float32 panel and run a 6-row by 16-column kernel (12 sums in registers)
+// over it. Threads split the tiles; each streams its tiles from memory once per
 // block of rows, prefetching the next tile while the current one is reused from cache for each
 // group of rows.
 //
@@ -155,6 +156,9 @@ void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bi
 // where the weights' bytes bound the time); more rows widen each half tile to float32 once and
 // run the 6-row kernel over it for every group of rows.
 constexpr int64_t kDirectRows = 4;
+// Rows up to which the direct path takes a whole tile (32 columns) in one pass: four sums per
+// row instead of two, so that one row's FMAs, two per pair row on each sum, overlap.
+constexpr int64_t kWholeTileRows = 2;
 constexpr int64_t kWidenedRows = 6;
 constexpr int64_t kHalfColumns = 16;
 // One pair of input dimensions of a packed tile: 32 columns x 2 bfloat16.
@@ -246,6 +250,42 @@ inline void linear_block_direct(RowBlock block, WeightHalf half, const char* nex
   store_sums(sums, block, half.columns);
 }
 
+// Up to kWholeTileRows rows straight from a whole bfloat16 tile: the halves' sums are separate
+// chains, and each column's sum is taken in the same order as in the other paths.
+template <int64_t kRows>
+inline void linear_tile_direct(RowBlock block, WeightHalf first, WeightHalf second,
+                               const char* next) {
+  __m256 first_sums[kRows][2];
+  __m256 second_sums[kRows][2];
+  start_sums(first_sums, first.bias);
+  start_sums(second_sums, second.bias);
+  for (int64_t k = 0; k < first.pairs; ++k) {
+    const auto* pair_row = reinterpret_cast<const __m256i*>(first.data + k * kPairRowBytes);
+    if (next != nullptr) {
+      _mm_prefetch(next + k * kPairRowBytes, _MM_HINT_T1);
+      _mm_prefetch(next + k * kPairRowBytes + kPairRowBytes / 2, _MM_HINT_T1);
+    }
+    const __m256i columns_0_7 = _mm256_loadu_si256(pair_row);
+    const __m256i columns_8_15 = _mm256_loadu_si256(pair_row + 1);
+    const __m256i columns_16_23 = _mm256_loadu_si256(pair_row + 2);
+    const __m256i columns_24_31 = _mm256_loadu_si256(pair_row + 3);
+    const float* x = block.x + 2 * k;
+    accumulate(first_sums, x, block.x_stride,
+               {first_of_pairs(columns_0_7), first_of_pairs(columns_8_15)});
+    accumulate(second_sums, x, block.x_stride,
+               {first_of_pairs(columns_16_23), first_of_pairs(columns_24_31)});
+    accumulate(first_sums, x + 1, block.x_stride,
+               {second_of_pairs(columns_0_7), second_of_pairs(columns_8_15)});
+    accumulate(second_sums, x + 1, block.x_stride,
+               {second_of_pairs(columns_16_23), second_of_pairs(columns_24_31)});
+  }
+  store_sums(first_sums, block, first.columns);
+  if (second.columns > 0) {
+    store_sums(second_sums, {block.x, block.x_stride, block.y + kHalfColumns, block.y_stride},
+               second.columns);
+  }
+}
+
 // The half tile as float32 rows of 16, [2 * pairs][16], into `widened`.
 inline void widen_half(WeightHalf half, const char* next, float* widened) {
   for (int64_t k = 0; k < half.pairs; ++k) {
@@ -295,11 +335,24 @@ void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bi
     for (int64_t t = begin; t < end; ++t) {
       const char* tile = weight + t * tile_bytes;
       const char* next_tile = t + 1 < end ? tile + tile_bytes : nullptr;
+      const auto half_of = [&](int64_t h) {
+        const int64_t first_column = t * kLinearColumns + h * kHalfColumns;
+        return WeightHalf{tile + h * kPairRowBytes / 2, pairs,
+                          bias ? bias + first_column : nullptr,
+                          std::min(kHalfColumns, out_features - first_column)};
+      };
+      if (block_rows <= kWholeTileRows) {
+        with_count<kWholeTileRows>(block_rows, [&](auto count) {
+          linear_tile_direct<decltype(count)::value>(
+              RowBlock{x_data + row_start * x_stride, x_stride,
+                       y_data + row_start * out_features + t * kLinearColumns, out_features},
+              half_of(0), half_of(1), next_tile);
+        });
+        continue;
+      }
       for (int64_t h = 0; h < 2; ++h) {
         const int64_t first_column = t * kLinearColumns + h * kHalfColumns;
-        const WeightHalf half{tile + h * kPairRowBytes / 2, pairs,
-                              bias ? bias + first_column : nullptr,
-                              std::min(kHalfColumns, out_features - first_column)};
+        const WeightHalf half = half_of(h);
         if (half.columns <= 0) break;
         // Whichever pass reads the bfloat16 half also fetches the next tile's line of it.
         const char* next = next_tile != nullptr ? next_tile + h * kPairRowBytes / 2 : nullptr;
