@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
 import servers
-from load import ROUTES, Target, make_prompts, run_chat, run_level
+from load import ROUTES, LevelResult, Target, make_prompts, run_chat, run_level
 from servers import (
     CpuMark,
     MemorySampler,
@@ -333,7 +333,7 @@ async def run_workload(
     workload: Workload,
     concurrency: int,
     seed: int,
-) -> Any:
+) -> LevelResult:
     if not workload.is_chat:
         count = settings.requests_at(concurrency)
         prompts = make_prompts(tokenizer, count, workload.prompt_tokens, seed)
