@@ -37,8 +37,10 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from tokenizers import Tokenizer
@@ -207,20 +209,32 @@ async def run_one(
     )
 
 
-async def run_level(target: Target, prompts: list[str], concurrency: int) -> LevelResult:
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for prompt in prompts:
-        queue.put_nowait(prompt)
-    results: list[RequestResult] = []
+async def run_pool(
+    items: list, concurrency: int, handle: Callable[[aiohttp.ClientSession, Any], Awaitable[None]]
+) -> float:
+    """Hands `items` to `concurrency` workers on one session, each taking the next item when it
+    is done with its last; returns the seconds until every item was handled."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
     async with session_for(concurrency) as session:
 
         async def worker() -> None:
             while not queue.empty():
-                results.append(await run_one(session, target, queue.get_nowait()))
+                await handle(session, queue.get_nowait())
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        duration = time.perf_counter() - start
+        return time.perf_counter() - start
+
+
+async def run_level(target: Target, prompts: list[str], concurrency: int) -> LevelResult:
+    results: list[RequestResult] = []
+
+    async def ask(session: aiohttp.ClientSession, prompt: str) -> None:
+        results.append(await run_one(session, target, prompt))
+
+    duration = await run_pool(prompts, concurrency, ask)
     return summarize(results, concurrency, duration)
 
 
@@ -228,30 +242,19 @@ async def run_chat(target: Target, conversations: list[list[str]], concurrency: 
     """Replays `conversations` (each a list of user messages), `concurrency` at a time. Each turn
     sends the conversation so far (earlier messages and answers) plus its new message; a
     conversation whose request fails stops there."""
-    queue: asyncio.Queue[list[str]] = asyncio.Queue()
-    for conversation in conversations:
-        queue.put_nowait(conversation)
-    turns = max(len(c) for c in conversations)
-    by_turn: list[list[RequestResult]] = [[] for _ in range(turns)]
-    async with session_for(concurrency) as session:
+    by_turn: list[list[RequestResult]] = [[] for _ in range(max(map(len, conversations)))]
 
-        async def converse(user_messages: list[str]) -> None:
-            messages: Messages = []
-            for turn, content in enumerate(user_messages):
-                messages.append({"role": "user", "content": content})
-                result = await run_one(session, target, messages)
-                by_turn[turn].append(result)
-                if not result.ok:
-                    return
-                messages.append({"role": "assistant", "content": result.text})
+    async def converse(session: aiohttp.ClientSession, user_messages: list[str]) -> None:
+        messages: Messages = []
+        for turn, content in enumerate(user_messages):
+            messages.append({"role": "user", "content": content})
+            result = await run_one(session, target, messages)
+            by_turn[turn].append(result)
+            if not result.ok:
+                return
+            messages.append({"role": "assistant", "content": result.text})
 
-        async def worker() -> None:
-            while not queue.empty():
-                await converse(queue.get_nowait())
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        duration = time.perf_counter() - start
+    duration = await run_pool(conversations, concurrency, converse)
     level = summarize([r for results in by_turn for r in results], concurrency, duration)
     level.ttft_p50_s_by_turn = [
         percentile([r.ttft_s for r in results if r.ok], 50) for results in by_turn
