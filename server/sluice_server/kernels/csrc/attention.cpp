@@ -254,6 +254,50 @@ inline void score_columns_avx2(BlockShape shape, QueryVectors queries,
   }
 }
 
+// Value rows of float32 or bfloat16, 8 dimensions widened to float32.
+inline __m256 load_floats_x8(const float* source) { return _mm256_loadu_ps(source); }
+inline __m256 load_floats_x8(const at::BFloat16* source) { return load_bf16x8(source); }
+
+// Dimensions of the value rows one AVX2 accumulation pass holds in registers.
+constexpr int64_t kAvx2ValueChunk = 32;
+// Vectors one pass accumulates: 3 x 4 sums, 3 weights and a row's 8 values fill the 16 registers.
+constexpr int64_t kAvx2ValueVectors = 3;
+
+// accumulate_block_generic's sums for up to kAvx2ValueVectors vectors, each element's in the same
+// order (row by row), with the vectors' sums of 32 dimensions kept in registers across the
+// block's rows instead of loaded and stored for every row.
+template <int64_t kVectors, typename T>
+inline void accumulate_block_avx2(int64_t head_dim, float* __restrict accumulators,
+                                  const T* __restrict rows, int64_t num_rows, ScoreRows weights) {
+  constexpr int64_t kSums = kAvx2ValueChunk / 8;
+  for (int64_t chunk = 0; chunk < head_dim; chunk += kAvx2ValueChunk) {
+    __m256 sums[kVectors][kSums];
+    for (int64_t v = 0; v < kVectors; ++v) {
+      for (int64_t i = 0; i < kSums; ++i) {
+        sums[v][i] = _mm256_loadu_ps(accumulators + v * head_dim + chunk + 8 * i);
+      }
+    }
+    for (int64_t r = 0; r < num_rows; ++r) {
+      __m256 weight[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) {
+        weight[v] = _mm256_broadcast_ss(weights.data + v * weights.stride + r);
+      }
+      const T* row = rows + r * head_dim + chunk;
+      for (int64_t i = 0; i < kSums; ++i) {
+        const __m256 values = load_floats_x8(row + 8 * i);
+        for (int64_t v = 0; v < kVectors; ++v) {
+          sums[v][i] = _mm256_fmadd_ps(weight[v], values, sums[v][i]);
+        }
+      }
+    }
+    for (int64_t v = 0; v < kVectors; ++v) {
+      for (int64_t i = 0; i < kSums; ++i) {
+        _mm256_storeu_ps(accumulators + v * head_dim + chunk + 8 * i, sums[v][i]);
+      }
+    }
+  }
+}
+
 template <int64_t kVectors, typename T>
 inline void score_block_avx2(BlockShape shape, QueryVectors queries, const T* __restrict keys_t,
                              ScoreRows scores) {
@@ -336,6 +380,20 @@ inline void accumulate_block(BlockShape shape, int64_t num_vectors, float* accum
           accumulate_block_bf16<kVectors, 8>(accumulators, rows, num_rows, weights);
         }
       });
+      return;
+    }
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+    if (shape.head_dim % kAvx2ValueChunk == 0) {
+      for (int64_t first = 0; first < num_vectors; first += kAvx2ValueVectors) {
+        with_count<kAvx2ValueVectors>(num_vectors - first, [&](auto n) {
+          accumulate_block_avx2<decltype(n)::value>(
+              shape.head_dim, accumulators + first * shape.head_dim, rows, num_rows,
+              ScoreRows{weights.data + first * weights.stride, weights.stride});
+        });
+      }
       return;
     }
   }
