@@ -30,8 +30,9 @@ inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
 // vectors, and adding one block's value rows, weighted, into their accumulators. The block is
 // read from memory once per call and worked on in registers, where the accumulators also stay
 // for the whole block. A generic version serves every type; bfloat16 on AVX-512 machines gets an
-// intrinsics version (head sizes 64 and 128, block sizes multiples of 16), and elsewhere keys of
-// float32 and bfloat16 are scored with AVX2 where the CPU has it (block sizes multiples of 8).
+// intrinsics version (head sizes 64 and 128, block sizes multiples of 16), and elsewhere float32
+// and bfloat16 caches are worked on with AVX2 where the CPU has it: keys scored for block sizes
+// that are multiples of 8, values added for head sizes that are multiples of 32.
 
 constexpr int64_t kMaxVectors = 4;
 
