@@ -1,4 +1,4 @@
-"""The compiled CPU paged-attention kernel alone, on a decode batch, per layer.
+"""The compiled CPU paged-attention kernel alone, on a decode batch (or prompt chunks), per layer.
 
 Three block layouts: `hot` (every sequence reads the same blocks, so they stay in the caches:
 the arithmetic alone), `contiguous` (each sequence's blocks in a run, a fresh region per call)
@@ -7,9 +7,11 @@ built too and both are timed interleaved in this process, which is the only comp
 machine allows (memory-bound timings drift by tens of percent from minute to minute). `--isa
 avx2` builds both without AVX-512, as on CPUs that lack it; `--dtype float32` times the cache
 dtype of such CPUs. `--sliding-window` and `--softcap` attend as a layer with those does (a build
-from before the kernel had them attends the whole context, uncapped).
+from before the kernel had them attends the whole context, uncapped). `--query-tokens N` gives
+every sequence a prompt chunk of N rows that ends its context, as a prefill step runs it.
 
     python benchmark/attention_kernel.py --against HEAD~1
+    python benchmark/attention_kernel.py --batch 1 --context 2048 --query-tokens 2048 --calls 2
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=192)
+    parser.add_argument(
+        "--query-tokens",
+        type=int,
+        default=1,
+        help="query rows per sequence: 1 is a decode, more a prompt chunk that ends the context",
+    )
     parser.add_argument("--heads", type=int, default=9)
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -87,6 +95,8 @@ def main() -> None:
         "--softcap", type=float, default=0.0, help="the attention logit soft cap (0: none)"
     )
     args = parser.parse_args()
+    if not 1 <= args.query_tokens <= args.context:
+        parser.error("--query-tokens must be between 1 and --context")
 
     build = KernelBuild(args.isa)
     kernels = {"current": load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels", build)}
@@ -100,9 +110,10 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     keys = torch.randn(args.kv_heads, num_blocks, args.head_dim, block_size).to(dtype)
     values = torch.randn(args.kv_heads, num_blocks, block_size, args.head_dim).to(dtype)
-    query = torch.randn(batch, args.heads, args.head_dim).to(dtype)
-    cache_lens = torch.full((batch,), args.context - 1, dtype=torch.int32)
-    query_starts = torch.arange(batch + 1, dtype=torch.int32)
+    rows = args.query_tokens
+    query = torch.randn(batch * rows, args.heads, args.head_dim).to(dtype)
+    cache_lens = torch.full((batch,), args.context - rows, dtype=torch.int32)
+    query_starts = torch.arange(batch + 1, dtype=torch.int32) * rows
     rng = random.Random(0)
 
     def tables(layout: str, call: int) -> list[list[int]]:
@@ -144,12 +155,20 @@ def main() -> None:
                 elapsed_ms = (time.perf_counter() - start) / len(calls) * 1e3
                 timings.setdefault((name, layout), []).append(elapsed_ms)
     kv_megabytes = batch * args.kv_heads * args.context * args.head_dim * 2 * dtype.itemsize / 1e6
+    # Each query row scores the keys up to its own position and adds as many value rows: two
+    # multiply-adds per dimension and key.
+    keys_seen = batch * (rows * (args.context - rows) + rows * (rows + 1) // 2)
+    flops = 4 * args.head_dim * args.heads * keys_seen
     print(
         json.dumps(
             {
                 "shape": vars(args) | {"kv_megabytes_per_layer": round(kv_megabytes, 2)},
                 "ms_per_layer_median": {
                     f"{name} {layout}": round(statistics.median(values), 4)
+                    for (name, layout), values in timings.items()
+                },
+                "gflops_median": {
+                    f"{name} {layout}": round(flops / statistics.median(values) / 1e6, 1)
                     for (name, layout), values in timings.items()
                 },
             },

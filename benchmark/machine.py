@@ -153,7 +153,7 @@ def bandwidth(array_mib: int, runs: int) -> Bandwidth:
     return Bandwidth(array_mib, runs, **rates)
 
 
-def describe(size: int, runs: int, dtype_name: str, array_mib: int) -> Machine:
+def describe(size: int, runs: int, dtype_name: str, array_mib: int = 0) -> Machine:
     import torch
 
     model, flags = cpuinfo()

@@ -53,6 +53,7 @@ from servers import (
     ServerSpec,
     free_port,
     http_get,
+    llama_server_spec,
     running,
     sampling,
 )
@@ -469,29 +470,13 @@ def llama_gguf(settings: Settings) -> Path:
 
 
 def llama_spec(settings: Settings) -> ServerSpec:
-    port = free_port()
-    slots = max(c for w in settings.workloads for c in w.concurrency)
-    # fmt: off
-    argv = [
-        "bash",
-        str(settings.llama_script),
-        "serve",
-        str(llama_gguf(settings)),
-        "--port", str(port),
-        "--host", "127.0.0.1",
-        # llama-server splits its context evenly between its slots (one per request in flight).
-        "-np", str(slots),
-        "-c", str(slots * settings.context_per_request),
-    ]
-    # fmt: on
-    return ServerSpec(
-        "llama",
-        argv,
-        port,
-        dict(os.environ),
+    return llama_server_spec(
+        settings.llama_script,
+        llama_gguf(settings),
+        max(c for w in settings.workloads for c in w.concurrency),
+        settings.context_per_request,
         settings.logs / "llama.log",
         settings.peer_startup_timeout_s,
-        term_group=True,
     )
 
 

@@ -80,6 +80,30 @@ def sluice_spec(model_dir: Path, dtype: str, log: Path, startup_timeout_s: float
     return ServerSpec("sluice", argv, port, env, log, startup_timeout_s, term_group=False)
 
 
+def llama_server_spec(
+    script: Path,
+    gguf: Path,
+    slots: int,
+    context_per_request: int,
+    log: Path,
+    startup_timeout_s: float,
+) -> ServerSpec:
+    """llama.cpp's llama-server, built by the peer script, on `gguf`: one slot per request in
+    flight, each with room for `context_per_request` tokens."""
+    port = free_port()
+    # fmt: off
+    argv = [
+        "bash", str(script), "serve", str(gguf),
+        "--port", str(port),
+        "--host", "127.0.0.1",
+        # llama-server splits its context evenly between its slots.
+        "-np", str(slots),
+        "-c", str(slots * context_per_request),
+    ]
+    # fmt: on
+    return ServerSpec("llama", argv, port, dict(os.environ), log, startup_timeout_s, True)
+
+
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids, for every process visible in /proc."""
     tree: dict[int, list[int]] = {}
