@@ -9,7 +9,9 @@ in one run (this machine's speed drifts over minutes; alternating spreads the dr
 - fp8-checkpoint: the expanded weights in compressed-tensors' FP8 format, scales per block of
   32 x 32 (server/tests/fp8_checkpoints.py);
 - fp8, bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4: the expanded weights quantized at load
-  (`--quantize`).
+  (`--quantize`);
+- llama.cpp: llama.cpp's llama-server (`--llama-script`, built on first use) on the same GGUF file
+  as stored, the peer of `gguf`.
 
 All run bfloat16 activations; 128 prompt tokens, 128 output tokens, streamed, ignore_eos.
 
@@ -35,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine
 from run_all import BENCH, DEFAULT_MODEL, check_model, run_json, write_results
-from servers import running, sluice_spec
+from servers import llama_server_spec, running, sluice_spec
+from sluice_server.gguf_files import default_gguf_path
 
 # Llama 3 8B: the projections' shapes (out, in) per layer, and the untied embeddings and LM head.
 LLAMA3_8B = {
@@ -69,6 +72,8 @@ class Variant:
     # The script (in server/tests) and its arguments that write a checkpoint quantized from the
     # default model; None: the default model itself.
     checkpoint: tuple[str, ...] | None = None
+    # Served by llama.cpp's llama-server from the default model's GGUF file instead of Sluice.
+    llama_server: bool = False
 
 
 def packed(*args: str) -> tuple[str, ...]:
@@ -86,6 +91,7 @@ VARIANTS = {
         method: Variant(flags=("--quantize", method))
         for method in ("fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
     },
+    "llama.cpp": Variant(llama_server=True),
 }
 
 
@@ -115,9 +121,15 @@ def log(message: str) -> None:
 def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[str, Any]:
     logs = args.results.parent / "logs"
     chosen = VARIANTS[variant]
-    model = Path(model_id(args, chosen))
-    spec = sluice_spec(model, "bfloat16", logs / f"quantized-{variant}.log", 600)
-    spec = replace(spec, argv=[*spec.argv, *chosen.flags])
+    log_path = logs / f"quantized-{variant}.log"
+    if chosen.llama_server:
+        context = args.prompt_tokens + args.output_tokens + 64
+        spec = llama_server_spec(
+            args.llama_script, default_gguf_path(), max(args.concurrency), context, log_path, 600
+        )
+    else:
+        spec = sluice_spec(Path(model_id(args, chosen)), "bfloat16", log_path, 600)
+        spec = replace(spec, argv=[*spec.argv, *chosen.flags])
     log(f"round {round_number}: {variant} (log: {spec.log})")
     levels = {}
     with running(spec) as server:
@@ -138,11 +150,15 @@ def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[s
                 logs / f"quantized-{variant}-load.log",
             )
             # fmt: on
-    weights = WEIGHTS_LINE.findall(spec.log.read_text())
+    if chosen.llama_server:  # It does not log them: the file's size (weights and vocabulary).
+        weights_mib: float | None = default_gguf_path().stat().st_size / 2**20
+    else:
+        weights = WEIGHTS_LINE.findall(spec.log.read_text())
+        weights_mib = float(weights[-1]) if weights else None
     row = {
         "variant": variant,
         "round": round_number,
-        "weights_mib": float(weights[-1]) if weights else None,
+        "weights_mib": weights_mib,
         "levels": {
             str(c): {
                 k: level[k] for k in ("output_tokens_per_s", "ttft_p50_s", "itl_p50_s", "errors")
@@ -198,6 +214,12 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=BENCH / "results" / "quantized.json")
     p.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="to serve"
+    )
+    p.add_argument(
+        "--llama-script",
+        type=Path,
+        default=BENCH.parent.parent / "shared" / "peers" / "llama-server.sh",
+        help="the llama.cpp peer script (install, serve)",
     )
     p.add_argument(
         "--checkpoints",
