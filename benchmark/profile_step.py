@@ -30,7 +30,9 @@ from sluice_server.pb import generate_pb2 as pb
 BLOCK_SIZE = 16
 
 
-def admit(executor: StepExecutor, batch: int, prompt_tokens: int, max_new: int) -> None:
+def admission_step(batch: int, prompt_tokens: int, max_new: int) -> pb.StepRequest:
+    """A step that admits `batch` prompts of `prompt_tokens` tokens, each with blocks for
+    `max_new` more."""
     blocks_each = -(-(prompt_tokens + max_new) // BLOCK_SIZE)
     step = pb.StepRequest()
     for i in range(batch):
@@ -48,7 +50,7 @@ def admit(executor: StepExecutor, batch: int, prompt_tokens: int, max_new: int) 
                 new_blocks=range(i * blocks_each, (i + 1) * blocks_each),
             )
         )
-    executor.step(step)
+    return step
 
 
 def decode_step(batch: int) -> pb.StepRequest:
@@ -75,7 +77,7 @@ def main() -> None:
     executor.warmup(args.prompt_tokens, args.batch, args.prompt_tokens + max_new)
     if executor.num_blocks < args.batch * blocks_each:
         raise SystemExit("the KV cache is too small for this batch")
-    admit(executor, args.batch, args.prompt_tokens, max_new)
+    executor.step(admission_step(args.batch, args.prompt_tokens, max_new))
 
     for _ in range(5):
         executor.step(decode_step(args.batch))

@@ -122,10 +122,14 @@ def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[s
     logs = args.results.parent / "logs"
     chosen = VARIANTS[variant]
     log_path = logs / f"quantized-{variant}.log"
+    # llama-server does not log its weights' size: the file's (weights and vocabulary) stands in.
+    file_mib: float | None = None
     if chosen.llama_server:
+        gguf = default_gguf_path()
+        file_mib = gguf.stat().st_size / 2**20
         context = args.prompt_tokens + args.output_tokens + 64
         spec = llama_server_spec(
-            args.llama_script, default_gguf_path(), max(args.concurrency), context, log_path, 600
+            args.llama_script, gguf, max(args.concurrency), context, log_path, 600
         )
     else:
         spec = sluice_spec(Path(model_id(args, chosen)), "bfloat16", log_path, 600)
@@ -150,11 +154,8 @@ def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[s
                 logs / f"quantized-{variant}-load.log",
             )
             # fmt: on
-    if chosen.llama_server:  # It does not log them: the file's size (weights and vocabulary).
-        weights_mib: float | None = default_gguf_path().stat().st_size / 2**20
-    else:
-        weights = WEIGHTS_LINE.findall(spec.log.read_text())
-        weights_mib = float(weights[-1]) if weights else None
+    weights = WEIGHTS_LINE.findall(spec.log.read_text())
+    weights_mib = float(weights[-1]) if weights else file_mib
     row = {
         "variant": variant,
         "round": round_number,

@@ -29,39 +29,27 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
+from profile_step import BLOCK_SIZE, admission_step, decode_step
 from run_all import DEFAULT_MODEL
 from servers import venv_bin
 from sluice_server.pb import generate_pb2 as pb
 from sluice_server.pb import generate_pb2_grpc as pb_grpc
-
-BLOCK_SIZE = 16
 
 
 async def admit(
     stub: pb_grpc.TextGenerationServiceStub, batch: int, args: argparse.Namespace
 ) -> None:
     """`batch` sequences with blocks for every step the run will take."""
-    tokens = args.prompt_tokens + 2 * args.rounds * args.steps + 8
-    blocks_each = -(-tokens // BLOCK_SIZE)
+    max_new = 2 * args.rounds * args.steps + 8
     await stub.Warmup(
         pb.WarmupRequest(
             max_prefill_tokens=max(args.prompt_tokens, 64),
             max_batch_size=batch,
-            max_total_tokens=tokens,
-            num_blocks=batch * blocks_each,
+            max_total_tokens=args.prompt_tokens + max_new,
+            num_blocks=batch * -(-(args.prompt_tokens + max_new) // BLOCK_SIZE),
         )
     )
-    step = pb.StepRequest()
-    for i in range(batch):
-        prompt = [(i * 7 + t) % 1000 + 10 for t in range(args.prompt_tokens)]
-        step.new_requests.append(
-            pb.NewRequest(id=i, token_ids=prompt, sampling=pb.SamplingParameters())
-        )
-        blocks = range(i * blocks_each, (i + 1) * blocks_each)
-        step.scheduled.append(
-            pb.ScheduledRequest(id=i, num_tokens=args.prompt_tokens, new_blocks=blocks)
-        )
-    await stub.Step(step)
+    await stub.Step(admission_step(batch, args.prompt_tokens, max_new))
 
 
 async def one_at_a_time(
@@ -102,9 +90,7 @@ async def measure(socket: Path, batch: int, args: argparse.Namespace) -> dict[st
     async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
         stub = pb_grpc.TextGenerationServiceStub(channel)
         await admit(stub, batch, args)
-        decode = pb.StepRequest(
-            scheduled=[pb.ScheduledRequest(id=i, num_tokens=1) for i in range(batch)]
-        )
+        decode = decode_step(batch)
         ways = {"one at a time": one_at_a_time, "two in flight": two_in_flight}
         timings: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
         for round_index in range(args.rounds):
