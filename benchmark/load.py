@@ -9,9 +9,9 @@ level, streamed, through one route (`--route`):
     chat             OpenAI's POST /v1/chat/completions (the prompt as one user message, which the
                      server's chat template wraps: the model sees more than --prompt-tokens)
 
-Every request is greedy and, with --ignore-eos, asks the server (`ignore_eos`, vLLM's and
-Sluice's extension on the OpenAI routes) to produce exactly --output-tokens tokens. The OpenAI
-routes ask for `stream_options.include_usage`.
+Every request is greedy unless --temperature (and --top-p) ask for sampling. With --ignore-eos,
+it asks the server (`ignore_eos`, vLLM's and Sluice's extension on the OpenAI routes) to produce
+exactly --output-tokens tokens. The OpenAI routes ask for `stream_options.include_usage`.
 
 Per level it reports request throughput, output tokens/s, time to first token (TTFT: to the first
 chunk carrying text), inter-token latency (ITL: between consecutive chunks carrying text) and
@@ -117,9 +117,19 @@ def percentile(values: list[float], q: float) -> float:
 class Target:
     """How to ask one server for a streamed answer on one route, and how to read its chunks."""
 
-    def __init__(self, url: str, route: str, model: str, output_tokens: int, ignore_eos: bool):
+    def __init__(
+        self,
+        url: str,
+        route: str,
+        model: str,
+        output_tokens: int,
+        ignore_eos: bool,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ):
         self.url, self.route, self.model = url.rstrip("/"), route, model
         self.output_tokens, self.ignore_eos = output_tokens, ignore_eos
+        self.temperature, self.top_p = temperature, top_p
 
     def request(self, prompt: str | Messages) -> tuple[str, dict]:
         """The URL and body asking for an answer to `prompt`: a text, or a conversation, which
@@ -128,16 +138,22 @@ class Target:
             prompt = "\n".join(message["content"] for message in prompt)
         if self.route == "generate_stream":
             parameters = {"max_new_tokens": self.output_tokens, "details": True}
+            if self.temperature > 0:
+                parameters.update(do_sample=True, temperature=self.temperature)
+                if self.top_p < 1:
+                    parameters["top_p"] = self.top_p
             if self.ignore_eos:
                 parameters["ignore_eos"] = True
             return f"{self.url}/generate_stream", {"inputs": prompt, "parameters": parameters}
         body: dict = {
             "model": self.model,
             "max_tokens": self.output_tokens,
-            "temperature": 0.0,
+            "temperature": self.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.top_p < 1:
+            body["top_p"] = self.top_p
         if self.route == "chat":
             body["messages"] = (
                 [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -293,7 +309,15 @@ def summarize(results: list[RequestResult], concurrency: int, duration: float) -
 
 async def benchmark(args: argparse.Namespace) -> list[LevelResult]:
     tokenizer = Tokenizer.from_file(str(Path(args.tokenizer).expanduser() / "tokenizer.json"))
-    target = Target(args.url, args.route, args.model, args.output_tokens, args.ignore_eos)
+    target = Target(
+        args.url,
+        args.route,
+        args.model,
+        args.output_tokens,
+        args.ignore_eos,
+        args.temperature,
+        args.top_p,
+    )
     warmup = make_prompts(tokenizer, args.warmup, args.prompt_tokens, seed=args.seed + 1)
     await run_level(target, warmup, max(1, len(warmup)))
     levels = []
@@ -319,6 +343,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with a temperature; 1: off")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results here as JSON")

@@ -1,12 +1,13 @@
 """The sampler against transformers' logits processors: each filter and penalty on batched rows
-with different parameters, and the distribution of drawn tokens against the processed softmax."""
+with different parameters, and the distribution of drawn tokens against the processed softmax;
+also on vocabularies larger than the sampler's sorted head and draw chunks."""
 
 import math
 
 import pytest
 import torch
 from sluice_server.sampling import SamplingParams, SamplingRow, sample, token_logprobs
-from sluice_server.sampling.sampler import process_for_sampling
+from sluice_server.sampling.sampler import DRAW_CHUNK, HEAD_TOKENS, process_for_sampling
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -67,6 +68,34 @@ def test_filters_match_transformers_row_by_row_in_one_batch() -> None:
             assert 0 < kept.sum() < VOCAB, params
 
 
+def test_top_k_and_top_p_match_transformers_beyond_the_sorted_head() -> None:
+    """A vocabulary 16 times the head: a peaked row's top-p cut lies in the head, a flat row's
+    only in the whole sorted row (the head widens twice); rows without either filter, in the same
+    batch, keep every token."""
+    vocab = 16 * HEAD_TOKENS
+    generator = torch.Generator().manual_seed(9)
+    peaked = torch.randn(vocab, generator=generator) * 4
+    flat = torch.randn(vocab, generator=generator) * 0.1
+    cases = [
+        (peaked, SamplingParams(do_sample=True, top_p=0.9)),
+        (flat, SamplingParams(do_sample=True, top_p=0.9)),
+        (flat, SamplingParams(do_sample=True)),
+        (flat, SamplingParams(do_sample=True, top_k=HEAD_TOKENS + 3, top_p=0.5)),
+        (peaked, SamplingParams(do_sample=True, min_p=0.2)),
+    ]
+    logits = torch.stack([row for row, _ in cases])
+    processed = process_for_sampling(logits.clone(), [params for _, params in cases])
+    for index, (row, params) in enumerate(cases):
+        expected = _transformers_warpers(params)(None, row[None].clone())[0]
+        kept = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(processed[index]), kept), params
+        assert torch.allclose(processed[index][kept], expected[kept], atol=1e-6), params
+    # The flat row's cut is past the first widened head: the case exercises the whole row.
+    assert int(torch.isfinite(processed[1]).sum()) > 8 * HEAD_TOKENS
+    assert int(torch.isfinite(processed[0]).sum()) < HEAD_TOKENS
+    assert bool(torch.isfinite(processed[2]).all())
+
+
 def test_repetition_penalty_matches_transformers_over_prompt_and_output() -> None:
     logits = _logits(2, seed=1)
     history = [[3, 9, 9, 40], [0, 63]]
@@ -75,7 +104,11 @@ def test_repetition_penalty_matches_transformers_over_prompt_and_output() -> Non
         SamplingRow(SamplingParams(repetition_penalty=0.8), history[1], prompt_len=1),
     ]
     seen = []
-    sample(logits.clone(), rows, lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1])
+    sample(
+        logits.clone(),
+        rows,
+        lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1],
+    )
     for index, (row, tokens) in enumerate(zip(rows, history, strict=True)):
         processor = RepetitionPenaltyLogitsProcessor(row.params.repetition_penalty)
         expected = processor(torch.tensor([tokens]), logits[index : index + 1].clone())[0]
@@ -92,7 +125,11 @@ def test_frequency_and_presence_penalties_count_the_output_only() -> None:
         SamplingRow(SamplingParams(presence_penalty=-1.0), [7, 5], 2),
     ]
     seen = []
-    sample(logits.clone(), rows, lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1])
+    sample(
+        logits.clone(),
+        rows,
+        lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1],
+    )
     expected = logits.clone()
     expected[0, 7] -= 0.5 * 2 + 0.25
     expected[0, 12] -= 0.5 * 1 + 0.25
@@ -107,7 +144,9 @@ def _chi_square_critical(degrees: int) -> float:
     return degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
 
 
-@pytest.mark.parametrize("params", ROW_PARAMS[1:], ids=["top_k", "top_p", "min_p", "typical_p", "all"])
+@pytest.mark.parametrize(
+    "params", ROW_PARAMS[1:], ids=["top_k", "top_p", "min_p", "typical_p", "all"]
+)
 def test_drawn_tokens_follow_the_processed_distribution(params: SamplingParams) -> None:
     """4,000 rows with the same logits and parameters and seeds 0..3999, drawn in one batch: the
     counts of each token match the softmax of transformers' processed logits (chi-square), and
@@ -129,6 +168,51 @@ def test_drawn_tokens_follow_the_processed_distribution(params: SamplingParams) 
     statistic = ((counts[support] - expected_counts) ** 2 / expected_counts).sum().item()
     degrees = max(1, int(support.sum()) - 1)
     assert statistic < _chi_square_critical(degrees), (statistic, degrees)
+
+
+def test_draws_across_chunks_follow_the_distribution_and_skip_negligible_tokens() -> None:
+    """A vocabulary of several draw chunks, whose 24 likely tokens lie in different chunks and
+    whose other tokens sit 100 below the most likely (probabilities under 1e-43, which the
+    sampler weighs 0): the draws follow the softmax of the likely ones (chi-square) and never
+    pick another token."""
+    draws = 4000
+    vocab = 5 * DRAW_CHUNK + 17
+    generator = torch.Generator().manual_seed(11)
+    likely = torch.randperm(vocab, generator=generator)[:24]
+    row = torch.full((vocab,), -100.0)
+    row[likely] = torch.randn(24, generator=generator)
+    rows = [
+        SamplingRow(SamplingParams(do_sample=True, seed=seed), token_ids=[1], prompt_len=1)
+        for seed in range(draws)
+    ]
+    sampled = sample(row.expand(draws, vocab).contiguous(), rows, _greedy_argmax)
+    counts = torch.bincount(torch.tensor(sampled.token_ids), minlength=vocab).double()
+    assert counts.sum() == counts[likely].sum()
+    expected_counts = row[likely].softmax(dim=-1).double() * draws
+    statistic = ((counts[likely] - expected_counts) ** 2 / expected_counts).sum().item()
+    assert statistic < _chi_square_critical(23), statistic
+    drawn = torch.tensor(sampled.token_ids)
+    expected_logprobs = row.log_softmax(dim=-1)[drawn]
+    assert torch.allclose(torch.tensor(sampled.logprobs), expected_logprobs, atol=1e-5)
+
+
+def test_a_seeded_row_draws_the_same_token_alone_and_in_a_batch() -> None:
+    vocab = 3 * DRAW_CHUNK
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(12)) * 2
+    params = [
+        SamplingParams(do_sample=True, seed=7, top_p=0.8),
+        SamplingParams(),
+        SamplingParams(do_sample=True, seed=3, temperature=0.5),
+        SamplingParams(do_sample=True, seed=1, top_k=10),
+        SamplingParams(do_sample=True, seed=9, min_p=0.1),
+        SamplingParams(do_sample=True, seed=5),
+    ]
+    rows = [SamplingRow(p, token_ids=[1, 2, 3], prompt_len=2) for p in params]
+    together = sample(logits.clone(), rows, _greedy_argmax)
+    for index, row in enumerate(rows):
+        alone = sample(logits[index : index + 1].clone(), [row], _greedy_argmax)
+        assert alone.token_ids[0] == together.token_ids[index]
+        assert alone.logprobs[0] == together.logprobs[index]
 
 
 def test_logprobs_of_sampled_tokens_come_from_the_processed_distribution() -> None:
