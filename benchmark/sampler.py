@@ -3,9 +3,10 @@ parameters, on the model's real logits.
 
 The logits are the default model's (transformers, bfloat16) at consecutive positions of
 benchmark/data/perplexity.txt, so each row's distribution has a language model's shape: a few
-likely tokens and a long tail. The greedy pick is the compiled kernels' where they build. With
-`--against REV`, the sampler's source at that git revision is timed too, alternating with
-today's call by call.
+likely tokens and a long tail. The sampler runs with the compiled kernels' passes over the
+vocabulary (`compiled`, where they build) and with the PyTorch ones (`pytorch`). With
+`--against REV`, the sampler's source at that git revision is timed too (with the compiled
+greedy pick), all of them alternating call by call.
 
     python benchmark/sampler.py --rows 1 8 32 --against HEAD~1
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 import subprocess
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -29,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
-from sluice_server.kernels import select_kernels
+from sluice_server.kernels import Kernels, select_kernels
 from sluice_server.sampling import sampler
 
 SAMPLER_SOURCE = "server/sluice_server/sampling/sampler.py"
@@ -104,26 +107,29 @@ def main() -> None:
     kernels = select_kernels(
         "auto", torch.device("cpu"), Path.home() / ".cache" / "sluice" / "kernels"
     )
-    argmax_logprob = kernels.ops.argmax_logprob
     logits = model_logits(args.model.expanduser(), max(args.rows))
-    samplers = {"today": sampler}
+    # label -> (sampler module, what its sample() takes after the rows)
+    samplers: dict[str, tuple[ModuleType, object]] = {"pytorch": (sampler, Kernels.reference().ops)}
+    if kernels.compiled:
+        samplers["compiled"] = (sampler, kernels.ops)
     if args.against:
         work = Path(tempfile.mkdtemp(prefix="sampler-"))
-        samplers[args.against] = sampler_at_revision(args.against, work)
+        module = sampler_at_revision(args.against, work)
+        # Before the sampler took the ops, it took the greedy pick alone.
+        takes_ops = "ops" in inspect.signature(module.sample).parameters
+        samplers[args.against] = (module, kernels.ops if takes_ops else kernels.ops.argmax_logprob)
     print(json.dumps({"vocab": logits.shape[-1], "compiled_kernels": kernels.compiled}))
     for rows in args.rows:
         for name, params in SETTINGS.items():
             calls = {}
-            for label, module in samplers.items():
+            for label, (module, ops) in samplers.items():
                 sampling_rows = [
                     module.SamplingRow(
                         module.SamplingParams(**{**params.__dict__, "seed": index}), [1, 2, 3], 3
                     )
                     for index in range(rows)
                 ]
-                calls[label] = lambda module=module, sampling_rows=sampling_rows: module.sample(
-                    logits[: len(sampling_rows)], sampling_rows, argmax_logprob
-                )
+                calls[label] = partial(module.sample, logits[:rows], sampling_rows, ops)
             record = {"rows": rows, "parameters": name}
             record.update({f"{label}_ms": ms for label, ms in time_ms(calls, args.repeats).items()})
             print(json.dumps(record))

@@ -243,3 +243,49 @@ def test_argmax_logprob_matches_reference(
     ids, logprobs = compiled_kernels.ops.argmax_logprob(logits)
     assert torch.equal(ids, expected_ids) and ids[3].item() == 17
     assert torch.allclose(logprobs, expected_logprobs, atol=1e-5)
+
+
+def _sampling_logits() -> torch.Tensor:
+    """Processed logits over SmolLM2's vocabulary: peaked rows (a language model's shape) and a
+    flat one, whose top-p cut lies thousands of tokens down."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 49152, generator=generator)
+    logits[:5] *= 4
+    logits[2, 100:140] += 12  # A few very likely tokens.
+    logits[5] *= 0.3
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p"),
+    [(0, 0.9), (50, 1.0), (50, 0.8), (3000, 0.95), (0, 0.95), (1, 0.5)],
+)
+def test_top_k_top_p_matches_reference(
+    compiled_kernels: Kernels, reference: Kernels, top_k: int, top_p: float
+) -> None:
+    # A last row with neither filter must come back untouched.
+    logits = torch.cat([_sampling_logits(), _sampling_logits()[:1]])
+    ks = torch.tensor([top_k] * 6 + [0])
+    ps = torch.tensor([top_p] * 6 + [1.0])
+    expected, actual = logits.clone(), logits.clone()
+    reference.ops.top_k_top_p_(expected, ks, ps)
+    compiled_kernels.ops.top_k_top_p_(actual, ks, ps)
+    assert torch.equal(torch.isfinite(actual), torch.isfinite(expected))
+    kept = torch.isfinite(expected)
+    assert torch.equal(actual[kept], logits[kept])
+    assert torch.equal(actual[6], logits[6])
+    # Each filter cut something from every filtered row: the comparison is not vacuous.
+    assert bool((kept[:6].sum(dim=-1) < 49152).all())
+
+
+def test_draw_matches_reference(compiled_kernels: Kernels, reference: Kernels) -> None:
+    """The same uniform numbers pick the same tokens; filtered tokens (-inf) are never picked."""
+    logits = _sampling_logits().repeat(8, 1)  # 48 rows
+    reference.ops.top_k_top_p_(logits, torch.zeros(48, dtype=torch.long), torch.full((48,), 0.95))
+    uniforms = torch.rand(48, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    uniforms[0], uniforms[1] = 0.0, 1.0 - 2**-53  # Both ends of the range.
+    expected_ids, expected_totals = reference.ops.draw(logits, uniforms)
+    ids, totals = compiled_kernels.ops.draw(logits, uniforms)
+    assert torch.equal(ids, expected_ids)
+    assert bool(torch.isfinite(logits.gather(1, ids[:, None])).all())
+    assert torch.allclose(totals, expected_totals, atol=1e-5)

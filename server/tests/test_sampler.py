@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 from sluice_server.sampling import SamplingParams, SamplingRow, sample, token_logprobs
-from sluice_server.sampling.sampler import DRAW_CHUNK, HEAD_TOKENS, process_for_sampling
+from sluice_server.kernels.cpu_features import CpuFeatures
+from sluice_server.layers.ops import Ops
+from sluice_server.sampling.sampler import process_for_sampling
+from sluice_server.sampling.vocabulary import DRAW_CHUNK, HEAD_TOKENS
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -25,10 +28,17 @@ def _logits(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def _greedy_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.float()
-    ids = logits.argmax(dim=-1)
-    return ids, logits.log_softmax(dim=-1).gather(1, ids[:, None])[:, 0]
+class _ReferenceOps(Ops):
+    """The PyTorch sampler ops (tests/test_cpu_kernels.py holds the compiled ones to them),
+    recording the logits each greedy pick is given."""
+
+    def __init__(self) -> None:
+        super().__init__(CpuFeatures.detect())
+        self.greedy_inputs: list[torch.Tensor] = []
+
+    def argmax_logprob(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.greedy_inputs.append(logits)
+        return super().argmax_logprob(logits)
 
 
 def _transformers_warpers(params: SamplingParams) -> LogitsProcessorList:
@@ -57,7 +67,7 @@ ROW_PARAMS = [
 
 def test_filters_match_transformers_row_by_row_in_one_batch() -> None:
     logits = _logits(len(ROW_PARAMS))
-    processed = process_for_sampling(logits.clone(), ROW_PARAMS)
+    processed = process_for_sampling(logits.clone(), ROW_PARAMS, _ReferenceOps())
     for index, params in enumerate(ROW_PARAMS):
         expected = _transformers_warpers(params)(None, logits[index : index + 1].clone())[0]
         kept = torch.isfinite(expected)
@@ -84,7 +94,9 @@ def test_top_k_and_top_p_match_transformers_beyond_the_sorted_head() -> None:
         (peaked, SamplingParams(do_sample=True, min_p=0.2)),
     ]
     logits = torch.stack([row for row, _ in cases])
-    processed = process_for_sampling(logits.clone(), [params for _, params in cases])
+    processed = process_for_sampling(
+        logits.clone(), [params for _, params in cases], _ReferenceOps()
+    )
     for index, (row, params) in enumerate(cases):
         expected = _transformers_warpers(params)(None, row[None].clone())[0]
         kept = torch.isfinite(expected)
@@ -103,12 +115,9 @@ def test_repetition_penalty_matches_transformers_over_prompt_and_output() -> Non
         SamplingRow(SamplingParams(repetition_penalty=1.3), history[0], prompt_len=2),
         SamplingRow(SamplingParams(repetition_penalty=0.8), history[1], prompt_len=1),
     ]
-    seen = []
-    sample(
-        logits.clone(),
-        rows,
-        lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1],
-    )
+    ops = _ReferenceOps()
+    sample(logits.clone(), rows, ops)
+    seen = ops.greedy_inputs
     for index, (row, tokens) in enumerate(zip(rows, history, strict=True)):
         processor = RepetitionPenaltyLogitsProcessor(row.params.repetition_penalty)
         expected = processor(torch.tensor([tokens]), logits[index : index + 1].clone())[0]
@@ -124,12 +133,9 @@ def test_frequency_and_presence_penalties_count_the_output_only() -> None:
         ),
         SamplingRow(SamplingParams(presence_penalty=-1.0), [7, 5], 2),
     ]
-    seen = []
-    sample(
-        logits.clone(),
-        rows,
-        lambda penalised: (seen.append(penalised), _greedy_argmax(penalised))[1],
-    )
+    ops = _ReferenceOps()
+    sample(logits.clone(), rows, ops)
+    seen = ops.greedy_inputs
     expected = logits.clone()
     expected[0, 7] -= 0.5 * 2 + 0.25
     expected[0, 12] -= 0.5 * 1 + 0.25
@@ -159,7 +165,7 @@ def test_drawn_tokens_follow_the_processed_distribution(params: SamplingParams) 
         )
         for seed in range(draws)
     ]
-    token_ids = sample(logits, rows, _greedy_argmax).token_ids
+    token_ids = sample(logits, rows, _ReferenceOps()).token_ids
     expected_probs = _transformers_warpers(params)(None, logits[:1].clone())[0].softmax(dim=-1)
     counts = torch.bincount(torch.tensor(token_ids), minlength=VOCAB).double()
     assert counts[expected_probs == 0].sum() == 0
@@ -185,7 +191,7 @@ def test_draws_across_chunks_follow_the_distribution_and_skip_negligible_tokens(
         SamplingRow(SamplingParams(do_sample=True, seed=seed), token_ids=[1], prompt_len=1)
         for seed in range(draws)
     ]
-    sampled = sample(row.expand(draws, vocab).contiguous(), rows, _greedy_argmax)
+    sampled = sample(row.expand(draws, vocab).contiguous(), rows, _ReferenceOps())
     counts = torch.bincount(torch.tensor(sampled.token_ids), minlength=vocab).double()
     assert counts.sum() == counts[likely].sum()
     expected_counts = row[likely].softmax(dim=-1).double() * draws
@@ -208,9 +214,9 @@ def test_a_seeded_row_draws_the_same_token_alone_and_in_a_batch() -> None:
         SamplingParams(do_sample=True, seed=5),
     ]
     rows = [SamplingRow(p, token_ids=[1, 2, 3], prompt_len=2) for p in params]
-    together = sample(logits.clone(), rows, _greedy_argmax)
+    together = sample(logits.clone(), rows, _ReferenceOps())
     for index, row in enumerate(rows):
-        alone = sample(logits[index : index + 1].clone(), [row], _greedy_argmax)
+        alone = sample(logits[index : index + 1].clone(), [row], _ReferenceOps())
         assert alone.token_ids[0] == together.token_ids[index]
         assert alone.logprobs[0] == together.logprobs[index]
 
@@ -218,7 +224,7 @@ def test_a_seeded_row_draws_the_same_token_alone_and_in_a_batch() -> None:
 def test_logprobs_of_sampled_tokens_come_from_the_processed_distribution() -> None:
     params = SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=5)
     logits = _logits(1, seed=4)
-    sampled = sample(logits.clone(), [SamplingRow(params, [1], 1, top_n=3)], _greedy_argmax)
+    sampled = sample(logits.clone(), [SamplingRow(params, [1], 1, top_n=3)], _ReferenceOps())
     reference = _transformers_warpers(params)(None, logits.clone())[0].log_softmax(dim=-1)
     assert math.isclose(sampled.logprobs[0], reference[sampled.token_ids[0]].item(), abs_tol=1e-5)
     # The alternatives come from the same distribution; top-p's cut leaves out the rest.
@@ -237,11 +243,12 @@ def test_greedy_top_tokens_are_the_models_log_softmax_and_other_rows_get_none() 
         SamplingRow(SamplingParams(), [1], 1),
         SamplingRow(SamplingParams(repetition_penalty=1.5), [2, 7], 2, top_n=2),
     ]
-    sampled = sample(logits.clone(), rows, _greedy_argmax)
+    sampled = sample(logits.clone(), rows, _ReferenceOps())
     assert sampled.top_tokens[1] == []
     model = logits[0].log_softmax(dim=-1)
     assert [token for token, _ in sampled.top_tokens[0]] == model.topk(4).indices.tolist()
-    assert sampled.top_tokens[0][0] == (sampled.token_ids[0], sampled.logprobs[0])
+    assert sampled.top_tokens[0][0][0] == sampled.token_ids[0]
+    assert math.isclose(sampled.top_tokens[0][0][1], sampled.logprobs[0], abs_tol=1e-5)
     assert torch.allclose(
         torch.tensor([value for _, value in sampled.top_tokens[0]]), model.topk(4).values
     )

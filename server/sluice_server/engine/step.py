@@ -202,7 +202,7 @@ class StepExecutor:
         sample(
             result.logits,
             [SamplingRow(warmup_sampling, chunk.token_ids, prompt_len, top_n=5)],
-            self.loaded.kernels.ops.argmax_logprob,
+            self.loaded.kernels.ops,
         )
         del temporary_cache, result
 
@@ -313,7 +313,7 @@ class StepExecutor:
                     )
                     for request in sampling_requests
                 ],
-                self.loaded.kernels.ops.argmax_logprob,
+                self.loaded.kernels.ops,
             )
         # Every rank continues each sequence with rank 0's token (the one the router is told).
         token_ids = self.loaded.shards.broadcast_from_first(sampled.token_ids, self.loaded.device)

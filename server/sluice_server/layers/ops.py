@@ -1,5 +1,6 @@
 """The elementwise work between a decoder layer's matmuls, the projections' matmul on CPU, and
-the sampler's greedy pick, behind one interface.
+the sampler's passes over the vocabulary (the greedy pick, the top-k/top-p cut, the draw), behind
+one interface.
 
 `Ops` is the plain PyTorch version, which runs on any device and is the reference.
 `CompiledCpuOps` runs the same operations as single fused passes from Sluice's C++ kernels
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import QuantizedWeight
+from ..sampling import vocabulary
 
 if TYPE_CHECKING:
     from ..kernels.cpu_features import CpuFeatures
@@ -120,6 +122,14 @@ class Ops:
         logprobs = logits.gather(1, token_ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
         return token_ids, logprobs
 
+    def top_k_top_p_(self, logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+        vocabulary.top_k_top_p_(logits, top_k, top_p)
+
+    def draw(
+        self, logits: torch.Tensor, uniforms: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return vocabulary.draw(logits, uniforms)
+
 
 class CompiledCpuOps(Ops):
     def __init__(self, kernels: ModuleType, cpu: "CpuFeatures") -> None:
@@ -186,3 +196,11 @@ class CompiledCpuOps(Ops):
 
     def argmax_logprob(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.argmax_logprob(logits)
+
+    def top_k_top_p_(self, logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+        self.kernels.top_k_top_p_(logits, top_k, top_p)
+
+    def draw(
+        self, logits: torch.Tensor, uniforms: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernels.draw(logits, uniforms)

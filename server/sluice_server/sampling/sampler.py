@@ -15,20 +15,15 @@ and also after a preemption replays it from the start.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 _UINT64_MASK = (1 << 64) - 1
 # An odd 64-bit constant (the golden ratio's fraction) spreads consecutive positions far apart.
 _POSITION_MIX = 0x9E3779B97F4A7C15
-# The head a top-p row's cut is first looked for in (see _top_k_top_p).
-HEAD_TOKENS = 512
-# Where exp() stops being worth taking (see _relative_weights): e^-80 is about 2e-35.
-EXP_FLOOR = -80.0
-# Tokens per partial sum of the draw's search (see _draw).
-DRAW_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -100,18 +95,31 @@ class Sampled:
     top_tokens: list[list[tuple[int, float]]]
 
 
-ArgmaxLogprob = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+class SamplerOps(Protocol):
+    """The sampler's passes over every token of a row: Ops (layers/ops.py) runs them in PyTorch,
+    CompiledCpuOps as the compiled CPU kernels."""
+
+    def argmax_logprob(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy pick; reads the model's dtype directly, so an all-greedy batch never
+        widens its logits to float32."""
+        ...
+
+    def top_k_top_p_(self, logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+        """See vocabulary.top_k_top_p_."""
+        ...
+
+    def draw(
+        self, logits: torch.Tensor, uniforms: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See vocabulary.draw."""
+        ...
 
 
-def sample(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], argmax_logprob: ArgmaxLogprob
-) -> Sampled:
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], ops: SamplerOps) -> Sampled:
     """One token per row of logits [S, vocab] (any float dtype), with its log-probability.
 
     The log-probabilities are taken from the distribution the token was chosen from: for greedy
     rows the model's (after any penalty), for sampled rows the processed one.
-    `argmax_logprob` is the greedy pick (see Ops.argmax_logprob); it reads the model's dtype
-    directly, so an all-greedy batch never widens its logits to float32.
     """
     penalties = [row.params.repetition_penalty for row in rows]
     penalise_output = any(row.params.penalises_output for row in rows)
@@ -123,7 +131,7 @@ def sample(
         if penalise_output:
             _apply_output_penalties(logits, rows)
 
-    token_ids, logprobs = argmax_logprob(logits)
+    token_ids, logprobs = ops.argmax_logprob(logits)
     top_tokens: list[list[tuple[int, float]]] = [[] for _ in rows]
 
     sampled = [index for index, row in enumerate(rows) if not row.params.is_greedy]
@@ -131,8 +139,10 @@ def sample(
         sampled_rows = [rows[index] for index in sampled]
         row_index = torch.tensor(sampled, device=logits.device)
         chosen_rows = logits if len(sampled) == len(rows) else logits[row_index]
-        processed = process_for_sampling(chosen_rows.float(), [row.params for row in sampled_rows])
-        drawn, log_total = _draw(processed, sampled_rows)
+        processed = process_for_sampling(
+            chosen_rows.float(), [row.params for row in sampled_rows], ops
+        )
+        drawn, log_total = ops.draw(processed, _uniforms(sampled_rows))
         token_ids[row_index] = drawn
         logprobs[row_index] = processed.gather(1, drawn[:, None])[:, 0] - log_total
         if any(row.top_n > 0 for row in sampled_rows):
@@ -210,64 +220,25 @@ def _apply_output_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
     logits -= frequency[:, None] * counts + presence[:, None] * (counts > 0).to(logits.dtype)
 
 
-def process_for_sampling(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p, min-p and typical-p (transformers' order); filtered-out
-    tokens get -inf. Rows whose parameter is off pass through each filter unchanged."""
+def process_for_sampling(
+    logits: torch.Tensor, params: Sequence[SamplingParams], ops: SamplerOps
+) -> torch.Tensor:
+    """Temperature, then top-k, top-p, min-p and typical-p (transformers' order) on float32
+    logits; filtered-out tokens get -inf. Rows whose parameter is off pass through each filter
+    unchanged."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
     logits = logits / temperature[:, None]
     if not any(p.filters for p in params):
         return logits
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        logits = _top_k_top_p(logits, params)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        ops.top_k_top_p_(logits, top_k, top_p)
     if any(p.min_p > 0.0 for p in params):
         logits = _min_p(logits, params)
     if any(p.typical_p < 1.0 for p in params):
         logits = _typical_p(logits, params)
-    return logits
-
-
-def _top_k_top_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Top-k, then top-p over the renormalised top k, in place on the rows that have either.
-
-    Only each row's head is sorted: its top_k tokens, or, for top-p alone, its HEAD_TOKENS most
-    likely, widened eightfold until they hold top_p of the mass (every token after them is cut).
-    Sorting a whole 50,000-token vocabulary takes milliseconds a row on a CPU. On the default
-    model over benchmark/data/perplexity.txt at temperature 1, top_p 0.9 keeps a median of 5
-    tokens and at most 512 at 98 % of positions.
-    """
-    device = logits.device
-    vocab_size = logits.shape[-1]
-    pending = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
-    width = max([HEAD_TOKENS] + [params[i].top_k for i in pending])
-    while pending:
-        width = min(width, vocab_size)
-        rows = logits[pending]
-        values, order = rows.topk(width, dim=-1)
-        top_k = torch.tensor([params[i].top_k for i in pending], device=device)
-        top_p = torch.tensor([params[i].top_p for i in pending], dtype=logits.dtype, device=device)
-        has_top_k = top_k > 0
-        ranks = torch.arange(width, device=device)
-        values.masked_fill_(has_top_k[:, None] & (ranks[None, :] >= top_k[:, None]), float("-inf"))
-        # The probabilities top-p sees: within the top k where a row has one, else the row's.
-        probs = torch.where(
-            has_top_k[:, None],
-            values.softmax(dim=-1),
-            (values - _log_total(rows)).exp(),
-        )
-        done = has_top_k | (probs.sum(dim=-1) >= top_p) | (width == vocab_size)
-        # A token goes when the tokens before it already reach top_p; the most likely one always
-        # stays. Rows without top_p are left out: their float32 mass can round up to 1.
-        mass_before = probs.cumsum(dim=-1) - probs
-        values.masked_fill_((mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0), float("-inf"))
-        finished = done.nonzero()[:, 0]
-        heads = torch.full((len(finished), vocab_size), float("-inf"), device=device)
-        heads.scatter_(1, order[finished], values[finished])
-        logits[[pending[i] for i in finished.tolist()]] = heads
-        pending = [
-            row for row, row_done in zip(pending, done.tolist(), strict=True) if not row_done
-        ]
-        width *= 8
     return logits
 
 
@@ -299,63 +270,15 @@ def _typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
     return logits.masked_fill(removed, float("-inf"))
 
 
-def _draw(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of processed float32 logits [S, vocab], and each row's logsumexp.
-
-    Each row's cumulative distribution is inverted at one uniform draw from the row's own seeded
-    generator (torch.multinomial draws a random number per token of the vocabulary: about 1.5 ms
-    a row at 50,000 tokens on a CPU). The search runs over sums of DRAW_CHUNK tokens, then
-    within the chunk the draw falls in: a running sum over the whole vocabulary would be one
-    long sequential pass.
-    """
-    num_rows, vocab_size = logits.shape
-    chunks = -(-vocab_size // DRAW_CHUNK)
-    # Unnormalised probabilities, padded with zeros to whole chunks; filtered tokens weigh 0.
-    weights = torch.zeros(num_rows, chunks * DRAW_CHUNK, device=logits.device)
-    peak = _relative_weights(logits, weights[:, :vocab_size])
-    by_chunk = weights.view(num_rows, chunks, DRAW_CHUNK)
-    chunk_ends = by_chunk.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
-    total = chunk_ends[:, -1]
-
+def _uniforms(rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Each row's uniform number in [0, 1) for its draw, float64 [S], from a generator seeded by
+    the request's seed and the position of the token being drawn."""
     generator = torch.Generator(device="cpu")
-    uniforms = []
-    for row in rows:
+    uniforms = torch.empty(len(rows), dtype=torch.float64)
+    for index, row in enumerate(rows):
         generator.manual_seed(_position_seed(row.params.seed, len(row.token_ids)))
-        uniforms.append(torch.rand(1, generator=generator, dtype=torch.float64))
-    targets = (torch.cat(uniforms).to(logits.device) * total)[:, None]
-
-    # The chunk the target falls in: the first whose end passes it; it holds some weight.
-    chunk = torch.searchsorted(chunk_ends, targets, right=True).clamp_(max=chunks - 1)
-    start = torch.where(chunk > 0, chunk_ends.gather(1, (chunk - 1).clamp(min=0)), 0.0)
-    within = by_chunk[torch.arange(num_rows, device=logits.device), chunk[:, 0]]
-    offset = torch.searchsorted(start + within.double().cumsum(dim=-1), targets, right=True)
-    # The token found has weight above zero. Summed in another order, the chunk can end just
-    # short of the target: then its last token with weight.
-    last_weighted = DRAW_CHUNK - 1 - (within.flip(-1) > 0).int().argmax(dim=-1, keepdim=True)
-    offset = torch.where(offset < DRAW_CHUNK, offset, last_weighted)
-    drawn = (chunk * DRAW_CHUNK + offset)[:, 0]
-    return drawn, peak[:, 0] + total.log().float()
-
-
-def _relative_weights(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """exp(logits - the row's largest) into `out` [S, vocab]; returns the largest [S, 1].
-
-    Tokens more than -EXP_FLOOR below the largest weigh 0: exp() of such values (and of
-    filtered tokens' -inf) takes 5 to 50 times as long on a CPU, and their probabilities are
-    below 1e-35.
-    """
-    peak = logits.amax(dim=-1, keepdim=True)
-    torch.sub(logits, peak, out=out)
-    negligible = out < EXP_FLOOR
-    out.clamp_(min=EXP_FLOOR).exp_().masked_fill_(negligible, 0.0)
-    return peak
-
-
-def _log_total(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over each row [S, vocab] -> [S, 1], as _relative_weights weighs the tokens."""
-    weights = torch.empty_like(logits)
-    peak = _relative_weights(logits, weights)
-    return peak + weights.sum(dim=-1, keepdim=True).log()
+        uniforms[index] = torch.rand(1, generator=generator, dtype=torch.float64)
+    return uniforms
 
 
 def _position_seed(seed: int, position: int) -> int:

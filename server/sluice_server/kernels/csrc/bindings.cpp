@@ -1,7 +1,6 @@
-// The Python module: every kernel of attention.cpp, linear.cpp, linear_quantized.cpp and
-// elementwise.cpp, and which instruction sets this build was compiled for (the build chooses
-// them, see
-// sluice_server.kernels.build).
+// The Python module: every kernel of attention.cpp, linear.cpp, linear_quantized.cpp,
+// elementwise.cpp and sampling.cpp, and which instruction sets this build was compiled for (the
+// build chooses them, see sluice_server.kernels.build).
 
 #include <torch/extension.h>
 
@@ -49,5 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("code_format"),
              py::arg("group_size"), py::arg("levels") = py::none());
   module.def("argmax_logprob", &sluice::argmax_logprob);
+  module.def("top_k_top_p_", &sluice::top_k_top_p_);
+  module.def("draw", &sluice::draw);
   module.def("compiled_isa", &compiled_isa);
 }
