@@ -331,9 +331,14 @@ def workload_text(results: Results) -> str:
                 f"and {w['output_tokens']}-token answers, {levels_text} conversations at once"
             )
         else:
+            sampling = ""
+            if w.get("temperature", 0.0) > 0:
+                sampling = f", sampled at temperature {w['temperature']:g}"
+                if w.get("top_p", 1.0) < 1:
+                    sampling += f" with top_p {w['top_p']:g}"
             parts.append(
                 f"{w['name']}: {w['prompt_tokens']}-token prompts, {w['output_tokens']} output "
-                f"tokens, at {levels_text} concurrent requests"
+                f"tokens, at {levels_text} concurrent requests{sampling}"
             )
     return "Workloads: " + "; ".join(parts) + "."
 

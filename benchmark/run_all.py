@@ -12,7 +12,8 @@ docs/performance.md. Every server answers through the same route, by default Ope
 
 The workloads (`WORKLOADS`, chosen with --workloads): 128 prompt / 128 output tokens at 1, 8 and
 32 concurrent requests; 1,024 / 128 at 8; a 16-turn chat replayed as growing prompts by 4
-conversations at once (TTFT per turn; every server's prefix cache on); 4,096 / 256 at 4.
+conversations at once (TTFT per turn; every server's prefix cache on); 4,096 / 256 at 4; 128 / 128
+sampled at temperature 1 with top_p 0.9 at 1 and 32 (every other workload decodes greedily).
 
     make bench                                   # = .venv/bin/python benchmark/run_all.py
     python benchmark/run_all.py --quick          # a smoke test: tiny counts, short outputs
@@ -82,6 +83,8 @@ class Workload:
     output_tokens: int  # a chat's: each answer's
     concurrency: tuple[int, ...]  # a chat's: conversations at once
     turns: int = 1  # above 1: a chat of this many turns, each prompt the whole conversation so far
+    temperature: float = 0.0  # 0: greedy; else sampled, with top_p
+    top_p: float = 1.0
 
     @property
     def is_chat(self) -> bool:
@@ -99,6 +102,8 @@ WORKLOADS = {
     "long": Workload("1024/128", 1024, 128, (8,)),
     "chat": Workload("chat, 16 turns", 96, 64, (4,), turns=16),
     "longest": Workload("4096/256", 4096, 256, (4,)),
+    # OpenAI's default temperature with a common top_p: what chat front-ends send.
+    "sampled": Workload("128/128 sampled", 128, 128, (1, 32), temperature=1.0, top_p=0.9),
 }
 
 
@@ -324,6 +329,8 @@ def target_for(settings: Settings, server: Running, workload: Workload) -> Targe
         str(settings.model_dir),
         workload.output_tokens,
         ignore_eos=True,
+        temperature=workload.temperature,
+        top_p=workload.top_p,
     )
 
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from sluice_server.sampling import SamplingParams, SamplingRow, sample, token_logprobs
 from sluice_server.kernels.cpu_features import CpuFeatures
 from sluice_server.layers.ops import Ops
+from sluice_server.sampling import SamplingParams, SamplingRow, sample, token_logprobs
 from sluice_server.sampling.sampler import process_for_sampling
 from sluice_server.sampling.vocabulary import DRAW_CHUNK, HEAD_TOKENS
 from transformers.generation.logits_process import (

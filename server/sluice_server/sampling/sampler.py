@@ -258,7 +258,7 @@ def _typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
     probs = log_probs.exp()
     entropy = -(log_probs * probs).nansum(dim=-1, keepdim=True)
     distance = (-log_probs - entropy).abs()
-    sorted_distance, order = distance.sort(dim=-1)
+    _, order = distance.sort(dim=-1)
     sorted_probs = probs.gather(1, order)
     # Tokens whose predecessors (closer to the entropy) already reach the mass go; the closest
     # one always stays.

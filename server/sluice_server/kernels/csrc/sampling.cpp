@@ -75,15 +75,20 @@ void bucket_tokens(LogitRow row, float largest, RowScratch& scratch) {
   }
 }
 
-// The tokens of bucket `bucket`, most likely first (ties by token id).
+// Most likely first, ties by token id.
+void sort_most_likely_first(LogitRow row, std::vector<int32_t>& tokens) {
+  std::sort(tokens.begin(), tokens.end(), [&](int32_t a, int32_t b) {
+    return row.data[a] > row.data[b] || (row.data[a] == row.data[b] && a < b);
+  });
+}
+
+// The tokens of bucket `bucket`, most likely first, into scratch.tokens.
 void sorted_bucket(LogitRow row, int bucket, RowScratch& scratch) {
   scratch.tokens.clear();
   for (int64_t v = 0; v < row.vocab; ++v) {
     if (scratch.buckets[v] == bucket) scratch.tokens.push_back(static_cast<int32_t>(v));
   }
-  std::sort(scratch.tokens.begin(), scratch.tokens.end(), [&](int32_t a, int32_t b) {
-    return row.data[a] > row.data[b] || (row.data[a] == row.data[b] && a < b);
-  });
+  sort_most_likely_first(row, scratch.tokens);
 }
 
 // -inf for every token of a bucket past `bucket`, and for the tokens of `bucket` from the
@@ -134,9 +139,7 @@ void top_k_row(LogitRow row, int64_t top_k, float top_p, RowScratch& scratch) {
   for (int64_t v = 0; v < row.vocab; ++v) {
     if (scratch.buckets[v] < bucket) scratch.tokens.push_back(static_cast<int32_t>(v));
   }
-  std::sort(scratch.tokens.begin(), scratch.tokens.end(), [&](int32_t a, int32_t b) {
-    return row.data[a] > row.data[b] || (row.data[a] == row.data[b] && a < b);
-  });
+  sort_most_likely_first(row, scratch.tokens);
   scratch.tokens.insert(scratch.tokens.end(), boundary.begin(), boundary.end());
   double total = 0.0;
   for (const int32_t token : scratch.tokens) total += scratch.weights[token];
