@@ -278,6 +278,22 @@ def test_top_k_top_p_matches_reference(
     assert bool((kept[:6].sum(dim=-1) < 49152).all())
 
 
+@pytest.mark.parametrize("typical_p", [0.9, 0.5])
+def test_typical_p_matches_reference(
+    compiled_kernels: Kernels, reference: Kernels, typical_p: float
+) -> None:
+    logits = torch.cat([_sampling_logits(), _sampling_logits()[:1]])
+    masses = torch.tensor([typical_p] * 6 + [1.0])
+    expected, actual = logits.clone(), logits.clone()
+    reference.ops.typical_p_(expected, masses)
+    compiled_kernels.ops.typical_p_(actual, masses)
+    assert torch.equal(torch.isfinite(actual), torch.isfinite(expected))
+    kept = torch.isfinite(expected)
+    assert torch.equal(actual[kept], logits[kept])
+    assert torch.equal(actual[6], logits[6])
+    assert bool((kept[:6].sum(dim=-1) < 49152).all())
+
+
 def test_draw_matches_reference(compiled_kernels: Kernels, reference: Kernels) -> None:
     """The same uniform numbers pick the same tokens; filtered tokens (-inf) are never picked."""
     logits = _sampling_logits().repeat(8, 1)  # 48 rows

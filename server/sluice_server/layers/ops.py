@@ -1,6 +1,6 @@
 """The elementwise work between a decoder layer's matmuls, the projections' matmul on CPU, and
-the sampler's passes over the vocabulary (the greedy pick, the top-k/top-p cut, the draw), behind
-one interface.
+the sampler's passes over the vocabulary (the greedy pick, the top-k/top-p and typical-p cuts,
+the draw), behind one interface.
 
 `Ops` is the plain PyTorch version, which runs on any device and is the reference.
 `CompiledCpuOps` runs the same operations as single fused passes from Sluice's C++ kernels
@@ -125,6 +125,9 @@ class Ops:
     def top_k_top_p_(self, logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
         vocabulary.top_k_top_p_(logits, top_k, top_p)
 
+    def typical_p_(self, logits: torch.Tensor, typical_p: torch.Tensor) -> None:
+        vocabulary.typical_p_(logits, typical_p)
+
     def draw(
         self, logits: torch.Tensor, uniforms: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +202,9 @@ class CompiledCpuOps(Ops):
 
     def top_k_top_p_(self, logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
         self.kernels.top_k_top_p_(logits, top_k, top_p)
+
+    def typical_p_(self, logits: torch.Tensor, typical_p: torch.Tensor) -> None:
+        self.kernels.typical_p_(logits, typical_p)
 
     def draw(
         self, logits: torch.Tensor, uniforms: torch.Tensor

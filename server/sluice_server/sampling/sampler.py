@@ -108,6 +108,10 @@ class SamplerOps(Protocol):
         """See vocabulary.top_k_top_p_."""
         ...
 
+    def typical_p_(self, logits: torch.Tensor, typical_p: torch.Tensor) -> None:
+        """See vocabulary.typical_p_."""
+        ...
+
     def draw(
         self, logits: torch.Tensor, uniforms: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +242,7 @@ def process_for_sampling(
     if any(p.min_p > 0.0 for p in params):
         logits = _min_p(logits, params)
     if any(p.typical_p < 1.0 for p in params):
-        logits = _typical_p(logits, params)
+        ops.typical_p_(logits, torch.tensor([p.typical_p for p in params], dtype=torch.float32))
     return logits
 
 
@@ -248,26 +252,6 @@ def _min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tens
     min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=logits.device)
     threshold = logits.amax(dim=-1, keepdim=True) + min_p.log()[:, None]
     return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def _typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    # Locally typical sampling: keep the tokens whose information (-log p) is closest to the
-    # distribution's entropy, in that order, until their mass reaches typical_p.
-    mass = torch.tensor([p.typical_p for p in params], dtype=logits.dtype, device=logits.device)
-    log_probs = logits.log_softmax(dim=-1)
-    probs = log_probs.exp()
-    entropy = -(log_probs * probs).nansum(dim=-1, keepdim=True)
-    distance = (-log_probs - entropy).abs()
-    _, order = distance.sort(dim=-1)
-    sorted_probs = probs.gather(1, order)
-    # Tokens whose predecessors (closer to the entropy) already reach the mass go; the closest
-    # one always stays.
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    removed_sorted = (mass_before >= mass[:, None]) & (mass[:, None] < 1.0)
-    removed_sorted[:, 0] = False
-    removed = torch.empty_like(removed_sorted).scatter_(1, order, removed_sorted)
-    # A filtered-out token (-inf, probability 0) is never brought back.
-    return logits.masked_fill(removed, float("-inf"))
 
 
 def _uniforms(rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The sampler's passes over every token of a row, in PyTorch: the top-k/top-p cut and the draw.
+"""The sampler's passes over every token of a row, in PyTorch: the top-k/top-p and typical-p
+cuts and the draw.
 
 `Ops` (layers/ops.py) runs these on any device; `CompiledCpuOps` runs the compiled kernels of
 kernels/csrc/sampling.cpp instead, which do the same in one or two passes per row. Both weigh a
@@ -68,6 +69,27 @@ def top_k_top_p_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
             row for row, row_done in zip(pending, done.tolist(), strict=True) if not row_done
         ]
         width *= 8
+
+
+def typical_p_(logits: torch.Tensor, typical_p: torch.Tensor) -> None:
+    """Locally typical sampling, in place on float32 logits [S, vocab] with typical_p [S] (1: off):
+    keeps the tokens whose information (-log p) is closest to the row's entropy, in that order,
+    until they hold typical_p of the mass. In float64, as the compiled kernel sums."""
+    mass = typical_p.to(device=logits.device, dtype=torch.float64)
+    log_probs = logits.double().log_softmax(dim=-1)
+    probs = log_probs.exp()
+    entropy = -(log_probs * probs).nansum(dim=-1, keepdim=True)
+    distance = (-log_probs - entropy).abs()
+    _, order = distance.sort(dim=-1)
+    sorted_probs = probs.gather(1, order)
+    # Tokens whose predecessors (closer to the entropy) already reach the mass go; the closest
+    # one always stays.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    removed_sorted = (mass_before >= mass[:, None]) & (mass[:, None] < 1.0)
+    removed_sorted[:, 0] = False
+    removed = torch.empty_like(removed_sorted).scatter_(1, order, removed_sorted)
+    # A filtered-out token (-inf, probability 0) is never brought back.
+    logits.masked_fill_(removed, float("-inf"))
 
 
 def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
