@@ -30,6 +30,7 @@
 // columns. x is widened to float32 and y written in x's dtype here, rather than by separate
 // PyTorch conversions around the call (which took a sixth of a one-request decode step).
 
+#include <limits>
 #include <vector>
 
 #include <ATen/ops/empty.h>
@@ -371,7 +372,7 @@ inline void store_tile(const QuantizedMatrix& w, const RowBlock<Out>& block, con
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kCols; ++c) {
       float value = dots[r][c] + (bias ? bias[n + c] : 0.f);
-      if (w.offsets != nullptr) {
+      if (block.group_sums != nullptr) {
         const float* offsets = w.offsets + (n + c) * w.groups();
         value += dot(offsets, block.group_sums + (row + r) * block.groups, block.groups);
       }
@@ -398,8 +399,8 @@ void quantized_columns(const QuantizedMatrix& w, const RowBlock<Out>& block, con
   for (; n < end; ++n) quantized_tile<kRows, 1>(w, block, bias, row, n);
 }
 
-// x's rows as float32 (x itself where it is float32) and, for weights with offsets, each row's
-// sums per group.
+// x's rows as float32 (x itself where it is float32) and, where asked (the float32 path's
+// weights with offsets), each row's sums per group.
 struct FloatRows {
   const float* data;
   std::vector<float> widened;
@@ -408,20 +409,20 @@ struct FloatRows {
 
 template <typename T>
 void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMatrix& w,
-                FloatRows& out) {
+                bool group_sums, FloatRows& out) {
   if constexpr (!std::is_same_v<T, float>) {
     out.widened.resize(rows * in_features);
     out.data = out.widened.data();
   } else {
     out.data = x;
   }
-  if (w.offsets != nullptr) out.group_sums.resize(rows * w.groups());
+  if (group_sums) out.group_sums.resize(rows * w.groups());
   at::parallel_for(0, rows, grain_for(in_features), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if constexpr (!std::is_same_v<T, float>) {
         widen(x + r * in_features, out.widened.data() + r * in_features, in_features);
       }
-      if (w.offsets == nullptr) continue;
+      if (!group_sums) continue;
       const float* row = out.data + r * in_features;
       for (int64_t g = 0; g < w.groups(); ++g) {
         float sum = 0.f;
@@ -431,6 +432,366 @@ void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMa
       }
     }
   });
+}
+
+// ---- The integer path: integer codes (kUnsigned4, kSigned8) times activations rounded to 16 bits.
+//
+// Widening codes to float32 costs more than the bytes they save: one row of 4-bit codes took as
+// long as bfloat16's twice-as-many bytes. Multiplying integers instead, a chunk of 32 bytes of a
+// column's codes is read as 16 lanes of 16 bits; each lane holds 4 codes (4-bit) or 2 (8-bit),
+// and code v of every lane, isolated by shifts and masks (no shuffles), makes the chunk's vector
+// v of 16 integers. vpmaddwd multiplies each vector by 16 int16 activations and adds pairs into
+// 32-bit sums, exactly. The activations are each row's x, rounded per half chunk (32 dimensions
+// for 4-bit codes, 16 for 8-bit) to int16 at a scale of its largest magnitude / 32767: within
+// 2^-16 of that magnitude, finer than bfloat16 for all but values 2^8 below it. Each row is
+// rounded in a layout matching the lanes (`ChunkLayout::dim`) once per call, and every column
+// reads it.
+//
+// Lanes 0-7 cover a chunk's first half of dimensions and 8-15 its second, so each 32-bit sum
+// belongs to one half: it becomes float32 and is scaled by its half's weight scale times its x
+// scale, in the same order whatever rows and columns a pass computes. (4-bit codes with groups
+// of 16, which would split a half, keep the float32 path.)
+
+constexpr int64_t kChunkBytes = 32;
+constexpr int64_t kChunkLanes = 16;
+constexpr float kInt16Max = 32767.f;
+// Columns a thread works through together: the rows of a row block each read them, from cache
+// after the first pass.
+constexpr int64_t kIntegerTileColumns = 2;
+// Rows whose rounded x (at most 64 x 1,536 int16, 192 KiB) stays in cache while a thread's
+// columns stream past.
+constexpr int64_t kIntegerRowBlock = 64;
+
+inline bool takes_integer_path(const QuantizedMatrix& w) {
+  return w.format == CodeFormat::kSigned8 ||
+         (w.format == CodeFormat::kUnsigned4 && w.group_size % kCodeBlock == 0);
+}
+
+// Which dimension each code of a chunk multiplies.
+struct ChunkLayout {
+  int64_t vectors;  // Codes per 16-bit lane: 4 (4-bit codes) or 2.
+
+  explicit ChunkLayout(const QuantizedMatrix& w) : vectors(w.bits() == 4 ? 4 : 2) {}
+  int64_t dims() const { return vectors * kChunkLanes; }
+  int64_t half_dims() const { return dims() / 2; }
+  // The dimension, within the chunk, of lane j's code v. 4-bit: the chunk is two blocks of 16
+  // bytes (lanes 0-7, 8-15), each byte's low nibble the block's dimension i and high one i + 16,
+  // so bits 0-3, 4-7, 8-11, 12-15 of the lane (bytes 2j, 2j + 1) hold i, i + 16, i + 1, i + 17.
+  // 8-bit: the lane's low byte is dimension 2j, its high byte 2j + 1.
+  int64_t dim(int64_t v, int64_t j) const {
+    if (vectors == 2) return 2 * j + v;
+    return kCodeBlock * (j / 8) + kHalfBlock * (v % 2) + 2 * (j % 8) + v / 2;
+  }
+};
+
+// Each row of x rounded to int16 in the lanes' order, chunk by chunk, with each half chunk's
+// scale (4 times, as the AVX2 path multiplies it: [first half x4, second half x4]) and, for
+// weights with offsets, a quarter of each half chunk's sum of x (4 times: the 8 lanes times the
+// halves' offsets add up to the offsets' term).
+struct IntegerRows {
+  std::vector<int16_t> values;    // [rows][chunks][vectors][16]
+  std::vector<float> scales;      // [rows][chunks][8]
+  std::vector<float> quarter_sums;  // [rows][chunks][8]; empty without offsets.
+  int64_t chunks;
+  int64_t dims_per_row;  // chunks * the chunk's dimensions: x padded with zeros to whole chunks.
+
+  const int16_t* row_values(int64_t r) const { return values.data() + r * dims_per_row; }
+  const float* row_scales(int64_t r) const { return scales.data() + r * chunks * 8; }
+  const float* row_quarter_sums(int64_t r) const {
+    return quarter_sums.data() + r * chunks * 8;
+  }
+};
+
+// One half chunk's scale: its largest magnitude / 32767 (NaN if it holds a NaN or infinity, which
+// then reaches the output as the float32 path's would).
+inline float half_chunk_scale(const float* x, int64_t count) {
+  float largest = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < count; ++i) {
+    largest = std::max(largest, std::fabs(x[i]));
+    finite = finite && std::isfinite(x[i]);
+  }
+  return finite ? largest / kInt16Max : std::numeric_limits<float>::quiet_NaN();
+}
+
+IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_count) {
+  const ChunkLayout layout(w);
+  IntegerRows rows;
+  rows.chunks = (w.in_features + layout.dims() - 1) / layout.dims();
+  rows.dims_per_row = rows.chunks * layout.dims();
+  rows.values.resize(row_count * rows.dims_per_row);
+  rows.scales.resize(row_count * rows.chunks * 8);
+  if (w.offsets != nullptr) rows.quarter_sums.resize(row_count * rows.chunks * 8);
+  // Where each lane's value comes from, within a chunk.
+  std::vector<int64_t> source(layout.dims());
+  for (int64_t v = 0; v < layout.vectors; ++v) {
+    for (int64_t j = 0; j < kChunkLanes; ++j) source[v * kChunkLanes + j] = layout.dim(v, j);
+  }
+  at::parallel_for(0, row_count, grain_for(w.in_features), [&](int64_t begin, int64_t end) {
+    std::vector<float> chunk(layout.dims());
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t c = 0; c < rows.chunks; ++c) {
+        const int64_t first = c * layout.dims();
+        const int64_t count = std::min(layout.dims(), w.in_features - first);
+        std::fill(chunk.begin(), chunk.end(), 0.f);
+        std::copy(x + r * w.in_features + first, x + r * w.in_features + first + count,
+                  chunk.begin());
+        float* scales = rows.scales.data() + (r * rows.chunks + c) * 8;
+        float inverse[2];
+        for (int64_t h = 0; h < 2; ++h) {
+          const float* half = chunk.data() + h * layout.half_dims();
+          const float scale = half_chunk_scale(half, layout.half_dims());
+          std::fill(scales + 4 * h, scales + 4 * h + 4, scale);
+          inverse[h] = scale > 0.f ? 1.f / scale : 0.f;
+          if (w.offsets == nullptr) continue;
+          float sum = 0.f;
+          for (int64_t i = 0; i < layout.half_dims(); ++i) sum += half[i];
+          float* quarter_sums = rows.quarter_sums.data() + (r * rows.chunks + c) * 8;
+          std::fill(quarter_sums + 4 * h, quarter_sums + 4 * h + 4, sum / 4);
+        }
+        int16_t* values = rows.values.data() + r * rows.dims_per_row + first;
+        for (int64_t i = 0; i < layout.dims(); ++i) {
+          const int64_t d = source[i];
+          const float rounded = std::nearbyint(chunk[d] * inverse[d / layout.half_dims()]);
+          values[i] = static_cast<int16_t>(std::min(std::max(rounded, -kInt16Max), kInt16Max));
+        }
+      }
+    }
+  });
+  return rows;
+}
+
+// Each chunk's two halves' groups: their scales' indexes in a column's scales (the second half
+// of a half chunk takes the first's, its codes being zeros).
+struct ChunkGroups {
+  int64_t first, second;
+};
+
+std::vector<ChunkGroups> chunk_groups(const QuantizedMatrix& w, const IntegerRows& x) {
+  const ChunkLayout layout(w);
+  std::vector<ChunkGroups> groups(x.chunks);
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    const int64_t first = c * layout.dims();
+    const int64_t second = std::min(first + layout.half_dims(), w.in_features - 1);
+    groups[c] = {first / w.group_size, second / w.group_size};
+  }
+  return groups;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// Column n's chunk at `offset` bytes and its group's scale and offset, in the next tile (a tile's
+// columns read their codes from memory once; this keeps the reads ahead of the arithmetic).
+inline void prefetch_next_tile(const QuantizedMatrix& w, int64_t n, int64_t offset, int64_t g) {
+  const int64_t ahead = n + kIntegerTileColumns;
+  _mm_prefetch(reinterpret_cast<const char*>(w.column_codes(ahead) + offset), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w.column_scales(ahead) + g), _MM_HINT_T0);
+  if (w.offsets != nullptr) {
+    _mm_prefetch(reinterpret_cast<const char*>(w.offsets + ahead * w.groups() + g), _MM_HINT_T0);
+  }
+}
+
+// A chunk's vectors of codes (4-bit: the last chunk may be half, its second half then zeros).
+template <int kVectors>
+inline void chunk_codes(const uint8_t* bytes, bool half, __m256i (&codes)[kVectors]) {
+  const __m256i lanes =
+      half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)))
+           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  if constexpr (kVectors == 4) {
+    const __m256i nibble = _mm256_set1_epi16(0x0f);
+    codes[0] = _mm256_and_si256(lanes, nibble);
+    codes[1] = _mm256_and_si256(_mm256_srli_epi16(lanes, 4), nibble);
+    codes[2] = _mm256_and_si256(_mm256_srli_epi16(lanes, 8), nibble);
+    codes[3] = _mm256_srli_epi16(lanes, 12);
+  } else {
+    codes[0] = _mm256_srai_epi16(_mm256_slli_epi16(lanes, 8), 8);
+    codes[1] = _mm256_srai_epi16(lanes, 8);
+  }
+}
+
+// The chunk's 32-bit sums of code * x for one row: lanes 0-3 the first half's, 4-7 the second's.
+template <int kVectors>
+inline __m256i chunk_sums(const __m256i (&codes)[kVectors], const int16_t* x) {
+  const auto product = [&](int v) {
+    const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x) + v);
+    return _mm256_madd_epi16(codes[v], values);
+  };
+  if constexpr (kVectors == 4) {
+    return _mm256_add_epi32(_mm256_add_epi32(product(0), product(1)),
+                            _mm256_add_epi32(product(2), product(3)));
+  } else {
+    return _mm256_add_epi32(product(0), product(1));
+  }
+}
+
+// kRows rows against kCols columns from n: sum over chunks and halves of the integer sums times
+// the half's weight scale times its x scale.
+template <int kVectors, bool kOffsets, int64_t kRows, int64_t kCols>
+inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
+                         const ChunkGroups* groups, int64_t row, int64_t n, bool prefetch,
+                         float (&dots)[kRows][kCols]) {
+  const int64_t dims = ChunkLayout(w).dims();
+  const uint8_t* codes[kCols];
+  const float* scales[kCols];
+  for (int64_t k = 0; k < kCols; ++k) codes[k] = w.column_codes(n + k), scales[k] = w.column_scales(n + k);
+  const float* offsets[kCols];
+  for (int64_t k = 0; k < kCols; ++k) offsets[k] = w.offsets + (n + k) * w.groups();
+  const int16_t* values[kRows];
+  const float* x_scales[kRows];
+  const float* quarter_sums[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    values[r] = x.row_values(row + r);
+    x_scales[r] = x.row_scales(row + r);
+    quarter_sums[r] = x.row_quarter_sums(row + r);
+  }
+  __m256 totals[kRows][kCols];
+  for (auto& row_totals : totals) {
+    for (auto& total : row_totals) total = _mm256_setzero_ps();
+  }
+  const auto chunk = [&](int64_t c, bool half) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kCols; ++k) {
+      if (prefetch) prefetch_next_tile(w, n + k, c * kChunkBytes, groups[c].first);
+      __m256i column_codes[kVectors];
+      chunk_codes<kVectors>(codes[k] + c * kChunkBytes, half, column_codes);
+      const __m256 weight_scales = _mm256_set_m128(_mm_set1_ps(scales[k][groups[c].second]),
+                                                   _mm_set1_ps(scales[k][groups[c].first]));
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kRows; ++r) {
+        const __m256i sums = chunk_sums<kVectors>(column_codes, values[r] + c * dims);
+        const __m256 scale = _mm256_mul_ps(weight_scales, _mm256_loadu_ps(x_scales[r] + 8 * c));
+        totals[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, totals[r][k]);
+      }
+      if constexpr (kOffsets) {
+        const __m256 weight_offsets = _mm256_set_m128(_mm_set1_ps(offsets[k][groups[c].second]),
+                                                      _mm_set1_ps(offsets[k][groups[c].first]));
+#pragma GCC unroll 4
+        for (int64_t r = 0; r < kRows; ++r) {
+          const __m256 x_sums = _mm256_loadu_ps(quarter_sums[r] + 8 * c);
+          totals[r][k] = _mm256_fmadd_ps(weight_offsets, x_sums, totals[r][k]);
+        }
+      }
+    }
+  };
+  const bool half_last = x.dims_per_row != w.in_features;
+  const int64_t whole = half_last ? x.chunks - 1 : x.chunks;
+  for (int64_t c = 0; c < whole; ++c) chunk(c, false);
+  if (half_last) chunk(whole, true);
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t k = 0; k < kCols; ++k) dots[r][k] = horizontal_sum(totals[r][k]);
+  }
+}
+#else
+// The lanes as the AVX2 path isolates them, one half chunk's products summed exactly.
+template <int kVectors>
+inline void integer_dots_half(const uint8_t* bytes, const int16_t* x, int64_t half,
+                              int32_t& sum) {
+  for (int64_t j = 8 * half; j < 8 * half + 8; ++j) {
+    const uint16_t lane = static_cast<uint16_t>(bytes[2 * j] | (bytes[2 * j + 1] << 8));
+    for (int v = 0; v < kVectors; ++v) {
+      const int32_t code = kVectors == 4 ? (lane >> (4 * v)) & 0x0f
+                                         : static_cast<int8_t>(lane >> (8 * v));
+      sum += code * x[v * kChunkLanes + j];
+    }
+  }
+}
+
+template <int kVectors, bool kOffsets, int64_t kRows, int64_t kCols>
+inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
+                         const ChunkGroups* groups, int64_t row, int64_t n, bool /*prefetch*/,
+                         float (&dots)[kRows][kCols]) {
+  const ChunkLayout layout(w);
+  const bool half_last = x.dims_per_row != w.in_features;
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t k = 0; k < kCols; ++k) dots[r][k] = 0.f;
+  }
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    const int64_t halves = half_last && c == x.chunks - 1 ? 1 : 2;
+    for (int64_t k = 0; k < kCols; ++k) {
+      const uint8_t* bytes = w.column_codes(n + k) + c * kChunkBytes;
+      const float* scales = w.column_scales(n + k);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int16_t* values = x.row_values(row + r) + c * layout.dims();
+        const float* x_scales = x.row_scales(row + r) + 8 * c;
+        const float* quarter_sums = kOffsets ? x.row_quarter_sums(row + r) + 8 * c : nullptr;
+        for (int64_t h = 0; h < halves; ++h) {
+          int32_t sum = 0;
+          integer_dots_half<kVectors>(bytes, values, h, sum);
+          const int64_t g = h == 0 ? groups[c].first : groups[c].second;
+          dots[r][k] += static_cast<float>(sum) * (scales[g] * x_scales[4 * h]);
+          if (kOffsets) dots[r][k] += w.offsets[(n + k) * w.groups() + g] * 4 * quarter_sums[4 * h];
+        }
+      }
+    }
+  }
+}
+#endif
+
+// What one integer-path call computes from: the weight, x rounded, the chunks' groups, and y.
+template <typename Out>
+struct IntegerCall {
+  const QuantizedMatrix& w;
+  const IntegerRows& x;
+  const ChunkGroups* groups;
+  const RowBlock<Out>& block;
+  const float* bias;
+};
+
+template <int kVectors, bool kOffsets, int64_t kRows, int64_t kCols, typename Out>
+inline void integer_tile(const IntegerCall<Out>& call, int64_t row, int64_t n, bool prefetch) {
+  float dots[kRows][kCols];
+  integer_dots<kVectors, kOffsets, kRows, kCols>(call.w, call.x, call.groups, row, n, prefetch,
+                                                 dots);
+  store_tile<kRows, kCols>(call.w, call.block, call.bias, row, n, dots);
+}
+
+// Rows [first, last) against `columns` columns from n, in passes of up to 4 rows that read the
+// columns' codes from cache after the first (which prefetches the next columns'). One row takes
+// both columns at once, for independent sums.
+template <int kVectors, bool kOffsets, typename Out>
+void integer_columns(const IntegerCall<Out>& call, int64_t first, int64_t last, int64_t n,
+                     int64_t columns) {
+  for (int64_t row = first; row < last; row += kRowsPerPass) {
+    const bool prefetch = row == first;
+    with_count<kRowsPerPass>(std::min(kRowsPerPass, last - row), [&](auto count) {
+      constexpr int64_t kRows = decltype(count)::value;
+      if (kRows == 1 && columns == kIntegerTileColumns) {
+        return integer_tile<kVectors, kOffsets, 1, kIntegerTileColumns>(call, row, n, prefetch);
+      }
+      for (int64_t k = 0; k < columns; ++k) {
+        integer_tile<kVectors, kOffsets, kRows, 1>(call, row, n + k, prefetch);
+      }
+    });
+  }
+}
+
+template <typename Out>
+void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_count,
+                      const RowBlock<Out>& block, const float* bias) {
+  const IntegerRows rows = round_rows(w, x, row_count);
+  const std::vector<ChunkGroups> groups = chunk_groups(w, rows);
+  const IntegerCall<Out> call{w, rows, groups.data(), block, bias};
+  const auto multiply_all = [&](auto vectors, auto offsets) {
+    constexpr int kVectors = decltype(vectors)::value;
+    constexpr bool kOffsets = decltype(offsets)::value;
+    at::parallel_for(0, block.out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t first = 0; first < row_count; first += kIntegerRowBlock) {
+        const int64_t last = std::min(first + kIntegerRowBlock, row_count);
+        for (int64_t n = begin; n < end; n += kIntegerTileColumns) {
+          const int64_t columns = std::min(kIntegerTileColumns, end - n);
+          integer_columns<kVectors, kOffsets>(call, first, last, n, columns);
+        }
+      }
+    });
+  };
+  const auto with_offsets = [&](auto vectors) {
+    if (w.offsets != nullptr) return multiply_all(vectors, std::true_type{});
+    multiply_all(vectors, std::false_type{});
+  };
+  if (w.bits() == 4) {
+    with_offsets(std::integral_constant<int, 4>{});
+  } else {
+    with_offsets(std::integral_constant<int, 2>{});
+  }
 }
 
 QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales,
@@ -512,14 +873,18 @@ void panel_columns(const QuantizedMatrix& w, const RowBlock<Out>& block, const f
 template <typename T>
 void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const float* bias,
               int64_t out_features, T* y) {
+  // The integer path adds the offsets' term itself (IntegerRows::quarter_sums).
+  const bool integer = takes_integer_path(w);
+  const bool group_sums = w.offsets != nullptr && !integer;
   FloatRows rows;
-  widen_rows(x, row_count, w.in_features, w, rows);
+  widen_rows(x, row_count, w.in_features, w, group_sums, rows);
   const RowBlock<T> block{rows.data,
-                          w.offsets != nullptr ? rows.group_sums.data() : nullptr,
+                          group_sums ? rows.group_sums.data() : nullptr,
                           y,
                           w.in_features,
                           w.groups(),
                           out_features};
+  if (integer) return integer_multiply(w, rows.data, row_count, block, bias);
   at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (takes_panel_path(w, row_count)) {
