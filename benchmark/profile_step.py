@@ -7,6 +7,9 @@ operators from torch.profiler.
 
     python benchmark/profile_step.py --model ~/.cache/sluice/models/SmolLM2-135M-Instruct \
         --dtype bfloat16 --batch 32
+
+With `--gguf-file FILE` (the file --model was converted from), the file's quantized projections,
+as `--quantize gguf` serves them; with `--quantize METHOD`, the launcher's other methods.
 """
 
 from __future__ import annotations
@@ -66,11 +69,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--kernels", choices=["auto", "compiled", "reference"], default="auto")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace here")
+    parser.add_argument("--gguf-file", type=Path, help="serve this GGUF file's quantized weights")
+    parser.add_argument("--quantize", help="as the launcher's --quantize (not gguf)")
     args = parser.parse_args()
 
     device = torch.device("cpu")
     kernels = select_kernels(args.kernels, device, Path.home() / ".cache" / "sluice" / "kernels")
-    loaded = load_model(args.model.expanduser(), getattr(torch, args.dtype), device, kernels)
+    loaded = load_model(
+        args.model.expanduser(),
+        getattr(torch, args.dtype),
+        device,
+        kernels,
+        gguf_file=args.gguf_file,
+        quantize=args.quantize,
+    )
     executor = StepExecutor(loaded, BLOCK_SIZE, None)
     max_new = 2 * args.steps + 8
     blocks_each = -(-(args.prompt_tokens + max_new) // BLOCK_SIZE)

@@ -17,18 +17,26 @@
 //
 // Scales and offsets are float32 [N][K / group_size]; group_size is a multiple of 32, or 16.
 //
-// The activations stay float32: sum_k W x = sum_b scale * sum(value * x) + sum_g offset * sum(x),
-// each block's 32 codes widened to float32 and scaled once, the offsets joining through x's sums
-// per group. (Rounding the activations to integers, 8-bit as llama.cpp does or 16-bit, multiplies
-// one row faster, but the 8-bit rounding raised the default model's perplexity by 3.5 % and the
-// 16-bit one made many rows slower; see docs/quantization.md.) The AVX2 path
-// multiplies a block's four vectors against up to 4 rows of x, so that a column's codes are
-// unpacked once per 4 rows, and with fewer rows works on up to 4 columns at once, so that
-// independent sums hide the FMAs' latency; the portable path scales a block into a buffer and
-// takes dot products. Each row's sums run in the same order whatever rows and columns it is
-// computed with, so a request's output does not depend on its batch. Threads split the
-// columns. x is widened to float32 and y written in x's dtype here, rather than by separate
-// PyTorch conversions around the call (which took a sixth of a one-request decode step).
+// Two paths, each summing a row in the same order whatever rows and columns it is computed with,
+// so that a request's output does not depend on its batch; the path depends on the weight only.
+// Threads split the columns. x is widened to float32 and y written in x's dtype here, rather
+// than by separate PyTorch conversions around the call (which took a sixth of a one-request
+// decode step). sum_k W x = sum_g scale * sum(value * x) + sum_g offset * sum(x): the offsets
+// join through x's sums per group.
+//
+// - The integer path (4-bit integers with groups of whole blocks, 8-bit integers; see "The
+//   integer path" below): x rounded to int16 per 16 or 32 dimensions, codes unpacked with shifts
+//   and masks and multiplied as integers (vpmaddwd). One row of 4-bit codes runs at about memory
+//   speed, where widening them to float32 took as long as bfloat16's twice-as-many bytes.
+// - The float32 path (FP8, NF4 and FP4 levels, 4-bit integers with groups of 16): each block's 32
+//   codes widened to float32 and scaled once, multiplied by up to 4 rows of x (a column's codes
+//   unpacked once per 4 rows), with fewer rows up to 4 columns at once so that independent sums
+//   hide the FMAs' latency; the portable build scales a block into a buffer and takes dot
+//   products.
+//
+// Rounding x to 8-bit integers instead, as llama.cpp does, raised the default model's perplexity
+// by 3.5 % (docs/quantization.md); 16 bits per 16 or 32 dimensions keep x within 2^-16 of each
+// run's largest magnitude.
 
 #include <limits>
 #include <vector>
@@ -365,6 +373,28 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// The dot product of a column's offsets and a row's group sums: a few dozen values, for which
+// the generic loop's remainder and reduction cost more than its vector body.
+inline float short_dot(const float* a, const float* b, int64_t count) {
+  alignas(32) static constexpr int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                    0,  0,  0,  0,  0,  0,  0,  0};
+  __m256 sum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum);
+  }
+  if (i < count) {
+    const auto* tail = reinterpret_cast<const __m256i*>(kMask + 8 - (count - i));
+    const __m256i mask = _mm256_loadu_si256(tail);
+    sum = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, mask), _mm256_maskload_ps(b + i, mask), sum);
+  }
+  return horizontal_sum(sum);
+}
+#else
+inline float short_dot(const float* a, const float* b, int64_t count) { return dot(a, b, count); }
+#endif
+
 // y[row .. row + kRows][n .. n + kCols] from the scaled dots: plus the offsets' and bias's terms.
 template <int64_t kRows, int64_t kCols, typename Out>
 inline void store_tile(const QuantizedMatrix& w, const RowBlock<Out>& block, const float* bias,
@@ -372,9 +402,9 @@ inline void store_tile(const QuantizedMatrix& w, const RowBlock<Out>& block, con
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kCols; ++c) {
       float value = dots[r][c] + (bias ? bias[n + c] : 0.f);
-      if (block.group_sums != nullptr) {
+      if (w.offsets != nullptr) {
         const float* offsets = w.offsets + (n + c) * w.groups();
-        value += dot(offsets, block.group_sums + (row + r) * block.groups, block.groups);
+        value += short_dot(offsets, block.group_sums + (row + r) * block.groups, block.groups);
       }
       block.y[(row + r) * block.out_features + n + c] = from_float<Out>(value);
     }
@@ -399,8 +429,8 @@ void quantized_columns(const QuantizedMatrix& w, const RowBlock<Out>& block, con
   for (; n < end; ++n) quantized_tile<kRows, 1>(w, block, bias, row, n);
 }
 
-// x's rows as float32 (x itself where it is float32) and, where asked (the float32 path's
-// weights with offsets), each row's sums per group.
+// x's rows as float32 (x itself where it is float32) and, for weights with offsets, each row's
+// sums per group.
 struct FloatRows {
   const float* data;
   std::vector<float> widened;
@@ -409,20 +439,20 @@ struct FloatRows {
 
 template <typename T>
 void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMatrix& w,
-                bool group_sums, FloatRows& out) {
+                FloatRows& out) {
   if constexpr (!std::is_same_v<T, float>) {
     out.widened.resize(rows * in_features);
     out.data = out.widened.data();
   } else {
     out.data = x;
   }
-  if (group_sums) out.group_sums.resize(rows * w.groups());
+  if (w.offsets != nullptr) out.group_sums.resize(rows * w.groups());
   at::parallel_for(0, rows, grain_for(in_features), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if constexpr (!std::is_same_v<T, float>) {
         widen(x + r * in_features, out.widened.data() + r * in_features, in_features);
       }
-      if (!group_sums) continue;
+      if (w.offsets == nullptr) continue;
       const float* row = out.data + r * in_features;
       for (int64_t g = 0; g < w.groups(); ++g) {
         float sum = 0.f;
@@ -434,18 +464,17 @@ void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMa
   });
 }
 
-// ---- The integer path: integer codes (kUnsigned4, kSigned8) times activations rounded to 16 bits.
+// ---- The integer path: integer codes (kUnsigned4, kSigned8) times x rounded to 16 bits.
 //
-// Widening codes to float32 costs more than the bytes they save: one row of 4-bit codes took as
-// long as bfloat16's twice-as-many bytes. Multiplying integers instead, a chunk of 32 bytes of a
-// column's codes is read as 16 lanes of 16 bits; each lane holds 4 codes (4-bit) or 2 (8-bit),
-// and code v of every lane, isolated by shifts and masks (no shuffles), makes the chunk's vector
-// v of 16 integers. vpmaddwd multiplies each vector by 16 int16 activations and adds pairs into
-// 32-bit sums, exactly. The activations are each row's x, rounded per half chunk (32 dimensions
-// for 4-bit codes, 16 for 8-bit) to int16 at a scale of its largest magnitude / 32767: within
-// 2^-16 of that magnitude, finer than bfloat16 for all but values 2^8 below it. Each row is
-// rounded in a layout matching the lanes (`ChunkLayout::dim`) once per call, and every column
-// reads it.
+// A chunk of 32 bytes of a column's codes is read as 16 lanes of 16 bits; each lane holds 4
+// codes (4-bit) or 2 (8-bit), and code v of every lane, isolated by shifts and masks (no
+// shuffles), makes the chunk's vector v of 16 integers. vpmaddwd multiplies each vector by 16
+// int16 activations and adds pairs into 32-bit sums, exactly. The activations are each row's x,
+// rounded per half chunk (32 dimensions for 4-bit codes, 16 for 8-bit) to int16 at a scale of
+// its largest magnitude / 32767: within 2^-16 of that magnitude, finer than bfloat16 for all but
+// values 2^8 below it. Each row is rounded in a layout matching the lanes (`ChunkLayout::dim`)
+// once per call, and every column reads it. Threads work through blocks of columns whose codes
+// fit L2, each block multiplied by 4 rows at a time (x in L1).
 //
 // Lanes 0-7 cover a chunk's first half of dimensions and 8-15 its second, so each 32-bit sum
 // belongs to one half: it becomes float32 and is scaled by its half's weight scale times its x
@@ -455,12 +484,11 @@ void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMa
 constexpr int64_t kChunkBytes = 32;
 constexpr int64_t kChunkLanes = 16;
 constexpr float kInt16Max = 32767.f;
-// Columns a thread works through together: the rows of a row block each read them, from cache
-// after the first pass.
+// Columns one row multiplies at once, for independent sums.
 constexpr int64_t kIntegerTileColumns = 2;
-// Rows whose rounded x (at most 64 x 1,536 int16, 192 KiB) stays in cache while a thread's
-// columns stream past.
-constexpr int64_t kIntegerRowBlock = 64;
+// Bytes of codes, scales and offsets a thread's block of columns holds: they stay in L2 while
+// each pass of 4 rows, whose x stays in L1, reads them.
+constexpr int64_t kIntegerBlockBytes = 256 * 1024;
 
 inline bool takes_integer_path(const QuantizedMatrix& w) {
   return w.format == CodeFormat::kSigned8 ||
@@ -485,21 +513,15 @@ struct ChunkLayout {
 };
 
 // Each row of x rounded to int16 in the lanes' order, chunk by chunk, with each half chunk's
-// scale (4 times, as the AVX2 path multiplies it: [first half x4, second half x4]) and, for
-// weights with offsets, a quarter of each half chunk's sum of x (4 times: the 8 lanes times the
-// halves' offsets add up to the offsets' term).
+// scale (4 times, as the AVX2 path multiplies it: [first half x4, second half x4]).
 struct IntegerRows {
-  std::vector<int16_t> values;    // [rows][chunks][vectors][16]
-  std::vector<float> scales;      // [rows][chunks][8]
-  std::vector<float> quarter_sums;  // [rows][chunks][8]; empty without offsets.
+  std::vector<int16_t> values;  // [rows][chunks][vectors][16]
+  std::vector<float> scales;    // [rows][chunks][8]
   int64_t chunks;
   int64_t dims_per_row;  // chunks * the chunk's dimensions: x padded with zeros to whole chunks.
 
   const int16_t* row_values(int64_t r) const { return values.data() + r * dims_per_row; }
   const float* row_scales(int64_t r) const { return scales.data() + r * chunks * 8; }
-  const float* row_quarter_sums(int64_t r) const {
-    return quarter_sums.data() + r * chunks * 8;
-  }
 };
 
 // One half chunk's scale: its largest magnitude / 32767 (NaN if it holds a NaN or infinity, which
@@ -521,7 +543,6 @@ IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_cou
   rows.dims_per_row = rows.chunks * layout.dims();
   rows.values.resize(row_count * rows.dims_per_row);
   rows.scales.resize(row_count * rows.chunks * 8);
-  if (w.offsets != nullptr) rows.quarter_sums.resize(row_count * rows.chunks * 8);
   // Where each lane's value comes from, within a chunk.
   std::vector<int64_t> source(layout.dims());
   for (int64_t v = 0; v < layout.vectors; ++v) {
@@ -539,15 +560,10 @@ IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_cou
         float* scales = rows.scales.data() + (r * rows.chunks + c) * 8;
         float inverse[2];
         for (int64_t h = 0; h < 2; ++h) {
-          const float* half = chunk.data() + h * layout.half_dims();
-          const float scale = half_chunk_scale(half, layout.half_dims());
+          const float scale = half_chunk_scale(chunk.data() + h * layout.half_dims(),
+                                               layout.half_dims());
           std::fill(scales + 4 * h, scales + 4 * h + 4, scale);
           inverse[h] = scale > 0.f ? 1.f / scale : 0.f;
-          if (w.offsets == nullptr) continue;
-          float sum = 0.f;
-          for (int64_t i = 0; i < layout.half_dims(); ++i) sum += half[i];
-          float* quarter_sums = rows.quarter_sums.data() + (r * rows.chunks + c) * 8;
-          std::fill(quarter_sums + 4 * h, quarter_sums + 4 * h + 4, sum / 4);
         }
         int16_t* values = rows.values.data() + r * rows.dims_per_row + first;
         for (int64_t i = 0; i < layout.dims(); ++i) {
@@ -579,17 +595,6 @@ std::vector<ChunkGroups> chunk_groups(const QuantizedMatrix& w, const IntegerRow
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// Column n's chunk at `offset` bytes and its group's scale and offset, in the next tile (a tile's
-// columns read their codes from memory once; this keeps the reads ahead of the arithmetic).
-inline void prefetch_next_tile(const QuantizedMatrix& w, int64_t n, int64_t offset, int64_t g) {
-  const int64_t ahead = n + kIntegerTileColumns;
-  _mm_prefetch(reinterpret_cast<const char*>(w.column_codes(ahead) + offset), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(w.column_scales(ahead) + g), _MM_HINT_T0);
-  if (w.offsets != nullptr) {
-    _mm_prefetch(reinterpret_cast<const char*>(w.offsets + ahead * w.groups() + g), _MM_HINT_T0);
-  }
-}
-
 // A chunk's vectors of codes (4-bit: the last chunk may be half, its second half then zeros).
 template <int kVectors>
 inline void chunk_codes(const uint8_t* bytes, bool half, __m256i (&codes)[kVectors]) {
@@ -625,23 +630,22 @@ inline __m256i chunk_sums(const __m256i (&codes)[kVectors], const int16_t* x) {
 
 // kRows rows against kCols columns from n: sum over chunks and halves of the integer sums times
 // the half's weight scale times its x scale.
-template <int kVectors, bool kOffsets, int64_t kRows, int64_t kCols>
+template <int kVectors, int64_t kRows, int64_t kCols>
 inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
-                         const ChunkGroups* groups, int64_t row, int64_t n, bool prefetch,
+                         const ChunkGroups* groups, int64_t row, int64_t n,
                          float (&dots)[kRows][kCols]) {
   const int64_t dims = ChunkLayout(w).dims();
   const uint8_t* codes[kCols];
   const float* scales[kCols];
-  for (int64_t k = 0; k < kCols; ++k) codes[k] = w.column_codes(n + k), scales[k] = w.column_scales(n + k);
-  const float* offsets[kCols];
-  for (int64_t k = 0; k < kCols; ++k) offsets[k] = w.offsets + (n + k) * w.groups();
+  for (int64_t k = 0; k < kCols; ++k) {
+    codes[k] = w.column_codes(n + k);
+    scales[k] = w.column_scales(n + k);
+  }
   const int16_t* values[kRows];
   const float* x_scales[kRows];
-  const float* quarter_sums[kRows];
   for (int64_t r = 0; r < kRows; ++r) {
     values[r] = x.row_values(row + r);
     x_scales[r] = x.row_scales(row + r);
-    quarter_sums[r] = x.row_quarter_sums(row + r);
   }
   __m256 totals[kRows][kCols];
   for (auto& row_totals : totals) {
@@ -650,7 +654,6 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
   const auto chunk = [&](int64_t c, bool half) __attribute__((always_inline)) {
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kCols; ++k) {
-      if (prefetch) prefetch_next_tile(w, n + k, c * kChunkBytes, groups[c].first);
       __m256i column_codes[kVectors];
       chunk_codes<kVectors>(codes[k] + c * kChunkBytes, half, column_codes);
       const __m256 weight_scales = _mm256_set_m128(_mm_set1_ps(scales[k][groups[c].second]),
@@ -660,15 +663,6 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
         const __m256i sums = chunk_sums<kVectors>(column_codes, values[r] + c * dims);
         const __m256 scale = _mm256_mul_ps(weight_scales, _mm256_loadu_ps(x_scales[r] + 8 * c));
         totals[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, totals[r][k]);
-      }
-      if constexpr (kOffsets) {
-        const __m256 weight_offsets = _mm256_set_m128(_mm_set1_ps(offsets[k][groups[c].second]),
-                                                      _mm_set1_ps(offsets[k][groups[c].first]));
-#pragma GCC unroll 4
-        for (int64_t r = 0; r < kRows; ++r) {
-          const __m256 x_sums = _mm256_loadu_ps(quarter_sums[r] + 8 * c);
-          totals[r][k] = _mm256_fmadd_ps(weight_offsets, x_sums, totals[r][k]);
-        }
       }
     }
   };
@@ -681,10 +675,10 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
   }
 }
 #else
-// The lanes as the AVX2 path isolates them, one half chunk's products summed exactly.
+// One half chunk's products, summed exactly, from the lanes as the AVX2 path isolates them.
 template <int kVectors>
-inline void integer_dots_half(const uint8_t* bytes, const int16_t* x, int64_t half,
-                              int32_t& sum) {
+inline int32_t half_chunk_sum(const uint8_t* bytes, const int16_t* x, int64_t half) {
+  int32_t sum = 0;
   for (int64_t j = 8 * half; j < 8 * half + 8; ++j) {
     const uint16_t lane = static_cast<uint16_t>(bytes[2 * j] | (bytes[2 * j + 1] << 8));
     for (int v = 0; v < kVectors; ++v) {
@@ -693,11 +687,12 @@ inline void integer_dots_half(const uint8_t* bytes, const int16_t* x, int64_t ha
       sum += code * x[v * kChunkLanes + j];
     }
   }
+  return sum;
 }
 
-template <int kVectors, bool kOffsets, int64_t kRows, int64_t kCols>
+template <int kVectors, int64_t kRows, int64_t kCols>
 inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
-                         const ChunkGroups* groups, int64_t row, int64_t n, bool /*prefetch*/,
+                         const ChunkGroups* groups, int64_t row, int64_t n,
                          float (&dots)[kRows][kCols]) {
   const ChunkLayout layout(w);
   const bool half_last = x.dims_per_row != w.in_features;
@@ -712,13 +707,10 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
       for (int64_t r = 0; r < kRows; ++r) {
         const int16_t* values = x.row_values(row + r) + c * layout.dims();
         const float* x_scales = x.row_scales(row + r) + 8 * c;
-        const float* quarter_sums = kOffsets ? x.row_quarter_sums(row + r) + 8 * c : nullptr;
         for (int64_t h = 0; h < halves; ++h) {
-          int32_t sum = 0;
-          integer_dots_half<kVectors>(bytes, values, h, sum);
+          const int32_t sum = half_chunk_sum<kVectors>(bytes, values, h);
           const int64_t g = h == 0 ? groups[c].first : groups[c].second;
           dots[r][k] += static_cast<float>(sum) * (scales[g] * x_scales[4 * h]);
-          if (kOffsets) dots[r][k] += w.offsets[(n + k) * w.groups() + g] * 4 * quarter_sums[4 * h];
         }
       }
     }
@@ -736,32 +728,35 @@ struct IntegerCall {
   const float* bias;
 };
 
-template <int kVectors, bool kOffsets, int64_t kRows, int64_t kCols, typename Out>
-inline void integer_tile(const IntegerCall<Out>& call, int64_t row, int64_t n, bool prefetch) {
+template <int kVectors, int64_t kRows, int64_t kCols, typename Out>
+inline void integer_tile(const IntegerCall<Out>& call, int64_t row, int64_t n) {
   float dots[kRows][kCols];
-  integer_dots<kVectors, kOffsets, kRows, kCols>(call.w, call.x, call.groups, row, n, prefetch,
-                                                 dots);
+  integer_dots<kVectors, kRows, kCols>(call.w, call.x, call.groups, row, n, dots);
   store_tile<kRows, kCols>(call.w, call.block, call.bias, row, n, dots);
 }
 
-// Rows [first, last) against `columns` columns from n, in passes of up to 4 rows that read the
-// columns' codes from cache after the first (which prefetches the next columns'). One row takes
-// both columns at once, for independent sums.
-template <int kVectors, bool kOffsets, typename Out>
-void integer_columns(const IntegerCall<Out>& call, int64_t first, int64_t last, int64_t n,
-                     int64_t columns) {
-  for (int64_t row = first; row < last; row += kRowsPerPass) {
-    const bool prefetch = row == first;
-    with_count<kRowsPerPass>(std::min(kRowsPerPass, last - row), [&](auto count) {
-      constexpr int64_t kRows = decltype(count)::value;
-      if (kRows == 1 && columns == kIntegerTileColumns) {
-        return integer_tile<kVectors, kOffsets, 1, kIntegerTileColumns>(call, row, n, prefetch);
+// Rows [row, row + count) against columns [begin, end): one row two columns at a time, for
+// independent sums; more rows one column at a time.
+template <int kVectors, typename Out>
+void integer_pass(const IntegerCall<Out>& call, int64_t row, int64_t count, int64_t begin,
+                  int64_t end) {
+  with_count<kRowsPerPass>(count, [&](auto row_count) {
+    constexpr int64_t kRows = decltype(row_count)::value;
+    int64_t n = begin;
+    if constexpr (kRows == 1) {
+      for (; n + kIntegerTileColumns <= end; n += kIntegerTileColumns) {
+        integer_tile<kVectors, 1, kIntegerTileColumns>(call, row, n);
       }
-      for (int64_t k = 0; k < columns; ++k) {
-        integer_tile<kVectors, kOffsets, kRows, 1>(call, row, n + k, prefetch);
-      }
-    });
-  }
+    }
+    for (; n < end; ++n) integer_tile<kVectors, kRows, 1>(call, row, n);
+  });
+}
+
+// Columns per thread block: as many as fit kIntegerBlockBytes.
+inline int64_t integer_block_columns(const QuantizedMatrix& w) {
+  const int64_t scale_bytes = w.groups() * sizeof(float) * (w.offsets != nullptr ? 2 : 1);
+  return std::max<int64_t>(kColumnGrain,
+                           kIntegerBlockBytes / (w.code_bytes_per_column() + scale_bytes));
 }
 
 template <typename Out>
@@ -770,27 +765,22 @@ void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_coun
   const IntegerRows rows = round_rows(w, x, row_count);
   const std::vector<ChunkGroups> groups = chunk_groups(w, rows);
   const IntegerCall<Out> call{w, rows, groups.data(), block, bias};
-  const auto multiply_all = [&](auto vectors, auto offsets) {
+  const auto multiply_all = [&](auto vectors) {
     constexpr int kVectors = decltype(vectors)::value;
-    constexpr bool kOffsets = decltype(offsets)::value;
+    const int64_t block_columns = integer_block_columns(w);
     at::parallel_for(0, block.out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t first = 0; first < row_count; first += kIntegerRowBlock) {
-        const int64_t last = std::min(first + kIntegerRowBlock, row_count);
-        for (int64_t n = begin; n < end; n += kIntegerTileColumns) {
-          const int64_t columns = std::min(kIntegerTileColumns, end - n);
-          integer_columns<kVectors, kOffsets>(call, first, last, n, columns);
+      for (int64_t first = begin; first < end; first += block_columns) {
+        const int64_t last = std::min(first + block_columns, end);
+        for (int64_t row = 0; row < row_count; row += kRowsPerPass) {
+          integer_pass<kVectors>(call, row, std::min(kRowsPerPass, row_count - row), first, last);
         }
       }
     });
   };
-  const auto with_offsets = [&](auto vectors) {
-    if (w.offsets != nullptr) return multiply_all(vectors, std::true_type{});
-    multiply_all(vectors, std::false_type{});
-  };
   if (w.bits() == 4) {
-    with_offsets(std::integral_constant<int, 4>{});
+    multiply_all(std::integral_constant<int, 4>{});
   } else {
-    with_offsets(std::integral_constant<int, 2>{});
+    multiply_all(std::integral_constant<int, 2>{});
   }
 }
 
@@ -873,18 +863,15 @@ void panel_columns(const QuantizedMatrix& w, const RowBlock<Out>& block, const f
 template <typename T>
 void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const float* bias,
               int64_t out_features, T* y) {
-  // The integer path adds the offsets' term itself (IntegerRows::quarter_sums).
-  const bool integer = takes_integer_path(w);
-  const bool group_sums = w.offsets != nullptr && !integer;
   FloatRows rows;
-  widen_rows(x, row_count, w.in_features, w, group_sums, rows);
+  widen_rows(x, row_count, w.in_features, w, rows);
   const RowBlock<T> block{rows.data,
-                          group_sums ? rows.group_sums.data() : nullptr,
+                          w.offsets != nullptr ? rows.group_sums.data() : nullptr,
                           y,
                           w.in_features,
                           w.groups(),
                           out_features};
-  if (integer) return integer_multiply(w, rows.data, row_count, block, bias);
+  if (takes_integer_path(w)) return integer_multiply(w, rows.data, row_count, block, bias);
   at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (takes_panel_path(w, row_count)) {
