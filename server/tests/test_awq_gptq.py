@@ -17,6 +17,7 @@ from packed_checkpoints import (
     reference_weight,
     round_to_nearest,
 )
+from quant_reference import INTEGER_PATH_LOGITS_TOLERANCE, integer_path_product
 from safetensors.torch import load_file, save_file
 from sluice_server.kernels import Kernels
 from sluice_server.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
@@ -78,9 +79,11 @@ def test_quantized_matmul_multiplies_the_dequantized_weight(
         packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4, True
     ).contiguous()
     x = torch.randn(7, 256, generator=torch.Generator().manual_seed(2))
-    dense = weight.dequantize(torch.float64)
-    expected = x.double() @ dense.t()
-    for kernels in (compiled_kernels, Kernels.reference()):
+    # The compiled kernel multiplies x rounded to 16 bits; the reference ops, x itself.
+    for kernels, expected in (
+        (compiled_kernels, integer_path_product(x, weight)),
+        (Kernels.reference(), x.double() @ weight.dequantize(torch.float64).t()),
+    ):
         got = kernels.ops.quantized_linear(x, weight, None)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -100,14 +103,19 @@ def test_quantized_model_matches_transformers_on_the_dequantized_weights(
     source, model = save_tiny_model("llama", tie_word_embeddings=False)
     quantize_checkpoint(source, tmp_path, method, bits, group_size=32, act_order=act_order)
     model.load_state_dict(dequantized_state_dict(tmp_path))
-    loaded = load_model(tmp_path, torch.float32, CPU, compiled_kernels)
-    projections = [m for m in loaded.model.modules() if isinstance(m, Linear)]
-    assert sum(m.quantized is not None for m in projections) == len(projections) - 1  # LM head
     tokens = torch.tensor([[1, 17, 42, 99, 5, 64, 23, 7]])
     with torch.no_grad():
         expected = model(tokens).logits[0]
-    got = forward_logits(loaded, tokens[0])
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # The reference ops multiply the very weights; the compiled kernel rounds x to 16 bits.
+    for kernels, tolerance in (
+        (Kernels.reference(), 1e-4),
+        (compiled_kernels, INTEGER_PATH_LOGITS_TOLERANCE),
+    ):
+        loaded = load_model(tmp_path, torch.float32, CPU, kernels)
+        projections = [m for m in loaded.model.modules() if isinstance(m, Linear)]
+        assert sum(m.quantized is not None for m in projections) == len(projections) - 1
+        got = forward_logits(loaded, tokens[0])
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
 def forward_logits(loaded: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:

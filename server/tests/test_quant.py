@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from quant_reference import integer_path_product, rounded_activations, takes_integer_path
 from sluice_server.kernels import Kernels
 from sluice_server.quant import CodeFormat, QuantizedWeight, pack_4bit
 from sluice_server.quant.gguf import _read_blocks
@@ -138,40 +139,17 @@ def test_quantized_matmul_matches_the_dequantized_weight(
         torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-4)
     else:
         # The codes multiply x rounded to 16 bits: exactly that, up to float32 sums...
-        scaled = replace(weight, offsets=None).dequantize(torch.float64)
-        expected = exact - x.double() @ scaled.T + rounded_activations(x, weight) @ scaled.T
+        expected = integer_path_product(x, weight) + bias.double()
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
         # ... which is within half a rounding step per feature of the exact product.
         step = rounded_activations(x, weight, step=True)
+        scaled = replace(weight, offsets=None).dequantize(torch.float64)
         assert ((y.double() - exact).abs() <= step @ scaled.abs().T / 2 + 1e-4).all()
     # bfloat16 activations: computed in float32, rounded once at the end.
     y_bf16 = built_kernels.ops.quantized_linear(x.bfloat16(), weight, None)
     assert y_bf16.dtype == torch.bfloat16
     expected_bf16 = x.bfloat16().double() @ weight.dequantize(torch.float64).T
     torch.testing.assert_close(y_bf16.double(), expected_bf16, rtol=0.01, atol=1e-3)
-
-
-def takes_integer_path(weight: QuantizedWeight) -> bool:
-    """Whether the compiled kernel multiplies integer codes by integer activations
-    (csrc/linear_quantized.cpp)."""
-    return weight.code_format is CodeFormat.INT8 or (
-        weight.code_format is CodeFormat.UINT4 and weight.group_size % 32 == 0
-    )
-
-
-def rounded_activations(
-    x: torch.Tensor, weight: QuantizedWeight, step: bool = False
-) -> torch.Tensor:
-    """x as the integer path multiplies it, float64: each run of 32 features (16 for 8-bit
-    codes) rounded to a multiple of its largest magnitude / 32767 (or, with `step`, that
-    multiple itself, per feature)."""
-    run = 32 if weight.bits == 4 else 16
-    runs = x.float().view(x.shape[0], -1, run)
-    scale = runs.abs().amax(-1, keepdim=True) / 32767
-    if step:
-        return scale.double().expand_as(runs).reshape(x.shape)
-    rounded = torch.round(runs * torch.where(scale > 0, 1 / scale, 0))
-    return (rounded.double() * scale.double()).reshape(x.shape)
 
 
 def test_reference_ops_multiply_by_the_dequantized_weight() -> None:
