@@ -10,15 +10,21 @@ Sluice's own quantizers (`--quantize fp8`, bitsandbytes', and 4-bit integers wit
 AWQ, GPTQ and GGUF's Q4_1 hold them); activations are bfloat16.
 
     python benchmark/quantized_kernel.py --rows 1 4 32 128
+
+With `--against REV`, the quantized kernel as it was at that git revision is built and timed
+too, on the same weights ("uint4@REV", ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -28,6 +34,7 @@ sys.path.insert(0, str(REPO / "benchmark"))
 
 from linear_kernel import time_us
 from sluice_server.kernels import Kernels
+from sluice_server.kernels.build import KernelBuild, put_ninja_on_path
 from sluice_server.quant import CodeFormat, QuantizedWeight
 from sluice_server.quant.at_load import quantize_4bit, quantize_int8
 from sluice_server.quant.fp8 import quantize_fp8
@@ -59,6 +66,52 @@ FORMATS = {
 }
 
 
+KERNEL_SOURCES = "server/sluice_server/kernels/csrc"
+
+
+def kernels_at_revision(revision: str, work: Path) -> ModuleType:
+    """The compiled CPU kernels as they were at `revision` (this CPU's build), built in `work`."""
+    from torch.utils import cpp_extension
+
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, KERNEL_SOURCES],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+    put_ninja_on_path()
+    build = KernelBuild()
+    return cpp_extension.load(
+        name="sluice_kernels_baseline",
+        sources=[str(p) for p in sorted((work / KERNEL_SOURCES).glob("*.cpp"))],
+        extra_cflags=build.compiler_flags,
+        extra_ldflags=build.linker_flags,
+        build_directory=str(work),
+        verbose=False,
+    )
+
+
+class BaselineOps:
+    """The quantized matmul of kernels built from another revision."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+
+    def quantized_linear(
+        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.module.linear_quantized(
+            x,
+            weight.codes,
+            weight.scales,
+            weight.offsets,
+            bias,
+            int(weight.code_format),
+            weight.group_size,
+            weight.levels,
+        )
+
+
 def multiply(ops: object, x: torch.Tensor, weights: list) -> Callable[[], object]:
     """A call of x against the next of `weights` (bfloat16 packed, or quantized)."""
     turn = iter(range(1 << 62))
@@ -75,9 +128,15 @@ def multiply(ops: object, x: torch.Tensor, weights: list) -> Callable[[], object
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32, 128])
+    parser.add_argument("--against", help="also time the quantized kernel at this git revision")
     args = parser.parse_args()
     kernels = Kernels.compiled_cpu(Path.home() / ".cache" / "sluice" / "kernels")
     ops = kernels.ops
+    implementations = {name: ops for name in ["bfloat16", *FORMATS]}
+    if args.against:
+        work = Path(tempfile.mkdtemp(prefix="quantized-kernel-"))
+        baseline = BaselineOps(kernels_at_revision(args.against, work))
+        implementations |= {f"{name}@{args.against}": baseline for name in FORMATS}
     generator = torch.Generator().manual_seed(0)
     layers = {
         shape: [torch.randn(shape[1], shape[0], generator=generator) / 16 for _ in range(LAYERS)]
@@ -90,13 +149,17 @@ def main() -> None:
         }
         for shape, weights in layers.items()
     }
+    for named in held.values():
+        named |= {name: named[name.split("@")[0]] for name in implementations if "@" in name}
     for rows in args.rows:
-        step_us = dict.fromkeys(["bfloat16", *FORMATS], 0.0)
+        step_us = dict.fromkeys(implementations, 0.0)
         for shape in SHAPES:
             x = torch.randn(rows, shape[0], generator=generator).bfloat16()
             calls = max(LAYERS, min(300, int(3e9 / (rows * shape[0] * shape[1]))))
             for name, weights in held[shape].items():
-                step_us[name] += time_us(multiply(ops, x, weights), calls) * LAYERS
+                step_us[name] += (
+                    time_us(multiply(implementations[name], x, weights), calls) * LAYERS
+                )
         bf16 = step_us["bfloat16"]
         print(
             json.dumps(

@@ -138,7 +138,7 @@ def build_directory(cache_dir: Path, build: KernelBuild) -> Path:
     return cache_dir / f"{build.module_name}-{key.hexdigest()[:16]}"
 
 
-def _put_ninja_on_path() -> None:
+def put_ninja_on_path() -> None:
     if shutil.which("ninja") is not None:
         return
     # torch's builder runs ninja from PATH; the `ninja` wheel puts it beside the interpreter
@@ -167,7 +167,7 @@ def load_cpu_kernels(cache_dir: Path, build: KernelBuild | None = None) -> Modul
             f"no C++ compiler: {cxx!r} was not found (install g++, or set CXX to a C++ compiler "
             "with OpenMP)"
         )
-    _put_ninja_on_path()
+    put_ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(

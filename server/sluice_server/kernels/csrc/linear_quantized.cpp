@@ -171,13 +171,13 @@ struct LevelTable {
 };
 
 // Index bit 3 chooses the table's half: shifted to the sign bit, which blendv reads.
-inline __m256 look_up(__m256i indexes, const LevelTable& table) {
+[[gnu::always_inline]] inline __m256 look_up(__m256i indexes, const LevelTable& table) {
   const __m256 low = _mm256_permutevar8x32_ps(table.low, indexes);
   const __m256 high = _mm256_permutevar8x32_ps(table.high, indexes);
   return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(indexes, 28)));
 }
 
-inline UnpackedBlock unpack_nibbles_avx2(const uint8_t* codes, const LevelTable* table) {
+[[gnu::always_inline]] inline UnpackedBlock unpack_nibbles_avx2(const uint8_t* codes, const LevelTable* table) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m128i low = _mm_and_si128(bytes, mask);
@@ -191,7 +191,7 @@ inline UnpackedBlock unpack_nibbles_avx2(const uint8_t* codes, const LevelTable*
   return block;
 }
 
-inline UnpackedBlock unpack_float8_avx2(const uint8_t* codes) {
+[[gnu::always_inline]] inline UnpackedBlock unpack_float8_avx2(const uint8_t* codes) {
   UnpackedBlock block;
   for (int h = 0; h < 2; ++h) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * h));
@@ -205,7 +205,7 @@ inline UnpackedBlock unpack_float8_avx2(const uint8_t* codes) {
   return block;
 }
 
-inline UnpackedBlock unpack_block_avx2(const QuantizedMatrix& w, const uint8_t* codes) {
+[[gnu::always_inline]] inline UnpackedBlock unpack_block_avx2(const QuantizedMatrix& w, const uint8_t* codes) {
   switch (w.format) {
     case CodeFormat::kUnsigned4:
       return unpack_nibbles_avx2(codes, nullptr);
@@ -227,7 +227,7 @@ inline UnpackedBlock unpack_block_avx2(const QuantizedMatrix& w, const uint8_t* 
 }
 
 // The block's values times their halves' scales (vectors 0-1 the first half, 2-3 the second).
-inline void scale_block(const HalfScales& scale, UnpackedBlock& block) {
+[[gnu::always_inline]] inline void scale_block(const HalfScales& scale, UnpackedBlock& block) {
   const __m256 first = _mm256_set1_ps(scale.first), second = _mm256_set1_ps(scale.second);
   block.values[0] = _mm256_mul_ps(block.values[0], first);
   block.values[1] = _mm256_mul_ps(block.values[1], first);
@@ -252,8 +252,9 @@ inline float horizontal_sum(__m256 v) {
 // that a row's output does not depend on its batch; the kRows * kCols pairs' chains are
 // independent, which hides the FMAs' latency.
 template <int64_t kRows, int64_t kCols>
-inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_features, int64_t n,
-                        float (&dots)[kRows][kCols]) {
+[[gnu::always_inline]] inline void scaled_dots(const QuantizedMatrix& w, const float* x,
+                                               int64_t in_features, int64_t n,
+                                               float (&dots)[kRows][kCols]) {
   __m256 totals[kRows][kCols][2];
   for (auto& row : totals) {
     for (auto& column : row) {
