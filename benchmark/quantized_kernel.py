@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO / "benchmark"))
 from linear_kernel import time_us
 from sluice_server.kernels import Kernels
 from sluice_server.kernels.build import KernelBuild, put_ninja_on_path
+from sluice_server.kernels.cpu_features import CpuFeatures
+from sluice_server.layers.ops import CompiledCpuOps
 from sluice_server.quant import CodeFormat, QuantizedWeight
 from sluice_server.quant.at_load import quantize_4bit, quantize_int8
 from sluice_server.quant.fp8 import quantize_fp8
@@ -91,27 +93,6 @@ def kernels_at_revision(revision: str, work: Path) -> ModuleType:
     )
 
 
-class BaselineOps:
-    """The quantized matmul of kernels built from another revision."""
-
-    def __init__(self, module: ModuleType) -> None:
-        self.module = module
-
-    def quantized_linear(
-        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        return self.module.linear_quantized(
-            x,
-            weight.codes,
-            weight.scales,
-            weight.offsets,
-            bias,
-            int(weight.code_format),
-            weight.group_size,
-            weight.levels,
-        )
-
-
 def multiply(ops: object, x: torch.Tensor, weights: list) -> Callable[[], object]:
     """A call of x against the next of `weights` (bfloat16 packed, or quantized)."""
     turn = iter(range(1 << 62))
@@ -135,7 +116,7 @@ def main() -> None:
     implementations = {name: ops for name in ["bfloat16", *FORMATS]}
     if args.against:
         work = Path(tempfile.mkdtemp(prefix="quantized-kernel-"))
-        baseline = BaselineOps(kernels_at_revision(args.against, work))
+        baseline = CompiledCpuOps(kernels_at_revision(args.against, work), CpuFeatures.detect())
         implementations |= {f"{name}@{args.against}": baseline for name in FORMATS}
     generator = torch.Generator().manual_seed(0)
     layers = {
