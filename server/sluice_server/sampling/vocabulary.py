@@ -38,6 +38,14 @@ def top_k_top_p_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     width = (
         max((ks[i] if 0 < ks[i] < vocab_size else HEAD_TOKENS) for i in pending) if pending else 0
     )
+    # Each pending row's logsumexp, once (a pass over the vocabulary), for the rows whose top-p
+    # sees the whole row's probabilities.
+    whole_row_rows = [i for i in pending if not 0 < ks[i] < vocab_size]
+    row_log_totals = (
+        dict(zip(whole_row_rows, log_total(logits[whole_row_rows]).unbind(0), strict=True))
+        if whole_row_rows
+        else {}
+    )
     while pending:
         width = min(width, vocab_size)
         rows = logits[pending]
@@ -53,7 +61,10 @@ def top_k_top_p_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
         # top k where a row has one, else the row's.
         probs = values.double().softmax(dim=-1)
         if not bool(has_top_k.all()):
-            whole_row = (values.double() - log_total(rows)).exp()
+            # (Rows with top-k take `probs`; their entry is a placeholder.)
+            unused = torch.zeros(1, dtype=torch.float64, device=device)
+            totals = torch.stack([row_log_totals.get(i, unused) for i in pending])
+            whole_row = (values.double() - totals).exp()
             probs = torch.where(has_top_k[:, None], probs, whole_row)
         done = has_top_k | (probs.sum(dim=-1) >= row_top_p) | (width == vocab_size)
         # A token goes when the tokens before it already reach top_p; the most likely one always
