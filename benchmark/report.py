@@ -5,7 +5,8 @@ Every number in the page comes from the results; the prose only names what was m
     python benchmark/report.py benchmark/results/latest.json   # re-render without re-running
 
 perplexity.py's and load_memory.py's results, where they lie next to the results file, add a
-section each.
+section each; perplexity.py's per quantization method (perplexity-METHOD.json) join the
+quantized models' table.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CONTENTION_WARNING = 0.05  # above this share of the CPUs used by others, the nu
 # their file lies next to the throughput results.
 PERPLEXITY_FILE = "perplexity.json"
 LOAD_MEMORY_FILE = "load_memory.json"
+# perplexity.py's results for a quantization method: perplexity-METHOD.json.
+QUANTIZED_PERPLEXITY_FILE = "perplexity-{}.json"
 
 
 # --- formatting ------------------------------------------------------------------------------
@@ -600,6 +603,73 @@ def perplexity_section(ppl: Results) -> str:
     return intro + table(header, rows) + "\n"
 
 
+def bfloat16_perplexity(ppl: Results | None) -> float | None:
+    """Sluice's perplexity in bfloat16 from a perplexity.py result."""
+    rows = ppl["dtypes"] if ppl else []
+    return next((row["sluice"] for row in rows if row["dtype"] == "bfloat16"), None)
+
+
+def quantized_section(quantized: Results, perplexities: dict[str, Results]) -> str:
+    """Each method's weights, perplexity and tok/s against bfloat16 served in the same run."""
+    if "error" in quantized or "skipped" in quantized:
+        return f"Not measured: {quantized.get('error') or quantized['skipped']}.\n"
+    summary = quantized["summary"]
+    reference = summary.get("bfloat16", {})
+    concurrency = [str(c) for c in quantized["workload"]["concurrency"]]
+    reference_ppl = bfloat16_perplexity(perplexities.get("bfloat16"))
+
+    def speed(variant: str, level: str) -> str:
+        tok_s = summary[variant]["output_tokens_per_s"].get(level)
+        if variant == "bfloat16":
+            return num(tok_s)
+        against = ratio(tok_s, reference["output_tokens_per_s"].get(level))
+        return f"{num(tok_s)} ({num(against, 2)}x)"
+
+    rows = []
+    for variant, data in summary.items():
+        ppl = bfloat16_perplexity(perplexities.get(variant))
+        change = relative(ppl / reference_ppl - 1) if ppl and reference_ppl else "n/a"
+        rows.append(
+            [
+                f"`{variant}`",
+                num(data["weights_mib"]),
+                num(ppl, 3),
+                "—" if variant == "bfloat16" else change,
+                *(speed(variant, level) for level in concurrency),
+            ]
+        )
+    w = quantized["workload"]
+    intro = (
+        f"`{quantized['command']}`, a part of this run, on {quantized['generated_at']} "
+        f"(`{quantized['results_file']}`): the default model served quantized by each "
+        "method and in bfloat16 (the reference), taking turns for "
+        f"{w['rounds']} round(s); {w['prompt_tokens']} prompt / {w['output_tokens']} output "
+        "tokens, streamed, EOS ignored; tok/s is the median over the rounds. Weights: what the "
+        "shard reports holding (llama.cpp: its GGUF file). Perplexity: Sluice in bfloat16 on "
+        "the perplexity text (`perplexity.py`, its file `perplexity-METHOD.json`, whose command "
+        "says how it was run; n/a where there is none), against the unquantized model's. The "
+        "default model ships as a 4-bit GGUF file: the AWQ, GPTQ 4-bit, NF4 and FP4 models are "
+        "its weights rounded to 4 bits a second time, without calibration, and their perplexity "
+        "measures that (docs/quantization.md).\n\n"
+    )
+    header = [
+        "method",
+        "weights MiB",
+        "perplexity",
+        "vs bfloat16",
+        *(f"tok/s c={level} (vs bfloat16)" for level in concurrency),
+    ]
+    memory = quantized.get("llama3_8b_weight_gib", {})
+    memory_table = (
+        "\n\nWeights of a Llama 3 8B per format, computed from its shapes (codes, scales and "
+        "offsets as Sluice holds them; the embedding table in bfloat16):\n\n"
+        + table(["format", "GiB"], [[name, num(size, 2)] for name, size in memory.items()])
+        if memory
+        else ""
+    )
+    return intro + table(header, rows) + memory_table + "\n"
+
+
 def anon_and_file(row: Results) -> str:
     """Anonymous / file-backed RSS before loading, at their sampled peaks, and after."""
     moments = ("before_loading", "peak", "after_loading")
@@ -666,6 +736,7 @@ def render(
     plot_link: str,
     perplexity: Results | None = None,
     load_memory: Results | None = None,
+    quantized_perplexities: dict[str, Results] | None = None,
 ) -> str:
     s = results["settings"]
     quick = (
@@ -721,7 +792,8 @@ kernel time for a server with a 5 GiB KV cache), which would tax the server unde
 {bandwidth_section(results)}
 ## Where a step's time goes
 
-{breakdown_section(results)}{extra_sections(perplexity, load_memory)}"""
+{breakdown_section(results)}{quantized_part(results, perplexity, quantized_perplexities)}\
+{extra_sections(perplexity, load_memory)}"""
 
 
 # --- plot ------------------------------------------------------------------------------------
@@ -774,8 +846,28 @@ def plot(results: Results, path: Path) -> None:
     plt.close(fig)
 
 
+def quantized_part(
+    results: Results, perplexity: Results | None, perplexities: dict[str, Results] | None
+) -> str:
+    """The quantized models' section, in results from run_all.py runs that had the phase."""
+    if "quantized" not in results:
+        return ""
+    known = {"bfloat16": perplexity} if perplexity else {}
+    body = quantized_section(results["quantized"], known | (perplexities or {}))
+    return "\n## Quantized models against bfloat16\n\n" + body
+
+
 def read_if_present(path: Path) -> Results | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def quantized_perplexities(folder: Path) -> dict[str, Results]:
+    """perplexity.py's results per quantization method found in `folder`."""
+    prefix, suffix = QUANTIZED_PERPLEXITY_FILE.split("{}")
+    return {
+        path.name.removeprefix(prefix).removesuffix(suffix): json.loads(path.read_text())
+        for path in sorted(folder.glob(QUANTIZED_PERPLEXITY_FILE.format("*")))
+    }
 
 
 def write(results: Results, doc: Path, png: Path, extras: Path | None = None) -> None:
@@ -785,7 +877,9 @@ def write(results: Results, doc: Path, png: Path, extras: Path | None = None) ->
     doc.parent.mkdir(parents=True, exist_ok=True)
     perplexity = read_if_present(extras / PERPLEXITY_FILE) if extras else None
     load_memory = read_if_present(extras / LOAD_MEMORY_FILE) if extras else None
-    doc.write_text(render(results, os.path.relpath(png, doc.parent), perplexity, load_memory))
+    per_method = quantized_perplexities(extras) if extras else {}
+    link = os.path.relpath(png, doc.parent)
+    doc.write_text(render(results, link, perplexity, load_memory, per_method))
 
 
 def main() -> None:

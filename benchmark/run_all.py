@@ -5,8 +5,9 @@ One after another, never two servers at once: describes the machine (its matmul 
 bandwidth); starts Sluice and runs every workload's levels against it while sampling its process
 tree's memory and reading its /metrics around each level; stops it; does the same with vLLM's CPU
 build and llama.cpp's llama-server (the peer scripts in ../shared/peers; llama-server serves a
-GGUF converted from the same model directory at Sluice's dtype); runs baseline_transformers.py
-and profile_step.py; writes benchmark/results/latest.json, docs/performance.png and
+GGUF converted from the same model directory at Sluice's dtype); serves the default model
+quantized by each method beside bfloat16 (quantized.py); runs baseline_transformers.py and
+profile_step.py; writes benchmark/results/latest.json, docs/performance.png and
 docs/performance.md. Every server answers through the same route, by default OpenAI's
 /v1/completions (--route).
 
@@ -19,6 +20,7 @@ sampled at temperature 1 with top_p 0.9 at 1 and 32 (every other workload decode
     python benchmark/run_all.py --quick          # a smoke test: tiny counts, short outputs
     python benchmark/run_all.py --skip-vllm --skip-llama
     python benchmark/run_all.py --route chat     # every server through /v1/chat/completions
+    python benchmark/run_all.py --quantized gguf awq   # only these methods (bfloat16 always)
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ STEP_HISTOGRAMS = {
 STEP_COUNTERS = {"steps": "sluice_steps_total", "decode_tokens": "sluice_decode_tokens_total"}
 WARMUP_SEED_OFFSET = 100_000  # warm-up prompts must not be the measured ones (prefix cache)
 SERVERS = ("sluice", "vllm", "llama")
+QUANTIZED_FILE = "quantized.json"
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,9 @@ class Settings:
     skip_baseline: bool
     skip_profile: bool
     rounds: int
+    # quantized.py's variants, bfloat16 (the reference) first; empty: that phase is skipped.
+    quantized_variants: tuple[str, ...]
+    quantized_rounds: int
     route: str  # load.py's route, the same for every server
     # Each server at its fastest dtype on this CPU. Sluice: bfloat16 where the CPU computes in it
     # natively or Sluice's compiled matmul runs it (AVX2 without AVX-512). vLLM, the transformers baseline and the
@@ -537,6 +543,32 @@ def profile(settings: Settings) -> dict[str, Any]:
     return run_json(argv, settings.phase_timeout_s, settings.logs / "profile_step.log")
 
 
+def quantized(settings: Settings) -> dict[str, Any]:
+    """The default model served by each quantization method and in bfloat16, taking turns
+    (quantized.py); its whole results file, which report.py renders."""
+    short = settings.short
+    path = settings.results.parent / QUANTIZED_FILE
+    # fmt: off
+    argv = [
+        sys.executable, str(BENCH / "quantized.py"),
+        "--model", str(settings.model_dir),
+        "--rounds", str(settings.quantized_rounds),
+        "--variants", *settings.quantized_variants,
+        "--concurrency", *(["1", "2"] if settings.quick else ["1", "32"]),
+        "--min-requests", str(settings.min_requests),
+        "--prompt-tokens", str(short.prompt_tokens),
+        "--output-tokens", str(short.output_tokens),
+        "--llama-script", str(settings.llama_script),
+        "--results", str(path),
+    ]
+    # fmt: on
+    # Each variant: a start (a checkpoint written on first use) and two levels, per round.
+    timeout_s = 900.0 * len(settings.quantized_variants) * settings.quantized_rounds
+    run_json(argv, timeout_s, settings.logs / "quantized.log")
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return json.loads(path.read_text()) | {"results_file": str(shown)}
+
+
 def phase(name: str, errors: list[str], fn: Any, *args: Any) -> dict[str, Any]:
     """Runs one part; a failure is recorded and the run goes on, so one bad part costs no other."""
     log(f"--- {name}")
@@ -580,6 +612,11 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         results["servers"][server] = (
             combine_rounds(rounds[server]) if server in rounds else {"skipped": f"--skip-{server}"}
         )
+    results["quantized"] = (
+        {"skipped": "--quantized without methods, or a model other than the default"}
+        if not settings.quantized_variants
+        else phase("quantized", errors, quantized, settings)
+    )
     results["baseline"] = (
         {"skipped": "--skip-baseline"}
         if settings.skip_baseline
@@ -629,6 +666,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="workloads besides the short one (--prompt-tokens/--output-tokens/--concurrency)",
     )
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument(
+        "--quantized",
+        nargs="*",
+        choices=quantized_variants(),
+        help="the quantization methods served beside bfloat16, on the default model only "
+        "(benchmark/quantized.py); none: `--quantized` alone. Default: every one, "
+        "llama.cpp's server on the same GGUF file unless --skip-llama; gguf with --quick",
+    )
+    p.add_argument(
+        "--quantized-rounds", type=int, help="rounds of the quantized servers; default 2, 1 --quick"
+    )
     p.add_argument("--skip-profile", action="store_true")
     p.add_argument(
         "--rounds",
@@ -742,6 +790,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         skip_baseline=a.skip_baseline,
         skip_profile=a.skip_profile,
         rounds=pick(a.rounds, 3, 1),
+        quantized_variants=chosen_quantized(a),
+        quantized_rounds=pick(a.quantized_rounds, 2, 1),
         route=a.route,
         sluice_dtype=a.dtype or fastest_dtype(sluice=True),
         peer_dtype=a.dtype or fastest_dtype(sluice=False),
@@ -752,6 +802,27 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ).resolve(),
         doc=(a.doc or (out / "performance.md" if out else REPO / "docs/performance.md")).resolve(),
     )
+
+
+def quantized_variants() -> list[str]:
+    import quantized  # imports this module: here rather than at the top
+
+    return list(quantized.VARIANTS)
+
+
+def chosen_quantized(a: argparse.Namespace) -> tuple[str, ...]:
+    """quantized.py's variants to serve: bfloat16 first, as the reference, then the methods
+    chosen; none on another model than the default (the methods quantize its GGUF file)."""
+    if a.model.expanduser().resolve() != DEFAULT_MODEL.resolve():
+        return ()
+    if a.quantized is None:
+        chosen = ["gguf"] if a.quick else quantized_variants()
+        if a.skip_llama:
+            chosen = [v for v in chosen if v != "llama.cpp"]
+    else:
+        chosen = a.quantized
+    methods = [v for v in chosen if v != "bfloat16"]
+    return ("bfloat16", *methods) if methods else ()
 
 
 def fastest_dtype(sluice: bool) -> str:
