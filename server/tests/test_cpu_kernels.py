@@ -305,3 +305,25 @@ def test_draw_matches_reference(compiled_kernels: Kernels, reference: Kernels) -
     assert torch.equal(ids, expected_ids)
     assert bool(torch.isfinite(logits.gather(1, ids[:, None])).all())
     assert torch.allclose(totals, expected_totals, atol=1e-5)
+
+
+def test_draw_without_weight_matches_reference(
+    compiled_kernels: Kernels, reference: Kernels
+) -> None:
+    """Rows of bad logits (NaN, -inf, +inf) draw the same in-vocabulary token on both sides:
+    a NaN weighs nothing, a row without weight gets token 0."""
+    vocab = 1000  # not whole chunks of the PyTorch draw's search
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(5))
+    logits[0, ::7] = float("nan")
+    logits[1] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 17] = float("inf")
+    logits[4, :] = float("-inf")
+    logits[4, 999] = float("nan")
+    uniforms = torch.full((5,), 0.999, dtype=torch.float64)
+    expected_ids, expected_totals = reference.ops.draw(logits, uniforms)
+    ids, totals = compiled_kernels.ops.draw(logits, uniforms)
+    assert torch.equal(ids, expected_ids)
+    assert ids[1:].tolist() == [0, 0, 0, 0]
+    assert not bool(logits[0, ids[0]].isnan())
+    assert torch.allclose(totals, expected_totals, atol=1e-5, equal_nan=True)

@@ -131,6 +131,9 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, to
     last_weighted = DRAW_CHUNK - 1 - (within.flip(-1) > 0).int().argmax(dim=-1, keepdim=True)
     offset = torch.where(offset < DRAW_CHUNK, offset, last_weighted)
     drawn = (chunk * DRAW_CHUNK + offset)[:, 0]
+    # A row without weight (every logit NaN or -inf, or one +inf) gets token 0, as in the
+    # compiled kernel, rather than an index past the vocabulary.
+    drawn = torch.where(total > 0, drawn, 0)
     return drawn, peak[:, 0] + total.log().float()
 
 
@@ -144,9 +147,11 @@ def log_total(logits: torch.Tensor) -> torch.Tensor:
 
 def _relative_weights(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """exp(logits - the row's largest) into `out` [S, vocab], 0 past the floor; returns the
-    largest [S, 1]."""
-    peak = logits.amax(dim=-1, keepdim=True)
+    largest [S, 1]. As in the compiled kernels, a NaN logit weighs 0 and is not the largest
+    (a row of NaN has largest -inf)."""
+    inf = float("inf")
+    peak = logits.nan_to_num(nan=-inf, posinf=inf, neginf=-inf).amax(dim=-1, keepdim=True)
     torch.sub(logits, peak, out=out)
-    negligible = out < EXP_FLOOR
+    negligible = (out >= EXP_FLOOR).logical_not_()  # NaN included
     out.clamp_(min=EXP_FLOOR).exp_().masked_fill_(negligible, 0.0)
     return peak
