@@ -5,8 +5,9 @@ Every number in the page comes from the results; the prose only names what was m
     python benchmark/report.py benchmark/results/latest.json   # re-render without re-running
 
 perplexity.py's and load_memory.py's results, where they lie next to the results file, add a
-section each; perplexity.py's per quantization method (perplexity-METHOD.json) join the
-quantized models' table.
+section each; so does quantized.py's (quantized.json) where the run had no quantized phase, and
+perplexity.py's per quantization method (perplexity-METHOD.json) join the quantized models'
+table.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ CONTENTION_WARNING = 0.05  # above this share of the CPUs used by others, the nu
 # their file lies next to the throughput results.
 PERPLEXITY_FILE = "perplexity.json"
 LOAD_MEMORY_FILE = "load_memory.json"
+QUANTIZED_FILE = "quantized.json"
 # perplexity.py's results for a quantization method: perplexity-METHOD.json.
 QUANTIZED_PERPLEXITY_FILE = "perplexity-{}.json"
 
@@ -603,20 +605,21 @@ def perplexity_section(ppl: Results) -> str:
     return intro + table(header, rows) + "\n"
 
 
-def bfloat16_perplexity(ppl: Results | None) -> float | None:
-    """Sluice's perplexity in bfloat16 from a perplexity.py result."""
+def sluice_perplexity(ppl: Results | None, dtype: str) -> float | None:
+    """Sluice's perplexity in `dtype` from a perplexity.py result."""
     rows = ppl["dtypes"] if ppl else []
-    return next((row["sluice"] for row in rows if row["dtype"] == "bfloat16"), None)
+    return next((row["sluice"] for row in rows if row["dtype"] == dtype), None)
 
 
-def quantized_section(quantized: Results, perplexities: dict[str, Results]) -> str:
-    """Each method's weights, perplexity and tok/s against bfloat16 served in the same run."""
+def quantized_section(quantized: Results, perplexities: dict[str, Results], origin: str) -> str:
+    """Each method's weights, perplexity and tok/s against bfloat16 served in the same run of
+    quantized.py; `origin` says where that run stood to the page's."""
     if "error" in quantized or "skipped" in quantized:
         return f"Not measured: {quantized.get('error') or quantized['skipped']}.\n"
     summary = quantized["summary"]
     reference = summary.get("bfloat16", {})
     concurrency = [str(c) for c in quantized["workload"]["concurrency"]]
-    reference_ppl = bfloat16_perplexity(perplexities.get("bfloat16"))
+    reference_ppl = sluice_perplexity(perplexities.get("bfloat16"), "float32")
 
     def speed(variant: str, level: str) -> str:
         tok_s = summary[variant]["output_tokens_per_s"].get(level)
@@ -627,27 +630,31 @@ def quantized_section(quantized: Results, perplexities: dict[str, Results]) -> s
 
     rows = []
     for variant, data in summary.items():
-        ppl = bfloat16_perplexity(perplexities.get(variant))
+        ppl = sluice_perplexity(perplexities.get(variant), "float32")
         change = relative(ppl / reference_ppl - 1) if ppl and reference_ppl else "n/a"
+        in_bfloat16 = sluice_perplexity(perplexities.get(variant), "bfloat16")
         rows.append(
             [
                 f"`{variant}`",
                 num(data["weights_mib"]),
-                num(ppl, 3),
+                f"{num(ppl, 3)} / {num(in_bfloat16, 3)}" if ppl or in_bfloat16 else "n/a",
                 "—" if variant == "bfloat16" else change,
                 *(speed(variant, level) for level in concurrency),
             ]
         )
     w = quantized["workload"]
     intro = (
-        f"`{quantized['command']}`, a part of this run, on {quantized['generated_at']} "
-        f"(`{quantized['results_file']}`): the default model served quantized by each "
+        f"`{quantized['command']}`, {origin}, on {quantized['generated_at']} "
+        f"(`{quantized.get('results_file', 'benchmark/results/' + QUANTIZED_FILE)}`): the "
+        "default model served quantized by each "
         "method and in bfloat16 (the reference), taking turns for "
         f"{w['rounds']} round(s); {w['prompt_tokens']} prompt / {w['output_tokens']} output "
         "tokens, streamed, EOS ignored; tok/s is the median over the rounds. Weights: what the "
-        "shard reports holding (llama.cpp: its GGUF file). Perplexity: Sluice in bfloat16 on "
-        "the perplexity text (`perplexity.py`, its file `perplexity-METHOD.json`, whose command "
-        "says how it was run; n/a where there is none), against the unquantized model's. The "
+        "shard reports holding (llama.cpp: its GGUF file). Perplexity: Sluice's on the "
+        "perplexity text with float32 and with bfloat16 activations (`perplexity.py`, its file "
+        "`perplexity-METHOD.json`, whose command says how it was run; n/a where there is none); "
+        "the change against the unquantized model's is taken in float32, where bfloat16's "
+        "rounding of activations (about ±0.5 %) does not blur it. The "
         "default model ships as a 4-bit GGUF file: the AWQ, GPTQ 4-bit, NF4 and FP4 models are "
         "its weights rounded to 4 bits a second time, without calibration, and their perplexity "
         "measures that (docs/quantization.md).\n\n"
@@ -655,8 +662,8 @@ def quantized_section(quantized: Results, perplexities: dict[str, Results]) -> s
     header = [
         "method",
         "weights MiB",
-        "perplexity",
-        "vs bfloat16",
+        "perplexity: float32 / bfloat16",
+        "vs unquantized",
         *(f"tok/s c={level} (vs bfloat16)" for level in concurrency),
     ]
     memory = quantized.get("llama3_8b_weight_gib", {})
@@ -737,6 +744,7 @@ def render(
     perplexity: Results | None = None,
     load_memory: Results | None = None,
     quantized_perplexities: dict[str, Results] | None = None,
+    quantized_apart: Results | None = None,
 ) -> str:
     s = results["settings"]
     quick = (
@@ -792,7 +800,8 @@ kernel time for a server with a 5 GiB KV cache), which would tax the server unde
 {bandwidth_section(results)}
 ## Where a step's time goes
 
-{breakdown_section(results)}{quantized_part(results, perplexity, quantized_perplexities)}\
+{breakdown_section(results)}\
+{quantized_part(results, perplexity, quantized_perplexities, quantized_apart)}\
 {extra_sections(perplexity, load_memory)}"""
 
 
@@ -847,13 +856,21 @@ def plot(results: Results, path: Path) -> None:
 
 
 def quantized_part(
-    results: Results, perplexity: Results | None, perplexities: dict[str, Results] | None
+    results: Results,
+    perplexity: Results | None,
+    perplexities: dict[str, Results] | None,
+    apart: Results | None,
 ) -> str:
-    """The quantized models' section, in results from run_all.py runs that had the phase."""
-    if "quantized" not in results:
+    """The quantized models' section: run_all.py's quantized phase, else quantized.py's results
+    from a run of their own."""
+    if "quantized" in results:
+        quantized, origin = results["quantized"], "a part of this run"
+    elif apart:
+        quantized, origin = apart, "run apart from the servers above"
+    else:
         return ""
     known = {"bfloat16": perplexity} if perplexity else {}
-    body = quantized_section(results["quantized"], known | (perplexities or {}))
+    body = quantized_section(quantized, known | (perplexities or {}), origin)
     return "\n## Quantized models against bfloat16\n\n" + body
 
 
@@ -878,8 +895,9 @@ def write(results: Results, doc: Path, png: Path, extras: Path | None = None) ->
     perplexity = read_if_present(extras / PERPLEXITY_FILE) if extras else None
     load_memory = read_if_present(extras / LOAD_MEMORY_FILE) if extras else None
     per_method = quantized_perplexities(extras) if extras else {}
+    quantized_apart = read_if_present(extras / QUANTIZED_FILE) if extras else None
     link = os.path.relpath(png, doc.parent)
-    doc.write_text(render(results, link, perplexity, load_memory, per_method))
+    doc.write_text(render(results, link, perplexity, load_memory, per_method, quantized_apart))
 
 
 def main() -> None:

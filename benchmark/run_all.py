@@ -74,7 +74,6 @@ STEP_HISTOGRAMS = {
 STEP_COUNTERS = {"steps": "sluice_steps_total", "decode_tokens": "sluice_decode_tokens_total"}
 WARMUP_SEED_OFFSET = 100_000  # warm-up prompts must not be the measured ones (prefix cache)
 SERVERS = ("sluice", "vllm", "llama")
-QUANTIZED_FILE = "quantized.json"
 
 
 @dataclass(frozen=True)
@@ -547,7 +546,7 @@ def quantized(settings: Settings) -> dict[str, Any]:
     """The default model served by each quantization method and in bfloat16, taking turns
     (quantized.py); its whole results file, which report.py renders."""
     short = settings.short
-    path = settings.results.parent / QUANTIZED_FILE
+    path = settings.results.parent / report.QUANTIZED_FILE
     # fmt: off
     argv = [
         sys.executable, str(BENCH / "quantized.py"),

@@ -56,9 +56,10 @@ constexpr int64_t kHalfBlock = kCodeBlock / 2;
 constexpr int64_t kRowsPerPass = 4;
 // Columns per thread at least: a decode step's smallest projections still split across threads.
 constexpr int64_t kColumnGrain = 16;
-// Tiles of columns ahead whose codes the AVX2 loops prefetch while a tile is multiplied. Each
+// Tiles of columns ahead whose codes the AVX2 loops prefetch while they multiply one row. Each
 // call starts with the hardware prefetcher cold (a decode step's other work runs between
-// calls); this made one row 10 % (4-bit integers) to 30 % (8-bit integers, FP8) faster.
+// calls); this made one row 10 % (4-bit integers) to 30 % (8-bit integers, FP8) faster. With
+// more rows there is more work per byte, and the prefetches measured no gain.
 constexpr int64_t kTilesAhead = 2;
 
 // How a weight's codes are stored; the values match the Python side's CodeFormat.
@@ -274,7 +275,9 @@ template <int64_t kRows, int64_t kCols>
 #pragma GCC unroll 4
     for (int c = 0; c < kCols; ++c) {
       const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
-      _mm_prefetch(reinterpret_cast<const char*>(block_codes + ahead), _MM_HINT_T0);
+      if constexpr (kRows == 1) {
+        _mm_prefetch(reinterpret_cast<const char*>(block_codes + ahead), _MM_HINT_T0);
+      }
       UnpackedBlock weights = unpack_block_avx2(w, block_codes);
       scale_block(half_scales(w, scales + c * w.groups(), g), weights);
 #pragma GCC unroll 4
@@ -677,8 +680,9 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
   };
   const bool half_last = x.dims_per_row != w.in_features;
   const int64_t whole = half_last ? x.chunks - 1 : x.chunks;
-  // Only the first pass over a block reads its codes from memory; later ones find them in L2.
-  const bool fetch_ahead = row == 0;
+  // Only on the first pass over a block, which reads its codes from memory: later ones find
+  // them in L2. (With 4 rows, the prefetches made 8-bit codes 7 % slower.)
+  const bool fetch_ahead = kRows == 1 && row == 0;
   const int64_t ahead = kTilesAhead * kCols * w.code_bytes_per_column();
   for (int64_t c = 0; c < whole; ++c) {
     for (int64_t k = 0; k < kCols && fetch_ahead; ++k) {
