@@ -646,10 +646,9 @@ def quantized_section(quantized: Results, perplexities: dict[str, Results], orig
     intro = (
         f"`{quantized['command']}`, {origin}, on {quantized['generated_at']} "
         f"(`{quantized.get('results_file', 'benchmark/results/' + QUANTIZED_FILE)}`): the "
-        "default model served quantized by each "
-        "method and in bfloat16 (the reference), taking turns for "
-        f"{w['rounds']} round(s); {w['prompt_tokens']} prompt / {w['output_tokens']} output "
-        "tokens, streamed, EOS ignored; tok/s is the median over the rounds. Weights: what the "
+        "default model served quantized by each method and in bfloat16 (the reference), taking "
+        f"turns for {w['rounds']} round(s); {w['prompt_tokens']} prompt / "
+        f"{w['output_tokens']} output tokens, streamed, EOS ignored; tok/s is the median over the rounds. Weights: what the "
         "shard reports holding (llama.cpp: its GGUF file). Perplexity: Sluice's on the "
         "perplexity text with float32 and with bfloat16 activations (`perplexity.py`, its file "
         "`perplexity-METHOD.json`, whose command says how it was run; n/a where there is none); "
