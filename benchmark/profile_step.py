@@ -10,11 +10,18 @@ operators from torch.profiler.
 
 With `--gguf-file FILE` (the file --model was converted from), the file's quantized projections,
 as `--quantize gguf` serves them; with `--quantize METHOD`, the launcher's other methods.
+
+With `--kernel-times`, a second JSON line: each kernel entry point's milliseconds per step
+(the ops' and the attention backend's methods, each call timed), and the rest of the step, which
+is Python between the kernels and the step's bookkeeping:
+
+    python benchmark/profile_step.py --model DIR --batch 1 --kernel-times
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -60,6 +67,68 @@ def decode_step(batch: int) -> pb.StepRequest:
     return pb.StepRequest(scheduled=[pb.ScheduledRequest(id=i, num_tokens=1) for i in range(batch)])
 
 
+# The kernel entry points --kernel-times times, where the kernels' classes have them.
+OPS_METHODS = (
+    "packed_linear",
+    "quantized_linear",
+    "rms_norm",
+    "add_rms_norm",
+    "rotary_",
+    "silu_and_mul",
+    "gelu_tanh_and_mul",
+    "argmax_logprob",
+    "top_k_top_p_",
+    "typical_p_",
+    "draw",
+)
+ATTENTION_METHODS = ("build_metadata", "write", "attend")
+
+
+class KernelTimer:
+    """Times each kernel entry point of `kernels` while `on`. Installed before the model is
+    built, since layers keep bound methods of the ops (off, each call costs a Python call)."""
+
+    def __init__(self, kernels: object) -> None:
+        self.on = False
+        self.spent: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        for instance, names in ((kernels.ops, OPS_METHODS), (kernels.attention, ATTENTION_METHODS)):
+            for name in names:
+                if hasattr(type(instance), name):
+                    self._wrap(type(instance), name)
+
+    def _wrap(self, cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def call(instance: object, *args: object, **kwargs: object) -> object:
+            if not self.on:
+                return original(instance, *args, **kwargs)
+            start = time.perf_counter_ns()
+            try:
+                return original(instance, *args, **kwargs)
+            finally:
+                self.spent[name] += time.perf_counter_ns() - start
+                self.calls[name] += 1
+
+        setattr(cls, name, call)
+
+    def measure(self, executor: StepExecutor, batch: int, steps: int) -> dict:
+        """Milliseconds per decode step in each entry point, and in the rest of the step."""
+        self.on = True
+        start = time.perf_counter_ns()
+        for _ in range(steps):
+            executor.step(decode_step(batch))
+        step_ns = (time.perf_counter_ns() - start) / steps
+        self.on = False
+        per_step = {name: round(ns / steps / 1e6, 3) for name, ns in self.spent.most_common()}
+        return {
+            "step_ms": round(step_ns / 1e6, 2),
+            "kernel_ms_per_step": per_step,
+            "calls_per_step": {name: self.calls[name] // steps for name in per_step},
+            "outside_kernels_ms": round((step_ns - sum(self.spent.values()) / steps) / 1e6, 2),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -71,10 +140,14 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, help="write a Chrome trace here")
     parser.add_argument("--gguf-file", type=Path, help="serve this GGUF file's quantized weights")
     parser.add_argument("--quantize", help="as the launcher's --quantize (not gguf)")
+    parser.add_argument(
+        "--kernel-times", action="store_true", help="also time each kernel entry point"
+    )
     args = parser.parse_args()
 
     device = torch.device("cpu")
     kernels = select_kernels(args.kernels, device, Path.home() / ".cache" / "sluice" / "kernels")
+    timer = KernelTimer(kernels) if args.kernel_times else None
     loaded = load_model(
         args.model.expanduser(),
         getattr(torch, args.dtype),
@@ -84,7 +157,9 @@ def main() -> None:
         quantize=args.quantize,
     )
     executor = StepExecutor(loaded, BLOCK_SIZE, None)
-    max_new = 2 * args.steps + 8
+    # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
+    # --kernel-times), 10 profiled steps, and a margin.
+    max_new = (3 if args.kernel_times else 2) * args.steps + 16
     blocks_each = -(-(args.prompt_tokens + max_new) // BLOCK_SIZE)
     executor.warmup(args.prompt_tokens, args.batch, args.prompt_tokens + max_new)
     if executor.num_blocks < args.batch * blocks_each:
@@ -115,6 +190,9 @@ def main() -> None:
             }
         )
     )
+
+    if timer is not None:
+        print(json.dumps(timer.measure(executor, args.batch, args.steps)), flush=True)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for _ in range(10):
