@@ -58,8 +58,8 @@ constexpr int64_t kRowsPerPass = 4;
 constexpr int64_t kColumnGrain = 16;
 // Tiles of columns ahead whose codes the AVX2 loops prefetch while they multiply one row. Each
 // call starts with the hardware prefetcher cold (a decode step's other work runs between
-// calls); this made one row 10 % (4-bit integers) to 30 % (8-bit integers, FP8) faster. With
-// more rows there is more work per byte, and the prefetches measured no gain.
+// calls); one row of 8-bit and FP8 codes ran 1.4-1.5x as fast for it (docs/quantization.md).
+// With more rows there is more work per byte, and the prefetches measured no gain.
 constexpr int64_t kTilesAhead = 2;
 
 // How a weight's codes are stored; the values match the Python side's CodeFormat.
@@ -681,7 +681,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
   const bool half_last = x.dims_per_row != w.in_features;
   const int64_t whole = half_last ? x.chunks - 1 : x.chunks;
   // Only on the first pass over a block, which reads its codes from memory: later ones find
-  // them in L2. (With 4 rows, the prefetches made 8-bit codes 7 % slower.)
+  // them in L2.
   const bool fetch_ahead = kRows == 1 && row == 0;
   const int64_t ahead = kTilesAhead * kCols * w.code_bytes_per_column();
   for (int64_t c = 0; c < whole; ++c) {
