@@ -617,15 +617,16 @@ def quantized_section(quantized: Results, perplexities: dict[str, Results], orig
     if "error" in quantized or "skipped" in quantized:
         return f"Not measured: {quantized.get('error') or quantized['skipped']}.\n"
     summary = quantized["summary"]
-    reference = summary.get("bfloat16", {})
+    # quantized.py run without bfloat16 has no reference: its ratios read n/a.
+    reference = summary.get("bfloat16", {}).get("output_tokens_per_s", {})
     concurrency = [str(c) for c in quantized["workload"]["concurrency"]]
     reference_ppl = sluice_perplexity(perplexities.get("bfloat16"), "float32")
 
     def speed(variant: str, level: str) -> str:
         tok_s = summary[variant]["output_tokens_per_s"].get(level)
-        if variant == "bfloat16":
+        against = ratio(tok_s, reference.get(level))
+        if variant == "bfloat16" or against is None:
             return num(tok_s)
-        against = ratio(tok_s, reference["output_tokens_per_s"].get(level))
         return f"{num(tok_s)} ({num(against, 2)}x)"
 
     rows = []
