@@ -11,9 +11,13 @@ operators from torch.profiler.
 With `--gguf-file FILE` (the file --model was converted from), the file's quantized projections,
 as `--quantize gguf` serves them; with `--quantize METHOD`, the launcher's other methods.
 
+Where the model's layers run as one compiled call (see sluice_server.models.compiled_stack),
+`--layer-by-layer` runs them through the Python layers instead, to measure the difference.
+
 With `--kernel-times`, a second JSON line: each kernel entry point's milliseconds per step
 (the ops' and the attention backend's methods, each call timed), and the rest of the step, which
-is Python between the kernels and the step's bookkeeping:
+is Python between the kernels and the step's bookkeeping. The kernels are timed from Python, so
+the layers run layer by layer:
 
     python benchmark/profile_step.py --model DIR --batch 1 --kernel-times
 """
@@ -143,6 +147,11 @@ def main() -> None:
     parser.add_argument(
         "--kernel-times", action="store_true", help="also time each kernel entry point"
     )
+    parser.add_argument(
+        "--layer-by-layer",
+        action="store_true",
+        help="run the Python layers, not the compiled stack",
+    )
     args = parser.parse_args()
 
     device = torch.device("cpu")
@@ -156,6 +165,8 @@ def main() -> None:
         gguf_file=args.gguf_file,
         quantize=args.quantize,
     )
+    if args.layer_by_layer or args.kernel_times:
+        loaded.model.compiled_stack = None
     executor = StepExecutor(loaded, BLOCK_SIZE, None)
     # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
     # --kernel-times), 10 profiled steps, and a margin.
@@ -182,6 +193,7 @@ def main() -> None:
                 "batch": args.batch,
                 "dtype": args.dtype,
                 "kernels": type(kernels.attention).__name__,
+                "layers": "layer by layer" if loaded.model.compiled_stack is None else "compiled",
                 "threads": torch.get_num_threads(),
                 "step_ms": round(total_ms, 2),
                 "forward_ms": round(forward_ms, 2),

@@ -59,7 +59,8 @@ class GatedMLP(nn.Module):
         experts sums all its experts' at once)."""
         super().__init__()
         self.names = names
-        self.activation = ACTIVATIONS[check_activation(activation)](runtime.ops)
+        self.activation_name = check_activation(activation)
+        self.activation = ACTIVATIONS[self.activation_name](runtime.ops)
         intermediate = runtime.shards.even(intermediate_size, "intermediate_size")
         self.gate_up_proj = ColumnParallelLinear(
             hidden_size, [intermediate, intermediate], bias, runtime

@@ -4,7 +4,7 @@ layers, a final norm and the LM head. Architectures differ in which layers they 
 reads its config.json into these parts.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +23,13 @@ from ..weights import CheckpointWeights
 # cos and sin of a step's positions, per rotation a model uses (most use one, "default").
 RopeTables = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_ROPE = "default"
+
+# The layer loop as one call (see compiled_stack.py): (hidden, rope tables, the layers' caches,
+# the step's attention metadata) -> (the last block's output, the residual stream before it).
+LayerStack = Callable[
+    [torch.Tensor, RopeTables, Sequence[LayerKVCache], AttentionMetadata],
+    tuple[torch.Tensor, torch.Tensor],
+]
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,8 @@ class CausalLM(nn.Module):
         )
         self.shards = runtime.shards
         self.final_logit_softcap = final_logit_softcap
+        # Runs the layers in one call where set (`models.compiled_stack`); None: layer by layer.
+        self.compiled_stack: LayerStack | None = None
 
     def forward(
         self,
@@ -245,8 +254,11 @@ class CausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         rope_tables = {name: rotary.cos_sin(positions) for name, rotary in self.rotaries.items()}
         residual = None
-        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
-            hidden, residual = layer(hidden, residual, rope_tables, layer_cache, metadata)
+        if self.compiled_stack is not None:
+            hidden, residual = self.compiled_stack(hidden, rope_tables, kv_cache, metadata)
+        else:
+            for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+                hidden, residual = layer(hidden, residual, rope_tables, layer_cache, metadata)
         assert residual is not None, "a model has at least one layer"
         logits = self.lm_head(self.norm(hidden[logits_rows], residual[logits_rows]))
         logits = self.shards.all_gather_last_dim(logits)

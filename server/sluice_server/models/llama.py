@@ -14,7 +14,7 @@ from ..layers.rotary import RopeConfig
 from ..layers.runtime import LayerRuntime
 from ..layers.self_attention import SelfAttention
 from .decoder import DEFAULT_ROPE, CausalLM, FeedForward, ModelConfig, PreNormLayer
-from .hf_config import activation, attention_config, sliding_windows
+from .hf_config import activation, attention_config
 
 
 def dense_mlp(hf_config: dict[str, Any], runtime: LayerRuntime) -> FeedForward:

@@ -15,6 +15,7 @@ from ..memory import available_memory
 from ..quant.checkpoint import CheckpointQuantizationError, checkpoint_quantization
 from ..quant.gguf import GgufQuantizedTensors
 from ..weights import CheckpointWeights
+from .compiled_stack import compile_stack
 from .decoder import CausalLM, ModelConfig
 from .registry import UnsupportedModelError, model_builder_for
 
@@ -103,6 +104,9 @@ def load_model(
     weight_bytes = _tensor_bytes(model)
     if device.type == "cpu":
         model.prepack_for_cpu()
+        model.compiled_stack = compile_stack(model)
+        how = "in one compiled call" if model.compiled_stack else "layer by layer"
+        logger.info("the decoder layers run %s", how)
     generation_config = _read_json(model_dir / "generation_config.json", required=False)
     eos_token_ids = _eos_token_ids(generation_config) + _eos_token_ids(hf_config)
     return LoadedModel(

@@ -1,6 +1,6 @@
 // The Python module: every kernel of attention.cpp, linear.cpp, linear_quantized.cpp,
-// elementwise.cpp and sampling.cpp, and which instruction sets this build was compiled for (the
-// build chooses them, see sluice_server.kernels.build).
+// elementwise.cpp and sampling.cpp, the decoder stack of decoder.cpp, and which instruction sets
+// this build was compiled for (the build chooses them, see sluice_server.kernels.build).
 
 #include <torch/extension.h>
 
@@ -29,6 +29,56 @@ std::vector<std::string> compiled_isa() {
   return features;
 }
 
+void bind_decoder_stack(py::module& module) {
+  using Matmul = sluice::Projection::Matmul;
+  py::enum_<Matmul>(module, "Matmul")
+      .value("SLUICE_BF16", Matmul::kSluiceBf16)
+      .value("ONEDNN", Matmul::kOneDnn)
+      .value("QUANTIZED", Matmul::kQuantized);
+  py::class_<sluice::Projection>(module, "Projection")
+      .def(py::init<>())
+      .def_readwrite("matmul", &sluice::Projection::matmul)
+      .def_readwrite("weight", &sluice::Projection::weight)
+      .def_readwrite("bias", &sluice::Projection::bias)
+      .def_readwrite("out_features", &sluice::Projection::out_features)
+      .def_readwrite("scales", &sluice::Projection::scales)
+      .def_readwrite("offsets", &sluice::Projection::offsets)
+      .def_readwrite("levels", &sluice::Projection::levels)
+      .def_readwrite("input_order", &sluice::Projection::input_order)
+      .def_readwrite("code_format", &sluice::Projection::code_format)
+      .def_readwrite("group_size", &sluice::Projection::group_size);
+  using Layer = sluice::DecoderLayerWeights;
+  py::class_<Layer>(module, "DecoderLayerWeights")
+      .def(py::init<>())
+      .def_readwrite("input_norm", &Layer::input_norm)
+      .def_readwrite("post_attention_norm", &Layer::post_attention_norm)
+      .def_readwrite("norm_eps", &Layer::norm_eps)
+      .def_readwrite("query_norm", &Layer::query_norm)
+      .def_readwrite("key_norm", &Layer::key_norm)
+      .def_readwrite("head_norm_eps", &Layer::head_norm_eps)
+      .def_readwrite("qkv", &Layer::qkv)
+      .def_readwrite("output", &Layer::output)
+      .def_readwrite("gate_up", &Layer::gate_up)
+      .def_readwrite("down", &Layer::down)
+      .def_readwrite("num_heads", &Layer::num_heads)
+      .def_readwrite("num_kv_heads", &Layer::num_kv_heads)
+      .def_readwrite("head_dim", &Layer::head_dim)
+      .def_readwrite("scale", &Layer::scale)
+      .def_readwrite("sliding_window", &Layer::sliding_window)
+      .def_readwrite("logit_softcap", &Layer::logit_softcap);
+  py::class_<sluice::StepInputs>(module, "StepInputs")
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(),
+           py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),
+           py::arg("cache_lens"), py::arg("query_starts"));
+  py::class_<sluice::DecoderStack>(module, "DecoderStack")
+      .def(py::init<std::vector<sluice::DecoderLayerWeights>>())
+      .def("__len__", &sluice::DecoderStack::size)
+      // The layers' kernels need no Python: other threads (the gRPC server's) run meanwhile.
+      .def("forward", &sluice::DecoderStack::forward, py::arg("hidden"), py::arg("step"),
+           py::arg("key_caches"), py::arg("value_caches"),
+           py::call_guard<py::gil_scoped_release>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -52,4 +102,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("typical_p_", &sluice::typical_p_);
   module.def("draw", &sluice::draw);
   module.def("compiled_isa", &compiled_isa);
+  bind_decoder_stack(module);
 }

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <vector>
 
 namespace sluice {
 
@@ -41,5 +42,70 @@ std::tuple<at::Tensor, at::Tensor> argmax_logprob(const at::Tensor& logits);
 void top_k_top_p_(at::Tensor& logits, const at::Tensor& top_k, const at::Tensor& top_p);
 void typical_p_(at::Tensor& logits, const at::Tensor& typical_p);
 std::tuple<at::Tensor, at::Tensor> draw(const at::Tensor& logits, const at::Tensor& uniforms);
+
+// decoder.cpp: a stack of pre-norm decoder layers run in one call.
+
+// A projection's weight, as one of the matmuls above (or oneDNN's) takes it.
+struct Projection {
+  enum class Matmul { kSluiceBf16, kOneDnn, kQuantized };
+  Matmul matmul = Matmul::kSluiceBf16;
+  // The packed weight (kSluiceBf16, kOneDnn) or the codes (kQuantized).
+  at::Tensor weight;
+  // In the form the matmul takes it: float32 padded to the tiles for kSluiceBf16.
+  c10::optional<at::Tensor> bias;
+  int64_t out_features = 0;
+  // kQuantized only, as linear_quantized takes them; input_order permutes x's features first
+  // (GPTQ's act-order).
+  at::Tensor scales;
+  c10::optional<at::Tensor> offsets;
+  c10::optional<at::Tensor> levels;
+  c10::optional<at::Tensor> input_order;
+  int64_t code_format = 0;
+  int64_t group_size = 0;
+};
+
+// One layer: x + attn(norm(x)), then x + mlp(norm(x)), the MLP SiLU-gated.
+struct DecoderLayerWeights {
+  at::Tensor input_norm;
+  at::Tensor post_attention_norm;
+  double norm_eps = 0.0;
+  // Each query and key head's RMSNorm before the rotation (Qwen3); undefined where none.
+  at::Tensor query_norm;
+  at::Tensor key_norm;
+  double head_norm_eps = 0.0;
+  Projection qkv;
+  Projection output;
+  Projection gate_up;
+  Projection down;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  double scale = 1.0;
+  int64_t sliding_window = 0;  // 0: none
+  double logit_softcap = 0.0;  // 0: none
+};
+
+// What every layer of one step reads besides its own weights and cache.
+struct StepInputs {
+  at::Tensor cos;
+  at::Tensor sin;
+  at::Tensor slot_mapping;
+  at::Tensor block_tables;
+  at::Tensor cache_lens;
+  at::Tensor query_starts;
+};
+
+class DecoderStack {
+ public:
+  explicit DecoderStack(std::vector<DecoderLayerWeights> layers);
+  // (the last layer's block output, the residual stream before it), as the Python layers return.
+  std::tuple<at::Tensor, at::Tensor> forward(at::Tensor hidden, const StepInputs& step,
+                                             std::vector<at::Tensor> key_caches,
+                                             std::vector<at::Tensor> value_caches) const;
+  size_t size() const { return layers_.size(); }
+
+ private:
+  std::vector<DecoderLayerWeights> layers_;
+};
 
 }  // namespace sluice

@@ -7,7 +7,7 @@ from .backend import (
     LayerKVCache,
     SequenceChunk,
 )
-from .cpu_backend import CompiledCpuAttentionBackend
+from .cpu_backend import CompiledCpuAttentionBackend, CompiledCpuAttentionMetadata
 from .torch_backend import TorchAttentionBackend
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "AttentionMetadata",
     "AttentionParams",
     "CompiledCpuAttentionBackend",
+    "CompiledCpuAttentionMetadata",
     "LayerKVCache",
     "SequenceChunk",
     "TorchAttentionBackend",
