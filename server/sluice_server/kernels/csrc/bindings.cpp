@@ -29,13 +29,16 @@ std::vector<std::string> compiled_isa() {
   return features;
 }
 
+// Types are module-local: a process may import two builds of these kernels (each ISA build is its
+// own module; the tests load the AVX2 build beside the AVX-512 one), and pybind11 otherwise
+// registers a C++ type once per process.
 void bind_decoder_stack(py::module& module) {
   using Matmul = sluice::Projection::Matmul;
-  py::enum_<Matmul>(module, "Matmul")
+  py::enum_<Matmul>(module, "Matmul", py::module_local())
       .value("SLUICE_BF16", Matmul::kSluiceBf16)
       .value("ONEDNN", Matmul::kOneDnn)
       .value("QUANTIZED", Matmul::kQuantized);
-  py::class_<sluice::Projection>(module, "Projection")
+  py::class_<sluice::Projection>(module, "Projection", py::module_local())
       .def(py::init<>())
       .def_readwrite("matmul", &sluice::Projection::matmul)
       .def_readwrite("weight", &sluice::Projection::weight)
@@ -48,7 +51,7 @@ void bind_decoder_stack(py::module& module) {
       .def_readwrite("code_format", &sluice::Projection::code_format)
       .def_readwrite("group_size", &sluice::Projection::group_size);
   using Layer = sluice::DecoderLayerWeights;
-  py::class_<Layer>(module, "DecoderLayerWeights")
+  py::class_<Layer>(module, "DecoderLayerWeights", py::module_local())
       .def(py::init<>())
       .def_readwrite("input_norm", &Layer::input_norm)
       .def_readwrite("post_attention_norm", &Layer::post_attention_norm)
@@ -66,11 +69,11 @@ void bind_decoder_stack(py::module& module) {
       .def_readwrite("scale", &Layer::scale)
       .def_readwrite("sliding_window", &Layer::sliding_window)
       .def_readwrite("logit_softcap", &Layer::logit_softcap);
-  py::class_<sluice::StepInputs>(module, "StepInputs")
+  py::class_<sluice::StepInputs>(module, "StepInputs", py::module_local())
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(),
            py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),
            py::arg("cache_lens"), py::arg("query_starts"));
-  py::class_<sluice::DecoderStack>(module, "DecoderStack")
+  py::class_<sluice::DecoderStack>(module, "DecoderStack", py::module_local())
       .def(py::init<std::vector<sluice::DecoderLayerWeights>>())
       .def("__len__", &sluice::DecoderStack::size)
       // The layers' kernels need no Python: other threads (the gRPC server's) run meanwhile.
