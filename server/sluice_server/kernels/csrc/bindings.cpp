@@ -75,7 +75,6 @@ void bind_decoder_stack(py::module& module) {
            py::arg("cache_lens"), py::arg("query_starts"));
   py::class_<sluice::DecoderStack>(module, "DecoderStack", py::module_local())
       .def(py::init<std::vector<sluice::DecoderLayerWeights>>())
-      .def("__len__", &sluice::DecoderStack::size)
       // The layers' kernels need no Python: other threads (the gRPC server's) run meanwhile.
       .def("forward", &sluice::DecoderStack::forward, py::arg("hidden"), py::arg("step"),
            py::arg("key_caches"), py::arg("value_caches"),

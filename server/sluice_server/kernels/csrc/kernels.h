@@ -102,7 +102,6 @@ class DecoderStack {
   std::tuple<at::Tensor, at::Tensor> forward(at::Tensor hidden, const StepInputs& step,
                                              std::vector<at::Tensor> key_caches,
                                              std::vector<at::Tensor> value_caches) const;
-  size_t size() const { return layers_.size(); }
 
  private:
   std::vector<DecoderLayerWeights> layers_;
