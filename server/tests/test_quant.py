@@ -130,8 +130,10 @@ def test_per_channel_scales_slice_at_any_block() -> None:
 def test_quantized_matmul_matches_the_dequantized_weight(
     built_kernels: Kernels, rows: int, code_format: CodeFormat, group_size: int, offsets: bool
 ) -> None:
-    weight = random_weight(37, 256, code_format, group_size, offsets)
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    # Small groups allow a width that ends in a part of a chunk of codes.
+    in_features = 224 if group_size <= 32 else 256
+    weight = random_weight(37, in_features, code_format, group_size, offsets)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(37)
     exact = x.double() @ weight.dequantize(torch.float64).T + bias.double()
     y = built_kernels.ops.quantized_linear(x, weight, bias)
@@ -159,13 +161,15 @@ def test_reference_ops_multiply_by_the_dequantized_weight() -> None:
     torch.testing.assert_close(y, x @ weight.dequantize().T)
 
 
+# Widths that end in a part of a chunk of codes, for every chunk width the builds use.
+@pytest.mark.parametrize("in_features", [192, 224])
 @pytest.mark.parametrize("code_format", list(CodeFormat))
 def test_quantized_matmul_rows_do_not_depend_on_the_batch(
-    built_kernels: Kernels, code_format: CodeFormat
+    built_kernels: Kernels, code_format: CodeFormat, in_features: int
 ) -> None:
     # A request's output must not change with what it is batched with.
-    weight = random_weight(50, 192, code_format, group_size=32, offsets=True)
-    x = torch.randn(19, 192)
+    weight = random_weight(50, in_features, code_format, group_size=32, offsets=True)
+    x = torch.randn(19, in_features)
     batched = built_kernels.ops.quantized_linear(x, weight, None)
     for row in range(x.shape[0]):
         alone = built_kernels.ops.quantized_linear(x[row : row + 1], weight, None)
