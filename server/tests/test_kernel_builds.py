@@ -105,10 +105,10 @@ def test_without_a_compiler_the_shard_serves_with_the_reference_kernels(
 # The sanitized build compiles for minutes on a small machine the first time.
 @pytest.mark.timeout(2400)
 def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers() -> None:
-    """test_cpu_kernels.py against the native build instrumented with ASan and UBSan, in a
-    process that preloads the sanitizer runtime: any out-of-bounds access, use after free or
-    undefined behaviour in a kernel, its argument checks included, fails the run with a
-    report."""
+    """test_cpu_kernels.py and test_quant.py's quantized matmuls against the native build
+    instrumented with ASan and UBSan, in a process that preloads the sanitizer runtime: any
+    out-of-bounds access, use after free or undefined behaviour in a kernel, its argument checks
+    included, fails the run with a report."""
     preloads = sanitizer_preloads()
     if preloads is None:
         pytest.skip(f"the C++ compiler ({compiler()}) has no AddressSanitizer runtime")
@@ -123,10 +123,19 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers() ->
             [str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
         ),
     }
-    tests = Path(__file__).parent / "test_cpu_kernels.py"
+    here = Path(__file__).parent
+    quantized = (
+        "matches_the_dequantized_weight",
+        "rows_do_not_depend_on_the_batch",
+        "refuses_mismatched_inputs",
+    )
+    tests = [
+        str(here / "test_cpu_kernels.py"),
+        *(f"{here / 'test_quant.py'}::test_quantized_matmul_{name}" for name in quantized),
+    ]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=2200"]
     result = subprocess.run(
-        [*command, str(tests), "--kernel-builds", "native-sanitized"],
+        [*command, *tests, "--kernel-builds", "native-sanitized"],
         env=environment,
         capture_output=True,
         text=True,

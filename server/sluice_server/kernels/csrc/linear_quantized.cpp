@@ -925,21 +925,37 @@ inline void gathered_offset_terms(const QuantizedMatrix& w, const ColumnBlock& b
     }
     _mm512_mask_storeu_ps(terms + c, mask, sums);
   }
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int32_t>(groups)));
+  for (; c + 8 <= block.columns; c += 8) {
+    __m256 sums = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 column_offsets =
+          _mm256_i32gather_ps(offsets + c * groups + g, index, sizeof(float));
+      sums = _mm256_fmadd_ps(_mm256_set1_ps(group_sums[g]), column_offsets, sums);
+    }
+    _mm256_storeu_ps(terms + c, sums);
+  }
 #endif
   for (; c < block.columns; ++c) {
     float sum = 0.f;
-    for (int64_t g = 0; g < groups; ++g) sum = std::fma(group_sums[g], offsets[c * groups + g], sum);
+    for (int64_t g = 0; g < groups; ++g) {
+      sum = std::fma(group_sums[g], offsets[c * groups + g], sum);
+    }
     terms[c] = sum;
   }
 }
 
+// Rows [row, row + kRows) against columns [n, n + kCols): their dots, into the block's.
 template <int kVectors, int64_t kRows, int64_t kCols, typename Out>
 inline void integer_tile(const IntegerCall<Out>& call, ColumnBlock& block, int64_t row,
                          int64_t n) {
   float dots[kRows][kCols];
   integer_dots<kVectors, kRows, kCols>(call.w, call.x, call.groups, row, n, dots);
   for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t k = 0; k < kCols; ++k) block.dots[r * block.columns + n - block.first + k] = dots[r][k];
+    float* block_dots = block.dots.data() + r * block.columns + (n - block.first);
+    for (int64_t k = 0; k < kCols; ++k) block_dots[k] = dots[r][k];
   }
 }
 
