@@ -628,6 +628,26 @@ std::vector<ChunkGroups> chunk_groups(const QuantizedMatrix& w, const IntegerRow
   return groups;
 }
 
+// Where a tile's columns' codes and scales, and its rows' rounded x and x scales, start.
+template <int64_t kRows, int64_t kCols>
+struct TileOperands {
+  const uint8_t* codes[kCols];
+  const float* scales[kCols];
+  const int16_t* values[kRows];
+  const float* x_scales[kRows];
+
+  TileOperands(const QuantizedMatrix& w, const IntegerRows& x, int64_t row, int64_t n) {
+    for (int64_t k = 0; k < kCols; ++k) {
+      codes[k] = w.column_codes(n + k);
+      scales[k] = w.column_scales(n + k);
+    }
+    for (int64_t r = 0; r < kRows; ++r) {
+      values[r] = x.row_values(row + r);
+      x_scales[r] = x.row_scales(row + r);
+    }
+  }
+};
+
 #if defined(SLUICE_INTEGER_AVX512)
 // A chunk's vectors of codes; bytes past `valid` (in the last chunk) read as zeros.
 template <int kVectors>
@@ -662,18 +682,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
                          const ChunkGroups* groups, int64_t row, int64_t n,
                          float (&dots)[kRows][kCols]) {
   const int64_t dims = ChunkLayout(w).dims();
-  const uint8_t* codes[kCols];
-  const float* scales[kCols];
-  for (int64_t k = 0; k < kCols; ++k) {
-    codes[k] = w.column_codes(n + k);
-    scales[k] = w.column_scales(n + k);
-  }
-  const int16_t* values[kRows];
-  const float* x_scales[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    values[r] = x.row_values(row + r);
-    x_scales[r] = x.row_scales(row + r);
-  }
+  const TileOperands<kRows, kCols> tile(w, x, row, n);
   __m512 totals[kRows][kCols];
   for (auto& row_totals : totals) {
     for (auto& total : row_totals) total = _mm512_setzero_ps();
@@ -692,16 +701,16 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kCols; ++k) {
       if (fetch_ahead) {
-        _mm_prefetch(reinterpret_cast<const char*>(codes[k] + c * kChunkBytes + ahead),
+        _mm_prefetch(reinterpret_cast<const char*>(tile.codes[k] + c * kChunkBytes + ahead),
                      _MM_HINT_T0);
       }
       __m512i column_codes[kVectors];
-      chunk_codes<kVectors>(codes[k] + c * kChunkBytes, valid, column_codes);
+      chunk_codes<kVectors>(tile.codes[k] + c * kChunkBytes, valid, column_codes);
       const __m512 weight_scales = _mm512_permutexvar_ps(
-          sum_groups, _mm512_maskz_loadu_ps(span, scales[k] + chunk.first));
+          sum_groups, _mm512_maskz_loadu_ps(span, tile.scales[k] + chunk.first));
 #pragma GCC unroll 4
       for (int64_t r = 0; r < kRows; ++r) {
-        const __m512i* row_values = reinterpret_cast<const __m512i*>(values[r] + c * dims);
+        const auto* row_values = reinterpret_cast<const __m512i*>(tile.values[r] + c * dims);
         // Two chains of sums, which halves the wait on vpdpwssd's latency.
         __m512i chains[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
         for (int v = 0; v < kVectors; ++v) {
@@ -709,8 +718,8 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
               add_products(chains[v % 2], column_codes[v], _mm512_loadu_si512(row_values + v));
         }
         const __m512i sums = _mm512_add_epi32(chains[0], chains[1]);
-        const __m512 scale =
-            _mm512_mul_ps(weight_scales, _mm512_loadu_ps(x_scales[r] + kSumsPerChunk * c));
+        const __m512 x_scales = _mm512_loadu_ps(tile.x_scales[r] + kSumsPerChunk * c);
+        const __m512 scale = _mm512_mul_ps(weight_scales, x_scales);
         totals[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, totals[r][k]);
       }
     }
@@ -760,18 +769,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
                          const ChunkGroups* groups, int64_t row, int64_t n,
                          float (&dots)[kRows][kCols]) {
   const int64_t dims = ChunkLayout(w).dims();
-  const uint8_t* codes[kCols];
-  const float* scales[kCols];
-  for (int64_t k = 0; k < kCols; ++k) {
-    codes[k] = w.column_codes(n + k);
-    scales[k] = w.column_scales(n + k);
-  }
-  const int16_t* values[kRows];
-  const float* x_scales[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    values[r] = x.row_values(row + r);
-    x_scales[r] = x.row_scales(row + r);
-  }
+  const TileOperands<kRows, kCols> tile(w, x, row, n);
   __m256 totals[kRows][kCols];
   for (auto& row_totals : totals) {
     for (auto& total : row_totals) total = _mm256_setzero_ps();
@@ -780,14 +778,15 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kCols; ++k) {
       __m256i column_codes[kVectors];
-      chunk_codes<kVectors>(codes[k] + c * kChunkBytes, half, column_codes);
-      const __m256 weight_scales = _mm256_set_m128(_mm_set1_ps(scales[k][groups[c].run_group(1)]),
-                                                   _mm_set1_ps(scales[k][groups[c].run_group(0)]));
+      chunk_codes<kVectors>(tile.codes[k] + c * kChunkBytes, half, column_codes);
+      const float* scales = tile.scales[k];
+      const __m256 weight_scales = _mm256_set_m128(_mm_set1_ps(scales[groups[c].run_group(1)]),
+                                                   _mm_set1_ps(scales[groups[c].run_group(0)]));
 #pragma GCC unroll 4
       for (int64_t r = 0; r < kRows; ++r) {
-        const __m256i sums = chunk_sums<kVectors>(column_codes, values[r] + c * dims);
-        const __m256 scale =
-            _mm256_mul_ps(weight_scales, _mm256_loadu_ps(x_scales[r] + kSumsPerChunk * c));
+        const __m256i sums = chunk_sums<kVectors>(column_codes, tile.values[r] + c * dims);
+        const __m256 x_scales = _mm256_loadu_ps(tile.x_scales[r] + kSumsPerChunk * c);
+        const __m256 scale = _mm256_mul_ps(weight_scales, x_scales);
         totals[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, totals[r][k]);
       }
     }
@@ -800,7 +799,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
   const int64_t ahead = kTilesAhead * kCols * w.code_bytes_per_column();
   for (int64_t c = 0; c < whole; ++c) {
     for (int64_t k = 0; k < kCols && fetch_ahead; ++k) {
-      _mm_prefetch(reinterpret_cast<const char*>(codes[k] + c * kChunkBytes + ahead),
+      _mm_prefetch(reinterpret_cast<const char*>(tile.codes[k] + c * kChunkBytes + ahead),
                    _MM_HINT_T0);
     }
     chunk(c, false);
