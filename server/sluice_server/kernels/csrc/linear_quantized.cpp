@@ -543,9 +543,16 @@ struct IntegerRows {
   std::vector<float> scales;    // [rows][chunks][kSumsPerChunk]
   int64_t chunks;
   int64_t dims_per_row;  // chunks * the chunk's dimensions: x padded with zeros to whole chunks.
+  // x's float32 sums per group, [rows][groups] (the RowBlock's), for the offsets' terms; null
+  // without offsets.
+  const float* group_sums = nullptr;
+  int64_t groups = 0;
 
   const int16_t* row_values(int64_t r) const { return values.data() + r * dims_per_row; }
   const float* row_scales(int64_t r) const { return scales.data() + r * chunks * kSumsPerChunk; }
+  const float* row_group_sums(int64_t r) const {
+    return group_sums != nullptr ? group_sums + r * groups : nullptr;
+  }
 };
 
 // One run's scale: its largest magnitude / 32767 (NaN if it holds a NaN or infinity, which then
@@ -628,25 +635,31 @@ std::vector<ChunkGroups> chunk_groups(const QuantizedMatrix& w, const IntegerRow
   return groups;
 }
 
-// Where a tile's columns' codes and scales, and its rows' rounded x and x scales, start.
+// Where a tile's columns' codes, scales and offsets, and its rows' rounded x, x scales and
+// group sums, start.
 template <int64_t kRows, int64_t kCols>
 struct TileOperands {
   const uint8_t* codes[kCols];
   const float* scales[kCols];
+  const float* offsets[kCols];  // Null without offsets.
   const int16_t* values[kRows];
   const float* x_scales[kRows];
+  const float* group_sums[kRows];
 
   TileOperands(const QuantizedMatrix& w, const IntegerRows& x, int64_t row, int64_t n) {
     for (int64_t k = 0; k < kCols; ++k) {
       codes[k] = w.column_codes(n + k);
       scales[k] = w.column_scales(n + k);
+      offsets[k] = w.offsets != nullptr ? w.offsets + (n + k) * w.groups() : nullptr;
     }
     for (int64_t r = 0; r < kRows; ++r) {
       values[r] = x.row_values(row + r);
       x_scales[r] = x.row_scales(row + r);
+      group_sums[r] = x.row_group_sums(row + r);
     }
   }
 };
+
 
 #if defined(SLUICE_INTEGER_AVX512)
 // A chunk's vectors of codes; bytes past `valid` (in the last chunk) read as zeros.
@@ -675,8 +688,30 @@ template <int kVectors>
 #endif
 }
 
+// The offsets' terms, sum_g offset[n][g] * x's sum over group g, are added to each (row, column)
+// sum after its codes' terms: kLanes groups per FMA, in lanes the final sum adds up. Both
+// operands are contiguous, each column's offsets read once for all the tile's rows, and the
+// order is the same whatever rows and columns the tile holds.
+template <int64_t kRows, int64_t kCols>
+inline void add_offset_terms(int64_t groups, const TileOperands<kRows, kCols>& tile,
+                             __m512 (&totals)[kRows][kCols]) {
+  constexpr int64_t kLanes = 16;
+  for (int64_t g = 0; g < groups; g += kLanes) {
+    const __mmask16 valid = static_cast<__mmask16>(
+        groups - g >= kLanes ? 0xffff : (1u << (groups - g)) - 1);
+    __m512 offsets[kCols];
+    for (int64_t k = 0; k < kCols; ++k) offsets[k] = _mm512_maskz_loadu_ps(valid, tile.offsets[k] + g);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m512 sums = _mm512_maskz_loadu_ps(valid, tile.group_sums[r] + g);
+      for (int64_t k = 0; k < kCols; ++k) {
+        totals[r][k] = _mm512_fmadd_ps(offsets[k], sums, totals[r][k]);
+      }
+    }
+  }
+}
+
 // kRows rows against kCols columns from n: sum over chunks and runs of the integer sums times
-// the run's weight scale times its x scale.
+// the run's weight scale times its x scale, plus the offsets' terms.
 template <int kVectors, int64_t kRows, int64_t kCols>
 inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
                          const ChunkGroups* groups, int64_t row, int64_t n,
@@ -724,6 +759,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
       }
     }
   }
+  if (w.offsets != nullptr) add_offset_terms(w.groups(), tile, totals);
   for (int64_t r = 0; r < kRows; ++r) {
     for (int64_t k = 0; k < kCols; ++k) dots[r][k] = _mm512_reduce_add_ps(totals[r][k]);
   }
@@ -762,8 +798,28 @@ inline __m256i chunk_sums(const __m256i (&codes)[kVectors], const int16_t* x) {
   }
 }
 
+// The offsets' terms (see the AVX-512 version above), 8 groups per FMA.
+template <int64_t kRows, int64_t kCols>
+inline void add_offset_terms(int64_t groups, const TileOperands<kRows, kCols>& tile,
+                             __m256 (&totals)[kRows][kCols]) {
+  constexpr int64_t kLanes = 8;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t g = 0; g < groups; g += kLanes) {
+    const __m256i valid = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(static_cast<int32_t>(std::min(kLanes, groups - g))), lane);
+    __m256 offsets[kCols];
+    for (int64_t k = 0; k < kCols; ++k) offsets[k] = _mm256_maskload_ps(tile.offsets[k] + g, valid);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m256 sums = _mm256_maskload_ps(tile.group_sums[r] + g, valid);
+      for (int64_t k = 0; k < kCols; ++k) {
+        totals[r][k] = _mm256_fmadd_ps(offsets[k], sums, totals[r][k]);
+      }
+    }
+  }
+}
+
 // kRows rows against kCols columns from n: sum over chunks and runs of the integer sums times
-// the run's weight scale times its x scale.
+// the run's weight scale times its x scale, plus the offsets' terms.
 template <int kVectors, int64_t kRows, int64_t kCols>
 inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
                          const ChunkGroups* groups, int64_t row, int64_t n,
@@ -805,6 +861,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
     chunk(c, false);
   }
   if (half_last) chunk(whole, true);
+  if (w.offsets != nullptr) add_offset_terms(w.groups(), tile, totals);
   for (int64_t r = 0; r < kRows; ++r) {
     for (int64_t k = 0; k < kCols; ++k) dots[r][k] = horizontal_sum(totals[r][k]);
   }
@@ -851,6 +908,15 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
       }
     }
   }
+  if (w.offsets == nullptr) return;
+  const TileOperands<kRows, kCols> tile(w, x, row, n);
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t k = 0; k < kCols; ++k) {
+      for (int64_t g = 0; g < w.groups(); ++g) {
+        dots[r][k] = std::fma(tile.offsets[k][g], tile.group_sums[r][g], dots[r][k]);
+      }
+    }
+  }
 }
 #endif
 
@@ -864,87 +930,15 @@ struct IntegerCall {
   const float* bias;
 };
 
-// Rows from which a block's offsets are transposed for the offsets' terms (see ColumnBlock);
-// fewer rows gather them.
-constexpr int64_t kTransposeMinRows = 4;
-
-// A thread's block of columns [first, first + columns) and what it finishes them with: the rows'
-// dots of the current pass and, with many rows, the block's offsets transposed to
-// [groups][columns]. The offsets' terms of a row are then sums along the groups computed for all
-// the block's columns at once, rather than a dot product per output (which took a third of a
-// call); each is an FMA per group in group order, so the layout read does not change a bit.
+// A thread's block of columns [first, first + columns) and the dots of the rows of the current
+// pass, which are finished (bias, conversion to y's dtype) for all the block's columns at once.
 struct ColumnBlock {
   int64_t first = 0, columns = 0;
-  std::vector<float> dots;        // [kRowsPerPass][columns]
-  std::vector<float> transposed;  // [groups][columns]; empty: read the weight's offsets.
-  std::vector<float> terms;       // [columns]
+  std::vector<float> dots;  // [kRowsPerPass][columns]
 
-  ColumnBlock(int64_t first, int64_t columns, const QuantizedMatrix& w, int64_t row_count)
-      : first(first), columns(columns), dots(kRowsPerPass * columns), terms(columns) {
-    if (w.offsets == nullptr || row_count < kTransposeMinRows) return;
-    transposed.resize(w.groups() * columns);
-    for (int64_t c = 0; c < columns; ++c) {
-      const float* column = w.offsets + (first + c) * w.groups();
-      for (int64_t g = 0; g < w.groups(); ++g) transposed[g * columns + c] = column[g];
-    }
-  }
+  ColumnBlock(int64_t first, int64_t columns)
+      : first(first), columns(columns), dots(kRowsPerPass * columns) {}
 };
-
-// terms[c] = sum_g group_sums[g] * offset[first + c][g], an FMA per group in order, from the
-// block's transposed offsets.
-inline void transposed_offset_terms(const ColumnBlock& block, int64_t groups,
-                                    const float* group_sums, float* terms) {
-  std::fill(terms, terms + block.columns, 0.f);
-  for (int64_t g = 0; g < groups; ++g) {
-    const float sum = group_sums[g];
-    const float* offsets = block.transposed.data() + g * block.columns;
-#pragma omp simd
-    for (int64_t c = 0; c < block.columns; ++c) terms[c] = std::fma(sum, offsets[c], terms[c]);
-  }
-}
-
-// The same sums, the offsets gathered from the weight's [columns][groups].
-inline void gathered_offset_terms(const QuantizedMatrix& w, const ColumnBlock& block,
-                                  const float* group_sums, float* terms) {
-  const int64_t groups = w.groups();
-  const float* offsets = w.offsets + block.first * groups;
-  int64_t c = 0;
-#if defined(__AVX512F__)
-  const __m512i index = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(groups)));
-  for (; c < block.columns; c += 16) {
-    const int64_t count = std::min<int64_t>(16, block.columns - c);
-    const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
-    __m512 sums = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512 column_offsets = _mm512_mask_i32gather_ps(
-          _mm512_setzero_ps(), mask, index, offsets + c * groups + g, sizeof(float));
-      sums = _mm512_fmadd_ps(_mm512_set1_ps(group_sums[g]), column_offsets, sums);
-    }
-    _mm512_mask_storeu_ps(terms + c, mask, sums);
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                           _mm256_set1_epi32(static_cast<int32_t>(groups)));
-  for (; c + 8 <= block.columns; c += 8) {
-    __m256 sums = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m256 column_offsets =
-          _mm256_i32gather_ps(offsets + c * groups + g, index, sizeof(float));
-      sums = _mm256_fmadd_ps(_mm256_set1_ps(group_sums[g]), column_offsets, sums);
-    }
-    _mm256_storeu_ps(terms + c, sums);
-  }
-#endif
-  for (; c < block.columns; ++c) {
-    float sum = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      sum = std::fma(group_sums[g], offsets[c * groups + g], sum);
-    }
-    terms[c] = sum;
-  }
-}
 
 // Rows [row, row + kRows) against columns [n, n + kCols): their dots, into the block's.
 template <int kVectors, int64_t kRows, int64_t kCols, typename Out>
@@ -958,30 +952,17 @@ inline void integer_tile(const IntegerCall<Out>& call, ColumnBlock& block, int64
   }
 }
 
-// y of rows [row, row + count) in the block: dot + bias + sum_g offset * x's group sum, each
-// output's terms in the same order whatever the rows and columns.
+// y of rows [row, row + count) in the block: dot + bias.
 template <typename Out>
-void finish_rows(const IntegerCall<Out>& call, ColumnBlock& block, int64_t row, int64_t count) {
-  const QuantizedMatrix& w = call.w;
-  const int64_t columns = block.columns;
-  float* terms = block.terms.data();
+void finish_rows(const IntegerCall<Out>& call, const ColumnBlock& block, int64_t row,
+                 int64_t count) {
+  const float* bias = call.bias != nullptr ? call.bias + block.first : nullptr;
   for (int64_t r = 0; r < count; ++r) {
-    const float* dots = block.dots.data() + r * columns;
-    if (w.offsets == nullptr) {
-      std::fill(terms, terms + columns, 0.f);
-    } else {
-      const float* group_sums = call.block.group_sums + (row + r) * call.block.groups;
-      if (block.transposed.empty()) {
-        gathered_offset_terms(w, block, group_sums, terms);
-      } else {
-        transposed_offset_terms(block, w.groups(), group_sums, terms);
-      }
-    }
-    const float* bias = call.bias != nullptr ? call.bias + block.first : nullptr;
+    const float* dots = block.dots.data() + r * block.columns;
     Out* y = call.block.y + (row + r) * call.block.out_features + block.first;
 #pragma omp simd
-    for (int64_t c = 0; c < columns; ++c) {
-      y[c] = from_float<Out>(dots[c] + (bias != nullptr ? bias[c] : 0.f) + terms[c]);
+    for (int64_t c = 0; c < block.columns; ++c) {
+      y[c] = from_float<Out>(dots[c] + (bias != nullptr ? bias[c] : 0.f));
     }
   }
 }
@@ -1014,7 +995,9 @@ inline int64_t integer_block_columns(const QuantizedMatrix& w) {
 template <typename Out>
 void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_count,
                       const RowBlock<Out>& block, const float* bias) {
-  const IntegerRows rows = round_rows(w, x, row_count);
+  IntegerRows rows = round_rows(w, x, row_count);
+  rows.group_sums = block.group_sums;
+  rows.groups = block.groups;
   const std::vector<ChunkGroups> groups = chunk_groups(w, rows);
   const IntegerCall<Out> call{w, rows, groups.data(), block, bias};
   const auto multiply_all = [&](auto vectors) {
@@ -1022,7 +1005,7 @@ void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_coun
     const int64_t block_columns = integer_block_columns(w);
     at::parallel_for(0, block.out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
       for (int64_t first = begin; first < end; first += block_columns) {
-        ColumnBlock column_block(first, std::min(block_columns, end - first), w, row_count);
+        ColumnBlock column_block(first, std::min(block_columns, end - first));
         for (int64_t row = 0; row < row_count; row += kRowsPerPass) {
           integer_pass<kVectors>(call, column_block, row, std::min(kRowsPerPass, row_count - row));
         }
