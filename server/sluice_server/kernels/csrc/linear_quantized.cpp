@@ -556,15 +556,28 @@ struct IntegerRows {
 };
 
 // One run's scale: its largest magnitude / 32767 (NaN if it holds a NaN or infinity, which then
-// reaches the output as the float32 path's would).
+// reaches the output as the float32 path's would). Both loops vectorize: a NaN or infinity
+// makes its product by zero NaN.
 inline float run_scale(const float* x, int64_t count) {
   float largest = 0.f;
-  bool finite = true;
+  float poison = 0.f;
+#pragma omp simd reduction(max : largest) reduction(+ : poison)
   for (int64_t i = 0; i < count; ++i) {
     largest = std::max(largest, std::fabs(x[i]));
-    finite = finite && std::isfinite(x[i]);
+    poison += x[i] * 0.f;
   }
-  return finite ? largest / kInt16Max : std::numeric_limits<float>::quiet_NaN();
+  return poison == 0.f ? largest / kInt16Max : std::numeric_limits<float>::quiet_NaN();
+}
+
+// x[0 .. count) times `inverse`, rounded to int16 (saturating), into out; zeros up to `length`.
+inline void round_run(const float* x, int64_t count, float inverse, int64_t length,
+                      int16_t* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const float rounded = std::nearbyint(x[i] * inverse);
+    out[i] = static_cast<int16_t>(std::min(std::max(rounded, -kInt16Max), kInt16Max));
+  }
+  std::fill(out + count, out + length, int16_t{0});
 }
 
 IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_count) {
@@ -579,28 +592,25 @@ IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_cou
   for (int64_t v = 0; v < layout.vectors; ++v) {
     for (int64_t j = 0; j < kChunkLanes; ++j) source[v * kChunkLanes + j] = layout.dim(v, j);
   }
+  const int64_t run_dims = layout.run_dims();
   at::parallel_for(0, row_count, grain_for(w.in_features), [&](int64_t begin, int64_t end) {
-    std::vector<float> chunk(layout.dims());
+    // A chunk's values rounded, in dimension order.
+    std::vector<int16_t> rounded(layout.dims());
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t c = 0; c < rows.chunks; ++c) {
         const int64_t first = c * layout.dims();
-        const int64_t count = std::min(layout.dims(), w.in_features - first);
-        std::fill(chunk.begin(), chunk.end(), 0.f);
-        std::copy(x + r * w.in_features + first, x + r * w.in_features + first + count,
-                  chunk.begin());
         float* scales = rows.scales.data() + (r * rows.chunks + c) * kSumsPerChunk;
-        float inverse[kRunsPerChunk];
         for (int64_t run = 0; run < kRunsPerChunk; ++run) {
-          const float scale = run_scale(chunk.data() + run * layout.run_dims(), layout.run_dims());
+          const int64_t start = first + run * run_dims;
+          const int64_t count = std::clamp<int64_t>(w.in_features - start, 0, run_dims);
+          const float* values = x + r * w.in_features + start;
+          const float scale = count > 0 ? run_scale(values, count) : 0.f;
           std::fill(scales + kSumsPerRun * run, scales + kSumsPerRun * (run + 1), scale);
-          inverse[run] = scale > 0.f ? 1.f / scale : 0.f;
+          round_run(values, count, scale > 0.f ? 1.f / scale : 0.f, run_dims,
+                    rounded.data() + run * run_dims);
         }
-        int16_t* values = rows.values.data() + r * rows.dims_per_row + first;
-        for (int64_t i = 0; i < layout.dims(); ++i) {
-          const int64_t d = source[i];
-          const float rounded = std::nearbyint(chunk[d] * inverse[d / layout.run_dims()]);
-          values[i] = static_cast<int16_t>(std::min(std::max(rounded, -kInt16Max), kInt16Max));
-        }
+        int16_t* lanes = rows.values.data() + r * rows.dims_per_row + first;
+        for (int64_t i = 0; i < layout.dims(); ++i) lanes[i] = rounded[source[i]];
       }
     }
   });
