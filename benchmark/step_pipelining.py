@@ -1,12 +1,12 @@
-"""What overlapped steps could gain: a real shard's Step calls sent one after another, as the
-router sends them today, against two in flight (the next call sent while the shard runs the
-current one, as an overlapping router would).
+"""What the way steps reach a shard costs: a real shard's steps sent one Step call after another,
+two calls in flight (the next call sent while the shard runs the current one, as an overlapping
+router would), and one after another over a `Steps` stream (as the router sends them).
 
 Starts `sluice-server serve` on a unix socket, admits `--batch` sequences of `--prompt-tokens`
 tokens, then times decode steps of all of them, the two ways alternating round after round in
 one run. Reports per way the wall time per step, the shard's own time per step (`total_ns`,
-from the Step's answer) and the gap between them; and the round trip of an empty Step, the
-fixed cost of a call. Both ways send the same decode step, so the order the shard runs them in
+from the step's answer) and the gap between them; and the round trip of an empty step, by call
+and over a stream: the fixed cost of a step. Both ways send the same decode step, so the order the shard runs them in
 does not change the work.
 
     python benchmark/step_pipelining.py --batch 1 8
@@ -40,7 +40,7 @@ async def admit(
     stub: pb_grpc.TextGenerationServiceStub, batch: int, args: argparse.Namespace
 ) -> None:
     """`batch` sequences with blocks for every step the run will take."""
-    max_new = 2 * args.rounds * args.steps + 8
+    max_new = len(WAYS) * args.rounds * args.steps + 8
     await stub.Warmup(
         pb.WarmupRequest(
             max_prefill_tokens=max(args.prompt_tokens, 64),
@@ -79,6 +79,21 @@ async def two_in_flight(
     return (time.perf_counter() - start) / steps * 1e3, shard_ns / steps / 1e6
 
 
+async def over_a_stream(
+    stub: pb_grpc.TextGenerationServiceStub, step: pb.StepRequest, steps: int
+) -> tuple[float, float]:
+    """The same, one step at a time over one `Steps` stream."""
+    stream = stub.Steps()
+    shard_ns = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        await stream.write(step)
+        shard_ns += (await stream.read()).total_ns
+    elapsed = time.perf_counter() - start
+    await stream.done_writing()
+    return elapsed / steps * 1e3, shard_ns / steps / 1e6
+
+
 async def empty_round_trip_ms(stub: pb_grpc.TextGenerationServiceStub, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -86,15 +101,25 @@ async def empty_round_trip_ms(stub: pb_grpc.TextGenerationServiceStub, calls: in
     return (time.perf_counter() - start) / calls * 1e3
 
 
+async def empty_stream_round_trip_ms(stub: pb_grpc.TextGenerationServiceStub, steps: int) -> float:
+    return (await over_a_stream(stub, pb.StepRequest(), steps))[0]
+
+
+WAYS = {
+    "one at a time": one_at_a_time,
+    "two in flight": two_in_flight,
+    "over a stream": over_a_stream,
+}
+
+
 async def measure(socket: Path, batch: int, args: argparse.Namespace) -> dict[str, object]:
     async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
         stub = pb_grpc.TextGenerationServiceStub(channel)
         await admit(stub, batch, args)
         decode = decode_step(batch)
-        ways = {"one at a time": one_at_a_time, "two in flight": two_in_flight}
-        timings: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+        timings: dict[str, list[tuple[float, float]]] = {name: [] for name in WAYS}
         for round_index in range(args.rounds):
-            order = list(ways.items())[:: -1 if round_index % 2 else 1]
+            order = list(WAYS.items())[:: -1 if round_index % 2 else 1]
             for name, way in order:
                 timings[name].append(await way(stub, decode, args.steps))
         result: dict[str, object] = {"batch": batch}
@@ -108,6 +133,9 @@ async def measure(socket: Path, batch: int, args: argparse.Namespace) -> dict[st
                 "rounds_ms_per_step": [round(r[0], 2) for r in rounds],
             }
         result["empty_step_round_trip_ms"] = round(await empty_round_trip_ms(stub, 300), 3)
+        result["empty_step_round_trip_ms_stream"] = round(
+            await empty_stream_round_trip_ms(stub, 300), 3
+        )
         # The next batch starts from an empty shard.
         await stub.ClearCache(pb.ClearCacheRequest())
         return result

@@ -13,7 +13,7 @@ pub use address::ShardAddress;
 pub use shard::ShardClient;
 pub use sharded::ShardedClient;
 
-/// W3C trace context (`traceparent`, `tracestate`) for a call's gRPC metadata, so that the
+/// W3C trace context (`traceparent`, `tracestate`) for a step's `trace_context`, so that the
 /// shard's spans join the router's trace. Empty when nothing is traced.
 pub type TraceHeaders = std::collections::HashMap<String, String>;
 
@@ -28,6 +28,8 @@ pub enum ClientError {
     Rpc(#[from] tonic::Status),
     #[error("no shard to talk to")]
     NoShards,
+    #[error("the shard ended its step stream without answering the step")]
+    StepStreamEnded,
 }
 
 impl ClientError {

@@ -1,8 +1,9 @@
 """OpenTelemetry tracing of the shard: a tracer that exports spans over OTLP/gRPC when given an
 endpoint, and a no-op one otherwise (spans are then never recorded, so serving pays nothing).
 
-The router sends each call's W3C trace context in the gRPC metadata (`traceparent`,
-`tracestate`); `parent_context` turns it into the parent of the shard's spans.
+The router sends each step's W3C trace context (`traceparent`, `tracestate`) in the
+StepRequest's `trace_context`, and a call's in its gRPC metadata; `parent_context` turns either
+into the parent of the shard's spans.
 """
 
 from collections.abc import Callable, Iterable
@@ -45,7 +46,7 @@ def setup_tracing(endpoint: str | None, service_name: str, rank: int) -> Tracing
 
 
 def parent_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context:
-    """The trace context a call's gRPC metadata carries; an empty context (the span starts a
-    trace of its own) when it carries none."""
+    """The trace context in `metadata` (a call's gRPC metadata, or a step's `trace_context`
+    items); an empty context (the span starts a trace of its own) when it holds none."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     return TraceContextTextMapPropagator().extract(carrier)

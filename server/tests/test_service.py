@@ -121,6 +121,57 @@ def test_service_over_unix_socket(tmp_path: Path, tiny_loaded: LoadedModel) -> N
     asyncio.run(scenario())
 
 
+def test_steps_stream_answers_in_order_and_ends_with_a_failed_steps_status(
+    tmp_path: Path, tiny_loaded: LoadedModel
+) -> None:
+    executor = StepExecutor(tiny_loaded, block_size=4, kv_cache_bytes=2**20)
+    servicer = TextGenerationServicer(executor)
+    decode = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1)])
+
+    async def scenario() -> None:
+        async with serving(servicer, tmp_path / "shard.sock") as stub:
+            # Before Warmup the first step fails, and with it the stream.
+            stream = stub.Steps()
+            await stream.write(first_step(0))
+            await expect_error(stream.read(), grpc.StatusCode.FAILED_PRECONDITION)
+
+            await stub.Warmup(WARMUP)
+            stream = stub.Steps()
+            await stream.write(first_step(0))
+            prompt = await stream.read()
+            tokens = []
+            for _ in range(3):
+                await stream.write(decode)
+                answer = await stream.read()
+                tokens.append(answer.generations[0].token_id)
+            # The same tokens as one call per step, on a second request with the same prompt.
+            second = first_step(1)
+            second.scheduled[0].new_blocks[:] = [2, 3]
+            await stream.write(second)
+            assert (await stream.read()).generations[0].token_id == prompt.generations[0].token_id
+            for token in tokens:
+                one_step = pb.StepRequest(scheduled=[pb.ScheduledRequest(id=1, num_tokens=1)])
+                assert (await stub.Step(one_step)).generations[0].token_id == token
+
+            # A rejected step ends the stream with Step's status; the shard's state is unchanged
+            # and a new stream goes on.
+            await stream.write(
+                pb.StepRequest(scheduled=[pb.ScheduledRequest(id=7, num_tokens=1)])
+            )
+            details = await expect_error(stream.read(), grpc.StatusCode.INVALID_ARGUMENT)
+            assert details == "scheduled request 7: unknown id"
+            stream = stub.Steps()
+            # Request 0's ninth token starts its third block.
+            await stream.write(
+                pb.StepRequest(scheduled=[pb.ScheduledRequest(id=0, num_tokens=1, new_blocks=[4])])
+            )
+            assert [g.id for g in (await stream.read()).generations] == [0]
+            await stream.done_writing()
+            assert await stream.read() == grpc.aio.EOF
+
+    asyncio.run(scenario())
+
+
 def run_cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sluice_server", *args],

@@ -1,5 +1,5 @@
-"""OpenTelemetry traces from the shard, received by a real OTLP/gRPC collector: a Step continues
-the trace its metadata carries, and nothing is exported without --otlp-endpoint."""
+"""OpenTelemetry traces from the shard, received by a real OTLP/gRPC collector: a step continues
+the trace its request carries, and nothing is exported without --otlp-endpoint."""
 
 import asyncio
 import importlib.util
@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.trace import SpanKind
 from sluice_server.engine.step import StepExecutor
 from sluice_server.models.loader import LoadedModel
+from sluice_server.pb import generate_pb2 as pb
 from sluice_server.pb import generate_pb2_grpc as pb_grpc
 from sluice_server.service import TextGenerationServicer
 from sluice_server.tracing import setup_tracing
@@ -23,7 +24,13 @@ from test_service import SERVER_SOURCE_DIR, WARMUP, first_step, serving, wait_un
 # What the router's span would send: its trace, its span, sampled.
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 ROUTER_SPAN_ID = "00f067aa0ba902b7"
-TRACE_METADATA = (("traceparent", f"00-{TRACE_ID}-{ROUTER_SPAN_ID}-01"),)
+TRACE_CONTEXT = {"traceparent": f"00-{TRACE_ID}-{ROUTER_SPAN_ID}-01"}
+
+
+def with_trace_context(step: pb.StepRequest) -> pb.StepRequest:
+    """`step` carrying the router's trace context, as the router sends it."""
+    step.trace_context.update(TRACE_CONTEXT)
+    return step
 
 
 def _load_receiver() -> ModuleType:
@@ -72,7 +79,7 @@ def assert_step_tree(spans: list, trace_id: str, parent_span_id: str, service_na
     assert sample.start_ns < sample.end_ns <= step.end_ns
 
 
-def test_a_step_continues_the_trace_in_its_metadata(tmp_path: Path, tiny_loaded: LoadedModel):
+def test_a_step_continues_the_trace_in_its_request(tmp_path: Path, tiny_loaded: LoadedModel):
     socket_path = tmp_path / "shard.sock"
     with OtlpReceiver() as receiver:
         tracing = setup_tracing(receiver.endpoint, "shard-under-test", rank=0)
@@ -82,7 +89,11 @@ def test_a_step_continues_the_trace_in_its_metadata(tmp_path: Path, tiny_loaded:
         async def scenario() -> None:
             async with serving(servicer, socket_path) as stub:
                 await stub.Warmup(WARMUP)
-                await stub.Step(first_step(0), metadata=TRACE_METADATA)
+                # Over the stream, as the router sends steps.
+                steps = stub.Steps()
+                await steps.write(with_trace_context(first_step(0)))
+                await steps.read()
+                await steps.done_writing()
                 # Without trace context: a trace of the shard's own.
                 await stub.Step(first_step(1))
 
@@ -144,7 +155,7 @@ def test_serve_exports_spans_only_when_given_an_endpoint(
             with grpc.insecure_channel(f"unix://{socket_path}") as channel:
                 stub = pb_grpc.TextGenerationServiceStub(channel)
                 stub.Warmup(WARMUP)
-                response = stub.Step(first_step(0), metadata=TRACE_METADATA)
+                response = stub.Step(with_trace_context(first_step(0)))
                 assert [generation.id for generation in response.generations] == [0]
             process.send_signal(signal.SIGTERM)
             _stdout, stderr = process.communicate(timeout=30)
@@ -171,7 +182,7 @@ def test_a_failed_step_is_recorded_on_its_span(tmp_path: Path, tiny_loaded: Load
             async with serving(servicer, socket_path) as stub:
                 with pytest.raises(grpc.aio.AioRpcError):
                     # Before Warmup.
-                    await stub.Step(first_step(0), metadata=TRACE_METADATA)
+                    await stub.Step(with_trace_context(first_step(0)))
 
         asyncio.run(scenario())
         tracing.shutdown()

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\tsluice.v1\"\r\n\x0bInfoRequest\"\xb1\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x1f\n\x17max_position_embeddings\x18\x07 \x01(\rJ\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\nblock_sizeR\nworld_size\"\x0f\n\rHealthRequest\"#\n\x0eHealthResponse\x12\x11\n\twarmed_up\x18\x01 \x01(\x08\"q\n\rWarmupRequest\x12\x1a\n\x12max_prefill_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\xdb\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\tdo_sample\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x11\n\ttypical_p\x18\x07 \x01(\x02\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\"\xde\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.sluice.v1.SamplingParameters\x12\x12\n\nprompt_len\x18\x07 \x01(\r\x12\x14\n\x0ctop_n_tokens\x18\x08 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07R\x10generated_beforeR\x08stopping\"F\n\x10ScheduledRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nnew_blocks\x18\x03 \x03(\r\"|\n\x0bStepRequest\x12\x10\n\x08\x66ree_ids\x18\x01 \x03(\x04\x12+\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x15.sluice.v1.NewRequest\x12.\n\tscheduled\x18\x03 \x03(\x0b\x32\x1b.sluice.v1.ScheduledRequest\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"}\n\nGeneration\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\ntop_tokens\x18\x05 \x03(\x0b\x32\x17.sluice.v1.TokenLogprobJ\x04\x08\x04\x10\x05R\rfinish_reason\"=\n\x0ePromptLogprobs\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\x94\x01\n\x0cStepResponse\x12*\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x15.sluice.v1.Generation\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x10\n\x08total_ns\x18\x03 \x01(\x04\x12\x32\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x19.sluice.v1.PromptLogprobs\"\x13\n\x11\x43learCacheRequest\"\x14\n\x12\x43learCacheResponse2\xd2\x02\n\x15TextGenerationService\x12\x37\n\x04Info\x12\x16.sluice.v1.InfoRequest\x1a\x17.sluice.v1.InfoResponse\x12=\n\x06Health\x12\x18.sluice.v1.HealthRequest\x1a\x19.sluice.v1.HealthResponse\x12=\n\x06Warmup\x12\x18.sluice.v1.WarmupRequest\x1a\x19.sluice.v1.WarmupResponse\x12\x37\n\x04Step\x12\x16.sluice.v1.StepRequest\x1a\x17.sluice.v1.StepResponse\x12I\n\nClearCache\x12\x1c.sluice.v1.ClearCacheRequest\x1a\x1d.sluice.v1.ClearCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\tsluice.v1\"\r\n\x0bInfoRequest\"\xb1\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x1f\n\x17max_position_embeddings\x18\x07 \x01(\rJ\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\nblock_sizeR\nworld_size\"\x0f\n\rHealthRequest\"#\n\x0eHealthResponse\x12\x11\n\twarmed_up\x18\x01 \x01(\x08\"q\n\rWarmupRequest\x12\x1a\n\x12max_prefill_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"\xdb\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\tdo_sample\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x11\n\ttypical_p\x18\x07 \x01(\x02\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\"\xde\x01\n\nNewRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.sluice.v1.SamplingParameters\x12\x12\n\nprompt_len\x18\x07 \x01(\r\x12\x14\n\x0ctop_n_tokens\x18\x08 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07R\x10generated_beforeR\x08stopping\"F\n\x10ScheduledRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nnew_blocks\x18\x03 \x03(\r\"\xf2\x01\n\x0bStepRequest\x12\x10\n\x08\x66ree_ids\x18\x01 \x03(\x04\x12+\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x15.sluice.v1.NewRequest\x12.\n\tscheduled\x18\x03 \x03(\x0b\x32\x1b.sluice.v1.ScheduledRequest\x12?\n\rtrace_context\x18\x04 \x03(\x0b\x32(.sluice.v1.StepRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"}\n\nGeneration\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\ntop_tokens\x18\x05 \x03(\x0b\x32\x17.sluice.v1.TokenLogprobJ\x04\x08\x04\x10\x05R\rfinish_reason\"=\n\x0ePromptLogprobs\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\x94\x01\n\x0cStepResponse\x12*\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x15.sluice.v1.Generation\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x10\n\x08total_ns\x18\x03 \x01(\x04\x12\x32\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x19.sluice.v1.PromptLogprobs\"\x13\n\x11\x43learCacheRequest\"\x14\n\x12\x43learCacheResponse2\x90\x03\n\x15TextGenerationService\x12\x37\n\x04Info\x12\x16.sluice.v1.InfoRequest\x1a\x17.sluice.v1.InfoResponse\x12=\n\x06Health\x12\x18.sluice.v1.HealthRequest\x1a\x19.sluice.v1.HealthResponse\x12=\n\x06Warmup\x12\x18.sluice.v1.WarmupRequest\x1a\x19.sluice.v1.WarmupResponse\x12\x37\n\x04Step\x12\x16.sluice.v1.StepRequest\x1a\x17.sluice.v1.StepResponse\x12<\n\x05Steps\x12\x16.sluice.v1.StepRequest\x1a\x17.sluice.v1.StepResponse(\x01\x30\x01\x12I\n\nClearCache\x12\x1c.sluice.v1.ClearCacheRequest\x1a\x1d.sluice.v1.ClearCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_INFOREQUEST']._serialized_start=29
   _globals['_INFOREQUEST']._serialized_end=42
   _globals['_INFORESPONSE']._serialized_start=45
@@ -49,20 +51,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEWREQUEST']._serialized_end=896
   _globals['_SCHEDULEDREQUEST']._serialized_start=898
   _globals['_SCHEDULEDREQUEST']._serialized_end=968
-  _globals['_STEPREQUEST']._serialized_start=970
-  _globals['_STEPREQUEST']._serialized_end=1094
-  _globals['_TOKENLOGPROB']._serialized_start=1096
-  _globals['_TOKENLOGPROB']._serialized_end=1145
-  _globals['_GENERATION']._serialized_start=1147
-  _globals['_GENERATION']._serialized_end=1272
-  _globals['_PROMPTLOGPROBS']._serialized_start=1274
-  _globals['_PROMPTLOGPROBS']._serialized_end=1335
-  _globals['_STEPRESPONSE']._serialized_start=1338
-  _globals['_STEPRESPONSE']._serialized_end=1486
-  _globals['_CLEARCACHEREQUEST']._serialized_start=1488
-  _globals['_CLEARCACHEREQUEST']._serialized_end=1507
-  _globals['_CLEARCACHERESPONSE']._serialized_start=1509
-  _globals['_CLEARCACHERESPONSE']._serialized_end=1529
-  _globals['_TEXTGENERATIONSERVICE']._serialized_start=1532
-  _globals['_TEXTGENERATIONSERVICE']._serialized_end=1870
+  _globals['_STEPREQUEST']._serialized_start=971
+  _globals['_STEPREQUEST']._serialized_end=1213
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_start=1162
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_end=1213
+  _globals['_TOKENLOGPROB']._serialized_start=1215
+  _globals['_TOKENLOGPROB']._serialized_end=1264
+  _globals['_GENERATION']._serialized_start=1266
+  _globals['_GENERATION']._serialized_end=1391
+  _globals['_PROMPTLOGPROBS']._serialized_start=1393
+  _globals['_PROMPTLOGPROBS']._serialized_end=1454
+  _globals['_STEPRESPONSE']._serialized_start=1457
+  _globals['_STEPRESPONSE']._serialized_end=1605
+  _globals['_CLEARCACHEREQUEST']._serialized_start=1607
+  _globals['_CLEARCACHEREQUEST']._serialized_end=1626
+  _globals['_CLEARCACHERESPONSE']._serialized_start=1628
+  _globals['_CLEARCACHERESPONSE']._serialized_end=1648
+  _globals['_TEXTGENERATIONSERVICE']._serialized_start=1651
+  _globals['_TEXTGENERATIONSERVICE']._serialized_end=2051
 # @@protoc_insertion_point(module_scope)

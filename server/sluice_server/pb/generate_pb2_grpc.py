@@ -54,6 +54,11 @@ class TextGenerationServiceStub:
                 request_serializer=generate__pb2.StepRequest.SerializeToString,
                 response_deserializer=generate__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.Steps = channel.stream_stream(
+                '/sluice.v1.TextGenerationService/Steps',
+                request_serializer=generate__pb2.StepRequest.SerializeToString,
+                response_deserializer=generate__pb2.StepResponse.FromString,
+                _registered_method=True)
         self.ClearCache = channel.unary_unary(
                 '/sluice.v1.TextGenerationService/ClearCache',
                 request_serializer=generate__pb2.ClearCacheRequest.SerializeToString,
@@ -92,6 +97,16 @@ class TextGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Steps(self, request_iterator, context):
+        """Steps over one long-lived stream, as the router sends them: each request is run as Step runs
+        it and answered in order, and a call's fixed costs (a new HTTP/2 stream, its headers, the
+        servicer's dispatch) are paid once rather than per step. A step that fails ends the stream
+        with the status Step would have returned; the caller opens a new stream for the next one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ClearCache(self, request, context):
         """Forgets every request (the router sends it after a failed Step, whose effect on the shards'
         state is unknown). Fails with FAILED_PRECONDITION before Warmup, which tells the router that
@@ -121,6 +136,11 @@ def add_TextGenerationServiceServicer_to_server(servicer, server):
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
+                    request_deserializer=generate__pb2.StepRequest.FromString,
+                    response_serializer=generate__pb2.StepResponse.SerializeToString,
+            ),
+            'Steps': grpc.stream_stream_rpc_method_handler(
+                    servicer.Steps,
                     request_deserializer=generate__pb2.StepRequest.FromString,
                     response_serializer=generate__pb2.StepResponse.SerializeToString,
             ),
@@ -236,6 +256,33 @@ class TextGenerationService:
             request,
             target,
             '/sluice.v1.TextGenerationService/Step',
+            generate__pb2.StepRequest.SerializeToString,
+            generate__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Steps(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sluice.v1.TextGenerationService/Steps',
             generate__pb2.StepRequest.SerializeToString,
             generate__pb2.StepResponse.FromString,
             options,
