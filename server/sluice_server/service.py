@@ -13,13 +13,14 @@ device, a broken tensor-parallel group), until a step succeeds again, and on a G
 the device still runs work. A wedged step shows as a Health call that does not return. Its
 `warmed_up` stays false until the first Warmup.
 
-The router sends its steps over one `Steps` stream (a call per step cost the shard about half a
-millisecond more of gRPC work, on the thread that runs the forward); `Step` runs one step per
-call, the same way. Each step is traced as a span whose parent is the router's, from the
+The router sends its steps over one `Steps` stream (a call per step cost the shard about 0.7 ms
+more of gRPC work, on the thread that runs the forward); `Step` runs one step per call, the same
+way. Each step is traced as a span whose parent is the router's, from the
 request's `trace_context` (Warmup: from the call's metadata; tracing.py); the executor's
 `forward` and `sample` spans nest under it.
 """
 
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -115,7 +116,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
     ) -> AsyncIterator[pb.StepResponse]:
         # A failed step aborts the call (in _run), which ends the stream with its status.
         async for request in requests:
-            yield await self._run(context, lambda: self._step(request))
+            yield await self._run(context, functools.partial(self._step, request))
 
     def _parent(self, context: grpc.aio.ServicerContext) -> Context:
         """The router's span, from the call's metadata, when tracing."""

@@ -155,9 +155,7 @@ def test_steps_stream_answers_in_order_and_ends_with_a_failed_steps_status(
 
             # A rejected step ends the stream with Step's status; the shard's state is unchanged
             # and a new stream goes on.
-            await stream.write(
-                pb.StepRequest(scheduled=[pb.ScheduledRequest(id=7, num_tokens=1)])
-            )
+            await stream.write(pb.StepRequest(scheduled=[pb.ScheduledRequest(id=7, num_tokens=1)]))
             details = await expect_error(stream.read(), grpc.StatusCode.INVALID_ARGUMENT)
             assert details == "scheduled request 7: unknown id"
             stream = stub.Steps()
