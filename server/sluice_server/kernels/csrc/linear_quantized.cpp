@@ -670,7 +670,6 @@ struct TileOperands {
   }
 };
 
-
 #if defined(SLUICE_INTEGER_AVX512)
 // A chunk's vectors of codes; bytes past `valid` (in the last chunk) read as zeros.
 template <int kVectors>
@@ -710,7 +709,9 @@ inline void add_offset_terms(int64_t groups, const TileOperands<kRows, kCols>& t
     const __mmask16 valid = static_cast<__mmask16>(
         groups - g >= kLanes ? 0xffff : (1u << (groups - g)) - 1);
     __m512 offsets[kCols];
-    for (int64_t k = 0; k < kCols; ++k) offsets[k] = _mm512_maskz_loadu_ps(valid, tile.offsets[k] + g);
+    for (int64_t k = 0; k < kCols; ++k) {
+      offsets[k] = _mm512_maskz_loadu_ps(valid, tile.offsets[k] + g);
+    }
     for (int64_t r = 0; r < kRows; ++r) {
       const __m512 sums = _mm512_maskz_loadu_ps(valid, tile.group_sums[r] + g);
       for (int64_t k = 0; k < kCols; ++k) {
@@ -818,7 +819,9 @@ inline void add_offset_terms(int64_t groups, const TileOperands<kRows, kCols>& t
     const __m256i valid = _mm256_cmpgt_epi32(
         _mm256_set1_epi32(static_cast<int32_t>(std::min(kLanes, groups - g))), lane);
     __m256 offsets[kCols];
-    for (int64_t k = 0; k < kCols; ++k) offsets[k] = _mm256_maskload_ps(tile.offsets[k] + g, valid);
+    for (int64_t k = 0; k < kCols; ++k) {
+      offsets[k] = _mm256_maskload_ps(tile.offsets[k] + g, valid);
+    }
     for (int64_t r = 0; r < kRows; ++r) {
       const __m256 sums = _mm256_maskload_ps(tile.group_sums[r] + g, valid);
       for (int64_t k = 0; k < kCols; ++k) {
