@@ -12,7 +12,8 @@ AWQ, GPTQ and GGUF's Q4_1 hold them); activations are bfloat16.
     python benchmark/quantized_kernel.py --rows 1 4 32 128
 
 With `--against REV`, the quantized kernel as it was at that git revision is built and timed
-too, on the same weights ("uint4@REV", ...).
+too, on the same weights ("uint4@REV", ...). With `--prompt-rows`, each format is also timed
+with every row marked as a prompt's ("uint4 prompt", ...), the path a prompt's tokens take.
 """
 
 from __future__ import annotations
@@ -93,14 +94,19 @@ def kernels_at_revision(revision: str, work: Path) -> ModuleType:
     )
 
 
-def multiply(ops: object, x: torch.Tensor, weights: list) -> Callable[[], object]:
-    """A call of x against the next of `weights` (bfloat16 packed, or quantized)."""
+PROMPT = " prompt"
+
+
+def multiply(ops: CompiledCpuOps, x: torch.Tensor, weights: list, prompt: bool) -> Callable:
+    """A call of x against the next of `weights` (bfloat16 packed, or quantized; with `prompt`,
+    every row a prompt's)."""
     turn = iter(range(1 << 62))
+    every_row = torch.arange(x.shape[0])
 
     def call() -> object:
         weight = weights[next(turn) % len(weights)]
         if isinstance(weight, QuantizedWeight):
-            return ops.quantized_linear(x, weight, None)
+            return ops.quantized_linear(x, weight, None, every_row if prompt else None)
         return ops.packed_linear(x, weight)
 
     return call
@@ -110,10 +116,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32, 128])
     parser.add_argument("--against", help="also time the quantized kernel at this git revision")
+    parser.add_argument(
+        "--prompt-rows", action="store_true", help="also time each format on a prompt's rows"
+    )
     args = parser.parse_args()
     kernels = Kernels.compiled_cpu(Path.home() / ".cache" / "sluice" / "kernels")
     ops = kernels.ops
     implementations = {name: ops for name in ["bfloat16", *FORMATS]}
+    if args.prompt_rows:
+        implementations |= {name + PROMPT: ops for name in FORMATS}
     if args.against:
         work = Path(tempfile.mkdtemp(prefix="quantized-kernel-"))
         baseline = CompiledCpuOps(kernels_at_revision(args.against, work), CpuFeatures.detect())
@@ -131,7 +142,11 @@ def main() -> None:
         for shape, weights in layers.items()
     }
     for named in held.values():
-        named |= {name: named[name.split("@")[0]] for name in implementations if "@" in name}
+        named |= {
+            name: named[name.split("@")[0].removesuffix(PROMPT)]
+            for name in implementations
+            if name not in named
+        }
     for rows in args.rows:
         step_us = dict.fromkeys(implementations, 0.0)
         for shape in SHAPES:
@@ -139,7 +154,10 @@ def main() -> None:
             calls = max(LAYERS, min(300, int(3e9 / (rows * shape[0] * shape[1]))))
             for name, weights in held[shape].items():
                 step_us[name] += (
-                    time_us(multiply(implementations[name], x, weights), calls) * LAYERS
+                    time_us(
+                        multiply(implementations[name], x, weights, name.endswith(PROMPT)), calls
+                    )
+                    * LAYERS
                 )
         bf16 = step_us["bfloat16"]
         print(

@@ -87,6 +87,45 @@ def test_compiled_stack_matches_the_python_layers_quantized(
     assert_both_paths_agree(loaded)
 
 
+def test_quantized_prompt_rows_do_not_depend_on_the_step(
+    save_tiny_model, compiled_kernels: Kernels, tmp_path: Path
+) -> None:
+    # A prompt's rows take the quantized projections' bfloat16 path and decoded rows the integer
+    # one, so each row's kind, not the step's mix, decides its arithmetic.
+    source, _ = save_tiny_model("llama", tie_word_embeddings=False)
+    quantize_checkpoint(source, tmp_path, "awq")
+    loaded = load_model(tmp_path, torch.bfloat16, CPU, compiled_kernels)
+    assert isinstance(loaded.model.compiled_stack, CompiledStack)
+    prompt, other_prompt, other_table = TOKENS[:FIRST_CHUNK], TOKENS[FIRST_CHUNK:], [1, 3, 4]
+
+    def prompt_chunk(tokens: list[int], table: list[int], marked: bool = True) -> ForwardChunk:
+        return ForwardChunk(tokens, 0, table, True, prompt_tokens=len(tokens) if marked else 0)
+
+    def decode_chunk() -> ForwardChunk:
+        return ForwardChunk(other_prompt[-1:], len(other_prompt) - 1, other_table, True)
+
+    def logits(cache: list[LayerKVCache], chunks: list[ForwardChunk]) -> torch.Tensor:
+        return run_forward(loaded, cache, chunks).logits
+
+    alone_cache = fresh_cache(loaded)
+    prompt_alone = logits(alone_cache, [prompt_chunk(prompt, TABLE)])
+    logits(alone_cache, [prompt_chunk(other_prompt[:-1], other_table)])
+    decode_alone = logits(alone_cache, [decode_chunk()])
+
+    mixed_cache = fresh_cache(loaded)
+    logits(mixed_cache, [prompt_chunk(other_prompt[:-1], other_table)])
+    mixed = logits(mixed_cache, [prompt_chunk(prompt, TABLE), decode_chunk()])
+    assert torch.equal(mixed[0], prompt_alone[0])
+    assert torch.equal(mixed[1], decode_alone[0])
+    for ours, theirs in zip(alone_cache, mixed_cache, strict=True):
+        assert torch.equal(ours.key, theirs.key) and torch.equal(ours.value, theirs.value)
+    # Unmarked, the same prompt takes the integer path: different arithmetic, close logits.
+    unmarked = logits(fresh_cache(loaded), [prompt_chunk(prompt, TABLE, marked=False)])
+    if "avx2" in compiled_kernels.ops.kernels.compiled_isa():
+        assert not torch.equal(unmarked, prompt_alone)
+    torch.testing.assert_close(unmarked.float(), prompt_alone.float(), rtol=0.05, atol=0.05)
+
+
 def test_models_the_stack_cannot_run_stay_layer_by_layer(
     save_tiny_model, compiled_kernels: Kernels
 ) -> None:

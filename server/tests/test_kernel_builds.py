@@ -128,6 +128,7 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers() ->
         "matches_the_dequantized_weight",
         "rows_do_not_depend_on_the_batch",
         "refuses_mismatched_inputs",
+        "takes_prompt_rows_through_bfloat16_tiles",
     )
     tests = [
         str(here / "test_cpu_kernels.py"),

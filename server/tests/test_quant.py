@@ -110,23 +110,24 @@ def test_per_channel_scales_slice_at_any_block() -> None:
     assert torch.equal(part.dequantize(), weight.dequantize()[:, 32:96])
 
 
+# Each code format with and without offsets, groups of half a block to several blocks.
+GROUPINGS = [
+    (CodeFormat.UINT4, 32, True),
+    (CodeFormat.UINT4, 128, True),
+    (CodeFormat.UINT4, 64, False),
+    (CodeFormat.UINT4, 16, True),
+    (CodeFormat.INT8, 16, False),
+    (CodeFormat.INT8, 32, False),
+    (CodeFormat.INT8, 128, True),
+    (CodeFormat.FLOAT8_E4M3, 256, False),
+    (CodeFormat.FLOAT8_E4M3, 64, False),
+    (CodeFormat.LEVELS4, 64, False),
+    (CodeFormat.LEVELS4, 32, True),
+]
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
-@pytest.mark.parametrize(
-    ("code_format", "group_size", "offsets"),
-    [
-        (CodeFormat.UINT4, 32, True),
-        (CodeFormat.UINT4, 128, True),
-        (CodeFormat.UINT4, 64, False),
-        (CodeFormat.UINT4, 16, True),
-        (CodeFormat.INT8, 16, False),
-        (CodeFormat.INT8, 32, False),
-        (CodeFormat.INT8, 128, True),
-        (CodeFormat.FLOAT8_E4M3, 256, False),
-        (CodeFormat.FLOAT8_E4M3, 64, False),
-        (CodeFormat.LEVELS4, 64, False),
-        (CodeFormat.LEVELS4, 32, True),
-    ],
-)
+@pytest.mark.parametrize(("code_format", "group_size", "offsets"), GROUPINGS)
 def test_quantized_matmul_matches_the_dequantized_weight(
     built_kernels: Kernels, rows: int, code_format: CodeFormat, group_size: int, offsets: bool
 ) -> None:
@@ -176,6 +177,44 @@ def test_quantized_matmul_rows_do_not_depend_on_the_batch(
         assert torch.equal(alone[0], batched[row]), row
 
 
+@pytest.mark.parametrize(("code_format", "group_size", "offsets"), GROUPINGS)
+def test_quantized_matmul_takes_prompt_rows_through_bfloat16_tiles(
+    built_kernels: Kernels, code_format: CodeFormat, group_size: int, offsets: bool
+) -> None:
+    # 50 columns: a last tile of 18. Small groups allow a width that ends in a part of a chunk.
+    in_features = 224 if group_size <= 32 else 256
+    weight = random_weight(50, in_features, code_format, group_size, offsets)
+    x = torch.randn(11, in_features, generator=torch.Generator().manual_seed(7)).bfloat16()
+    bias = torch.randn(50)
+    prompt = torch.tensor([9, 0, 1, 2, 5, 6, 7, 8])
+    others = torch.tensor([3, 4, 10])
+    y = built_kernels.ops.quantized_linear(x, weight, bias, prompt)
+    decoded = built_kernels.ops.quantized_linear(x, weight, bias)
+    # The other rows are computed as without prompt rows, to the bit.
+    assert torch.equal(y[others], decoded[others])
+    kernels = built_kernels.ops.kernels
+    if "avx2" not in kernels.compiled_isa():
+        # No bfloat16 matmul in this build: every row takes the paths for decoding.
+        assert torch.equal(y, decoded)
+        return
+    # Prompt rows: linear_bf16's product with the weight rounded to bfloat16, to the bit.
+    packed = kernels.pack_linear_bf16(weight.dequantize(torch.bfloat16))
+    padded_bias = torch.cat([bias, torch.zeros(packed.shape[0] * 32 - 50)])
+    assert torch.equal(y[prompt], kernels.linear_bf16(x[prompt], packed, padded_bias, 50))
+    # A prompt row alone, or with other rows, prompt or not, has the same bits.
+    for row in prompt.tolist():
+        alone = built_kernels.ops.quantized_linear(
+            x[row : row + 1], weight, bias, torch.tensor([0])
+        )
+        assert torch.equal(alone[0], y[row]), row
+    # float32 activations keep the paths for decoding on every row.
+    x32 = x.float()
+    assert torch.equal(
+        built_kernels.ops.quantized_linear(x32, weight, bias, prompt),
+        built_kernels.ops.quantized_linear(x32, weight, bias),
+    )
+
+
 def test_quantized_matmul_refuses_mismatched_inputs(built_kernels: Kernels) -> None:
     weight = random_weight(8, 64, CodeFormat.UINT4, group_size=32, offsets=True)
     kernels = built_kernels.ops.kernels
@@ -189,6 +228,12 @@ def test_quantized_matmul_refuses_mismatched_inputs(built_kernels: Kernels) -> N
         kernels.linear_quantized(torch.randn(2, 64), weight.codes, weight.scales, None, None, 7, 32)
     with pytest.raises(RuntimeError, match="levels are given with"):
         kernels.linear_quantized(torch.randn(2, 64), weight.codes, weight.scales, None, None, 3, 32)
+    x = torch.randn(3, 64).bfloat16()
+    for rows in ([0, 3], [1, 1], [-1]):
+        with pytest.raises(RuntimeError, match="prompt_rows lists row"):
+            built_kernels.ops.quantized_linear(x, weight, None, torch.tensor(rows))
+    with pytest.raises(RuntimeError, match="prompt_rows must be int64"):
+        built_kernels.ops.quantized_linear(x, weight, None, torch.tensor([0.0]))
     with pytest.raises(RuntimeError, match="levels must be"):
         kernels.linear_quantized(
             torch.randn(2, 64), weight.codes, weight.scales, None, None, 3, 32, torch.ones(8)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from sluice_server.engine.contract import InvalidRequestError
 from sluice_server.engine.kv_cache import KVCacheSpec
+from sluice_server.engine.request import Request
 from sluice_server.engine.step import NotWarmedUpError, StepExecutor
 from sluice_server.models.loader import LoadedModel
 from sluice_server.pb import generate_pb2 as pb
@@ -290,6 +291,16 @@ def test_preempted_request_resumes_where_it_stopped(
         max_new_tokens=12 - len(before),
     )
     assert before + router.run()[0] == uninterrupted
+
+
+def test_a_chunk_knows_which_of_its_tokens_are_the_prompts() -> None:
+    # A resumed request's generated tokens run again as part of a chunk, but not as prompt.
+    request = Request.from_proto(new_request(0, PROMPTS[0] + [7, 8], prompt_len=5))
+    assert request.prompt_tokens_in(3) == 3
+    request.num_computed = 4
+    assert request.prompt_tokens_in(3) == 1
+    request.num_computed = 5
+    assert request.prompt_tokens_in(2) == 0
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny_loaded) -> None:

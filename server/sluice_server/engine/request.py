@@ -50,6 +50,11 @@ class Request:
             prompt_logprobs=new.prompt_logprobs,
         )
 
+    def prompt_tokens_in(self, num_tokens: int) -> int:
+        """How many of the next `num_tokens` positions hold prompt tokens (the rest hold
+        generated ones: decoding, or recomputing them after a preemption)."""
+        return max(0, min(num_tokens, self.prompt_len - self.num_computed))
+
     def prompt_tokens_scored_by(self, num_tokens: int) -> int:
         """How many prompt tokens the next `num_tokens` computed positions score: position p
         predicts token p + 1, and only tokens inside the prompt are scored."""

@@ -39,13 +39,14 @@ class NotWarmedUpError(RuntimeError):
 class ForwardChunk:
     """Tokens of one sequence to run through the model, and which of them need logits: the last
     one to sample from (`needs_logits`), and the first `scored` ones to score the prompt tokens
-    after them."""
+    after them. The first `prompt_tokens` are the prompt's (the rest were generated)."""
 
     token_ids: Sequence[int]
     cache_len: int
     block_table: Sequence[int]
     needs_logits: bool
     scored: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ def run_forward(
     positions: list[int] = []
     logits_rows: list[int] = []
     scoring_rows: list[int] = []
+    prompt_rows: list[int] = []
     for chunk in chunks:
         scoring_rows.extend(range(len(input_ids), len(input_ids) + chunk.scored))
+        prompt_rows.extend(range(len(input_ids), len(input_ids) + chunk.prompt_tokens))
         input_ids.extend(chunk.token_ids)
         positions.extend(range(chunk.cache_len, chunk.cache_len + len(chunk.token_ids)))
         if chunk.needs_logits:
@@ -91,6 +94,7 @@ def run_forward(
             metadata,
             kv_cache,
             torch.tensor(logits_rows + scoring_rows, dtype=torch.long, device=device),
+            torch.tensor(prompt_rows, dtype=torch.long, device=device) if prompt_rows else None,
         )
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # Kernels run asynchronously; time them to completion.
@@ -184,6 +188,7 @@ class StepExecutor:
             # Every position scored too: a prompt_logprobs request's LM head covers its whole
             # chunk, the most logits one step can produce.
             scored=max_prefill_tokens - 1,
+            prompt_tokens=max_prefill_tokens,
         )
         result = run_forward(self.loaded, temporary_cache, [chunk])
         # Every sampling feature on, so that the sampled path is exercised too.
@@ -278,6 +283,7 @@ class StepExecutor:
                 block_table=request.block_table,
                 needs_logits=request.num_computed + num_tokens == len(request.token_ids),
                 scored=request.prompt_tokens_scored_by(num_tokens),
+                prompt_tokens=request.prompt_tokens_in(num_tokens),
             )
             for request, num_tokens in scheduled
         ]

@@ -77,10 +77,15 @@ class Ops:
         return torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
 
     def quantized_linear(
-        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        prompt_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x W^T + b for a quantized W: here by dequantizing W on every call, which is correct
-        on any device but slow; the compiled ops multiply by the codes directly."""
+        on any device but slow; the compiled ops multiply by the codes directly, and the rows in
+        `prompt_rows` (a prompt's tokens) by W dequantized to bfloat16 (linear_quantized.cpp)."""
         return F.linear(x, weight.dequantize(x.dtype), bias)
 
     def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,12 +171,19 @@ class CompiledCpuOps(Ops):
         return super().packed_linear(x, packed)
 
     def quantized_linear(
-        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        prompt_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().quantized_linear(x, weight, bias)
         if weight.input_order is not None:
             x = x.index_select(-1, weight.input_order)
+        # Passed only when given: the kernels of revisions before prompt rows, which
+        # benchmark/quantized_kernel.py --against builds, do not take it.
+        prompt = {} if prompt_rows is None else {"prompt_rows": prompt_rows}
         return self.kernels.linear_quantized(
             x,
             weight.codes,
@@ -181,6 +193,7 @@ class CompiledCpuOps(Ops):
             int(weight.code_format),
             weight.group_size,
             weight.levels,
+            **prompt,
         )
 
     def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

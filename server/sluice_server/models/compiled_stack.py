@@ -43,6 +43,7 @@ class CompiledStack:
         rope_tables: RopeTables,
         kv_cache: Sequence[LayerKVCache],
         metadata: AttentionMetadata,
+        prompt_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert isinstance(metadata, CompiledCpuAttentionMetadata)
         cos, sin = rope_tables[DEFAULT_ROPE]
@@ -53,6 +54,7 @@ class CompiledStack:
             metadata.block_tables,
             metadata.cache_lens,
             metadata.query_starts,
+            prompt_rows,
         )
         keys = [cache.key for cache in kv_cache]
         values = [cache.value for cache in kv_cache]

@@ -25,9 +25,10 @@ RopeTables = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_ROPE = "default"
 
 # The layer loop as one call (see compiled_stack.py): (hidden, rope tables, the layers' caches,
-# the step's attention metadata) -> (the last block's output, the residual stream before it).
+# the step's attention metadata, the rows that are a prompt's tokens or None) -> (the last
+# block's output, the residual stream before it).
 LayerStack = Callable[
-    [torch.Tensor, RopeTables, Sequence[LayerKVCache], AttentionMetadata],
+    [torch.Tensor, RopeTables, Sequence[LayerKVCache], AttentionMetadata, torch.Tensor | None],
     tuple[torch.Tensor, torch.Tensor],
 ]
 
@@ -244,18 +245,23 @@ class CausalLM(nn.Module):
         metadata: AttentionMetadata,
         kv_cache: Sequence[LayerKVCache],
         logits_rows: torch.Tensor,
+        prompt_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [len(logits_rows), vocab], in the model's dtype, for the flat batch rows that
         sample a token (the sampler widens them to float32 where it computes on them).
 
         input_ids and positions are [T]; only the rows in `logits_rows` go through the LM head,
-        which is the single largest matmul for small models.
+        which is the single largest matmul for small models. `prompt_rows` lists the rows that
+        are a prompt's tokens: the compiled stack's quantized projections multiply them by the
+        weight dequantized to bfloat16 (kernels/csrc/linear_quantized.cpp).
         """
         hidden = self.embed_tokens(input_ids)
         rope_tables = {name: rotary.cos_sin(positions) for name, rotary in self.rotaries.items()}
         residual = None
         if self.compiled_stack is not None:
-            hidden, residual = self.compiled_stack(hidden, rope_tables, kv_cache, metadata)
+            hidden, residual = self.compiled_stack(
+                hidden, rope_tables, kv_cache, metadata, prompt_rows
+            )
         else:
             for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
                 hidden, residual = layer(hidden, residual, rope_tables, layer_cache, metadata)

@@ -70,9 +70,10 @@ void bind_decoder_stack(py::module& module) {
       .def_readwrite("sliding_window", &Layer::sliding_window)
       .def_readwrite("logit_softcap", &Layer::logit_softcap);
   py::class_<sluice::StepInputs>(module, "StepInputs", py::module_local())
-      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(),
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    c10::optional<at::Tensor>>(),
            py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),
-           py::arg("cache_lens"), py::arg("query_starts"));
+           py::arg("cache_lens"), py::arg("query_starts"), py::arg("prompt_rows") = py::none());
   py::class_<sluice::DecoderStack>(module, "DecoderStack", py::module_local())
       .def(py::init<std::vector<sluice::DecoderLayerWeights>>())
       // The layers' kernels need no Python: other threads (the gRPC server's) run meanwhile.
@@ -98,7 +99,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("linear_bf16", &sluice::linear_bf16);
   module.def("linear_quantized", &sluice::linear_quantized, py::arg("x"), py::arg("codes"),
              py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("code_format"),
-             py::arg("group_size"), py::arg("levels") = py::none());
+             py::arg("group_size"), py::arg("levels") = py::none(),
+             py::arg("prompt_rows") = py::none());
   module.def("argmax_logprob", &sluice::argmax_logprob);
   module.def("top_k_top_p_", &sluice::top_k_top_p_);
   module.def("typical_p_", &sluice::typical_p_);

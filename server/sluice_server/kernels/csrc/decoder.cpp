@@ -30,7 +30,7 @@ at::Tensor onednn_linear(const at::Tensor& x, const Projection& projection) {
                  c10::List<c10::optional<at::Scalar>>(), c10::string_view(""));
 }
 
-at::Tensor project(const Projection& projection, const at::Tensor& x) {
+at::Tensor project(const Projection& projection, const at::Tensor& x, const StepInputs& step) {
   switch (projection.matmul) {
     case Projection::Matmul::kSluiceBf16:
       return linear_bf16(x, projection.weight, projection.bias, projection.out_features);
@@ -42,7 +42,7 @@ at::Tensor project(const Projection& projection, const at::Tensor& x) {
                                   : x;
       return linear_quantized(rows, projection.weight, projection.scales, projection.offsets,
                               projection.bias, projection.code_format, projection.group_size,
-                              projection.levels);
+                              projection.levels, step.prompt_rows);
     }
   }
   TORCH_CHECK(false, "unknown matmul");
@@ -72,7 +72,7 @@ at::Tensor attend(const DecoderLayerWeights& layer, const at::Tensor& normed,
   const int64_t query_size = layer.num_heads * layer.head_dim;
   const int64_t kv_size = layer.num_kv_heads * layer.head_dim;
   const auto query_key_value =
-      project(layer.qkv, normed).split({query_size + kv_size, kv_size}, -1);
+      project(layer.qkv, normed, step).split({query_size + kv_size, kv_size}, -1);
   at::Tensor heads = query_key_heads(layer, query_key_value[0]);
   // Queries and keys rotate by the same angles: one rotation over both, in place.
   rotary_(heads, step.cos, step.sin);
@@ -82,7 +82,7 @@ at::Tensor attend(const DecoderLayerWeights& layer, const at::Tensor& normed,
   const at::Tensor attended = paged_attention(
       query_key[0], key_cache, value_cache, step.block_tables, step.cache_lens,
       step.query_starts, layer.scale, layer.sliding_window, layer.logit_softcap);
-  return project(layer.output, attended.view({tokens, query_size}));
+  return project(layer.output, attended.view({tokens, query_size}), step);
 }
 
 void check_projection(const Projection& projection, int64_t out_features, const char* name) {
@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
     }
     hidden = attend(layer, normed, step, key_caches[index], value_caches[index]);
     normed = add_rms_norm(hidden, residual, layer.post_attention_norm, layer.norm_eps);
-    hidden = project(layer.down, silu_and_mul(project(layer.gate_up, normed)));
+    hidden = project(layer.down, silu_and_mul(project(layer.gate_up, normed, step)), step);
   }
   return {hidden, residual};
 }

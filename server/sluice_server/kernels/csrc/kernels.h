@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 
 #include <tuple>
 #include <vector>
@@ -23,12 +24,22 @@ bool has_linear_bf16();
 at::Tensor pack_linear_bf16(const at::Tensor& weight);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                        const c10::optional<at::Tensor>& bias, int64_t out_features);
+// Writes tile t of a weight in pack_linear_bf16's layout (columns past out_features zero).
+using FillTile = c10::function_ref<void(int64_t t, at::BFloat16* tile)>;
+// linear_bf16 against a weight whose tiles `fill` writes as the matmul reaches them (each thread
+// into a buffer of its own); bias null or float32 padded to the tiles. For linear_quantized's
+// prompt rows.
+at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t out_features, const float* bias,
+                              const FillTile& fill);
 
-// linear_quantized.cpp: the matmul against 4- and 8-bit group-quantized weights.
+// linear_quantized.cpp: the matmul against 4- and 8-bit group-quantized weights. The rows listed
+// in prompt_rows (int64, each row once) are a prompt's tokens: they multiply the weight
+// dequantized to bfloat16 where x is bfloat16 and the build has linear_bf16.
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                             const c10::optional<at::Tensor>& offsets,
                             const c10::optional<at::Tensor>& bias, int64_t code_format,
-                            int64_t group_size, const c10::optional<at::Tensor>& levels);
+                            int64_t group_size, const c10::optional<at::Tensor>& levels,
+                            const c10::optional<at::Tensor>& prompt_rows);
 
 // elementwise.cpp: the work between the matmuls, and the greedy pick.
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);
@@ -93,6 +104,8 @@ struct StepInputs {
   at::Tensor block_tables;
   at::Tensor cache_lens;
   at::Tensor query_starts;
+  // The rows that are a prompt's tokens, for the quantized projections; none if absent.
+  c10::optional<at::Tensor> prompt_rows;
 };
 
 class DecoderStack {

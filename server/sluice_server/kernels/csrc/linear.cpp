@@ -21,6 +21,10 @@
 // block of rows, prefetching the next tile while the current one is reused from cache for each
 // group of rows.
 //
+// The same loops also take a weight given tile by tile (linear_bf16_filled): each tile is
+// written into a buffer when the loops reach it, which is how linear_quantized.cpp multiplies a
+// prompt's many rows by its codes dequantized to bfloat16 once per tile.
+//
 // A build with neither has the packing but not the matmul (has_linear_bf16 says which); the
 // Python side then leaves the projections to PyTorch.
 
@@ -38,6 +42,39 @@ namespace {
 constexpr int64_t kLinearColumns = 32;
 // Rows of x worked on together, so that x's block stays in cache while the tiles stream past.
 constexpr int64_t kLinearRowBlock = 256;
+
+// Where the loops find tile t: in the packed weight, whose next tile they prefetch...
+struct PackedTiles {
+  const at::BFloat16* weight;
+  int64_t tile_elements;
+
+  const at::BFloat16* at(int64_t t) const { return weight + t * tile_elements; }
+  const at::BFloat16* prefetch_after(int64_t t, int64_t end) const {
+    return t + 1 < end ? at(t + 1) : nullptr;
+  }
+};
+
+// ... or written into a buffer of the thread's by `fill` (nothing to prefetch: the buffer stays in
+// cache from one tile to the next).
+class FilledTiles {
+ public:
+  FilledTiles(const FillTile& fill, int64_t tile_elements)
+      : fill_(fill), buffer_((tile_elements * sizeof(at::BFloat16) + 63) / 64) {}
+
+  const at::BFloat16* at(int64_t t) {
+    auto* tile = reinterpret_cast<at::BFloat16*>(buffer_.data());
+    fill_(t, tile);
+    return tile;
+  }
+  const at::BFloat16* prefetch_after(int64_t, int64_t) const { return nullptr; }
+
+ private:
+  struct alignas(64) Line {
+    uint8_t bytes[64];
+  };
+  const FillTile& fill_;
+  std::vector<Line> buffer_;  // 64-byte aligned, as the AVX-512 loads of a tile expect
+};
 
 // A micro-kernel's rows of x (bfloat16 for AVX512-BF16, widened to float32 for AVX2) and the
 // matching rows of y's columns.
@@ -116,14 +153,12 @@ inline void linear_block(RowBlock block, WeightTile tile, TilePrefetch fetch) {
   }
 }
 
-// y for tiles [begin, end) of the packed weight, every row of x.
-void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bias,
+// y for tiles [begin, end), every row of x.
+template <typename Tiles>
+void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
                   at::Tensor& y, int64_t begin, int64_t end) {
   const int64_t rows = x.size(0);
-  const int64_t pairs = packed.size(1);
   const int64_t out_features = y.size(1);
-  const int64_t tile_vectors = 2 * pairs;  // 512-bit vectors per tile
-  const auto* weight = reinterpret_cast<const __m512bh*>(packed.data_ptr<at::BFloat16>());
   const at::BFloat16* x_data = x.data_ptr<at::BFloat16>();
   const int64_t x_stride = x.stride(0);
   at::BFloat16* y_data = y.data_ptr<at::BFloat16>();
@@ -131,9 +166,8 @@ void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bi
     const int64_t block_rows = std::min(kLinearRowBlock, rows - row_start);
     const int64_t passes = (block_rows + kLinearRows - 1) / kLinearRows;
     for (int64_t t = begin; t < end; ++t) {
-      const __m512bh* tile_data = weight + t * tile_vectors;
-      const char* next =
-          t + 1 < end ? reinterpret_cast<const char*>(tile_data + tile_vectors) : nullptr;
+      const auto* tile_data = reinterpret_cast<const __m512bh*>(tiles.at(t));
+      const auto* next = reinterpret_cast<const char*>(tiles.prefetch_after(t, end));
       const WeightTile tile{tile_data, pairs, bias ? bias + t * kLinearColumns : nullptr,
                             std::min(kLinearColumns, out_features - t * kLinearColumns)};
       for (int64_t pass = 0; pass < passes; ++pass) {
@@ -315,14 +349,12 @@ inline void linear_block_widened(RowBlock block, const float* widened, int64_t i
   store_sums(sums, block, columns);
 }
 
-// y for tiles [begin, end) of the packed weight, every row of x (float32).
-void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bias,
+// y for tiles [begin, end), every row of x (float32).
+template <typename Tiles>
+void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
                   at::Tensor& y, int64_t begin, int64_t end) {
   const int64_t rows = x.size(0);
-  const int64_t pairs = packed.size(1);
   const int64_t out_features = y.size(1);
-  const int64_t tile_bytes = pairs * kPairRowBytes;
-  const char* weight = reinterpret_cast<const char*>(packed.data_ptr<at::BFloat16>());
   const float* x_data = x.data_ptr<float>();
   const int64_t x_stride = x.stride(0);
   at::BFloat16* y_data = y.data_ptr<at::BFloat16>();
@@ -333,8 +365,8 @@ void linear_tiles(const at::Tensor& x, const at::Tensor& packed, const float* bi
   for (int64_t row_start = 0; row_start < rows; row_start += kLinearRowBlock) {
     const int64_t block_rows = std::min(kLinearRowBlock, rows - row_start);
     for (int64_t t = begin; t < end; ++t) {
-      const char* tile = weight + t * tile_bytes;
-      const char* next_tile = t + 1 < end ? tile + tile_bytes : nullptr;
+      const auto* tile = reinterpret_cast<const char*>(tiles.at(t));
+      const auto* next_tile = reinterpret_cast<const char*>(tiles.prefetch_after(t, end));
       const auto half_of = [&](int64_t h) {
         const int64_t first_column = t * kLinearColumns + h * kHalfColumns;
         return WeightHalf{tile + h * kPairRowBytes / 2, pairs,
@@ -406,6 +438,31 @@ at::Tensor pack_linear_bf16(const at::Tensor& weight) {
       .contiguous();
 }
 
+#if defined(SLUICE_HAS_LINEAR_BF16)
+namespace {
+
+// y = x W^T + b over `tile_count` tiles of `pairs` pairs of input dimensions each, the tiles as
+// `make_tiles()` gives them to each thread.
+template <typename MakeTiles>
+at::Tensor multiply_tiles(const at::Tensor& x, int64_t tile_count, int64_t pairs,
+                          const float* bias, int64_t out_features, MakeTiles&& make_tiles) {
+  auto y = at::empty({x.size(0), out_features}, x.options());
+#if defined(__AVX512BF16__)
+  const at::Tensor& rows = x;
+#else
+  // The AVX2 micro-kernel broadcasts x's values as float32.
+  const at::Tensor rows = x.to(at::kFloat);
+#endif
+  at::parallel_for(0, tile_count, 1, [&](int64_t begin, int64_t end) {
+    auto tiles = make_tiles();
+    linear_tiles(rows, tiles, pairs, bias, y, begin, end);
+  });
+  return y;
+}
+
+}  // namespace
+#endif
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                        const c10::optional<at::Tensor>& bias, int64_t out_features) {
 #if defined(SLUICE_HAS_LINEAR_BF16)
@@ -416,8 +473,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                   packed.size(3) == 2 && packed.scalar_type() == at::kBFloat16,
               "packed must come from pack_linear_bf16");
   const int64_t tiles = packed.size(0);
-  TORCH_CHECK(x.size(1) == 2 * packed.size(1), "x has ", x.size(1), " columns, the weight ",
-              2 * packed.size(1));
+  const int64_t pairs = packed.size(1);
+  TORCH_CHECK(x.size(1) == 2 * pairs, "x has ", x.size(1), " columns, the weight ", 2 * pairs);
   TORCH_CHECK(out_features > (tiles - 1) * kLinearColumns && out_features <= tiles * kLinearColumns,
               "out_features does not match the packed weight");
   const float* bias_data = nullptr;
@@ -428,23 +485,34 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                 "bias must be float32, padded to the packed weight's tiles");
     bias_data = bias->data_ptr<float>();
   }
-  auto y = at::empty({x.size(0), out_features}, x.options());
-#if defined(__AVX512BF16__)
-  const at::Tensor& rows = x;
-#else
-  // The AVX2 micro-kernel broadcasts x's values as float32.
-  const at::Tensor rows = x.to(at::kFloat);
-#endif
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    linear_tiles(rows, packed, bias_data, y, begin, end);
-  });
-  return y;
+  const PackedTiles packed_tiles{packed.data_ptr<at::BFloat16>(), pairs * kLinearColumns * 2};
+  return multiply_tiles(x, tiles, pairs, bias_data, out_features,
+                        [&] { return packed_tiles; });
 #else
   (void)x;
   (void)packed;
   (void)bias;
   (void)out_features;
   TORCH_CHECK(false, "linear_bf16 needs a build for AVX512-BF16 or AVX2 with FMA");
+#endif
+}
+
+at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t out_features, const float* bias,
+                              const FillTile& fill) {
+#if defined(SLUICE_HAS_LINEAR_BF16)
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) % 2 == 0,
+              "x must be bfloat16 [rows, K], K even");
+  const int64_t pairs = x.size(1) / 2;
+  const int64_t tiles = (out_features + kLinearColumns - 1) / kLinearColumns;
+  return multiply_tiles(x, tiles, pairs, bias, out_features,
+                        [&] { return FilledTiles(fill, pairs * kLinearColumns * 2); });
+#else
+  (void)x;
+  (void)out_features;
+  (void)bias;
+  (void)fill;
+  TORCH_CHECK(false, "linear_bf16_filled needs a build for AVX512-BF16 or AVX2 with FMA");
 #endif
 }
 

@@ -34,6 +34,9 @@
 //   hide the FMAs' latency; the portable build scales a block into a buffer and takes dot
 //   products.
 //
+// Rows that are a prompt's tokens (`prompt_rows`) take a third path where x is bfloat16 and the
+// build has linear.cpp's matmul: see "Prompt rows" below.
+//
 // Rounding x to 8-bit integers instead, as llama.cpp does, raised the default model's perplexity
 // by 3.5 % (docs/quantization.md); 16 bits per 16 or 32 dimensions keep x within 2^-16 of each
 // run's largest magnitude.
@@ -42,6 +45,7 @@
 #include <vector>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Half.h>
 
 #include "common.h"
@@ -1032,6 +1036,133 @@ void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_coun
   }
 }
 
+// ---- Prompt rows: the codes dequantized to bfloat16, a tile of 32 columns at a time.
+//
+// A prompt brings many rows, and per row the paths above do more work than a bfloat16 matmul
+// (unpacking the codes, and for integers two multiply-adds per pair of codes where AVX512-BF16
+// has one dot product): they ran a 128-row call at about 0.6x bfloat16's speed. Rows that are a
+// prompt's tokens instead multiply the weight dequantized once per tile of 32 columns into
+// linear.cpp's packed layout, by linear.cpp's loops. The other rows (tokens being decoded, and
+// generated tokens recomputed after a preemption) keep the paths above. A row's path depends on
+// what the row is, never on how many rows share the call, so a token's arithmetic is the same
+// whatever its batch. The tile holds each weight rounded to bfloat16, as a bfloat16 model does,
+// so a prompt row's output is linear_bf16's on that weight, bit for bit.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SLUICE_DENSE_PROMPTS 1
+constexpr int64_t kTileColumns = 32;
+
+// Columns a tile is filled with at a time: their pairs of dimensions are transposed in registers
+// into the tile's rows of 32 columns.
+constexpr int64_t kFillColumns = 4;
+
+// Column n's block b (group g) of weights, scale times value plus offset as
+// QuantizedWeight.dequantize computes them.
+inline UnpackedBlock weight_block(const QuantizedMatrix& w, int64_t n, int64_t b, int64_t g) {
+  UnpackedBlock block = unpack_block_avx2(w, w.column_codes(n) + b * w.block_bytes());
+  scale_block(half_scales(w, w.column_scales(n), g), block);
+  if (w.offsets == nullptr) return block;
+  const float* offsets = w.offsets + n * w.groups();
+  const int64_t second = w.group_size == kHalfBlock ? g + 1 : g;
+  for (int i = 0; i < 4; ++i) {
+    // The product is rounded before the offset joins, as dequantize() rounds it: the empty asm
+    // keeps the compiler from fusing the two into an FMA.
+    __m256 product = block.values[i];
+    asm("" : "+x"(product));
+    block.values[i] = _mm256_add_ps(product, _mm256_set1_ps(offsets[i < 2 ? g : second]));
+  }
+  return block;
+}
+
+// A block's 32 weights as bfloat16, 16 pairs of dimensions (2p, 2p + 1) in 32-bit words: pairs
+// [0 1 4 5 | 2 3 6 7] in the first vector and 8 more in the second (packus' lane order).
+struct BlockPairs {
+  __m256i first, second;
+};
+
+inline BlockPairs block_pairs(const UnpackedBlock& block) {
+  const auto bits = [&](int i) { return bf16_bits_x8(block.values[i]); };
+  return {_mm256_packus_epi32(bits(0), bits(1)), _mm256_packus_epi32(bits(2), bits(3))};
+}
+
+// Four columns' 8 pairs (one of BlockPairs' vectors each) into the tile, whose 32-bit word
+// p * kTileColumns + c holds column c's pair p (pack_linear_bf16's layout): a 4 x 4 transpose
+// in each 128-bit lane, then one 16-byte store per pair.
+inline void store_pairs(const __m256i (&columns)[kFillColumns], uint32_t* words) {
+  const __m256i low01 = _mm256_unpacklo_epi32(columns[0], columns[1]);
+  const __m256i high01 = _mm256_unpackhi_epi32(columns[0], columns[1]);
+  const __m256i low23 = _mm256_unpacklo_epi32(columns[2], columns[3]);
+  const __m256i high23 = _mm256_unpackhi_epi32(columns[2], columns[3]);
+  // Each holds the four columns' words of pair kPairs[r] in its low lane, of kPairs[r] + 2 in
+  // its high lane.
+  const __m256i pairs[4] = {
+      _mm256_unpacklo_epi64(low01, low23), _mm256_unpackhi_epi64(low01, low23),
+      _mm256_unpacklo_epi64(high01, high23), _mm256_unpackhi_epi64(high01, high23)};
+  constexpr int kPairs[4] = {0, 1, 4, 5};
+  for (int r = 0; r < 4; ++r) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + kPairs[r] * kTileColumns),
+                     _mm256_castsi256_si128(pairs[r]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + (kPairs[r] + 2) * kTileColumns),
+                     _mm256_extracti128_si256(pairs[r], 1));
+  }
+}
+
+// Tile t (columns [32 t, 32 t + 32)) of the dequantized weight; columns past out_features zero.
+void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BFloat16* tile) {
+  auto* words = reinterpret_cast<uint32_t*>(tile);
+  for (int64_t c = 0; c < kTileColumns; c += kFillColumns) {
+    const int64_t n = t * kTileColumns + c;
+    const int64_t columns = std::clamp<int64_t>(out_features - n, 0, kFillColumns);
+    for_each_block(w, [&](int64_t b, int64_t g) {
+      __m256i first[kFillColumns], second[kFillColumns];
+      for (int64_t k = 0; k < kFillColumns; ++k) {
+        const BlockPairs pairs = k < columns ? block_pairs(weight_block(w, n + k, b, g))
+                                             : BlockPairs{_mm256_setzero_si256(),
+                                                          _mm256_setzero_si256()};
+        first[k] = pairs.first;
+        second[k] = pairs.second;
+      }
+      uint32_t* block_words = words + b * (kCodeBlock / 2) * kTileColumns + c;
+      store_pairs(first, block_words);
+      store_pairs(second, block_words + 8 * kTileColumns);
+    });
+  }
+}
+
+at::Tensor multiply_prompt_rows(const QuantizedMatrix& w, const at::Tensor& x,
+                                const float* bias, int64_t out_features) {
+  at::Tensor padded_bias;
+  if (bias != nullptr) {
+    const int64_t tiles = (out_features + kTileColumns - 1) / kTileColumns;
+    padded_bias = at::zeros({tiles * kTileColumns}, x.options().dtype(at::kFloat));
+    std::memcpy(padded_bias.data_ptr<float>(), bias, out_features * sizeof(float));
+  }
+  const auto fill = [&](int64_t t, at::BFloat16* tile) { fill_tile(w, out_features, t, tile); };
+  return linear_bf16_filled(x, out_features, bias ? padded_bias.data_ptr<float>() : nullptr,
+                            FillTile(fill));
+}
+#endif
+
+// prompt_rows checked (int64 row indexes of x, each at most once) and the rows it leaves out.
+at::Tensor rows_not_listed(const at::Tensor& prompt_rows, int64_t row_count) {
+  check_cpu(prompt_rows, "prompt_rows");
+  TORCH_CHECK(prompt_rows.dim() == 1 && prompt_rows.scalar_type() == at::kLong,
+              "prompt_rows must be int64 [rows]");
+  const at::Tensor listed = prompt_rows.contiguous();
+  std::vector<bool> seen(row_count, false);
+  const int64_t* rows = listed.data_ptr<int64_t>();
+  for (int64_t i = 0; i < listed.numel(); ++i) {
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < row_count && !seen[rows[i]], "prompt_rows lists row ",
+                rows[i], ", which is out of range [0, ", row_count, ") or listed twice");
+    seen[rows[i]] = true;
+  }
+  auto others = at::empty({row_count - listed.numel()}, listed.options());
+  int64_t* other_rows = others.data_ptr<int64_t>();
+  for (int64_t r = 0; r < row_count; ++r) {
+    if (!seen[r]) *other_rows++ = r;
+  }
+  return others;
+}
+
 QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales,
                                const c10::optional<at::Tensor>& offsets, int64_t code_format,
                                int64_t group_size, const c10::optional<at::Tensor>& levels) {
@@ -1139,7 +1270,8 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                             const c10::optional<at::Tensor>& offsets,
                             const c10::optional<at::Tensor>& bias, int64_t code_format,
-                            int64_t group_size, const c10::optional<at::Tensor>& levels) {
+                            int64_t group_size, const c10::optional<at::Tensor>& levels,
+                            const c10::optional<at::Tensor>& prompt_rows) {
   check_rows(x, "x");
   const QuantizedMatrix w = checked_matrix(codes, scales, offsets, code_format, group_size, levels);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.in_features, "x must be [rows, ", w.in_features, "]");
@@ -1153,13 +1285,29 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
     bias_data = bias_float.data_ptr<float>();
   }
   const at::Tensor rows = x.contiguous();
-  auto y = at::empty({rows.size(0), out_features}, rows.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "linear_quantized",
-                                  [&] {
-                                    multiply(rows.data_ptr<scalar_t>(), rows.size(0), w, bias_data,
-                                             out_features, y.data_ptr<scalar_t>());
-                                  });
-  return y;
+  const auto decode_rows = [&](const at::Tensor& part) {
+    auto y = at::empty({part.size(0), out_features}, part.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, part.scalar_type(),
+                                    "linear_quantized", [&] {
+                                      multiply(part.data_ptr<scalar_t>(), part.size(0), w,
+                                               bias_data, out_features, y.data_ptr<scalar_t>());
+                                    });
+    return y;
+  };
+  if (!prompt_rows.has_value()) return decode_rows(rows);
+  const at::Tensor others = rows_not_listed(*prompt_rows, rows.size(0));
+#if defined(SLUICE_DENSE_PROMPTS)
+  if (rows.scalar_type() == at::kBFloat16 && others.numel() < rows.size(0)) {
+    if (others.numel() == 0) return multiply_prompt_rows(w, rows, bias_data, out_features);
+    const at::Tensor listed = prompt_rows->contiguous();
+    auto y = at::empty({rows.size(0), out_features}, rows.options());
+    y.index_copy_(0, listed,
+                  multiply_prompt_rows(w, rows.index_select(0, listed), bias_data, out_features));
+    y.index_copy_(0, others, decode_rows(rows.index_select(0, others)));
+    return y;
+  }
+#endif
+  return decode_rows(rows);
 }
 
 }  // namespace sluice
