@@ -24,11 +24,13 @@ bool has_linear_bf16();
 at::Tensor pack_linear_bf16(const at::Tensor& weight);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                        const c10::optional<at::Tensor>& bias, int64_t out_features);
+// Output columns per tile of pack_linear_bf16's layout, [tiles][K / 2][32][2].
+constexpr int64_t kLinearColumns = 32;
 // Writes tile t of a weight in pack_linear_bf16's layout (columns past out_features zero).
 using FillTile = c10::function_ref<void(int64_t t, at::BFloat16* tile)>;
 // linear_bf16 against a weight whose tiles `fill` writes as the matmul reaches them (each thread
-// into a buffer of its own); bias null or float32 padded to the tiles. For linear_quantized's
-// prompt rows.
+// into a buffer of its own); bias null or float32 [out_features]. For linear_quantized's prompt
+// rows.
 at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t out_features, const float* bias,
                               const FillTile& fill);
 

@@ -39,7 +39,6 @@
 namespace sluice {
 namespace {
 
-constexpr int64_t kLinearColumns = 32;
 // Rows of x worked on together, so that x's block stays in cache while the tiles stream past.
 constexpr int64_t kLinearRowBlock = 256;
 
@@ -505,7 +504,14 @@ at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t out_features, const f
               "x must be bfloat16 [rows, K], K even");
   const int64_t pairs = x.size(1) / 2;
   const int64_t tiles = (out_features + kLinearColumns - 1) / kLinearColumns;
-  return multiply_tiles(x, tiles, pairs, bias, out_features,
+  // The loops read a whole tile's biases.
+  at::Tensor padded_bias;
+  if (bias != nullptr) {
+    padded_bias = at::zeros({tiles * kLinearColumns}, x.options().dtype(at::kFloat));
+    std::memcpy(padded_bias.data_ptr<float>(), bias, out_features * sizeof(float));
+  }
+  return multiply_tiles(x, tiles, pairs, bias ? padded_bias.data_ptr<float>() : nullptr,
+                        out_features,
                         [&] { return FilledTiles(fill, pairs * kLinearColumns * 2); });
 #else
   (void)x;

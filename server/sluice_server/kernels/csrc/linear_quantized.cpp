@@ -45,7 +45,6 @@
 #include <vector>
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Half.h>
 
 #include "common.h"
@@ -1049,8 +1048,6 @@ void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_coun
 // so a prompt row's output is linear_bf16's on that weight, bit for bit.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define SLUICE_DENSE_PROMPTS 1
-constexpr int64_t kTileColumns = 32;
-
 // Columns a tile is filled with at a time: their pairs of dimensions are transposed in registers
 // into the tile's rows of 32 columns.
 constexpr int64_t kFillColumns = 4;
@@ -1085,7 +1082,7 @@ inline BlockPairs block_pairs(const UnpackedBlock& block) {
 }
 
 // Four columns' 8 pairs (one of BlockPairs' vectors each) into the tile, whose 32-bit word
-// p * kTileColumns + c holds column c's pair p (pack_linear_bf16's layout): a 4 x 4 transpose
+// p * kLinearColumns + c holds column c's pair p (pack_linear_bf16's layout): a 4 x 4 transpose
 // in each 128-bit lane, then one 16-byte store per pair.
 inline void store_pairs(const __m256i (&columns)[kFillColumns], uint32_t* words) {
   const __m256i low01 = _mm256_unpacklo_epi32(columns[0], columns[1]);
@@ -1099,9 +1096,9 @@ inline void store_pairs(const __m256i (&columns)[kFillColumns], uint32_t* words)
       _mm256_unpacklo_epi64(high01, high23), _mm256_unpackhi_epi64(high01, high23)};
   constexpr int kPairs[4] = {0, 1, 4, 5};
   for (int r = 0; r < 4; ++r) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + kPairs[r] * kTileColumns),
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + kPairs[r] * kLinearColumns),
                      _mm256_castsi256_si128(pairs[r]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + (kPairs[r] + 2) * kTileColumns),
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + (kPairs[r] + 2) * kLinearColumns),
                      _mm256_extracti128_si256(pairs[r], 1));
   }
 }
@@ -1109,8 +1106,8 @@ inline void store_pairs(const __m256i (&columns)[kFillColumns], uint32_t* words)
 // Tile t (columns [32 t, 32 t + 32)) of the dequantized weight; columns past out_features zero.
 void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BFloat16* tile) {
   auto* words = reinterpret_cast<uint32_t*>(tile);
-  for (int64_t c = 0; c < kTileColumns; c += kFillColumns) {
-    const int64_t n = t * kTileColumns + c;
+  for (int64_t c = 0; c < kLinearColumns; c += kFillColumns) {
+    const int64_t n = t * kLinearColumns + c;
     const int64_t columns = std::clamp<int64_t>(out_features - n, 0, kFillColumns);
     for_each_block(w, [&](int64_t b, int64_t g) {
       __m256i first[kFillColumns], second[kFillColumns];
@@ -1121,24 +1118,17 @@ void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BF
         first[k] = pairs.first;
         second[k] = pairs.second;
       }
-      uint32_t* block_words = words + b * (kCodeBlock / 2) * kTileColumns + c;
+      uint32_t* block_words = words + b * (kCodeBlock / 2) * kLinearColumns + c;
       store_pairs(first, block_words);
-      store_pairs(second, block_words + 8 * kTileColumns);
+      store_pairs(second, block_words + 8 * kLinearColumns);
     });
   }
 }
 
 at::Tensor multiply_prompt_rows(const QuantizedMatrix& w, const at::Tensor& x,
                                 const float* bias, int64_t out_features) {
-  at::Tensor padded_bias;
-  if (bias != nullptr) {
-    const int64_t tiles = (out_features + kTileColumns - 1) / kTileColumns;
-    padded_bias = at::zeros({tiles * kTileColumns}, x.options().dtype(at::kFloat));
-    std::memcpy(padded_bias.data_ptr<float>(), bias, out_features * sizeof(float));
-  }
   const auto fill = [&](int64_t t, at::BFloat16* tile) { fill_tile(w, out_features, t, tile); };
-  return linear_bf16_filled(x, out_features, bias ? padded_bias.data_ptr<float>() : nullptr,
-                            FillTile(fill));
+  return linear_bf16_filled(x, out_features, bias, FillTile(fill));
 }
 #endif
 
