@@ -9,6 +9,8 @@ windows and soft-capped scores is checked against a dense reference (attention_c
 test_attention.py checks the PyTorch backend.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from attention_cases import (
 )
 from sluice_server.kernels import CpuFeatures, KernelBuild, Kernels
 from sluice_server.kernels.cpu_features import lacks
-from sluice_server.layers.attention import AttentionParams, LayerKVCache
+from sluice_server.layers.attention import AttentionParams, LayerKVCache, SequenceChunk
 from sluice_server.layers.ops import LinearMatmul
 
 # Relative to the magnitude (floored at 1). bfloat16 keeps 8 significant bits, a step of 2^-7
@@ -104,6 +106,54 @@ def test_paged_attention_windows_and_softcap_match_dense_reference(
         logit_softcap,
         score_gain,
     )
+
+
+def test_paged_attention_takes_bfloat16_dot_products_where_the_build_has_them(
+    compiled_kernels: Kernels, kernel_build: KernelBuild, cpu: CpuFeatures
+) -> None:
+    """The native build of a CPU with AVX512-BF16 attends with its dot products (the fast path
+    compiles in); the AVX2 and portable builds never do."""
+    expected = kernel_build.isa == "native" and cpu.avx512_bf16
+    assert compiled_kernels.ops.kernels.attention_has_dot_products() is expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("head_dim", "group", "block_size"),
+    # The fast paths' shapes (whose prompt tiles and decodes take different loops), a generic one.
+    [(64, 3, 16), (128, 8, 16), (64, 3, 32), (48, 2, 24)],
+)
+@pytest.mark.parametrize("sliding_window", [None, 20])
+def test_paged_attention_rows_do_not_depend_on_how_a_sequence_is_chunked(
+    compiled_kernels: Kernels,
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    block_size: int,
+    sliding_window: int | None,
+) -> None:
+    """Each query row gets the same bits whether its sequence's 70 rows come as one prompt, as
+    chunks cut off the kernel's tiles, or one by one as decodes, and beside another sequence:
+    the exact batching invariance of greedy outputs rests on it."""
+    whole = AttentionStep.random([(0, 70), (5, 9)], 2, group, head_dim, block_size, dtype, 3)
+    sequence, other = whole.chunks
+    params = AttentionParams(head_dim**-0.5, sliding_window)
+    expected = whole.attend(compiled_kernels.attention, params)[:70]
+    for cuts in ([23, 24, 54], list(range(1, 70)), [16, 17, 50]):
+        bounds = [0, *cuts, 70]
+        chunks = [
+            SequenceChunk(start, end - start, sequence.block_table)
+            for start, end in itertools.pairwise(bounds)
+        ]
+        split = AttentionStep(
+            [other, *chunks],
+            block_size,
+            torch.cat([whole.query[70:], whole.query[:70]]),
+            whole.key_rows,
+            whole.value_rows,
+        )
+        actual = split.attend(compiled_kernels.attention, params)[other.query_len :]
+        assert torch.equal(actual, expected), f"chunks cut at {cuts}"
 
 
 def test_paged_attention_rejects_a_negative_window_or_cap(compiled_kernels: Kernels) -> None:

@@ -17,6 +17,12 @@
 #include "common.h"
 #include "kernels.h"
 
+// CPUs with AVX512-BF16 (all of which have AVX512-BW) score keys and add up value rows with
+// bfloat16 dot products in the fast path (attend_item_with_dot_products).
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define SLUICE_ATTENTION_DOT_PRODUCTS 1
+#endif
+
 namespace sluice {
 namespace {
 
@@ -30,9 +36,11 @@ inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
 // vectors, and adding one block's value rows, weighted, into their accumulators. The block is
 // read from memory once per call and worked on in registers, where the accumulators also stay
 // for the whole block. A generic version serves every type; bfloat16 on AVX-512 machines gets an
-// intrinsics version (head sizes 64 and 128, block sizes multiples of 16), and elsewhere float32
-// and bfloat16 caches are worked on with AVX2 where the CPU has it: keys scored for block sizes
-// that are multiples of 8, values added for head sizes that are multiples of 32.
+// intrinsics version (head sizes 64 and 128, block sizes multiples of 16: the fast path), and
+// elsewhere float32 and bfloat16 caches are worked on with AVX2 where the CPU has it: keys scored
+// for block sizes that are multiples of 8, values added for head sizes that are multiples of 32.
+// With AVX512-BF16 the fast path instead scores runs of several blocks and adds value rows in
+// pairs, both with bfloat16 dot products (attend_item_with_dot_products).
 
 constexpr int64_t kMaxVectors = 4;
 
@@ -45,13 +53,9 @@ struct BlockShape {
   float scale;        // The softmax scale, which the bfloat16 dot products apply to their sums.
 };
 
-// Up to kMaxVectors query vectors, [count][head_dim], in the two forms the scoring reads:
-// float32 multiplied by the scale, and as stored (bfloat16, each 32-bit word one pair of
-// dimensions), unscaled. The fast path reads one or the other (kScoresFromBf16), the generic
-// path the float32 one.
+// Up to kMaxVectors query vectors, [count][head_dim], float32 multiplied by the scale.
 struct QueryVectors {
   const float* scaled;
-  const uint32_t* pairs;
   int64_t count;
 };
 
@@ -115,14 +119,6 @@ template <int64_t kVectors>
 inline void accumulate_key_pairs(__m512* __restrict sums, QueryVectors queries, int64_t head_dim,
                                  int64_t d, const at::BFloat16* __restrict keys) {
   const __m512i pairs = _mm512_loadu_si512(keys);
-#if defined(__AVX512BF16__)
-  for (int64_t v = 0; v < kVectors; ++v) {
-    const __m512i query =
-        _mm512_set1_epi32(static_cast<int>(queries.pairs[(v * head_dim + d) / 2]));
-    sums[v] = _mm512_dpbf16_ps(sums[v], reinterpret_cast<__m512bh>(pairs),
-                               reinterpret_cast<__m512bh>(query));
-  }
-#else
   const __m512 keys_even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
   const __m512 keys_odd = _mm512_castsi512_ps(
       _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
@@ -131,11 +127,9 @@ inline void accumulate_key_pairs(__m512* __restrict sums, QueryVectors queries, 
     sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[0]), keys_even, sums[v]);
     sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[1]), keys_odd, sums[v]);
   }
-#endif
 }
 
-// The queries' scaling is applied to the sums: with AVX512-BF16 the products come straight from
-// the stored bfloat16 queries and keys; without it, from the float32 queries, already scaled.
+// Without AVX512-BF16: the float32 queries are scaled already.
 template <int64_t kVectors>
 inline void score_block_bf16(BlockShape shape, QueryVectors queries,
                              const at::BFloat16* __restrict keys_t, ScoreRows scores) {
@@ -153,11 +147,8 @@ inline void score_block_bf16(BlockShape shape, QueryVectors queries,
                                      keys_t + key_offset(d + 2, column, block_size));
     }
     for (int64_t v = 0; v < kVectors; ++v) {
-      __m512 total = _mm512_add_ps(first[v], second[v]);
-#if defined(__AVX512BF16__)
-      total = _mm512_mul_ps(total, _mm512_set1_ps(shape.scale));
-#endif
-      _mm512_storeu_ps(scores.data + v * scores.stride + column, total);
+      _mm512_storeu_ps(scores.data + v * scores.stride + column,
+                       _mm512_add_ps(first[v], second[v]));
     }
   }
 }
@@ -189,6 +180,142 @@ inline void accumulate_block_bf16(float* __restrict accumulators,
     }
   }
 }
+
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+// The value pass with bfloat16 dot products: value rows r and r + 1, interleaved element by
+// element, are one operand of vdpbf16ps and the two rows' softmax weights (rounded to bfloat16,
+// as GPU flash attention rounds them) the other, so one instruction adds two rows to 16
+// dimensions of a sum. Widening every row to float32 for multiply-adds took twice the
+// instructions, and made this pass the largest part of a prompt's attention time.
+
+// Two value rows a and b interleave with one unpack each way per 32 dimensions: unpacklo gives
+// dimensions {0-3, 8-11, 16-19, 24-27} (four per 128-bit lane), unpackhi the other half, so
+// the sums come out in that order; at the end a two-source permute puts each 16 back in order.
+// (A cross-lane word permute would give the natural order at once, but it costs more than an
+// unpack, and it would run once per pair of rows.)
+constexpr int32_t kUnpackedOrder[2][16] = {
+    {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
+    {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31}};
+
+// Scoring with bfloat16 dot products, kColumns runs of 16 keys (from one block or several) at a
+// time against kVectors query vectors: each query pair, broadcast once, multiplies every run, so
+// a broadcast serves kColumns dot products (scoring one block per group of vectors took a
+// broadcast per dot product, which bounded the loop). 6 x 4 sums, 4 runs and a broadcast fill 29
+// of the 32 registers.
+constexpr int64_t kScoreVectors = 6;
+constexpr int64_t kScoreColumns = 4;
+
+// scores[v][16 c + k] = scale * queries[v] . key k of run c, for runs of 16 keys in the pair
+// layout (pair p of a run's keys at runs[c] + p * pair_stride).
+template <int64_t kVectors, int64_t kColumns>
+inline void score_columns_bf16(int64_t head_dim, float scale, const uint32_t* __restrict queries,
+                               const at::BFloat16* const* runs, int64_t pair_stride,
+                               float* __restrict scores, int64_t score_stride) {
+  __m512 sums[kVectors][kColumns];
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t c = 0; c < kColumns; ++c) sums[v][c] = _mm512_setzero_ps();
+  }
+  for (int64_t pair = 0; pair < head_dim / 2; ++pair) {
+    __m512bh keys[kColumns];
+    for (int64_t c = 0; c < kColumns; ++c) {
+      keys[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(runs[c] + pair * pair_stride));
+    }
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const __m512bh query = reinterpret_cast<__m512bh>(
+          _mm512_set1_epi32(static_cast<int>(queries[v * head_dim / 2 + pair])));
+      for (int64_t c = 0; c < kColumns; ++c) {
+        sums[v][c] = _mm512_dpbf16_ps(sums[v][c], keys[c], query);
+      }
+    }
+  }
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t c = 0; c < kColumns; ++c) {
+      _mm512_storeu_ps(scores + v * score_stride + c * kLanes,
+                       _mm512_mul_ps(sums[v][c], _mm512_set1_ps(scale)));
+    }
+  }
+}
+
+// Dimensions the pair pass keeps in registers at a time: 4 sums of 16 per vector.
+constexpr int64_t kPairDims = 64;
+// Query vectors the pair pass adds up at once: 6 x 4 sums, the 4 operands and a weight fill 29
+// of the 32 registers.
+constexpr int64_t kPairVectors = 6;
+
+// Where accumulate_pairs finds each pair of value rows as vdpbf16ps operands (16 dimensions of
+// both rows, interleaved element by element, per operand; see kUnpackedOrder), 64 dimensions at
+// a time: read from the
+// cache and interleaved as they are needed (CachedPairs), or from an item's rows interleaved once
+// into a scratch buffer (InterleavedPairs) when several groups of vectors read them.
+
+// The item's value rows in the cache. Pairs and positions count from the item's first block; a
+// row outside [begin, end) is never read (it may lie before the window or past the context) and
+// counts as zeros.
+struct CachedPairs {
+  const at::BFloat16* const* pair_rows;  // Each pair's first row (pair_rows_of).
+  int64_t head_dim;
+  int64_t begin;
+  int64_t end;
+
+  void load(int64_t pair, int64_t offset, __m512bh operands[4]) const {
+    const int64_t row = 2 * pair;
+    const __mmask32 first_mask = row >= begin ? ~0u : 0u;
+    const __mmask32 second_mask = row + 1 < end ? ~0u : 0u;
+    const at::BFloat16* first = pair_rows[pair] + offset;
+    for (int64_t half = 0; half < 2; ++half) {
+      const __m512i a = _mm512_maskz_loadu_epi16(first_mask, first + half * 32);
+      const __m512i b = _mm512_maskz_loadu_epi16(second_mask, first + head_dim + half * 32);
+      operands[2 * half] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+      operands[2 * half + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+    }
+  }
+};
+
+// The same operands, interleaved once: [pairs][head_dim / 16].
+struct InterleavedPairs {
+  const __m512i* operands;
+  int64_t head_dim;
+
+  void load(int64_t pair, int64_t offset, __m512bh values[4]) const {
+    const __m512i* pair_operands = operands + pair * (head_dim / kLanes) + offset / kLanes;
+    for (int64_t c = 0; c < 4; ++c) {
+      values[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pair_operands + c));
+    }
+  }
+};
+
+// accumulators[v][offset, offset + 64) = sum over pairs [first_pair, end_pair) of the vector's
+// two weights (one 32-bit word of weight_pairs) times the pair's operands.
+template <int64_t kVectors, typename Pairs>
+inline void accumulate_pairs(float* __restrict accumulators, int64_t head_dim, int64_t offset,
+                             const Pairs& pairs, int64_t first_pair, int64_t end_pair,
+                             const uint32_t* __restrict weight_pairs, int64_t pair_stride) {
+  __m512 sums[kVectors][4];
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t c = 0; c < 4; ++c) sums[v][c] = _mm512_setzero_ps();
+  }
+  for (int64_t pair = first_pair; pair < end_pair; ++pair) {
+    __m512bh values[4];
+    pairs.load(pair, offset, values);
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const __m512bh weights = reinterpret_cast<__m512bh>(
+          _mm512_set1_epi32(static_cast<int>(weight_pairs[v * pair_stride + pair])));
+      for (int64_t c = 0; c < 4; ++c) sums[v][c] = _mm512_dpbf16_ps(sums[v][c], values[c], weights);
+    }
+  }
+  const __m512i first_order = _mm512_loadu_si512(kUnpackedOrder[0]);
+  const __m512i second_order = _mm512_loadu_si512(kUnpackedOrder[1]);
+  for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t half = 0; half < 2; ++half) {
+      const __m512 low = sums[v][2 * half];
+      const __m512 high = sums[v][2 * half + 1];
+      float* destination = accumulators + v * head_dim + offset + half * 32;
+      _mm512_storeu_ps(destination, _mm512_permutex2var_ps(low, first_order, high));
+      _mm512_storeu_ps(destination + kLanes, _mm512_permutex2var_ps(low, second_order, high));
+    }
+  }
+}
+#endif
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -321,12 +448,11 @@ inline bool has_avx2_scores(int64_t block_size) {
 #endif
 }
 
-// Whether the fast path scores keys against the stored bfloat16 queries (AVX512-BF16 dot
-// products) rather than against float32 copies of them, scaled.
-#if defined(__AVX512BF16__)
-constexpr bool kScoresFromBf16 = true;
+// Whether the fast path runs on bfloat16 dot products (attend_item_with_dot_products).
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+constexpr bool kDotProducts = true;
 #else
-constexpr bool kScoresFromBf16 = false;
+constexpr bool kDotProducts = false;
 #endif
 
 template <typename T>
@@ -416,7 +542,8 @@ inline void accumulate_block(BlockShape shape, int64_t num_vectors, float* accum
 // scores first where asked), add up the weighted value rows, write the output.
 
 constexpr int64_t kTileRows = 16;
-// How many key blocks ahead of use to fetch (see KeyPrefetcher).
+// How many key blocks ahead of use to fetch (see KeyPrefetcher), where blocks are scored one at
+// a time.
 constexpr int64_t kPrefetchBlocks = 1;
 
 // The shapes and strides of one paged_attention call.
@@ -531,17 +658,18 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data
           data.block_tables + item.sequence * geometry.max_blocks};
 }
 
-// The key blocks one thread will score, fetched kPrefetchBlocks ahead across the ends of its
+// The key blocks one thread will score, fetched `ahead` blocks ahead across the ends of its
 // items (every num_threads-th, from its first): a sequence's blocks lie anywhere in the cache,
 // and without this every item would start with full memory-latency misses.
 template <typename T>
 class KeyPrefetcher {
  public:
   KeyPrefetcher(const AttentionGeometry& geometry, const AttentionData<T>& data,
-                const std::vector<AttentionItem>& items, size_t first_item, size_t item_step)
+                const std::vector<AttentionItem>& items, size_t first_item, size_t item_step,
+                int64_t ahead)
       : geometry_(geometry), data_(data), items_(items), index_(first_item), step_(item_step) {
     if (index_ < items_.size()) block_ = items_[index_].first_block;
-    for (int64_t i = 0; i < kPrefetchBlocks; ++i) advance();
+    for (int64_t i = 0; i < ahead; ++i) advance();
   }
 
   // Fetches the next key block in this thread's order.
@@ -573,6 +701,11 @@ struct ItemScratch {
   std::vector<float> accumulators;   // [vectors][head_dim]
   std::vector<float> inverse_sums;   // [vectors]
   std::vector<float> scores;         // [vectors][stride]
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+  std::vector<uint16_t> weights;     // [vectors][stride], the softmax weights as bfloat16 bits
+  std::vector<__m512i> value_pairs;  // [pairs][head_dim / 16], see accumulate_values_in_pairs
+  std::vector<const at::BFloat16*> pair_rows;  // [pairs]
+#endif
 
   explicit ItemScratch(const AttentionGeometry& geometry)
       : queries(kTileRows * geometry.group * geometry.head_dim),
@@ -581,7 +714,7 @@ struct ItemScratch {
         inverse_sums(kTileRows * geometry.group) {}
 
   QueryVectors vectors_from(int64_t first, int64_t count, int64_t head_dim) const {
-    return {queries.data() + first * head_dim, query_pairs.data() + first * head_dim / 2, count};
+    return {queries.data() + first * head_dim, count};
   }
 };
 
@@ -596,7 +729,7 @@ void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
       const T* source = data.query + (span.row_offset + r) * geometry.query_row_stride +
                         (item.kv_head * geometry.group + g) * geometry.query_head_stride;
       const int64_t vector = r * geometry.group + g;
-      if constexpr (std::is_same_v<T, at::BFloat16> && kScoresFromBf16) {
+      if constexpr (std::is_same_v<T, at::BFloat16> && kDotProducts) {
         if (shape.fast) {  // Scored straight from the stored bfloat16 (see score_block).
           std::memcpy(scratch.query_pairs.data() + vector * head_dim / 2, source,
                       head_dim * sizeof(T));
@@ -632,6 +765,48 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape, const Atten
     }
   }
 }
+
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+// score_keys for the fast path: runs of kScoreColumns x 16 keys (across blocks) against groups
+// of kScoreVectors vectors, each score one chain of dot products over the pairs of dimensions
+// whatever the group and the run, so a vector's scores do not depend on the other rows.
+void score_keys_in_columns(const AttentionGeometry& geometry, BlockShape shape,
+                           const AttentionData<at::BFloat16>& data, const AttentionItem& item,
+                           const ItemSpan& span, ItemScratch& scratch,
+                           KeyPrefetcher<at::BFloat16>& prefetcher) {
+  const int64_t block_size = geometry.block_size;
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t span_columns = span.stride / kLanes;
+  for (int64_t column = 0; column < span_columns; column += kScoreColumns) {
+    const int64_t columns = std::min(kScoreColumns, span_columns - column);
+    const int64_t start = span.first_position + column * kLanes;
+    const at::BFloat16* runs[kScoreColumns];
+    for (int64_t c = 0; c < columns; ++c) {
+      const int64_t position = (column + c) * kLanes;  // From span.first_position.
+      const int64_t within = position % block_size;
+      const int64_t offset = geometry.block_offset(
+          item.kv_head, span.table[item.first_block + position / block_size]);
+      if (within == 0) {  // The block's first run: fetch ahead, and its values for later.
+        prefetcher.advance();
+        prefetch(data.values + offset, geometry.block_elements());
+      }
+      runs[c] = data.keys + offset + within * 2;
+    }
+    for (int64_t first = 0; first < span.vectors; first += kScoreVectors) {
+      const int64_t count = std::min(kScoreVectors, span.vectors - first);
+      if (span.skips(first, count, start, columns * kLanes)) continue;
+      with_count<kScoreVectors>(count, [&](auto n) {
+        with_count<kScoreColumns>(columns, [&](auto m) {
+          score_columns_bf16<decltype(n)::value, decltype(m)::value>(
+              head_dim, shape.scale, scratch.query_pairs.data() + first * head_dim / 2, runs,
+              block_size * 2, scratch.scores.data() + first * span.stride + column * kLanes,
+              span.stride);
+        });
+      });
+    }
+  }
+}
+#endif
 
 // Each vector's scores of what it sees become cap * tanh(score / cap). A pass of its own, out of
 // line, so that the item loop of attention without a cap keeps the code it had.
@@ -673,6 +848,21 @@ inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
   }
 }
 
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+// scratch.weights = scratch.scores rounded to bfloat16, for accumulate_values_in_pairs (the fast
+// path's strides are multiples of 16).
+inline void round_weights(const ItemSpan& span, ItemScratch& scratch) {
+  scratch.weights.resize(span.vectors * span.stride);
+  const float* source = scratch.scores.data();
+  uint16_t* destination = scratch.weights.data();
+  for (int64_t i = 0; i < span.vectors * span.stride; i += kLanes) {
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(source + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(destination + i),
+                        reinterpret_cast<__m256i>(rounded));
+  }
+}
+#endif
+
 // scratch.accumulators = the softmax weights times the value rows the item sees.
 template <typename T>
 void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
@@ -700,6 +890,68 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
   }
 }
 
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+// accumulate_values for the fast path: each group of kPairVectors vectors adds up every pair of
+// value rows it sees with its sums in registers. An item with several groups (a prompt's tile)
+// interleaves its rows into the scratch once for all of them. A vector's sum runs over the same
+// pairs in the same order whatever group it is in: pairs outside what it sees have zero weights
+// and add exact zeros.
+void accumulate_values_in_pairs(const AttentionGeometry& geometry,
+                                const AttentionData<at::BFloat16>& data, const AttentionItem& item,
+                                const ItemSpan& span, ItemScratch& scratch) {
+  const int64_t head_dim = geometry.head_dim;
+  // Rows before the item's first vector's window are read by no vector.
+  const int64_t item_begin = std::max(span.first_position, span.begin(0));
+  const int64_t end_pair = (span.context - span.first_position + 1) / 2;
+  // Each pair's first row, so that the loops over pairs divide nothing by the block size.
+  scratch.pair_rows.resize(end_pair);
+  for (int64_t pair = 0; pair < end_pair; ++pair) {
+    const int64_t row = 2 * pair;
+    const int64_t block = item.first_block + row / geometry.block_size;
+    scratch.pair_rows[pair] = data.values +
+                              geometry.block_offset(item.kv_head, span.table[block]) +
+                              (row % geometry.block_size) * head_dim;
+  }
+  const CachedPairs cached{scratch.pair_rows.data(), head_dim, item_begin - span.first_position,
+                           span.context - span.first_position};
+  const auto* weight_pairs = reinterpret_cast<const uint32_t*>(scratch.weights.data());
+  auto add_up = [&](const auto& pairs) {
+    for (int64_t first = 0; first < span.vectors; first += kPairVectors) {
+      const int64_t count = std::min(kPairVectors, span.vectors - first);
+      // The pairs holding what the group sees.
+      const int64_t group_begin =
+          (std::max(item_begin, span.begin(first)) - span.first_position) / 2;
+      const int64_t group_end = (span.end(first + count - 1) - span.first_position + 1) / 2;
+      for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
+        with_count<kPairVectors>(count, [&](auto n) {
+          accumulate_pairs<decltype(n)::value>(
+              scratch.accumulators.data() + first * head_dim, head_dim, offset, pairs,
+              group_begin, group_end, weight_pairs + first * span.stride / 2, span.stride / 2);
+        });
+      }
+    }
+  };
+  if (span.vectors <= kPairVectors) {
+    add_up(cached);
+    return;
+  }
+  const int64_t first_pair = cached.begin / 2;
+  scratch.value_pairs.resize(end_pair * (head_dim / kLanes));
+  for (int64_t pair = first_pair; pair < end_pair; ++pair) {
+    for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
+      __m512bh operands[4];
+      cached.load(pair, offset, operands);
+      for (int64_t c = 0; c < 4; ++c) {
+        _mm512_storeu_si512(scratch.value_pairs.data() + pair * (head_dim / kLanes) +
+                                offset / kLanes + c,
+                            reinterpret_cast<__m512i>(operands[c]));
+      }
+    }
+  }
+  add_up(InterleavedPairs{scratch.value_pairs.data(), head_dim});
+}
+#endif
+
 template <typename T>
 void store_output(const AttentionGeometry& geometry, const AttentionData<T>& data,
                   const AttentionItem& item, const ItemSpan& span, const ItemScratch& scratch) {
@@ -716,6 +968,40 @@ void store_output(const AttentionGeometry& geometry, const AttentionData<T>& dat
   }
 }
 
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+// One item of the fast path on CPUs with AVX512-BF16, after its queries are gathered: the keys
+// scored in runs of columns, the softmax weights rounded to bfloat16, the value rows added in
+// pairs. Per vector, every score and every sum runs the same instructions in the same order
+// whatever else the item holds, so a row's output does not depend on how its sequence's rows are
+// chunked or batched.
+void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape shape,
+                                   const AttentionData<at::BFloat16>& data,
+                                   const AttentionItem& item, const ItemSpan& span,
+                                   float logit_softcap, ItemScratch& scratch,
+                                   KeyPrefetcher<at::BFloat16>& prefetcher) {
+  score_keys_in_columns(geometry, shape, data, item, span, scratch, prefetcher);
+  if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
+  softmax_rows(span, scratch);
+  round_weights(span, scratch);
+  accumulate_values_in_pairs(geometry, data, item, span, scratch);
+  store_output(geometry, data, item, span, scratch);
+}
+#endif
+
+// How many blocks ahead the prefetcher runs: one block's scoring ahead, or one run of columns'
+// (score_keys_in_columns scores kScoreColumns x 16 keys at a time).
+template <typename T>
+int64_t prefetch_distance(const AttentionGeometry& geometry, BlockShape shape) {
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+  if (std::is_same_v<T, at::BFloat16> && shape.fast) {
+    return std::max<int64_t>(kPrefetchBlocks, kScoreColumns * kLanes / geometry.block_size);
+  }
+#endif
+  (void)geometry;
+  (void)shape;
+  return kPrefetchBlocks;
+}
+
 template <typename T>
 void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
                           const AttentionData<T>& data, int64_t num_sequences,
@@ -727,12 +1013,22 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
   at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     ItemScratch scratch(geometry);
     for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
-      KeyPrefetcher<T> prefetcher(geometry, data, items, thread, num_threads);
+      KeyPrefetcher<T> prefetcher(geometry, data, items, thread, num_threads,
+                                  prefetch_distance<T>(geometry, shape));
       for (size_t index = thread; index < items.size(); index += num_threads) {
         const AttentionItem& item = items[index];
         const ItemSpan span = span_of(geometry, data, item);
         scratch.scores.resize(span.vectors * span.stride);
         gather_queries(geometry, shape, data, item, span, scratch);
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (shape.fast) {
+            attend_item_with_dot_products(geometry, shape, data, item, span, logit_softcap,
+                                          scratch, prefetcher);
+            continue;
+          }
+        }
+#endif
         score_keys(geometry, shape, data, item, span, scratch, prefetcher);
         if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
         softmax_rows(span, scratch);
@@ -833,6 +1129,8 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
 }
 
 }  // namespace
+
+bool attention_has_dot_products() { return kDotProducts; }
 
 // query [T, H, D] (rows may be strided); caches as described above; block_tables
 // [S, max_blocks], cache_lens [S] and query_starts [S + 1], all int32. sliding_window: positions

@@ -95,6 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("rotary_", &sluice::rotary_);
   module.def("silu_and_mul", &sluice::silu_and_mul);
   module.def("has_linear_bf16", &sluice::has_linear_bf16);
+  module.def("attention_has_dot_products", &sluice::attention_has_dot_products);
   module.def("pack_linear_bf16", &sluice::pack_linear_bf16);
   module.def("linear_bf16", &sluice::linear_bf16);
   module.def("linear_quantized", &sluice::linear_quantized, py::arg("x"), py::arg("codes"),

@@ -12,6 +12,8 @@
 namespace sluice {
 
 // attention.cpp: the paged KV cache.
+// Whether paged_attention's bfloat16 fast path runs on AVX512-BF16 dot products.
+bool attention_has_dot_products();
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& cache_lens, const at::Tensor& query_starts,
