@@ -42,6 +42,7 @@ CONTENTION_WARNING = 0.05  # above this share of the CPUs used by others, the nu
 PERPLEXITY_FILE = "perplexity.json"
 LOAD_MEMORY_FILE = "load_memory.json"
 QUANTIZED_FILE = "quantized.json"
+OVERLAP_FILE = "overlap.json"
 # perplexity.py's results for a quantization method: perplexity-METHOD.json.
 QUANTIZED_PERPLEXITY_FILE = "perplexity-{}.json"
 
@@ -725,8 +726,28 @@ def load_memory_section(memory: Results) -> str:
     return intro + table(header, rows) + "\n"
 
 
-def extra_sections(perplexity: Results | None, load_memory: Results | None) -> str:
+def overlap_section(overlap: Results) -> str:
+    return (
+        f"`{overlap['command']}` on {overlap['generated_at']}, from "
+        f"`benchmark/results/{OVERLAP_FILE}`"
+        + (f" ({overlap['cpu']})" if "cpu" in overlap else "")
+        + f": Sluice in {overlap['sluice_dtype']}, served with "
+        "`--overlap-steps true` and `false`, the two taking turns for "
+        f"{overlap['rounds_run']} round(s) (medians), 128-token prompts unless the workload says "
+        "otherwise, EOS ignored. Forward and shard step: means from Sluice's /metrics; wall per "
+        "step: the level's duration over its steps; the gap: what the wall time per step leaves "
+        "beyond the shard's step, the time the shard waited between steps.\n\n" + overlap["table"]
+    )
+
+
+def extra_sections(
+    perplexity: Results | None, load_memory: Results | None, overlap: Results | None = None
+) -> str:
     sections = []
+    if overlap:
+        sections.append(
+            "\n## Overlapped steps against steps one after another\n\n" + overlap_section(overlap)
+        )
     if perplexity:
         sections.append(
             "\n## Quality: perplexity against transformers\n\n" + perplexity_section(perplexity)
@@ -745,6 +766,7 @@ def render(
     load_memory: Results | None = None,
     quantized_perplexities: dict[str, Results] | None = None,
     quantized_apart: Results | None = None,
+    overlap: Results | None = None,
 ) -> str:
     s = results["settings"]
     quick = (
@@ -802,7 +824,7 @@ kernel time for a server with a 5 GiB KV cache), which would tax the server unde
 
 {breakdown_section(results)}\
 {quantized_part(results, perplexity, quantized_perplexities, quantized_apart)}\
-{extra_sections(perplexity, load_memory)}"""
+{extra_sections(perplexity, load_memory, overlap)}"""
 
 
 # --- plot ------------------------------------------------------------------------------------
@@ -888,16 +910,19 @@ def quantized_perplexities(folder: Path) -> dict[str, Results]:
 
 
 def write(results: Results, doc: Path, png: Path, extras: Path | None = None) -> None:
-    """The page and its plot; `extras`: the folder where perplexity.py's and load_memory.py's
-    results are looked for."""
+    """The page and its plot; `extras`: the folder where perplexity.py's, load_memory.py's,
+    quantized.py's and overlap.py's results are looked for."""
     plot(results, png)
     doc.parent.mkdir(parents=True, exist_ok=True)
     perplexity = read_if_present(extras / PERPLEXITY_FILE) if extras else None
     load_memory = read_if_present(extras / LOAD_MEMORY_FILE) if extras else None
     per_method = quantized_perplexities(extras) if extras else {}
     quantized_apart = read_if_present(extras / QUANTIZED_FILE) if extras else None
+    overlap = read_if_present(extras / OVERLAP_FILE) if extras else None
     link = os.path.relpath(png, doc.parent)
-    doc.write_text(render(results, link, perplexity, load_memory, per_method, quantized_apart))
+    doc.write_text(
+        render(results, link, perplexity, load_memory, per_method, quantized_apart, overlap)
+    )
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """What the way steps reach a shard costs: a real shard's steps sent one Step call after another,
-two calls in flight (the next call sent while the shard runs the current one, as an overlapping
-router would), and one after another over a `Steps` stream (as the router sends them).
+two calls in flight (the next call sent while the shard runs the current one), one after another
+over a `Steps` stream, and two in flight over the stream (as the router sends overlapped steps).
 
-Starts `sluice-server serve` on a unix socket, admits `--batch` sequences of `--prompt-tokens`
-tokens, then times decode steps of all of them, the two ways alternating round after round in
-one run. Reports per way the wall time per step, the shard's own time per step (`total_ns`,
-from the step's answer) and the gap between them; and the round trip of an empty step, by call
-and over a stream: the fixed cost of a step. Both ways send the same decode step, so the order the shard runs them in
-does not change the work.
+Starts `sluice-server serve` on a unix socket (or, with `--server-source`, another checkout's),
+admits `--batch` sequences of `--prompt-tokens` tokens, then times decode steps of all of them,
+the ways taking turns round after round in one run. Reports per way the wall time per step, the
+shard's own time per step (`total_ns`, from the step's answer) and the gap between them; and the
+round trip of an empty step, by call and over a stream: the fixed cost of a step. Every way sends
+the same decode step, so the order the shard runs them in does not change the work.
 
     python benchmark/step_pipelining.py --batch 1 8
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,24 @@ async def over_a_stream(
     return elapsed / steps * 1e3, shard_ns / steps / 1e6
 
 
+async def two_in_flight_over_a_stream(
+    stub: pb_grpc.TextGenerationServiceStub, step: pb.StepRequest, steps: int
+) -> tuple[float, float]:
+    """Over one `Steps` stream, the next step written before the current one's answer is read,
+    as the router sends overlapped steps."""
+    stream = stub.Steps()
+    shard_ns = 0
+    start = time.perf_counter()
+    await stream.write(step)
+    for _ in range(steps - 1):
+        await stream.write(step)
+        shard_ns += (await stream.read()).total_ns
+    shard_ns += (await stream.read()).total_ns
+    elapsed = time.perf_counter() - start
+    await stream.done_writing()
+    return elapsed / steps * 1e3, shard_ns / steps / 1e6
+
+
 async def empty_round_trip_ms(stub: pb_grpc.TextGenerationServiceStub, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -109,6 +128,7 @@ WAYS = {
     "one at a time": one_at_a_time,
     "two in flight": two_in_flight,
     "over a stream": over_a_stream,
+    "two in flight over a stream": two_in_flight_over_a_stream,
 }
 
 
@@ -149,13 +169,24 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="decode steps per way and round")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--server-source",
+        type=Path,
+        help="run the shard from this checkout's server/ folder (another revision) instead of "
+        "the installed one",
+    )
     args = parser.parse_args()
 
     socket = Path(tempfile.mkdtemp(prefix="sluice-pipelining-")) / "shard.sock"
     server = venv_bin() / "sluice-server"
+    command = [str(server if server.exists() else "sluice-server")]
+    env = dict(os.environ)
+    if args.server_source:
+        command = [sys.executable, "-m", "sluice_server"]
+        env["PYTHONPATH"] = str(args.server_source.resolve() / "server")
     shard = subprocess.Popen(
         [
-            str(server if server.exists() else "sluice-server"),
+            *command,
             "serve",
             "--uds-path",
             str(socket),
@@ -164,6 +195,7 @@ def main() -> None:
             str(args.model.expanduser()),
         ],
         stdout=subprocess.DEVNULL,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 600

@@ -1,13 +1,13 @@
 //! A client for one shard, over its unix socket or TCP.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use futures::channel::mpsc::{unbounded, UnboundedSender};
+use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint, Uri};
-use tonic::Streaming;
 
 use crate::pb::{self, text_generation_service_client::TextGenerationServiceClient};
 use crate::{ClientError, ShardAddress, TraceHeaders};
@@ -15,15 +15,19 @@ use crate::{ClientError, ShardAddress, TraceHeaders};
 #[derive(Clone, Debug)]
 pub struct ShardClient {
     inner: TextGenerationServiceClient<Channel>,
-    /// The `Steps` stream steps go over, opened by the first step and after a failed one.
+    /// The `Steps` stream steps go over, opened by the first step and after one that failed.
     steps: Arc<Mutex<Option<StepStream>>>,
 }
 
-/// An open `Steps` call: where the next step goes, and where its answer comes from.
+/// Where a step's answer goes: the caller waits on the other end.
+type Waiter = oneshot::Sender<Result<pb::StepResponse, ClientError>>;
+
+/// An open `Steps` call: where the next step goes, and where its caller waits for the answer.
+/// The stream answers in the order it was sent, so each answer goes to the oldest waiter.
 #[derive(Debug)]
 struct StepStream {
     requests: UnboundedSender<pb::StepRequest>,
-    responses: Streaming<pb::StepResponse>,
+    waiters: mpsc::UnboundedSender<Waiter>,
 }
 
 impl ShardClient {
@@ -78,57 +82,53 @@ impl ShardClient {
         Ok(self.inner.clone().warmup(request).await?.into_inner())
     }
 
-    /// Runs a step over the `Steps` stream (one call for many steps saves the shard the
-    /// per-call gRPC work). Steps never overlap: the stream answers in order.
-    pub async fn step(
+    /// Queues a step on the `Steps` stream now, behind the steps sent before it, and returns
+    /// its answer's future, which holds no borrow of the client: the caller can send the next
+    /// step before this one is answered, and the shard runs them in order. One stream for many
+    /// steps also saves the shard the per-call gRPC work.
+    pub fn send_step(
         &self,
         request: pb::StepRequest,
         trace: &TraceHeaders,
-    ) -> Result<pb::StepResponse, ClientError> {
+    ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send + 'static {
         let request = pb::StepRequest {
             trace_context: trace.clone(),
             ..request
         };
-        let mut open = self.steps.lock().await;
-        // Out of `open` while the step is in flight: a step that fails, or whose caller stops
-        // waiting (another rank's step failed), drops its stream rather than leave one whose
-        // next answer would be this step's.
-        let (stream, answer) = self.send(open.take(), request).await?;
-        let response = answer.ok_or(ClientError::StepStreamEnded)?;
-        *open = Some(stream);
-        Ok(response)
+        let (waiter, answer) = oneshot::channel();
+        // Never held across an await; a panic elsewhere cannot leave the stream half-sent.
+        let mut open = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = match open.as_ref() {
+            // A stream whose reader stopped (its call ended) takes no more steps.
+            Some(stream) if !stream.waiters.is_closed() => {
+                match stream.requests.unbounded_send(request) {
+                    Ok(()) => {
+                        // Only fails if the reader stopped just now: the answer is then an
+                        // error, as it would be on that stream.
+                        let _ = stream.waiters.send(waiter);
+                        None
+                    }
+                    Err(unsent) => Some((unsent.into_inner(), waiter)),
+                }
+            }
+            _ => Some((request, waiter)),
+        };
+        if let Some((request, waiter)) = sent {
+            *open = Some(self.open_stream(request, waiter));
+        }
+        async move { answer.await.unwrap_or(Err(ClientError::StepStreamEnded)) }
     }
 
-    /// Sends `request` over `stream`, or over a new stream where there is none or its call has
-    /// ended (the shard stopped it between steps), and reads the answer.
-    async fn send(
-        &self,
-        stream: Option<StepStream>,
-        mut request: pb::StepRequest,
-    ) -> Result<(StepStream, Option<pb::StepResponse>), tonic::Status> {
-        if let Some(mut stream) = stream {
-            match stream.requests.unbounded_send(request) {
-                Ok(()) => {
-                    let answer = stream.responses.message().await?;
-                    return Ok((stream, answer));
-                }
-                Err(unsent) => request = unsent.into_inner(),
-            }
-        }
+    /// Opens a `Steps` call with `request` queued first, and starts the task that hands its
+    /// answers to their waiters.
+    fn open_stream(&self, request: pb::StepRequest, waiter: Waiter) -> StepStream {
         let (requests, outgoing) = unbounded();
-        // Queued before the call: the shard sends its response headers with the first answer.
-        requests
-            .unbounded_send(request)
-            .map_err(|_| tonic::Status::internal("the step stream's queue closed"))?;
-        let mut responses = self.inner.clone().steps(outgoing).await?.into_inner();
-        let answer = responses.message().await?;
-        Ok((
-            StepStream {
-                requests,
-                responses,
-            },
-            answer,
-        ))
+        let (waiters, waiting) = mpsc::unbounded_channel();
+        // Neither can fail: both receivers are alive here.
+        let _ = requests.unbounded_send(request);
+        let _ = waiters.send(waiter);
+        tokio::spawn(read_answers(self.inner.clone(), outgoing, waiting));
+        StepStream { requests, waiters }
     }
 
     pub async fn clear_cache(&self) -> Result<(), ClientError> {
@@ -137,5 +137,39 @@ impl ShardClient {
             .clear_cache(pb::ClearCacheRequest {})
             .await?;
         Ok(())
+    }
+}
+
+/// Makes the `Steps` call and hands each answer to the oldest waiter. The first error (or the
+/// end of the call) goes to its waiter and ends the task; the waiters behind it then get
+/// `StepStreamEnded`, and the next step opens a new stream. Ends as well when the client is
+/// dropped.
+async fn read_answers(
+    mut client: TextGenerationServiceClient<Channel>,
+    outgoing: UnboundedReceiver<pb::StepRequest>,
+    mut waiting: mpsc::UnboundedReceiver<Waiter>,
+) {
+    // Answers only once the shard sends its response headers, which come with the first answer.
+    let mut responses = match client.steps(outgoing).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            if let Some(waiter) = waiting.recv().await {
+                let _ = waiter.send(Err(status.into()));
+            }
+            return;
+        }
+    };
+    while let Some(waiter) = waiting.recv().await {
+        let answer = match responses.message().await {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(ClientError::StepStreamEnded),
+            Err(status) => Err(status.into()),
+        };
+        let failed = answer.is_err();
+        // A caller that stopped waiting (another rank's step failed) drops its answer.
+        let _ = waiter.send(answer);
+        if failed {
+            return;
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! Fan-out over all ranks: every rank runs the same step, rank 0 answers for all of them.
 
+use std::future::Future;
+
 use futures::future::try_join_all;
 
 use crate::pb;
@@ -49,14 +51,22 @@ impl ShardedClient {
             .ok_or(ClientError::NoShards)
     }
 
-    pub async fn step(
+    /// Queues the step on every rank now (see `ShardClient::send_step`); the future gives rank
+    /// 0's answer once every rank has answered.
+    pub fn send_step(
         &self,
         request: pb::StepRequest,
         trace: &TraceHeaders,
-    ) -> Result<pb::StepResponse, ClientError> {
-        let steps = self.shards.iter().map(|s| s.step(request.clone(), trace));
-        let mut answers = try_join_all(steps).await?;
-        Ok(answers.swap_remove(0))
+    ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send + 'static {
+        let answers: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| s.send_step(request.clone(), trace))
+            .collect();
+        async move {
+            let mut answers = try_join_all(answers).await?;
+            Ok(answers.swap_remove(0))
+        }
     }
 
     pub async fn clear_cache(&self) -> Result<(), ClientError> {

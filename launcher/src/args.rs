@@ -68,6 +68,11 @@ pub struct Args {
     #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_caching: bool,
 
+    /// Build and send each step while the one before it runs, so the shards do not wait for the
+    /// router between steps. A request that arrives during a step then joins the one after next.
+    #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
+    pub overlap_steps: bool,
+
     /// Accepted for TGI compatibility, without effect: with chunked prefill every step admits
     /// waiting requests within the token budget, so there is no separate prefill batch to delay.
     #[arg(long, env)]

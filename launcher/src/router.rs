@@ -32,6 +32,7 @@ pub struct RouterConfig {
     pub max_batch_size: Option<usize>,
     pub max_batch_total_tokens: Option<u32>,
     pub prefix_caching: bool,
+    pub overlap_steps: bool,
     pub api_key: Option<String>,
     pub payload_limit: usize,
     pub cors_allow_origin: Vec<String>,
@@ -61,6 +62,7 @@ impl RouterConfig {
             max_batch_size: args.max_batch_size,
             max_batch_total_tokens: args.max_batch_total_tokens,
             prefix_caching: args.prefix_caching,
+            overlap_steps: args.overlap_steps,
             api_key: args.api_key.clone(),
             payload_limit: args.payload_limit,
             cors_allow_origin: args.cors_allow_origin.clone(),
@@ -91,6 +93,8 @@ impl RouterConfig {
             .arg(self.max_concurrent_requests.to_string())
             .arg("--prefix-caching")
             .arg(self.prefix_caching.to_string())
+            .arg("--overlap-steps")
+            .arg(self.overlap_steps.to_string())
             .args(self.request_limits.to_flags())
             .arg("--payload-limit")
             .arg(self.payload_limit.to_string())
@@ -187,6 +191,8 @@ mod tests {
                 "128",
                 "--prefix-caching",
                 "true",
+                "--overlap-steps",
+                "true",
                 "--max-stop-sequences",
                 "4",
                 "--max-top-n-tokens",
@@ -246,6 +252,8 @@ mod tests {
             "4096",
             "--prefix-caching",
             "false",
+            "--overlap-steps",
+            "false",
             "--payload-limit",
             "1000",
             "--cors-allow-origin",
@@ -256,9 +264,11 @@ mod tests {
             "4",
         ]);
         assert_eq!(
-            argv[argv.len() - 29..],
+            argv[argv.len() - 31..],
             [
                 "--prefix-caching",
+                "false",
+                "--overlap-steps",
                 "false",
                 "--max-stop-sequences",
                 "4",

@@ -88,6 +88,10 @@ pub struct RouterArgs {
     /// Reuse the KV blocks of cached prompt prefixes across requests.
     #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_caching: bool,
+    /// Build and send each step while the one before it runs, so the shards do not wait for the
+    /// router between steps. A request that arrives during a step then joins the one after next.
+    #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
+    pub overlap_steps: bool,
     #[arg(long, env, default_value_t = 4)]
     pub max_stop_sequences: usize,
     /// Alternatives per generated token (`top_n_tokens`, OpenAI's `top_logprobs`).

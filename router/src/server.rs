@@ -96,6 +96,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             num_blocks,
             block_size: warmup.block_size,
             prefix_caching: args.prefix_caching,
+            overlap_steps: args.overlap_steps,
             eos_token_ids: model.eos_token_ids.clone(),
         },
     );

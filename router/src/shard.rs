@@ -18,11 +18,13 @@ const RECOVERY_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What the scheduler needs from the shards.
 pub trait Shard: Send + Sync + 'static {
-    fn step(
+    /// Queues a step now, behind the steps sent before it (the shards run them in that order),
+    /// and returns its answer's future, so the next step can be sent before this one's answer.
+    fn send_step(
         &self,
         request: pb::StepRequest,
         trace: &TraceHeaders,
-    ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send;
+    ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send + 'static;
     /// Whether the shards can run a step: they answer and are warmed up.
     fn is_ready(&self) -> impl Future<Output = bool> + Send;
     /// After a failed step, or with shards found not ready: waits until the shards answer
@@ -97,12 +99,12 @@ impl Shards {
 }
 
 impl Shard for Shards {
-    async fn step(
+    fn send_step(
         &self,
         request: pb::StepRequest,
         trace: &TraceHeaders,
-    ) -> Result<pb::StepResponse, ClientError> {
-        self.client.step(request, trace).await
+    ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send + 'static {
+        self.client.send_step(request, trace)
     }
 
     async fn is_ready(&self) -> bool {

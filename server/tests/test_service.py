@@ -139,11 +139,11 @@ def test_steps_stream_answers_in_order_and_ends_with_a_failed_steps_status(
             stream = stub.Steps()
             await stream.write(first_step(0))
             prompt = await stream.read()
-            tokens = []
+            # Three steps sent before the first answer is read (as overlapped steps are): each
+            # decodes the token the one before it sampled, and the answers come in order.
             for _ in range(3):
                 await stream.write(decode)
-                answer = await stream.read()
-                tokens.append(answer.generations[0].token_id)
+            tokens = [(await stream.read()).generations[0].token_id for _ in range(3)]
             # The same tokens as one call per step, on a second request with the same prompt.
             second = first_step(1)
             second.scheduled[0].new_blocks[:] = [2, 3]

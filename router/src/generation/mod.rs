@@ -1,7 +1,8 @@
 //! The output side of a request. The scheduler feeds each request's `RequestOutput` the tokens
 //! the shards sample: it turns them into text and asks `StopCriteria` whether the request is
 //! done, so that every stop (end of sequence, length, stop sequence) is decided in one place,
-//! before the next step is built. A route handler reads the result through `GenerationStream`;
+//! before the next step is built (with overlapped steps, the step after next: see
+//! `scheduler::task`). A route handler reads the result through `GenerationStream`;
 //! dropping it (a client that went away) cancels the request on the scheduler.
 
 mod stop;

@@ -33,8 +33,13 @@ pub(super) struct Entry {
     pub tokens: Vec<u32>,
     /// KV blocks held, in block-table order.
     pub blocks: Vec<u32>,
-    /// Tokens whose K/V are computed (or scheduled in the step being built).
+    /// Tokens whose K/V are computed, or scheduled in a step sent or being built.
     pub num_computed: usize,
+    /// Tokens whose K/V the shards have computed in steps already answered.
+    pub num_confirmed: usize,
+    /// Tokens that steps sent but not yet answered will sample for this request: the shards
+    /// hold them already and a step built now can decode them (overlapped steps).
+    pub awaiting: usize,
     /// Whether the shards know this request (its `NewRequest` went out).
     pub on_shard: bool,
     /// Where this request's registered blocks end in the prefix cache, and how many there are.
@@ -76,6 +81,8 @@ impl Entry {
             events,
             blocks: Vec::new(),
             num_computed: 0,
+            num_confirmed: 0,
+            awaiting: 0,
             on_shard: false,
             prefix_node: RadixCache::ROOT,
             registered_blocks: 0,
@@ -106,9 +113,17 @@ impl Entry {
         }
     }
 
-    /// Tokens the next step must still run before the request can sample again.
+    /// Tokens the next step must still run before the request can sample again (a token still
+    /// to be sampled in a step in flight counts: the shards will have it).
     pub fn pending_tokens(&self) -> usize {
-        self.tokens.len() - self.num_computed
+        self.tokens.len() + self.awaiting - self.num_computed
+    }
+
+    /// Whether the tokens already sampled or awaited reach `max_new_tokens`: the request ends
+    /// by length with them, so no step needs to run it again.
+    pub fn reaches_its_length(&self) -> bool {
+        self.output.generated() as usize + self.awaiting
+            >= self.request.stopping.max_new_tokens as usize
     }
 
     /// Running with only its newest token to compute.
@@ -120,10 +135,12 @@ impl Entry {
         self.events.is_closed()
     }
 
-    /// Back to the state of a request that was never run, keeping what it generated.
+    /// Back to the state of a request that was never run, keeping what it generated (and
+    /// what a step in flight will still sample for it).
     pub fn reset_for_recompute(&mut self) {
         self.blocks.clear();
         self.num_computed = 0;
+        self.num_confirmed = 0;
         self.on_shard = false;
         self.prefix_node = RadixCache::ROOT;
         self.registered_blocks = 0;

@@ -4,6 +4,7 @@
 //! against the contract.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -184,14 +185,8 @@ impl FakeShard {
     }
 }
 
-impl Shard for FakeShard {
-    async fn step(
-        &self,
-        request: pb::StepRequest,
-        _trace: &TraceHeaders,
-    ) -> Result<pb::StepResponse, ClientError> {
-        // A real step takes time; yielding lets requests arrive between steps.
-        tokio::task::yield_now().await;
+impl FakeShard {
+    fn run(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
         let mut state = self.state.lock().unwrap();
         if self.crash_next_step.swap(false, Ordering::SeqCst) {
             let steps = std::mem::take(&mut state.steps);
@@ -201,11 +196,27 @@ impl Shard for FakeShard {
             // Any error: the scheduler does not tell them apart.
             return Err(ClientError::NoShards);
         }
-        assert!(
-            !self.cold.load(Ordering::SeqCst),
-            "a step before the warmup"
-        );
+        if self.cold.load(Ordering::SeqCst) {
+            // A restarted shard refuses steps until it is warmed up again, as a real one does.
+            return Err(ClientError::NoShards);
+        }
         Ok(state.step(request))
+    }
+}
+
+impl Shard for FakeShard {
+    fn send_step(
+        &self,
+        request: pb::StepRequest,
+        _trace: &TraceHeaders,
+    ) -> impl Future<Output = Result<pb::StepResponse, ClientError>> + Send + 'static {
+        // Run when sent, which keeps the order steps are sent in, as a real shard's stream does.
+        let answer = self.run(request);
+        async move {
+            // A real step takes time; yielding lets requests arrive between steps.
+            tokio::task::yield_now().await;
+            answer
+        }
     }
 
     async fn is_ready(&self) -> bool {

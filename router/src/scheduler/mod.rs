@@ -3,7 +3,8 @@
 //! requests first, then admissions from the queue under the token budget, preempting when
 //! blocks run out), runs it on the shards, hands every request its new token, and ends the
 //! requests that are done (see `generation::StopCriteria`): the shards forget them through the
-//! next step's `free_ids`.
+//! next step's `free_ids`. With overlapped steps, the next step is built and sent before the
+//! answer to the one in flight is handled (`task`).
 //!
 //! A request for several sequences (`best_of`, `n`) becomes one entry per sequence. The first is
 //! queued; its siblings wait as forks until it has computed its prompt, then start from the
@@ -39,6 +40,8 @@ pub struct SchedulerConfig {
     pub num_blocks: u32,
     pub block_size: u32,
     pub prefix_caching: bool,
+    /// Build and send each step while the one before it runs (see `task`).
+    pub overlap_steps: bool,
     /// The model's end-of-sequence tokens.
     pub eos_token_ids: Vec<u32>,
 }

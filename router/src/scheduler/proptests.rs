@@ -3,13 +3,14 @@
 //! cancellations, budgets and pool sizes. Every step must respect the token budget, the batch
 //! size and the pool; no block may be leaked or owned twice; a request preempted in a step is
 //! not re-admitted in it; and every request that is not cancelled must end with exactly the
-//! tokens it would have generated alone.
+//! tokens it would have generated alone, whether steps overlap or not.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use proptest::prelude::*;
+use sluice_client::pb;
 use tokio::sync::mpsc;
 
 use super::entry::Submission;
@@ -131,6 +132,7 @@ fn run(
     max_batch_tokens: u32,
     max_batch_size: usize,
     prefix_caching: bool,
+    overlap_steps: bool,
 ) {
     let config = SchedulerConfig {
         max_batch_tokens,
@@ -138,6 +140,7 @@ fn run(
         num_blocks,
         block_size,
         prefix_caching,
+        overlap_steps,
         eos_token_ids: vec![EOS],
     };
     let mut state = SchedulerState::new(config, Arc::new(byte_tokenizer()));
@@ -148,6 +151,7 @@ fn run(
     let mut clients: Vec<Client> = Vec::new();
     let mut next_arrival = 0;
 
+    let mut in_flight: Option<(Vec<(u64, u32)>, pb::StepResponse)> = None;
     for step_number in 0..MAX_STEPS {
         while next_arrival < order.len() && arrivals[order[next_arrival]].at_step <= step_number {
             let arrival = &arrivals[order[next_arrival]];
@@ -196,33 +200,48 @@ fn run(
         );
 
         let mut stats = StepStats::default();
-        match state.build_step(&mut stats) {
-            Some(step) => {
-                let tokens: u32 = step.scheduled.iter().map(|s| s.num_tokens).sum();
-                assert!(tokens <= max_batch_tokens, "over the token budget");
+        // The shard runs a step when it is sent; the router handles its answer at once, or,
+        // with overlapped steps, after it has built and sent the next one.
+        let sent = state.build_step(&mut stats).map(|step| {
+            let tokens: u32 = step.scheduled.iter().map(|s| s.num_tokens).sum();
+            assert!(tokens <= max_batch_tokens, "over the token budget");
+            assert!(
+                step.scheduled.len() <= max_batch_size,
+                "over the batch size"
+            );
+            assert!(state.running.len() <= max_batch_size);
+            let freed: HashSet<u64> = step.free_ids.iter().copied().collect();
+            for new in &step.new_requests {
                 assert!(
-                    step.scheduled.len() <= max_batch_size,
-                    "over the batch size"
+                    !freed.contains(&new.id),
+                    "request {} preempted and re-admitted in one step",
+                    new.id
                 );
-                assert!(state.running.len() <= max_batch_size);
-                let freed: HashSet<u64> = step.free_ids.iter().copied().collect();
-                for new in &step.new_requests {
-                    assert!(
-                        !freed.contains(&new.id),
-                        "request {} preempted and re-admitted in one step",
-                        new.id
-                    );
-                }
-                check_blocks(&state);
-                let response = shard.step(step);
-                state.register_computed_blocks();
-                state.deliver(response.generations);
-                check_blocks(&state);
             }
-            None => assert!(
+            check_blocks(&state);
+            let scheduled: Vec<(u64, u32)> = step
+                .scheduled
+                .iter()
+                .map(|s| (s.id, s.num_tokens))
+                .collect();
+            (scheduled, shard.step(step))
+        });
+        if sent.is_none() && in_flight.is_none() {
+            assert!(
                 state.waiting.is_empty() && state.running.is_empty(),
                 "requests wait but no step can be built"
-            ),
+            );
+        }
+        if let Some((scheduled, response)) = in_flight.take() {
+            state.finish_step(&scheduled, response);
+            check_blocks(&state);
+        }
+        in_flight = sent;
+        if !overlap_steps {
+            if let Some((scheduled, response)) = in_flight.take() {
+                state.finish_step(&scheduled, response);
+                check_blocks(&state);
+            }
         }
         for client in &mut clients {
             if let Some(events) = client.events.as_mut() {
@@ -231,7 +250,7 @@ fn run(
                 }
             }
         }
-        if next_arrival == order.len() && !state.has_work() {
+        if next_arrival == order.len() && !state.has_work() && in_flight.is_none() {
             assert_eq!(state.kv.num_used(), 0, "blocks leaked");
             assert!(shard.sequences.is_empty(), "the shard still holds requests");
             for (id, client) in clients.iter().enumerate() {
@@ -262,9 +281,18 @@ proptest! {
         max_batch_tokens in 1..40u32,
         max_batch_size in 1..8usize,
         prefix_caching in any::<bool>(),
+        overlap_steps in any::<bool>(),
     ) {
         let num_blocks = (MAX_SEQUENCE as u32).div_ceil(block_size) + extra_blocks;
-        run(&arrivals, block_size, num_blocks, max_batch_tokens, max_batch_size, prefix_caching);
+        run(
+            &arrivals,
+            block_size,
+            num_blocks,
+            max_batch_tokens,
+            max_batch_size,
+            prefix_caching,
+            overlap_steps,
+        );
     }
 }
 
@@ -275,6 +303,7 @@ fn small_state(num_blocks: u32, block_size: u32, max_batch_tokens: u32) -> Sched
         num_blocks,
         block_size,
         prefix_caching: false,
+        overlap_steps: true,
         eos_token_ids: vec![],
     };
     SchedulerState::new(config, Arc::new(byte_tokenizer()))
@@ -314,9 +343,13 @@ fn run_step(state: &mut SchedulerState, shard: &mut FakeShardState) -> (Vec<(u64
         .iter()
         .map(|s| (s.id, s.num_tokens))
         .collect();
+    let scheduled: Vec<(u64, u32)> = step
+        .scheduled
+        .iter()
+        .map(|s| (s.id, s.num_tokens))
+        .collect();
     let response = shard.step(step);
-    state.register_computed_blocks();
-    state.deliver(response.generations);
+    state.finish_step(&scheduled, response);
     (chunks, stats.preemptions)
 }
 

@@ -156,11 +156,12 @@ impl SchedulerState {
         self.kv.release(&entry.blocks);
     }
 
-    /// Records the newly completed full blocks of every running request in the prefix cache.
-    pub fn register_computed_blocks(&mut self) {
+    /// Records the newly completed full blocks of every running request in the prefix cache:
+    /// those the shards have computed, of tokens the router knows.
+    fn register_computed_blocks(&mut self) {
         let block_size = self.kv.block_size();
         for entry in &mut self.running {
-            let full_blocks = entry.num_computed / block_size;
+            let full_blocks = entry.num_confirmed.min(entry.tokens.len()) / block_size;
             while entry.sharing && entry.registered_blocks < full_blocks {
                 let i = entry.registered_blocks;
                 let key = &entry.tokens[i * block_size..(i + 1) * block_size];
@@ -176,7 +177,7 @@ impl SchedulerState {
     }
 
     /// Keeps the prompt tokens' log-probabilities a step computed.
-    pub fn record_prompt_logprobs(&mut self, scores: Vec<pb::PromptLogprobs>) {
+    fn record_prompt_logprobs(&mut self, scores: Vec<pb::PromptLogprobs>) {
         for score in scores {
             if let Some(entry) = self.running.iter_mut().find(|e| e.id == score.id) {
                 entry.add_prompt_logprobs(score.start as usize, &score.logprobs);
@@ -184,62 +185,54 @@ impl SchedulerState {
         }
     }
 
+    /// What a step's answer does: the tokens it computed are confirmed, the blocks they
+    /// complete enter the prefix cache, and its tokens go to their requests. `scheduled` is the
+    /// step's (request id, tokens) list.
+    pub fn finish_step(&mut self, scheduled: &[(u64, u32)], response: pb::StepResponse) {
+        for &(id, num_tokens) in scheduled {
+            if let Some(entry) = self.running.iter_mut().find(|e| e.id == id) {
+                entry.num_confirmed += num_tokens as usize;
+            }
+        }
+        // Before delivering: finished requests leave the batch there.
+        self.register_computed_blocks();
+        self.record_prompt_logprobs(response.prompt_logprobs);
+        self.deliver(response.generations);
+    }
+
     /// Hands every sampled token to its request, and ends the requests it stops: they leave the
-    /// batch now and the shards forget them at the next step.
-    pub fn deliver(&mut self, generations: Vec<pb::Generation>) {
+    /// batch now and the shards forget them at the next step. A request preempted while the
+    /// step ran is in the queue, and keeps its token; a request that ended while the step ran
+    /// (with overlapped steps, the step before it stopped it) has no use for one.
+    fn deliver(&mut self, generations: Vec<pb::Generation>) {
         for generation in generations {
-            let Some(index) = self.running.iter().position(|e| e.id == generation.id) else {
-                tracing::warn!(
-                    id = generation.id,
-                    "shard returned a token for an unknown request"
-                );
-                continue;
+            let place = match self.running.iter().position(|e| e.id == generation.id) {
+                Some(index) => Place::Running(index),
+                None => match self.waiting.iter().position(|e| e.id == generation.id) {
+                    Some(index) => Place::Waiting(index),
+                    None => {
+                        tracing::debug!(id = generation.id, "a token for an ended request");
+                        continue;
+                    }
+                },
             };
-            let entry = &mut self.running[index];
-            entry.tokens.push(generation.token_id);
-            let pushed =
-                entry
-                    .output
-                    .push(&self.tokenizer, generation.token_id, generation.logprob);
-            let (event, finished) = match pushed {
-                Ok((token, stop)) => {
-                    let end = stop.map(|stop| GenerationEnd {
-                        finish_reason: stop.reason,
-                        stop_sequence_start: stop.sequence.map(|sequence| sequence.start),
-                        generated_text: entry.output.take_text(),
-                        generated_tokens: entry.output.generated(),
-                        cached_tokens: entry.cached_prompt_tokens.unwrap_or(0),
-                        prompt_tokens: prompt_tokens(entry, &self.tokenizer),
-                        queued: entry.queued,
-                        // A token comes from a step that ran the request, so this is set.
-                        started: entry.started.unwrap_or(entry.queued),
-                    });
-                    let finished = end.is_some();
-                    let top_tokens = generation
-                        .top_tokens
-                        .iter()
-                        .map(|top| Token {
-                            id: top.token_id,
-                            text: self.tokenizer.text_alone(top.token_id),
-                            logprob: top.logprob,
-                            special: self.tokenizer.is_special(top.token_id),
-                        })
-                        .collect();
-                    let event = TokenEvent {
-                        token,
-                        top_tokens,
-                        end,
-                    };
-                    (Ok(event), finished)
-                }
-                Err(e) => (Err(SchedulerError::Generation(e.to_string())), true),
+            let entry = match place {
+                Place::Running(index) => &mut self.running[index],
+                Place::Waiting(index) => &mut self.waiting[index],
             };
+            entry.awaiting = entry.awaiting.saturating_sub(1);
+            let (event, finished) = take_token(entry, &self.tokenizer, &generation);
             // A failed send means the client left; the request is reaped before the next step.
             let _ = entry.events.send(event);
             if finished {
-                // Keep the running order (the youngest is last): preemption relies on it.
-                let entry = self.running.remove(index);
-                self.retire(entry);
+                let entry = match place {
+                    // Keep the running order (the youngest is last): preemption relies on it.
+                    Place::Running(index) => Some(self.running.remove(index)),
+                    Place::Waiting(index) => self.waiting.remove(index),
+                };
+                if let Some(entry) = entry {
+                    self.retire(entry);
+                }
             }
         }
     }
@@ -247,6 +240,10 @@ impl SchedulerState {
     /// Fails every running request after a step whose effect on the shards is unknown; the
     /// caller then has the shards forget everything.
     pub fn fail_running(&mut self, message: &str) {
+        // Preempted requests wait for no token from a step that failed.
+        for entry in &mut self.waiting {
+            entry.awaiting = 0;
+        }
         for mut entry in std::mem::take(&mut self.running) {
             let _ = entry
                 .events
@@ -297,4 +294,55 @@ fn prompt_tokens(entry: &Entry, tokenizer: &Tokenizer) -> Vec<PromptToken> {
             logprob,
         })
         .collect()
+}
+
+/// Where a request that gets a token is.
+#[derive(Clone, Copy)]
+enum Place {
+    Running(usize),
+    Waiting(usize),
+}
+
+/// Adds a sampled token to the request: the event for its client, and whether it ended it.
+fn take_token(
+    entry: &mut Entry,
+    tokenizer: &Tokenizer,
+    generation: &pb::Generation,
+) -> (Result<TokenEvent, SchedulerError>, bool) {
+    entry.tokens.push(generation.token_id);
+    let pushed = entry
+        .output
+        .push(tokenizer, generation.token_id, generation.logprob);
+    let (token, stop) = match pushed {
+        Ok(pushed) => pushed,
+        Err(e) => return (Err(SchedulerError::Generation(e.to_string())), true),
+    };
+    let end = stop.map(|stop| GenerationEnd {
+        finish_reason: stop.reason,
+        stop_sequence_start: stop.sequence.map(|sequence| sequence.start),
+        generated_text: entry.output.take_text(),
+        generated_tokens: entry.output.generated(),
+        cached_tokens: entry.cached_prompt_tokens.unwrap_or(0),
+        prompt_tokens: prompt_tokens(entry, tokenizer),
+        queued: entry.queued,
+        // A token comes from a step that ran the request, so this is set.
+        started: entry.started.unwrap_or(entry.queued),
+    });
+    let finished = end.is_some();
+    let top_tokens = generation
+        .top_tokens
+        .iter()
+        .map(|top| Token {
+            id: top.token_id,
+            text: tokenizer.text_alone(top.token_id),
+            logprob: top.logprob,
+            special: tokenizer.is_special(top.token_id),
+        })
+        .collect();
+    let event = TokenEvent {
+        token,
+        top_tokens,
+        end,
+    };
+    (Ok(event), finished)
 }

@@ -44,7 +44,7 @@ impl SchedulerState {
             ..Default::default()
         };
         let total = self.config.max_batch_tokens as usize;
-        let decodes = self.running.iter().filter(|e| e.is_decoding()).count();
+        let decodes = self.running.iter().filter(|e| runs_a_decode(e)).count();
         let mut budget = Budget {
             decode: decodes.min(total),
             prefill: total - decodes.min(total),
@@ -70,7 +70,7 @@ impl SchedulerState {
         while index < self.running.len() {
             let entry = &self.running[index];
             if entry.is_decoding() {
-                if budget.decode == 0 {
+                if budget.decode == 0 || !runs_a_decode(entry) {
                     index += 1;
                     continue;
                 }
@@ -111,6 +111,12 @@ impl SchedulerState {
             let Some(mut entry) = self.waiting.pop_front() else {
                 break;
             };
+            if entry.awaiting > 0 {
+                // Preempted while a step in flight samples its next token: it is readmitted
+                // with that token, once the step's answer has brought it.
+                self.waiting.push_front(entry);
+                break;
+            }
             let prefix = if entry.needs_prompt_logprobs() {
                 CachedPrefix::none()
             } else {
@@ -153,6 +159,7 @@ impl SchedulerState {
             entry.registered_blocks = prefix.blocks.len();
             entry.prefix_node = prefix.node;
             entry.num_computed = cached;
+            entry.num_confirmed = cached;
             entry.on_shard = true;
             step.new_requests.push(new_request(&entry, cached));
             budget.prefill -= n;
@@ -250,8 +257,19 @@ fn growth_placement(entry: &Entry) -> Placement {
     }
 }
 
+/// Whether a decoding request takes a decode in this step: not when the tokens it has and awaits
+/// already end it by length (with overlapped steps, one is still to come from the step in
+/// flight).
+fn runs_a_decode(entry: &Entry) -> bool {
+    entry.is_decoding() && !entry.reaches_its_length()
+}
+
 fn schedule(entry: &mut Entry, num_tokens: usize, new_blocks: Vec<u32>) -> pb::ScheduledRequest {
     entry.num_computed += num_tokens;
+    if entry.pending_tokens() == 0 {
+        // The step computes every token the request has: the shards sample its next one.
+        entry.awaiting += 1;
+    }
     entry.blocks.extend_from_slice(&new_blocks);
     pb::ScheduledRequest {
         id: entry.id,

@@ -1,6 +1,14 @@
 //! The scheduler task: the continuous-batching loop. Requests that arrive while a step runs
 //! join the batch at the next step; finished and cancelled requests leave it.
 //!
+//! Steps overlap (`SchedulerConfig::overlap_steps`): step N + 1 is built and sent while step N
+//! runs, and N's answer is handled while N + 1 runs, so the shards do not wait for the router
+//! between steps. N + 1 is built without N's tokens: a request that N samples for is decoded
+//! in N + 1 all the same (the shards hold the token; `Entry::awaiting` counts it), unless N
+//! ends it by length. A request that N ends otherwise (end of sequence, stop sequence) runs
+//! once more in N + 1 for nothing, and its token is dropped. A request that arrives while N
+//! runs joins N + 2.
+//!
 //! When a step fails, its requests fail and the shards are asked to forget everything. Shards
 //! that do not answer are waited for (a launcher restarts shards that die) while queued
 //! requests are held; restarted shards are warmed up again and the queue goes on. An idle
@@ -10,8 +18,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
+use sluice_client::{pb, ClientError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Span;
 
 use super::entry::Submission;
 use super::metrics::{
@@ -56,14 +67,29 @@ pub fn spawn_scheduler<S: Shard>(
     (SchedulerHandle { submissions }, task)
 }
 
+/// A step sent to the shards whose answer the scheduler has not handled yet.
+struct SentStep {
+    answer: BoxFuture<'static, Result<pb::StepResponse, ClientError>>,
+    /// (request id, tokens) of each request it runs.
+    scheduled: Vec<(u64, u32)>,
+    stats: StepStats,
+    decodes: usize,
+    sent: Instant,
+    /// Open until the answer is handled.
+    spans: Vec<Span>,
+}
+
 async fn run<S: Shard>(
     shard: Arc<S>,
     state: &mut SchedulerState,
     mut inbox: mpsc::UnboundedReceiver<Submission>,
 ) -> Result<(), ShardsLost> {
+    let mut in_flight: Option<SentStep> = None;
+    // When the last answer came: a step sent before it started running only then.
+    let mut last_answer = Instant::now();
     loop {
         // Sleep until a request arrives when idle; otherwise take whatever has queued up.
-        if !state.has_work() {
+        if in_flight.is_none() && !state.has_work() {
             record_occupancy(state.occupancy());
             match wait_for_submission(&*shard, state, &mut inbox).await? {
                 Some(submission) => state.enqueue(submission),
@@ -85,55 +111,84 @@ async fn run<S: Shard>(
         while let Ok(submission) = inbox.try_recv() {
             state.enqueue(submission);
         }
-
         record_cancelled(state.reap_cancelled());
-        let mut stats = StepStats::default();
-        let Some(step) = state.build_step(&mut stats) else {
-            // Nothing can run until a request arrives (the queue head waits for blocks only
-            // while others run, and then there is a step).
-            match inbox.recv().await {
-                Some(submission) => state.enqueue(submission),
-                None => return Ok(()),
+
+        // Overlapped, the next step goes out while the one in flight runs: the shards start it
+        // as soon as they answer, instead of waiting for the router to handle the answer and
+        // build it.
+        let next = if in_flight.is_none() || state.config.overlap_steps {
+            send_next(&*shard, state)
+        } else {
+            None
+        };
+        let Some(sent) = in_flight.take() else {
+            match next {
+                Some(next) => in_flight = Some(next),
+                // Nothing can run until a request arrives (the queue head waits for blocks
+                // only while others run, and then there is a step).
+                None => match inbox.recv().await {
+                    Some(submission) => state.enqueue(submission),
+                    None => return Ok(()),
+                },
             }
             continue;
         };
-        let tokens: usize = step.scheduled.iter().map(|s| s.num_tokens as usize).sum();
-        let decodes = step.scheduled.len() - stats.prefill_chunks as usize;
-        // The shards' spans of the step join the trace of its first request.
-        let step_spans = state.step_spans(&step);
-        let trace = step_spans
-            .first()
-            .map(trace::headers_for)
-            .unwrap_or_default();
-        let started = Instant::now();
-        let result = shard.step(step, &trace).await;
-        let elapsed = started.elapsed();
+        let started = sent.sent.max(last_answer);
+        let result = sent.answer.await;
+        last_answer = Instant::now();
         let succeeded = result.is_ok();
         match result {
             Ok(response) => {
-                record_shard_timing(stats.method(), response.forward_ns, response.total_ns);
-                // Before delivering: finished requests leave the batch there.
-                state.register_computed_blocks();
-                state.record_prompt_logprobs(response.prompt_logprobs);
-                state.deliver(response.generations);
+                record_shard_timing(sent.stats.method(), response.forward_ns, response.total_ns);
+                state.finish_step(&sent.scheduled, response);
+                in_flight = next;
             }
             Err(e) => {
                 let message = e.to_string();
                 tracing::error!(error = %message, "step failed");
+                // The step sent after it ran on shards in an unknown state, if at all: its
+                // answer is waited for and dropped, and its requests fail too.
+                if let Some(next) = next {
+                    let _ = next.answer.await;
+                }
                 state.fail_running(&message);
                 recover(&*shard, state).await?;
             }
         }
+        let tokens = sent.scheduled.iter().map(|&(_, n)| n as usize).sum();
         record_step(
-            &stats,
+            &sent.stats,
             tokens,
-            decodes,
-            elapsed,
+            sent.decodes,
+            last_answer - started,
             succeeded,
             state.occupancy(),
         );
-        drop(step_spans);
+        drop(sent.spans);
     }
+}
+
+/// Builds the next step and sends it; `None` if there is nothing to send.
+fn send_next<S: Shard>(shard: &S, state: &mut SchedulerState) -> Option<SentStep> {
+    let mut stats = StepStats::default();
+    let step = state.build_step(&mut stats)?;
+    let scheduled: Vec<(u64, u32)> = step
+        .scheduled
+        .iter()
+        .map(|s| (s.id, s.num_tokens))
+        .collect();
+    let decodes = scheduled.len() - stats.prefill_chunks as usize;
+    // The shards' spans of the step join the trace of its first request.
+    let spans = state.step_spans(&step);
+    let trace = spans.first().map(trace::headers_for).unwrap_or_default();
+    Some(SentStep {
+        answer: Box::pin(shard.send_step(step, &trace)),
+        scheduled,
+        stats,
+        decodes,
+        sent: Instant::now(),
+        spans,
+    })
 }
 
 /// The next submission (None: every handle is gone), checking the shards while none comes.

@@ -51,6 +51,14 @@ fn submit(scheduler: &SchedulerHandle, request: GenerationRequest) -> EventRecei
 const EOS: u32 = 200;
 
 fn start(max_batch_tokens: u32, num_blocks: u32) -> (Arc<FakeShard>, SchedulerHandle) {
+    start_with(max_batch_tokens, num_blocks, true)
+}
+
+fn start_with(
+    max_batch_tokens: u32,
+    num_blocks: u32,
+    overlap_steps: bool,
+) -> (Arc<FakeShard>, SchedulerHandle) {
     let shard = Arc::new(FakeShard::new(BLOCK, num_blocks));
     let (handle, _task) = spawn_scheduler(
         shard.clone(),
@@ -61,6 +69,7 @@ fn start(max_batch_tokens: u32, num_blocks: u32) -> (Arc<FakeShard>, SchedulerHa
             num_blocks,
             block_size: BLOCK as u32,
             prefix_caching: true,
+            overlap_steps,
             eos_token_ids: vec![EOS],
         },
     );
@@ -103,28 +112,37 @@ async fn a_request_runs_to_its_length() {
 
 #[tokio::test]
 async fn the_router_stops_at_end_of_sequence_and_frees_the_request_on_the_shard() {
-    let (shard, scheduler) = start(64, 8);
-    let tokens = collect(submit(&scheduler, request(vec![196], 10))).await;
-    assert_eq!(ids(&tokens), vec![197, 198, 199, EOS]);
-    assert_eq!(finish_reason(&tokens), Some(FinishReason::EosToken));
+    for overlap_steps in [false, true] {
+        let (shard, scheduler) = start_with(64, 8, overlap_steps);
+        let tokens = collect(submit(&scheduler, request(vec![196], 10))).await;
+        assert_eq!(ids(&tokens), vec![197, 198, 199, EOS]);
+        assert_eq!(finish_reason(&tokens), Some(FinishReason::EosToken));
 
-    let mut ignoring = request(vec![196], 6);
-    ignoring.stopping.ignore_eos = true;
-    let tokens = collect(submit(&scheduler, ignoring)).await;
-    assert_eq!(ids(&tokens), vec![197, 198, 199, EOS, 201, 202]);
-    assert_eq!(finish_reason(&tokens), Some(FinishReason::Length));
+        let mut ignoring = request(vec![196], 6);
+        ignoring.stopping.ignore_eos = true;
+        let tokens = collect(submit(&scheduler, ignoring)).await;
+        assert_eq!(ids(&tokens), vec![197, 198, 199, EOS, 201, 202]);
+        assert_eq!(finish_reason(&tokens), Some(FinishReason::Length));
 
-    // Both were freed on the shard, in the order they ended.
-    let _ = collect(submit(&scheduler, request(vec![1], 1))).await;
-    let steps = steps(&shard);
-    let freed: Vec<u64> = steps.iter().flat_map(|s| s.free_ids.clone()).collect();
-    assert!(freed.starts_with(&[0, 1]));
-    // The prompt and three decodes: none after the end-of-sequence token.
-    let runs_of_first = steps
-        .iter()
-        .filter(|s| s.scheduled.iter().any(|r| r.id == 0))
-        .count();
-    assert_eq!(runs_of_first, 4);
+        // Both were freed on the shard, in the order they ended.
+        let _ = collect(submit(&scheduler, request(vec![1], 1))).await;
+        let steps = steps(&shard);
+        let freed: Vec<u64> = steps.iter().flat_map(|s| s.free_ids.clone()).collect();
+        assert!(freed.starts_with(&[0, 1]));
+        // The prompt and three decodes; overlapped, the step sent while the end-of-sequence
+        // token was sampled runs a fourth, whose token is dropped.
+        let runs_of_first = steps
+            .iter()
+            .filter(|s| s.scheduled.iter().any(|r| r.id == 0))
+            .count();
+        assert_eq!(runs_of_first, if overlap_steps { 5 } else { 4 });
+        // Ended by length, the second never runs past its last token.
+        let runs_of_second = steps
+            .iter()
+            .filter(|s| s.scheduled.iter().any(|r| r.id == 1))
+            .count();
+        assert_eq!(runs_of_second, 6);
+    }
 }
 
 #[tokio::test]
