@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::entry::Submission;
 use super::fake_shard::{next_token, FakeShardState};
 use super::metrics::StepStats;
-use super::state::SchedulerState;
+use super::state::{scheduled_tokens, SchedulerState};
 use super::tests::sampling;
 use super::{SchedulerConfig, SchedulerError, TokenEvent};
 use crate::request::{FinishReason, GenerationRequest, StoppingParameters};
@@ -219,11 +219,7 @@ fn run(
                 );
             }
             check_blocks(&state);
-            let scheduled: Vec<(u64, u32)> = step
-                .scheduled
-                .iter()
-                .map(|s| (s.id, s.num_tokens))
-                .collect();
+            let scheduled = scheduled_tokens(&step);
             (scheduled, shard.step(step))
         });
         if sent.is_none() && in_flight.is_none() {
@@ -338,16 +334,8 @@ fn submit(
 fn run_step(state: &mut SchedulerState, shard: &mut FakeShardState) -> (Vec<(u64, u32)>, u64) {
     let mut stats = StepStats::default();
     let step = state.build_step(&mut stats).expect("a step");
-    let chunks = step
-        .scheduled
-        .iter()
-        .map(|s| (s.id, s.num_tokens))
-        .collect();
-    let scheduled: Vec<(u64, u32)> = step
-        .scheduled
-        .iter()
-        .map(|s| (s.id, s.num_tokens))
-        .collect();
+    let scheduled = scheduled_tokens(&step);
+    let chunks = scheduled.clone();
     let response = shard.step(step);
     state.finish_step(&scheduled, response);
     (chunks, stats.preemptions)

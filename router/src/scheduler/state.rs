@@ -296,6 +296,14 @@ fn prompt_tokens(entry: &Entry, tokenizer: &Tokenizer) -> Vec<PromptToken> {
         .collect()
 }
 
+/// A step's (request id, tokens) list, kept until its answer is handled (`finish_step`).
+pub(super) fn scheduled_tokens(step: &pb::StepRequest) -> Vec<(u64, u32)> {
+    step.scheduled
+        .iter()
+        .map(|s| (s.id, s.num_tokens))
+        .collect()
+}
+
 /// Where a request that gets a token is.
 #[derive(Clone, Copy)]
 enum Place {

@@ -29,7 +29,7 @@ use super::metrics::{
     record_cancelled, record_occupancy, record_shard_restarts, record_shard_timing, record_step,
     StepStats,
 };
-use super::state::SchedulerState;
+use super::state::{scheduled_tokens, SchedulerState};
 use super::{SchedulerConfig, SchedulerHandle};
 use crate::shard::{Recovery, Shard, ShardsLost};
 use crate::tokenizer::Tokenizer;
@@ -73,7 +73,6 @@ struct SentStep {
     /// (request id, tokens) of each request it runs.
     scheduled: Vec<(u64, u32)>,
     stats: StepStats,
-    decodes: usize,
     sent: Instant,
     /// Open until the answer is handled.
     spans: Vec<Span>,
@@ -156,10 +155,11 @@ async fn run<S: Shard>(
             }
         }
         let tokens = sent.scheduled.iter().map(|&(_, n)| n as usize).sum();
+        let decodes = sent.scheduled.len() - sent.stats.prefill_chunks as usize;
         record_step(
             &sent.stats,
             tokens,
-            sent.decodes,
+            decodes,
             last_answer - started,
             succeeded,
             state.occupancy(),
@@ -172,12 +172,7 @@ async fn run<S: Shard>(
 fn send_next<S: Shard>(shard: &S, state: &mut SchedulerState) -> Option<SentStep> {
     let mut stats = StepStats::default();
     let step = state.build_step(&mut stats)?;
-    let scheduled: Vec<(u64, u32)> = step
-        .scheduled
-        .iter()
-        .map(|s| (s.id, s.num_tokens))
-        .collect();
-    let decodes = scheduled.len() - stats.prefill_chunks as usize;
+    let scheduled = scheduled_tokens(&step);
     // The shards' spans of the step join the trace of its first request.
     let spans = state.step_spans(&step);
     let trace = spans.first().map(trace::headers_for).unwrap_or_default();
@@ -185,7 +180,6 @@ fn send_next<S: Shard>(shard: &S, state: &mut SchedulerState) -> Option<SentStep
         answer: Box::pin(shard.send_step(step, &trace)),
         scheduled,
         stats,
-        decodes,
         sent: Instant::now(),
         spans,
     })
