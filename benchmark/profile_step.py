@@ -20,6 +20,15 @@ is Python between the kernels and the step's bookkeeping. The kernels are timed 
 the layers run layer by layer:
 
     python benchmark/profile_step.py --model DIR --batch 1 --kernel-times
+
+With `--breakdown`, a JSON line that splits the forward of a decode step into the decoder layers'
+projections alone (every layer's four weights multiplied in model order, as a step streams
+them), the LM head alone, and the rest (attention, norms, the embedding, the calls between):
+each part timed by itself, taking turns with whole steps in this process, so that a drifting
+machine moves all of them alike. Each projection is one call of the ops' entry point from Python,
+a few microseconds each, which counts towards the projections.
+
+    python benchmark/profile_step.py --model DIR --batch 1 --breakdown
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
 from sluice_server.engine.step import StepExecutor
 from sluice_server.kernels import select_kernels
+from sluice_server.layers.linear import Linear
 from sluice_server.models.loader import load_model
 from sluice_server.pb import generate_pb2 as pb
 
@@ -86,6 +96,69 @@ OPS_METHODS = (
     "draw",
 )
 ATTENTION_METHODS = ("build_metadata", "write", "attend")
+
+
+def projection_inputs(model: torch.nn.Module, batch: int) -> list[tuple[Linear, torch.Tensor]]:
+    """Every decoder layer's projections in the order a step multiplies them, each with a `batch`
+    -row input of its width."""
+    calls = []
+    for layer in model.layers:
+        attention, mlp = layer.self_attn, layer.feed_forward
+        hidden = layer.input_layernorm.weight.numel()
+        widths = (
+            (attention.qkv_proj, hidden),
+            (attention.o_proj, attention.num_heads * attention.config.head_dim),
+            (mlp.gate_up_proj, hidden),
+            (mlp.down_proj, output_features(mlp.gate_up_proj) // 2),
+        )
+        for linear, width in widths:
+            calls.append((linear, torch.randn(batch, width, dtype=model.lm_head.weight.dtype)))
+    return calls
+
+
+def output_features(linear: Linear) -> int:
+    if linear.quantized is not None:
+        return linear.quantized.out_features
+    if linear.packed is not None:
+        return linear.packed.out_features
+    return linear.weight.shape[0]
+
+
+def multiply(linear: Linear, x: torch.Tensor) -> None:
+    """x times the projection's weight through the ops' entry point, as the layer calls it."""
+    if linear.quantized is not None:
+        linear.ops.quantized_linear(x, linear.quantized, linear.bias)
+    elif linear.packed is not None:
+        linear.ops.packed_linear(x, linear.packed)
+    else:
+        torch.nn.functional.linear(x, linear.weight, linear.bias)
+
+
+def breakdown(executor: StepExecutor, model: torch.nn.Module, batch: int, rounds: int) -> dict:
+    """Milliseconds per decode step: the forward, the layers' projections, the LM head, and the
+    forward's rest; medians over `rounds` turns of 5 steps and 3 passes of each part."""
+    layers = projection_inputs(model, batch)
+    head_input = torch.randn(batch, model.norm.weight.numel(), dtype=model.lm_head.weight.dtype)
+    forwards, projections, heads = [], [], []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for _ in range(5):
+                forwards.append(executor.step(decode_step(batch)).forward_ns / 1e6)
+            for _ in range(3):
+                start = time.perf_counter_ns()
+                for linear, x in layers:
+                    multiply(linear, x)
+                projections.append((time.perf_counter_ns() - start) / 1e6)
+                start = time.perf_counter_ns()
+                multiply(model.lm_head, head_input)
+                heads.append((time.perf_counter_ns() - start) / 1e6)
+    forward, projection, head = (statistics.median(v) for v in (forwards, projections, heads))
+    return {
+        "forward_ms": round(forward, 2),
+        "layer_projections_ms": round(projection, 2),
+        "lm_head_ms": round(head, 2),
+        "rest_ms": round(forward - projection - head, 2),
+    }
 
 
 class KernelTimer:
@@ -148,6 +221,11 @@ def main() -> None:
         "--kernel-times", action="store_true", help="also time each kernel entry point"
     )
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also split the forward into the layers' projections, the LM head and the rest",
+    )
+    parser.add_argument(
         "--layer-by-layer",
         action="store_true",
         help="run the Python layers, not the compiled stack",
@@ -169,8 +247,9 @@ def main() -> None:
         loaded.model.compiled_stack = None
     executor = StepExecutor(loaded, BLOCK_SIZE, None)
     # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
-    # --kernel-times), 10 profiled steps, and a margin.
-    max_new = (3 if args.kernel_times else 2) * args.steps + 16
+    # --kernel-times), the breakdown's steps, 10 profiled steps, and a margin.
+    breakdown_steps = 5 * args.steps if args.breakdown else 0
+    max_new = (3 if args.kernel_times else 2) * args.steps + breakdown_steps + 16
     blocks_each = -(-(args.prompt_tokens + max_new) // BLOCK_SIZE)
     executor.warmup(args.prompt_tokens, args.batch, args.prompt_tokens + max_new)
     if executor.num_blocks < args.batch * blocks_each:
@@ -205,6 +284,8 @@ def main() -> None:
 
     if timer is not None:
         print(json.dumps(timer.measure(executor, args.batch, args.steps)), flush=True)
+    if args.breakdown:
+        print(json.dumps(breakdown(executor, loaded.model, args.batch, args.steps)), flush=True)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for _ in range(10):
