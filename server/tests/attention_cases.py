@@ -20,17 +20,22 @@ from sluice_server.layers.attention import (
 # and chunks after a cached prefix (the later chunks of a chunked prefill), one of them tiles
 # long.
 CHUNK_SHAPES = [(0, 1), (15, 1), (16, 1), (69, 1), (199, 1), (0, 7), (0, 7), (0, 37), (21, 12)]
+# For the compiled kernel, which splits contexts into partitions of 512 positions: decodes across
+# two and three partitions, and a chunk whose rows lie on both sides of a partition's end.
+PARTITIONED_CHUNK_SHAPES = [(600, 1), (1100, 1), (490, 40)]
 # For windows, also decodes and a prefill chunk whose contexts reach many blocks past it.
 WINDOW_CHUNK_SHAPES = [*CHUNK_SHAPES, (250, 1), (100, 40)]
 
 # (sliding_window, logit_softcap, score_gain): windows of a block (16), of more than a block but
-# not a multiple of one, of the query alone, and past every context (the same as none); the cap
-# alone, and with a window, the scores (scaled up by score_gain) reaching well past it.
+# not a multiple of one, of the query alone, of more than a partition of the compiled kernel, and
+# past every context (the same as none); the cap alone, and with a window, the scores (scaled up
+# by score_gain) reaching well past it.
 WINDOW_AND_CAP_VARIANTS = [
     pytest.param(16, None, 1.0, id="window-16"),
     pytest.param(20, None, 1.0, id="window-20"),
     pytest.param(1, None, 1.0, id="window-1"),
-    pytest.param(1000, None, 1.0, id="window-past-context"),
+    pytest.param(600, None, 1.0, id="window-600"),
+    pytest.param(2000, None, 1.0, id="window-past-context"),
     pytest.param(None, 2.0, 1.0, id="softcap"),
     pytest.param(20, 30.0, 10.0, id="window-20-softcap"),
 ]
@@ -143,11 +148,12 @@ def check_window_and_cap(
     sliding_window: int | None,
     logit_softcap: float | None,
     score_gain: float,
+    shapes: Sequence[tuple[int, int]] = WINDOW_CHUNK_SHAPES,
 ) -> None:
-    """`backend` attends WINDOW_CHUNK_SHAPES as the dense reference does, never reading a block
-    before a window; a window past every context changes nothing, and every other variant
-    changes the answer (so the check would see it ignored)."""
-    step = AttentionStep.random(WINDOW_CHUNK_SHAPES, 2, group, head_dim, block_size, dtype, seed=7)
+    """`backend` attends `shapes` as the dense reference does, never reading a block before a
+    window; a window past every context changes nothing, and every other variant changes the
+    answer (so the check would see it ignored)."""
+    step = AttentionStep.random(shapes, 2, group, head_dim, block_size, dtype, seed=7)
     scale = score_gain * head_dim**-0.5
     params = AttentionParams(scale, sliding_window, logit_softcap)
     plain = AttentionParams(scale)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from attention_cases import (
     CHUNK_SHAPES,
+    PARTITIONED_CHUNK_SHAPES,
     WINDOW_AND_CAP_VARIANTS,
+    WINDOW_CHUNK_SHAPES,
     AttentionStep,
     check_window_and_cap,
 )
@@ -70,7 +72,8 @@ def test_paged_attention_matches_reference(
     group: int,
     block_size: int,
 ) -> None:
-    step = AttentionStep.random(CHUNK_SHAPES, 3, group, head_dim, block_size, dtype, head_dim)
+    shapes = CHUNK_SHAPES + PARTITIONED_CHUNK_SHAPES
+    step = AttentionStep.random(shapes, 3, group, head_dim, block_size, dtype, head_dim)
     params = AttentionParams(scale=head_dim**-0.5)
     _assert_close(
         step.attend(compiled_kernels.attention, params),
@@ -105,6 +108,7 @@ def test_paged_attention_windows_and_softcap_match_dense_reference(
         sliding_window,
         logit_softcap,
         score_gain,
+        WINDOW_CHUNK_SHAPES + PARTITIONED_CHUNK_SHAPES,
     )
 
 
@@ -124,6 +128,9 @@ def test_paged_attention_takes_bfloat16_dot_products_where_the_build_has_them(
     [(64, 3, 16), (128, 8, 16), (64, 3, 32), (48, 2, 24)],
 )
 @pytest.mark.parametrize("sliding_window", [None, 20])
+# A prompt, and rows after a cached prefix on both sides of the end of the kernel's first
+# partition (512 positions).
+@pytest.mark.parametrize("cached", [0, 490])
 def test_paged_attention_rows_do_not_depend_on_how_a_sequence_is_chunked(
     compiled_kernels: Kernels,
     dtype: torch.dtype,
@@ -131,18 +138,19 @@ def test_paged_attention_rows_do_not_depend_on_how_a_sequence_is_chunked(
     group: int,
     block_size: int,
     sliding_window: int | None,
+    cached: int,
 ) -> None:
-    """Each query row gets the same bits whether its sequence's 70 rows come as one prompt, as
+    """Each query row gets the same bits whether its sequence's 70 rows come as one chunk, as
     chunks cut off the kernel's tiles, or one by one as decodes, and beside another sequence:
     the exact batching invariance of greedy outputs rests on it."""
-    whole = AttentionStep.random([(0, 70), (5, 9)], 2, group, head_dim, block_size, dtype, 3)
+    whole = AttentionStep.random([(cached, 70), (5, 9)], 2, group, head_dim, block_size, dtype, 3)
     sequence, other = whole.chunks
     params = AttentionParams(head_dim**-0.5, sliding_window)
     expected = whole.attend(compiled_kernels.attention, params)[:70]
     for cuts in ([23, 24, 54], list(range(1, 70)), [16, 17, 50]):
         bounds = [0, *cuts, 70]
         chunks = [
-            SequenceChunk(start, end - start, sequence.block_table)
+            SequenceChunk(cached + start, end - start, sequence.block_table)
             for start, end in itertools.pairwise(bounds)
         ]
         split = AttentionStep(
@@ -154,6 +162,38 @@ def test_paged_attention_rows_do_not_depend_on_how_a_sequence_is_chunked(
         )
         actual = split.attend(compiled_kernels.attention, params)[other.query_len :]
         assert torch.equal(actual, expected), f"chunks cut at {cuts}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("head_dim", "group", "block_size"), [(64, 3, 16), (48, 2, 24)])
+def test_paged_attention_partitions_give_the_same_bits_on_any_thread(
+    compiled_kernels: Kernels, dtype: torch.dtype, head_dim: int, group: int, block_size: int
+) -> None:
+    """A decode whose context the kernel splits into partitions gets the same bits alone on two
+    threads (its partitions attended by different threads, merged afterwards), alone on one, and
+    in a batch of many tiles (each thread merging its own tiles' partitions)."""
+    batch = AttentionStep.random(
+        [(4100, 1), (5, 9), (30, 20), (200, 1), (0, 37), (69, 1)],
+        2,
+        group,
+        head_dim,
+        block_size,
+        dtype,
+        11,
+    )
+    params = AttentionParams(head_dim**-0.5)
+    expected = batch.attend(compiled_kernels.attention, params)[:1]
+    alone = AttentionStep(
+        batch.chunks[:1], block_size, batch.query[:1], batch.key_rows, batch.value_rows
+    )
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            actual = alone.attend(compiled_kernels.attention, params)
+            assert torch.equal(actual, expected), f"{count} threads"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_paged_attention_rejects_a_negative_window_or_cap(compiled_kernels: Kernels) -> None:

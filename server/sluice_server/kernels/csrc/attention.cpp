@@ -9,7 +9,11 @@
 // reduction per key, and on CPUs with AVX512-BF16 one dot-product instruction per pair of
 // dimensions and 16 keys, straight from the stored bfloat16.
 
+#include <algorithm>
+#include <functional>
 #include <limits>
+#include <queue>
+#include <utility>
 #include <vector>
 
 #include <ATen/ops/empty.h>
@@ -579,12 +583,50 @@ struct AttentionData {
   const int32_t* query_starts;  // [S + 1]
 };
 
+// Cache positions one item reads at most. The work is one tile per sequence, KV head and 16
+// query rows, and a tile whose context reaches past a multiple of this is split there into
+// partitions, one item each: each item's result is partial (its vectors' unnormalised value sums,
+// score maxima and weight sums), and the tile's output merges them in order. Where the splits
+// fall depends only on positions, never on the batch or on which thread attends a partition, so
+// a row's output does not either; a row whose context is shorter than this is attended exactly as
+// without splitting. Few tiles (one sequence decoding has one per KV head, fewer than the threads
+// on most machines) have their partitions attended by different threads; otherwise a thread
+// attends a tile's partitions one after another and merges them while they are in its cache.
+constexpr int64_t kPartitionPositions = 2048;
+// Tiles per thread below which a split tile's partitions go to different threads.
+constexpr int64_t kTilesPerThreadToSplit = 2;
+
 struct AttentionItem {
   int64_t sequence;
   int64_t kv_head;
   int64_t first_row;    // Within the sequence's rows.
   int64_t first_block;  // The first cache block its rows see (its first row's window's).
-  int64_t blocks;       // Cache blocks up to the last its rows see.
+  int64_t blocks;       // Cache blocks up to the last its rows see, or to its partition's end.
+  int64_t cost;         // Query rows times positions read: what balances the threads.
+  // Where its partial result goes in the step's partials, for a partition attended apart from
+  // its tile's others; -1: none (a whole tile, or a partition merged by its own thread).
+  int64_t partial = -1;
+};
+
+// A tile's items (one, or its partitions), consecutive in the item list.
+struct ItemRun {
+  size_t first_item;
+  size_t count;
+};
+
+// The step's tiles, split into items.
+struct AttentionPlan {
+  std::vector<AttentionItem> items;
+  std::vector<ItemRun> tiles;
+};
+
+// What the threads attend: runs of items each attended by one thread (a whole tile, or one
+// partition of a tile); the tiles whose partitions were attended apart, merged afterwards; and
+// the floats the partial results of those partitions take.
+struct AttentionWork {
+  std::vector<ItemRun> runs;
+  std::vector<ItemRun> merges;
+  int64_t partial_floats = 0;
 };
 
 // An item's query rows and what they see.
@@ -592,8 +634,8 @@ struct ItemSpan {
   int64_t row_offset;     // Its first row in the flat batch.
   int64_t rows;
   int64_t first_context;  // Positions up to its first row's, itself included; row r: + r.
-  int64_t context;        // Positions up to its last row's.
-  // (row, head) pairs, row-major: vector v sees positions [begin(v), end(v)).
+  int64_t context;        // Positions up to its last row's, or to the limit.
+  // (row, head) pairs, row-major: vector v sees positions [begin(v), end(v)) of the item's.
   int64_t vectors;
   int64_t group;
   int64_t window;         // 0: none
@@ -601,13 +643,18 @@ struct ItemSpan {
   // whole blocks (columns before a vector's window or past its position are scored and then
   // ignored), so the block loops need no ragged ends.
   int64_t first_position;
+  int64_t limit;          // Where the item's blocks end: a partition's end, or past the context.
   int64_t stride;
   const int32_t* table;   // The sequence's blocks.
 
-  int64_t end(int64_t vector) const { return first_context + vector / group; }
-  // Without a window, 0 at no cost: this runs for every block and group of vectors.
+  // Positions up to the vector's own, itself included.
+  int64_t position(int64_t vector) const { return first_context + vector / group; }
+  int64_t end(int64_t vector) const { return std::min(position(vector), limit); }
+  // Without a window, the item's first position at no cost: this runs for every block and
+  // group of vectors. A vector may see nothing of a partition: begin >= end.
   int64_t begin(int64_t vector) const {
-    return window == 0 ? 0 : std::max<int64_t>(0, end(vector) - window);
+    return window == 0 ? first_position
+                       : std::max<int64_t>(first_position, position(vector) - window);
   }
 
   // Whether none of vectors [first, first + count) sees the block at [start, start + length):
@@ -618,25 +665,38 @@ struct ItemSpan {
   }
 };
 
+// The step's tiles, each split into partitions where its blocks reach past one.
 template <typename T>
-std::vector<AttentionItem> plan_items(const AttentionGeometry& geometry,
-                                      const AttentionData<T>& data, int64_t num_sequences) {
-  std::vector<AttentionItem> items;
+AttentionPlan plan_items(const AttentionGeometry& geometry, const AttentionData<T>& data,
+                         int64_t num_sequences) {
+  const int64_t partition_blocks =
+      std::max<int64_t>(1, kPartitionPositions / geometry.block_size);
+  AttentionPlan plan;
   for (int64_t s = 0; s < num_sequences; ++s) {
     for (int64_t h = 0; h < geometry.num_kv_heads; ++h) {
       const int64_t query_len = data.query_starts[s + 1] - data.query_starts[s];
       for (int64_t row = 0; row < query_len; row += kTileRows) {
-        const int64_t context = data.cache_lens[s] + std::min(query_len, row + kTileRows);
+        const int64_t rows = std::min(kTileRows, query_len - row);
+        const int64_t context = data.cache_lens[s] + row + rows;
         const int64_t first_seen =
             geometry.window == 0
                 ? 0
                 : std::max<int64_t>(0, data.cache_lens[s] + row + 1 - geometry.window);
-        items.push_back({s, h, row, first_seen / geometry.block_size,
-                         (context + geometry.block_size - 1) / geometry.block_size});
+        const int64_t first_block = first_seen / geometry.block_size;
+        const int64_t blocks = (context + geometry.block_size - 1) / geometry.block_size;
+        const int64_t first_partition = first_block / partition_blocks;
+        const int64_t last_partition = (blocks - 1) / partition_blocks;
+        plan.tiles.push_back({plan.items.size(),
+                              static_cast<size_t>(last_partition - first_partition + 1)});
+        for (int64_t p = first_partition; p <= last_partition; ++p) {
+          const int64_t begin = std::max(first_block, p * partition_blocks);
+          const int64_t end = std::min(blocks, (p + 1) * partition_blocks);
+          plan.items.push_back({s, h, row, begin, end, rows * (end - begin)});
+        }
       }
     }
   }
-  return items;
+  return plan;
 }
 
 template <typename T>
@@ -646,40 +706,42 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data
   const int64_t rows = std::min(
       kTileRows, data.query_starts[item.sequence + 1] - sequence_start - item.first_row);
   const int64_t first_context = data.cache_lens[item.sequence] + item.first_row + 1;
+  const int64_t limit = item.blocks * geometry.block_size;
   return {sequence_start + item.first_row,
           rows,
           first_context,
-          first_context + rows - 1,
+          std::min(first_context + rows - 1, limit),
           rows * geometry.group,
           geometry.group,
           geometry.window,
           item.first_block * geometry.block_size,
+          limit,
           (item.blocks - item.first_block) * geometry.block_size,
           data.block_tables + item.sequence * geometry.max_blocks};
 }
 
 // The key blocks one thread will score, fetched `ahead` blocks ahead across the ends of its
-// items (every num_threads-th, from its first): a sequence's blocks lie anywhere in the cache,
-// and without this every item would start with full memory-latency misses.
+// items: a sequence's blocks lie anywhere in the cache, and without this every item would start
+// with full memory-latency misses.
 template <typename T>
 class KeyPrefetcher {
  public:
   KeyPrefetcher(const AttentionGeometry& geometry, const AttentionData<T>& data,
-                const std::vector<AttentionItem>& items, size_t first_item, size_t item_step,
+                const std::vector<AttentionItem>& items, const std::vector<size_t>& order,
                 int64_t ahead)
-      : geometry_(geometry), data_(data), items_(items), index_(first_item), step_(item_step) {
-    if (index_ < items_.size()) block_ = items_[index_].first_block;
+      : geometry_(geometry), data_(data), items_(items), order_(order) {
+    if (!order_.empty()) block_ = items_[order_[0]].first_block;
     for (int64_t i = 0; i < ahead; ++i) advance();
   }
 
   // Fetches the next key block in this thread's order.
   void advance() {
-    while (index_ < items_.size() && block_ == items_[index_].blocks) {
-      index_ += step_;
-      if (index_ < items_.size()) block_ = items_[index_].first_block;
+    while (next_ < order_.size() && block_ == items_[order_[next_]].blocks) {
+      ++next_;
+      if (next_ < order_.size()) block_ = items_[order_[next_]].first_block;
     }
-    if (index_ >= items_.size()) return;
-    const AttentionItem& ahead = items_[index_];
+    if (next_ >= order_.size()) return;
+    const AttentionItem& ahead = items_[order_[next_]];
     const int32_t block = data_.block_tables[ahead.sequence * geometry_.max_blocks + block_++];
     prefetch(data_.keys + geometry_.block_offset(ahead.kv_head, block),
              geometry_.block_elements());
@@ -689,17 +751,79 @@ class KeyPrefetcher {
   const AttentionGeometry& geometry_;
   const AttentionData<T>& data_;
   const std::vector<AttentionItem>& items_;
-  size_t index_;
-  size_t step_;
-  int64_t block_ = 0;  // Of the item at index_.
+  const std::vector<size_t>& order_;
+  size_t next_ = 0;     // Into order_.
+  int64_t block_ = 0;   // Of the item at order_[next_].
 };
+
+template <typename T>
+int64_t rows_of(const AttentionData<T>& data, const AttentionItem& item) {
+  return std::min(kTileRows, data.query_starts[item.sequence + 1] -
+                                 data.query_starts[item.sequence] - item.first_row);
+}
+
+// Which items each thread attends in one go (see kPartitionPositions); gives the partitions
+// attended apart from their tiles' others their places in the partials.
+template <typename T>
+AttentionWork plan_work(const AttentionGeometry& geometry, const AttentionData<T>& data,
+                        AttentionPlan& plan, int64_t threads) {
+  AttentionWork work;
+  const bool apart =
+      static_cast<int64_t>(plan.tiles.size()) < kTilesPerThreadToSplit * threads;
+  for (const ItemRun& tile : plan.tiles) {
+    if (tile.count == 1 || !apart) {
+      work.runs.push_back(tile);
+      continue;
+    }
+    work.merges.push_back(tile);
+    for (size_t i = tile.first_item; i < tile.first_item + tile.count; ++i) {
+      AttentionItem& item = plan.items[i];
+      item.partial = work.partial_floats;
+      work.partial_floats += rows_of(data, item) * geometry.group * (geometry.head_dim + 2);
+      work.runs.push_back({i, 1});
+    }
+  }
+  return work;
+}
+
+// The runs each of `threads` threads attends, each thread's in the order of the step: the
+// costliest first, each to the thread with the least work so far. Runs differ a lot in cost (a
+// decode against a prefill tile, a partition against the short last one of its context), which
+// dealing them out in turn left unbalanced.
+std::vector<std::vector<size_t>> assign_runs(const std::vector<AttentionItem>& items,
+                                             const std::vector<ItemRun>& runs, int64_t threads) {
+  std::vector<int64_t> costs(runs.size(), 0);
+  for (size_t r = 0; r < runs.size(); ++r) {
+    for (size_t i = runs[r].first_item; i < runs[r].first_item + runs[r].count; ++i) {
+      costs[r] += items[i].cost;
+    }
+  }
+  std::vector<size_t> by_cost(runs.size());
+  for (size_t r = 0; r < runs.size(); ++r) by_cost[r] = r;
+  std::stable_sort(by_cost.begin(), by_cost.end(),
+                   [&](size_t a, size_t b) { return costs[a] > costs[b]; });
+  using Load = std::pair<int64_t, int64_t>;  // (cost so far, thread)
+  std::priority_queue<Load, std::vector<Load>, std::greater<Load>> loads;
+  for (int64_t thread = 0; thread < threads; ++thread) loads.push({0, thread});
+  std::vector<std::vector<size_t>> assigned(threads);
+  for (size_t run : by_cost) {
+    auto [cost, thread] = loads.top();
+    loads.pop();
+    assigned[thread].push_back(run);
+    loads.push({cost + costs[run], thread});
+  }
+  // In the step's order, a sequence's tiles one after another: they read the same blocks.
+  for (auto& list : assigned) std::sort(list.begin(), list.end());
+  return assigned;
+}
 
 // One thread's buffers, sized for the largest item.
 struct ItemScratch {
   std::vector<float> queries;        // [vectors][head_dim], float32, scaled
   std::vector<uint32_t> query_pairs; // [vectors][head_dim / 2], as stored, unscaled
   std::vector<float> accumulators;   // [vectors][head_dim]
-  std::vector<float> inverse_sums;   // [vectors]
+  std::vector<float> maxima;         // [vectors], each vector's largest score
+  std::vector<float> sums;           // [vectors], its softmax weights' sum
   std::vector<float> scores;         // [vectors][stride]
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   std::vector<uint16_t> weights;     // [vectors][stride], the softmax weights as bfloat16 bits
@@ -711,7 +835,8 @@ struct ItemScratch {
       : queries(kTileRows * geometry.group * geometry.head_dim),
         query_pairs(kTileRows * geometry.group * geometry.head_dim / 2),
         accumulators(kTileRows * geometry.group * geometry.head_dim),
-        inverse_sums(kTileRows * geometry.group) {}
+        maxima(kTileRows * geometry.group),
+        sums(kTileRows * geometry.group) {}
 
   QueryVectors vectors_from(int64_t first, int64_t count, int64_t head_dim) const {
     return {queries.data() + first * head_dim, count};
@@ -825,11 +950,14 @@ __attribute__((noinline)) void soft_cap_rows(const ItemSpan& span, float cap,
 }
 
 // Softmax per vector over what it sees, in place, zero elsewhere (so the value pass can weight
-// whole blocks); 1/sum goes to scratch.inverse_sums, applied at the output.
+// whole blocks), unnormalised: the maximum and the sum go to the scratch, applied at the output
+// (or where partitions merge). A vector that sees nothing gets a sum of 0.
 inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
-    const int64_t begin = span.begin(vector) - span.first_position;
-    const int64_t end = span.end(vector) - span.first_position;
+    // A partition's vector may see nothing of it: its window begins past the partition's end,
+    // or its position comes before the partition's start.
+    const int64_t begin = std::min(span.begin(vector) - span.first_position, span.stride);
+    const int64_t end = std::max(begin, span.end(vector) - span.first_position);
     float* row_scores = scratch.scores.data() + vector * span.stride;
     float maximum = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : maximum)
@@ -844,7 +972,8 @@ inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
     }
     std::fill(row_scores, row_scores + begin, 0.f);
     std::fill(row_scores + end, row_scores + span.stride, 0.f);
-    scratch.inverse_sums[vector] = 1.f / sum;
+    scratch.maxima[vector] = maximum;
+    scratch.sums[vector] = sum;
   }
 }
 
@@ -961,9 +1090,71 @@ void store_output(const AttentionGeometry& geometry, const AttentionData<T>& dat
     const int64_t head = item.kv_head * geometry.group + vector % geometry.group;
     T* destination = data.output + ((span.row_offset + r) * geometry.num_heads + head) * head_dim;
     const float* accumulator = scratch.accumulators.data() + vector * head_dim;
-    const float inverse_sum = scratch.inverse_sums[vector];
+    const float inverse_sum = 1.f / scratch.sums[vector];
     for (int64_t d = 0; d < head_dim; ++d) {
       destination[d] = from_float<T>(accumulator[d] * inverse_sum);
+    }
+  }
+}
+
+// A partition's result, unnormalised: [vectors][head_dim] value sums, then the vectors' maxima,
+// then their sums.
+struct Partial {
+  float* data;
+  int64_t vectors;
+  int64_t head_dim;
+
+  float* accumulators(int64_t vector) const { return data + vector * head_dim; }
+  float& maximum(int64_t vector) const { return data[vectors * head_dim + vector]; }
+  float& sum(int64_t vector) const { return data[vectors * (head_dim + 1) + vector]; }
+};
+
+void store_partial(const ItemSpan& span, const ItemScratch& scratch, Partial partial) {
+  std::memcpy(partial.data, scratch.accumulators.data(),
+              span.vectors * partial.head_dim * sizeof(float));
+  for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    partial.maximum(vector) = scratch.maxima[vector];
+    partial.sum(vector) = scratch.sums[vector];
+  }
+}
+
+// A split tile's output from its partitions', in order: each rescaled to the largest maximum.
+// Partitions a vector sees nothing of (a sum of 0) are left out, so a vector that sees one
+// partition gets the very bits store_output gives it unsplit (a scale of exactly 1, the same sum
+// and reciprocal). A NaN in a partition reaches the output, as it does unsplit.
+template <typename T>
+void merge_partials(const AttentionGeometry& geometry, const AttentionData<T>& data,
+                    const AttentionItem& first, const ItemSpan& span, const Partial* partials,
+                    size_t count, float* merged) {
+  const int64_t head_dim = geometry.head_dim;
+  for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    float maximum = -std::numeric_limits<float>::infinity();
+    for (size_t p = 0; p < count; ++p) {
+      if (partials[p].sum(vector) != 0.f) maximum = std::max(maximum, partials[p].maximum(vector));
+    }
+    float sum = 0.f;
+    bool started = false;
+    for (size_t p = 0; p < count; ++p) {
+      const Partial& partial = partials[p];
+      if (partial.sum(vector) == 0.f) continue;
+      const float gap = partial.maximum(vector) - maximum;
+      const float scale = gap == 0.f ? 1.f : std::exp(gap);
+      const float* accumulators = partial.accumulators(vector);
+      if (!started) {
+        sum = scale * partial.sum(vector);
+        for (int64_t d = 0; d < head_dim; ++d) merged[d] = scale * accumulators[d];
+        started = true;
+        continue;
+      }
+      sum += scale * partial.sum(vector);
+      for (int64_t d = 0; d < head_dim; ++d) merged[d] += scale * accumulators[d];
+    }
+    const int64_t r = vector / geometry.group;
+    const int64_t head = first.kv_head * geometry.group + vector % geometry.group;
+    T* destination = data.output + ((span.row_offset + r) * geometry.num_heads + head) * head_dim;
+    const float inverse_sum = 1.f / sum;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      destination[d] = from_float<T>(merged[d] * inverse_sum);
     }
   }
 }
@@ -971,9 +1162,9 @@ void store_output(const AttentionGeometry& geometry, const AttentionData<T>& dat
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
 // One item of the fast path on CPUs with AVX512-BF16, after its queries are gathered: the keys
 // scored in runs of columns, the softmax weights rounded to bfloat16, the value rows added in
-// pairs. Per vector, every score and every sum runs the same instructions in the same order
-// whatever else the item holds, so a row's output does not depend on how its sequence's rows are
-// chunked or batched.
+// pairs, into the scratch. Per vector, every score and every sum runs the same instructions in
+// the same order whatever else the item holds, so a row's output does not depend on how its
+// sequence's rows are chunked or batched.
 void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape shape,
                                    const AttentionData<at::BFloat16>& data,
                                    const AttentionItem& item, const ItemSpan& span,
@@ -984,7 +1175,6 @@ void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape
   softmax_rows(span, scratch);
   round_weights(span, scratch);
   accumulate_values_in_pairs(geometry, data, item, span, scratch);
-  store_output(geometry, data, item, span, scratch);
 }
 #endif
 
@@ -1002,39 +1192,98 @@ int64_t prefetch_distance(const AttentionGeometry& geometry, BlockShape shape) {
   return kPrefetchBlocks;
 }
 
+// One item's scores, softmax and value sums, into the scratch.
+template <typename T>
+void attend_item(const AttentionGeometry& geometry, BlockShape shape, const AttentionData<T>& data,
+                 const AttentionItem& item, const ItemSpan& span, float logit_softcap,
+                 ItemScratch& scratch, KeyPrefetcher<T>& prefetcher) {
+#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (shape.fast) {
+      attend_item_with_dot_products(geometry, shape, data, item, span, logit_softcap, scratch,
+                                    prefetcher);
+      return;
+    }
+  }
+#endif
+  score_keys(geometry, shape, data, item, span, scratch, prefetcher);
+  if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
+  softmax_rows(span, scratch);
+  accumulate_values(geometry, shape, data, item, span, scratch);
+}
+
 template <typename T>
 void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
                           const AttentionData<T>& data, int64_t num_sequences,
                           float logit_softcap) {
-  const std::vector<AttentionItem> items = plan_items(geometry, data, num_sequences);
-  // Items differ a lot in cost (a decode against a prefill tile), so each thread takes every
-  // num_threads-th item rather than one contiguous range.
+  AttentionPlan plan = plan_items(geometry, data, num_sequences);
+  const std::vector<AttentionItem>& items = plan.items;
   const int64_t num_threads = std::min<int64_t>(at::get_num_threads(), items.size());
+  const AttentionWork work = plan_work(geometry, data, plan, num_threads);
+  const std::vector<std::vector<size_t>> assigned = assign_runs(items, work.runs, num_threads);
+  const auto partial_in = [&](float* base, const AttentionItem& item) {
+    return Partial{base, rows_of(data, item) * geometry.group, geometry.head_dim};
+  };
+  std::vector<float> partial_data(work.partial_floats);
   at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     ItemScratch scratch(geometry);
+    std::vector<float> tile_partials;  // A whole split tile's partitions'.
+    std::vector<Partial> partials;
+    std::vector<float> merged(geometry.head_dim);
     for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
-      KeyPrefetcher<T> prefetcher(geometry, data, items, thread, num_threads,
+      std::vector<size_t> order;  // The thread's items, for the prefetcher.
+      for (size_t run : assigned[thread]) {
+        const ItemRun& thread_run = work.runs[run];
+        for (size_t k = 0; k < thread_run.count; ++k) order.push_back(thread_run.first_item + k);
+      }
+      KeyPrefetcher<T> prefetcher(geometry, data, items, order,
                                   prefetch_distance<T>(geometry, shape));
-      for (size_t index = thread; index < items.size(); index += num_threads) {
-        const AttentionItem& item = items[index];
+      const auto attend_one = [&](const AttentionItem& item) {
         const ItemSpan span = span_of(geometry, data, item);
         scratch.scores.resize(span.vectors * span.stride);
         gather_queries(geometry, shape, data, item, span, scratch);
-#if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
-        if constexpr (std::is_same_v<T, at::BFloat16>) {
-          if (shape.fast) {
-            attend_item_with_dot_products(geometry, shape, data, item, span, logit_softcap,
-                                          scratch, prefetcher);
-            continue;
+        attend_item(geometry, shape, data, item, span, logit_softcap, scratch, prefetcher);
+        return span;
+      };
+      for (size_t run_index : assigned[thread]) {
+        const ItemRun& run = work.runs[run_index];
+        const AttentionItem& first = items[run.first_item];
+        if (run.count == 1) {
+          const ItemSpan span = attend_one(first);
+          if (first.partial < 0) {
+            store_output(geometry, data, first, span, scratch);
+          } else {
+            store_partial(span, scratch, partial_in(partial_data.data() + first.partial, first));
           }
+          continue;
         }
-#endif
-        score_keys(geometry, shape, data, item, span, scratch, prefetcher);
-        if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
-        softmax_rows(span, scratch);
-        accumulate_values(geometry, shape, data, item, span, scratch);
-        store_output(geometry, data, item, span, scratch);
+        const int64_t floats = rows_of(data, first) * geometry.group * (geometry.head_dim + 2);
+        tile_partials.resize(run.count * floats);
+        partials.clear();
+        for (size_t k = 0; k < run.count; ++k) {
+          const AttentionItem& item = items[run.first_item + k];
+          partials.push_back(partial_in(tile_partials.data() + k * floats, item));
+          store_partial(attend_one(item), scratch, partials.back());
+        }
+        merge_partials(geometry, data, first, span_of(geometry, data, first), partials.data(),
+                       run.count, merged.data());
       }
+    }
+  });
+  if (work.merges.empty()) return;
+  at::parallel_for(0, work.merges.size(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<Partial> partials;
+    std::vector<float> merged(geometry.head_dim);
+    for (int64_t index = begin; index < end; ++index) {
+      const ItemRun& tile = work.merges[index];
+      const AttentionItem& first = items[tile.first_item];
+      partials.clear();
+      for (size_t k = 0; k < tile.count; ++k) {
+        const AttentionItem& item = items[tile.first_item + k];
+        partials.push_back(partial_in(partial_data.data() + item.partial, item));
+      }
+      merge_partials(geometry, data, first, span_of(geometry, data, first), partials.data(),
+                     tile.count, merged.data());
     }
   });
 }
