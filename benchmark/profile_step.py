@@ -25,8 +25,8 @@ With `--breakdown`, a JSON line that splits the forward of a decode step into th
 projections alone (every layer's four weights multiplied in model order, as a step streams
 them), the LM head alone, and the rest (attention, norms, the embedding, the calls between):
 each part timed by itself, taking turns with whole steps in this process, so that a drifting
-machine moves all of them alike. Each projection is one call of the ops' entry point from Python,
-a few microseconds each, which counts towards the projections.
+machine moves all of them alike. Each projection is one call of its layer's `forward` from
+Python, a few microseconds each, which counts towards the projections.
 
     python benchmark/profile_step.py --model DIR --batch 1 --breakdown
 """
@@ -124,16 +124,6 @@ def output_features(linear: Linear) -> int:
     return linear.weight.shape[0]
 
 
-def multiply(linear: Linear, x: torch.Tensor) -> None:
-    """x times the projection's weight through the ops' entry point, as the layer calls it."""
-    if linear.quantized is not None:
-        linear.ops.quantized_linear(x, linear.quantized, linear.bias)
-    elif linear.packed is not None:
-        linear.ops.packed_linear(x, linear.packed)
-    else:
-        torch.nn.functional.linear(x, linear.weight, linear.bias)
-
-
 def breakdown(executor: StepExecutor, model: torch.nn.Module, batch: int, rounds: int) -> dict:
     """Milliseconds per decode step: the forward, the layers' projections, the LM head, and the
     forward's rest; medians over `rounds` turns of 5 steps and 3 passes of each part."""
@@ -147,10 +137,10 @@ def breakdown(executor: StepExecutor, model: torch.nn.Module, batch: int, rounds
             for _ in range(3):
                 start = time.perf_counter_ns()
                 for linear, x in layers:
-                    multiply(linear, x)
+                    linear.forward(x)
                 projections.append((time.perf_counter_ns() - start) / 1e6)
                 start = time.perf_counter_ns()
-                multiply(model.lm_head, head_input)
+                model.lm_head.forward(head_input)
                 heads.append((time.perf_counter_ns() - start) / 1e6)
     forward, projection, head = (statistics.median(v) for v in (forwards, projections, heads))
     return {

@@ -699,12 +699,24 @@ AttentionPlan plan_items(const AttentionGeometry& geometry, const AttentionData<
   return plan;
 }
 
+// An item's query rows: its tile's.
+template <typename T>
+int64_t rows_of(const AttentionData<T>& data, const AttentionItem& item) {
+  return std::min(kTileRows, data.query_starts[item.sequence + 1] -
+                                 data.query_starts[item.sequence] - item.first_row);
+}
+
+// The floats a partition's partial result takes (see Partial): per vector, its value sums, its
+// maximum and its sum.
+inline int64_t floats_per_partial(const AttentionGeometry& geometry, int64_t rows) {
+  return rows * geometry.group * (geometry.head_dim + 2);
+}
+
 template <typename T>
 ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data,
                  const AttentionItem& item) {
   const int64_t sequence_start = data.query_starts[item.sequence];
-  const int64_t rows = std::min(
-      kTileRows, data.query_starts[item.sequence + 1] - sequence_start - item.first_row);
+  const int64_t rows = rows_of(data, item);
   const int64_t first_context = data.cache_lens[item.sequence] + item.first_row + 1;
   const int64_t limit = item.blocks * geometry.block_size;
   return {sequence_start + item.first_row,
@@ -756,12 +768,6 @@ class KeyPrefetcher {
   int64_t block_ = 0;   // Of the item at order_[next_].
 };
 
-template <typename T>
-int64_t rows_of(const AttentionData<T>& data, const AttentionItem& item) {
-  return std::min(kTileRows, data.query_starts[item.sequence + 1] -
-                                 data.query_starts[item.sequence] - item.first_row);
-}
-
 // Which items each thread attends in one go (see kPartitionPositions); gives the partitions
 // attended apart from their tiles' others their places in the partials.
 template <typename T>
@@ -779,7 +785,7 @@ AttentionWork plan_work(const AttentionGeometry& geometry, const AttentionData<T
     for (size_t i = tile.first_item; i < tile.first_item + tile.count; ++i) {
       AttentionItem& item = plan.items[i];
       item.partial = work.partial_floats;
-      work.partial_floats += rows_of(data, item) * geometry.group * (geometry.head_dim + 2);
+      work.partial_floats += floats_per_partial(geometry, rows_of(data, item));
       work.runs.push_back({i, 1});
     }
   }
@@ -1224,6 +1230,17 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
   const auto partial_in = [&](float* base, const AttentionItem& item) {
     return Partial{base, rows_of(data, item) * geometry.group, geometry.head_dim};
   };
+  // A split tile's output from its partitions' partial results, partition k's at base_of(k).
+  const auto merge_tile = [&](const ItemRun& tile, const auto& base_of,
+                              std::vector<Partial>& partials, float* merged) {
+    partials.clear();
+    for (size_t k = 0; k < tile.count; ++k) {
+      partials.push_back(partial_in(base_of(k), items[tile.first_item + k]));
+    }
+    const AttentionItem& first = items[tile.first_item];
+    merge_partials(geometry, data, first, span_of(geometry, data, first), partials.data(),
+                   tile.count, merged);
+  };
   std::vector<float> partial_data(work.partial_floats);
   at::parallel_for(0, num_threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     ItemScratch scratch(geometry);
@@ -1257,16 +1274,14 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
           }
           continue;
         }
-        const int64_t floats = rows_of(data, first) * geometry.group * (geometry.head_dim + 2);
+        const int64_t floats = floats_per_partial(geometry, rows_of(data, first));
         tile_partials.resize(run.count * floats);
-        partials.clear();
+        const auto in_tile = [&](size_t k) { return tile_partials.data() + k * floats; };
         for (size_t k = 0; k < run.count; ++k) {
           const AttentionItem& item = items[run.first_item + k];
-          partials.push_back(partial_in(tile_partials.data() + k * floats, item));
-          store_partial(attend_one(item), scratch, partials.back());
+          store_partial(attend_one(item), scratch, partial_in(in_tile(k), item));
         }
-        merge_partials(geometry, data, first, span_of(geometry, data, first), partials.data(),
-                       run.count, merged.data());
+        merge_tile(run, in_tile, partials, merged.data());
       }
     }
   });
@@ -1276,14 +1291,10 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
     std::vector<float> merged(geometry.head_dim);
     for (int64_t index = begin; index < end; ++index) {
       const ItemRun& tile = work.merges[index];
-      const AttentionItem& first = items[tile.first_item];
-      partials.clear();
-      for (size_t k = 0; k < tile.count; ++k) {
-        const AttentionItem& item = items[tile.first_item + k];
-        partials.push_back(partial_in(partial_data.data() + item.partial, item));
-      }
-      merge_partials(geometry, data, first, span_of(geometry, data, first), partials.data(),
-                     tile.count, merged.data());
+      const auto in_shared = [&](size_t k) {
+        return partial_data.data() + items[tile.first_item + k].partial;
+      };
+      merge_tile(tile, in_shared, partials, merged.data());
     }
   });
 }
