@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,25 @@ def scrape(server: SluiceServer) -> dict:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
+STEP_COUNTERS = ("tgi_batch_inference_count", "tgi_batch_inference_success", "sluice_steps_total")
+
+
+def settled_scrape(server: SluiceServer, timeout: float = 30.0) -> dict:
+    """A scrape taken while no step is being recorded: two scrapes 100 ms apart that agree on
+    every step counter. With overlapped steps, the step after a request's last token can finish
+    after the response, and a scrape between its increments would see `count` ahead of
+    `success`."""
+    deadline = time.monotonic() + timeout
+    previous = scrape(server)
+    while True:
+        time.sleep(0.1)
+        current = scrape(server)
+        if all(value(previous, name) == value(current, name) for name in STEP_COUNTERS):
+            return current
+        assert time.monotonic() < deadline, "the step counters kept changing"
+        previous = current
+
+
 def value(families: dict, sample_name: str, **labels: str) -> float:
     """The sum of a sample over the label sets that match `labels` (0 when absent). The parser
     names every counter's sample `..._total`, whether the page does or not."""
@@ -95,7 +115,7 @@ def buckets(families: dict, name: str) -> list[float]:
 @pytest.fixture(scope="module")
 def workload(server: SluiceServer) -> tuple[dict, dict]:
     """Metrics before and after 3 generations, 1 stream and 1 invalid request."""
-    before = scrape(server)
+    before = settled_scrape(server)
     for prompt in ("Hello", "The sky is", "Once upon a time"):
         answer = generate(server, prompt, max_new_tokens=NEW_TOKENS, decoder_input_details=False)
         assert answer["details"]["generated_tokens"] == NEW_TOKENS
@@ -107,7 +127,7 @@ def workload(server: SluiceServer) -> tuple[dict, dict]:
         timeout=30,
     )
     assert invalid.status_code == 422
-    return before, scrape(server)
+    return before, settled_scrape(server)
 
 
 def test_request_counts_follow_the_workload(workload: tuple[dict, dict]) -> None:
