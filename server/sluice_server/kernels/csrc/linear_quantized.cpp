@@ -59,10 +59,12 @@ constexpr int64_t kHalfBlock = kCodeBlock / 2;
 constexpr int64_t kRowsPerPass = 4;
 // Columns per thread at least: a decode step's smallest projections still split across threads.
 constexpr int64_t kColumnGrain = 16;
-// Tiles of columns ahead whose codes the AVX2 loops prefetch while they multiply one row. Each
-// call starts with the hardware prefetcher cold (a decode step's other work runs between
-// calls); one row of 8-bit and FP8 codes ran 1.4-1.5x as fast for it (docs/quantization.md).
-// With more rows there is more work per byte, and the prefetches measured no gain.
+// Tiles of columns ahead whose codes, scales and offsets the loops prefetch while they multiply
+// one row. Each call starts with the hardware prefetcher cold (a decode step's other work runs
+// between calls); one row of 8-bit and FP8 codes ran 1.4-1.5x as fast for the codes' prefetch,
+// and then 8-bit integers 1.6x and 4-bit ones up to 1.2x as fast again for the scales' and
+// offsets' (docs/quantization.md). With more rows there is more work per byte, and the
+// prefetches measured no gain; fetching 8 tiles ahead measured no better than 2.
 constexpr int64_t kTilesAhead = 2;
 
 // How a weight's codes are stored; the values match the Python side's CodeFormat.
@@ -92,6 +94,35 @@ struct QuantizedMatrix {
   int64_t code_bytes_per_column() const { return in_features * bits() / 8; }
   const uint8_t* column_codes(int64_t n) const { return codes + n * code_bytes_per_column(); }
   const float* column_scales(int64_t n) const { return scales + n * groups(); }
+};
+
+// What the columns [n, n + columns) read (their codes, scales and offsets are each contiguous),
+// loaded into cache a line at a time ahead of the loop that multiplies them: each step a line
+// of codes (steps `step_bytes` apart), and in the first steps a line of scales and of offsets.
+class TilePrefetch {
+ public:
+  TilePrefetch(const QuantizedMatrix& w, int64_t n, int64_t columns)
+      : codes_(reinterpret_cast<const char*>(w.column_codes(n))),
+        scales_(reinterpret_cast<const char*>(w.column_scales(n))),
+        offsets_(w.offsets != nullptr
+                     ? reinterpret_cast<const char*>(w.offsets + n * w.groups())
+                     : nullptr),
+        scale_bytes_(columns * w.groups() * static_cast<int64_t>(sizeof(float))) {}
+
+  void step(int64_t index, int64_t step_bytes) const {
+    constexpr int64_t kLineBytes = 64;
+    __builtin_prefetch(codes_ + index * step_bytes);
+    const int64_t scale_byte = index * kLineBytes;
+    if (scale_byte >= scale_bytes_) return;
+    __builtin_prefetch(scales_ + scale_byte);
+    if (offsets_ != nullptr) __builtin_prefetch(offsets_ + scale_byte);
+  }
+
+ private:
+  const char* codes_;
+  const char* scales_;
+  const char* offsets_;  // Null without offsets.
+  int64_t scale_bytes_;
 };
 
 // The blocks of 32 codes in order, each with the group of its first half (a counter rather than a
@@ -273,14 +304,12 @@ template <int64_t kRows, int64_t kCols>
   }
   const uint8_t* codes = w.column_codes(n);
   const float* scales = w.column_scales(n);
-  const int64_t ahead = kTilesAhead * kCols * w.code_bytes_per_column();
+  const TilePrefetch ahead(w, n + kTilesAhead * kCols, kCols);
   for_each_block(w, [&](int64_t b, int64_t g) {
 #pragma GCC unroll 4
     for (int c = 0; c < kCols; ++c) {
       const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
-      if constexpr (kRows == 1) {
-        _mm_prefetch(reinterpret_cast<const char*>(block_codes + ahead), _MM_HINT_T0);
-      }
+      if constexpr (kRows == 1) ahead.step(kCols * b + c, w.block_bytes());
       UnpackedBlock weights = unpack_block_avx2(w, block_codes);
       scale_block(half_scales(w, scales + c * w.groups(), g), weights);
 #pragma GCC unroll 4
@@ -741,7 +770,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
   // Only on the first pass over a block, which reads its codes from memory: later ones find
   // them in L2.
   const bool fetch_ahead = kRows == 1 && row == 0;
-  const int64_t ahead = kTilesAhead * kCols * w.code_bytes_per_column();
+  const TilePrefetch ahead(w, n + kTilesAhead * kCols, kCols);
   for (int64_t c = 0; c < x.chunks; ++c) {
     const __mmask64 valid = c + 1 < x.chunks ? ~__mmask64{0} : last_valid;
     const ChunkGroups& chunk = groups[c];
@@ -749,10 +778,7 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
     const __mmask16 span = static_cast<__mmask16>((1u << chunk.span) - 1);
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kCols; ++k) {
-      if (fetch_ahead) {
-        _mm_prefetch(reinterpret_cast<const char*>(tile.codes[k] + c * kChunkBytes + ahead),
-                     _MM_HINT_T0);
-      }
+      if (fetch_ahead) ahead.step(kCols * c + k, kChunkBytes);
       __m512i column_codes[kVectors];
       chunk_codes<kVectors>(tile.codes[k] + c * kChunkBytes, valid, column_codes);
       const __m512 weight_scales = _mm512_permutexvar_ps(
@@ -868,12 +894,9 @@ inline void integer_dots(const QuantizedMatrix& w, const IntegerRows& x,
   // Only on the first pass over a block, which reads its codes from memory: later ones find
   // them in L2.
   const bool fetch_ahead = kRows == 1 && row == 0;
-  const int64_t ahead = kTilesAhead * kCols * w.code_bytes_per_column();
+  const TilePrefetch ahead(w, n + kTilesAhead * kCols, kCols);
   for (int64_t c = 0; c < whole; ++c) {
-    for (int64_t k = 0; k < kCols && fetch_ahead; ++k) {
-      _mm_prefetch(reinterpret_cast<const char*>(tile.codes[k] + c * kChunkBytes + ahead),
-                   _MM_HINT_T0);
-    }
+    for (int64_t k = 0; k < kCols && fetch_ahead; ++k) ahead.step(kCols * c + k, kChunkBytes);
     chunk(c, false);
   }
   if (half_last) chunk(whole, true);
