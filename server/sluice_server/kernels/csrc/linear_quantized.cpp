@@ -62,9 +62,9 @@ constexpr int64_t kColumnGrain = 16;
 // Tiles of columns ahead whose codes, scales and offsets the loops prefetch while they multiply
 // one row. Each call starts with the hardware prefetcher cold (a decode step's other work runs
 // between calls); one row of 8-bit and FP8 codes ran 1.4-1.5x as fast for the codes' prefetch,
-// and then 8-bit integers 1.6x and 4-bit ones up to 1.2x as fast again for the scales' and
-// offsets' (docs/quantization.md). With more rows there is more work per byte, and the
-// prefetches measured no gain; fetching 8 tiles ahead measured no better than 2.
+// and 8-bit integers 1.65x as fast again for the scales' and offsets' (docs/quantization.md).
+// With more rows there is more work per byte, and the prefetches measured no gain; fetching 8
+// tiles ahead measured no better than 2.
 constexpr int64_t kTilesAhead = 2;
 
 // How a weight's codes are stored; the values match the Python side's CodeFormat.
@@ -94,6 +94,10 @@ struct QuantizedMatrix {
   int64_t code_bytes_per_column() const { return in_features * bits() / 8; }
   const uint8_t* column_codes(int64_t n) const { return codes + n * code_bytes_per_column(); }
   const float* column_scales(int64_t n) const { return scales + n * groups(); }
+  // Null without offsets.
+  const float* column_offsets(int64_t n) const {
+    return offsets != nullptr ? offsets + n * groups() : nullptr;
+  }
 };
 
 // What the columns [n, n + columns) read (their codes, scales and offsets are each contiguous),
@@ -104,9 +108,7 @@ class TilePrefetch {
   TilePrefetch(const QuantizedMatrix& w, int64_t n, int64_t columns)
       : codes_(reinterpret_cast<const char*>(w.column_codes(n))),
         scales_(reinterpret_cast<const char*>(w.column_scales(n))),
-        offsets_(w.offsets != nullptr
-                     ? reinterpret_cast<const char*>(w.offsets + n * w.groups())
-                     : nullptr),
+        offsets_(reinterpret_cast<const char*>(w.column_offsets(n))),
         scale_bytes_(columns * w.groups() * static_cast<int64_t>(sizeof(float))) {}
 
   void step(int64_t index, int64_t step_bytes) const {
@@ -447,7 +449,7 @@ inline void store_tile(const QuantizedMatrix& w, const RowBlock<Out>& block, con
     for (int c = 0; c < kCols; ++c) {
       float value = dots[r][c] + (bias ? bias[n + c] : 0.f);
       if (w.offsets != nullptr) {
-        const float* offsets = w.offsets + (n + c) * w.groups();
+        const float* offsets = w.column_offsets(n + c);
         value += short_dot(offsets, block.group_sums + (row + r) * block.groups, block.groups);
       }
       block.y[(row + r) * block.out_features + n + c] = from_float<Out>(value);
@@ -692,7 +694,7 @@ struct TileOperands {
     for (int64_t k = 0; k < kCols; ++k) {
       codes[k] = w.column_codes(n + k);
       scales[k] = w.column_scales(n + k);
-      offsets[k] = w.offsets != nullptr ? w.offsets + (n + k) * w.groups() : nullptr;
+      offsets[k] = w.column_offsets(n + k);
     }
     for (int64_t r = 0; r < kRows; ++r) {
       values[r] = x.row_values(row + r);
@@ -1081,7 +1083,7 @@ inline UnpackedBlock weight_block(const QuantizedMatrix& w, int64_t n, int64_t b
   UnpackedBlock block = unpack_block_avx2(w, w.column_codes(n) + b * w.block_bytes());
   scale_block(half_scales(w, w.column_scales(n), g), block);
   if (w.offsets == nullptr) return block;
-  const float* offsets = w.offsets + n * w.groups();
+  const float* offsets = w.column_offsets(n);
   const int64_t second = w.group_size == kHalfBlock ? g + 1 : g;
   for (int i = 0; i < 4; ++i) {
     // The product is rounded before the offset joins, as dequantize() rounds it: the empty asm
