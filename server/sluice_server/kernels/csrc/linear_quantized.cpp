@@ -82,13 +82,17 @@ struct QuantizedMatrix {
   CodeFormat format;
   int64_t group_size;
   int64_t in_features;
+  // in_features / group_size, kept rather than divided for: a tile of columns asks for it
+  // several times, and with a few hundred dimensions a division per ask cost as much as the
+  // tile's multiply-adds.
+  int64_t group_count;
 
   int64_t bits() const {
     return format == CodeFormat::kUnsigned4 || format == CodeFormat::kLevels4 ? 4 : 8;
   }
   // The factor between a code's unpacked value and its value: folded into each group's scale.
   float code_scale() const { return format == CodeFormat::kFloat8 ? kFloat8HalfScale : 1.f; }
-  int64_t groups() const { return in_features / group_size; }
+  int64_t groups() const { return group_count; }
   int64_t blocks() const { return in_features / kCodeBlock; }
   int64_t block_bytes() const { return kCodeBlock * bits() / 8; }
   int64_t code_bytes_per_column() const { return in_features * bits() / 8; }
@@ -589,30 +593,81 @@ struct IntegerRows {
   }
 };
 
-// One run's scale: its largest magnitude / 32767 (NaN if it holds a NaN or infinity, which then
-// reaches the output as the float32 path's would). Both loops vectorize: a NaN or infinity
-// makes its product by zero NaN.
-inline float run_scale(const float* x, int64_t count) {
-  float largest = 0.f;
-  float poison = 0.f;
-#pragma omp simd reduction(max : largest) reduction(+ : poison)
-  for (int64_t i = 0; i < count; ++i) {
-    largest = std::max(largest, std::fabs(x[i]));
-    poison += x[i] * 0.f;
+// Rounds one run of x (layout.run_dims() values from `x`) into its lanes of the chunk's vectors,
+// `lanes` pointing at the run's first lane in vector 0, and returns the run's scale: its largest
+// magnitude / 32767, or NaN if it holds a NaN or infinity, which then reaches the output as the
+// float32 path's would.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// A run is one or two halves of 16 dimensions whose even and odd ones make the vectors' lanes
+// (ChunkLayout::dim): with 4-bit codes vector v holds half v % 2's, with 8-bit codes the one
+// half's, even ones for v < 2 and odd ones after. Written with intrinsics because the compiler
+// made the strided loads, the reductions and the clamps scalar: rounding a row took as long as
+// multiplying it by a few dozen columns.
+inline float round_run(const ChunkLayout& layout, const float* x, int16_t* lanes) {
+  const int64_t halves = layout.vectors / 2;
+  __m256 parts[4];  // [vector]
+  for (int64_t h = 0; h < halves; ++h) {
+    const __m256 first = _mm256_loadu_ps(x + 16 * h), second = _mm256_loadu_ps(x + 16 * h + 8);
+    // Per 128-bit lane the even (odd) ones of first, then of second; the 64-bit permute puts the
+    // four pairs in order.
+    const auto in_order = [](__m256 v) {
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), _MM_SHUFFLE(3, 1, 2, 0)));
+    };
+    parts[h] = in_order(_mm256_shuffle_ps(first, second, _MM_SHUFFLE(2, 0, 2, 0)));
+    parts[h + halves] = in_order(_mm256_shuffle_ps(first, second, _MM_SHUFFLE(3, 1, 3, 1)));
   }
-  return poison == 0.f ? largest / kInt16Max : std::numeric_limits<float>::quiet_NaN();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 infinity = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 largest = _mm256_setzero_ps(), not_finite = _mm256_setzero_ps();
+  for (int64_t v = 0; v < layout.vectors; ++v) {
+    const __m256 magnitude = _mm256_andnot_ps(sign, parts[v]);
+    not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(magnitude, infinity, _CMP_NLT_UQ));
+    largest = _mm256_max_ps(largest, magnitude);
+  }
+  __m128 half_max = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+  half_max = _mm_max_ps(half_max, _mm_movehl_ps(half_max, half_max));
+  half_max = _mm_max_ss(half_max, _mm_movehdup_ps(half_max));
+  const float scale = _mm256_movemask_ps(not_finite) != 0
+                          ? std::numeric_limits<float>::quiet_NaN()
+                          : _mm_cvtss_f32(half_max) / kInt16Max;
+  const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+  const __m256 limit = _mm256_set1_ps(kInt16Max);
+  for (int64_t v = 0; v < layout.vectors; ++v) {
+    // Rounding in the current direction (to nearest) is nearbyint's.
+    __m256 rounded = _mm256_round_ps(_mm256_mul_ps(parts[v], inverse),
+                                     _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+    rounded = _mm256_min_ps(_mm256_max_ps(rounded, _mm256_xor_ps(limit, sign)), limit);
+    const __m256i words = _mm256_cvtps_epi32(rounded);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes + v * kChunkLanes),
+                     _mm_packs_epi32(_mm256_castsi256_si128(words),
+                                     _mm256_extracti128_si256(words, 1)));
+  }
+  return scale;
+}
+#else
+// x times `inverse`, rounded to int16 (to nearest, saturating at +-32767).
+inline int16_t round_to_int16(float x, float inverse) {
+  const float rounded = std::nearbyint(x * inverse);
+  return static_cast<int16_t>(std::min(std::max(rounded, -kInt16Max), kInt16Max));
 }
 
-// x[0 .. count) times `inverse`, rounded to int16 (saturating), into out; zeros up to `length`.
-inline void round_run(const float* x, int64_t count, float inverse, int64_t length,
-                      int16_t* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) {
-    const float rounded = std::nearbyint(x[i] * inverse);
-    out[i] = static_cast<int16_t>(std::min(std::max(rounded, -kInt16Max), kInt16Max));
+inline float round_run(const ChunkLayout& layout, const float* x, int16_t* lanes) {
+  float largest = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < layout.run_dims(); ++i) {
+    largest = std::max(largest, std::fabs(x[i]));
+    finite = finite && std::isfinite(x[i]);
   }
-  std::fill(out + count, out + length, int16_t{0});
+  const float scale = finite ? largest / kInt16Max : std::numeric_limits<float>::quiet_NaN();
+  const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+  for (int64_t v = 0; v < layout.vectors; ++v) {
+    for (int64_t j = 0; j < kRunLanes; ++j) {
+      lanes[v * kChunkLanes + j] = round_to_int16(x[layout.dim(v, j)], inverse);
+    }
+  }
+  return scale;
 }
+#endif
 
 IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_count) {
   const ChunkLayout layout(w);
@@ -621,30 +676,26 @@ IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_cou
   rows.dims_per_row = rows.chunks * layout.dims();
   rows.values.resize(row_count * rows.dims_per_row);
   rows.scales.resize(row_count * rows.chunks * kSumsPerChunk);
-  // Where each lane's value comes from, within a chunk.
-  std::vector<int64_t> source(layout.dims());
-  for (int64_t v = 0; v < layout.vectors; ++v) {
-    for (int64_t j = 0; j < kChunkLanes; ++j) source[v * kChunkLanes + j] = layout.dim(v, j);
-  }
-  const int64_t run_dims = layout.run_dims();
   at::parallel_for(0, row_count, grain_for(w.in_features), [&](int64_t begin, int64_t end) {
-    // A chunk's values rounded, in dimension order.
-    std::vector<int16_t> rounded(layout.dims());
     for (int64_t r = begin; r < end; ++r) {
+      const float* row = x + r * w.in_features;
       for (int64_t c = 0; c < rows.chunks; ++c) {
         const int64_t first = c * layout.dims();
         float* scales = rows.scales.data() + (r * rows.chunks + c) * kSumsPerChunk;
-        for (int64_t run = 0; run < kRunsPerChunk; ++run) {
-          const int64_t start = first + run * run_dims;
-          const int64_t count = std::clamp<int64_t>(w.in_features - start, 0, run_dims);
-          const float* values = x + r * w.in_features + start;
-          const float scale = count > 0 ? run_scale(values, count) : 0.f;
-          std::fill(scales + kSumsPerRun * run, scales + kSumsPerRun * (run + 1), scale);
-          round_run(values, count, scale > 0.f ? 1.f / scale : 0.f, run_dims,
-                    rounded.data() + run * run_dims);
-        }
         int16_t* lanes = rows.values.data() + r * rows.dims_per_row + first;
-        for (int64_t i = 0; i < layout.dims(); ++i) lanes[i] = rounded[source[i]];
+        for (int64_t run = 0; run < kRunsPerChunk; ++run) {
+          // in_features is whole runs: a run is all x or, past it, zeros.
+          const int64_t start = first + run * layout.run_dims();
+          float scale = 0.f;
+          if (start < w.in_features) {
+            scale = round_run(layout, row + start, lanes + run * kRunLanes);
+          } else {
+            for (int64_t v = 0; v < layout.vectors; ++v) {
+              std::fill_n(lanes + v * kChunkLanes + run * kRunLanes, kRunLanes, int16_t{0});
+            }
+          }
+          std::fill_n(scales + kSumsPerRun * run, kSumsPerRun, scale);
+        }
       }
     }
   });
@@ -1207,6 +1258,7 @@ QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales
                     level_data,
                     format,
                     group_size,
+                    0,
                     0};
   const int64_t out_features = codes.size(0);
   w.in_features = codes.size(1) * 8 / w.bits();
@@ -1214,6 +1266,7 @@ QuantizedMatrix checked_matrix(const at::Tensor& codes, const at::Tensor& scales
               ") must be a multiple of ", kCodeBlock);
   TORCH_CHECK(w.in_features % group_size == 0, "in_features (", w.in_features,
               ") must be a multiple of group_size (", group_size, ")");
+  w.group_count = w.in_features / group_size;
   const auto check_groups = [&](const at::Tensor& tensor, const char* name) {
     TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() &&
                     tensor.dim() == 2 && tensor.size(0) == out_features &&
