@@ -546,8 +546,10 @@ constexpr int64_t kRunsPerChunk = kChunkLanes / kRunLanes;
 constexpr int64_t kSumsPerRun = 4;
 constexpr int64_t kSumsPerChunk = kRunsPerChunk * kSumsPerRun;
 constexpr float kInt16Max = 32767.f;
-// Columns one row multiplies at once, for independent sums.
-constexpr int64_t kIntegerTileColumns = 2;
+// Columns a pass multiplies at once: independent sums, and a tile's setup and final sums shared
+// by more columns. With a few hundred dimensions, one row ran 10-20 % faster with 4 than with 2
+// (8 was slower), and 32 rows about 10 % faster with 4 than with 1.
+constexpr int64_t kIntegerTileColumns = 4;
 // Bytes of codes, scales and offsets a thread's block of columns holds: they stay in L2 while
 // each pass of 4 rows, whose x stays in L1, reads them.
 constexpr int64_t kIntegerBlockBytes = 256 * 1024;
@@ -1059,18 +1061,16 @@ void finish_rows(const IntegerCall<Out>& call, const ColumnBlock& block, int64_t
   }
 }
 
-// Rows [row, row + count) against the block's columns: one row two columns at a time, for
-// independent sums; more rows one column at a time.
+// Rows [row, row + count) against the block's columns, kIntegerTileColumns at a time (the last
+// few one at a time).
 template <int kVectors, typename Out>
 void integer_pass(const IntegerCall<Out>& call, ColumnBlock& block, int64_t row, int64_t count) {
   with_count<kRowsPerPass>(count, [&](auto row_count) {
     constexpr int64_t kRows = decltype(row_count)::value;
     const int64_t end = block.first + block.columns;
     int64_t n = block.first;
-    if constexpr (kRows == 1) {
-      for (; n + kIntegerTileColumns <= end; n += kIntegerTileColumns) {
-        integer_tile<kVectors, 1, kIntegerTileColumns>(call, block, row, n);
-      }
+    for (; n + kIntegerTileColumns <= end; n += kIntegerTileColumns) {
+      integer_tile<kVectors, kRows, kIntegerTileColumns>(call, block, row, n);
     }
     for (; n < end; ++n) integer_tile<kVectors, kRows, 1>(call, block, row, n);
   });
