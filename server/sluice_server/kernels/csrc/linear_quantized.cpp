@@ -686,16 +686,10 @@ IntegerRows round_rows(const QuantizedMatrix& w, const float* x, int64_t row_cou
         float* scales = rows.scales.data() + (r * rows.chunks + c) * kSumsPerChunk;
         int16_t* lanes = rows.values.data() + r * rows.dims_per_row + first;
         for (int64_t run = 0; run < kRunsPerChunk; ++run) {
-          // in_features is whole runs: a run is all x or, past it, zeros.
+          // in_features is whole runs; those past it keep the zeros resize() wrote.
           const int64_t start = first + run * layout.run_dims();
-          float scale = 0.f;
-          if (start < w.in_features) {
-            scale = round_run(layout, row + start, lanes + run * kRunLanes);
-          } else {
-            for (int64_t v = 0; v < layout.vectors; ++v) {
-              std::fill_n(lanes + v * kChunkLanes + run * kRunLanes, kRunLanes, int16_t{0});
-            }
-          }
+          if (start >= w.in_features) break;
+          const float scale = round_run(layout, row + start, lanes + run * kRunLanes);
           std::fill_n(scales + kSumsPerRun * run, kSumsPerRun, scale);
         }
       }
