@@ -10,6 +10,13 @@ JSON line per shape and a summary per row count: the time of one step's projecti
 four and the LM head once) with each.
 
     python benchmark/linear_kernel.py --rows 1 8 32 64 512
+
+With `--against REV`, Sluice's matmul as it was at that git revision is timed as well, taking
+turns with the others. With `--neighbour-load F`, a process pinned to the last CPU is busy for the
+fraction F of the time (benchmark/neighbour.py), as the router or another tenant takes part of a
+core in service: a split of the work that waits for its slowest thread shows there.
+
+    python benchmark/linear_kernel.py --rows 1 32 --against HEAD~1 --neighbour-load 0.25
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
+from neighbour import busy_neighbour
 from sluice_server.kernels import load_cpu_kernels
 from sluice_server.kernels.cpu_features import CpuFeatures
 
@@ -49,6 +58,7 @@ def time_shape(
     onednn_dtype: torch.dtype,
     shape: tuple[int, int, int],
     count: int,
+    baseline: ModuleType | None,
 ) -> dict[str, float]:
     """Microseconds per call of each implementation on x [rows, in] and weights [out, in],
     cycling through `count` distinct weights."""
@@ -72,42 +82,77 @@ def time_shape(
         return kernels.linear_bf16(x, sluice[next(turn) % count], None, out_features)
 
     calls = max(5, min(200, int(2e9 / (rows * in_features * out_features))))
-    return {"onednn": time_us(run_onednn, calls), "sluice": time_us(run_sluice, calls)}
+    timings = {"onednn": time_us(run_onednn, calls), "sluice": time_us(run_sluice, calls)}
+    if baseline is not None:
+        packed = [baseline.pack_linear_bf16(w.to(torch.bfloat16)) for w in weights]
+
+        def run_baseline() -> object:
+            return baseline.linear_bf16(x, packed[next(turn) % count], None, out_features)
+
+        timings["baseline"] = time_us(run_baseline, calls)
+        # Once more after the baseline, so that a drifting machine moves both alike.
+        timings["sluice"] = (timings["sluice"] + time_us(run_sluice, calls)) / 2
+    return timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 512])
     parser.add_argument("--weights", type=int, default=30, help="distinct weights per shape")
+    parser.add_argument("--against", help="also time Sluice's matmul at this git revision")
+    parser.add_argument(
+        "--neighbour-load",
+        type=float,
+        default=0.0,
+        help="fraction of the last CPU a busy neighbour process takes while timing",
+    )
     args = parser.parse_args()
 
     kernels = load_cpu_kernels(Path.home() / ".cache" / "sluice" / "kernels")
+    baseline = None
+    if args.against:
+        from quantized_kernel import kernels_at_revision
+
+        baseline = kernels_at_revision(args.against, Path(tempfile.mkdtemp()))
     if not kernels.has_linear_bf16():
         raise SystemExit("this CPU has neither AVX512-BF16 nor AVX2: no Sluice matmul here")
     onednn_dtype = torch.bfloat16 if CpuFeatures.detect().onednn_bf16 else torch.float32
     print(json.dumps({"onednn_dtype": str(onednn_dtype).removeprefix("torch.")}))
-    for rows in args.rows:
-        step_us = {"onednn": 0.0, "sluice": 0.0}
-        for in_features, out_features, uses in SMOLLM2_SHAPES:
-            # The LM head is used once a step; two copies keep it from staying in cache.
-            count = min(args.weights, uses) if uses > 1 else 2
-            timings = time_shape(
-                kernels, onednn_dtype, (rows, in_features, out_features), count
-            )
-            flop = 2 * rows * in_features * out_features
-            for name, micros in timings.items():
-                step_us[name] += micros * uses
-            record = {"rows": rows, "shape": [in_features, out_features]}
-            for name, micros in timings.items():
-                record[f"{name}_us"] = round(micros, 1)
-                record[f"{name}_gflops"] = round(flop / micros / 1e3)
-            print(json.dumps(record))
-        summary = {
-            "rows": rows,
-            "step_projections_ms": {k: round(v / 1e3, 2) for k, v in step_us.items()},
-            "speedup": round(step_us["onednn"] / step_us["sluice"], 2),
-        }
-        print(json.dumps(summary))
+    with busy_neighbour(args.neighbour_load):
+        for rows in args.rows:
+            time_rows(kernels, onednn_dtype, rows, args.weights, baseline)
+
+
+def time_rows(
+    kernels: ModuleType,
+    onednn_dtype: torch.dtype,
+    rows: int,
+    weight_count: int,
+    baseline: ModuleType | None,
+) -> None:
+    """One JSON line per shape at `rows` rows, then one step's projections in total."""
+    step_us: dict[str, float] = {}
+    for in_features, out_features, uses in SMOLLM2_SHAPES:
+        # The LM head is used once a step; two copies keep it from staying in cache.
+        count = min(weight_count, uses) if uses > 1 else 2
+        timings = time_shape(
+            kernels, onednn_dtype, (rows, in_features, out_features), count, baseline
+        )
+        flop = 2 * rows * in_features * out_features
+        record = {"rows": rows, "shape": [in_features, out_features]}
+        for name, micros in timings.items():
+            step_us[name] = step_us.get(name, 0.0) + micros * uses
+            record[f"{name}_us"] = round(micros, 1)
+            record[f"{name}_gflops"] = round(flop / micros / 1e3)
+        print(json.dumps(record))
+    summary = {
+        "rows": rows,
+        "step_projections_ms": {k: round(v / 1e3, 2) for k, v in step_us.items()},
+        "speedup": round(step_us["onednn"] / step_us["sluice"], 2),
+    }
+    if "baseline" in step_us:
+        summary["speedup_over_baseline"] = round(step_us["baseline"] / step_us["sluice"], 2)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ machine moves all of them alike. Each projection is one call of its layer's `for
 Python, a few microseconds each, which counts towards the projections.
 
     python benchmark/profile_step.py --model DIR --batch 1 --breakdown
+
+With `--neighbour-load F`, a process pinned to the last CPU is busy for the fraction F of the
+time while the steps run (benchmark/neighbour.py), as the router or another tenant would be.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
+from neighbour import busy_neighbour
 from sluice_server.engine.step import StepExecutor
 from sluice_server.kernels import select_kernels
 from sluice_server.layers.linear import Linear
@@ -216,6 +220,12 @@ def main() -> None:
         help="also split the forward into the layers' projections, the LM head and the rest",
     )
     parser.add_argument(
+        "--neighbour-load",
+        type=float,
+        default=0.0,
+        help="fraction of the last CPU a busy neighbour process takes during the steps",
+    )
+    parser.add_argument(
         "--layer-by-layer",
         action="store_true",
         help="run the Python layers, not the compiled stack",
@@ -246,43 +256,46 @@ def main() -> None:
         raise SystemExit("the KV cache is too small for this batch")
     executor.step(admission_step(args.batch, args.prompt_tokens, max_new))
 
-    for _ in range(5):
-        executor.step(decode_step(args.batch))
-    totals, forwards = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter_ns()
-        response = executor.step(decode_step(args.batch))
-        totals.append(time.perf_counter_ns() - start)
-        forwards.append(response.forward_ns)
-    total_ms = statistics.median(totals) / 1e6
-    forward_ms = statistics.median(forwards) / 1e6
-    print(
-        json.dumps(
-            {
-                "batch": args.batch,
-                "dtype": args.dtype,
-                "kernels": type(kernels.attention).__name__,
-                "layers": "layer by layer" if loaded.model.compiled_stack is None else "compiled",
-                "threads": torch.get_num_threads(),
-                "step_ms": round(total_ms, 2),
-                "forward_ms": round(forward_ms, 2),
-                "outside_forward_ms": round(total_ms - forward_ms, 2),
-                "tokens_per_s_engine": round(args.batch / (total_ms / 1e3), 1),
-            }
-        )
-    )
-
-    if timer is not None:
-        print(json.dumps(timer.measure(executor, args.batch, args.steps)), flush=True)
-    if args.breakdown:
-        print(json.dumps(breakdown(executor, loaded.model, args.batch, args.steps)), flush=True)
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        for _ in range(10):
+    with busy_neighbour(args.neighbour_load):
+        for _ in range(5):
             executor.step(decode_step(args.batch))
-    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    if args.trace:
-        profiler.export_chrome_trace(str(args.trace))
+        totals, forwards = [], []
+        for _ in range(args.steps):
+            start = time.perf_counter_ns()
+            response = executor.step(decode_step(args.batch))
+            totals.append(time.perf_counter_ns() - start)
+            forwards.append(response.forward_ns)
+        total_ms = statistics.median(totals) / 1e6
+        forward_ms = statistics.median(forwards) / 1e6
+        print(
+            json.dumps(
+                {
+                    "batch": args.batch,
+                    "dtype": args.dtype,
+                    "kernels": type(kernels.attention).__name__,
+                    "layers": "layer by layer"
+                    if loaded.model.compiled_stack is None
+                    else "compiled",
+                    "threads": torch.get_num_threads(),
+                    "step_ms": round(total_ms, 2),
+                    "forward_ms": round(forward_ms, 2),
+                    "outside_forward_ms": round(total_ms - forward_ms, 2),
+                    "tokens_per_s_engine": round(args.batch / (total_ms / 1e3), 1),
+                }
+            )
+        )
+
+        if timer is not None:
+            print(json.dumps(timer.measure(executor, args.batch, args.steps)), flush=True)
+        if args.breakdown:
+            print(json.dumps(breakdown(executor, loaded.model, args.batch, args.steps)), flush=True)
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            for _ in range(10):
+                executor.step(decode_step(args.batch))
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        if args.trace:
+            profiler.export_chrome_trace(str(args.trace))
 
 
 if __name__ == "__main__":

@@ -310,6 +310,34 @@ def test_linear_bf16_matches_torch(
     assert (actual.float() - expected).abs().max().item() <= 1e-2 * scale
 
 
+@pytest.mark.parametrize("rows", [1, 32])
+def test_linear_bf16_is_the_same_at_any_thread_count(
+    compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild, rows: int
+) -> None:
+    # Threads take chunks of tiles and, once done with their own, the others' last ones
+    # (parallel_chunks): more threads than cores makes some slow, so that chunks change hands.
+    # Every tile must be computed exactly once, the same way, whoever takes it.
+    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
+    ops = compiled_kernels.ops
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(4112, 96, generator=generator).to(torch.bfloat16)  # 129 tiles
+    packed = ops.pack_linear(weight, None)
+    assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
+    x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ops.packed_linear(x, packed)
+        for count in (2, 3, 5, 8):
+            torch.set_num_threads(count)
+            for _ in range(5):
+                assert torch.equal(ops.packed_linear(x, packed), alone), f"{count} threads"
+    finally:
+        torch.set_num_threads(threads)
+    expected = F.linear(x.float(), weight.float())
+    assert (alone.float() - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+
+
 def test_linear_bf16_rejects_a_mismatched_input(
     compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild
 ) -> None:

@@ -17,9 +17,9 @@
 // first and second dimension. Up to 4 rows multiply straight from the bfloat16 tile (1 or 2 rows
 // take the whole tile in one pass, so that a row has four independent sums); more rows widen the
 // half tile once into a float32 panel and run a 6-row by 16-column kernel (12 sums in registers)
-// over it. Threads split the tiles; each streams its tiles from memory once per
-// block of rows, prefetching the next tile while the current one is reused from cache for each
-// group of rows.
+// over it. Threads split the tiles, and one done with its share takes over the others' last
+// (parallel_chunks); each streams its tiles from memory once per block of rows, prefetching the
+// next tile while the current one is reused from cache for each group of rows.
 //
 // The same loops also take a weight given tile by tile (linear_bf16_filled): each tile is
 // written into a buffer when the loops reach it, which is how linear_quantized.cpp multiplies a
@@ -42,14 +42,16 @@ namespace {
 // Rows of x worked on together, so that x's block stays in cache while the tiles stream past.
 constexpr int64_t kLinearRowBlock = 256;
 
-// Where the loops find tile t: in the packed weight, whose next tile they prefetch...
+// Where the loops find tile t: in the packed weight, whose next tile they prefetch (past the
+// end of a chunk too: it is most often the thread's next)...
 struct PackedTiles {
   const at::BFloat16* weight;
   int64_t tile_elements;
+  int64_t count;
 
   const at::BFloat16* at(int64_t t) const { return weight + t * tile_elements; }
-  const at::BFloat16* prefetch_after(int64_t t, int64_t end) const {
-    return t + 1 < end ? at(t + 1) : nullptr;
+  const at::BFloat16* prefetch_after(int64_t t) const {
+    return t + 1 < count ? at(t + 1) : nullptr;
   }
 };
 
@@ -65,7 +67,7 @@ class FilledTiles {
     fill_(t, tile);
     return tile;
   }
-  const at::BFloat16* prefetch_after(int64_t, int64_t) const { return nullptr; }
+  const at::BFloat16* prefetch_after(int64_t) const { return nullptr; }
 
  private:
   struct alignas(64) Line {
@@ -166,7 +168,7 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
     const int64_t passes = (block_rows + kLinearRows - 1) / kLinearRows;
     for (int64_t t = begin; t < end; ++t) {
       const auto* tile_data = reinterpret_cast<const __m512bh*>(tiles.at(t));
-      const auto* next = reinterpret_cast<const char*>(tiles.prefetch_after(t, end));
+      const auto* next = reinterpret_cast<const char*>(tiles.prefetch_after(t));
       const WeightTile tile{tile_data, pairs, bias ? bias + t * kLinearColumns : nullptr,
                             std::min(kLinearColumns, out_features - t * kLinearColumns)};
       for (int64_t pass = 0; pass < passes; ++pass) {
@@ -365,7 +367,7 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
     const int64_t block_rows = std::min(kLinearRowBlock, rows - row_start);
     for (int64_t t = begin; t < end; ++t) {
       const auto* tile = reinterpret_cast<const char*>(tiles.at(t));
-      const auto* next_tile = reinterpret_cast<const char*>(tiles.prefetch_after(t, end));
+      const auto* next_tile = reinterpret_cast<const char*>(tiles.prefetch_after(t));
       const auto half_of = [&](int64_t h) {
         const int64_t first_column = t * kLinearColumns + h * kHalfColumns;
         return WeightHalf{tile + h * kPairRowBytes / 2, pairs,
@@ -452,9 +454,13 @@ at::Tensor multiply_tiles(const at::Tensor& x, int64_t tile_count, int64_t pairs
   // The AVX2 micro-kernel broadcasts x's values as float32.
   const at::Tensor rows = x.to(at::kFloat);
 #endif
-  at::parallel_for(0, tile_count, 1, [&](int64_t begin, int64_t end) {
-    auto tiles = make_tiles();
-    linear_tiles(rows, tiles, pairs, bias, y, begin, end);
+  // Chunks small enough for each thread to have several, so that taking over a slow thread's
+  // last ones evens out its lag.
+  const int64_t chunk = std::clamp<int64_t>(tile_count / (8 * at::get_num_threads()), 1, 16);
+  parallel_chunks(tile_count, chunk, [&] {
+    return [&, tiles = make_tiles()](int64_t begin, int64_t end) mutable {
+      linear_tiles(rows, tiles, pairs, bias, y, begin, end);
+    };
   });
   return y;
 }
@@ -484,7 +490,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
                 "bias must be float32, padded to the packed weight's tiles");
     bias_data = bias->data_ptr<float>();
   }
-  const PackedTiles packed_tiles{packed.data_ptr<at::BFloat16>(), pairs * kLinearColumns * 2};
+  const PackedTiles packed_tiles{packed.data_ptr<at::BFloat16>(), pairs * kLinearColumns * 2,
+                                 tiles};
   return multiply_tiles(x, tiles, pairs, bias_data, out_features,
                         [&] { return packed_tiles; });
 #else
