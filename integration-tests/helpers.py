@@ -87,8 +87,9 @@ def shard_pids(server: SluiceServer) -> dict[int, int]:
 
 
 def wait_for_health(server: SluiceServer, status: int, timeout_s: float = 300) -> None:
-    """Polls /health until it answers `status`."""
+    """Polls /health until it answers `status`. Each answer must come within a load balancer's
+    probe timeout, even while the shards restart and are warmed up again."""
     deadline = time.monotonic() + timeout_s
-    while requests.get(f"{server.url}/health", timeout=30).status_code != status:
+    while requests.get(f"{server.url}/health", timeout=10).status_code != status:
         assert time.monotonic() < deadline, f"/health never answered {status}"
         time.sleep(0.1)

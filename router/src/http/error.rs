@@ -22,9 +22,10 @@ pub enum ApiError {
     Generation(#[from] SchedulerError),
     #[error("unhealthy: {0}")]
     Unhealthy(#[from] ClientError),
-    /// The shards restarted and are being warmed up again.
-    #[error("unhealthy: the shards restarted and are not warmed up again yet")]
-    ShardsRestarting,
+    /// The scheduler is bringing the shards back after a failure: waiting for them to answer,
+    /// or warming up shards that restarted.
+    #[error("unhealthy: the shards are coming back from a failure and are not ready yet")]
+    ShardsRecovering,
     /// The router is draining after SIGTERM.
     #[error("Server is shutting down")]
     ShuttingDown,
@@ -59,7 +60,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Generation(_) => StatusCode::FAILED_DEPENDENCY,
-            Self::Unhealthy(_) | Self::ShardsRestarting | Self::ShuttingDown => {
+            Self::Unhealthy(_) | Self::ShardsRecovering | Self::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -76,7 +77,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::Overloaded => "overloaded",
             Self::Generation(_) => "generation",
-            Self::Unhealthy(_) | Self::ShardsRestarting => "healthcheck",
+            Self::Unhealthy(_) | Self::ShardsRecovering => "healthcheck",
             Self::ShuttingDown => "unavailable",
         }
     }
@@ -206,7 +207,7 @@ mod tests {
             (ApiError::PayloadTooLarge, 413, "invalid_request_error"),
             (ApiError::Unauthorized, 401, "invalid_request_error"),
             (ApiError::Overloaded, 429, "rate_limit_error"),
-            (ApiError::ShardsRestarting, 503, "server_error"),
+            (ApiError::ShardsRecovering, 503, "server_error"),
             (
                 ApiError::Generation(SchedulerError::Closed),
                 424,

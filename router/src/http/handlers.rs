@@ -280,7 +280,7 @@ async fn stream_response(
     tag = "TGI",
     responses(
         (status = 200, description = "The shards answer"),
-        (status = 503, description = "A shard does not answer, or restarted and is not warmed up again yet", body = ErrorResponse),
+        (status = 503, description = "A shard does not answer, or the shards are coming back from a failure (restarted, being warmed up again)", body = ErrorResponse),
     )
 )]
 pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
@@ -288,8 +288,9 @@ pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
     if state.draining.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    if !state.shards.health().await?.warmed_up {
-        return Err(ApiError::ShardsRestarting);
+    // The shards would answer only once the warmup the scheduler is running has finished.
+    if state.scheduler.shards_recovering() || !state.shards.health().await?.warmed_up {
+        return Err(ApiError::ShardsRecovering);
     }
     Ok(())
 }

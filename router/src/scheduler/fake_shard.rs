@@ -173,6 +173,8 @@ pub struct FakeShard {
     pub crash_next_step: AtomicBool,
     /// Restarted, and not yet warmed up again by `recover`.
     cold: AtomicBool,
+    /// Held by a test to keep `recover` waiting, as a warmup would.
+    pub recovery_gate: tokio::sync::Mutex<()>,
 }
 
 impl FakeShard {
@@ -181,6 +183,7 @@ impl FakeShard {
             state: Mutex::new(FakeShardState::new(block_size, num_blocks)),
             crash_next_step: AtomicBool::new(false),
             cold: AtomicBool::new(false),
+            recovery_gate: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -224,6 +227,7 @@ impl Shard for FakeShard {
     }
 
     async fn recover(&self) -> Result<Recovery, ShardsLost> {
+        drop(self.recovery_gate.lock().await);
         self.state.lock().unwrap().sequences.clear();
         Ok(if self.cold.swap(false, Ordering::SeqCst) {
             Recovery::Restarted

@@ -24,6 +24,8 @@ mod task;
 
 pub use task::spawn_scheduler;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -70,6 +72,7 @@ pub type EventReceiver = mpsc::UnboundedReceiver<Result<TokenEvent, SchedulerErr
 #[derive(Clone)]
 pub struct SchedulerHandle {
     submissions: mpsc::UnboundedSender<entry::Submission>,
+    recovering: Recovering,
 }
 
 impl SchedulerHandle {
@@ -88,6 +91,26 @@ impl SchedulerHandle {
             })
             .map_err(|_| SchedulerError::Closed)?;
         Ok(receivers)
+    }
+
+    /// Whether the scheduler is waiting for the shards to come back or warming them up again.
+    pub fn shards_recovering(&self) -> bool {
+        self.recovering.get()
+    }
+}
+
+/// Set by the scheduler while it brings the shards back. `/health` reads it rather than ask
+/// the shards, which answer no call while a warmup runs.
+#[derive(Clone, Default)]
+struct Recovering(Arc<AtomicBool>);
+
+impl Recovering {
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, recovering: bool) {
+        self.0.store(recovering, Ordering::Relaxed);
     }
 }
 

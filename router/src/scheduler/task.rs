@@ -30,7 +30,7 @@ use super::metrics::{
     StepStats,
 };
 use super::state::{scheduled_tokens, SchedulerState};
-use super::{SchedulerConfig, SchedulerHandle};
+use super::{Recovering, SchedulerConfig, SchedulerHandle};
 use crate::shard::{Recovery, Shard, ShardsLost};
 use crate::tokenizer::Tokenizer;
 use crate::trace;
@@ -56,15 +56,23 @@ pub fn spawn_scheduler<S: Shard>(
     record_cancelled(0);
     record_shard_restarts(0);
     let mut state = SchedulerState::new(config, tokenizer);
+    let recovering = Recovering::default();
+    let flag = recovering.clone();
     let task = tokio::spawn(async move {
-        let result = run(shard, &mut state, inbox).await;
+        let result = run(shard, &mut state, inbox, &flag).await;
         if let Err(lost) = &result {
             tracing::error!("{lost}");
             state.fail_all(&lost.to_string());
         }
         result
     });
-    (SchedulerHandle { submissions }, task)
+    (
+        SchedulerHandle {
+            submissions,
+            recovering,
+        },
+        task,
+    )
 }
 
 /// A step sent to the shards whose answer the scheduler has not handled yet.
@@ -82,6 +90,7 @@ async fn run<S: Shard>(
     shard: Arc<S>,
     state: &mut SchedulerState,
     mut inbox: mpsc::UnboundedReceiver<Submission>,
+    recovering: &Recovering,
 ) -> Result<(), ShardsLost> {
     let mut in_flight: Option<SentStep> = None;
     // When the last answer came: a step sent before it started running only then.
@@ -90,7 +99,7 @@ async fn run<S: Shard>(
         // Sleep until a request arrives when idle; otherwise take whatever has queued up.
         if in_flight.is_none() && !state.has_work() {
             record_occupancy(state.occupancy());
-            match wait_for_submission(&*shard, state, &mut inbox).await? {
+            match wait_for_submission(&*shard, state, &mut inbox, recovering).await? {
                 Some(submission) => state.enqueue(submission),
                 None => return Ok(()),
             }
@@ -151,7 +160,7 @@ async fn run<S: Shard>(
                     let _ = next.answer.await;
                 }
                 state.fail_running(&message);
-                recover(&*shard, state).await?;
+                recover(&*shard, state, recovering).await?;
             }
         }
         let tokens = sent.scheduled.iter().map(|&(_, n)| n as usize).sum();
@@ -190,13 +199,14 @@ async fn wait_for_submission<S: Shard>(
     shard: &S,
     state: &mut SchedulerState,
     inbox: &mut mpsc::UnboundedReceiver<Submission>,
+    recovering: &Recovering,
 ) -> Result<Option<Submission>, ShardsLost> {
     loop {
         tokio::select! {
             submission = inbox.recv() => return Ok(submission),
             () = tokio::time::sleep(IDLE_CHECK_INTERVAL) => {
                 if !shard.is_ready().await {
-                    recover(shard, state).await?;
+                    recover(shard, state, recovering).await?;
                 }
             }
         }
@@ -204,8 +214,15 @@ async fn wait_for_submission<S: Shard>(
 }
 
 /// Brings the shards back after a failure, with nothing running; queued requests wait.
-async fn recover<S: Shard>(shard: &S, state: &mut SchedulerState) -> Result<(), ShardsLost> {
-    match shard.recover().await? {
+async fn recover<S: Shard>(
+    shard: &S,
+    state: &mut SchedulerState,
+    recovering: &Recovering,
+) -> Result<(), ShardsLost> {
+    recovering.set(true);
+    let recovered = shard.recover().await;
+    recovering.set(false);
+    match recovered? {
         Recovery::Kept => {}
         Recovery::Restarted => {
             state.forget_cached_blocks();

@@ -1,6 +1,7 @@
 //! The batching loop against a fake shard that keeps per-request state like a real one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_client::pb;
 
@@ -405,4 +406,28 @@ async fn shards_that_restart_fail_the_running_requests_then_serve_from_a_cold_ca
     let again = collect(submit(&scheduler, request(prompt, 2))).await;
     assert_eq!(ids(&again), ids(&first));
     assert_eq!(cached(&again), Some(0));
+}
+
+#[tokio::test]
+async fn the_handle_tells_while_the_shards_are_being_brought_back() {
+    let (shard, scheduler) = start(64, 16);
+    let _ = collect(submit(&scheduler, request(vec![5], 2))).await;
+    assert!(!scheduler.shards_recovering());
+
+    let gate = shard.recovery_gate.lock().await;
+    shard
+        .crash_next_step
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut lost = submit(&scheduler, request(vec![5], 2));
+    while let Some(Ok(_)) = lost.recv().await {}
+    // The step failed; the recovery waits on the gate, as on a warmup.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !scheduler.shards_recovering() {
+        assert!(Instant::now() < deadline, "never reported as recovering");
+        tokio::task::yield_now().await;
+    }
+    drop(gate);
+    let again = collect(submit(&scheduler, request(vec![5], 2))).await;
+    assert_eq!(again.len(), 2);
+    assert!(!scheduler.shards_recovering());
 }
