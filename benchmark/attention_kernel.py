@@ -1,4 +1,5 @@
-"""The compiled CPU paged-attention kernel alone, on a decode batch (or prompt chunks), per layer.
+"""The compiled CPU paged-attention kernel alone, on a decode batch (or prompt chunks), per layer,
+and write_kv writing the step's new keys and values into the same blocks.
 
 Three block layouts: `hot` (every sequence reads the same blocks, so they stay in the caches:
 the arithmetic alone), `contiguous` (each sequence's blocks in a run, a fresh region per call)
@@ -132,13 +133,37 @@ def main() -> None:
             return {}  # A build from before the kernel had them.
         return {"sliding_window": args.sliding_window, "logit_softcap": args.softcap}
 
+    # The step's new tokens (the query rows: the last positions of each context), written by
+    # write_kv into their slots of the same blocks before attention reads them, as a layer does.
+    new_keys = torch.randn(batch * rows, args.kv_heads, args.head_dim).to(dtype)
+    new_values = torch.randn(batch * rows, args.kv_heads, args.head_dim).to(dtype)
+    positions = range(args.context - rows, args.context)
+
+    def slots(sequence_tables: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(
+            [
+                table[position // block_size] * block_size + position % block_size
+                for table in sequence_tables
+                for position in positions
+            ],
+            dtype=torch.long,
+        )
+
     timings: dict[tuple[str, str], list[float]] = {}
+    write_timings: dict[tuple[str, str], list[float]] = {}
     for round_index in range(args.rounds):
         # Each round in the other order: the first build of a layout also fetches its blocks.
         order = list(kernels.items())[:: -1 if round_index % 2 else 1]
         for layout in ("hot", "contiguous", "scattered"):
-            calls = [torch.tensor(tables(layout, c), dtype=torch.int32) for c in range(args.calls)]
+            layout_tables = [tables(layout, c) for c in range(args.calls)]
+            calls = [torch.tensor(table, dtype=torch.int32) for table in layout_tables]
+            write_slots = [slots(table) for table in layout_tables]
             for name, module in order:
+                start = time.perf_counter()
+                for call_slots in write_slots:
+                    module.write_kv(keys, values, new_keys, new_values, call_slots)
+                elapsed_us = (time.perf_counter() - start) / len(write_slots) * 1e6
+                write_timings.setdefault((name, layout), []).append(elapsed_us)
                 options = window_and_cap(module)
                 start = time.perf_counter()
                 for block_tables in calls:
@@ -170,6 +195,10 @@ def main() -> None:
                 "gflops_median": {
                     f"{name} {layout}": round(flops / statistics.median(values) / 1e6, 1)
                     for (name, layout), values in timings.items()
+                },
+                "write_kv_us_per_layer_median": {
+                    f"{name} {layout}": round(statistics.median(values), 1)
+                    for (name, layout), values in write_timings.items()
                 },
             },
             indent=1,
