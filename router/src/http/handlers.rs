@@ -1,7 +1,7 @@
 //! TGI's route handlers: parse TGI's body, submit it (`submission`), then collect or stream the
 //! tokens in TGI's shapes.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
@@ -23,7 +23,7 @@ use super::types::{
 use super::AppState;
 use crate::generation::GenerationStream;
 use crate::request::{GenerationRequest, Prompt};
-use crate::scheduler::SchedulerError;
+use crate::scheduler::{SchedulerError, ShardsSeen};
 
 /// A TGI request on the scheduler, the prompt to put before its text when
 /// `return_full_text` asked for it, and what its response headers report.
@@ -273,13 +273,18 @@ async fn stream_response(
     Ok(response)
 }
 
+/// While the scheduler runs steps, `/health` answers from their answers if the last came within
+/// this long, and asks the shards otherwise (a shard answers only once its step is done, so a
+/// stuck step shows as a `/health` that does not answer).
+const STEPS_TRUSTED_FOR: Duration = Duration::from_secs(30);
+
 /// Whether the shards answer and are ready to serve (not restarting).
 #[utoipa::path(
     get,
     path = "/health",
     tag = "TGI",
     responses(
-        (status = 200, description = "The shards answer"),
+        (status = 200, description = "The shards answer, or answered a step in the last 30 s"),
         (status = 503, description = "A shard does not answer, or the shards are coming back from a failure (restarted, being warmed up again)", body = ErrorResponse),
     )
 )]
@@ -288,8 +293,16 @@ pub async fn health(State(state): State<AppState>) -> Result<(), ApiError> {
     if state.draining.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    // The shards would answer only once the warmup the scheduler is running has finished.
-    if state.scheduler.shards_recovering() || !state.shards.health().await?.warmed_up {
+    // The shards answer only between steps (and after a warmup): while the scheduler's steps
+    // come back, they are what shows the shards healthy.
+    match state.scheduler.shards_seen() {
+        ShardsSeen::Recovering => return Err(ApiError::ShardsRecovering),
+        ShardsSeen::Working { since_progress } if since_progress < STEPS_TRUSTED_FOR => {
+            return Ok(())
+        }
+        ShardsSeen::Working { .. } | ShardsSeen::Idle => {}
+    }
+    if !state.shards.health().await?.warmed_up {
         return Err(ApiError::ShardsRecovering);
     }
     Ok(())

@@ -24,9 +24,9 @@ mod task;
 
 pub use task::spawn_scheduler;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -72,7 +72,7 @@ pub type EventReceiver = mpsc::UnboundedReceiver<Result<TokenEvent, SchedulerErr
 #[derive(Clone)]
 pub struct SchedulerHandle {
     submissions: mpsc::UnboundedSender<entry::Submission>,
-    recovering: Recovering,
+    activity: Activity,
 }
 
 impl SchedulerHandle {
@@ -93,24 +93,74 @@ impl SchedulerHandle {
         Ok(receivers)
     }
 
-    /// Whether the scheduler is waiting for the shards to come back or warming them up again.
-    pub fn shards_recovering(&self) -> bool {
-        self.recovering.get()
+    /// What the scheduler last saw of the shards. Shards answer no call while a step or a
+    /// warmup runs, so this is what tells their health while they work.
+    pub fn shards_seen(&self) -> ShardsSeen {
+        self.activity.seen()
     }
 }
 
-/// Set by the scheduler while it brings the shards back. `/health` reads it rather than ask
-/// the shards, which answer no call while a warmup runs.
-#[derive(Clone, Default)]
-struct Recovering(Arc<AtomicBool>);
+/// What the scheduler last saw of the shards, as `/health` reads it (`SchedulerHandle::shards_seen`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ShardsSeen {
+    /// Being waited for, or warmed up again, after a failure.
+    Recovering,
+    /// Running steps: the last step was answered (or sent to idle shards) this long ago.
+    Working { since_progress: Duration },
+    /// No step in flight.
+    Idle,
+}
 
-impl Recovering {
-    fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+/// Kept by the scheduler task, read by the handles.
+#[derive(Clone)]
+struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    origin: Instant,
+    recovering: AtomicBool,
+    working: AtomicBool,
+    /// The last step answered, or sent to idle shards, in ms since `origin`.
+    progress_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self(Arc::new(ActivityState {
+            origin: Instant::now(),
+            recovering: AtomicBool::new(false),
+            working: AtomicBool::new(false),
+            progress_ms: AtomicU64::new(0),
+        }))
     }
 
-    fn set(&self, recovering: bool) {
-        self.0.store(recovering, Ordering::Relaxed);
+    fn seen(&self) -> ShardsSeen {
+        if self.0.recovering.load(Ordering::Relaxed) {
+            ShardsSeen::Recovering
+        } else if self.0.working.load(Ordering::Relaxed) {
+            let progress = Duration::from_millis(self.0.progress_ms.load(Ordering::Relaxed));
+            ShardsSeen::Working {
+                since_progress: self.0.origin.elapsed().saturating_sub(progress),
+            }
+        } else {
+            ShardsSeen::Idle
+        }
+    }
+
+    fn set_recovering(&self, recovering: bool) {
+        self.0.recovering.store(recovering, Ordering::Relaxed);
+    }
+
+    /// A step was sent to idle shards, or one was answered.
+    fn progressed(&self) {
+        let now = self.0.origin.elapsed().as_millis();
+        self.0
+            .progress_ms
+            .store(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.0.working.store(true, Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        self.0.working.store(false, Ordering::Relaxed);
     }
 }
 

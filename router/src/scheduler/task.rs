@@ -30,7 +30,7 @@ use super::metrics::{
     StepStats,
 };
 use super::state::{scheduled_tokens, SchedulerState};
-use super::{Recovering, SchedulerConfig, SchedulerHandle};
+use super::{Activity, SchedulerConfig, SchedulerHandle};
 use crate::shard::{Recovery, Shard, ShardsLost};
 use crate::tokenizer::Tokenizer;
 use crate::trace;
@@ -56,10 +56,10 @@ pub fn spawn_scheduler<S: Shard>(
     record_cancelled(0);
     record_shard_restarts(0);
     let mut state = SchedulerState::new(config, tokenizer);
-    let recovering = Recovering::default();
-    let flag = recovering.clone();
+    let activity = Activity::new();
+    let seen = activity.clone();
     let task = tokio::spawn(async move {
-        let result = run(shard, &mut state, inbox, &flag).await;
+        let result = run(shard, &mut state, inbox, &activity).await;
         if let Err(lost) = &result {
             tracing::error!("{lost}");
             state.fail_all(&lost.to_string());
@@ -69,7 +69,7 @@ pub fn spawn_scheduler<S: Shard>(
     (
         SchedulerHandle {
             submissions,
-            recovering,
+            activity: seen,
         },
         task,
     )
@@ -90,7 +90,7 @@ async fn run<S: Shard>(
     shard: Arc<S>,
     state: &mut SchedulerState,
     mut inbox: mpsc::UnboundedReceiver<Submission>,
-    recovering: &Recovering,
+    activity: &Activity,
 ) -> Result<(), ShardsLost> {
     let mut in_flight: Option<SentStep> = None;
     // When the last answer came: a step sent before it started running only then.
@@ -99,7 +99,8 @@ async fn run<S: Shard>(
         // Sleep until a request arrives when idle; otherwise take whatever has queued up.
         if in_flight.is_none() && !state.has_work() {
             record_occupancy(state.occupancy());
-            match wait_for_submission(&*shard, state, &mut inbox, recovering).await? {
+            activity.idle();
+            match wait_for_submission(&*shard, state, &mut inbox, activity).await? {
                 Some(submission) => state.enqueue(submission),
                 None => return Ok(()),
             }
@@ -131,13 +132,19 @@ async fn run<S: Shard>(
         };
         let Some(sent) = in_flight.take() else {
             match next {
-                Some(next) => in_flight = Some(next),
+                Some(next) => {
+                    activity.progressed();
+                    in_flight = Some(next);
+                }
                 // Nothing can run until a request arrives (the queue head waits for blocks
                 // only while others run, and then there is a step).
-                None => match inbox.recv().await {
-                    Some(submission) => state.enqueue(submission),
-                    None => return Ok(()),
-                },
+                None => {
+                    activity.idle();
+                    match inbox.recv().await {
+                        Some(submission) => state.enqueue(submission),
+                        None => return Ok(()),
+                    }
+                }
             }
             continue;
         };
@@ -147,11 +154,14 @@ async fn run<S: Shard>(
         let succeeded = result.is_ok();
         match result {
             Ok(response) => {
+                activity.progressed();
                 record_shard_timing(sent.stats.method(), response.forward_ns, response.total_ns);
                 state.finish_step(&sent.scheduled, response);
                 in_flight = next;
             }
             Err(e) => {
+                // Before the failed requests hear of it: /health answers 503 from now on.
+                activity.set_recovering(true);
                 let message = e.to_string();
                 tracing::error!(error = %message, "step failed");
                 // The step sent after it ran on shards in an unknown state, if at all: its
@@ -160,7 +170,7 @@ async fn run<S: Shard>(
                     let _ = next.answer.await;
                 }
                 state.fail_running(&message);
-                recover(&*shard, state, recovering).await?;
+                recover(&*shard, state, activity).await?;
             }
         }
         let tokens = sent.scheduled.iter().map(|&(_, n)| n as usize).sum();
@@ -199,14 +209,14 @@ async fn wait_for_submission<S: Shard>(
     shard: &S,
     state: &mut SchedulerState,
     inbox: &mut mpsc::UnboundedReceiver<Submission>,
-    recovering: &Recovering,
+    activity: &Activity,
 ) -> Result<Option<Submission>, ShardsLost> {
     loop {
         tokio::select! {
             submission = inbox.recv() => return Ok(submission),
             () = tokio::time::sleep(IDLE_CHECK_INTERVAL) => {
                 if !shard.is_ready().await {
-                    recover(shard, state, recovering).await?;
+                    recover(shard, state, activity).await?;
                 }
             }
         }
@@ -217,11 +227,11 @@ async fn wait_for_submission<S: Shard>(
 async fn recover<S: Shard>(
     shard: &S,
     state: &mut SchedulerState,
-    recovering: &Recovering,
+    activity: &Activity,
 ) -> Result<(), ShardsLost> {
-    recovering.set(true);
+    activity.set_recovering(true);
     let recovered = shard.recover().await;
-    recovering.set(false);
+    activity.set_recovering(false);
     match recovered? {
         Recovery::Kept => {}
         Recovery::Restarted => {

@@ -408,26 +408,46 @@ async fn shards_that_restart_fail_the_running_requests_then_serve_from_a_cold_ca
     assert_eq!(cached(&again), Some(0));
 }
 
-#[tokio::test]
-async fn the_handle_tells_while_the_shards_are_being_brought_back() {
-    let (shard, scheduler) = start(64, 16);
-    let _ = collect(submit(&scheduler, request(vec![5], 2))).await;
-    assert!(!scheduler.shards_recovering());
+/// Polls the handle until it reports `expected`, by its variant.
+async fn wait_until_seen(scheduler: &SchedulerHandle, expected: fn(&ShardsSeen) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !expected(&scheduler.shards_seen()) {
+        assert!(
+            Instant::now() < deadline,
+            "never seen as expected: {:?}",
+            scheduler.shards_seen()
+        );
+        tokio::task::yield_now().await;
+    }
+}
 
+#[tokio::test]
+async fn the_handle_tells_what_the_scheduler_sees_of_the_shards() {
+    let (shard, scheduler) = start(64, 16);
+    assert_eq!(scheduler.shards_seen(), ShardsSeen::Idle);
+
+    // Working while steps come back, idle once the request is done.
+    let mut running = submit(&scheduler, request(vec![5], 100));
+    assert!(running.recv().await.unwrap().is_ok());
+    let ShardsSeen::Working { since_progress } = scheduler.shards_seen() else {
+        panic!("not working: {:?}", scheduler.shards_seen());
+    };
+    assert!(since_progress < Duration::from_secs(5));
+    while running.recv().await.is_some() {}
+    wait_until_seen(&scheduler, |seen| *seen == ShardsSeen::Idle).await;
+
+    // A failed step: recovering until the shards are back (the gate holds the recovery, as a
+    // warmup would).
     let gate = shard.recovery_gate.lock().await;
     shard
         .crash_next_step
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let mut lost = submit(&scheduler, request(vec![5], 2));
     while let Some(Ok(_)) = lost.recv().await {}
-    // The step failed; the recovery waits on the gate, as on a warmup.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !scheduler.shards_recovering() {
-        assert!(Instant::now() < deadline, "never reported as recovering");
-        tokio::task::yield_now().await;
-    }
+    // Already when the request hears of the failure.
+    assert_eq!(scheduler.shards_seen(), ShardsSeen::Recovering);
     drop(gate);
     let again = collect(submit(&scheduler, request(vec![5], 2))).await;
     assert_eq!(again.len(), 2);
-    assert!(!scheduler.shards_recovering());
+    wait_until_seen(&scheduler, |seen| *seen == ShardsSeen::Idle).await;
 }
