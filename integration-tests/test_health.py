@@ -22,11 +22,13 @@ PROBES = 4
 @pytest.fixture(scope="module")
 def server() -> Iterator[SluiceServer]:
     # One step computes the whole prompt: in float32 on a CPU, many seconds.
+    # fmt: off
     yield from serve(
         "--max-input-tokens", "3100",
         "--max-total-tokens", "3200",
         "--max-batch-prefill-tokens", "3200",
-    )  # fmt: skip
+    )
+    # fmt: on
 
 
 def test_health_answers_at_once_while_a_long_prompt_is_computed(server: SluiceServer) -> None:
