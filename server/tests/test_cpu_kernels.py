@@ -270,14 +270,16 @@ def test_silu_and_mul_matches_reference(
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
-    # Decode-sized row counts around the AVX-512 8-row blocks and the AVX2 4-row direct and
-    # 6-row widened blocks, one past the 256-row block, and output widths that leave part of a
-    # 32-column tile or of its 16-column half.
+    # Decode-sized row counts around the AVX-512 8-row blocks, the AVX2 4-row direct and 6-row
+    # widened blocks and AMX's 16-row tiles, one past the 256-row block, and output widths that
+    # leave part of a 32-column tile or of its 16-column half. AMX takes input widths that are
+    # whole steps of 32; 80 keeps the AVX-512 loops in use on a CPU with AMX.
     [
         (1, 576, 960),
         (4, 128, 40),
-        (7, 64, 40),
+        (7, 80, 40),
         (9, 576, 576),
+        (20, 80, 72),
         (32, 1536, 100),
         (300, 96, 72),
     ],
@@ -336,6 +338,28 @@ def test_linear_bf16_is_the_same_at_any_thread_count(
         torch.set_num_threads(threads)
     expected = F.linear(x.float(), weight.float())
     assert (alone.float() - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("in_features", [576, 592])
+def test_linear_bf16_gives_a_row_the_same_output_in_any_batch(
+    compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild, in_features: int
+) -> None:
+    # A request's tokens must come out the same whichever others share its step: each row's
+    # sums take the same path and order whatever the row count (the AVX-512 8-row blocks, AVX2's
+    # direct and widened blocks, AMX's tiles of up to 16 rows; 592 is not whole steps of 32, so
+    # an AMX CPU runs it on the AVX-512 loops). A float32 sum taken in another order differs in
+    # its last bits, which rounding to bfloat16 hides but for about one output in 10^4: hence
+    # the many outputs.
+    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
+    ops = compiled_kernels.ops
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(2048, in_features, generator=generator).to(torch.bfloat16)
+    packed = ops.pack_linear(weight, torch.randn(2048, generator=generator).to(torch.bfloat16))
+    x = torch.randn(300, in_features, generator=generator).to(torch.bfloat16)
+    together = ops.packed_linear(x, packed)
+    for first, count in [(0, 1), (7, 1), (3, 5), (10, 17), (40, 33), (100, 150), (250, 50)]:
+        alone = ops.packed_linear(x[first : first + count], packed)
+        assert torch.equal(alone, together[first : first + count]), (first, count)
 
 
 def test_linear_bf16_rejects_a_mismatched_input(
