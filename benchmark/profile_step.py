@@ -30,6 +30,12 @@ Python, a few microseconds each, which counts towards the projections.
 
     python benchmark/profile_step.py --model DIR --batch 1 --breakdown
 
+With `--prefill N [N ...]`, instead of decode steps: steps that each admit one prompt of N
+tokens whole (no other request running), 3 of each length, their median time and prompt tokens
+per second; with `--kernel-times`, each kernel entry point's milliseconds in the last of them:
+
+    python benchmark/profile_step.py --model DIR --prefill 512 1024 2048 --kernel-times
+
 With `--neighbour-load F`, a process pinned to the last CPU is busy for the fraction F of the
 time while the steps run (benchmark/neighbour.py), as the router or another tenant would be.
 """
@@ -200,6 +206,35 @@ class KernelTimer:
         }
 
 
+def prefill(executor: StepExecutor, lengths: list[int], timer: KernelTimer | None) -> None:
+    """Prints, per prompt length, the median of 3 steps that each admit one prompt of that many
+    tokens (freed after each), and with `timer` the kernels' milliseconds in the last one."""
+    for length in lengths:
+        times = []
+        for round_number in range(3):
+            if timer is not None:
+                timer.spent.clear()
+                timer.calls.clear()
+                timer.on = round_number == 2
+            start = time.perf_counter_ns()
+            executor.step(admission_step(1, length, 1))
+            times.append((time.perf_counter_ns() - start) / 1e6)
+            if timer is not None:
+                timer.on = False
+            executor.step(pb.StepRequest(free_ids=[0]))
+        step_ms = statistics.median(times)
+        result = {
+            "prefill_tokens": length,
+            "step_ms": round(step_ms, 1),
+            "prompt_tokens_per_s": round(length / step_ms * 1e3),
+        }
+        if timer is not None:
+            result["kernel_ms"] = {
+                name: round(ns / 1e6, 1) for name, ns in timer.spent.most_common()
+            }
+        print(json.dumps(result), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -226,6 +261,12 @@ def main() -> None:
         help="fraction of the last CPU a busy neighbour process takes during the steps",
     )
     parser.add_argument(
+        "--prefill",
+        type=int,
+        nargs="+",
+        help="time steps admitting one prompt of each of these lengths instead of decode steps",
+    )
+    parser.add_argument(
         "--layer-by-layer",
         action="store_true",
         help="run the Python layers, not the compiled stack",
@@ -246,6 +287,11 @@ def main() -> None:
     if args.layer_by_layer or args.kernel_times:
         loaded.model.compiled_stack = None
     executor = StepExecutor(loaded, BLOCK_SIZE, None)
+    if args.prefill:
+        longest = max(args.prefill)
+        executor.warmup(longest, 1, longest + 1)
+        prefill(executor, args.prefill, timer)
+        return
     # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
     # --kernel-times), the breakdown's steps, 10 profiled steps, and a margin.
     breakdown_steps = 5 * args.steps if args.breakdown else 0
