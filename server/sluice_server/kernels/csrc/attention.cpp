@@ -7,7 +7,8 @@
 // by side. Scoring a block against a query is then a sum over the pairs of (query[d],
 // query[d + 1]) times one contiguous run of keys: vector multiply-adds with no horizontal
 // reduction per key, and on CPUs with AVX512-BF16 one dot-product instruction per pair of
-// dimensions and 16 keys, straight from the stored bfloat16.
+// dimensions and 16 keys, straight from the stored bfloat16. On CPUs with AMX, 32 dimensions of
+// 16 keys are an AMX tile operand as they lie.
 
 #include <algorithm>
 #include <functional>
@@ -25,6 +26,10 @@
 // bfloat16 dot products in the fast path (attend_item_with_dot_products).
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define SLUICE_ATTENTION_DOT_PRODUCTS 1
+// Where the CPU also has AMX, with tile multiplies instead (see "AMX" below).
+#if defined(SLUICE_AMX)
+#define SLUICE_ATTENTION_TILES 1
+#endif
 #endif
 
 namespace sluice {
@@ -836,6 +841,13 @@ struct ItemScratch {
   std::vector<__m512i> value_pairs;  // [pairs][head_dim / 16], see accumulate_values_in_pairs
   std::vector<const at::BFloat16*> pair_rows;  // [pairs]
 #endif
+#if defined(SLUICE_ATTENTION_TILES)
+  int64_t tile_vectors = 0;  // The vectors the AMX tiles are configured for; 0: not configured.
+
+  ~ItemScratch() {
+    if (tile_vectors != 0) _tile_release();
+  }
+#endif
 
   explicit ItemScratch(const AttentionGeometry& geometry)
       : queries(kTileRows * geometry.group * geometry.head_dim),
@@ -984,16 +996,20 @@ inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
 }
 
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
-// scratch.weights = scratch.scores rounded to bfloat16, for accumulate_values_in_pairs (the fast
-// path's strides are multiples of 16).
-inline void round_weights(const ItemSpan& span, ItemScratch& scratch) {
-  scratch.weights.resize(span.vectors * span.stride);
-  const float* source = scratch.scores.data();
-  uint16_t* destination = scratch.weights.data();
-  for (int64_t i = 0; i < span.vectors * span.stride; i += kLanes) {
-    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(source + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(destination + i),
-                        reinterpret_cast<__m256i>(rounded));
+// scratch.weights = scratch.scores rounded to bfloat16, for the value pass, each vector's row
+// `stride` long from `lead` zeros on (the rest zeros too). The fast path's strides are multiples
+// of 16.
+inline void round_weights(const ItemSpan& span, int64_t lead, int64_t stride,
+                          ItemScratch& scratch) {
+  scratch.weights.assign(span.vectors * stride, 0);
+  for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    const float* source = scratch.scores.data() + vector * span.stride;
+    uint16_t* destination = scratch.weights.data() + vector * stride + lead;
+    for (int64_t i = 0; i < span.stride; i += kLanes) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(source + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(destination + i),
+                          reinterpret_cast<__m256i>(rounded));
+    }
   }
 }
 #endif
@@ -1026,6 +1042,44 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
 }
 
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
+// The item's pairs of value rows where they lie in the cache, from the first row any vector
+// reads to the context's end (scratch.pair_rows holds each pair's first row, so that the loops
+// over pairs divide nothing by the block size).
+CachedPairs cached_pairs(const AttentionGeometry& geometry,
+                         const AttentionData<at::BFloat16>& data, const AttentionItem& item,
+                         const ItemSpan& span, ItemScratch& scratch) {
+  const int64_t head_dim = geometry.head_dim;
+  // Rows before the item's first vector's window are read by no vector.
+  const int64_t item_begin = std::max(span.first_position, span.begin(0));
+  const int64_t end_pair = (span.context - span.first_position + 1) / 2;
+  scratch.pair_rows.resize(end_pair);
+  for (int64_t pair = 0; pair < end_pair; ++pair) {
+    const int64_t row = 2 * pair;
+    const int64_t block = item.first_block + row / geometry.block_size;
+    scratch.pair_rows[pair] = data.values +
+                              geometry.block_offset(item.kv_head, span.table[block]) +
+                              (row % geometry.block_size) * head_dim;
+  }
+  return {scratch.pair_rows.data(), head_dim, item_begin - span.first_position,
+          span.context - span.first_position};
+}
+
+// The pairs [cached.begin / 2, cached.end rounded up to a pair) as InterleavedPairs' operands,
+// pair p at operands + p * (head_dim / 16).
+void interleave_pairs(const CachedPairs& cached, __m512i* operands) {
+  const int64_t head_dim = cached.head_dim;
+  for (int64_t pair = cached.begin / 2; pair < (cached.end + 1) / 2; ++pair) {
+    for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
+      __m512bh pair_operands[4];
+      cached.load(pair, offset, pair_operands);
+      for (int64_t c = 0; c < 4; ++c) {
+        _mm512_storeu_si512(operands + pair * (head_dim / kLanes) + offset / kLanes + c,
+                            reinterpret_cast<__m512i>(pair_operands[c]));
+      }
+    }
+  }
+}
+
 // accumulate_values for the fast path: each group of kPairVectors vectors adds up every pair of
 // value rows it sees with its sums in registers. An item with several groups (a prompt's tile)
 // interleaves its rows into the scratch once for all of them. A vector's sum runs over the same
@@ -1035,20 +1089,8 @@ void accumulate_values_in_pairs(const AttentionGeometry& geometry,
                                 const AttentionData<at::BFloat16>& data, const AttentionItem& item,
                                 const ItemSpan& span, ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
-  // Rows before the item's first vector's window are read by no vector.
-  const int64_t item_begin = std::max(span.first_position, span.begin(0));
-  const int64_t end_pair = (span.context - span.first_position + 1) / 2;
-  // Each pair's first row, so that the loops over pairs divide nothing by the block size.
-  scratch.pair_rows.resize(end_pair);
-  for (int64_t pair = 0; pair < end_pair; ++pair) {
-    const int64_t row = 2 * pair;
-    const int64_t block = item.first_block + row / geometry.block_size;
-    scratch.pair_rows[pair] = data.values +
-                              geometry.block_offset(item.kv_head, span.table[block]) +
-                              (row % geometry.block_size) * head_dim;
-  }
-  const CachedPairs cached{scratch.pair_rows.data(), head_dim, item_begin - span.first_position,
-                           span.context - span.first_position};
+  const CachedPairs cached = cached_pairs(geometry, data, item, span, scratch);
+  const int64_t item_begin = span.first_position + cached.begin;
   const auto* weight_pairs = reinterpret_cast<const uint32_t*>(scratch.weights.data());
   auto add_up = [&](const auto& pairs) {
     for (int64_t first = 0; first < span.vectors; first += kPairVectors) {
@@ -1070,21 +1112,163 @@ void accumulate_values_in_pairs(const AttentionGeometry& geometry,
     add_up(cached);
     return;
   }
-  const int64_t first_pair = cached.begin / 2;
-  scratch.value_pairs.resize(end_pair * (head_dim / kLanes));
-  for (int64_t pair = first_pair; pair < end_pair; ++pair) {
-    for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
-      __m512bh operands[4];
-      cached.load(pair, offset, operands);
-      for (int64_t c = 0; c < 4; ++c) {
-        _mm512_storeu_si512(scratch.value_pairs.data() + pair * (head_dim / kLanes) +
-                                offset / kLanes + c,
-                            reinterpret_cast<__m512i>(operands[c]));
+  scratch.value_pairs.resize((cached.end + 1) / 2 * (head_dim / kLanes));
+  interleave_pairs(cached, scratch.value_pairs.data());
+  add_up(InterleavedPairs{scratch.value_pairs.data(), head_dim});
+}
+
+#if defined(SLUICE_ATTENTION_TILES)
+// ---- AMX: an item's scores and value sums as tile multiplies, 16 vectors at a time.
+//
+// Scores: a run of 16 keys in the pair layout is an AMX operand as it lies, 32 dimensions (16
+// pair rows of 64 bytes, block_size * 4 bytes apart) at a time, and so are 16 vectors' queries
+// (each vector's 64 bytes of those dimensions). Values: the pairs of value rows interleaved as
+// for accumulate_pairs are an operand of 32 positions by 16 dimensions, and 16 vectors' softmax
+// weights, rounded to bfloat16, one of 16 vectors by 32 positions. Every item takes this path
+// on a CPU with AMX (decode steps' too), so that a vector's sums take the same instructions
+// whatever else its item holds. The value pass takes 32 positions a tile multiply from absolute
+// multiples of 32, so that the grouping is the same whichever block an item starts from (with a
+// sliding window that depends on the item's first row): a row's bits then do not rest on the
+// order of the sums inside the instruction, which on the CPUs measured did not matter either.
+constexpr int64_t kTileVectors = 16;
+constexpr int64_t kTilePairs = 16;  // pairs of positions (or of dimensions) per tile multiply
+constexpr int64_t kTilePositions = 2 * kTilePairs;
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Registers 0-3: sums (a run's scores in 0; four 16-dimension slices of value sums), 4: the
+// vectors' queries or weights, 5-7: keys or values.
+void use_tiles(ItemScratch& scratch, int64_t vectors) {
+  if (scratch.tile_vectors == vectors) return;
+  TileConfig config;
+  for (int t = 0; t < 5; ++t) config.set(t, vectors);
+  for (int t = 5; t < 8; ++t) config.set(t, kTilePairs);
+  config.load();
+  scratch.tile_vectors = vectors;
+}
+
+// score_keys for the tile path: every run of 16 keys the group of vectors sees, into
+// scratch.scores, times the scale. The first group's pass fetches the blocks ahead.
+void score_keys_in_tiles(const AttentionGeometry& geometry, BlockShape shape,
+                         const AttentionData<at::BFloat16>& data, const AttentionItem& item,
+                         const ItemSpan& span, ItemScratch& scratch,
+                         KeyPrefetcher<at::BFloat16>& prefetcher) {
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t query_bytes = head_dim * sizeof(at::BFloat16);
+  const int64_t key_pair_bytes = geometry.block_size * 2 * sizeof(at::BFloat16);
+  const auto* queries = reinterpret_cast<const char*>(scratch.query_pairs.data());
+  const __m512 scale = _mm512_set1_ps(shape.scale);
+  for (int64_t first = 0; first < span.vectors; first += kTileVectors) {
+    const int64_t count = std::min(kTileVectors, span.vectors - first);
+    use_tiles(scratch, count);
+    const char* group_queries = queries + first * query_bytes;
+    for (int64_t position = 0; position < span.stride; position += kLanes) {
+      const int64_t within = position % geometry.block_size;
+      const int64_t offset = geometry.block_offset(
+          item.kv_head, span.table[item.first_block + position / geometry.block_size]);
+      if (first == 0 && within == 0) {
+        prefetcher.advance();
+        prefetch(data.values + offset, geometry.block_elements());
+      }
+      if (span.skips(first, count, span.first_position + position, kLanes)) continue;
+      const auto* keys = reinterpret_cast<const char*>(data.keys + offset + within * 2);
+      _tile_zero(0);
+      for (int64_t d = 0; d < head_dim; d += 2 * kTilePairs) {
+        _tile_loadd(4, group_queries + d * sizeof(at::BFloat16), query_bytes);
+        _tile_loadd(5, keys + (d / 2) * key_pair_bytes, key_pair_bytes);
+        _tile_dpbf16ps(0, 4, 5);
+      }
+      float* scores = scratch.scores.data() + first * span.stride + position;
+      _tile_stored(0, scores, span.stride * sizeof(float));
+      for (int64_t v = 0; v < count; ++v) {
+        float* row = scores + v * span.stride;
+        _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_loadu_ps(row), scale));
       }
     }
   }
-  add_up(InterleavedPairs{scratch.value_pairs.data(), head_dim});
 }
+
+// accumulate_values for the tile path. Positions are counted from `origin`, the multiple of 32
+// at or before the item's first: the weights' rows and the interleaved pairs start `lead`
+// positions of zeros before the item's.
+void accumulate_values_in_tiles(const AttentionGeometry& geometry,
+                                const AttentionData<at::BFloat16>& data,
+                                const AttentionItem& item, const ItemSpan& span,
+                                ItemScratch& scratch) {
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t slices = head_dim / kLanes;  // operands of 16 dimensions per pair
+  const int64_t lead = span.first_position % kTilePositions;
+  const int64_t weight_stride = round_up(lead + span.stride, kTilePositions);
+  round_weights(span, lead, weight_stride, scratch);
+  const CachedPairs cached = cached_pairs(geometry, data, item, span, scratch);
+  const int64_t lead_pairs = lead / 2;
+  const int64_t first_pair = lead_pairs + cached.begin / 2;
+  const int64_t end_pair = lead_pairs + (cached.end + 1) / 2;
+  const int64_t pairs = round_up(end_pair, kTilePairs);
+  scratch.value_pairs.resize(pairs * slices);
+  __m512i* operands = scratch.value_pairs.data();
+  std::fill(operands, operands + first_pair * slices, _mm512_setzero_si512());
+  std::fill(operands + end_pair * slices, operands + pairs * slices, _mm512_setzero_si512());
+  interleave_pairs(cached, operands + lead_pairs * slices);
+
+  const auto* weights = reinterpret_cast<const char*>(scratch.weights.data());
+  const int64_t weight_bytes = weight_stride * sizeof(uint16_t);
+  const int64_t pair_bytes = slices * sizeof(__m512i);
+  const auto* values = reinterpret_cast<const char*>(operands);
+  const __m512i first_order = _mm512_loadu_si512(kUnpackedOrder[0]);
+  const __m512i second_order = _mm512_loadu_si512(kUnpackedOrder[1]);
+  alignas(64) float sums[4][kTileVectors][kLanes];
+  for (int64_t first = 0; first < span.vectors; first += kTileVectors) {
+    const int64_t count = std::min(kTileVectors, span.vectors - first);
+    use_tiles(scratch, count);
+    // The pairs holding what the group sees, in whole tiles.
+    const int64_t seen_begin = std::max(span.first_position + cached.begin, span.begin(first));
+    const int64_t group_begin =
+        (lead + seen_begin - span.first_position) / kTilePositions * kTilePairs;
+    const int64_t group_end = std::min(
+        pairs, round_up((lead + span.end(first + count - 1) - span.first_position + 1) / 2,
+                        kTilePairs));
+    const char* group_weights = weights + first * weight_bytes;
+    for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t pair = group_begin; pair < group_end; pair += kTilePairs) {
+        _tile_loadd(4, group_weights + 2 * pair * sizeof(uint16_t), weight_bytes);
+        const char* slice = values + pair * pair_bytes + offset / kLanes * sizeof(__m512i);
+        _tile_loadd(5, slice, pair_bytes);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, slice + sizeof(__m512i), pair_bytes);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, slice + 2 * sizeof(__m512i), pair_bytes);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, slice + 3 * sizeof(__m512i), pair_bytes);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      constexpr int64_t kSumBytes = kLanes * sizeof(float);
+      _tile_stored(0, sums[0], kSumBytes);
+      _tile_stored(1, sums[1], kSumBytes);
+      _tile_stored(2, sums[2], kSumBytes);
+      _tile_stored(3, sums[3], kSumBytes);
+      // Back into dimension order, as accumulate_pairs puts its sums.
+      for (int64_t v = 0; v < count; ++v) {
+        for (int64_t half = 0; half < 2; ++half) {
+          const __m512 low = _mm512_load_ps(sums[2 * half][v]);
+          const __m512 high = _mm512_load_ps(sums[2 * half + 1][v]);
+          float* destination =
+              scratch.accumulators.data() + (first + v) * head_dim + offset + half * 32;
+          _mm512_storeu_ps(destination, _mm512_permutex2var_ps(low, first_order, high));
+          _mm512_storeu_ps(destination + kLanes,
+                           _mm512_permutex2var_ps(low, second_order, high));
+        }
+      }
+    }
+  }
+}
+#endif
 #endif
 
 template <typename T>
@@ -1176,10 +1360,19 @@ void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape
                                    const AttentionItem& item, const ItemSpan& span,
                                    float logit_softcap, ItemScratch& scratch,
                                    KeyPrefetcher<at::BFloat16>& prefetcher) {
+#if defined(SLUICE_ATTENTION_TILES)
+  if (amx_granted()) {
+    score_keys_in_tiles(geometry, shape, data, item, span, scratch, prefetcher);
+    if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
+    softmax_rows(span, scratch);
+    accumulate_values_in_tiles(geometry, data, item, span, scratch);
+    return;
+  }
+#endif
   score_keys_in_columns(geometry, shape, data, item, span, scratch, prefetcher);
   if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
   softmax_rows(span, scratch);
-  round_weights(span, scratch);
+  round_weights(span, 0, span.stride, scratch);
   accumulate_values_in_pairs(geometry, data, item, span, scratch);
 }
 #endif

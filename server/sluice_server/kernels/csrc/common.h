@@ -1,6 +1,6 @@
 // What every kernel family shares: float32 widening and rounding of the storage types, the
-// vectorisable exp, argument checks, the parallel grain, and the AVX2 and AVX-512 helpers of
-// the bfloat16 fast paths.
+// vectorisable exp, argument checks, the parallel grain, the AVX2 and AVX-512 helpers of the
+// bfloat16 fast paths, and AMX's permission and tile configuration.
 //
 // Each kernel accumulates in float32 whatever the storage type, is parallelised with
 // at::parallel_for (PyTorch's own OpenMP pool, which carries an exception thrown inside a
@@ -26,7 +26,45 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define SLUICE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace sluice {
+
+#if defined(SLUICE_AMX)
+// Linux hands a process the AMX registers' state only when asked (arch_prctl); without it the
+// first tile instruction faults. Where it refuses (an older kernel, a seccomp filter), the
+// kernels keep their AVX-512 paths.
+inline bool amx_granted() {
+  static const bool granted = [] {
+    constexpr int kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr int kTileData = 18;               // XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return granted;
+}
+
+constexpr int64_t kTileRowBytes = 64;
+
+// An AMX tile configuration (palette 1): each register's rows of kTileRowBytes, 0 for unused
+// registers. Loading it zeroes every register.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t row_bytes[16] = {};
+  uint8_t rows[16] = {};
+
+  void set(int tile, int64_t tile_rows) {
+    rows[tile] = static_cast<uint8_t>(tile_rows);
+    row_bytes[tile] = tile_rows > 0 ? kTileRowBytes : 0;
+  }
+  void load() const { _tile_loadconfig(this); }
+};
+#endif
 
 inline float to_float(float value) { return value; }
 

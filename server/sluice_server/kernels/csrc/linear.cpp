@@ -34,9 +34,6 @@
 
 #include <vector>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -161,8 +158,7 @@ inline void linear_block(RowBlock block, WeightTile tile, TilePrefetch fetch) {
   }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define SLUICE_LINEAR_AMX 1
+#if defined(SLUICE_AMX)
 // ---- AMX: one tile instruction multiplies up to 16 rows of x by 32 input dimensions of 16
 // columns.
 //
@@ -179,45 +175,22 @@ inline void linear_block(RowBlock block, WeightTile tile, TilePrefetch fetch) {
 constexpr int64_t kAmxRows = 16;
 constexpr int64_t kAmxPairs = 16;  // pairs of input dimensions per tile multiply
 constexpr int64_t kAmxBlockRows = 2 * kAmxRows;
-constexpr int64_t kAmxLineBytes = 64;
 constexpr int64_t kPackedPairBytes = kLinearColumns * 2 * sizeof(at::BFloat16);
 // Steps of K ahead whose weights the first block of rows prefetches: the tile's own further on,
 // and past its end the next tile's (a thread's tiles lie one after the other). 1 to 3 steps
 // measured alike; fetching the whole next tile while multiplying this one was slower.
 constexpr int64_t kAmxStepsAhead = 2;
 
-// Linux hands a process the AMX registers' state only when asked (arch_prctl); without it the
-// first tile instruction faults.
-bool amx_granted() {
-  static const bool granted = [] {
-    constexpr int kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
-    constexpr int kTileData = 18;               // XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return granted;
+// Registers 0-3: the sums of x tile 0's rows (0, 1) and of x tile 1's (2, 3), each 16 float32
+// columns; 4-5 the x tiles, `first` and `second` rows (0: unused); 6-7 the weight tiles, 16 pair
+// rows each.
+TileConfig block_config(int64_t first, int64_t second) {
+  TileConfig config;
+  for (int t : {0, 1, 4}) config.set(t, first);
+  for (int t : {2, 3, 5}) config.set(t, second);
+  for (int t : {6, 7}) config.set(t, kAmxPairs);
+  return config;
 }
-
-// Palette 1: registers 0-3 the sums of x tile 0's rows (0, 1) and of x tile 1's (2, 3), each
-// 16 float32 columns; 4-5 the x tiles; 6-7 the weight tiles, 16 pair rows each.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t row_bytes[16] = {};
-  uint8_t rows[16] = {};
-
-  // `first` rows in x tile 0, `second` in x tile 1 (0: unused).
-  TileConfig(int64_t first, int64_t second) {
-    const uint8_t counts[8] = {static_cast<uint8_t>(first),  static_cast<uint8_t>(first),
-                               static_cast<uint8_t>(second), static_cast<uint8_t>(second),
-                               static_cast<uint8_t>(first),  static_cast<uint8_t>(second),
-                               kAmxPairs,                    kAmxPairs};
-    for (int t = 0; t < 8; ++t) {
-      row_bytes[t] = counts[t] > 0 ? kAmxLineBytes : 0;
-      rows[t] = counts[t];
-    }
-  }
-};
 
 // A block's rows of x (kGroups tiles of them, the second right after the first), the tile's
 // weights, and where the next weights lie to prefetch (null: none).
@@ -244,12 +217,12 @@ inline void amx_block(const AmxBlock& block, float* sums) {
     const char* pair_rows = block.weights + p * kPackedPairBytes;
     if (block.fetch != nullptr) {
       const char* lines = pair_rows + kAmxStepsAhead * kAmxPairs * kPackedPairBytes;
-      for (int64_t line = 0; line < kAmxPairs * kPackedPairBytes; line += kAmxLineBytes) {
+      for (int64_t line = 0; line < kAmxPairs * kPackedPairBytes; line += kTileRowBytes) {
         _mm_prefetch(lines + line, _MM_HINT_T0);
       }
     }
     _tile_loadd(6, pair_rows, kPackedPairBytes);
-    _tile_loadd(7, pair_rows + kAmxLineBytes, kPackedPairBytes);
+    _tile_loadd(7, pair_rows + kTileRowBytes, kPackedPairBytes);
     _tile_loadd(4, block.x + 2 * p, x_stride_bytes);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -307,9 +280,7 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
       for (int64_t r = row_start; r < block_end; r += kAmxBlockRows) {
         const int64_t count = std::min(kAmxBlockRows, block_end - r);
         if (count != configured) {
-          const TileConfig config(std::min(count, kAmxRows),
-                                  std::max<int64_t>(count - kAmxRows, 0));
-          _tile_loadconfig(&config);
+          block_config(std::min(count, kAmxRows), std::max<int64_t>(count - kAmxRows, 0)).load();
           configured = count;
         }
         // The first block of rows fetches the weights ahead while it multiplies this tile.
@@ -333,7 +304,7 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
 template <typename Tiles>
 void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
                   at::Tensor& y, int64_t begin, int64_t end) {
-#if defined(SLUICE_LINEAR_AMX)
+#if defined(SLUICE_AMX)
   if (pairs % kAmxPairs == 0 && amx_granted()) {
     return amx_tiles(x, tiles, pairs, bias, y, begin, end);
   }
