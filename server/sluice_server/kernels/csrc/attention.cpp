@@ -996,18 +996,20 @@ inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
 }
 
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
-// scratch.weights = scratch.scores rounded to bfloat16, for the value pass, each vector's row
-// `stride` long from `lead` zeros on (the rest zeros too). The fast path's strides are multiples
-// of 16.
+// scratch.weights = scratch.scores rounded to bfloat16, for the value pass: each vector's row
+// `stride` long, `lead` zeros, its span.stride weights, zeros to the end. The fast path's
+// strides are multiples of 16.
 inline void round_weights(const ItemSpan& span, int64_t lead, int64_t stride,
                           ItemScratch& scratch) {
-  scratch.weights.assign(span.vectors * stride, 0);
+  scratch.weights.resize(span.vectors * stride);
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    uint16_t* row = scratch.weights.data() + vector * stride;
+    std::fill(row, row + lead, uint16_t{0});
+    std::fill(row + lead + span.stride, row + stride, uint16_t{0});
     const float* source = scratch.scores.data() + vector * span.stride;
-    uint16_t* destination = scratch.weights.data() + vector * stride + lead;
     for (int64_t i = 0; i < span.stride; i += kLanes) {
       const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(source + i));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(destination + i),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + lead + i),
                           reinterpret_cast<__m256i>(rounded));
     }
   }

@@ -5,8 +5,8 @@
 //   prompt chunks (benchmark/linear_kernel.py).
 // - AMX (builds for CPUs with AMX-BF16, where Linux grants the tiles): the same packed weight fed
 //   to tile multiplies, 16 rows by 16 columns by 32 dimensions an instruction. On a CPU with
-//   both, the AVX-512 loops ran 32 rows at a third of AMX's speed and prompt chunks at a sixth
-//   to an eighth; AMX matches them on one row (see "AMX" below).
+//   both, the AVX-512 loops ran 32 rows at about a quarter of AMX's speed and prompt chunks at
+//   a sixth to an eighth; AMX matches them on one row (see "AMX" below).
 // - AVX2 with FMA (CPUs without AVX-512, where oneDNN has no bfloat16 at all): weights stay
 //   bfloat16 in memory, half the bytes of float32, and are widened in registers for float32
 //   FMAs. Decoding reads every weight once per step, so this beats oneDNN's float32 matmul.
@@ -114,6 +114,11 @@ struct TilePrefetch {
   int lane;
 };
 
+// The first `count` of a half tile's 16 columns (none when count <= 0).
+inline __mmask16 column_mask(int64_t count) {
+  return count >= 16 ? 0xffff : count <= 0 ? 0 : (1u << count) - 1;
+}
+
 inline __m512bh broadcast_pair(const at::BFloat16* pair) {
   uint32_t bits;
   std::memcpy(&bits, pair, sizeof(bits));
@@ -144,11 +149,8 @@ inline void linear_block(RowBlock block, WeightTile tile, TilePrefetch fetch) {
       sums[r][1] = _mm512_dpbf16_ps(sums[r][1], pair, high);
     }
   }
-  const auto mask_for = [](int64_t count) -> __mmask16 {
-    return count >= 16 ? 0xffff : count <= 0 ? 0 : (1u << count) - 1;
-  };
-  const __mmask16 low_mask = mask_for(tile.columns);
-  const __mmask16 high_mask = mask_for(tile.columns - 16);
+  const __mmask16 low_mask = column_mask(tile.columns);
+  const __mmask16 high_mask = column_mask(tile.columns - 16);
   for (int r = 0; r < kRows; ++r) {
     at::BFloat16* row = block.y + r * block.y_stride;
     for (int half = 0; half < 2; ++half) {
@@ -193,13 +195,13 @@ TileConfig block_config(int64_t first, int64_t second) {
 }
 
 // A block's rows of x (kGroups tiles of them, the second right after the first), the tile's
-// weights, and where the next weights lie to prefetch (null: none).
+// weights, and whether to prefetch the weights ahead.
 struct AmxBlock {
   const at::BFloat16* x;
   int64_t x_stride;  // elements
   const char* weights;
   int64_t pairs;
-  const char* fetch;
+  bool fetch;
 };
 
 // The block's rows times the tile's 32 columns, as float32 [rows][32] into `sums`.
@@ -215,7 +217,7 @@ inline void amx_block(const AmxBlock& block, float* sums) {
   }
   for (int64_t p = 0; p < block.pairs; p += kAmxPairs) {
     const char* pair_rows = block.weights + p * kPackedPairBytes;
-    if (block.fetch != nullptr) {
+    if (block.fetch) {
       const char* lines = pair_rows + kAmxStepsAhead * kAmxPairs * kPackedPairBytes;
       for (int64_t line = 0; line < kAmxPairs * kPackedPairBytes; line += kTileRowBytes) {
         _mm_prefetch(lines + line, _MM_HINT_T0);
@@ -244,14 +246,11 @@ inline void amx_block(const AmxBlock& block, float* sums) {
 // `count` rows of sums plus the tile's biases into y as bfloat16, its first `columns` columns.
 inline void store_amx_rows(const float* sums, int64_t count, const float* bias, int64_t columns,
                            at::BFloat16* y, int64_t y_stride) {
-  const auto mask_for = [](int64_t n) -> __mmask16 {
-    return n >= 16 ? 0xffff : n <= 0 ? 0 : (1u << n) - 1;
-  };
   for (int64_t r = 0; r < count; ++r) {
     for (int half = 0; half < 2; ++half) {
       __m512 values = _mm512_loadu_ps(sums + r * kLinearColumns + 16 * half);
       if (bias != nullptr) values = _mm512_add_ps(values, _mm512_loadu_ps(bias + 16 * half));
-      _mm256_mask_storeu_epi16(y + r * y_stride + 16 * half, mask_for(columns - 16 * half),
+      _mm256_mask_storeu_epi16(y + r * y_stride + 16 * half, column_mask(columns - 16 * half),
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
     }
   }
@@ -285,7 +284,7 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
         }
         // The first block of rows fetches the weights ahead while it multiplies this tile.
         const AmxBlock block{x_data + r * x_stride, x_stride, weights, pairs,
-                             fetch && r == row_start ? weights : nullptr};
+                             fetch && r == row_start};
         if (count > kAmxRows) {
           amx_block<2>(block, sums);
         } else {
