@@ -951,67 +951,145 @@ void score_keys_in_columns(const AttentionGeometry& geometry, BlockShape shape,
 }
 #endif
 
-// Each vector's scores of what it sees become cap * tanh(score / cap). A pass of its own, out of
-// line, so that the item loop of attention without a cap keeps the code it had.
-__attribute__((noinline)) void soft_cap_rows(const ItemSpan& span, float cap,
+// The scores [begin, end) of a vector's row, counted from the item's first position, that it
+// sees. A partition's vector may see nothing of it (begin == end): its window begins past the
+// partition's end, or its position comes before the partition's start.
+inline std::pair<int64_t, int64_t> seen_scores(const ItemSpan& span, int64_t vector) {
+  const int64_t begin = std::min(span.begin(vector) - span.first_position, span.stride);
+  return {begin, std::max(begin, span.end(vector) - span.first_position)};
+}
+
+// Each vector's scores of what it sees, times `scale` (1 where the scoring applied it), become
+// cap * tanh(score / cap). A pass of its own, out of line, so that the item loop of attention
+// without a cap keeps the code it had.
+__attribute__((noinline)) void soft_cap_rows(const ItemSpan& span, float scale, float cap,
                                              ItemScratch& scratch) {
   const float inverse_cap = 1.f / cap;
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
-    const int64_t begin = span.begin(vector) - span.first_position;
-    const int64_t end = span.end(vector) - span.first_position;
+    const auto [begin, end] = seen_scores(span, vector);
     float* row_scores = scratch.scores.data() + vector * span.stride;
 #pragma omp simd
     for (int64_t t = begin; t < end; ++t) {
-      row_scores[t] = cap * vector_tanh(row_scores[t] * inverse_cap);
+      row_scores[t] = cap * vector_tanh(row_scores[t] * scale * inverse_cap);
     }
   }
+}
+
+// A vector's softmax before normalising: its largest score, and the sum of its weights
+// exp(score - maximum). A vector that sees nothing gets a sum of 0.
+struct RowSoftmax {
+  float maximum;
+  float sum;
+};
+
+// The softmax of scores [begin, end), each weight handed to `store` (a lane of floats, and
+// which of them lie before `end`), a vector of lanes at a time from `begin`. The sum adds lane
+// by lane from `begin`, so its order depends on the vector's positions, not on its item.
+#if defined(__AVX512F__)
+// The scores are multiplied by `scale` on the way (the tile path's scoring leaves them
+// unscaled): the maximum is the scaled one, the largest score times the scale.
+template <typename Store>
+inline RowSoftmax softmax_row(const float* scores, int64_t begin, int64_t end, float scale,
+                              Store&& store) {
+  __m512 maxima = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = begin; t < end; t += kLanes) {
+    const __mmask16 lanes = first_lanes(end - t);
+    maxima = _mm512_mask_max_ps(maxima, lanes, _mm512_maskz_loadu_ps(lanes, scores + t), maxima);
+  }
+  const float maximum = _mm512_reduce_max_ps(maxima) * scale;
+  const __m512 shift = _mm512_set1_ps(maximum);
+  const __m512 scales = _mm512_set1_ps(scale);
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t t = begin; t < end; t += kLanes) {
+    const __mmask16 lanes = first_lanes(end - t);
+    const __m512 row = _mm512_maskz_loadu_ps(lanes, scores + t);
+    const __m512 weights =
+        _mm512_maskz_mov_ps(lanes, exp_avx512(_mm512_fmsub_ps(row, scales, shift)));
+    sums = _mm512_add_ps(sums, weights);
+    store(t, weights, lanes);
+  }
+  return {maximum, _mm512_reduce_add_ps(sums)};
+}
+
+inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end) {
+  return softmax_row(scores, begin, end, 1.f, [&](int64_t t, __m512 weights, __mmask16 lanes) {
+    _mm512_mask_storeu_ps(scores + t, lanes, weights);
+  });
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end) {
+  __m256 maxima = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = begin; t < end; t += 8) {
+    const __m256 lanes = _mm256_castsi256_ps(first_lanes_x8(end - t));
+    const __m256 row = _mm256_maskload_ps(scores + t, _mm256_castps_si256(lanes));
+    maxima = _mm256_blendv_ps(maxima, _mm256_max_ps(row, maxima), lanes);
+  }
+  const float maximum = horizontal_max(maxima);
+  const __m256 shift = _mm256_set1_ps(maximum);
+  __m256 sums = _mm256_setzero_ps();
+  for (int64_t t = begin; t < end; t += 8) {
+    const __m256i lanes = first_lanes_x8(end - t);
+    const __m256 row = _mm256_maskload_ps(scores + t, lanes);
+    const __m256 weights =
+        _mm256_and_ps(exp_avx2(_mm256_sub_ps(row, shift)), _mm256_castsi256_ps(lanes));
+    sums = _mm256_add_ps(sums, weights);
+    _mm256_maskstore_ps(scores + t, lanes, weights);
+  }
+  return {maximum, horizontal_sum(sums)};
+}
+#else
+inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end) {
+  float maximum = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : maximum)
+  for (int64_t t = begin; t < end; ++t) maximum = scores[t] > maximum ? scores[t] : maximum;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = begin; t < end; ++t) {
+    scores[t] = vector_exp(scores[t] - maximum);
+    sum += scores[t];
+  }
+  return {maximum, sum};
+}
+#endif
+
+inline void keep_softmax(const RowSoftmax& softmax, int64_t vector, ItemScratch& scratch) {
+  scratch.maxima[vector] = softmax.maximum;
+  scratch.sums[vector] = softmax.sum;
 }
 
 // Softmax per vector over what it sees, in place, zero elsewhere (so the value pass can weight
 // whole blocks), unnormalised: the maximum and the sum go to the scratch, applied at the output
-// (or where partitions merge). A vector that sees nothing gets a sum of 0.
+// (or where partitions merge).
 inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
-    // A partition's vector may see nothing of it: its window begins past the partition's end,
-    // or its position comes before the partition's start.
-    const int64_t begin = std::min(span.begin(vector) - span.first_position, span.stride);
-    const int64_t end = std::max(begin, span.end(vector) - span.first_position);
+    const auto [begin, end] = seen_scores(span, vector);
     float* row_scores = scratch.scores.data() + vector * span.stride;
-    float maximum = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : maximum)
-    for (int64_t t = begin; t < end; ++t) {
-      maximum = row_scores[t] > maximum ? row_scores[t] : maximum;
-    }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = begin; t < end; ++t) {
-      row_scores[t] = vector_exp(row_scores[t] - maximum);
-      sum += row_scores[t];
-    }
+    keep_softmax(softmax_row_in_place(row_scores, begin, end), vector, scratch);
     std::fill(row_scores, row_scores + begin, 0.f);
     std::fill(row_scores + end, row_scores + span.stride, 0.f);
-    scratch.maxima[vector] = maximum;
-    scratch.sums[vector] = sum;
   }
 }
 
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
-// scratch.weights = scratch.scores rounded to bfloat16, for the value pass: each vector's row
-// `stride` long, `lead` zeros, its span.stride weights, zeros to the end. The fast path's
-// strides are multiples of 16.
-inline void round_weights(const ItemSpan& span, int64_t lead, int64_t stride,
-                          ItemScratch& scratch) {
+// softmax_rows for the fast paths, whose value pass reads the weights as bfloat16: they go
+// straight to scratch.weights, each vector's row `stride` long: `lead` zeros, its span.stride
+// weights (zero where it sees nothing), zeros to the end. The scores are multiplied by `scale`
+// first (1 where the scoring applied it). The fast path's strides are multiples of 16.
+inline void softmax_to_weights(const ItemSpan& span, float scale, int64_t lead, int64_t stride,
+                               ItemScratch& scratch) {
   scratch.weights.resize(span.vectors * stride);
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
+    const auto [begin, end] = seen_scores(span, vector);
     uint16_t* row = scratch.weights.data() + vector * stride;
-    std::fill(row, row + lead, uint16_t{0});
-    std::fill(row + lead + span.stride, row + stride, uint16_t{0});
-    const float* source = scratch.scores.data() + vector * span.stride;
-    for (int64_t i = 0; i < span.stride; i += kLanes) {
-      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(source + i));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + lead + i),
-                          reinterpret_cast<__m256i>(rounded));
-    }
+    uint16_t* weights = row + lead;  // From the item's first position.
+    std::fill(row, weights + begin, uint16_t{0});
+    std::fill(weights + end, row + stride, uint16_t{0});
+    const float* row_scores = scratch.scores.data() + vector * span.stride;
+    const auto store = [&](int64_t t, __m512 values, __mmask16 lanes) {
+      _mm256_mask_storeu_epi16(weights + t, lanes,
+                               reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
+    };
+    keep_softmax(softmax_row(row_scores, begin, end, scale, store), vector, scratch);
   }
 }
 #endif
@@ -1152,8 +1230,9 @@ void use_tiles(ItemScratch& scratch, int64_t vectors) {
 }
 
 // score_keys for the tile path: every run of 16 keys the group of vectors sees, into
-// scratch.scores, times the scale. The first group's pass fetches the blocks ahead.
-void score_keys_in_tiles(const AttentionGeometry& geometry, BlockShape shape,
+// scratch.scores, unscaled (the softmax applies the scale as it reads them). The first group's
+// pass fetches the blocks ahead.
+void score_keys_in_tiles(const AttentionGeometry& geometry,
                          const AttentionData<at::BFloat16>& data, const AttentionItem& item,
                          const ItemSpan& span, ItemScratch& scratch,
                          KeyPrefetcher<at::BFloat16>& prefetcher) {
@@ -1161,7 +1240,6 @@ void score_keys_in_tiles(const AttentionGeometry& geometry, BlockShape shape,
   const int64_t query_bytes = head_dim * sizeof(at::BFloat16);
   const int64_t key_pair_bytes = geometry.block_size * 2 * sizeof(at::BFloat16);
   const auto* queries = reinterpret_cast<const char*>(scratch.query_pairs.data());
-  const __m512 scale = _mm512_set1_ps(shape.scale);
   for (int64_t first = 0; first < span.vectors; first += kTileVectors) {
     const int64_t count = std::min(kTileVectors, span.vectors - first);
     use_tiles(scratch, count);
@@ -1182,28 +1260,24 @@ void score_keys_in_tiles(const AttentionGeometry& geometry, BlockShape shape,
         _tile_loadd(5, keys + (d / 2) * key_pair_bytes, key_pair_bytes);
         _tile_dpbf16ps(0, 4, 5);
       }
-      float* scores = scratch.scores.data() + first * span.stride + position;
-      _tile_stored(0, scores, span.stride * sizeof(float));
-      for (int64_t v = 0; v < count; ++v) {
-        float* row = scores + v * span.stride;
-        _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_loadu_ps(row), scale));
-      }
+      _tile_stored(0, scratch.scores.data() + first * span.stride + position,
+                   span.stride * sizeof(float));
     }
   }
 }
 
-// accumulate_values for the tile path. Positions are counted from `origin`, the multiple of 32
-// at or before the item's first: the weights' rows and the interleaved pairs start `lead`
-// positions of zeros before the item's.
+// The softmax (of the scores times `scale`) and accumulate_values for the tile path. Positions
+// are counted from `origin`, the multiple of 32 at or before the item's first: the weights' rows
+// and the interleaved pairs start `lead` positions of zeros before the item's.
 void accumulate_values_in_tiles(const AttentionGeometry& geometry,
                                 const AttentionData<at::BFloat16>& data,
-                                const AttentionItem& item, const ItemSpan& span,
+                                const AttentionItem& item, const ItemSpan& span, float scale,
                                 ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
   const int64_t slices = head_dim / kLanes;  // operands of 16 dimensions per pair
   const int64_t lead = span.first_position % kTilePositions;
   const int64_t weight_stride = round_up(lead + span.stride, kTilePositions);
-  round_weights(span, lead, weight_stride, scratch);
+  softmax_to_weights(span, scale, lead, weight_stride, scratch);
   const CachedPairs cached = cached_pairs(geometry, data, item, span, scratch);
   const int64_t lead_pairs = lead / 2;
   const int64_t first_pair = lead_pairs + cached.begin / 2;
@@ -1364,17 +1438,19 @@ void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape
                                    KeyPrefetcher<at::BFloat16>& prefetcher) {
 #if defined(SLUICE_ATTENTION_TILES)
   if (amx_granted()) {
-    score_keys_in_tiles(geometry, shape, data, item, span, scratch, prefetcher);
-    if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
-    softmax_rows(span, scratch);
-    accumulate_values_in_tiles(geometry, data, item, span, scratch);
+    score_keys_in_tiles(geometry, data, item, span, scratch, prefetcher);
+    if (logit_softcap > 0.f) {
+      soft_cap_rows(span, shape.scale, logit_softcap, scratch);
+      accumulate_values_in_tiles(geometry, data, item, span, 1.f, scratch);
+    } else {
+      accumulate_values_in_tiles(geometry, data, item, span, shape.scale, scratch);
+    }
     return;
   }
 #endif
   score_keys_in_columns(geometry, shape, data, item, span, scratch, prefetcher);
-  if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
-  softmax_rows(span, scratch);
-  round_weights(span, 0, span.stride, scratch);
+  if (logit_softcap > 0.f) soft_cap_rows(span, 1.f, logit_softcap, scratch);
+  softmax_to_weights(span, 1.f, 0, span.stride, scratch);
   accumulate_values_in_pairs(geometry, data, item, span, scratch);
 }
 #endif
@@ -1408,7 +1484,7 @@ void attend_item(const AttentionGeometry& geometry, BlockShape shape, const Atte
   }
 #endif
   score_keys(geometry, shape, data, item, span, scratch, prefetcher);
-  if (logit_softcap > 0.f) soft_cap_rows(span, logit_softcap, scratch);
+  if (logit_softcap > 0.f) soft_cap_rows(span, 1.f, logit_softcap, scratch);
   softmax_rows(span, scratch);
   accumulate_values(geometry, shape, data, item, span, scratch);
 }

@@ -62,7 +62,10 @@ struct alignas(64) TileConfig {
     rows[tile] = static_cast<uint8_t>(tile_rows);
     row_bytes[tile] = tile_rows > 0 ? kTileRowBytes : 0;
   }
-  void load() const { _tile_loadconfig(this); }
+  // GCC's _tile_loadconfig tells the compiler that it reads 8 bytes of the configuration, which
+  // lets it drop the stores to the rest (the tiles then stay unconfigured, and the first tile
+  // instruction faults); this operand is the whole of it.
+  void load() const { asm volatile("ldtilecfg %0" : : "m"(*this)); }
 };
 #endif
 
@@ -267,9 +270,29 @@ inline void store_bf16x8(at::BFloat16* destination, __m256 values) {
                                     _mm256_extracti128_si256(bits, 1)));
 }
 
+// The first `count` of 8 lanes (all when count >= 8, none when count <= 0), for maskload and
+// maskstore.
+inline __m256i first_lanes_x8(int64_t count) {
+  const int32_t lanes = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(count, 0), 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+}
+
+inline float horizontal_max(__m256 v) {
+  const __m128 halves = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_max_ps(halves, _mm_movehl_ps(halves, halves));
+  return _mm_cvtss_f32(_mm_max_ss(pairs, _mm_movehdup_ps(pairs)));
+}
+
 // vector_exp, 8 lanes at a time.
 inline __m256 exp_avx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  // x second: a NaN stays NaN through the clamp, as in vector_exp.
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -302,9 +325,16 @@ inline void store_bf16x16(at::BFloat16* destination, __m512 values) {
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
 
-// vector_exp, 16 lanes at a time.
+// The first `count` of 16 lanes (all when count >= 16, none when count <= 0).
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? 0xffff : count <= 0 ? 0 : (1u << count) - 1;
+}
+
+// vector_exp, 16 lanes at a time; 2^n applied by scalef, one instruction for the four that
+// build the exponent's bits.
 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  // x second: a NaN stays NaN through the clamp, as in vector_exp.
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -316,9 +346,7 @@ inline __m512 exp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  const __m512i exponent =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(exponent));
+  return _mm512_scalef_ps(p, n);
 }
 #endif
 

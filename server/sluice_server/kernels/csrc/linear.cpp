@@ -114,11 +114,6 @@ struct TilePrefetch {
   int lane;
 };
 
-// The first `count` of a half tile's 16 columns (none when count <= 0).
-inline __mmask16 column_mask(int64_t count) {
-  return count >= 16 ? 0xffff : count <= 0 ? 0 : (1u << count) - 1;
-}
-
 inline __m512bh broadcast_pair(const at::BFloat16* pair) {
   uint32_t bits;
   std::memcpy(&bits, pair, sizeof(bits));
@@ -149,8 +144,8 @@ inline void linear_block(RowBlock block, WeightTile tile, TilePrefetch fetch) {
       sums[r][1] = _mm512_dpbf16_ps(sums[r][1], pair, high);
     }
   }
-  const __mmask16 low_mask = column_mask(tile.columns);
-  const __mmask16 high_mask = column_mask(tile.columns - 16);
+  const __mmask16 low_mask = first_lanes(tile.columns);
+  const __mmask16 high_mask = first_lanes(tile.columns - 16);
   for (int r = 0; r < kRows; ++r) {
     at::BFloat16* row = block.y + r * block.y_stride;
     for (int half = 0; half < 2; ++half) {
@@ -250,7 +245,7 @@ inline void store_amx_rows(const float* sums, int64_t count, const float* bias, 
     for (int half = 0; half < 2; ++half) {
       __m512 values = _mm512_loadu_ps(sums + r * kLinearColumns + 16 * half);
       if (bias != nullptr) values = _mm512_add_ps(values, _mm512_loadu_ps(bias + 16 * half));
-      _mm256_mask_storeu_epi16(y + r * y_stride + 16 * half, column_mask(columns - 16 * half),
+      _mm256_mask_storeu_epi16(y + r * y_stride + 16 * half, first_lanes(columns - 16 * half),
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
     }
   }
