@@ -349,15 +349,17 @@ def test_linear_bf16_gives_a_row_the_same_output_in_any_batch(
     # direct and widened blocks, AMX's tiles of up to 16 rows; 592 is not whole steps of 32, so
     # an AMX CPU runs it on the AVX-512 loops). A float32 sum taken in another order differs in
     # its last bits, which rounding to bfloat16 hides but for about one output in 10^4: hence
-    # the many outputs.
+    # the many outputs. 1,800 rows are more than one pass of the threads over the tiles takes
+    # (rows_per_pass: as many as fill half the L2 cache), so rows of later passes are checked too.
     _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
     ops = compiled_kernels.ops
     generator = torch.Generator().manual_seed(6)
     weight = torch.randn(2048, in_features, generator=generator).to(torch.bfloat16)
     packed = ops.pack_linear(weight, torch.randn(2048, generator=generator).to(torch.bfloat16))
-    x = torch.randn(300, in_features, generator=generator).to(torch.bfloat16)
+    x = torch.randn(1800, in_features, generator=generator).to(torch.bfloat16)
     together = ops.packed_linear(x, packed)
-    for first, count in [(0, 1), (7, 1), (3, 5), (10, 17), (40, 33), (100, 150), (250, 50)]:
+    slices = [(0, 1), (7, 1), (3, 5), (10, 17), (40, 33), (100, 150), (250, 50), (700, 150)]
+    for first, count in slices + [(1500, 300), (1799, 1)]:
         alone = ops.packed_linear(x[first : first + count], packed)
         assert torch.equal(alone, together[first : first + count]), (first, count)
 
