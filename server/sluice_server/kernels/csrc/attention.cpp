@@ -1016,27 +1016,6 @@ inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end
     _mm512_mask_storeu_ps(scores + t, lanes, weights);
   });
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end) {
-  __m256 maxima = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t t = begin; t < end; t += 8) {
-    const __m256 lanes = _mm256_castsi256_ps(first_lanes_x8(end - t));
-    const __m256 row = _mm256_maskload_ps(scores + t, _mm256_castps_si256(lanes));
-    maxima = _mm256_blendv_ps(maxima, _mm256_max_ps(row, maxima), lanes);
-  }
-  const float maximum = horizontal_max(maxima);
-  const __m256 shift = _mm256_set1_ps(maximum);
-  __m256 sums = _mm256_setzero_ps();
-  for (int64_t t = begin; t < end; t += 8) {
-    const __m256i lanes = first_lanes_x8(end - t);
-    const __m256 row = _mm256_maskload_ps(scores + t, lanes);
-    const __m256 weights =
-        _mm256_and_ps(exp_avx2(_mm256_sub_ps(row, shift)), _mm256_castsi256_ps(lanes));
-    sums = _mm256_add_ps(sums, weights);
-    _mm256_maskstore_ps(scores + t, lanes, weights);
-  }
-  return {maximum, horizontal_sum(sums)};
-}
 #else
 inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end) {
   float maximum = -std::numeric_limits<float>::infinity();

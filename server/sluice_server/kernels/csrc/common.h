@@ -270,25 +270,6 @@ inline void store_bf16x8(at::BFloat16* destination, __m256 values) {
                                     _mm256_extracti128_si256(bits, 1)));
 }
 
-// The first `count` of 8 lanes (all when count >= 8, none when count <= 0), for maskload and
-// maskstore.
-inline __m256i first_lanes_x8(int64_t count) {
-  const int32_t lanes = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(count, 0), 8));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-inline float horizontal_sum(__m256 v) {
-  const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
-}
-
-inline float horizontal_max(__m256 v) {
-  const __m128 halves = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pairs = _mm_max_ps(halves, _mm_movehl_ps(halves, halves));
-  return _mm_cvtss_f32(_mm_max_ss(pairs, _mm_movehdup_ps(pairs)));
-}
-
 // vector_exp, 8 lanes at a time.
 inline __m256 exp_avx2(__m256 x) {
   // x second: a NaN stays NaN through the clamp, as in vector_exp.

@@ -287,6 +287,12 @@ struct LevelTable {
 // the result, is the same in any order of the chains.)
 constexpr int kVectorOrder[4] = {0, 2, 1, 3};
 
+inline float horizontal_sum(__m256 v) {
+  const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+}
+
 // kRows rows of x (from `x`) against kCols columns (from n): sum_g scale * sum(code * x), the
 // codes scaled once per block of 32 and shared by the rows. Each (row, column) sums into two
 // chains (a block's first and second half) in the same order whatever kRows and kCols are, so
@@ -421,13 +427,16 @@ inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_fea
 // The dot product of a column's offsets and a row's group sums: a few dozen values, for which
 // the generic loop's remainder and reduction cost more than its vector body.
 inline float short_dot(const float* a, const float* b, int64_t count) {
+  alignas(32) static constexpr int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                    0,  0,  0,  0,  0,  0,  0,  0};
   __m256 sum = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum);
   }
   if (i < count) {
-    const __m256i mask = first_lanes_x8(count - i);
+    const auto* tail = reinterpret_cast<const __m256i*>(kMask + 8 - (count - i));
+    const __m256i mask = _mm256_loadu_si256(tail);
     sum = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, mask), _mm256_maskload_ps(b + i, mask), sum);
   }
   return horizontal_sum(sum);
