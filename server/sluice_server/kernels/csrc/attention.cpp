@@ -257,6 +257,20 @@ constexpr int64_t kPairVectors = 6;
 // cache and interleaved as they are needed (CachedPairs), or from an item's rows interleaved once
 // into a scratch buffer (InterleavedPairs) when several groups of vectors read them.
 
+// 64 dimensions of two consecutive value rows, `first` and the one head_dim after it (each as
+// zeros where not `first_seen` or `second_seen`), interleaved into a pair's four operands.
+inline void interleave_rows(const at::BFloat16* first, int64_t head_dim, bool first_seen,
+                            bool second_seen, __m512bh operands[4]) {
+  const __mmask32 first_mask = first_seen ? ~0u : 0u;
+  const __mmask32 second_mask = second_seen ? ~0u : 0u;
+  for (int64_t half = 0; half < 2; ++half) {
+    const __m512i a = _mm512_maskz_loadu_epi16(first_mask, first + half * 32);
+    const __m512i b = _mm512_maskz_loadu_epi16(second_mask, first + head_dim + half * 32);
+    operands[2 * half] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+    operands[2 * half + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+  }
+}
+
 // The item's value rows in the cache. Pairs and positions count from the item's first block; a
 // row outside [begin, end) is never read (it may lie before the window or past the context) and
 // counts as zeros.
@@ -268,15 +282,7 @@ struct CachedPairs {
 
   void load(int64_t pair, int64_t offset, __m512bh operands[4]) const {
     const int64_t row = 2 * pair;
-    const __mmask32 first_mask = row >= begin ? ~0u : 0u;
-    const __mmask32 second_mask = row + 1 < end ? ~0u : 0u;
-    const at::BFloat16* first = pair_rows[pair] + offset;
-    for (int64_t half = 0; half < 2; ++half) {
-      const __m512i a = _mm512_maskz_loadu_epi16(first_mask, first + half * 32);
-      const __m512i b = _mm512_maskz_loadu_epi16(second_mask, first + head_dim + half * 32);
-      operands[2 * half] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
-      operands[2 * half + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
-    }
+    interleave_rows(pair_rows[pair] + offset, head_dim, row >= begin, row + 1 < end, operands);
   }
 };
 
@@ -828,6 +834,23 @@ std::vector<std::vector<size_t>> assign_runs(const std::vector<AttentionItem>& i
   return assigned;
 }
 
+#if defined(SLUICE_ATTENTION_TILES)
+// The tile path's value rows interleaved in pairs (InterleavedPairs' operands), kept from item
+// to item of a sequence's KV head: a thread attends a prompt's tiles of one head in order, and
+// each sees the rows the one before it saw and the next 16, so only those are interleaved.
+// Pair p (counted from the sequence's first position) lies at operands + (p - base) * slices.
+// Rows [2 first, 2 done) are interleaved whole; the pairs around them hold rows interleaved for
+// an earlier item or zeros, all finite, which the value pass multiplies by zero weights only.
+struct KeptPairs {
+  std::vector<__m512i> operands;
+  int64_t sequence = -1;
+  int64_t kv_head = -1;
+  int64_t base = 0;
+  int64_t first = 0;
+  int64_t done = 0;
+};
+#endif
+
 // One thread's buffers, sized for the largest item.
 struct ItemScratch {
   std::vector<float> queries;        // [vectors][head_dim], float32, scaled
@@ -843,6 +866,7 @@ struct ItemScratch {
 #endif
 #if defined(SLUICE_ATTENTION_TILES)
   int64_t tile_vectors = 0;  // The vectors the AMX tiles are configured for; 0: not configured.
+  KeptPairs kept_pairs;
 
   ~ItemScratch() {
     if (tile_vectors != 0) _tile_release();
@@ -986,35 +1010,57 @@ struct RowSoftmax {
 // which of them lie before `end`), a vector of lanes at a time from `begin`. The sum adds lane
 // by lane from `begin`, so its order depends on the vector's positions, not on its item.
 #if defined(__AVX512F__)
-// The scores are multiplied by `scale` on the way (the tile path's scoring leaves them
-// unscaled): the maximum is the scaled one, the largest score times the scale.
-template <typename Store>
-inline RowSoftmax softmax_row(const float* scores, int64_t begin, int64_t end, float scale,
-                              Store&& store) {
+// 2^x to within 1e-4 (relative), for softmax weights that are rounded to bfloat16 (8 significant
+// bits) next: a cubic (a minimax fit) on the fraction x - floor(x), which vreduceps gives in one
+// instruction, times 2^floor(x) by vscalefps. Half the instructions of exp_avx512. Below -127
+// (-inf too) it gives 2^-127 or so, a weight too small to count.
+inline __m512 exp2_for_bfloat16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);  // x second: a NaN stays NaN
+  const __m512 fraction = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(0.07802403f);
+  p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(0.22606707f));
+  p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(0.69583398f));
+  p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(0.99992514f));
+  return _mm512_scalef_ps(p, x);
+}
+
+// The largest of scores [begin, end): -inf where the range is empty.
+inline float row_maximum(const float* scores, int64_t begin, int64_t end) {
   __m512 maxima = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t t = begin; t < end; t += kLanes) {
     const __mmask16 lanes = first_lanes(end - t);
     maxima = _mm512_mask_max_ps(maxima, lanes, _mm512_maskz_loadu_ps(lanes, scores + t), maxima);
   }
-  const float maximum = _mm512_reduce_max_ps(maxima) * scale;
-  const __m512 shift = _mm512_set1_ps(maximum);
-  const __m512 scales = _mm512_set1_ps(scale);
+  return _mm512_reduce_max_ps(maxima);
+}
+
+// `largest` is the largest of the scores (row_maximum's). They are multiplied by `scale` on the
+// way (the tile path's scoring leaves them unscaled): the maximum is the scaled one, `largest`
+// times the scale. With kToBfloat16 the weights come from exp2_for_bfloat16, log2(e) folded
+// into the scale and the shift: exp(y) = 2^(y log2(e)).
+template <bool kToBfloat16, typename Store>
+inline RowSoftmax softmax_row(const float* scores, int64_t begin, int64_t end, float scale,
+                              float largest, Store&& store) {
+  const float maximum = largest * scale;
+  const float base = kToBfloat16 ? 1.44269504f : 1.f;
+  const __m512 shift = _mm512_set1_ps(maximum * base);
+  const __m512 scales = _mm512_set1_ps(scale * base);
   __m512 sums = _mm512_setzero_ps();
   for (int64_t t = begin; t < end; t += kLanes) {
     const __mmask16 lanes = first_lanes(end - t);
-    const __m512 row = _mm512_maskz_loadu_ps(lanes, scores + t);
-    const __m512 weights =
-        _mm512_maskz_mov_ps(lanes, exp_avx512(_mm512_fmsub_ps(row, scales, shift)));
-    sums = _mm512_add_ps(sums, weights);
+    const __m512 shifted = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, scores + t), scales, shift);
+    const __m512 weights = kToBfloat16 ? exp2_for_bfloat16(shifted) : exp_avx512(shifted);
+    sums = _mm512_mask_add_ps(sums, lanes, sums, weights);
     store(t, weights, lanes);
   }
   return {maximum, _mm512_reduce_add_ps(sums)};
 }
 
 inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end) {
-  return softmax_row(scores, begin, end, 1.f, [&](int64_t t, __m512 weights, __mmask16 lanes) {
+  const auto store = [&](int64_t t, __m512 weights, __mmask16 lanes) {
     _mm512_mask_storeu_ps(scores + t, lanes, weights);
-  });
+  };
+  return softmax_row<false>(scores, begin, end, 1.f, row_maximum(scores, begin, end), store);
 }
 #else
 inline RowSoftmax softmax_row_in_place(float* scores, int64_t begin, int64_t end) {
@@ -1053,9 +1099,11 @@ inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
 // softmax_rows for the fast paths, whose value pass reads the weights as bfloat16: they go
 // straight to scratch.weights, each vector's row `stride` long: `lead` zeros, its span.stride
 // weights (zero where it sees nothing), zeros to the end. The scores are multiplied by `scale`
-// first (1 where the scoring applied it). The fast path's strides are multiples of 16.
+// first (1 where the scoring applied it). With `maxima_known`, scratch.maxima holds each
+// vector's largest score already (the tile path's scoring keeps it). The fast path's strides are
+// multiples of 16.
 inline void softmax_to_weights(const ItemSpan& span, float scale, int64_t lead, int64_t stride,
-                               ItemScratch& scratch) {
+                               bool maxima_known, ItemScratch& scratch) {
   scratch.weights.resize(span.vectors * stride);
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
     const auto [begin, end] = seen_scores(span, vector);
@@ -1068,7 +1116,10 @@ inline void softmax_to_weights(const ItemSpan& span, float scale, int64_t lead, 
       _mm256_mask_storeu_epi16(weights + t, lanes,
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
     };
-    keep_softmax(softmax_row(row_scores, begin, end, scale, store), vector, scratch);
+    const float largest =
+        maxima_known ? scratch.maxima[vector] : row_maximum(row_scores, begin, end);
+    keep_softmax(softmax_row<true>(row_scores, begin, end, scale, largest, store), vector,
+                 scratch);
   }
 }
 #endif
@@ -1208,9 +1259,27 @@ void use_tiles(ItemScratch& scratch, int64_t vectors) {
   scratch.tile_vectors = vectors;
 }
 
+// Each of vectors [first, first + count)'s running maximum, `maxima`, over the scores it sees of
+// the 16 at positions [start, start + 16), just stored to `rows` (one row per vector).
+inline void keep_maxima(const ItemSpan& span, int64_t first, int64_t count, int64_t start,
+                        const float* rows, __m512* maxima) {
+  const bool all_seen =
+      span.begin(first + count - 1) <= start && span.end(first) >= start + kLanes;
+  for (int64_t r = 0; r < count; ++r) {
+    const __mmask16 lanes =
+        all_seen ? __mmask16{0xffff}
+                 : static_cast<__mmask16>(first_lanes(span.end(first + r) - start) &
+                                          ~first_lanes(span.begin(first + r) - start));
+    maxima[r] = _mm512_mask_max_ps(maxima[r], lanes, _mm512_loadu_ps(rows + r * span.stride),
+                                   maxima[r]);
+  }
+}
+
 // score_keys for the tile path: every run of 16 keys the group of vectors sees, into
-// scratch.scores, unscaled (the softmax applies the scale as it reads them). The first group's
-// pass fetches the blocks ahead.
+// scratch.scores, unscaled (the softmax applies the scale as it reads them), and each vector's
+// largest score of those it sees into scratch.maxima, taken while the run is in the L1 cache
+// (a pass of its own read the rows back from the L2). The first group's pass fetches the blocks
+// ahead.
 void score_keys_in_tiles(const AttentionGeometry& geometry,
                          const AttentionData<at::BFloat16>& data, const AttentionItem& item,
                          const ItemSpan& span, ItemScratch& scratch,
@@ -1223,6 +1292,9 @@ void score_keys_in_tiles(const AttentionGeometry& geometry,
     const int64_t count = std::min(kTileVectors, span.vectors - first);
     use_tiles(scratch, count);
     const char* group_queries = queries + first * query_bytes;
+    __m512 maxima[kTileVectors];
+    std::fill(maxima, maxima + kTileVectors,
+              _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
     for (int64_t position = 0; position < span.stride; position += kLanes) {
       const int64_t within = position % geometry.block_size;
       const int64_t offset = geometry.block_offset(
@@ -1239,10 +1311,53 @@ void score_keys_in_tiles(const AttentionGeometry& geometry,
         _tile_loadd(5, keys + (d / 2) * key_pair_bytes, key_pair_bytes);
         _tile_dpbf16ps(0, 4, 5);
       }
-      _tile_stored(0, scratch.scores.data() + first * span.stride + position,
-                   span.stride * sizeof(float));
+      float* rows = scratch.scores.data() + first * span.stride + position;
+      _tile_stored(0, rows, span.stride * sizeof(float));
+      keep_maxima(span, first, count, span.first_position + position, rows, maxima);
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      scratch.maxima[first + r] = _mm512_reduce_max_ps(maxima[r]);
     }
   }
+}
+
+// The operands of pairs [origin_pair, origin_pair + pairs) for the item, interleaving those of
+// the rows it sees, [item_begin, span.context), that `kept` lacks. A row past the context is
+// interleaved as zeros (its pair again when a later item sees it).
+const __m512i* kept_value_pairs(const AttentionGeometry& geometry,
+                                const AttentionData<at::BFloat16>& data, const AttentionItem& item,
+                                const ItemSpan& span, int64_t item_begin, int64_t origin_pair,
+                                int64_t pairs, KeptPairs& kept) {
+  const int64_t head_dim = geometry.head_dim;
+  const int64_t slices = head_dim / kLanes;
+  const int64_t first_pair = item_begin / 2;
+  if (kept.sequence != item.sequence || kept.kv_head != item.kv_head ||
+      origin_pair < kept.base || first_pair < kept.first || first_pair > kept.done) {
+    kept.sequence = item.sequence;
+    kept.kv_head = item.kv_head;
+    kept.base = origin_pair;
+    kept.first = kept.done = first_pair;
+  }
+  const size_t size = (origin_pair + pairs - kept.base) * slices;
+  if (kept.operands.size() < size) kept.operands.resize(size, _mm512_setzero_si512());
+  const int64_t end_pair = (span.context + 1) / 2;
+  for (int64_t pair = kept.done; pair < end_pair; ++pair) {
+    const int64_t row = 2 * pair;
+    const at::BFloat16* first_row =
+        data.values + geometry.block_offset(item.kv_head, span.table[row / geometry.block_size]) +
+        (row % geometry.block_size) * head_dim;
+    __m512i* destination = kept.operands.data() + (pair - kept.base) * slices;
+    for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
+      __m512bh operands[4];
+      interleave_rows(first_row + offset, head_dim, true, row + 1 < span.context, operands);
+      for (int64_t c = 0; c < 4; ++c) {
+        _mm512_storeu_si512(destination + offset / kLanes + c,
+                            reinterpret_cast<__m512i>(operands[c]));
+      }
+    }
+  }
+  kept.done = std::max(kept.done, span.context / 2);
+  return kept.operands.data() + (origin_pair - kept.base) * slices;
 }
 
 // The softmax (of the scores times `scale`) and accumulate_values for the tile path. Positions
@@ -1251,22 +1366,18 @@ void score_keys_in_tiles(const AttentionGeometry& geometry,
 void accumulate_values_in_tiles(const AttentionGeometry& geometry,
                                 const AttentionData<at::BFloat16>& data,
                                 const AttentionItem& item, const ItemSpan& span, float scale,
-                                ItemScratch& scratch) {
+                                bool maxima_known, ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
   const int64_t slices = head_dim / kLanes;  // operands of 16 dimensions per pair
   const int64_t lead = span.first_position % kTilePositions;
   const int64_t weight_stride = round_up(lead + span.stride, kTilePositions);
-  softmax_to_weights(span, scale, lead, weight_stride, scratch);
-  const CachedPairs cached = cached_pairs(geometry, data, item, span, scratch);
-  const int64_t lead_pairs = lead / 2;
-  const int64_t first_pair = lead_pairs + cached.begin / 2;
-  const int64_t end_pair = lead_pairs + (cached.end + 1) / 2;
-  const int64_t pairs = round_up(end_pair, kTilePairs);
-  scratch.value_pairs.resize(pairs * slices);
-  __m512i* operands = scratch.value_pairs.data();
-  std::fill(operands, operands + first_pair * slices, _mm512_setzero_si512());
-  std::fill(operands + end_pair * slices, operands + pairs * slices, _mm512_setzero_si512());
-  interleave_pairs(cached, operands + lead_pairs * slices);
+  softmax_to_weights(span, scale, lead, weight_stride, maxima_known, scratch);
+  // Rows before the item's first vector's window are read by no vector.
+  const int64_t item_begin = std::max(span.first_position, span.begin(0));
+  const int64_t origin = span.first_position - lead;
+  const int64_t pairs = round_up((lead + span.context - span.first_position + 1) / 2, kTilePairs);
+  const __m512i* operands = kept_value_pairs(geometry, data, item, span, item_begin, origin / 2,
+                                             pairs, scratch.kept_pairs);
 
   const auto* weights = reinterpret_cast<const char*>(scratch.weights.data());
   const int64_t weight_bytes = weight_stride * sizeof(uint16_t);
@@ -1279,7 +1390,7 @@ void accumulate_values_in_tiles(const AttentionGeometry& geometry,
     const int64_t count = std::min(kTileVectors, span.vectors - first);
     use_tiles(scratch, count);
     // The pairs holding what the group sees, in whole tiles.
-    const int64_t seen_begin = std::max(span.first_position + cached.begin, span.begin(first));
+    const int64_t seen_begin = std::max(item_begin, span.begin(first));
     const int64_t group_begin =
         (lead + seen_begin - span.first_position) / kTilePositions * kTilePairs;
     const int64_t group_end = std::min(
@@ -1420,16 +1531,16 @@ void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape
     score_keys_in_tiles(geometry, data, item, span, scratch, prefetcher);
     if (logit_softcap > 0.f) {
       soft_cap_rows(span, shape.scale, logit_softcap, scratch);
-      accumulate_values_in_tiles(geometry, data, item, span, 1.f, scratch);
+      accumulate_values_in_tiles(geometry, data, item, span, 1.f, false, scratch);
     } else {
-      accumulate_values_in_tiles(geometry, data, item, span, shape.scale, scratch);
+      accumulate_values_in_tiles(geometry, data, item, span, shape.scale, true, scratch);
     }
     return;
   }
 #endif
   score_keys_in_columns(geometry, shape, data, item, span, scratch, prefetcher);
   if (logit_softcap > 0.f) soft_cap_rows(span, 1.f, logit_softcap, scratch);
-  softmax_to_weights(span, 1.f, 0, span.stride, scratch);
+  softmax_to_weights(span, 1.f, 0, span.stride, false, scratch);
   accumulate_values_in_pairs(geometry, data, item, span, scratch);
 }
 #endif
