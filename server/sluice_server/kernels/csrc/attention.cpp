@@ -744,8 +744,12 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data
 }
 
 // The key blocks one thread will score, fetched `ahead` blocks ahead across the ends of its
-// items: a sequence's blocks lie anywhere in the cache, and without this every item would start
-// with full memory-latency misses.
+// items, and each block's values as it is scored: a sequence's blocks lie anywhere in the cache,
+// and without this every item would start with full memory-latency misses. An item that starts
+// at the same block of the same sequence and KV head as one of the two before it on the thread
+// (a prompt's next tile, or its next tile's partition when tiles are split) finds its blocks in
+// the caches, and is not fetched: the prefetches' own cost was up to a tenth of a long prompt's
+// attention.
 template <typename T>
 class KeyPrefetcher {
  public:
@@ -757,10 +761,34 @@ class KeyPrefetcher {
     for (int64_t i = 0; i < ahead; ++i) advance();
   }
 
-  // Fetches the next key block in this thread's order.
+  // The thread starts on the next item in its order.
+  void start() { warm_ = warm(started_++); }
+
+  // The started item scores the block at `offset` (of either cache): fetches the next key block
+  // in this thread's order, and this block's values unless they are in the caches.
+  void next_block(int64_t offset) {
+    advance();
+    if (!warm_) prefetch(data_.values + offset, geometry_.block_elements());
+  }
+
+ private:
+  // Whether the item at order_[i] starts where one of the two before it did.
+  bool warm(size_t i) const {
+    const AttentionItem& item = items_[order_[i]];
+    for (size_t before = i >= 2 ? i - 2 : 0; before < i; ++before) {
+      const AttentionItem& other = items_[order_[before]];
+      if (other.sequence == item.sequence && other.kv_head == item.kv_head &&
+          other.first_block == item.first_block) {
+        return true;
+      }
+    }
+    return false;
+  }
+
   void advance() {
     while (next_ < order_.size() && block_ == items_[order_[next_]].blocks) {
       ++next_;
+      while (next_ < order_.size() && warm(next_)) ++next_;
       if (next_ < order_.size()) block_ = items_[order_[next_]].first_block;
     }
     if (next_ >= order_.size()) return;
@@ -770,13 +798,14 @@ class KeyPrefetcher {
              geometry_.block_elements());
   }
 
- private:
   const AttentionGeometry& geometry_;
   const AttentionData<T>& data_;
   const std::vector<AttentionItem>& items_;
   const std::vector<size_t>& order_;
   size_t next_ = 0;     // Into order_.
   int64_t block_ = 0;   // Of the item at order_[next_].
+  size_t started_ = 0;  // Items started.
+  bool warm_ = false;   // The started item's blocks are in the caches.
 };
 
 // Which items each thread attends in one go (see kPartitionPositions); gives the partitions
@@ -919,9 +948,8 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape, const Atten
   const int64_t block_size = geometry.block_size;
   for (int64_t block = item.first_block, start = span.first_position; start < span.context;
        start += block_size, ++block) {
-    prefetcher.advance();
     const int64_t offset = geometry.block_offset(item.kv_head, span.table[block]);
-    prefetch(data.values + offset, geometry.block_elements());
+    prefetcher.next_block(offset);
     const T* block_keys = data.keys + offset;
     float* block_scores = scratch.scores.data() + (start - span.first_position);
     for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
@@ -953,10 +981,7 @@ void score_keys_in_columns(const AttentionGeometry& geometry, BlockShape shape,
       const int64_t within = position % block_size;
       const int64_t offset = geometry.block_offset(
           item.kv_head, span.table[item.first_block + position / block_size]);
-      if (within == 0) {  // The block's first run: fetch ahead, and its values for later.
-        prefetcher.advance();
-        prefetch(data.values + offset, geometry.block_elements());
-      }
+      if (within == 0) prefetcher.next_block(offset);  // The block's first run.
       runs[c] = data.keys + offset + within * 2;
     }
     for (int64_t first = 0; first < span.vectors; first += kScoreVectors) {
@@ -1299,10 +1324,7 @@ void score_keys_in_tiles(const AttentionGeometry& geometry,
       const int64_t within = position % geometry.block_size;
       const int64_t offset = geometry.block_offset(
           item.kv_head, span.table[item.first_block + position / geometry.block_size]);
-      if (first == 0 && within == 0) {
-        prefetcher.advance();
-        prefetch(data.values + offset, geometry.block_elements());
-      }
+      if (first == 0 && within == 0) prefetcher.next_block(offset);
       if (span.skips(first, count, span.first_position + position, kLanes)) continue;
       const auto* keys = reinterpret_cast<const char*>(data.keys + offset + within * 2);
       _tile_zero(0);
@@ -1618,6 +1640,7 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
                                   prefetch_distance<T>(geometry, shape));
       const auto attend_one = [&](const AttentionItem& item) {
         const ItemSpan span = span_of(geometry, data, item);
+        prefetcher.start();
         scratch.scores.resize(span.vectors * span.stride);
         gather_queries(geometry, shape, data, item, span, scratch);
         attend_item(geometry, shape, data, item, span, logit_softcap, scratch, prefetcher);
