@@ -11,8 +11,10 @@ AWQ, GPTQ and GGUF's Q4_1 hold them); activations are bfloat16.
 
     python benchmark/quantized_kernel.py --rows 1 4 32 128
 
-With `--against REV`, the quantized kernel as it was at that git revision is built and timed
-too, on the same weights ("uint4@REV", ...). With `--prompt-rows`, each format is also timed
+Each weight is prepared as a model's is at load (`Ops.prepare_quantized`: on CPUs with AMX,
+4-bit integer codes regrouped for its tiles). With `--against REV`, the quantized kernel as it
+was at that git revision is built and timed too, on the same weights as loaded ("uint4@REV",
+...). With `--prompt-rows`, each format is also timed
 with every row marked as a prompt's ("uint4 prompt", ...), the path a prompt's tokens take.
 """
 
@@ -134,16 +136,27 @@ def main() -> None:
         shape: [torch.randn(shape[1], shape[0], generator=generator) / 16 for _ in range(LAYERS)]
         for shape in SHAPES
     }
+    # Each format's weights as a model loads them, and as the ops prepare them for this CPU (the
+    # layout the kernel at --against reads is the former).
+    loaded = {
+        shape: {name: [quantize(w) for w in weights] for name, quantize in FORMATS.items()}
+        for shape, weights in layers.items()
+    }
     held = {
         shape: {
             "bfloat16": [ops.pack_linear(w.bfloat16(), None) for w in weights],
-            **{name: [quantize(w) for w in weights] for name, quantize in FORMATS.items()},
+            **{
+                name: [ops.prepare_quantized(q) for q in loaded[shape][name]]
+                for name in FORMATS
+            },
         }
         for shape, weights in layers.items()
     }
-    for named in held.values():
+    for shape, named in held.items():
         named |= {
-            name: named[name.split("@")[0].removesuffix(PROMPT)]
+            name: named[name.removesuffix(PROMPT)]
+            if "@" not in name
+            else loaded[shape][name.split("@")[0]]
             for name in implementations
             if name not in named
         }

@@ -1,17 +1,19 @@
 """What the compiled CPU kernel's integer path computes (csrc/linear_quantized.cpp), for tests to
-compare against: 4- and 8-bit integer codes multiply each row of x rounded to 16 bits per run of
-32 features (16 for 8-bit codes), at a scale of the run's largest magnitude / 32767; the
-offsets multiply x as it is."""
+compare against: 4- and 8-bit integer codes multiply each row of x rounded to integers per run
+of 32 features at a scale of the run's largest magnitude / 2047 (4-bit codes: 12 bits), or of 16
+features / 32767 (8-bit codes: 16 bits); the offsets multiply x as it is."""
 
 from dataclasses import replace
 
 import torch
 from sluice_server.quant import CodeFormat, QuantizedWeight
 
-# A tiny model's logits through the integer path move by up to about 2e-3 from the exact
-# product's (the rounding above, through every layer); the matmul itself is checked against the
-# rounding exactly (`integer_path_product`).
-INTEGER_PATH_LOGITS_TOLERANCE = 5e-3
+# A tiny random model's logits through the integer path move by up to about 3.5e-2 from the exact
+# product's (the rounding above, through every layer: 4-bit codes' 12-bit activations dominate);
+# the matmul itself is checked against the rounding exactly (`integer_path_product`), and the
+# rounding's effect on a real model's projections is measured by
+# benchmark/activation_rounding.py.
+INTEGER_PATH_LOGITS_TOLERANCE = 5e-2
 
 
 def takes_integer_path(weight: QuantizedWeight) -> bool:
@@ -25,9 +27,9 @@ def rounded_activations(
 ) -> torch.Tensor:
     """x as the integer path multiplies it, float64 (or, with `step`, each feature's rounding
     step: its run's scale)."""
-    run = 32 if weight.bits == 4 else 16
+    run, largest = (32, 2047) if weight.bits == 4 else (16, 32767)
     runs = x.float().view(x.shape[0], -1, run)
-    scale = runs.abs().amax(-1, keepdim=True) / 32767
+    scale = runs.abs().amax(-1, keepdim=True) / largest
     if step:
         return scale.double().expand_as(runs).reshape(x.shape)
     rounded = torch.round(runs * torch.where(scale > 0, 1 / scale, 0))

@@ -141,7 +141,7 @@ def test_quantized_matmul_matches_the_dequantized_weight(
     if not takes_integer_path(weight):
         torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-4)
     else:
-        # The codes multiply x rounded to 16 bits: exactly that, up to float32 sums...
+        # The codes multiply x rounded to integers: exactly that, up to float32 sums...
         expected = integer_path_product(x, weight) + bias.double()
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
         # ... which is within half a rounding step per feature of the exact product.
@@ -151,7 +151,10 @@ def test_quantized_matmul_matches_the_dequantized_weight(
     # bfloat16 activations: computed in float32, rounded once at the end.
     y_bf16 = built_kernels.ops.quantized_linear(x.bfloat16(), weight, None)
     assert y_bf16.dtype == torch.bfloat16
-    expected_bf16 = x.bfloat16().double() @ weight.dequantize(torch.float64).T
+    if takes_integer_path(weight):
+        expected_bf16 = integer_path_product(x.bfloat16(), weight)
+    else:
+        expected_bf16 = x.bfloat16().double() @ weight.dequantize(torch.float64).T
     torch.testing.assert_close(y_bf16.double(), expected_bf16, rtol=0.01, atol=1e-3)
 
 
@@ -213,6 +216,38 @@ def test_quantized_matmul_takes_prompt_rows_through_bfloat16_tiles(
         built_kernels.ops.quantized_linear(x32, weight, bias, prompt),
         built_kernels.ops.quantized_linear(x32, weight, bias),
     )
+
+
+@pytest.mark.parametrize(("group_size", "offsets"), [(32, True), (128, False)])
+def test_codes_in_tile_order_give_the_same_bits(
+    built_kernels: Kernels, group_size: int, offsets: bool
+) -> None:
+    # Where the CPU has AMX, a layer's 4-bit integer codes are regrouped for its tiles when the
+    # model is prepared: the kernel then reads them as they lie instead of transposing them on
+    # every call, and must compute the very same outputs.
+    ops = built_kernels.ops
+    weight = random_weight(48, 256, CodeFormat.UINT4, group_size, offsets)
+    prepared = ops.prepare_quantized(weight)
+    if not prepared.tile_order:
+        isa = ", ".join(ops.kernels.compiled_isa()) or "portable"
+        pytest.skip(f"the {isa} kernels keep column order on this CPU")
+    assert prepared.codes.shape == weight.codes.shape
+    assert torch.equal(prepared.dequantize(), weight.dequantize())
+    with pytest.raises(ValueError, match="tile order"):
+        prepared.rows(0, 16)
+    bias = torch.randn(48)
+    # Up to 11 rows take AVX512-VNNI, more AMX (19: a tile of 16 rows and part of another).
+    for rows in (1, 3, 5, 19, 40):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        assert torch.equal(
+            ops.quantized_linear(x, prepared, bias), ops.quantized_linear(x, weight, bias)
+        ), rows
+        # Prompt rows read the regrouped codes to dequantize them.
+        prompt = torch.arange(0, rows, 2)
+        assert torch.equal(
+            ops.quantized_linear(x, prepared, bias, prompt),
+            ops.quantized_linear(x, weight, bias, prompt),
+        ), rows
 
 
 def test_quantized_matmul_refuses_mismatched_inputs(built_kernels: Kernels) -> None:

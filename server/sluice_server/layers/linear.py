@@ -71,12 +71,15 @@ class Linear(nn.Module):
             )
         self.quantized = weight.contiguous().to(self.weight.device)
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        self._register_quantized(self.quantized)
+
+    def _register_quantized(self, weight: QuantizedWeight) -> None:
         held = {
-            "codes": self.quantized.codes,
-            "scales": self.quantized.scales,
-            "offsets": self.quantized.offsets,
-            "input_order": self.quantized.input_order,
-            "levels": self.quantized.levels,
+            "codes": weight.codes,
+            "scales": weight.scales,
+            "offsets": weight.offsets,
+            "input_order": weight.input_order,
+            "levels": weight.levels,
         }
         for name, tensor in held.items():
             if tensor is not None:
@@ -85,8 +88,11 @@ class Linear(nn.Module):
     def prepack_for_cpu(self, release_weight: bool) -> None:
         """Packs the weight for the CPU's matmul where the ops have one for its dtype;
         `release_weight` then frees the checkpoint layout (unless another module shares it, e.g.
-        tied embeddings). A quantized weight is already in its kernel's layout."""
+        tied embeddings). A quantized weight is already in its kernel's layout, which the ops
+        may regroup for the CPU's instructions (`Ops.prepare_quantized`)."""
         if self.quantized is not None:
+            self.quantized = self.ops.prepare_quantized(self.quantized)
+            self._register_quantized(self.quantized)
             return
         self.packed = self.ops.pack_linear(self.weight, self.bias)
         if self.packed is not None and release_weight:

@@ -125,6 +125,7 @@ def _projection(kernels: ModuleType, linear: Linear) -> Any | None:
         projection.input_order = quantized.input_order
         projection.code_format = int(quantized.code_format)
         projection.group_size = quantized.group_size
+        projection.tile_order = quantized.tile_order
         return projection
     packed = linear.packed
     if packed is None:

@@ -14,7 +14,10 @@ The codes' layout is the one Sluice's CPU kernel reads (csrc/linear_quantized.cp
 - 8 bits (`INT8`, -128..127, and `FLOAT8_E4M3`): one byte per feature, [N, K].
 
 Every format Sluice loads (GGUF blocks, AWQ, GPTQ and FP8 checkpoints, weights quantized at load)
-is repacked into this one, so that one kernel serves them all.
+is repacked into this one, so that one kernel serves them all. Where the CPU has AMX, a layer's
+4-bit integer codes are then regrouped once more for its tiles (`tile_order`, made by the compiled
+ops when the model is prepared for the CPU): the same bytes in another order, which only that
+kernel reads.
 """
 
 from dataclasses import dataclass, replace
@@ -53,6 +56,9 @@ class QuantizedWeight:
     input_order: torch.Tensor | None = None
     # LEVELS4's 16 values, float32; None for the other formats.
     levels: torch.Tensor | None = None
+    # The codes, scales and offsets are in the CPU kernel's tile order (`with_tile_order`) rather
+    # than the layout above.
+    tile_order: bool = False
 
     def __post_init__(self) -> None:
         if (self.levels is not None) != (self.code_format is CodeFormat.LEVELS4):
@@ -88,8 +94,52 @@ class QuantizedWeight:
         tensors = (self.codes, self.scales, self.offsets, self.input_order, self.levels)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def with_tile_order(self, codes: torch.Tensor) -> "QuantizedWeight":
+        """The weight with `codes`, which the compiled CPU ops regrouped for AMX's tiles, and its
+        scales and offsets regrouped to match: [N / 16][groups][16 columns]."""
+
+        def regrouped(values: torch.Tensor | None) -> torch.Tensor | None:
+            if values is None:
+                return None
+            groups = values.view(self.out_features // 16, 16, -1).transpose(1, 2)
+            return groups.contiguous().view(values.shape)
+
+        return replace(
+            self,
+            codes=codes,
+            scales=regrouped(self.scales),
+            offsets=regrouped(self.offsets),
+            tile_order=True,
+        )
+
+    def in_column_order(self) -> "QuantizedWeight":
+        """The weight in the layout above: tile order undone (codes [N / 16][runs of 32
+        features][4 words][16 columns][4 bytes], scales and offsets [N / 16][groups][16])."""
+        if not self.tile_order:
+            return self
+        blocks = self.out_features // 16
+
+        def ungrouped(values: torch.Tensor | None) -> torch.Tensor | None:
+            if values is None:
+                return None
+            return values.view(blocks, -1, 16).transpose(1, 2).reshape(values.shape)
+
+        codes = self.codes.view(blocks, -1, 4, 16, 4).permute(0, 3, 1, 2, 4)
+        return replace(
+            self,
+            codes=codes.reshape(self.codes.shape),
+            scales=ungrouped(self.scales),
+            offsets=ungrouped(self.offsets),
+            tile_order=False,
+        )
+
+    def _require_column_order(self) -> None:
+        if self.tile_order:
+            raise ValueError("a weight in the CPU kernel's tile order is sliced in column order")
+
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
         """Output features [start, stop)."""
+        self._require_column_order()
         return replace(
             self,
             codes=self.codes[start:stop],
@@ -105,6 +155,7 @@ class QuantizedWeight:
                 f"input features [{start}, {stop}) split a quantization group of "
                 f"{self.group_size} consecutive features (or act-order groups)"
             )
+        self._require_column_order()
         if self.group_size == self.in_features:
             # One group per output feature (per-channel scales): the slice keeps it.
             groups, group_size = slice(0, 1), stop - start
@@ -132,6 +183,7 @@ class QuantizedWeight:
         """`count` more output features of zeros (a padded vocabulary's last rank)."""
         if count == 0:
             return self
+        self._require_column_order()
 
         def pad(tensor: torch.Tensor) -> torch.Tensor:
             return torch.cat([tensor, tensor.new_zeros(count, *tensor.shape[1:])])
@@ -166,6 +218,8 @@ class QuantizedWeight:
     def unpacked_codes(self) -> torch.Tensor:
         """The integer codes [N, K]: 0..15 for 4 bits (LEVELS4's indexes too), -128..127 for
         INT8. (FP8 codes are floats: see `code_values`.)"""
+        if self.tile_order:
+            return self.in_column_order().unpacked_codes()
         if self.bits == 8:
             return self.codes.view(torch.int8).to(torch.int32)
         blocks = self.codes.view(self.out_features, -1, CODE_BLOCK // 2).to(torch.int32)
@@ -183,6 +237,8 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K], computed in float32: the reference the kernel is tested against,
         and the matmul of devices the kernel does not run on."""
+        if self.tile_order:
+            return self.in_column_order().dequantize(dtype)
         groups = self.code_values().view(self.out_features, -1, self.group_size)
         weight = groups * self.scales.float()[..., None]
         if self.offsets is not None:
@@ -204,6 +260,8 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         for p in parts
     ):
         raise ValueError("the parts of a fused projection are quantized differently")
+    for part in parts:
+        part._require_column_order()
     return replace(
         first,
         codes=torch.cat([p.codes for p in parts]),

@@ -49,7 +49,8 @@ void bind_decoder_stack(py::module& module) {
       .def_readwrite("levels", &sluice::Projection::levels)
       .def_readwrite("input_order", &sluice::Projection::input_order)
       .def_readwrite("code_format", &sluice::Projection::code_format)
-      .def_readwrite("group_size", &sluice::Projection::group_size);
+      .def_readwrite("group_size", &sluice::Projection::group_size)
+      .def_readwrite("tile_order", &sluice::Projection::tile_order);
   using Layer = sluice::DecoderLayerWeights;
   py::class_<Layer>(module, "DecoderLayerWeights", py::module_local())
       .def(py::init<>())
@@ -101,7 +102,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("linear_quantized", &sluice::linear_quantized, py::arg("x"), py::arg("codes"),
              py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("code_format"),
              py::arg("group_size"), py::arg("levels") = py::none(),
-             py::arg("prompt_rows") = py::none());
+             py::arg("prompt_rows") = py::none(), py::arg("tile_order") = false);
+  module.def("tile_order_codes", &sluice::tile_order_codes);
   module.def("argmax_logprob", &sluice::argmax_logprob);
   module.def("top_k_top_p_", &sluice::top_k_top_p_);
   module.def("typical_p_", &sluice::typical_p_);

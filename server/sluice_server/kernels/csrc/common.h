@@ -49,8 +49,8 @@ inline bool amx_granted() {
 
 constexpr int64_t kTileRowBytes = 64;
 
-// An AMX tile configuration (palette 1): each register's rows of kTileRowBytes, 0 for unused
-// registers. Loading it zeroes every register.
+// An AMX tile configuration (palette 1): each register's rows of kTileRowBytes unless given, 0
+// for unused registers. Loading it zeroes every register.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -58,9 +58,9 @@ struct alignas(64) TileConfig {
   uint16_t row_bytes[16] = {};
   uint8_t rows[16] = {};
 
-  void set(int tile, int64_t tile_rows) {
+  void set(int tile, int64_t tile_rows, int64_t bytes_per_row = kTileRowBytes) {
     rows[tile] = static_cast<uint8_t>(tile_rows);
-    row_bytes[tile] = tile_rows > 0 ? kTileRowBytes : 0;
+    row_bytes[tile] = static_cast<uint16_t>(tile_rows > 0 ? bytes_per_row : 0);
   }
   // GCC's _tile_loadconfig tells the compiler that it reads 8 bytes of the configuration, which
   // lets it drop the stores to the rest (the tiles then stay unconfigured, and the first tile

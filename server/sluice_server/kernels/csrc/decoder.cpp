@@ -42,7 +42,7 @@ at::Tensor project(const Projection& projection, const at::Tensor& x, const Step
                                   : x;
       return linear_quantized(rows, projection.weight, projection.scales, projection.offsets,
                               projection.bias, projection.code_format, projection.group_size,
-                              projection.levels, step.prompt_rows);
+                              projection.levels, step.prompt_rows, projection.tile_order);
     }
   }
   TORCH_CHECK(false, "unknown matmul");

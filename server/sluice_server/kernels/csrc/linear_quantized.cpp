@@ -18,16 +18,20 @@
 // Scales and offsets are float32 [N][K / group_size]; group_size is a multiple of 32, or 16.
 //
 // Two paths, each summing a row in the same order whatever rows and columns it is computed with,
-// so that a request's output does not depend on its batch; the path depends on the weight only.
+// so that a request's output does not depend on its batch; the path depends on the weight only
+// (the integer path's two loops on CPUs with AMX compute the same bits).
 // Threads split the columns. x is widened to float32 and y written in x's dtype here, rather
 // than by separate PyTorch conversions around the call (which took a sixth of a one-request
 // decode step). sum_k W x = sum_g scale * sum(value * x) + sum_g offset * sum(x): the offsets
 // join through x's sums per group.
 //
 // - The integer path (4-bit integers with groups of whole blocks, 8-bit integers; see "The
-//   integer path" below): x rounded to int16 per 16 or 32 dimensions, codes unpacked with shifts
-//   and masks and multiplied as integers (vpmaddwd). Widening 4-bit codes to float32 instead made
-//   one row slower than bfloat16's, though it reads about a third of the bytes.
+//   integer path" below): x rounded to 12-bit integers per 32 dimensions (4-bit codes) or 16-bit
+//   per 16 (8-bit codes), codes unpacked with shifts and masks and multiplied as integers
+//   (vpmaddwd). Widening 4-bit codes to float32 instead made one row slower than bfloat16's,
+//   though it reads about a third of the bytes. Where the CPU has AMX, 4-bit integer codes take
+//   AMX on many rows and AVX512-VNNI on a few instead, in the same arithmetic (see "4-bit integer
+//   codes where the CPU has AMX").
 // - The float32 path (FP8, NF4 and FP4 levels, 4-bit integers with groups of 16): each block's 32
 //   codes widened to float32 and scaled once, multiplied by up to 4 rows of x (a column's codes
 //   unpacked once per 4 rows), with fewer rows up to 4 columns at once so that independent sums
@@ -38,8 +42,9 @@
 // build has linear.cpp's matmul: see "Prompt rows" below.
 //
 // Rounding x to 8-bit integers instead, as llama.cpp does, raised the default model's perplexity
-// by 3.5 % (docs/quantization.md); 16 bits per 16 or 32 dimensions keep x within 2^-16 of each
-// run's largest magnitude.
+// by 3.5 % (docs/quantization.md). On the default model's own activations, rounding to 12 bits
+// per 32 dimensions moves a projection's output by 0.4x what rounding x to bfloat16 does, 16 bits
+// per 16 by 0.02x, 8 bits per 32 by 6x (benchmark/activation_rounding.py).
 
 #include <limits>
 #include <vector>
@@ -86,6 +91,9 @@ struct QuantizedMatrix {
   // in_features / group_size, kept rather than divided for: a tile of columns asks for it
   // several times, and those divisions took about a fifth of one row's time.
   int64_t group_count;
+  // 4-bit codes in tile order (tile_order_codes) rather than a column after another, and the
+  // scales and offsets in groups of 16 columns, [N / 16][groups][16].
+  bool tile_order = false;
 
   int64_t bits() const {
     return format == CodeFormat::kUnsigned4 || format == CodeFormat::kLevels4 ? 4 : 8;
@@ -96,8 +104,16 @@ struct QuantizedMatrix {
   int64_t blocks() const { return in_features / kCodeBlock; }
   int64_t block_bytes() const { return kCodeBlock * bits() / 8; }
   int64_t code_bytes_per_column() const { return in_features * bits() / 8; }
+  // Column n's codes; in tile order, where its group of 16 columns' codes start (n a multiple
+  // of 16), which are as many bytes.
   const uint8_t* column_codes(int64_t n) const { return codes + n * code_bytes_per_column(); }
   const float* column_scales(int64_t n) const { return scales + n * groups(); }
+  // Where column n's scale (or offset) of group g lies.
+  int64_t group_index(int64_t n, int64_t g) const {
+    constexpr int64_t kGroupColumns = 16;
+    if (!tile_order) return n * groups() + g;
+    return (n - n % kGroupColumns) * groups() + g * kGroupColumns + n % kGroupColumns;
+  }
   // Null without offsets.
   const float* column_offsets(int64_t n) const {
     return offsets != nullptr ? offsets + n * groups() : nullptr;
@@ -222,9 +238,8 @@ struct LevelTable {
   return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(indexes, 28)));
 }
 
-[[gnu::always_inline]] inline UnpackedBlock unpack_nibbles_avx2(const uint8_t* codes,
+[[gnu::always_inline]] inline UnpackedBlock unpack_nibbles_avx2(__m128i bytes,
                                                                 const LevelTable* table) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m128i low = _mm_and_si128(bytes, mask);
   const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
@@ -255,10 +270,10 @@ struct LevelTable {
                                                               const uint8_t* codes) {
   switch (w.format) {
     case CodeFormat::kUnsigned4:
-      return unpack_nibbles_avx2(codes, nullptr);
+      return unpack_nibbles_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), nullptr);
     case CodeFormat::kLevels4: {
       const LevelTable table{_mm256_loadu_ps(w.levels), _mm256_loadu_ps(w.levels + 8)};
-      return unpack_nibbles_avx2(codes, &table);
+      return unpack_nibbles_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), &table);
     }
     case CodeFormat::kFloat8:
       return unpack_float8_avx2(codes);
@@ -514,15 +529,18 @@ void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMa
   });
 }
 
-// ---- The integer path: integer codes (kUnsigned4, kSigned8) times x rounded to 16 bits.
+// ---- The integer path: integer codes (kUnsigned4, kSigned8) times x rounded to integers.
 //
 // A chunk of a column's codes (64 bytes with AVX-512, 32 otherwise) is read as lanes of 16 bits;
 // each lane holds 4 codes (4-bit) or 2 (8-bit), and code v of every lane, isolated by shifts and
 // masks (no shuffles), makes the chunk's vector v of integers. vpmaddwd (or AVX512-VNNI's
 // vpdpwssd, which also adds) multiplies each vector by int16 activations and adds pairs into
 // 32-bit sums, exactly. The activations are each row's x, rounded per run of 8 lanes (32
-// dimensions for 4-bit codes, 16 for 8-bit) to int16 at a scale of the run's largest magnitude
-// / 32767: within 2^-16 of that magnitude, finer than bfloat16 for all but values 2^8 below it.
+// dimensions for 4-bit codes, 16 for 8-bit) to integers at a scale of the run's largest
+// magnitude / 32767 for 8-bit codes (16 bits), / 2047 for 4-bit codes (12 bits, which AMX
+// multiplies in one instruction: see "4-bit integer codes where the CPU has AMX"). 12 bits keep
+// x within 2^-12 of that magnitude: coarser than bfloat16 for values more than 2^3 below it, yet
+// a projection's output moves by 0.4x what bfloat16 activations move it (see the top).
 // Each row is rounded in a layout matching the lanes (`ChunkLayout::dim`) once per call, and
 // every column reads it. Threads work through blocks of columns whose codes fit L2, each block
 // multiplied by 4 rows at a time (x in L1).
@@ -546,6 +564,7 @@ constexpr int64_t kRunsPerChunk = kChunkLanes / kRunLanes;
 constexpr int64_t kSumsPerRun = 4;
 constexpr int64_t kSumsPerChunk = kRunsPerChunk * kSumsPerRun;
 constexpr float kInt16Max = 32767.f;
+constexpr float kInt12Max = 2047.f;
 // Columns a pass multiplies at once: independent sums, and a tile's setup and final sums shared
 // by more columns. With a few hundred dimensions, one row ran 10-20 % faster with 4 than with 2
 // (8 was slower), and 32 rows about 10 % faster with 4 than with 1.
@@ -564,6 +583,8 @@ struct ChunkLayout {
   int64_t vectors;  // Codes per 16-bit lane: 4 (4-bit codes) or 2.
 
   explicit ChunkLayout(const QuantizedMatrix& w) : vectors(w.bits() == 4 ? 4 : 2) {}
+  // The largest integer x is rounded to.
+  float largest() const { return vectors == 4 ? kInt12Max : kInt16Max; }
   int64_t dims() const { return vectors * kChunkLanes; }
   int64_t run_dims() const { return vectors * kRunLanes; }
   // The dimension, within the chunk, of lane j's code v. 4-bit: the chunk is blocks of 16 bytes
@@ -631,9 +652,9 @@ inline float round_run(const ChunkLayout& layout, const float* x, int16_t* lanes
   half_max = _mm_max_ss(half_max, _mm_movehdup_ps(half_max));
   const float scale = _mm256_movemask_ps(not_finite) != 0
                           ? std::numeric_limits<float>::quiet_NaN()
-                          : _mm_cvtss_f32(half_max) / kInt16Max;
+                          : _mm_cvtss_f32(half_max) / layout.largest();
   const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
-  const __m256 limit = _mm256_set1_ps(kInt16Max);
+  const __m256 limit = _mm256_set1_ps(layout.largest());
   for (int64_t v = 0; v < layout.vectors; ++v) {
     // Rounding in the current direction (to nearest) is nearbyint's.
     __m256 rounded = _mm256_round_ps(_mm256_mul_ps(parts[v], inverse),
@@ -647,10 +668,10 @@ inline float round_run(const ChunkLayout& layout, const float* x, int16_t* lanes
   return scale;
 }
 #else
-// x times `inverse`, rounded to int16 (to nearest, saturating at +-32767).
-inline int16_t round_to_int16(float x, float inverse) {
+// x times `inverse`, rounded to an integer (to nearest, saturating at +-largest).
+inline int16_t round_to_int16(float x, float inverse, float largest) {
   const float rounded = std::nearbyint(x * inverse);
-  return static_cast<int16_t>(std::min(std::max(rounded, -kInt16Max), kInt16Max));
+  return static_cast<int16_t>(std::min(std::max(rounded, -largest), largest));
 }
 
 inline float round_run(const ChunkLayout& layout, const float* x, int16_t* lanes) {
@@ -660,11 +681,12 @@ inline float round_run(const ChunkLayout& layout, const float* x, int16_t* lanes
     largest = std::max(largest, std::fabs(x[i]));
     finite = finite && std::isfinite(x[i]);
   }
-  const float scale = finite ? largest / kInt16Max : std::numeric_limits<float>::quiet_NaN();
+  const float scale =
+      finite ? largest / layout.largest() : std::numeric_limits<float>::quiet_NaN();
   const float inverse = scale > 0.f ? 1.f / scale : 0.f;
   for (int64_t v = 0; v < layout.vectors; ++v) {
     for (int64_t j = 0; j < kRunLanes; ++j) {
-      lanes[v * kChunkLanes + j] = round_to_int16(x[layout.dim(v, j)], inverse);
+      lanes[v * kChunkLanes + j] = round_to_int16(x[layout.dim(v, j)], inverse, layout.largest());
     }
   }
   return scale;
@@ -1105,6 +1127,478 @@ void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_coun
   }
 }
 
+#if defined(SLUICE_AMX) && defined(__AMX_INT8__) && defined(__AVX512VNNI__)
+#define SLUICE_INTEGER_AMX 1
+// ---- 4-bit integer codes where the CPU has AMX: AMX on many rows, AVX512-VNNI on a few.
+//
+// On 32 rows the loops above run at about a quarter of AMX's bfloat16 matmul: two 16-bit
+// multiply-adds per 32 products. AMX multiplies bytes, 16 rows by 16 columns by 64 bytes an
+// instruction. x's 12-bit integers q (rounded as above) are 16 * high + low, high a signed byte
+// and low 0-15; a run of 32 dimensions goes in as 64 bytes, its highs then its lows, against the
+// codes times 16 then the codes (at most 240: a byte), so one instruction sums a run's
+// 16 * high * code + low * code = q * code, exactly.
+//
+// - x: per row, each run's 64 bytes in order; a block of rows is then an x tile as it lies.
+// - Codes: a weight tile holds 16 columns' codes of a run, a row per 4 dimensions, so each
+//   column's codes are transposed word by word (16 columns' 64-byte lines at once). A model's
+//   weights are transposed once at load (tile_order_codes, with the scales and offsets grouped
+//   per 16 columns alike); others, on every call. Each block of 32 columns then widens its words
+//   to bytes, once for all the rows.
+// - Sums: a run's exact integer sums become float32 and are scaled by the column's group scale
+//   times the row's run scale, added run by run in order; then the offsets' terms, group by
+//   group, and the bias.
+//
+// A tile multiply and the store of its sums cost about the same for 1 row as for 16, so a few
+// rows take AVX512-VNNI instead: the same transposed words times each row's broadcast bytes
+// (vpdpbusd), high and low summed apart and joined as 16 * high + low, the same integers; then
+// the same float32 instructions in the same order. A row's output is thus the same bits on
+// either loop, and does not depend on its batch. A process takes these loops for every call of a
+// weight where Linux grants the tiles, the loops above where it does not: their order of float32
+// sums differs.
+constexpr int64_t kRunDims = 32;
+constexpr int64_t kRunBytes = kRunDims / 2;  // of codes
+constexpr int64_t kRunsPerLine = kTileRowBytes / kRunBytes;
+constexpr int64_t kWordsPerRun = kRunBytes / 4;
+constexpr int64_t kTileColumns = 16;
+constexpr int64_t kAmxBlockColumns = 2 * kTileColumns;
+constexpr int64_t kAmxTileRows = 16;
+// Rows from which AMX is faster than AVX512-VNNI (benchmark/quantized_kernel.py: at 8 rows AMX
+// took 1.2x VNNI's time, at 12 the same, at 16 0.85x, at 32 half).
+constexpr int64_t kAmxMinRows = 12;
+constexpr int64_t kVnniRowsPerPass = 4;
+
+inline bool takes_amx_integer_path(const QuantizedMatrix& w) {
+  return w.format == CodeFormat::kUnsigned4 && w.group_size % kRunDims == 0 && amx_granted();
+}
+
+// x rounded to 12-bit integers: per row and run, the 32 highs then the 32 lows
+// ([rows][runs][64] bytes), and each run's scale ([rows][runs]).
+struct TwelveBitRows {
+  std::vector<int8_t> bytes;
+  std::vector<float> scales;
+  int64_t runs = 0;
+
+  const int8_t* run_bytes(int64_t row, int64_t run) const {
+    return bytes.data() + (row * runs + run) * kTileRowBytes;
+  }
+  // The 4 bytes of x a 4-byte word of codes multiplies: highs (or lows) of dimensions d .. d + 3.
+  int32_t word(int64_t row, int64_t run, int64_t dim, bool low) const {
+    int32_t value;
+    std::memcpy(&value, run_bytes(row, run) + dim + (low ? kRunDims : 0), sizeof(value));
+    return value;
+  }
+  float scale(int64_t row, int64_t run) const { return scales[row * runs + run]; }
+};
+
+// Rounds one run of x as round_run does (scale: its largest magnitude / 2047, NaN if it holds a
+// NaN or infinity) into its 64 bytes, and returns the scale.
+inline float round_run_to_bytes(const float* x, int8_t* bytes) {
+  const __m512 halves[2] = {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)};
+  const __m512 infinity = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __mmask16 not_finite = 0;
+  __m512 largest = _mm512_setzero_ps();
+  for (const __m512 half : halves) {
+    const __m512 magnitude = _mm512_abs_ps(half);
+    not_finite |= _mm512_cmp_ps_mask(magnitude, infinity, _CMP_NLT_UQ);
+    largest = _mm512_max_ps(largest, magnitude);
+  }
+  const float scale = not_finite != 0 ? std::numeric_limits<float>::quiet_NaN()
+                                      : _mm512_reduce_max_ps(largest) / kInt12Max;
+  const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+  const __m512 limit = _mm512_set1_ps(kInt12Max);
+  for (int h = 0; h < 2; ++h) {
+    const __m512 scaled = _mm512_min_ps(
+        _mm512_max_ps(_mm512_mul_ps(halves[h], inverse), _mm512_sub_ps(_mm512_setzero_ps(), limit)),
+        limit);
+    const __m512i q =
+        _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + 16 * h),
+                     _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 4)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + kRunDims + 16 * h),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(0x0f))));
+  }
+  return scale;
+}
+
+TwelveBitRows round_rows_to_bytes(const float* x, int64_t row_count, int64_t in_features) {
+  TwelveBitRows rows;
+  rows.runs = in_features / kRunDims;
+  // Whole tiles of rows, the last padded with zeros (see integer_block_config).
+  const int64_t padded = (row_count + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows;
+  rows.bytes.resize(padded * rows.runs * kTileRowBytes);
+  rows.scales.resize(row_count * rows.runs);
+  at::parallel_for(0, row_count, grain_for(in_features), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t run = 0; run < rows.runs; ++run) {
+        rows.scales[r * rows.runs + run] = round_run_to_bytes(
+            x + r * in_features + run * kRunDims,
+            rows.bytes.data() + (r * rows.runs + run) * kTileRowBytes);
+      }
+    }
+  });
+  return rows;
+}
+
+// Transposes 16 vectors of 16 32-bit words: word j of vector i to word i of vector j.
+inline void transpose_words(__m512i (&rows)[16]) {
+  __m512i pairs[16];
+  for (int i = 0; i < 16; i += 2) {
+    pairs[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    pairs[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  // quads[4 * g + k]: per 128-bit lane L, word 4L + k of rows 4g .. 4g + 3.
+  __m512i quads[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512i* p = pairs + 4 * g;
+    quads[4 * g + 0] = _mm512_unpacklo_epi64(p[0], p[2]);
+    quads[4 * g + 1] = _mm512_unpackhi_epi64(p[0], p[2]);
+    quads[4 * g + 2] = _mm512_unpacklo_epi64(p[1], p[3]);
+    quads[4 * g + 3] = _mm512_unpackhi_epi64(p[1], p[3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i low01 = _mm512_shuffle_i32x4(quads[k], quads[4 + k], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(quads[k], quads[4 + k], 0xee);
+    const __m512i low23 = _mm512_shuffle_i32x4(quads[8 + k], quads[12 + k], 0x44);
+    const __m512i high23 = _mm512_shuffle_i32x4(quads[8 + k], quads[12 + k], 0xee);
+    rows[k] = _mm512_shuffle_i32x4(low01, low23, 0x88);
+    rows[4 + k] = _mm512_shuffle_i32x4(low01, low23, 0xdd);
+    rows[8 + k] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+    rows[12 + k] = _mm512_shuffle_i32x4(high01, high23, 0xdd);
+  }
+}
+
+// 16 columns from n (those past `columns` read as zeros) at one 64-byte line of their codes, 4
+// runs, transposed: word i holds every column's word i. A run is 16 bytes, the low nibbles its
+// dimensions 0-15 and the high ones 16-31, so word 4r + q of run r holds dimensions 4q .. 4q + 3
+// in its low nibbles and 16 + 4q .. 19 + 4q in its high ones. Each call fetches 16 lines of the
+// columns `ahead` reads, from line `fetched` on.
+inline void transposed_line(const QuantizedMatrix& w, int64_t n, int64_t columns, int64_t offset,
+                            const TilePrefetch& ahead, int64_t fetched, __m512i (&words)[16]) {
+  const int64_t bytes = std::min(kTileRowBytes, w.code_bytes_per_column() - offset);
+  const __mmask64 valid = bytes == kTileRowBytes ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+  for (int64_t c = 0; c < 16; ++c) {
+    ahead.step(fetched + c, kTileRowBytes);
+    words[c] = c < columns ? _mm512_maskz_loadu_epi8(valid, w.column_codes(n + c) + offset)
+                           : _mm512_setzero_si512();
+  }
+  transpose_words(words);
+}
+
+// The 16 words of a line as transposed_line makes them: in tile order, as they lie.
+inline void line_words(const QuantizedMatrix& w, int64_t n, int64_t columns, int64_t offset,
+                       const TilePrefetch& ahead, int64_t fetched, __m512i (&words)[16]) {
+  if (!w.tile_order) return transposed_line(w, n, columns, offset, ahead, fetched, words);
+  const int64_t count = std::min<int64_t>(16, (w.code_bytes_per_column() - offset) / 4);
+  const uint8_t* line = w.column_codes(n) + offset * kTileColumns;
+  for (int64_t i = 0; i < 16; ++i) {
+    ahead.step(fetched + i, kTileRowBytes);
+    words[i] = i < count ? _mm512_loadu_si512(line + i * kTileRowBytes) : _mm512_setzero_si512();
+  }
+}
+
+// Codes (4-bit, [N][K / 2], N a multiple of 16) in tile order: per group of 16 columns and run of
+// 32 dimensions, the words transposed_line makes, [N / 16][K / 32][4 words][16 columns][4 bytes].
+at::Tensor codes_in_tile_order(const at::Tensor& codes) {
+  const int64_t out_features = codes.size(0), line_bytes = codes.size(1);
+  at::Tensor tiles = at::empty(codes.sizes(), codes.options());
+  QuantizedMatrix w{};
+  w.codes = codes.data_ptr<uint8_t>();
+  w.format = CodeFormat::kUnsigned4;
+  w.in_features = line_bytes * 2;
+  uint8_t* tile_data = tiles.data_ptr<uint8_t>();
+  at::parallel_for(0, out_features / kTileColumns, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      uint8_t* target = tile_data + group * kTileColumns * line_bytes;
+      const TilePrefetch ahead(w, (group + 2) * kTileColumns, kTileColumns);
+      for (int64_t offset = 0; offset < line_bytes; offset += kTileRowBytes) {
+        __m512i words[16];
+        const int64_t fetched = offset / kTileRowBytes * 16;
+        transposed_line(w, group * kTileColumns, kTileColumns, offset, ahead, fetched, words);
+        const int64_t count = std::min<int64_t>(16, (line_bytes - offset) / 4);
+        for (int64_t i = 0; i < count; ++i) {
+          _mm512_storeu_si512(target + (offset * kTileColumns) + i * kTileRowBytes, words[i]);
+        }
+      }
+    }
+  });
+  return tiles;
+}
+
+// A transposed word's codes as bytes: of its low nibbles' dimensions, and of its high ones'.
+struct QuadCodes {
+  __m512i low, high;
+};
+
+inline QuadCodes quad_codes(__m512i word) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  return {_mm512_and_si512(word, nibble), _mm512_and_si512(_mm512_srli_epi16(word, 4), nibble)};
+}
+
+// 16 columns' values from n of one group (scales or offsets); zeros past `columns`. In tile order
+// they lie side by side; otherwise a gather.
+inline __m512 group_values(const QuantizedMatrix& w, const float* values, int64_t n,
+                           int64_t columns, int64_t g) {
+  if (w.tile_order) return _mm512_loadu_ps(values + w.group_index(n, g));
+  const __m512i index = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(w.groups())));
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first_lanes(columns), index,
+                                  values + w.group_index(n, g), sizeof(float));
+}
+
+// 16 columns' offsets from n, group by group ([groups][16]), gathered once for all the rows.
+struct ColumnOffsets {
+  std::vector<float> values;
+
+  void gather(const QuantizedMatrix& w, int64_t n, int64_t columns) {
+    if (w.offsets == nullptr) return;
+    values.resize(w.groups() * kTileColumns);
+    for (int64_t g = 0; g < w.groups(); ++g) {
+      _mm512_storeu_ps(values.data() + g * kTileColumns, group_values(w, w.offsets, n, columns, g));
+    }
+  }
+};
+
+// The float32 steps both paths take, the same instructions in the same order.
+// A run's exact sums for one row and 16 columns into its total, times the columns' group scales
+// times the row's run scale.
+inline __m512 add_run(__m512 total, __m512i sums, __m512 group_scales, float x_scale) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
+                         _mm512_mul_ps(group_scales, _mm512_set1_ps(x_scale)), total);
+}
+
+// Rows [row, row + rows) of 16 columns from n into y: their totals plus the offsets' terms, group
+// by group, and the bias. The rows' sums are independent, so each group is added to every row
+// before the next.
+template <typename Out>
+inline void finish_columns(const QuantizedMatrix& w, const RowBlock<Out>& out, const float* bias,
+                           const ColumnOffsets& offsets, int64_t row, int64_t rows, int64_t n,
+                           int64_t columns, __m512* totals) {
+  if (w.offsets != nullptr) {
+    for (int64_t g = 0; g < w.groups(); ++g) {
+      const __m512 group_offsets = _mm512_loadu_ps(offsets.values.data() + g * kTileColumns);
+      for (int64_t m = 0; m < rows; ++m) {
+        const __m512 sum = _mm512_set1_ps(out.group_sums[(row + m) * out.groups + g]);
+        totals[m] = _mm512_fmadd_ps(group_offsets, sum, totals[m]);
+      }
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m) {
+    alignas(64) float values[kTileColumns];
+    _mm512_store_ps(values, totals[m]);
+    Out* y = out.y + (row + m) * out.out_features + n;
+    for (int64_t c = 0; c < columns; ++c) {
+      y[c] = from_float<Out>(values[c] + (bias != nullptr ? bias[n + c] : 0.f));
+    }
+  }
+}
+
+// ---- AVX512-VNNI: kRows rows against 16 columns from n.
+template <int64_t kRows, typename Out>
+void vnni_columns(const QuantizedMatrix& w, const TwelveBitRows& x, const RowBlock<Out>& out,
+                  const float* bias, const ColumnOffsets& offsets, int64_t row, int64_t n,
+                  int64_t columns) {
+  __m512 totals[kRows];
+  for (auto& total : totals) total = _mm512_setzero_ps();
+  // The thread's next block but one (memory's latency is more than one block's work).
+  const TilePrefetch ahead(w, n + 2 * kTileColumns, kTileColumns);
+  for (int64_t offset = 0; offset < w.code_bytes_per_column(); offset += kTileRowBytes) {
+    __m512i words[16];
+    line_words(w, n, columns, offset, ahead, offset / kTileRowBytes * 16, words);
+    const int64_t first_run = offset / kRunBytes;
+    for (int64_t r = 0; r < kRunsPerLine && first_run + r < x.runs; ++r) {
+      const int64_t run = first_run + r;
+      __m512i high[kRows], low[kRows];
+      for (int64_t m = 0; m < kRows; ++m) high[m] = low[m] = _mm512_setzero_si512();
+      for (int64_t q = 0; q < kWordsPerRun; ++q) {
+        const QuadCodes codes = quad_codes(words[kWordsPerRun * r + q]);
+        for (int64_t half = 0; half < 2; ++half) {
+          const __m512i quad = half == 0 ? codes.low : codes.high;
+          const int64_t dim = 4 * q + 16 * half;
+          for (int64_t m = 0; m < kRows; ++m) {
+            // Codes unsigned, x's bytes signed (a low is 0-15).
+            const auto x_word = [&](bool low_bytes) {
+              return _mm512_set1_epi32(x.word(row + m, run, dim, low_bytes));
+            };
+            high[m] = _mm512_dpbusd_epi32(high[m], quad, x_word(false));
+            low[m] = _mm512_dpbusd_epi32(low[m], quad, x_word(true));
+          }
+        }
+      }
+      const __m512 group_scales =
+          group_values(w, w.scales, n, columns, run * kRunDims / w.group_size);
+      for (int64_t m = 0; m < kRows; ++m) {
+        const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(high[m], 4), low[m]);
+        totals[m] = add_run(totals[m], sums, group_scales, x.scale(row + m, run));
+      }
+    }
+  }
+  finish_columns(w, out, bias, offsets, row, kRows, n, columns, totals);
+}
+
+template <typename Out>
+void vnni_multiply(const QuantizedMatrix& w, const TwelveBitRows& x, int64_t row_count,
+                   const RowBlock<Out>& out, const float* bias) {
+  const int64_t blocks = (out.out_features + kTileColumns - 1) / kTileColumns;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    ColumnOffsets offsets;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = b * kTileColumns;
+      const int64_t columns = std::min(kTileColumns, out.out_features - n);
+      offsets.gather(w, n, columns);
+      for (int64_t row = 0; row < row_count; row += kVnniRowsPerPass) {
+        with_count<kVnniRowsPerPass>(std::min(kVnniRowsPerPass, row_count - row), [&](auto rows) {
+          vnni_columns<decltype(rows)::value>(w, x, out, bias, offsets, row, n, columns);
+        });
+      }
+    }
+  });
+}
+
+// ---- AMX: a thread's blocks of 32 columns, each regrouped into weight tiles once and multiplied
+// by every row, a half of 16 columns by 16 rows at a time.
+
+// The block's weight tiles, [runs][2 halves of 16 columns][16 rows of 64 bytes]: rows 0-7 the
+// codes times 16 of dimensions 4i .. 4i + 3, which x's highs multiply, and rows 8-15 the codes,
+// which its lows multiply.
+struct WeightTiles {
+  struct alignas(kTileRowBytes) Row {
+    uint8_t bytes[kTileRowBytes];
+  };
+  static constexpr int64_t kRows = 16;
+  std::vector<Row> rows;
+
+  explicit WeightTiles(const QuantizedMatrix& w) : rows(w.in_features / kRunDims * 2 * kRows) {}
+  Row* tile(int64_t run, int64_t half) { return rows.data() + (2 * run + half) * kRows; }
+  const Row* tile(int64_t run, int64_t half) const {
+    return rows.data() + (2 * run + half) * kRows;
+  }
+
+  // Columns [n, n + columns).
+  void fill(const QuantizedMatrix& w, int64_t n, int64_t columns) {
+    const TilePrefetch ahead(w, n + kAmxBlockColumns, kAmxBlockColumns);
+    const int64_t line_count = (w.code_bytes_per_column() + kTileRowBytes - 1) / kTileRowBytes;
+    const __m512i high_nibble = _mm512_set1_epi8(static_cast<char>(0xf0));
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t half_columns =
+          std::clamp<int64_t>(columns - kTileColumns * half, 0, kTileColumns);
+      for (int64_t offset = 0; offset < w.code_bytes_per_column(); offset += kTileRowBytes) {
+        __m512i words[16];
+        const int64_t fetched = (half * line_count + offset / kTileRowBytes) * 16;
+        line_words(w, n + kTileColumns * half, half_columns, offset, ahead, fetched, words);
+        const int64_t first_run = offset / kRunBytes;
+        for (int64_t r = 0; r < kRunsPerLine && first_run + r < w.in_features / kRunDims; ++r) {
+          auto* tile = reinterpret_cast<__m512i*>(this->tile(first_run + r, half));
+          for (int64_t q = 0; q < kWordsPerRun; ++q) {
+            const __m512i word = words[kWordsPerRun * r + q];
+            const QuadCodes codes = quad_codes(word);
+            // Rows q and q + 4: the low and high nibbles' codes times 16; then the codes.
+            const __m512i low_times_16 = _mm512_and_si512(_mm512_slli_epi16(word, 4), high_nibble);
+            _mm512_store_si512(tile + q, low_times_16);
+            _mm512_store_si512(tile + q + kWordsPerRun, _mm512_and_si512(word, high_nibble));
+            _mm512_store_si512(tile + q + 2 * kWordsPerRun, codes.low);
+            _mm512_store_si512(tile + q + 3 * kWordsPerRun, codes.high);
+          }
+        }
+      }
+    }
+  }
+};
+
+// Tiles 0-1 x (16 rows, a run's 64 bytes each), 2-3 weight tiles, 4-5 the sums: consecutive runs
+// take alternate registers of each pair, so that one run's loads and multiply do not wait for
+// the last run's. Rows past the call's are zeros in x (TwelveBitRows pads them): a tile multiply
+// costs the same whatever its rows, and one configuration then serves every block.
+TileConfig integer_block_config() {
+  TileConfig config;
+  for (int t = 0; t < 6; ++t) config.set(t, kAmxTileRows);
+  return config;
+}
+
+// A run's sums of a tile of rows and 16 columns, [row][column].
+using RunSums = int32_t[kAmxTileRows][kTileColumns];
+
+// Run `run`'s sums of the rows from `row` and one half of the block into `sums`.
+inline void multiply_run(const TwelveBitRows& x, int64_t row, int64_t run, const WeightTiles& tiles,
+                         int64_t half, RunSums& sums) {
+  const int64_t stride = x.runs * kTileRowBytes;
+  constexpr int64_t kSumsBytes = kTileColumns * sizeof(int32_t);
+  if (run % 2 == 0) {
+    _tile_loadd(0, x.run_bytes(row, run), stride);
+    _tile_loadd(2, tiles.tile(run, half), kTileRowBytes);
+    _tile_zero(4);
+    _tile_dpbsud(4, 0, 2);
+    _tile_stored(4, sums, kSumsBytes);
+  } else {
+    _tile_loadd(1, x.run_bytes(row, run), stride);
+    _tile_loadd(3, tiles.tile(run, half), kTileRowBytes);
+    _tile_zero(5);
+    _tile_dpbsud(5, 1, 3);
+    _tile_stored(5, sums, kSumsBytes);
+  }
+}
+
+// Up to 16 rows from `row` against one half of the block (16 columns from n) into y. The rows'
+// totals stay in registers from run to run; each run's float32 work overlaps the next run's
+// tile multiply, issued before it.
+template <int64_t kRows, typename Out>
+void amx_rows(const QuantizedMatrix& w, const TwelveBitRows& x, const RowBlock<Out>& out,
+              const float* bias, const WeightTiles& tiles, const ColumnOffsets& offsets,
+              int64_t half, int64_t n, int64_t columns, int64_t row) {
+  alignas(64) RunSums sums[2];
+  __m512 totals[kRows];
+  for (auto& total : totals) total = _mm512_setzero_ps();
+  multiply_run(x, row, 0, tiles, half, sums[0]);
+  for (int64_t run = 0; run < x.runs; ++run) {
+    if (run + 1 < x.runs) multiply_run(x, row, run + 1, tiles, half, sums[(run + 1) % 2]);
+    const __m512 group_scales =
+        group_values(w, w.scales, n, columns, run * kRunDims / w.group_size);
+    const RunSums& run_sums = sums[run % 2];
+    for (int64_t m = 0; m < kRows; ++m) {
+      totals[m] = add_run(totals[m], _mm512_load_si512(run_sums[m]), group_scales,
+                          x.scale(row + m, run));
+    }
+  }
+  finish_columns(w, out, bias, offsets, row, kRows, n, columns, totals);
+}
+
+template <typename Out>
+void amx_multiply(const QuantizedMatrix& w, const TwelveBitRows& x, int64_t row_count,
+                  const RowBlock<Out>& out, const float* bias) {
+  const int64_t blocks = (out.out_features + kAmxBlockColumns - 1) / kAmxBlockColumns;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    WeightTiles tiles(w);
+    ColumnOffsets offsets;
+    integer_block_config().load();
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * kAmxBlockColumns;
+      tiles.fill(w, first, std::min(kAmxBlockColumns, out.out_features - first));
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t n = first + kTileColumns * half;
+        const int64_t columns = std::min(kTileColumns, out.out_features - n);
+        if (columns <= 0) break;
+        offsets.gather(w, n, columns);
+        for (int64_t row = 0; row < row_count; row += kAmxTileRows) {
+          with_count<kAmxTileRows>(std::min(kAmxTileRows, row_count - row), [&](auto rows) {
+            amx_rows<decltype(rows)::value>(w, x, out, bias, tiles, offsets, half, n, columns,
+                                            row);
+          });
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+template <typename Out>
+void tile_integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_count,
+                           const RowBlock<Out>& out, const float* bias) {
+  const TwelveBitRows rows = round_rows_to_bytes(x, row_count, w.in_features);
+  if (row_count >= kAmxMinRows) return amx_multiply(w, rows, row_count, out, bias);
+  vnni_multiply(w, rows, row_count, out, bias);
+}
+#endif
+
 // ---- Prompt rows: the codes dequantized to bfloat16, a tile of 32 columns at a time.
 //
 // A prompt brings many rows, and per row the paths above do more work than a bfloat16 matmul
@@ -1122,20 +1616,42 @@ void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_coun
 // into the tile's rows of 32 columns.
 constexpr int64_t kFillColumns = 4;
 
-// Column n's block b (group g) of weights, scale times value plus offset as
+// The 4-bit codes of columns n .. n + 3's block b in tile order (tile_order_codes): word q of the
+// 4 columns lies as 16 bytes, transposed here into each column's 16 bytes.
+inline void tile_order_blocks(const QuantizedMatrix& w, int64_t n, int64_t b,
+                              __m128i (&columns)[kFillColumns]) {
+  constexpr int64_t kGroupColumns = 16, kWordBytes = 4, kWords = 4;
+  constexpr int64_t kLineBytes = kGroupColumns * kWordBytes;  // a word of every column
+  const int64_t column = n % kGroupColumns;
+  const uint8_t* line = w.column_codes(n - column) + b * kWords * kLineBytes + column * kWordBytes;
+  __m128i words[kWords];
+  for (int64_t q = 0; q < kWords; ++q) {
+    words[q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(line + q * kLineBytes));
+  }
+  const __m128i first01 = _mm_unpacklo_epi32(words[0], words[1]);
+  const __m128i second01 = _mm_unpackhi_epi32(words[0], words[1]);
+  const __m128i first23 = _mm_unpacklo_epi32(words[2], words[3]);
+  const __m128i second23 = _mm_unpackhi_epi32(words[2], words[3]);
+  columns[0] = _mm_unpacklo_epi64(first01, first23);
+  columns[1] = _mm_unpackhi_epi64(first01, first23);
+  columns[2] = _mm_unpacklo_epi64(second01, second23);
+  columns[3] = _mm_unpackhi_epi64(second01, second23);
+}
+
+// Column n's `block` of codes (group g) as weights: scale times value plus offset, as
 // QuantizedWeight.dequantize computes them.
-inline UnpackedBlock weight_block(const QuantizedMatrix& w, int64_t n, int64_t b, int64_t g) {
-  UnpackedBlock block = unpack_block_avx2(w, w.column_codes(n) + b * w.block_bytes());
-  scale_block(half_scales(w, w.column_scales(n), g), block);
+inline UnpackedBlock weight_block(const QuantizedMatrix& w, int64_t n, int64_t g,
+                                  UnpackedBlock block) {
+  const int64_t halves[2] = {w.group_index(n, g),
+                             w.group_index(n, w.group_size == kHalfBlock ? g + 1 : g)};
+  scale_block({w.scales[halves[0]] * w.code_scale(), w.scales[halves[1]] * w.code_scale()}, block);
   if (w.offsets == nullptr) return block;
-  const float* offsets = w.column_offsets(n);
-  const int64_t second = w.group_size == kHalfBlock ? g + 1 : g;
   for (int i = 0; i < 4; ++i) {
     // The product is rounded before the offset joins, as dequantize() rounds it: the empty asm
     // keeps the compiler from fusing the two into an FMA.
     __m256 product = block.values[i];
     asm("" : "+x"(product));
-    block.values[i] = _mm256_add_ps(product, _mm256_set1_ps(offsets[i < 2 ? g : second]));
+    block.values[i] = _mm256_add_ps(product, _mm256_set1_ps(w.offsets[halves[i < 2 ? 0 : 1]]));
   }
   return block;
 }
@@ -1181,8 +1697,15 @@ void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BF
     const int64_t columns = std::clamp<int64_t>(out_features - n, 0, kFillColumns);
     for_each_block(w, [&](int64_t b, int64_t g) {
       __m256i first[kFillColumns], second[kFillColumns];
+      // In tile order out_features is whole groups of 16 columns: all 4 columns or none.
+      __m128i nibbles[kFillColumns];
+      if (w.tile_order && columns > 0) tile_order_blocks(w, n, b, nibbles);
       for (int64_t k = 0; k < kFillColumns; ++k) {
-        const BlockPairs pairs = k < columns ? block_pairs(weight_block(w, n + k, b, g))
+        const auto unpacked = [&] {
+          return w.tile_order ? unpack_nibbles_avx2(nibbles[k], nullptr)
+                              : unpack_block_avx2(w, w.column_codes(n + k) + b * w.block_bytes());
+        };
+        const BlockPairs pairs = k < columns ? block_pairs(weight_block(w, n + k, g, unpacked()))
                                              : BlockPairs{_mm256_setzero_si256(),
                                                           _mm256_setzero_si256()};
         first[k] = pairs.first;
@@ -1312,6 +1835,9 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
                           w.in_features,
                           w.groups(),
                           out_features};
+#if defined(SLUICE_INTEGER_AMX)
+  if (takes_amx_integer_path(w)) return tile_integer_multiply(w, rows.data, row_count, block, bias);
+#endif
   if (takes_integer_path(w)) return integer_multiply(w, rows.data, row_count, block, bias);
   at::parallel_for(0, out_features, kColumnGrain, [&](int64_t begin, int64_t end) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -1329,13 +1855,40 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
 
 }  // namespace
 
+c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code_format,
+                                           int64_t group_size) {
+#if defined(SLUICE_INTEGER_AMX)
+  if (code_format != static_cast<int64_t>(CodeFormat::kUnsigned4)) return c10::nullopt;
+  check_cpu(codes, "codes");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.scalar_type() == at::kByte,
+              "4-bit codes must be contiguous uint8 [out_features, in_features / 2]");
+  QuantizedMatrix w{};
+  w.format = CodeFormat::kUnsigned4;
+  w.group_size = group_size;
+  if (group_size > 0 && codes.size(1) * 2 % group_size == 0 &&
+      codes.size(0) % kTileColumns == 0 && takes_amx_integer_path(w)) {
+    return codes_in_tile_order(codes);
+  }
+#endif
+  return c10::nullopt;
+}
+
 at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                             const c10::optional<at::Tensor>& offsets,
                             const c10::optional<at::Tensor>& bias, int64_t code_format,
                             int64_t group_size, const c10::optional<at::Tensor>& levels,
-                            const c10::optional<at::Tensor>& prompt_rows) {
+                            const c10::optional<at::Tensor>& prompt_rows, bool tile_order) {
   check_rows(x, "x");
-  const QuantizedMatrix w = checked_matrix(codes, scales, offsets, code_format, group_size, levels);
+  QuantizedMatrix w = checked_matrix(codes, scales, offsets, code_format, group_size, levels);
+  if (tile_order) {
+#if defined(SLUICE_INTEGER_AMX)
+    const bool takes_tiles = takes_amx_integer_path(w) && codes.size(0) % kTileColumns == 0;
+#else
+    const bool takes_tiles = false;
+#endif
+    TORCH_CHECK(takes_tiles, "codes in tile order, which only tile_order_codes makes");
+    w.tile_order = true;
+  }
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.in_features, "x must be [rows, ", w.in_features, "]");
   const int64_t out_features = codes.size(0);
   const float* bias_data = nullptr;
