@@ -218,15 +218,23 @@ def test_quantized_matmul_takes_prompt_rows_through_bfloat16_tiles(
     )
 
 
-@pytest.mark.parametrize(("group_size", "offsets"), [(32, True), (128, False)])
+@pytest.mark.parametrize(
+    ("code_format", "group_size", "offsets"),
+    [
+        (CodeFormat.UINT4, 32, True),
+        (CodeFormat.UINT4, 128, False),
+        (CodeFormat.INT8, 16, False),
+        (CodeFormat.INT8, 128, True),
+    ],
+)
 def test_codes_in_tile_order_give_the_same_bits(
-    built_kernels: Kernels, group_size: int, offsets: bool
+    built_kernels: Kernels, code_format: CodeFormat, group_size: int, offsets: bool
 ) -> None:
-    # Where the CPU has AMX, a layer's 4-bit integer codes are regrouped for its tiles when the
-    # model is prepared: the kernel then reads them as they lie instead of transposing them on
-    # every call, and must compute the very same outputs.
+    # Where the CPU has AMX, a layer's integer codes are regrouped for its tiles when the model
+    # is prepared: the kernel then reads them as they lie instead of transposing them on every
+    # call, and must compute the very same outputs.
     ops = built_kernels.ops
-    weight = random_weight(48, 256, CodeFormat.UINT4, group_size, offsets)
+    weight = random_weight(48, 256, code_format, group_size, offsets)
     prepared = ops.prepare_quantized(weight)
     if not prepared.tile_order:
         isa = ", ".join(ops.kernels.compiled_isa()) or "portable"

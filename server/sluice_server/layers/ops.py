@@ -78,7 +78,7 @@ class Ops:
 
     def prepare_quantized(self, weight: QuantizedWeight) -> QuantizedWeight:
         """`weight` as `quantized_linear` reads it fastest, once at load: here as it is; the
-        compiled ops regroup 4-bit integer codes for AMX's tiles where the CPU has them."""
+        compiled ops regroup integer codes for AMX's tiles where the CPU has them."""
         return weight
 
     def quantized_linear(

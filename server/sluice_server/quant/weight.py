@@ -15,9 +15,9 @@ The codes' layout is the one Sluice's CPU kernel reads (csrc/linear_quantized.cp
 
 Every format Sluice loads (GGUF blocks, AWQ, GPTQ and FP8 checkpoints, weights quantized at load)
 is repacked into this one, so that one kernel serves them all. Where the CPU has AMX, a layer's
-4-bit integer codes are then regrouped once more for its tiles (`tile_order`, made by the compiled
-ops when the model is prepared for the CPU): the same bytes in another order, which only that
-kernel reads.
+integer codes, scales and offsets are then regrouped once more for its tiles (`tile_order`,
+made by the compiled ops when the model is prepared for the CPU): the same values in another
+order, which `in_column_order` undoes.
 """
 
 from dataclasses import dataclass, replace

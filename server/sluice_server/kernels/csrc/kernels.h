@@ -44,10 +44,10 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
                             const c10::optional<at::Tensor>& bias, int64_t code_format,
                             int64_t group_size, const c10::optional<at::Tensor>& levels,
                             const c10::optional<at::Tensor>& prompt_rows, bool tile_order);
-// The codes (uint8 [out_features, in_features / 2]) in the order linear_quantized reads with
+// Integer codes ([out_features, in_features * bits / 8]) in the order linear_quantized reads with
 // tile_order (the same bytes, grouped for AMX's tiles) where it takes that path for such a weight
-// on this CPU (4-bit integers, whole runs of 32 per group, out_features a multiple of 16, AMX
-// granted); none otherwise.
+// on this CPU (4-bit integers in groups of whole runs of 32, or 8-bit integers; out_features a
+// multiple of 16; AMX granted); none otherwise.
 c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code_format,
                                            int64_t group_size);
 

@@ -29,9 +29,9 @@
 //   integer path" below): x rounded to 12-bit integers per 32 dimensions (4-bit codes) or 16-bit
 //   per 16 (8-bit codes), codes unpacked with shifts and masks and multiplied as integers
 //   (vpmaddwd). Widening 4-bit codes to float32 instead made one row slower than bfloat16's,
-//   though it reads about a third of the bytes. Where the CPU has AMX, 4-bit integer codes take
-//   AMX on many rows and AVX512-VNNI on a few instead, in the same arithmetic (see "4-bit integer
-//   codes where the CPU has AMX").
+//   though it reads about a third of the bytes. Where the CPU has AMX, integer codes take AMX on
+//   many rows and AVX512-VNNI on a few instead, in the same arithmetic (see "Integer codes where
+//   the CPU has AMX").
 // - The float32 path (FP8, NF4 and FP4 levels, 4-bit integers with groups of 16): each block's 32
 //   codes widened to float32 and scaled once, multiplied by up to 4 rows of x (a column's codes
 //   unpacked once per 4 rows), with fewer rows up to 4 columns at once so that independent sums
@@ -91,7 +91,7 @@ struct QuantizedMatrix {
   // in_features / group_size, kept rather than divided for: a tile of columns asks for it
   // several times, and those divisions took about a fifth of one row's time.
   int64_t group_count;
-  // 4-bit codes in tile order (tile_order_codes) rather than a column after another, and the
+  // Integer codes in tile order (tile_order_codes) rather than a column after another, and the
   // scales and offsets in groups of 16 columns, [N / 16][groups][16].
   bool tile_order = false;
 
@@ -266,6 +266,17 @@ struct LevelTable {
   return block;
 }
 
+// 32 8-bit integer codes, 16 in each half.
+[[gnu::always_inline]] inline UnpackedBlock unpack_int8_avx2(__m128i first, __m128i second) {
+  UnpackedBlock block;
+  for (int i = 0; i < 4; ++i) {
+    const __m128i half = i < 2 ? first : second;
+    const __m128i bytes = i % 2 == 0 ? half : _mm_srli_si128(half, 8);
+    block.values[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  }
+  return block;
+}
+
 [[gnu::always_inline]] inline UnpackedBlock unpack_block_avx2(const QuantizedMatrix& w,
                                                               const uint8_t* codes) {
   switch (w.format) {
@@ -280,12 +291,8 @@ struct LevelTable {
     case CodeFormat::kSigned8:
       break;
   }
-  UnpackedBlock block;
-  for (int i = 0; i < 4; ++i) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * i));
-    block.values[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-  }
-  return block;
+  const auto* halves = reinterpret_cast<const __m128i*>(codes);
+  return unpack_int8_avx2(_mm_loadu_si128(halves), _mm_loadu_si128(halves + 1));
 }
 
 // The block's values times their halves' scales (vectors 0-1 the first half, 2-3 the second).
@@ -538,7 +545,7 @@ void widen_rows(const T* x, int64_t rows, int64_t in_features, const QuantizedMa
 // 32-bit sums, exactly. The activations are each row's x, rounded per run of 8 lanes (32
 // dimensions for 4-bit codes, 16 for 8-bit) to integers at a scale of the run's largest
 // magnitude / 32767 for 8-bit codes (16 bits), / 2047 for 4-bit codes (12 bits, which AMX
-// multiplies in one instruction: see "4-bit integer codes where the CPU has AMX"). 12 bits keep
+// multiplies in one instruction: see "Integer codes where the CPU has AMX"). 12 bits keep
 // x within 2^-12 of that magnitude: coarser than bfloat16 for values more than 2^3 below it, yet
 // a projection's output moves by 0.4x what bfloat16 activations move it (see the top).
 // Each row is rounded in a layout matching the lanes (`ChunkLayout::dim`) once per call, and
@@ -1129,110 +1136,129 @@ void integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_coun
 
 #if defined(SLUICE_AMX) && defined(__AMX_INT8__) && defined(__AVX512VNNI__)
 #define SLUICE_INTEGER_AMX 1
-// ---- 4-bit integer codes where the CPU has AMX: AMX on many rows, AVX512-VNNI on a few.
+// ---- Integer codes where the CPU has AMX: AMX on many rows, AVX512-VNNI on a few.
 //
 // On 32 rows the loops above run at about a quarter of AMX's bfloat16 matmul: two 16-bit
 // multiply-adds per 32 products. AMX multiplies bytes, 16 rows by 16 columns by 64 bytes an
-// instruction. x's 12-bit integers q (rounded as above) are 16 * high + low, high a signed byte
-// and low 0-15; a run of 32 dimensions goes in as 64 bytes, its highs then its lows, against the
-// codes times 16 then the codes (at most 240: a byte), so one instruction sums a run's
-// 16 * high * code + low * code = q * code, exactly.
+// instruction, so each rounded integer q of x (rounded as above) goes in as two bytes, a signed
+// high and an unsigned low, in dimension order: per run, its highs then its lows.
 //
-// - x: per row, each run's 64 bytes in order; a block of rows is then an x tile as it lies.
+// - 4-bit codes: q has 12 bits, 16 * high + low (low 0-15). A run of 32 dimensions is 64 bytes,
+//   against the codes times 16 then the codes (at most 240: a byte), so one tile multiply sums a
+//   run's 16 * high * code + low * code = q * code, exactly.
+// - 8-bit codes: q has 16 bits, 256 * high + low. A run of 16 dimensions is 32 bytes; the highs
+//   and the lows each multiply the codes as they lie (tile multiplies of 16 bytes), into two sums
+//   joined as 256 * high + low.
 // - Codes: a weight tile holds 16 columns' codes of a run, a row per 4 dimensions, so each
 //   column's codes are transposed word by word (16 columns' 64-byte lines at once). A model's
 //   weights are transposed once at load (tile_order_codes, with the scales and offsets grouped
-//   per 16 columns alike); others, on every call. Each block of 32 columns then widens its words
-//   to bytes, once for all the rows.
+//   per 16 columns alike); others, on every call. Each block of 32 columns then lays its words
+//   out as weight tiles (4-bit codes widened to bytes), once for all the rows.
 // - Sums: a run's exact integer sums become float32 and are scaled by the column's group scale
 //   times the row's run scale, added run by run in order; then the offsets' terms, group by
 //   group, and the bias.
 //
 // A tile multiply and the store of its sums cost about the same for 1 row as for 16, so a few
 // rows take AVX512-VNNI instead: the same transposed words times each row's broadcast bytes
-// (vpdpbusd), high and low summed apart and joined as 16 * high + low, the same integers; then
-// the same float32 instructions in the same order. A row's output is thus the same bits on
-// either loop, and does not depend on its batch. A process takes these loops for every call of a
-// weight where Linux grants the tiles, the loops above where it does not: their order of float32
-// sums differs.
-constexpr int64_t kRunDims = 32;
-constexpr int64_t kRunBytes = kRunDims / 2;  // of codes
-constexpr int64_t kRunsPerLine = kTileRowBytes / kRunBytes;
-constexpr int64_t kWordsPerRun = kRunBytes / 4;
+// (vpdpbusd, which multiplies unsigned by signed bytes: 8-bit codes go in plus 128, and 128 times
+// the run's highs is taken off), highs and lows summed apart and joined the same way, the same
+// integers; then the same float32 instructions in the same order. A row's output is thus the same
+// bits on either loop, and does not depend on its batch. A process takes these loops for every
+// call of a weight where Linux grants the tiles, the loops above where it does not: their order
+// of float32 sums differs.
+constexpr int64_t kRunCodeBytes = 16;  // a run's codes: 32 of 4 bits or 16 of 8
+constexpr int64_t kRunsPerLine = kTileRowBytes / kRunCodeBytes;
+constexpr int64_t kWordsPerRun = kRunCodeBytes / 4;
 constexpr int64_t kTileColumns = 16;
 constexpr int64_t kAmxBlockColumns = 2 * kTileColumns;
 constexpr int64_t kAmxTileRows = 16;
-// Rows from which AMX is faster than AVX512-VNNI (benchmark/quantized_kernel.py: at 8 rows AMX
-// took 1.2x VNNI's time, at 12 the same, at 16 0.85x, at 32 half).
+// Rows from which AMX is faster than AVX512-VNNI (benchmark/quantized_kernel.py, 4-bit codes: at
+// 8 rows AMX took 1.2x VNNI's time, at 12 the same, at 16 0.85x, at 32 half).
 constexpr int64_t kAmxMinRows = 12;
 constexpr int64_t kVnniRowsPerPass = 4;
 
 inline bool takes_amx_integer_path(const QuantizedMatrix& w) {
-  return w.format == CodeFormat::kUnsigned4 && w.group_size % kRunDims == 0 && amx_granted();
+  return takes_integer_path(w) && w.group_size % ChunkLayout(w).run_dims() == 0 && amx_granted();
 }
 
-// x rounded to 12-bit integers: per row and run, the 32 highs then the 32 lows
-// ([rows][runs][64] bytes), and each run's scale ([rows][runs]).
-struct TwelveBitRows {
+// x rounded to integers q per run (ChunkLayout's runs and largest integer): per row and run the
+// highs then the lows ([rows, padded to whole tiles][runs][2 * run_dims] bytes), each run's
+// scale ([rows][runs]), and for 8-bit codes each run's sum of highs.
+struct ByteRows {
+  int64_t run_dims = 0, runs = 0;
+  int shift = 0;  // q = (high << shift) + low
   std::vector<int8_t> bytes;
   std::vector<float> scales;
-  int64_t runs = 0;
+  std::vector<int32_t> high_sums;
 
+  int64_t row_stride() const { return runs * 2 * run_dims; }
   const int8_t* run_bytes(int64_t row, int64_t run) const {
-    return bytes.data() + (row * runs + run) * kTileRowBytes;
+    return bytes.data() + row * row_stride() + run * 2 * run_dims;
   }
   // The 4 bytes of x a 4-byte word of codes multiplies: highs (or lows) of dimensions d .. d + 3.
   int32_t word(int64_t row, int64_t run, int64_t dim, bool low) const {
     int32_t value;
-    std::memcpy(&value, run_bytes(row, run) + dim + (low ? kRunDims : 0), sizeof(value));
+    std::memcpy(&value, run_bytes(row, run) + dim + (low ? run_dims : 0), sizeof(value));
     return value;
   }
   float scale(int64_t row, int64_t run) const { return scales[row * runs + run]; }
+  int32_t high_sum(int64_t row, int64_t run) const { return high_sums[row * runs + run]; }
 };
 
-// Rounds one run of x as round_run does (scale: its largest magnitude / 2047, NaN if it holds a
-// NaN or infinity) into its 64 bytes, and returns the scale.
-inline float round_run_to_bytes(const float* x, int8_t* bytes) {
-  const __m512 halves[2] = {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)};
+// Rounds one run of x as round_run does (scale: its largest magnitude / `largest`, NaN if it
+// holds a NaN or infinity) into its bytes, adds its highs into `high_sum` and returns the scale.
+inline float round_run_to_bytes(const float* x, int64_t run_dims, float largest, int shift,
+                                int8_t* bytes, int32_t& high_sum) {
+  const int64_t parts = run_dims / 16;
+  __m512 halves[2];
   const __m512 infinity = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   __mmask16 not_finite = 0;
-  __m512 largest = _mm512_setzero_ps();
-  for (const __m512 half : halves) {
-    const __m512 magnitude = _mm512_abs_ps(half);
+  __m512 magnitudes = _mm512_setzero_ps();
+  for (int64_t h = 0; h < parts; ++h) {
+    halves[h] = _mm512_loadu_ps(x + 16 * h);
+    const __m512 magnitude = _mm512_abs_ps(halves[h]);
     not_finite |= _mm512_cmp_ps_mask(magnitude, infinity, _CMP_NLT_UQ);
-    largest = _mm512_max_ps(largest, magnitude);
+    magnitudes = _mm512_max_ps(magnitudes, magnitude);
   }
   const float scale = not_finite != 0 ? std::numeric_limits<float>::quiet_NaN()
-                                      : _mm512_reduce_max_ps(largest) / kInt12Max;
+                                      : _mm512_reduce_max_ps(magnitudes) / largest;
   const __m512 inverse = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
-  const __m512 limit = _mm512_set1_ps(kInt12Max);
-  for (int h = 0; h < 2; ++h) {
+  const __m512 limit = _mm512_set1_ps(largest);
+  const __m512i low_mask = _mm512_set1_epi32((1 << shift) - 1);
+  for (int64_t h = 0; h < parts; ++h) {
     const __m512 scaled = _mm512_min_ps(
         _mm512_max_ps(_mm512_mul_ps(halves[h], inverse), _mm512_sub_ps(_mm512_setzero_ps(), limit)),
         limit);
     const __m512i q =
         _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + 16 * h),
-                     _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 4)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + kRunDims + 16 * h),
-                     _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(0x0f))));
+    const __m512i high = _mm512_srai_epi32(q, shift);
+    high_sum += _mm512_reduce_add_epi32(high);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + 16 * h), _mm512_cvtepi32_epi8(high));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + run_dims + 16 * h),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(q, low_mask)));
   }
   return scale;
 }
 
-TwelveBitRows round_rows_to_bytes(const float* x, int64_t row_count, int64_t in_features) {
-  TwelveBitRows rows;
-  rows.runs = in_features / kRunDims;
+ByteRows round_rows_to_bytes(const QuantizedMatrix& w, const float* x, int64_t row_count) {
+  const ChunkLayout layout(w);
+  ByteRows rows;
+  rows.run_dims = layout.run_dims();
+  rows.runs = w.in_features / rows.run_dims;
+  rows.shift = w.bits() == 4 ? 4 : 8;
   // Whole tiles of rows, the last padded with zeros (see integer_block_config).
   const int64_t padded = (row_count + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows;
-  rows.bytes.resize(padded * rows.runs * kTileRowBytes);
+  rows.bytes.resize(padded * rows.row_stride());
   rows.scales.resize(row_count * rows.runs);
-  at::parallel_for(0, row_count, grain_for(in_features), [&](int64_t begin, int64_t end) {
+  rows.high_sums.resize(row_count * rows.runs);
+  at::parallel_for(0, row_count, grain_for(w.in_features), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t run = 0; run < rows.runs; ++run) {
-        rows.scales[r * rows.runs + run] = round_run_to_bytes(
-            x + r * in_features + run * kRunDims,
-            rows.bytes.data() + (r * rows.runs + run) * kTileRowBytes);
+        const int64_t index = r * rows.runs + run;
+        rows.scales[index] = round_run_to_bytes(
+            x + r * w.in_features + run * rows.run_dims, rows.run_dims, layout.largest(),
+            rows.shift, rows.bytes.data() + r * rows.row_stride() + run * 2 * rows.run_dims,
+            rows.high_sums[index]);
       }
     }
   });
@@ -1296,16 +1322,16 @@ inline void line_words(const QuantizedMatrix& w, int64_t n, int64_t columns, int
   }
 }
 
-// Codes (4-bit, [N][K / 2], N a multiple of 16) in tile order: per group of 16 columns and run of
-// 32 dimensions, the words transposed_line makes, [N / 16][K / 32][4 words][16 columns][4 bytes].
-at::Tensor codes_in_tile_order(const at::Tensor& codes) {
+// Integer codes ([N][K * bits / 8], N a multiple of 16) in tile order: per group of 16 columns
+// and run, the words transposed_line makes, [N / 16][runs][4 words][16 columns][4 bytes].
+at::Tensor codes_in_tile_order(const at::Tensor& codes, CodeFormat format) {
   const int64_t out_features = codes.size(0), line_bytes = codes.size(1);
   at::Tensor tiles = at::empty(codes.sizes(), codes.options());
   QuantizedMatrix w{};
-  w.codes = codes.data_ptr<uint8_t>();
-  w.format = CodeFormat::kUnsigned4;
-  w.in_features = line_bytes * 2;
-  uint8_t* tile_data = tiles.data_ptr<uint8_t>();
+  w.codes = static_cast<const uint8_t*>(codes.data_ptr());
+  w.format = format;
+  w.in_features = line_bytes * 8 / w.bits();
+  auto* tile_data = static_cast<uint8_t*>(tiles.data_ptr());
   at::parallel_for(0, out_features / kTileColumns, 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
       uint8_t* target = tile_data + group * kTileColumns * line_bytes;
@@ -1324,7 +1350,8 @@ at::Tensor codes_in_tile_order(const at::Tensor& codes) {
   return tiles;
 }
 
-// A transposed word's codes as bytes: of its low nibbles' dimensions, and of its high ones'.
+// A transposed word of 4-bit codes as bytes: of its low nibbles' dimensions, and of its high
+// ones'.
 struct QuadCodes {
   __m512i low, high;
 };
@@ -1359,12 +1386,17 @@ struct ColumnOffsets {
   }
 };
 
-// The float32 steps both paths take, the same instructions in the same order.
+// The float32 steps both loops take, the same instructions in the same order.
 // A run's exact sums for one row and 16 columns into its total, times the columns' group scales
 // times the row's run scale.
 inline __m512 add_run(__m512 total, __m512i sums, __m512 group_scales, float x_scale) {
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
                          _mm512_mul_ps(group_scales, _mm512_set1_ps(x_scale)), total);
+}
+
+// A run's sums of q * code from the highs' and the lows' sums.
+inline __m512i joined_sums(__m512i high_sums, __m512i low_sums, int shift) {
+  return _mm512_add_epi32(_mm512_slli_epi32(high_sums, shift), low_sums);
 }
 
 // Rows [row, row + rows) of 16 columns from n into y: their totals plus the offsets' terms, group
@@ -1394,8 +1426,28 @@ inline void finish_columns(const QuantizedMatrix& w, const RowBlock<Out>& out, c
 }
 
 // ---- AVX512-VNNI: kRows rows against 16 columns from n.
-template <int64_t kRows, typename Out>
-void vnni_columns(const QuantizedMatrix& w, const TwelveBitRows& x, const RowBlock<Out>& out,
+
+// Each word's codes as vpdpbusd's unsigned operand, with the dimension of x's bytes it multiplies
+// (within the run): 4-bit codes make two quads (their low and high nibbles), 8-bit codes one, plus
+// 128.
+struct WordQuads {
+  __m512i codes[2];
+  int64_t dims[2];
+  int count;
+};
+
+template <bool kEightBit>
+inline WordQuads word_quads(__m512i word, int64_t q) {
+  if constexpr (kEightBit) {
+    return {{_mm512_xor_si512(word, _mm512_set1_epi8(static_cast<char>(0x80)))}, {4 * q}, 1};
+  } else {
+    const QuadCodes codes = quad_codes(word);
+    return {{codes.low, codes.high}, {4 * q, 4 * q + 16}, 2};
+  }
+}
+
+template <bool kEightBit, int64_t kRows, typename Out>
+void vnni_columns(const QuantizedMatrix& w, const ByteRows& x, const RowBlock<Out>& out,
                   const float* bias, const ColumnOffsets& offsets, int64_t row, int64_t n,
                   int64_t columns) {
   __m512 totals[kRows];
@@ -1405,39 +1457,44 @@ void vnni_columns(const QuantizedMatrix& w, const TwelveBitRows& x, const RowBlo
   for (int64_t offset = 0; offset < w.code_bytes_per_column(); offset += kTileRowBytes) {
     __m512i words[16];
     line_words(w, n, columns, offset, ahead, offset / kTileRowBytes * 16, words);
-    const int64_t first_run = offset / kRunBytes;
+    const int64_t first_run = offset / kRunCodeBytes;
     for (int64_t r = 0; r < kRunsPerLine && first_run + r < x.runs; ++r) {
       const int64_t run = first_run + r;
       __m512i high[kRows], low[kRows];
       for (int64_t m = 0; m < kRows; ++m) high[m] = low[m] = _mm512_setzero_si512();
       for (int64_t q = 0; q < kWordsPerRun; ++q) {
-        const QuadCodes codes = quad_codes(words[kWordsPerRun * r + q]);
-        for (int64_t half = 0; half < 2; ++half) {
-          const __m512i quad = half == 0 ? codes.low : codes.high;
-          const int64_t dim = 4 * q + 16 * half;
+        const WordQuads quads = word_quads<kEightBit>(words[kWordsPerRun * r + q], q);
+        for (int i = 0; i < quads.count; ++i) {
           for (int64_t m = 0; m < kRows; ++m) {
-            // Codes unsigned, x's bytes signed (a low is 0-15).
             const auto x_word = [&](bool low_bytes) {
-              return _mm512_set1_epi32(x.word(row + m, run, dim, low_bytes));
+              return _mm512_set1_epi32(x.word(row + m, run, quads.dims[i], low_bytes));
             };
-            high[m] = _mm512_dpbusd_epi32(high[m], quad, x_word(false));
-            low[m] = _mm512_dpbusd_epi32(low[m], quad, x_word(true));
+            // The highs are signed. The lows are unsigned: 0-15 with 4-bit codes, which pass as
+            // signed; with 8-bit codes, the signed operand is the codes as they are.
+            high[m] = _mm512_dpbusd_epi32(high[m], quads.codes[i], x_word(false));
+            low[m] = kEightBit ? _mm512_dpbusd_epi32(low[m], x_word(true),
+                                                     words[kWordsPerRun * r + q])
+                               : _mm512_dpbusd_epi32(low[m], quads.codes[i], x_word(true));
           }
         }
       }
       const __m512 group_scales =
-          group_values(w, w.scales, n, columns, run * kRunDims / w.group_size);
+          group_values(w, w.scales, n, columns, run * x.run_dims / w.group_size);
       for (int64_t m = 0; m < kRows; ++m) {
-        const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(high[m], 4), low[m]);
-        totals[m] = add_run(totals[m], sums, group_scales, x.scale(row + m, run));
+        if constexpr (kEightBit) {
+          // The codes went in plus 128.
+          high[m] = _mm512_sub_epi32(high[m], _mm512_set1_epi32(128 * x.high_sum(row + m, run)));
+        }
+        totals[m] = add_run(totals[m], joined_sums(high[m], low[m], x.shift), group_scales,
+                            x.scale(row + m, run));
       }
     }
   }
   finish_columns(w, out, bias, offsets, row, kRows, n, columns, totals);
 }
 
-template <typename Out>
-void vnni_multiply(const QuantizedMatrix& w, const TwelveBitRows& x, int64_t row_count,
+template <bool kEightBit, typename Out>
+void vnni_multiply(const QuantizedMatrix& w, const ByteRows& x, int64_t row_count,
                    const RowBlock<Out>& out, const float* bias) {
   const int64_t blocks = (out.out_features + kTileColumns - 1) / kTileColumns;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -1448,36 +1505,40 @@ void vnni_multiply(const QuantizedMatrix& w, const TwelveBitRows& x, int64_t row
       offsets.gather(w, n, columns);
       for (int64_t row = 0; row < row_count; row += kVnniRowsPerPass) {
         with_count<kVnniRowsPerPass>(std::min(kVnniRowsPerPass, row_count - row), [&](auto rows) {
-          vnni_columns<decltype(rows)::value>(w, x, out, bias, offsets, row, n, columns);
+          vnni_columns<kEightBit, decltype(rows)::value>(w, x, out, bias, offsets, row, n,
+                                                          columns);
         });
       }
     }
   });
 }
 
-// ---- AMX: a thread's blocks of 32 columns, each regrouped into weight tiles once and multiplied
-// by every row, a half of 16 columns by 16 rows at a time.
+// ---- AMX: a thread's blocks of 32 columns, each laid out as weight tiles once and multiplied by
+// every row, a half of 16 columns by 16 rows at a time.
 
-// The block's weight tiles, [runs][2 halves of 16 columns][16 rows of 64 bytes]: rows 0-7 the
-// codes times 16 of dimensions 4i .. 4i + 3, which x's highs multiply, and rows 8-15 the codes,
-// which its lows multiply.
+// The block's weight tiles, [runs][2 halves of 16 columns][rows of 64 bytes]. 4-bit codes: 16
+// rows, 0-7 the codes times 16 of dimensions 4i .. 4i + 3, which x's highs multiply, and 8-15
+// the codes, which its lows multiply. 8-bit codes: 4 rows, the words as they are.
 struct WeightTiles {
   struct alignas(kTileRowBytes) Row {
     uint8_t bytes[kTileRowBytes];
   };
-  static constexpr int64_t kRows = 16;
+  int64_t rows_per_tile;
   std::vector<Row> rows;
 
-  explicit WeightTiles(const QuantizedMatrix& w) : rows(w.in_features / kRunDims * 2 * kRows) {}
-  Row* tile(int64_t run, int64_t half) { return rows.data() + (2 * run + half) * kRows; }
+  explicit WeightTiles(const QuantizedMatrix& w)
+      : rows_per_tile(w.bits() == 4 ? 4 * kWordsPerRun : kWordsPerRun),
+        rows(w.in_features / ChunkLayout(w).run_dims() * 2 * rows_per_tile) {}
+  Row* tile(int64_t run, int64_t half) { return rows.data() + (2 * run + half) * rows_per_tile; }
   const Row* tile(int64_t run, int64_t half) const {
-    return rows.data() + (2 * run + half) * kRows;
+    return rows.data() + (2 * run + half) * rows_per_tile;
   }
 
   // Columns [n, n + columns).
   void fill(const QuantizedMatrix& w, int64_t n, int64_t columns) {
     const TilePrefetch ahead(w, n + kAmxBlockColumns, kAmxBlockColumns);
     const int64_t line_count = (w.code_bytes_per_column() + kTileRowBytes - 1) / kTileRowBytes;
+    const int64_t runs = w.in_features / ChunkLayout(w).run_dims();
     const __m512i high_nibble = _mm512_set1_epi8(static_cast<char>(0xf0));
     for (int64_t half = 0; half < 2; ++half) {
       const int64_t half_columns =
@@ -1486,13 +1547,17 @@ struct WeightTiles {
         __m512i words[16];
         const int64_t fetched = (half * line_count + offset / kTileRowBytes) * 16;
         line_words(w, n + kTileColumns * half, half_columns, offset, ahead, fetched, words);
-        const int64_t first_run = offset / kRunBytes;
-        for (int64_t r = 0; r < kRunsPerLine && first_run + r < w.in_features / kRunDims; ++r) {
+        const int64_t first_run = offset / kRunCodeBytes;
+        for (int64_t r = 0; r < kRunsPerLine && first_run + r < runs; ++r) {
           auto* tile = reinterpret_cast<__m512i*>(this->tile(first_run + r, half));
           for (int64_t q = 0; q < kWordsPerRun; ++q) {
             const __m512i word = words[kWordsPerRun * r + q];
-            const QuadCodes codes = quad_codes(word);
+            if (w.bits() == 8) {
+              _mm512_store_si512(tile + q, word);
+              continue;
+            }
             // Rows q and q + 4: the low and high nibbles' codes times 16; then the codes.
+            const QuadCodes codes = quad_codes(word);
             const __m512i low_times_16 = _mm512_and_si512(_mm512_slli_epi16(word, 4), high_nibble);
             _mm512_store_si512(tile + q, low_times_16);
             _mm512_store_si512(tile + q + kWordsPerRun, _mm512_and_si512(word, high_nibble));
@@ -1505,71 +1570,104 @@ struct WeightTiles {
   }
 };
 
-// Tiles 0-1 x (16 rows, a run's 64 bytes each), 2-3 weight tiles, 4-5 the sums: consecutive runs
-// take alternate registers of each pair, so that one run's loads and multiply do not wait for
-// the last run's. Rows past the call's are zeros in x (TwelveBitRows pads them): a tile multiply
-// costs the same whatever its rows, and one configuration then serves every block.
-TileConfig integer_block_config() {
+// 4-bit codes: tiles 0-1 x (16 rows, a run's 64 bytes), 2-3 weight tiles, 4-5 the sums. 8-bit
+// codes: tiles 0-1 x's highs and lows (16 rows, a run's 16 bytes each), 2 the weight tile, 4-5
+// and 6-7 the sums of the highs and the lows. Consecutive runs take alternate registers where
+// there are pairs, so that one run's loads and multiplies wait less for the last run's. Rows past
+// the call's are zeros in x (ByteRows pads them): a tile multiply costs the same whatever its
+// rows, and one configuration then serves every block.
+TileConfig integer_block_config(const ByteRows& x, bool eight_bit) {
   TileConfig config;
-  for (int t = 0; t < 6; ++t) config.set(t, kAmxTileRows);
+  const int64_t x_bytes = eight_bit ? x.run_dims : 2 * x.run_dims;
+  config.set(0, kAmxTileRows, x_bytes);
+  config.set(1, kAmxTileRows, x_bytes);
+  config.set(2, eight_bit ? kWordsPerRun : 4 * kWordsPerRun);
+  if (!eight_bit) config.set(3, 4 * kWordsPerRun);
+  for (int t = 4; t < (eight_bit ? 8 : 6); ++t) config.set(t, kAmxTileRows);
   return config;
 }
 
-// A run's sums of a tile of rows and 16 columns, [row][column].
-using RunSums = int32_t[kAmxTileRows][kTileColumns];
+// A run's sums of a tile of rows and 16 columns: [highs, lows (8-bit codes)][row][column].
+using RunSums = int32_t[2][kAmxTileRows][kTileColumns];
 
 // Run `run`'s sums of the rows from `row` and one half of the block into `sums`.
-inline void multiply_run(const TwelveBitRows& x, int64_t row, int64_t run, const WeightTiles& tiles,
+template <bool kEightBit>
+inline void multiply_run(const ByteRows& x, int64_t row, int64_t run, const WeightTiles& tiles,
                          int64_t half, RunSums& sums) {
-  const int64_t stride = x.runs * kTileRowBytes;
   constexpr int64_t kSumsBytes = kTileColumns * sizeof(int32_t);
-  if (run % 2 == 0) {
-    _tile_loadd(0, x.run_bytes(row, run), stride);
+  const int8_t* bytes = x.run_bytes(row, run);
+  if constexpr (kEightBit) {
+    _tile_loadd(0, bytes, x.row_stride());
+    _tile_loadd(1, bytes + x.run_dims, x.row_stride());
+    _tile_loadd(2, tiles.tile(run, half), kTileRowBytes);
+    if (run % 2 == 0) {
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_dpbssd(4, 0, 2);
+      _tile_dpbusd(5, 1, 2);
+      _tile_stored(4, sums[0], kSumsBytes);
+      _tile_stored(5, sums[1], kSumsBytes);
+    } else {
+      _tile_zero(6);
+      _tile_zero(7);
+      _tile_dpbssd(6, 0, 2);
+      _tile_dpbusd(7, 1, 2);
+      _tile_stored(6, sums[0], kSumsBytes);
+      _tile_stored(7, sums[1], kSumsBytes);
+    }
+  } else if (run % 2 == 0) {
+    _tile_loadd(0, bytes, x.row_stride());
     _tile_loadd(2, tiles.tile(run, half), kTileRowBytes);
     _tile_zero(4);
     _tile_dpbsud(4, 0, 2);
-    _tile_stored(4, sums, kSumsBytes);
+    _tile_stored(4, sums[0], kSumsBytes);
   } else {
-    _tile_loadd(1, x.run_bytes(row, run), stride);
+    _tile_loadd(1, bytes, x.row_stride());
     _tile_loadd(3, tiles.tile(run, half), kTileRowBytes);
     _tile_zero(5);
     _tile_dpbsud(5, 1, 3);
-    _tile_stored(5, sums, kSumsBytes);
+    _tile_stored(5, sums[0], kSumsBytes);
   }
 }
 
 // Up to 16 rows from `row` against one half of the block (16 columns from n) into y. The rows'
 // totals stay in registers from run to run; each run's float32 work overlaps the next run's
 // tile multiply, issued before it.
-template <int64_t kRows, typename Out>
-void amx_rows(const QuantizedMatrix& w, const TwelveBitRows& x, const RowBlock<Out>& out,
+template <bool kEightBit, int64_t kRows, typename Out>
+void amx_rows(const QuantizedMatrix& w, const ByteRows& x, const RowBlock<Out>& out,
               const float* bias, const WeightTiles& tiles, const ColumnOffsets& offsets,
               int64_t half, int64_t n, int64_t columns, int64_t row) {
   alignas(64) RunSums sums[2];
   __m512 totals[kRows];
   for (auto& total : totals) total = _mm512_setzero_ps();
-  multiply_run(x, row, 0, tiles, half, sums[0]);
+  multiply_run<kEightBit>(x, row, 0, tiles, half, sums[0]);
   for (int64_t run = 0; run < x.runs; ++run) {
-    if (run + 1 < x.runs) multiply_run(x, row, run + 1, tiles, half, sums[(run + 1) % 2]);
+    if (run + 1 < x.runs) {
+      multiply_run<kEightBit>(x, row, run + 1, tiles, half, sums[(run + 1) % 2]);
+    }
     const __m512 group_scales =
-        group_values(w, w.scales, n, columns, run * kRunDims / w.group_size);
+        group_values(w, w.scales, n, columns, run * x.run_dims / w.group_size);
     const RunSums& run_sums = sums[run % 2];
     for (int64_t m = 0; m < kRows; ++m) {
-      totals[m] = add_run(totals[m], _mm512_load_si512(run_sums[m]), group_scales,
-                          x.scale(row + m, run));
+      // 4-bit codes' tile multiply summed the highs and lows as q * code already.
+      const __m512i sums_of_row =
+          kEightBit ? joined_sums(_mm512_load_si512(run_sums[0][m]),
+                                  _mm512_load_si512(run_sums[1][m]), x.shift)
+                    : _mm512_load_si512(run_sums[0][m]);
+      totals[m] = add_run(totals[m], sums_of_row, group_scales, x.scale(row + m, run));
     }
   }
   finish_columns(w, out, bias, offsets, row, kRows, n, columns, totals);
 }
 
-template <typename Out>
-void amx_multiply(const QuantizedMatrix& w, const TwelveBitRows& x, int64_t row_count,
+template <bool kEightBit, typename Out>
+void amx_multiply(const QuantizedMatrix& w, const ByteRows& x, int64_t row_count,
                   const RowBlock<Out>& out, const float* bias) {
   const int64_t blocks = (out.out_features + kAmxBlockColumns - 1) / kAmxBlockColumns;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     WeightTiles tiles(w);
     ColumnOffsets offsets;
-    integer_block_config().load();
+    integer_block_config(x, kEightBit).load();
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kAmxBlockColumns;
       tiles.fill(w, first, std::min(kAmxBlockColumns, out.out_features - first));
@@ -1580,8 +1678,8 @@ void amx_multiply(const QuantizedMatrix& w, const TwelveBitRows& x, int64_t row_
         offsets.gather(w, n, columns);
         for (int64_t row = 0; row < row_count; row += kAmxTileRows) {
           with_count<kAmxTileRows>(std::min(kAmxTileRows, row_count - row), [&](auto rows) {
-            amx_rows<decltype(rows)::value>(w, x, out, bias, tiles, offsets, half, n, columns,
-                                            row);
+            amx_rows<kEightBit, decltype(rows)::value>(w, x, out, bias, tiles, offsets, half, n,
+                                                        columns, row);
           });
         }
       }
@@ -1593,9 +1691,14 @@ void amx_multiply(const QuantizedMatrix& w, const TwelveBitRows& x, int64_t row_
 template <typename Out>
 void tile_integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row_count,
                            const RowBlock<Out>& out, const float* bias) {
-  const TwelveBitRows rows = round_rows_to_bytes(x, row_count, w.in_features);
-  if (row_count >= kAmxMinRows) return amx_multiply(w, rows, row_count, out, bias);
-  vnni_multiply(w, rows, row_count, out, bias);
+  const ByteRows rows = round_rows_to_bytes(w, x, row_count);
+  const auto multiply = [&](auto eight_bit) {
+    constexpr bool kEightBit = decltype(eight_bit)::value;
+    if (row_count >= kAmxMinRows) return amx_multiply<kEightBit>(w, rows, row_count, out, bias);
+    vnni_multiply<kEightBit>(w, rows, row_count, out, bias);
+  };
+  if (w.bits() == 8) return multiply(std::true_type{});
+  multiply(std::false_type{});
 }
 #endif
 
@@ -1616,14 +1719,16 @@ void tile_integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row
 // into the tile's rows of 32 columns.
 constexpr int64_t kFillColumns = 4;
 
-// The 4-bit codes of columns n .. n + 3's block b in tile order (tile_order_codes): word q of the
-// 4 columns lies as 16 bytes, transposed here into each column's 16 bytes.
-inline void tile_order_blocks(const QuantizedMatrix& w, int64_t n, int64_t b,
-                              __m128i (&columns)[kFillColumns]) {
+// The codes of columns n .. n + 3's run `run` (16 bytes each: 32 4-bit codes or 16 8-bit ones) in
+// tile order (tile_order_codes): word q of the 4 columns lies as 16 bytes, transposed here into
+// each column's 16 bytes.
+inline void tile_order_runs(const QuantizedMatrix& w, int64_t n, int64_t run,
+                            __m128i (&columns)[kFillColumns]) {
   constexpr int64_t kGroupColumns = 16, kWordBytes = 4, kWords = 4;
   constexpr int64_t kLineBytes = kGroupColumns * kWordBytes;  // a word of every column
   const int64_t column = n % kGroupColumns;
-  const uint8_t* line = w.column_codes(n - column) + b * kWords * kLineBytes + column * kWordBytes;
+  const uint8_t* line =
+      w.column_codes(n - column) + run * kWords * kLineBytes + column * kWordBytes;
   __m128i words[kWords];
   for (int64_t q = 0; q < kWords; ++q) {
     words[q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(line + q * kLineBytes));
@@ -1697,13 +1802,20 @@ void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BF
     const int64_t columns = std::clamp<int64_t>(out_features - n, 0, kFillColumns);
     for_each_block(w, [&](int64_t b, int64_t g) {
       __m256i first[kFillColumns], second[kFillColumns];
-      // In tile order out_features is whole groups of 16 columns: all 4 columns or none.
-      __m128i nibbles[kFillColumns];
-      if (w.tile_order && columns > 0) tile_order_blocks(w, n, b, nibbles);
+      // In tile order out_features is whole groups of 16 columns: all 4 columns or none. A
+      // block of 32 codes is one run of 4-bit codes, two of 8-bit ones.
+      __m128i runs[2][kFillColumns];
+      const int64_t runs_per_block = w.bits() / 4;
+      for (int64_t r = 0; w.tile_order && columns > 0 && r < runs_per_block; ++r) {
+        tile_order_runs(w, n, b * runs_per_block + r, runs[r]);
+      }
       for (int64_t k = 0; k < kFillColumns; ++k) {
         const auto unpacked = [&] {
-          return w.tile_order ? unpack_nibbles_avx2(nibbles[k], nullptr)
-                              : unpack_block_avx2(w, w.column_codes(n + k) + b * w.block_bytes());
+          if (!w.tile_order) {
+            return unpack_block_avx2(w, w.column_codes(n + k) + b * w.block_bytes());
+          }
+          return w.bits() == 4 ? unpack_nibbles_avx2(runs[0][k], nullptr)
+                               : unpack_int8_avx2(runs[0][k], runs[1][k]);
         };
         const BlockPairs pairs = k < columns ? block_pairs(weight_block(w, n + k, g, unpacked()))
                                              : BlockPairs{_mm256_setzero_si256(),
@@ -1858,16 +1970,19 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
 c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code_format,
                                            int64_t group_size) {
 #if defined(SLUICE_INTEGER_AMX)
-  if (code_format != static_cast<int64_t>(CodeFormat::kUnsigned4)) return c10::nullopt;
+  const auto format = static_cast<CodeFormat>(code_format);
+  if (format != CodeFormat::kUnsigned4 && format != CodeFormat::kSigned8) return c10::nullopt;
   check_cpu(codes, "codes");
-  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.scalar_type() == at::kByte,
-              "4-bit codes must be contiguous uint8 [out_features, in_features / 2]");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() &&
+                  (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kChar),
+              "codes must be contiguous uint8 or int8 [out_features, in_features * bits / 8]");
   QuantizedMatrix w{};
-  w.format = CodeFormat::kUnsigned4;
+  w.format = format;
   w.group_size = group_size;
-  if (group_size > 0 && codes.size(1) * 2 % group_size == 0 &&
+  w.in_features = codes.size(1) * 8 / w.bits();
+  if (group_size > 0 && w.in_features % kCodeBlock == 0 && w.in_features % group_size == 0 &&
       codes.size(0) % kTileColumns == 0 && takes_amx_integer_path(w)) {
-    return codes_in_tile_order(codes);
+    return codes_in_tile_order(codes, format);
   }
 #endif
   return c10::nullopt;
