@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks Sluice on a CUDA GPU: the CUDA unit tests, then the real launcher, router and shard end to
-# end with a throughput measurement, then the CPU-side engine and kernel tests. See docs/gpu.md.
+# end with a throughput measurement (unquantized, AWQ and FP8), the quantized-weight kernels'
+# timings, then the CPU-side engine and kernel tests. See docs/gpu.md.
 #
 # Run from the repository root of a checkout where `make install` ran:  bash scripts/gpu_check.sh
 # Each input is an environment variable with a default for such a checkout:
@@ -23,11 +24,12 @@ SLUICE_BINARIES=${SLUICE_BINARIES:-$REPO/.venv/bin}
 SLUICE_MODEL_SRC=${SLUICE_MODEL_SRC:-$HOME/.cache/sluice/models/SmolLM2-135M-Instruct}
 # Each phase stops at its own limit and the whole run by DEADLINE_S seconds, so that a hung phase
 # cannot stall the check and everything written so far is kept.
-DEADLINE_S=${DEADLINE_S:-400}
+DEADLINE_S=${DEADLINE_S:-600}
 CUDA_TESTS_TIMEOUT_S=${CUDA_TESTS_TIMEOUT_S:-180}
 E2E_TIMEOUT_S=${E2E_TIMEOUT_S:-300}
 CPU_TESTS_TIMEOUT_S=${CPU_TESTS_TIMEOUT_S:-150}
-E2E_ARGS=${E2E_ARGS:-}
+E2E_ARGS=${E2E_ARGS:---quantize awq fp8}
+KERNEL_BENCH_TIMEOUT_S=${KERNEL_BENCH_TIMEOUT_S:-180}
 WORK=/tmp/sluice-gpu-check
 
 mkdir -p "$OUT" "$WORK"
@@ -99,7 +101,7 @@ with_server_path() {
 cuda_tests() {
     with_server_path timeout "$(limit "$CUDA_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q -rs --tb=short \
         -p no:cacheprovider -o junit_family=xunit1 --junitxml="$OUT/junit-cuda.xml" \
-        server/tests/test_cuda.py
+        server/tests/test_cuda.py server/tests/test_triton_quantized.py
 }
 
 end_to_end() {
@@ -111,6 +113,12 @@ end_to_end() {
         [ -f "$log" ] && tail -c 4000000 "$log" >"$OUT/$(basename "$log")"
     done
     return $code
+}
+
+# The quantized projections' kernels against bfloat16's matmul, after a sweep of tile shapes.
+quantized_kernel_bench() {
+    with_server_path timeout "$(limit "$KERNEL_BENCH_TIMEOUT_S")" "$PYTHON" \
+        benchmark/quantized_gpu.py --sweep --out "$OUT/quantized_gpu.json"
 }
 
 # The engine's CPU tests (test_models_vs_transformers.py also builds the C++ CPU kernels). The
@@ -136,6 +144,7 @@ phase install_binaries install_binaries
 phase versions versions
 phase cuda_tests cuda_tests
 phase end_to_end end_to_end
+phase quantized_kernel_bench quantized_kernel_bench
 phase cpu_tests cpu_tests
 phase cpu_kernel_tests cpu_kernel_tests
 

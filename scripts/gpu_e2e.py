@@ -10,6 +10,10 @@ docs/gpu.md.
    get alone; /generate_stream streams the same tokens; the launcher stops cleanly on SIGTERM.
 3. Serves it in the shard's default dtype (bfloat16 on a GPU) and measures output tokens/s with
    benchmark/load.py at each concurrency level.
+4. With `--quantize awq fp8`: serves it quantized, in the default dtype, with each method (awq:
+   an AWQ checkpoint written from it by server/tests/packed_checkpoints.py, groups of 64; fp8:
+   quantized at load), checks that concurrent requests get the tokens they get alone and
+   measures output tokens/s as in 3.
 
 Writes every result to `--results` as JSON and exits non-zero if a check failed.
 """
@@ -318,14 +322,32 @@ def run_checks(args: argparse.Namespace, results: dict[str, Any]) -> None:
         checks["concurrent"] = timed(timings, "concurrent", lambda: check_concurrent(url))
         checks["stream"] = timed(timings, "stream", lambda: check_stream(url))
     checks["clean_stop"] = {"pass": True}
-    if not args.concurrency:
-        return
-    with serve(model_dir, args.work, "default-dtype", []) as url:
-        dtype = requests.get(f"{url}/info", timeout=30).json()["model_dtype"]
-        results["bench_dtype"] = dtype
-        if device().type == "cuda":
-            checks["gpu_default_dtype"] = {"pass": dtype == "bfloat16", "dtype": dtype}
-        results["bench"] = timed(timings, "bench", lambda: bench(url, model_dir, args.work, args))
+    if args.concurrency:
+        with serve(model_dir, args.work, "default-dtype", []) as url:
+            dtype = requests.get(f"{url}/info", timeout=30).json()["model_dtype"]
+            results["bench_dtype"] = dtype
+            if device().type == "cuda":
+                checks["gpu_default_dtype"] = {"pass": dtype == "bfloat16", "dtype": dtype}
+            results["bench"] = timed(
+                timings, "bench", lambda: bench(url, model_dir, args.work, args)
+            )
+    for method in args.quantize:
+        timed(timings, f"quantized_{method}", lambda m=method: check_quantized(m, args, results))
+
+
+def check_quantized(method: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    model_dir = args.work / "model"
+    if method == "awq":
+        sys.path.insert(0, str(REPO / "server" / "tests"))
+        from packed_checkpoints import quantize_checkpoint
+
+        quantized_dir = args.work / "model-awq"
+        quantize_checkpoint(model_dir, quantized_dir, "awq", bits=4, group_size=64)
+        model_dir = quantized_dir
+    with serve(model_dir, args.work, f"quantized-{method}", ["--quantize", method]) as url:
+        results["checks"][f"concurrent_{method}"] = check_concurrent(url)
+        if args.concurrency:
+            results[f"bench_{method}"] = bench(url, model_dir, args.work, args)
 
 
 def main() -> int:
@@ -336,6 +358,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument(
+        "--quantize", nargs="*", default=[], choices=["awq", "fp8"], help="methods to serve"
+    )
     args = parser.parse_args()
     # `timeout` stops this script with SIGTERM: exit through the `serve` blocks, which stop the
     # launchers (they run in sessions of their own and would outlive this process).

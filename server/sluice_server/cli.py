@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernels",
         choices=["auto", "compiled", "reference"],
         default="auto",
-        help="auto: Sluice's compiled C++ kernels on CPU (built on first use), PyTorch's "
-        "operators elsewhere or if they cannot be built; compiled: fail rather than fall back",
+        help="auto: Sluice's compiled C++ kernels on CPU (built on first use), its Triton "
+        "kernels for quantized weights on CUDA, PyTorch's operators elsewhere or if they cannot "
+        "be built; compiled: fail rather than fall back",
     )
     serve.add_argument(
         "--collective-timeout",
@@ -313,7 +314,7 @@ def _serve(args: argparse.Namespace) -> int:
         kernels = select_kernels(args.kernels, device, args.kernel_cache_dir)
     except KernelBuildError as error:
         return _fail(str(error))
-    logger.info("kernels: %s", type(kernels.attention).__name__)
+    logger.info("kernels: %s, %s", type(kernels.attention).__name__, type(kernels.ops).__name__)
     dtype_name = args.dtype
     if dtype_name == "auto":
         dtype_name = default_dtype_name(device, kernels.compiled)

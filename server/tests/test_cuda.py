@@ -12,9 +12,12 @@ import pytest
 import torch
 from sluice_server.engine.kv_cache import CUDA_MEMORY_FRACTION, KVCacheSpec
 from sluice_server.engine.step import ForwardChunk, StepExecutor, run_forward
-from sluice_server.kernels import Kernels
+from sluice_server.kernels import Kernels, select_kernels
+from sluice_server.layers.linear import Linear
+from sluice_server.layers.ops import CudaOps
 from sluice_server.models.loader import LoadedModel, load_model
 from sluice_server.pb import generate_pb2 as pb
+from packed_checkpoints import dequantized_state_dict, quantize_checkpoint
 from test_models_vs_transformers import MODEL_VARIANTS
 from test_step import BLOCK_SIZE, PROMPTS, MiniRouter, make_executor, new_request
 from test_step import (
@@ -104,12 +107,11 @@ def _first_difference(actual: Sequence[int], expected: Sequence[int]) -> int | N
     return next((i for i, (a, e) in enumerate(zip(actual, expected, strict=True)) if a != e), None)
 
 
-def test_prefill_and_decodes_match_transformers(models, record_property) -> None:
-    loaded, reference = models
-    tokens = _prompt(15, seed=1)
-    with torch.no_grad():
-        expected = reference(torch.tensor([tokens], device=DEVICE)).logits[0].float()
-    tolerance = _tolerance(loaded, expected)
+def _prefill_and_decode_errors(
+    loaded: LoadedModel, tokens: Sequence[int], expected: torch.Tensor
+) -> list[float]:
+    """The largest logit error against `expected` (every position's logits) of a 6-token
+    prompt's prefill, then of each following token decoded through a paged cache."""
     cache = KVCacheSpec.for_model(loaded, BLOCK_SIZE).allocate(16)
     table = [11, 2, 7, 0]  # Out of order, so that a slot mix-up shows.
     prompt_len = 6
@@ -123,6 +125,16 @@ def test_prefill_and_decodes_match_transformers(models, record_property) -> None
         assert logits.device.type == DEVICE.type
         position = chunk.cache_len + len(chunk.token_ids) - 1
         errors.append((logits[0] - expected[position]).abs().max().item())
+    return errors
+
+
+def test_prefill_and_decodes_match_transformers(models, record_property) -> None:
+    loaded, reference = models
+    tokens = _prompt(15, seed=1)
+    with torch.no_grad():
+        expected = reference(torch.tensor([tokens], device=DEVICE)).logits[0].float()
+    tolerance = _tolerance(loaded, expected)
+    errors = _prefill_and_decode_errors(loaded, tokens, expected)
     record_property("max_logit_error", max(errors))
     record_property("tolerance", tolerance)
     assert max(errors) < tolerance, f"errors by position: {errors}"
@@ -242,3 +254,59 @@ def test_warmup_sizes_the_cache_as_asked(cuda_llama) -> None:
     spec = KVCacheSpec.for_model(cuda_llama, BLOCK_SIZE)
     executor = StepExecutor(cuda_llama, BLOCK_SIZE, 3 * spec.bytes_per_block)
     assert executor.warmup(max_prefill_tokens=16, max_batch_size=2, max_total_tokens=64) == 3
+
+
+@pytest.mark.parametrize(("method", "act_order"), [("awq", False), ("gptq", True)])
+def test_quantized_checkpoints_through_the_gpu_kernels(
+    save_tiny_model, tmp_path, method: str, act_order: bool, record_property
+) -> None:
+    """A 4-bit checkpoint on the kernels `auto` picks on CUDA (the Triton W4A16 matmul), in
+    float32, against transformers with the checkpoint's dequantized weights."""
+    source, reference = save_tiny_model("llama", tie_word_embeddings=False)
+    checkpoint = tmp_path / method
+    quantize_checkpoint(source, checkpoint, method, 4, group_size=32, act_order=act_order)
+    reference = copy.deepcopy(reference)
+    reference.load_state_dict(dequantized_state_dict(checkpoint))
+    kernels = select_kernels("auto", DEVICE, tmp_path / "kernel-cache")
+    assert isinstance(kernels.ops, CudaOps)
+    loaded = load_model(checkpoint, torch.float32, DEVICE, kernels)
+    assert any(m.quantized is not None for m in loaded.model.modules() if isinstance(m, Linear))
+    tokens = _prompt(15, seed=2)
+    with torch.no_grad():
+        expected = reference.to(DEVICE)(torch.tensor([tokens], device=DEVICE)).logits[0]
+    errors = _prefill_and_decode_errors(loaded, tokens, expected)
+    record_property("max_logit_error", max(errors))
+    assert max(errors) < _tolerance(loaded, expected), f"errors by position: {errors}"
+
+
+def test_fp8_weights_through_the_gpu_fp8_matmul(save_tiny_model, record_property) -> None:
+    """FP8 weights (quantized at load) in bfloat16 against the same weights dequantized on every
+    call: a long prompt's logits (the FP8 matmul, activations rounded to e4m3 per row) and a
+    one-token prompt's (the Triton kernel, the decode shape)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    # Imported here: test_triton_quantized.py imports it under Triton's interpreter on CPU.
+    from sluice_server.kernels import triton_quantized
+
+    source, _ = save_tiny_model("llama", tie_word_embeddings=False)
+    fp8 = load_model(source, torch.bfloat16, DEVICE, Kernels.cuda(), quantize="fp8")
+    dequantized = load_model(source, torch.bfloat16, DEVICE, Kernels.reference(), quantize="fp8")
+    projections = [m.quantized for m in fp8.model.modules() if isinstance(m, Linear)]
+    projections = [weight for weight in projections if weight is not None]
+    assert projections
+    long_prompt = _prompt(triton_quantized.FP8_MATMUL_MIN_ROWS, seed=3)
+    for weight in projections:
+        x = torch.ones(len(long_prompt), weight.in_features, dtype=torch.bfloat16, device=DEVICE)
+        assert triton_quantized.takes_scaled_mm(x, weight)
+        assert not triton_quantized.takes_scaled_mm(x[:1], weight)
+    errors = []
+    for tokens in (long_prompt, _prompt(1, seed=4)):
+        table = list(range(len(tokens) // BLOCK_SIZE + 1))
+        chunk = ForwardChunk(tokens, 0, table, True)
+        logits = []
+        for model in (fp8, dequantized):
+            cache = KVCacheSpec.for_model(model, BLOCK_SIZE).allocate(len(table))
+            logits.append(run_forward(model, cache, [chunk]).logits[0].float())
+        errors.append(((logits[0] - logits[1]).norm() / logits[1].norm()).item())
+    record_property("relative_logit_errors", errors)
+    assert max(errors) < 0.1

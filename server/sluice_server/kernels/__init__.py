@@ -1,5 +1,6 @@
-"""Sluice's compiled CPU kernels (csrc/: attention, linear, elementwise), and the choice between
-them and the PyTorch reference (`Kernels`, `select_kernels`).
+"""Sluice's compiled CPU kernels (csrc/: attention, linear, elementwise), its GPU kernels for
+quantized weights (triton_quantized.py), and the choice between them and the PyTorch reference
+(`Kernels`, `select_kernels`).
 
 The kernels are compiled for the CPU they run on (see `build`), cached by their sources, the
 torch version, the CPU's flags, the compiler and its flags. `sluice-server build-kernels` (run by
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..layers.attention import AttentionBackend, CompiledCpuAttentionBackend, TorchAttentionBackend
-from ..layers.ops import CompiledCpuOps, Ops
+from ..layers.ops import CompiledCpuOps, CudaOps, Ops
 from .build import KernelBuild, KernelBuildError, load_cpu_kernels
 from .cpu_features import CpuFeatures
 
@@ -50,6 +51,12 @@ class Kernels:
         return cls(TorchAttentionBackend(), Ops(cpu or CpuFeatures.detect()))
 
     @classmethod
+    def cuda(cls, cpu: CpuFeatures | None = None) -> "Kernels":
+        """The reference, but quantized projections multiplied by the GPU kernels (Triton's and
+        the FP8 matmul) rather than dequantized on every call."""
+        return cls(TorchAttentionBackend(), CudaOps(cpu or CpuFeatures.detect()))
+
+    @classmethod
     def compiled_cpu(
         cls, cache_dir: Path, build: KernelBuild | None = None, cpu: CpuFeatures | None = None
     ) -> "Kernels":
@@ -61,9 +68,18 @@ class Kernels:
 
 def select_kernels(choice: str, device: torch.device, cache_dir: Path) -> Kernels:
     """`compiled` insists on the C++ kernels, `reference` uses PyTorch's operators, and `auto`
-    takes the compiled ones on CPU when they build."""
+    takes the compiled ones on CPU when they build, the GPU kernels on CUDA when Triton
+    imports."""
     if choice not in ("auto", "compiled", "reference"):
         raise ValueError(f"unknown kernels {choice!r}: auto, compiled or reference")
+    if choice == "auto" and device.type == "cuda":
+        try:
+            return Kernels.cuda()
+        except ImportError as error:
+            logger.warning(
+                "%s; quantized projections dequantize their weights on every call", error
+            )
+            return Kernels.reference()
     if choice == "reference" or (choice == "auto" and device.type != "cpu"):
         return Kernels.reference()
     if device.type != "cpu":

@@ -5,7 +5,9 @@ the draw), behind one interface.
 `Ops` is the plain PyTorch version, which runs on any device and is the reference.
 `CompiledCpuOps` runs the same operations as single fused passes from Sluice's C++ kernels
 (sluice_server.kernels): on CPU, PyTorch spends most of these operators' time on dispatch,
-dtype round trips and temporaries rather than on the arithmetic.
+dtype round trips and temporaries rather than on the arithmetic. `CudaOps` is the reference on a
+GPU but for the quantized projections, which it multiplies with GPU kernels
+(kernels/triton_quantized.py) instead of dequantizing the weight on every call.
 
 The projections' weights are packed once at load time (`pack_linear`) for the fastest matmul the
 CPU has (`CpuFeatures.sluice_bf16_matmul`): Sluice's own bfloat16 matmul on CPUs with
@@ -238,3 +240,25 @@ class CompiledCpuOps(Ops):
         self, logits: torch.Tensor, uniforms: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.draw(logits, uniforms)
+
+
+class CudaOps(Ops):
+    def __init__(self, cpu: "CpuFeatures") -> None:
+        super().__init__(cpu)
+        # Imported here: Triton is needed, and present, only where a GPU is.
+        from ..kernels import triton_quantized
+
+        self.triton_quantized = triton_quantized
+
+    def quantized_linear(
+        self,
+        x: torch.Tensor,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        prompt_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return super().quantized_linear(x, weight, bias)
+        if self.triton_quantized.takes_scaled_mm(x, weight):
+            return self.triton_quantized.scaled_mm_fp8(x, weight, bias)
+        return self.triton_quantized.quantized_matmul(x, weight, bias)

@@ -1,0 +1,66 @@
+"""The Triton kernel for quantized weights compiled ahead of time for NVIDIA GPUs by Triton's own
+compiler and the ptxas it ships, which run without a GPU: every code format and grouping, at the
+tile configurations `tile_config` picks, for Ampere (sm_80: A100) and Hopper (sm_90: H100, H200).
+Each compiles to a cubin whose shared memory fits the GPU's. (test_triton_quantized.py checks
+the kernel's results, under Triton's interpreter here and on a GPU where there is one.)
+
+The compiler runs in a process of its own, and this module does not import the kernels' module:
+Triton's interpreter, which test_triton_quantized.py runs a copy of that module under, breaks
+where the module was imported first."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_quant import GROUPINGS
+
+# Shared memory one block may take, bytes (CUDA's programming guide, compute capabilities).
+SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}
+# The row counts whose tile configurations are compiled: decode, a small prefill chunk and a long
+# one.
+ROWS = (1, 32, 256)
+DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _cases() -> list[dict]:
+    """Hopper: every grouping at every configuration in bfloat16, and float16 and float32 at
+    the decode one; Ampere: every grouping at the decode configuration in bfloat16."""
+    cases = []
+    for code_format, group_size, offsets in GROUPINGS:
+        grouping = {"code_format": int(code_format), "group_size": group_size, "offsets": offsets}
+        combinations = [(90, torch.bfloat16, rows) for rows in ROWS]
+        combinations += [(90, dtype, ROWS[0]) for dtype in (torch.float16, torch.float32)]
+        combinations.append((80, torch.bfloat16, ROWS[0]))
+        for capability, dtype, rows in combinations:
+            cases.append(
+                {**grouping, "capability": capability, "dtype": DTYPES[dtype], "rows": rows}
+            )
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    """Each case's {"shared": bytes} or {"error": message}, from triton_compile_cases.py."""
+    script = Path(__file__).with_name("triton_compile_cases.py")
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        input=json.dumps(CASES),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: json.dumps(CASES[i]))
+def test_kernel_compiles_for_the_gpu(compiled: list[dict], index: int) -> None:
+    result = compiled[index]
+    assert "error" not in result, result.get("error")
+    assert 0 < result["shared"] <= SHARED_MEMORY[CASES[index]["capability"]]
