@@ -6,12 +6,19 @@ avx2 and portable, see sluice_server.kernels.build); test_kernel_builds.py rerun
 with `--kernel-builds native-sanitized` under AddressSanitizer.
 """
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# Without a GPU, Triton's kernels run on CPU tensors under its interpreter
+# (test_triton_quantized.py). Triton reads the switch when it is first imported, which
+# bitsandbytes and transformers do, so it is set before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from sluice_server.kernels import CpuFeatures, KernelBuild, Kernels
 from sluice_server.models.loader import LoadedModel, load_model
 

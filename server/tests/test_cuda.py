@@ -12,7 +12,7 @@ import pytest
 import torch
 from sluice_server.engine.kv_cache import CUDA_MEMORY_FRACTION, KVCacheSpec
 from sluice_server.engine.step import ForwardChunk, StepExecutor, run_forward
-from sluice_server.kernels import Kernels, select_kernels
+from sluice_server.kernels import Kernels, select_kernels, triton_quantized
 from sluice_server.layers.linear import Linear
 from sluice_server.layers.ops import CudaOps
 from sluice_server.models.loader import LoadedModel, load_model
@@ -285,9 +285,6 @@ def test_fp8_weights_through_the_gpu_fp8_matmul(save_tiny_model, record_property
     one-token prompt's (the Triton kernel, the decode shape)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
-    # Imported here: test_triton_quantized.py imports it under Triton's interpreter on CPU.
-    from sluice_server.kernels import triton_quantized
-
     source, _ = save_tiny_model("llama", tie_word_embeddings=False)
     fp8 = load_model(source, torch.bfloat16, DEVICE, Kernels.cuda(), quantize="fp8")
     dequantized = load_model(source, torch.bfloat16, DEVICE, Kernels.reference(), quantize="fp8")

@@ -4,18 +4,18 @@ tile configurations `tile_config` picks, for Ampere (sm_80: A100) and Hopper (sm
 Each compiles to a cubin whose shared memory fits the GPU's. (test_triton_quantized.py checks
 the kernel's results, under Triton's interpreter here and on a GPU where there is one.)
 
-The compiler runs in a process of its own, and this module does not import the kernels' module:
-Triton's interpreter, which test_triton_quantized.py runs a copy of that module under, breaks
-where the module was imported first."""
+The compiler runs in a process of its own, without the interpreter that conftest.py turns on for
+the tests' process where there is no GPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_quant import GROUPINGS
+from quantized_weights import GROUPINGS
 
 # Shared memory one block may take, bytes (CUDA's programming guide, compute capabilities).
 SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}
@@ -50,6 +50,7 @@ def compiled() -> list[dict]:
     script = Path(__file__).with_name("triton_compile_cases.py")
     done = subprocess.run(
         [sys.executable, str(script)],
+        env={name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"},
         input=json.dumps(CASES),
         capture_output=True,
         text=True,

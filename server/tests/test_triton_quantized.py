@@ -1,53 +1,19 @@
 """The GPU kernels for quantized weights (kernels/triton_quantized.py) against the dequantized
-weight: on a GPU where there is one, else on CPU tensors under Triton's interpreter, which is on
-while the kernels are defined and while each test runs (Triton reads it at both). The FP8 matmul
-(`torch._scaled_mm`) needs FP8 tensor cores, so its test runs on such a GPU only
-(scripts/gpu_check.sh); test_cuda.py runs whole quantized models through these kernels there."""
+weight: on a GPU where there is one, else on CPU tensors under Triton's interpreter (which
+conftest.py turns on before Triton is imported). The FP8 matmul (`torch._scaled_mm`) needs FP8
+tensor cores, so its test runs on such a GPU only (scripts/gpu_check.sh); test_cuda.py runs
+whole quantized models through these kernels there."""
 
-import importlib
-import importlib.util
-import os
-import sys
 from dataclasses import replace
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-from sluice_server import kernels
+from quantized_weights import GROUPINGS, random_weight
+from sluice_server.kernels import triton_quantized
 from sluice_server.quant import CodeFormat
-from test_quant import GROUPINGS, random_weight
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-
-
-def _kernels_module() -> ModuleType:
-    """The kernels' module; without a GPU, a copy of it defined under Triton's interpreter (the
-    module itself stays compiled for GPUs, as test_triton_compile.py needs it)."""
-    if ON_GPU:
-        return importlib.import_module("sluice_server.kernels.triton_quantized")
-    path = Path(kernels.__file__).parent / "triton_quantized.py"
-    spec = importlib.util.spec_from_file_location(f"{kernels.__name__}._interpreted", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del os.environ["TRITON_INTERPRET"]
-    return module
-
-
-triton_quantized = _kernels_module()
-
-
-@pytest.fixture(autouse=True)
-def interpreter_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
 
 OUT_FEATURES = 37  # Not a multiple of any tile width: the last tile is partly outside.
 

@@ -16,7 +16,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
 from sluice_server.kernels import triton_quantized  # noqa: E402
 from sluice_server.quant import CodeFormat  # noqa: E402
-from test_quant import random_weight  # noqa: E402
+from quantized_weights import random_weight  # noqa: E402
 
 POINTER_TYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
