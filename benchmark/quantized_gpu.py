@@ -117,7 +117,6 @@ def layer_calls(model: str, rows: int) -> dict[str, list[Callable[[], object]]]:
                         lambda x=x, w=weight: F.linear(x, w.dequantize(torch.bfloat16)),
                     )
                 if code_format is CodeFormat.FLOAT8_E4M3:
-                    # At every row count, though served only from FP8_MATMUL_MIN_ROWS on.
                     add(
                         "FP8 (scaled_mm)",
                         lambda x=x, w=weight: triton_quantized.scaled_mm_fp8(x, w),

@@ -78,14 +78,13 @@ def test_refuses_what_it_cannot_read() -> None:
 def test_fp8_matmul_is_taken_only_where_it_applies() -> None:
     per_channel = random_weight(32, 128, CodeFormat.FLOAT8_E4M3, 128, offsets=False)
     grouped = random_weight(32, 128, CodeFormat.FLOAT8_E4M3, 64, offsets=False)
-    x = torch.randn(triton_quantized.FP8_MATMUL_MIN_ROWS, 128, dtype=torch.bfloat16)
-    # CPU tensors, grouped scales, float32 activations and few rows keep the Triton kernel.
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    # CPU tensors, grouped scales and float32 activations keep the Triton kernel.
     assert not triton_quantized.takes_scaled_mm(x, per_channel)
     if ON_GPU:
         per_channel, x = per_channel.to(DEVICE), x.cuda()
         assert not triton_quantized.takes_scaled_mm(x, grouped.to(DEVICE))
         assert not triton_quantized.takes_scaled_mm(x.float(), per_channel)
-        assert not triton_quantized.takes_scaled_mm(x[:-1], per_channel)
 
 
 @pytest.mark.skipif(
@@ -99,10 +98,13 @@ def test_fp8_matmul_matches_the_dequantized_weight(rows: int, record_property) -
     weight = random_weight(64, 256, CodeFormat.FLOAT8_E4M3, 256, offsets=False).to(DEVICE)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
     bias = torch.randn(64)
-    taken = triton_quantized.takes_scaled_mm(x.cuda(), weight)
-    assert taken == (rows >= triton_quantized.FP8_MATMUL_MIN_ROWS)
+    assert triton_quantized.takes_scaled_mm(x.cuda(), weight)
     y = triton_quantized.scaled_mm_fp8(x.cuda(), weight, bias.cuda())
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 64)
+    # Whether a row alone gets the bits it gets among others: cuBLAS picks its FP8 algorithm by
+    # shape, which the kernel's choice cannot control; recorded for the GPU check's report.
+    alone = triton_quantized.scaled_mm_fp8(x[:1].cuda(), weight, bias.cuda())
+    record_property("first_row_equal_alone", torch.equal(alone[0], y[0]))
     expected = _expected(x, weight, bias)
     relative = ((y.cpu().double() - expected).norm() / expected.norm()).item()
     record_property("relative_error", relative)

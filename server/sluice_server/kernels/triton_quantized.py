@@ -26,11 +26,6 @@ import triton.language as tl
 from ..quant import CodeFormat, QuantizedWeight
 from ..quant.weight import CODE_BLOCK
 
-# Rows from which FP8 weights go through the FP8 matmul rather than the Triton kernel. On an H200
-# (benchmark/quantized_gpu.py, against the kernel's first version) the FP8 matmul took an 8B
-# layer's projections in 0.39x the kernel's time at 256 rows and 1.2x at 64; below, rounding the
-# activations costs more than the tensor cores save.
-FP8_MATMUL_MIN_ROWS = 256
 # The largest FP8 e4m3 number: activations are scaled per row so that their largest fits it.
 FLOAT8_E4M3_MAX = 448.0
 
@@ -252,11 +247,11 @@ def quantized_matmul(
 def takes_scaled_mm(x: torch.Tensor, weight: QuantizedWeight) -> bool:
     """Whether `scaled_mm_fp8` multiplies x by this weight: FP8 codes with one scale per output
     feature (per tensor is that too), no offsets or act-order, 16-aligned shapes, 16-bit
-    activations (float32 models keep the weight-only kernel), FP8_MATMUL_MIN_ROWS rows or more,
-    on a GPU with FP8 tensor cores."""
+    activations (float32 models keep the weight-only kernel), on a GPU with FP8 tensor cores.
+    It depends on the weight and dtype alone, not on the row count, so that a row takes the same
+    path, and gets the same result, in any batch (each row's activations have their own
+    scale)."""
     return (
-        x.numel() >= FP8_MATMUL_MIN_ROWS * x.shape[-1]
-        and
         weight.code_format is CodeFormat.FLOAT8_E4M3
         and weight.group_size == weight.in_features
         and weight.offsets is None
