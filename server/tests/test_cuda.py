@@ -26,7 +26,7 @@ from test_step import (
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs a CUDA GPU: run on the device machine, see docs/gpu.md",
+    reason="needs a CUDA GPU: scripts/gpu_check.sh runs it on one (docs/gpu.md)",
 )
 
 DEVICE = torch.device("cuda")
