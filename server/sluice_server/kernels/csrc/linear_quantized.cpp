@@ -315,6 +315,102 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// With AVX-512 a block's half (16 values) is one vector, each chain takes one FMA per block,
+// table codes look their 16 levels up in one permute and FP8 codes widen 32 at a time.
+// scaled_dots and panel_dots below sum in the same order as each other, which differs from the
+// AVX2 loops' (as the integer path's order does), not in their values.
+struct BlockHalves {
+  __m512 first, second;
+};
+
+[[gnu::always_inline]] inline __m512 widen_codes(__m128i bytes, const QuantizedMatrix& w) {
+  if (w.format == CodeFormat::kSigned8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+  const __m512i indexes = _mm512_cvtepu8_epi32(bytes);
+  if (w.format == CodeFormat::kLevels4) {
+    return _mm512_permutexvar_ps(indexes, _mm512_loadu_ps(w.levels));
+  }
+  return _mm512_cvtepi32_ps(indexes);
+}
+
+// A block's 32 FP8 codes as float32: unpack_float8_avx2's halves, made 32 at a time.
+[[gnu::always_inline]] inline void widen_float8(const uint8_t* codes, BlockHalves& block) {
+  const __m512i wide =
+      _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+  const __m512i magnitude = _mm512_slli_epi16(_mm512_and_si512(wide, _mm512_set1_epi16(0x7f)), 7);
+  const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(wide, _mm512_set1_epi16(0x80)), 8);
+  const __m512i halves = _mm512_or_si512(magnitude, sign);
+  block.first = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+  block.second = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+}
+
+// A block's 32 codes as two vectors of 16 float32 in dimension order, times their halves'
+// scales: the values unpack_block_avx2 and scale_block make.
+[[gnu::always_inline]] inline BlockHalves scaled_block_avx512(const QuantizedMatrix& w,
+                                                              const uint8_t* codes,
+                                                              const HalfScales& scale) {
+  BlockHalves block;
+  if (w.format == CodeFormat::kFloat8) {
+    widen_float8(codes, block);
+  } else if (w.format == CodeFormat::kSigned8) {
+    const auto* halves = reinterpret_cast<const __m128i*>(codes);
+    block.first = widen_codes(_mm_loadu_si128(halves), w);
+    block.second = widen_codes(_mm_loadu_si128(halves + 1), w);
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    block.first = widen_codes(_mm_and_si128(bytes, mask), w);
+    block.second = widen_codes(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), w);
+  }
+  block.first = _mm512_mul_ps(block.first, _mm512_set1_ps(scale.first));
+  block.second = _mm512_mul_ps(block.second, _mm512_set1_ps(scale.second));
+  return block;
+}
+
+// The two chains' sum: the same reduction on either path.
+inline float chains_sum(__m512 first, __m512 second) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+}
+
+// kRows rows of x (from `x`) against kCols columns (from n): sum_g scale * sum(code * x), the
+// codes scaled once per block of 32 and shared by the rows. Each (row, column) sums into two
+// chains (a block's first and second half) in the same order whatever kRows and kCols are, so
+// that a row's output does not depend on its batch; the kRows * kCols pairs' chains are
+// independent, which hides the FMAs' latency.
+template <int64_t kRows, int64_t kCols>
+[[gnu::always_inline]] inline void scaled_dots(const QuantizedMatrix& w, const float* x,
+                                               int64_t in_features, int64_t n,
+                                               float (&dots)[kRows][kCols]) {
+  __m512 totals[kRows][kCols][2];
+  for (auto& row : totals) {
+    for (auto& column : row) {
+      for (auto& total : column) total = _mm512_setzero_ps();
+    }
+  }
+  const uint8_t* codes = w.column_codes(n);
+  const float* scales = w.column_scales(n);
+  const TilePrefetch ahead(w, n + kTilesAhead * kCols, kCols);
+  for_each_block(w, [&](int64_t b, int64_t g) {
+#pragma GCC unroll 4
+    for (int c = 0; c < kCols; ++c) {
+      const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
+      if constexpr (kRows == 1) ahead.step(kCols * b + c, w.block_bytes());
+      const BlockHalves weights =
+          scaled_block_avx512(w, block_codes, half_scales(w, scales + c * w.groups(), g));
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const float* xr = x + r * in_features + b * kCodeBlock;
+        totals[r][c][0] = _mm512_fmadd_ps(weights.first, _mm512_loadu_ps(xr), totals[r][c][0]);
+        totals[r][c][1] =
+            _mm512_fmadd_ps(weights.second, _mm512_loadu_ps(xr + kHalfBlock), totals[r][c][1]);
+      }
+    }
+  });
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < kCols; ++c) dots[r][c] = chains_sum(totals[r][c][0], totals[r][c][1]);
+  }
+}
+#else
 // kRows rows of x (from `x`) against kCols columns (from n): sum_g scale * sum(code * x), the
 // codes scaled once per block of 32 and shared by the rows. Each (row, column) sums into two
 // chains (a block's first and second half) in the same order whatever kRows and kCols are, so
@@ -358,21 +454,31 @@ template <int64_t kRows, int64_t kCols>
   }
 }
 
+
+
+#endif
+
 // The panel path, for many rows of table codes (NF4, FP4), whose lookups cost the most to
-// unpack: a few columns' codes unpacked and scaled once into a buffer (the panel, [columns][K]
-// float32) that every row then reads, instead of once per pass of 4 rows. The panel holds the
-// very vectors scaled_dots computes in registers, and panel_dots sums them in scaled_dots'
-// order, so a row's output has the same bits on either path: choosing the path by the number
-// of rows keeps a request's output independent of its batch. (For the other formats, whose
-// codes unpack in a few instructions, the panel measured no faster: reading it back from the
-// caches costs about what unpacking does.)
+// unpack, and with AVX-512 of FP8 codes: a few columns' codes unpacked and scaled once into a
+// buffer (the panel, [columns][K] float32) that every row then reads, instead of once per pass
+// of 4 rows. The panel holds the very vectors scaled_dots computes in registers, and panel_dots
+// sums them in scaled_dots' order, so a row's output has the same bits on either path: choosing
+// the path by the number of rows keeps a request's output independent of its batch. (For the
+// other formats, whose codes unpack in a few instructions, the panel measured no faster with
+// AVX2: reading it back from the caches costs about what unpacking does. With AVX-512's FMAs
+// twice as wide, unpacking FP8 costs more: 32 rows took 46 ms through the panel against 77.)
 constexpr int64_t kPanelColumns = 2;
 constexpr int64_t kPanelRows = 3;
 // Rows from which filling a panel costs less than unpacking table codes once per 4 rows.
 constexpr int64_t kPanelMinRows = 8;
 
 inline bool takes_panel_path(const QuantizedMatrix& w, int64_t row_count) {
-  return w.format == CodeFormat::kLevels4 && row_count >= kPanelMinRows;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const bool panel_format = w.format == CodeFormat::kLevels4 || w.format == CodeFormat::kFloat8;
+#else
+  const bool panel_format = w.format == CodeFormat::kLevels4;
+#endif
+  return panel_format && row_count >= kPanelMinRows;
 }
 
 inline void fill_panel(const QuantizedMatrix& w, int64_t n, int64_t columns, float* panel) {
@@ -390,6 +496,37 @@ inline void fill_panel(const QuantizedMatrix& w, int64_t n, int64_t columns, flo
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// kRows rows of x against the panel's kCols columns: scaled_dots' sums, read from the panel.
+// Each weight vector loaded serves kRows rows and each x vector kCols columns.
+template <int64_t kRows, int64_t kCols>
+inline void panel_dots(const float* panel, const float* x, int64_t in_features,
+                       float (&dots)[kRows][kCols]) {
+  __m512 totals[kRows][kCols][2];
+  for (auto& row : totals) {
+    for (auto& column : row) {
+      for (auto& total : column) total = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < in_features; k += kCodeBlock) {
+    for (int half = 0; half < 2; ++half) {
+      __m512 weights[kCols];
+      for (int c = 0; c < kCols; ++c) {
+        weights[c] = _mm512_loadu_ps(panel + c * in_features + k + half * kHalfBlock);
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 xr = _mm512_loadu_ps(x + r * in_features + k + half * kHalfBlock);
+        for (int c = 0; c < kCols; ++c) {
+          totals[r][c][half] = _mm512_fmadd_ps(weights[c], xr, totals[r][c][half]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < kCols; ++c) dots[r][c] = chains_sum(totals[r][c][0], totals[r][c][1]);
+  }
+}
+#else
 // kRows rows of x against the panel's kCols columns: scaled_dots' sums, read from the panel.
 // Each weight vector loaded serves kRows rows and each x vector kCols columns.
 template <int64_t kRows, int64_t kCols>
@@ -422,6 +559,7 @@ inline void panel_dots(const float* panel, const float* x, int64_t in_features,
     }
   }
 }
+#endif
 #else
 template <int64_t kRows, int64_t kCols>
 inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_features, int64_t n,
