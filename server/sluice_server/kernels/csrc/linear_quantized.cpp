@@ -372,11 +372,7 @@ inline float chains_sum(__m512 first, __m512 second) {
   return _mm512_reduce_add_ps(_mm512_add_ps(first, second));
 }
 
-// kRows rows of x (from `x`) against kCols columns (from n): sum_g scale * sum(code * x), the
-// codes scaled once per block of 32 and shared by the rows. Each (row, column) sums into two
-// chains (a block's first and second half) in the same order whatever kRows and kCols are, so
-// that a row's output does not depend on its batch; the kRows * kCols pairs' chains are
-// independent, which hides the FMAs' latency.
+// The AVX2 scaled_dots' sums (below: what the chains are and why), a block's half per vector.
 template <int64_t kRows, int64_t kCols>
 [[gnu::always_inline]] inline void scaled_dots(const QuantizedMatrix& w, const float* x,
                                                int64_t in_features, int64_t n,
@@ -453,9 +449,6 @@ template <int64_t kRows, int64_t kCols>
     }
   }
 }
-
-
-
 #endif
 
 // The panel path, for many rows of table codes (NF4, FP4), whose lookups cost the most to
