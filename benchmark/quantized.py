@@ -21,6 +21,7 @@ All run bfloat16 activations; 128 prompt tokens, 128 output tokens, streamed, ig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import re
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine
 from run_all import BENCH, DEFAULT_MODEL, check_model, run_json, write_results
-from servers import llama_server_spec, running, sluice_spec
+from servers import ExitedBeforeHealthy, Running, llama_server_spec, running, sluice_spec
 from sluice_server.gguf_files import default_gguf_path
 
 # Llama 3 8B: the projections' shapes (out, in) per layer, and the untied embeddings and LM head.
@@ -64,6 +66,8 @@ BITS_PER_WEIGHT = {
 }
 WEIGHTS_LINE = re.compile(r"rank 0 holds ([\d.]+) MiB of weights")
 SERVER_TESTS = BENCH.parent / "server" / "tests"
+# llama-server's extra flags, tried in turn while it crashes at startup (see `serving`).
+LLAMA_SERVER_FLAGS: tuple[tuple[str, ...], ...] = ((), ("--no-repack",))
 
 
 @dataclass(frozen=True)
@@ -118,25 +122,51 @@ def log(message: str) -> None:
     print(f"[quantized {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@contextlib.contextmanager
+def serving(
+    args: argparse.Namespace, variant: str, log_path: Path
+) -> Iterator[tuple[Running, tuple[str, ...]]]:
+    """The variant's server, healthy, and the flags a crashed start made it add (none: it
+    started as the variant says).
+
+    llama-server repacks Q4 weights at load for its own matmuls; on some CPUs (seen on Xeons with
+    AMX) that repacking crashes it before it is healthy. It is then started once more without
+    repacking (`--no-repack`), and the flag is recorded with the results."""
+    chosen = VARIANTS[variant]
+    if not chosen.llama_server:
+        spec = sluice_spec(Path(model_id(args, chosen)), "bfloat16", log_path, 600)
+        with running(replace(spec, argv=[*spec.argv, *chosen.flags])) as server:
+            yield server, ()
+        return
+    context = args.prompt_tokens + args.output_tokens + 64
+    for flags in LLAMA_SERVER_FLAGS:
+        spec = llama_server_spec(
+            args.llama_script, default_gguf_path(), max(args.concurrency), context, log_path,
+            600, flags,
+        )
+        with contextlib.ExitStack() as stack:
+            try:
+                server = stack.enter_context(running(spec))
+            except ExitedBeforeHealthy as e:
+                if e.returncode >= 0 or flags == LLAMA_SERVER_FLAGS[-1]:
+                    raise
+                log(f"llama-server crashed at startup (signal {-e.returncode}); again with "
+                    f"{shlex.join(LLAMA_SERVER_FLAGS[-1])}")
+                continue
+            yield server, flags
+            return
+
+
 def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[str, Any]:
     logs = args.results.parent / "logs"
-    chosen = VARIANTS[variant]
     log_path = logs / f"quantized-{variant}.log"
     # llama-server does not log its weights' size: the file's (weights and vocabulary) stands in.
-    file_mib: float | None = None
-    if chosen.llama_server:
-        gguf = default_gguf_path()
-        file_mib = gguf.stat().st_size / 2**20
-        context = args.prompt_tokens + args.output_tokens + 64
-        spec = llama_server_spec(
-            args.llama_script, gguf, max(args.concurrency), context, log_path, 600
-        )
-    else:
-        spec = sluice_spec(Path(model_id(args, chosen)), "bfloat16", log_path, 600)
-        spec = replace(spec, argv=[*spec.argv, *chosen.flags])
-    log(f"round {round_number}: {variant} (log: {spec.log})")
+    file_mib = None
+    if VARIANTS[variant].llama_server:
+        file_mib = default_gguf_path().stat().st_size / 2**20
+    log(f"round {round_number}: {variant} (log: {log_path})")
     levels = {}
-    with running(spec) as server:
+    with serving(args, variant, log_path) as (server, retried_with):
         for concurrency in args.concurrency:
             # fmt: off
             levels[concurrency] = run_json(
@@ -154,12 +184,13 @@ def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[s
                 logs / f"quantized-{variant}-load.log",
             )
             # fmt: on
-    weights = WEIGHTS_LINE.findall(spec.log.read_text())
+    weights = WEIGHTS_LINE.findall(log_path.read_text())
     weights_mib = float(weights[-1]) if weights else file_mib
     row = {
         "variant": variant,
         "round": round_number,
         "weights_mib": weights_mib,
+        "retried_with": list(retried_with),
         "levels": {
             str(c): {
                 k: level[k] for k in ("output_tokens_per_s", "ttft_p50_s", "itl_p50_s", "errors")

@@ -675,7 +675,24 @@ def quantized_section(quantized: Results, perplexities: dict[str, Results], orig
         if memory
         else ""
     )
-    return intro + table(header, rows) + memory_table + "\n"
+    return intro + table(header, rows) + retried_note(quantized) + memory_table + "\n"
+
+
+def retried_note(quantized: Results) -> str:
+    """The servers started again with extra flags after a crashed start (quantized.py's
+    `serving`), if any."""
+    retried = {
+        row["variant"]: " ".join(row["retried_with"])
+        for row in quantized.get("rounds", [])
+        if row.get("retried_with")
+    }
+    if not retried:
+        return ""
+    listed = ", ".join(f"`{variant}` with `{flags}`" for variant, flags in retried.items())
+    return (
+        f"\n\nStarted again after their default start crashed on this CPU: {listed} "
+        "(llama-server's repacking of Q4 weights at load; quantized.py, `serving`)."
+    )
 
 
 def anon_and_file(row: Results) -> str:

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +87,10 @@ def llama_server_spec(
     context_per_request: int,
     log: Path,
     startup_timeout_s: float,
+    extra_flags: Sequence[str] = (),
 ) -> ServerSpec:
     """llama.cpp's llama-server, built by the peer script, on `gguf`: one slot per request in
-    flight, each with room for `context_per_request` tokens."""
+    flight, each with room for `context_per_request` tokens; `extra_flags` follow."""
     port = free_port()
     # fmt: off
     argv = [
@@ -99,6 +100,7 @@ def llama_server_spec(
         # llama-server splits its context evenly between its slots.
         "-np", str(slots),
         "-c", str(slots * context_per_request),
+        *extra_flags,
     ]
     # fmt: on
     return ServerSpec("llama", argv, port, dict(os.environ), log, startup_timeout_s, True)
@@ -254,14 +256,24 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+class ExitedBeforeHealthy(RuntimeError):
+    """The server's process ended before /health answered; `returncode` < 0: killed by that
+    signal (a crash)."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
 def wait_healthy(spec: ServerSpec, process: subprocess.Popen) -> float:
     """Seconds until GET /health answers 200; raises if the server exits or the time runs out."""
     start = time.monotonic()
     while time.monotonic() - start < spec.startup_timeout_s:
         if process.poll() is not None:
-            raise RuntimeError(
+            raise ExitedBeforeHealthy(
                 f"{spec.name} exited with {process.returncode} before it was "
-                f"healthy (log: {spec.log}); its end:\n{log_tail(spec.log)}"
+                f"healthy (log: {spec.log}); its end:\n{log_tail(spec.log)}",
+                process.returncode,
             )
         if http_get(f"{spec.url}/health", timeout_s=5)[0] == 200:
             return time.monotonic() - start
