@@ -44,18 +44,28 @@ def breakdown(level: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def measure(settings: run_all.Settings, mode: str) -> dict[str, Any]:
+def measure_with(
+    settings: run_all.Settings, label: str, flags: list[str], log_name: str
+) -> dict[str, Any]:
+    """Sluice started with `flags` added, through every level, each level's breakdown added."""
     spec = run_all.sluice_spec(settings)
     spec = dataclasses.replace(
         spec,
-        name=f"sluice ({mode})",
-        argv=[*spec.argv, "--overlap-steps", MODES[mode]],
-        log=settings.logs / f"sluice-overlap-{MODES[mode]}.log",
+        name=f"sluice ({label})",
+        argv=[*spec.argv, *flags],
+        log=settings.logs / log_name,
     )
     result = run_all.benchmark_server(settings, spec, scrape_metrics=True)
     for level in result["levels"]:
         level["breakdown"] = breakdown(level)
     return result
+
+
+def measure(settings: run_all.Settings, mode: str) -> dict[str, Any]:
+    value = MODES[mode]
+    return measure_with(
+        settings, mode, ["--overlap-steps", value], f"sluice-overlap-{value}.log"
+    )
 
 
 def median(values: list[float | None]) -> float | None:
@@ -88,6 +98,27 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     return header + "\n".join(rows) + "\n"
 
 
+def save(
+    path: Path,
+    script: str,
+    settings: run_all.Settings,
+    report: str,
+    results: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The command, the machine, the rendered table and every round, as JSON at `path`."""
+    summary = {
+        "command": " ".join(["python", f"benchmark/{script}", *sys.argv[1:]]),
+        "generated_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "sluice_dtype": settings.sluice_dtype,
+        "cpu": f"{os.cpu_count()} × {cpuinfo()[0]}",
+        "rounds_run": settings.rounds,
+        "table": report,
+        "rounds": results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--results", type=Path, default=BENCH / "results" / "overlap.json")
@@ -103,17 +134,7 @@ def main() -> None:
             results[mode].append(measure(settings, mode))
     report = table(results)
     print(report)
-    ours.results.parent.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "command": " ".join(["python", "benchmark/overlap.py", *sys.argv[1:]]),
-        "generated_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "sluice_dtype": settings.sluice_dtype,
-        "cpu": f"{os.cpu_count()} × {cpuinfo()[0]}",
-        "rounds_run": settings.rounds,
-        "table": report,
-        "rounds": results,
-    }
-    ours.results.write_text(json.dumps(summary, indent=2))
+    save(ours.results, "overlap.py", settings, report, results)
     run_all.log(f"wrote {ours.results}; `python benchmark/report.py` puts it in the docs")
 
 

@@ -51,7 +51,7 @@ pub struct Args {
     pub request_limits: RequestLimits,
 
     /// The token budget of one scheduling step: decodes plus prompt chunks; longer prompts
-    /// are prefilled over several steps [default: 1074].
+    /// are prefilled over several steps [default: 562].
     #[arg(long, env)]
     pub max_batch_prefill_tokens: Option<usize>,
 

@@ -2,10 +2,11 @@
 //! sequence is the model's context length, capped by what the KV cache holds once the shards
 //! have sized it, and the longest prompt is one token shorter.
 
-/// A 1,024-token prompt chunk plus room for 50 decodes. On a CPU a step's time grows with its
+/// A 512-token prompt chunk plus room for 50 decodes. On a CPU a step's time grows with its
 /// tokens, so a bounded chunk bounds the running requests' inter-token latency while a long
-/// prompt is prefilled over several steps.
-pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS: u32 = 1024 + 50;
+/// prompt is prefilled over several steps; 512 measured ahead of 256, 1,024, 2,048 and 4,096
+/// in time to first token (docs/architecture.md, "Token limits").
+pub const DEFAULT_MAX_BATCH_PREFILL_TOKENS: u32 = 512 + 50;
 
 /// The limits as the operator gave them; `None` where the default applies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
