@@ -14,16 +14,19 @@ through the Triton kernel. Activations are bfloat16; the codes are random.
 
 Prints a Markdown table of microseconds per layer and each format's speed against bfloat16
 (above 1: faster), and writes the same as JSON. With `--sweep`, first times the Triton kernel's
-tile configurations on the 8B layer's 4-bit weights at each row count, fastest first (how
-`tile_config` was chosen).
+tile configurations on the 8B layer's 4-bit weights at each row count, fastest first, and ranks
+them as one shape for every row count (how `triton_quantized.TILES` was chosen), noting whether
+each gives TILES's bits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -124,11 +127,21 @@ def layer_calls(model: str, rows: int) -> dict[str, list[Callable[[], object]]]:
     return calls
 
 
-def sweep(rows_list: list[int], repeats: int) -> dict[int, list[tuple[str, float]]]:
-    """Microseconds of the 8B layer's 4-bit projections per tile configuration, fastest first."""
+# The tile shapes the sweep times at every row count: one of them serves every row count
+# (triton_quantized.TILES).
+SWEEP_BLOCK_MS = (16, 64, 128)
+SWEEP_BLOCK_NS = (32, 64, 128, 256)
+SWEEP_LAUNCHES = ((4, 3), (4, 4), (8, 4))
+
+
+def sweep(rows_list: list[int], repeats: int) -> dict[str, Any]:
+    """Microseconds of the 8B layer's 4-bit projections per tile configuration and row count,
+    whether each gives TILES's bits, and the configurations ranked as one shape for every row
+    count (the geometric mean over row counts of time / that row count's fastest)."""
     code_format, _, offsets = FORMATS["4-bit (AWQ/GPTQ)"]
     group_size = GROUP_SIZES["Llama-8B"]
-    found = {}
+    timings: dict[str, dict[int, float]] = {}
+    same_bits: dict[str, bool] = {}
     for rows in rows_list:
         pairs = []
         for in_features, out_features in MODELS["Llama-8B"] * COPIES:
@@ -136,32 +149,49 @@ def sweep(rows_list: list[int], repeats: int) -> dict[int, list[tuple[str, float
             pairs.append(
                 (x, random_weight(in_features, out_features, code_format, group_size, offsets))
             )
-        block_ms = [16] if rows <= 16 else [64, 128]
-        block_ns = [32, 64, 128] if rows <= 16 else [64, 128, 256]
-        timings = []
-        expected = triton_quantized.quantized_matmul(*pairs[0]).float()
-        for block_m in block_ms:
-            for block_n in block_ns:
-                for warps, stages in ((4, 3), (4, 4), (8, 4)):
+        expected = triton_quantized.quantized_matmul(*pairs[0])
+        for block_m in SWEEP_BLOCK_MS:
+            for block_n in SWEEP_BLOCK_NS:
+                for warps, stages in SWEEP_LAUNCHES:
                     config = triton_quantized.TileConfig(block_m, block_n, warps, stages)
                     calls = [
                         lambda x=x, w=w, c=config: triton_quantized.quantized_matmul(x, w, None, c)
                         for x, w in pairs
                     ]
                     try:
-                        # Each configuration's output against the default one's.
-                        error = (calls[0]().float() - expected).abs().max().item()
-                        if error > 1e-2 * expected.abs().max().item():
+                        out = calls[0]()
+                        # Each configuration's output against TILES's.
+                        error = (out.float() - expected.float()).abs().max().item()
+                        if error > 1e-2 * expected.float().abs().max().item():
                             raise ValueError(f"output differs by {error}")
-                        timings.append((str(config), time_us(calls, repeats)))
+                        same_bits[str(config)] = same_bits.get(str(config), True) and bool(
+                            torch.equal(out, expected)
+                        )
+                        timings.setdefault(str(config), {})[rows] = time_us(calls, repeats)
                     except Exception as failure:  # Too large for the GPU, or wrong.
                         print(f"  {config}: {failure}")
-        found[rows] = sorted(timings, key=lambda pair: pair[1])
-        print(f"rows {rows}, default {triton_quantized.tile_config(rows)}:")
-        for name, us in found[rows][:4]:
+        fastest = sorted((t[rows], name) for name, t in timings.items() if rows in t)
+        print(f"rows {rows}, TILES {triton_quantized.TILES}:")
+        for us, name in fastest[:4]:
             print(f"  {us:9.1f} us  {name}")
         del pairs
-    return found
+    best = {rows: min(t[rows] for t in timings.values() if rows in t) for rows in rows_list}
+    every_row_count = {
+        name: math.exp(sum(math.log(t[rows] / best[rows]) for rows in rows_list) / len(rows_list))
+        for name, t in timings.items()
+        if len(t) == len(rows_list)
+    }
+    ranked = sorted(every_row_count.items(), key=lambda pair: pair[1])
+    print("one shape for every row count (time / each row count's fastest, geometric mean):")
+    for name, score in ranked[:6]:
+        cells = ", ".join(f"{rows}: {timings[name][rows]:.1f}" for rows in rows_list)
+        print(f"  {score:5.2f}x  {name}  ({cells} us; TILES's bits: {same_bits[name]})")
+    return {
+        "us": timings,
+        "same_bits_as_tiles": same_bits,
+        "every_row_count": ranked,
+        "tiles": str(triton_quantized.TILES),
+    }
 
 
 def main() -> None:

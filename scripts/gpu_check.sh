@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Checks Sluice on a CUDA GPU: the CUDA unit tests, then the real launcher, router and shard end to
-# end with a throughput measurement (unquantized, AWQ and FP8), the quantized-weight kernels'
-# timings, then the CPU-side engine and kernel tests. See docs/gpu.md.
+# Checks Sluice on a CUDA GPU: the CUDA unit tests, the quantized-weight kernels' timings, then
+# the real launcher, router and shard end to end with a throughput measurement (unquantized, AWQ
+# and FP8), then the CPU-side engine and kernel tests. See docs/gpu.md.
 #
 # Run from the repository root of a checkout where `make install` ran:  bash scripts/gpu_check.sh
 # Each input is an environment variable with a default for such a checkout:
@@ -30,6 +30,9 @@ E2E_TIMEOUT_S=${E2E_TIMEOUT_S:-300}
 CPU_TESTS_TIMEOUT_S=${CPU_TESTS_TIMEOUT_S:-150}
 E2E_ARGS=${E2E_ARGS:---quantize awq fp8}
 KERNEL_BENCH_TIMEOUT_S=${KERNEL_BENCH_TIMEOUT_S:-180}
+KERNEL_BENCH_ARGS=${KERNEL_BENCH_ARGS:---sweep}
+# Phases to leave out, by name (a rerun of the ones that failed, say).
+SKIP_PHASES=${SKIP_PHASES:-}
 WORK=/tmp/sluice-gpu-check
 
 mkdir -p "$OUT" "$WORK"
@@ -41,6 +44,10 @@ PHASES=()
 phase() {
     local name=$1
     shift
+    if [[ " $SKIP_PHASES " == *" $name "* ]]; then
+        echo "=== $name: skipped (SKIP_PHASES)"
+        return
+    fi
     local started=$SECONDS
     echo "=== $name: started at $(date +%T)"
     "$@"
@@ -117,8 +124,9 @@ end_to_end() {
 
 # The quantized projections' kernels against bfloat16's matmul, after a sweep of tile shapes.
 quantized_kernel_bench() {
+    # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of flags.
     with_server_path timeout "$(limit "$KERNEL_BENCH_TIMEOUT_S")" "$PYTHON" \
-        benchmark/quantized_gpu.py --sweep --out "$OUT/quantized_gpu.json"
+        benchmark/quantized_gpu.py $KERNEL_BENCH_ARGS --out "$OUT/quantized_gpu.json"
 }
 
 # The engine's CPU tests (test_models_vs_transformers.py also builds the C++ CPU kernels). The
@@ -131,11 +139,16 @@ cpu_tests() {
 }
 
 # The compiled CPU kernels against the reference on the host CPU, in a phase of their own, so
-# that a crash in native code cannot take the other CPU tests' results down with it.
+# that a crash in native code cannot take the other CPU tests' results down with it: first
+# built with AddressSanitizer and UBSan (test_kernel_builds.py), which report a memory error
+# with its stack, then as served, each in a process of its own.
 cpu_kernel_tests() {
-    with_server_path timeout "$(limit "$CPU_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q \
-        --tb=short -p no:cacheprovider server/tests/test_cpu_kernels.py \
-        server/tests/test_kernel_builds.py
+    local code=0
+    for tests in server/tests/test_kernel_builds.py server/tests/test_cpu_kernels.py; do
+        with_server_path timeout "$(limit "$CPU_TESTS_TIMEOUT_S")" "$PYTHON" -m pytest -q \
+            --tb=short -p no:cacheprovider "$tests" || code=$?
+    done
+    return $code
 }
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -143,8 +156,10 @@ phase install_wheels install_wheels
 phase install_binaries install_binaries
 phase versions versions
 phase cuda_tests cuda_tests
-phase end_to_end end_to_end
+# The kernels' timings before the end-to-end run, whose serving is bound by the host's kernel
+# launches (see docs/gpu.md) and takes longer.
 phase quantized_kernel_bench quantized_kernel_bench
+phase end_to_end end_to_end
 phase cpu_tests cpu_tests
 phase cpu_kernel_tests cpu_kernel_tests
 

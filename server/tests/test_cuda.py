@@ -39,6 +39,8 @@ RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.04}
 # from the free memory the cache is sized from.
 SIZING_SLACK_BYTES = 512 * 2**20
 NEW_TOKENS = 10
+# The prompt `_prefill_and_decode_errors` prefills before it decodes token by token.
+PROMPT_TOKENS = 6
 
 
 @pytest.fixture(
@@ -46,14 +48,19 @@ NEW_TOKENS = 10
     params=[(variant, dtype) for variant in MODEL_VARIANTS for dtype in DTYPES],
     ids=lambda param: "-".join(param),
 )
-def models(request: pytest.FixtureRequest, save_tiny_model) -> tuple[LoadedModel, torch.nn.Module]:
-    """(our model, transformers' model), both on the GPU in the same dtype."""
+def models(
+    request: pytest.FixtureRequest, save_tiny_model
+) -> tuple[LoadedModel, torch.nn.Module, torch.nn.Module]:
+    """(our model, transformers' model in the same dtype, transformers' model in float32), all
+    on the GPU."""
     variant, dtype_name = request.param
     model_type, overrides = MODEL_VARIANTS[variant]
     directory, reference = save_tiny_model(model_type, **overrides)
     dtype = DTYPES[dtype_name]
     loaded = load_model(directory, dtype, DEVICE, Kernels.reference())
-    return loaded, copy.deepcopy(reference).to(DEVICE, dtype)
+    same_dtype = copy.deepcopy(reference).to(DEVICE, dtype)
+    exact = same_dtype if dtype == torch.float32 else copy.deepcopy(reference).to(DEVICE)
+    return loaded, same_dtype, exact.float()
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +117,13 @@ def _first_difference(actual: Sequence[int], expected: Sequence[int]) -> int | N
 def _prefill_and_decode_errors(
     loaded: LoadedModel, tokens: Sequence[int], expected: torch.Tensor
 ) -> list[float]:
-    """The largest logit error against `expected` (every position's logits) of a 6-token
-    prompt's prefill, then of each following token decoded through a paged cache."""
+    """The largest logit error against `expected` (every position's logits) of a prompt's
+    prefill (PROMPT_TOKENS), then of each following token decoded through a paged cache."""
     cache = KVCacheSpec.for_model(loaded, BLOCK_SIZE).allocate(16)
     table = [11, 2, 7, 0]  # Out of order, so that a slot mix-up shows.
-    prompt_len = 6
-    chunks = [ForwardChunk(tokens[:prompt_len], 0, table, True)] + [
+    chunks = [ForwardChunk(tokens[:PROMPT_TOKENS], 0, table, True)] + [
         ForwardChunk(tokens[position : position + 1], position, table, True)
-        for position in range(prompt_len, len(tokens))
+        for position in range(PROMPT_TOKENS, len(tokens))
     ]
     errors = []
     for chunk in chunks:
@@ -129,12 +135,21 @@ def _prefill_and_decode_errors(
 
 
 def test_prefill_and_decodes_match_transformers(models, record_property) -> None:
-    loaded, reference = models
+    """Against transformers in float32. bfloat16 rounds every layer's output, at other places in
+    two implementations (cuBLAS picks its kernels by shape: our fused projections against
+    transformers' separate ones), so a bfloat16 model may be off by the tolerance or by 1.5x
+    transformers' own bfloat16 error, whichever is larger."""
+    loaded, reference, exact_reference = models
     tokens = _prompt(15, seed=1)
     with torch.no_grad():
-        expected = reference(torch.tensor([tokens], device=DEVICE)).logits[0].float()
-    tolerance = _tolerance(loaded, expected)
-    errors = _prefill_and_decode_errors(loaded, tokens, expected)
+        input_ids = torch.tensor([tokens], device=DEVICE)
+        exact = exact_reference(input_ids).logits[0].float()
+        theirs = (reference(input_ids).logits[0].float() - exact)[PROMPT_TOKENS - 1 :]
+    tolerance = _tolerance(loaded, exact)
+    if loaded.dtype != torch.float32:
+        record_property("transformers_error", theirs.abs().max().item())
+        tolerance = max(tolerance, 1.5 * theirs.abs().max().item())
+    errors = _prefill_and_decode_errors(loaded, tokens, exact)
     record_property("max_logit_error", max(errors))
     record_property("tolerance", tolerance)
     assert max(errors) < tolerance, f"errors by position: {errors}"
@@ -144,7 +159,7 @@ def test_greedy_matches_transformers_generate(models, record_property) -> None:
     """float32: the same tokens. bfloat16: the same tokens up to a step where the two choices'
     logits are within twice the tolerance of each other, where rounding may pick either (a
     difference at a clear step would be a bug: both sides chose from the same tokens)."""
-    loaded, reference = models
+    loaded, reference, _exact = models
     generated = _engine_greedy(loaded, PROMPTS)
     compared_steps = 0
     for request_id, prompt in enumerate(PROMPTS):
@@ -232,7 +247,7 @@ def test_warmup_sizes_the_cache_from_free_gpu_memory(cuda_llama, record_property
     del executor  # Frees the cache before the small one below.
     torch.cuda.empty_cache()
     router = MiniRouter(make_executor(cuda_llama))
-    router.add(new_request(0, prompt))
+    router.add(new_request(0, prompt), max_new_tokens=NEW_TOKENS)
     assert far == router.run()[0]
 
 
@@ -282,7 +297,11 @@ def test_quantized_checkpoints_through_the_gpu_kernels(
 def test_fp8_weights_through_the_gpu_fp8_matmul(save_tiny_model, record_property) -> None:
     """FP8 weights (quantized at load) in bfloat16 through the FP8 matmul (activations rounded to
     e4m3 per row) against the same weights dequantized on every call: a prompt's logits and a
-    one-token prompt's (the decode shape)."""
+    one-token prompt's (the decode shape). The matmul's own error is test_triton_quantized.py's
+    (3 % of a projection's output on an H200); this random model amplifies such differences
+    layer by layer (on an H200: 12 % and 5 % of the logits' norm, about as much against
+    activations rounded to e4m3 the same way in PyTorch), so the bound catches a wrong path
+    (off by the logits' whole size), not rounding."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
     source, _ = save_tiny_model("llama", tie_word_embeddings=False)
@@ -304,4 +323,4 @@ def test_fp8_weights_through_the_gpu_fp8_matmul(save_tiny_model, record_property
             logits.append(run_forward(model, cache, [chunk]).logits[0].float())
         errors.append(((logits[0] - logits[1]).norm() / logits[1].norm()).item())
     record_property("relative_logit_errors", errors)
-    assert max(errors) < 0.1
+    assert max(errors) < 0.25

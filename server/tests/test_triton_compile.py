@@ -1,6 +1,6 @@
 """The Triton kernel for quantized weights compiled ahead of time for NVIDIA GPUs by Triton's own
 compiler and the ptxas it ships, which run without a GPU: every code format and grouping, at the
-tile configurations `tile_config` picks, for Ampere (sm_80: A100) and Hopper (sm_90: H100, H200).
+tile shape it takes (`TILES`), for Ampere (sm_80: A100) and Hopper (sm_90: H100, H200).
 Each compiles to a cubin whose shared memory fits the GPU's. (test_triton_quantized.py checks
 the kernel's results, under Triton's interpreter here and on a GPU where there is one.)
 
@@ -19,25 +19,18 @@ from quantized_weights import GROUPINGS
 
 # Shared memory one block may take, bytes (CUDA's programming guide, compute capabilities).
 SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}
-# The row counts whose tile configurations are compiled: decode, a small prefill chunk and a long
-# one.
-ROWS = (1, 32, 256)
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 def _cases() -> list[dict]:
-    """Hopper: every grouping at every configuration in bfloat16, and float16 and float32 at
-    the decode one; Ampere: every grouping at the decode configuration in bfloat16."""
+    """Hopper: every grouping in bfloat16, float16 and float32; Ampere: every grouping in
+    bfloat16."""
     cases = []
     for code_format, group_size, offsets in GROUPINGS:
         grouping = {"code_format": int(code_format), "group_size": group_size, "offsets": offsets}
-        combinations = [(90, torch.bfloat16, rows) for rows in ROWS]
-        combinations += [(90, dtype, ROWS[0]) for dtype in (torch.float16, torch.float32)]
-        combinations.append((80, torch.bfloat16, ROWS[0]))
-        for capability, dtype, rows in combinations:
-            cases.append(
-                {**grouping, "capability": capability, "dtype": DTYPES[dtype], "rows": rows}
-            )
+        combinations = [(90, dtype) for dtype in DTYPES] + [(80, torch.bfloat16)]
+        for capability, dtype in combinations:
+            cases.append({**grouping, "capability": capability, "dtype": DTYPES[dtype]})
     return cases
 
 

@@ -47,6 +47,19 @@ def test_matmul_matches_the_dequantized_weight(
     _assert_close(y.cpu(), _expected(x, weight, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_in_any_batch(dtype: torch.dtype) -> None:
+    """A row's output alone equals its output among 1, 70 and 300 rows (a decode batch, a
+    prompt chunk): the tile shape does not change with the row count."""
+    weight = random_weight(OUT_FEATURES, 256, CodeFormat.UINT4, 64, offsets=True).to(DEVICE)
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    together = triton_quantized.quantized_matmul(x, weight)
+    for row in (0, 69, 299):
+        alone = triton_quantized.quantized_matmul(x[row : row + 1], weight)
+        assert torch.equal(alone[0], together[row])
+    assert torch.equal(triton_quantized.quantized_matmul(x[:70], weight)[69], together[69])
+
+
 def test_act_order_multiplies_each_column_by_its_feature() -> None:
     """GPTQ's act-order: column j of the codes multiplies input feature input_order[j]."""
     weight = random_weight(OUT_FEATURES, 256, CodeFormat.UINT4, 32, offsets=False)
@@ -95,15 +108,16 @@ def test_fp8_matmul_is_taken_only_where_it_applies() -> None:
 def test_fp8_matmul_matches_the_dequantized_weight(rows: int, record_property) -> None:
     """Activations rounded to e4m3 per row: 3 mantissa bits, so each product is off by up to
     1/16 of itself; over 256 random terms the output's error is a few percent of its size."""
-    weight = random_weight(64, 256, CodeFormat.FLOAT8_E4M3, 256, offsets=False).to(DEVICE)
+    weight = random_weight(64, 256, CodeFormat.FLOAT8_E4M3, 256, offsets=False)
+    on_gpu = weight.to(DEVICE)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).bfloat16()
     bias = torch.randn(64)
-    assert triton_quantized.takes_scaled_mm(x.cuda(), weight)
-    y = triton_quantized.scaled_mm_fp8(x.cuda(), weight, bias.cuda())
+    assert triton_quantized.takes_scaled_mm(x.cuda(), on_gpu)
+    y = triton_quantized.scaled_mm_fp8(x.cuda(), on_gpu, bias.cuda())
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 64)
     # Whether a row alone gets the bits it gets among others: cuBLAS picks its FP8 algorithm by
     # shape, which the kernel's choice cannot control; recorded for the GPU check's report.
-    alone = triton_quantized.scaled_mm_fp8(x[:1].cuda(), weight, bias.cuda())
+    alone = triton_quantized.scaled_mm_fp8(x[:1].cuda(), on_gpu, bias.cuda())
     record_property("first_row_equal_alone", torch.equal(alone[0], y[0]))
     expected = _expected(x, weight, bias)
     relative = ((y.cpu().double() - expected).norm() / expected.norm()).item()

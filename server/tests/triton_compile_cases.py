@@ -1,7 +1,6 @@
 """Compiles the quantized-weight Triton kernel for each case read as JSON from stdin (code format,
-group size, offsets, activations' dtype, the rows whose tile configuration to use, compute
-capability), without a GPU,
-and writes each one's shared memory or error as JSON to stdout. test_triton_compile.py runs it."""
+group size, offsets, activations' dtype, compute capability), without a GPU, and writes each
+one's shared memory or error as JSON to stdout. test_triton_compile.py runs it."""
 
 import json
 import sys
@@ -25,7 +24,7 @@ def compile_case(case: dict) -> dict:
     weight = random_weight(
         64, 256, CodeFormat(case["code_format"]), case["group_size"], case["offsets"]
     )
-    config = triton_quantized.tile_config(case["rows"])
+    config = triton_quantized.TILES
     kernel = triton_quantized._quantized_matmul_kernel
     constants = triton_quantized.kernel_constants(weight, config, interpreted=False)
     activations = POINTER_TYPES[case["dtype"]]

@@ -163,14 +163,14 @@ class TileConfig:
     num_stages: int = 3
 
 
-def tile_config(rows: int) -> TileConfig:
-    """Decode batches are a few rows: short tiles, more programs over the output features;
-    prompts take larger tiles."""
-    if rows <= 16:
-        return TileConfig(16, 64, num_warps=4, num_stages=4)
-    if rows <= 64:
-        return TileConfig(32, 64, num_warps=4, num_stages=4)
-    return TileConfig(64, 128, num_warps=8, num_stages=3)
+# One tile shape for every row count, so that a row's output does not depend on its batch. The
+# tensor-core instruction follows the tile's height (on Hopper, wgmma from 64 rows, mma.sync
+# below), and so do a sum's bits: on an H200 every 16-row shape gave other bits than this one,
+# every 64- and 128-row shape the same. Shapes chosen by row count (16 rows for decode, 64 for
+# prompts) made 22 of 32 concurrent AWQ requests differ from the same request alone. This shape
+# was the fastest for every row count (`benchmark/quantized_gpu.py --sweep`, docs/gpu.md):
+# 1.42x each row count's fastest time, geometric mean over 1, 16, 256 and 2,048 rows.
+TILES = TileConfig(64, 64, num_warps=4, num_stages=3)
 
 
 def block_k(weight: QuantizedWeight) -> int:
@@ -199,10 +199,10 @@ def quantized_matmul(
     x: torch.Tensor,
     weight: QuantizedWeight,
     bias: torch.Tensor | None = None,
-    config: TileConfig | None = None,
+    config: TileConfig = TILES,
 ) -> torch.Tensor:
     """x W^T + b for x [..., K] and a quantized W [N, K] in column order, on the GPU (or on CPU
-    tensors under Triton's interpreter)."""
+    tensors under Triton's interpreter). `config` other than TILES: for benchmarks only."""
     if weight.tile_order:
         raise ValueError("the Triton kernel reads codes in column order, not the CPU's tile order")
     if x.shape[-1] != weight.in_features:
@@ -214,7 +214,6 @@ def quantized_matmul(
     rows, out_features = x.shape[0], weight.out_features
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     if rows > 0:
-        config = config or tile_config(rows)
         grid = (triton.cdiv(rows, config.block_m), triton.cdiv(out_features, config.block_n))
         scales = weight.scales.float().contiguous()
         offsets = None if weight.offsets is None else weight.offsets.float().contiguous()
