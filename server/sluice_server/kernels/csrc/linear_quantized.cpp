@@ -304,11 +304,6 @@ struct LevelTable {
   block.values[3] = _mm256_mul_ps(block.values[3], second);
 }
 
-// The order a block's four vectors are multiplied in: the two chains' first vectors, then their
-// second, so that consecutive FMAs do not wait on each other. (Each chain's own order, and so
-// the result, is the same in any order of the chains.)
-constexpr int kVectorOrder[4] = {0, 2, 1, 3};
-
 inline float horizontal_sum(__m256 v) {
   const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
@@ -321,7 +316,7 @@ inline float horizontal_sum(__m256 v) {
 // scaled_dots and panel_dots below sum in the same order as each other, which differs from the
 // AVX2 loops' (as the integer path's order does), not in their values.
 struct BlockHalves {
-  __m512 first, second;
+  __m512 values[2];
 };
 
 [[gnu::always_inline]] inline __m512 widen_codes(__m128i bytes, const QuantizedMatrix& w) {
@@ -340,8 +335,8 @@ struct BlockHalves {
   const __m512i magnitude = _mm512_slli_epi16(_mm512_and_si512(wide, _mm512_set1_epi16(0x7f)), 7);
   const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(wide, _mm512_set1_epi16(0x80)), 8);
   const __m512i halves = _mm512_or_si512(magnitude, sign);
-  block.first = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
-  block.second = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+  block.values[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+  block.values[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
 }
 
 // A block's 32 codes as two vectors of 16 float32 in dimension order, times their halves'
@@ -354,33 +349,82 @@ struct BlockHalves {
     widen_float8(codes, block);
   } else if (w.format == CodeFormat::kSigned8) {
     const auto* halves = reinterpret_cast<const __m128i*>(codes);
-    block.first = widen_codes(_mm_loadu_si128(halves), w);
-    block.second = widen_codes(_mm_loadu_si128(halves + 1), w);
+    block.values[0] = widen_codes(_mm_loadu_si128(halves), w);
+    block.values[1] = widen_codes(_mm_loadu_si128(halves + 1), w);
   } else {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
     const __m128i mask = _mm_set1_epi8(0x0f);
-    block.first = widen_codes(_mm_and_si128(bytes, mask), w);
-    block.second = widen_codes(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), w);
+    block.values[0] = widen_codes(_mm_and_si128(bytes, mask), w);
+    block.values[1] = widen_codes(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), w);
   }
-  block.first = _mm512_mul_ps(block.first, _mm512_set1_ps(scale.first));
-  block.second = _mm512_mul_ps(block.second, _mm512_set1_ps(scale.second));
+  block.values[0] = _mm512_mul_ps(block.values[0], _mm512_set1_ps(scale.first));
+  block.values[1] = _mm512_mul_ps(block.values[1], _mm512_set1_ps(scale.second));
   return block;
 }
 
-// The two chains' sum: the same reduction on either path.
-inline float chains_sum(__m512 first, __m512 second) {
+// The float32 path's vectors, per width: a block of 32 codes is kBlockVectors vectors of kLanes
+// values, scaled (`scaled_vectors`), and each (row, column) sums into two chains, the block's
+// first half and its second, whose sum `chains_sum` reduces. With AVX-512 a half is one vector.
+using FloatVector = __m512;
+using ScaledVectors = BlockHalves;
+constexpr int kBlockVectors = 2;
+constexpr int kBlockVectorOrder[kBlockVectors] = {0, 1};
+
+inline FloatVector vector_zero() { return _mm512_setzero_ps(); }
+inline FloatVector vector_load(const float* values) { return _mm512_loadu_ps(values); }
+inline FloatVector vector_fmadd(FloatVector a, FloatVector b, FloatVector c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+[[gnu::always_inline]] inline ScaledVectors scaled_vectors(const QuantizedMatrix& w,
+                                                           const uint8_t* codes,
+                                                           const HalfScales& scale) {
+  return scaled_block_avx512(w, codes, scale);
+}
+inline float chains_sum(FloatVector first, FloatVector second) {
   return _mm512_reduce_add_ps(_mm512_add_ps(first, second));
 }
+#else
+// With AVX2 a half is two vectors, multiplied in the order of kBlockVectorOrder: the two chains'
+// first vectors, then their second, so that consecutive FMAs do not wait on each other. (Each
+// chain's own order, and so the result, is the same in any order of the chains.)
+using FloatVector = __m256;
+using ScaledVectors = UnpackedBlock;
+constexpr int kBlockVectors = 4;
+constexpr int kBlockVectorOrder[kBlockVectors] = {0, 2, 1, 3};
 
-// The AVX2 scaled_dots' sums (below: what the chains are and why), a block's half per vector.
+inline FloatVector vector_zero() { return _mm256_setzero_ps(); }
+inline FloatVector vector_load(const float* values) { return _mm256_loadu_ps(values); }
+inline FloatVector vector_fmadd(FloatVector a, FloatVector b, FloatVector c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+[[gnu::always_inline]] inline ScaledVectors scaled_vectors(const QuantizedMatrix& w,
+                                                           const uint8_t* codes,
+                                                           const HalfScales& scale) {
+  UnpackedBlock block = unpack_block_avx2(w, codes);
+  scale_block(scale, block);
+  return block;
+}
+inline float chains_sum(FloatVector first, FloatVector second) {
+  return horizontal_sum(_mm256_add_ps(first, second));
+}
+#endif
+constexpr int64_t kLanes = kCodeBlock / kBlockVectors;
+// The chain a block's vector i sums into.
+constexpr int chain_of(int i) { return i / (kBlockVectors / 2); }
+
+// kRows rows of x (from `x`) against kCols columns (from n): sum_g scale * sum(code * x), the
+// codes scaled once per block of 32 and shared by the rows. Each (row, column) sums into its two
+// chains in the same order whatever kRows and kCols are, so that a row's output does not depend
+// on its batch; the kRows * kCols pairs' chains are independent, which hides the FMAs' latency.
+// The order differs between the widths (as the integer path's does), not the values.
 template <int64_t kRows, int64_t kCols>
 [[gnu::always_inline]] inline void scaled_dots(const QuantizedMatrix& w, const float* x,
                                                int64_t in_features, int64_t n,
                                                float (&dots)[kRows][kCols]) {
-  __m512 totals[kRows][kCols][2];
+  FloatVector totals[kRows][kCols][2];
   for (auto& row : totals) {
     for (auto& column : row) {
-      for (auto& total : column) total = _mm512_setzero_ps();
+      for (auto& total : column) total = vector_zero();
     }
   }
   const uint8_t* codes = w.column_codes(n);
@@ -391,14 +435,16 @@ template <int64_t kRows, int64_t kCols>
     for (int c = 0; c < kCols; ++c) {
       const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
       if constexpr (kRows == 1) ahead.step(kCols * b + c, w.block_bytes());
-      const BlockHalves weights =
-          scaled_block_avx512(w, block_codes, half_scales(w, scales + c * w.groups(), g));
+      const ScaledVectors weights =
+          scaled_vectors(w, block_codes, half_scales(w, scales + c * w.groups(), g));
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
         const float* xr = x + r * in_features + b * kCodeBlock;
-        totals[r][c][0] = _mm512_fmadd_ps(weights.first, _mm512_loadu_ps(xr), totals[r][c][0]);
-        totals[r][c][1] =
-            _mm512_fmadd_ps(weights.second, _mm512_loadu_ps(xr + kHalfBlock), totals[r][c][1]);
+#pragma GCC unroll 4
+        for (const int i : kBlockVectorOrder) {
+          FloatVector& total = totals[r][c][chain_of(i)];
+          total = vector_fmadd(weights.values[i], vector_load(xr + kLanes * i), total);
+        }
       }
     }
   });
@@ -406,50 +452,6 @@ template <int64_t kRows, int64_t kCols>
     for (int c = 0; c < kCols; ++c) dots[r][c] = chains_sum(totals[r][c][0], totals[r][c][1]);
   }
 }
-#else
-// kRows rows of x (from `x`) against kCols columns (from n): sum_g scale * sum(code * x), the
-// codes scaled once per block of 32 and shared by the rows. Each (row, column) sums into two
-// chains (a block's first and second half) in the same order whatever kRows and kCols are, so
-// that a row's output does not depend on its batch; the kRows * kCols pairs' chains are
-// independent, which hides the FMAs' latency.
-template <int64_t kRows, int64_t kCols>
-[[gnu::always_inline]] inline void scaled_dots(const QuantizedMatrix& w, const float* x,
-                                               int64_t in_features, int64_t n,
-                                               float (&dots)[kRows][kCols]) {
-  __m256 totals[kRows][kCols][2];
-  for (auto& row : totals) {
-    for (auto& column : row) {
-      for (auto& total : column) total = _mm256_setzero_ps();
-    }
-  }
-  const uint8_t* codes = w.column_codes(n);
-  const float* scales = w.column_scales(n);
-  const TilePrefetch ahead(w, n + kTilesAhead * kCols, kCols);
-  for_each_block(w, [&](int64_t b, int64_t g) {
-#pragma GCC unroll 4
-    for (int c = 0; c < kCols; ++c) {
-      const uint8_t* block_codes = codes + c * w.code_bytes_per_column() + b * w.block_bytes();
-      if constexpr (kRows == 1) ahead.step(kCols * b + c, w.block_bytes());
-      UnpackedBlock weights = unpack_block_avx2(w, block_codes);
-      scale_block(half_scales(w, scales + c * w.groups(), g), weights);
-#pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) {
-        const float* xr = x + r * in_features + b * kCodeBlock;
-#pragma GCC unroll 4
-        for (const int i : kVectorOrder) {
-          __m256& total = totals[r][c][i / 2];
-          total = _mm256_fmadd_ps(weights.values[i], _mm256_loadu_ps(xr + 8 * i), total);
-        }
-      }
-    }
-  });
-  for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < kCols; ++c) {
-      dots[r][c] = horizontal_sum(_mm256_add_ps(totals[r][c][0], totals[r][c][1]));
-    }
-  }
-}
-#endif
 
 // The panel path, for many rows of table codes (NF4, FP4), whose lookups cost the most to
 // unpack, and with AVX-512 of FP8 codes: a few columns' codes unpacked and scaled once into a
@@ -489,28 +491,29 @@ inline void fill_panel(const QuantizedMatrix& w, int64_t n, int64_t columns, flo
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
 // kRows rows of x against the panel's kCols columns: scaled_dots' sums, read from the panel.
 // Each weight vector loaded serves kRows rows and each x vector kCols columns.
 template <int64_t kRows, int64_t kCols>
 inline void panel_dots(const float* panel, const float* x, int64_t in_features,
                        float (&dots)[kRows][kCols]) {
-  __m512 totals[kRows][kCols][2];
+  FloatVector totals[kRows][kCols][2];
   for (auto& row : totals) {
     for (auto& column : row) {
-      for (auto& total : column) total = _mm512_setzero_ps();
+      for (auto& total : column) total = vector_zero();
     }
   }
   for (int64_t k = 0; k < in_features; k += kCodeBlock) {
-    for (int half = 0; half < 2; ++half) {
-      __m512 weights[kCols];
+#pragma GCC unroll 4
+    for (const int i : kBlockVectorOrder) {
+      FloatVector weights[kCols];
       for (int c = 0; c < kCols; ++c) {
-        weights[c] = _mm512_loadu_ps(panel + c * in_features + k + half * kHalfBlock);
+        weights[c] = vector_load(panel + c * in_features + k + kLanes * i);
       }
       for (int r = 0; r < kRows; ++r) {
-        const __m512 xr = _mm512_loadu_ps(x + r * in_features + k + half * kHalfBlock);
+        const FloatVector xr = vector_load(x + r * in_features + k + kLanes * i);
         for (int c = 0; c < kCols; ++c) {
-          totals[r][c][half] = _mm512_fmadd_ps(weights[c], xr, totals[r][c][half]);
+          FloatVector& total = totals[r][c][chain_of(i)];
+          total = vector_fmadd(weights[c], xr, total);
         }
       }
     }
@@ -519,40 +522,6 @@ inline void panel_dots(const float* panel, const float* x, int64_t in_features,
     for (int c = 0; c < kCols; ++c) dots[r][c] = chains_sum(totals[r][c][0], totals[r][c][1]);
   }
 }
-#else
-// kRows rows of x against the panel's kCols columns: scaled_dots' sums, read from the panel.
-// Each weight vector loaded serves kRows rows and each x vector kCols columns.
-template <int64_t kRows, int64_t kCols>
-inline void panel_dots(const float* panel, const float* x, int64_t in_features,
-                       float (&dots)[kRows][kCols]) {
-  __m256 totals[kRows][kCols][2];
-  for (auto& row : totals) {
-    for (auto& column : row) {
-      for (auto& total : column) total = _mm256_setzero_ps();
-    }
-  }
-  for (int64_t k = 0; k < in_features; k += kCodeBlock) {
-#pragma GCC unroll 4
-    for (const int i : kVectorOrder) {
-      __m256 weights[kCols];
-      for (int c = 0; c < kCols; ++c) {
-        weights[c] = _mm256_loadu_ps(panel + c * in_features + k + 8 * i);
-      }
-      for (int r = 0; r < kRows; ++r) {
-        const __m256 xr = _mm256_loadu_ps(x + r * in_features + k + 8 * i);
-        for (int c = 0; c < kCols; ++c) {
-          totals[r][c][i / 2] = _mm256_fmadd_ps(weights[c], xr, totals[r][c][i / 2]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < kCols; ++c) {
-      dots[r][c] = horizontal_sum(_mm256_add_ps(totals[r][c][0], totals[r][c][1]));
-    }
-  }
-}
-#endif
 #else
 template <int64_t kRows, int64_t kCols>
 inline void scaled_dots(const QuantizedMatrix& w, const float* x, int64_t in_features, int64_t n,
