@@ -370,9 +370,12 @@ using ScaledVectors = BlockHalves;
 constexpr int kBlockVectors = 2;
 constexpr int kBlockVectorOrder[kBlockVectors] = {0, 1};
 
-inline FloatVector vector_zero() { return _mm512_setzero_ps(); }
-inline FloatVector vector_load(const float* values) { return _mm512_loadu_ps(values); }
-inline FloatVector vector_fmadd(FloatVector a, FloatVector b, FloatVector c) {
+[[gnu::always_inline]] inline FloatVector vector_zero() { return _mm512_setzero_ps(); }
+[[gnu::always_inline]] inline FloatVector vector_load(const float* values) {
+  return _mm512_loadu_ps(values);
+}
+[[gnu::always_inline]] inline FloatVector vector_fmadd(FloatVector a, FloatVector b,
+                                                       FloatVector c) {
   return _mm512_fmadd_ps(a, b, c);
 }
 [[gnu::always_inline]] inline ScaledVectors scaled_vectors(const QuantizedMatrix& w,
@@ -392,9 +395,12 @@ using ScaledVectors = UnpackedBlock;
 constexpr int kBlockVectors = 4;
 constexpr int kBlockVectorOrder[kBlockVectors] = {0, 2, 1, 3};
 
-inline FloatVector vector_zero() { return _mm256_setzero_ps(); }
-inline FloatVector vector_load(const float* values) { return _mm256_loadu_ps(values); }
-inline FloatVector vector_fmadd(FloatVector a, FloatVector b, FloatVector c) {
+[[gnu::always_inline]] inline FloatVector vector_zero() { return _mm256_setzero_ps(); }
+[[gnu::always_inline]] inline FloatVector vector_load(const float* values) {
+  return _mm256_loadu_ps(values);
+}
+[[gnu::always_inline]] inline FloatVector vector_fmadd(FloatVector a, FloatVector b,
+                                                       FloatVector c) {
   return _mm256_fmadd_ps(a, b, c);
 }
 [[gnu::always_inline]] inline ScaledVectors scaled_vectors(const QuantizedMatrix& w,
