@@ -19,11 +19,6 @@ import run_all
 from overlap import measure_with, median, save, table
 
 
-def measure(settings: run_all.Settings, flag: str, value: str) -> dict[str, Any]:
-    label = f"--{flag} {value}"
-    return measure_with(settings, label, [f"--{flag}", value], f"sluice-{flag}-{value}.log")
-
-
 def itl_p95_table(results: dict[str, list[dict[str, Any]]]) -> str:
     """ITL p95 ms per level and value (medians over rounds): what a bigger step costs the
     requests that decode through it."""
@@ -54,11 +49,13 @@ def main() -> None:
         [*rest, "--skip-vllm", "--skip-llama", "--skip-baseline", "--skip-profile"]
     )
     settings.logs.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {f"--{ours.flag} {v}": [] for v in ours.values}
+    flag = f"--{ours.flag}"
+    results: dict[str, list[dict[str, Any]]] = {f"{flag} {v}": [] for v in ours.values}
     for number in range(1, settings.rounds + 1):
         run_all.log(f"=== round {number} of {settings.rounds}")
         for value in ours.values:
-            results[f"--{ours.flag} {value}"].append(measure(settings, ours.flag, value))
+            label, log_name = f"{flag} {value}", f"sluice-{ours.flag}-{value}.log"
+            results[label].append(measure_with(settings, label, [flag, value], log_name))
     report = table(results) + "\nITL p95 ms:\n\n" + itl_p95_table(results)
     print(report)
     save(ours.results, "flag_sweep.py", settings, report, results)
