@@ -1,7 +1,7 @@
 """One launcher flag at several values: Sluice served with each, taking turns round after round
 in one run, on run_all.py's workloads (its options choose them: `--concurrency`, `--workloads`,
 `--rounds`, ...). The table is overlap.py's: throughput, TTFT p95, ITL p50 and the step-time
-breakdown from Sluice's /metrics, with ITL p95 added.
+breakdown from Sluice's /metrics, with ITL p95 and the longest ITL added.
 
     python benchmark/flag_sweep.py --flag max-batch-prefill-tokens --values 1074 2098 4146 \\
         --concurrency 32 --workloads long longest --rounds 2 \\
@@ -19,17 +19,16 @@ import run_all
 from overlap import measure_with, median, save, table
 
 
-def itl_p95_table(results: dict[str, list[dict[str, Any]]]) -> str:
-    """ITL p95 ms per level and value (medians over rounds): what a bigger step costs the
-    requests that decode through it."""
+def itl_table(results: dict[str, list[dict[str, Any]]], key: str) -> str:
+    """ITL ms per level and value (medians over rounds) of the level's `key`: what a bigger
+    step costs the requests that decode through it."""
     labels = list(results)
     header = "| workload | c | " + " | ".join(labels) + " |\n"
     header += "|---|---|" + "---|" * len(labels) + "\n"
     rows = []
     for index, level in enumerate(next(iter(results.values()))[0]["levels"]):
         cells = [
-            median([r["levels"][index]["itl_p95_s"] for r in rounds]) * 1e3
-            for rounds in results.values()
+            median([r["levels"][index][key] for r in rounds]) * 1e3 for rounds in results.values()
         ]
         rows.append(
             f"| {level['workload']} | {level['concurrency']} | "
@@ -56,7 +55,13 @@ def main() -> None:
         for value in ours.values:
             label, log_name = f"{flag} {value}", f"sluice-{ours.flag}-{value}.log"
             results[label].append(measure_with(settings, label, [flag, value], log_name))
-    report = table(results) + "\nITL p95 ms:\n\n" + itl_p95_table(results)
+    report = (
+        table(results)
+        + "\nITL p95 ms:\n\n"
+        + itl_table(results, "itl_p95_s")
+        + "\nLongest ITL ms (any request's longest wait between two tokens):\n\n"
+        + itl_table(results, "itl_max_s")
+    )
     print(report)
     save(ours.results, "flag_sweep.py", settings, report, results)
     run_all.log(f"wrote {ours.results}")

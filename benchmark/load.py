@@ -99,6 +99,9 @@ class LevelResult:
     ttft_p95_s: float
     itl_p50_s: float
     itl_p95_s: float
+    # The longest wait of any request between two of its tokens: a step that carries a prompt
+    # chunk holds up every running request for its whole length, however rare such steps are.
+    itl_max_s: float
     mean_output_tokens: float
     tokens_counted_from: str  # "server", "chunks", or both joined by "+" when requests differed
     first_error: str = ""  # the first failed request's error, to tell why `errors` is not 0
@@ -301,6 +304,7 @@ def summarize(results: list[RequestResult], concurrency: int, duration: float) -
         ttft_p95_s=percentile([r.ttft_s for r in good], 95),
         itl_p50_s=percentile([x for r in good for x in r.itl_s], 50),
         itl_p95_s=percentile([x for r in good for x in r.itl_s], 95),
+        itl_max_s=max((x for r in good for x in r.itl_s), default=float("nan")),
         mean_output_tokens=statistics.fmean([r.output_tokens for r in good]) if good else 0.0,
         tokens_counted_from="+".join(sorted({r.tokens_counted_from for r in good})),
         first_error=next((r.error for r in results if not r.ok), ""),

@@ -178,7 +178,7 @@ def results_section(results: Results) -> str:
         data = results["servers"].get(server, {})
         if "error" in data or data.get("skipped"):
             why = data.get("error", "skipped").splitlines()[0]
-            rows.append([label, "–", "–", *["–"] * 8, f"not run: {why}"])
+            rows.append([label, "–", "–", *["–"] * 9, f"not run: {why}"])
             continue
         for lv in all_levels(results, server):
             rows.append(
@@ -193,6 +193,7 @@ def results_section(results: Results) -> str:
                     ms(lv["ttft_p95_s"]),
                     ms(lv["itl_p50_s"]),
                     ms(lv["itl_p95_s"]),
+                    ms(lv["itl_max_s"]) if "itl_max_s" in lv else "–",
                     str(lv["errors"]),
                     f"{gib(lv['peak_rss_bytes'])} (PSS {gib(lv['peak_pss_bytes'])})",
                 ]
@@ -208,6 +209,7 @@ def results_section(results: Results) -> str:
         "TTFT p95 ms",
         "ITL p50 ms",
         "ITL p95 ms",
+        "longest ITL ms",
         "errors",
         "peak RSS (PSS at end)",
     ]
@@ -565,7 +567,9 @@ def routes(results: Results) -> str:
     first = "streamed token" if "unrecorded" in sources else "chunk carrying text"
     return (
         f"{text}. Output tokens are {counted}; TTFT is the time to the first {first}, "
-        "ITL the time between consecutive ones"
+        "ITL the time between consecutive ones, and the longest ITL the longest any request "
+        "waited between two of its tokens (a step that reads a prompt chunk holds up every "
+        "request decoding through it)"
     )
 
 
