@@ -293,6 +293,8 @@ def session_for(concurrency: int) -> aiohttp.ClientSession:
 def summarize(results: list[RequestResult], concurrency: int, duration: float) -> LevelResult:
     good = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in good)
+    ttfts = [r.ttft_s for r in good]
+    itls = [x for r in good for x in r.itl_s]
     return LevelResult(
         concurrency=concurrency,
         requests=len(results),
@@ -300,11 +302,11 @@ def summarize(results: list[RequestResult], concurrency: int, duration: float) -
         duration_s=duration,
         request_throughput=len(good) / duration,
         output_tokens_per_s=tokens / duration,
-        ttft_p50_s=percentile([r.ttft_s for r in good], 50),
-        ttft_p95_s=percentile([r.ttft_s for r in good], 95),
-        itl_p50_s=percentile([x for r in good for x in r.itl_s], 50),
-        itl_p95_s=percentile([x for r in good for x in r.itl_s], 95),
-        itl_max_s=max((x for r in good for x in r.itl_s), default=float("nan")),
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p95_s=percentile(ttfts, 95),
+        itl_p50_s=percentile(itls, 50),
+        itl_p95_s=percentile(itls, 95),
+        itl_max_s=max(itls, default=float("nan")),
         mean_output_tokens=statistics.fmean([r.output_tokens for r in good]) if good else 0.0,
         tokens_counted_from="+".join(sorted({r.tokens_counted_from for r in good})),
         first_error=next((r.error for r in results if not r.ok), ""),

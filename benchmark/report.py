@@ -193,7 +193,7 @@ def results_section(results: Results) -> str:
                     ms(lv["ttft_p95_s"]),
                     ms(lv["itl_p50_s"]),
                     ms(lv["itl_p95_s"]),
-                    ms(lv["itl_max_s"]) if "itl_max_s" in lv else "–",
+                    ms(lv.get("itl_max_s")),  # n/a in results from before it was recorded
                     str(lv["errors"]),
                     f"{gib(lv['peak_rss_bytes'])} (PSS {gib(lv['peak_pss_bytes'])})",
                 ]
