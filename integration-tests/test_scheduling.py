@@ -33,6 +33,23 @@ def server() -> Iterator[SluiceServer]:
     # fmt: on
 
 
+@pytest.fixture(scope="module")
+def stall_target_server() -> Iterator[SluiceServer]:
+    """A decode stall target below any step's time: while requests decode, every prompt chunk
+    is the router's smallest (`MIN_PREFILL_CHUNK` in router/src/scheduler/step_times.rs)."""
+    # fmt: off
+    yield from serve(
+        "--max-input-tokens", str(MAX_INPUT_TOKENS),
+        "--max-total-tokens", str(MAX_TOTAL_TOKENS),
+        "--max-batch-prefill-tokens", "512",
+        "--max-decode-stall-ms", "1",
+    )
+    # fmt: on
+
+
+SMALLEST_CHUNK = 64
+
+
 def system_prompt(words: int) -> str:
     facts = [
         "The archive opens at nine.",
@@ -86,6 +103,41 @@ def test_a_long_prompt_is_chunked_while_others_keep_decoding(
         in_window = [t for t in run.arrivals if window_start <= t <= window_end]
         # A token in (nearly) every step that ran a chunk: no decode waited for the prompt.
         assert len(in_window) >= math.ceil(prompt_tokens / CHUNK_BUDGET) - 2, len(in_window)
+
+
+def test_a_decode_stall_target_cuts_the_chunks_next_to_decodes(
+    stall_target_server: SluiceServer, chat_prompt
+) -> None:
+    server = stall_target_server
+    prompt = "<|im_start|>user\n" + system_prompt(2600) + "<|im_end|>\n"
+
+    def chunks_of(prompt: str) -> tuple[int, float]:
+        """The prompt's length, and the prompt chunks run while it was prefilled."""
+        before = metric(server, "sluice_prefill_chunks_total")
+        run = stream(server, prompt, max_new_tokens=1)
+        assert run.events[-1]["details"]["cached_tokens"] == 0
+        return run.events[-1]["details"]["input_length"], metric(
+            server, "sluice_prefill_chunks_total"
+        ) - before
+
+    # Alone, nothing decodes, and the prompt takes whole 512-token chunks.
+    prompt_tokens, chunks = chunks_of(prompt)
+    assert prompt_tokens >= 3000
+    assert chunks == math.ceil(prompt_tokens / 512)
+
+    def decode(i: int) -> StreamedRequest:
+        prompt = chat_prompt(f"Count slowly from {i} to {i + 500}.")
+        return stream(server, prompt, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(decode, i) for i in range(4)]
+        time.sleep(2)  # the four are decoding by now
+        # A different first word keeps the prompt out of the prefix cache.
+        prompt_tokens, chunks = chunks_of(prompt.replace("user\n", "user\nNow ", 1))
+        decoders = [f.result() for f in futures]
+    # Beside the decodes, each chunk is the smallest (the first may come before a decode).
+    assert chunks >= math.ceil((prompt_tokens - 512) / SMALLEST_CHUNK) + 1, chunks
+    assert all(len(run.events) == MAX_NEW_TOKENS for run in decoders)
 
 
 def test_disconnected_streams_are_cancelled_within_a_few_steps(

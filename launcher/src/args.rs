@@ -59,6 +59,13 @@ pub struct Args {
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,
 
+    /// While requests decode, cut prompt chunks so that a step is expected to take at most this
+    /// many milliseconds, estimated from recent step times: about the longest a streaming
+    /// request then waits between tokens while prompts are prefilled [default: off, chunks are
+    /// limited by --max-batch-prefill-tokens alone].
+    #[arg(long, env)]
+    pub max_decode_stall_ms: Option<u64>,
+
     /// Caps the KV cache at this many tokens [default: what the shard's warmup sizes]. More
     /// than fits is an error at startup.
     #[arg(long, env)]
@@ -396,6 +403,7 @@ mod tests {
             ),
             ("max-batch-prefill-tokens", None, "MAX_BATCH_PREFILL_TOKENS"),
             ("max-batch-size", None, "MAX_BATCH_SIZE"),
+            ("max-decode-stall-ms", None, "MAX_DECODE_STALL_MS"),
             ("dtype", None, "DTYPE"),
             ("kv-cache-memory", None, "KV_CACHE_MEMORY"),
             (

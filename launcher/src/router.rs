@@ -30,6 +30,7 @@ pub struct RouterConfig {
     pub max_concurrent_requests: usize,
     pub request_limits: RequestLimits,
     pub max_batch_size: Option<usize>,
+    pub max_decode_stall_ms: Option<u64>,
     pub max_batch_total_tokens: Option<u32>,
     pub prefix_caching: bool,
     pub overlap_steps: bool,
@@ -60,6 +61,7 @@ impl RouterConfig {
             max_concurrent_requests: args.max_concurrent_requests,
             request_limits: args.request_limits.clone(),
             max_batch_size: args.max_batch_size,
+            max_decode_stall_ms: args.max_decode_stall_ms,
             max_batch_total_tokens: args.max_batch_total_tokens,
             prefix_caching: args.prefix_caching,
             overlap_steps: args.overlap_steps,
@@ -121,6 +123,9 @@ impl RouterConfig {
             command
                 .arg("--max-batch-size")
                 .arg(max_batch_size.to_string());
+        }
+        if let Some(stall) = self.max_decode_stall_ms {
+            command.arg("--max-decode-stall-ms").arg(stall.to_string());
         }
         for origin in &self.cors_allow_origin {
             command.arg("--cors-allow-origin").arg(origin);
@@ -248,6 +253,8 @@ mod tests {
             "8192",
             "--max-batch-size",
             "32",
+            "--max-decode-stall-ms",
+            "250",
             "--max-batch-total-tokens",
             "4096",
             "--prefix-caching",
@@ -264,7 +271,7 @@ mod tests {
             "4",
         ]);
         assert_eq!(
-            argv[argv.len() - 31..],
+            argv[argv.len() - 33..],
             [
                 "--prefix-caching",
                 "false",
@@ -293,6 +300,8 @@ mod tests {
                 "4096",
                 "--max-batch-size",
                 "32",
+                "--max-decode-stall-ms",
+                "250",
                 "--cors-allow-origin",
                 "https://a.example",
                 "--cors-allow-origin",

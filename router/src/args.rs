@@ -78,6 +78,12 @@ pub struct RouterArgs {
     /// Token budget of one step: decodes plus prompt chunks.
     #[arg(long, env, default_value_t = crate::limits::DEFAULT_MAX_BATCH_PREFILL_TOKENS)]
     pub max_batch_prefill_tokens: u32,
+    /// While requests decode, cut prompt chunks so that a step is expected to take at most this
+    /// many milliseconds (estimated from recent step times): about the longest a streaming
+    /// request then waits between two tokens while prompts are prefilled. 0: off, chunks are
+    /// limited by --max-batch-prefill-tokens alone.
+    #[arg(long, env, default_value_t = 0)]
+    pub max_decode_stall_ms: u64,
     /// Most requests one step may hold.
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,

@@ -72,6 +72,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         max_input_tokens = limits.max_input_tokens,
         max_total_tokens = limits.max_total_tokens,
         max_batch_prefill_tokens = args.max_batch_prefill_tokens,
+        max_decode_stall_ms = args.max_decode_stall_ms,
         dtype = %model.dtype,
         device = %model.device,
         eos_token_ids = ?model.eos_token_ids,
@@ -97,6 +98,8 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             block_size: warmup.block_size,
             prefix_caching: args.prefix_caching,
             overlap_steps: args.overlap_steps,
+            max_decode_stall: (args.max_decode_stall_ms > 0)
+                .then(|| Duration::from_millis(args.max_decode_stall_ms)),
             eos_token_ids: model.eos_token_ids.clone(),
         },
     );

@@ -1,12 +1,13 @@
 //! A fake shard for the scheduler's tests: it keeps per-request state like a real one, generates
 //! `last token + 1` (mod 250) with `top_n_tokens` alternatives, scores prompt token `p` with
-//! log-probability `-p`, never stops a request by itself, and checks everything it is sent
-//! against the contract.
+//! log-probability `-p`, never stops a request by itself, reports the step times of
+//! `FakeStepCost`, and checks everything it is sent against the contract.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use sluice_client::{pb, ClientError, TraceHeaders};
 
@@ -26,7 +27,16 @@ pub struct FakeSequence {
     prompt_logprobs: bool,
 }
 
+/// What the fake reports that a step took: `base`, and `per_prompt_token` for each token of a
+/// prompt chunk (zero for every step unless a test sets them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FakeStepCost {
+    pub base: Duration,
+    pub per_prompt_token: Duration,
+}
+
 pub struct FakeShardState {
+    pub cost: FakeStepCost,
     block_size: usize,
     num_blocks: u32,
     pub sequences: HashMap<u64, FakeSequence>,
@@ -38,6 +48,7 @@ pub struct FakeShardState {
 impl FakeShardState {
     pub fn new(block_size: usize, num_blocks: u32) -> Self {
         Self {
+            cost: FakeStepCost::default(),
             block_size,
             num_blocks,
             sequences: HashMap::new(),
@@ -72,6 +83,7 @@ impl FakeShardState {
         let mut generations = Vec::new();
         let mut prompt_logprobs = Vec::new();
         let mut scheduled_ids = HashSet::new();
+        let mut took = self.cost.base;
         for scheduled in request.scheduled {
             assert!(scheduled_ids.insert(scheduled.id), "scheduled twice");
             assert!(scheduled.num_tokens > 0, "an empty chunk");
@@ -102,6 +114,11 @@ impl FakeShardState {
             }
             let end = seq.computed + scheduled.num_tokens as usize;
             assert!(end <= seq.tokens.len(), "ran past the known tokens");
+            // A decode computes the last known token; a prompt chunk's last token may look the
+            // same, and is timed as one.
+            if seq.computed + 1 < seq.tokens.len() {
+                took += self.cost.per_prompt_token * scheduled.num_tokens;
+            }
             assert!(seq.blocks.len() * block_size >= end, "not enough blocks");
             for position in seq.computed..end {
                 let block = seq.blocks[position / block_size];
@@ -159,8 +176,8 @@ impl FakeShardState {
         pb::StepResponse {
             generations,
             prompt_logprobs,
-            forward_ns: 0,
-            total_ns: 0,
+            forward_ns: took.as_nanos() as u64,
+            total_ns: took.as_nanos() as u64,
         }
     }
 }
@@ -192,9 +209,10 @@ impl FakeShard {
     fn run(&self, request: pb::StepRequest) -> Result<pb::StepResponse, ClientError> {
         let mut state = self.state.lock().unwrap();
         if self.crash_next_step.swap(false, Ordering::SeqCst) {
-            let steps = std::mem::take(&mut state.steps);
+            let (steps, cost) = (std::mem::take(&mut state.steps), state.cost);
             *state = FakeShardState::new(state.block_size, state.num_blocks);
             state.steps = steps;
+            state.cost = cost;
             self.cold.store(true, Ordering::SeqCst);
             // Any error: the scheduler does not tell them apart.
             return Err(ClientError::NoShards);

@@ -14,12 +14,15 @@
 //! - `state`: the queue, the running batch, the KV blocks, and what a step's answer does to them.
 //! - `step_builder`: building one step.
 //! - `entry`: one request's state.
+//! - `step_times`: how long steps take, for keeping prompt chunks within
+//!   `SchedulerConfig::max_decode_stall`.
 //! - `metrics`: what the scheduler reports on `/metrics`.
 
 mod entry;
 mod metrics;
 mod state;
 mod step_builder;
+mod step_times;
 mod task;
 
 pub use task::spawn_scheduler;
@@ -44,6 +47,9 @@ pub struct SchedulerConfig {
     pub prefix_caching: bool,
     /// Build and send each step while the one before it runs (see `task`).
     pub overlap_steps: bool,
+    /// While requests decode, the longest a step should take: prompt chunks are cut to what
+    /// recent steps say fits (see `step_times`). None: only `max_batch_tokens` limits them.
+    pub max_decode_stall: Option<Duration>,
     /// The model's end-of-sequence tokens.
     pub eos_token_ids: Vec<u32>,
 }

@@ -141,6 +141,7 @@ fn run(
         block_size,
         prefix_caching,
         overlap_steps,
+        max_decode_stall: None,
         eos_token_ids: vec![EOS],
     };
     let mut state = SchedulerState::new(config, Arc::new(byte_tokenizer()));
@@ -300,6 +301,7 @@ fn small_state(num_blocks: u32, block_size: u32, max_batch_tokens: u32) -> Sched
         block_size,
         prefix_caching: false,
         overlap_steps: true,
+        max_decode_stall: None,
         eos_token_ids: vec![],
     };
     SchedulerState::new(config, Arc::new(byte_tokenizer()))

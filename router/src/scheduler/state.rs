@@ -9,6 +9,7 @@ use tracing::Span;
 
 use super::entry::{Entry, Submission};
 use super::metrics::Occupancy;
+use super::step_times::StepTimes;
 use super::{SchedulerConfig, SchedulerError, TokenEvent};
 use crate::kv::KvManager;
 use crate::request::{GenerationEnd, PromptToken, Token};
@@ -26,6 +27,7 @@ pub(super) struct SchedulerState {
     pub kv: KvManager,
     /// Ids the shards still hold state for but must forget at the next step.
     pub to_free: Vec<u64>,
+    pub step_times: StepTimes,
     next_id: u64,
 }
 
@@ -41,6 +43,7 @@ impl SchedulerState {
             running: Vec::new(),
             kv,
             to_free: Vec::new(),
+            step_times: StepTimes::default(),
             next_id: 0,
         }
     }

@@ -4,7 +4,9 @@
 //! being chunked take what the decodes leave. Admit the waiting: in arrival order, each starting
 //! from its longest cached prefix, while the budget and the batch size allow. A prompt longer
 //! than what is left of the budget is split across steps (chunked prefill), so a long prompt
-//! never stalls the requests that decode.
+//! never stalls the requests that decode for longer than one chunk. With a decode stall target
+//! (`SchedulerConfig::max_decode_stall`), a step with decodes carries only the prompt tokens
+//! that recent step times say fit in it (`step_times`).
 //!
 //! KV blocks are taken as sequences grow. When a running request needs a block and none is
 //! left, the youngest running request is preempted: its blocks go back (its computed blocks
@@ -49,6 +51,12 @@ impl SchedulerState {
             decode: decodes.min(total),
             prefill: total - decodes.min(total),
         };
+        if decodes > 0 {
+            let target = self.config.max_decode_stall;
+            if let Some(allowance) = target.and_then(|t| self.step_times.prefill_allowance(t)) {
+                budget.prefill = budget.prefill.min(allowance);
+            }
+        }
         let preempted = self.schedule_running(&mut step, &mut budget, stats);
         if !preempted {
             self.admit_waiting(&mut step, &mut budget, stats);

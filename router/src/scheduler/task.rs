@@ -152,10 +152,16 @@ async fn run<S: Shard>(
         let result = sent.answer.await;
         last_answer = Instant::now();
         let succeeded = result.is_ok();
+        let decodes = sent.scheduled.len() - sent.stats.prefill_chunks as usize;
         match result {
             Ok(response) => {
                 activity.progressed();
                 record_shard_timing(sent.stats.method(), response.forward_ns, response.total_ns);
+                state.step_times.observe(
+                    decodes,
+                    sent.stats.prefill_tokens as usize,
+                    Duration::from_nanos(response.total_ns),
+                );
                 state.finish_step(&sent.scheduled, response);
                 in_flight = next;
             }
@@ -174,7 +180,6 @@ async fn run<S: Shard>(
             }
         }
         let tokens = sent.scheduled.iter().map(|&(_, n)| n as usize).sum();
-        let decodes = sent.scheduled.len() - sent.stats.prefill_chunks as usize;
         record_step(
             &sent.stats,
             tokens,

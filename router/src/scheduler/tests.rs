@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sluice_client::pb;
 
-use super::fake_shard::FakeShard;
+use super::fake_shard::{FakeShard, FakeStepCost};
 use super::*;
 use crate::request::{FinishReason, ReportedLogprobs, SamplingParameters, StoppingParameters};
 use crate::tokenizer::test_support::byte_tokenizer;
@@ -60,20 +60,28 @@ fn start_with(
     num_blocks: u32,
     overlap_steps: bool,
 ) -> (Arc<FakeShard>, SchedulerHandle) {
-    let shard = Arc::new(FakeShard::new(BLOCK, num_blocks));
-    let (handle, _task) = spawn_scheduler(
-        shard.clone(),
-        Arc::new(byte_tokenizer()),
-        SchedulerConfig {
-            max_batch_tokens,
-            max_batch_size: 64,
-            num_blocks,
-            block_size: BLOCK as u32,
-            prefix_caching: true,
-            overlap_steps,
-            eos_token_ids: vec![EOS],
-        },
-    );
+    start_config(SchedulerConfig {
+        overlap_steps,
+        ..config(max_batch_tokens, num_blocks)
+    })
+}
+
+fn config(max_batch_tokens: u32, num_blocks: u32) -> SchedulerConfig {
+    SchedulerConfig {
+        max_batch_tokens,
+        max_batch_size: 64,
+        num_blocks,
+        block_size: BLOCK as u32,
+        prefix_caching: true,
+        overlap_steps: true,
+        max_decode_stall: None,
+        eos_token_ids: vec![EOS],
+    }
+}
+
+fn start_config(config: SchedulerConfig) -> (Arc<FakeShard>, SchedulerHandle) {
+    let shard = Arc::new(FakeShard::new(BLOCK, config.num_blocks));
+    let (handle, _task) = spawn_scheduler(shard.clone(), Arc::new(byte_tokenizer()), config);
     (shard, handle)
 }
 
@@ -214,6 +222,50 @@ async fn long_prompts_are_chunked_while_others_decode() {
     for step in &steps {
         let tokens: u32 = step.scheduled.iter().map(|s| s.num_tokens).sum();
         assert!(tokens <= 8, "step over budget");
+    }
+}
+
+#[tokio::test]
+async fn a_decode_stall_target_cuts_prompt_chunks_to_what_fits_beside_the_decodes() {
+    // Steps take 2 ms, and 1 ms more per prompt token: a 100 ms target leaves room for 98
+    // prompt tokens beside the decodes, far below the 512-token budget.
+    let cost = FakeStepCost {
+        base: Duration::from_millis(2),
+        per_prompt_token: Duration::from_millis(1),
+    };
+    for target in [None, Some(Duration::from_millis(100))] {
+        let (shard, scheduler) = start_config(SchedulerConfig {
+            max_decode_stall: target,
+            ..config(512, 128)
+        });
+        shard.state.lock().unwrap().cost = cost;
+        let mut decoding = submit(&scheduler, request(vec![1], 150));
+        decoding.recv().await.unwrap().unwrap();
+        let long_prompt: Vec<u32> = (0..600).map(|i| i % 190).collect();
+        let long = collect(submit(&scheduler, request(long_prompt, 2))).await;
+        assert_eq!(ids(&long), vec![30, 31]);
+        assert_eq!(collect(decoding).await.len(), 149);
+
+        // The long prompt's chunks, each in a step with the other request's decode.
+        let mut chunks = Vec::new();
+        for step in steps(&shard) {
+            let decodes = step.scheduled.iter().any(|r| r.id == 0);
+            if let Some(chunk) = step.scheduled.iter().find(|r| r.id == 1) {
+                if chunks.iter().sum::<u32>() < 600 {
+                    assert!(decodes, "a chunk ran without the decode");
+                    chunks.push(chunk.num_tokens);
+                }
+            }
+        }
+        match target {
+            None => assert_eq!(chunks, vec![511, 89]),
+            Some(_) => {
+                // The estimate starts high (the first prompt's step counted its fixed cost as
+                // the prompt's) and settles at 1 ms a token.
+                assert!(chunks.iter().all(|&n| n <= 98), "{chunks:?}");
+                assert!(chunks.iter().any(|&n| n > 64), "{chunks:?}");
+            }
+        }
     }
 }
 
