@@ -129,8 +129,8 @@ def test_paged_attention_takes_bfloat16_dot_products_where_the_build_has_them(
 )
 @pytest.mark.parametrize("sliding_window", [None, 20])
 # A prompt, and rows after a cached prefix on both sides of the end of the kernel's first
-# partition (512 positions).
-@pytest.mark.parametrize("cached", [0, 490])
+# partition (2,048 positions).
+@pytest.mark.parametrize("cached", [0, 2030])
 def test_paged_attention_rows_do_not_depend_on_how_a_sequence_is_chunked(
     compiled_kernels: Kernels,
     dtype: torch.dtype,
