@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +20,10 @@ MAX_NEW_TOKENS = MAX_TOTAL_TOKENS - MAX_INPUT_TOKENS
 # A closed connection shows when the router next writes to it: a step or two, plus the step in
 # flight when the scheduler is told.
 MAX_STEPS_TO_NOTICE_A_DISCONNECT = 10
+# The stall target's server: its budget, and the router's smallest prompt chunk beside decodes
+# (`MIN_PREFILL_CHUNK` in router/src/scheduler/step_times.rs).
+STALL_TARGET_BUDGET = 512
+SMALLEST_CHUNK = 64
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +40,15 @@ def server() -> Iterator[SluiceServer]:
 @pytest.fixture(scope="module")
 def stall_target_server() -> Iterator[SluiceServer]:
     """A decode stall target below any step's time: while requests decode, every prompt chunk
-    is the router's smallest (`MIN_PREFILL_CHUNK` in router/src/scheduler/step_times.rs)."""
+    is the router's smallest."""
     # fmt: off
     yield from serve(
         "--max-input-tokens", str(MAX_INPUT_TOKENS),
         "--max-total-tokens", str(MAX_TOTAL_TOKENS),
-        "--max-batch-prefill-tokens", "512",
+        "--max-batch-prefill-tokens", str(STALL_TARGET_BUDGET),
         "--max-decode-stall-ms", "1",
     )
     # fmt: on
-
-
-SMALLEST_CHUNK = 64
 
 
 def system_prompt(words: int) -> str:
@@ -59,6 +60,19 @@ def system_prompt(words: int) -> str:
         "The east wing holds letters.",
     ]
     return " ".join(facts[i % len(facts)] for i in range(words // 5))
+
+
+def long_prompt() -> str:
+    """A user turn of about 3,000 tokens."""
+    return "<|im_start|>user\n" + system_prompt(2600) + "<|im_end|>\n"
+
+
+def count_slowly(
+    server: SluiceServer, chat_prompt: Callable[[str], str], i: int, max_new_tokens: int
+) -> StreamedRequest:
+    """A request that decodes for `max_new_tokens` steps."""
+    prompt = chat_prompt(f"Count slowly from {i} to {i + 500}.")
+    return stream(server, prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
 
 
 def test_requests_sharing_a_long_prefix_reuse_its_cache(server: SluiceServer) -> None:
@@ -81,16 +95,11 @@ def test_requests_sharing_a_long_prefix_reuse_its_cache(server: SluiceServer) ->
 def test_a_long_prompt_is_chunked_while_others_keep_decoding(
     server: SluiceServer, chat_prompt
 ) -> None:
-    def decode(i: int) -> StreamedRequest:
-        prompt = chat_prompt(f"Count slowly from {i} to {i + 500}.")
-        return stream(server, prompt, max_new_tokens=200, ignore_eos=True)
-
-    long_prompt = "<|im_start|>user\n" + system_prompt(2600) + "<|im_end|>\n"
     with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(decode, i) for i in range(8)]
+        futures = [pool.submit(count_slowly, server, chat_prompt, i, 200) for i in range(8)]
         time.sleep(2)  # the eight are decoding by now
         chunks_before = metric(server, "sluice_prefill_chunks_total")
-        long = stream(server, long_prompt, max_new_tokens=1)
+        long = stream(server, long_prompt(), max_new_tokens=1)
         chunks = metric(server, "sluice_prefill_chunks_total") - chunks_before
         decoders = [f.result() for f in futures]
 
@@ -109,7 +118,7 @@ def test_a_decode_stall_target_cuts_the_chunks_next_to_decodes(
     stall_target_server: SluiceServer, chat_prompt
 ) -> None:
     server = stall_target_server
-    prompt = "<|im_start|>user\n" + system_prompt(2600) + "<|im_end|>\n"
+    prompt = long_prompt()
 
     def chunks_of(prompt: str) -> tuple[int, float]:
         """The prompt's length, and the prompt chunks run while it was prefilled."""
@@ -120,23 +129,21 @@ def test_a_decode_stall_target_cuts_the_chunks_next_to_decodes(
             server, "sluice_prefill_chunks_total"
         ) - before
 
-    # Alone, nothing decodes, and the prompt takes whole 512-token chunks.
+    # Alone, nothing decodes, and the prompt takes chunks of the whole budget.
     prompt_tokens, chunks = chunks_of(prompt)
     assert prompt_tokens >= 3000
-    assert chunks == math.ceil(prompt_tokens / 512)
-
-    def decode(i: int) -> StreamedRequest:
-        prompt = chat_prompt(f"Count slowly from {i} to {i + 500}.")
-        return stream(server, prompt, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    assert chunks == math.ceil(prompt_tokens / STALL_TARGET_BUDGET)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [pool.submit(decode, i) for i in range(4)]
+        futures = [
+            pool.submit(count_slowly, server, chat_prompt, i, MAX_NEW_TOKENS) for i in range(4)
+        ]
         time.sleep(2)  # the four are decoding by now
         # A different first word keeps the prompt out of the prefix cache.
         prompt_tokens, chunks = chunks_of(prompt.replace("user\n", "user\nNow ", 1))
         decoders = [f.result() for f in futures]
     # Beside the decodes, each chunk is the smallest (the first may come before a decode).
-    assert chunks >= math.ceil((prompt_tokens - 512) / SMALLEST_CHUNK) + 1, chunks
+    assert chunks >= math.ceil((prompt_tokens - STALL_TARGET_BUDGET) / SMALLEST_CHUNK) + 1, chunks
     assert all(len(run.events) == MAX_NEW_TOKENS for run in decoders)
 
 

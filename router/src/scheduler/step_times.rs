@@ -15,7 +15,7 @@ const NEWEST_WEIGHT: f64 = 0.2;
 
 /// The fewest prompt tokens a step with decodes may carry whatever the estimate, so that
 /// prompts keep advancing when the decodes alone take the whole target.
-pub const MIN_PREFILL_CHUNK: usize = 64;
+const MIN_PREFILL_CHUNK: usize = 64;
 
 #[derive(Debug, Default)]
 pub struct StepTimes {

@@ -249,10 +249,10 @@ async fn a_decode_stall_target_cuts_prompt_chunks_to_what_fits_beside_the_decode
         // The long prompt's chunks, each in a step with the other request's decode.
         let mut chunks = Vec::new();
         for step in steps(&shard) {
-            let decodes = step.scheduled.iter().any(|r| r.id == 0);
+            let with_decode = step.scheduled.iter().any(|r| r.id == 0);
             if let Some(chunk) = step.scheduled.iter().find(|r| r.id == 1) {
                 if chunks.iter().sum::<u32>() < 600 {
-                    assert!(decodes, "a chunk ran without the decode");
+                    assert!(with_decode, "a chunk ran without the decode");
                     chunks.push(chunk.num_tokens);
                 }
             }
