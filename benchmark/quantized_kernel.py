@@ -11,11 +11,14 @@ AWQ, GPTQ and GGUF's Q4_1 hold them); activations are bfloat16.
 
     python benchmark/quantized_kernel.py --rows 1 4 32 128
 
-Each weight is prepared as a model's is at load (`Ops.prepare_quantized`: on CPUs with AMX,
-4-bit integer codes regrouped for its tiles). With `--against REV`, the quantized kernel as it
-was at that git revision is built and timed too, on the same weights as loaded ("uint4@REV",
-...). With `--prompt-rows`, each format is also timed
-with every row marked as a prompt's ("uint4 prompt", ...), the path a prompt's tokens take.
+Each weight is prepared as a bfloat16 model's is at load (`Ops.prepare_quantized`: integer
+codes regrouped into tile order for AMX's tiles, or 4-bit ones for AVX512-BF16's dot products).
+With `--against REV`, the quantized kernel as it was at that git revision is built and timed too,
+on the same weights as loaded ("uint4@REV", ...). With `--prompt-rows`, each format is also timed
+with every row marked as a prompt's ("uint4 prompt", ...), the path a prompt's tokens take. With
+`--column-order`, each format is also timed with its codes as loaded ("uint4 column order", ...):
+where preparing regroups them, the path they take unprepared (a float32 model's, or the kernel's
+before tile order), in the same run.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def kernels_at_revision(revision: str, work: Path) -> ModuleType:
 
 
 PROMPT = " prompt"
+COLUMN_ORDER = " column order"
 
 
 def multiply(ops: CompiledCpuOps, x: torch.Tensor, weights: list, prompt: bool) -> Callable:
@@ -114,6 +118,16 @@ def multiply(ops: CompiledCpuOps, x: torch.Tensor, weights: list, prompt: bool) 
     return call
 
 
+def timed_weights(name: str, prepared: dict[str, list], loaded: dict[str, list]) -> list:
+    """The weights a timed name multiplies: as loaded for another revision's kernel and for
+    column order, else as prepared."""
+    if "@" in name:
+        return loaded[name.split("@")[0]]
+    if name.endswith(COLUMN_ORDER):
+        return loaded[name.removesuffix(COLUMN_ORDER)]
+    return prepared[name.removesuffix(PROMPT)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32, 128])
@@ -121,12 +135,17 @@ def main() -> None:
     parser.add_argument(
         "--prompt-rows", action="store_true", help="also time each format on a prompt's rows"
     )
+    parser.add_argument(
+        "--column-order", action="store_true", help="also time each format's codes as loaded"
+    )
     args = parser.parse_args()
     kernels = Kernels.compiled_cpu(Path.home() / ".cache" / "sluice" / "kernels")
     ops = kernels.ops
     implementations = {name: ops for name in ["bfloat16", *FORMATS]}
     if args.prompt_rows:
         implementations |= {name + PROMPT: ops for name in FORMATS}
+    if args.column_order:
+        implementations |= {name + COLUMN_ORDER: ops for name in FORMATS}
     if args.against:
         work = Path(tempfile.mkdtemp(prefix="quantized-kernel-"))
         baseline = CompiledCpuOps(kernels_at_revision(args.against, work), CpuFeatures.detect())
@@ -146,7 +165,7 @@ def main() -> None:
         shape: {
             "bfloat16": [ops.pack_linear(w.bfloat16(), None) for w in weights],
             **{
-                name: [ops.prepare_quantized(q) for q in loaded[shape][name]]
+                name: [ops.prepare_quantized(q, torch.bfloat16) for q in loaded[shape][name]]
                 for name in FORMATS
             },
         }
@@ -154,9 +173,7 @@ def main() -> None:
     }
     for shape, named in held.items():
         named |= {
-            name: named[name.removesuffix(PROMPT)]
-            if "@" not in name
-            else loaded[shape][name.split("@")[0]]
+            name: timed_weights(name, named, loaded[shape])
             for name in implementations
             if name not in named
         }

@@ -1,5 +1,7 @@
 """bfloat16, the dtype `--dtype auto` picks on CPUs with native bfloat16 or AVX2, end to end: the
-path with Sluice's own bfloat16 matmul, which the float32 modules do not take."""
+path with Sluice's own bfloat16 matmul, which the float32 modules do not take; and the default
+model's GGUF file served in bfloat16, whose 4-bit codes AVX512-BF16 CPUs without AMX multiply by
+bfloat16 dot products (the float32 quantized modules take the integer path)."""
 
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ def _cpu_runs_sluice_bfloat16_matmul() -> bool:
     return "avx512_bf16" in flags or {"avx2", "fma"} <= flags
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[SluiceServer]:
+@pytest.fixture(scope="module", params=["unquantized", "gguf"])
+def server(request: pytest.FixtureRequest) -> Iterator[SluiceServer]:
     if not _cpu_runs_sluice_bfloat16_matmul():
         # The path under test is Sluice's own bfloat16 matmul, which needs one of them.
         pytest.skip("needs AVX512-BF16 or AVX2 with FMA (this CPU lacks them)")
-    yield from serve("--max-input-tokens", "256", "--max-total-tokens", "512", dtype="bfloat16")
+    quantize = [] if request.param == "unquantized" else ["--quantize", request.param]
+    limits = ("--max-input-tokens", "256", "--max-total-tokens", "512")
+    yield from serve(*limits, *quantize, dtype="bfloat16")
 
 
 def test_batched_requests_match_each_alone(server: SluiceServer, chat_prompt) -> None:

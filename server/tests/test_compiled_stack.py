@@ -90,8 +90,9 @@ def test_compiled_stack_matches_the_python_layers_quantized(
 def test_quantized_prompt_rows_do_not_depend_on_the_step(
     save_tiny_model, compiled_kernels: Kernels, tmp_path: Path
 ) -> None:
-    # A prompt's rows take the quantized projections' bfloat16 path and decoded rows the integer
-    # one, so each row's kind, not the step's mix, decides its arithmetic.
+    # A prompt's rows take the quantized projections' bfloat16 tiles and decoded rows the path
+    # for decoding (integer codes times rounded x, or on AVX512-BF16 without AMX bfloat16 dot
+    # products of the codes), so each row's kind, not the step's mix, decides its arithmetic.
     source, _ = save_tiny_model("llama", tie_word_embeddings=False)
     quantize_checkpoint(source, tmp_path, "awq")
     loaded = load_model(tmp_path, torch.bfloat16, CPU, compiled_kernels)
@@ -119,7 +120,7 @@ def test_quantized_prompt_rows_do_not_depend_on_the_step(
     assert torch.equal(mixed[1], decode_alone[0])
     for ours, theirs in zip(alone_cache, mixed_cache, strict=True):
         assert torch.equal(ours.key, theirs.key) and torch.equal(ours.value, theirs.value)
-    # Unmarked, the same prompt takes the integer path: different arithmetic, close logits.
+    # Unmarked, the same prompt takes the path for decoding: different arithmetic, close logits.
     unmarked = logits(fresh_cache(loaded), [prompt_chunk(prompt, TABLE, marked=False)])
     if "avx2" in compiled_kernels.ops.kernels.compiled_isa():
         assert not torch.equal(unmarked, prompt_alone)

@@ -194,11 +194,12 @@ def test_codes_in_tile_order_give_the_same_bits(
     # is prepared: the kernel then reads them as they lie instead of transposing them on every
     # call, and must compute the very same outputs.
     ops = built_kernels.ops
+    if "amx_int8" not in ops.kernels.compiled_isa():
+        pytest.skip("this kernel build has no AMX integer tiles")
     weight = random_weight(48, 256, code_format, group_size, offsets)
-    prepared = ops.prepare_quantized(weight)
+    prepared = ops.prepare_quantized(weight, torch.bfloat16)
     if not prepared.tile_order:
-        isa = ", ".join(ops.kernels.compiled_isa()) or "portable"
-        pytest.skip(f"the {isa} kernels keep column order on this CPU")
+        pytest.skip("Linux does not grant this process AMX's tiles")
     assert prepared.codes.shape == weight.codes.shape
     assert torch.equal(prepared.dequantize(), weight.dequantize())
     with pytest.raises(ValueError, match="tile order"):
@@ -216,6 +217,47 @@ def test_codes_in_tile_order_give_the_same_bits(
             ops.quantized_linear(x, prepared, bias, prompt),
             ops.quantized_linear(x, weight, bias, prompt),
         ), rows
+
+
+@pytest.mark.parametrize(
+    ("group_size", "offsets", "out_features"), [(32, True, 48), (128, False, 64), (64, True, 80)]
+)
+def test_4bit_codes_in_tile_order_take_bfloat16_dot_products(
+    built_kernels: Kernels, group_size: int, offsets: bool, out_features: int
+) -> None:
+    # Without AMX, a bfloat16 model's 4-bit integer codes are regrouped at load so that
+    # AVX512-BF16's dot products multiply them by the rows as they are (80 columns: a tile of 32
+    # columns and half of one more).
+    ops = built_kernels.ops
+    isa = ops.kernels.compiled_isa()
+    if "avx512_bf16" not in isa or "amx_int8" in isa:
+        pytest.skip("the bfloat16 dot products of 4-bit codes are for AVX512-BF16 without AMX")
+    weight = random_weight(out_features, 256, CodeFormat.UINT4, group_size, offsets)
+    prepared = ops.prepare_quantized(weight, torch.bfloat16)
+    assert prepared.tile_order
+    assert torch.equal(prepared.dequantize(), weight.dequantize())
+    # float32 activations keep the integer path, in column order.
+    assert not ops.prepare_quantized(weight, torch.float32).tile_order
+    with pytest.raises(RuntimeError, match="bfloat16 rows only"):
+        ops.quantized_linear(torch.randn(2, 256), prepared, None)
+    x = torch.randn(19, 256, generator=torch.Generator().manual_seed(19)).bfloat16()
+    bias = torch.randn(out_features)
+    y = ops.quantized_linear(x, prepared, bias)
+    # The product with the dequantized weight, up to float32 sums and the bfloat16 output.
+    dequantized = weight.dequantize(torch.float64)
+    exact = x.double() @ dequantized.T + bias.double()
+    magnitude = x.double().abs() @ dequantized.abs().T
+    assert ((y.double() - exact).abs() <= exact.abs() / 256 + magnitude * 1e-5).all()
+    # Every row alone gives the bits it gives in the batch (passes of 4 rows, the last of 3).
+    for row in range(x.shape[0]):
+        alone = ops.quantized_linear(x[row : row + 1], prepared, bias)
+        assert torch.equal(alone[0], y[row]), row
+    # Prompt rows still take the bfloat16 tiles, dequantized from the regrouped codes.
+    prompt = torch.arange(0, x.shape[0], 2)
+    assert torch.equal(
+        ops.quantized_linear(x, prepared, bias, prompt)[prompt],
+        ops.quantized_linear(x, weight, bias, prompt)[prompt],
+    )
 
 
 def test_quantized_matmul_refuses_mismatched_inputs(built_kernels: Kernels) -> None:

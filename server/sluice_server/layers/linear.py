@@ -91,7 +91,7 @@ class Linear(nn.Module):
         tied embeddings). A quantized weight is already in its kernel's layout, which the ops
         may regroup for the CPU's instructions (`Ops.prepare_quantized`)."""
         if self.quantized is not None:
-            self.quantized = self.ops.prepare_quantized(self.quantized)
+            self.quantized = self.ops.prepare_quantized(self.quantized, self.weight.dtype)
             self._register_quantized(self.quantized)
             return
         self.packed = self.ops.pack_linear(self.weight, self.bias)

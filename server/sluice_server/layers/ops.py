@@ -78,9 +78,13 @@ class Ops:
             raise ValueError(f"these ops cannot run a weight packed for {packed.matmul.value}")
         return torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none", [], "")
 
-    def prepare_quantized(self, weight: QuantizedWeight) -> QuantizedWeight:
-        """`weight` as `quantized_linear` reads it fastest, once at load: here as it is; the
-        compiled ops regroup integer codes for AMX's tiles where the CPU has them."""
+    def prepare_quantized(
+        self, weight: QuantizedWeight, activations: torch.dtype
+    ) -> QuantizedWeight:
+        """`weight` as `quantized_linear` reads it fastest for inputs of dtype `activations`, once
+        at load: here as it is; the compiled ops regroup integer codes into tile order where
+        their CPU path reads them so (AMX's tiles; AVX512-BF16's dot products of 4-bit codes
+        with bfloat16 inputs)."""
         return weight
 
     def quantized_linear(
@@ -177,11 +181,13 @@ class CompiledCpuOps(Ops):
             return self.kernels.linear_bf16(x, packed.weight, packed.bias, packed.out_features)
         return super().packed_linear(x, packed)
 
-    def prepare_quantized(self, weight: QuantizedWeight) -> QuantizedWeight:
+    def prepare_quantized(
+        self, weight: QuantizedWeight, activations: torch.dtype
+    ) -> QuantizedWeight:
         if weight.codes.device.type != "cpu" or weight.tile_order:
             return weight
         tiles = self.kernels.tile_order_codes(
-            weight.codes, int(weight.code_format), weight.group_size
+            weight.codes, int(weight.code_format), weight.group_size, activations == torch.bfloat16
         )
         return weight if tiles is None else weight.with_tile_order(tiles)
 

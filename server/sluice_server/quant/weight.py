@@ -16,8 +16,9 @@ The codes' layout is the one Sluice's CPU kernel reads (csrc/linear_quantized.cp
 Every format Sluice loads (GGUF blocks, AWQ, GPTQ and FP8 checkpoints, weights quantized at load)
 is repacked into this one, so that one kernel serves them all. Where the CPU has AMX, a layer's
 integer codes, scales and offsets are then regrouped once more for its tiles (`tile_order`,
-made by the compiled ops when the model is prepared for the CPU): the same values in another
-order, which `in_column_order` undoes.
+made by the compiled ops when the model is prepared for the CPU), and so are a bfloat16 model's
+4-bit integer codes on AVX512-BF16 CPUs without AMX, for the kernel's dot products: the same
+values in another order, which `in_column_order` undoes.
 """
 
 from dataclasses import dataclass, replace
@@ -95,7 +96,7 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def with_tile_order(self, codes: torch.Tensor) -> "QuantizedWeight":
-        """The weight with `codes`, which the compiled CPU ops regrouped for AMX's tiles, and its
+        """The weight with `codes`, which the compiled CPU ops regrouped into tile order, and its
         scales and offsets regrouped to match: [N / 16][groups][16 columns]."""
 
         def regrouped(values: torch.Tensor | None) -> torch.Tensor | None:

@@ -26,6 +26,9 @@ std::vector<std::string> compiled_isa() {
 #if defined(__AVX512BF16__)
   features.emplace_back("avx512_bf16");
 #endif
+#if defined(SLUICE_AMX) && defined(__AMX_INT8__) && defined(__AVX512VNNI__)
+  features.emplace_back("amx_int8");  // linear_quantized's integer tiles
+#endif
   return features;
 }
 

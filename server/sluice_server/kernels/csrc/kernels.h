@@ -45,11 +45,12 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
                             int64_t group_size, const c10::optional<at::Tensor>& levels,
                             const c10::optional<at::Tensor>& prompt_rows, bool tile_order);
 // Integer codes ([out_features, in_features * bits / 8]) in the order linear_quantized reads with
-// tile_order (the same bytes, grouped for AMX's tiles) where it takes that path for such a weight
-// on this CPU (4-bit integers in groups of whole runs of 32, or 8-bit integers; out_features a
-// multiple of 16; AMX granted); none otherwise.
+// tile_order (the same bytes, the words of 16 columns side by side) where it takes that path for
+// such a weight on this CPU: with AMX, 4-bit integers in groups of whole runs of 32 or 8-bit
+// integers; with AVX512-BF16 and no AMX, such 4-bit integers multiplying bfloat16 rows
+// (`bfloat16_rows`). out_features a multiple of 16; none otherwise.
 c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code_format,
-                                           int64_t group_size);
+                                           int64_t group_size, bool bfloat16_rows);
 
 // elementwise.cpp: the work between the matmuls, and the greedy pick.
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);
