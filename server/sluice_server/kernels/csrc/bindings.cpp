@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "kernels.h"
 
 namespace {
