@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
 from sluice_server.kernels import KernelBuild, load_cpu_kernels
-from sluice_server.kernels.build import SOURCE_DIRECTORY
+from sluice_server.kernels.build import ISA_FLAGS, SOURCE_DIRECTORY
 
 
 def build_at_revision(revision: str, work: Path, build: KernelBuild) -> ModuleType:
@@ -84,9 +84,10 @@ def main() -> None:
     parser.add_argument("--against", help="also time the kernel source at this git revision")
     parser.add_argument(
         "--isa",
-        choices=["native", "avx2", "portable"],
+        choices=list(ISA_FLAGS),
         default="native",
-        help="the instruction sets both builds may use (avx2: as on CPUs without AVX-512)",
+        help="the instruction sets both builds may use (avx512: as on CPUs without AMX; avx2: as "
+        "on CPUs without AVX-512)",
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument(

@@ -18,7 +18,9 @@ on the same weights as loaded ("uint4@REV", ...). With `--prompt-rows`, each for
 with every row marked as a prompt's ("uint4 prompt", ...), the path a prompt's tokens take. With
 `--column-order`, each format is also timed with its codes as loaded ("uint4 column order", ...):
 where preparing regroups them, the path they take unprepared (a float32 model's, or the kernel's
-before tile order), in the same run.
+before tile order), in the same run. With `--also-build avx512`, bfloat16 and every format are
+also timed with the kernels built for that instruction set ("uint4 [avx512]", ...; on a CPU
+with AMX, the paths of AVX-512 CPUs without it), prepared as that build prepares them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmark"))
 
 from linear_kernel import time_us
 from sluice_server.kernels import Kernels
-from sluice_server.kernels.build import KernelBuild, put_ninja_on_path
+from sluice_server.kernels.build import ISA_FLAGS, KernelBuild, put_ninja_on_path
 from sluice_server.kernels.cpu_features import CpuFeatures
 from sluice_server.layers.ops import CompiledCpuOps
 from sluice_server.quant import CodeFormat, QuantizedWeight
@@ -118,6 +120,16 @@ def multiply(ops: CompiledCpuOps, x: torch.Tensor, weights: list, prompt: bool) 
     return call
 
 
+def prepared_weights(
+    ops: CompiledCpuOps, name: str, weights: list[torch.Tensor], loaded: dict[str, list]
+) -> list:
+    """bfloat16's weights packed, or a format's prepared for a bfloat16 model, by `ops`."""
+    held_as = name.split(" [")[0]
+    if held_as == "bfloat16":
+        return [ops.pack_linear(w.bfloat16(), None) for w in weights]
+    return [ops.prepare_quantized(q, torch.bfloat16) for q in loaded[held_as]]
+
+
 def timed_weights(name: str, prepared: dict[str, list], loaded: dict[str, list]) -> list:
     """The weights a timed name multiplies: as loaded for another revision's kernel and for
     column order, else as prepared."""
@@ -138,10 +150,20 @@ def main() -> None:
     parser.add_argument(
         "--column-order", action="store_true", help="also time each format's codes as loaded"
     )
+    parser.add_argument(
+        "--also-build",
+        choices=[isa for isa in ISA_FLAGS if isa != "native"],
+        help="also time bfloat16 and every format with the kernels built for this ISA",
+    )
     args = parser.parse_args()
-    kernels = Kernels.compiled_cpu(Path.home() / ".cache" / "sluice" / "kernels")
-    ops = kernels.ops
+    cache = Path.home() / ".cache" / "sluice" / "kernels"
+    ops = Kernels.compiled_cpu(cache).ops
     implementations = {name: ops for name in ["bfloat16", *FORMATS]}
+    if args.also_build:
+        other = Kernels.compiled_cpu(cache, KernelBuild(args.also_build)).ops
+        implementations |= {
+            f"{name} [{args.also_build}]": other for name in ["bfloat16", *FORMATS]
+        }
     if args.prompt_rows:
         implementations |= {name + PROMPT: ops for name in FORMATS}
     if args.column_order:
@@ -163,11 +185,9 @@ def main() -> None:
     }
     held = {
         shape: {
-            "bfloat16": [ops.pack_linear(w.bfloat16(), None) for w in weights],
-            **{
-                name: [ops.prepare_quantized(q, torch.bfloat16) for q in loaded[shape][name]]
-                for name in FORMATS
-            },
+            name: prepared_weights(held_by, name, weights, loaded[shape])
+            for name, held_by in implementations.items()
+            if name.split(" [")[0] in ("bfloat16", *FORMATS)
         }
         for shape, weights in layers.items()
     }

@@ -2,8 +2,9 @@
 the compiled CPU kernels.
 
 `--kernel-builds` chooses the kernel builds test_cpu_kernels.py runs against (default: native,
-avx2 and portable, see sluice_server.kernels.build); test_kernel_builds.py reruns those tests
-with `--kernel-builds native-sanitized` under AddressSanitizer.
+avx512 where the CPU has AMX, avx2 and portable, see sluice_server.kernels.build);
+test_kernel_builds.py reruns those tests with `--kernel-builds native-sanitized` under
+AddressSanitizer.
 """
 
 import os
@@ -55,15 +56,16 @@ MODEL_CLASSES: dict[str, Callable[[Any], tuple[type, type]]] = {
 
 # The cache `sluice-server build-kernels` and the shard use.
 KERNEL_CACHE_DIR = Path.home() / ".cache" / "sluice" / "kernels"
-DEFAULT_KERNEL_BUILDS = "native,avx2,portable"
+DEFAULT_KERNEL_BUILDS = "native,avx512,avx2,portable"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--kernel-builds",
         default=DEFAULT_KERNEL_BUILDS,
-        help="comma-separated kernel builds for test_cpu_kernels.py: native, avx2, portable, "
-        "each optionally with -sanitized (AddressSanitizer and UBSan; libasan must be preloaded)",
+        help="comma-separated kernel builds for test_cpu_kernels.py: native, avx512, avx2, "
+        "portable, each optionally with -sanitized (AddressSanitizer and UBSan; libasan must be "
+        "preloaded)",
     )
 
 

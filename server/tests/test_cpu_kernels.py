@@ -1,6 +1,6 @@
 """The compiled CPU kernels against the PyTorch reference, op by op, for each kernel build
 (`--kernel-builds`, see conftest.py): the native one, and the AVX2 and portable paths whatever
-the CPU has.
+the CPU has (on CPUs with AMX also the AVX-512 paths without it).
 
 The model-level tests (test_models_vs_transformers, test_gguf) run both kernel sets in float32;
 these also cover bfloat16 and the head sizes the kernels specialise (64, 128) next to a generic
@@ -115,9 +115,9 @@ def test_paged_attention_windows_and_softcap_match_dense_reference(
 def test_paged_attention_takes_bfloat16_dot_products_where_the_build_has_them(
     compiled_kernels: Kernels, kernel_build: KernelBuild, cpu: CpuFeatures
 ) -> None:
-    """The native build of a CPU with AVX512-BF16 attends with its dot products (the fast path
-    compiles in); the AVX2 and portable builds never do."""
-    expected = kernel_build.isa == "native" and cpu.avx512_bf16
+    """The native and AVX-512 builds of a CPU with AVX512-BF16 attend with its dot products (the
+    fast path compiles in); the AVX2 and portable builds never do."""
+    expected = kernel_build.isa in ("native", "avx512") and cpu.avx512_bf16
     assert compiled_kernels.ops.kernels.attention_has_dot_products() is expected
 
 

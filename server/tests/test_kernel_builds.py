@@ -60,6 +60,14 @@ def test_builds_say_where_they_cannot_run() -> None:
         "needs AVX2 and FMA (this CPU lacks them)"
     )
     assert "x86-64" in (KernelBuild("portable").unrunnable_reason(arm) or "")
+    # AVX-512 without AMX is a build of its own only where the native one has AMX.
+    with_amx = CpuFeatures(
+        AVX512_BF16.flags | {"amx_tile", "amx_bf16", "amx_int8"}, "x86_64", onednn_bf16=True
+    )
+    assert KernelBuild("avx512").unrunnable_reason(with_amx) is None
+    for cpu in (AVX512_BF16, AVX2_ONLY):
+        reason = KernelBuild("avx512").unrunnable_reason(cpu) or ""
+        assert "without both AVX-512 and AMX" in reason
     assert KernelBuild("native").unrunnable_reason(arm) is None
     with pytest.raises(ValueError, match="unknown kernel ISA 'avx9'"):
         KernelBuild("avx9")

@@ -4,7 +4,9 @@ build choice, into a cache directory keyed by everything that decides the binary
 A `KernelBuild` says which instruction sets the compiler may use:
 
 - `native`: this CPU's (`-march=native`), what the shard serves with: AVX-512 and AVX512-BF16
-  paths where the CPU has them;
+  paths where the CPU has them, AMX's where it has AMX;
+- `avx512`: this CPU's without AMX, the paths of AVX-512 CPUs that lack it (AMD's), built and
+  tested only on CPUs with AMX (elsewhere it is the native build);
 - `avx2`: x86-64-v3 (AVX2, FMA), the path of CPUs without AVX-512, also built and tested on
   CPUs that have it;
 - `portable`: baseline x86-64 (SSE2), the kernels' portable loops with no intrinsics;
@@ -30,6 +32,7 @@ SOURCE_DIRECTORY = Path(__file__).parent / "csrc"
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 ISA_FLAGS = {
     "native": ["-march=native"],
+    "avx512": ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"],
     "avx2": ["-march=x86-64-v3", "-mtune=native"],
     "portable": ["-march=x86-64", "-mtune=generic"],
 }
@@ -82,6 +85,8 @@ class KernelBuild:
             return f"the {self.isa} kernel build targets x86-64 (this CPU is {cpu.machine})"
         if self.isa == "avx2" and not cpu.avx2:
             return "needs AVX2 and FMA (this CPU lacks them)"
+        if self.isa == "avx512" and not (cpu.avx512 and cpu.amx):
+            return "the native build, on a CPU without both AVX-512 and AMX"
         return None
 
 

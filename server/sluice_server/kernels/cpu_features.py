@@ -66,6 +66,11 @@ class CpuFeatures:
         return "avx512f" in self.flags
 
     @property
+    def amx(self) -> bool:
+        """AMX's tiles with bfloat16 and int8 multiplies, which the native kernel build uses."""
+        return {"amx_tile", "amx_bf16", "amx_int8"} <= self.flags
+
+    @property
     def avx512_bf16(self) -> bool:
         return "avx512_bf16" in self.flags
 
