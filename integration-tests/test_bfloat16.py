@@ -1,7 +1,8 @@
 """bfloat16, the dtype `--dtype auto` picks on CPUs with native bfloat16 or AVX2, end to end: the
 path with Sluice's own bfloat16 matmul, which the float32 modules do not take; and the default
-model's GGUF file served in bfloat16, whose 4-bit codes AVX512-BF16 CPUs without AMX multiply by
-bfloat16 dot products (the float32 quantized modules take the integer path)."""
+model quantized in bfloat16, its GGUF file (whose 4-bit codes AVX512-BF16 CPUs without AMX
+multiply by bfloat16 dot products) and `--quantize fp8` (whose codes AVX512-BF16 CPUs multiply
+so); the float32 quantized modules take other paths."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _cpu_runs_sluice_bfloat16_matmul() -> bool:
     return "avx512_bf16" in flags or {"avx2", "fma"} <= flags
 
 
-@pytest.fixture(scope="module", params=["unquantized", "gguf"])
+@pytest.fixture(scope="module", params=["unquantized", "gguf", "fp8"])
 def server(request: pytest.FixtureRequest) -> Iterator[SluiceServer]:
     if not _cpu_runs_sluice_bfloat16_matmul():
         # The path under test is Sluice's own bfloat16 matmul, which needs one of them.

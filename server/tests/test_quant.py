@@ -220,23 +220,38 @@ def test_codes_in_tile_order_give_the_same_bits(
 
 
 @pytest.mark.parametrize(
-    ("group_size", "offsets", "out_features"), [(32, True, 48), (128, False, 64), (64, True, 80)]
+    ("code_format", "group_size", "offsets", "out_features"),
+    [
+        (CodeFormat.UINT4, 32, True, 48),
+        (CodeFormat.UINT4, 128, False, 64),
+        (CodeFormat.UINT4, 64, True, 80),
+        (CodeFormat.FLOAT8_E4M3, 256, False, 48),
+        (CodeFormat.FLOAT8_E4M3, 128, False, 64),
+        (CodeFormat.FLOAT8_E4M3, 32, False, 80),
+    ],
 )
-def test_4bit_codes_in_tile_order_take_bfloat16_dot_products(
-    built_kernels: Kernels, group_size: int, offsets: bool, out_features: int
+def test_codes_in_tile_order_take_bfloat16_dot_products(
+    built_kernels: Kernels,
+    code_format: CodeFormat,
+    group_size: int,
+    offsets: bool,
+    out_features: int,
 ) -> None:
-    # Without AMX, a bfloat16 model's 4-bit integer codes are regrouped at load so that
-    # AVX512-BF16's dot products multiply them by the rows as they are (80 columns: a tile of 32
-    # columns and half of one more).
+    # With AVX512-BF16, a bfloat16 model's FP8 codes, and without AMX its 4-bit integer codes, are
+    # regrouped at load so that its dot products multiply them by the rows as they are (80
+    # columns: a tile of 32 columns and half of one more; FP8 codes include every value but NaN,
+    # subnormals too).
     ops = built_kernels.ops
     isa = ops.kernels.compiled_isa()
-    if "avx512_bf16" not in isa or "amx_int8" in isa:
-        pytest.skip("the bfloat16 dot products of 4-bit codes are for AVX512-BF16 without AMX")
-    weight = random_weight(out_features, 256, CodeFormat.UINT4, group_size, offsets)
+    if "avx512_bf16" not in isa:
+        pytest.skip("bfloat16 dot products need AVX512-BF16")
+    if code_format is CodeFormat.UINT4 and "amx_int8" in isa:
+        pytest.skip("with AMX, 4-bit codes take AMX's integer tiles")
+    weight = random_weight(out_features, 256, code_format, group_size, offsets)
     prepared = ops.prepare_quantized(weight, torch.bfloat16)
     assert prepared.tile_order
     assert torch.equal(prepared.dequantize(), weight.dequantize())
-    # float32 activations keep the integer path, in column order.
+    # float32 activations keep their path, in column order.
     assert not ops.prepare_quantized(weight, torch.float32).tile_order
     with pytest.raises(RuntimeError, match="bfloat16 rows only"):
         ops.quantized_linear(torch.randn(2, 256), prepared, None)

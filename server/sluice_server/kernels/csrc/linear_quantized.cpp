@@ -48,6 +48,8 @@
 // per 32 dimensions moves a projection's output by 0.4x what rounding x to bfloat16 does, 16 bits
 // per 16 by 0.02x, 8 bits per 32 by 6x (benchmark/activation_rounding.py).
 
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -95,7 +97,7 @@ struct QuantizedMatrix {
   // in_features / group_size, kept rather than divided for: a tile of columns asks for it
   // several times, and those divisions took about a fifth of one row's time.
   int64_t group_count;
-  // Integer codes in tile order (tile_order_codes) rather than a column after another, and the
+  // Codes in tile order (tile_order_codes) rather than a column after another, and the
   // scales and offsets in groups of 16 columns, [N / 16][groups][16].
   bool tile_order = false;
 
@@ -2017,6 +2019,143 @@ void pair_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t 
 }
 #endif
 
+// ---- FP8 codes times bfloat16 rows by AVX512-BF16 dot products.
+//
+// Every e4m3 number is a bfloat16 number too, so where the model's activations are bfloat16 its
+// FP8 codes become bfloat16 in registers and multiply the rows as they are: a code's bits, sign
+// extended to 16 and shifted left by 4, put its sign, exponent and mantissa where bfloat16's are,
+// and adding 120 to the exponent (bfloat16's bias 127 against e4m3's 7) gives the value; codes
+// with a zero exponent (zero and the subnormals) take theirs from a table of 8. The codes lie in
+// tile order (as for AMX: the 4-byte words of 16 columns side by side), so a 64-byte line holds 4
+// consecutive dimensions of 16 columns; its halves become two vectors of 8 columns' 2 pairs of
+// dimensions, each multiplied by a row's 4 values broadcast, and a group's lanes are folded into
+// one sum per column before its scale. Every row takes the same instructions in the same order
+// whatever rows share the call, so a row's output does not depend on its batch.
+#if defined(__AVX512BF16__)
+#define SLUICE_FLOAT8_DOTS 1
+constexpr int64_t kFloat8Rows = 8;
+constexpr int64_t kFloat8LineBytes = 64;
+constexpr int64_t kFloat8LineDims = 4;
+
+inline bool takes_float8_dots(const QuantizedMatrix& w) {
+  return w.format == CodeFormat::kFloat8 && w.group_size % kFloat8LineDims == 0;
+}
+
+// bfloat16's bits of e4m3's zero-exponent codes by mantissa m: m * 2^-9 (sign apart).
+inline __m512i float8_subnormals() {
+  alignas(64) uint16_t table[32] = {};
+  for (int m = 1; m < 8; ++m) {
+    const float value = std::ldexp(static_cast<float>(m), -9);
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    table[m] = static_cast<uint16_t>(bits >> 16);  // exact: 3 significant bits
+  }
+  return _mm512_load_si512(table);
+}
+
+// 32 e4m3 codes as bfloat16, exactly.
+inline __m512bh float8_as_bf16(__m256i codes, __m512i subnormals) {
+  const __m512i lanes = _mm512_cvtepi8_epi16(codes);
+  const __m512i sign_and_bits = _mm512_set1_epi16(static_cast<int16_t>(0x87f0));
+  const __m512i placed = _mm512_and_si512(_mm512_slli_epi16(lanes, 4), sign_and_bits);
+  const __mmask32 normal = _mm512_test_epi16_mask(lanes, _mm512_set1_epi16(0x78));
+  constexpr int kOrAnd = 0xf8;  // a | (b & c)
+  const __m512i small = _mm512_ternarylogic_epi32(
+      _mm512_permutexvar_epi16(lanes, subnormals), placed,
+      _mm512_set1_epi16(static_cast<int16_t>(0x8000)), kOrAnd);
+  return reinterpret_cast<__m512bh>(
+      _mm512_mask_add_epi16(small, normal, placed, _mm512_set1_epi16(120 << 7)));
+}
+
+// One sum per column from a group's two vectors of lanes (lane 2m + j: column m's pair j, the
+// first vector columns 0..7, the second 8..15).
+inline __m512 column_sums(__m512 first, __m512 second) {
+  const __m512i even =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  return _mm512_add_ps(_mm512_permutex2var_ps(first, even, second),
+                       _mm512_permutex2var_ps(first, odd, second));
+}
+
+// Where a tile's operands lie: rows [row, row + kRows) against the 16 columns from n, and the
+// columns' codes as bfloat16 (`converted`: two vectors per line), which the tile's first pass of
+// rows writes and the others read, when more rows follow.
+struct Float8Tile {
+  int64_t row;
+  int64_t n;
+  bool first_pass;
+  __m512bh* converted;  // Null: one pass.
+};
+
+// kRows rows from `row` against the 16 columns from n.
+template <int64_t kRows>
+void float8_dot_tile(const QuantizedMatrix& w, const at::BFloat16* x, const Float8Tile& tile,
+                     const float* bias, at::BFloat16* y, int64_t out_features) {
+  const int64_t row = tile.row, n = tile.n;
+  const __m512i subnormals = float8_subnormals();
+  const uint8_t* codes = w.column_codes(n);
+  const int64_t next_tile = kWordColumns * w.in_features;
+  const int64_t lines_per_group = w.group_size / kFloat8LineDims;
+  __m512 totals[kRows];
+  for (auto& total : totals) total = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.groups(); ++g) {
+    __m512 sums[kRows][2];
+    for (auto& row_sums : sums) row_sums[0] = row_sums[1] = _mm512_setzero_ps();
+    for (int64_t q = g * lines_per_group; q < (g + 1) * lines_per_group; ++q) {
+      __m512bh halves[2];
+      if (tile.first_pass) {
+        const uint8_t* line = codes + q * kFloat8LineBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(line + next_tile), _MM_HINT_T0);
+        const __m512i bytes = _mm512_loadu_si512(line);
+        halves[0] = float8_as_bf16(_mm512_castsi512_si256(bytes), subnormals);
+        halves[1] = float8_as_bf16(_mm512_extracti64x4_epi64(bytes, 1), subnormals);
+        if (tile.converted != nullptr) {
+          tile.converted[2 * q] = halves[0];
+          tile.converted[2 * q + 1] = halves[1];
+        }
+      } else {
+        halves[0] = tile.converted[2 * q];
+        halves[1] = tile.converted[2 * q + 1];
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        int64_t values;
+        std::memcpy(&values, x + (row + r) * w.in_features + q * kFloat8LineDims, sizeof(values));
+        const auto broadcast = reinterpret_cast<__m512bh>(_mm512_set1_epi64(values));
+        sums[r][0] = _mm512_dpbf16_ps(sums[r][0], broadcast, halves[0]);
+        sums[r][1] = _mm512_dpbf16_ps(sums[r][1], broadcast, halves[1]);
+      }
+    }
+    const __m512 scales = _mm512_loadu_ps(w.scales + w.group_index(n, g));
+    for (int64_t r = 0; r < kRows; ++r) {
+      totals[r] = _mm512_fmadd_ps(scales, column_sums(sums[r][0], sums[r][1]), totals[r]);
+    }
+  }
+  const __m512 biases = bias != nullptr ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < kRows; ++r) {
+    store_bf16x16(y + (row + r) * out_features + n, _mm512_add_ps(totals[r], biases));
+  }
+}
+
+// y [rows, N] for bfloat16 x and FP8 codes in tile order (N a multiple of 16).
+void float8_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t row_count,
+                         const float* bias, int64_t out_features, at::BFloat16* y) {
+  const int64_t tiles = out_features / kWordColumns;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    // Converted once per tile where more than one pass of rows reads it.
+    std::vector<__m512bh> converted(row_count > kFloat8Rows ? 2 * w.in_features / 4 : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t row = 0; row < row_count; row += kFloat8Rows) {
+        const Float8Tile tile{row, t * kWordColumns, row == 0,
+                              converted.empty() ? nullptr : converted.data()};
+        with_count<kFloat8Rows>(std::min(kFloat8Rows, row_count - row), [&](auto count) {
+          float8_dot_tile<decltype(count)::value>(w, x, tile, bias, y, out_features);
+        });
+      }
+    }
+  });
+}
+#endif
+
 // ---- Prompt rows: the codes dequantized to bfloat16, a tile of 32 columns at a time.
 //
 // A prompt brings many rows, and per row the paths above do more work than a bfloat16 matmul
@@ -2129,8 +2268,12 @@ void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BF
           if (!w.tile_order) {
             return unpack_block_avx2(w, w.column_codes(n + k) + b * w.block_bytes());
           }
-          return w.bits() == 4 ? unpack_nibbles_avx2(runs[0][k], nullptr)
-                               : unpack_int8_avx2(runs[0][k], runs[1][k]);
+          if (w.bits() == 4) return unpack_nibbles_avx2(runs[0][k], nullptr);
+          if (w.format == CodeFormat::kSigned8) return unpack_int8_avx2(runs[0][k], runs[1][k]);
+          alignas(32) uint8_t bytes[kCodeBlock];
+          _mm_store_si128(reinterpret_cast<__m128i*>(bytes), runs[0][k]);
+          _mm_store_si128(reinterpret_cast<__m128i*>(bytes + kHalfBlock), runs[1][k]);
+          return unpack_block_avx2(w, bytes);
         };
         const BlockPairs pairs = k < columns ? block_pairs(weight_block(w, n + k, g, unpacked()))
                                              : BlockPairs{_mm256_setzero_si256(),
@@ -2285,7 +2428,7 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
 c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code_format,
                                            int64_t group_size, bool bfloat16_rows) {
   const auto format = static_cast<CodeFormat>(code_format);
-  if (format != CodeFormat::kUnsigned4 && format != CodeFormat::kSigned8) return c10::nullopt;
+  if (format == CodeFormat::kLevels4) return c10::nullopt;
   check_cpu(codes, "codes");
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() &&
                   (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kChar),
@@ -2296,25 +2439,26 @@ c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code
   w.in_features = codes.size(1) * 8 / w.bits();
   const bool whole = group_size > 0 && w.in_features % kCodeBlock == 0 &&
                      w.in_features % group_size == 0 && codes.size(0) % kWordColumns == 0;
-#if defined(SLUICE_INTEGER_AMX)
-  (void)bfloat16_rows;
-  if (whole && takes_amx_integer_path(w)) return codes_in_tile_order(codes, format);
-#elif defined(SLUICE_PAIR_DOTS)
-  // [N][runs][4 words][4 bytes] -> [N / 16][runs][4 words][16 columns][4 bytes]
-  if (whole && bfloat16_rows && takes_pair_dots(w)) {
+  // [N][words][4 bytes] -> [N / 16][words][16 columns][4 bytes]
+  const auto words_side_by_side = [&] {
     const int64_t rows = codes.size(0), bytes = codes.size(1);
     constexpr int64_t kWordBytes = 4;
-    return codes
-        .view({rows / kWordColumns, kWordColumns, bytes / (kWordsPerRunOf4Bit * kWordBytes),
-               kWordsPerRunOf4Bit, kWordBytes})
-        .permute({0, 2, 3, 1, 4})
+    return codes.view({rows / kWordColumns, kWordColumns, bytes / kWordBytes, kWordBytes})
+        .permute({0, 2, 1, 3})
         .contiguous()
         .view({rows, bytes});
-  }
-#else
+  };
+#if defined(SLUICE_FLOAT8_DOTS)
+  if (whole && bfloat16_rows && takes_float8_dots(w)) return words_side_by_side();
+#endif
+#if defined(SLUICE_INTEGER_AMX)
+  if (whole && takes_amx_integer_path(w)) return codes_in_tile_order(codes, format);
+#elif defined(SLUICE_PAIR_DOTS)
+  if (whole && bfloat16_rows && takes_pair_dots(w)) return words_side_by_side();
+#endif
   (void)bfloat16_rows;
   (void)whole;
-#endif
+  (void)words_side_by_side;
   return c10::nullopt;
 }
 
@@ -2326,16 +2470,22 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
   check_rows(x, "x");
   QuantizedMatrix w = checked_matrix(codes, scales, offsets, code_format, group_size, levels);
   if (tile_order) {
-#if defined(SLUICE_INTEGER_AMX)
-    const bool takes_tiles = takes_amx_integer_path(w) && codes.size(0) % kTileColumns == 0;
-#elif defined(SLUICE_PAIR_DOTS)
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16,
-                "4-bit codes in tile order multiply bfloat16 rows only");
-    const bool takes_tiles = takes_pair_dots(w) && codes.size(0) % kWordColumns == 0;
-#else
-    const bool takes_tiles = false;
+    bool dot_products = false;
+#if defined(SLUICE_FLOAT8_DOTS)
+    dot_products = takes_float8_dots(w);
 #endif
-    TORCH_CHECK(takes_tiles, "codes in tile order, which only tile_order_codes makes");
+#if defined(SLUICE_PAIR_DOTS)
+    dot_products = dot_products || takes_pair_dots(w);
+#endif
+#if defined(SLUICE_INTEGER_AMX)
+    const bool tiles = takes_amx_integer_path(w) && codes.size(0) % kTileColumns == 0;
+#else
+    const bool tiles = false;
+#endif
+    TORCH_CHECK(tiles || (dot_products && codes.size(0) % kWordColumns == 0),
+                "codes in tile order, which only tile_order_codes makes");
+    TORCH_CHECK(!dot_products || x.scalar_type() == at::kBFloat16,
+                "codes in tile order for bfloat16 dot products multiply bfloat16 rows only");
     w.tile_order = true;
   }
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.in_features, "x must be [rows, ", w.in_features, "]");
@@ -2351,6 +2501,13 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
   const at::Tensor rows = x.contiguous();
   const auto decode_rows = [&](const at::Tensor& part) {
     auto y = at::empty({part.size(0), out_features}, part.options());
+#if defined(SLUICE_FLOAT8_DOTS)
+    if (w.tile_order && takes_float8_dots(w)) {
+      float8_dot_multiply(w, part.data_ptr<at::BFloat16>(), part.size(0), bias_data, out_features,
+                          y.data_ptr<at::BFloat16>());
+      return y;
+    }
+#endif
 #if defined(SLUICE_PAIR_DOTS)
     if (w.tile_order) {
       pair_dot_multiply(w, part.data_ptr<at::BFloat16>(), part.size(0), bias_data, out_features,
