@@ -11,16 +11,17 @@ AWQ, GPTQ and GGUF's Q4_1 hold them); activations are bfloat16.
 
     python benchmark/quantized_kernel.py --rows 1 4 32 128
 
-Each weight is prepared as a bfloat16 model's is at load (`Ops.prepare_quantized`: integer
-codes regrouped into tile order for AMX's tiles, or 4-bit ones for AVX512-BF16's dot products).
+Each weight is prepared as a bfloat16 model's is at load (`Ops.prepare_quantized`: integer codes
+regrouped into tile order for AMX's tiles, or 4-bit and FP8 ones for AVX512-BF16's dot products).
 With `--against REV`, the quantized kernel as it was at that git revision is built and timed too,
 on the same weights as loaded ("uint4@REV", ...). With `--prompt-rows`, each format is also timed
 with every row marked as a prompt's ("uint4 prompt", ...), the path a prompt's tokens take. With
 `--column-order`, each format is also timed with its codes as loaded ("uint4 column order", ...):
 where preparing regroups them, the path they take unprepared (a float32 model's, or the kernel's
-before tile order), in the same run. With `--also-build avx512`, bfloat16 and every format are
-also timed with the kernels built for that instruction set ("uint4 [avx512]", ...; on a CPU
-with AMX, the paths of AVX-512 CPUs without it), prepared as that build prepares them.
+before tile order), in the same run. With `--also-build avx512`, bfloat16 and every format are also
+timed with the kernels built for that instruction set ("uint4 [avx512]", ...; on a CPU with AMX,
+the paths of AVX-512 CPUs without it), prepared as that build prepares them; with `--column-order`
+too, that build's unprepared paths as well ("uint4 [avx512] column order").
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def timed_weights(name: str, prepared: dict[str, list], loaded: dict[str, list])
     if "@" in name:
         return loaded[name.split("@")[0]]
     if name.endswith(COLUMN_ORDER):
-        return loaded[name.removesuffix(COLUMN_ORDER)]
+        return loaded[name.removesuffix(COLUMN_ORDER).split(" [")[0]]
     return prepared[name.removesuffix(PROMPT)]
 
 
@@ -168,6 +169,10 @@ def main() -> None:
         implementations |= {name + PROMPT: ops for name in FORMATS}
     if args.column_order:
         implementations |= {name + COLUMN_ORDER: ops for name in FORMATS}
+        if args.also_build:
+            implementations |= {
+                f"{name} [{args.also_build}]{COLUMN_ORDER}": other for name in FORMATS
+            }
     if args.against:
         work = Path(tempfile.mkdtemp(prefix="quantized-kernel-"))
         baseline = CompiledCpuOps(kernels_at_revision(args.against, work), CpuFeatures.detect())
@@ -187,7 +192,7 @@ def main() -> None:
         shape: {
             name: prepared_weights(held_by, name, weights, loaded[shape])
             for name, held_by in implementations.items()
-            if name.split(" [")[0] in ("bfloat16", *FORMATS)
+            if name.split(" [")[0] in ("bfloat16", *FORMATS) and not name.endswith(COLUMN_ORDER)
         }
         for shape, weights in layers.items()
     }
