@@ -2145,7 +2145,8 @@ void float8_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_
 // is whole steps of 32 dimensions), so a row's output does not depend on its batch. A step's
 // projections of the default model ran 3.5x as fast as by the dot products at 32 rows (as fast
 // as bfloat16's AMX matmul), 1.9x at 8, and 0.8x at one row, where the same loops without
-// their few tile instructions ran about 1.2x as fast: using AMX slows the core's other work.
+// their few tile instructions ran about 1.2x as fast, more than the tile multiplies' own
+// throughput accounts for.
 #if defined(SLUICE_FLOAT8_DOTS) && defined(SLUICE_AMX)
 #define SLUICE_FLOAT8_AMX 1
 constexpr int64_t kFloat8AmxStep = 2 * kAmxPairs;  // dimensions per tile multiply
