@@ -1,8 +1,9 @@
 """bfloat16, the dtype `--dtype auto` picks on CPUs with native bfloat16 or AVX2, end to end: the
 path with Sluice's own bfloat16 matmul, which the float32 modules do not take; and the default
 model quantized in bfloat16, its GGUF file (whose 4-bit codes AVX512-BF16 CPUs without AMX
-multiply by bfloat16 dot products) and `--quantize fp8` (whose codes AVX512-BF16 CPUs multiply
-so); the float32 quantized modules take other paths."""
+multiply by bfloat16 dot products) and `--quantize fp8` (whose codes AVX512-BF16 CPUs convert to
+bfloat16 for dot products, or for AMX's tiles where the CPU has them); the float32 quantized
+modules take other paths."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ is repacked into this one, so that one kernel serves them all. Where the CPU has
 integer codes, scales and offsets are then regrouped once more for its tiles (`tile_order`,
 made by the compiled ops when the model is prepared for the CPU), and so are a bfloat16 model's
 4-bit integer codes on AVX512-BF16 CPUs without AMX and its FP8 codes on any AVX512-BF16 CPU,
-for the kernel's dot products: the same values in another order, which `in_column_order`
-undoes.
+for the kernel's dot products (or AMX's bfloat16 tiles): the same values in another order, which
+`in_column_order` undoes.
 """
 
 from dataclasses import dataclass, replace

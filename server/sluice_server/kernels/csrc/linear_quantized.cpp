@@ -2043,11 +2043,16 @@ inline __m512bh float8_as_bf16(__m256i codes, __m512i subnormals) {
       _mm512_mask_add_epi16(small, normal, placed, _mm512_set1_epi16(120 << 7)));
 }
 
-// One sum per column from a group's two vectors of lanes (lane 2m + j: column m's pair j, the
-// first vector columns 0..7, the second 8..15).
+// The indexes of two vectors' even 32-bit lanes taken together (as permutex2var numbers them);
+// plus 1, of their odd ones. With lane 2m + j holding column m's pair j (the first vector
+// columns 0..7, the second 8..15), they pick each column's pair j.
+inline __m512i even_lanes() {
+  return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+}
+
+// One sum per column from a group's two vectors of lanes (lane 2m + j: column m's pair j).
 inline __m512 column_sums(__m512 first, __m512 second) {
-  const __m512i even =
-      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i even = even_lanes();
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   return _mm512_add_ps(_mm512_permutex2var_ps(first, even, second),
                        _mm512_permutex2var_ps(first, odd, second));
@@ -2061,6 +2066,7 @@ struct Float8Tile {
   int64_t n;
   bool first_pass;
   __m512bh* converted;  // Null: one pass.
+  __m512i subnormals;   // float8_subnormals(), made once per thread
 };
 
 // kRows rows from `row` against the 16 columns from n.
@@ -2068,7 +2074,7 @@ template <int64_t kRows>
 void float8_dot_tile(const QuantizedMatrix& w, const at::BFloat16* x, const Float8Tile& tile,
                      const float* bias, at::BFloat16* y, int64_t out_features) {
   const int64_t row = tile.row, n = tile.n;
-  const __m512i subnormals = float8_subnormals();
+  const __m512i subnormals = tile.subnormals;
   const uint8_t* codes = w.column_codes(n);
   const int64_t next_tile = kWordColumns * w.in_features;
   const int64_t lines_per_group = w.group_size / kFloat8LineDims;
@@ -2119,10 +2125,11 @@ void float8_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     // Converted once per tile where more than one pass of rows reads it.
     std::vector<__m512bh> converted(row_count > kFloat8Rows ? 2 * w.in_features / 4 : 0);
+    const __m512i subnormals = float8_subnormals();
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t row = 0; row < row_count; row += kFloat8Rows) {
         const Float8Tile tile{row, t * kWordColumns, row == 0,
-                              converted.empty() ? nullptr : converted.data()};
+                              converted.empty() ? nullptr : converted.data(), subnormals};
         with_count<kFloat8Rows>(std::min(kFloat8Rows, row_count - row), [&](auto count) {
           float8_dot_tile<decltype(count)::value>(w, x, tile, bias, y, out_features);
         });
@@ -2161,7 +2168,7 @@ inline bool takes_float8_amx(const QuantizedMatrix& w) {
 // m's pair j), whose even and odd lanes make the line's two pair rows of 16 columns.
 struct Float8PairRows {
   __m512i subnormals = float8_subnormals();
-  __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  __m512i even = even_lanes();
   __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
 
   // Lines [first, first + count) of the 32 columns from n: line q makes pair rows 2q and
