@@ -107,6 +107,9 @@ class LevelResult:
     first_error: str = ""  # the first failed request's error, to tell why `errors` is not 0
     # A chat replay's TTFT per turn: the median over its conversations.
     ttft_p50_s_by_turn: list[float] = field(default_factory=list)
+    # Every answered request's TTFT, in the order they finished: with a few requests the p95 is
+    # the slowest one, and this tells whether it was the first.
+    ttfts_s: list[float] = field(default_factory=list)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -310,6 +313,7 @@ def summarize(results: list[RequestResult], concurrency: int, duration: float) -
         mean_output_tokens=statistics.fmean([r.output_tokens for r in good]) if good else 0.0,
         tokens_counted_from="+".join(sorted({r.tokens_counted_from for r in good})),
         first_error=next((r.error for r in results if not r.ok), ""),
+        ttfts_s=ttfts,
     )
 
 

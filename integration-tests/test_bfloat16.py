@@ -1,9 +1,10 @@
 """bfloat16, the dtype `--dtype auto` picks on CPUs with native bfloat16 or AVX2, end to end: the
 path with Sluice's own bfloat16 matmul, which the float32 modules do not take; and the default
 model quantized in bfloat16, its GGUF file (whose 4-bit codes AVX512-BF16 CPUs without AMX
-multiply by bfloat16 dot products) and `--quantize fp8` (whose codes AVX512-BF16 CPUs convert to
-bfloat16 for dot products, or for AMX's tiles where the CPU has them); the float32 quantized
-modules take other paths."""
+multiply by bfloat16 dot products), `--quantize fp8` (whose codes AVX512-BF16 CPUs convert to
+bfloat16 for dot products, or for AMX's tiles where the CPU has them) and `--quantize
+bitsandbytes-nf4` (whose levels AVX512-BF16 CPUs look up in bfloat16 for dot products); the
+float32 quantized modules take other paths."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _cpu_runs_sluice_bfloat16_matmul() -> bool:
     return "avx512_bf16" in flags or {"avx2", "fma"} <= flags
 
 
-@pytest.fixture(scope="module", params=["unquantized", "gguf", "fp8"])
+@pytest.fixture(scope="module", params=["unquantized", "gguf", "fp8", "bitsandbytes-nf4"])
 def server(request: pytest.FixtureRequest) -> Iterator[SluiceServer]:
     if not _cpu_runs_sluice_bfloat16_matmul():
         # The path under test is Sluice's own bfloat16 matmul, which needs one of them.

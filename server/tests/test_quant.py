@@ -228,6 +228,8 @@ def test_codes_in_tile_order_give_the_same_bits(
         (CodeFormat.FLOAT8_E4M3, 256, False, 48),
         (CodeFormat.FLOAT8_E4M3, 128, False, 64),
         (CodeFormat.FLOAT8_E4M3, 32, False, 80),
+        (CodeFormat.LEVELS4, 64, False, 48),
+        (CodeFormat.LEVELS4, 32, True, 80),
     ],
 )
 def test_codes_in_tile_order_take_bfloat16_dot_products(
@@ -237,10 +239,10 @@ def test_codes_in_tile_order_take_bfloat16_dot_products(
     offsets: bool,
     out_features: int,
 ) -> None:
-    # With AVX512-BF16, a bfloat16 model's FP8 codes, and without AMX its 4-bit integer codes, are
-    # regrouped at load so that dot products (or for FP8 codes, AMX's bfloat16 tiles) multiply
-    # them by the rows as they are (80 columns: a tile of 32 columns and half of one more; FP8
-    # codes include every value but NaN, subnormals too).
+    # With AVX512-BF16, a bfloat16 model's FP8 codes and indexes into levels, and without AMX its
+    # 4-bit integer codes, are regrouped at load so that dot products (or for FP8 codes, AMX's
+    # bfloat16 tiles) multiply them by the rows as they are (80 columns: a tile of 32 columns and
+    # half of one more; FP8 codes include every value but NaN, subnormals too).
     ops = built_kernels.ops
     isa = ops.kernels.compiled_isa()
     if "avx512_bf16" not in isa:
@@ -258,11 +260,23 @@ def test_codes_in_tile_order_take_bfloat16_dot_products(
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(40)).bfloat16()
     bias = torch.randn(out_features)
     y = ops.quantized_linear(x, prepared, bias)
-    # The product with the dequantized weight, up to float32 sums and the bfloat16 output.
-    dequantized = weight.dequantize(torch.float64)
-    exact = x.double() @ dequantized.T + bias.double()
-    magnitude = x.double().abs() @ dequantized.abs().T
-    assert ((y.double() - exact).abs() <= exact.abs() / 256 + magnitude * 1e-5).all()
+
+    def within(weight: QuantizedWeight, relative: float) -> bool:
+        """Whether y is the product with the dequantized `weight`, up to the bfloat16 output
+        and `relative` times the products' magnitudes."""
+        dequantized = weight.dequantize(torch.float64)
+        exact = x.double() @ dequantized.T + bias.double()
+        magnitude = x.double().abs() @ dequantized.abs().T
+        return bool(((y.double() - exact).abs() <= exact.abs() / 256 + magnitude * relative).all())
+
+    if code_format is CodeFormat.LEVELS4:
+        # The levels are rounded to bfloat16 (as bitsandbytes rounds a bfloat16 model's weights),
+        # then the sums run in float32.
+        assert within(replace(weight, levels=weight.levels.bfloat16().float()), 1e-5)
+        assert within(weight, 1 / 256)
+    else:
+        # Up to float32 sums.
+        assert within(weight, 1e-5)
     # Every row alone gives the bits it gives in the batch (passes of a few rows; with AMX, FP8
     # codes take a block of 32 rows and one of 8).
     for row in range(x.shape[0]):

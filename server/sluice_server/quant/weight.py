@@ -17,9 +17,9 @@ Every format Sluice loads (GGUF blocks, AWQ, GPTQ and FP8 checkpoints, weights q
 is repacked into this one, so that one kernel serves them all. Where the CPU has AMX, a layer's
 integer codes, scales and offsets are then regrouped once more for its tiles (`tile_order`,
 made by the compiled ops when the model is prepared for the CPU), and so are a bfloat16 model's
-4-bit integer codes on AVX512-BF16 CPUs without AMX and its FP8 codes on any AVX512-BF16 CPU,
-for the kernel's dot products (or AMX's bfloat16 tiles): the same values in another order, which
-`in_column_order` undoes.
+4-bit integer codes on AVX512-BF16 CPUs without AMX and its FP8 codes and 4-bit level codes on
+any AVX512-BF16 CPU, for the kernel's dot products (or AMX's bfloat16 tiles): the same values in
+another order, which `in_column_order` undoes.
 """
 
 from dataclasses import dataclass, replace

@@ -1788,30 +1788,34 @@ void tile_integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row
 }
 #endif
 
-// ---- 4-bit integer codes times bfloat16 rows by AVX512-BF16 dot products (builds without AMX).
+// ---- 4-bit codes times bfloat16 rows by AVX512-BF16 dot products.
 //
 // The integer path above spends per row and column, for every 32 codes, four multiply-adds, a
 // conversion and two float32 multiplies on top of the unpacking; at 32 rows a step's
 // projections took 2.1 to 2.5 times bfloat16's time. Here, where the model's activations are
-// bfloat16, a
-// layer's codes lie in tile order (the words of 16 columns side by side, as for AMX) and each
-// 64-byte line of them becomes four vectors of 16 columns' pairs of codes with a shift and one
-// ternary-logic instruction: a code c in a lane with 0x4300's bits is the bfloat16 128 + c,
-// exactly, so one vdpbf16ps multiplies 16 columns' pairs of codes by a row's pair of x. A group's
-// dot products are summed apart, 128 times x's sum over the group taken off, then scaled by the
-// column's group scale (and the offsets' terms added): sum_k (s c_k + o) x_k =
-// s (sum_k (128 + c_k) x_k - 128 sum_k x_k) + o sum_k x_k. The products are exact in float32 and
-// the sums lose about 4 bits of float32's 24 to the 128, far below x's own bfloat16 rounding.
+// bfloat16, a layer's codes lie in tile order (the words of 16 columns side by side, as for AMX)
+// and each 64-byte line of them becomes four vectors of 16 columns' pairs of codes' values, which
+// one vdpbf16ps each multiplies by a row's pair of x:
+//
+// - 4-bit integers (builds without AMX, whose byte multiplies take them): a shift and one
+//   ternary-logic instruction; a code c in a lane with 0x4300's bits is the bfloat16 128 + c,
+//   exactly. A group's dot products are summed apart and 128 times x's sum over the group taken
+//   off: sum_k (s c_k + o) x_k = s (sum_k (128 + c_k) x_k - 128 sum_k x_k) + o sum_k x_k. The
+//   products are exact in float32 and the sums lose about 4 bits of float32's 24 to the 128, far
+//   below x's own bfloat16 rounding.
+// - Indexes into 16 levels (NF4, FP4): a shift and a vpermw from the levels rounded to
+//   bfloat16, as bitsandbytes' own bfloat16 dequantization rounds every weight. They ran 1.8x as
+//   fast at one row, and 1.4x at 32, as on the float32 path they took before.
 //
 // A word q of a run's codes holds dimensions 4q..4q+3 in its bytes' low nibbles and 4q+16..4q+19
 // in their high nibbles (GGUF's block layout), so the four vectors pair the dimensions
 // (4q, 4q+2), (4q+16, 4q+18), (4q+1, 4q+3), (4q+17, 4q+19): x's pairs are gathered in that
 // order once per call. Every row takes the same instructions in the same order whatever rows
 // share the call, so a row's output does not depend on its batch; up to kPairRows rows share
-// each line's unpacking (4 measured faster than 2, 3 or 6). The default model's projections ran
-// 1.2x as fast as on the integer path at one row, 1.9x at 8 and 2x at 32, where bfloat16's took
-// 0.7x their time (benchmark/quantized_kernel.py --column-order).
-#if defined(__AVX512BF16__) && !defined(SLUICE_INTEGER_AMX)
+// each line's unpacking (4 measured faster than 2, 3 or 6). The default model's 4-bit integer
+// projections ran 1.2x as fast as on the integer path at one row, 1.9x at 8 and 2x at 32, where
+// bfloat16's took 0.7x their time (benchmark/quantized_kernel.py --column-order).
+#if defined(__AVX512BF16__)
 #define SLUICE_PAIR_DOTS 1
 constexpr int64_t kPairRows = 4;
 constexpr int64_t kLineBytes = 64;
@@ -1822,7 +1826,12 @@ constexpr int16_t kCodeBias = 0x4300;
 constexpr float kCodeBiasValue = 128.f;
 
 inline bool takes_pair_dots(const QuantizedMatrix& w) {
-  return w.format == CodeFormat::kUnsigned4 && w.group_size % kCodeBlock == 0;
+  if (w.group_size % kCodeBlock != 0) return false;
+#if defined(SLUICE_INTEGER_AMX)
+  return w.format == CodeFormat::kLevels4;
+#else
+  return w.format == CodeFormat::kUnsigned4 || w.format == CodeFormat::kLevels4;
+#endif
 }
 
 // Each row's x as the 32-bit pairs of bfloat16 the code vectors multiply (per run and word,
@@ -1873,18 +1882,42 @@ PairRows pair_rows(const at::BFloat16* x, int64_t row_count, const QuantizedMatr
   return rows;
 }
 
-// The four vectors of 16 columns' code pairs in a line of words, as bfloat16 128 + code.
-inline void line_pairs(__m512i line, __m512bh (&vectors)[4]) {
-  const __m512i nibble = _mm512_set1_epi16(0x0f);
-  const __m512i bias = _mm512_set1_epi16(kCodeBias);
-  constexpr int kAndOr = 0xea;  // (a & b) | c
-  vectors[0] = reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(line, nibble, bias, kAndOr));
-  vectors[1] = reinterpret_cast<__m512bh>(
-      _mm512_ternarylogic_epi32(_mm512_srli_epi16(line, 4), nibble, bias, kAndOr));
-  vectors[2] = reinterpret_cast<__m512bh>(
-      _mm512_ternarylogic_epi32(_mm512_srli_epi16(line, 8), nibble, bias, kAndOr));
-  vectors[3] = reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_srli_epi16(line, 12), bias));
+// The four vectors of 16 columns' pairs of codes' values in a line of words: bfloat16 128 + code
+// for integers, the levels for indexes (`levels`: the 16 levels in bfloat16, twice over).
+template <bool kLevels>
+inline void line_pairs(__m512i line, __m512i levels, __m512bh (&vectors)[4]) {
+  if constexpr (kLevels) {
+    // vpermw reads a lane's low 5 bits: the next nibble's low bit in bit 4 picks the same level.
+    vectors[0] = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(line, levels));
+    vectors[1] = reinterpret_cast<__m512bh>(
+        _mm512_permutexvar_epi16(_mm512_srli_epi16(line, 4), levels));
+    vectors[2] = reinterpret_cast<__m512bh>(
+        _mm512_permutexvar_epi16(_mm512_srli_epi16(line, 8), levels));
+    vectors[3] = reinterpret_cast<__m512bh>(
+        _mm512_permutexvar_epi16(_mm512_srli_epi16(line, 12), levels));
+  } else {
+    const __m512i nibble = _mm512_set1_epi16(0x0f);
+    const __m512i bias = _mm512_set1_epi16(kCodeBias);
+    constexpr int kAndOr = 0xea;  // (a & b) | c
+    vectors[0] =
+        reinterpret_cast<__m512bh>(_mm512_ternarylogic_epi32(line, nibble, bias, kAndOr));
+    vectors[1] = reinterpret_cast<__m512bh>(
+        _mm512_ternarylogic_epi32(_mm512_srli_epi16(line, 4), nibble, bias, kAndOr));
+    vectors[2] = reinterpret_cast<__m512bh>(
+        _mm512_ternarylogic_epi32(_mm512_srli_epi16(line, 8), nibble, bias, kAndOr));
+    vectors[3] = reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_srli_epi16(line, 12), bias));
+  }
 }
+
+// What one call multiplies: the weight, x's pairs, and where y goes.
+struct PairCall {
+  const QuantizedMatrix& w;
+  const PairRows& x;
+  __m512i levels;  // kLevels4's levels in bfloat16, twice over (line_pairs)
+  const float* bias;
+  at::BFloat16* y;
+  int64_t out_features;
+};
 
 // Where a tile's operands lie: its groups of 16 columns from column group `first`, and the rows
 // [row, row + kRows) of x and y.
@@ -1896,9 +1929,9 @@ struct PairTile {
 };
 
 // kHalves (1 or 2) groups of 16 columns: compile-time counts keep the sums in registers.
-template <int64_t kRows, int64_t kHalves>
-void pair_dot_tile(const QuantizedMatrix& w, const PairRows& x, const PairTile& tile,
-                   const float* bias, at::BFloat16* y, int64_t out_features) {
+template <bool kLevels, int64_t kRows, int64_t kHalves>
+void pair_dot_tile(const PairCall& call, const PairTile& tile) {
+  const QuantizedMatrix& w = call.w;
   const int64_t group_bytes = kWordColumns * w.code_bytes_per_column();
   const int64_t runs_per_group = w.group_size / kCodeBlock;
   const uint8_t* codes = w.codes + tile.first * group_bytes;
@@ -1934,9 +1967,9 @@ void pair_dot_tile(const QuantizedMatrix& w, const PairRows& x, const PairTile& 
             ++line_index;
           }
           __m512bh vectors[4];
-          line_pairs(_mm512_loadu_si512(line), vectors);
+          line_pairs<kLevels>(_mm512_loadu_si512(line), call.levels, vectors);
           for (int64_t r = 0; r < kRows; ++r) {
-            const uint32_t* pairs = x.pairs.data() + (tile.row + r) * x.pairs_per_row +
+            const uint32_t* pairs = call.x.pairs.data() + (tile.row + r) * call.x.pairs_per_row +
                                     run * kPairsPerRun + 4 * q;
             for (int v = 0; v < 4; ++v) {
               const auto pair = reinterpret_cast<__m512bh>(
@@ -1951,9 +1984,11 @@ void pair_dot_tile(const QuantizedMatrix& w, const PairRows& x, const PairTile& 
       const int64_t at = (tile.first + h) * kWordColumns * w.groups() + g * kWordColumns;
       const __m512 scales = _mm512_loadu_ps(w.scales + at);
       for (int64_t r = 0; r < kRows; ++r) {
-        const __m512 group_sum = _mm512_set1_ps(x.group_sums[(tile.row + r) * x.groups + g]);
+        const __m512 group_sum =
+            _mm512_set1_ps(call.x.group_sums[(tile.row + r) * call.x.groups + g]);
         const __m512 dots =
-            _mm512_fnmadd_ps(_mm512_set1_ps(kCodeBiasValue), group_sum, sums[r][h]);
+            kLevels ? sums[r][h]
+                    : _mm512_fnmadd_ps(_mm512_set1_ps(kCodeBiasValue), group_sum, sums[r][h]);
         totals[r][h] = _mm512_fmadd_ps(scales, dots, totals[r][h]);
         if (w.offsets != nullptr) {
           totals[r][h] = _mm512_fmadd_ps(_mm512_loadu_ps(w.offsets + at), group_sum, totals[r][h]);
@@ -1963,19 +1998,18 @@ void pair_dot_tile(const QuantizedMatrix& w, const PairRows& x, const PairTile& 
   }
   for (int64_t h = 0; h < kHalves; ++h) {
     const int64_t column = (tile.first + h) * kWordColumns;
-    const __m512 biases = bias != nullptr ? _mm512_loadu_ps(bias + column) : _mm512_setzero_ps();
+    const __m512 biases =
+        call.bias != nullptr ? _mm512_loadu_ps(call.bias + column) : _mm512_setzero_ps();
     for (int64_t r = 0; r < kRows; ++r) {
-      store_bf16x16(y + (tile.row + r) * out_features + column,
+      store_bf16x16(call.y + (tile.row + r) * call.out_features + column,
                     _mm512_add_ps(totals[r][h], biases));
     }
   }
 }
 
-// y [rows, N] for bfloat16 x and 4-bit codes in tile order (N a multiple of 16).
-void pair_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t row_count,
-                       const float* bias, int64_t out_features, at::BFloat16* y) {
-  const PairRows rows = pair_rows(x, row_count, w);
-  const int64_t column_groups = out_features / kWordColumns;
+template <bool kLevels>
+void pair_dot_tiles(const PairCall& call, int64_t row_count) {
+  const int64_t column_groups = call.out_features / kWordColumns;
   const int64_t tiles = (column_groups + 1) / 2;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -1984,12 +2018,24 @@ void pair_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t 
         const PairTile tile{2 * t, row, row == 0 && t + 1 < end};
         with_count<kPairRows>(std::min(kPairRows, row_count - row), [&](auto count) {
           constexpr int64_t kRows = decltype(count)::value;
-          if (halves == 2) return pair_dot_tile<kRows, 2>(w, rows, tile, bias, y, out_features);
-          pair_dot_tile<kRows, 1>(w, rows, tile, bias, y, out_features);
+          if (halves == 2) return pair_dot_tile<kLevels, kRows, 2>(call, tile);
+          pair_dot_tile<kLevels, kRows, 1>(call, tile);
         });
       }
     }
   });
+}
+
+// y [rows, N] for bfloat16 x and 4-bit codes in tile order (N a multiple of 16).
+void pair_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t row_count,
+                       const float* bias, int64_t out_features, at::BFloat16* y) {
+  const PairRows rows = pair_rows(x, row_count, w);
+  if (w.format == CodeFormat::kLevels4) {
+    const __m512 levels = _mm512_loadu_ps(w.levels);
+    const auto twice = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(levels, levels));
+    return pair_dot_tiles<true>({w, rows, twice, bias, y, out_features}, row_count);
+  }
+  pair_dot_tiles<false>({w, rows, _mm512_setzero_si512(), bias, y, out_features}, row_count);
 }
 #endif
 
@@ -2360,6 +2406,8 @@ inline void store_pairs(const __m256i (&columns)[kFillColumns], uint32_t* words)
 // Tile t (columns [32 t, 32 t + 32)) of the dequantized weight; columns past out_features zero.
 void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BFloat16* tile) {
   auto* words = reinterpret_cast<uint32_t*>(tile);
+  LevelTable levels{_mm256_setzero_ps(), _mm256_setzero_ps()};
+  if (w.levels != nullptr) levels = {_mm256_loadu_ps(w.levels), _mm256_loadu_ps(w.levels + 8)};
   for (int64_t c = 0; c < kLinearColumns; c += kFillColumns) {
     const int64_t n = t * kLinearColumns + c;
     const int64_t columns = std::clamp<int64_t>(out_features - n, 0, kFillColumns);
@@ -2377,7 +2425,8 @@ void fill_tile(const QuantizedMatrix& w, int64_t out_features, int64_t t, at::BF
           if (!w.tile_order) {
             return unpack_block_avx2(w, w.column_codes(n + k) + b * w.block_bytes());
           }
-          if (w.bits() == 4) return unpack_nibbles_avx2(runs[0][k], nullptr);
+          if (w.format == CodeFormat::kUnsigned4) return unpack_nibbles_avx2(runs[0][k], nullptr);
+          if (w.format == CodeFormat::kLevels4) return unpack_nibbles_avx2(runs[0][k], &levels);
           if (w.format == CodeFormat::kSigned8) return unpack_int8_avx2(runs[0][k], runs[1][k]);
           alignas(32) uint8_t bytes[kCodeBlock];
           _mm_store_si128(reinterpret_cast<__m128i*>(bytes), runs[0][k]);
@@ -2537,7 +2586,6 @@ void multiply(const T* x, int64_t row_count, const QuantizedMatrix& w, const flo
 c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code_format,
                                            int64_t group_size, bool bfloat16_rows) {
   const auto format = static_cast<CodeFormat>(code_format);
-  if (format == CodeFormat::kLevels4) return c10::nullopt;
   check_cpu(codes, "codes");
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() &&
                   (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kChar),
@@ -2554,7 +2602,8 @@ c10::optional<at::Tensor> tile_order_codes(const at::Tensor& codes, int64_t code
 #endif
 #if defined(SLUICE_INTEGER_AMX)
   regroup = regroup || takes_amx_integer_path(w);
-#elif defined(SLUICE_PAIR_DOTS)
+#endif
+#if defined(SLUICE_PAIR_DOTS)
   regroup = regroup || (bfloat16_rows && takes_pair_dots(w));
 #endif
   (void)bfloat16_rows;
@@ -2622,7 +2671,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
     }
 #endif
 #if defined(SLUICE_PAIR_DOTS)
-    if (w.tile_order) {
+    if (w.tile_order && takes_pair_dots(w)) {
       pair_dot_multiply(w, part.data_ptr<at::BFloat16>(), part.size(0), bias_data, out_features,
                         y.data_ptr<at::BFloat16>());
       return y;
