@@ -3,7 +3,7 @@ path with Sluice's own bfloat16 matmul, which the float32 modules do not take; a
 model quantized in bfloat16, its GGUF file (whose 4-bit codes AVX512-BF16 CPUs without AMX
 multiply by bfloat16 dot products), `--quantize fp8` (whose codes AVX512-BF16 CPUs convert to
 bfloat16 for dot products, or for AMX's tiles where the CPU has them) and `--quantize
-bitsandbytes-nf4` (whose levels AVX512-BF16 CPUs look up in bfloat16 for dot products); the
+bitsandbytes-nf4` (whose levels AVX512-BF16 CPUs look up in bfloat16, for the same); the
 float32 quantized modules take other paths."""
 
 from __future__ import annotations

@@ -240,9 +240,10 @@ def test_codes_in_tile_order_take_bfloat16_dot_products(
     out_features: int,
 ) -> None:
     # With AVX512-BF16, a bfloat16 model's FP8 codes and indexes into levels, and without AMX its
-    # 4-bit integer codes, are regrouped at load so that dot products (or for FP8 codes, AMX's
-    # bfloat16 tiles) multiply them by the rows as they are (80 columns: a tile of 32 columns and
-    # half of one more; FP8 codes include every value but NaN, subnormals too).
+    # 4-bit integer codes, are regrouped at load so that dot products (or for FP8 codes and
+    # levels without offsets, AMX's bfloat16 tiles) multiply them by the rows as they are (80
+    # columns: a tile of 32 columns and half of one more; FP8 codes include every value but NaN,
+    # subnormals too).
     ops = built_kernels.ops
     isa = ops.kernels.compiled_isa()
     if "avx512_bf16" not in isa:

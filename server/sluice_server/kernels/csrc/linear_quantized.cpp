@@ -1805,7 +1805,8 @@ void tile_integer_multiply(const QuantizedMatrix& w, const float* x, int64_t row
 //   below x's own bfloat16 rounding.
 // - Indexes into 16 levels (NF4, FP4): a shift and a vpermw from the levels rounded to
 //   bfloat16, as bitsandbytes' own bfloat16 dequantization rounds every weight. They ran 1.8x as
-//   fast at one row, and 1.4x at 32, as on the float32 path they took before.
+//   fast at one row, and 1.4x at 32, as on the float32 path they took before. Where the CPU
+//   grants AMX's tiles, the same vectors go to the tiles instead (below).
 //
 // A word q of a run's codes holds dimensions 4q..4q+3 in its bytes' low nibbles and 4q+16..4q+19
 // in their high nibbles (GGUF's block layout), so the four vectors pair the dimensions
@@ -1907,6 +1908,12 @@ inline void line_pairs(__m512i line, __m512i levels, __m512bh (&vectors)[4]) {
         _mm512_ternarylogic_epi32(_mm512_srli_epi16(line, 8), nibble, bias, kAndOr));
     vectors[3] = reinterpret_cast<__m512bh>(_mm512_or_si512(_mm512_srli_epi16(line, 12), bias));
   }
+}
+
+// kLevels4's 16 levels rounded to bfloat16, twice over (line_pairs).
+inline __m512i bfloat16_levels(const float* levels) {
+  const __m512 values = _mm512_loadu_ps(levels);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values, values));
 }
 
 // What one call multiplies: the weight, x's pairs, and where y goes.
@@ -2031,9 +2038,8 @@ void pair_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t 
                        const float* bias, int64_t out_features, at::BFloat16* y) {
   const PairRows rows = pair_rows(x, row_count, w);
   if (w.format == CodeFormat::kLevels4) {
-    const __m512 levels = _mm512_loadu_ps(w.levels);
-    const auto twice = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(levels, levels));
-    return pair_dot_tiles<true>({w, rows, twice, bias, y, out_features}, row_count);
+    return pair_dot_tiles<true>({w, rows, bfloat16_levels(w.levels), bias, y, out_features},
+                                row_count);
   }
   pair_dot_tiles<false>({w, rows, _mm512_setzero_si512(), bias, y, out_features}, row_count);
 }
@@ -2185,66 +2191,98 @@ void float8_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_
 }
 #endif
 
-// ---- FP8 codes times bfloat16 rows by AMX (builds for CPUs with AMX).
+// ---- FP8 and level codes times bfloat16 rows by AMX (builds for CPUs with AMX).
 //
 // On a CPU with AMX, the dot products above ran 32 rows at a quarter of AMX's bfloat16 matmul's
 // speed. There, a thread instead converts each block of 32 columns' codes to bfloat16 once per
-// call, exactly as above, into pack_linear_bf16's layout (per pair of dimensions, the 32
-// columns' two values side by side), which amx_bf16.h's block multiply takes as it takes a
-// bfloat16 weight: up to 32 rows at a time, a group of dimensions after another, each group's
+// call, exactly as the dot products do, into pack_linear_bf16's layout (per pair of dimensions,
+// the 32 columns' two values side by side), which amx_bf16.h's block multiply takes as it takes
+// a bfloat16 weight: up to 32 rows at a time, a group of dimensions after another, each group's
 // float32 sums scaled into the rows' totals. The first 32 rows convert each step of 32
 // dimensions just before its tile multiplies, while it is in L1; later rows read it back. Every
 // row of every call of such a weight takes this path (where Linux grants the tiles and a group
 // is whole steps of 32 dimensions), so a row's output does not depend on its batch. A step's
-// projections of the default model ran 3.5x as fast as by the dot products at 32 rows (as fast
-// as bfloat16's AMX matmul), 1.9x at 8, and 0.8x at one row, where the same loops without
+// FP8 projections of the default model ran 3.5x as fast as by the dot products at 32 rows (as
+// fast as bfloat16's AMX matmul), 1.9x at 8, and 0.8x at one row, where the same loops without
 // their few tile instructions ran about 1.2x as fast, more than the tile multiplies' own
-// throughput accounts for.
-#if defined(SLUICE_FLOAT8_DOTS) && defined(SLUICE_AMX)
-#define SLUICE_FLOAT8_AMX 1
-constexpr int64_t kFloat8AmxStep = 2 * kAmxPairs;  // dimensions per tile multiply
-constexpr int64_t kFloat8StepLines = kFloat8AmxStep / kFloat8LineDims;
+// throughput accounts for. Level codes (NF4, FP4; without offsets, as bitsandbytes makes them)
+// take the same loop, their pair rows in the dot products' order of dimensions and x's pairs
+// gathered alike (pair_rows): 4.3x as fast as by the dot products at 32 rows, 1.8x at 8, 0.63x
+// at one row.
+#if defined(SLUICE_FLOAT8_DOTS) && defined(SLUICE_PAIR_DOTS) && defined(SLUICE_AMX)
+#define SLUICE_CONVERTED_AMX 1
+constexpr int64_t kAmxStepDims = 2 * kAmxPairs;  // dimensions per tile multiply
+constexpr int64_t kFloat8StepLines = kAmxStepDims / kFloat8LineDims;
 
 inline bool takes_float8_amx(const QuantizedMatrix& w) {
-  return takes_float8_dots(w) && w.group_size % kFloat8AmxStep == 0 && amx_granted();
+  return takes_float8_dots(w) && w.group_size % kAmxStepDims == 0 && amx_granted();
 }
 
-// Writes FP8 codes as bfloat16 pair rows in pack_linear_bf16's layout. A tile-order line, 4
-// dimensions of 16 columns, converts to two vectors of 8 columns' two pairs (lane 2m + j: column
-// m's pair j), whose even and odd lanes make the line's two pair rows of 16 columns.
+inline bool takes_levels_amx(const QuantizedMatrix& w) {
+  return w.format == CodeFormat::kLevels4 && w.offsets == nullptr && takes_pair_dots(w) &&
+         amx_granted();
+}
+
+// Both writers put step s's pair rows (the 32 columns from n, dimensions [32 s, 32 s + 32)) in
+// `tile`, the row for pair p at tile[2p] (columns 0-15) and tile[2p + 1] (16-31; zeros where
+// only 16 columns remain). This calls convert(line, half, i) with each tile-order line i of the
+// step's codes of each half that holds columns, and zeroes the other half's rows.
+template <typename ConvertLine>
+inline void for_each_step_line(const QuantizedMatrix& w, int64_t n, int64_t columns, int64_t step,
+                               __m512bh* tile, const ConvertLine& convert) {
+  const int64_t step_bytes = kAmxStepDims * w.bits() / 8 * kWordColumns;
+  const int64_t next_block = kLinearColumns * w.code_bytes_per_column();
+  for (int64_t half = 0; half < 2; ++half) {
+    if (kWordColumns * half >= columns) {
+      for (int64_t p = kAmxPairs * step; p < kAmxPairs * (step + 1); ++p) {
+        tile[2 * p + half] = reinterpret_cast<__m512bh>(_mm512_setzero_si512());
+      }
+      continue;
+    }
+    const uint8_t* lines = w.column_codes(n + kWordColumns * half) + step * step_bytes;
+    for (int64_t i = 0; i < step_bytes / kLineBytes; ++i) {
+      const uint8_t* line = lines + i * kLineBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(line + next_block), _MM_HINT_T0);
+      convert(_mm512_loadu_si512(line), half, i);
+    }
+  }
+}
+
+// FP8 codes: a tile-order line, 4 dimensions of 16 columns, converts to two vectors of 8
+// columns' two pairs (lane 2m + j: column m's pair j), whose even and odd lanes make the line's
+// two pair rows of 16 columns.
 struct Float8PairRows {
   __m512i subnormals = float8_subnormals();
   __m512i even = even_lanes();
   __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
 
-  // Lines [first, first + count) of the 32 columns from n: line q makes pair rows 2q and
-  // 2q + 1, the row for pair p lying at tile[2p] (columns 0-15) and tile[2p + 1] (16-31; zeros
-  // where only 16 columns remain).
-  void write(const QuantizedMatrix& w, int64_t n, int64_t columns, int64_t first, int64_t count,
+  void write(const QuantizedMatrix& w, int64_t n, int64_t columns, int64_t step,
              __m512bh* tile) const {
-    const int64_t next_block = kLinearColumns * w.in_features;
-    for (int64_t half = 0; half < 2; ++half) {
-      __m512bh* half_rows = tile + half;
-      if (kWordColumns * half >= columns) {
-        for (int64_t p = 2 * first; p < 2 * (first + count); ++p) {
-          half_rows[2 * p] = reinterpret_cast<__m512bh>(_mm512_setzero_si512());
-        }
-        continue;
-      }
-      const uint8_t* codes = w.column_codes(n + kWordColumns * half);
-      for (int64_t q = first; q < first + count; ++q) {
-        const uint8_t* line = codes + q * kFloat8LineBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(line + next_block), _MM_HINT_T0);
-        const __m512i bytes = _mm512_loadu_si512(line);
-        const auto low = reinterpret_cast<__m512i>(
-            float8_as_bf16(_mm512_castsi512_si256(bytes), subnormals));
-        const auto high = reinterpret_cast<__m512i>(
-            float8_as_bf16(_mm512_extracti64x4_epi64(bytes, 1), subnormals));
-        half_rows[4 * q] = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi32(low, even, high));
-        half_rows[4 * q + 2] =
-            reinterpret_cast<__m512bh>(_mm512_permutex2var_epi32(low, odd, high));
-      }
-    }
+    for_each_step_line(w, n, columns, step, tile, [&](__m512i bytes, int64_t half, int64_t i) {
+      const int64_t q = step * kFloat8StepLines + i;
+      const auto low = reinterpret_cast<__m512i>(
+          float8_as_bf16(_mm512_castsi512_si256(bytes), subnormals));
+      const auto high = reinterpret_cast<__m512i>(
+          float8_as_bf16(_mm512_extracti64x4_epi64(bytes, 1), subnormals));
+      tile[4 * q + half] = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi32(low, even, high));
+      tile[4 * q + 2 + half] =
+          reinterpret_cast<__m512bh>(_mm512_permutex2var_epi32(low, odd, high));
+    });
+  }
+};
+
+// Level codes: a step is a run, whose 4 tile-order lines make its 16 pair rows of 16 columns,
+// line i's vectors (line_pairs) the pairs 4i to 4i + 3 of the run's gathered order.
+struct LevelPairRows {
+  __m512i levels;
+
+  void write(const QuantizedMatrix& w, int64_t n, int64_t columns, int64_t step,
+             __m512bh* tile) const {
+    for_each_step_line(w, n, columns, step, tile, [&](__m512i line, int64_t half, int64_t i) {
+      __m512bh vectors[4];
+      line_pairs<true>(line, levels, vectors);
+      for (int v = 0; v < 4; ++v) tile[2 * (step * kPairsPerRun + 4 * i + v) + half] = vectors[v];
+    });
   }
 };
 
@@ -2262,13 +2300,15 @@ inline void add_group(const QuantizedMatrix& w, int64_t n, int64_t columns, int6
   }
 }
 
-// y [rows, N] for bfloat16 x and FP8 codes in tile order (N a multiple of 16).
-void float8_amx_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t row_count,
-                         const float* bias, int64_t out_features, at::BFloat16* y) {
+// y [rows, N] for bfloat16 x (in the order of dimensions `writer`'s pair rows take) and codes
+// in tile order (N a multiple of 16).
+template <typename Writer>
+void converted_amx_multiply(const QuantizedMatrix& w, const Writer& writer,
+                            const at::BFloat16* x, int64_t row_count, const float* bias,
+                            int64_t out_features, at::BFloat16* y) {
   const int64_t blocks = (out_features + kLinearColumns - 1) / kLinearColumns;
   const int64_t group_pairs = w.group_size / 2;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const Float8PairRows pair_rows;
     // in_features / 2 pair rows of two vectors, each written before it is read.
     const auto tile = std::make_unique_for_overwrite<__m512bh[]>(w.in_features);
     const auto* tile_bytes = reinterpret_cast<const char*>(tile.get());
@@ -2292,8 +2332,7 @@ void float8_amx_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_
           // The first block of rows converts each step's codes just before multiplying them.
           const auto convert = [&](int64_t p) {
             if (row > 0) return;
-            const int64_t first_line = (g * group_pairs + p) / 2;
-            pair_rows.write(w, n, columns, first_line, kFloat8StepLines, tile.get());
+            writer.write(w, n, columns, (g * group_pairs + p) / kAmxPairs, tile.get());
           };
           if (count > kAmxRows) {
             amx_block<2>(block, sums, convert);
@@ -2308,6 +2347,19 @@ void float8_amx_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_
     }
     if (configured != 0) _tile_release();
   });
+}
+
+void float8_amx_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t row_count,
+                         const float* bias, int64_t out_features, at::BFloat16* y) {
+  converted_amx_multiply(w, Float8PairRows{}, x, row_count, bias, out_features, y);
+}
+
+void levels_amx_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t row_count,
+                         const float* bias, int64_t out_features, at::BFloat16* y) {
+  const PairRows rows = pair_rows(x, row_count, w);
+  const auto* gathered = reinterpret_cast<const at::BFloat16*>(rows.pairs.data());
+  converted_amx_multiply(w, LevelPairRows{bfloat16_levels(w.levels)}, gathered, row_count, bias,
+                         out_features, y);
 }
 #endif
 
@@ -2660,7 +2712,7 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
     if (w.tile_order && takes_float8_dots(w)) {
       const auto* x_data = part.data_ptr<at::BFloat16>();
       auto* y_data = y.data_ptr<at::BFloat16>();
-#if defined(SLUICE_FLOAT8_AMX)
+#if defined(SLUICE_CONVERTED_AMX)
       if (takes_float8_amx(w)) {
         float8_amx_multiply(w, x_data, part.size(0), bias_data, out_features, y_data);
         return y;
@@ -2672,6 +2724,13 @@ at::Tensor linear_quantized(const at::Tensor& x, const at::Tensor& codes, const 
 #endif
 #if defined(SLUICE_PAIR_DOTS)
     if (w.tile_order && takes_pair_dots(w)) {
+#if defined(SLUICE_CONVERTED_AMX)
+      if (takes_levels_amx(w)) {
+        levels_amx_multiply(w, part.data_ptr<at::BFloat16>(), part.size(0), bias_data,
+                            out_features, y.data_ptr<at::BFloat16>());
+        return y;
+      }
+#endif
       pair_dot_multiply(w, part.data_ptr<at::BFloat16>(), part.size(0), bias_data, out_features,
                         y.data_ptr<at::BFloat16>());
       return y;
