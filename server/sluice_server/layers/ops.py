@@ -82,9 +82,9 @@ class Ops:
         self, weight: QuantizedWeight, activations: torch.dtype
     ) -> QuantizedWeight:
         """`weight` as `quantized_linear` reads it fastest for inputs of dtype `activations`, once
-        at load: here as it is; the compiled ops regroup codes into tile order where
-        their CPU path reads them so (AMX's tiles; AVX512-BF16's dot products of 4-bit and FP8
-        codes with bfloat16 inputs)."""
+        at load: here as it is; the compiled ops regroup codes into tile order where their CPU
+        path reads them so (AMX's tiles; AVX512-BF16's dot products of 4-bit and FP8 codes with
+        bfloat16 inputs)."""
         return weight
 
     def quantized_linear(
