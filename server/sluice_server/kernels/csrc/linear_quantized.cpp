@@ -2057,12 +2057,11 @@ void pair_dot_multiply(const QuantizedMatrix& w, const at::BFloat16* x, int64_t 
 // dimensions, each multiplied by a row's 4 values broadcast, and a group's lanes are folded into
 // one sum per column before its scale. Every row takes the same instructions in the same order
 // whatever rows share the call, so a row's output does not depend on its batch. (Where the CPU
-// has AMX, its tiles take the converted codes instead: see "FP8 codes times bfloat16 rows by
-// AMX".)
+// has AMX, its tiles take the converted codes instead: see "FP8 and level codes times bfloat16
+// rows by AMX".)
 #if defined(__AVX512BF16__)
 #define SLUICE_FLOAT8_DOTS 1
 constexpr int64_t kFloat8Rows = 8;
-constexpr int64_t kFloat8LineBytes = 64;
 constexpr int64_t kFloat8LineDims = 4;
 
 inline bool takes_float8_dots(const QuantizedMatrix& w) {
@@ -2138,7 +2137,7 @@ void float8_dot_tile(const QuantizedMatrix& w, const at::BFloat16* x, const Floa
     for (int64_t q = g * lines_per_group; q < (g + 1) * lines_per_group; ++q) {
       __m512bh halves[2];
       if (tile.first_pass) {
-        const uint8_t* line = codes + q * kFloat8LineBytes;
+        const uint8_t* line = codes + q * kLineBytes;
         _mm_prefetch(reinterpret_cast<const char*>(line + next_tile), _MM_HINT_T0);
         const __m512i bytes = _mm512_loadu_si512(line);
         halves[0] = float8_as_bf16(_mm512_castsi512_si256(bytes), subnormals);
