@@ -655,7 +655,8 @@ struct ItemSpan {
   // ignored), so the block loops need no ragged ends.
   int64_t first_position;
   int64_t limit;          // Where the item's blocks end: a partition's end, or past the context.
-  int64_t stride;
+  int64_t stride;         // Positions of its blocks, from first_position.
+  int64_t score_pitch;    // Floats between vectors' score rows in the scratch (row_pitch).
   const int32_t* table;   // The sequence's blocks.
 
   // Positions up to the vector's own, itself included.
@@ -675,6 +676,16 @@ struct ItemSpan {
     return end(first + count - 1) <= start || begin(first) >= start + length;
   }
 };
+
+// Elements between rows of `length` elements of `element_bytes` each that are read or written
+// together (a tile's 16, a group of vectors'): an odd number of cache lines, so that
+// consecutive rows fall in different sets of the L1 cache. Rows a power of two of bytes apart (a
+// 2,048-position partition's scores) all fell in one set, which held only a few of them.
+inline int64_t row_pitch(int64_t length, int64_t element_bytes) {
+  constexpr int64_t kCacheLineBytes = 64;
+  const int64_t per_line = kCacheLineBytes / element_bytes;
+  return ((length + per_line - 1) / per_line | 1) * per_line;
+}
 
 // The step's tiles, each split into partitions where its blocks reach past one.
 template <typename T>
@@ -730,6 +741,7 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data
   const int64_t rows = rows_of(data, item);
   const int64_t first_context = data.cache_lens[item.sequence] + item.first_row + 1;
   const int64_t limit = item.blocks * geometry.block_size;
+  const int64_t stride = (item.blocks - item.first_block) * geometry.block_size;
   return {sequence_start + item.first_row,
           rows,
           first_context,
@@ -739,7 +751,8 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data
           geometry.window,
           item.first_block * geometry.block_size,
           limit,
-          (item.blocks - item.first_block) * geometry.block_size,
+          stride,
+          row_pitch(stride, sizeof(float)),
           data.block_tables + item.sequence * geometry.max_blocks};
 }
 
@@ -956,7 +969,7 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape, const Atten
       const int64_t count = std::min(kMaxVectors, span.vectors - first);
       if (span.skips(first, count, start, block_size)) continue;
       score_block(shape, scratch.vectors_from(first, count, geometry.head_dim), block_keys,
-                  ScoreRows{block_scores + first * span.stride, span.stride});
+                  ScoreRows{block_scores + first * span.score_pitch, span.score_pitch});
     }
   }
 }
@@ -991,8 +1004,8 @@ void score_keys_in_columns(const AttentionGeometry& geometry, BlockShape shape,
         with_count<kScoreColumns>(columns, [&](auto m) {
           score_columns_bf16<decltype(n)::value, decltype(m)::value>(
               head_dim, shape.scale, scratch.query_pairs.data() + first * head_dim / 2, runs,
-              block_size * 2, scratch.scores.data() + first * span.stride + column * kLanes,
-              span.stride);
+              block_size * 2, scratch.scores.data() + first * span.score_pitch + column * kLanes,
+              span.score_pitch);
         });
       });
     }
@@ -1016,7 +1029,7 @@ __attribute__((noinline)) void soft_cap_rows(const ItemSpan& span, float scale, 
   const float inverse_cap = 1.f / cap;
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
     const auto [begin, end] = seen_scores(span, vector);
-    float* row_scores = scratch.scores.data() + vector * span.stride;
+    float* row_scores = scratch.scores.data() + vector * span.score_pitch;
 #pragma omp simd
     for (int64_t t = begin; t < end; ++t) {
       row_scores[t] = cap * vector_tanh(row_scores[t] * scale * inverse_cap);
@@ -1113,7 +1126,7 @@ inline void keep_softmax(const RowSoftmax& softmax, int64_t vector, ItemScratch&
 inline void softmax_rows(const ItemSpan& span, ItemScratch& scratch) {
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
     const auto [begin, end] = seen_scores(span, vector);
-    float* row_scores = scratch.scores.data() + vector * span.stride;
+    float* row_scores = scratch.scores.data() + vector * span.score_pitch;
     keep_softmax(softmax_row_in_place(row_scores, begin, end), vector, scratch);
     std::fill(row_scores, row_scores + begin, 0.f);
     std::fill(row_scores + end, row_scores + span.stride, 0.f);
@@ -1136,7 +1149,7 @@ inline void softmax_to_weights(const ItemSpan& span, float scale, int64_t lead, 
     uint16_t* weights = row + lead;  // From the item's first position.
     std::fill(row, weights + begin, uint16_t{0});
     std::fill(weights + end, row + stride, uint16_t{0});
-    const float* row_scores = scratch.scores.data() + vector * span.stride;
+    const float* row_scores = scratch.scores.data() + vector * span.score_pitch;
     const auto store = [&](int64_t t, __m512 values, __mmask16 lanes) {
       _mm256_mask_storeu_epi16(weights + t, lanes,
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
@@ -1170,8 +1183,9 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
       accumulate_block(
           shape, count, scratch.accumulators.data() + first * geometry.head_dim,
           block_values + (row_begin - start) * geometry.head_dim, block_end - row_begin,
-          ScoreRows{scratch.scores.data() + first * span.stride + (row_begin - span.first_position),
-                    span.stride});
+          ScoreRows{scratch.scores.data() + first * span.score_pitch +
+                        (row_begin - span.first_position),
+                    span.score_pitch});
     }
   }
 }
@@ -1227,6 +1241,7 @@ void accumulate_values_in_pairs(const AttentionGeometry& geometry,
   const CachedPairs cached = cached_pairs(geometry, data, item, span, scratch);
   const int64_t item_begin = span.first_position + cached.begin;
   const auto* weight_pairs = reinterpret_cast<const uint32_t*>(scratch.weights.data());
+  const int64_t weight_pitch = row_pitch(span.stride, sizeof(uint16_t));
   auto add_up = [&](const auto& pairs) {
     for (int64_t first = 0; first < span.vectors; first += kPairVectors) {
       const int64_t count = std::min(kPairVectors, span.vectors - first);
@@ -1238,7 +1253,7 @@ void accumulate_values_in_pairs(const AttentionGeometry& geometry,
         with_count<kPairVectors>(count, [&](auto n) {
           accumulate_pairs<decltype(n)::value>(
               scratch.accumulators.data() + first * head_dim, head_dim, offset, pairs,
-              group_begin, group_end, weight_pairs + first * span.stride / 2, span.stride / 2);
+              group_begin, group_end, weight_pairs + first * weight_pitch / 2, weight_pitch / 2);
         });
       }
     }
@@ -1295,7 +1310,7 @@ inline void keep_maxima(const ItemSpan& span, int64_t first, int64_t count, int6
         all_seen ? __mmask16{0xffff}
                  : static_cast<__mmask16>(first_lanes(span.end(first + r) - start) &
                                           ~first_lanes(span.begin(first + r) - start));
-    maxima[r] = _mm512_mask_max_ps(maxima[r], lanes, _mm512_loadu_ps(rows + r * span.stride),
+    maxima[r] = _mm512_mask_max_ps(maxima[r], lanes, _mm512_loadu_ps(rows + r * span.score_pitch),
                                    maxima[r]);
   }
 }
@@ -1333,8 +1348,8 @@ void score_keys_in_tiles(const AttentionGeometry& geometry,
         _tile_loadd(5, keys + (d / 2) * key_pair_bytes, key_pair_bytes);
         _tile_dpbf16ps(0, 4, 5);
       }
-      float* rows = scratch.scores.data() + first * span.stride + position;
-      _tile_stored(0, rows, span.stride * sizeof(float));
+      float* rows = scratch.scores.data() + first * span.score_pitch + position;
+      _tile_stored(0, rows, span.score_pitch * sizeof(float));
       keep_maxima(span, first, count, span.first_position + position, rows, maxima);
     }
     for (int64_t r = 0; r < count; ++r) {
@@ -1392,7 +1407,7 @@ void accumulate_values_in_tiles(const AttentionGeometry& geometry,
   const int64_t head_dim = geometry.head_dim;
   const int64_t slices = head_dim / kLanes;  // operands of 16 dimensions per pair
   const int64_t lead = span.first_position % kTilePositions;
-  const int64_t weight_stride = round_up(lead + span.stride, kTilePositions);
+  const int64_t weight_stride = row_pitch(lead + span.stride, sizeof(uint16_t));
   softmax_to_weights(span, scale, lead, weight_stride, maxima_known, scratch);
   // Rows before the item's first vector's window are read by no vector.
   const int64_t item_begin = std::max(span.first_position, span.begin(0));
@@ -1562,7 +1577,7 @@ void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape
 #endif
   score_keys_in_columns(geometry, shape, data, item, span, scratch, prefetcher);
   if (logit_softcap > 0.f) soft_cap_rows(span, 1.f, logit_softcap, scratch);
-  softmax_to_weights(span, 1.f, 0, span.stride, false, scratch);
+  softmax_to_weights(span, 1.f, 0, row_pitch(span.stride, sizeof(uint16_t)), false, scratch);
   accumulate_values_in_pairs(geometry, data, item, span, scratch);
 }
 #endif
@@ -1641,7 +1656,7 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
       const auto attend_one = [&](const AttentionItem& item) {
         const ItemSpan span = span_of(geometry, data, item);
         prefetcher.start();
-        scratch.scores.resize(span.vectors * span.stride);
+        scratch.scores.resize(span.vectors * span.score_pitch);
         gather_queries(geometry, shape, data, item, span, scratch);
         attend_item(geometry, shape, data, item, span, logit_softcap, scratch, prefetcher);
         return span;
