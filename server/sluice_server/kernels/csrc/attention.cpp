@@ -1233,15 +1233,16 @@ void interleave_pairs(const CachedPairs& cached, __m512i* operands) {
 // value rows it sees with its sums in registers. An item with several groups (a prompt's tile)
 // interleaves its rows into the scratch once for all of them. A vector's sum runs over the same
 // pairs in the same order whatever group it is in: pairs outside what it sees have zero weights
-// and add exact zeros.
+// and add exact zeros. The weights' rows lie `weight_pitch` apart, as softmax_to_weights wrote
+// them.
 void accumulate_values_in_pairs(const AttentionGeometry& geometry,
                                 const AttentionData<at::BFloat16>& data, const AttentionItem& item,
-                                const ItemSpan& span, ItemScratch& scratch) {
+                                const ItemSpan& span, int64_t weight_pitch,
+                                ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
   const CachedPairs cached = cached_pairs(geometry, data, item, span, scratch);
   const int64_t item_begin = span.first_position + cached.begin;
   const auto* weight_pairs = reinterpret_cast<const uint32_t*>(scratch.weights.data());
-  const int64_t weight_pitch = row_pitch(span.stride, sizeof(uint16_t));
   auto add_up = [&](const auto& pairs) {
     for (int64_t first = 0; first < span.vectors; first += kPairVectors) {
       const int64_t count = std::min(kPairVectors, span.vectors - first);
@@ -1577,8 +1578,9 @@ void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape
 #endif
   score_keys_in_columns(geometry, shape, data, item, span, scratch, prefetcher);
   if (logit_softcap > 0.f) soft_cap_rows(span, 1.f, logit_softcap, scratch);
-  softmax_to_weights(span, 1.f, 0, row_pitch(span.stride, sizeof(uint16_t)), false, scratch);
-  accumulate_values_in_pairs(geometry, data, item, span, scratch);
+  const int64_t weight_pitch = row_pitch(span.stride, sizeof(uint16_t));
+  softmax_to_weights(span, 1.f, 0, weight_pitch, false, scratch);
+  accumulate_values_in_pairs(geometry, data, item, span, weight_pitch, scratch);
 }
 #endif
 
