@@ -31,10 +31,13 @@ Python, a few microseconds each, which counts towards the projections.
     python benchmark/profile_step.py --model DIR --batch 1 --breakdown
 
 With `--prefill N [N ...]`, instead of decode steps: steps that each admit one prompt of N
-tokens whole (no other request running), 3 of each length, their median time and prompt tokens
-per second; with `--kernel-times`, each kernel entry point's milliseconds in the last of them:
+tokens whole (no other request running), `--rounds` of each length (3), their median time and
+prompt tokens per second; with `--kernel-times`, each kernel entry point's milliseconds in the
+last of them; with `--against REV`, the same steps with the kernel source at that git revision
+too, the two taking turns step by step:
 
     python benchmark/profile_step.py --model DIR --prefill 512 1024 2048 --kernel-times
+    python benchmark/profile_step.py --model DIR --prefill 2048 4096 --rounds 6 --against HEAD~1
 
 With `--neighbour-load F`, a process pinned to the last CPU is busy for the fraction F of the
 time while the steps run (benchmark/neighbour.py), as the router or another tenant would be.
@@ -47,6 +50,7 @@ import collections
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +59,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
 from neighbour import busy_neighbour
+from quantized_kernel import kernels_at_revision
 from sluice_server.engine.step import StepExecutor
-from sluice_server.kernels import select_kernels
+from sluice_server.kernels import CpuFeatures, Kernels, select_kernels
+from sluice_server.layers.attention import CompiledCpuAttentionBackend
+from sluice_server.layers.ops import CompiledCpuOps
 from sluice_server.layers.linear import Linear
 from sluice_server.models.loader import load_model
 from sluice_server.pb import generate_pb2 as pb
@@ -206,28 +213,43 @@ class KernelTimer:
         }
 
 
-def prefill(executor: StepExecutor, lengths: list[int], timer: KernelTimer | None) -> None:
-    """Prints, per prompt length, the median of 3 steps that each admit one prompt of that many
-    tokens (freed after each), and with `timer` the kernels' milliseconds in the last one."""
+def prefill(
+    executors: dict[str, StepExecutor],
+    lengths: list[int],
+    timer: KernelTimer | None,
+    rounds: int,
+) -> None:
+    """Prints, per prompt length, the median of `rounds` steps that each admit one prompt of that
+    many tokens (freed after each), and with `timer` the kernels' milliseconds in the last one.
+    With more than one executor (the kernels of other revisions), they take turns step by step,
+    so that a drifting machine moves all of them alike; the first is `step_ms`."""
     for length in lengths:
-        times = []
-        for round_number in range(3):
-            if timer is not None:
-                timer.spent.clear()
-                timer.calls.clear()
-                timer.on = round_number == 2
-            start = time.perf_counter_ns()
-            executor.step(admission_step(1, length, 1))
-            times.append((time.perf_counter_ns() - start) / 1e6)
-            if timer is not None:
-                timer.on = False
-            executor.step(pb.StepRequest(free_ids=[0]))
-        step_ms = statistics.median(times)
+        times: dict[str, list[float]] = {label: [] for label in executors}
+        for round_number in range(rounds):
+            for label, executor in executors.items():
+                timed = timer is not None and label == "current" and round_number == rounds - 1
+                if timer is not None:
+                    timer.spent.clear()
+                    timer.calls.clear()
+                    timer.on = timed
+                start = time.perf_counter_ns()
+                executor.step(admission_step(1, length, 1))
+                times[label].append((time.perf_counter_ns() - start) / 1e6)
+                if timer is not None:
+                    timer.on = False
+                executor.step(pb.StepRequest(free_ids=[0]))
+        medians = {label: statistics.median(spent) for label, spent in times.items()}
+        step_ms = medians["current"]
         result = {
             "prefill_tokens": length,
             "step_ms": round(step_ms, 1),
             "prompt_tokens_per_s": round(length / step_ms * 1e3),
         }
+        if len(executors) > 1:
+            result["step_ms_each"] = {label: round(ms, 1) for label, ms in medians.items()}
+            result["rounds_ms"] = {
+                label: [round(t) for t in spent] for label, spent in times.items()
+            }
         if timer is not None:
             result["kernel_ms"] = {
                 name: round(ns / 1e6, 1) for name, ns in timer.spent.most_common()
@@ -267,6 +289,14 @@ def main() -> None:
         help="time steps admitting one prompt of each of these lengths instead of decode steps",
     )
     parser.add_argument(
+        "--rounds", type=int, default=3, help="steps of each prompt length with --prefill"
+    )
+    parser.add_argument(
+        "--against",
+        help="with --prefill: also run the steps with the kernel source at this git revision, "
+        "taking turns with the current kernels",
+    )
+    parser.add_argument(
         "--layer-by-layer",
         action="store_true",
         help="run the Python layers, not the compiled stack",
@@ -288,9 +318,24 @@ def main() -> None:
         loaded.model.compiled_stack = None
     executor = StepExecutor(loaded, BLOCK_SIZE, None)
     if args.prefill:
-        longest = max(args.prefill)
-        executor.warmup(longest, 1, longest + 1)
-        prefill(executor, args.prefill, timer)
+        executors = {"current": executor}
+        with tempfile.TemporaryDirectory() as work:
+            if args.against:
+                module = kernels_at_revision(args.against, Path(work))
+                baseline = Kernels(
+                    CompiledCpuAttentionBackend(module),
+                    CompiledCpuOps(module, CpuFeatures.detect()),
+                )
+                model = load_model(
+                    args.model.expanduser(), getattr(torch, args.dtype), device, baseline
+                )
+                if loaded.model.compiled_stack is None:
+                    model.model.compiled_stack = None
+                executors[args.against] = StepExecutor(model, BLOCK_SIZE, None)
+            longest = max(args.prefill)
+            for each in executors.values():
+                each.warmup(longest, 1, longest + 1)
+            prefill(executors, args.prefill, timer, args.rounds)
         return
     # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
     # --kernel-times), the breakdown's steps, 10 profiled steps, and a margin.

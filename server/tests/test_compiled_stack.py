@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from packed_checkpoints import quantize_checkpoint
+from sluice_server.engine.kv_cache import KVCacheSpec
 from sluice_server.engine.step import ForwardChunk, run_forward
 from sluice_server.kernels import CpuFeatures, Kernels
 from sluice_server.layers.attention import LayerKVCache
-from sluice_server.layers.ops import CompiledCpuOps
+from sluice_server.layers.ops import CompiledCpuOps, LinearMatmul
 from sluice_server.models.compiled_stack import CompiledStack
 from sluice_server.models.loader import LoadedModel, load_model
 from test_models_vs_transformers import MODEL_VARIANTS, fresh_cache
@@ -125,6 +126,45 @@ def test_quantized_prompt_rows_do_not_depend_on_the_step(
     if "avx2" in compiled_kernels.ops.kernels.compiled_isa():
         assert not torch.equal(unmarked, prompt_alone)
     torch.testing.assert_close(unmarked.float(), prompt_alone.float(), rtol=0.05, atol=0.05)
+
+
+def test_a_long_steps_mlp_in_chunks_of_rows_matches_the_python_layers(
+    save_tiny_model, built_kernels: Kernels
+) -> None:
+    # decoder.cpp runs the MLP of a step with more than 1,024 rows on chunks of rows where its
+    # projections are Sluice's bfloat16 matmul; the Python layers take all the rows at once.
+    # Every row's logits (scored) and both layers' caches must still be bitwise equal, with each
+    # build's matmul (AMX, AVX512-BF16, AVX2).
+    if not built_kernels.ops.kernels.has_linear_bf16():
+        pytest.skip("this build has no bfloat16 matmul, so no compiled stack")
+    directory, _ = save_tiny_model("llama", max_position_embeddings=4096)
+    loaded = load_model(directory, torch.bfloat16, CPU, built_kernels)
+    stack = loaded.model.compiled_stack
+    assert isinstance(stack, CompiledStack)
+    gate_up = loaded.model.layers[0].feed_forward.gate_up_proj.packed
+    assert gate_up is not None and gate_up.matmul is LinearMatmul.SLUICE_BF16
+    tokens = torch.randint(3, 128, (2_100,), generator=torch.Generator().manual_seed(0)).tolist()
+    block_size = 16
+    table = list(range(-(-len(tokens) // block_size)))
+    spec = KVCacheSpec.for_model(loaded, block_size)
+    chunk = ForwardChunk(tokens, 0, table, True, scored=len(tokens) - 1)
+
+    def run() -> tuple[torch.Tensor, list[LayerKVCache]]:
+        cache = spec.allocate(len(table))
+        result = run_forward(loaded, cache, [chunk])
+        assert result.scoring_logits is not None
+        return torch.cat([result.scoring_logits, result.logits]), cache
+
+    compiled, compiled_cache = run()
+    loaded.model.compiled_stack = None
+    try:
+        python, python_cache = run()
+    finally:
+        loaded.model.compiled_stack = stack
+    assert compiled.shape[0] == len(tokens)
+    assert torch.equal(compiled, python)
+    for ours, theirs in zip(compiled_cache, python_cache, strict=True):
+        assert torch.equal(ours.key, theirs.key) and torch.equal(ours.value, theirs.value)
 
 
 def test_models_the_stack_cannot_run_stay_layer_by_layer(
