@@ -1065,7 +1065,11 @@ inline __m512 exp2_for_bfloat16(__m512 x) {
 // The largest of scores [begin, end): -inf where the range is empty.
 inline float row_maximum(const float* scores, int64_t begin, int64_t end) {
   __m512 maxima = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t t = begin; t < end; t += kLanes) {
+  int64_t t = begin;
+  for (; t + kLanes <= end; t += kLanes) {
+    maxima = _mm512_max_ps(_mm512_loadu_ps(scores + t), maxima);  // a NaN score is passed over
+  }
+  if (t < end) {
     const __mmask16 lanes = first_lanes(end - t);
     maxima = _mm512_mask_max_ps(maxima, lanes, _mm512_maskz_loadu_ps(lanes, scores + t), maxima);
   }
@@ -1084,13 +1088,16 @@ inline RowSoftmax softmax_row(const float* scores, int64_t begin, int64_t end, f
   const __m512 shift = _mm512_set1_ps(maximum * base);
   const __m512 scales = _mm512_set1_ps(scale * base);
   __m512 sums = _mm512_setzero_ps();
-  for (int64_t t = begin; t < end; t += kLanes) {
-    const __mmask16 lanes = first_lanes(end - t);
+  const auto weigh = [&](int64_t t, __mmask16 lanes) {
     const __m512 shifted = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, scores + t), scales, shift);
     const __m512 weights = kToBfloat16 ? exp2_for_bfloat16(shifted) : exp_avx512(shifted);
     sums = _mm512_mask_add_ps(sums, lanes, sums, weights);
     store(t, weights, lanes);
-  }
+  };
+  // Whole vectors with a constant mask, which the compiler drops, then the ragged end.
+  int64_t t = begin;
+  for (; t + kLanes <= end; t += kLanes) weigh(t, __mmask16{0xffff});
+  if (t < end) weigh(t, first_lanes(end - t));
   return {maximum, _mm512_reduce_add_ps(sums)};
 }
 
