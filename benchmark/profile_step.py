@@ -302,6 +302,8 @@ def main() -> None:
         help="run the Python layers, not the compiled stack",
     )
     args = parser.parse_args()
+    if args.against and not args.prefill:
+        parser.error("--against times prompt steps: give --prefill too")
 
     device = torch.device("cpu")
     kernels = select_kernels(args.kernels, device, Path.home() / ".cache" / "sluice" / "kernels")
