@@ -29,7 +29,9 @@ constexpr int64_t kAmxBlockRows = 2 * kAmxRows;
 constexpr int64_t kPackedPairBytes = kLinearColumns * 2 * sizeof(at::BFloat16);
 // Steps of K ahead whose weights the first block of rows prefetches: the tile's own further on,
 // and past its end the next tile's (a thread's tiles lie one after the other). 1 to 3 steps
-// measured alike; fetching the whole next tile while multiplying this one was slower.
+// measured alike; fetching the whole next tile while multiplying this one was slower where one
+// block of rows is all there is. With more, the later blocks spread the next tile's fetch into
+// L2 over their steps (`ahead`).
 constexpr int64_t kAmxStepsAhead = 2;
 
 // Registers 0-3: the sums of x tile 0's rows (0, 1) and of x tile 1's (2, 3), each 16 float32
@@ -51,6 +53,11 @@ struct AmxBlock {
   const char* weights;
   int64_t pairs;
   bool fetch;
+  // Lines [ahead, ahead_end) of the next tile to bring into L2 while this block runs,
+  // ahead_lines at each step of K (none where `ahead` is null).
+  const char* ahead = nullptr;
+  const char* ahead_end = nullptr;
+  int64_t ahead_lines = 0;
 };
 
 // What runs before a step's weights are loaded: nothing where they lie ready.
@@ -78,6 +85,14 @@ inline void amx_block(const AmxBlock& block, float* sums, const Prepare& prepare
       const char* lines = pair_rows + kAmxStepsAhead * kAmxPairs * kPackedPairBytes;
       for (int64_t line = 0; line < kAmxPairs * kPackedPairBytes; line += kTileRowBytes) {
         _mm_prefetch(lines + line, _MM_HINT_T0);
+      }
+    }
+    if (block.ahead != nullptr) {
+      const int64_t bytes = block.ahead_end - block.ahead;
+      const int64_t first = std::min(bytes, p / kAmxPairs * block.ahead_lines * kTileRowBytes);
+      const int64_t last = std::min(bytes, first + block.ahead_lines * kTileRowBytes);
+      for (int64_t at = first; at < last; at += kTileRowBytes) {
+        _mm_prefetch(block.ahead + at, _MM_HINT_T1);
       }
     }
     _tile_loadd(6, pair_rows, kPackedPairBytes);

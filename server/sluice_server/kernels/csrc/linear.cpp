@@ -161,8 +161,44 @@ inline void linear_block(RowBlock block, WeightTile tile, TilePrefetch fetch) {
 #if defined(SLUICE_AMX)
 // ---- AMX: amx_bf16.h's block multiply.
 
+// The next tile's weights, brought into L2 by the blocks of rows after the first while they
+// reuse this tile from cache: without them the memory would sit idle while those blocks run and
+// the next tile's first block would wait for all of its weights.
+class NextTileLines {
+ public:
+  NextTileLines(const at::BFloat16* next, int64_t pairs, int64_t rows)
+      : next_(reinterpret_cast<const char*>(next)),
+        end_(next_ + pairs * kPackedPairBytes),
+        sharers_((rows + kAmxBlockRows - 1) / kAmxBlockRows - 1) {
+    if (sharers_ > 0) {
+      const int64_t lines = pairs * kPackedPairBytes / kTileRowBytes;
+      per_block_ = (lines + sharers_ - 1) / sharers_;
+      const int64_t steps = pairs / kAmxPairs;
+      per_step_ = (per_block_ + steps - 1) / steps;
+    }
+  }
+
+  // Block `index` of this tile's rows (0: the first, which fetches its own tile) takes its share.
+  void share(int64_t index, AmxBlock& block) const {
+    if (next_ == nullptr || index == 0) return;
+    const int64_t bytes = end_ - next_;
+    const int64_t first = std::min(bytes, (index - 1) * per_block_ * kTileRowBytes);
+    block.ahead = next_ + first;
+    block.ahead_end = next_ + std::min(bytes, first + per_block_ * kTileRowBytes);
+    block.ahead_lines = per_step_;
+  }
+
+ private:
+  const char* next_;
+  const char* end_;
+  int64_t sharers_;
+  int64_t per_block_ = 0;
+  int64_t per_step_ = 0;
+};
+
 // linear_tiles with AMX: for each block of kLinearRowBlock rows, each of the thread's tiles
-// times the block's rows, 32 at a time (the tile's weights stay in L2 from one to the next).
+// times the block's rows, 32 at a time (the tile's weights stay in cache from one to the next,
+// while the later ones bring the next tile into L2).
 template <typename Tiles>
 void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
                at::Tensor& y, int64_t begin, int64_t end) {
@@ -178,9 +214,11 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
     for (int64_t t = begin; t < end; ++t) {
       const char* weights = reinterpret_cast<const char*>(tiles.at(t));
       // Weights read from memory (not a filled tile in cache) are fetched ahead.
-      const bool fetch = tiles.prefetch_after(t) != nullptr;
+      const at::BFloat16* following = tiles.prefetch_after(t);
+      const bool fetch = following != nullptr;
       const float* tile_bias = bias ? bias + t * kLinearColumns : nullptr;
       const int64_t columns = std::min(kLinearColumns, out_features - t * kLinearColumns);
+      const NextTileLines next(following, pairs, block_end - row_start);
       for (int64_t r = row_start; r < block_end; r += kAmxBlockRows) {
         const int64_t count = std::min(kAmxBlockRows, block_end - r);
         if (count != configured) {
@@ -188,8 +226,8 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
           configured = count;
         }
         // The first block of rows fetches the weights ahead while it multiplies this tile.
-        const AmxBlock block{x_data + r * x_stride, x_stride, weights, pairs,
-                             fetch && r == row_start};
+        AmxBlock block{x_data + r * x_stride, x_stride, weights, pairs, fetch && r == row_start};
+        next.share((r - row_start) / kAmxBlockRows, block);
         if (count > kAmxRows) {
           amx_block<2>(block, sums);
         } else {
