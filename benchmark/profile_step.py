@@ -39,6 +39,13 @@ too, the two taking turns step by step:
     python benchmark/profile_step.py --model DIR --prefill 512 1024 2048 --kernel-times
     python benchmark/profile_step.py --model DIR --prefill 2048 4096 --rounds 6 --against HEAD~1
 
+With `--slow-steps` beside `--prefill`, a line for every step that took a fifth longer than the
+median: the longest time one of this process's threads waited in a run queue during it, and
+the other processes that ran the most meanwhile. A step waits for its slowest thread, so a
+thread that another process keeps off its core for 15 ms delays the step by about as much:
+
+    python benchmark/profile_step.py --model DIR --prefill 128 --rounds 400 --slow-steps
+
 With `--neighbour-load F`, a process pinned to the last CPU is busy for the fraction F of the
 time while the steps run (benchmark/neighbour.py), as the router or another tenant would be.
 """
@@ -48,6 +55,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
 from neighbour import busy_neighbour
 from quantized_kernel import kernels_at_revision
+from servers import interruptions, thread_times
 from sluice_server.engine.step import StepExecutor
 from sluice_server.kernels import CpuFeatures, Kernels, select_kernels
 from sluice_server.layers.attention import CompiledCpuAttentionBackend
@@ -218,27 +227,41 @@ def prefill(
     lengths: list[int],
     timer: KernelTimer | None,
     rounds: int,
+    watch_slow: bool = False,
 ) -> None:
     """Prints, per prompt length, the median of `rounds` steps that each admit one prompt of that
     many tokens (freed after each), and with `timer` the kernels' milliseconds in the last one.
     With more than one executor (the kernels of other revisions), they take turns step by step,
-    so that a drifting machine moves all of them alike; the first is `step_ms`."""
+    so that a drifting machine moves all of them alike; the first is `step_ms`. With
+    `watch_slow`, a line for each of the first executor's steps that took a fifth longer than
+    its median: what kept this process's threads waiting for a CPU during it."""
     for length in lengths:
         times: dict[str, list[float]] = {label: [] for label in executors}
+        seen: list[dict] = []  # the first executor's interruptions, step by step
         for round_number in range(rounds):
             for label, executor in executors.items():
                 timed = timer is not None and label == "current" and round_number == rounds - 1
+                watched = watch_slow and label == "current"
                 if timer is not None:
                     timer.spent.clear()
                     timer.calls.clear()
                     timer.on = timed
+                before = thread_times() if watched else {}
                 start = time.perf_counter_ns()
                 executor.step(admission_step(1, length, 1))
                 times[label].append((time.perf_counter_ns() - start) / 1e6)
+                if watched:
+                    seen.append(interruptions(before, thread_times(), os.getpid()))
                 if timer is not None:
                     timer.on = False
                 executor.step(pb.StepRequest(free_ids=[0]))
         medians = {label: statistics.median(spent) for label, spent in times.items()}
+        for round_number, seen_then in enumerate(seen):
+            step_ms = times["current"][round_number]
+            if step_ms > 1.2 * medians["current"]:
+                slow = {"prefill_tokens": length, "round": round_number}
+                slow |= {"step_ms": round(step_ms, 1), "median_ms": round(medians["current"], 1)}
+                print(json.dumps(slow | seen_then))
         step_ms = medians["current"]
         result = {
             "prefill_tokens": length,
@@ -297,13 +320,19 @@ def main() -> None:
         "taking turns with the current kernels",
     )
     parser.add_argument(
+        "--slow-steps",
+        action="store_true",
+        help="with --prefill: for each step a fifth slower than the median, what kept this "
+        "process's threads waiting for a CPU during it",
+    )
+    parser.add_argument(
         "--layer-by-layer",
         action="store_true",
         help="run the Python layers, not the compiled stack",
     )
     args = parser.parse_args()
-    if args.against and not args.prefill:
-        parser.error("--against times prompt steps: give --prefill too")
+    if (args.against or args.slow_steps) and not args.prefill:
+        parser.error("--against and --slow-steps time prompt steps: give --prefill too")
 
     device = torch.device("cpu")
     kernels = select_kernels(args.kernels, device, Path.home() / ".cache" / "sluice" / "kernels")
@@ -337,7 +366,7 @@ def main() -> None:
             longest = max(args.prefill)
             for each in executors.values():
                 each.warmup(longest, 1, longest + 1)
-            prefill(executors, args.prefill, timer, args.rounds)
+            prefill(executors, args.prefill, timer, args.rounds, args.slow_steps)
         return
     # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
     # --kernel-times), the breakdown's steps, 10 profiled steps, and a margin.

@@ -6,6 +6,7 @@ process it spawned; its memory is the sum over its whole process tree, read from
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
@@ -152,6 +153,48 @@ def tree_memory(root: int, with_pss: bool = True) -> MemorySample:
         sum(_kib_field(Path(f"/proc/{pid}/smaps_rollup"), "Pss") for pid in pids) if with_pss else 0
     )
     return MemorySample(rss * PAGE_KIB, pss * PAGE_KIB, len(pids))
+
+
+def thread_times() -> dict[tuple[int, int], tuple[int, int]]:
+    """(pid, tid) -> (ns run on a CPU, ns waited in a run queue for one) of every thread visible
+    in /proc, from the scheduler's own counters (schedstat)."""
+    times = {}
+    for path in Path("/proc").glob("[0-9]*/task/[0-9]*/schedstat"):
+        try:
+            ran, waited, _ = path.read_text().split()
+        except (OSError, ValueError):
+            continue  # exited since the listing
+        times[(int(path.parts[2]), int(path.parts[4]))] = (int(ran), int(waited))
+    return times
+
+
+def interruptions(
+    before: dict[tuple[int, int], tuple[int, int]],
+    after: dict[tuple[int, int], tuple[int, int]],
+    pid: int,
+    top: int = 3,
+) -> dict:
+    """Between two thread_times(): how long the threads of process `pid` waited for a CPU (the
+    longest wait of one), and the `top` other processes that ran longest, at least a millisecond
+    each, "name (pid)": ms. A step waits for its slowest thread, so a thread kept off its CPU
+    delays the whole step."""
+    waited, others = 0, collections.Counter()
+    for key, (ran, wait) in after.items():
+        ran_before, wait_before = before.get(key, (0, 0))
+        if key[0] == pid:
+            waited = max(waited, wait - wait_before)
+        elif ran > ran_before:
+            others[key[0]] += ran - ran_before
+    named = {}
+    for other, ns in others.most_common(top):
+        if ns < 1_000_000:
+            break
+        try:
+            name = Path(f"/proc/{other}/comm").read_text().strip()
+        except OSError:
+            name = "exited"
+        named[f"{name} ({other})"] = round(ns / 1e6, 1)
+    return {"longest_wait_ms": round(waited / 1e6, 1), "others_ran_ms": named}
 
 
 def _busy_jiffies() -> int:
