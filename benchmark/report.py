@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 Results = dict[str, Any]
+REPO = Path(__file__).resolve().parents[1]
 SERVER_LABELS = {"sluice": "Sluice", "vllm": "vLLM", "llama": "llama.cpp"}
 PEERS = ("vllm", "llama")
 ROUTE_PATHS = {
@@ -930,6 +931,14 @@ def quantized_perplexities(folder: Path) -> dict[str, Results]:
     }
 
 
+def portable(text: str, repo: Path = REPO) -> str:
+    """`text` with the paths of this checkout, of the folder beside it (the peers' scripts) and
+    of the home directory written as a reader would type them from the repository's root."""
+    for folder, shown in ((repo, ""), (repo.parent, "../"), (Path.home(), "~/")):
+        text = text.replace(f"{folder}/", shown)
+    return text
+
+
 def write(results: Results, doc: Path, png: Path, extras: Path | None = None) -> None:
     """The page and its plot; `extras`: the folder where perplexity.py's, load_memory.py's,
     quantized.py's and overlap.py's results are looked for."""
@@ -942,7 +951,9 @@ def write(results: Results, doc: Path, png: Path, extras: Path | None = None) ->
     overlap = read_if_present(extras / OVERLAP_FILE) if extras else None
     link = os.path.relpath(png, doc.parent)
     doc.write_text(
-        render(results, link, perplexity, load_memory, per_method, quantized_apart, overlap)
+        portable(
+            render(results, link, perplexity, load_memory, per_method, quantized_apart, overlap)
+        )
     )
 
 
