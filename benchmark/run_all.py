@@ -711,7 +711,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="requests per level = max(factor × concurrency, --min-requests); "
         "default 2, 1 with --quick",
     )
-    p.add_argument("--min-requests", type=int, help="default 8, 2 with --quick")
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        help="default 16 (a p95 of 8 requests is their slowest), 2 with --quick",
+    )
     p.add_argument("--warmup", type=int, help="warm-up requests per server; default 4, 2 --quick")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--level-timeout", type=float, default=1800.0, help="seconds per level")
@@ -769,7 +773,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         model_dir=a.model.expanduser().resolve(),
         workloads=(short, *others),
         requests_factor=pick(a.requests_factor, 2, 1),
-        min_requests=pick(a.min_requests, 8, 2),
+        min_requests=pick(a.min_requests, 16, 2),
         warmup=pick(a.warmup, 4, 2),
         seed=a.seed,
         level_timeout_s=a.level_timeout,
