@@ -27,11 +27,11 @@ constexpr int64_t kAmxRows = 16;
 constexpr int64_t kAmxPairs = 16;  // pairs of input dimensions per tile multiply
 constexpr int64_t kAmxBlockRows = 2 * kAmxRows;
 constexpr int64_t kPackedPairBytes = kLinearColumns * 2 * sizeof(at::BFloat16);
-// Steps of K ahead whose weights the first block of rows prefetches: the tile's own further on,
+// Steps of K ahead whose weights a lone block of rows prefetches: the tile's own further on,
 // and past its end the next tile's (a thread's tiles lie one after the other). 1 to 3 steps
-// measured alike; fetching the whole next tile while multiplying this one was slower where one
-// block of rows is all there is. With more, the later blocks spread the next tile's fetch into
-// L2 over their steps (`ahead`).
+// measured alike; fetching the whole next tile while multiplying this one was slower. Where a
+// call has more blocks of rows, the later ones spread the next tile's fetch into L2 over their
+// steps instead (`ahead`).
 constexpr int64_t kAmxStepsAhead = 2;
 
 // Registers 0-3: the sums of x tile 0's rows (0, 1) and of x tile 1's (2, 3), each 16 float32
