@@ -235,7 +235,7 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
           block_config(std::min(count, kAmxRows), std::max<int64_t>(count - kAmxRows, 0)).load();
           configured = count;
         }
-        AmxBlock block{x_data + r * x_stride, x_stride, weights, pairs, fetch};
+        AmxBlock block{x_data + r * x_stride, x_stride, weights, pairs, fetch && r == row_start};
         next.share((r - row_start) / kAmxBlockRows, block);
         if (count > kAmxRows) {
           amx_block<2>(block, sums);
