@@ -163,45 +163,44 @@ inline void linear_block(RowBlock block, WeightTile tile, TilePrefetch fetch) {
 
 // The next tile's weights, brought into L2 by the blocks of rows after the first while they
 // reuse this tile from cache: without them the memory would sit idle while those blocks run and
-// the next tile's first block would wait for all of its weights.
+// the next tile's first block would wait for all of its weights. The shares depend only on K
+// and the rows, so one plan serves every tile of a block of rows.
 class NextTileLines {
  public:
   // Later blocks it takes: one alone would have to fetch a whole tile while it runs, and the
   // first block fetching its own tile ahead was faster there (a 64-row prompt's step, 7 %).
   static constexpr int64_t kMinSharers = 2;
 
-  NextTileLines(const at::BFloat16* next, int64_t pairs, int64_t rows)
-      : next_(reinterpret_cast<const char*>(next)),
-        end_(next_ == nullptr ? nullptr : next_ + pairs * kPackedPairBytes),
+  NextTileLines(int64_t pairs, int64_t rows)
+      : bytes_(pairs * kPackedPairBytes),
         sharers_((rows + kAmxBlockRows - 1) / kAmxBlockRows - 1) {
-    if (next_ == nullptr || sharers_ < kMinSharers) sharers_ = 0;
-    if (sharers_ > 0) {
-      const int64_t lines = pairs * kPackedPairBytes / kTileRowBytes;
-      per_block_ = (lines + sharers_ - 1) / sharers_;
-      const int64_t steps = pairs / kAmxPairs;
-      per_step_ = (per_block_ + steps - 1) / steps;
+    if (sharers_ < kMinSharers) {
+      sharers_ = 0;
+      return;
     }
+    per_block_ = (bytes_ / kTileRowBytes + sharers_ - 1) / sharers_;
+    const int64_t steps = pairs / kAmxPairs;
+    per_step_ = (per_block_ + steps - 1) / steps;
   }
 
   // Whether the later blocks fetch the next tile (else the first block fetches its own).
   bool shared() const { return sharers_ > 0; }
 
-  // Block `index` of this tile's rows (0: the first) takes its share.
-  void share(int64_t index, AmxBlock& block) const {
-    if (!shared() || index == 0) return;
-    const int64_t bytes = end_ - next_;
-    const int64_t first = std::min(bytes, (index - 1) * per_block_ * kTileRowBytes);
-    block.ahead = next_ + first;
-    block.ahead_end = next_ + std::min(bytes, first + per_block_ * kTileRowBytes);
+  // Block `index` of this tile's rows (0: the first) takes its share of `next` (null: none).
+  void share(const at::BFloat16* next, int64_t index, AmxBlock& block) const {
+    if (next == nullptr || !shared() || index == 0) return;
+    const char* lines = reinterpret_cast<const char*>(next);
+    const int64_t first = std::min(bytes_, (index - 1) * per_block_ * kTileRowBytes);
+    block.ahead = lines + first;
+    block.ahead_end = lines + std::min(bytes_, first + per_block_ * kTileRowBytes);
     block.ahead_lines = per_step_;
   }
 
  private:
-  const char* next_;
-  const char* end_;
+  int64_t bytes_;  // of a tile
   int64_t sharers_;
-  int64_t per_block_ = 0;
-  int64_t per_step_ = 0;
+  int64_t per_block_ = 0;  // lines
+  int64_t per_step_ = 0;   // lines
 };
 
 // linear_tiles with AMX: for each block of kLinearRowBlock rows, each of the thread's tiles
@@ -219,14 +218,15 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
   int64_t configured = 0;  // the rows of the tile configuration loaded; 0: none yet
   for (int64_t row_start = 0; row_start < rows; row_start += kLinearRowBlock) {
     const int64_t block_end = std::min(rows, row_start + kLinearRowBlock);
+    const NextTileLines next_tile(pairs, block_end - row_start);
     for (int64_t t = begin; t < end; ++t) {
       const char* weights = reinterpret_cast<const char*>(tiles.at(t));
       // Weights read from memory (not a filled tile in cache) are fetched ahead: by the later
       // blocks of rows into L2 where there are enough of them (the previous tile's brought this
       // one), else by the first block as it multiplies, a few steps of K ahead into L1. Both at
       // once held up the tile loads (a 128-row call's first block stalled on the fetches).
-      const NextTileLines next(tiles.prefetch_after(t), pairs, block_end - row_start);
-      const bool fetch = tiles.prefetch_after(t) != nullptr && !next.shared();
+      const at::BFloat16* following = tiles.prefetch_after(t);
+      const bool fetch = following != nullptr && !next_tile.shared();
       const float* tile_bias = bias ? bias + t * kLinearColumns : nullptr;
       const int64_t columns = std::min(kLinearColumns, out_features - t * kLinearColumns);
       for (int64_t r = row_start; r < block_end; r += kAmxBlockRows) {
@@ -236,7 +236,7 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
           configured = count;
         }
         AmxBlock block{x_data + r * x_stride, x_stride, weights, pairs, fetch && r == row_start};
-        next.share((r - row_start) / kAmxBlockRows, block);
+        next_tile.share(following, (r - row_start) / kAmxBlockRows, block);
         if (count > kAmxRows) {
           amx_block<2>(block, sums);
         } else {
