@@ -5,10 +5,10 @@ The logits are the default model's (transformers, bfloat16) at consecutive posit
 benchmark/data/perplexity.txt, so each row's distribution has a language model's shape: a few
 likely tokens and a long tail. The sampler runs with the compiled kernels' passes over the
 vocabulary (`compiled`, where they build) and with the PyTorch ones (`pytorch`). With
-`--against REV`, the sampler's source at that git revision is timed too (with the compiled
-greedy pick), all of them alternating call by call.
+`--against REV`, the sampler as it was at that git revision is timed too, its source with the
+compiled kernels built from that revision's, all of them alternating call by call.
 
-    python benchmark/sampler.py --rows 1 8 32 --against HEAD~1
+    python benchmark/sampler.py --rows 1 8 32 --against HEAD~1 [--skip-pytorch]
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
+from quantized_kernel import kernels_at_revision
+from sluice_server.kernels.cpu_features import CpuFeatures
 from sluice_server.kernels import Kernels, select_kernels
+from sluice_server.layers.ops import CompiledCpuOps
 from sluice_server.sampling import sampler
 
 SAMPLER_SOURCE = "server/sluice_server/sampling/sampler.py"
@@ -102,6 +105,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--against", help="also time the sampler at this git revision")
+    parser.add_argument(
+        "--skip-pytorch",
+        action="store_true",
+        help="leave out the PyTorch passes (their large temporaries, freed between calls, can "
+        "leave the next call to fault its memory in again)",
+    )
     args = parser.parse_args()
 
     kernels = select_kernels(
@@ -109,15 +118,20 @@ def main() -> None:
     )
     logits = model_logits(args.model.expanduser(), max(args.rows))
     # label -> (sampler module, what its sample() takes after the rows)
-    samplers: dict[str, tuple[ModuleType, object]] = {"pytorch": (sampler, Kernels.reference().ops)}
+    samplers: dict[str, tuple[ModuleType, object]] = {}
+    if not args.skip_pytorch:
+        samplers["pytorch"] = (sampler, Kernels.reference().ops)
     if kernels.compiled:
         samplers["compiled"] = (sampler, kernels.ops)
     if args.against:
         work = Path(tempfile.mkdtemp(prefix="sampler-"))
         module = sampler_at_revision(args.against, work)
+        ops = kernels.ops
+        if kernels.compiled:
+            ops = CompiledCpuOps(kernels_at_revision(args.against, work), CpuFeatures.detect())
         # Before the sampler took the ops, it took the greedy pick alone.
         takes_ops = "ops" in inspect.signature(module.sample).parameters
-        samplers[args.against] = (module, kernels.ops if takes_ops else kernels.ops.argmax_logprob)
+        samplers[args.against] = (module, ops if takes_ops else ops.argmax_logprob)
     print(json.dumps({"vocab": logits.shape[-1], "compiled_kernels": kernels.compiled}))
     for rows in args.rows:
         for name, params in SETTINGS.items():

@@ -376,16 +376,18 @@ def test_linear_bf16_rejects_a_mismatched_input(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [49152, 49157])  # whole vectors, and a ragged end
 def test_argmax_logprob_matches_reference(
-    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype, vocab: int
 ) -> None:
     generator = torch.Generator().manual_seed(2)
-    logits = torch.randn(5, 49152, generator=generator) * 8
+    logits = torch.randn(5, vocab, generator=generator) * 8
     logits[3, 17] = logits[3, 4000] = logits[3].max() + 1  # A tie: the first index wins.
+    logits[4, -1] = logits[4].max() + 1  # The last token, past the last whole vector.
     logits = logits.to(dtype)  # The model's logits come in its own dtype.
     expected_ids, expected_logprobs = reference.ops.argmax_logprob(logits)
     ids, logprobs = compiled_kernels.ops.argmax_logprob(logits)
-    assert torch.equal(ids, expected_ids) and ids[3].item() == 17
+    assert torch.equal(ids, expected_ids) and ids[3].item() == 17 and ids[4].item() == vocab - 1
     assert torch.allclose(logprobs, expected_logprobs, atol=1e-5)
 
 

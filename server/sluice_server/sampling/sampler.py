@@ -135,17 +135,19 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], ops: SamplerOps) -
         if penalise_output:
             _apply_output_penalties(logits, rows)
 
-    token_ids, logprobs = ops.argmax_logprob(logits)
     top_tokens: list[list[tuple[int, float]]] = [[] for _ in rows]
-
     sampled = [index for index, row in enumerate(rows) if not row.params.is_greedy]
+    if len(sampled) < len(rows):
+        token_ids, logprobs = ops.argmax_logprob(logits)
+    else:
+        # Every row is drawn: the greedy pick's pass over the vocabulary would be thrown away.
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
     if sampled:
         sampled_rows = [rows[index] for index in sampled]
         row_index = torch.tensor(sampled, device=logits.device)
         chosen_rows = logits if len(sampled) == len(rows) else logits[row_index]
-        processed = process_for_sampling(
-            chosen_rows.float(), [row.params for row in sampled_rows], ops
-        )
+        processed = process_for_sampling(chosen_rows, [row.params for row in sampled_rows], ops)
         drawn, log_total = ops.draw(processed, _uniforms(sampled_rows))
         token_ids[row_index] = drawn
         logprobs[row_index] = processed.gather(1, drawn[:, None])[:, 0] - log_total
@@ -227,12 +229,19 @@ def _apply_output_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
 def process_for_sampling(
     logits: torch.Tensor, params: Sequence[SamplingParams], ops: SamplerOps
 ) -> torch.Tensor:
-    """Temperature, then top-k, top-p, min-p and typical-p (transformers' order) on float32
-    logits; filtered-out tokens get -inf. Rows whose parameter is off pass through each filter
-    unchanged."""
-    device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
-    logits = logits / temperature[:, None]
+    """Temperature, then top-k, top-p, min-p and typical-p (transformers' order), on new float32
+    logits made from `logits` (any float dtype, left as they are); filtered-out tokens get -inf.
+    Rows whose parameter is off pass through each filter unchanged."""
+    # The division widens the model's logits to float32 as it goes (type promotion), so that a
+    # step's [rows, vocab] float32 block is allocated once: each new one costs a page fault per
+    # 4 KiB, as much time as the arithmetic.
+    if all(p.temperature == 1.0 for p in params):
+        logits = logits.to(torch.float32, copy=True)
+    else:
+        temperature = torch.tensor(
+            [p.temperature for p in params], dtype=torch.float32, device=logits.device
+        )
+        logits = logits / temperature[:, None]
     if not any(p.filters for p in params):
         return logits
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
@@ -240,18 +249,18 @@ def process_for_sampling(
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         ops.top_k_top_p_(logits, top_k, top_p)
     if any(p.min_p > 0.0 for p in params):
-        logits = _min_p(logits, params)
+        _min_p_(logits, params)
     if any(p.typical_p < 1.0 for p in params):
         ops.typical_p_(logits, torch.tensor([p.typical_p for p in params], dtype=torch.float32))
     return logits
 
 
-def _min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def _min_p_(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
     # A token goes when its probability is below min_p times the most likely token's, that is
     # when its logit is below the largest plus log(min_p); the most likely one never does.
     min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=logits.device)
     threshold = logits.amax(dim=-1, keepdim=True) + min_p.log()[:, None]
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    logits.masked_fill_(logits < threshold, float("-inf"))
 
 
 def _uniforms(rows: Sequence[SamplingRow]) -> torch.Tensor:
