@@ -424,20 +424,31 @@ def test_top_k_top_p_matches_reference(
     assert bool((kept[:6].sum(dim=-1) < 49152).all())
 
 
-@pytest.mark.parametrize("typical_p", [0.9, 0.5])
-def test_typical_p_matches_reference(
-    compiled_kernels: Kernels, reference: Kernels, typical_p: float
+@pytest.mark.parametrize(
+    ("cut", "value", "off"),
+    [
+        ("min_p_", 0.05, 0.0),
+        ("min_p_", 0.5, 0.0),
+        ("typical_p_", 0.9, 1.0),
+        ("typical_p_", 0.5, 1.0),
+    ],
+)
+def test_one_parameter_cut_matches_reference(
+    compiled_kernels: Kernels, reference: Kernels, cut: str, value: float, off: float
 ) -> None:
+    # A last row with the cut off must come back untouched.
     logits = torch.cat([_sampling_logits(), _sampling_logits()[:1]])
-    masses = torch.tensor([typical_p] * 6 + [1.0])
+    values = torch.tensor([value] * 6 + [off])
     expected, actual = logits.clone(), logits.clone()
-    reference.ops.typical_p_(expected, masses)
-    compiled_kernels.ops.typical_p_(actual, masses)
+    getattr(reference.ops, cut)(expected, values)
+    getattr(compiled_kernels.ops, cut)(actual, values)
     assert torch.equal(torch.isfinite(actual), torch.isfinite(expected))
     kept = torch.isfinite(expected)
     assert torch.equal(actual[kept], logits[kept])
     assert torch.equal(actual[6], logits[6])
-    assert bool((kept[:6].sum(dim=-1) < 49152).all())
+    # The cut removed something from every peaked row: the comparison is not vacuous (min-p
+    # keeps all of the flat row at 0.05, its logits lying within log(1 / 0.05) of the largest).
+    assert bool((kept[:5].sum(dim=-1) < 49152).all())
 
 
 def test_draw_matches_reference(compiled_kernels: Kernels, reference: Kernels) -> None:

@@ -141,6 +141,9 @@ class Ops:
     def top_k_top_p_(self, logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
         vocabulary.top_k_top_p_(logits, top_k, top_p)
 
+    def min_p_(self, logits: torch.Tensor, min_p: torch.Tensor) -> None:
+        vocabulary.min_p_(logits, min_p)
+
     def typical_p_(self, logits: torch.Tensor, typical_p: torch.Tensor) -> None:
         vocabulary.typical_p_(logits, typical_p)
 
@@ -238,6 +241,9 @@ class CompiledCpuOps(Ops):
 
     def top_k_top_p_(self, logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
         self.kernels.top_k_top_p_(logits, top_k, top_p)
+
+    def min_p_(self, logits: torch.Tensor, min_p: torch.Tensor) -> None:
+        self.kernels.min_p_(logits, min_p)
 
     def typical_p_(self, logits: torch.Tensor, typical_p: torch.Tensor) -> None:
         self.kernels.typical_p_(logits, typical_p)

@@ -108,6 +108,10 @@ class SamplerOps(Protocol):
         """See vocabulary.top_k_top_p_."""
         ...
 
+    def min_p_(self, logits: torch.Tensor, min_p: torch.Tensor) -> None:
+        """See vocabulary.min_p_."""
+        ...
+
     def typical_p_(self, logits: torch.Tensor, typical_p: torch.Tensor) -> None:
         """See vocabulary.typical_p_."""
         ...
@@ -249,18 +253,10 @@ def process_for_sampling(
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         ops.top_k_top_p_(logits, top_k, top_p)
     if any(p.min_p > 0.0 for p in params):
-        _min_p_(logits, params)
+        ops.min_p_(logits, torch.tensor([p.min_p for p in params], dtype=torch.float32))
     if any(p.typical_p < 1.0 for p in params):
         ops.typical_p_(logits, torch.tensor([p.typical_p for p in params], dtype=torch.float32))
     return logits
-
-
-def _min_p_(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
-    # A token goes when its probability is below min_p times the most likely token's, that is
-    # when its logit is below the largest plus log(min_p); the most likely one never does.
-    min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=logits.device)
-    threshold = logits.amax(dim=-1, keepdim=True) + min_p.log()[:, None]
-    logits.masked_fill_(logits < threshold, float("-inf"))
 
 
 def _uniforms(rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The sampler's passes over every token of a row, in PyTorch: the top-k/top-p and typical-p
-cuts and the draw.
+"""The sampler's passes over every token of a row, in PyTorch: the top-k/top-p, min-p and
+typical-p cuts and the draw.
 
 `Ops` (layers/ops.py) runs these on any device; `CompiledCpuOps` runs the compiled kernels of
 kernels/csrc/sampling.cpp instead, which do the same in one or two passes per row. Both weigh a
@@ -80,6 +80,15 @@ def top_k_top_p_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
             row for row, row_done in zip(pending, done.tolist(), strict=True) if not row_done
         ]
         width *= 8
+
+
+def min_p_(logits: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Min-p, in place on float32 logits [S, vocab] with min_p [S] (0: off): a token goes when its
+    probability is below min_p times the most likely token's, that is when its logit is below
+    the largest plus log(min_p) (no exp); the most likely one never does."""
+    log_min_p = min_p.to(device=logits.device, dtype=logits.dtype).log()
+    threshold = logits.amax(dim=-1, keepdim=True) + log_min_p[:, None]
+    logits.masked_fill_(logits < threshold, float("-inf"))
 
 
 def typical_p_(logits: torch.Tensor, typical_p: torch.Tensor) -> None:

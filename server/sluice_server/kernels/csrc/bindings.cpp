@@ -110,6 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("tile_order_codes", &sluice::tile_order_codes);
   module.def("argmax_logprob", &sluice::argmax_logprob);
   module.def("top_k_top_p_", &sluice::top_k_top_p_);
+  module.def("min_p_", &sluice::min_p_);
   module.def("typical_p_", &sluice::typical_p_);
   module.def("draw", &sluice::draw);
   module.def("compiled_isa", &compiled_isa);

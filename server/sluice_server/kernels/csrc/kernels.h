@@ -60,8 +60,9 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 std::tuple<at::Tensor, at::Tensor> argmax_logprob(const at::Tensor& logits);
 
-// sampling.cpp: the sampler's top-k/top-p and typical-p cuts and its draw.
+// sampling.cpp: the sampler's top-k/top-p, min-p and typical-p cuts and its draw.
 void top_k_top_p_(at::Tensor& logits, const at::Tensor& top_k, const at::Tensor& top_p);
+void min_p_(at::Tensor& logits, const at::Tensor& min_p);
 void typical_p_(at::Tensor& logits, const at::Tensor& typical_p);
 std::tuple<at::Tensor, at::Tensor> draw(const at::Tensor& logits, const at::Tensor& uniforms);
 

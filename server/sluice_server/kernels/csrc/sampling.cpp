@@ -3,6 +3,9 @@
 //   top_k_top_p_   keeps each row's top_k most likely tokens (0: all), then the fewest of those,
 //                  most likely first, whose probabilities renormalised over them reach top_p
 //                  (1: all); every other token becomes -inf. transformers' TopK then TopP.
+//   min_p_         cuts the tokens whose probability is below min_p times the most likely one's
+//                  (0: none), that is whose logit is below the largest plus log(min_p), without an
+//                  exp; transformers' MinPLogitsWarper.
 //   typical_p_     keeps the tokens whose information (-log p) is closest to the row's entropy,
 //                  closest first, until they hold typical_p of the mass (1: all); transformers'
 //                  TypicalLogitsWarper.
@@ -412,6 +415,27 @@ void check_per_row(const at::Tensor& values, at::ScalarType dtype, int64_t num_r
               message);
 }
 
+// A step's float32 logits and one checked parameter per row, for the cuts that take one.
+template <typename Parameter>
+struct RowsWith {
+  float* data;
+  int64_t stride;
+  int64_t num_rows;
+  int64_t vocab;
+  const Parameter* parameters;
+
+  LogitRow row(int64_t r) const { return {data + r * stride, vocab}; }
+};
+
+template <typename Parameter>
+RowsWith<Parameter> rows_with(at::Tensor& logits, const at::Tensor& parameters,
+                              at::ScalarType dtype, const char* message) {
+  check_float_rows(logits);
+  check_per_row(parameters, dtype, logits.size(0), message);
+  return {logits.data_ptr<float>(), logits.stride(0), logits.size(0), logits.size(1),
+          parameters.data_ptr<Parameter>()};
+}
+
 }  // namespace
 
 void top_k_top_p_(at::Tensor& logits, const at::Tensor& top_k, const at::Tensor& top_p) {
@@ -441,18 +465,29 @@ void top_k_top_p_(at::Tensor& logits, const at::Tensor& top_k, const at::Tensor&
   });
 }
 
-void typical_p_(at::Tensor& logits, const at::Tensor& typical_p) {
-  check_float_rows(logits);
-  const int64_t num_rows = logits.size(0);
-  const int64_t vocab = logits.size(1);
-  check_per_row(typical_p, at::kFloat, num_rows, "typical_p must be float32 [rows]");
-  float* data = logits.data_ptr<float>();
-  const int64_t stride = logits.stride(0);
-  const float* masses = typical_p.data_ptr<float>();
-  at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
-    RowScratch scratch(vocab);
+void min_p_(at::Tensor& logits, const at::Tensor& min_p) {
+  const auto rows = rows_with<float>(logits, min_p, at::kFloat, "min_p must be float32 [rows]");
+  at::parallel_for(0, rows.num_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (masses[r] < 1.f) typical_row({data + r * stride, vocab}, masses[r], scratch);
+      if (!(rows.parameters[r] > 0.f)) continue;
+      const LogitRow row = rows.row(r);
+      const float threshold = row_max(row.data, row.vocab) + std::log(rows.parameters[r]);
+      constexpr float kCut = -std::numeric_limits<float>::infinity();
+#pragma omp simd
+      for (int64_t v = 0; v < row.vocab; ++v) {
+        row.data[v] = row.data[v] < threshold ? kCut : row.data[v];
+      }
+    }
+  });
+}
+
+void typical_p_(at::Tensor& logits, const at::Tensor& typical_p) {
+  const auto rows =
+      rows_with<float>(logits, typical_p, at::kFloat, "typical_p must be float32 [rows]");
+  at::parallel_for(0, rows.num_rows, 1, [&](int64_t begin, int64_t end) {
+    RowScratch scratch(rows.vocab);
+    for (int64_t r = begin; r < end; ++r) {
+      if (rows.parameters[r] < 1.f) typical_row(rows.row(r), rows.parameters[r], scratch);
     }
   });
 }
