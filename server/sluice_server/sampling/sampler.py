@@ -238,7 +238,7 @@ def process_for_sampling(
     Rows whose parameter is off pass through each filter unchanged."""
     # The division widens the model's logits to float32 as it goes (type promotion), so that a
     # step's [rows, vocab] float32 block is allocated once: each new one costs a page fault per
-    # 4 KiB, as much time as the arithmetic.
+    # 4 KiB, more time than the arithmetic.
     if all(p.temperature == 1.0 for p in params):
         logits = logits.to(torch.float32, copy=True)
     else:
