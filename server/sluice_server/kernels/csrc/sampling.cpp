@@ -293,6 +293,12 @@ void keep_first(LogitRow row, const RowScratch& scratch, size_t kept) {
   }
 }
 
+// Each token's key for the buckets of top-k and top-p: its distance below the largest logit.
+void key_by_distance(LogitRow row, float largest, RowScratch& scratch) {
+#pragma omp simd
+  for (int64_t v = 0; v < row.vocab; ++v) scratch.keys[v] = largest - row.data[v];
+}
+
 // Top-p alone: in the narrowest head that holds the target where it can, else by buckets of
 // each token's distance below the largest logit.
 void top_p_row(LogitRow row, float top_p, RowScratch& scratch) {
@@ -310,34 +316,12 @@ void top_p_row(LogitRow row, float top_p, RowScratch& scratch) {
       return;
     }
   }
-#pragma omp simd
-  for (int64_t v = 0; v < row.vocab; ++v) scratch.keys[v] = largest - row.data[v];
+  key_by_distance(row, largest, scratch);
   keep_mass(row, target, scratch);
 }
 
-// Top-k, then top-p over the k tokens kept, in the narrowest head of at least k tokens; false,
-// having cut nothing, where there is none.
-bool top_k_in_head(LogitRow row, int64_t top_k, float top_p, RowScratch& scratch) {
-  const float largest = block_maxima(row.data, row.vocab, scratch.block_max);
-  const HeadMasses masses = weigh_heads(row.data, row.vocab, largest, scratch.weights.data());
-  const auto holds = [&](size_t head) { return masses.counts[head] >= top_k; };
-  const size_t k = static_cast<size_t>(top_k);
-  if (!(masses.total > 0.0) || !sorted_head(row, largest, holds, scratch) ||
-      scratch.tokens.size() < k) {
-    return false;
-  }
-  size_t kept = k;
-  if (top_p < 1.f) {
-    double total = 0.0;
-    for (size_t i = 0; i < k; ++i) total += scratch.weights[scratch.tokens[i]];
-    kept = cut_at_mass(scratch, k, top_p * total).kept;
-  }
-  keep_first(row, scratch, kept);
-  return true;
-}
-
-// Top-k, then top-p over the k tokens kept.
-void top_k_row(LogitRow row, int64_t top_k, float top_p, RowScratch& scratch) {
+// Top-k, then top-p over the k tokens kept, by buckets (keys and weights filled).
+void top_k_by_buckets(LogitRow row, int64_t top_k, float top_p, RowScratch& scratch) {
   bucket_by_key(row.vocab, scratch);
   int64_t before = 0;
   int bucket = 0;
@@ -361,6 +345,28 @@ void top_k_row(LogitRow row, int64_t top_k, float top_p, RowScratch& scratch) {
     if (mass_before >= target) row.data[token] = -std::numeric_limits<float>::infinity();
     mass_before += scratch.weights[token];
   }
+}
+
+// Top-k, then top-p over the k tokens kept: in the narrowest head of at least k tokens where
+// there is one, else by buckets.
+void top_k_row(LogitRow row, int64_t top_k, float top_p, RowScratch& scratch) {
+  const float largest = block_maxima(row.data, row.vocab, scratch.block_max);
+  const HeadMasses masses = weigh_heads(row.data, row.vocab, largest, scratch.weights.data());
+  const auto holds = [&](size_t head) { return masses.counts[head] >= top_k; };
+  const size_t k = static_cast<size_t>(top_k);
+  if (masses.total > 0.0 && sorted_head(row, largest, holds, scratch) &&
+      scratch.tokens.size() >= k) {
+    size_t kept = k;
+    if (top_p < 1.f) {
+      double total = 0.0;
+      for (size_t i = 0; i < k; ++i) total += scratch.weights[scratch.tokens[i]];
+      kept = cut_at_mass(scratch, k, top_p * total).kept;
+    }
+    keep_first(row, scratch, kept);
+    return;
+  }
+  key_by_distance(row, largest, scratch);
+  top_k_by_buckets(row, top_k, top_p, scratch);
 }
 
 // Typical-p: each token's key becomes |-log p - H|, H the row's entropy, and the tokens closest
@@ -455,8 +461,6 @@ void top_k_top_p_(at::Tensor& logits, const at::Tensor& top_k, const at::Tensor&
       if (!has_top_k && !(ps[r] < 1.f)) continue;
       const LogitRow row{data + r * stride, vocab};
       if (has_top_k) {
-        if (top_k_in_head(row, ks[r], ps[r], scratch)) continue;
-        weigh_row(row, scratch);
         top_k_row(row, ks[r], ps[r], scratch);
       } else {
         top_p_row(row, ps[r], scratch);
