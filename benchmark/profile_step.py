@@ -33,11 +33,13 @@ Python, a few microseconds each, which counts towards the projections.
 With `--prefill N [N ...]`, instead of decode steps: steps that each admit one prompt of N
 tokens whole (no other request running), `--rounds` of each length (3), their median time and
 prompt tokens per second; with `--kernel-times`, each kernel entry point's milliseconds in the
-last of them; with `--against REV`, the same steps with the kernel source at that git revision
-too, the two taking turns step by step:
+last of them. With `--against REV`, decode or prompt steps, the same steps with the kernel
+source at that git revision too (a second model and KV cache), the two taking turns step by
+step and, for decode steps, going first in turn:
 
     python benchmark/profile_step.py --model DIR --prefill 512 1024 2048 --kernel-times
     python benchmark/profile_step.py --model DIR --prefill 2048 4096 --rounds 6 --against HEAD~1
+    python benchmark/profile_step.py --model DIR --batch 32 --steps 60 --against HEAD
 
 With `--slow-steps` beside `--prefill`, a line for every step that took a fifth longer than the
 median: the longest time one of this process's threads waited in a run queue during it, and
@@ -316,7 +318,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--against",
-        help="with --prefill: also run the steps with the kernel source at this git revision, "
+        help="also run the steps with the kernel source at this git revision, "
         "taking turns with the current kernels",
     )
     parser.add_argument(
@@ -331,8 +333,8 @@ def main() -> None:
         help="run the Python layers, not the compiled stack",
     )
     args = parser.parse_args()
-    if (args.against or args.slow_steps) and not args.prefill:
-        parser.error("--against and --slow-steps time prompt steps: give --prefill too")
+    if args.slow_steps and not args.prefill:
+        parser.error("--slow-steps times prompt steps: give --prefill too")
 
     device = torch.device("cpu")
     kernels = select_kernels(args.kernels, device, Path.home() / ".cache" / "sluice" / "kernels")
@@ -348,76 +350,95 @@ def main() -> None:
     if args.layer_by_layer or args.kernel_times:
         loaded.model.compiled_stack = None
     executor = StepExecutor(loaded, BLOCK_SIZE, None)
-    if args.prefill:
+    with tempfile.TemporaryDirectory() as work:
         executors = {"current": executor}
-        with tempfile.TemporaryDirectory() as work:
-            if args.against:
-                module = kernels_at_revision(args.against, Path(work))
-                baseline = Kernels(
-                    CompiledCpuAttentionBackend(module),
-                    CompiledCpuOps(module, CpuFeatures.detect()),
-                )
-                model = load_model(
-                    args.model.expanduser(), getattr(torch, args.dtype), device, baseline
-                )
-                if loaded.model.compiled_stack is None:
-                    model.model.compiled_stack = None
-                executors[args.against] = StepExecutor(model, BLOCK_SIZE, None)
+        if args.against:
+            module = kernels_at_revision(args.against, Path(work))
+            baseline = Kernels(
+                CompiledCpuAttentionBackend(module),
+                CompiledCpuOps(module, CpuFeatures.detect()),
+            )
+            model = load_model(
+                args.model.expanduser(), getattr(torch, args.dtype), device, baseline
+            )
+            if loaded.model.compiled_stack is None:
+                model.model.compiled_stack = None
+            executors[args.against] = StepExecutor(model, BLOCK_SIZE, None)
+        if args.prefill:
             longest = max(args.prefill)
             for each in executors.values():
                 each.warmup(longest, 1, longest + 1)
             prefill(executors, args.prefill, timer, args.rounds, args.slow_steps)
-        return
-    # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
-    # --kernel-times), the breakdown's steps, 10 profiled steps, and a margin.
-    breakdown_steps = 5 * args.steps if args.breakdown else 0
-    max_new = (3 if args.kernel_times else 2) * args.steps + breakdown_steps + 16
-    blocks_each = -(-(args.prompt_tokens + max_new) // BLOCK_SIZE)
-    executor.warmup(args.prompt_tokens, args.batch, args.prompt_tokens + max_new)
-    if executor.num_blocks < args.batch * blocks_each:
-        raise SystemExit("the KV cache is too small for this batch")
-    executor.step(admission_step(args.batch, args.prompt_tokens, max_new))
+            return
+        # Tokens each request decodes: 5 warm-up steps, the timed steps (twice with
+        # --kernel-times), the breakdown's steps, 10 profiled steps, and a margin.
+        breakdown_steps = 5 * args.steps if args.breakdown else 0
+        max_new = (3 if args.kernel_times else 2) * args.steps + breakdown_steps + 16
+        blocks_each = -(-(args.prompt_tokens + max_new) // BLOCK_SIZE)
+        for each in executors.values():
+            each.warmup(args.prompt_tokens, args.batch, args.prompt_tokens + max_new)
+            if each.num_blocks < args.batch * blocks_each:
+                raise SystemExit("the KV cache is too small for this batch")
+            each.step(admission_step(args.batch, args.prompt_tokens, max_new))
+        compiled = loaded.model.compiled_stack is not None
+        with busy_neighbour(args.neighbour_load):
+            described = {
+                "batch": args.batch,
+                "dtype": args.dtype,
+                "kernels": type(kernels.attention).__name__,
+                "layers": "compiled" if compiled else "layer by layer",
+                "threads": torch.get_num_threads(),
+            }
+            print(json.dumps(described | decode(executors, args.batch, args.steps)), flush=True)
+            if timer is not None:
+                print(json.dumps(timer.measure(executor, args.batch, args.steps)), flush=True)
+            if args.breakdown:
+                result = breakdown(executor, loaded.model, args.batch, args.steps)
+                print(json.dumps(result), flush=True)
+            profile(executor, args.batch, args.trace)
 
-    with busy_neighbour(args.neighbour_load):
+
+def decode(executors: dict[str, StepExecutor], batch: int, steps: int) -> dict:
+    """The median decode step of the first executor, split into the forward and the rest,
+    after 5 warm-up steps of each. With more than one (the kernels of other revisions), they take
+    turns step by step, so that a drifting machine moves all of them alike, with `step_ms_each`."""
+    for executor in executors.values():
         for _ in range(5):
-            executor.step(decode_step(args.batch))
-        totals, forwards = [], []
-        for _ in range(args.steps):
+            executor.step(decode_step(batch))
+    totals: dict[str, list[int]] = {label: [] for label in executors}
+    forwards: dict[str, list[int]] = {label: [] for label in executors}
+    turns = list(executors.items())
+    for step in range(steps):
+        # Which goes first alternates: the step after another's finds the caches in its state.
+        for label, executor in turns if step % 2 == 0 else reversed(turns):
             start = time.perf_counter_ns()
-            response = executor.step(decode_step(args.batch))
-            totals.append(time.perf_counter_ns() - start)
-            forwards.append(response.forward_ns)
-        total_ms = statistics.median(totals) / 1e6
-        forward_ms = statistics.median(forwards) / 1e6
-        print(
-            json.dumps(
-                {
-                    "batch": args.batch,
-                    "dtype": args.dtype,
-                    "kernels": type(kernels.attention).__name__,
-                    "layers": "layer by layer"
-                    if loaded.model.compiled_stack is None
-                    else "compiled",
-                    "threads": torch.get_num_threads(),
-                    "step_ms": round(total_ms, 2),
-                    "forward_ms": round(forward_ms, 2),
-                    "outside_forward_ms": round(total_ms - forward_ms, 2),
-                    "tokens_per_s_engine": round(args.batch / (total_ms / 1e3), 1),
-                }
-            )
-        )
+            response = executor.step(decode_step(batch))
+            totals[label].append(time.perf_counter_ns() - start)
+            forwards[label].append(response.forward_ns)
+    first = turns[0][0]
+    total_ms = statistics.median(totals[first]) / 1e6
+    forward_ms = statistics.median(forwards[first]) / 1e6
+    result = {
+        "step_ms": round(total_ms, 2),
+        "forward_ms": round(forward_ms, 2),
+        "outside_forward_ms": round(total_ms - forward_ms, 2),
+        "tokens_per_s_engine": round(batch / (total_ms / 1e3), 1),
+    }
+    if len(executors) > 1:
+        result["step_ms_each"] = {
+            label: round(statistics.median(spent) / 1e6, 2) for label, spent in totals.items()
+        }
+    return result
 
-        if timer is not None:
-            print(json.dumps(timer.measure(executor, args.batch, args.steps)), flush=True)
-        if args.breakdown:
-            print(json.dumps(breakdown(executor, loaded.model, args.batch, args.steps)), flush=True)
 
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-            for _ in range(10):
-                executor.step(decode_step(args.batch))
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-        if args.trace:
-            profiler.export_chrome_trace(str(args.trace))
+def profile(executor: StepExecutor, batch: int, trace: Path | None) -> None:
+    """The top operators of 10 decode steps, from torch.profiler; their Chrome trace to `trace`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(10):
+            executor.step(decode_step(batch))
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if trace:
+        profiler.export_chrome_trace(str(trace))
 
 
 if __name__ == "__main__":

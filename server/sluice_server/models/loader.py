@@ -2,6 +2,7 @@
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,10 @@ from typing import Any
 import torch
 
 from ..kernels import Kernels
+from ..layers.linear import Linear
 from ..layers.runtime import LayerRuntime
 from ..layers.tensor_parallel import SINGLE_SHARD, ShardGroup, ShardingError
-from ..memory import available_memory
+from ..memory import available_memory, gather_into_huge_pages
 from ..quant.checkpoint import CheckpointQuantizationError, checkpoint_quantization
 from ..quant.gguf import GgufQuantizedTensors
 from ..weights import CheckpointWeights
@@ -104,6 +106,8 @@ def load_model(
     weight_bytes = _tensor_bytes(model)
     if device.type == "cpu":
         model.prepack_for_cpu()
+        gathered = gather_into_huge_pages(weight_tensors(model))
+        logger.info("the weights' %.0f MB moved into one allocation in huge pages", gathered / 1e6)
         model.compiled_stack = compile_stack(model)
         how = "in one compiled call" if model.compiled_stack else "layer by layer"
         logger.info("the decoder layers run %s", how)
@@ -130,6 +134,18 @@ def _check_weights_fit(
             f"but only {available_bytes / 2**30:.2f} GiB of memory is available; use a smaller "
             f"--dtype, more shards (--num-shard) or a machine with more memory"
         )
+
+
+def weight_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The model's parameters and buffers, and its projections' weights as packed for the CPU's
+    matmul (which are neither)."""
+    yield from model.parameters()
+    yield from model.buffers()
+    for module in model.modules():
+        if isinstance(module, Linear) and module.packed is not None:
+            yield module.packed.weight
+            if module.packed.bias is not None:
+                yield module.packed.bias
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
