@@ -10,6 +10,7 @@ import torch
 
 HUGE_PAGE_BYTES = 2 * 2**20
 MADV_HUGEPAGE = 14
+TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # Where each gathered tensor starts in the shared allocation: a cache line, as the kernels'
 # vector loads of packed weights expect.
 GATHER_ALIGNMENT = 64
@@ -55,6 +56,17 @@ def advise_huge_pages(tensor: torch.Tensor) -> None:
             ctypes.c_size_t(aligned_end - aligned_start),
             ctypes.c_int(MADV_HUGEPAGE),
         )
+
+
+def transparent_huge_pages_mode(setting: Path = TRANSPARENT_HUGE_PAGES) -> str | None:
+    """Linux's transparent huge pages setting: "always", "madvise" (pages advised for them get
+    them, the usual default) or "never"; None where the setting cannot be read."""
+    try:
+        text = setting.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def gather_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:

@@ -7,7 +7,12 @@ import pytest
 import torch
 from sluice_server.kernels import Kernels
 from sluice_server.layers.linear import Linear
-from sluice_server.memory import HUGE_PAGE_BYTES, gather_into_huge_pages
+from sluice_server.memory import (
+    HUGE_PAGE_BYTES,
+    gather_into_huge_pages,
+    transparent_huge_pages_mode,
+)
+from sluice_server.models import loader
 from sluice_server.models.loader import load_model, weight_tensors
 
 
@@ -100,3 +105,31 @@ def test_packed_projections_share_the_allocation(
     storages = {weight.untyped_storage().data_ptr() for weight in packed}
     storages.add(loaded.model.embed_tokens.weight.untyped_storage().data_ptr())
     assert len(storages) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [
+        ("always [madvise] never\n", "madvise"),
+        ("[always] madvise never\n", "always"),
+        ("always madvise [never]\n", "never"),
+        ("garbled\n", None),
+    ],
+)
+def test_transparent_huge_pages_mode(tmp_path: Path, text: str, mode: str | None) -> None:
+    setting = tmp_path / "enabled"
+    setting.write_text(text)
+    assert transparent_huge_pages_mode(setting) == mode
+    assert transparent_huge_pages_mode(tmp_path / "missing") is None
+
+
+def test_loading_warns_where_huge_pages_are_off(
+    tiny_llama: tuple[Path, torch.nn.Module],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(loader, "transparent_huge_pages_mode", lambda: "never")
+    with caplog.at_level("WARNING", logger=loader.logger.name):
+        load_model(tiny_llama[0], torch.float32, torch.device("cpu"), Kernels.reference())
+    assert "transparent huge pages are off" in caplog.text
+    assert "6-9 % slower" in caplog.text

@@ -13,7 +13,12 @@ from ..kernels import Kernels
 from ..layers.linear import Linear
 from ..layers.runtime import LayerRuntime
 from ..layers.tensor_parallel import SINGLE_SHARD, ShardGroup, ShardingError
-from ..memory import available_memory, gather_into_huge_pages
+from ..memory import (
+    TRANSPARENT_HUGE_PAGES,
+    available_memory,
+    gather_into_huge_pages,
+    transparent_huge_pages_mode,
+)
 from ..quant.checkpoint import CheckpointQuantizationError, checkpoint_quantization
 from ..quant.gguf import GgufQuantizedTensors
 from ..weights import CheckpointWeights
@@ -107,7 +112,14 @@ def load_model(
     if device.type == "cpu":
         model.prepack_for_cpu()
         gathered = gather_into_huge_pages(weight_tensors(model))
-        logger.info("the weights' %.0f MB moved into one allocation in huge pages", gathered / 1e6)
+        if transparent_huge_pages_mode() == "never":
+            logger.warning(
+                "transparent huge pages are off (%s is never): the weights and the KV cache stay "
+                "in 4 KiB pages, which made decode steps 6-9 %% slower (docs/microbenchmarks.md)",
+                TRANSPARENT_HUGE_PAGES,
+            )
+        else:
+            logger.info("the weights' %.0f MB moved into memory in huge pages", gathered / 1e6)
         model.compiled_stack = compile_stack(model)
         how = "in one compiled call" if model.compiled_stack else "layer by layer"
         logger.info("the decoder layers run %s", how)
