@@ -14,6 +14,8 @@ TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # Where each gathered tensor starts in the shared allocation: a cache line, as the kernels'
 # vector loads of packed weights expect.
 GATHER_ALIGNMENT = 64
+# How many bytes gather_into_huge_pages moves between handing the freed heap back.
+TRIM_EVERY_BYTES = 2**30
 
 
 def available_host_memory() -> int:
@@ -104,6 +106,7 @@ def gather_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     start = -arena.data_ptr() % HUGE_PAGE_BYTES
     advise_huge_pages(arena)
     storage = arena.untyped_storage()
+    untrimmed = 0
     with torch.no_grad():
         for tensor, offset in zip(movable.values(), offsets, strict=True):
             size = tensor.numel() * tensor.element_size()
@@ -111,6 +114,12 @@ def gather_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
             place.copy_(tensor.view(-1).view(torch.uint8))
             element_offset = (start + offset) // tensor.element_size()
             tensor.set_(storage, element_offset, tensor.shape, tensor.stride())
+            # The old copies leave as the new one fills: a large model's load should not hold
+            # both whole.
+            untrimmed += size
+            if untrimmed >= TRIM_EVERY_BYTES:
+                release_freed_heap()
+                untrimmed = 0
     release_freed_heap()
     return total
 

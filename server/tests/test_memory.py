@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sluice_server import memory
 from sluice_server.kernels import Kernels
 from sluice_server.layers.linear import Linear
 from sluice_server.memory import (
@@ -133,3 +134,11 @@ def test_loading_warns_where_huge_pages_are_off(
         load_model(tiny_llama[0], torch.float32, torch.device("cpu"), Kernels.reference())
     assert "transparent huge pages are off" in caplog.text
     assert "6-9 % slower" in caplog.text
+
+
+def test_the_freed_heap_is_handed_back_as_the_weights_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(memory, "TRIM_EVERY_BYTES", 8192)
+    monkeypatch.setattr(memory, "release_freed_heap", lambda: calls.append(1))
+    memory.gather_into_huge_pages([torch.zeros(1024) for _ in range(6)])  # 4 KiB each
+    assert len(calls) == 3 + 1  # after every second tensor, and once at the end
