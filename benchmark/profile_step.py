@@ -374,12 +374,8 @@ def main() -> None:
         # --kernel-times), the breakdown's steps, 10 profiled steps, and a margin.
         breakdown_steps = 5 * args.steps if args.breakdown else 0
         max_new = (3 if args.kernel_times else 2) * args.steps + breakdown_steps + 16
-        blocks_each = -(-(args.prompt_tokens + max_new) // BLOCK_SIZE)
         for each in executors.values():
-            each.warmup(args.prompt_tokens, args.batch, args.prompt_tokens + max_new)
-            if each.num_blocks < args.batch * blocks_each:
-                raise SystemExit("the KV cache is too small for this batch")
-            each.step(admission_step(args.batch, args.prompt_tokens, max_new))
+            admit_batch(each, args.batch, args.prompt_tokens, max_new)
         compiled = loaded.model.compiled_stack is not None
         with busy_neighbour(args.neighbour_load):
             described = {
@@ -396,6 +392,14 @@ def main() -> None:
                 result = breakdown(executor, loaded.model, args.batch, args.steps)
                 print(json.dumps(result), flush=True)
             profile(executor, args.batch, args.trace)
+
+
+def admit_batch(executor: StepExecutor, batch: int, prompt_tokens: int, max_new: int) -> None:
+    """Warms the executor up and admits `batch` prompts, each with room for `max_new` tokens."""
+    executor.warmup(prompt_tokens, batch, prompt_tokens + max_new)
+    if executor.num_blocks < batch * -(-(prompt_tokens + max_new) // BLOCK_SIZE):
+        raise SystemExit("the KV cache is too small for this batch")
+    executor.step(admission_step(batch, prompt_tokens, max_new))
 
 
 def decode(executors: dict[str, StepExecutor], batch: int, steps: int) -> dict:

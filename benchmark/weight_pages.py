@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from profile_step import BLOCK_SIZE, admission_step, decode
+from profile_step import BLOCK_SIZE, admit_batch, decode
 from sluice_server.engine.step import StepExecutor
 from sluice_server.kernels import select_kernels
 from sluice_server.models.loader import load_model, weight_tensors
@@ -80,10 +80,8 @@ def main() -> None:
     for batch in args.batch:
         executors = {}
         for label, loaded in (("huge pages", huge), ("4 KiB pages", small)):
-            executor = StepExecutor(loaded, BLOCK_SIZE, None)
-            executor.warmup(args.prompt_tokens, batch, args.prompt_tokens + max_new)
-            executor.step(admission_step(batch, args.prompt_tokens, max_new))
-            executors[label] = executor
+            executors[label] = StepExecutor(loaded, BLOCK_SIZE, None)
+            admit_batch(executors[label], batch, args.prompt_tokens, max_new)
         result = decode(executors, batch, args.steps)
         each = result["step_ms_each"]
         ratio = each["4 KiB pages"] / each["huge pages"]

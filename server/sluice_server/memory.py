@@ -45,14 +45,14 @@ def advise_huge_pages(tensor: torch.Tensor) -> None:
     weights (gather_into_huge_pages). Best effort: where transparent huge pages are off,
     nothing changes.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _linux_libc()
+    if libc is None:
         return
     start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
+    end = start + tensor.nbytes
     aligned_start = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
     aligned_end = end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     if aligned_end > aligned_start:
-        libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(
             ctypes.c_void_p(aligned_start),
             ctypes.c_size_t(aligned_end - aligned_start),
@@ -91,7 +91,7 @@ def gather_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
             tensor.numel() > 0
             and tensor.is_contiguous()
             and tensor.storage_offset() == 0
-            and storage.nbytes() == tensor.numel() * tensor.element_size()
+            and storage.nbytes() == tensor.nbytes
         ):
             movable.setdefault(storage.data_ptr(), tensor)
     if not movable:
@@ -99,8 +99,7 @@ def gather_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     offsets, total = [], 0
     for tensor in movable.values():
         offsets.append(total)
-        size = tensor.numel() * tensor.element_size()
-        total += -(-size // GATHER_ALIGNMENT) * GATHER_ALIGNMENT
+        total += -(-tensor.nbytes // GATHER_ALIGNMENT) * GATHER_ALIGNMENT
     # Room to start on a 2 MiB boundary, so that the first tensor's pages are huge ones too.
     arena = torch.empty(total + HUGE_PAGE_BYTES, dtype=torch.uint8)
     start = -arena.data_ptr() % HUGE_PAGE_BYTES
@@ -109,14 +108,13 @@ def gather_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     untrimmed = 0
     with torch.no_grad():
         for tensor, offset in zip(movable.values(), offsets, strict=True):
-            size = tensor.numel() * tensor.element_size()
-            place = arena[start + offset : start + offset + size]
+            place = arena[start + offset : start + offset + tensor.nbytes]
             place.copy_(tensor.view(-1).view(torch.uint8))
             element_offset = (start + offset) // tensor.element_size()
             tensor.set_(storage, element_offset, tensor.shape, tensor.stride())
             # The old copies leave as the new one fills: a large model's load should not hold
             # both whole.
-            untrimmed += size
+            untrimmed += tensor.nbytes
             if untrimmed >= TRIM_EVERY_BYTES:
                 release_freed_heap()
                 untrimmed = 0
@@ -129,8 +127,11 @@ def release_freed_heap() -> None:
     nothing). The weights' old allocations, freed once they moved, otherwise stay resident: the
     default model in bfloat16 held 1,179 MiB after loading against 981 before the move, and
     910 with this."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "malloc_trim"):
+    libc = _linux_libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(ctypes.c_size_t(0))
+
+
+def _linux_libc() -> ctypes.CDLL | None:
+    """The process's C library where it is Linux's (madvise, malloc_trim); None elsewhere."""
+    return ctypes.CDLL(None) if sys.platform.startswith("linux") else None
