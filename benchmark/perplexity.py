@@ -32,6 +32,13 @@ With `--quantize fp8|bitsandbytes|bitsandbytes-nf4|bitsandbytes-fp4` Sluice quan
 projections at load, and transformers runs a copy of the directory whose projections went through
 the same quantizer and back (written under `--dequantized`): again the same weights.
 
+With `--kv-cache-dtype fp8_e4m3fn|fp8_e5m2` Sluice keeps its KV cache in 8 bits, and
+transformers runs the model as it is: the gap is the cost of the cache, so pass a `--tolerance`
+that admits it:
+
+    python benchmark/perplexity.py --kv-cache-dtype fp8_e4m3fn --tolerance 0.05 \
+        --results benchmark/results/perplexity-kv-fp8_e4m3fn.json
+
 With `--serve DIR` Sluice serves another directory than `--model`, which transformers runs: an
 AWQ or GPTQ checkpoint against its weights dequantized, made with
 server/tests/packed_checkpoints.py (transformers' own AWQ and GPTQ support needs GPU packages):
@@ -120,15 +127,19 @@ def sluice_logprobs(
     dtype: str,
     windows: list[Window],
     logs: Path,
+    name: str,
     startup_timeout_s: float,
     quantize: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> tuple[list[list[float]], float]:
     """Each window's prompt logprobs (its first token left out) from the running server, and the
-    server's startup time."""
+    server's startup time. The server logs to `logs`/NAME-sluice-DTYPE.log."""
     model = Path(DEFAULT_MODEL_ID) if quantize == "gguf" else model_dir
-    spec = sluice_spec(model, dtype, logs / f"perplexity-sluice-{dtype}.log", startup_timeout_s)
+    spec = sluice_spec(model, dtype, logs / f"{name}-sluice-{dtype}.log", startup_timeout_s)
     if quantize is not None:
         spec = replace(spec, argv=[*spec.argv, "--quantize", quantize])
+    if kv_cache_dtype is not None:
+        spec = replace(spec, argv=[*spec.argv, "--kv-cache-dtype", kv_cache_dtype])
     log(f"starting Sluice in {dtype} (log: {spec.log})")
     scores = []
     with running(spec) as server:
@@ -269,6 +280,12 @@ def main() -> None:
     p.add_argument(
         "--serve", type=Path, help="the directory Sluice serves, if not --model (see above)"
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["fp8_e4m3fn", "fp8_e5m2"],
+        help="Sluice's KV cache in 8 bits (transformers keeps the model's dtype: the difference "
+        "is what the cache costs)",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds per server start")
     p.add_argument("--results", type=Path, default=BENCH / "results" / "perplexity.json")
     a = p.parse_args()
@@ -293,8 +310,10 @@ def main() -> None:
             dtype,
             windows,
             a.results.parent / "logs",
+            a.results.stem,  # perplexity.json's logs: perplexity-sluice-DTYPE.log
             a.startup_timeout,
             a.quantize,
+            a.kv_cache_dtype,
         )
         reference = transformers_logprobs(reference_dir, dtype, windows)
         row = compare(dtype, served, reference, startup_s)
@@ -313,6 +332,7 @@ def main() -> None:
         "served": str(served_dir),
         "reference": str(reference_dir),
         "quantize": a.quantize,
+        "kv_cache_dtype": a.kv_cache_dtype,
         "transformers": package_version("transformers"),
         "text": {
             "path": str(a.text.resolve().relative_to(REPO))

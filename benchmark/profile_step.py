@@ -48,6 +48,13 @@ thread that another process keeps off its core for 15 ms delays the step by abou
 
     python benchmark/profile_step.py --model DIR --prefill 128 --rounds 400 --slow-steps
 
+With `--kv-cache-dtype D [D ...]`, the steps on a KV cache of each dtype (`model`: the model's;
+`fp8_e4m3fn`, `fp8_e5m2`: the launcher's 8-bit caches), one cache each on the same model, taking
+turns step by step as with `--against`; the first is the one reported in full:
+
+    python benchmark/profile_step.py --model DIR --batch 32 --steps 60 \
+        --kv-cache-dtype fp8_e4m3fn model
+
 With `--neighbour-load F`, a process pinned to the last CPU is busy for the fraction F of the
 time while the steps run (benchmark/neighbour.py), as the router or another tenant would be.
 """
@@ -71,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from neighbour import busy_neighbour
 from quantized_kernel import kernels_at_revision
 from servers import interruptions, thread_times
+from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
 from sluice_server.engine.step import StepExecutor
 from sluice_server.kernels import CpuFeatures, Kernels, select_kernels
 from sluice_server.layers.attention import CompiledCpuAttentionBackend
@@ -237,13 +245,14 @@ def prefill(
     so that a drifting machine moves all of them alike; the first is `step_ms`. With
     `watch_slow`, a line for each of the first executor's steps that took a fifth longer than
     its median: what kept this process's threads waiting for a CPU during it."""
+    first = next(iter(executors))
     for length in lengths:
         times: dict[str, list[float]] = {label: [] for label in executors}
         seen: list[dict] = []  # the first executor's interruptions, step by step
         for round_number in range(rounds):
             for label, executor in executors.items():
-                timed = timer is not None and label == "current" and round_number == rounds - 1
-                watched = watch_slow and label == "current"
+                timed = timer is not None and label == first and round_number == rounds - 1
+                watched = watch_slow and label == first
                 if timer is not None:
                     timer.spent.clear()
                     timer.calls.clear()
@@ -259,12 +268,12 @@ def prefill(
                 executor.step(pb.StepRequest(free_ids=[0]))
         medians = {label: statistics.median(spent) for label, spent in times.items()}
         for round_number, seen_then in enumerate(seen):
-            step_ms = times["current"][round_number]
-            if step_ms > 1.2 * medians["current"]:
+            step_ms = times[first][round_number]
+            if step_ms > 1.2 * medians[first]:
                 slow = {"prefill_tokens": length, "round": round_number}
-                slow |= {"step_ms": round(step_ms, 1), "median_ms": round(medians["current"], 1)}
+                slow |= {"step_ms": round(step_ms, 1), "median_ms": round(medians[first], 1)}
                 print(json.dumps(slow | seen_then))
-        step_ms = medians["current"]
+        step_ms = medians[first]
         result = {
             "prefill_tokens": length,
             "step_ms": round(step_ms, 1),
@@ -328,6 +337,13 @@ def main() -> None:
         "process's threads waiting for a CPU during it",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        nargs="+",
+        choices=["model", *KV_CACHE_DTYPES],
+        default=["model"],
+        help="the KV cache's dtype; with several, a cache of each, taking turns",
+    )
+    parser.add_argument(
         "--layer-by-layer",
         action="store_true",
         help="run the Python layers, not the compiled stack",
@@ -349,9 +365,14 @@ def main() -> None:
     )
     if args.layer_by_layer or args.kernel_times:
         loaded.model.compiled_stack = None
-    executor = StepExecutor(loaded, BLOCK_SIZE, None)
+    executors = {
+        f"{name} cache" if len(args.kv_cache_dtype) > 1 else "current": StepExecutor(
+            loaded, BLOCK_SIZE, None, None, KV_CACHE_DTYPES.get(name)
+        )
+        for name in args.kv_cache_dtype
+    }
+    executor = next(iter(executors.values()))
     with tempfile.TemporaryDirectory() as work:
-        executors = {"current": executor}
         if args.against:
             module = kernels_at_revision(args.against, Path(work))
             baseline = Kernels(
@@ -382,6 +403,7 @@ def main() -> None:
                 "batch": args.batch,
                 "dtype": args.dtype,
                 "kernels": type(kernels.attention).__name__,
+                "kv_cache_dtype": str(executor.cache_spec.dtype),
                 "layers": "compiled" if compiled else "layer by layer",
                 "threads": torch.get_num_threads(),
             }

@@ -11,11 +11,15 @@ in one run (this machine's speed drifts over minutes; alternating spreads the dr
 - fp8, bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4: the expanded weights quantized at load
   (`--quantize`);
 - llama.cpp: llama.cpp's llama-server (`--llama-script`, built on first use) on the same GGUF file
-  as stored, the peer of `gguf`.
+  as stored, the peer of `gguf`;
+- kv-fp8_e4m3fn, kv-fp8_e5m2: bfloat16 weights, the KV cache in 8 bits (`--kv-cache-dtype`),
+  which pays on long contexts rather than on the default 128 tokens.
 
 All run bfloat16 activations; 128 prompt tokens, 128 output tokens, streamed, ignore_eos.
 
     python benchmark/quantized.py    # benchmark/results/quantized.json
+    python benchmark/quantized.py --variants bfloat16 kv-fp8_e4m3fn --prompt-tokens 1024 \
+        --concurrency 8 32 --results benchmark/results/kv-cache-8bit.json
 """
 
 from __future__ import annotations
@@ -96,6 +100,10 @@ VARIANTS = {
         for method in ("fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
     },
     "llama.cpp": Variant(llama_server=True),
+    **{
+        f"kv-{dtype}": Variant(flags=("--kv-cache-dtype", dtype))
+        for dtype in ("fp8_e4m3fn", "fp8_e5m2")
+    },
 }
 
 
@@ -159,7 +167,8 @@ def serving(
 
 def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[str, Any]:
     logs = args.results.parent / "logs"
-    log_path = logs / f"quantized-{variant}.log"
+    # quantized.json's logs: quantized-VARIANT.log and quantized-VARIANT-load.log.
+    log_path = logs / f"{args.results.stem}-{variant}.log"
     # llama-server does not log its weights' size: the file's (weights and vocabulary) stands in.
     file_mib = None
     if VARIANTS[variant].llama_server:
@@ -181,7 +190,7 @@ def measure(args: argparse.Namespace, variant: str, round_number: int) -> dict[s
                     "--output-tokens", str(args.output_tokens),
                 ],
                 1800,
-                logs / f"quantized-{variant}-load.log",
+                logs / f"{args.results.stem}-{variant}-load.log",
             )
             # fmt: on
     weights = WEIGHTS_LINE.findall(log_path.read_text())

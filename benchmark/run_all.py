@@ -810,7 +810,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 def quantized_variants() -> list[str]:
     import quantized  # imports this module: here rather than at the top
 
-    return list(quantized.VARIANTS)
+    # The 8-bit KV caches quantize no weights, and pay on long contexts (quantized.py's docs).
+    return [variant for variant in quantized.VARIANTS if not variant.startswith("kv-")]
 
 
 def chosen_quantized(a: argparse.Namespace) -> tuple[str, ...]:

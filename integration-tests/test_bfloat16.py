@@ -3,8 +3,9 @@ path with Sluice's own bfloat16 matmul, which the float32 modules do not take; a
 model quantized in bfloat16, its GGUF file (whose 4-bit codes AVX512-BF16 CPUs without AMX
 multiply by bfloat16 dot products), `--quantize fp8` (whose codes AVX512-BF16 CPUs convert to
 bfloat16 for dot products, or for AMX's tiles where the CPU has them) and `--quantize
-bitsandbytes-nf4` (whose levels AVX512-BF16 CPUs look up in bfloat16, for the same); the
-float32 quantized modules take other paths."""
+bitsandbytes-nf4` (whose levels AVX512-BF16 CPUs look up in bfloat16, for the same), and an
+8-bit KV cache (`--kv-cache-dtype fp8_e4m3fn`, whose codes AVX512-BF16 CPUs widen to bfloat16
+for attention's dot products); the float32 quantized modules take other paths."""
 
 from __future__ import annotations
 
@@ -26,12 +27,17 @@ def _cpu_runs_sluice_bfloat16_matmul() -> bool:
     return "avx512_bf16" in flags or {"avx2", "fma"} <= flags
 
 
-@pytest.fixture(scope="module", params=["unquantized", "gguf", "fp8", "bitsandbytes-nf4"])
+@pytest.fixture(
+    scope="module", params=["unquantized", "gguf", "fp8", "bitsandbytes-nf4", "fp8-kv-cache"]
+)
 def server(request: pytest.FixtureRequest) -> Iterator[SluiceServer]:
     if not _cpu_runs_sluice_bfloat16_matmul():
         # The path under test is Sluice's own bfloat16 matmul, which needs one of them.
         pytest.skip("needs AVX512-BF16 or AVX2 with FMA (this CPU lacks them)")
-    quantize = [] if request.param == "unquantized" else ["--quantize", request.param]
+    quantize = {
+        "unquantized": [],
+        "fp8-kv-cache": ["--kv-cache-dtype", "fp8_e4m3fn"],
+    }.get(request.param, ["--quantize", request.param])
     limits = ("--max-input-tokens", "256", "--max-total-tokens", "512")
     yield from serve(*limits, *quantize, dtype="bfloat16")
 

@@ -97,6 +97,11 @@ pub struct Args {
     #[arg(long, env)]
     pub kv_cache_memory: Option<String>,
 
+    /// Store keys and values as 8-bit floats: twice the tokens in the same memory and half the
+    /// bytes a decode step reads, at some accuracy [default: the model's dtype].
+    #[arg(long, env, value_enum)]
+    pub kv_cache_dtype: Option<KvCacheDtype>,
+
     /// How many shards (processes, one per GPU on GPUs) this machine splits the model across
     /// with tensor parallelism [default: 1, or with --sharded true the number of
     /// CUDA_VISIBLE_DEVICES].
@@ -217,10 +222,6 @@ pub struct UnbuiltFeatures {
     /// Tokens to speculate per step [not built: 0].
     #[arg(long, env)]
     pub speculate: Option<usize>,
-
-    /// KV cache dtype [not built: the model's dtype].
-    #[arg(long, env)]
-    pub kv_cache_dtype: Option<String>,
 
     /// Batch sizes to capture CUDA graphs for [not built: "0", none].
     #[arg(long, env, value_delimiter = ',')]
@@ -344,6 +345,24 @@ impl fmt::Display for Quantize {
     }
 }
 
+/// TGI's names for the 8-bit KV caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheDtype {
+    #[value(name = "fp8_e4m3fn")]
+    Fp8E4m3fn,
+    #[value(name = "fp8_e5m2")]
+    Fp8E5m2,
+}
+
+impl fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvCacheDtype::Fp8E4m3fn => "fp8_e4m3fn",
+            KvCacheDtype::Fp8E5m2 => "fp8_e5m2",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
     Float32,
@@ -406,6 +425,7 @@ mod tests {
             ("max-decode-stall-ms", None, "MAX_DECODE_STALL_MS"),
             ("dtype", None, "DTYPE"),
             ("kv-cache-memory", None, "KV_CACHE_MEMORY"),
+            ("kv-cache-dtype", None, "KV_CACHE_DTYPE"),
             (
                 "shard-uds-path",
                 Some("/tmp/sluice-server"),

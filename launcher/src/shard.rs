@@ -7,7 +7,7 @@ use sluice_client::{ShardAddress, ShardClient};
 use tokio::process::Command;
 use tokio::time::{timeout, Instant};
 
-use crate::args::{Args, Dtype, Quantize};
+use crate::args::{Args, Dtype, KvCacheDtype, Quantize};
 use crate::error::LauncherError;
 use crate::process::ManagedChild;
 use crate::topology::{ShardListen, Topology};
@@ -36,6 +36,7 @@ pub struct ShardConfig {
     pub master_port: u16,
     pub dtype: Option<Dtype>,
     pub kv_cache_memory: Option<String>,
+    pub kv_cache_dtype: Option<KvCacheDtype>,
     /// PyTorch's operators instead of the compiled CPU kernels.
     pub disable_custom_kernels: bool,
     pub trace_export: Option<TraceExport>,
@@ -63,6 +64,7 @@ impl ShardConfig {
             master_port: args.master_port,
             dtype: args.dtype,
             kv_cache_memory: args.kv_cache_memory.clone(),
+            kv_cache_dtype: args.kv_cache_dtype,
             disable_custom_kernels: args.disable_custom_kernels,
             trace_export: TraceExport::for_shards(args),
             startup_timeout: Duration::from_secs(args.shard_startup_timeout_s),
@@ -93,6 +95,9 @@ impl ShardConfig {
         }
         if let Some(memory) = &self.kv_cache_memory {
             command.arg("--kv-cache-memory").arg(memory);
+        }
+        if let Some(dtype) = self.kv_cache_dtype {
+            command.arg("--kv-cache-dtype").arg(dtype.to_string());
         }
         if self.disable_custom_kernels {
             command.arg("--kernels").arg("reference");
@@ -323,6 +328,8 @@ mod tests {
             "float16",
             "--kv-cache-memory",
             "4GB",
+            "--kv-cache-dtype",
+            "fp8_e5m2",
             "--disable-custom-kernels",
         ])
         .command();
@@ -340,6 +347,8 @@ mod tests {
                 "float16",
                 "--kv-cache-memory",
                 "4GB",
+                "--kv-cache-dtype",
+                "fp8_e5m2",
                 "--kernels",
                 "reference"
             ]

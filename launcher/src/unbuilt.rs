@@ -9,7 +9,7 @@ pub fn refusal(args: &Args) -> Option<String> {
     let features = &args.unbuilt;
     let text = |value: &dyn ToString| value.to_string();
     // Each flag with the value it asks for, None where it asks for the default.
-    let requested: [(&str, Option<String>); 14] = [
+    let requested: [(&str, Option<String>); 13] = [
         (
             "--quantize",
             args.quantize.filter(|q| !q.is_built()).map(|q| text(&q)),
@@ -21,7 +21,6 @@ pub fn refusal(args: &Args) -> Option<String> {
                 .filter(|&tokens| tokens > 0)
                 .map(|t| text(&t)),
         ),
-        ("--kv-cache-dtype", features.kv_cache_dtype.clone()),
         (
             "--cuda-graphs",
             (!features.cuda_graphs.iter().all(|&size| size == 0))
@@ -106,6 +105,8 @@ mod tests {
             &["--quantize", "bitsandbytes"],
             &["--quantize", "bitsandbytes-nf4"],
             &["--quantize", "bitsandbytes-fp4"],
+            &["--kv-cache-dtype", "fp8_e4m3fn"],
+            &["--kv-cache-dtype", "fp8_e5m2"],
         ] {
             assert_eq!(refusal_for(flags), None, "{flags:?}");
         }
@@ -119,7 +120,6 @@ mod tests {
             (&["--speculate", "2"], "--speculate 2"),
             (&["--cuda-graphs", "1,2,4"], "--cuda-graphs"),
             (&["--lora-adapters", "org/adapter"], "--lora-adapters"),
-            (&["--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype"),
             (&["--validation-workers", "8"], "--validation-workers 8"),
         ] {
             let message = refusal_for(flags).unwrap_or_default();

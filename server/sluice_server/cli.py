@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for the KV cache, e.g. 2GB (default: a share of what is available)",
     )
     serve.add_argument(
+        "--kv-cache-dtype",
+        choices=["fp8_e4m3fn", "fp8_e5m2"],  # engine.kv_cache.KV_CACHE_DTYPES
+        default=None,
+        help="store keys and values as 8-bit floats: twice the tokens in the same memory, half "
+        "the bytes read per decode step, at some accuracy (default: the model's dtype)",
+    )
+    serve.add_argument(
         "--block-size", type=_positive_int, default=16, help="tokens per KV cache block"
     )
     serve.add_argument(
@@ -278,6 +285,7 @@ def _build_kernels(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import torch
 
+    from .engine.kv_cache import KV_CACHE_DTYPES
     from .engine.step import StepExecutor
     from .kernels import KernelBuildError, select_kernels
     from .layers.tensor_parallel import join_group
@@ -345,7 +353,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if otlp_endpoint is not None:
         logger.info("exporting traces to %s", args.otlp_endpoint)
-    executor = StepExecutor(loaded, args.block_size, args.kv_cache_memory, tracing.tracer)
+    kv_cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else None
+    executor = StepExecutor(
+        loaded, args.block_size, args.kv_cache_memory, tracing.tracer, kv_cache_dtype
+    )
     servicer = TextGenerationServicer(executor)
     # grpc wants an absolute path after unix://
     uds_path = os.path.abspath(args.uds_path) if args.uds_path else None

@@ -89,6 +89,12 @@ class AttentionStep:
             position % self.block_size
         )
 
+    def round_rows_to(self, cache_dtype: torch.dtype) -> None:
+        """Rounds every slot's K/V to values `cache_dtype` holds exactly, so that the
+        dense reference attends the values an 8-bit cache stores."""
+        for rows in (self.key_rows, self.value_rows):
+            rows.copy_(rows.to(cache_dtype).to(rows.dtype))
+
     def poison_blocks_before(self, window: int) -> None:
         """Sets to NaN the K/V of every block that lies wholly before the window of its chunk's
         first query (and so of all its queries): a backend that reads any of them, rather than
@@ -99,13 +105,23 @@ class AttentionStep:
                 self.key_rows[self.slot(chunk, position)] = float("nan")
                 self.value_rows[self.slot(chunk, position)] = float("nan")
 
-    def attend(self, backend: AttentionBackend, params: AttentionParams) -> torch.Tensor:
+    def attend(
+        self,
+        backend: AttentionBackend,
+        params: AttentionParams,
+        cache_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """The step attended by `backend`, every slot's K/V written through its own write (and
-        layout) first, the new tokens' also passed as the model passes them."""
+        layout) first, into a cache of `cache_dtype` (default: the rows'), the new tokens' also
+        passed as the model passes them."""
         num_kv_heads, head_dim = self.key_rows.shape[1:]
         num_blocks = self.key_rows.shape[0] // self.block_size
         value = torch.zeros(
-            num_kv_heads, num_blocks, self.block_size, head_dim, dtype=self.value_rows.dtype
+            num_kv_heads,
+            num_blocks,
+            self.block_size,
+            head_dim,
+            dtype=cache_dtype or self.value_rows.dtype,
         )
         key = value.transpose(2, 3).contiguous() if backend.transposed_keys else value.clone()
         cache = LayerKVCache(key, value)
@@ -173,3 +189,44 @@ def check_window_and_cap(
     expected = step.dense_reference(params)
     error = (actual.double() - expected).abs() / expected.abs().clamp(min=1)
     assert error.max().item() <= TOLERANCES[dtype], f"max relative error {error.max().item()}"
+
+
+# --kv-cache-dtype's 8-bit floats.
+CACHE_DTYPES_8BIT = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def attend_8bit_cache(
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    block_size: int,
+) -> tuple[AttentionStep, torch.Tensor]:
+    """A step whose K/V are values `cache_dtype` holds, attended by `backend` from a cache of
+    that dtype: as the dense reference attends those values. Returns the step and the output."""
+    shapes = CHUNK_SHAPES + PARTITIONED_CHUNK_SHAPES
+    step = AttentionStep.random(shapes, 3, group, head_dim, block_size, dtype, seed=head_dim)
+    step.round_rows_to(cache_dtype)
+    params = AttentionParams(scale=head_dim**-0.5)
+    actual = step.attend(backend, params, cache_dtype)
+    expected = step.dense_reference(params)
+    error = (actual.double() - expected).abs() / expected.abs().clamp(min=1)
+    assert error.max().item() <= TOLERANCES[dtype], f"max relative error {error.max().item()}"
+    return step, actual
+
+
+def check_8bit_cache_saturates(backend: AttentionBackend, cache_dtype: torch.dtype) -> None:
+    """Keys and values past the 8-bit format's range are stored as its largest value, with their
+    sign, not as NaN or infinity; NaN stays NaN."""
+    largest = torch.finfo(cache_dtype).max
+    rows = torch.tensor([[[1e9, -1e9, 1.5, float("nan")]]])
+    value = torch.zeros(1, 1, 4, 4, dtype=cache_dtype)
+    key = value.transpose(2, 3).contiguous() if backend.transposed_keys else value.clone()
+    cache = LayerKVCache(key, value)
+    backend.write(cache, rows, rows, torch.tensor([2]))
+    stored = cache.value[0, 0, 2].float()
+    assert stored[:3].tolist() == [largest, -largest, 1.5]
+    assert stored[3].isnan()
+    key_row = cache.key.float().flatten()
+    assert sorted(key_row[~key_row.isnan() & (key_row != 0)].tolist()) == [-largest, 1.5, largest]

@@ -5,7 +5,13 @@ test_cpu_kernels.py checks the compiled kernel the same way."""
 
 import pytest
 import torch
-from attention_cases import WINDOW_AND_CAP_VARIANTS, check_window_and_cap
+from attention_cases import (
+    CACHE_DTYPES_8BIT,
+    WINDOW_AND_CAP_VARIANTS,
+    attend_8bit_cache,
+    check_8bit_cache_saturates,
+    check_window_and_cap,
+)
 from sluice_server.layers.attention import AttentionParams, TorchAttentionBackend
 
 
@@ -38,3 +44,16 @@ def test_params_reject_an_empty_window_and_a_non_positive_cap() -> None:
         AttentionParams(scale=1.0, sliding_window=0)
     with pytest.raises(ValueError, match="positive"):
         AttentionParams(scale=1.0, logit_softcap=0.0)
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_8bit_cache_attends_the_values_it_holds(
+    dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    attend_8bit_cache(TorchAttentionBackend(), dtype, cache_dtype, 64, 3, 16)
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+def test_an_8bit_cache_saturates(cache_dtype: torch.dtype) -> None:
+    check_8bit_cache_saturates(TorchAttentionBackend(), cache_dtype)

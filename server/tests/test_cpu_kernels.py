@@ -15,11 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_cases import (
+    CACHE_DTYPES_8BIT,
     CHUNK_SHAPES,
     PARTITIONED_CHUNK_SHAPES,
     WINDOW_AND_CAP_VARIANTS,
     WINDOW_CHUNK_SHAPES,
     AttentionStep,
+    attend_8bit_cache,
+    check_8bit_cache_saturates,
     check_window_and_cap,
 )
 from sluice_server.kernels import CpuFeatures, KernelBuild, Kernels
@@ -110,6 +113,89 @@ def test_paged_attention_windows_and_softcap_match_dense_reference(
         score_gain,
         WINDOW_CHUNK_SHAPES + PARTITIONED_CHUNK_SHAPES,
     )
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("head_dim", "group", "block_size"),
+    # The fast paths' shapes (decodes and prompt tiles), and a generic one.
+    [(64, 3, 16), (128, 8, 16), (48, 3, 16)],
+)
+def test_paged_attention_reads_an_8bit_cache(
+    compiled_kernels: Kernels,
+    reference: Kernels,
+    kernel_build: KernelBuild,
+    cpu: CpuFeatures,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    block_size: int,
+) -> None:
+    """An 8-bit cache is attended as the values it holds. On the bfloat16 dot products' path the
+    codes widen to bfloat16 exactly, so the output has the very bits of a bfloat16 cache holding
+    the same values (where that cache takes the same path: AMX's tiles read only bfloat16); and
+    it matches the PyTorch backend on an 8-bit cache, whose prompts attend their K/V rounded as
+    stored too."""
+    kernels = compiled_kernels.ops.kernels
+    same_path = kernels.attention_has_dot_products() and not (
+        cpu.amx and kernel_build.isa == "native"
+    )
+    step, actual = attend_8bit_cache(
+        compiled_kernels.attention, dtype, cache_dtype, head_dim, group, block_size
+    )
+    params = AttentionParams(scale=head_dim**-0.5)
+    if dtype == torch.bfloat16 and head_dim in (64, 128) and same_path:
+        assert torch.equal(actual, step.attend(compiled_kernels.attention, params))
+    unrounded = AttentionStep.random(
+        CHUNK_SHAPES, 3, group, head_dim, block_size, dtype, seed=head_dim
+    )
+    _assert_close(
+        unrounded.attend(compiled_kernels.attention, params, cache_dtype),
+        unrounded.attend(reference.attention, params, cache_dtype),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+def test_write_kv_saturates_an_8bit_cache(
+    compiled_kernels: Kernels, cache_dtype: torch.dtype
+) -> None:
+    check_8bit_cache_saturates(compiled_kernels.attention, cache_dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_rounds_to_8_bits_as_torch_does(
+    compiled_kernels: Kernels, dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    """Every code as torch rounds (to nearest, ties to even), bfloat16 rows through the kernel's
+    table of all 65,536 values and float32 ones through c10's conversion; past the largest value,
+    saturated. The values' bytes are checked: their layout is plain rows."""
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(256, 2, 64, generator=generator) * torch.logspace(-4, 3, 64)
+    rows = rows.to(dtype)
+    value = torch.zeros(2, 16, 16, 64, dtype=cache_dtype)
+    cache = LayerKVCache(value.transpose(2, 3).contiguous(), value)
+    compiled_kernels.attention.write(cache, rows, rows, torch.arange(256))
+    largest = torch.finfo(cache_dtype).max
+    expected = rows.float().clamp(-largest, largest).to(cache_dtype).transpose(0, 1)
+    assert torch.equal(
+        value.view(2, 256, 64).view(torch.uint8), expected.contiguous().view(torch.uint8)
+    )
+
+
+def test_paged_attention_rejects_a_cache_of_another_dtype(compiled_kernels: Kernels) -> None:
+    kernels = compiled_kernels.ops.kernels
+    query, cache = torch.zeros(2, 1, 8), torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16)
+    sequence = (
+        torch.zeros(1, 1, dtype=torch.int32),
+        torch.zeros(1, dtype=torch.int32),
+        torch.tensor([0, 2], dtype=torch.int32),
+    )
+    with pytest.raises(RuntimeError, match="float8_e4m3fn or float8_e5m2"):
+        kernels.paged_attention(query, cache, cache, *sequence, 1.0, 0, 0.0)
 
 
 def test_paged_attention_takes_bfloat16_dot_products_where_the_build_has_them(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from sluice_server.engine.contract import InvalidRequestError
-from sluice_server.engine.kv_cache import KVCacheSpec
+from sluice_server.engine.kv_cache import KV_CACHE_DTYPES, KVCacheSpec
 from sluice_server.engine.request import Request
 from sluice_server.engine.step import NotWarmedUpError, StepExecutor
 from sluice_server.models.loader import LoadedModel
@@ -446,3 +446,30 @@ def test_warmup_without_memory_for_one_block_is_a_clear_error(tiny_loaded) -> No
 def test_default_cpu_cache_is_capped_by_what_the_batch_can_use(tiny_loaded) -> None:
     executor = StepExecutor(tiny_loaded, BLOCK_SIZE, kv_cache_bytes=None)
     assert executor.warmup(max_prefill_tokens=16, max_batch_size=3, max_total_tokens=10) == 3 * 3
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_an_8bit_cache_holds_twice_the_blocks_and_generates(tiny_loaded, cache_dtype) -> None:
+    """--kv-cache-dtype: the same memory holds twice the blocks of the float32 model's cache
+    over four, and greedy decoding runs on it (the backends' tests check its attention)."""
+    full = KVCacheSpec.for_model(tiny_loaded, BLOCK_SIZE)
+    executor = StepExecutor(tiny_loaded, BLOCK_SIZE, 10 * full.bytes_per_block, None, cache_dtype)
+    assert executor.cache_spec.bytes_per_block * 4 == full.bytes_per_block
+    assert executor.warmup(max_prefill_tokens=16, max_batch_size=8, max_total_tokens=64) == 40
+    assert all(layer.key.dtype == cache_dtype for layer in executor.kv_cache)
+    router = MiniRouter(executor, chunk_size=4)
+    for request_id, prompt in enumerate(PROMPTS):
+        router.add(new_request(request_id, prompt), max_new_tokens=10)
+    generated = router.run()
+    vocab_size = tiny_loaded.config.vocab_size
+    assert all(len(tokens) == 10 and max(tokens) < vocab_size for tokens in generated.values())
+
+
+def test_the_serve_flag_takes_every_8bit_cache() -> None:
+    from sluice_server.cli import build_parser
+
+    serve = ["serve", "/models/m", "--uds-path", "/tmp/s", "--kv-cache-dtype"]
+    for name in KV_CACHE_DTYPES:
+        assert build_parser().parse_args([*serve, name]).kv_cache_dtype == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*serve, "int8"])

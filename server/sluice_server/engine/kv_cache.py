@@ -14,6 +14,11 @@ HOST_MEMORY_FRACTION = 0.25
 # ...and on CUDA this share of the memory free after warmup, less the warmup's peak activations.
 CUDA_MEMORY_FRACTION = 0.9
 
+# --kv-cache-dtype's choices (TGI's names): 8-bit floats, half the bytes of a bfloat16 cache, so
+# twice the tokens in the same memory and half the bytes a decode step reads back. Keys and values
+# are stored unscaled, saturating at the format's largest value (448 for e4m3, 57,344 for e5m2).
+KV_CACHE_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -27,16 +32,18 @@ class KVCacheSpec:
     transposed_keys: bool
 
     @classmethod
-    def for_model(cls, loaded: LoadedModel, block_size: int) -> "KVCacheSpec":
-        """The cache a loaded model needs, in the model's dtype and on its device: this rank's
-        share of the KV heads."""
+    def for_model(
+        cls, loaded: LoadedModel, block_size: int, dtype: torch.dtype | None = None
+    ) -> "KVCacheSpec":
+        """The cache a loaded model needs, on its device, in `dtype` (default: the model's):
+        this rank's share of the KV heads."""
         config = loaded.config
         return cls(
             num_layers=config.num_layers,
             block_size=block_size,
             num_kv_heads=loaded.shards.local_kv_heads(config.num_kv_heads),
             head_dim=config.head_dim,
-            dtype=loaded.dtype,
+            dtype=dtype or loaded.dtype,
             device=loaded.device,
             transposed_keys=loaded.kernels.attention.transposed_keys,
         )

@@ -115,6 +115,7 @@ class StepExecutor:
         block_size: int,
         kv_cache_bytes: int | None,
         tracer: trace.Tracer | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.loaded = loaded
         # Spans around the forward pass and the sampling of each step (no-op by default).
@@ -122,7 +123,8 @@ class StepExecutor:
         self.block_size = block_size
         # None: size the cache from the memory available at warmup.
         self.kv_cache_bytes = kv_cache_bytes
-        self.cache_spec = KVCacheSpec.for_model(loaded, block_size)
+        # None: the model's dtype.
+        self.cache_spec = KVCacheSpec.for_model(loaded, block_size, kv_cache_dtype)
         self.requests: dict[int, Request] = {}
         self.kv_cache: list[LayerKVCache] | None = None
         # What a step is checked against; fixed by each warmup.
@@ -245,10 +247,11 @@ class StepExecutor:
             block_size=self.block_size,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
             num_blocks,
             self.block_size,
             num_blocks * self.cache_spec.bytes_per_block / 2**30,
+            str(self.cache_spec.dtype).removeprefix("torch."),
         )
         return num_blocks
 

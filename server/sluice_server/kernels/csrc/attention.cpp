@@ -53,6 +53,11 @@ inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
 
 constexpr int64_t kMaxVectors = 4;
 
+// Whether a cache element type is one of the 8-bit floats (--kv-cache-dtype).
+template <typename C>
+constexpr bool kIsFp8 =
+    std::is_same_v<C, c10::Float8_e4m3fn> || std::is_same_v<C, c10::Float8_e5m2>;
+
 // What the block arithmetic needs to know of the cache and the call.
 struct BlockShape {
   int64_t head_dim;
@@ -206,6 +211,58 @@ constexpr int32_t kUnpackedOrder[2][16] = {
     {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
     {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31}};
 
+// 8-bit float caches: 32 codes at a time widened to bfloat16, exactly (every e4m3 and e5m2
+// value is a bfloat16 one), by looking each code's magnitude up in a table of the 128 (two
+// two-source word permutes, one per half, picked by the code's bit 6) and moving its sign bit
+// to bfloat16's.
+struct Fp8Widener {
+  __m512i table[4];  // The bfloat16 bits of codes 0-127, 32 to a register.
+
+  __m512i widen(__m256i codes) const {
+    const __m512i words = _mm512_cvtepu8_epi16(codes);
+    const __m512i low = _mm512_permutex2var_epi16(table[0], words, table[1]);
+    const __m512i high = _mm512_permutex2var_epi16(table[2], words, table[3]);
+    const __mmask32 upper = _mm512_test_epi16_mask(words, _mm512_set1_epi16(0x40));
+    const __m512i magnitude = _mm512_mask_blend_epi16(upper, low, high);
+    // magnitude | (code << 8 & 0x8000): bit 7, the sign, to bit 15.
+    return _mm512_ternarylogic_epi32(magnitude, _mm512_slli_epi16(words, 8),
+                                     _mm512_set1_epi16(static_cast<int16_t>(0x8000)), 0xF8);
+  }
+};
+
+template <typename C>
+const Fp8Widener& fp8_widener() {
+  static const Fp8Widener widener = [] {
+    alignas(64) uint16_t bits[128];
+    for (int code = 0; code < 128; ++code) {
+      const float value = static_cast<float>(C(static_cast<uint8_t>(code), C::from_bits()));
+      bits[code] = from_float<at::BFloat16>(value).x;
+    }
+    Fp8Widener result;
+    for (int r = 0; r < 4; ++r) result.table[r] = _mm512_load_si512(bits + 32 * r);
+    return result;
+  }();
+  return widener;
+}
+
+// Loads 32 consecutive elements of a cache of type C as bfloat16 bits, those not in `mask` as
+// zeros. Made once per loop, outside it: an 8-bit cache's keeps its table in registers.
+template <typename C>
+struct Bf16Loads {
+  Fp8Widener widener = fp8_widener<C>();
+
+  __m512i operator()(const C* source, __mmask32 mask = ~0u) const {
+    return widener.widen(_mm256_maskz_loadu_epi8(mask, source));
+  }
+};
+
+template <>
+struct Bf16Loads<at::BFloat16> {
+  __m512i operator()(const at::BFloat16* source, __mmask32 mask = ~0u) const {
+    return _mm512_maskz_loadu_epi16(mask, source);
+  }
+};
+
 // Scoring with bfloat16 dot products, kColumns runs of 16 keys (from one block or several) at a
 // time against kVectors query vectors: each query pair, broadcast once, multiplies every run, so
 // a broadcast serves kColumns dot products (scoring one block per group of vectors took a
@@ -215,11 +272,12 @@ constexpr int64_t kScoreVectors = 6;
 constexpr int64_t kScoreColumns = 4;
 
 // scores[v][16 c + k] = scale * queries[v] . key k of run c, for runs of 16 keys in the pair
-// layout (pair p of a run's keys at runs[c] + p * pair_stride).
-template <int64_t kVectors, int64_t kColumns>
+// layout (pair p of a run's keys at runs[c] + p * pair_stride), bfloat16 or 8-bit floats.
+template <int64_t kVectors, int64_t kColumns, typename R>
 inline void score_columns_bf16(int64_t head_dim, float scale, const uint32_t* __restrict queries,
-                               const at::BFloat16* const* runs, int64_t pair_stride,
+                               const R* const* runs, int64_t pair_stride,
                                float* __restrict scores, int64_t score_stride) {
+  const Bf16Loads<R> load;
   __m512 sums[kVectors][kColumns];
   for (int64_t v = 0; v < kVectors; ++v) {
     for (int64_t c = 0; c < kColumns; ++c) sums[v][c] = _mm512_setzero_ps();
@@ -227,7 +285,7 @@ inline void score_columns_bf16(int64_t head_dim, float scale, const uint32_t* __
   for (int64_t pair = 0; pair < head_dim / 2; ++pair) {
     __m512bh keys[kColumns];
     for (int64_t c = 0; c < kColumns; ++c) {
-      keys[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(runs[c] + pair * pair_stride));
+      keys[c] = reinterpret_cast<__m512bh>(load(runs[c] + pair * pair_stride));
     }
     for (int64_t v = 0; v < kVectors; ++v) {
       const __m512bh query = reinterpret_cast<__m512bh>(
@@ -259,13 +317,14 @@ constexpr int64_t kPairVectors = 6;
 
 // 64 dimensions of two consecutive value rows, `first` and the one head_dim after it (each as
 // zeros where not `first_seen` or `second_seen`), interleaved into a pair's four operands.
-inline void interleave_rows(const at::BFloat16* first, int64_t head_dim, bool first_seen,
-                            bool second_seen, __m512bh operands[4]) {
+template <typename C>
+inline void interleave_rows(const Bf16Loads<C>& load, const C* first, int64_t head_dim,
+                            bool first_seen, bool second_seen, __m512bh operands[4]) {
   const __mmask32 first_mask = first_seen ? ~0u : 0u;
   const __mmask32 second_mask = second_seen ? ~0u : 0u;
   for (int64_t half = 0; half < 2; ++half) {
-    const __m512i a = _mm512_maskz_loadu_epi16(first_mask, first + half * 32);
-    const __m512i b = _mm512_maskz_loadu_epi16(second_mask, first + head_dim + half * 32);
+    const __m512i a = load(first + half * 32, first_mask);
+    const __m512i b = load(first + head_dim + half * 32, second_mask);
     operands[2 * half] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
     operands[2 * half + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
   }
@@ -274,15 +333,18 @@ inline void interleave_rows(const at::BFloat16* first, int64_t head_dim, bool fi
 // The item's value rows in the cache. Pairs and positions count from the item's first block; a
 // row outside [begin, end) is never read (it may lie before the window or past the context) and
 // counts as zeros.
+template <typename C>
 struct CachedPairs {
-  const at::BFloat16* const* pair_rows;  // Each pair's first row (pair_rows_of).
+  const void* const* pair_rows;  // Each pair's first row, a const C* (cached_pairs).
   int64_t head_dim;
   int64_t begin;
   int64_t end;
+  Bf16Loads<C> rows = {};
 
   void load(int64_t pair, int64_t offset, __m512bh operands[4]) const {
     const int64_t row = 2 * pair;
-    interleave_rows(pair_rows[pair] + offset, head_dim, row >= begin, row + 1 < end, operands);
+    interleave_rows(rows, static_cast<const C*>(pair_rows[pair]) + offset, head_dim,
+                    row >= begin, row + 1 < end, operands);
   }
 };
 
@@ -470,11 +532,14 @@ constexpr bool kDotProducts = true;
 constexpr bool kDotProducts = false;
 #endif
 
-template <typename T>
+// T: the query's type, C: the cache's. An 8-bit cache is widened to bfloat16 for the dot
+// products; without them it takes the generic path.
+template <typename T, typename C>
 inline bool has_fast_path(int64_t head_dim, int64_t block_size) {
 #if defined(__AVX512F__)
-  return std::is_same_v<T, at::BFloat16> && head_dim % kLanes == 0 && block_size % kLanes == 0 &&
-         (head_dim == 64 || head_dim == 128);
+  const bool cache = std::is_same_v<C, at::BFloat16> || (kIsFp8<C> && kDotProducts);
+  return std::is_same_v<T, at::BFloat16> && cache && head_dim % kLanes == 0 &&
+         block_size % kLanes == 0 && (head_dim == 64 || head_dim == 128);
 #else
   (void)head_dim;
   (void)block_size;
@@ -583,11 +648,11 @@ struct AttentionGeometry {
 };
 
 // The tensors of one call, as pointers.
-template <typename T>
+template <typename T, typename C = T>
 struct AttentionData {
   const T* query;
-  const T* keys;
-  const T* values;
+  const C* keys;  // The cache's element type: the query's, or an 8-bit float.
+  const C* values;
   T* output;
   const int32_t* block_tables;  // [S, max_blocks]
   const int32_t* cache_lens;    // [S]
@@ -688,8 +753,8 @@ inline int64_t row_pitch(int64_t length, int64_t element_bytes) {
 }
 
 // The step's tiles, each split into partitions where its blocks reach past one.
-template <typename T>
-AttentionPlan plan_items(const AttentionGeometry& geometry, const AttentionData<T>& data,
+template <typename T, typename C>
+AttentionPlan plan_items(const AttentionGeometry& geometry, const AttentionData<T, C>& data,
                          int64_t num_sequences) {
   const int64_t partition_blocks =
       std::max<int64_t>(1, kPartitionPositions / geometry.block_size);
@@ -722,8 +787,8 @@ AttentionPlan plan_items(const AttentionGeometry& geometry, const AttentionData<
 }
 
 // An item's query rows: its tile's.
-template <typename T>
-int64_t rows_of(const AttentionData<T>& data, const AttentionItem& item) {
+template <typename T, typename C>
+int64_t rows_of(const AttentionData<T, C>& data, const AttentionItem& item) {
   return std::min(kTileRows, data.query_starts[item.sequence + 1] -
                                  data.query_starts[item.sequence] - item.first_row);
 }
@@ -734,8 +799,8 @@ inline int64_t floats_per_partial(const AttentionGeometry& geometry, int64_t row
   return rows * geometry.group * (geometry.head_dim + 2);
 }
 
-template <typename T>
-ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data,
+template <typename T, typename C>
+ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T, C>& data,
                  const AttentionItem& item) {
   const int64_t sequence_start = data.query_starts[item.sequence];
   const int64_t rows = rows_of(data, item);
@@ -763,10 +828,10 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T>& data
 // (a prompt's next tile, or its next tile's partition when tiles are split) finds its blocks in
 // the caches, and is not fetched: the prefetches' own cost was up to a tenth of a long prompt's
 // attention.
-template <typename T>
+template <typename T, typename C = T>
 class KeyPrefetcher {
  public:
-  KeyPrefetcher(const AttentionGeometry& geometry, const AttentionData<T>& data,
+  KeyPrefetcher(const AttentionGeometry& geometry, const AttentionData<T, C>& data,
                 const std::vector<AttentionItem>& items, const std::vector<size_t>& order,
                 int64_t ahead)
       : geometry_(geometry), data_(data), items_(items), order_(order) {
@@ -812,7 +877,7 @@ class KeyPrefetcher {
   }
 
   const AttentionGeometry& geometry_;
-  const AttentionData<T>& data_;
+  const AttentionData<T, C>& data_;
   const std::vector<AttentionItem>& items_;
   const std::vector<size_t>& order_;
   size_t next_ = 0;     // Into order_.
@@ -823,8 +888,8 @@ class KeyPrefetcher {
 
 // Which items each thread attends in one go (see kPartitionPositions); gives the partitions
 // attended apart from their tiles' others their places in the partials.
-template <typename T>
-AttentionWork plan_work(const AttentionGeometry& geometry, const AttentionData<T>& data,
+template <typename T, typename C>
+AttentionWork plan_work(const AttentionGeometry& geometry, const AttentionData<T, C>& data,
                         AttentionPlan& plan, int64_t threads) {
   AttentionWork work;
   const bool apart =
@@ -904,7 +969,8 @@ struct ItemScratch {
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   std::vector<uint16_t> weights;     // [vectors][stride], the softmax weights as bfloat16 bits
   std::vector<__m512i> value_pairs;  // [pairs][head_dim / 16], see accumulate_values_in_pairs
-  std::vector<const at::BFloat16*> pair_rows;  // [pairs]
+  std::vector<const void*> pair_rows;  // [pairs]
+  std::vector<__m512i> key_runs;       // An 8-bit cache's keys widened (score_keys_in_columns)
 #endif
 #if defined(SLUICE_ATTENTION_TILES)
   int64_t tile_vectors = 0;  // The vectors the AMX tiles are configured for; 0: not configured.
@@ -928,9 +994,10 @@ struct ItemScratch {
 };
 
 // Copies the item's query vectors into the scratch, in the form the scoring reads.
-template <typename T>
+template <typename T, typename C>
 void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
-                    const AttentionData<T>& data, const AttentionItem& item, const ItemSpan& span,
+                    const AttentionData<T, C>& data, const AttentionItem& item,
+                    const ItemSpan& span,
                     ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
   for (int64_t r = 0; r < span.rows; ++r) {
@@ -954,16 +1021,17 @@ void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
 
 // Scores every block the item sees into scratch.scores, keeping the prefetcher one block ahead
 // and fetching each block's values for the value pass.
-template <typename T>
-void score_keys(const AttentionGeometry& geometry, BlockShape shape, const AttentionData<T>& data,
+template <typename T, typename C>
+void score_keys(const AttentionGeometry& geometry, BlockShape shape,
+                const AttentionData<T, C>& data,
                 const AttentionItem& item, const ItemSpan& span, ItemScratch& scratch,
-                KeyPrefetcher<T>& prefetcher) {
+                KeyPrefetcher<T, C>& prefetcher) {
   const int64_t block_size = geometry.block_size;
   for (int64_t block = item.first_block, start = span.first_position; start < span.context;
        start += block_size, ++block) {
     const int64_t offset = geometry.block_offset(item.kv_head, span.table[block]);
     prefetcher.next_block(offset);
-    const T* block_keys = data.keys + offset;
+    const C* block_keys = data.keys + offset;
     float* block_scores = scratch.scores.data() + (start - span.first_position);
     for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
       const int64_t count = std::min(kMaxVectors, span.vectors - first);
@@ -978,17 +1046,19 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape, const Atten
 // score_keys for the fast path: runs of kScoreColumns x 16 keys (across blocks) against groups
 // of kScoreVectors vectors, each score one chain of dot products over the pairs of dimensions
 // whatever the group and the run, so a vector's scores do not depend on the other rows.
+template <typename C>
 void score_keys_in_columns(const AttentionGeometry& geometry, BlockShape shape,
-                           const AttentionData<at::BFloat16>& data, const AttentionItem& item,
+                           const AttentionData<at::BFloat16, C>& data, const AttentionItem& item,
                            const ItemSpan& span, ItemScratch& scratch,
-                           KeyPrefetcher<at::BFloat16>& prefetcher) {
+                           KeyPrefetcher<at::BFloat16, C>& prefetcher) {
   const int64_t block_size = geometry.block_size;
   const int64_t head_dim = geometry.head_dim;
   const int64_t span_columns = span.stride / kLanes;
+  if constexpr (kIsFp8<C>) scratch.key_runs.resize(kScoreColumns * head_dim / 2);
   for (int64_t column = 0; column < span_columns; column += kScoreColumns) {
     const int64_t columns = std::min(kScoreColumns, span_columns - column);
     const int64_t start = span.first_position + column * kLanes;
-    const at::BFloat16* runs[kScoreColumns];
+    const C* runs[kScoreColumns];
     for (int64_t c = 0; c < columns; ++c) {
       const int64_t position = (column + c) * kLanes;  // From span.first_position.
       const int64_t within = position % block_size;
@@ -997,18 +1067,40 @@ void score_keys_in_columns(const AttentionGeometry& geometry, BlockShape shape,
       if (within == 0) prefetcher.next_block(offset);  // The block's first run.
       runs[c] = data.keys + offset + within * 2;
     }
-    for (int64_t first = 0; first < span.vectors; first += kScoreVectors) {
-      const int64_t count = std::min(kScoreVectors, span.vectors - first);
-      if (span.skips(first, count, start, columns * kLanes)) continue;
-      with_count<kScoreVectors>(count, [&](auto n) {
-        with_count<kScoreColumns>(columns, [&](auto m) {
-          score_columns_bf16<decltype(n)::value, decltype(m)::value>(
-              head_dim, shape.scale, scratch.query_pairs.data() + first * head_dim / 2, runs,
-              block_size * 2, scratch.scores.data() + first * span.score_pitch + column * kLanes,
-              span.score_pitch);
+    const auto score = [&](const auto* const* score_runs, int64_t pair_stride) {
+      for (int64_t first = 0; first < span.vectors; first += kScoreVectors) {
+        const int64_t count = std::min(kScoreVectors, span.vectors - first);
+        if (span.skips(first, count, start, columns * kLanes)) continue;
+        with_count<kScoreVectors>(count, [&](auto n) {
+          with_count<kScoreColumns>(columns, [&](auto m) {
+            score_columns_bf16<decltype(n)::value, decltype(m)::value>(
+                head_dim, shape.scale, scratch.query_pairs.data() + first * head_dim / 2,
+                score_runs, pair_stride,
+                scratch.scores.data() + first * span.score_pitch + column * kLanes,
+                span.score_pitch);
+          });
         });
-      });
+      }
+    };
+    // An 8-bit cache's runs that several groups of vectors score (a prompt's tile) are widened
+    // once, into the scratch with a run's pairs 32 elements apart; one group (a decode) widens
+    // them in registers as it loads them.
+    if constexpr (kIsFp8<C>) {
+      if (span.vectors > kScoreVectors) {
+        const Bf16Loads<C> load;
+        const at::BFloat16* widened[kScoreColumns];
+        for (int64_t c = 0; c < columns; ++c) {
+          __m512i* run = scratch.key_runs.data() + c * head_dim / 2;
+          for (int64_t pair = 0; pair < head_dim / 2; ++pair) {
+            run[pair] = load(runs[c] + pair * block_size * 2);
+          }
+          widened[c] = reinterpret_cast<const at::BFloat16*>(run);
+        }
+        score(widened, 2 * kLanes);
+        continue;
+      }
     }
+    score(runs, block_size * 2);
   }
 }
 #endif
@@ -1170,9 +1262,9 @@ inline void softmax_to_weights(const ItemSpan& span, float scale, int64_t lead, 
 #endif
 
 // scratch.accumulators = the softmax weights times the value rows the item sees.
-template <typename T>
+template <typename T, typename C>
 void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
-                       const AttentionData<T>& data, const AttentionItem& item,
+                       const AttentionData<T, C>& data, const AttentionItem& item,
                        const ItemSpan& span, ItemScratch& scratch) {
   std::fill(scratch.accumulators.begin(),
             scratch.accumulators.begin() + span.vectors * geometry.head_dim, 0.f);
@@ -1182,7 +1274,8 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
     // Rows past the context may hold anything (even NaN), so they are never read; nor are those
     // before the vectors' window.
     const int64_t block_end = std::min(start + block_size, span.context);
-    const T* block_values = data.values + geometry.block_offset(item.kv_head, span.table[block]);
+    const C* block_values =
+        data.values + geometry.block_offset(item.kv_head, span.table[block]);
     for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
       const int64_t count = std::min(kMaxVectors, span.vectors - first);
       if (span.skips(first, count, start, block_size)) continue;
@@ -1201,9 +1294,11 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
 // The item's pairs of value rows where they lie in the cache, from the first row any vector
 // reads to the context's end (scratch.pair_rows holds each pair's first row, so that the loops
 // over pairs divide nothing by the block size).
-CachedPairs cached_pairs(const AttentionGeometry& geometry,
-                         const AttentionData<at::BFloat16>& data, const AttentionItem& item,
-                         const ItemSpan& span, ItemScratch& scratch) {
+template <typename C>
+CachedPairs<C> cached_pairs(const AttentionGeometry& geometry,
+                            const AttentionData<at::BFloat16, C>& data,
+                            const AttentionItem& item, const ItemSpan& span,
+                            ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
   // Rows before the item's first vector's window are read by no vector.
   const int64_t item_begin = std::max(span.first_position, span.begin(0));
@@ -1222,7 +1317,8 @@ CachedPairs cached_pairs(const AttentionGeometry& geometry,
 
 // The pairs [cached.begin / 2, cached.end rounded up to a pair) as InterleavedPairs' operands,
 // pair p at operands + p * (head_dim / 16).
-void interleave_pairs(const CachedPairs& cached, __m512i* operands) {
+template <typename C>
+void interleave_pairs(const CachedPairs<C>& cached, __m512i* operands) {
   const int64_t head_dim = cached.head_dim;
   for (int64_t pair = cached.begin / 2; pair < (cached.end + 1) / 2; ++pair) {
     for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
@@ -1242,12 +1338,13 @@ void interleave_pairs(const CachedPairs& cached, __m512i* operands) {
 // pairs in the same order whatever group it is in: pairs outside what it sees have zero weights
 // and add exact zeros. The weights' rows lie `weight_pitch` apart, as softmax_to_weights wrote
 // them.
+template <typename C>
 void accumulate_values_in_pairs(const AttentionGeometry& geometry,
-                                const AttentionData<at::BFloat16>& data, const AttentionItem& item,
-                                const ItemSpan& span, int64_t weight_pitch,
-                                ItemScratch& scratch) {
+                                const AttentionData<at::BFloat16, C>& data,
+                                const AttentionItem& item, const ItemSpan& span,
+                                int64_t weight_pitch, ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
-  const CachedPairs cached = cached_pairs(geometry, data, item, span, scratch);
+  const CachedPairs<C> cached = cached_pairs(geometry, data, item, span, scratch);
   const int64_t item_begin = span.first_position + cached.begin;
   const auto* weight_pairs = reinterpret_cast<const uint32_t*>(scratch.weights.data());
   auto add_up = [&](const auto& pairs) {
@@ -1394,7 +1491,8 @@ const __m512i* kept_value_pairs(const AttentionGeometry& geometry,
     __m512i* destination = kept.operands.data() + (pair - kept.base) * slices;
     for (int64_t offset = 0; offset < head_dim; offset += kPairDims) {
       __m512bh operands[4];
-      interleave_rows(first_row + offset, head_dim, true, row + 1 < span.context, operands);
+      interleave_rows(Bf16Loads<at::BFloat16>{}, first_row + offset, head_dim, true,
+                      row + 1 < span.context, operands);
       for (int64_t c = 0; c < 4; ++c) {
         _mm512_storeu_si512(destination + offset / kLanes + c,
                             reinterpret_cast<__m512i>(operands[c]));
@@ -1482,8 +1580,8 @@ void accumulate_values_in_tiles(const AttentionGeometry& geometry,
 #endif
 #endif
 
-template <typename T>
-void store_output(const AttentionGeometry& geometry, const AttentionData<T>& data,
+template <typename T, typename C>
+void store_output(const AttentionGeometry& geometry, const AttentionData<T, C>& data,
                   const AttentionItem& item, const ItemSpan& span, const ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
   for (int64_t vector = 0; vector < span.vectors; ++vector) {
@@ -1523,8 +1621,8 @@ void store_partial(const ItemSpan& span, const ItemScratch& scratch, Partial par
 // Partitions a vector sees nothing of (a sum of 0) are left out, so a vector that sees one
 // partition gets the very bits store_output gives it unsplit (a scale of exactly 1, the same sum
 // and reciprocal). A NaN in a partition reaches the output, as it does unsplit.
-template <typename T>
-void merge_partials(const AttentionGeometry& geometry, const AttentionData<T>& data,
+template <typename T, typename C>
+void merge_partials(const AttentionGeometry& geometry, const AttentionData<T, C>& data,
                     const AttentionItem& first, const ItemSpan& span, const Partial* partials,
                     size_t count, float* merged) {
   const int64_t head_dim = geometry.head_dim;
@@ -1566,21 +1664,25 @@ void merge_partials(const AttentionGeometry& geometry, const AttentionData<T>& d
 // pairs, into the scratch. Per vector, every score and every sum runs the same instructions in
 // the same order whatever else the item holds, so a row's output does not depend on how its
 // sequence's rows are chunked or batched.
+template <typename C>
 void attend_item_with_dot_products(const AttentionGeometry& geometry, BlockShape shape,
-                                   const AttentionData<at::BFloat16>& data,
+                                   const AttentionData<at::BFloat16, C>& data,
                                    const AttentionItem& item, const ItemSpan& span,
                                    float logit_softcap, ItemScratch& scratch,
-                                   KeyPrefetcher<at::BFloat16>& prefetcher) {
+                                   KeyPrefetcher<at::BFloat16, C>& prefetcher) {
 #if defined(SLUICE_ATTENTION_TILES)
-  if (amx_granted()) {
-    score_keys_in_tiles(geometry, data, item, span, scratch, prefetcher);
-    if (logit_softcap > 0.f) {
-      soft_cap_rows(span, shape.scale, logit_softcap, scratch);
-      accumulate_values_in_tiles(geometry, data, item, span, 1.f, false, scratch);
-    } else {
-      accumulate_values_in_tiles(geometry, data, item, span, shape.scale, true, scratch);
+  // The tiles read a bfloat16 cache in place; an 8-bit one takes the dot products for every item.
+  if constexpr (std::is_same_v<C, at::BFloat16>) {
+    if (amx_granted()) {
+      score_keys_in_tiles(geometry, data, item, span, scratch, prefetcher);
+      if (logit_softcap > 0.f) {
+        soft_cap_rows(span, shape.scale, logit_softcap, scratch);
+        accumulate_values_in_tiles(geometry, data, item, span, 1.f, false, scratch);
+      } else {
+        accumulate_values_in_tiles(geometry, data, item, span, shape.scale, true, scratch);
+      }
+      return;
     }
-    return;
   }
 #endif
   score_keys_in_columns(geometry, shape, data, item, span, scratch, prefetcher);
@@ -1606,10 +1708,11 @@ int64_t prefetch_distance(const AttentionGeometry& geometry, BlockShape shape) {
 }
 
 // One item's scores, softmax and value sums, into the scratch.
-template <typename T>
-void attend_item(const AttentionGeometry& geometry, BlockShape shape, const AttentionData<T>& data,
+template <typename T, typename C>
+void attend_item(const AttentionGeometry& geometry, BlockShape shape,
+                 const AttentionData<T, C>& data,
                  const AttentionItem& item, const ItemSpan& span, float logit_softcap,
-                 ItemScratch& scratch, KeyPrefetcher<T>& prefetcher) {
+                 ItemScratch& scratch, KeyPrefetcher<T, C>& prefetcher) {
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (shape.fast) {
@@ -1625,9 +1728,9 @@ void attend_item(const AttentionGeometry& geometry, BlockShape shape, const Atte
   accumulate_values(geometry, shape, data, item, span, scratch);
 }
 
-template <typename T>
+template <typename T, typename C>
 void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
-                          const AttentionData<T>& data, int64_t num_sequences,
+                          const AttentionData<T, C>& data, int64_t num_sequences,
                           float logit_softcap) {
   AttentionPlan plan = plan_items(geometry, data, num_sequences);
   const std::vector<AttentionItem>& items = plan.items;
@@ -1660,7 +1763,7 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
         const ItemRun& thread_run = work.runs[run];
         for (size_t k = 0; k < thread_run.count; ++k) order.push_back(thread_run.first_item + k);
       }
-      KeyPrefetcher<T> prefetcher(geometry, data, items, order,
+      KeyPrefetcher<T, C> prefetcher(geometry, data, items, order,
                                   prefetch_distance<T>(geometry, shape));
       const auto attend_one = [&](const AttentionItem& item) {
         const ItemSpan span = span_of(geometry, data, item);
@@ -1768,7 +1871,53 @@ void check_sequences(const at::Tensor& query, const at::Tensor& value_cache,
 // heads: 28 us a layer against 56 us on one thread).
 constexpr int64_t kWriteGrainItems = 8;
 
-template <typename T>
+// A float as an 8-bit float cache stores it: saturated at the format's largest finite value (a
+// key past it would otherwise become NaN in e4m3, infinity in e5m2), then rounded by c10.
+template <typename C>
+inline C saturated(float value) {
+  const float largest = static_cast<float>(std::numeric_limits<C>::max());
+  return C(std::clamp(value, -largest, largest));
+}
+
+// The 8-bit code of every bfloat16 value, by its bits: c10's rounding takes a few dozen
+// instructions an element, which made writing a 1,024-token prompt's keys and values take 0.9 ms
+// a layer against 0.25 into a bfloat16 cache.
+template <typename C>
+const std::vector<uint8_t>& fp8_codes_of_bfloat16() {
+  static const std::vector<uint8_t> codes = [] {
+    std::vector<uint8_t> table(1 << 16);
+    for (uint32_t bits = 0; bits < table.size(); ++bits) {
+      const at::BFloat16 value(static_cast<uint16_t>(bits), at::BFloat16::from_bits());
+      table[bits] = saturated<C>(to_float(value)).x;
+    }
+    return table;
+  }();
+  return codes;
+}
+
+// Elements of type T as a cache of type C stores them.
+template <typename C, typename T>
+struct ToCache {
+  const uint8_t* bfloat16_codes = [] {
+    if constexpr (kIsFp8<C> && std::is_same_v<T, at::BFloat16>) {
+      return fp8_codes_of_bfloat16<C>().data();
+    } else {
+      return static_cast<const uint8_t*>(nullptr);
+    }
+  }();
+
+  C operator()(T value) const {
+    if constexpr (std::is_same_v<C, T>) {
+      return value;
+    } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+      return C(bfloat16_codes[value.x], C::from_bits());
+    } else {
+      return saturated<C>(to_float(value));
+    }
+  }
+};
+
+template <typename T, typename C>
 void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
                    const at::Tensor& value, const int64_t* slots) {
   const int64_t num_tokens = key.size(0);
@@ -1777,12 +1926,13 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
   const int64_t num_blocks = value_cache.size(1);
   const int64_t block_size = value_cache.size(2);
   const int64_t block_elements = block_size * head_dim;
-  T* keys = key_cache.data_ptr<T>();
-  T* values = value_cache.data_ptr<T>();
+  C* keys = key_cache.data_ptr<C>();
+  C* values = value_cache.data_ptr<C>();
   const T* key_rows = key.data_ptr<T>();
   const T* value_rows = value.data_ptr<T>();
   const int64_t key_stride[2] = {key.stride(0), key.stride(1)};
   const int64_t value_stride[2] = {value.stride(0), value.stride(1)};
+  const ToCache<C, T> to_cache;
   at::parallel_for(0, num_tokens * num_kv_heads, kWriteGrainItems,
                    [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -1790,16 +1940,37 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
       const int64_t head = item % num_kv_heads;
       const int64_t block = slots[token] / block_size;
       const int64_t row = slots[token] % block_size;
-      T* block_keys = keys + (head * num_blocks + block) * block_elements;
+      C* block_keys = keys + (head * num_blocks + block) * block_elements;
       const T* key_row = key_rows + token * key_stride[0] + head * key_stride[1];
       for (int64_t d = 0; d < head_dim; ++d) {
-        block_keys[key_offset(d, row, block_size)] = key_row[d];
+        block_keys[key_offset(d, row, block_size)] = to_cache(key_row[d]);
       }
-      std::memcpy(values + (head * num_blocks + block) * block_elements + row * head_dim,
-                  value_rows + token * value_stride[0] + head * value_stride[1],
-                  head_dim * sizeof(T));
+      C* value_slot = values + (head * num_blocks + block) * block_elements + row * head_dim;
+      const T* value_row = value_rows + token * value_stride[0] + head * value_stride[1];
+      for (int64_t d = 0; d < head_dim; ++d) value_slot[d] = to_cache(value_row[d]);
     }
   });
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls body with a TypeTag of the cache's element type: the same as the rows', T, or an 8-bit
+// float.
+template <typename T, typename Body>
+void with_cache_type(at::ScalarType cache, Body&& body) {
+  if (cache == at::kFloat8_e4m3fn) {
+    body(TypeTag<c10::Float8_e4m3fn>{});
+  } else if (cache == at::kFloat8_e5m2) {
+    body(TypeTag<c10::Float8_e5m2>{});
+  } else {
+    TORCH_CHECK(cache == c10::CppTypeToScalarType<T>::value, "a cache of ", cache,
+                " for rows of ", c10::CppTypeToScalarType<T>::value,
+                ": the cache holds the rows' dtype, float8_e4m3fn or float8_e5m2");
+    body(TypeTag<T>{});
+  }
 }
 
 }  // namespace
@@ -1817,7 +1988,6 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   check_rows(query, "query");
   check_cache_layout(key_cache, value_cache);
   TORCH_CHECK(query.dim() == 3, "query must be [T, H, D]");
-  TORCH_CHECK(query.scalar_type() == value_cache.scalar_type(), "query and caches differ in dtype");
   TORCH_CHECK(query.size(2) == value_cache.size(3), "query and cache head_dim differ");
   TORCH_CHECK(query.size(1) % value_cache.size(0) == 0, "heads must be a multiple of KV heads");
   check_sequences(query, value_cache, block_tables, cache_lens, query_starts);
@@ -1835,17 +2005,21 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
       sliding_window};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
-        const bool fast = has_fast_path<scalar_t>(geometry.head_dim, geometry.block_size);
-        const BlockShape shape{geometry.head_dim, geometry.block_size, fast,
-                               !fast && has_avx2_scores<scalar_t>(geometry.block_size),
-                               static_cast<float>(scale)};
-        const AttentionData<scalar_t> data{
-            query.data_ptr<scalar_t>(),      key_cache.data_ptr<scalar_t>(),
-            value_cache.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
-            block_tables.data_ptr<int32_t>(), cache_lens.data_ptr<int32_t>(),
-            query_starts.data_ptr<int32_t>()};
-        paged_attention_impl<scalar_t>(geometry, shape, data, num_sequences,
-                                       static_cast<float>(logit_softcap));
+        using T = scalar_t;
+        with_cache_type<T>(value_cache.scalar_type(), [&](auto cache_type) {
+          using C = typename decltype(cache_type)::type;
+          const bool fast = has_fast_path<T, C>(geometry.head_dim, geometry.block_size);
+          const BlockShape shape{geometry.head_dim, geometry.block_size, fast,
+                                 !fast && has_avx2_scores<C>(geometry.block_size),
+                                 static_cast<float>(scale)};
+          const AttentionData<T, C> data{
+              query.data_ptr<T>(),              key_cache.data_ptr<C>(),
+              value_cache.data_ptr<C>(),        output.data_ptr<T>(),
+              block_tables.data_ptr<int32_t>(), cache_lens.data_ptr<int32_t>(),
+              query_starts.data_ptr<int32_t>()};
+          paged_attention_impl(geometry, shape, data, num_sequences,
+                               static_cast<float>(logit_softcap));
+        });
       });
   return output;
 }
@@ -1858,9 +2032,7 @@ void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& 
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(), "key and value must be [T, H_kv, D]");
   TORCH_CHECK(key.size(1) == value_cache.size(0) && key.size(2) == value_cache.size(3),
               "key and value rows do not match the cache's heads and head_dim");
-  TORCH_CHECK(key.scalar_type() == value_cache.scalar_type() &&
-                  value.scalar_type() == value_cache.scalar_type(),
-              "key, value and cache dtypes differ");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
   check_cpu(slot_mapping, "slot_mapping");
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == at::kLong &&
                   slot_mapping.is_contiguous(),
@@ -1872,7 +2044,10 @@ void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& 
     TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot ", slots[t], " out of range");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_kv", [&] {
-    write_kv_impl<scalar_t>(key_cache, value_cache, key, value, slots);
+    with_cache_type<scalar_t>(value_cache.scalar_type(), [&](auto cache_type) {
+      write_kv_impl<scalar_t, typename decltype(cache_type)::type>(key_cache, value_cache, key,
+                                                                   value, slots);
+    });
   });
 }
 

@@ -12,6 +12,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <algorithm>
 #include <atomic>
@@ -80,6 +82,8 @@ inline float to_float(at::BFloat16 value) {
 }
 
 inline float to_float(at::Half value) { return static_cast<float>(value); }
+inline float to_float(c10::Float8_e4m3fn value) { return static_cast<float>(value); }
+inline float to_float(c10::Float8_e5m2 value) { return static_cast<float>(value); }
 
 template <typename T>
 inline T from_float(float value) {

@@ -176,15 +176,27 @@ class TorchAttentionMetadata(AttentionMetadata):
         return not self.fresh_prefills and not self.cached_prefills
 
 
-def _gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[H_kv, num_blocks, bs, D] cache, [B, n] tables -> [H_kv, B, n * bs, D] contiguous copy."""
+def _stored(rows: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """`rows` as a cache of `cache_dtype` holds them: an 8-bit float saturates at its largest
+    value rather than overflowing to NaN or infinity."""
+    if rows.dtype == cache_dtype:
+        return rows
+    largest = torch.finfo(cache_dtype).max
+    return rows.clamp(-largest, largest).to(cache_dtype)
+
+
+def _gather_blocks(
+    layer_cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """[H_kv, num_blocks, bs, D] cache, [B, n] tables -> [H_kv, B, n * bs, D] contiguous copy,
+    in `dtype` (an 8-bit cache's widened to the queries')."""
     num_kv_heads, num_blocks, block_size, head_dim = layer_cache.shape
     # One index_select over dim 0 of a [H_kv * num_blocks, bs, D] view: several times faster on
     # CPU than selecting along dim 1 or advanced indexing.
     head_offsets = torch.arange(num_kv_heads, device=block_tables.device)[:, None] * num_blocks
     rows = (head_offsets + block_tables.flatten()[None, :]).flatten()
     gathered = layer_cache.view(-1, block_size, head_dim).index_select(0, rows)
-    return gathered.view(num_kv_heads, block_tables.shape[0], -1, head_dim)
+    return gathered.view(num_kv_heads, block_tables.shape[0], -1, head_dim).to(dtype)
 
 
 def _attend_in_float32(
@@ -279,10 +291,13 @@ class TorchAttentionBackend(AttentionBackend):
         slot_mapping: torch.Tensor,
     ) -> None:
         num_kv_heads, head_dim = key.shape[1:]
-        cache.key.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, key.transpose(0, 1))
-        cache.value.view(num_kv_heads, -1, head_dim).index_copy_(
-            1, slot_mapping, value.transpose(0, 1)
-        )
+        for rows, layer_cache in ((key, cache.key), (value, cache.value)):
+            stored = _stored(rows, layer_cache.dtype)
+            if layer_cache.dtype.itemsize == 1:  # index_copy_ has no 8-bit float kernels
+                layer_cache, stored = layer_cache.view(torch.uint8), stored.view(torch.uint8)
+            layer_cache.view(num_kv_heads, -1, head_dim).index_copy_(
+                1, slot_mapping, stored.transpose(0, 1)
+            )
 
     def _attend_decodes(
         self,
@@ -295,8 +310,8 @@ class TorchAttentionBackend(AttentionBackend):
         batch, num_heads, head_dim = query.shape
         num_kv_heads = cache.key.shape[0]
         block_tables, hidden = decodes.context(params.sliding_window)
-        keys = _gather_blocks(cache.key, block_tables)
-        values = _gather_blocks(cache.value, block_tables)
+        keys = _gather_blocks(cache.key, block_tables, query.dtype)
+        values = _gather_blocks(cache.value, block_tables, query.dtype)
         if params.logit_softcap is not None:
             attended = _attend_in_float32(
                 query[:, :, None],
@@ -351,8 +366,8 @@ class TorchAttentionBackend(AttentionBackend):
         """[query_len, num_heads, head_dim] for the chunk's rows."""
         context = prefill.context(params.sliding_window)
         chunk_query = query[prefill.token_start : prefill.token_end].transpose(0, 1)[None]
-        keys = _gather_blocks(cache.key, context.block_tables).transpose(0, 1)
-        values = _gather_blocks(cache.value, context.block_tables).transpose(0, 1)
+        keys = _gather_blocks(cache.key, context.block_tables, query.dtype).transpose(0, 1)
+        values = _gather_blocks(cache.value, context.block_tables, query.dtype).transpose(0, 1)
         if params.logit_softcap is not None:
             attended = _attend_in_float32(chunk_query, keys, values, ~context.visible, params)
         else:
@@ -386,6 +401,9 @@ class TorchAttentionBackend(AttentionBackend):
             output[decodes.token_rows] = self._attend_decodes(
                 query[decodes.token_rows], cache, decodes, params
             )
+        if metadata.fresh_prefills and cache.key.dtype != key.dtype:
+            # Prompts attend their own K/V as the cache holds them, as later steps will read them.
+            key, value = (_stored(rows, cache.key.dtype).to(rows.dtype) for rows in (key, value))
         for group in metadata.fresh_prefills:
             output[group.token_rows] = self._attend_fresh(query, key, value, group, params)
         for prefill in metadata.cached_prefills:
