@@ -58,6 +58,24 @@ template <typename C>
 constexpr bool kIsFp8 =
     std::is_same_v<C, c10::Float8_e4m3fn> || std::is_same_v<C, c10::Float8_e5m2>;
 
+// The type the generic and AVX2 paths read a cache block as: an 8-bit float cache's blocks are
+// widened to float32 first (readable_block), the others read as they lie.
+template <typename C>
+using Readable = std::conditional_t<kIsFp8<C>, float, C>;
+
+// The float32 value of each of the 256 codes of an 8-bit float.
+template <typename C>
+const std::vector<float>& fp8_values() {
+  static const std::vector<float> values = [] {
+    std::vector<float> table(256);
+    for (int code = 0; code < 256; ++code) {
+      table[code] = static_cast<float>(C(static_cast<uint8_t>(code), C::from_bits()));
+    }
+    return table;
+  }();
+  return values;
+}
+
 // What the block arithmetic needs to know of the cache and the call.
 struct BlockShape {
   int64_t head_dim;
@@ -966,6 +984,7 @@ struct ItemScratch {
   std::vector<float> maxima;         // [vectors], each vector's largest score
   std::vector<float> sums;           // [vectors], its softmax weights' sum
   std::vector<float> scores;         // [vectors][stride]
+  std::vector<float> widened_block;  // An 8-bit cache's block as float32 (readable_block)
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   std::vector<uint16_t> weights;     // [vectors][stride], the softmax weights as bfloat16 bits
   std::vector<__m512i> value_pairs;  // [pairs][head_dim / 16], see accumulate_values_in_pairs
@@ -986,7 +1005,8 @@ struct ItemScratch {
         query_pairs(kTileRows * geometry.group * geometry.head_dim / 2),
         accumulators(kTileRows * geometry.group * geometry.head_dim),
         maxima(kTileRows * geometry.group),
-        sums(kTileRows * geometry.group) {}
+        sums(kTileRows * geometry.group),
+        widened_block(geometry.block_elements()) {}
 
   QueryVectors vectors_from(int64_t first, int64_t count, int64_t head_dim) const {
     return {queries.data() + first * head_dim, count};
@@ -1019,6 +1039,21 @@ void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
   }
 }
 
+// A cache block of `elements` as the generic and AVX2 paths read it: an 8-bit float one widened
+// into the scratch once for every group of vectors (c10's conversion per element, in the loops,
+// made a float32 model's decode step twice as long as on a float32 cache).
+template <typename C>
+const Readable<C>* readable_block(const C* block, int64_t elements, ItemScratch& scratch) {
+  if constexpr (kIsFp8<C>) {
+    const float* values = fp8_values<C>().data();
+    float* widened = scratch.widened_block.data();
+    for (int64_t i = 0; i < elements; ++i) widened[i] = values[block[i].x];
+    return widened;
+  } else {
+    return block;
+  }
+}
+
 // Scores every block the item sees into scratch.scores, keeping the prefetcher one block ahead
 // and fetching each block's values for the value pass.
 template <typename T, typename C>
@@ -1031,7 +1066,8 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape,
        start += block_size, ++block) {
     const int64_t offset = geometry.block_offset(item.kv_head, span.table[block]);
     prefetcher.next_block(offset);
-    const C* block_keys = data.keys + offset;
+    const Readable<C>* block_keys =
+        readable_block(data.keys + offset, geometry.block_elements(), scratch);
     float* block_scores = scratch.scores.data() + (start - span.first_position);
     for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
       const int64_t count = std::min(kMaxVectors, span.vectors - first);
@@ -1274,8 +1310,9 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
     // Rows past the context may hold anything (even NaN), so they are never read; nor are those
     // before the vectors' window.
     const int64_t block_end = std::min(start + block_size, span.context);
-    const C* block_values =
-        data.values + geometry.block_offset(item.kv_head, span.table[block]);
+    const Readable<C>* block_values = readable_block(
+        data.values + geometry.block_offset(item.kv_head, span.table[block]),
+        geometry.block_elements(), scratch);
     for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
       const int64_t count = std::min(kMaxVectors, span.vectors - first);
       if (span.skips(first, count, start, block_size)) continue;
@@ -2010,7 +2047,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
           using C = typename decltype(cache_type)::type;
           const bool fast = has_fast_path<T, C>(geometry.head_dim, geometry.block_size);
           const BlockShape shape{geometry.head_dim, geometry.block_size, fast,
-                                 !fast && has_avx2_scores<C>(geometry.block_size),
+                                 !fast && has_avx2_scores<Readable<C>>(geometry.block_size),
                                  static_cast<float>(scale)};
           const AttentionData<T, C> data{
               query.data_ptr<T>(),              key_cache.data_ptr<C>(),
