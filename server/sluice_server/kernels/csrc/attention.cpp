@@ -251,11 +251,9 @@ struct Fp8Widener {
 template <typename C>
 const Fp8Widener& fp8_widener() {
   static const Fp8Widener widener = [] {
+    const std::vector<float>& values = fp8_values<C>();
     alignas(64) uint16_t bits[128];
-    for (int code = 0; code < 128; ++code) {
-      const float value = static_cast<float>(C(static_cast<uint8_t>(code), C::from_bits()));
-      bits[code] = from_float<at::BFloat16>(value).x;
-    }
+    for (int code = 0; code < 128; ++code) bits[code] = from_float<at::BFloat16>(values[code]).x;
     Fp8Widener result;
     for (int r = 0; r < 4; ++r) result.table[r] = _mm512_load_si512(bits + 32 * r);
     return result;
@@ -1017,8 +1015,7 @@ struct ItemScratch {
 template <typename T, typename C>
 void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
                     const AttentionData<T, C>& data, const AttentionItem& item,
-                    const ItemSpan& span,
-                    ItemScratch& scratch) {
+                    const ItemSpan& span, ItemScratch& scratch) {
   const int64_t head_dim = geometry.head_dim;
   for (int64_t r = 0; r < span.rows; ++r) {
     for (int64_t g = 0; g < geometry.group; ++g) {
@@ -1058,9 +1055,8 @@ const Readable<C>* readable_block(const C* block, int64_t elements, ItemScratch&
 // and fetching each block's values for the value pass.
 template <typename T, typename C>
 void score_keys(const AttentionGeometry& geometry, BlockShape shape,
-                const AttentionData<T, C>& data,
-                const AttentionItem& item, const ItemSpan& span, ItemScratch& scratch,
-                KeyPrefetcher<T, C>& prefetcher) {
+                const AttentionData<T, C>& data, const AttentionItem& item, const ItemSpan& span,
+                ItemScratch& scratch, KeyPrefetcher<T, C>& prefetcher) {
   const int64_t block_size = geometry.block_size;
   for (int64_t block = item.first_block, start = span.first_position; start < span.context;
        start += block_size, ++block) {
@@ -1747,9 +1743,9 @@ int64_t prefetch_distance(const AttentionGeometry& geometry, BlockShape shape) {
 // One item's scores, softmax and value sums, into the scratch.
 template <typename T, typename C>
 void attend_item(const AttentionGeometry& geometry, BlockShape shape,
-                 const AttentionData<T, C>& data,
-                 const AttentionItem& item, const ItemSpan& span, float logit_softcap,
-                 ItemScratch& scratch, KeyPrefetcher<T, C>& prefetcher) {
+                 const AttentionData<T, C>& data, const AttentionItem& item,
+                 const ItemSpan& span, float logit_softcap, ItemScratch& scratch,
+                 KeyPrefetcher<T, C>& prefetcher) {
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (shape.fast) {
