@@ -10,6 +10,8 @@ avx2` builds both without AVX-512, as on CPUs that lack it; `--dtype float32` ti
 dtype of such CPUs. `--sliding-window` and `--softcap` attend as a layer with those does (a build
 from before the kernel had them attends the whole context, uncapped). `--query-tokens N` gives
 every sequence a prompt chunk of N rows that ends its context, as a prefill step runs it.
+`--cache-dtypes model fp8_e4m3fn` times each build on a cache in each dtype (`model`: the rows'
+dtype), interleaved in the same way.
 
     python benchmark/attention_kernel.py --against HEAD~1
     python benchmark/attention_kernel.py --batch 1 --context 2048 --query-tokens 2048 --calls 2
@@ -33,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
+from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
 from sluice_server.kernels import KernelBuild, load_cpu_kernels
 from sluice_server.kernels.build import ISA_FLAGS, SOURCE_DIRECTORY
 
@@ -91,6 +94,13 @@ def main() -> None:
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument(
+        "--cache-dtypes",
+        nargs="+",
+        choices=["model", *KV_CACHE_DTYPES],
+        default=["model"],
+        help="the KV cache's dtypes to time (model: the query's dtype)",
+    )
+    parser.add_argument(
         "--sliding-window", type=int, default=0, help="positions each query sees (0: all)"
     )
     parser.add_argument(
@@ -112,6 +122,18 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     keys = torch.randn(args.kv_heads, num_blocks, args.head_dim, block_size).to(dtype)
     values = torch.randn(args.kv_heads, num_blocks, block_size, args.head_dim).to(dtype)
+    caches = {
+        name: (keys, values)
+        if name == "model"
+        else (keys.to(KV_CACHE_DTYPES[name]), values.to(KV_CACHE_DTYPES[name]))
+        for name in args.cache_dtypes
+    }
+    # Each build on each cache, labelled by the build (and the cache's dtype where several).
+    variants = [
+        (build_name + (f" {cache_name}" if len(caches) > 1 else ""), module, *cache)
+        for build_name, module in kernels.items()
+        for cache_name, cache in caches.items()
+    ]
     rows = args.query_tokens
     query = torch.randn(batch * rows, args.heads, args.head_dim).to(dtype)
     cache_lens = torch.full((batch,), args.context - rows, dtype=torch.int32)
@@ -154,15 +176,15 @@ def main() -> None:
     write_timings: dict[tuple[str, str], list[float]] = {}
     for round_index in range(args.rounds):
         # Each round in the other order: the first build of a layout also fetches its blocks.
-        order = list(kernels.items())[:: -1 if round_index % 2 else 1]
+        order = variants[:: -1 if round_index % 2 else 1]
         for layout in ("hot", "contiguous", "scattered"):
             layout_tables = [tables(layout, c) for c in range(args.calls)]
             calls = [torch.tensor(table, dtype=torch.int32) for table in layout_tables]
             write_slots = [slots(table) for table in layout_tables]
-            for name, module in order:
+            for name, module, cache_keys, cache_values in order:
                 start = time.perf_counter()
                 for call_slots in write_slots:
-                    module.write_kv(keys, values, new_keys, new_values, call_slots)
+                    module.write_kv(cache_keys, cache_values, new_keys, new_values, call_slots)
                 elapsed_us = (time.perf_counter() - start) / len(write_slots) * 1e6
                 write_timings.setdefault((name, layout), []).append(elapsed_us)
                 options = window_and_cap(module)
@@ -170,8 +192,8 @@ def main() -> None:
                 for block_tables in calls:
                     module.paged_attention(
                         query,
-                        keys,
-                        values,
+                        cache_keys,
+                        cache_values,
                         block_tables,
                         cache_lens,
                         query_starts,
@@ -180,6 +202,7 @@ def main() -> None:
                     )
                 elapsed_ms = (time.perf_counter() - start) / len(calls) * 1e3
                 timings.setdefault((name, layout), []).append(elapsed_ms)
+    # In the model's dtype.
     kv_megabytes = batch * args.kv_heads * args.context * args.head_dim * 2 * dtype.itemsize / 1e6
     # Each query row scores the keys up to its own position and adds as many value rows: two
     # multiply-adds per dimension and key.

@@ -159,6 +159,30 @@ def test_paged_attention_reads_an_8bit_cache(
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_paged_attention_reads_every_8bit_code_exactly(
+    compiled_kernels: Kernels, cache_dtype: torch.dtype, head_dim: int
+) -> None:
+    """Every finite code, subnormals included, is read as its value: with float32 queries an
+    8-bit cache gives the very bits of a float32 cache holding the same values, the two taking
+    the same loops (the AVX2 ones widen the codes in registers; head size 48's value rows and
+    the portable build widen each block through a table first)."""
+    step = AttentionStep.random(
+        CHUNK_SHAPES + PARTITIONED_CHUNK_SHAPES, 3, 2, head_dim, 16, torch.float32, seed=5
+    )
+    codes = torch.arange(256, dtype=torch.uint8).view(cache_dtype).float()
+    finite = codes[codes.isfinite()]
+    generator = torch.Generator().manual_seed(6)
+    for rows in (step.key_rows, step.value_rows):
+        rows.copy_(finite[torch.randint(len(finite), rows.shape, generator=generator)])
+    # Scores of a few units, so that every key's weight counts.
+    step.query.mul_(4 / torch.finfo(cache_dtype).max)
+    params = AttentionParams(scale=head_dim**-0.5)
+    attention = compiled_kernels.attention
+    assert torch.equal(step.attend(attention, params, cache_dtype), step.attend(attention, params))
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
 def test_write_kv_saturates_an_8bit_cache(
     compiled_kernels: Kernels, cache_dtype: torch.dtype
 ) -> None:

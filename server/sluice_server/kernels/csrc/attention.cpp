@@ -46,8 +46,9 @@ inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
 // read from memory once per call and worked on in registers, where the accumulators also stay
 // for the whole block. A generic version serves every type; bfloat16 on AVX-512 machines gets an
 // intrinsics version (head sizes 64 and 128, block sizes multiples of 16: the fast path), and
-// elsewhere float32 and bfloat16 caches are worked on with AVX2 where the CPU has it: keys scored
-// for block sizes that are multiples of 8, values added for head sizes that are multiples of 32.
+// elsewhere float32, bfloat16 and 8-bit float caches are worked on with AVX2 where the CPU has
+// it: keys scored for block sizes that are multiples of 8, values added for head sizes that are
+// multiples of 32.
 // With AVX512-BF16 the fast path instead scores runs of several blocks and adds value rows in
 // pairs, both with bfloat16 dot products (attend_item_with_dot_products).
 
@@ -58,10 +59,10 @@ template <typename C>
 constexpr bool kIsFp8 =
     std::is_same_v<C, c10::Float8_e4m3fn> || std::is_same_v<C, c10::Float8_e5m2>;
 
-// The type the generic and AVX2 paths read a cache block as: an 8-bit float cache's blocks are
-// widened to float32 first (readable_block), the others read as they lie.
+// The cache element types the AVX2 loops read, widening to float32 in registers.
 template <typename C>
-using Readable = std::conditional_t<kIsFp8<C>, float, C>;
+constexpr bool kAvx2Reads =
+    std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16> || kIsFp8<C>;
 
 // The float32 value of each of the 256 codes of an 8-bit float.
 template <typename C>
@@ -82,6 +83,7 @@ struct BlockShape {
   int64_t block_size;
   bool fast;          // Whether the AVX-512 version applies (has_fast_path).
   bool avx2_scores;   // Whether keys are scored with AVX2 (has_avx2_scores).
+  bool avx2_values;   // Whether value rows are added with AVX2 (has_avx2_values).
   float scale;        // The softmax scale, which the bfloat16 dot products apply to their sums.
 };
 
@@ -412,10 +414,33 @@ inline void accumulate_pairs(float* __restrict accumulators, int64_t head_dim, i
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Scoring with AVX2, 8 columns of a block at a time, for float32 and bfloat16 keys: in the pair
-// layout, the 8 columns' elements d and d + 1 are one contiguous run, so a pair of dimensions
-// costs one or two loads and a multiply-add per query vector, with no gather.
+// Scoring with AVX2, 8 columns of a block at a time, for float32, bfloat16 and 8-bit float keys:
+// in the pair layout, the 8 columns' elements d and d + 1 are one contiguous run, so a pair of
+// dimensions costs one or two loads and a multiply-add per query vector, with no gather.
 constexpr int64_t kAvx2Columns = 8;
+
+// 8 elements of a cache as float32, exactly.
+inline __m256 load_floats_x8(const float* source) { return _mm256_loadu_ps(source); }
+inline __m256 load_floats_x8(const at::BFloat16* source) { return load_bf16x8(source); }
+
+// 8 codes of an 8-bit float, each in the upper byte of a 16-bit lane.
+inline __m128i fp8_codes_x8(const void* source) {
+  const __m128i codes = _mm_loadl_epi64(static_cast<const __m128i*>(source));
+  return _mm_unpacklo_epi8(_mm_setzero_si128(), codes);
+}
+
+// An e5m2 code is the upper byte of a float16.
+inline __m256 load_floats_x8(const c10::Float8_e5m2* source) {
+  return _mm256_cvtph_ps(fp8_codes_x8(source));
+}
+
+// An e4m3 code's exponent and mantissa moved one bit down (the sign stays) make a float16 of its
+// value times 2^-8 (exponent bias 15 against 7), subnormals included; the product is exact.
+inline __m256 load_floats_x8(const c10::Float8_e4m3fn* source) {
+  const __m128i shifted = _mm_srai_epi16(fp8_codes_x8(source), 1);  // The sign in bits 15 and 14.
+  const __m128i half = _mm_and_si128(shifted, _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
+  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+}
 
 inline __m256 broadcast_query_pair(const float* pair) {
   double bits;
@@ -423,19 +448,19 @@ inline __m256 broadcast_query_pair(const float* pair) {
   return _mm256_castpd_ps(_mm256_set1_pd(bits));
 }
 
-// float32: the run is 16 floats, (d, d + 1) of columns 0-3, then of 4-7. Multiplied by the
-// query's (d, d + 1) repeated, each column's two products sit side by side, added once at the
-// end.
-template <int64_t kVectors>
-inline void score_columns_avx2(BlockShape shape, QueryVectors queries,
-                               const float* __restrict keys_t, int64_t column, ScoreRows scores) {
+// float32 (and 8-bit floats, widened to it): the run is 16 elements, (d, d + 1) of columns 0-3,
+// then of 4-7. Multiplied by the query's (d, d + 1) repeated, each column's two products sit side
+// by side, added once at the end.
+template <int64_t kVectors, typename K>
+inline void score_columns_avx2(BlockShape shape, QueryVectors queries, const K* __restrict keys_t,
+                               int64_t column, ScoreRows scores) {
   const int64_t head_dim = shape.head_dim;
   __m256 low[kVectors], high[kVectors];
   for (int64_t v = 0; v < kVectors; ++v) low[v] = high[v] = _mm256_setzero_ps();
   for (int64_t d = 0; d < head_dim; d += 2) {
-    const float* pairs = keys_t + key_offset(d, column, shape.block_size);
-    const __m256 first = _mm256_loadu_ps(pairs);
-    const __m256 second = _mm256_loadu_ps(pairs + kAvx2Columns);
+    const K* pairs = keys_t + key_offset(d, column, shape.block_size);
+    const __m256 first = load_floats_x8(pairs);
+    const __m256 second = load_floats_x8(pairs + kAvx2Columns);
     for (int64_t v = 0; v < kVectors; ++v) {
       const __m256 query = broadcast_query_pair(queries.scaled + v * head_dim + d);
       low[v] = _mm256_fmadd_ps(query, first, low[v]);
@@ -474,10 +499,6 @@ inline void score_columns_avx2(BlockShape shape, QueryVectors queries,
     _mm256_storeu_ps(scores.data + v * scores.stride + column, _mm256_add_ps(even[v], odd[v]));
   }
 }
-
-// Value rows of float32 or bfloat16, 8 dimensions widened to float32.
-inline __m256 load_floats_x8(const float* source) { return _mm256_loadu_ps(source); }
-inline __m256 load_floats_x8(const at::BFloat16* source) { return load_bf16x8(source); }
 
 // Dimensions of the value rows one AVX2 accumulation pass holds in registers.
 constexpr int64_t kAvx2ValueChunk = 32;
@@ -528,15 +549,26 @@ inline void score_block_avx2(BlockShape shape, QueryVectors queries, const T* __
 }
 #endif
 
-// Whether keys are scored with AVX2 (where the AVX-512 path does not apply): float32 and
-// bfloat16 keys, blocks of a multiple of 8 tokens.
-template <typename T>
+// Whether keys are scored with AVX2 (where the AVX-512 path does not apply): float32, bfloat16
+// and 8-bit float keys, blocks of a multiple of 8 tokens.
+template <typename C>
 inline bool has_avx2_scores(int64_t block_size) {
 #if defined(__AVX2__) && defined(__FMA__)
-  return (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) &&
-         block_size % kAvx2Columns == 0;
+  return kAvx2Reads<C> && block_size % kAvx2Columns == 0;
 #else
   (void)block_size;
+  return false;
+#endif
+}
+
+// Whether value rows are added with AVX2 (where the AVX-512 path does not apply): the same
+// types, head sizes of a multiple of 32.
+template <typename C>
+inline bool has_avx2_values(int64_t head_dim) {
+#if defined(__AVX2__) && defined(__FMA__)
+  return kAvx2Reads<C> && head_dim % kAvx2ValueChunk == 0;
+#else
+  (void)head_dim;
   return false;
 #endif
 }
@@ -577,7 +609,7 @@ inline void score_block(BlockShape shape, QueryVectors queries, const T* keys_t,
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+  if constexpr (kAvx2Reads<T>) {
     if (shape.avx2_scores) {
       with_count<kMaxVectors>(queries.count, [&](auto n) {
         score_block_avx2<decltype(n)::value>(shape, queries, keys_t, scores);
@@ -608,8 +640,8 @@ inline void accumulate_block(BlockShape shape, int64_t num_vectors, float* accum
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
-    if (shape.head_dim % kAvx2ValueChunk == 0) {
+  if constexpr (kAvx2Reads<T>) {
+    if (shape.avx2_values) {
       for (int64_t first = 0; first < num_vectors; first += kAvx2ValueVectors) {
         with_count<kAvx2ValueVectors>(num_vectors - first, [&](auto n) {
           accumulate_block_avx2<decltype(n)::value>(
@@ -982,7 +1014,7 @@ struct ItemScratch {
   std::vector<float> maxima;         // [vectors], each vector's largest score
   std::vector<float> sums;           // [vectors], its softmax weights' sum
   std::vector<float> scores;         // [vectors][stride]
-  std::vector<float> widened_block;  // An 8-bit cache's block as float32 (readable_block)
+  std::vector<float> widened_block;  // An 8-bit cache's block as float32 (read_block)
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   std::vector<uint16_t> weights;     // [vectors][stride], the softmax weights as bfloat16 bits
   std::vector<__m512i> value_pairs;  // [pairs][head_dim / 16], see accumulate_values_in_pairs
@@ -1036,19 +1068,24 @@ void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
   }
 }
 
-// A cache block of `elements` as the generic and AVX2 paths read it: an 8-bit float one widened
-// into the scratch once for every group of vectors (c10's conversion per element, in the loops,
-// made a float32 model's decode step twice as long as on a float32 cache).
-template <typename C>
-const Readable<C>* readable_block(const C* block, int64_t elements, ItemScratch& scratch) {
+// Calls read(block) with a cache block of `elements` as the generic and AVX2 loops read it: in
+// place, unless it is an 8-bit float one that the AVX2 loops do not widen in registers (no
+// AVX2, or a shape they do not take, `in_place` false): then widened into the scratch first,
+// once for every group of vectors (c10's conversion per element, in the loops, made a float32
+// model's decode step twice as long as on a float32 cache).
+template <typename C, typename Read>
+void read_block(const C* block, bool in_place, int64_t elements, ItemScratch& scratch,
+                Read&& read) {
   if constexpr (kIsFp8<C>) {
-    const float* values = fp8_values<C>().data();
-    float* widened = scratch.widened_block.data();
-    for (int64_t i = 0; i < elements; ++i) widened[i] = values[block[i].x];
-    return widened;
-  } else {
-    return block;
+    if (!in_place) {
+      const float* values = fp8_values<C>().data();
+      float* widened = scratch.widened_block.data();
+      for (int64_t i = 0; i < elements; ++i) widened[i] = values[block[i].x];
+      read(static_cast<const float*>(widened));
+      return;
+    }
   }
+  read(block);
 }
 
 // Scores every block the item sees into scratch.scores, keeping the prefetcher one block ahead
@@ -1062,15 +1099,17 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape,
        start += block_size, ++block) {
     const int64_t offset = geometry.block_offset(item.kv_head, span.table[block]);
     prefetcher.next_block(offset);
-    const Readable<C>* block_keys =
-        readable_block(data.keys + offset, geometry.block_elements(), scratch);
     float* block_scores = scratch.scores.data() + (start - span.first_position);
-    for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
-      const int64_t count = std::min(kMaxVectors, span.vectors - first);
-      if (span.skips(first, count, start, block_size)) continue;
-      score_block(shape, scratch.vectors_from(first, count, geometry.head_dim), block_keys,
-                  ScoreRows{block_scores + first * span.score_pitch, span.score_pitch});
-    }
+    read_block(data.keys + offset, shape.avx2_scores, geometry.block_elements(), scratch,
+               [&](const auto* block_keys) {
+                 for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
+                   const int64_t count = std::min(kMaxVectors, span.vectors - first);
+                   if (span.skips(first, count, start, block_size)) continue;
+                   score_block(
+                       shape, scratch.vectors_from(first, count, geometry.head_dim), block_keys,
+                       ScoreRows{block_scores + first * span.score_pitch, span.score_pitch});
+                 }
+               });
   }
 }
 
@@ -1306,20 +1345,21 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
     // Rows past the context may hold anything (even NaN), so they are never read; nor are those
     // before the vectors' window.
     const int64_t block_end = std::min(start + block_size, span.context);
-    const Readable<C>* block_values = readable_block(
-        data.values + geometry.block_offset(item.kv_head, span.table[block]),
-        geometry.block_elements(), scratch);
-    for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
-      const int64_t count = std::min(kMaxVectors, span.vectors - first);
-      if (span.skips(first, count, start, block_size)) continue;
-      const int64_t row_begin = std::max(start, span.begin(first));
-      accumulate_block(
-          shape, count, scratch.accumulators.data() + first * geometry.head_dim,
-          block_values + (row_begin - start) * geometry.head_dim, block_end - row_begin,
-          ScoreRows{scratch.scores.data() + first * span.score_pitch +
-                        (row_begin - span.first_position),
-                    span.score_pitch});
-    }
+    read_block(
+        data.values + geometry.block_offset(item.kv_head, span.table[block]), shape.avx2_values,
+        geometry.block_elements(), scratch, [&](const auto* block_values) {
+          for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
+            const int64_t count = std::min(kMaxVectors, span.vectors - first);
+            if (span.skips(first, count, start, block_size)) continue;
+            const int64_t row_begin = std::max(start, span.begin(first));
+            accumulate_block(
+                shape, count, scratch.accumulators.data() + first * geometry.head_dim,
+                block_values + (row_begin - start) * geometry.head_dim, block_end - row_begin,
+                ScoreRows{scratch.scores.data() + first * span.score_pitch +
+                              (row_begin - span.first_position),
+                          span.score_pitch});
+          }
+        });
   }
 }
 
@@ -2043,7 +2083,8 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
           using C = typename decltype(cache_type)::type;
           const bool fast = has_fast_path<T, C>(geometry.head_dim, geometry.block_size);
           const BlockShape shape{geometry.head_dim, geometry.block_size, fast,
-                                 !fast && has_avx2_scores<Readable<C>>(geometry.block_size),
+                                 !fast && has_avx2_scores<C>(geometry.block_size),
+                                 !fast && has_avx2_values<C>(geometry.head_dim),
                                  static_cast<float>(scale)};
           const AttentionData<T, C> data{
               query.data_ptr<T>(),              key_cache.data_ptr<C>(),
