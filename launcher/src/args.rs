@@ -97,8 +97,9 @@ pub struct Args {
     #[arg(long, env)]
     pub kv_cache_memory: Option<String>,
 
-    /// Store keys and values as 8-bit floats: twice the tokens in the same memory and half the
-    /// bytes a decode step reads, at some accuracy [default: the model's dtype].
+    /// Store keys and values as 8-bit floats (divided by the checkpoint's KV scales where it has
+    /// them): twice the tokens in the same memory and half the bytes a decode step reads, at some
+    /// accuracy [default: the model's dtype].
     #[arg(long, env, value_enum)]
     pub kv_cache_dtype: Option<KvCacheDtype>,
 

@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-dtype",
         choices=["fp8_e4m3fn", "fp8_e5m2"],  # engine.kv_cache.KV_CACHE_DTYPES
         default=None,
-        help="store keys and values as 8-bit floats: twice the tokens in the same memory, half "
-        "the bytes read per decode step, at some accuracy (default: the model's dtype)",
+        help="store keys and values as 8-bit floats, divided by the checkpoint's KV scales where "
+        "it has them: twice the tokens in the same memory, half the bytes read per decode step, "
+        "at some accuracy (default: the model's dtype)",
     )
     serve.add_argument(
         "--block-size", type=_positive_int, default=16, help="tokens per KV cache block"

@@ -89,11 +89,13 @@ class AttentionStep:
             position % self.block_size
         )
 
-    def round_rows_to(self, cache_dtype: torch.dtype) -> None:
-        """Rounds every slot's K/V to values `cache_dtype` holds exactly, so that the
-        dense reference attends the values an 8-bit cache stores."""
-        for rows in (self.key_rows, self.value_rows):
-            rows.copy_(rows.to(cache_dtype).to(rows.dtype))
+    def round_rows_to(
+        self, cache_dtype: torch.dtype, scales: tuple[float, float] = (1.0, 1.0)
+    ) -> None:
+        """Rounds every slot's K/V to what an 8-bit cache of `cache_dtype` stores divided by
+        `scales` (key, value) holds, so that the dense reference attends those values."""
+        for rows, scale in zip((self.key_rows, self.value_rows), scales):
+            rows.copy_(((rows.float() / scale).to(cache_dtype).float() * scale).to(rows.dtype))
 
     def poison_blocks_before(self, window: int) -> None:
         """Sets to NaN the K/V of every block that lies wholly before the window of its chunk's
@@ -110,10 +112,11 @@ class AttentionStep:
         backend: AttentionBackend,
         params: AttentionParams,
         cache_dtype: torch.dtype | None = None,
+        scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         """The step attended by `backend`, every slot's K/V written through its own write (and
-        layout) first, into a cache of `cache_dtype` (default: the rows'), the new tokens' also
-        passed as the model passes them."""
+        layout) first, into a cache of `cache_dtype` (default: the rows') with `scales` (key,
+        value), the new tokens' also passed as the model passes them."""
         num_kv_heads, head_dim = self.key_rows.shape[1:]
         num_blocks = self.key_rows.shape[0] // self.block_size
         value = torch.zeros(
@@ -124,7 +127,7 @@ class AttentionStep:
             dtype=cache_dtype or self.value_rows.dtype,
         )
         key = value.transpose(2, 3).contiguous() if backend.transposed_keys else value.clone()
-        cache = LayerKVCache(key, value)
+        cache = LayerKVCache(key, value, *scales)
         all_slots = torch.arange(num_blocks * self.block_size)
         backend.write(cache, self.key_rows, self.value_rows, all_slots)
         metadata = backend.build_metadata(self.chunks, self.block_size, torch.device("cpu"))
@@ -212,6 +215,33 @@ def attend_8bit_cache(
     actual = step.attend(backend, params, cache_dtype)
     expected = step.dense_reference(params)
     error = (actual.double() - expected).abs() / expected.abs().clamp(min=1)
+    assert error.max().item() <= TOLERANCES[dtype], f"max relative error {error.max().item()}"
+    return step, actual
+
+
+# Keys and values an e4m3 cache saturates on unscaled (|x| past 448), and the scales that bring
+# them in range.
+SCALED_ROWS_GAIN = 300.0
+KV_SCALES = (3.0, 2.5)
+
+
+def attend_scaled_8bit_cache(
+    backend: AttentionBackend, dtype: torch.dtype, cache_dtype: torch.dtype
+) -> tuple[AttentionStep, torch.Tensor]:
+    """A step whose K/V reach past e4m3's range, attended by `backend` from an 8-bit cache
+    holding them divided by KV_SCALES: as the dense reference attends the values it holds (a
+    backend that left out a scale, writing or reading, is far off). Returns the step and the
+    output."""
+    shapes = CHUNK_SHAPES + PARTITIONED_CHUNK_SHAPES
+    step = AttentionStep.random(shapes, 3, 3, 64, 16, dtype, seed=7)
+    for rows in (step.key_rows, step.value_rows):
+        rows.mul_(SCALED_ROWS_GAIN)
+    step.query.div_(SCALED_ROWS_GAIN)  # Scores of a few units.
+    step.round_rows_to(cache_dtype, KV_SCALES)
+    params = AttentionParams(scale=64**-0.5)
+    actual = step.attend(backend, params, cache_dtype, KV_SCALES)
+    expected = step.dense_reference(params)
+    error = (actual.double() - expected).abs() / expected.abs().clamp(min=SCALED_ROWS_GAIN)
     assert error.max().item() <= TOLERANCES[dtype], f"max relative error {error.max().item()}"
     return step, actual
 

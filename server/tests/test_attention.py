@@ -9,6 +9,7 @@ from attention_cases import (
     CACHE_DTYPES_8BIT,
     WINDOW_AND_CAP_VARIANTS,
     attend_8bit_cache,
+    attend_scaled_8bit_cache,
     check_8bit_cache_saturates,
     check_window_and_cap,
 )
@@ -52,6 +53,12 @@ def test_an_8bit_cache_attends_the_values_it_holds(
     dtype: torch.dtype, cache_dtype: torch.dtype
 ) -> None:
     attend_8bit_cache(TorchAttentionBackend(), dtype, cache_dtype, 64, 3, 16)
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_8bit_cache_applies_its_scales(dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
+    attend_scaled_8bit_cache(TorchAttentionBackend(), dtype, cache_dtype)
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)

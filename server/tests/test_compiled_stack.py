@@ -5,6 +5,8 @@ oneDNN's, each quantized format) and each layer option (biases, q/k norms, slidi
 The models it must leave layer by layer are checked too; transformers' agreement with both paths
 is test_models_vs_transformers.py's."""
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from sluice_server.layers.attention import LayerKVCache
 from sluice_server.layers.ops import CompiledCpuOps, LinearMatmul
 from sluice_server.models.compiled_stack import CompiledStack
 from sluice_server.models.loader import LoadedModel, load_model
-from test_models_vs_transformers import MODEL_VARIANTS, fresh_cache
+from test_models_vs_transformers import BLOCK_SIZE, MODEL_VARIANTS, NUM_BLOCKS, fresh_cache
 
 CPU = torch.device("cpu")
 # Scattered blocks, a prompt in two chunks, then decodes past a block boundary.
@@ -38,14 +40,17 @@ def run_steps(loaded: LoadedModel, cache: list[LayerKVCache]) -> list[torch.Tens
     return logits
 
 
-def assert_both_paths_agree(loaded: LoadedModel) -> None:
+def assert_both_paths_agree(
+    loaded: LoadedModel,
+    new_cache: Callable[[LoadedModel], list[LayerKVCache]] = fresh_cache,
+) -> None:
     stack = loaded.model.compiled_stack
     assert isinstance(stack, CompiledStack)
-    compiled_cache = fresh_cache(loaded)
+    compiled_cache = new_cache(loaded)
     compiled = run_steps(loaded, compiled_cache)
     loaded.model.compiled_stack = None
     try:
-        python_cache = fresh_cache(loaded)
+        python_cache = new_cache(loaded)
         python = run_steps(loaded, python_cache)
     finally:
         loaded.model.compiled_stack = stack
@@ -68,6 +73,19 @@ def test_compiled_stack_matches_the_python_layers(
     directory, _ = save_tiny_model(model_type, **overrides)
     loaded = load_model(directory, dtype, CPU, compiled_kernels)
     assert_both_paths_agree(loaded)
+
+
+def test_compiled_stack_matches_the_python_layers_on_a_scaled_8bit_cache(
+    tiny_llama: tuple[Path, torch.nn.Module], compiled_kernels: Kernels
+) -> None:
+    """Each layer's cache scales reach its kernels as the Python layers pass them."""
+
+    def scaled_cache(loaded: LoadedModel) -> list[LayerKVCache]:
+        spec = KVCacheSpec.for_model(loaded, BLOCK_SIZE, torch.float8_e4m3fn)
+        return replace(spec, scales=((0.5, 3.0), (2.0, 0.75))).allocate(NUM_BLOCKS)
+
+    loaded = load_model(tiny_llama[0], torch.bfloat16, CPU, compiled_kernels)
+    assert_both_paths_agree(loaded, scaled_cache)
 
 
 @pytest.mark.parametrize(
@@ -195,5 +213,7 @@ def test_a_step_with_the_wrong_caches_is_refused(
 ) -> None:
     loaded = load_model(tiny_llama[0], torch.float32, CPU, compiled_kernels)
     cache = fresh_cache(loaded)[:-1]
-    with pytest.raises(RuntimeError, match="one key and one value cache per layer"):
+    with pytest.raises(
+        RuntimeError, match="one key and one value cache, and their scales, per layer"
+    ):
         run_forward(loaded, cache, [ForwardChunk(TOKENS[:3], 0, TABLE, True)])

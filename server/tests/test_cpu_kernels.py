@@ -17,11 +17,14 @@ import torch.nn.functional as F
 from attention_cases import (
     CACHE_DTYPES_8BIT,
     CHUNK_SHAPES,
+    KV_SCALES,
     PARTITIONED_CHUNK_SHAPES,
+    SCALED_ROWS_GAIN,
     WINDOW_AND_CAP_VARIANTS,
     WINDOW_CHUNK_SHAPES,
     AttentionStep,
     attend_8bit_cache,
+    attend_scaled_8bit_cache,
     check_8bit_cache_saturates,
     check_window_and_cap,
 )
@@ -180,6 +183,55 @@ def test_paged_attention_reads_every_8bit_code_exactly(
     params = AttentionParams(scale=head_dim**-0.5)
     attention = compiled_kernels.attention
     assert torch.equal(step.attend(attention, params, cache_dtype), step.attend(attention, params))
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_attention_applies_an_8bit_caches_scales(
+    compiled_kernels: Kernels, reference: Kernels, dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    """Keys and values stored divided by the cache's scales (which bring them into e4m3's
+    range), rounded as torch rounds them, and attended as the values they stand for: against
+    the dense reference and the PyTorch backend."""
+    step, actual = attend_scaled_8bit_cache(compiled_kernels.attention, dtype, cache_dtype)
+    params = AttentionParams(scale=64**-0.5)
+    torch_backend = step.attend(reference.attention, params, cache_dtype, KV_SCALES)
+    # Outputs as large as the values (some cancel): errors relative to the values' size.
+    error = (actual.float() - torch_backend.float()).abs().max().item() / SCALED_ROWS_GAIN
+    assert error <= TOLERANCES[dtype], f"max relative error {error}"
+    rows = step.value_rows[:16]
+    value = torch.zeros(3, 1, 16, 64, dtype=cache_dtype)
+    cache = LayerKVCache(value.transpose(2, 3).contiguous(), value, *KV_SCALES)
+    compiled_kernels.attention.write(cache, rows, rows, torch.arange(16))
+    largest = torch.finfo(cache_dtype).max
+    expected = (rows.float() / KV_SCALES[1]).clamp(-largest, largest).to(cache_dtype)
+    assert torch.equal(value[:, 0].view(torch.uint8), expected.transpose(0, 1).view(torch.uint8))
+
+
+def test_kv_cache_scales_are_refused_where_they_do_not_apply(compiled_kernels: Kernels) -> None:
+    kernels = compiled_kernels.ops.kernels
+    rows = torch.randn(1, 1, 64)
+    for cache_dtype, scale, message in (
+        (torch.float32, 2.0, "8-bit float cache only"),
+        (torch.float8_e4m3fn, 0.0, "must be positive"),
+        (torch.float8_e4m3fn, float("nan"), "must be positive"),
+    ):
+        value = torch.zeros(1, 1, 16, 64, dtype=cache_dtype)
+        key = value.transpose(2, 3).contiguous()
+        with pytest.raises(RuntimeError, match=message):
+            kernels.write_kv(key, value, rows, rows, torch.zeros(1, dtype=torch.long), scale, 1.0)
+        with pytest.raises(RuntimeError, match=message):
+            kernels.paged_attention(
+                rows,
+                key,
+                value,
+                torch.zeros(1, 1, dtype=torch.int32),
+                torch.zeros(1, dtype=torch.int32),
+                torch.tensor([0, 1], dtype=torch.int32),
+                0.125,
+                key_scale=1.0,
+                value_scale=scale,
+            )
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES_8BIT)

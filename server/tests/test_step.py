@@ -1,16 +1,20 @@
 """The engine driven through StepRequest messages, the way the router drives it."""
 
 import dataclasses
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from sluice_server.engine.contract import InvalidRequestError
 from sluice_server.engine.kv_cache import KV_CACHE_DTYPES, KVCacheSpec
 from sluice_server.engine.request import Request
 from sluice_server.engine.step import NotWarmedUpError, StepExecutor
-from sluice_server.models.loader import LoadedModel
+from sluice_server.kernels import Kernels
+from sluice_server.models.loader import LoadedModel, ModelLoadError, load_model
 from sluice_server.pb import generate_pb2 as pb
 
 BLOCK_SIZE = 4
@@ -463,6 +467,75 @@ def test_an_8bit_cache_holds_twice_the_blocks_and_generates(tiny_loaded, cache_d
     generated = router.run()
     vocab_size = tiny_loaded.config.vocab_size
     assert all(len(tokens) == 10 and max(tokens) < vocab_size for tokens in generated.values())
+
+
+def with_attention_tensors(
+    model_dir: Path, directory: Path, tensors: dict[str, torch.Tensor]
+) -> Path:
+    """A copy of the checkpoint in `model_dir` whose layers' self_attn also hold `tensors`."""
+    shutil.copytree(model_dir, directory)
+    weights = load_file(directory / "model.safetensors")
+    for layer in range(2):
+        for name, tensor in tensors.items():
+            weights[f"model.layers.{layer}.self_attn.{name}"] = tensor.clone()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("tensors", "scales"),
+    [
+        # compressed-tensors' names (llm-compressor).
+        ({"k_scale": torch.tensor(0.5), "v_scale": torch.tensor(3.0)}, (0.5, 3.0)),
+        # One scale for both; of a scale per head, the largest.
+        ({"kv_scale": torch.tensor([2.0, 0.5])}, (2.0, 2.0)),
+        (
+            {
+                "k_proj.output_scale": torch.tensor(0.25, dtype=torch.bfloat16),
+                "v_proj.output_scale": torch.tensor(4.0, dtype=torch.bfloat16),
+            },
+            (0.25, 4.0),
+        ),
+    ],
+)
+def test_an_8bit_cache_takes_the_checkpoints_scales(
+    tiny_llama,
+    tmp_path: Path,
+    tensors: dict[str, torch.Tensor],
+    scales: tuple[float, float],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Checkpoints calibrated for an 8-bit KV cache carry a key and a value scale per layer: a
+    cache in 8 bits stores keys and values divided by them (the kernels' tests check how), one
+    in the model's dtype has no use for them; the shard's log says which."""
+    directory = with_attention_tensors(tiny_llama[0], tmp_path / "scaled", tensors)
+    loaded = load_model(directory, torch.float32, torch.device("cpu"), Kernels.reference())
+    caplog.set_level("INFO")
+    full = StepExecutor(loaded, BLOCK_SIZE, None)
+    full.warmup(max_prefill_tokens=16, max_batch_size=8, max_total_tokens=64)
+    assert full.cache_spec.scales == ()
+    assert all((layer.key_scale, layer.value_scale) == (1.0, 1.0) for layer in full.kv_cache)
+    assert "the checkpoint has KV cache scales, which apply with --kv-cache-dtype" in caplog.text
+    executor = StepExecutor(
+        loaded, BLOCK_SIZE, 10 * full.cache_spec.bytes_per_block, None, torch.float8_e4m3fn
+    )
+    executor.warmup(max_prefill_tokens=16, max_batch_size=8, max_total_tokens=64)
+    assert [(layer.key_scale, layer.value_scale) for layer in executor.kv_cache] == [scales] * 2
+    assert "stored divided by the checkpoint's scales" in caplog.text
+    router = MiniRouter(executor, chunk_size=4)
+    for request_id, prompt in enumerate(PROMPTS):
+        router.add(new_request(request_id, prompt), max_new_tokens=4)
+    assert all(len(tokens) == 4 for tokens in router.run().values())
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, float("inf")])
+def test_a_checkpoint_with_broken_kv_cache_scales_is_refused_at_load(
+    tiny_llama, tmp_path: Path, scale: float
+) -> None:
+    tensors = {"k_scale": torch.tensor(0.5), "v_scale": torch.tensor(scale)}
+    directory = with_attention_tensors(tiny_llama[0], tmp_path / "scaled", tensors)
+    with pytest.raises(ModelLoadError, match="v_scale holds .*: KV cache scales must be positive"):
+        load_model(directory, torch.float32, torch.device("cpu"), Kernels.reference())
 
 
 def test_the_serve_flag_takes_every_8bit_cache() -> None:

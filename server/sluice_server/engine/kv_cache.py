@@ -16,7 +16,8 @@ CUDA_MEMORY_FRACTION = 0.9
 
 # --kv-cache-dtype's choices (TGI's names): 8-bit floats, half the bytes of a bfloat16 cache, so
 # twice the tokens in the same memory and half the bytes a decode step reads back. Keys and values
-# are stored unscaled, saturating at the format's largest value (448 for e4m3, 57,344 for e5m2).
+# are stored divided by the checkpoint's scales where it has them (else as they are), saturating
+# at the format's largest value (448 for e4m3, 57,344 for e5m2).
 KV_CACHE_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
@@ -30,22 +31,26 @@ class KVCacheSpec:
     device: torch.device
     # The attention backend's key layout (see LayerKVCache).
     transposed_keys: bool
+    # Each layer's (key, value) scales for an 8-bit cache (LayerKVCache); empty: all 1.
+    scales: tuple[tuple[float, float], ...] = ()
 
     @classmethod
     def for_model(
         cls, loaded: LoadedModel, block_size: int, dtype: torch.dtype | None = None
     ) -> "KVCacheSpec":
         """The cache a loaded model needs, on its device, in `dtype` (default: the model's):
-        this rank's share of the KV heads."""
+        this rank's share of the KV heads, and in 8 bits the checkpoint's scales."""
         config = loaded.config
+        dtype = dtype or loaded.dtype
         return cls(
             num_layers=config.num_layers,
             block_size=block_size,
             num_kv_heads=loaded.shards.local_kv_heads(config.num_kv_heads),
             head_dim=config.head_dim,
-            dtype=dtype or loaded.dtype,
+            dtype=dtype,
             device=loaded.device,
             transposed_keys=loaded.kernels.attention.transposed_keys,
+            scales=tuple(loaded.model.kv_cache_scales()) if dtype.itemsize == 1 else (),
         )
 
     @property
@@ -67,9 +72,10 @@ class KVCacheSpec:
         )
         # Zeros, not empty: padded slots are masked out of attention but still multiplied by a zero
         # weight, and uninitialised memory may hold NaN (0 * NaN = NaN).
+        scales = self.scales or ((1.0, 1.0),) * self.num_layers
         return [
-            LayerKVCache(key=self._zeros(key_shape), value=self._zeros(shape))
-            for _ in range(self.num_layers)
+            LayerKVCache(self._zeros(key_shape), self._zeros(shape), key_scale, value_scale)
+            for key_scale, value_scale in scales
         ]
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:

@@ -34,10 +34,27 @@ class SelfAttentionConfig:
     norm_weight_offset: float = 0.0
 
 
+def kv_cache_scale(weights: CheckpointWeights, names: list[str]) -> float:
+    """The first of `names` the checkpoint holds, as the scale an 8-bit KV cache stores keys or
+    values divided by; 1 where it holds none. Of a scale per head the layer takes the largest,
+    with which nothing saturates that would not with its own."""
+    for name in names:
+        if name not in weights:
+            continue
+        scales = weights.stored(name).float()
+        if not (scales.isfinite().all() and (scales > 0).all()):
+            raise ValueError(f"{name} holds {scales.tolist()}: KV cache scales must be positive")
+        return float(scales.max().item())
+    return 1.0
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: SelfAttentionConfig, runtime: LayerRuntime) -> None:
         super().__init__()
         self.config = config
+        # What an 8-bit KV cache stores this layer's keys and values divided by (load()).
+        self.key_scale = 1.0
+        self.value_scale = 1.0
         self.backend = runtime.attention
         self.ops = runtime.ops
         query = runtime.shards.heads(config.num_heads, config.head_dim)
@@ -104,6 +121,14 @@ class SelfAttention(nn.Module):
         else:
             self.qkv_proj.load(weights, [f"{prefix}.{name}_proj" for name in ("q", "k", "v")])
         self.o_proj.load(weights, [f"{prefix}.o_proj"])
+        # The scales an 8-bit KV cache was calibrated with, where the checkpoint has them:
+        # compressed-tensors' names, one scale for both, AutoFP8's.
+        self.key_scale = kv_cache_scale(
+            weights, [f"{prefix}.k_scale", f"{prefix}.kv_scale", f"{prefix}.k_proj.output_scale"]
+        )
+        self.value_scale = kv_cache_scale(
+            weights, [f"{prefix}.v_scale", f"{prefix}.kv_scale", f"{prefix}.v_proj.output_scale"]
+        )
         if self.q_norm is not None and self.k_norm is not None:
             self.q_norm.load(weights.get(f"{prefix}.q_norm.weight"))
             self.k_norm.load(weights.get(f"{prefix}.k_norm.weight"))

@@ -58,9 +58,14 @@ class CompiledStack:
             metadata.query_starts,
             prompt_rows,
         )
-        keys = [cache.key for cache in kv_cache]
-        values = [cache.value for cache in kv_cache]
-        return self.stack.forward(hidden, step, keys, values)
+        return self.stack.forward(
+            hidden,
+            step,
+            [cache.key for cache in kv_cache],
+            [cache.value for cache in kv_cache],
+            [cache.key_scale for cache in kv_cache],
+            [cache.value_scale for cache in kv_cache],
+        )
 
 
 def compile_stack(model: CausalLM) -> CompiledStack | None:

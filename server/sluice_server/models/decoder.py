@@ -275,6 +275,11 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def kv_cache_scales(self) -> list[tuple[float, float]]:
+        """Each layer's (key, value) scales for an 8-bit KV cache: the checkpoint's, 1 where it
+        has none."""
+        return [(layer.self_attn.key_scale, layer.self_attn.value_scale) for layer in self.layers]
+
     def prepack_for_cpu(self) -> None:
         """Packs every projection for its matmul once the weights are loaded."""
         tied = self.lm_head.weight is self.embed_tokens.weight

@@ -705,6 +705,7 @@ struct AttentionData {
   const int32_t* block_tables;  // [S, max_blocks]
   const int32_t* cache_lens;    // [S]
   const int32_t* query_starts;  // [S + 1]
+  float value_scale;            // What the stored values are multiplied by (write_kv's scales).
 };
 
 // Cache positions one item reads at most. The work is one tile per sequence, KV head and 16
@@ -1662,7 +1663,9 @@ void store_output(const AttentionGeometry& geometry, const AttentionData<T, C>& 
     const int64_t head = item.kv_head * geometry.group + vector % geometry.group;
     T* destination = data.output + ((span.row_offset + r) * geometry.num_heads + head) * head_dim;
     const float* accumulator = scratch.accumulators.data() + vector * head_dim;
-    const float inverse_sum = 1.f / scratch.sums[vector];
+    // A product, not value_scale / sum: built so, the kernel measured 10 % slower with its blocks
+    // in the caches (batch 32, 1,024 positions).
+    const float inverse_sum = data.value_scale * (1.f / scratch.sums[vector]);
     for (int64_t d = 0; d < head_dim; ++d) {
       destination[d] = from_float<T>(accumulator[d] * inverse_sum);
     }
@@ -1724,7 +1727,7 @@ void merge_partials(const AttentionGeometry& geometry, const AttentionData<T, C>
     const int64_t r = vector / geometry.group;
     const int64_t head = first.kv_head * geometry.group + vector % geometry.group;
     T* destination = data.output + ((span.row_offset + r) * geometry.num_heads + head) * head_dim;
-    const float inverse_sum = 1.f / sum;
+    const float inverse_sum = data.value_scale * (1.f / sum);
     for (int64_t d = 0; d < head_dim; ++d) {
       destination[d] = from_float<T>(merged[d] * inverse_sum);
     }
@@ -1968,9 +1971,11 @@ const std::vector<uint8_t>& fp8_codes_of_bfloat16() {
   return codes;
 }
 
-// Elements of type T as a cache of type C stores them.
+// Elements of type T as a cache of type C stores them: an 8-bit float one holds each divided by
+// `scale` (a checkpoint's calibrated scale, 1 without one).
 template <typename C, typename T>
 struct ToCache {
+  float scale = 1.f;
   const uint8_t* bfloat16_codes = [] {
     if constexpr (kIsFp8<C> && std::is_same_v<T, at::BFloat16>) {
       return fp8_codes_of_bfloat16<C>().data();
@@ -1982,17 +1987,19 @@ struct ToCache {
   C operator()(T value) const {
     if constexpr (std::is_same_v<C, T>) {
       return value;
-    } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-      return C(bfloat16_codes[value.x], C::from_bits());
     } else {
-      return saturated<C>(to_float(value));
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (scale == 1.f) return C(bfloat16_codes[value.x], C::from_bits());
+      }
+      return saturated<C>(to_float(value) / scale);
     }
   }
 };
 
 template <typename T, typename C>
 void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
-                   const at::Tensor& value, const int64_t* slots) {
+                   const at::Tensor& value, const int64_t* slots, float key_scale,
+                   float value_scale) {
   const int64_t num_tokens = key.size(0);
   const int64_t num_kv_heads = key.size(1);
   const int64_t head_dim = key.size(2);
@@ -2005,7 +2012,8 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
   const T* value_rows = value.data_ptr<T>();
   const int64_t key_stride[2] = {key.stride(0), key.stride(1)};
   const int64_t value_stride[2] = {value.stride(0), value.stride(1)};
-  const ToCache<C, T> to_cache;
+  const ToCache<C, T> key_to_cache{key_scale};
+  const ToCache<C, T> value_to_cache{value_scale};
   at::parallel_for(0, num_tokens * num_kv_heads, kWriteGrainItems,
                    [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -2016,11 +2024,11 @@ void write_kv_impl(at::Tensor& key_cache, at::Tensor& value_cache, const at::Ten
       C* block_keys = keys + (head * num_blocks + block) * block_elements;
       const T* key_row = key_rows + token * key_stride[0] + head * key_stride[1];
       for (int64_t d = 0; d < head_dim; ++d) {
-        block_keys[key_offset(d, row, block_size)] = to_cache(key_row[d]);
+        block_keys[key_offset(d, row, block_size)] = key_to_cache(key_row[d]);
       }
       C* value_slot = values + (head * num_blocks + block) * block_elements + row * head_dim;
       const T* value_row = value_rows + token * value_stride[0] + head * value_stride[1];
-      for (int64_t d = 0; d < head_dim; ++d) value_slot[d] = to_cache(value_row[d]);
+      for (int64_t d = 0; d < head_dim; ++d) value_slot[d] = value_to_cache(value_row[d]);
     }
   });
 }
@@ -2046,6 +2054,20 @@ void with_cache_type(at::ScalarType cache, Body&& body) {
   }
 }
 
+// An 8-bit float cache may hold its keys and values divided by scales; any other holds them as
+// they are.
+void check_kv_scales(const at::Tensor& cache, double key_scale, double value_scale) {
+  for (const double scale : {key_scale, value_scale}) {
+    TORCH_CHECK(std::isfinite(scale) && scale > 0, "KV cache scales must be positive, got ",
+                scale);
+  }
+  const bool eight_bit =
+      cache.scalar_type() == at::kFloat8_e4m3fn || cache.scalar_type() == at::kFloat8_e5m2;
+  TORCH_CHECK(eight_bit || (key_scale == 1 && value_scale == 1),
+              "KV cache scales apply to an 8-bit float cache only (this one holds ",
+              cache.scalar_type(), ")");
+}
+
 }  // namespace
 
 bool attention_has_dot_products() { return kDotProducts; }
@@ -2053,11 +2075,13 @@ bool attention_has_dot_products() { return kDotProducts; }
 // query [T, H, D] (rows may be strided); caches as described above; block_tables
 // [S, max_blocks], cache_lens [S] and query_starts [S + 1], all int32. sliding_window: positions
 // a query sees at most, itself included (0: all); logit_softcap: scores become
-// cap * tanh(score / cap) before the softmax (0: as they are). Returns [T, H, D].
+// cap * tanh(score / cap) before the softmax (0: as they are). key_scale and value_scale: what
+// an 8-bit cache's stored keys and values are multiplied by (write_kv's). Returns [T, H, D].
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& cache_lens, const at::Tensor& query_starts,
-                           double scale, int64_t sliding_window, double logit_softcap) {
+                           double scale, int64_t sliding_window, double logit_softcap,
+                           double key_scale, double value_scale) {
   check_rows(query, "query");
   check_cache_layout(key_cache, value_cache);
   TORCH_CHECK(query.dim() == 3, "query must be [T, H, D]");
@@ -2067,6 +2091,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   TORCH_CHECK(sliding_window >= 0, "sliding_window must be at least 1, or 0 for none");
   TORCH_CHECK(logit_softcap >= 0 && std::isfinite(logit_softcap),
               "logit_softcap must be positive, or 0 for none");
+  check_kv_scales(value_cache, key_scale, value_scale);
 
   auto output = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
   const int64_t num_sequences = cache_lens.size(0);
@@ -2082,15 +2107,16 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
         with_cache_type<T>(value_cache.scalar_type(), [&](auto cache_type) {
           using C = typename decltype(cache_type)::type;
           const bool fast = has_fast_path<T, C>(geometry.head_dim, geometry.block_size);
+          // A key's score is its stored value's times key_scale: the queries take the factor.
           const BlockShape shape{geometry.head_dim, geometry.block_size, fast,
                                  !fast && has_avx2_scores<C>(geometry.block_size),
                                  !fast && has_avx2_values<C>(geometry.head_dim),
-                                 static_cast<float>(scale)};
+                                 static_cast<float>(scale * key_scale)};
           const AttentionData<T, C> data{
               query.data_ptr<T>(),              key_cache.data_ptr<C>(),
               value_cache.data_ptr<C>(),        output.data_ptr<T>(),
               block_tables.data_ptr<int32_t>(), cache_lens.data_ptr<int32_t>(),
-              query_starts.data_ptr<int32_t>()};
+              query_starts.data_ptr<int32_t>(), static_cast<float>(value_scale)};
           paged_attention_impl(geometry, shape, data, num_sequences,
                                static_cast<float>(logit_softcap));
         });
@@ -2098,8 +2124,10 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   return output;
 }
 
+// key_scale and value_scale: an 8-bit cache stores keys and values divided by them.
 void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
-              const at::Tensor& value, const at::Tensor& slot_mapping) {
+              const at::Tensor& value, const at::Tensor& slot_mapping, double key_scale,
+              double value_scale) {
   check_rows(key, "key");
   check_rows(value, "value");
   check_cache_layout(key_cache, value_cache);
@@ -2107,6 +2135,7 @@ void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& 
   TORCH_CHECK(key.size(1) == value_cache.size(0) && key.size(2) == value_cache.size(3),
               "key and value rows do not match the cache's heads and head_dim");
   TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
+  check_kv_scales(value_cache, key_scale, value_scale);
   check_cpu(slot_mapping, "slot_mapping");
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == at::kLong &&
                   slot_mapping.is_contiguous(),
@@ -2119,8 +2148,9 @@ void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& 
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_kv", [&] {
     with_cache_type<scalar_t>(value_cache.scalar_type(), [&](auto cache_type) {
-      write_kv_impl<scalar_t, typename decltype(cache_type)::type>(key_cache, value_cache, key,
-                                                                   value, slots);
+      write_kv_impl<scalar_t, typename decltype(cache_type)::type>(
+          key_cache, value_cache, key, value, slots, static_cast<float>(key_scale),
+          static_cast<float>(value_scale));
     });
   });
 }

@@ -83,8 +83,8 @@ void bind_decoder_stack(py::module& module) {
       .def(py::init<std::vector<sluice::DecoderLayerWeights>>())
       // The layers' kernels need no Python: other threads (the gRPC server's) run meanwhile.
       .def("forward", &sluice::DecoderStack::forward, py::arg("hidden"), py::arg("step"),
-           py::arg("key_caches"), py::arg("value_caches"),
-           py::call_guard<py::gil_scoped_release>());
+           py::arg("key_caches"), py::arg("value_caches"), py::arg("key_scales"),
+           py::arg("value_scales"), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace
@@ -93,8 +93,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("paged_attention", &sluice::paged_attention, py::arg("query"), py::arg("key_cache"),
              py::arg("value_cache"), py::arg("block_tables"), py::arg("cache_lens"),
              py::arg("query_starts"), py::arg("scale"), py::arg("sliding_window") = 0,
-             py::arg("logit_softcap") = 0.0);
-  module.def("write_kv", &sluice::write_kv);
+             py::arg("logit_softcap") = 0.0, py::arg("key_scale") = 1.0,
+             py::arg("value_scale") = 1.0);
+  module.def("write_kv", &sluice::write_kv, py::arg("key_cache"), py::arg("value_cache"),
+             py::arg("key"), py::arg("value"), py::arg("slot_mapping"), py::arg("key_scale") = 1.0,
+             py::arg("value_scale") = 1.0);
   module.def("rms_norm", &sluice::rms_norm);
   module.def("add_rms_norm", &sluice::add_rms_norm);
   module.def("rotary_", &sluice::rotary_);

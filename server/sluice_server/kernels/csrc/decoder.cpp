@@ -68,7 +68,8 @@ at::Tensor query_key_heads(const DecoderLayerWeights& layer, const at::Tensor& q
 
 // The attention block on the normalised stream: its output, [T, hidden].
 at::Tensor attend(const DecoderLayerWeights& layer, const at::Tensor& normed,
-                  const StepInputs& step, at::Tensor& key_cache, at::Tensor& value_cache) {
+                  const StepInputs& step, at::Tensor& key_cache, at::Tensor& value_cache,
+                  double key_scale, double value_scale) {
   const int64_t tokens = normed.size(0);
   const int64_t query_size = layer.num_heads * layer.head_dim;
   const int64_t kv_size = layer.num_kv_heads * layer.head_dim;
@@ -79,10 +80,12 @@ at::Tensor attend(const DecoderLayerWeights& layer, const at::Tensor& normed,
   rotary_(heads, step.cos, step.sin);
   const auto query_key = heads.split({layer.num_heads, layer.num_kv_heads}, 1);
   const at::Tensor value = query_key_value[1].view({tokens, layer.num_kv_heads, layer.head_dim});
-  write_kv(key_cache, value_cache, query_key[1], value, step.slot_mapping);
+  write_kv(key_cache, value_cache, query_key[1], value, step.slot_mapping, key_scale,
+           value_scale);
   const at::Tensor attended = paged_attention(
       query_key[0], key_cache, value_cache, step.block_tables, step.cache_lens,
-      step.query_starts, layer.scale, layer.sliding_window, layer.logit_softcap);
+      step.query_starts, layer.scale, layer.sliding_window, layer.logit_softcap, key_scale,
+      value_scale);
   return project(layer.output, attended.view({tokens, query_size}), step);
 }
 
@@ -141,9 +144,12 @@ DecoderStack::DecoderStack(std::vector<DecoderLayerWeights> layers) : layers_(st
 
 std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
     at::Tensor hidden, const StepInputs& step, std::vector<at::Tensor> key_caches,
-    std::vector<at::Tensor> value_caches) const {
-  TORCH_CHECK(key_caches.size() == layers_.size() && value_caches.size() == layers_.size(),
-              "one key and one value cache per layer");
+    std::vector<at::Tensor> value_caches, std::vector<double> key_scales,
+    std::vector<double> value_scales) const {
+  const size_t layers = layers_.size();
+  TORCH_CHECK(key_caches.size() == layers && value_caches.size() == layers &&
+                  key_scales.size() == layers && value_scales.size() == layers,
+              "one key and one value cache, and their scales, per layer");
   // The residual add is deferred into the next norm, which fuses the two; the first layer starts
   // the stream from the embeddings.
   at::Tensor residual;
@@ -156,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor> DecoderStack::forward(
       residual = hidden;
       normed = rms_norm(hidden, layer.input_norm, layer.norm_eps);
     }
-    hidden = attend(layer, normed, step, key_caches[index], value_caches[index]);
+    hidden = attend(layer, normed, step, key_caches[index], value_caches[index],
+                    key_scales[index], value_scales[index]);
     normed = add_rms_norm(hidden, residual, layer.post_attention_norm, layer.norm_eps);
     hidden = mlp(layer, normed, step);
   }

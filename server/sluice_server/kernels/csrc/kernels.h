@@ -17,9 +17,11 @@ bool attention_has_dot_products();
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& cache_lens, const at::Tensor& query_starts,
-                           double scale, int64_t sliding_window, double logit_softcap);
+                           double scale, int64_t sliding_window, double logit_softcap,
+                           double key_scale, double value_scale);
 void write_kv(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key,
-              const at::Tensor& value, const at::Tensor& slot_mapping);
+              const at::Tensor& value, const at::Tensor& slot_mapping, double key_scale,
+              double value_scale);
 
 // linear.cpp: the bfloat16 matmul of CPUs with AVX512-BF16 or AVX2.
 bool has_linear_bf16();
@@ -125,9 +127,12 @@ class DecoderStack {
  public:
   explicit DecoderStack(std::vector<DecoderLayerWeights> layers);
   // (the last layer's block output, the residual stream before it), as the Python layers return.
+  // Per layer: its key and value caches, and the scales an 8-bit cache stores them divided by.
   std::tuple<at::Tensor, at::Tensor> forward(at::Tensor hidden, const StepInputs& step,
                                              std::vector<at::Tensor> key_caches,
-                                             std::vector<at::Tensor> value_caches) const;
+                                             std::vector<at::Tensor> value_caches,
+                                             std::vector<double> key_scales,
+                                             std::vector<double> value_scales) const;
 
  private:
   std::vector<DecoderLayerWeights> layers_;

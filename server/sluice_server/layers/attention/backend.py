@@ -57,10 +57,15 @@ class LayerKVCache:
 
     Slot s is token s % block_size of block s // block_size. Heads come first so that a batch's
     blocks, per head, line up each sequence's tokens back to back.
+
+    An 8-bit float cache holds the keys divided by `key_scale` and the values by `value_scale`
+    (a checkpoint's calibrated scales, 1 without them); any other holds them as they are.
     """
 
     key: torch.Tensor
     value: torch.Tensor
+    key_scale: float = 1.0
+    value_scale: float = 1.0
 
     @property
     def block_size(self) -> int:

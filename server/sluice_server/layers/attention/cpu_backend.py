@@ -70,7 +70,9 @@ class CompiledCpuAttentionBackend(AttentionBackend):
         value: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        self.kernels.write_kv(cache.key, cache.value, key, value, slot_mapping)
+        self.kernels.write_kv(
+            cache.key, cache.value, key, value, slot_mapping, cache.key_scale, cache.value_scale
+        )
 
     def attend(
         self,
@@ -93,4 +95,6 @@ class CompiledCpuAttentionBackend(AttentionBackend):
             # The kernel's 0: no window, no cap.
             params.sliding_window or 0,
             params.logit_softcap or 0.0,
+            cache.key_scale,
+            cache.value_scale,
         )

@@ -16,7 +16,7 @@ explicit matmul and softmax in float32.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -176,13 +176,14 @@ class TorchAttentionMetadata(AttentionMetadata):
         return not self.fresh_prefills and not self.cached_prefills
 
 
-def _stored(rows: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """`rows` as a cache of `cache_dtype` holds them: an 8-bit float saturates at its largest
-    value rather than overflowing to NaN or infinity."""
+def _stored(rows: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """`rows` as a cache of `cache_dtype` holds them: an 8-bit float divided by `scale`, and
+    saturated at its largest value rather than overflowing to NaN or infinity."""
     if rows.dtype == cache_dtype:
         return rows
     largest = torch.finfo(cache_dtype).max
-    return rows.clamp(-largest, largest).to(cache_dtype)
+    scaled = rows if scale == 1.0 else rows.float() / scale
+    return scaled.clamp(-largest, largest).to(cache_dtype)
 
 
 def _gather_blocks(
@@ -291,8 +292,11 @@ class TorchAttentionBackend(AttentionBackend):
         slot_mapping: torch.Tensor,
     ) -> None:
         num_kv_heads, head_dim = key.shape[1:]
-        for rows, layer_cache in ((key, cache.key), (value, cache.value)):
-            stored = _stored(rows, layer_cache.dtype)
+        for rows, layer_cache, scale in (
+            (key, cache.key, cache.key_scale),
+            (value, cache.value, cache.value_scale),
+        ):
+            stored = _stored(rows, layer_cache.dtype, scale)
             if layer_cache.dtype.itemsize == 1:  # index_copy_ has no 8-bit float kernels
                 layer_cache, stored = layer_cache.view(torch.uint8), stored.view(torch.uint8)
             layer_cache.view(num_kv_heads, -1, head_dim).index_copy_(
@@ -391,6 +395,24 @@ class TorchAttentionBackend(AttentionBackend):
         params: AttentionParams,
     ) -> torch.Tensor:
         assert isinstance(metadata, TorchAttentionMetadata)
+        if cache.key_scale == 1.0 and cache.value_scale == 1.0:
+            return self._attend_stored(query, key, value, cache, metadata, params)
+        # Attending the stored keys and values, the scores take the keys' scale and the output the
+        # values'.
+        params = replace(params, scale=params.scale * cache.key_scale)
+        attended = self._attend_stored(query, key, value, cache, metadata, params)
+        return attended * cache.value_scale
+
+    def _attend_stored(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cache: LayerKVCache,
+        metadata: TorchAttentionMetadata,
+        params: AttentionParams,
+    ) -> torch.Tensor:
+        """attend() on the cache's values as stored (before its scales)."""
         decodes = metadata.decodes
         if decodes is not None and metadata.decodes_only:
             # The common step: no gather and scatter of rows.
@@ -403,7 +425,10 @@ class TorchAttentionBackend(AttentionBackend):
             )
         if metadata.fresh_prefills and cache.key.dtype != key.dtype:
             # Prompts attend their own K/V as the cache holds them, as later steps will read them.
-            key, value = (_stored(rows, cache.key.dtype).to(rows.dtype) for rows in (key, value))
+            key, value = (
+                _stored(rows, cache.key.dtype, scale).to(rows.dtype)
+                for rows, scale in ((key, cache.key_scale), (value, cache.value_scale))
+            )
         for group in metadata.fresh_prefills:
             output[group.token_rows] = self._attend_fresh(query, key, value, group, params)
         for prefill in metadata.cached_prefills:
