@@ -35,7 +35,8 @@ tokens whole (no other request running), `--rounds` of each length (3), their me
 prompt tokens per second; with `--kernel-times`, each kernel entry point's milliseconds in the
 last of them. With `--against REV`, decode or prompt steps, the same steps with the kernel
 source at that git revision too (a second model and KV cache), the two taking turns step by
-step and, for decode steps, going first in turn:
+step and, for decode steps, going first in turn (the revision's kernels must take the present
+Python code's arguments: the KV cache's scales since c523bee):
 
     python benchmark/profile_step.py --model DIR --prefill 512 1024 2048 --kernel-times
     python benchmark/profile_step.py --model DIR --prefill 2048 4096 --rounds 6 --against HEAD~1

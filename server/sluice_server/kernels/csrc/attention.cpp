@@ -64,6 +64,11 @@ template <typename C>
 constexpr bool kAvx2Reads =
     std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16> || kIsFp8<C>;
 
+// What the AVX2 loops read an element of a C cache as, over its value: e4m3 codes as their value
+// times 2^-8, a multiply fewer per 8 codes, made up by the call's key and value scales.
+template <typename C>
+constexpr float kAvx2ReadScale = std::is_same_v<C, c10::Float8_e4m3fn> ? 1.f / 256 : 1.f;
+
 // The float32 value of each of the 256 codes of an 8-bit float.
 template <typename C>
 const std::vector<float>& fp8_values() {
@@ -419,7 +424,7 @@ inline void accumulate_pairs(float* __restrict accumulators, int64_t head_dim, i
 // dimensions costs one or two loads and a multiply-add per query vector, with no gather.
 constexpr int64_t kAvx2Columns = 8;
 
-// 8 elements of a cache as float32, exactly.
+// 8 elements of a cache as float32, exactly, times kAvx2ReadScale.
 inline __m256 load_floats_x8(const float* source) { return _mm256_loadu_ps(source); }
 inline __m256 load_floats_x8(const at::BFloat16* source) { return load_bf16x8(source); }
 
@@ -435,11 +440,10 @@ inline __m256 load_floats_x8(const c10::Float8_e5m2* source) {
 }
 
 // An e4m3 code's exponent and mantissa moved one bit down (the sign stays) make a float16 of its
-// value times 2^-8 (exponent bias 15 against 7), subnormals included; the product is exact.
+// value times 2^-8 (exponent bias 15 against 7), subnormals included: kAvx2ReadScale.
 inline __m256 load_floats_x8(const c10::Float8_e4m3fn* source) {
   const __m128i shifted = _mm_srai_epi16(fp8_codes_x8(source), 1);  // The sign in bits 15 and 14.
-  const __m128i half = _mm_and_si128(shifted, _mm_set1_epi16(static_cast<int16_t>(0xBFFF)));
-  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+  return _mm256_cvtph_ps(_mm_and_si128(shifted, _mm_set1_epi16(static_cast<int16_t>(0xBFFF))));
 }
 
 inline __m256 broadcast_query_pair(const float* pair) {
@@ -2107,16 +2111,19 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
         with_cache_type<T>(value_cache.scalar_type(), [&](auto cache_type) {
           using C = typename decltype(cache_type)::type;
           const bool fast = has_fast_path<T, C>(geometry.head_dim, geometry.block_size);
-          // A key's score is its stored value's times key_scale: the queries take the factor.
-          const BlockShape shape{geometry.head_dim, geometry.block_size, fast,
-                                 !fast && has_avx2_scores<C>(geometry.block_size),
-                                 !fast && has_avx2_values<C>(geometry.head_dim),
-                                 static_cast<float>(scale * key_scale)};
+          const bool avx2_scores = !fast && has_avx2_scores<C>(geometry.block_size);
+          const bool avx2_values = !fast && has_avx2_values<C>(geometry.head_dim);
+          // A key's score is its stored value's times key_scale: the queries take the factor, and
+          // the output that of the values (as the AVX2 loops read them, kAvx2ReadScale).
+          const double key_read = avx2_scores ? kAvx2ReadScale<C> : 1.0;
+          const double value_read = avx2_values ? kAvx2ReadScale<C> : 1.0;
+          const BlockShape shape{geometry.head_dim, geometry.block_size, fast, avx2_scores,
+                                 avx2_values, static_cast<float>(scale * key_scale / key_read)};
           const AttentionData<T, C> data{
               query.data_ptr<T>(),              key_cache.data_ptr<C>(),
               value_cache.data_ptr<C>(),        output.data_ptr<T>(),
               block_tables.data_ptr<int32_t>(), cache_lens.data_ptr<int32_t>(),
-              query_starts.data_ptr<int32_t>(), static_cast<float>(value_scale)};
+              query_starts.data_ptr<int32_t>(), static_cast<float>(value_scale / value_read)};
           paged_attention_impl(geometry, shape, data, num_sequences,
                                static_cast<float>(logit_softcap));
         });
