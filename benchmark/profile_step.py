@@ -83,8 +83,8 @@ from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
 from sluice_server.engine.step import StepExecutor
 from sluice_server.kernels import CpuFeatures, Kernels, select_kernels
 from sluice_server.layers.attention import CompiledCpuAttentionBackend
-from sluice_server.layers.ops import CompiledCpuOps
 from sluice_server.layers.linear import Linear
+from sluice_server.layers.ops import CompiledCpuOps
 from sluice_server.models.loader import load_model
 from sluice_server.pb import generate_pb2 as pb
 
