@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "server"))
+
+from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
+
 DEFAULT_MODEL = Path.home() / ".cache" / "sluice" / "models" / "SmolLM2-135M-Instruct"
-FORMATS = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def projections_outputs(model_dir: Path, tokens: int) -> dict[str, list[torch.Tensor]]:
@@ -58,7 +62,7 @@ def main() -> None:
     result: dict[str, dict[str, dict[str, float]]] = {}
     for name, layers in outputs.items():
         result[name] = {}
-        for format_name, dtype in FORMATS.items():
+        for format_name, dtype in KV_CACHE_DTYPES.items():
             largest = torch.finfo(dtype).max
             as_stored = [relative_error(rows, dtype, 1.0) for rows in layers]
             scaled = [

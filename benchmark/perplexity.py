@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine
 from run_all import BENCH, DEFAULT_MODEL, REPO, check_model, write_results
 from servers import running, sluice_spec
+from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -282,7 +283,7 @@ def main() -> None:
     )
     p.add_argument(
         "--kv-cache-dtype",
-        choices=["fp8_e4m3fn", "fp8_e5m2"],
+        choices=list(KV_CACHE_DTYPES),
         help="Sluice's KV cache in 8 bits (transformers keeps the model's dtype: the difference "
         "is what the cache costs)",
     )

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine
 from run_all import BENCH, DEFAULT_MODEL, check_model, run_json, write_results
 from servers import ExitedBeforeHealthy, Running, llama_server_spec, running, sluice_spec
+from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
 from sluice_server.gguf_files import default_gguf_path
 
 # Llama 3 8B: the projections' shapes (out, in) per layer, and the untied embeddings and LM head.
@@ -100,10 +101,7 @@ VARIANTS = {
         for method in ("fp8", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4")
     },
     "llama.cpp": Variant(llama_server=True),
-    **{
-        f"kv-{dtype}": Variant(flags=("--kv-cache-dtype", dtype))
-        for dtype in ("fp8_e4m3fn", "fp8_e5m2")
-    },
+    **{f"kv-{dtype}": Variant(flags=("--kv-cache-dtype", dtype)) for dtype in KV_CACHE_DTYPES},
 }
 
 

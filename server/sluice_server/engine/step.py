@@ -253,14 +253,14 @@ class StepExecutor:
             num_blocks * self.cache_spec.bytes_per_block / 2**30,
             str(self.cache_spec.dtype).removeprefix("torch."),
         )
-        if any(scales != (1.0, 1.0) for scales in self.cache_spec.scales):
-            logger.info("KV cache: keys and values stored divided by the checkpoint's scales")
-        elif self.cache_spec.dtype.itemsize > 1 and any(
-            scales != (1.0, 1.0) for scales in self.loaded.model.kv_cache_scales()
-        ):
-            logger.info(
-                "the checkpoint has KV cache scales, which apply with --kv-cache-dtype fp8_e4m3fn"
-            )
+        if any(scales != (1.0, 1.0) for scales in self.loaded.model.kv_cache_scales()):
+            if self.cache_spec.scales:  # An 8-bit cache's.
+                logger.info("KV cache: keys and values stored divided by the checkpoint's scales")
+            else:
+                logger.info(
+                    "the checkpoint has KV cache scales, which apply with --kv-cache-dtype "
+                    "fp8_e4m3fn"
+                )
         return num_blocks
 
     def step(

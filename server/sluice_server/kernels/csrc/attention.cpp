@@ -1040,8 +1040,7 @@ struct ItemScratch {
         query_pairs(kTileRows * geometry.group * geometry.head_dim / 2),
         accumulators(kTileRows * geometry.group * geometry.head_dim),
         maxima(kTileRows * geometry.group),
-        sums(kTileRows * geometry.group),
-        widened_block(geometry.block_elements()) {}
+        sums(kTileRows * geometry.group) {}
 
   QueryVectors vectors_from(int64_t first, int64_t count, int64_t head_dim) const {
     return {queries.data() + first * head_dim, count};
@@ -1084,6 +1083,7 @@ void read_block(const C* block, bool in_place, int64_t elements, ItemScratch& sc
   if constexpr (kIsFp8<C>) {
     if (!in_place) {
       const float* values = fp8_values<C>().data();
+      scratch.widened_block.resize(elements);  // Only 8-bit caches off the AVX2 loops need it.
       float* widened = scratch.widened_block.data();
       for (int64_t i = 0; i < elements; ++i) widened[i] = values[block[i].x];
       read(static_cast<const float*>(widened));
@@ -1844,7 +1844,7 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
         for (size_t k = 0; k < thread_run.count; ++k) order.push_back(thread_run.first_item + k);
       }
       KeyPrefetcher<T, C> prefetcher(geometry, data, items, order,
-                                  prefetch_distance<T>(geometry, shape));
+                                     prefetch_distance<T>(geometry, shape));
       const auto attend_one = [&](const AttentionItem& item) {
         const ItemSpan span = span_of(geometry, data, item);
         prefetcher.start();
