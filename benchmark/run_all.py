@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report
 import servers
 from load import ROUTES, LevelResult, Target, make_prompts, run_chat, run_level
+from machine import ISA_CAP_VARIABLES
 from servers import (
     CpuMark,
     MemorySampler,
@@ -139,8 +140,9 @@ class Settings:
     quantized_rounds: int
     route: str  # load.py's route, the same for every server
     # Each server at its fastest dtype on this CPU. Sluice: bfloat16 where the CPU computes in it
-    # natively or Sluice's compiled matmul runs it (AVX2 without AVX-512). vLLM, the transformers baseline and the
-    # matmul peak: bfloat16 only where native (emulated bfloat16 would handicap them).
+    # natively or Sluice's compiled matmul runs it (AVX2 without AVX-512). vLLM, the transformers
+    # baseline and the matmul peak: bfloat16 only where native (emulated bfloat16 would handicap
+    # them).
     sluice_dtype: str
     peer_dtype: str
     quick: bool
@@ -860,6 +862,13 @@ def main() -> None:
         if not sys.argv[1:]
         else shlex.join(["python", "benchmark/run_all.py", *sys.argv[1:]])
     )
+    # The variables that change what the servers run, as a rerun must set them.
+    settings_from_environment = [
+        f"{name}={shlex.quote(os.environ[name])}"
+        for name in (*ISA_CAP_VARIABLES, "LLAMA_PEER_HOME")
+        if os.environ.get(name)
+    ]
+    command = " ".join([*settings_from_environment, command])
     results = run(settings, command)
     write_outputs(settings, results)
     if results["errors"]:

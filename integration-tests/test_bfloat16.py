@@ -3,12 +3,14 @@ path with Sluice's own bfloat16 matmul, which the float32 modules do not take; a
 model quantized in bfloat16, its GGUF file (whose 4-bit codes AVX512-BF16 CPUs without AMX
 multiply by bfloat16 dot products), `--quantize fp8` (whose codes AVX512-BF16 CPUs convert to
 bfloat16 for dot products, or for AMX's tiles where the CPU has them) and `--quantize
-bitsandbytes-nf4` (whose levels AVX512-BF16 CPUs look up in bfloat16, for the same), and an
+bitsandbytes-nf4` (whose levels AVX512-BF16 CPUs look up in bfloat16, for the same), an
 8-bit KV cache (`--kv-cache-dtype fp8_e4m3fn`, whose codes AVX512-BF16 CPUs widen to bfloat16
-for attention's dot products); the float32 quantized modules take other paths."""
+for attention's dot products), and the paths of a CPU without AVX-512 on any AVX2 CPU
+(`SLUICE_MAX_CPU_ISA=avx2`); the float32 quantized modules take other paths."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +30,8 @@ def _cpu_runs_sluice_bfloat16_matmul() -> bool:
 
 
 @pytest.fixture(
-    scope="module", params=["unquantized", "gguf", "fp8", "bitsandbytes-nf4", "fp8-kv-cache"]
+    scope="module",
+    params=["unquantized", "gguf", "fp8", "bitsandbytes-nf4", "fp8-kv-cache", "avx2-paths"],
 )
 def server(request: pytest.FixtureRequest) -> Iterator[SluiceServer]:
     if not _cpu_runs_sluice_bfloat16_matmul():
@@ -36,10 +39,14 @@ def server(request: pytest.FixtureRequest) -> Iterator[SluiceServer]:
         pytest.skip("needs AVX512-BF16 or AVX2 with FMA (this CPU lacks them)")
     quantize = {
         "unquantized": [],
+        "avx2-paths": [],
         "fp8-kv-cache": ["--kv-cache-dtype", "fp8_e4m3fn"],
     }.get(request.param, ["--quantize", request.param])
     limits = ("--max-input-tokens", "256", "--max-total-tokens", "512")
-    yield from serve(*limits, *quantize, dtype="bfloat16")
+    environment = (
+        {**os.environ, "SLUICE_MAX_CPU_ISA": "avx2"} if request.param == "avx2-paths" else None
+    )
+    yield from serve(*limits, *quantize, dtype="bfloat16", env=environment)
 
 
 def test_batched_requests_match_each_alone(server: SluiceServer, chat_prompt) -> None:
@@ -52,3 +59,12 @@ def test_batched_requests_match_each_alone(server: SluiceServer, chat_prompt) ->
         together = list(pool.map(lambda p: generate(server, p, max_new_tokens=24), prompts))
     assert [r["generated_text"] for r in together] == [r["generated_text"] for r in solo]
     assert len({r["generated_text"] for r in solo}) == len(prompts)
+
+
+def test_the_shard_says_when_its_cpu_paths_are_capped(
+    server: SluiceServer, request: pytest.FixtureRequest
+) -> None:
+    capped = request.node.callspec.params["server"] == "avx2-paths"
+    log = server.log_path.read_text(errors="replace")
+    assert ("SLUICE_MAX_CPU_ISA=avx2: CPU paths and kernels for x86-64-v3" in log) == capped, log
+    assert ("(sluice_cpu_kernels_avx2)" in log) == capped, log

@@ -277,7 +277,7 @@ def _build_kernels(args: argparse.Namespace) -> int:
 
     try:
         module = load_cpu_kernels(args.kernel_cache_dir)
-    except KernelBuildError as error:
+    except (KernelBuildError, ValueError) as error:
         return _fail(str(error))
     print(module.__file__)
     return 0
@@ -289,6 +289,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .engine.kv_cache import KV_CACHE_DTYPES
     from .engine.step import StepExecutor
     from .kernels import KernelBuildError, select_kernels
+    from .kernels.cpu_features import MAX_ISA_VARIABLE, CpuFeatures
     from .layers.tensor_parallel import join_group
     from .models.loader import ModelLoadError, load_model
     from .service import TextGenerationServicer
@@ -310,6 +311,17 @@ def _serve(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        try:
+            cpu = CpuFeatures.detect()
+        except ValueError as error:
+            return _fail(str(error))
+        if cpu.max_isa is not None:
+            logger.info(
+                "%s=%s: CPU paths and kernels for %s",
+                MAX_ISA_VARIABLE,
+                cpu.max_isa,
+                "x86-64-v3 (AVX2, no AVX-512)" if cpu.max_isa == "avx2" else "plain x86-64",
+            )
         if rendezvous.world_size > 1:
             # The ranks share the host's cores rather than each claiming them all.
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // rendezvous.world_size))
@@ -323,7 +335,7 @@ def _serve(args: argparse.Namespace) -> int:
         kernels = select_kernels(args.kernels, device, args.kernel_cache_dir)
     except KernelBuildError as error:
         return _fail(str(error))
-    logger.info("kernels: %s, %s", type(kernels.attention).__name__, type(kernels.ops).__name__)
+    logger.info("kernels: %s", kernels.describe())
     dtype_name = args.dtype
     if dtype_name == "auto":
         dtype_name = default_dtype_name(device, kernels.compiled)

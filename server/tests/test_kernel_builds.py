@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import KERNEL_CACHE_DIR
 from sluice_server.kernels import (
     CpuFeatures,
     KernelBuild,
@@ -18,6 +19,7 @@ from sluice_server.kernels import (
     select_kernels,
 )
 from sluice_server.kernels.build import compiler, sanitizer_preloads
+from sluice_server.kernels.cpu_features import lacks
 from sluice_server.layers.attention import TorchAttentionBackend
 from sluice_server.layers.ops import CompiledCpuOps, LinearMatmul
 
@@ -71,6 +73,54 @@ def test_builds_say_where_they_cannot_run() -> None:
     assert KernelBuild("native").unrunnable_reason(arm) is None
     with pytest.raises(ValueError, match="unknown kernel ISA 'avx9'"):
         KernelBuild("avx9")
+
+
+def test_a_max_isa_hides_the_instructions_above_it() -> None:
+    with_amx = CpuFeatures(
+        AVX512_BF16.flags | {"amx_tile", "amx_bf16", "amx_int8", "avx_vnni"},
+        "x86_64",
+        onednn_bf16=True,
+        onednn_fp16=True,
+    )
+    assert with_amx.capped(None) is with_amx and with_amx.kernel_isa == "native"
+    avx2 = with_amx.capped("avx2")
+    assert avx2.flags == AVX2_ONLY.flags
+    assert (avx2.avx2, avx2.avx512, avx2.amx, avx2.native_bf16) == (True, False, False, False)
+    assert not (avx2.onednn_bf16 or avx2.onednn_fp16)
+    assert avx2.kernel_isa == "avx2" and avx2.max_isa == "avx2"
+    # The same decisions as a CPU without AVX-512.
+    assert avx2.sluice_bf16_matmul and AVX2_ONLY.sluice_bf16_matmul
+    for compiled in (True, False):
+        assert avx2.default_dtype_name(compiled) == AVX2_ONLY.default_dtype_name(compiled)
+    portable = with_amx.capped("portable")
+    assert portable.flags == NO_AVX2.flags and portable.kernel_isa == "portable"
+    # A cap never adds what the CPU lacks.
+    assert NO_AVX2.capped("avx2").kernel_isa == "portable"
+    with pytest.raises(ValueError, match="SLUICE_MAX_CPU_ISA must be one of avx2, portable"):
+        with_amx.capped("avx512")
+
+
+def test_the_max_isa_is_read_when_the_cpu_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_MAX_CPU_ISA", "portable")
+    assert CpuFeatures.detect().max_isa == "portable"
+    assert not CpuFeatures.detect().avx2
+    assert CpuFeatures.hardware().max_isa is None
+    monkeypatch.setenv("SLUICE_MAX_CPU_ISA", "")
+    assert CpuFeatures.detect() == CpuFeatures.hardware()
+
+
+def test_a_capped_cpu_loads_the_kernels_built_for_the_cap(
+    monkeypatch: pytest.MonkeyPatch, cpu: CpuFeatures
+) -> None:
+    if not cpu.avx2:
+        pytest.skip(lacks("AVX2"))
+    monkeypatch.setenv("SLUICE_MAX_CPU_ISA", "avx2")
+    kernels = select_kernels("compiled", torch.device("cpu"), KERNEL_CACHE_DIR)
+    assert isinstance(kernels.ops, CompiledCpuOps)
+    assert kernels.ops.kernels.__name__ == "sluice_cpu_kernels_avx2"
+    assert not kernels.ops.cpu.avx512 and kernels.ops.cpu.sluice_bf16_matmul
+    packed = kernels.ops.pack_linear(torch.randn(64, 32).to(torch.bfloat16), None)
+    assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
 
 
 def test_bfloat16_projections_take_the_matmul_the_cpu_has(compiled_kernels: Kernels) -> None:

@@ -241,3 +241,17 @@ def test_serve_command_fails_clearly_on_a_bad_model_dir(tmp_path: Path) -> None:
     assert stderr.strip().splitlines()[-1] == (
         f"sluice-server: error: not a model directory: {missing_config} does not exist"
     )
+
+
+def test_serve_command_refuses_an_unknown_max_cpu_isa(
+    tmp_path: Path, tiny_llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLUICE_MAX_CPU_ISA", "avx512")
+    process = run_cli(
+        "serve", str(tiny_llama[0]), "--uds-path", str(tmp_path / "shard.sock"), "--device", "cpu"
+    )
+    _stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "sluice-server: error: SLUICE_MAX_CPU_ISA must be one of avx2, portable, got 'avx512'"
+    )

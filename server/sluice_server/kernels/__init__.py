@@ -45,6 +45,13 @@ class Kernels:
         """Whether these are Sluice's compiled CPU kernels (else the PyTorch reference)."""
         return isinstance(self.ops, CompiledCpuOps)
 
+    def describe(self) -> str:
+        """The backends' names, and the compiled build's (which says what it was built for)."""
+        names = f"{type(self.attention).__name__}, {type(self.ops).__name__}"
+        if isinstance(self.ops, CompiledCpuOps):
+            return f"{names} ({self.ops.kernels.__name__})"
+        return names
+
     @classmethod
     def reference(cls, cpu: CpuFeatures | None = None) -> "Kernels":
         """Plain PyTorch: any device, and the reference the compiled kernels are tested against."""

@@ -121,7 +121,7 @@ def sanitizer_preloads() -> list[Path] | None:
 
 def _cpu_identity() -> str:
     """The CPU model and feature flags, which decide what -march=native emits."""
-    cpu = CpuFeatures.detect()
+    cpu = CpuFeatures.hardware()
     return f"{cpu.machine} {' '.join(sorted(cpu.flags))}"
 
 
@@ -160,8 +160,9 @@ def load_cpu_kernels(cache_dir: Path, build: KernelBuild | None = None) -> Modul
     build. KernelBuildError if there is no compiler, the build fails, or it cannot run here."""
     from torch.utils import cpp_extension
 
-    build = build or KernelBuild()
-    reason = build.unrunnable_reason(CpuFeatures.detect())
+    cpu = CpuFeatures.detect()
+    build = build or KernelBuild(cpu.kernel_isa)
+    reason = build.unrunnable_reason(cpu)
     if reason is not None:
         raise KernelBuildError(f"cannot run the {build.isa} kernel build: {reason}")
     directory = build_directory(cache_dir, build)

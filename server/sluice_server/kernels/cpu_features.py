@@ -4,11 +4,14 @@ here, and which tests apply.
 
 The instruction sets come from the flags the kernel reports (/proc/cpuinfo). oneDNN's bfloat16
 support is asked of oneDNN itself, since it can also be capped below the CPU's
-(`ONEDNN_MAX_CPU_ISA`).
+(`ONEDNN_MAX_CPU_ISA`). `SLUICE_MAX_CPU_ISA` caps Sluice's the same way: `avx2` runs the paths
+and kernels of a CPU without AVX-512 (x86-64-v3), `portable` those of a plain x86-64; it is read
+each time the CPU is detected, not at import.
 """
 
+import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +37,15 @@ def _onednn_supports(dtype: str) -> bool:
     return bool(check()) if check is not None else False
 
 
+MAX_ISA_VARIABLE = "SLUICE_MAX_CPU_ISA"
+# What each cap hides, by flag prefix: `avx2` hides AVX-512, AMX and the VEX extensions newer
+# than x86-64-v3 (AVX-VNNI, AVX-NE-CONVERT...); `portable` hides AVX, FMA, F16C and BMI too.
+HIDDEN_BY_MAX_ISA = {
+    "avx2": ("avx512", "amx", "avx_"),
+    "portable": ("avx", "amx", "fma", "f16c", "bmi"),
+}
+
+
 @dataclass(frozen=True)
 class CpuFeatures:
     """The CPU's feature flags (as Linux names them) and oneDNN's half-precision support."""
@@ -42,15 +54,44 @@ class CpuFeatures:
     machine: str
     onednn_bf16: bool
     onednn_fp16: bool = False
+    # The SLUICE_MAX_CPU_ISA these flags were capped to, if any.
+    max_isa: str | None = None
 
     @classmethod
     def detect(cls) -> "CpuFeatures":
+        """This CPU, capped by SLUICE_MAX_CPU_ISA where it is set."""
+        return cls.hardware().capped(os.environ.get(MAX_ISA_VARIABLE) or None)
+
+    @classmethod
+    def hardware(cls) -> "CpuFeatures":
+        """This CPU, uncapped."""
         return cls(
             _cpuinfo_flags(),
             platform.machine().lower(),
             _onednn_supports("bf16"),
             _onednn_supports("fp16"),
         )
+
+    def capped(self, max_isa: str | None) -> "CpuFeatures":
+        """These features with the flags `max_isa` hides removed (None: unchanged). oneDNN's
+        half-precision matmuls need AVX-512 or AVX-NE-CONVERT, which every cap hides."""
+        if max_isa is None:
+            return self
+        if max_isa not in HIDDEN_BY_MAX_ISA:
+            raise ValueError(
+                f"{MAX_ISA_VARIABLE} must be one of {', '.join(HIDDEN_BY_MAX_ISA)}, got {max_isa!r}"
+            )
+        hidden = HIDDEN_BY_MAX_ISA[max_isa]
+        flags = frozenset(f for f in self.flags if not f.startswith(hidden))
+        return replace(self, flags=flags, onednn_bf16=False, onednn_fp16=False, max_isa=max_isa)
+
+    @property
+    def kernel_isa(self) -> str:
+        """The compiled kernels' build for these features (`KernelBuild.isa`): the CPU's own
+        (`native`) unless capped, else the cap's, where the CPU has it."""
+        if self.max_isa is None:
+            return "native"
+        return "avx2" if self.avx2 else "portable"
 
     @property
     def x86_64(self) -> bool:
