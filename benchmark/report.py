@@ -207,9 +207,15 @@ def capped_note(results: Results) -> str:
         "and made its choices as on such a CPU; PyTorch's operators, oneDNN and MKL ran capped "
         "in every server and the baseline; llama.cpp's server was "
         + ("built for AVX2 (no AVX-512)" if llama_capped else "built for this CPU, uncapped")
-        + ". vLLM's own compiled kernels were not capped: vLLM chooses their build from the "
-        "CPU's flags, so its figures are those of its AVX-512 build with PyTorch capped. Memory "
-        "and caches are this machine's, not those of a CPU without AVX-512.\n"
+        + ". "
+        + (
+            "vLLM chose its compiled kernels' AVX2 build (`vllm._C_AVX2`): PyTorch's checks of "
+            "AVX-512 and AMX, which it asks, answered no (benchmark/avx2_peer). "
+            if caps.get("ATEN_CPU_CAPABILITY") == "avx2"
+            else "vLLM's own compiled kernels were not capped: it chooses their build from the "
+            "CPU's flags. "
+        )
+        + "Memory and caches are this machine's, not those of a CPU without AVX-512.\n"
     )
 
 

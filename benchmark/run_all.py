@@ -64,6 +64,8 @@ from servers import (
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+# Put on vLLM's PYTHONPATH when PyTorch is capped to AVX2 (see its sitecustomize.py).
+AVX2_PEER = BENCH / "avx2_peer"
 
 DEFAULT_MODEL = Path.home() / ".cache" / "sluice" / "models" / "SmolLM2-135M-Instruct"
 # /metrics histograms whose mean per level makes the step-time breakdown.
@@ -452,11 +454,15 @@ def vllm_spec(settings: Settings) -> ServerSpec:
         "--enable-prefix-caching",
     ]
     # fmt: on
+    env = {**os.environ, "VLLM_DTYPE": settings.peer_dtype}
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        # vLLM picks its kernels from PyTorch's CPU checks, which this cap does not reach.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(AVX2_PEER), env.get("PYTHONPATH")]))
     return ServerSpec(
         "vllm",
         argv,
         port,
-        {**os.environ, "VLLM_DTYPE": settings.peer_dtype},
+        env,
         settings.logs / "vllm.log",
         settings.peer_startup_timeout_s,
         term_group=True,
