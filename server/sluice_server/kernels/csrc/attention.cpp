@@ -48,11 +48,19 @@ inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
 // intrinsics version (head sizes 64 and 128, block sizes multiples of 16: the fast path), and
 // elsewhere float32, bfloat16 and 8-bit float caches are worked on with AVX2 where the CPU has
 // it: keys scored for block sizes that are multiples of 8, values added for head sizes that are
-// multiples of 32.
+// multiples of 16, both from a float32 copy of the block made once per item where several
+// groups of vectors read it.
 // With AVX512-BF16 the fast path instead scores runs of several blocks and adds value rows in
 // pairs, both with bfloat16 dot products (attend_item_with_dot_products).
 
 constexpr int64_t kMaxVectors = 4;
+// The AVX2 scoring's register tile holds more (score_block_avx2): 6 x 2 sums, 2 runs of keys and
+// a broadcast fill 15 of the 16 registers.
+constexpr int64_t kAvx2ScoreVectors = 6;
+
+// The element type of a pointer to a cache block.
+template <typename P>
+using ElementOf = std::remove_cv_t<std::remove_pointer_t<P>>;
 
 // Whether a cache element type is one of the 8-bit floats (--kv-cache-dtype).
 template <typename C>
@@ -419,10 +427,19 @@ inline void accumulate_pairs(float* __restrict accumulators, int64_t head_dim, i
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Scoring with AVX2, 8 columns of a block at a time, for float32, bfloat16 and 8-bit float keys:
-// in the pair layout, the 8 columns' elements d and d + 1 are one contiguous run, so a pair of
-// dimensions costs one or two loads and a multiply-add per query vector, with no gather.
+// Scoring with AVX2, for float32, bfloat16 and 8-bit float keys, in register tiles of up to
+// kAvx2ScoreVectors query vectors and 16 keys: each query element, broadcast once, multiplies
+// both runs of 8 keys. Where an item's vectors take more than one tile (a prompt's), each block
+// is widened once to float32 as [head_dim][block_size] (widen_keys_avx2) and every tile reads
+// that; a decode's few vectors read the stored pairs in place. Scoring 8 keys at a time from the
+// stored pairs for every group of vectors took a broadcast per multiply-add and widened the block
+// again for each group: a long prompt's scoring ran at about half the AVX2 matmul's rate. Every
+// score is one chain of multiply-adds over d, in order, whichever tile computes it, so a
+// vector's scores do not depend on the other rows.
 constexpr int64_t kAvx2Columns = 8;
+// Vectors up to which an item's keys are scored in place: one tile of 4 x 2 sums, the 2 runs'
+// stored pairs and their widened halves.
+constexpr int64_t kAvx2InPlaceVectors = 4;
 
 // 8 elements of a cache as float32, exactly, times kAvx2ReadScale.
 inline __m256 load_floats_x8(const float* source) { return _mm256_loadu_ps(source); }
@@ -446,111 +463,199 @@ inline __m256 load_floats_x8(const c10::Float8_e4m3fn* source) {
   return _mm256_cvtph_ps(_mm_and_si128(shifted, _mm_set1_epi16(static_cast<int16_t>(0xBFFF))));
 }
 
-inline __m256 broadcast_query_pair(const float* pair) {
-  double bits;
-  std::memcpy(&bits, pair, sizeof(bits));
-  return _mm256_castpd_ps(_mm256_set1_pd(bits));
-}
+// Dimension d (even) or d + 1 (odd) of 8 keys, from the block as stored: their run of pairs.
+template <typename K>
+struct StoredKeys {
+  const K* keys_t;
+  int64_t block_size;
 
-// float32 (and 8-bit floats, widened to it): the run is 16 elements, (d, d + 1) of columns 0-3,
-// then of 4-7. Multiplied by the query's (d, d + 1) repeated, each column's two products sit side
-// by side, added once at the end.
-template <int64_t kVectors, typename K>
-inline void score_columns_avx2(BlockShape shape, QueryVectors queries, const K* __restrict keys_t,
-                               int64_t column, ScoreRows scores) {
-  const int64_t head_dim = shape.head_dim;
-  __m256 low[kVectors], high[kVectors];
-  for (int64_t v = 0; v < kVectors; ++v) low[v] = high[v] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < head_dim; d += 2) {
-    const K* pairs = keys_t + key_offset(d, column, shape.block_size);
-    const __m256 first = load_floats_x8(pairs);
-    const __m256 second = load_floats_x8(pairs + kAvx2Columns);
-    for (int64_t v = 0; v < kVectors; ++v) {
-      const __m256 query = broadcast_query_pair(queries.scaled + v * head_dim + d);
-      low[v] = _mm256_fmadd_ps(query, first, low[v]);
-      high[v] = _mm256_fmadd_ps(query, second, high[v]);
+  __m256 even(int64_t d, int64_t column) const { return half<0>(d, column); }
+  __m256 odd(int64_t d, int64_t column) const { return half<1>(d, column); }
+
+  template <int kOdd>
+  __m256 half(int64_t d, int64_t column) const {
+    const K* pairs = keys_t + key_offset(d, column, block_size);
+    if constexpr (std::is_same_v<K, at::BFloat16>) {
+      // 8 32-bit words, element d in the low half of each, d + 1 in the high.
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+      return _mm256_castsi256_ps(
+          kOdd ? _mm256_and_si256(words, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))
+               : _mm256_slli_epi32(words, 16));
+    } else {
+      // Keys 0-3's pairs, then 4-7's: the shuffle gives [0 1 4 5 2 3 6 7], the permute the order.
+      const __m256 first = load_floats_x8(pairs);
+      const __m256 second = load_floats_x8(pairs + kAvx2Columns);
+      const __m256 mixed = kOdd ? _mm256_shuffle_ps(first, second, 0xDD)
+                                : _mm256_shuffle_ps(first, second, 0x88);
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mixed), 0xD8));
     }
   }
-  for (int64_t v = 0; v < kVectors; ++v) {
-    // Adjacent sums come out as columns [0 1 4 5 2 3 6 7]; the 64-bit permute orders them.
-    const __m256 sums = _mm256_hadd_ps(low[v], high[v]);
-    _mm256_storeu_ps(scores.data + v * scores.stride + column,
-                     _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8)));
-  }
-}
+};
 
-// bfloat16: the run is 8 32-bit words, element d in the low half of each, d + 1 in the high.
-template <int64_t kVectors>
-inline void score_columns_avx2(BlockShape shape, QueryVectors queries,
-                               const at::BFloat16* __restrict keys_t, int64_t column,
-                               ScoreRows scores) {
-  const int64_t head_dim = shape.head_dim;
-  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m256 even[kVectors], odd[kVectors];
-  for (int64_t v = 0; v < kVectors; ++v) even[v] = odd[v] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < head_dim; d += 2) {
-    const __m256i pairs = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(keys_t + key_offset(d, column, shape.block_size)));
-    const __m256 keys_even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-    const __m256 keys_odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, high_half));
-    for (int64_t v = 0; v < kVectors; ++v) {
-      const float* q = queries.scaled + v * head_dim + d;
-      even[v] = _mm256_fmadd_ps(_mm256_set1_ps(q[0]), keys_even, even[v]);
-      odd[v] = _mm256_fmadd_ps(_mm256_set1_ps(q[1]), keys_odd, odd[v]);
+// The same from the block's float32 copy, [head_dim][block_size].
+struct WidenedKeys {
+  const float* keys;
+  int64_t block_size;
+
+  __m256 even(int64_t d, int64_t column) const {
+    return _mm256_loadu_ps(keys + d * block_size + column);
+  }
+  __m256 odd(int64_t d, int64_t column) const { return even(d + 1, column); }
+};
+
+// The block's keys as float32 [head_dim][block_size], times kAvx2ReadScale.
+template <typename K>
+inline void widen_keys_avx2(BlockShape shape, const K* __restrict keys_t,
+                            float* __restrict widened) {
+  const StoredKeys<K> stored{keys_t, shape.block_size};
+  for (int64_t d = 0; d < shape.head_dim; d += 2) {
+    for (int64_t column = 0; column < shape.block_size; column += kAvx2Columns) {
+      _mm256_storeu_ps(widened + d * shape.block_size + column, stored.even(d, column));
+      _mm256_storeu_ps(widened + (d + 1) * shape.block_size + column, stored.odd(d, column));
     }
   }
-  for (int64_t v = 0; v < kVectors; ++v) {
-    _mm256_storeu_ps(scores.data + v * scores.stride + column, _mm256_add_ps(even[v], odd[v]));
+}
+
+// scores[v][8 r + k] = queries[v] . key k of run r, for kRuns runs of 8 keys from `column`.
+// (The small loops are unrolled before the sums' array is split into registers; otherwise it
+// lives on the stack, stored to and loaded from at every multiply-add.)
+template <int kVectors, int kRuns, typename Keys>
+inline void score_runs_avx2(int64_t head_dim, QueryVectors queries, const Keys& keys,
+                            int64_t column, float* __restrict scores, int64_t score_stride) {
+  __m256 sums[kVectors][kRuns];
+#pragma GCC unroll 6
+  for (int v = 0; v < kVectors; ++v) {
+#pragma GCC unroll 2
+    for (int r = 0; r < kRuns; ++r) sums[v][r] = _mm256_setzero_ps();
+  }
+  // Dimension d's keys times every vector's element d, then d + 1's.
+  const auto add = [&](int64_t d, const __m256 (&runs)[kRuns]) {
+#pragma GCC unroll 6
+    for (int v = 0; v < kVectors; ++v) {
+      const __m256 query = _mm256_broadcast_ss(queries.scaled + v * head_dim + d);
+#pragma GCC unroll 2
+      for (int r = 0; r < kRuns; ++r) sums[v][r] = _mm256_fmadd_ps(query, runs[r], sums[v][r]);
+    }
+  };
+  for (int64_t d = 0; d < head_dim; d += 2) {
+    __m256 runs[kRuns];
+#pragma GCC unroll 2
+    for (int r = 0; r < kRuns; ++r) runs[r] = keys.even(d, column + r * kAvx2Columns);
+    add(d, runs);
+#pragma GCC unroll 2
+    for (int r = 0; r < kRuns; ++r) runs[r] = keys.odd(d, column + r * kAvx2Columns);
+    add(d + 1, runs);
+  }
+#pragma GCC unroll 6
+  for (int v = 0; v < kVectors; ++v) {
+#pragma GCC unroll 2
+    for (int r = 0; r < kRuns; ++r) {
+      _mm256_storeu_ps(scores + v * score_stride + r * kAvx2Columns, sums[v][r]);
+    }
   }
 }
 
-// Dimensions of the value rows one AVX2 accumulation pass holds in registers.
-constexpr int64_t kAvx2ValueChunk = 32;
-// Vectors one pass accumulates: 3 x 4 sums, 3 weights and a row's 8 values fill the 16 registers.
-constexpr int64_t kAvx2ValueVectors = 3;
+// score_block for up to kAvx2ScoreVectors vectors (up to kAvx2InPlaceVectors from StoredKeys).
+template <typename Keys>
+inline void score_block_avx2(BlockShape shape, QueryVectors queries, const Keys& keys,
+                             ScoreRows scores) {
+  with_count<kAvx2ScoreVectors>(queries.count, [&](auto n) {
+    constexpr int kVectors = decltype(n)::value;
+    int64_t column = 0;
+    for (; column + 2 * kAvx2Columns <= shape.block_size; column += 2 * kAvx2Columns) {
+      score_runs_avx2<kVectors, 2>(shape.head_dim, queries, keys, column, scores.data + column,
+                                   scores.stride);
+    }
+    if (column < shape.block_size) {
+      score_runs_avx2<kVectors, 1>(shape.head_dim, queries, keys, column, scores.data + column,
+                                   scores.stride);
+    }
+  });
+}
+
+// Dimensions of the value rows one AVX2 accumulation pass holds in registers at least.
+constexpr int64_t kAvx2ValueChunk = 16;
+// Vectors one pass accumulates: 6 x 2 sums, a row's 16 values and a weight fill 15 of the 16
+// registers, and each row's values, loaded once, serve six vectors.
+constexpr int64_t kAvx2ValueVectors = 6;
+
+// `elements` elements of value rows of a cache as float32, times kAvx2ReadScale.
+template <typename C>
+inline void widen_rows_avx2(const C* __restrict rows, int64_t elements, float* __restrict widened) {
+  for (int64_t i = 0; i < elements; i += 8) _mm256_storeu_ps(widened + i, load_floats_x8(rows + i));
+}
 
 // accumulate_block_generic's sums for up to kAvx2ValueVectors vectors, each element's in the same
-// order (row by row), with the vectors' sums of 32 dimensions kept in registers across the
+// order (row by row), with the vectors' sums of 8 kSums dimensions kept in registers across the
 // block's rows instead of loaded and stored for every row.
-template <int64_t kVectors, typename T>
+template <int kVectors, int kSums, typename T>
 inline void accumulate_block_avx2(int64_t head_dim, float* __restrict accumulators,
                                   const T* __restrict rows, int64_t num_rows, ScoreRows weights) {
-  constexpr int64_t kSums = kAvx2ValueChunk / 8;
-  for (int64_t chunk = 0; chunk < head_dim; chunk += kAvx2ValueChunk) {
-    __m256 sums[kVectors][kSums];
-    for (int64_t v = 0; v < kVectors; ++v) {
-      for (int64_t i = 0; i < kSums; ++i) {
+  constexpr int64_t kChunk = 8 * kSums;
+  for (int64_t chunk = 0; chunk < head_dim; chunk += kChunk) {
+    __m256 sums[kVectors][kSums];  // Unrolled loops: see score_runs_avx2.
+#pragma GCC unroll 6
+    for (int v = 0; v < kVectors; ++v) {
+#pragma GCC unroll 4
+      for (int i = 0; i < kSums; ++i) {
         sums[v][i] = _mm256_loadu_ps(accumulators + v * head_dim + chunk + 8 * i);
       }
     }
     for (int64_t r = 0; r < num_rows; ++r) {
-      __m256 weight[kVectors];
-      for (int64_t v = 0; v < kVectors; ++v) {
-        weight[v] = _mm256_broadcast_ss(weights.data + v * weights.stride + r);
-      }
       const T* row = rows + r * head_dim + chunk;
-      for (int64_t i = 0; i < kSums; ++i) {
-        const __m256 values = load_floats_x8(row + 8 * i);
-        for (int64_t v = 0; v < kVectors; ++v) {
-          sums[v][i] = _mm256_fmadd_ps(weight[v], values, sums[v][i]);
+      if constexpr (kSums == 2) {
+        // The row's 16 values, then one weight at a time: 2 + 12 + 1 registers for 6 vectors.
+        __m256 values[kSums];
+#pragma GCC unroll 2
+        for (int i = 0; i < kSums; ++i) values[i] = load_floats_x8(row + 8 * i);
+#pragma GCC unroll 6
+        for (int v = 0; v < kVectors; ++v) {
+          const __m256 weight = _mm256_broadcast_ss(weights.data + v * weights.stride + r);
+#pragma GCC unroll 2
+          for (int i = 0; i < kSums; ++i) {
+            sums[v][i] = _mm256_fmadd_ps(weight, values[i], sums[v][i]);
+          }
+        }
+      } else {
+        // Every weight, then 8 values at a time: 3 + 12 + 1 registers for 3 vectors.
+        __m256 weight[kVectors];
+#pragma GCC unroll 6
+        for (int v = 0; v < kVectors; ++v) {
+          weight[v] = _mm256_broadcast_ss(weights.data + v * weights.stride + r);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < kSums; ++i) {
+          const __m256 values = load_floats_x8(row + 8 * i);
+#pragma GCC unroll 6
+          for (int v = 0; v < kVectors; ++v) {
+            sums[v][i] = _mm256_fmadd_ps(weight[v], values, sums[v][i]);
+          }
         }
       }
     }
-    for (int64_t v = 0; v < kVectors; ++v) {
-      for (int64_t i = 0; i < kSums; ++i) {
+#pragma GCC unroll 6
+    for (int v = 0; v < kVectors; ++v) {
+#pragma GCC unroll 4
+      for (int i = 0; i < kSums; ++i) {
         _mm256_storeu_ps(accumulators + v * head_dim + chunk + 8 * i, sums[v][i]);
       }
     }
   }
 }
 
-template <int64_t kVectors, typename T>
-inline void score_block_avx2(BlockShape shape, QueryVectors queries, const T* __restrict keys_t,
-                             ScoreRows scores) {
-  for (int64_t column = 0; column < shape.block_size; column += kAvx2Columns) {
-    score_columns_avx2<kVectors>(shape, queries, keys_t, column, scores);
+// Few vectors hold 32 dimensions of sums each where the head size allows, so that enough chains
+// of multiply-adds overlap (a decode's 3 vectors x 16 dimensions left a third of the time
+// waiting on them).
+template <int kVectors, typename T>
+inline void accumulate_rows_avx2(int64_t head_dim, float* accumulators, const T* rows,
+                                 int64_t num_rows, ScoreRows weights) {
+  if (kVectors <= 3 && head_dim % 32 == 0) {
+    accumulate_block_avx2<kVectors, 4>(head_dim, accumulators, rows, num_rows, weights);
+  } else {
+    accumulate_block_avx2<kVectors, 2>(head_dim, accumulators, rows, num_rows, weights);
   }
 }
+
 #endif
 
 // Whether keys are scored with AVX2 (where the AVX-512 path does not apply): float32, bfloat16
@@ -566,7 +671,7 @@ inline bool has_avx2_scores(int64_t block_size) {
 }
 
 // Whether value rows are added with AVX2 (where the AVX-512 path does not apply): the same
-// types, head sizes of a multiple of 32.
+// types, head sizes of a multiple of 16.
 template <typename C>
 inline bool has_avx2_values(int64_t head_dim) {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -575,6 +680,61 @@ inline bool has_avx2_values(int64_t head_dim) {
   (void)head_dim;
   return false;
 #endif
+}
+
+// Scores a block with the AVX2 tiles where they apply (has_avx2_scores; false elsewhere), for
+// each group of up to kAvx2ScoreVectors of the item's `vectors`: in_groups(per group, score)
+// calls score(group's vectors, their score rows) for each group that sees the block. The keys
+// are read in place where the vectors make one small tile (a decode's), else from a float32
+// copy made once here for all groups.
+template <typename K, typename InGroups>
+inline bool score_in_avx2_tiles(BlockShape shape, int64_t vectors, const K* keys_t,
+                                float* float_block, const InGroups& in_groups) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kAvx2Reads<K>) {
+    if (shape.avx2_scores) {
+      const auto score_from = [&](const auto& keys) {
+        in_groups(kAvx2ScoreVectors, [&](QueryVectors group, ScoreRows scores) {
+          score_block_avx2(shape, group, keys, scores);
+        });
+      };
+      if (vectors <= kAvx2InPlaceVectors) {
+        score_from(StoredKeys<K>{keys_t, shape.block_size});
+      } else {
+        widen_keys_avx2(shape, keys_t, float_block);
+        score_from(WidenedKeys{float_block, shape.block_size});
+      }
+      return true;
+    }
+  }
+#endif
+  (void)shape, (void)vectors, (void)keys_t, (void)float_block, (void)in_groups;
+  return false;
+}
+
+// Adds a block's first `rows` value rows with the AVX2 loops where they apply (has_avx2_values;
+// false elsewhere): add_in_groups(per group, rows) adds them for each group of up to
+// kAvx2ValueVectors vectors that sees the block. Where more than one group reads them, they
+// are widened to float32 once here (only those rows: the ones past the context may hold
+// anything).
+template <typename C, typename AddInGroups>
+inline bool add_in_avx2_tiles(BlockShape shape, int64_t vectors, const C* values, int64_t rows,
+                              float* float_block, const AddInGroups& add_in_groups) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kAvx2Reads<C>) {
+    if (shape.avx2_values) {
+      if (!std::is_same_v<C, float> && vectors > kAvx2ValueVectors) {
+        widen_rows_avx2(values, rows * shape.head_dim, float_block);
+        add_in_groups(kAvx2ValueVectors, static_cast<const float*>(float_block));
+      } else {
+        add_in_groups(kAvx2ValueVectors, values);
+      }
+      return true;
+    }
+  }
+#endif
+  (void)shape, (void)vectors, (void)values, (void)rows, (void)float_block, (void)add_in_groups;
+  return false;
 }
 
 // Whether the fast path runs on bfloat16 dot products (attend_item_with_dot_products).
@@ -612,16 +772,6 @@ inline void score_block(BlockShape shape, QueryVectors queries, const T* keys_t,
     }
   }
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kAvx2Reads<T>) {
-    if (shape.avx2_scores) {
-      with_count<kMaxVectors>(queries.count, [&](auto n) {
-        score_block_avx2<decltype(n)::value>(shape, queries, keys_t, scores);
-      });
-      return;
-    }
-  }
-#endif
   score_block_generic(shape, queries, keys_t, scores);
 }
 
@@ -645,14 +795,11 @@ inline void accumulate_block(BlockShape shape, int64_t num_vectors, float* accum
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (kAvx2Reads<T>) {
-    if (shape.avx2_values) {
-      for (int64_t first = 0; first < num_vectors; first += kAvx2ValueVectors) {
-        with_count<kAvx2ValueVectors>(num_vectors - first, [&](auto n) {
-          accumulate_block_avx2<decltype(n)::value>(
-              shape.head_dim, accumulators + first * shape.head_dim, rows, num_rows,
-              ScoreRows{weights.data + first * weights.stride, weights.stride});
-        });
-      }
+    if (shape.avx2_values) {  // Called for up to kAvx2ValueVectors vectors.
+      with_count<kAvx2ValueVectors>(num_vectors, [&](auto n) {
+        accumulate_rows_avx2<decltype(n)::value>(shape.head_dim, accumulators, rows, num_rows,
+                                                 weights);
+      });
       return;
     }
   }
@@ -1020,6 +1167,7 @@ struct ItemScratch {
   std::vector<float> sums;           // [vectors], its softmax weights' sum
   std::vector<float> scores;         // [vectors][stride]
   std::vector<float> widened_block;  // An 8-bit cache's block as float32 (read_block)
+  std::vector<float> float_block;    // A block widened for the AVX2 loops (score_keys, values)
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   std::vector<uint16_t> weights;     // [vectors][stride], the softmax weights as bfloat16 bits
   std::vector<__m512i> value_pairs;  // [pairs][head_dim / 16], see accumulate_values_in_pairs
@@ -1040,7 +1188,8 @@ struct ItemScratch {
         query_pairs(kTileRows * geometry.group * geometry.head_dim / 2),
         accumulators(kTileRows * geometry.group * geometry.head_dim),
         maxima(kTileRows * geometry.group),
-        sums(kTileRows * geometry.group) {}
+        sums(kTileRows * geometry.group),
+        float_block(geometry.block_elements()) {}
 
   QueryVectors vectors_from(int64_t first, int64_t count, int64_t head_dim) const {
     return {queries.data() + first * head_dim, count};
@@ -1105,15 +1254,25 @@ void score_keys(const AttentionGeometry& geometry, BlockShape shape,
     const int64_t offset = geometry.block_offset(item.kv_head, span.table[block]);
     prefetcher.next_block(offset);
     float* block_scores = scratch.scores.data() + (start - span.first_position);
+    // Calls score(vectors, their score rows) for each group of up to `per_call` vectors that sees
+    // the block.
+    const auto in_groups = [&](int64_t per_call, const auto& score) {
+      for (int64_t first = 0; first < span.vectors; first += per_call) {
+        const int64_t count = std::min(per_call, span.vectors - first);
+        if (span.skips(first, count, start, block_size)) continue;
+        score(scratch.vectors_from(first, count, geometry.head_dim),
+              ScoreRows{block_scores + first * span.score_pitch, span.score_pitch});
+      }
+    };
     read_block(data.keys + offset, shape.avx2_scores, geometry.block_elements(), scratch,
                [&](const auto* block_keys) {
-                 for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
-                   const int64_t count = std::min(kMaxVectors, span.vectors - first);
-                   if (span.skips(first, count, start, block_size)) continue;
-                   score_block(
-                       shape, scratch.vectors_from(first, count, geometry.head_dim), block_keys,
-                       ScoreRows{block_scores + first * span.score_pitch, span.score_pitch});
+                 if (score_in_avx2_tiles(shape, span.vectors, block_keys,
+                                         scratch.float_block.data(), in_groups)) {
+                   return;
                  }
+                 in_groups(kMaxVectors, [&](QueryVectors vectors, ScoreRows scores) {
+                   score_block(shape, vectors, block_keys, scores);
+                 });
                });
   }
 }
@@ -1350,19 +1509,27 @@ void accumulate_values(const AttentionGeometry& geometry, BlockShape shape,
     // Rows past the context may hold anything (even NaN), so they are never read; nor are those
     // before the vectors' window.
     const int64_t block_end = std::min(start + block_size, span.context);
+    // Adds the block's rows (`rows`, laid out as the cache's) for each group of up to `per_call`
+    // vectors that sees the block.
+    const auto add_in_groups = [&](int64_t per_call, const auto* rows) {
+      for (int64_t first = 0; first < span.vectors; first += per_call) {
+        const int64_t count = std::min(per_call, span.vectors - first);
+        if (span.skips(first, count, start, block_size)) continue;
+        const int64_t row_begin = std::max(start, span.begin(first));
+        accumulate_block(shape, count, scratch.accumulators.data() + first * geometry.head_dim,
+                         rows + (row_begin - start) * geometry.head_dim, block_end - row_begin,
+                         ScoreRows{scratch.scores.data() + first * span.score_pitch +
+                                       (row_begin - span.first_position),
+                                   span.score_pitch});
+      }
+    };
     read_block(
         data.values + geometry.block_offset(item.kv_head, span.table[block]), shape.avx2_values,
         geometry.block_elements(), scratch, [&](const auto* block_values) {
-          for (int64_t first = 0; first < span.vectors; first += kMaxVectors) {
-            const int64_t count = std::min(kMaxVectors, span.vectors - first);
-            if (span.skips(first, count, start, block_size)) continue;
-            const int64_t row_begin = std::max(start, span.begin(first));
-            accumulate_block(
-                shape, count, scratch.accumulators.data() + first * geometry.head_dim,
-                block_values + (row_begin - start) * geometry.head_dim, block_end - row_begin,
-                ScoreRows{scratch.scores.data() + first * span.score_pitch +
-                              (row_begin - span.first_position),
-                          span.score_pitch});
+          const int64_t rows = block_end - start;
+          if (!add_in_avx2_tiles(shape, span.vectors, block_values, rows,
+                                 scratch.float_block.data(), add_in_groups)) {
+            add_in_groups(kMaxVectors, block_values);
           }
         });
   }
