@@ -100,7 +100,8 @@ struct BlockShape {
   float scale;        // The softmax scale, which the bfloat16 dot products apply to their sums.
 };
 
-// Up to kMaxVectors query vectors, [count][head_dim], float32 multiplied by the scale.
+// Query vectors, [count][head_dim], float32 multiplied by the scale: up to kMaxVectors (or
+// kAvx2ScoreVectors for the AVX2 tiles).
 struct QueryVectors {
   const float* scaled;
   int64_t count;
@@ -433,8 +434,8 @@ inline void accumulate_pairs(float* __restrict accumulators, int64_t head_dim, i
 // is widened once to float32 as [head_dim][block_size] (widen_keys_avx2) and every tile reads
 // that; a decode's few vectors read the stored pairs in place. Scoring 8 keys at a time from the
 // stored pairs for every group of vectors took a broadcast per multiply-add and widened the block
-// again for each group: a long prompt's scoring ran at about half the AVX2 matmul's rate. Every
-// score is one chain of multiply-adds over d, in order, whichever tile computes it, so a
+// again for each group (a long prompt's attention ran at two thirds of the AVX2 matmul's rate).
+// Every score is one chain of multiply-adds over d, in order, whichever tile computes it, so a
 // vector's scores do not depend on the other rows.
 constexpr int64_t kAvx2Columns = 8;
 // Vectors up to which an item's keys are scored in place: one tile of 4 x 2 sums, the 2 runs'
