@@ -54,13 +54,6 @@ inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
 // pairs, both with bfloat16 dot products (attend_item_with_dot_products).
 
 constexpr int64_t kMaxVectors = 4;
-// The AVX2 scoring's register tile holds more (score_block_avx2): 6 x 2 sums, 2 runs of keys and
-// a broadcast fill 15 of the 16 registers.
-constexpr int64_t kAvx2ScoreVectors = 6;
-
-// The element type of a pointer to a cache block.
-template <typename P>
-using ElementOf = std::remove_cv_t<std::remove_pointer_t<P>>;
 
 // Whether a cache element type is one of the 8-bit floats (--kv-cache-dtype).
 template <typename C>
@@ -438,6 +431,8 @@ inline void accumulate_pairs(float* __restrict accumulators, int64_t head_dim, i
 // Every score is one chain of multiply-adds over d, in order, whichever tile computes it, so a
 // vector's scores do not depend on the other rows.
 constexpr int64_t kAvx2Columns = 8;
+// The tile's vectors: 6 x 2 sums, 2 runs of keys and a broadcast fill 15 of the 16 registers.
+constexpr int64_t kAvx2ScoreVectors = 6;
 // Vectors up to which an item's keys are scored in place: one tile of 4 x 2 sums, the 2 runs'
 // stored pairs and their widened halves.
 constexpr int64_t kAvx2InPlaceVectors = 4;
@@ -1167,8 +1162,9 @@ struct ItemScratch {
   std::vector<float> maxima;         // [vectors], each vector's largest score
   std::vector<float> sums;           // [vectors], its softmax weights' sum
   std::vector<float> scores;         // [vectors][stride]
-  std::vector<float> widened_block;  // An 8-bit cache's block as float32 (read_block)
-  std::vector<float> float_block;    // A block widened for the AVX2 loops (score_keys, values)
+  // A block as float32: an 8-bit cache's for the generic loops (read_block), or the AVX2 tiles'
+  // copy (score_in_avx2_tiles, add_in_avx2_tiles); never both for one block.
+  std::vector<float> float_block;
 #if defined(SLUICE_ATTENTION_DOT_PRODUCTS)
   std::vector<uint16_t> weights;     // [vectors][stride], the softmax weights as bfloat16 bits
   std::vector<__m512i> value_pairs;  // [pairs][head_dim / 16], see accumulate_values_in_pairs
@@ -1233,8 +1229,7 @@ void read_block(const C* block, bool in_place, int64_t elements, ItemScratch& sc
   if constexpr (kIsFp8<C>) {
     if (!in_place) {
       const float* values = fp8_values<C>().data();
-      scratch.widened_block.resize(elements);  // Only 8-bit caches off the AVX2 loops need it.
-      float* widened = scratch.widened_block.data();
+      float* widened = scratch.float_block.data();  // block_elements() long
       for (int64_t i = 0; i < elements; ++i) widened[i] = values[block[i].x];
       read(static_cast<const float*>(widened));
       return;
