@@ -81,7 +81,8 @@ KERNEL_SOURCES = "server/sluice_server/kernels/csrc"
 
 
 def kernels_at_revision(revision: str, work: Path) -> ModuleType:
-    """The compiled CPU kernels as they were at `revision` (this CPU's build), built in `work`."""
+    """The compiled CPU kernels as they were at `revision`, built in `work` as this CPU's (capped
+    by SLUICE_MAX_CPU_ISA where it is set)."""
     from torch.utils import cpp_extension
 
     archive = subprocess.run(
@@ -91,7 +92,7 @@ def kernels_at_revision(revision: str, work: Path) -> ModuleType:
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     put_ninja_on_path()
-    build = KernelBuild()
+    build = KernelBuild(CpuFeatures.detect().kernel_isa)
     return cpp_extension.load(
         name="sluice_kernels_baseline",
         sources=[str(p) for p in sorted((work / KERNEL_SOURCES).glob("*.cpp"))],

@@ -432,15 +432,18 @@ def test_silu_and_mul_matches_reference(
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
-    # Decode-sized row counts around the AVX-512 8-row blocks, the AVX2 4-row direct and 6-row
-    # widened blocks and AMX's 16-row tiles, one past the 256-row block, and output widths that
-    # leave part of a 32-column tile or of its 16-column half. AMX takes input widths that are
-    # whole steps of 32; 80 keeps the AVX-512 loops in use on a CPU with AMX.
+    # Decode-sized row counts around the AVX-512 8-row blocks, AVX2's direct passes (blocks of
+    # up to 8 rows, 4 at a time) and 6-row widened groups and AMX's 16-row tiles, one past the
+    # 256-row block, and output widths that leave part of a 32-column tile or of its 16-column
+    # half. AVX2's widened passes take K 192 dimensions at a time: 576 and 1,536 in whole
+    # blocks, 200 with a short last one. AMX takes input widths that are whole steps of 32; 80
+    # keeps the AVX-512 loops in use on a CPU with AMX.
     [
         (1, 576, 960),
         (4, 128, 40),
         (7, 80, 40),
         (9, 576, 576),
+        (13, 200, 40),
         (20, 80, 72),
         (32, 1536, 100),
         (300, 96, 72),

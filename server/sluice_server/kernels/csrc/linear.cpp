@@ -18,12 +18,14 @@
 // of the tile, eight broadcasts of x's pairs, sixteen dot-product instructions. The AVX2 path
 // works on one half of a tile (16 columns) at a time: a 256-bit load of a pair row is 8 columns'
 // two weights, and a shift and a mask widen it to those columns' float32 weights of the pair's
-// first and second dimension. Up to 4 rows multiply straight from the bfloat16 tile (1 or 2 rows
-// take the whole tile in one pass, so that a row has four independent sums); more rows widen the
-// half tile once into a float32 panel and run a 6-row by 16-column kernel (12 sums in registers)
-// over it. Threads split the tiles, and one done with its share takes over the others' last
-// (parallel_chunks); each streams its tiles from memory once per block of rows, prefetching the
-// next tile while the current one is reused from cache for each group of rows.
+// first and second dimension. Up to 8 rows multiply straight from the bfloat16 tile, up to 4 at a
+// time (1 or 2 rows take the whole tile in one pass, so that a row has four independent sums);
+// more rows widen the half tile into a float32 panel, 192 input dimensions at a time so that it
+// stays in L1, and run a 6-row by 16-column kernel (12 sums in registers) over it, the sums
+// carried across the panels in float32. Threads split the tiles, and one done with its share
+// takes over the others' last (parallel_chunks); each streams its tiles from memory once per
+// block of rows, prefetching the next tile while the current one is reused from cache for each
+// group of rows.
 //
 // The same loops also take a weight given tile by tile (linear_bf16_filled): each tile is
 // written into a buffer when the loops reach it, which is how linear_quantized.cpp multiplies a
@@ -290,13 +292,18 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SLUICE_HAS_LINEAR_BF16 1
 // Rows up to which a block is multiplied straight from the bfloat16 tile (decoding's few rows,
-// where the weights' bytes bound the time); more rows widen each half tile to float32 once and
-// run the 6-row kernel over it for every group of rows.
+// where the weights' bytes bound the time), in passes of up to kDirectRows rows; more rows
+// widen each half tile to float32 a block of K at a time and run the 6-row kernel over it for
+// every group of rows.
+constexpr int64_t kDirectBlockRows = 8;
 constexpr int64_t kDirectRows = 4;
 // Rows up to which the direct path takes a whole tile (32 columns) in one pass: four sums per
 // row instead of two, so that one row's FMAs, two per pair row on each sum, overlap.
 constexpr int64_t kWholeTileRows = 2;
 constexpr int64_t kWidenedRows = 6;
+// Pairs of input dimensions widened at a time: the block (16 columns x 192 dimensions, 12 KB)
+// and a group's rows of x (6 KB) stay in a 32 KB L1 cache while the groups of rows reuse them.
+constexpr int64_t kWidenedPairs = 96;
 constexpr int64_t kHalfColumns = 16;
 // One pair of input dimensions of a packed tile: 32 columns x 2 bfloat16.
 constexpr int64_t kPairRowBytes = kLinearColumns * 2 * sizeof(at::BFloat16);
@@ -423,14 +430,16 @@ inline void linear_tile_direct(RowBlock block, WeightHalf first, WeightHalf seco
   }
 }
 
-// The half tile as float32 rows of 16, [2 * pairs][16], into `widened`.
-inline void widen_half(WeightHalf half, const char* next, float* widened) {
-  for (int64_t k = 0; k < half.pairs; ++k) {
+// Pairs [first_pair, first_pair + count) of the half tile as float32 rows of 16,
+// [2 * count][16], into `widened`.
+inline void widen_half(WeightHalf half, int64_t first_pair, int64_t count, const char* next,
+                       float* widened) {
+  for (int64_t k = first_pair; k < first_pair + count; ++k) {
     const auto* pair_row = reinterpret_cast<const __m256i*>(half.data + k * kPairRowBytes);
     if (next != nullptr) _mm_prefetch(next + k * kPairRowBytes, _MM_HINT_T1);
     const __m256i columns_0_7 = _mm256_loadu_si256(pair_row);
     const __m256i columns_8_15 = _mm256_loadu_si256(pair_row + 1);
-    float* rows = widened + 4 * k * 8;
+    float* rows = widened + 4 * (k - first_pair) * 8;
     _mm256_store_ps(rows, first_of_pairs(columns_0_7));
     _mm256_store_ps(rows + 8, first_of_pairs(columns_8_15));
     _mm256_store_ps(rows + 16, second_of_pairs(columns_0_7));
@@ -438,18 +447,73 @@ inline void widen_half(WeightHalf half, const char* next, float* widened) {
   }
 }
 
-// Up to kWidenedRows rows against a widened half tile: 12 sums, 2 weights and a broadcast in
-// the 16 registers.
+// One block of input dimensions of a widened pass: x's columns [first_dim, first_dim + dims).
+// A group's sums start from the biases on the first block and from its float32 partial sums
+// after it; they go into y on the last block and back to the partial sums before it. Each sum
+// is still one chain of FMAs over K in order, so the bits are those of a single pass.
+struct DimBlock {
+  int64_t first_dim;
+  int64_t dims;
+  bool first;
+  bool last;
+};
+
+// Row r's 16 partial sums at partial + 16 r.
 template <int64_t kRows>
-inline void linear_block_widened(RowBlock block, const float* widened, int64_t in_features,
-                                 const float* bias, int64_t columns) {
-  __m256 sums[kRows][2];
-  start_sums(sums, bias);
-  for (int64_t k = 0; k < in_features; ++k) {
-    const float* w = widened + k * kHalfColumns;
-    accumulate(sums, block.x + k, block.x_stride, {_mm256_load_ps(w), _mm256_load_ps(w + 8)});
+inline void load_partial_sums(__m256 (&sums)[kRows][2], const float* partial) {
+  for (int r = 0; r < kRows; ++r) {
+    sums[r][0] = _mm256_load_ps(partial + r * kHalfColumns);
+    sums[r][1] = _mm256_load_ps(partial + r * kHalfColumns + 8);
   }
-  store_sums(sums, block, columns);
+}
+
+template <int64_t kRows>
+inline void store_partial_sums(const __m256 (&sums)[kRows][2], float* partial) {
+  for (int r = 0; r < kRows; ++r) {
+    _mm256_store_ps(partial + r * kHalfColumns, sums[r][0]);
+    _mm256_store_ps(partial + r * kHalfColumns + 8, sums[r][1]);
+  }
+}
+
+// Up to kWidenedRows rows against one block of a widened half tile: 12 sums, 2 weights and a
+// broadcast in the 16 registers.
+template <int64_t kRows>
+inline void linear_block_widened(RowBlock block, const float* widened, DimBlock dims,
+                                 WeightHalf half, float* partial) {
+  __m256 sums[kRows][2];
+  if (dims.first) {
+    start_sums(sums, half.bias);
+  } else {
+    load_partial_sums(sums, partial);
+  }
+  const float* x = block.x + dims.first_dim;
+  for (int64_t k = 0; k < dims.dims; ++k) {
+    const float* w = widened + k * kHalfColumns;
+    WeightRow row{_mm256_load_ps(w), _mm256_load_ps(w + 8)};
+    // Left to itself GCC folds these loads into every row's FMA (a load per FMA, 18 loads to
+    // 12 FMAs), so the load ports, not the FMA units, bound the loop; the empty asm makes
+    // them values in registers.
+    asm("" : "+x"(row.low), "+x"(row.high));
+    accumulate(sums, x + k, block.x_stride, row);
+  }
+  if (dims.last) {
+    store_sums(sums, block, half.columns);
+  } else {
+    store_partial_sums(sums, partial);
+  }
+}
+
+// body(first, n) for `rows` rows split into as few groups of at most kMax rows as can be, as
+// evenly as can be (n a compile-time count): 32 rows in groups of 6 as 6, 6, 5, 5, 5, 5 rather
+// than five 6s and a 2, whose 4 sums would leave the FMA units waiting on their latency.
+template <int64_t kMax, typename Body>
+inline void in_even_groups(int64_t rows, Body&& body) {
+  const int64_t groups = (rows + kMax - 1) / kMax;
+  for (int64_t g = 0, first = 0; g < groups; ++g) {
+    const int64_t count = rows / groups + (g < rows % groups ? 1 : 0);
+    with_count<kMax>(count, [&](auto n) { body(first, n); });
+    first += count;
+  }
 }
 
 // y for tiles [begin, end), every row of x (float32).
@@ -461,10 +525,14 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
   const float* x_data = x.data_ptr<float>();
   const int64_t x_stride = x.stride(0);
   at::BFloat16* y_data = y.data_ptr<at::BFloat16>();
-  // A half tile widened to float32: 2 * pairs rows of 16 (two vectors); __m256 elements keep
-  // it aligned for the vector loads.
-  std::vector<__m256> widened_rows(rows > kDirectRows ? 4 * pairs : 0);
+  // A block of a half tile widened to float32, 2 * kWidenedPairs rows of 16 (two vectors),
+  // and the partial sums of a block of rows when K takes more than one; __m256 elements keep
+  // them aligned for the vector loads.
+  const bool widens = rows > kDirectBlockRows;
+  std::vector<__m256> widened_rows(widens ? 4 * std::min(pairs, kWidenedPairs) : 0);
+  std::vector<__m256> partial_sums(widens && pairs > kWidenedPairs ? 2 * kLinearRowBlock : 0);
   float* widened = reinterpret_cast<float*>(widened_rows.data());
+  float* partial = reinterpret_cast<float*>(partial_sums.data());
   for (int64_t row_start = 0; row_start < rows; row_start += kLinearRowBlock) {
     const int64_t block_rows = std::min(kLinearRowBlock, rows - row_start);
     for (int64_t t = begin; t < end; ++t) {
@@ -495,18 +563,22 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
           return RowBlock{x_data + r * x_stride, x_stride,
                           y_data + r * out_features + first_column, out_features};
         };
-        if (block_rows <= kDirectRows) {
-          with_count<kDirectRows>(block_rows, [&](auto count) {
-            linear_block_direct<decltype(count)::value>(block_at(row_start), half, next);
+        if (block_rows <= kDirectBlockRows) {
+          // Only the first pass over the half fetches the next tile's line of it.
+          in_even_groups<kDirectRows>(block_rows, [&](int64_t done, auto n) {
+            linear_block_direct<decltype(n)::value>(block_at(row_start + done), half,
+                                                    done == 0 ? next : nullptr);
           });
           continue;
         }
-        widen_half(half, next, widened);
-        for (int64_t done = 0; done < block_rows; done += kWidenedRows) {
-          with_count<kWidenedRows>(std::min(kWidenedRows, block_rows - done), [&](auto count) {
-            linear_block_widened<decltype(count)::value>(block_at(row_start + done),
-                                                         widened, 2 * pairs, half.bias,
-                                                         half.columns);
+        for (int64_t first_pair = 0; first_pair < pairs; first_pair += kWidenedPairs) {
+          const int64_t count = std::min(kWidenedPairs, pairs - first_pair);
+          widen_half(half, first_pair, count, next, widened);
+          const DimBlock dims{2 * first_pair, 2 * count, first_pair == 0,
+                              first_pair + count == pairs};
+          in_even_groups<kWidenedRows>(block_rows, [&](int64_t done, auto n) {
+            linear_block_widened<decltype(n)::value>(block_at(row_start + done), widened, dims,
+                                                     half, partial + done * kHalfColumns);
           });
         }
       }
