@@ -621,7 +621,10 @@ inline void accumulate_block_avx2(int64_t head_dim, float* __restrict accumulato
         }
 #pragma GCC unroll 4
         for (int i = 0; i < kSums; ++i) {
-          const __m256 values = load_floats_x8(row + 8 * i);
+          __m256 values = load_floats_x8(row + 8 * i);
+          // A float32 row's load would otherwise be folded into each vector's FMA, a load per
+          // FMA where one serves them all (the load ports then bound the loop).
+          asm("" : "+x"(values));
 #pragma GCC unroll 6
           for (int v = 0; v < kVectors; ++v) {
             sums[v][i] = _mm256_fmadd_ps(weight[v], values, sums[v][i]);
