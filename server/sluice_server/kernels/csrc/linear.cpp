@@ -253,10 +253,16 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
 }
 #endif
 
+// A thread's buffers for linear_tiles: none, the AVX-512 and AMX loops work in registers and
+// tiles (see the AVX2 path's).
+struct TileScratch {
+  TileScratch(int64_t /*rows*/, int64_t /*pairs*/) {}
+};
+
 // y for tiles [begin, end), every row of x.
 template <typename Tiles>
 void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
-                  at::Tensor& y, int64_t begin, int64_t end) {
+                  at::Tensor& y, int64_t begin, int64_t end, TileScratch& /*scratch*/) {
 #if defined(SLUICE_AMX)
   if (pairs % kAmxPairs == 0 && amx_granted()) {
     return amx_tiles(x, tiles, pairs, bias, y, begin, end);
@@ -516,23 +522,35 @@ inline void in_even_groups(int64_t rows, Body&& body) {
   }
 }
 
+// A thread's buffers for the widened passes, made once per thread of a matmul rather than for
+// every chunk of tiles it takes: a block of a half tile widened to float32, 2 * kWidenedPairs
+// rows of 16 (two vectors), and a block of rows' partial sums when K takes more than one block;
+// __m256 elements keep them aligned for the vector loads.
+class TileScratch {
+ public:
+  TileScratch(int64_t rows, int64_t pairs)
+      : widened_(rows > kDirectBlockRows ? 4 * std::min(pairs, kWidenedPairs) : 0),
+        partial_(rows > kDirectBlockRows && pairs > kWidenedPairs ? 2 * kLinearRowBlock : 0) {}
+
+  float* widened() { return reinterpret_cast<float*>(widened_.data()); }
+  float* partial() { return reinterpret_cast<float*>(partial_.data()); }
+
+ private:
+  std::vector<__m256> widened_;
+  std::vector<__m256> partial_;
+};
+
 // y for tiles [begin, end), every row of x (float32).
 template <typename Tiles>
 void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
-                  at::Tensor& y, int64_t begin, int64_t end) {
+                  at::Tensor& y, int64_t begin, int64_t end, TileScratch& scratch) {
   const int64_t rows = x.size(0);
   const int64_t out_features = y.size(1);
   const float* x_data = x.data_ptr<float>();
   const int64_t x_stride = x.stride(0);
   at::BFloat16* y_data = y.data_ptr<at::BFloat16>();
-  // A block of a half tile widened to float32, 2 * kWidenedPairs rows of 16 (two vectors),
-  // and the partial sums of a block of rows when K takes more than one; __m256 elements keep
-  // them aligned for the vector loads.
-  const bool widens = rows > kDirectBlockRows;
-  std::vector<__m256> widened_rows(widens ? 4 * std::min(pairs, kWidenedPairs) : 0);
-  std::vector<__m256> partial_sums(widens && pairs > kWidenedPairs ? 2 * kLinearRowBlock : 0);
-  float* widened = reinterpret_cast<float*>(widened_rows.data());
-  float* partial = reinterpret_cast<float*>(partial_sums.data());
+  float* widened = scratch.widened();
+  float* partial = scratch.partial();
   for (int64_t row_start = 0; row_start < rows; row_start += kLinearRowBlock) {
     const int64_t block_rows = std::min(kLinearRowBlock, rows - row_start);
     for (int64_t t = begin; t < end; ++t) {
@@ -657,8 +675,9 @@ at::Tensor multiply_tiles(const at::Tensor& x, int64_t tile_count, int64_t pairs
     const at::Tensor pass_x = rows.narrow(0, first_row, count);
     at::Tensor pass_y = y.narrow(0, first_row, count);
     parallel_chunks(tile_count, chunk, [&] {
-      return [&, tiles = make_tiles()](int64_t begin, int64_t end) mutable {
-        linear_tiles(pass_x, tiles, pairs, bias, pass_y, begin, end);
+      return [&, tiles = make_tiles(), scratch = TileScratch(count, pairs)](
+                 int64_t begin, int64_t end) mutable {
+        linear_tiles(pass_x, tiles, pairs, bias, pass_y, begin, end, scratch);
       };
     });
   }
