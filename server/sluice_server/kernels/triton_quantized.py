@@ -12,8 +12,9 @@ group size, so a step needs one scale per output. A step reads its codes as they
 as whole bytes, each byte's two nibbles multiplied as two halves), so the loads are contiguous.
 
 Triton's interpreter (`TRITON_INTERPRET=1`) runs the same kernel on CPU tensors, which is how the
-tests check it without a GPU. Its bfloat16 `tl.dot` gives wrong sums (Triton 3.6), so there the
-tiles are multiplied in float32.
+tests check it without a GPU. Its `tl.dot` is numpy's matmul: wrong sums in bfloat16 (Triton
+3.6), and float32 sums that on some CPUs depend on a row's place in the tile, so there a tile's
+products are summed in float32 by `tl.sum`, in the same order for every output.
 """
 
 import math
@@ -78,9 +79,14 @@ def _accumulate(
     weight *= tl.load(scales_ptr + group, mask=col_in, other=0.0)[None, :]
     if HAS_OFFSETS:
         weight += tl.load(offsets_ptr + group, mask=col_in, other=0.0)[None, :]
-    if INTERPRETED or x.dtype == tl.float32:
-        # The interpreter's bfloat16 products are wrong: it multiplies in float32.
-        return acc + tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+    if INTERPRETED:
+        # The interpreter's `tl.dot` is numpy's BLAS, whose bfloat16 products are wrong and
+        # whose float32 sums, on CPUs without AVX-512, depend on a row's place in the tile. A
+        # sum over the broadcast products adds every output's terms in one order.
+        products = x.to(tl.float32)[:, :, None] * weight[None, :, :]
+        return acc + tl.sum(products, axis=1)
+    if x.dtype == tl.float32:
+        return acc + tl.dot(x, weight, input_precision="ieee")
     return acc + tl.dot(x, weight.to(x.dtype))
 
 
