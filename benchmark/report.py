@@ -560,6 +560,8 @@ def dtypes(results: Results) -> str:
         if "levels" in results["servers"].get("llama", {})
         else ""
     )
+    if settings.get("dtype_requested"):
+        return f"Every server and the baseline in {sluice}, as `--dtype` asked." + llama
     if sluice == peers:
         return (
             f"Every server and the baseline in {sluice}, the fastest for each on this CPU." + llama

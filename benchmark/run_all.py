@@ -147,6 +147,7 @@ class Settings:
     # them).
     sluice_dtype: str
     peer_dtype: str
+    dtype_requested: str | None  # --dtype, which puts every server in one dtype
     quick: bool
     results: Path
     plot: Path
@@ -806,6 +807,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         route=a.route,
         sluice_dtype=a.dtype or fastest_dtype(sluice=True),
         peer_dtype=a.dtype or fastest_dtype(sluice=False),
+        dtype_requested=a.dtype,
         quick=a.quick,
         results=(a.results or (out or BENCH / "results") / "latest.json").resolve(),
         plot=(
