@@ -80,9 +80,7 @@ def _accumulate(
     if HAS_OFFSETS:
         weight += tl.load(offsets_ptr + group, mask=col_in, other=0.0)[None, :]
     if INTERPRETED:
-        # The interpreter's `tl.dot` is numpy's BLAS, whose bfloat16 products are wrong and
-        # whose float32 sums, on CPUs without AVX-512, depend on a row's place in the tile. A
-        # sum over the broadcast products adds every output's terms in one order.
+        # Not `tl.dot` (numpy's matmul here): see the module's docstring.
         products = x.to(tl.float32)[:, :, None] * weight[None, :, :]
         return acc + tl.sum(products, axis=1)
     if x.dtype == tl.float32:
