@@ -1,7 +1,8 @@
 """Sluice's bfloat16 matmul (`linear_bf16` in the compiled CPU kernels) against oneDNN's, which
 PyTorch runs for a prepacked `mkldnn::_linear_pointwise`, on the projections of a model. oneDNN
 runs in bfloat16 where it has bfloat16 on this CPU, else in float32 (the dtype Sluice would
-otherwise serve with there: CPUs without AVX-512).
+otherwise serve with there: CPUs without AVX-512). With `--dtype float32`, Sluice's float32
+matmul (`linear_f32`, AVX2 builds) against oneDNN's float32.
 
 For each row count: every projection shape of the model (SmolLM2-135M's by default), each timed
 over as many distinct weights as the model has layers, so that weights stream from memory as in
@@ -10,6 +11,7 @@ JSON line per shape and a summary per row count: the time of one step's projecti
 four and the LM head once) with each.
 
     python benchmark/linear_kernel.py --rows 1 8 32 64 512
+    python benchmark/linear_kernel.py --rows 1 8 32 64 512 --dtype float32
 
 With `--against REV`, Sluice's matmul as it was at that git revision is timed as well, taking
 turns with the others. With `--neighbour-load F`, a process pinned to the last CPU is busy for the
@@ -53,25 +55,32 @@ def time_us(function: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def own_matmul(kernels: ModuleType, dtype: torch.dtype) -> tuple[Callable, Callable]:
+    """The compiled kernels' (pack, multiply) for weights of `dtype`."""
+    if dtype == torch.float32:
+        return kernels.pack_linear_f32, kernels.linear_f32
+    return kernels.pack_linear_bf16, kernels.linear_bf16
+
+
 def time_shape(
     kernels: ModuleType,
-    onednn_dtype: torch.dtype,
+    dtypes: tuple[torch.dtype, torch.dtype],
     shape: tuple[int, int, int],
     count: int,
     baseline: ModuleType | None,
 ) -> dict[str, float]:
     """Microseconds per call of each implementation on x [rows, in] and weights [out, in],
-    cycling through `count` distinct weights."""
+    cycling through `count` distinct weights; `dtypes`: Sluice's and oneDNN's."""
     rows, in_features, out_features = shape
+    sluice_dtype, onednn_dtype = dtypes
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
-    onednn = [
-        torch.ops.mkldnn._reorder_linear_weight(w.to(onednn_dtype), 32) for w in weights
-    ]
-    sluice = [kernels.pack_linear_bf16(w.to(torch.bfloat16)) for w in weights]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w.to(onednn_dtype), 32) for w in weights]
+    pack, multiply = own_matmul(kernels, sluice_dtype)
+    sluice = [pack(w.to(sluice_dtype)) for w in weights]
     x_full = torch.randn(rows, in_features, generator=generator)
     x_onednn = x_full.to(onednn_dtype)
-    x = x_full.to(torch.bfloat16)
+    x = x_full.to(sluice_dtype)
     turn = iter(range(1 << 62))
 
     def run_onednn() -> object:
@@ -79,15 +88,16 @@ def time_shape(
         return torch.ops.mkldnn._linear_pointwise(x_onednn, weight, None, "none", [], "")
 
     def run_sluice() -> object:
-        return kernels.linear_bf16(x, sluice[next(turn) % count], None, out_features)
+        return multiply(x, sluice[next(turn) % count], None, out_features)
 
     calls = max(5, min(200, int(2e9 / (rows * in_features * out_features))))
     timings = {"onednn": time_us(run_onednn, calls), "sluice": time_us(run_sluice, calls)}
     if baseline is not None:
-        packed = [baseline.pack_linear_bf16(w.to(torch.bfloat16)) for w in weights]
+        baseline_pack, baseline_multiply = own_matmul(baseline, sluice_dtype)
+        packed = [baseline_pack(w.to(sluice_dtype)) for w in weights]
 
         def run_baseline() -> object:
-            return baseline.linear_bf16(x, packed[next(turn) % count], None, out_features)
+            return baseline_multiply(x, packed[next(turn) % count], None, out_features)
 
         timings["baseline"] = time_us(run_baseline, calls)
         # Once more after the baseline, so that a drifting machine moves both alike.
@@ -100,6 +110,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 512])
     parser.add_argument("--weights", type=int, default=30, help="distinct weights per shape")
     parser.add_argument("--against", help="also time Sluice's matmul at this git revision")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="Sluice's matmul to time: bfloat16 weights, or float32 ones (AVX2 builds)",
+    )
     parser.add_argument(
         "--neighbour-load",
         type=float,
@@ -114,18 +130,26 @@ def main() -> None:
         from quantized_kernel import kernels_at_revision
 
         baseline = kernels_at_revision(args.against, Path(tempfile.mkdtemp()))
-    if not kernels.has_linear_bf16():
-        raise SystemExit("this CPU has neither AVX512-BF16 nor AVX2: no Sluice matmul here")
-    onednn_dtype = torch.bfloat16 if CpuFeatures.detect().onednn_bf16 else torch.float32
-    print(json.dumps({"onednn_dtype": str(onednn_dtype).removeprefix("torch.")}))
+    sluice_dtype = getattr(torch, args.dtype)
+    if sluice_dtype == torch.float32:
+        if not kernels.has_linear_f32():
+            raise SystemExit("the kernels built for this CPU have no float32 matmul (AVX2 only)")
+        onednn_dtype = torch.float32
+    else:
+        if not kernels.has_linear_bf16():
+            raise SystemExit("this CPU has neither AVX512-BF16 nor AVX2: no Sluice matmul here")
+        onednn_dtype = torch.bfloat16 if CpuFeatures.detect().onednn_bf16 else torch.float32
+    dtypes = (sluice_dtype, onednn_dtype)
+    onednn_name = str(onednn_dtype).removeprefix("torch.")
+    print(json.dumps({"sluice_dtype": args.dtype, "onednn_dtype": onednn_name}))
     with busy_neighbour(args.neighbour_load):
         for rows in args.rows:
-            time_rows(kernels, onednn_dtype, rows, args.weights, baseline)
+            time_rows(kernels, dtypes, rows, args.weights, baseline)
 
 
 def time_rows(
     kernels: ModuleType,
-    onednn_dtype: torch.dtype,
+    dtypes: tuple[torch.dtype, torch.dtype],
     rows: int,
     weight_count: int,
     baseline: ModuleType | None,
@@ -135,9 +159,7 @@ def time_rows(
     for in_features, out_features, uses in SMOLLM2_SHAPES:
         # The LM head is used once a step; two copies keep it from staying in cache.
         count = min(weight_count, uses) if uses > 1 else 2
-        timings = time_shape(
-            kernels, onednn_dtype, (rows, in_features, out_features), count, baseline
-        )
+        timings = time_shape(kernels, dtypes, (rows, in_features, out_features), count, baseline)
         flop = 2 * rows * in_features * out_features
         record = {"rows": rows, "shape": [in_features, out_features]}
         for name, micros in timings.items():

@@ -146,21 +146,24 @@ def test_quantized_prompt_rows_do_not_depend_on_the_step(
     torch.testing.assert_close(unmarked.float(), prompt_alone.float(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "matmul"),
+    [(torch.bfloat16, LinearMatmul.SLUICE_BF16), (torch.float32, LinearMatmul.SLUICE_F32)],
+)
 def test_a_long_steps_mlp_in_chunks_of_rows_matches_the_python_layers(
-    save_tiny_model, built_kernels: Kernels
+    save_tiny_model, built_kernels: Kernels, dtype: torch.dtype, matmul: LinearMatmul
 ) -> None:
     # decoder.cpp runs the MLP of a step with more than 1,024 rows on chunks of rows where its
-    # projections are Sluice's bfloat16 matmul; the Python layers take all the rows at once.
-    # Every row's logits (scored) and both layers' caches must still be bitwise equal, with each
-    # build's matmul (AMX, AVX512-BF16, AVX2).
-    if not built_kernels.ops.kernels.has_linear_bf16():
-        pytest.skip("this build has no bfloat16 matmul, so no compiled stack")
+    # projections are Sluice's own matmuls; the Python layers take all the rows at once. Every
+    # row's logits (scored) and both layers' caches must still be bitwise equal, with each
+    # build's matmul (AMX, AVX512-BF16, AVX2; float32 on AVX2 CPUs without AVX-512).
     directory, _ = save_tiny_model("llama", max_position_embeddings=4096)
-    loaded = load_model(directory, torch.bfloat16, CPU, built_kernels)
+    loaded = load_model(directory, dtype, CPU, built_kernels)
+    gate_up = loaded.model.layers[0].feed_forward.gate_up_proj.packed
+    if gate_up is None or gate_up.matmul is not matmul:
+        pytest.skip(f"{matmul.value} is not what this CPU and build run {dtype} with")
     stack = loaded.model.compiled_stack
     assert isinstance(stack, CompiledStack)
-    gate_up = loaded.model.layers[0].feed_forward.gate_up_proj.packed
-    assert gate_up is not None and gate_up.matmul is LinearMatmul.SLUICE_BF16
     tokens = torch.randint(3, 128, (2_100,), generator=torch.Generator().manual_seed(0)).tolist()
     block_size = 16
     table = list(range(-(-len(tokens) // block_size)))

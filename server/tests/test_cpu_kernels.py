@@ -50,12 +50,39 @@ def compiled_kernels(built_kernels: Kernels) -> Kernels:
     return built_kernels
 
 
-def _skip_without_linear_bf16(kernels: Kernels, cpu: CpuFeatures, build: KernelBuild) -> None:
-    if not cpu.sluice_bf16_matmul:
-        # (AVX-512 without BF16 keeps oneDNN's bfloat16 matmul.)
-        pytest.skip(lacks("AVX512-BF16, or AVX2 without AVX-512"))
-    if not kernels.ops.kernels.has_linear_bf16():
-        pytest.skip(f"the {build.isa} kernel build is compiled without AVX512-BF16 or AVX2")
+# Sluice's own matmuls, by the dtype of the weight they take.
+OWN_MATMULS = {torch.bfloat16: LinearMatmul.SLUICE_BF16, torch.float32: LinearMatmul.SLUICE_F32}
+
+
+def _skip_without_own_matmul(
+    kernels: Kernels, cpu: CpuFeatures, build: KernelBuild, dtype: torch.dtype
+) -> None:
+    if dtype == torch.bfloat16:
+        if not cpu.sluice_bf16_matmul:
+            # (AVX-512 without BF16 keeps oneDNN's bfloat16 matmul.)
+            pytest.skip(lacks("AVX512-BF16, or AVX2 without AVX-512"))
+        if not kernels.ops.kernels.has_linear_bf16():
+            pytest.skip(f"the {build.isa} kernel build is compiled without AVX512-BF16 or AVX2")
+    else:
+        if not cpu.sluice_f32_matmul:
+            pytest.skip(lacks("AVX2 without AVX-512 (elsewhere float32 takes oneDNN's matmul)"))
+        if not kernels.ops.kernels.has_linear_f32():
+            pytest.skip(f"the {build.isa} kernel build has no float32 matmul (AVX2 builds only)")
+
+
+def _assert_matches_float64(
+    actual: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> None:
+    """actual is x W^T + b to within the rounding of float32 sums of exact products (and, for
+    bfloat16, of the output's rounding)."""
+    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    scale = expected.abs().max().item()
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (actual.double() - expected).abs().max().item() <= tolerance * scale
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -429,6 +456,7 @@ def test_silu_and_mul_matches_reference(
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
@@ -449,48 +477,50 @@ def test_silu_and_mul_matches_reference(
         (300, 96, 72),
     ],
 )
-def test_linear_bf16_matches_torch(
+def test_own_linear_matches_torch(
     compiled_kernels: Kernels,
     cpu: CpuFeatures,
     kernel_build: KernelBuild,
+    dtype: torch.dtype,
     rows: int,
     in_features: int,
     out_features: int,
     bias: bool,
 ) -> None:
-    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
+    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
     ops = compiled_kernels.ops
     generator = torch.Generator().manual_seed(4)
-    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
-    bias_values = torch.randn(out_features, generator=generator).to(torch.bfloat16)
-    packed = ops.pack_linear(weight, bias_values if bias else None)
-    assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    bias_values = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    packed = ops.pack_linear(weight, bias_values)
+    assert packed is not None and packed.matmul is OWN_MATMULS[dtype]
     # Rows with a longer stride than their width, as a column slice of a wider tensor gives.
-    wide = torch.randn(rows, in_features + 6, generator=generator).to(torch.bfloat16)
+    wide = torch.randn(rows, in_features + 6, generator=generator).to(dtype)
     x = wide[:, 6:]
-    expected = F.linear(x.float(), weight.float(), bias_values.float() if bias else None)
     actual = ops.packed_linear(x, packed)
-    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, out_features)
-    # float32 sums of exact bfloat16 products, rounded once: only the order of the sums and the
-    # final rounding differ from a float32 reference.
-    scale = expected.abs().max().item()
-    assert (actual.float() - expected).abs().max().item() <= 1e-2 * scale
+    assert actual.dtype == dtype and actual.shape == (rows, out_features)
+    _assert_matches_float64(actual, x, weight, bias_values, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 32])
-def test_linear_bf16_is_the_same_at_any_thread_count(
-    compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild, rows: int
+def test_own_linear_is_the_same_at_any_thread_count(
+    compiled_kernels: Kernels,
+    cpu: CpuFeatures,
+    kernel_build: KernelBuild,
+    dtype: torch.dtype,
+    rows: int,
 ) -> None:
     # Threads take chunks of tiles and, once done with their own, the others' last ones
     # (parallel_chunks): more threads than cores makes some slow, so that chunks change hands.
     # Every tile must be computed exactly once, the same way, whoever takes it.
-    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
+    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
     ops = compiled_kernels.ops
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(4112, 96, generator=generator).to(torch.bfloat16)  # 129 tiles
+    weight = torch.randn(4112, 96, generator=generator).to(dtype)  # 129 tiles
     packed = ops.pack_linear(weight, None)
-    assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
-    x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
+    assert packed is not None and packed.matmul is OWN_MATMULS[dtype]
+    x = torch.randn(rows, 96, generator=generator).to(dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -501,13 +531,17 @@ def test_linear_bf16_is_the_same_at_any_thread_count(
                 assert torch.equal(ops.packed_linear(x, packed), alone), f"{count} threads"
     finally:
         torch.set_num_threads(threads)
-    expected = F.linear(x.float(), weight.float())
-    assert (alone.float() - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
+    _assert_matches_float64(alone, x, weight, None, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_features", [576, 592])
-def test_linear_bf16_gives_a_row_the_same_output_in_any_batch(
-    compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild, in_features: int
+def test_own_linear_gives_a_row_the_same_output_in_any_batch(
+    compiled_kernels: Kernels,
+    cpu: CpuFeatures,
+    kernel_build: KernelBuild,
+    dtype: torch.dtype,
+    in_features: int,
 ) -> None:
     # A request's tokens must come out the same whichever others share its step: each row's
     # sums take the same path and order whatever the row count (the AVX-512 8-row blocks, AVX2's
@@ -516,12 +550,14 @@ def test_linear_bf16_gives_a_row_the_same_output_in_any_batch(
     # its last bits, which rounding to bfloat16 hides but for about one output in 10^4: hence
     # the many outputs. 1,800 rows are more than one pass of the threads over the tiles takes
     # (rows_per_pass: as many as fill half the L2 cache), so rows of later passes are checked too.
-    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
+    # float32 outputs show any change of order in their last bits.
+    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
     ops = compiled_kernels.ops
     generator = torch.Generator().manual_seed(6)
-    weight = torch.randn(2048, in_features, generator=generator).to(torch.bfloat16)
-    packed = ops.pack_linear(weight, torch.randn(2048, generator=generator).to(torch.bfloat16))
-    x = torch.randn(1800, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(2048, in_features, generator=generator).to(dtype)
+    packed = ops.pack_linear(weight, torch.randn(2048, generator=generator).to(dtype))
+    assert packed is not None and packed.matmul is OWN_MATMULS[dtype]
+    x = torch.randn(1800, in_features, generator=generator).to(dtype)
     together = ops.packed_linear(x, packed)
     slices = [(0, 1), (7, 1), (3, 5), (10, 17), (40, 33), (100, 150), (250, 50), (700, 150)]
     for first, count in slices + [(1500, 300), (1799, 1)]:
@@ -529,15 +565,16 @@ def test_linear_bf16_gives_a_row_the_same_output_in_any_batch(
         assert torch.equal(alone, together[first : first + count]), (first, count)
 
 
-def test_linear_bf16_rejects_a_mismatched_input(
-    compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_own_linear_rejects_a_mismatched_input(
+    compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild, dtype: torch.dtype
 ) -> None:
-    _skip_without_linear_bf16(compiled_kernels, cpu, kernel_build)
-    weight = torch.randn(64, 32).to(torch.bfloat16)
+    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
+    weight = torch.randn(64, 32).to(dtype)
     packed = compiled_kernels.ops.pack_linear(weight, None)
-    assert packed is not None
+    assert packed is not None and packed.matmul is OWN_MATMULS[dtype]
     with pytest.raises(RuntimeError, match="columns"):
-        compiled_kernels.ops.packed_linear(torch.randn(4, 30).to(torch.bfloat16), packed)
+        compiled_kernels.ops.packed_linear(torch.randn(4, 30).to(dtype), packed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -121,24 +121,34 @@ def test_a_capped_cpu_loads_the_kernels_built_for_the_cap(
     assert not kernels.ops.cpu.avx512 and kernels.ops.cpu.sluice_bf16_matmul
     packed = kernels.ops.pack_linear(torch.randn(64, 32).to(torch.bfloat16), None)
     assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
+    assert kernels.ops.kernels.has_linear_f32() and kernels.ops.cpu.sluice_f32_matmul
+    packed = kernels.ops.pack_linear(torch.randn(64, 32), None)
+    assert packed is not None and packed.matmul is LinearMatmul.SLUICE_F32
 
 
-def test_bfloat16_projections_take_the_matmul_the_cpu_has(compiled_kernels: Kernels) -> None:
+def test_projections_take_the_matmul_the_cpu_has(compiled_kernels: Kernels) -> None:
     assert isinstance(compiled_kernels.ops, CompiledCpuOps)
     module = compiled_kernels.ops.kernels
     weight = torch.randn(64, 32).to(torch.bfloat16)
     float_weight = weight.float()
-    # AVX2 only: Sluice's matmul for bfloat16 (the native build of any AVX2 CPU has one), and
-    # oneDNN's for float32.
+    x = torch.randn(3, 32)
+    # AVX2 only: Sluice's matmul for bfloat16 (the native build of any AVX2 CPU has one), and its
+    # float32 matmul where the build is an AVX2 one (an AVX-512 CPU's native build has none:
+    # oneDNN's float32 there).
     avx2_ops = CompiledCpuOps(module, AVX2_ONLY)
     packed = avx2_ops.pack_linear(weight, None)
     assert module.has_linear_bf16()
     assert packed is not None and packed.matmul is LinearMatmul.SLUICE_BF16
     packed = avx2_ops.pack_linear(float_weight, None)
-    if torch.backends.mkldnn.is_available():
+    if module.has_linear_f32():
+        assert packed is not None and packed.matmul is LinearMatmul.SLUICE_F32
+    elif torch.backends.mkldnn.is_available():
         assert packed is not None and packed.matmul is LinearMatmul.ONEDNN
-        x = torch.randn(3, 32)
+    if packed is not None:
         assert torch.allclose(avx2_ops.packed_linear(x, packed), x @ float_weight.T, atol=1e-5)
+    # AVX-512: float32 stays with oneDNN whatever the build holds.
+    packed = CompiledCpuOps(module, AVX512_BF16).pack_linear(float_weight, None)
+    assert packed is None or packed.matmul is LinearMatmul.ONEDNN
     # Neither AVX2 nor oneDNN bfloat16: the weight stays as it is, for F.linear.
     assert CompiledCpuOps(module, NO_AVX2).pack_linear(weight, None) is None
 

@@ -129,6 +129,14 @@ class CpuFeatures:
         BF16, oneDNN's bfloat16 stays in charge: the two were not compared there."""
         return self.avx512_bf16 or (self.avx2 and not self.avx512)
 
+    @property
+    def sluice_f32_matmul(self) -> bool:
+        """Whether float32 projections take Sluice's own matmul (in the compiled kernels): on
+        AVX2 CPUs without AVX-512, where it is measured faster than oneDNN's float32 at every
+        row count of a step (benchmark/linear_kernel.py --dtype float32). On AVX-512 CPUs
+        oneDNN's float32 stays in charge: Sluice's loops there are bfloat16 ones."""
+        return self.avx2 and not self.avx512
+
     def fast_bf16(self, compiled_kernels: bool) -> bool:
         """Whether bfloat16 serves faster than float32 here: where the CPU computes in it
         natively, and where the compiled kernels bring Sluice's bfloat16 matmul. Elsewhere

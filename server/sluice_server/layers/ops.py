@@ -10,9 +10,10 @@ GPU but for the quantized projections, which it multiplies with GPU kernels
 (kernels/triton_quantized.py) instead of dequantizing the weight on every call.
 
 The projections' weights are packed once at load time (`pack_linear`) for the fastest matmul the
-CPU has (`CpuFeatures.sluice_bf16_matmul`): Sluice's own bfloat16 matmul on CPUs with
-AVX512-BF16 and on AVX2 CPUs without AVX-512 (compiled ops only; faster than oneDNN's at every
-row count a step has), else oneDNN's blocked layout where oneDNN supports the dtype here. A
+CPU has: Sluice's own bfloat16 matmul on CPUs with AVX512-BF16 and on AVX2 CPUs without AVX-512
+(`CpuFeatures.sluice_bf16_matmul`), and its float32 matmul on the latter
+(`CpuFeatures.sluice_f32_matmul`); compiled ops only, each faster than oneDNN's at every row count
+a step has. Else oneDNN's blocked layout where oneDNN supports the dtype here. A
 weight left unpacked runs through `F.linear`, which repacks it on every call (bfloat16 without
 the compiled kernels on CPUs that oneDNN has no bfloat16 for).
 """
@@ -32,11 +33,17 @@ if TYPE_CHECKING:
     from ..kernels.cpu_features import CpuFeatures
 
 
+# Output columns per tile of Sluice's packed weights (linear.cpp's kLinearColumns): the bias is
+# padded to whole tiles.
+PACKED_TILE_COLUMNS = 32
+
+
 class LinearMatmul(Enum):
     """The matmul a packed weight is laid out for."""
 
     ONEDNN = "oneDNN"
     SLUICE_BF16 = "Sluice's bfloat16 matmul"
+    SLUICE_F32 = "Sluice's float32 matmul"
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ class PackedLinear:
 
     matmul: LinearMatmul
     weight: torch.Tensor
-    # SLUICE_BF16: float32, padded like the weight's output columns. ONEDNN: the checkpoint's.
+    # SLUICE_*: float32, padded like the weight's output columns. ONEDNN: the checkpoint's.
     # None without a bias.
     bias: torch.Tensor | None
     out_features: int
@@ -159,29 +166,38 @@ class CompiledCpuOps(Ops):
         self.kernels = kernels
 
     def pack_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | None:
-        if not self._own_matmul_packs(weight):
+        matmul = self._own_matmul(weight)
+        if matmul is None:
             return super().pack_linear(weight, bias)
-        packed = self.kernels.pack_linear_bf16(weight)
+        if matmul is LinearMatmul.SLUICE_BF16:
+            packed = self.kernels.pack_linear_bf16(weight)
+        else:
+            packed = self.kernels.pack_linear_f32(weight)
         padded_bias = None
         if bias is not None:
-            padded_bias = torch.zeros(packed.shape[0] * packed.shape[2], dtype=torch.float32)
+            padded_bias = torch.zeros(packed.shape[0] * PACKED_TILE_COLUMNS, dtype=torch.float32)
             padded_bias[: bias.shape[0]] = bias.float()
-        return PackedLinear(LinearMatmul.SLUICE_BF16, packed, padded_bias, weight.shape[0])
+        return PackedLinear(matmul, packed, padded_bias, weight.shape[0])
 
-    def _own_matmul_packs(self, weight: torch.Tensor) -> bool:
-        # The build has the matmul where it was compiled with AVX512-BF16 or AVX2; the CPU
-        # check keeps a caller's narrower CpuFeatures (as tests give) in charge.
-        return (
-            self.cpu.sluice_bf16_matmul
-            and self.kernels.has_linear_bf16()
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.bfloat16
-            and weight.shape[1] % 2 == 0
-        )
+    def _own_matmul(self, weight: torch.Tensor) -> LinearMatmul | None:
+        """Sluice's matmul for `weight`, or None where it has none. The build has the bfloat16
+        one where it was compiled with AVX512-BF16 or AVX2, the float32 one with AVX2 alone;
+        the CPU checks keep a caller's narrower CpuFeatures (as tests give) in charge."""
+        if weight.device.type != "cpu" or weight.shape[1] % 2 != 0:
+            return None
+        if weight.dtype == torch.bfloat16:
+            own = self.cpu.sluice_bf16_matmul and self.kernels.has_linear_bf16()
+            return LinearMatmul.SLUICE_BF16 if own else None
+        if weight.dtype == torch.float32:
+            own = self.cpu.sluice_f32_matmul and self.kernels.has_linear_f32()
+            return LinearMatmul.SLUICE_F32 if own else None
+        return None
 
     def packed_linear(self, x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
         if packed.matmul is LinearMatmul.SLUICE_BF16:
             return self.kernels.linear_bf16(x, packed.weight, packed.bias, packed.out_features)
+        if packed.matmul is LinearMatmul.SLUICE_F32:
+            return self.kernels.linear_f32(x, packed.weight, packed.bias, packed.out_features)
         return super().packed_linear(x, packed)
 
     def prepare_quantized(

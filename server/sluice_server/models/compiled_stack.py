@@ -137,11 +137,11 @@ def _projection(kernels: ModuleType, linear: Linear) -> Any | None:
     packed = linear.packed
     if packed is None:
         return None
-    projection.matmul = (
-        kernels.Matmul.SLUICE_BF16
-        if packed.matmul is LinearMatmul.SLUICE_BF16
-        else kernels.Matmul.ONEDNN
-    )
+    projection.matmul = {
+        LinearMatmul.SLUICE_BF16: kernels.Matmul.SLUICE_BF16,
+        LinearMatmul.SLUICE_F32: kernels.Matmul.SLUICE_F32,
+        LinearMatmul.ONEDNN: kernels.Matmul.ONEDNN,
+    }[packed.matmul]
     projection.weight = packed.weight
     projection.bias = packed.bias
     projection.out_features = packed.out_features

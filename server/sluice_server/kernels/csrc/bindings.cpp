@@ -40,6 +40,7 @@ void bind_decoder_stack(py::module& module) {
   using Matmul = sluice::Projection::Matmul;
   py::enum_<Matmul>(module, "Matmul", py::module_local())
       .value("SLUICE_BF16", Matmul::kSluiceBf16)
+      .value("SLUICE_F32", Matmul::kSluiceF32)
       .value("ONEDNN", Matmul::kOneDnn)
       .value("QUANTIZED", Matmul::kQuantized);
   py::class_<sluice::Projection>(module, "Projection", py::module_local())
@@ -106,6 +107,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("attention_has_dot_products", &sluice::attention_has_dot_products);
   module.def("pack_linear_bf16", &sluice::pack_linear_bf16);
   module.def("linear_bf16", &sluice::linear_bf16);
+  module.def("has_linear_f32", &sluice::has_linear_f32);
+  module.def("pack_linear_f32", &sluice::pack_linear_f32);
+  module.def("linear_f32", &sluice::linear_f32);
   module.def("linear_quantized", &sluice::linear_quantized, py::arg("x"), py::arg("codes"),
              py::arg("scales"), py::arg("offsets"), py::arg("bias"), py::arg("code_format"),
              py::arg("group_size"), py::arg("levels") = py::none(),

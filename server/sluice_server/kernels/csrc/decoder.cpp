@@ -35,6 +35,8 @@ at::Tensor project(const Projection& projection, const at::Tensor& x, const Step
   switch (projection.matmul) {
     case Projection::Matmul::kSluiceBf16:
       return linear_bf16(x, projection.weight, projection.bias, projection.out_features);
+    case Projection::Matmul::kSluiceF32:
+      return linear_f32(x, projection.weight, projection.bias, projection.out_features);
     case Projection::Matmul::kOneDnn:
       return onednn_linear(x, projection);
     case Projection::Matmul::kQuantized: {
@@ -89,10 +91,10 @@ at::Tensor attend(const DecoderLayerWeights& layer, const at::Tensor& normed,
   return project(layer.output, attended.view({tokens, query_size}), step);
 }
 
-// The most rows of a step that go through the MLP together where both its projections are the
-// compiled bfloat16 matmuls. gate_up's output is 6 KiB a row on a 576-wide model: a 4,096-row
-// step's, 25 MiB, left the caches before the activation read it back, and the matmul wrote it
-// at two thirds of its speed on 1,024 rows. A row's sums do not depend on the rows beside it
+// The most rows of a step that go through the MLP together where both its projections are
+// Sluice's own matmuls (bfloat16 or float32). gate_up's bfloat16 output is 6 KiB a row on a
+// 576-wide model: a 4,096-row step's, 25 MiB, left the caches before the activation read it back,
+// and the matmul wrote it at two thirds of its speed on 1,024 rows. A row's sums do not depend on the rows beside it
 // (linear.cpp), so the output has the same bits either way. oneDNN's matmul promises no such
 // thing, and the quantized one takes the step's prompt rows by index: their MLPs stay whole.
 constexpr int64_t kMlpRowChunk = 1024;
@@ -104,8 +106,11 @@ at::Tensor mlp(const DecoderLayerWeights& layer, const at::Tensor& normed,
     return project(layer.down, silu_and_mul(project(layer.gate_up, rows, step)), step);
   };
   const int64_t rows = normed.size(0);
-  const bool compiled_matmuls = layer.gate_up.matmul == Projection::Matmul::kSluiceBf16 &&
-                                layer.down.matmul == Projection::Matmul::kSluiceBf16;
+  const auto compiled = [](const Projection& projection) {
+    return projection.matmul == Projection::Matmul::kSluiceBf16 ||
+           projection.matmul == Projection::Matmul::kSluiceF32;
+  };
+  const bool compiled_matmuls = compiled(layer.gate_up) && compiled(layer.down);
   if (rows <= kMlpRowChunk || !compiled_matmuls) return apply(normed);
   // Chunks of equal size, so that none is a few rows (which AVX2's matmul sums differently).
   const int64_t chunks = (rows + kMlpRowChunk - 1) / kMlpRowChunk;

@@ -37,6 +37,12 @@ using FillTile = c10::function_ref<void(int64_t t, at::BFloat16* tile)>;
 // rows.
 at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t out_features, const float* bias,
                               const FillTile& fill);
+// The float32 matmul of AVX2 CPUs without AVX-512, the weight in tiles of 32 output
+// columns as two [K][16] panels, [tiles][2][K][16].
+bool has_linear_f32();
+at::Tensor pack_linear_f32(const at::Tensor& weight);
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
+                      const c10::optional<at::Tensor>& bias, int64_t out_features);
 
 // linear_quantized.cpp: the matmul against 4- and 8-bit group-quantized weights. The rows listed
 // in prompt_rows (int64, each row once) are a prompt's tokens: they multiply the weight
@@ -72,11 +78,11 @@ std::tuple<at::Tensor, at::Tensor> draw(const at::Tensor& logits, const at::Tens
 
 // A projection's weight, as one of the matmuls above (or oneDNN's) takes it.
 struct Projection {
-  enum class Matmul { kSluiceBf16, kOneDnn, kQuantized };
+  enum class Matmul { kSluiceBf16, kSluiceF32, kOneDnn, kQuantized };
   Matmul matmul = Matmul::kSluiceBf16;
-  // The packed weight (kSluiceBf16, kOneDnn) or the codes (kQuantized).
+  // The packed weight (kSluiceBf16, kSluiceF32, kOneDnn) or the codes (kQuantized).
   at::Tensor weight;
-  // In the form the matmul takes it: float32 padded to the tiles for kSluiceBf16.
+  // In the form the matmul takes it: float32 padded to the tiles for kSluiceBf16 and kSluiceF32.
   c10::optional<at::Tensor> bias;
   int64_t out_features = 0;
   // kQuantized only, as linear_quantized takes them; input_order permutes x's features first

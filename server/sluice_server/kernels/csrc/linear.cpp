@@ -53,13 +53,14 @@ constexpr int64_t kLinearRowBlock = 256;
 
 // Where the loops find tile t: in the packed weight, whose next tile they prefetch (past the
 // end of a chunk too: it is most often the thread's next)...
+template <typename Weight>
 struct PackedTiles {
-  const at::BFloat16* weight;
+  const Weight* weight;
   int64_t tile_elements;
   int64_t count;
 
-  const at::BFloat16* at(int64_t t) const { return weight + t * tile_elements; }
-  const at::BFloat16* prefetch_after(int64_t t) const {
+  const Weight* at(int64_t t) const { return weight + t * tile_elements; }
+  const Weight* prefetch_after(int64_t t) const {
     return t + 1 < count ? at(t + 1) : nullptr;
   }
 };
@@ -87,12 +88,12 @@ class FilledTiles {
 };
 
 // A micro-kernel's rows of x (bfloat16 for AVX512-BF16, widened to float32 for AVX2) and the
-// matching rows of y's columns.
-template <typename Input>
+// matching rows of y's columns (bfloat16, or float32 for a float32 weight).
+template <typename Input, typename Output = at::BFloat16>
 struct Rows {
   const Input* x;
   int64_t x_stride;
-  at::BFloat16* y;
+  Output* y;
   int64_t y_stride;
 };
 
@@ -256,7 +257,7 @@ void amx_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bi
 // A thread's buffers for linear_tiles: none, the AVX-512 and AMX loops work in registers and
 // tiles (see the AVX2 path's).
 struct TileScratch {
-  TileScratch(int64_t /*rows*/, int64_t /*pairs*/) {}
+  TileScratch(int64_t /*rows*/, int64_t /*pairs*/, bool /*float_weights*/) {}
 };
 
 // y for tiles [begin, end), every row of x.
@@ -297,6 +298,7 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SLUICE_HAS_LINEAR_BF16 1
+#define SLUICE_HAS_LINEAR_F32 1
 // Rows up to which a block is multiplied straight from the bfloat16 tile (decoding's few rows,
 // where the weights' bytes bound the time), in passes of up to kDirectRows rows; more rows
 // widen each half tile to float32 a block of K at a time and run the 6-row kernel over it for
@@ -314,11 +316,14 @@ constexpr int64_t kHalfColumns = 16;
 // One pair of input dimensions of a packed tile: 32 columns x 2 bfloat16.
 constexpr int64_t kPairRowBytes = kLinearColumns * 2 * sizeof(at::BFloat16);
 
-// Up to kWidenedRows rows of x (widened to float32) and the matching rows of y's 16 columns.
-using RowBlock = Rows<float>;
+// Up to kWidenedRows rows of x (widened to float32) and the matching rows of y's 16 columns, of
+// the weight's dtype.
+template <typename Output>
+using RowBlock = Rows<float, Output>;
 
-// One half (16 columns) of a packed tile: its first pair row's 64 bytes, then every
-// kPairRowBytes; its 16 biases (or null) and how many of its columns are real.
+// One half (16 columns) of a packed tile. bfloat16: its first pair row's 64 bytes, then every
+// kPairRowBytes. float32: its [K][16] panel. Its 16 biases (or null) and how many of its columns
+// are real.
 struct WeightHalf {
   const char* data;
   int64_t pairs;
@@ -347,7 +352,24 @@ inline void start_sums(__m256 (&sums)[kRows][2], const float* bias) {
 
 // Row r's 16 sums into y, the first `columns` of them.
 template <int64_t kRows>
-inline void store_sums(const __m256 (&sums)[kRows][2], RowBlock block, int64_t columns) {
+inline void store_sums(const __m256 (&sums)[kRows][2], RowBlock<float> block, int64_t columns) {
+  for (int r = 0; r < kRows; ++r) {
+    float* row = block.y + r * block.y_stride;
+    if (columns >= kHalfColumns) {
+      _mm256_storeu_ps(row, sums[r][0]);
+      _mm256_storeu_ps(row + 8, sums[r][1]);
+    } else {
+      alignas(32) float values[kHalfColumns];
+      _mm256_store_ps(values, sums[r][0]);
+      _mm256_store_ps(values + 8, sums[r][1]);
+      std::memcpy(row, values, columns * sizeof(float));
+    }
+  }
+}
+
+template <int64_t kRows>
+inline void store_sums(const __m256 (&sums)[kRows][2], RowBlock<at::BFloat16> block,
+                       int64_t columns) {
   for (int r = 0; r < kRows; ++r) {
     // packus interleaves the 128-bit lanes (low 0-3, high 0-3, low 4-7, high 4-7); the
     // permute puts them back in order.
@@ -384,7 +406,7 @@ inline void accumulate(__m256 (&sums)[kRows][2], const float* x, int64_t x_strid
 // Up to kDirectRows rows straight from the bfloat16 half tile. `next`: the next tile's same
 // half, fetched a line per pair row while this one is multiplied; null for none.
 template <int64_t kRows>
-inline void linear_block_direct(RowBlock block, WeightHalf half, const char* next) {
+inline void linear_block_direct(RowBlock<at::BFloat16> block, WeightHalf half, const char* next) {
   __m256 sums[kRows][2];
   start_sums(sums, half.bias);
   for (int64_t k = 0; k < half.pairs; ++k) {
@@ -403,7 +425,7 @@ inline void linear_block_direct(RowBlock block, WeightHalf half, const char* nex
 // Up to kWholeTileRows rows straight from a whole bfloat16 tile: the halves' sums are separate
 // chains, and each column's sum is taken in the same order as in the other paths.
 template <int64_t kRows>
-inline void linear_tile_direct(RowBlock block, WeightHalf first, WeightHalf second,
+inline void linear_tile_direct(RowBlock<at::BFloat16> block, WeightHalf first, WeightHalf second,
                                const char* next) {
   __m256 first_sums[kRows][2];
   __m256 second_sums[kRows][2];
@@ -431,7 +453,9 @@ inline void linear_tile_direct(RowBlock block, WeightHalf first, WeightHalf seco
   }
   store_sums(first_sums, block, first.columns);
   if (second.columns > 0) {
-    store_sums(second_sums, {block.x, block.x_stride, block.y + kHalfColumns, block.y_stride},
+    store_sums(second_sums,
+               RowBlock<at::BFloat16>{block.x, block.x_stride, block.y + kHalfColumns,
+                                      block.y_stride},
                second.columns);
   }
 }
@@ -481,10 +505,10 @@ inline void store_partial_sums(const __m256 (&sums)[kRows][2], float* partial) {
   }
 }
 
-// Up to kWidenedRows rows against one block of a widened half tile: 12 sums, 2 weights and a
-// broadcast in the 16 registers.
-template <int64_t kRows>
-inline void linear_block_widened(RowBlock block, const float* widened, DimBlock dims,
+// Up to kWidenedRows rows against one block of a widened half tile (or of a float32 panel, which
+// is one already): 12 sums, 2 weights and a broadcast in the 16 registers.
+template <int64_t kRows, typename Output>
+inline void linear_block_widened(RowBlock<Output> block, const float* widened, DimBlock dims,
                                  WeightHalf half, float* partial) {
   __m256 sums[kRows][2];
   if (dims.first) {
@@ -522,15 +546,50 @@ inline void in_even_groups(int64_t rows, Body&& body) {
   }
 }
 
+// Up to kWholeTileRows rows against both float32 panels of a tile at once: four sums per row,
+// so that a row's FMAs overlap, each column's sum taken in the same order as in the other paths.
+template <int64_t kRows>
+inline void linear_tile_panels(RowBlock<float> block, WeightHalf first, WeightHalf second) {
+  __m256 first_sums[kRows][2];
+  __m256 second_sums[kRows][2];
+  start_sums(first_sums, first.bias);
+  start_sums(second_sums, second.bias);
+  const auto* low = reinterpret_cast<const float*>(first.data);
+  const auto* high = reinterpret_cast<const float*>(second.data);
+  for (int64_t k = 0; k < 2 * first.pairs; ++k) {
+    const float* low_row = low + k * kHalfColumns;
+    const float* high_row = high + k * kHalfColumns;
+    accumulate(first_sums, block.x + k, block.x_stride,
+               {_mm256_load_ps(low_row), _mm256_load_ps(low_row + 8)});
+    accumulate(second_sums, block.x + k, block.x_stride,
+               {_mm256_load_ps(high_row), _mm256_load_ps(high_row + 8)});
+  }
+  store_sums(first_sums, block, first.columns);
+  if (second.columns > 0) {
+    store_sums(second_sums,
+               RowBlock<float>{block.x, block.x_stride, block.y + kHalfColumns, block.y_stride},
+               second.columns);
+  }
+}
+
 // A thread's buffers for the widened passes, made once per thread of a matmul rather than for
 // every chunk of tiles it takes: a block of a half tile widened to float32, 2 * kWidenedPairs
-// rows of 16 (two vectors), and a block of rows' partial sums when K takes more than one block;
-// __m256 elements keep them aligned for the vector loads.
+// rows of 16 (two vectors; a float32 weight needs none), and a block of rows' partial sums when
+// K takes more than one block; __m256 elements keep them aligned for the vector loads.
 class TileScratch {
  public:
-  TileScratch(int64_t rows, int64_t pairs)
-      : widened_(rows > kDirectBlockRows ? 4 * std::min(pairs, kWidenedPairs) : 0),
-        partial_(rows > kDirectBlockRows && pairs > kWidenedPairs ? 2 * kLinearRowBlock : 0) {}
+  TileScratch(int64_t rows, int64_t pairs, bool float_weights)
+      : widened_(rows > kDirectBlockRows && !float_weights ? 4 * std::min(pairs, kWidenedPairs)
+                                                           : 0),
+        partial_(rows >= first_widened_rows(float_weights) && pairs > kWidenedPairs
+                     ? 2 * kLinearRowBlock
+                     : 0) {}
+
+  // The fewest rows that take the widened passes: a float32 weight is its own widened panel,
+  // so every row count past the whole-tile kernel's runs them.
+  static int64_t first_widened_rows(bool float_weights) {
+    return float_weights ? kWholeTileRows + 1 : kDirectBlockRows + 1;
+  }
 
   float* widened() { return reinterpret_cast<float*>(widened_.data()); }
   float* partial() { return reinterpret_cast<float*>(partial_.data()); }
@@ -540,15 +599,44 @@ class TileScratch {
   std::vector<__m256> partial_;
 };
 
-// y for tiles [begin, end), every row of x (float32).
+// The widened passes for one half tile: for each block of kWidenedPairs pairs of input
+// dimensions, its float32 panel (`panel_of(first_pair, count)`: widened, or where it lies in a
+// float32 weight) times every group of the block's rows, from `row_start`.
+template <typename Output, typename PanelOf>
+inline void widened_passes(const Rows<float, Output>& rows, int64_t block_rows, WeightHalf half,
+                           float* partial, PanelOf&& panel_of) {
+  for (int64_t first_pair = 0; first_pair < half.pairs; first_pair += kWidenedPairs) {
+    const int64_t count = std::min(kWidenedPairs, half.pairs - first_pair);
+    const float* panel = panel_of(first_pair, count);
+    const DimBlock dims{2 * first_pair, 2 * count, first_pair == 0,
+                        first_pair + count == half.pairs};
+    in_even_groups<kWidenedRows>(block_rows, [&](int64_t done, auto n) {
+      const RowBlock<Output> block{rows.x + done * rows.x_stride, rows.x_stride,
+                                   rows.y + done * rows.y_stride, rows.y_stride};
+      linear_block_widened<decltype(n)::value>(block, panel, dims, half,
+                                               partial + done * kHalfColumns);
+    });
+  }
+}
+
+// y for tiles [begin, end), every row of x (float32): bfloat16 weights widened in registers or
+// into panels, float32 weights read as they are.
 template <typename Tiles>
 void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
                   at::Tensor& y, int64_t begin, int64_t end, TileScratch& scratch) {
+  using Weight = std::remove_const_t<std::remove_pointer_t<decltype(tiles.at(0))>>;
+  constexpr bool kFloatWeights = std::is_same_v<Weight, float>;
+  using Output = std::conditional_t<kFloatWeights, float, at::BFloat16>;
+  // A half tile's bytes from the tile's start: the second pair-interleaved half's 64-byte lines
+  // start half a pair row in; a float32 tile's second panel follows the first.
+  constexpr int64_t kHalfStride = kFloatWeights ? 0 : kPairRowBytes / 2;
+  const int64_t half_bytes =
+      kFloatWeights ? 2 * pairs * kHalfColumns * int64_t{sizeof(float)} : kHalfStride;
   const int64_t rows = x.size(0);
   const int64_t out_features = y.size(1);
   const float* x_data = x.data_ptr<float>();
   const int64_t x_stride = x.stride(0);
-  at::BFloat16* y_data = y.data_ptr<at::BFloat16>();
+  Output* y_data = y.data_ptr<Output>();
   float* widened = scratch.widened();
   float* partial = scratch.partial();
   for (int64_t row_start = 0; row_start < rows; row_start += kLinearRowBlock) {
@@ -558,46 +646,50 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
       const auto* next_tile = reinterpret_cast<const char*>(tiles.prefetch_after(t));
       const auto half_of = [&](int64_t h) {
         const int64_t first_column = t * kLinearColumns + h * kHalfColumns;
-        return WeightHalf{tile + h * kPairRowBytes / 2, pairs,
-                          bias ? bias + first_column : nullptr,
+        return WeightHalf{tile + h * half_bytes, pairs, bias ? bias + first_column : nullptr,
                           std::min(kHalfColumns, out_features - first_column)};
       };
+      const RowBlock<Output> tile_rows{x_data + row_start * x_stride, x_stride,
+                                       y_data + row_start * out_features + t * kLinearColumns,
+                                       out_features};
       if (block_rows <= kWholeTileRows) {
         with_count<kWholeTileRows>(block_rows, [&](auto count) {
-          linear_tile_direct<decltype(count)::value>(
-              RowBlock{x_data + row_start * x_stride, x_stride,
-                       y_data + row_start * out_features + t * kLinearColumns, out_features},
-              half_of(0), half_of(1), next_tile);
+          constexpr int64_t kCount = decltype(count)::value;
+          if constexpr (kFloatWeights) {
+            linear_tile_panels<kCount>(tile_rows, half_of(0), half_of(1));
+          } else {
+            linear_tile_direct<kCount>(tile_rows, half_of(0), half_of(1), next_tile);
+          }
         });
         continue;
       }
       for (int64_t h = 0; h < 2; ++h) {
-        const int64_t first_column = t * kLinearColumns + h * kHalfColumns;
         const WeightHalf half = half_of(h);
         if (half.columns <= 0) break;
-        // Whichever pass reads the bfloat16 half also fetches the next tile's line of it.
-        const char* next = next_tile != nullptr ? next_tile + h * kPairRowBytes / 2 : nullptr;
-        const auto block_at = [&](int64_t r) {
-          return RowBlock{x_data + r * x_stride, x_stride,
-                          y_data + r * out_features + first_column, out_features};
-        };
-        if (block_rows <= kDirectBlockRows) {
-          // Only the first pass over the half fetches the next tile's line of it.
-          in_even_groups<kDirectRows>(block_rows, [&](int64_t done, auto n) {
-            linear_block_direct<decltype(n)::value>(block_at(row_start + done), half,
-                                                    done == 0 ? next : nullptr);
+        const RowBlock<Output> half_rows{tile_rows.x, x_stride, tile_rows.y + h * kHalfColumns,
+                                         out_features};
+        if constexpr (kFloatWeights) {
+          const auto* panel = reinterpret_cast<const float*>(half.data);
+          widened_passes(half_rows, block_rows, half, partial, [&](int64_t first_pair, int64_t) {
+            return panel + 2 * first_pair * kHalfColumns;
           });
-          continue;
-        }
-        for (int64_t first_pair = 0; first_pair < pairs; first_pair += kWidenedPairs) {
-          const int64_t count = std::min(kWidenedPairs, pairs - first_pair);
-          widen_half(half, first_pair, count, next, widened);
-          const DimBlock dims{2 * first_pair, 2 * count, first_pair == 0,
-                              first_pair + count == pairs};
-          in_even_groups<kWidenedRows>(block_rows, [&](int64_t done, auto n) {
-            linear_block_widened<decltype(n)::value>(block_at(row_start + done), widened, dims,
-                                                     half, partial + done * kHalfColumns);
-          });
+        } else {
+          // Whichever pass reads the bfloat16 half also fetches the next tile's line of it.
+          const char* next = next_tile != nullptr ? next_tile + h * kHalfStride : nullptr;
+          if (block_rows <= kDirectBlockRows) {
+            // Only the first pass over the half fetches the next tile's line of it.
+            in_even_groups<kDirectRows>(block_rows, [&](int64_t done, auto n) {
+              const RowBlock<Output> block{half_rows.x + done * x_stride, x_stride,
+                                           half_rows.y + done * out_features, out_features};
+              linear_block_direct<decltype(n)::value>(block, half, done == 0 ? next : nullptr);
+            });
+            continue;
+          }
+          widened_passes(half_rows, block_rows, half, partial,
+                         [&](int64_t first_pair, int64_t count) {
+                           widen_half(half, first_pair, count, next, widened);
+                           return static_cast<const float*>(widened);
+                         });
         }
       }
     }
@@ -615,24 +707,48 @@ bool has_linear_bf16() {
 #endif
 }
 
+namespace {
+
+// weight [out_features, K] with zero rows after it up to whole tiles of kLinearColumns.
+at::Tensor padded_to_tiles(const at::Tensor& weight) {
+  const int64_t out_features = weight.size(0);
+  TORCH_CHECK(weight.size(1) % 2 == 0, "in_features must be even");
+  const int64_t tiles = (out_features + kLinearColumns - 1) / kLinearColumns;
+  auto padded = at::zeros({tiles * kLinearColumns, weight.size(1)}, weight.options());
+  padded.narrow(0, 0, out_features).copy_(weight);
+  return padded;
+}
+
+}  // namespace
+
 at::Tensor pack_linear_bf16(const at::Tensor& weight) {
   check_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16,
               "weight must be bfloat16 [out_features, in_features]");
-  const int64_t out_features = weight.size(0);
-  const int64_t in_features = weight.size(1);
-  TORCH_CHECK(in_features % 2 == 0, "in_features must be even");
-  const int64_t tiles = (out_features + kLinearColumns - 1) / kLinearColumns;
-  auto padded = at::zeros({tiles * kLinearColumns, in_features}, weight.options());
-  padded.narrow(0, 0, out_features).copy_(weight);
+  const at::Tensor padded = padded_to_tiles(weight);
+  const int64_t tiles = padded.size(0) / kLinearColumns;
   // [tiles, 32, K/2, 2] -> [tiles, K/2, 32, 2]
-  return padded.view({tiles, kLinearColumns, in_features / 2, 2})
+  return padded.view({tiles, kLinearColumns, weight.size(1) / 2, 2})
       .permute({0, 2, 1, 3})
       .contiguous();
 }
 
 #if defined(SLUICE_HAS_LINEAR_BF16)
 namespace {
+
+// The checks of out_features against a packed weight's `tiles` and of its bias (float32, padded
+// to the tiles); the bias's data, or null.
+const float* checked_bias(const c10::optional<at::Tensor>& bias, int64_t tiles,
+                          int64_t out_features) {
+  TORCH_CHECK(out_features > (tiles - 1) * kLinearColumns && out_features <= tiles * kLinearColumns,
+              "out_features does not match the packed weight");
+  if (!bias.has_value()) return nullptr;
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                  bias->numel() == tiles * kLinearColumns,
+              "bias must be float32, padded to the packed weight's tiles");
+  return bias->data_ptr<float>();
+}
 
 // Rows of x that one pass of the threads over the tiles takes: as many whole blocks of
 // kLinearRowBlock rows as fill half of this CPU's L2 cache (its size from the C library, 1 MiB
@@ -657,6 +773,10 @@ template <typename MakeTiles>
 at::Tensor multiply_tiles(const at::Tensor& x, int64_t tile_count, int64_t pairs,
                           const float* bias, int64_t out_features, bool split_rows,
                           MakeTiles&& make_tiles) {
+  using Tiles = decltype(make_tiles());
+  using Weight =
+      std::remove_const_t<std::remove_pointer_t<decltype(std::declval<Tiles&>().at(0))>>;
+  constexpr bool kFloatWeights = std::is_same_v<Weight, float>;
   auto y = at::empty({x.size(0), out_features}, x.options());
 #if defined(__AVX512BF16__)
   const at::Tensor& rows = x;
@@ -675,7 +795,7 @@ at::Tensor multiply_tiles(const at::Tensor& x, int64_t tile_count, int64_t pairs
     const at::Tensor pass_x = rows.narrow(0, first_row, count);
     at::Tensor pass_y = y.narrow(0, first_row, count);
     parallel_chunks(tile_count, chunk, [&] {
-      return [&, tiles = make_tiles(), scratch = TileScratch(count, pairs)](
+      return [&, tiles = make_tiles(), scratch = TileScratch(count, pairs, kFloatWeights)](
                  int64_t begin, int64_t end) mutable {
         linear_tiles(pass_x, tiles, pairs, bias, pass_y, begin, end, scratch);
       };
@@ -699,18 +819,9 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
   const int64_t tiles = packed.size(0);
   const int64_t pairs = packed.size(1);
   TORCH_CHECK(x.size(1) == 2 * pairs, "x has ", x.size(1), " columns, the weight ", 2 * pairs);
-  TORCH_CHECK(out_features > (tiles - 1) * kLinearColumns && out_features <= tiles * kLinearColumns,
-              "out_features does not match the packed weight");
-  const float* bias_data = nullptr;
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->numel() == tiles * kLinearColumns,
-                "bias must be float32, padded to the packed weight's tiles");
-    bias_data = bias->data_ptr<float>();
-  }
-  const PackedTiles packed_tiles{packed.data_ptr<at::BFloat16>(), pairs * kLinearColumns * 2,
-                                 tiles};
+  const float* bias_data = checked_bias(bias, tiles, out_features);
+  const PackedTiles<at::BFloat16> packed_tiles{packed.data_ptr<at::BFloat16>(),
+                                               pairs * kLinearColumns * 2, tiles};
   return multiply_tiles(x, tiles, pairs, bias_data, out_features, true,
                         [&] { return packed_tiles; });
 #else
@@ -719,6 +830,57 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed,
   (void)bias;
   (void)out_features;
   TORCH_CHECK(false, "linear_bf16 needs a build for AVX512-BF16 or AVX2 with FMA");
+#endif
+}
+
+bool has_linear_f32() {
+#if defined(SLUICE_HAS_LINEAR_F32)
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor pack_linear_f32(const at::Tensor& weight) {
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
+              "weight must be float32 [out_features, in_features]");
+  const at::Tensor padded = padded_to_tiles(weight);
+  const int64_t tiles = padded.size(0) / kLinearColumns;
+  // [tiles, 2, 16, K] -> [tiles, 2, K, 16]
+  return padded.view({tiles, 2, kLinearColumns / 2, weight.size(1)})
+      .permute({0, 1, 3, 2})
+      .contiguous();
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed,
+                      const c10::optional<at::Tensor>& bias, int64_t out_features) {
+#if defined(SLUICE_HAS_LINEAR_F32)
+  check_rows(x, "x");
+  check_cpu(packed, "packed");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [rows, K]");
+  TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.size(1) == 2 &&
+                  packed.size(3) == kLinearColumns / 2 && packed.size(2) % 2 == 0 &&
+                  packed.scalar_type() == at::kFloat,
+              "packed must come from pack_linear_f32");
+  // The loops load its panels as aligned vectors.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0,
+              "packed must be 32-byte aligned");
+  const int64_t tiles = packed.size(0);
+  const int64_t in_features = packed.size(2);
+  TORCH_CHECK(x.size(1) == in_features, "x has ", x.size(1), " columns, the weight ",
+              in_features);
+  const float* bias_data = checked_bias(bias, tiles, out_features);
+  const PackedTiles<float> packed_tiles{packed.data_ptr<float>(), in_features * kLinearColumns,
+                                        tiles};
+  return multiply_tiles(x, tiles, in_features / 2, bias_data, out_features, true,
+                        [&] { return packed_tiles; });
+#else
+  (void)x;
+  (void)packed;
+  (void)bias;
+  (void)out_features;
+  TORCH_CHECK(false, "linear_f32 needs a build for AVX2 with FMA (and without AVX-512)");
 #endif
 }
 
