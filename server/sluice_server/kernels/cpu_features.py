@@ -132,9 +132,10 @@ class CpuFeatures:
     @property
     def sluice_f32_matmul(self) -> bool:
         """Whether float32 projections take Sluice's own matmul (in the compiled kernels): on
-        AVX2 CPUs without AVX-512, where it is measured faster than oneDNN's float32 at every
-        row count of a step (benchmark/linear_kernel.py --dtype float32). On AVX-512 CPUs
-        oneDNN's float32 stays in charge: Sluice's loops there are bfloat16 ones."""
+        AVX2 CPUs without AVX-512, where it is measured faster than oneDNN's float32 at the row
+        counts of decoding and on par on prompt chunks (benchmark/linear_kernel.py --dtype
+        float32). On AVX-512 CPUs oneDNN's float32 stays in charge: Sluice's loops there are
+        bfloat16 ones."""
         return self.avx2 and not self.avx512
 
     def fast_bf16(self, compiled_kernels: bool) -> bool:

@@ -12,10 +12,10 @@ GPU but for the quantized projections, which it multiplies with GPU kernels
 The projections' weights are packed once at load time (`pack_linear`) for the fastest matmul the
 CPU has: Sluice's own bfloat16 matmul on CPUs with AVX512-BF16 and on AVX2 CPUs without AVX-512
 (`CpuFeatures.sluice_bf16_matmul`), and its float32 matmul on the latter
-(`CpuFeatures.sluice_f32_matmul`); compiled ops only, each faster than oneDNN's at every row count
-a step has. Else oneDNN's blocked layout where oneDNN supports the dtype here. A
-weight left unpacked runs through `F.linear`, which repacks it on every call (bfloat16 without
-the compiled kernels on CPUs that oneDNN has no bfloat16 for).
+(`CpuFeatures.sluice_f32_matmul`); compiled ops only, each faster than oneDNN's at the row counts
+of decoding and no slower on prompt chunks. Else oneDNN's blocked layout where oneDNN supports the
+dtype here. A weight left unpacked runs through `F.linear`, which repacks it on every call
+(bfloat16 without the compiled kernels on CPUs that oneDNN has no bfloat16 for).
 """
 
 from dataclasses import dataclass
@@ -189,7 +189,10 @@ class CompiledCpuOps(Ops):
             own = self.cpu.sluice_bf16_matmul and self.kernels.has_linear_bf16()
             return LinearMatmul.SLUICE_BF16 if own else None
         if weight.dtype == torch.float32:
-            own = self.cpu.sluice_f32_matmul and self.kernels.has_linear_f32()
+            # Kernels of revisions before the float32 matmul, which benchmarks' --against
+            # builds, lack has_linear_f32.
+            has_linear_f32 = getattr(self.kernels, "has_linear_f32", lambda: False)
+            own = self.cpu.sluice_f32_matmul and has_linear_f32()
             return LinearMatmul.SLUICE_F32 if own else None
         return None
 

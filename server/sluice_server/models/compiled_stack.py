@@ -27,7 +27,7 @@ from ..layers.attention import (
 )
 from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP
-from ..layers.ops import CompiledCpuOps, LinearMatmul
+from ..layers.ops import CompiledCpuOps
 from .decoder import DEFAULT_ROPE, CausalLM, DecoderLayer, PreNormLayer, RopeTables
 
 
@@ -137,11 +137,8 @@ def _projection(kernels: ModuleType, linear: Linear) -> Any | None:
     packed = linear.packed
     if packed is None:
         return None
-    projection.matmul = {
-        LinearMatmul.SLUICE_BF16: kernels.Matmul.SLUICE_BF16,
-        LinearMatmul.SLUICE_F32: kernels.Matmul.SLUICE_F32,
-        LinearMatmul.ONEDNN: kernels.Matmul.ONEDNN,
-    }[packed.matmul]
+    # The kernels' Matmul has a value of each LinearMatmul's name.
+    projection.matmul = getattr(kernels.Matmul, packed.matmul.name)
     projection.weight = packed.weight
     projection.bias = packed.bias
     projection.out_features = packed.out_features

@@ -1,4 +1,5 @@
-// bfloat16 matmul for the model's projections, y [M, N] = x [M, K] W^T + b, with three paths:
+// Sluice's matmul for the model's projections, y [M, N] = x [M, K] W^T + b: bfloat16 weights on
+// three paths, and float32 weights on the AVX2 one.
 //
 // - AVX512-BF16: on the row counts of decoding (1 to a few dozen) oneDNN runs at about 60 % of
 //   its own large-matrix throughput; this is 1.3 to 2 times faster there, and no slower on
@@ -10,6 +11,9 @@
 // - AVX2 with FMA (CPUs without AVX-512, where oneDNN has no bfloat16 at all): weights stay
 //   bfloat16 in memory, half the bytes of float32, and are widened in registers for float32
 //   FMAs. Decoding reads every weight once per step, so this beats oneDNN's float32 matmul.
+//   The same loops take float32 weights (linear_f32, for models served in float32): oneDNN's
+//   float32 matmul reads one row's weights at about 60 % of the memory's bandwidth and loses
+//   more at a few rows; these are 1.3 to 1.4 times faster at 1 to 64 rows, on par at 512.
 //
 // The weight is packed once into tiles of 32 output columns, [ceil(N / 32)][K / 2][32][2]: for
 // each pair of input dimensions, the 32 columns' two weights side by side, 128 bytes, which is
@@ -27,12 +31,16 @@
 // block of rows, prefetching the next tile while the current one is reused from cache for each
 // group of rows.
 //
+// A float32 weight is packed as [ceil(N / 32)][2][K][16]: each half tile as the float32 panel
+// that the AVX2 path widens a bfloat16 half tile into, so the widened passes read it where it
+// lies, at every row count past 2 (1 or 2 rows take the whole tile in one pass, as above).
+//
 // The same loops also take a weight given tile by tile (linear_bf16_filled): each tile is
 // written into a buffer when the loops reach it, which is how linear_quantized.cpp multiplies a
 // prompt's many rows by its codes dequantized to bfloat16 once per tile.
 //
-// A build with neither has the packing but not the matmul (has_linear_bf16 says which); the
-// Python side then leaves the projections to PyTorch.
+// A build with neither has the packing but not the matmul (has_linear_bf16 and has_linear_f32
+// say which); the Python side then leaves the projections to oneDNN or PyTorch.
 
 #include <unistd.h>
 
