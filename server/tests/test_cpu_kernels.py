@@ -31,7 +31,7 @@ from attention_cases import (
 from sluice_server.kernels import CpuFeatures, KernelBuild, Kernels
 from sluice_server.kernels.cpu_features import lacks
 from sluice_server.layers.attention import AttentionParams, LayerKVCache, SequenceChunk
-from sluice_server.layers.ops import LinearMatmul
+from sluice_server.layers.ops import CompiledCpuOps, LinearMatmul
 
 # Relative to the magnitude (floored at 1). bfloat16 keeps 8 significant bits, a step of 2^-7
 # relative, and the reference rounds its intermediates (e.g. cos and sin) to bfloat16 too.
@@ -54,20 +54,23 @@ def compiled_kernels(built_kernels: Kernels) -> Kernels:
 OWN_MATMULS = {torch.bfloat16: LinearMatmul.SLUICE_BF16, torch.float32: LinearMatmul.SLUICE_F32}
 
 
-def _skip_without_own_matmul(
+def _own_matmul_ops(
     kernels: Kernels, cpu: CpuFeatures, build: KernelBuild, dtype: torch.dtype
-) -> None:
+) -> CompiledCpuOps:
+    """The build's ops, choosing Sluice's own matmul for weights of `dtype`; skips where the
+    build or this CPU has none. The float32 one (AVX2 builds) serves CPUs without AVX-512: on
+    one with AVX-512 the ops are told it has AVX2 only, so that the avx2 build's is tested too."""
+    module = kernels.ops.kernels
     if dtype == torch.bfloat16:
         if not cpu.sluice_bf16_matmul:
             # (AVX-512 without BF16 keeps oneDNN's bfloat16 matmul.)
             pytest.skip(lacks("AVX512-BF16, or AVX2 without AVX-512"))
-        if not kernels.ops.kernels.has_linear_bf16():
+        if not module.has_linear_bf16():
             pytest.skip(f"the {build.isa} kernel build is compiled without AVX512-BF16 or AVX2")
-    else:
-        if not cpu.sluice_f32_matmul:
-            pytest.skip(lacks("AVX2 without AVX-512 (elsewhere float32 takes oneDNN's matmul)"))
-        if not kernels.ops.kernels.has_linear_f32():
-            pytest.skip(f"the {build.isa} kernel build has no float32 matmul (AVX2 builds only)")
+        return kernels.ops
+    if not module.has_linear_f32():
+        pytest.skip(f"the {build.isa} kernel build has no float32 matmul (AVX2 builds only)")
+    return CompiledCpuOps(module, cpu.capped("avx2"))
 
 
 def _assert_matches_float64(
@@ -487,8 +490,7 @@ def test_own_linear_matches_torch(
     out_features: int,
     bias: bool,
 ) -> None:
-    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
-    ops = compiled_kernels.ops
+    ops = _own_matmul_ops(compiled_kernels, cpu, kernel_build, dtype)
     generator = torch.Generator().manual_seed(4)
     weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
     bias_values = torch.randn(out_features, generator=generator).to(dtype) if bias else None
@@ -514,8 +516,7 @@ def test_own_linear_is_the_same_at_any_thread_count(
     # Threads take chunks of tiles and, once done with their own, the others' last ones
     # (parallel_chunks): more threads than cores makes some slow, so that chunks change hands.
     # Every tile must be computed exactly once, the same way, whoever takes it.
-    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
-    ops = compiled_kernels.ops
+    ops = _own_matmul_ops(compiled_kernels, cpu, kernel_build, dtype)
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(4112, 96, generator=generator).to(dtype)  # 129 tiles
     packed = ops.pack_linear(weight, None)
@@ -551,8 +552,7 @@ def test_own_linear_gives_a_row_the_same_output_in_any_batch(
     # the many outputs. 1,800 rows are more than one pass of the threads over the tiles takes
     # (rows_per_pass: as many as fill half the L2 cache), so rows of later passes are checked too.
     # float32 outputs show any change of order in their last bits.
-    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
-    ops = compiled_kernels.ops
+    ops = _own_matmul_ops(compiled_kernels, cpu, kernel_build, dtype)
     generator = torch.Generator().manual_seed(6)
     weight = torch.randn(2048, in_features, generator=generator).to(dtype)
     packed = ops.pack_linear(weight, torch.randn(2048, generator=generator).to(dtype))
@@ -569,12 +569,12 @@ def test_own_linear_gives_a_row_the_same_output_in_any_batch(
 def test_own_linear_rejects_a_mismatched_input(
     compiled_kernels: Kernels, cpu: CpuFeatures, kernel_build: KernelBuild, dtype: torch.dtype
 ) -> None:
-    _skip_without_own_matmul(compiled_kernels, cpu, kernel_build, dtype)
+    ops = _own_matmul_ops(compiled_kernels, cpu, kernel_build, dtype)
     weight = torch.randn(64, 32).to(dtype)
-    packed = compiled_kernels.ops.pack_linear(weight, None)
+    packed = ops.pack_linear(weight, None)
     assert packed is not None and packed.matmul is OWN_MATMULS[dtype]
     with pytest.raises(RuntimeError, match="columns"):
-        compiled_kernels.ops.packed_linear(torch.randn(4, 30).to(dtype), packed)
+        ops.packed_linear(torch.randn(4, 30).to(dtype), packed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

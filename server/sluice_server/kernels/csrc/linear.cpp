@@ -609,7 +609,7 @@ class TileScratch {
 
 // The widened passes for one half tile: for each block of kWidenedPairs pairs of input
 // dimensions, its float32 panel (`panel_of(first_pair, count)`: widened, or where it lies in a
-// float32 weight) times every group of the block's rows, from `row_start`.
+// float32 weight) times the first `block_rows` of `rows`, a group at a time.
 template <typename Output, typename PanelOf>
 inline void widened_passes(const Rows<float, Output>& rows, int64_t block_rows, WeightHalf half,
                            float* partial, PanelOf&& panel_of) {
@@ -635,11 +635,10 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
   using Weight = std::remove_const_t<std::remove_pointer_t<decltype(tiles.at(0))>>;
   constexpr bool kFloatWeights = std::is_same_v<Weight, float>;
   using Output = std::conditional_t<kFloatWeights, float, at::BFloat16>;
-  // A half tile's bytes from the tile's start: the second pair-interleaved half's 64-byte lines
-  // start half a pair row in; a float32 tile's second panel follows the first.
-  constexpr int64_t kHalfStride = kFloatWeights ? 0 : kPairRowBytes / 2;
+  // Where the second half tile starts, in bytes from its tile's start: half a pair row in for
+  // bfloat16 (its 64 bytes of each pair row); after the first panel for float32.
   const int64_t half_bytes =
-      kFloatWeights ? 2 * pairs * kHalfColumns * int64_t{sizeof(float)} : kHalfStride;
+      kFloatWeights ? 2 * pairs * kHalfColumns * int64_t{sizeof(float)} : kPairRowBytes / 2;
   const int64_t rows = x.size(0);
   const int64_t out_features = y.size(1);
   const float* x_data = x.data_ptr<float>();
@@ -683,7 +682,7 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
           });
         } else {
           // Whichever pass reads the bfloat16 half also fetches the next tile's line of it.
-          const char* next = next_tile != nullptr ? next_tile + h * kHalfStride : nullptr;
+          const char* next = next_tile != nullptr ? next_tile + h * half_bytes : nullptr;
           if (block_rows <= kDirectBlockRows) {
             // Only the first pass over the half fetches the next tile's line of it.
             in_even_groups<kDirectRows>(block_rows, [&](int64_t done, auto n) {
@@ -691,13 +690,13 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
                                            half_rows.y + done * out_features, out_features};
               linear_block_direct<decltype(n)::value>(block, half, done == 0 ? next : nullptr);
             });
-            continue;
+          } else {
+            widened_passes(half_rows, block_rows, half, partial,
+                           [&](int64_t first_pair, int64_t count) {
+                             widen_half(half, first_pair, count, next, widened);
+                             return static_cast<const float*>(widened);
+                           });
           }
-          widened_passes(half_rows, block_rows, half, partial,
-                         [&](int64_t first_pair, int64_t count) {
-                           widen_half(half, first_pair, count, next, widened);
-                           return static_cast<const float*>(widened);
-                         });
         }
       }
     }
@@ -717,26 +716,28 @@ bool has_linear_bf16() {
 
 namespace {
 
-// weight [out_features, K] with zero rows after it up to whole tiles of kLinearColumns.
-at::Tensor padded_to_tiles(const at::Tensor& weight) {
+// weight [out_features, K], checked to be `dtype` (named `dtype_name`), with zero rows after it up
+// to whole tiles of kLinearColumns: [tiles, kLinearColumns, K].
+at::Tensor padded_to_tiles(const at::Tensor& weight, at::ScalarType dtype,
+                           const char* dtype_name) {
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == dtype, "weight must be ", dtype_name,
+              " [out_features, in_features]");
   const int64_t out_features = weight.size(0);
-  TORCH_CHECK(weight.size(1) % 2 == 0, "in_features must be even");
+  const int64_t in_features = weight.size(1);
+  TORCH_CHECK(in_features % 2 == 0, "in_features must be even");
   const int64_t tiles = (out_features + kLinearColumns - 1) / kLinearColumns;
-  auto padded = at::zeros({tiles * kLinearColumns, weight.size(1)}, weight.options());
+  auto padded = at::zeros({tiles * kLinearColumns, in_features}, weight.options());
   padded.narrow(0, 0, out_features).copy_(weight);
-  return padded;
+  return padded.view({tiles, kLinearColumns, in_features});
 }
 
 }  // namespace
 
 at::Tensor pack_linear_bf16(const at::Tensor& weight) {
-  check_cpu(weight, "weight");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16,
-              "weight must be bfloat16 [out_features, in_features]");
-  const at::Tensor padded = padded_to_tiles(weight);
-  const int64_t tiles = padded.size(0) / kLinearColumns;
+  const at::Tensor tiles = padded_to_tiles(weight, at::kBFloat16, "bfloat16");
   // [tiles, 32, K/2, 2] -> [tiles, K/2, 32, 2]
-  return padded.view({tiles, kLinearColumns, weight.size(1) / 2, 2})
+  return tiles.view({tiles.size(0), kLinearColumns, tiles.size(2) / 2, 2})
       .permute({0, 2, 1, 3})
       .contiguous();
 }
@@ -850,13 +851,9 @@ bool has_linear_f32() {
 }
 
 at::Tensor pack_linear_f32(const at::Tensor& weight) {
-  check_cpu(weight, "weight");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "weight must be float32 [out_features, in_features]");
-  const at::Tensor padded = padded_to_tiles(weight);
-  const int64_t tiles = padded.size(0) / kLinearColumns;
+  const at::Tensor tiles = padded_to_tiles(weight, at::kFloat, "float32");
   // [tiles, 2, 16, K] -> [tiles, 2, K, 16]
-  return padded.view({tiles, 2, kLinearColumns / 2, weight.size(1)})
+  return tiles.view({tiles.size(0), 2, kLinearColumns / 2, tiles.size(2)})
       .permute({0, 1, 3, 2})
       .contiguous();
 }
