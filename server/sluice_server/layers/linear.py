@@ -4,10 +4,10 @@ row-parallel (a slice of the input features, partial outputs summed across ranks
 
 On CPU the weight is packed once after loading (`prepack_for_cpu`) by the layer's ops, for the
 fastest matmul the CPU has (see `Ops.pack_linear`): Sluice's own bfloat16 matmul (AVX512-BF16
-or AVX2) or float32 matmul (AVX2 without AVX-512), or oneDNN's blocked layout. A plain `F.linear` repacks the weight on every call, which dominates
-the small-batch matmuls of decoding (measured 2x slower in bfloat16 and 3x in float32 at 32 rows
-than the oneDNN-packed weight); it remains for weights nothing packs: on GPUs, and bfloat16 on
-CPUs oneDNN has no bfloat16 for.
+or AVX2) or float32 matmul (AVX2 without AVX-512), or oneDNN's blocked layout. A plain `F.linear`
+repacks the weight on every call, which dominates the small-batch matmuls of decoding (measured
+2x slower in bfloat16 and 3x in float32 at 32 rows than the oneDNN-packed weight); it remains for
+weights nothing packs: on GPUs, and bfloat16 on CPUs oneDNN has no bfloat16 for.
 
 A checkpoint that holds a projection quantized (see sluice_server.quant) loads it as it is
 (`quantized`) instead of the weight, and the ops multiply by it directly.

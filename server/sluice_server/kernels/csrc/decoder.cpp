@@ -94,8 +94,8 @@ at::Tensor attend(const DecoderLayerWeights& layer, const at::Tensor& normed,
 // The most rows of a step that go through the MLP together where both its projections are
 // Sluice's own matmuls (bfloat16 or float32). gate_up's bfloat16 output is 6 KiB a row on a
 // 576-wide model: a 4,096-row step's, 25 MiB, left the caches before the activation read it back,
-// and the matmul wrote it at two thirds of its speed on 1,024 rows. A row's sums do not depend on the rows beside it
-// (linear.cpp), so the output has the same bits either way. oneDNN's matmul promises no such
+// and the matmul wrote it at two thirds of its speed on 1,024 rows. A row's sums do not depend
+// on the rows beside it (linear.cpp), so the output has the same bits either way. oneDNN's matmul promises no such
 // thing, and the quantized one takes the step's prompt rows by index: their MLPs stay whole.
 constexpr int64_t kMlpRowChunk = 1024;
 
