@@ -95,6 +95,11 @@ class FilledTiles {
   std::vector<Line> buffer_;  // 64-byte aligned, as the AVX-512 loads of a tile expect
 };
 
+// Whether Tiles (PackedTiles or FilledTiles) gives float32 weights rather than bfloat16 ones.
+template <typename Tiles>
+constexpr bool kFloatTiles =
+    std::is_same_v<decltype(std::declval<Tiles&>().at(0)), const float*>;
+
 // A micro-kernel's rows of x (bfloat16 for AVX512-BF16, widened to float32 for AVX2) and the
 // matching rows of y's columns (bfloat16, or float32 for a float32 weight).
 template <typename Input, typename Output = at::BFloat16>
@@ -632,8 +637,7 @@ inline void widened_passes(const Rows<float, Output>& rows, int64_t block_rows, 
 template <typename Tiles>
 void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
                   at::Tensor& y, int64_t begin, int64_t end, TileScratch& scratch) {
-  using Weight = std::remove_const_t<std::remove_pointer_t<decltype(tiles.at(0))>>;
-  constexpr bool kFloatWeights = std::is_same_v<Weight, float>;
+  constexpr bool kFloatWeights = kFloatTiles<Tiles>;
   using Output = std::conditional_t<kFloatWeights, float, at::BFloat16>;
   // Where the second half tile starts, in bytes from its tile's start: half a pair row in for
   // bfloat16 (its 64 bytes of each pair row); after the first panel for float32.
@@ -782,10 +786,7 @@ template <typename MakeTiles>
 at::Tensor multiply_tiles(const at::Tensor& x, int64_t tile_count, int64_t pairs,
                           const float* bias, int64_t out_features, bool split_rows,
                           MakeTiles&& make_tiles) {
-  using Tiles = decltype(make_tiles());
-  using Weight =
-      std::remove_const_t<std::remove_pointer_t<decltype(std::declval<Tiles&>().at(0))>>;
-  constexpr bool kFloatWeights = std::is_same_v<Weight, float>;
+  constexpr bool kFloatWeights = kFloatTiles<decltype(make_tiles())>;
   auto y = at::empty({x.size(0), out_features}, x.options());
 #if defined(__AVX512BF16__)
   const at::Tensor& rows = x;
