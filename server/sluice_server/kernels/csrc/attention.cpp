@@ -1026,7 +1026,10 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T, C>& d
 // at the same block of the same sequence and KV head as one of the two before it on the thread
 // (a prompt's next tile, or its next tile's partition when tiles are split) finds its blocks in
 // the caches, and is not fetched: the prefetches' own cost was up to a tenth of a long prompt's
-// attention.
+// attention. Nor is a block that directly follows the one before it in the same cache: a run of
+// adjacent blocks (a prompt's, as the allocator hands them out in ascending order) is a stream
+// the CPU's own prefetcher follows, and fetching it as well took a decode step's attention
+// 10-25 % longer there (benchmark/attention_kernel.py, layout `contiguous`).
 template <typename T, typename C = T>
 class KeyPrefetcher {
  public:
@@ -1039,13 +1042,16 @@ class KeyPrefetcher {
   }
 
   // The thread starts on the next item in its order.
-  void start() { warm_ = warm(started_++); }
+  void start() {
+    warm_ = warm(started_++);
+    last_value_offset_ = -1;
+  }
 
   // The started item scores the block at `offset` (of either cache): fetches the next key block
   // in this thread's order, and this block's values unless they are in the caches.
   void next_block(int64_t offset) {
     advance();
-    if (!warm_) prefetch(data_.values + offset, geometry_.block_elements());
+    if (!warm_) fetch_unless_adjacent(data_.values, offset, last_value_offset_);
   }
 
  private:
@@ -1071,8 +1077,17 @@ class KeyPrefetcher {
     if (next_ >= order_.size()) return;
     const AttentionItem& ahead = items_[order_[next_]];
     const int32_t block = data_.block_tables[ahead.sequence * geometry_.max_blocks + block_++];
-    prefetch(data_.keys + geometry_.block_offset(ahead.kv_head, block),
-             geometry_.block_elements());
+    fetch_unless_adjacent(data_.keys, geometry_.block_offset(ahead.kv_head, block),
+                          last_key_offset_);
+  }
+
+  // Fetches the block at `offset` of `cache` unless it directly follows the block at `last`;
+  // `offset` becomes the last.
+  template <typename E>
+  void fetch_unless_adjacent(const E* cache, int64_t offset, int64_t& last) const {
+    const int64_t elements = geometry_.block_elements();
+    if (offset != last + elements) prefetch(cache + offset, elements);
+    last = offset;
   }
 
   const AttentionGeometry& geometry_;
@@ -1083,6 +1098,8 @@ class KeyPrefetcher {
   int64_t block_ = 0;   // Of the item at order_[next_].
   size_t started_ = 0;  // Items started.
   bool warm_ = false;   // The started item's blocks are in the caches.
+  int64_t last_key_offset_ = -1;    // Of the key block fetched or passed over last.
+  int64_t last_value_offset_ = -1;  // Of the started item's value block seen last.
 };
 
 // Which items each thread attends in one go (see kPartitionPositions); gives the partitions
