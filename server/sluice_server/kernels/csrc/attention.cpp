@@ -1026,17 +1026,20 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T, C>& d
 // at the same block of the same sequence and KV head as one of the two before it on the thread
 // (a prompt's next tile, or its next tile's partition when tiles are split) finds its blocks in
 // the caches, and is not fetched: the prefetches' own cost was up to a tenth of a long prompt's
-// attention. Nor is a block that directly follows the one before it in the same cache: a run of
-// adjacent blocks (a prompt's, as the allocator hands them out in ascending order) is a stream
-// the CPU's own prefetcher follows, and fetching it as well took a decode step's attention
-// 10-25 % longer there (benchmark/attention_kernel.py, layout `contiguous`).
+// attention. On the AVX2 loops (not `fetch_runs`), nor is a block that directly follows the one
+// before it in the same cache: a run of adjacent blocks (a prompt's, as the allocator hands them
+// out in ascending order) is a stream the CPU's own prefetcher follows at the pace of those
+// loops, and fetching it as well took a decode step's attention 3-26 % longer on a CPU without
+// AVX-512 (benchmark/attention_kernel.py, layout `contiguous`; docs/microbenchmarks.md). The
+// AVX-512 fast path reads its blocks faster, and there fetching every block paid (0.22-0.25 ms
+// a layer against 0.30 without, docs/architecture.md).
 template <typename T, typename C = T>
 class KeyPrefetcher {
  public:
   KeyPrefetcher(const AttentionGeometry& geometry, const AttentionData<T, C>& data,
                 const std::vector<AttentionItem>& items, const std::vector<size_t>& order,
-                int64_t ahead)
-      : geometry_(geometry), data_(data), items_(items), order_(order) {
+                int64_t ahead, bool fetch_runs)
+      : geometry_(geometry), data_(data), items_(items), order_(order), fetch_runs_(fetch_runs) {
     if (!order_.empty()) block_ = items_[order_[0]].first_block;
     for (int64_t i = 0; i < ahead; ++i) advance();
   }
@@ -1051,7 +1054,7 @@ class KeyPrefetcher {
   // in this thread's order, and this block's values unless they are in the caches.
   void next_block(int64_t offset) {
     advance();
-    if (!warm_) fetch_unless_adjacent(data_.values, offset, last_value_offset_);
+    if (!warm_) fetch(data_.values, offset, last_value_offset_);
   }
 
  private:
@@ -1077,16 +1080,15 @@ class KeyPrefetcher {
     if (next_ >= order_.size()) return;
     const AttentionItem& ahead = items_[order_[next_]];
     const int32_t block = data_.block_tables[ahead.sequence * geometry_.max_blocks + block_++];
-    fetch_unless_adjacent(data_.keys, geometry_.block_offset(ahead.kv_head, block),
-                          last_key_offset_);
+    fetch(data_.keys, geometry_.block_offset(ahead.kv_head, block), last_key_offset_);
   }
 
-  // Fetches the block at `offset` of `cache` unless it directly follows the block at `last`;
-  // `offset` becomes the last.
+  // Fetches the block at `offset` of `cache`, unless it directly follows the block at `last`
+  // and runs are left to the CPU; `offset` becomes the last.
   template <typename E>
-  void fetch_unless_adjacent(const E* cache, int64_t offset, int64_t& last) const {
+  void fetch(const E* cache, int64_t offset, int64_t& last) const {
     const int64_t elements = geometry_.block_elements();
-    if (offset != last + elements) prefetch(cache + offset, elements);
+    if (fetch_runs_ || offset != last + elements) prefetch(cache + offset, elements);
     last = offset;
   }
 
@@ -1094,6 +1096,7 @@ class KeyPrefetcher {
   const AttentionData<T, C>& data_;
   const std::vector<AttentionItem>& items_;
   const std::vector<size_t>& order_;
+  const bool fetch_runs_;  // Whether a block that follows the one before it is fetched too.
   size_t next_ = 0;     // Into order_.
   int64_t block_ = 0;   // Of the item at order_[next_].
   size_t started_ = 0;  // Items started.
@@ -2027,7 +2030,7 @@ void paged_attention_impl(const AttentionGeometry& geometry, BlockShape shape,
         for (size_t k = 0; k < thread_run.count; ++k) order.push_back(thread_run.first_item + k);
       }
       KeyPrefetcher<T, C> prefetcher(geometry, data, items, order,
-                                     prefetch_distance<T>(geometry, shape));
+                                     prefetch_distance<T>(geometry, shape), shape.fast);
       const auto attend_one = [&](const AttentionItem& item) {
         const ItemSpan span = span_of(geometry, data, item);
         prefetcher.start();
