@@ -1051,7 +1051,7 @@ class KeyPrefetcher {
   }
 
   // The started item scores the block at `offset` (of either cache): fetches the next key block
-  // in this thread's order, and this block's values unless they are in the caches.
+  // in this thread's order, and this block's values unless they are in the caches (see fetch).
   void next_block(int64_t offset) {
     advance();
     if (!warm_) fetch(data_.values, offset, last_value_offset_);
