@@ -1026,11 +1026,11 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T, C>& d
 // at the same block of the same sequence and KV head as one of the two before it on the thread
 // (a prompt's next tile, or its next tile's partition when tiles are split) finds its blocks in
 // the caches, and is not fetched: the prefetches' own cost was up to a tenth of a long prompt's
-// attention. On the AVX2 loops (not `fetch_runs`), nor is a block that directly follows the one
-// before it in the same cache: a run of adjacent blocks (a prompt's, as the allocator hands them
-// out in ascending order) is a stream the CPU's own prefetcher follows at the pace of those
-// loops, and fetching it as well took a decode step's attention 3-26 % longer on a CPU without
-// AVX-512 (benchmark/attention_kernel.py, layout `contiguous`; docs/microbenchmarks.md). The
+// attention. Off the AVX-512 fast path (not `fetch_runs`: the AVX2 and portable loops), nor is a
+// block that directly follows the one before it in the same cache: a run of adjacent blocks (a
+// prompt's, as the allocator hands them out in ascending order) is a stream the CPU's own
+// prefetcher follows at the pace of those loops, and fetching it as well took a decode step's
+// attention 3-26 % longer on a CPU without AVX-512 (benchmark/attention_kernel.py, layout `contiguous`; docs/microbenchmarks.md). The
 // AVX-512 fast path reads its blocks faster, and there fetching every block paid (0.22-0.25 ms
 // a layer against 0.30 without, docs/architecture.md).
 template <typename T, typename C = T>
