@@ -1030,9 +1030,10 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T, C>& d
 // block that directly follows the one before it in the same cache: a run of adjacent blocks (a
 // prompt's, as the allocator hands them out in ascending order) is a stream the CPU's own
 // prefetcher follows at the pace of those loops, and fetching it as well took a decode step's
-// attention 3-26 % longer on a CPU without AVX-512 (benchmark/attention_kernel.py, layout `contiguous`; docs/microbenchmarks.md). The
-// AVX-512 fast path reads its blocks faster, and there fetching every block paid (0.22-0.25 ms
-// a layer against 0.30 without, docs/architecture.md).
+// attention 3-26 % longer on a CPU without AVX-512 (benchmark/attention_kernel.py, layout
+// `contiguous`; docs/microbenchmarks.md). The AVX-512 fast path reads its blocks faster, and
+// there fetching every block paid (0.22-0.25 ms a layer against 0.30 without,
+// docs/architecture.md).
 template <typename T, typename C = T>
 class KeyPrefetcher {
  public:
