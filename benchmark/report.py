@@ -356,13 +356,17 @@ def compute_section(results: Results) -> str:
         return "Not available (profile_step, the matmul peak or the parameter count is missing).\n"
     batch = prof["batch"]
     flop = decode_gflop(results, batch)
+    floor_ms, floor_text = step_floor(results, flop, peak)
     rows = []
     for what, step_ms in (
         ("whole engine step", prof["step_ms"]),
         ("model forward only", prof["forward_ms"]),
     ):
         achieved = flop / (step_ms / 1e3)
-        rows.append([what, num(step_ms, 2), num(achieved), f"{100 * achieved / peak:.1f} %"])
+        row = [what, num(step_ms, 2), num(achieved), f"{100 * achieved / peak:.1f} %"]
+        if floor_ms is not None:
+            row.append(f"{100 * floor_ms / step_ms:.1f} %")
+        rows.append(row)
     intro = (
         f"A decode step of batch {batch} costs ≈ 2 × {model['decode_params'] / 1e6:.1f} M "
         f"weights × {batch} = {flop:.2f} GFLOP (parameters without the embedding table, "
@@ -371,9 +375,32 @@ def compute_section(results: Results) -> str:
         "`benchmark/profile_step.py` (the shard's engine, no gRPC, no router) and set against "
         f"the matmul peak of {num(peak)} GFLOP/s above. That peak is `torch.matmul`'s, a "
         "lower bound on the machine's: Sluice's own matmul runs large inputs faster "
-        "(`benchmark/linear_kernel.py`, docs/architecture.md).\n\n"
+        f"(`benchmark/linear_kernel.py`, docs/architecture.md).{floor_text}\n\n"
     )
-    return intro + table(["", "ms", "GFLOP/s", "of peak"], rows) + "\n"
+    header = ["", "ms", "GFLOP/s", "of peak"] + (["of the floor"] if floor_ms is not None else [])
+    return intro + table(header, rows) + "\n"
+
+
+def step_floor(results: Results, flop: float, peak: float) -> tuple[float | None, str]:
+    """The least time a decode step can take: its arithmetic at the matmul peak, or reading its
+    weights once at the machine's read bandwidth, whichever is longer (a roofline without the KV
+    cache's reads, so the true floor is higher). With the sentence that says so."""
+    bw = ((results.get("machine") or {}).get("bandwidth") or {}).get("read_gb_s")
+    if not bw:
+        return None, ""
+    dtype = results["settings"].get("sluice_dtype", "bfloat16")
+    weight_bytes = results["model"]["decode_params"] * BYTES_PER_WEIGHT.get(dtype, 2)
+    compute_ms = flop / peak * 1e3
+    memory_ms = weight_bytes / (bw * 1e9) * 1e3
+    bound = "memory" if memory_ms > compute_ms else "arithmetic"
+    text = (
+        f" A step can take no less than the larger of its arithmetic at that peak "
+        f"({num(compute_ms, 2)} ms) and reading its {weight_bytes / 1e6:,.0f} MB of weights "
+        f"once at the machine's read bandwidth ({num(bw)} GB/s, below: {num(memory_ms, 2)} ms); "
+        f"here {bound} sets that floor, and the last column is its share of the step's time "
+        "(a lower bound: with the KV cache's reads the floor would be higher)."
+    )
+    return max(compute_ms, memory_ms), text
 
 
 def workload_text(results: Results) -> str:
