@@ -1033,7 +1033,7 @@ ItemSpan span_of(const AttentionGeometry& geometry, const AttentionData<T, C>& d
 // attention 3-26 % longer on a CPU without AVX-512 (benchmark/attention_kernel.py, layout
 // `contiguous`; docs/microbenchmarks.md). The AVX-512 fast path reads its blocks faster, and
 // there fetching every block paid (0.22-0.25 ms a layer against 0.30 without,
-// docs/architecture.md).
+// docs/architecture.md; on AMX, leaving runs to the CPU took 8-11 % longer).
 template <typename T, typename C = T>
 class KeyPrefetcher {
  public:
