@@ -142,6 +142,12 @@ def decode_gflop(results: Results, batch: int) -> float | None:
     return 2 * params * batch / 1e9 if params else None
 
 
+def decode_weights(results: Results) -> tuple[str, float]:
+    """The dtype Sluice served in and the bytes a decode step reads its weights in, once."""
+    dtype = results["settings"].get("sluice_dtype", "bfloat16")
+    return dtype, results["model"]["decode_params"] * BYTES_PER_WEIGHT.get(dtype, 2)
+
+
 def matmul_peak(results: Results) -> float | None:
     return ((results.get("machine") or {}).get("matmul") or {}).get("gflops")
 
@@ -388,8 +394,7 @@ def step_floor(results: Results, flop: float, peak: float) -> tuple[float | None
     bw = ((results.get("machine") or {}).get("bandwidth") or {}).get("read_gb_s")
     if not bw:
         return None, ""
-    dtype = results["settings"].get("sluice_dtype", "bfloat16")
-    weight_bytes = results["model"]["decode_params"] * BYTES_PER_WEIGHT.get(dtype, 2)
+    _, weight_bytes = decode_weights(results)
     compute_ms = flop / peak * 1e3
     memory_ms = weight_bytes / (bw * 1e9) * 1e3
     bound = "memory" if memory_ms > compute_ms else "arithmetic"
@@ -429,11 +434,9 @@ def bandwidth_section(results: Results) -> str:
     """What each server's one-request decoding reads per second, against the machine's."""
     bw = (results.get("machine") or {}).get("bandwidth") or {}
     model = results.get("model") or {}
-    settings = results["settings"]
     if not bw or not model.get("decode_params"):
         return "Not measured (run machine.py with --bandwidth-mib).\n"
-    dtype = settings.get("sluice_dtype", "bfloat16")
-    weight_bytes = model["decode_params"] * BYTES_PER_WEIGHT.get(dtype, 2)
+    dtype, weight_bytes = decode_weights(results)
     rows = []
     for server, label in SERVER_LABELS.items():
         lv = level_at(results, server, 1)
