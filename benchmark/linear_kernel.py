@@ -2,7 +2,7 @@
 PyTorch runs for a prepacked `mkldnn::_linear_pointwise`, on the projections of a model. oneDNN
 runs in bfloat16 where it has bfloat16 on this CPU, else in float32 (the dtype Sluice would
 otherwise serve with there: CPUs without AVX-512). With `--dtype float32`, Sluice's float32
-matmul (`linear_f32`, AVX2 builds) against oneDNN's float32.
+matmul (`linear_f32`, builds with AVX2) against oneDNN's float32.
 
 For each row count: every projection shape of the model (SmolLM2-135M's by default), each timed
 over as many distinct weights as the model has layers, so that weights stream from memory as in
@@ -114,7 +114,7 @@ def main() -> None:
         "--dtype",
         choices=["bfloat16", "float32"],
         default="bfloat16",
-        help="Sluice's matmul to time: bfloat16 weights, or float32 ones (AVX2 builds)",
+        help="Sluice's matmul to time: bfloat16 weights, or float32 ones (builds with AVX2)",
     )
     parser.add_argument(
         "--neighbour-load",
@@ -133,7 +133,7 @@ def main() -> None:
     sluice_dtype = getattr(torch, args.dtype)
     if sluice_dtype == torch.float32:
         if not kernels.has_linear_f32():
-            raise SystemExit("the kernels built for this CPU have no float32 matmul (AVX2 only)")
+            raise SystemExit("this CPU's kernel build has no float32 matmul (it needs AVX2)")
         onednn_dtype = torch.float32
     else:
         if not kernels.has_linear_bf16():

@@ -58,8 +58,7 @@ def _own_matmul_ops(
     kernels: Kernels, cpu: CpuFeatures, build: KernelBuild, dtype: torch.dtype
 ) -> CompiledCpuOps:
     """The build's ops, choosing Sluice's own matmul for weights of `dtype`; skips where the
-    build or this CPU has none. The float32 one (AVX2 builds) serves CPUs without AVX-512: on
-    one with AVX-512 the ops are told it has AVX2 only, so that the avx2 build's is tested too."""
+    build or this CPU has none."""
     module = kernels.ops.kernels
     if dtype == torch.bfloat16:
         if not cpu.sluice_bf16_matmul:
@@ -68,9 +67,11 @@ def _own_matmul_ops(
         if not module.has_linear_bf16():
             pytest.skip(f"the {build.isa} kernel build is compiled without AVX512-BF16 or AVX2")
         return kernels.ops
+    if not cpu.sluice_f32_matmul:
+        pytest.skip(lacks("AVX2"))
     if not module.has_linear_f32():
-        pytest.skip(f"the {build.isa} kernel build has no float32 matmul (AVX2 builds only)")
-    return CompiledCpuOps(module, cpu.capped("avx2"))
+        pytest.skip(f"the {build.isa} kernel build is compiled without AVX2 and FMA")
+    return kernels.ops
 
 
 def _assert_matches_float64(

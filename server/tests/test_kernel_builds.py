@@ -132,9 +132,8 @@ def test_projections_take_the_matmul_the_cpu_has(compiled_kernels: Kernels) -> N
     weight = torch.randn(64, 32).to(torch.bfloat16)
     float_weight = weight.float()
     x = torch.randn(3, 32)
-    # AVX2 only: Sluice's matmul for bfloat16 (the native build of any AVX2 CPU has one), and its
-    # float32 matmul where the build is an AVX2 one (an AVX-512 CPU's native build has none:
-    # oneDNN's float32 there).
+    # AVX2 only: Sluice's matmul for bfloat16 and float32 (the native build of any AVX2 CPU has
+    # both).
     avx2_ops = CompiledCpuOps(module, AVX2_ONLY)
     packed = avx2_ops.pack_linear(weight, None)
     assert module.has_linear_bf16()
@@ -146,9 +145,10 @@ def test_projections_take_the_matmul_the_cpu_has(compiled_kernels: Kernels) -> N
         assert packed is not None and packed.matmul is LinearMatmul.ONEDNN
     if packed is not None:
         assert torch.allclose(avx2_ops.packed_linear(x, packed), x @ float_weight.T, atol=1e-5)
-    # AVX-512: float32 stays with oneDNN whatever the build holds.
+    # AVX-512: Sluice's float32 matmul too.
     packed = CompiledCpuOps(module, AVX512_BF16).pack_linear(float_weight, None)
-    assert packed is None or packed.matmul is LinearMatmul.ONEDNN
+    if module.has_linear_f32():
+        assert packed is not None and packed.matmul is LinearMatmul.SLUICE_F32
     # Neither AVX2 nor oneDNN bfloat16: the weight stays as it is, for F.linear.
     assert CompiledCpuOps(module, NO_AVX2).pack_linear(weight, None) is None
 

@@ -132,11 +132,10 @@ class CpuFeatures:
     @property
     def sluice_f32_matmul(self) -> bool:
         """Whether float32 projections take Sluice's own matmul (in the compiled kernels): on
-        AVX2 CPUs without AVX-512, where it is measured faster than oneDNN's float32 at the row
-        counts of decoding and on par on prompt chunks (benchmark/linear_kernel.py --dtype
-        float32). On AVX-512 CPUs oneDNN's float32 stays in charge: Sluice's loops there are
-        bfloat16 ones."""
-        return self.avx2 and not self.avx512
+        every CPU with AVX2, AVX-512 ones included, where it is measured faster than oneDNN's
+        float32 at the row counts of decoding and on par on prompt chunks
+        (benchmark/linear_kernel.py --dtype float32)."""
+        return self.avx2
 
     def fast_bf16(self, compiled_kernels: bool) -> bool:
         """Whether bfloat16 serves faster than float32 here: where the CPU computes in it

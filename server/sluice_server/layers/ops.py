@@ -11,7 +11,7 @@ GPU but for the quantized projections, which it multiplies with GPU kernels
 
 The projections' weights are packed once at load time (`pack_linear`) for the fastest matmul the
 CPU has: Sluice's own bfloat16 matmul on CPUs with AVX512-BF16 and on AVX2 CPUs without AVX-512
-(`CpuFeatures.sluice_bf16_matmul`), and its float32 matmul on the latter
+(`CpuFeatures.sluice_bf16_matmul`), and its float32 matmul on every CPU with AVX2
 (`CpuFeatures.sluice_f32_matmul`); compiled ops only, each faster than oneDNN's at the row counts
 of decoding and no slower on prompt chunks. Else oneDNN's blocked layout where oneDNN supports the
 dtype here. A weight left unpacked runs through `F.linear`, which repacks it on every call
@@ -181,7 +181,7 @@ class CompiledCpuOps(Ops):
 
     def _own_matmul(self, weight: torch.Tensor) -> LinearMatmul | None:
         """Sluice's matmul for `weight`, or None where it has none. The build has the bfloat16
-        one where it was compiled with AVX512-BF16 or AVX2, the float32 one with AVX2 alone;
+        one where it was compiled with AVX512-BF16 or AVX2, the float32 one with AVX2;
         the CPU checks keep a caller's narrower CpuFeatures (as tests give) in charge."""
         if weight.device.type != "cpu" or weight.shape[1] % 2 != 0:
             return None
