@@ -14,8 +14,8 @@
 //   The same loops take float32 weights (linear_f32, for models served in float32): oneDNN's
 //   float32 matmul reads one row's weights at about 60 % of the memory's bandwidth and loses
 //   more at a few rows; these are 1.3 to 1.4 times faster at 1 to 64 rows, on par at 512.
-//   AVX-512 builds multiply float32 weights with 512-bit FMAs, a whole tile at a time: 1.6x
-//   oneDNN's speed at 1 row, 1.3x at 8, on par at 32 to 512 rows, 0.9x at 4,096.
+//   AVX-512 builds multiply float32 weights with 512-bit FMAs, a whole tile at a time: 1.9x
+//   oneDNN's speed at 1 row, 1.5x at 8, 1.2x at 32, 0.96x to 0.98x at 512 to 4,096.
 //
 // The weight is packed once into tiles of 32 output columns, [ceil(N / 32)][K / 2][32][2]: for
 // each pair of input dimensions, the 32 columns' two weights side by side, 128 bytes, which is
@@ -36,7 +36,8 @@
 // A float32 weight is packed as [ceil(N / 32)][2][K][16]: each half tile as the float32 panel
 // that the AVX2 path widens a bfloat16 half tile into, so the widened passes read it where it
 // lies, at every row count past 2 (1 or 2 rows take the whole tile in one pass, as above). With
-// AVX-512, a dimension's row of each panel is one vector, and up to 12 rows take both at once.
+// AVX-512, a dimension's row of each panel is one vector, and up to 12 rows take both at once
+// over all of K.
 //
 // The same loops also take a weight given tile by tile (linear_bf16_filled): each tile is
 // written into a buffer when the loops reach it, which is how linear_quantized.cpp multiplies a
@@ -595,11 +596,13 @@ inline void linear_tile_panels(RowBlock<float> block, WeightHalf first, WeightHa
 
 #if defined(__AVX512F__)
 // float32 weights in AVX-512 builds: a tile's two float32 panels, a 512-bit vector each per input
-// dimension, times up to kFloatRows rows (24 sums, the two weights and a broadcast in the 32
-// registers), K in the widened passes' blocks so that a block's weights (24 KB) stay in L1 while
-// the groups of rows reuse them. Every row count takes these, each column's sum one chain of FMAs
-// over K in order from its bias, as in the AVX2 loops (the same bits). With those loops' 6 by 16
-// kernel, 32 rows and more ran 12-19 % slower than oneDNN's float32 on an AVX-512 CPU.
+// dimension, times up to kFloatRows rows over the whole of K (24 sums, the two weights and a
+// broadcast in the 32 registers), the tile (K x 128 bytes) staying in L2 while the groups of rows
+// reuse it. Every row count takes these, each column's sum one chain of FMAs over K in order from
+// its bias, as in the AVX2 loops (the same bits). The AVX2 loops' 6 by 16 kernel ran 32 rows and
+// more 12-19 % slower than oneDNN's float32 on an AVX-512 CPU, and this kernel over the widened
+// passes' L1-sized blocks of K (partial sums kept between them) 2-15 % slower than over all of K.
+constexpr bool kFloatTileKernel = true;
 constexpr int64_t kFloatRows = 12;
 
 // One float32 tile: its two [K][16] panels, its 32 biases (padded, or null) and how many of its
@@ -607,61 +610,38 @@ constexpr int64_t kFloatRows = 12;
 struct FloatTile {
   const float* low;
   const float* high;
-  int64_t pairs;
+  int64_t dims;
   const float* bias;
   int64_t columns;
 };
 
 template <int64_t kRows>
-inline void linear_block_float(RowBlock<float> block, FloatTile tile, DimBlock dims,
-                               float* partial) {
+inline void linear_block_float(RowBlock<float> block, FloatTile tile) {
   __m512 sums[kRows][2];
   for (int r = 0; r < kRows; ++r) {
     for (int half = 0; half < 2; ++half) {
-      const float* start = dims.first ? tile.bias : partial + r * kLinearColumns;
-      sums[r][half] = start ? _mm512_loadu_ps(start + 16 * half) : _mm512_setzero_ps();
+      sums[r][half] = tile.bias ? _mm512_loadu_ps(tile.bias + 16 * half) : _mm512_setzero_ps();
     }
   }
-  const float* low = tile.low + dims.first_dim * kHalfColumns;
-  const float* high = tile.high + dims.first_dim * kHalfColumns;
-  const float* x = block.x + dims.first_dim;
-  for (int64_t k = 0; k < dims.dims; ++k) {
-    const __m512 low_weights = _mm512_loadu_ps(low + k * kHalfColumns);
-    const __m512 high_weights = _mm512_loadu_ps(high + k * kHalfColumns);
+  for (int64_t k = 0; k < tile.dims; ++k) {
+    const __m512 low_weights = _mm512_loadu_ps(tile.low + k * kHalfColumns);
+    const __m512 high_weights = _mm512_loadu_ps(tile.high + k * kHalfColumns);
 #pragma GCC unroll 12
     for (int r = 0; r < kRows; ++r) {
-      const __m512 value = _mm512_set1_ps(x[r * block.x_stride + k]);
+      const __m512 value = _mm512_set1_ps(block.x[r * block.x_stride + k]);
       sums[r][0] = _mm512_fmadd_ps(value, low_weights, sums[r][0]);
       sums[r][1] = _mm512_fmadd_ps(value, high_weights, sums[r][1]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
     for (int half = 0; half < 2; ++half) {
-      if (dims.last) {
-        _mm512_mask_storeu_ps(block.y + r * block.y_stride + 16 * half,
-                              first_lanes(tile.columns - 16 * half), sums[r][half]);
-      } else {
-        _mm512_storeu_ps(partial + r * kLinearColumns + 16 * half, sums[r][half]);
-      }
+      _mm512_mask_storeu_ps(block.y + r * block.y_stride + 16 * half,
+                            first_lanes(tile.columns - 16 * half), sums[r][half]);
     }
   }
 }
-
-// A float32 tile times the first `block_rows` of `rows`: for each block of kWidenedPairs pairs of
-// input dimensions, the rows a group at a time.
-inline void float_tile_passes(RowBlock<float> rows, int64_t block_rows, FloatTile tile,
-                              float* partial) {
-  for (int64_t first_pair = 0; first_pair < tile.pairs; first_pair += kWidenedPairs) {
-    const int64_t count = std::min(kWidenedPairs, tile.pairs - first_pair);
-    const DimBlock dims{2 * first_pair, 2 * count, first_pair == 0,
-                        first_pair + count == tile.pairs};
-    in_even_groups<kFloatRows>(block_rows, [&](int64_t done, auto n) {
-      const RowBlock<float> block{rows.x + done * rows.x_stride, rows.x_stride,
-                                  rows.y + done * rows.y_stride, rows.y_stride};
-      linear_block_float<decltype(n)::value>(block, tile, dims, partial + done * kLinearColumns);
-    });
-  }
-}
+#else
+constexpr bool kFloatTileKernel = false;
 #endif
 
 // A thread's buffers for the widened passes, made once per thread of a matmul rather than for
@@ -673,27 +653,15 @@ class TileScratch {
   TileScratch(int64_t rows, int64_t pairs, bool float_weights)
       : widened_(rows > kDirectBlockRows && !float_weights ? 4 * std::min(pairs, kWidenedPairs)
                                                            : 0),
-        partial_(rows >= first_widened_rows(float_weights) && pairs > kWidenedPairs
-                     ? partial_vectors(float_weights)
+        partial_(rows >= first_widened_rows(float_weights) && pairs > kWidenedPairs &&
+                         !(float_weights && kFloatTileKernel)
+                     ? 2 * kLinearRowBlock
                      : 0) {}
 
   // The fewest rows that take the widened passes: a float32 weight is its own widened panel,
-  // so every row count past the whole-tile kernel's runs them (every row count with AVX-512).
+  // so every row count past the whole-tile kernel's runs them.
   static int64_t first_widened_rows(bool float_weights) {
-#if defined(__AVX512F__)
-    if (float_weights) return 1;
-#endif
     return float_weights ? kWholeTileRows + 1 : kDirectBlockRows + 1;
-  }
-
-  // A block of rows' partial sums, in vectors: of a half tile, or with AVX-512 of a whole
-  // float32 tile.
-  static int64_t partial_vectors(bool float_weights) {
-#if defined(__AVX512F__)
-    if (float_weights) return 4 * kLinearRowBlock;
-#endif
-    (void)float_weights;
-    return 2 * kLinearRowBlock;
   }
 
   float* widened() { return reinterpret_cast<float*>(widened_.data()); }
@@ -758,10 +726,14 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
 #if defined(__AVX512F__)
       if constexpr (kFloatWeights) {
         const auto* panels = reinterpret_cast<const float*>(tile);
-        const FloatTile float_tile{panels, panels + 2 * pairs * kHalfColumns, pairs,
+        const FloatTile float_tile{panels, panels + 2 * pairs * kHalfColumns, 2 * pairs,
                                    bias ? bias + t * kLinearColumns : nullptr,
                                    std::min(kLinearColumns, out_features - t * kLinearColumns)};
-        float_tile_passes(tile_rows, block_rows, float_tile, partial);
+        in_even_groups<kFloatRows>(block_rows, [&](int64_t done, auto n) {
+          const RowBlock<float> block{tile_rows.x + done * x_stride, x_stride,
+                                      tile_rows.y + done * out_features, out_features};
+          linear_block_float<decltype(n)::value>(block, float_tile);
+        });
         continue;
       }
 #endif
