@@ -605,8 +605,8 @@ inline void linear_tile_panels(RowBlock<float> block, WeightHalf first, WeightHa
 constexpr bool kFloatTileKernel = true;
 constexpr int64_t kFloatRows = 12;
 
-// One float32 tile: its two [K][16] panels, its 32 biases (padded, or null) and how many of its
-// columns are real.
+// One float32 tile: its two [K][16] panels and K (`dims`), its 32 biases (padded, or null) and
+// how many of its columns are real.
 struct FloatTile {
   const float* low;
   const float* high;
