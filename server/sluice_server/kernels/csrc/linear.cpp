@@ -602,7 +602,6 @@ inline void linear_tile_panels(RowBlock<float> block, WeightHalf first, WeightHa
 // its bias, as in the AVX2 loops (the same bits). The AVX2 loops' 6 by 16 kernel ran 32 rows and
 // more 12-19 % slower than oneDNN's float32 on an AVX-512 CPU, and this kernel over the widened
 // passes' L1-sized blocks of K (partial sums kept between them) 2-15 % slower than over all of K.
-constexpr bool kFloatTileKernel = true;
 constexpr int64_t kFloatRows = 12;
 
 // One float32 tile: its two [K][16] panels and K (`dims`), its 32 biases (padded, or null) and
@@ -640,8 +639,33 @@ inline void linear_block_float(RowBlock<float> block, FloatTile tile) {
     }
   }
 }
-#else
-constexpr bool kFloatTileKernel = false;
+
+// y for tiles [begin, end) of a float32 weight, every row of x: for each block of kLinearRowBlock
+// rows, each tile times the block's rows, kFloatRows at a time.
+template <typename Tiles>
+void float_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float* bias,
+                 at::Tensor& y, int64_t begin, int64_t end) {
+  const int64_t rows = x.size(0);
+  const int64_t out_features = y.size(1);
+  const float* x_data = x.data_ptr<float>();
+  const int64_t x_stride = x.stride(0);
+  float* y_data = y.data_ptr<float>();
+  for (int64_t row_start = 0; row_start < rows; row_start += kLinearRowBlock) {
+    const int64_t block_rows = std::min(kLinearRowBlock, rows - row_start);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* panels = tiles.at(t);
+      const FloatTile tile{panels, panels + 2 * pairs * kHalfColumns, 2 * pairs,
+                           bias ? bias + t * kLinearColumns : nullptr,
+                           std::min(kLinearColumns, out_features - t * kLinearColumns)};
+      in_even_groups<kFloatRows>(block_rows, [&](int64_t done, auto n) {
+        const int64_t r = row_start + done;
+        const RowBlock<float> block{x_data + r * x_stride, x_stride,
+                                    y_data + r * out_features + t * kLinearColumns, out_features};
+        linear_block_float<decltype(n)::value>(block, tile);
+      });
+    }
+  }
+}
 #endif
 
 // A thread's buffers for the widened passes, made once per thread of a matmul rather than for
@@ -653,8 +677,7 @@ class TileScratch {
   TileScratch(int64_t rows, int64_t pairs, bool float_weights)
       : widened_(rows > kDirectBlockRows && !float_weights ? 4 * std::min(pairs, kWidenedPairs)
                                                            : 0),
-        partial_(rows >= first_widened_rows(float_weights) && pairs > kWidenedPairs &&
-                         !(float_weights && kFloatTileKernel)
+        partial_(rows >= first_widened_rows(float_weights) && pairs > kWidenedPairs
                      ? 2 * kLinearRowBlock
                      : 0) {}
 
@@ -723,20 +746,6 @@ void linear_tiles(const at::Tensor& x, Tiles& tiles, int64_t pairs, const float*
       const RowBlock<Output> tile_rows{x_data + row_start * x_stride, x_stride,
                                        y_data + row_start * out_features + t * kLinearColumns,
                                        out_features};
-#if defined(__AVX512F__)
-      if constexpr (kFloatWeights) {
-        const auto* panels = reinterpret_cast<const float*>(tile);
-        const FloatTile float_tile{panels, panels + 2 * pairs * kHalfColumns, 2 * pairs,
-                                   bias ? bias + t * kLinearColumns : nullptr,
-                                   std::min(kLinearColumns, out_features - t * kLinearColumns)};
-        in_even_groups<kFloatRows>(block_rows, [&](int64_t done, auto n) {
-          const RowBlock<float> block{tile_rows.x + done * x_stride, x_stride,
-                                      tile_rows.y + done * out_features, out_features};
-          linear_block_float<decltype(n)::value>(block, float_tile);
-        });
-        continue;
-      }
-#endif
       if (block_rows <= kWholeTileRows) {
         with_count<kWholeTileRows>(block_rows, [&](auto count) {
           constexpr int64_t kCount = decltype(count)::value;
@@ -849,7 +858,8 @@ constexpr bool kDotProducts = false;
 #endif
 
 // A thread's worker over chunks of `tiles`, y = x W^T + b for the chunk's tiles: the AVX512-BF16
-// loops or the AVX2 ones with their buffers, made once per thread.
+// loops for bfloat16 weights, the AVX-512 float32 kernel for float32 ones, where the build has
+// them; else the AVX2 loops with their buffers, made once per thread.
 template <typename Tiles>
 auto tile_worker(const at::Tensor& x, Tiles tiles, int64_t pairs, const float* bias,
                  at::Tensor& y) {
@@ -857,6 +867,13 @@ auto tile_worker(const at::Tensor& x, Tiles tiles, int64_t pairs, const float* b
   if constexpr (kDotProducts<Tiles>) {
     return [&x, &y, tiles, pairs, bias](int64_t begin, int64_t end) mutable {
       avx512::linear_tiles(x, tiles, pairs, bias, y, begin, end);
+    };
+  } else
+#endif
+#if defined(__AVX512F__)
+  if constexpr (kFloatTiles<Tiles>) {
+    return [&x, &y, tiles, pairs, bias](int64_t begin, int64_t end) mutable {
+      fma::float_tiles(x, tiles, pairs, bias, y, begin, end);
     };
   } else
 #endif
