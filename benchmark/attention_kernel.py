@@ -3,7 +3,8 @@ and write_kv writing the step's new keys and values into the same blocks.
 
 Three block layouts: `hot` (every sequence reads the same blocks, so they stay in the caches:
 the arithmetic alone), `contiguous` (each sequence's blocks in a run, a fresh region per call)
-and `scattered` (random blocks). With `--against REV`, the kernel source at that git revision is
+and `scattered` (random blocks), in caches allocated as the engine allocates its own (advised for
+huge pages). With `--against REV`, the kernel source at that git revision is
 built too and both are timed interleaved in this process, which is the only comparison a noisy
 machine allows (memory-bound timings drift by tens of percent from minute to minute). `--isa
 avx2` builds both without AVX-512, as on CPUs that lack it; `--dtype float32` times the cache
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO / "server"))
 from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
 from sluice_server.kernels import KernelBuild, load_cpu_kernels
 from sluice_server.kernels.build import ISA_FLAGS, SOURCE_DIRECTORY
+from sluice_server.memory import advise_huge_pages
 
 
 def build_at_revision(revision: str, work: Path, build: KernelBuild) -> ModuleType:
@@ -66,6 +68,14 @@ def build_at_revision(revision: str, work: Path, build: KernelBuild) -> ModuleTy
         extra_ldflags=build.linker_flags,
         build_directory=str(work),
     )
+
+
+def in_cache_pages(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` in `dtype`, in memory taken as the engine's KV cache takes it (huge pages where
+    Linux gives them): with 4 KiB pages, blocks read wherever they lie cost a TLB miss each."""
+    tensor = torch.empty(values.shape, dtype=dtype)
+    advise_huge_pages(tensor)
+    return tensor.copy_(values)
 
 
 def main() -> None:
@@ -123,9 +133,10 @@ def main() -> None:
     keys = torch.randn(args.kv_heads, num_blocks, args.head_dim, block_size).to(dtype)
     values = torch.randn(args.kv_heads, num_blocks, block_size, args.head_dim).to(dtype)
     caches = {
-        name: (keys, values)
-        if name == "model"
-        else (keys.to(KV_CACHE_DTYPES[name]), values.to(KV_CACHE_DTYPES[name]))
+        name: (
+            in_cache_pages(keys, KV_CACHE_DTYPES.get(name, dtype)),
+            in_cache_pages(values, KV_CACHE_DTYPES.get(name, dtype)),
+        )
         for name in args.cache_dtypes
     }
     # Each build on each cache, labelled by the build (and the cache's dtype where several).
