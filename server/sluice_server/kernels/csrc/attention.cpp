@@ -1779,13 +1779,16 @@ void accumulate_values_in_tiles(const AttentionGeometry& geometry,
   const int64_t slices = head_dim / kLanes;  // operands of 16 dimensions per pair
   const int64_t lead = span.first_position % kTilePositions;
   const int64_t weight_stride = row_pitch(lead + span.stride, sizeof(uint16_t));
-  softmax_to_weights(span, scale, lead, weight_stride, maxima_known, scratch);
   // Rows before the item's first vector's window are read by no vector.
   const int64_t item_begin = std::max(span.first_position, span.begin(0));
   const int64_t origin = span.first_position - lead;
   const int64_t pairs = round_up((lead + span.context - span.first_position + 1) / 2, kTilePairs);
   const __m512i* operands = kept_value_pairs(geometry, data, item, span, item_begin, origin / 2,
                                              pairs, scratch.kept_pairs);
+  // After the pairs, not before: a tile load takes nothing from stores still in flight and waits
+  // for them, and the softmax gives the pairs' stores time to land (a decode's layer of attention
+  // took 4-9 % less time so, docs/microbenchmarks.md).
+  softmax_to_weights(span, scale, lead, weight_stride, maxima_known, scratch);
 
   const auto* weights = reinterpret_cast<const char*>(scratch.weights.data());
   const int64_t weight_bytes = weight_stride * sizeof(uint16_t);
