@@ -1,18 +1,17 @@
 """The compiled CPU paged-attention kernel alone, on a decode batch (or prompt chunks), per layer,
 and write_kv writing the step's new keys and values into the same blocks.
 
-Three block layouts: `hot` (every sequence reads the same blocks, so they stay in the caches:
-the arithmetic alone), `contiguous` (each sequence's blocks in a run, a fresh region per call)
-and `scattered` (random blocks), in caches allocated as the engine allocates its own (advised for
-huge pages). With `--against REV`, the kernel source at that git revision is
-built too and both are timed interleaved in this process, which is the only comparison a noisy
-machine allows (memory-bound timings drift by tens of percent from minute to minute). `--isa
-avx2` builds both without AVX-512, as on CPUs that lack it; `--dtype float32` times the cache
-dtype of such CPUs. `--sliding-window` and `--softcap` attend as a layer with those does (a build
-from before the kernel had them attends the whole context, uncapped). `--query-tokens N` gives
-every sequence a prompt chunk of N rows that ends its context, as a prefill step runs it.
-`--cache-dtypes model fp8_e4m3fn` times each build on a cache in each dtype (`model`: the rows'
-dtype), interleaved in the same way.
+Three block layouts: `hot` (every sequence reads the same blocks, so they stay in the caches: the
+arithmetic alone), `contiguous` (each sequence's blocks in a run, a fresh region per call) and
+`scattered` (random blocks), in caches allocated as the engine allocates its own (advised for huge
+pages). With `--against REV`, the kernel source at that git revision is built too and both are timed
+interleaved in this process, which is the only comparison a noisy machine allows (memory-bound
+timings drift by tens of percent from minute to minute). `--isa avx2` builds both without AVX-512,
+as on CPUs that lack it; `--dtype float32` times the cache dtype of such CPUs. `--sliding-window`
+and `--softcap` attend as a layer with those does (a build from before the kernel had them attends
+the whole context, uncapped). `--query-tokens N` gives every sequence a prompt chunk of N rows that
+ends its context, as a prefill step runs it. `--cache-dtypes model fp8_e4m3fn` times each build on a
+cache in each dtype (`model`: the rows' dtype), interleaved in the same way.
 
     python benchmark/attention_kernel.py --against HEAD~1
     python benchmark/attention_kernel.py --batch 1 --context 2048 --query-tokens 2048 --calls 2
