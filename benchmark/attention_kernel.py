@@ -3,15 +3,15 @@ and write_kv writing the step's new keys and values into the same blocks.
 
 Three block layouts: `hot` (every sequence reads the same blocks, so they stay in the caches: the
 arithmetic alone), `contiguous` (each sequence's blocks in a run, a fresh region per call) and
-`scattered` (random blocks), in caches allocated as the engine allocates its own (advised for huge
-pages). With `--against REV`, the kernel source at that git revision is built too and both are timed
-interleaved in this process, which is the only comparison a noisy machine allows (memory-bound
-timings drift by tens of percent from minute to minute). `--isa avx2` builds both without AVX-512,
-as on CPUs that lack it; `--dtype float32` times the cache dtype of such CPUs. `--sliding-window`
-and `--softcap` attend as a layer with those does (a build from before the kernel had them attends
-the whole context, uncapped). `--query-tokens N` gives every sequence a prompt chunk of N rows that
-ends its context, as a prefill step runs it. `--cache-dtypes model fp8_e4m3fn` times each build on a
-cache in each dtype (`model`: the rows' dtype), interleaved in the same way.
+`scattered` (random blocks), in caches the engine's allocator makes (advised for huge pages). With
+`--against REV`, the kernel source at that git revision is built too and both are timed interleaved
+in this process, which is the only comparison a noisy machine allows (memory-bound timings drift by
+tens of percent from minute to minute). `--isa avx2` builds both without AVX-512, as on CPUs that
+lack it; `--dtype float32` times the cache dtype of such CPUs. `--sliding-window` and `--softcap`
+attend as a layer with those does (a build from before the kernel had them attends the whole
+context, uncapped). `--query-tokens N` gives every sequence a prompt chunk of N rows that ends its
+context, as a prefill step runs it. `--cache-dtypes model fp8_e4m3fn` times each build on a cache in
+each dtype (`model`: the rows' dtype), interleaved in the same way.
 
     python benchmark/attention_kernel.py --against HEAD~1
     python benchmark/attention_kernel.py --batch 1 --context 2048 --query-tokens 2048 --calls 2
@@ -35,10 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "server"))
 
-from sluice_server.engine.kv_cache import KV_CACHE_DTYPES
+from sluice_server.engine.kv_cache import KV_CACHE_DTYPES, KVCacheSpec
 from sluice_server.kernels import KernelBuild, load_cpu_kernels
 from sluice_server.kernels.build import ISA_FLAGS, SOURCE_DIRECTORY
-from sluice_server.memory import advise_huge_pages
 
 
 def build_at_revision(revision: str, work: Path, build: KernelBuild) -> ModuleType:
@@ -69,12 +68,15 @@ def build_at_revision(revision: str, work: Path, build: KernelBuild) -> ModuleTy
     )
 
 
-def in_cache_pages(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`values` in `dtype`, in memory taken as the engine's KV cache takes it (huge pages where
-    Linux gives them): with 4 KiB pages, blocks read wherever they lie cost a TLB miss each."""
-    tensor = torch.empty(values.shape, dtype=dtype)
-    advise_huge_pages(tensor)
-    return tensor.copy_(values)
+def engine_cache(
+    keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`keys` and `values` in a cache the engine's allocator made (in huge pages where Linux gives
+    them: with 4 KiB pages, blocks read wherever they lie cost a TLB miss each)."""
+    num_kv_heads, num_blocks, head_dim, block_size = keys.shape
+    spec = KVCacheSpec(1, block_size, num_kv_heads, head_dim, dtype, torch.device("cpu"), True)
+    (layer,) = spec.allocate(num_blocks)
+    return layer.key.copy_(keys), layer.value.copy_(values)
 
 
 def main() -> None:
@@ -132,10 +134,7 @@ def main() -> None:
     keys = torch.randn(args.kv_heads, num_blocks, args.head_dim, block_size).to(dtype)
     values = torch.randn(args.kv_heads, num_blocks, block_size, args.head_dim).to(dtype)
     caches = {
-        name: (
-            in_cache_pages(keys, KV_CACHE_DTYPES.get(name, dtype)),
-            in_cache_pages(values, KV_CACHE_DTYPES.get(name, dtype)),
-        )
+        name: engine_cache(keys, values, KV_CACHE_DTYPES.get(name, dtype))
         for name in args.cache_dtypes
     }
     # Each build on each cache, labelled by the build (and the cache's dtype where several).
