@@ -437,9 +437,9 @@ constexpr int64_t kAvx2ScoreVectors = 6;
 // stored pairs and their widened halves.
 constexpr int64_t kAvx2InPlaceVectors = 4;
 
-// 8 elements of a cache as float32, exactly, times kAvx2ReadScale.
-inline __m256 load_floats_x8(const float* source) { return _mm256_loadu_ps(source); }
-inline __m256 load_floats_x8(const at::BFloat16* source) { return load_bf16x8(source); }
+// 8 elements of a cache as float32, exactly, times kAvx2ReadScale: common.h's for float32 and
+// bfloat16 (named here, beside the 8-bit floats' below, which would otherwise hide them).
+using sluice::load_floats_x8;
 
 // 8 codes of an 8-bit float, each in the upper byte of a 16-bit lane.
 inline __m128i fp8_codes_x8(const void* source) {

@@ -274,6 +274,16 @@ inline void store_bf16x8(at::BFloat16* destination, __m256 values) {
                                     _mm256_extracti128_si256(bits, 1)));
 }
 
+// 8 values of a float32 or bfloat16 row as float32, exactly, and back (bfloat16 rounded).
+inline __m256 load_floats_x8(const float* source) { return _mm256_loadu_ps(source); }
+inline __m256 load_floats_x8(const at::BFloat16* source) { return load_bf16x8(source); }
+inline void store_floats_x8(float* destination, __m256 values) {
+  _mm256_storeu_ps(destination, values);
+}
+inline void store_floats_x8(at::BFloat16* destination, __m256 values) {
+  store_bf16x8(destination, values);
+}
+
 // vector_exp, 8 lanes at a time.
 inline __m256 exp_avx2(__m256 x) {
   // x second: a NaN stays NaN through the clamp, as in vector_exp.
@@ -308,6 +318,16 @@ inline void store_bf16x16(at::BFloat16* destination, __m512 values) {
   const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(destination),
                       _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// 16 values of a float32 or bfloat16 row as float32, exactly, and back (bfloat16 rounded).
+inline __m512 load_floats_x16(const float* source) { return _mm512_loadu_ps(source); }
+inline __m512 load_floats_x16(const at::BFloat16* source) { return load_bf16x16(source); }
+inline void store_floats_x16(float* destination, __m512 values) {
+  _mm512_storeu_ps(destination, values);
+}
+inline void store_floats_x16(at::BFloat16* destination, __m512 values) {
+  store_bf16x16(destination, values);
 }
 
 // The first `count` of 16 lanes (all when count >= 16, none when count <= 0).

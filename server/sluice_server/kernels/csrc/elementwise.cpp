@@ -40,14 +40,6 @@ template <typename T>
 constexpr bool kVectorRows = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>;
 
 #if defined(__AVX512F__)
-// 16 values of a bfloat16 or float32 row as float32, and back.
-inline __m512 load_x16(const at::BFloat16* source) { return load_bf16x16(source); }
-inline __m512 load_x16(const float* source) { return _mm512_loadu_ps(source); }
-inline void store_x16(at::BFloat16* destination, __m512 values) {
-  store_bf16x16(destination, values);
-}
-inline void store_x16(float* destination, __m512 values) { _mm512_storeu_ps(destination, values); }
-
 // A row of rms_norm_impl 16 columns at a time, where the width is a whole number of them; false,
 // having done nothing, elsewhere. (On AVX2 the portable loop measured as fast.)
 template <typename T>
@@ -58,30 +50,25 @@ inline bool norm_row_in_vectors(const NormRows<T>& rows, int64_t r, float eps) {
   if (rows.residual != nullptr) {
     T* sum = rows.residual + r * width;
     for (int64_t c = 0; c < width; c += kLanes) {
-      store_x16(sum + c, _mm512_add_ps(load_x16(sum + c), load_x16(source + c)));
+      const __m512 total = _mm512_add_ps(load_floats_x16(sum + c), load_floats_x16(source + c));
+      store_floats_x16(sum + c, total);
     }
     source = sum;
   }
   __m512 squares = _mm512_setzero_ps();
   for (int64_t c = 0; c < width; c += kLanes) {
-    const __m512 x = load_x16(source + c);
+    const __m512 x = load_floats_x16(source + c);
     squares = _mm512_fmadd_ps(x, x, squares);
   }
   const float mean_square = _mm512_reduce_add_ps(squares) / static_cast<float>(width);
   const __m512 inverse_rms = _mm512_set1_ps(1.f / std::sqrt(mean_square + eps));
   T* destination = rows.output + r * width;
   for (int64_t c = 0; c < width; c += kLanes) {
-    const __m512 normed = _mm512_mul_ps(load_x16(source + c), inverse_rms);
-    store_x16(destination + c, _mm512_mul_ps(normed, load_x16(rows.weight + c)));
+    const __m512 normed = _mm512_mul_ps(load_floats_x16(source + c), inverse_rms);
+    store_floats_x16(destination + c, _mm512_mul_ps(normed, load_floats_x16(rows.weight + c)));
   }
   return true;
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-// 8 values of a bfloat16 or float32 row as float32, and back.
-inline __m256 load_x8(const at::BFloat16* source) { return load_bf16x8(source); }
-inline __m256 load_x8(const float* source) { return _mm256_loadu_ps(source); }
-inline void store_x8(at::BFloat16* destination, __m256 values) { store_bf16x8(destination, values); }
-inline void store_x8(float* destination, __m256 values) { _mm256_storeu_ps(destination, values); }
 #endif
 
 template <typename T>
@@ -176,20 +163,20 @@ inline void silu_and_mul_row(const T* __restrict gate, const T* __restrict up,
   if constexpr (kVectorRows<T>) {
     const __m512 one = _mm512_set1_ps(1.f);
     for (; i + kLanes <= width; i += kLanes) {
-      const __m512 g = load_x16(gate + i);
+      const __m512 g = load_floats_x16(gate + i);
       const __m512 exp_minus_g = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
       const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_minus_g));
-      store_x16(out + i, _mm512_mul_ps(silu, load_x16(up + i)));
+      store_floats_x16(out + i, _mm512_mul_ps(silu, load_floats_x16(up + i)));
     }
   }
 #elif defined(__AVX2__) && defined(__FMA__)
   if constexpr (kVectorRows<T>) {
     const __m256 one = _mm256_set1_ps(1.f);
     for (; i + 8 <= width; i += 8) {
-      const __m256 g = load_x8(gate + i);
+      const __m256 g = load_floats_x8(gate + i);
       const __m256 exp_minus_g = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
       const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp_minus_g));
-      store_x8(out + i, _mm256_mul_ps(silu, load_x8(up + i)));
+      store_floats_x8(out + i, _mm256_mul_ps(silu, load_floats_x8(up + i)));
     }
   }
 #endif
