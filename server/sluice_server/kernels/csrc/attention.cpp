@@ -49,7 +49,8 @@ inline int64_t key_offset(int64_t d, int64_t column, int64_t block_size) {
 // elsewhere float32, bfloat16 and 8-bit float caches are worked on with AVX2 where the CPU has
 // it: keys scored for block sizes that are multiples of 8, values added for head sizes that are
 // multiples of 16, both from a float32 copy of the block made once per item where several
-// groups of vectors read it.
+// groups of vectors read it (in AVX-512 builds, 16 lanes at a time where the copy or the cache is
+// float32).
 // With AVX512-BF16 the fast path instead scores runs of several blocks and adds value rows in
 // pairs, both with bfloat16 dot products (attend_item_with_dot_products).
 
@@ -94,10 +95,12 @@ struct BlockShape {
 };
 
 // Query vectors, [count][head_dim], float32 multiplied by the scale: up to kMaxVectors (or
-// kAvx2ScoreVectors for the AVX2 tiles).
+// kAvx2ScoreVectors for the AVX2 tiles, kWideScoreVectors for their 16-lane version, which reads
+// the same vectors as [head_dim][count] from `by_dimension`: see gather_queries).
 struct QueryVectors {
   const float* scaled;
   int64_t count;
+  const float* by_dimension;
 };
 
 // One row of floats per query vector, `stride` apart, from a block's first column: scores, then
@@ -430,6 +433,11 @@ inline void accumulate_pairs(float* __restrict accumulators, int64_t head_dim, i
 // again for each group (a long prompt's attention ran at two thirds of the AVX2 matmul's rate).
 // Every score is one chain of multiply-adds over d, in order, whichever tile computes it, so a
 // vector's scores do not depend on the other rows.
+//
+// In AVX-512 builds the same loops run 16 lanes wide on what they read as float32 (the widened
+// keys, float32 value rows): twice the work per instruction and twice the registers for sums.
+// The 8-lane loops had left a float32 prompt's attention at half the float32 matmul's rate. The
+// order of every chain is the same at either width, so the results are too.
 constexpr int64_t kAvx2Columns = 8;
 // The tile's vectors: 6 x 2 sums, 2 runs of keys and a broadcast fill 15 of the 16 registers.
 constexpr int64_t kAvx2ScoreVectors = 6;
@@ -459,9 +467,47 @@ inline __m256 load_floats_x8(const c10::Float8_e4m3fn* source) {
   return _mm256_cvtph_ps(_mm_and_si128(shifted, _mm_set1_epi16(static_cast<int16_t>(0xBFFF))));
 }
 
+// The float32 vectors a tile loop works in: 8 lanes (AVX2), or 16 (Lanes16, AVX-512).
+struct Lanes8 {
+  using Vector = __m256;
+  static constexpr int64_t kWidth = 8;
+  static Vector zero() { return _mm256_setzero_ps(); }
+  static Vector load(const float* source) { return _mm256_loadu_ps(source); }
+  template <typename C>
+  static Vector read(const C* source) {  // Times kAvx2ReadScale.
+    return load_floats_x8(source);
+  }
+  static Vector broadcast(const float* source) { return _mm256_broadcast_ss(source); }
+  static Vector fmadd(Vector a, Vector b, Vector c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* destination, Vector values) { _mm256_storeu_ps(destination, values); }
+  static constexpr int64_t kRegisters = 16;
+};
+
+#if defined(__AVX512F__)
+struct Lanes16 {
+  using Vector = __m512;
+  static constexpr int64_t kWidth = 16;
+  static Vector zero() { return _mm512_setzero_ps(); }
+  static Vector load(const float* source) { return _mm512_loadu_ps(source); }
+  template <typename C>
+  static Vector read(const C* source) {  // float32 and bfloat16 rows.
+    return load_floats_x16(source);
+  }
+  static Vector broadcast(const float* source) { return _mm512_set1_ps(*source); }
+  static Vector fmadd(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* destination, Vector values) { _mm512_storeu_ps(destination, values); }
+  static constexpr int64_t kRegisters = 32;
+};
+
+// The 16-lane score tile's vectors: 12 x 1 run of 16 keys (blocks of 16 tokens), or 12 x 2 with
+// 2 runs and the broadcast, 27 of the 32 registers.
+constexpr int64_t kWideScoreVectors = 12;
+#endif
+
 // Dimension d (even) or d + 1 (odd) of 8 keys, from the block as stored: their run of pairs.
 template <typename K>
 struct StoredKeys {
+  using Lanes = Lanes8;
   const K* keys_t;
   int64_t block_size;
 
@@ -488,21 +534,46 @@ struct StoredKeys {
   }
 };
 
-// The same from the block's float32 copy, [head_dim][block_size].
+// The same from the block's float32 copy, [head_dim][block_size], a run of Lanes::kWidth keys.
+template <typename L>
 struct WidenedKeys {
+  using Lanes = L;
   const float* keys;
   int64_t block_size;
 
-  __m256 even(int64_t d, int64_t column) const {
-    return _mm256_loadu_ps(keys + d * block_size + column);
+  typename L::Vector even(int64_t d, int64_t column) const {
+    return L::load(keys + d * block_size + column);
   }
-  __m256 odd(int64_t d, int64_t column) const { return even(d + 1, column); }
+  typename L::Vector odd(int64_t d, int64_t column) const { return even(d + 1, column); }
 };
 
 // The block's keys as float32 [head_dim][block_size], times kAvx2ReadScale.
 template <typename K>
 inline void widen_keys_avx2(BlockShape shape, const K* __restrict keys_t,
                             float* __restrict widened) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<K, float>) {
+    if (shape.block_size % Lanes16::kWidth == 0) {
+      // 16 keys' pairs are 32 floats: their elements d and d + 1 picked from both vectors at
+      // once, a permute each where 8 lanes take a shuffle and a permute.
+      const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                              28, 30);
+      const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+      for (int64_t d = 0; d < shape.head_dim; d += 2) {
+        for (int64_t column = 0; column < shape.block_size; column += Lanes16::kWidth) {
+          const float* pairs = keys_t + key_offset(d, column, shape.block_size);
+          const __m512 first = _mm512_loadu_ps(pairs);
+          const __m512 second = _mm512_loadu_ps(pairs + Lanes16::kWidth);
+          float* even_row = widened + d * shape.block_size + column;
+          _mm512_storeu_ps(even_row, _mm512_permutex2var_ps(first, evens, second));
+          _mm512_storeu_ps(even_row + shape.block_size,
+                           _mm512_permutex2var_ps(first, odds, second));
+        }
+      }
+      return;
+    }
+  }
+#endif
   const StoredKeys<K> stored{keys_t, shape.block_size};
   for (int64_t d = 0; d < shape.head_dim; d += 2) {
     for (int64_t column = 0; column < shape.block_size; column += kAvx2Columns) {
@@ -512,59 +583,67 @@ inline void widen_keys_avx2(BlockShape shape, const K* __restrict keys_t,
   }
 }
 
-// scores[v][8 r + k] = queries[v] . key k of run r, for kRuns runs of 8 keys from `column`.
-// (The small loops are unrolled before the sums' array is split into registers; otherwise it
-// lives on the stack, stored to and loaded from at every multiply-add.)
+// scores[v][w r + k] = queries[v] . key k of run r, for kRuns runs of w = Lanes::kWidth keys
+// from `column`. (The small loops are unrolled before the sums' array is split into registers;
+// otherwise it lives on the stack, stored to and loaded from at every multiply-add.) The 16-lane
+// tiles read the queries by dimension: a pointer per vector, as from [count][head_dim], did not
+// fit the general registers for 12 vectors, and reloading them doubled the loop's loads.
 template <int kVectors, int kRuns, typename Keys>
-inline void score_runs_avx2(int64_t head_dim, QueryVectors queries, const Keys& keys,
-                            int64_t column, float* __restrict scores, int64_t score_stride) {
-  __m256 sums[kVectors][kRuns];
-#pragma GCC unroll 6
+inline void score_runs(int64_t head_dim, QueryVectors queries, const Keys& keys, int64_t column,
+                       float* __restrict scores, int64_t score_stride) {
+  using L = typename Keys::Lanes;
+  constexpr bool kByDimension = L::kWidth == 16;
+  typename L::Vector sums[kVectors][kRuns];
+#pragma GCC unroll 12
   for (int v = 0; v < kVectors; ++v) {
 #pragma GCC unroll 2
-    for (int r = 0; r < kRuns; ++r) sums[v][r] = _mm256_setzero_ps();
+    for (int r = 0; r < kRuns; ++r) sums[v][r] = L::zero();
   }
   // Dimension d's keys times every vector's element d, then d + 1's.
-  const auto add = [&](int64_t d, const __m256 (&runs)[kRuns]) {
-#pragma GCC unroll 6
+  const auto add = [&](int64_t d, const typename L::Vector (&runs)[kRuns]) {
+#pragma GCC unroll 12
     for (int v = 0; v < kVectors; ++v) {
-      const __m256 query = _mm256_broadcast_ss(queries.scaled + v * head_dim + d);
+      const typename L::Vector query =
+          L::broadcast(kByDimension ? queries.by_dimension + d * kVectors + v
+                                    : queries.scaled + v * head_dim + d);
 #pragma GCC unroll 2
-      for (int r = 0; r < kRuns; ++r) sums[v][r] = _mm256_fmadd_ps(query, runs[r], sums[v][r]);
+      for (int r = 0; r < kRuns; ++r) sums[v][r] = L::fmadd(query, runs[r], sums[v][r]);
     }
   };
   for (int64_t d = 0; d < head_dim; d += 2) {
-    __m256 runs[kRuns];
+    typename L::Vector runs[kRuns];
 #pragma GCC unroll 2
-    for (int r = 0; r < kRuns; ++r) runs[r] = keys.even(d, column + r * kAvx2Columns);
+    for (int r = 0; r < kRuns; ++r) runs[r] = keys.even(d, column + r * L::kWidth);
     add(d, runs);
 #pragma GCC unroll 2
-    for (int r = 0; r < kRuns; ++r) runs[r] = keys.odd(d, column + r * kAvx2Columns);
+    for (int r = 0; r < kRuns; ++r) runs[r] = keys.odd(d, column + r * L::kWidth);
     add(d + 1, runs);
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int v = 0; v < kVectors; ++v) {
 #pragma GCC unroll 2
     for (int r = 0; r < kRuns; ++r) {
-      _mm256_storeu_ps(scores + v * score_stride + r * kAvx2Columns, sums[v][r]);
+      L::store(scores + v * score_stride + r * L::kWidth, sums[v][r]);
     }
   }
 }
 
-// score_block for up to kAvx2ScoreVectors vectors (up to kAvx2InPlaceVectors from StoredKeys).
-template <typename Keys>
-inline void score_block_avx2(BlockShape shape, QueryVectors queries, const Keys& keys,
-                             ScoreRows scores) {
-  with_count<kAvx2ScoreVectors>(queries.count, [&](auto n) {
+// score_block for up to kMaxTile vectors (up to kAvx2InPlaceVectors from StoredKeys), the block
+// in pairs of runs of Lanes::kWidth keys (block sizes of a multiple of that).
+template <int64_t kMaxTile, typename Keys>
+inline void score_block_in_tiles(BlockShape shape, QueryVectors queries, const Keys& keys,
+                                 ScoreRows scores) {
+  constexpr int64_t kRun = Keys::Lanes::kWidth;
+  with_count<kMaxTile>(queries.count, [&](auto n) {
     constexpr int kVectors = decltype(n)::value;
     int64_t column = 0;
-    for (; column + 2 * kAvx2Columns <= shape.block_size; column += 2 * kAvx2Columns) {
-      score_runs_avx2<kVectors, 2>(shape.head_dim, queries, keys, column, scores.data + column,
-                                   scores.stride);
+    for (; column + 2 * kRun <= shape.block_size; column += 2 * kRun) {
+      score_runs<kVectors, 2>(shape.head_dim, queries, keys, column, scores.data + column,
+                              scores.stride);
     }
     if (column < shape.block_size) {
-      score_runs_avx2<kVectors, 1>(shape.head_dim, queries, keys, column, scores.data + column,
-                                   scores.stride);
+      score_runs<kVectors, 1>(shape.head_dim, queries, keys, column, scores.data + column,
+                              scores.stride);
     }
   });
 }
@@ -582,53 +661,52 @@ inline void widen_rows_avx2(const C* __restrict rows, int64_t elements, float* _
 }
 
 // accumulate_block_generic's sums for up to kAvx2ValueVectors vectors, each element's in the same
-// order (row by row), with the vectors' sums of 8 kSums dimensions kept in registers across the
-// block's rows instead of loaded and stored for every row.
-template <int kVectors, int kSums, typename T>
-inline void accumulate_block_avx2(int64_t head_dim, float* __restrict accumulators,
-                                  const T* __restrict rows, int64_t num_rows, ScoreRows weights) {
-  constexpr int64_t kChunk = 8 * kSums;
+// order (row by row), with the vectors' sums of kSums vectors of dimensions kept in registers
+// across the block's rows instead of loaded and stored for every row.
+template <typename L, int kVectors, int kSums, typename T>
+inline void accumulate_block_in_tiles(int64_t head_dim, float* __restrict accumulators,
+                                      const T* __restrict rows, int64_t num_rows,
+                                      ScoreRows weights) {
+  constexpr int64_t kChunk = L::kWidth * kSums;
+  // A row's values, then one weight at a time, where the registers hold them (2 + 12 + 1 for 6
+  // vectors x 16 dimensions with AVX2); else every weight, then one vector of values at a time
+  // (3 + 12 + 1 for 3 vectors x 32 dimensions).
+  constexpr bool kValuesFirst = kVectors * kSums + kSums + 1 <= L::kRegisters;
   for (int64_t chunk = 0; chunk < head_dim; chunk += kChunk) {
-    __m256 sums[kVectors][kSums];  // Unrolled loops: see score_runs_avx2.
+    typename L::Vector sums[kVectors][kSums];  // Unrolled loops: see score_runs.
 #pragma GCC unroll 6
     for (int v = 0; v < kVectors; ++v) {
 #pragma GCC unroll 4
       for (int i = 0; i < kSums; ++i) {
-        sums[v][i] = _mm256_loadu_ps(accumulators + v * head_dim + chunk + 8 * i);
+        sums[v][i] = L::load(accumulators + v * head_dim + chunk + L::kWidth * i);
       }
     }
     for (int64_t r = 0; r < num_rows; ++r) {
       const T* row = rows + r * head_dim + chunk;
-      if constexpr (kSums == 2) {
-        // The row's 16 values, then one weight at a time: 2 + 12 + 1 registers for 6 vectors.
-        __m256 values[kSums];
-#pragma GCC unroll 2
-        for (int i = 0; i < kSums; ++i) values[i] = load_floats_x8(row + 8 * i);
+      if constexpr (kValuesFirst) {
+        typename L::Vector values[kSums];
+#pragma GCC unroll 4
+        for (int i = 0; i < kSums; ++i) values[i] = L::read(row + L::kWidth * i);
 #pragma GCC unroll 6
         for (int v = 0; v < kVectors; ++v) {
-          const __m256 weight = _mm256_broadcast_ss(weights.data + v * weights.stride + r);
-#pragma GCC unroll 2
-          for (int i = 0; i < kSums; ++i) {
-            sums[v][i] = _mm256_fmadd_ps(weight, values[i], sums[v][i]);
-          }
+          const typename L::Vector weight = L::broadcast(weights.data + v * weights.stride + r);
+#pragma GCC unroll 4
+          for (int i = 0; i < kSums; ++i) sums[v][i] = L::fmadd(weight, values[i], sums[v][i]);
         }
       } else {
-        // Every weight, then 8 values at a time: 3 + 12 + 1 registers for 3 vectors.
-        __m256 weight[kVectors];
+        typename L::Vector weight[kVectors];
 #pragma GCC unroll 6
         for (int v = 0; v < kVectors; ++v) {
-          weight[v] = _mm256_broadcast_ss(weights.data + v * weights.stride + r);
+          weight[v] = L::broadcast(weights.data + v * weights.stride + r);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < kSums; ++i) {
-          __m256 values = load_floats_x8(row + 8 * i);
+          typename L::Vector values = L::read(row + L::kWidth * i);
           // A float32 row's load would otherwise be folded into each vector's FMA, a load per
           // FMA where one serves them all (the load ports then bound the loop).
           asm("" : "+x"(values));
 #pragma GCC unroll 6
-          for (int v = 0; v < kVectors; ++v) {
-            sums[v][i] = _mm256_fmadd_ps(weight[v], values, sums[v][i]);
-          }
+          for (int v = 0; v < kVectors; ++v) sums[v][i] = L::fmadd(weight[v], values, sums[v][i]);
         }
       }
     }
@@ -636,7 +714,7 @@ inline void accumulate_block_avx2(int64_t head_dim, float* __restrict accumulato
     for (int v = 0; v < kVectors; ++v) {
 #pragma GCC unroll 4
       for (int i = 0; i < kSums; ++i) {
-        _mm256_storeu_ps(accumulators + v * head_dim + chunk + 8 * i, sums[v][i]);
+        L::store(accumulators + v * head_dim + chunk + L::kWidth * i, sums[v][i]);
       }
     }
   }
@@ -644,14 +722,31 @@ inline void accumulate_block_avx2(int64_t head_dim, float* __restrict accumulato
 
 // Few vectors hold 32 dimensions of sums each where the head size allows, so that enough chains
 // of multiply-adds overlap (a decode's 3 vectors x 16 dimensions left a third of the time
-// waiting on them).
+// waiting on them). In AVX-512 builds, float32 and bfloat16 rows are added 16 lanes wide, 64 (or
+// 32) dimensions at a time.
 template <int kVectors, typename T>
 inline void accumulate_rows_avx2(int64_t head_dim, float* accumulators, const T* rows,
                                  int64_t num_rows, ScoreRows weights) {
+#if defined(__AVX512F__)
+  if constexpr (!kIsFp8<T>) {
+    if (head_dim % 64 == 0) {
+      accumulate_block_in_tiles<Lanes16, kVectors, 4>(head_dim, accumulators, rows, num_rows,
+                                                      weights);
+      return;
+    }
+    if (head_dim % 32 == 0) {
+      accumulate_block_in_tiles<Lanes16, kVectors, 2>(head_dim, accumulators, rows, num_rows,
+                                                      weights);
+      return;
+    }
+  }
+#endif
   if (kVectors <= 3 && head_dim % 32 == 0) {
-    accumulate_block_avx2<kVectors, 4>(head_dim, accumulators, rows, num_rows, weights);
+    accumulate_block_in_tiles<Lanes8, kVectors, 4>(head_dim, accumulators, rows, num_rows,
+                                                   weights);
   } else {
-    accumulate_block_avx2<kVectors, 2>(head_dim, accumulators, rows, num_rows, weights);
+    accumulate_block_in_tiles<Lanes8, kVectors, 2>(head_dim, accumulators, rows, num_rows,
+                                                   weights);
   }
 }
 
@@ -681,28 +776,51 @@ inline bool has_avx2_values(int64_t head_dim) {
 #endif
 }
 
+// Whether an item's `vectors` are scored in the 16-lane tiles (AVX-512 builds): where the AVX2
+// tiles apply, from a widened copy of each block (more vectors than one tile in place), and the
+// blocks hold runs of 16 keys.
+inline bool scores_in_wide_tiles(BlockShape shape, int64_t vectors) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__AVX512F__)
+  return shape.avx2_scores && vectors > kAvx2InPlaceVectors &&
+         shape.block_size % Lanes16::kWidth == 0;
+#else
+  (void)shape, (void)vectors;
+  return false;
+#endif
+}
+
 // Scores a block with the AVX2 tiles where they apply (has_avx2_scores; false elsewhere), for
-// each group of up to kAvx2ScoreVectors of the item's `vectors`: in_groups(per group, score)
-// calls score(group's vectors, their score rows) for each group that sees the block. The keys
-// are read in place where the vectors make one small tile (a decode's), else from a float32
-// copy made once here for all groups.
+// each group of up to kAvx2ScoreVectors (kWideScoreVectors) of the item's `vectors`:
+// in_groups(per group, score) calls score(group's vectors, their score rows) for each group that
+// sees the block. The keys are read in place where the vectors make one small tile (a decode's),
+// else from a float32 copy made once here for all groups, 16 lanes wide in AVX-512 builds.
 template <typename K, typename InGroups>
 inline bool score_in_avx2_tiles(BlockShape shape, int64_t vectors, const K* keys_t,
                                 float* float_block, const InGroups& in_groups) {
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (kAvx2Reads<K>) {
     if (shape.avx2_scores) {
-      const auto score_from = [&](const auto& keys) {
-        in_groups(kAvx2ScoreVectors, [&](QueryVectors group, ScoreRows scores) {
-          score_block_avx2(shape, group, keys, scores);
+      // Tiles of up to `tile` vectors, the keys read through `keys`.
+      const auto score_from = [&](auto tile, const auto& keys) {
+        in_groups(tile, [&](QueryVectors group, ScoreRows scores) {
+          score_block_in_tiles<decltype(tile)::value>(shape, group, keys, scores);
         });
       };
       if (vectors <= kAvx2InPlaceVectors) {
-        score_from(StoredKeys<K>{keys_t, shape.block_size});
-      } else {
-        widen_keys_avx2(shape, keys_t, float_block);
-        score_from(WidenedKeys{float_block, shape.block_size});
+        score_from(std::integral_constant<int64_t, kAvx2ScoreVectors>(),
+                   StoredKeys<K>{keys_t, shape.block_size});
+        return true;
       }
+      widen_keys_avx2(shape, keys_t, float_block);
+#if defined(__AVX512F__)
+      if (scores_in_wide_tiles(shape, vectors)) {
+        score_from(std::integral_constant<int64_t, kWideScoreVectors>(),
+                   WidenedKeys<Lanes16>{float_block, shape.block_size});
+        return true;
+      }
+#endif
+      score_from(std::integral_constant<int64_t, kAvx2ScoreVectors>(),
+                 WidenedKeys<Lanes8>{float_block, shape.block_size});
       return true;
     }
   }
@@ -1181,6 +1299,8 @@ struct KeptPairs {
 // One thread's buffers, sized for the largest item.
 struct ItemScratch {
   std::vector<float> queries;        // [vectors][head_dim], float32, scaled
+  // The same, each group of kWideScoreVectors as [head_dim][its vectors] (scores_in_wide_tiles).
+  std::vector<float> query_columns;
   std::vector<uint32_t> query_pairs; // [vectors][head_dim / 2], as stored, unscaled
   std::vector<float> accumulators;   // [vectors][head_dim]
   std::vector<float> maxima;         // [vectors], each vector's largest score
@@ -1206,6 +1326,7 @@ struct ItemScratch {
 
   explicit ItemScratch(const AttentionGeometry& geometry)
       : queries(kTileRows * geometry.group * geometry.head_dim),
+        query_columns(queries.size()),
         query_pairs(kTileRows * geometry.group * geometry.head_dim / 2),
         accumulators(kTileRows * geometry.group * geometry.head_dim),
         maxima(kTileRows * geometry.group),
@@ -1213,7 +1334,7 @@ struct ItemScratch {
         float_block(geometry.block_elements()) {}
 
   QueryVectors vectors_from(int64_t first, int64_t count, int64_t head_dim) const {
-    return {queries.data() + first * head_dim, count};
+    return {queries.data() + first * head_dim, count, query_columns.data() + first * head_dim};
   }
 };
 
@@ -1240,6 +1361,18 @@ void gather_queries(const AttentionGeometry& geometry, BlockShape shape,
       for (int64_t d = 0; d < head_dim; ++d) destination[d] *= shape.scale;
     }
   }
+#if defined(__AVX512F__)
+  if (scores_in_wide_tiles(shape, span.vectors)) {
+    for (int64_t first = 0; first < span.vectors; first += kWideScoreVectors) {
+      const int64_t count = std::min(kWideScoreVectors, span.vectors - first);
+      const float* rows = scratch.queries.data() + first * head_dim;
+      float* columns = scratch.query_columns.data() + first * head_dim;
+      for (int64_t v = 0; v < count; ++v) {
+        for (int64_t d = 0; d < head_dim; ++d) columns[d * count + v] = rows[v * head_dim + d];
+      }
+    }
+  }
+#endif
 }
 
 // Calls read(block) with a cache block of `elements` as the generic and AVX2 loops read it: in
